@@ -64,7 +64,9 @@ pub enum DStateError {
         to: String,
     },
     /// Two DStates differ on more than one axis.
-    #[error("no one-axis transition from {from} to {to}: axes {axes:?} change; use a resharding plan")]
+    #[error(
+        "no one-axis transition from {from} to {to}: axes {axes:?} change; use a resharding plan"
+    )]
     NotOneAxis {
         /// Source DState.
         from: String,

@@ -69,7 +69,12 @@ pub fn extract<T: Copy>(full: &[T], shape: &[usize], region: &Region) -> Result<
 }
 
 /// Writes the row-major `local` buffer into `region` of a row-major tensor of `shape`.
-pub fn insert<T: Copy>(full: &mut [T], shape: &[usize], region: &Region, local: &[T]) -> Result<()> {
+pub fn insert<T: Copy>(
+    full: &mut [T],
+    shape: &[usize],
+    region: &Region,
+    local: &[T],
+) -> Result<()> {
     check_len("full tensor", shape.iter().product(), full.len())?;
     check_len("local piece", region.volume(), local.len())?;
     for_each_run(shape, region, |f, l, n| {

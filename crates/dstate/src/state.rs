@@ -370,7 +370,9 @@ mod tests {
     fn split_dim_out_of_range_and_partial_check() {
         let s = DState::new(vec![Axis::split(2, 2)]).unwrap();
         let e = s.piece(0, &[4, 4]).unwrap_err();
-        assert!(e.to_string().contains("splits dim 2 but the tensor has rank 2"));
+        assert!(e
+            .to_string()
+            .contains("splits dim 2 but the tensor has rank 2"));
         let p = DState::new(vec![Axis::dup(2), Axis::partial(2)]).unwrap();
         let e = p.ensure_no_partial("a parameter").unwrap_err();
         assert_eq!(

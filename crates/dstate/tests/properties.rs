@@ -155,9 +155,8 @@ fn simulate(state: &DState, axis: usize, c: Collective, locals: &[Arr]) -> Vec<A
 /// Locals of `state` where the partial parts are arbitrary integers summing to `x`.
 fn random_partial_locals(x: &[i64], shape: &[usize], state: &DState, seed: u64) -> Vec<Arr> {
     let parts = state.num_parts();
-    let mut part_tensors: Vec<Vec<i64>> = (1..parts)
-        .map(|p| tensor(shape, seed + p as u64))
-        .collect();
+    let mut part_tensors: Vec<Vec<i64>> =
+        (1..parts).map(|p| tensor(shape, seed + p as u64)).collect();
     let mut first = x.to_vec();
     for t in &part_tensors {
         for (f, v) in first.iter_mut().zip(t) {

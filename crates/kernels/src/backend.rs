@@ -1,0 +1,393 @@
+//! The `Backend` seam (DESIGN §4) and its CPU implementation.
+
+use std::sync::Arc;
+
+use crate::error::{KernelError, Result};
+use crate::matmul::{self, GemmSpec};
+pub use crate::ops::adamw::AdamW;
+pub use crate::ops::attention::AttnShape;
+use crate::ops::{adamw, attention, elementwise, embedding, loss, norm, rope, swiglu};
+
+/// Everything the runtime asks of a device. Buffers hold `f32` (master weights, activations and
+/// gradients); lower-precision storage is a cast at the edges. Integer inputs (token ids,
+/// positions, sequence offsets) come from the host.
+pub trait Backend: Send + Sync {
+    /// A device buffer of `f32`.
+    type Buffer: Send + Sync;
+
+    /// A short description (`cpu (2 threads)`).
+    fn name(&self) -> String;
+    /// A zero-filled buffer.
+    fn zeros(&self, len: usize) -> Result<Self::Buffer>;
+    /// Copies host values to a new buffer.
+    fn from_host(&self, data: &[f32]) -> Result<Self::Buffer>;
+    /// Copies a buffer back to the host.
+    fn to_host(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+
+    /// See [`GemmSpec`].
+    fn gemm(
+        &self,
+        spec: &GemmSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        c: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// See [`embedding::forward`].
+    fn embedding_forward(
+        &self,
+        weight: &Self::Buffer,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// See [`embedding::backward`] (accumulates).
+    fn embedding_backward(
+        &self,
+        grad_out: &Self::Buffer,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        grad_weight: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// See [`norm::forward`].
+    fn rms_norm_forward(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f64,
+        y: &mut Self::Buffer,
+        rstd: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// See [`norm::backward`] (accumulates `dweight`).
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_backward(
+        &self,
+        dy: &Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        rstd: &Self::Buffer,
+        dx: &mut Self::Buffer,
+        dweight: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// See [`rope::apply`] (in place; `inverse` for backward).
+    fn rope(
+        &self,
+        x: &mut Self::Buffer,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()>;
+
+    /// See [`attention::forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        out: &mut Self::Buffer,
+        lse: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// See [`attention::backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Self::Buffer,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        out: &Self::Buffer,
+        lse: &Self::Buffer,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        dq: &mut Self::Buffer,
+        dk: &mut Self::Buffer,
+        dv: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// See [`swiglu::forward`].
+    fn swiglu_forward(
+        &self,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// See [`swiglu::backward`].
+    fn swiglu_backward(
+        &self,
+        dout: &Self::Buffer,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        dgate: &mut Self::Buffer,
+        dup: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// See [`loss::forward`]; returns the loss sum over masked rows.
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &mut Self::Buffer,
+    ) -> Result<f32>;
+    /// See [`loss::backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &Self::Buffer,
+        scale: f32,
+        dlogits: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// `out = a + b`.
+    fn add(&self, a: &Self::Buffer, b: &Self::Buffer, out: &mut Self::Buffer) -> Result<()>;
+    /// `y += alpha · x`.
+    fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()>;
+    /// `x *= alpha`.
+    fn scale(&self, alpha: f32, x: &mut Self::Buffer) -> Result<()>;
+    /// `Σ x²` in f64.
+    fn sum_squares(&self, x: &Self::Buffer) -> Result<f64>;
+    /// Rounds every value through bf16 (the compute copy of an fp32 master weight).
+    fn round_bf16(&self, x: &mut Self::Buffer) -> Result<()>;
+
+    /// See [`adamw::step`].
+    fn adamw(
+        &self,
+        cfg: &AdamW,
+        step: u64,
+        param: &mut Self::Buffer,
+        grad: &Self::Buffer,
+        m: &mut Self::Buffer,
+        v: &mut Self::Buffer,
+    ) -> Result<()>;
+}
+
+/// The CPU backend: f32 on host memory, GEMM from the `gemm` crate, everything else ours, run on
+/// a private rayon pool of `threads` threads so that N ranks on one machine can share its cores.
+#[derive(Clone)]
+pub struct CpuBackend {
+    threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuBackend {
+    /// A backend running on `threads` threads (at least 1).
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("hotspa-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                KernelError::Unavailable(format!("cannot start {threads} threads: {e}"))
+            })?;
+        Ok(Self {
+            threads,
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// A backend for one of `ranks` ranks sharing this machine: the cores divided evenly.
+    pub fn for_ranks(ranks: usize) -> Result<Self> {
+        Self::new(available_cores() / ranks.max(1))
+    }
+
+    /// Threads this backend uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// The number of cores this process may use.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl Backend for CpuBackend {
+    type Buffer = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn from_host(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+    fn to_host(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+        let t = self.threads;
+        self.run(|| matmul::gemm(spec, a, b, c, t))
+    }
+    fn embedding_forward(
+        &self,
+        weight: &Vec<f32>,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        embedding::forward(weight, dim, vocab_start, ids, out)
+    }
+    fn embedding_backward(
+        &self,
+        grad_out: &Vec<f32>,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        grad_weight: &mut Vec<f32>,
+    ) -> Result<()> {
+        embedding::backward(grad_out, dim, vocab_start, ids, grad_weight)
+    }
+    fn rms_norm_forward(
+        &self,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        eps: f64,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
+        norm::forward(x, weight, eps, y, rstd)
+    }
+    fn rms_norm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+    ) -> Result<()> {
+        norm::backward(dy, x, weight, rstd, dx, dweight)
+    }
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()> {
+        rope::apply(x, positions, heads, head_dim, theta, inverse)
+    }
+    fn attention_forward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.run(|| attention::forward(q, k, v, cu_seqlens, shape, scale, out, lse))
+    }
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.run(|| {
+            attention::backward(
+                dout, q, k, v, out, lse, cu_seqlens, shape, scale, dq, dk, dv,
+            )
+        })
+    }
+    fn swiglu_forward(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        swiglu::forward(gate, up, out)
+    }
+    fn swiglu_backward(
+        &self,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+    ) -> Result<()> {
+        swiglu::backward(dout, gate, up, dgate, dup)
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &mut Vec<f32>,
+    ) -> Result<f32> {
+        loss::forward(logits, vocab, targets, mask, lse)
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &Vec<f32>,
+        scale: f32,
+        dlogits: &mut Vec<f32>,
+    ) -> Result<()> {
+        loss::backward(logits, vocab, targets, mask, lse, scale, dlogits)
+    }
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        elementwise::add(a, b, out)
+    }
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
+        elementwise::axpy(alpha, x, y)
+    }
+    fn scale(&self, alpha: f32, x: &mut Vec<f32>) -> Result<()> {
+        elementwise::scale(alpha, x);
+        Ok(())
+    }
+    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
+        Ok(elementwise::sum_squares(x))
+    }
+    fn round_bf16(&self, x: &mut Vec<f32>) -> Result<()> {
+        elementwise::round_through_bf16(x);
+        Ok(())
+    }
+    fn adamw(
+        &self,
+        cfg: &AdamW,
+        step: u64,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        adamw::step(cfg, step, param, grad, m, v)
+    }
+}

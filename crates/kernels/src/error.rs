@@ -1,0 +1,61 @@
+//! The one error type of the `kernels` crate.
+
+use thiserror::Error;
+
+/// A kernel refused its arguments. Kernels never fail on valid arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KernelError {
+    /// A buffer's length does not match the shape the call describes.
+    #[error("{op}: {what} has {got} elements, expected {expected}")]
+    Length {
+        /// The kernel.
+        op: &'static str,
+        /// Which argument.
+        what: &'static str,
+        /// Elements the shape implies.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// An argument is out of its domain (odd head dim for RoPE, bad cu_seqlens, …).
+    #[error("{op}: {reason}")]
+    Invalid {
+        /// The kernel.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The backend cannot run here (e.g. the CUDA backend on a machine without a GPU).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Result alias of the crate.
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Checks a buffer length.
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::Length {
+            op,
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// Builds an [`KernelError::Invalid`].
+pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> KernelError {
+    KernelError::Invalid {
+        op,
+        reason: reason.into(),
+    }
+}

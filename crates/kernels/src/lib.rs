@@ -1,0 +1,30 @@
+//! The `Backend` trait (DESIGN §4) and its CPU implementation. The CPU kernels are generic over
+//! `f32`/`f64` ([`Real`]) so that every backward can be checked against central finite
+//! differences of the same forward in `f64`. GEMM comes from the `gemm` crate; attention is
+//! blockwise with an online softmax over packed variable-length sequences.
+//!
+//! ```
+//! use kernels::{Backend, CpuBackend, GemmSpec};
+//!
+//! let cpu = CpuBackend::new(1)?;
+//! // C (2×2) = A (2×3) · Bᵀ where B is stored 2×3.
+//! let a = cpu.from_host(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let b = cpu.from_host(&[1.0, 0.0, 1.0, 0.0, 1.0, 0.0])?;
+//! let mut c = cpu.zeros(4)?;
+//! cpu.gemm(&GemmSpec::new(2, 2, 3).trans(false, true), &a, &b, &mut c)?;
+//! assert_eq!(cpu.to_host(&c)?, vec![4.0, 2.0, 10.0, 5.0]);
+//! # Ok::<(), kernels::KernelError>(())
+//! ```
+
+#![allow(clippy::ptr_arg)]
+
+mod backend;
+mod error;
+pub mod matmul;
+pub mod ops;
+mod real;
+
+pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend};
+pub use error::{KernelError, Result};
+pub use matmul::GemmSpec;
+pub use real::Real;
