@@ -20,9 +20,9 @@ pub trait Backend: Send + Sync {
     /// A zero-filled buffer.
     fn zeros(&self, len: usize) -> Result<Self::Buffer>;
     /// Copies host values to a new buffer.
-    fn from_host(&self, data: &[f32]) -> Result<Self::Buffer>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
     /// Copies a buffer back to the host.
-    fn to_host(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
 
     /// See [`GemmSpec`].
     fn gemm(
@@ -231,10 +231,10 @@ impl Backend for CpuBackend {
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }
-    fn from_host(&self, data: &[f32]) -> Result<Vec<f32>> {
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }
-    fn to_host(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }
     fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {

@@ -8,11 +8,11 @@
 //!
 //! let cpu = CpuBackend::new(1)?;
 //! // C (2×2) = A (2×3) · Bᵀ where B is stored 2×3.
-//! let a = cpu.from_host(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
-//! let b = cpu.from_host(&[1.0, 0.0, 1.0, 0.0, 1.0, 0.0])?;
+//! let a = cpu.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let b = cpu.upload(&[1.0, 0.0, 1.0, 0.0, 1.0, 0.0])?;
 //! let mut c = cpu.zeros(4)?;
 //! cpu.gemm(&GemmSpec::new(2, 2, 3).trans(false, true), &a, &b, &mut c)?;
-//! assert_eq!(cpu.to_host(&c)?, vec![4.0, 2.0, 10.0, 5.0]);
+//! assert_eq!(cpu.download(&c)?, vec![4.0, 2.0, 10.0, 5.0]);
 //! # Ok::<(), kernels::KernelError>(())
 //! ```
 

@@ -36,7 +36,7 @@ impl AttnShape {
         k: usize,
         v: usize,
     ) -> Result<usize> {
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(invalid(
                 op,
                 format!(

@@ -14,7 +14,7 @@ pub fn forward<T: Real>(
     out: &mut [T],
 ) -> Result<()> {
     check_len("embedding", "out", ids.len() * dim, out.len())?;
-    let rows = if dim == 0 { 0 } else { weight.len() / dim };
+    let rows = weight.len().checked_div(dim).unwrap_or(0);
     check_len("embedding", "weight", rows * dim, weight.len())?;
     for (t, &id) in ids.iter().enumerate() {
         let dst = &mut out[t * dim..(t + 1) * dim];
@@ -43,7 +43,7 @@ pub fn backward<T: Real>(
         ids.len() * dim,
         grad_out.len(),
     )?;
-    let rows = if dim == 0 { 0 } else { grad_weight.len() / dim };
+    let rows = grad_weight.len().checked_div(dim).unwrap_or(0);
     check_len(
         "embedding_backward",
         "grad_weight",

@@ -22,7 +22,7 @@ pub fn apply<T: Real>(
     theta: f64,
     inverse: bool,
 ) -> Result<()> {
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(invalid("rope", format!("head_dim {head_dim} must be even")));
     }
     check_len("rope", "x", positions.len() * heads * head_dim, x.len())?;

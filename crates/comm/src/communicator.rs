@@ -1,0 +1,130 @@
+//! The `Communicator` seam (DESIGN §4): collectives, point-to-point and batched groups over a
+//! group of ranks, with sub-groups.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// A rank: a member's index in a communicator's group (or in the world, where stated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rank(pub usize);
+
+impl fmt::Display for Rank {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The reduction of `all_reduce` and `reduce_scatter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise maximum.
+    Max,
+}
+
+impl ReduceOp {
+    pub(crate) fn apply(self, acc: &mut [f32], x: &[f32]) {
+        match self {
+            ReduceOp::Sum => acc.iter_mut().zip(x).for_each(|(a, b)| *a += b),
+            ReduceOp::Max => acc.iter_mut().zip(x).for_each(|(a, b)| *a = a.max(*b)),
+        }
+    }
+}
+
+/// One operation of a batched group.
+#[derive(Debug)]
+pub enum P2p<'a> {
+    /// Send `data` to `peer`.
+    Send {
+        /// Destination (group numbering).
+        peer: Rank,
+        /// Values to send.
+        data: &'a [f32],
+    },
+    /// Receive exactly `buf.len()` values from `peer`.
+    Recv {
+        /// Source (group numbering).
+        peer: Rank,
+        /// Where the values go.
+        buf: &'a mut [f32],
+    },
+}
+
+/// Collective and point-to-point communication among the ranks of one group.
+///
+/// Every member must call the collectives of a group in the same order. Uneven sizes are allowed
+/// wherever counts are passed (`counts[j]` belongs to rank `j`), following DState chunk semantics.
+/// Messages between two ranks with the same tag (or inside batched groups) arrive in the order
+/// they were posted. Every blocking call fails after [`Communicator::timeout`] with an error that
+/// names the operation and the missing rank, and fails promptly when another rank has failed.
+pub trait Communicator: Send {
+    /// This member's rank in the group.
+    fn rank(&self) -> Rank;
+    /// Number of members.
+    fn size(&self) -> usize;
+    /// The members' ranks in the world communicator, in group order.
+    fn world_ranks(&self) -> Vec<Rank>;
+    /// How long a blocking call waits for a peer.
+    fn timeout(&self) -> Duration;
+    /// Changes the timeout of this handle.
+    fn set_timeout(&mut self, timeout: Duration);
+
+    /// A communicator over `members` (ranks of this group, in the new group's order). Called by
+    /// the members only, all with the same list.
+    fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>>;
+
+    /// Reduces `buf` across the group in place; every member gets the result.
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// Concatenates every member's `send` (`counts[j]` values from rank `j`) into `recv`.
+    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()>;
+    /// Reduces the members' `send` buffers (all `Σ counts` long) and leaves chunk `rank` (of
+    /// `counts[rank]` values) in `recv`.
+    fn reduce_scatter(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// Sends `send_counts[j]` consecutive values of `send` to rank `j` and receives
+    /// `recv_counts[j]` values from rank `j` into consecutive parts of `recv`.
+    fn all_to_all(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<()>;
+    /// Copies `root`'s `buf` into every member's `buf`.
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()>;
+    /// Sends `data` to `peer` with `tag`. May return before the peer receives.
+    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()>;
+    /// Receives exactly `buf.len()` values from `peer` with `tag`.
+    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()>;
+    /// Runs a group of sends and receives that progress together: no deadlock whatever order
+    /// they were posted in on each rank.
+    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()>;
+    /// Returns once every member has called it.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// The prefix sums of `counts` (`offsets[j]..offsets[j+1]` is rank `j`'s part).
+pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(counts.len() + 1);
+    o.push(0);
+    for c in counts {
+        o.push(o.last().copied().unwrap_or(0) + c);
+    }
+    o
+}
+
+/// Even counts for `len` values over `parts` ranks, with DState chunk semantics (`ceil` pieces,
+/// trailing ones smaller or empty).
+pub fn chunk_counts(len: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| dstate::chunk(0..len, parts, i).len())
+        .collect()
+}

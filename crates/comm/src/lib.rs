@@ -1,0 +1,27 @@
+//! The `Communicator` trait (DESIGN §4) — collectives with uneven counts, point-to-point,
+//! batched groups, sub-groups, timeouts that name the missing rank — and its in-process
+//! implementation [`ThreadComm`], N ranks as threads. [`Counting`] records what a piece of code
+//! communicates; [`conformance`] is the suite every implementation must pass.
+//!
+//! ```
+//! use comm::{Communicator, ReduceOp, ThreadComm, CommError};
+//!
+//! let sums = ThreadComm::run(4, |c| -> Result<Vec<f32>, CommError> {
+//!     let mut buf = vec![c.rank().0 as f32; 3];
+//!     c.all_reduce(&mut buf, ReduceOp::Sum)?;
+//!     Ok(buf)
+//! })?;
+//! assert!(sums.iter().all(|b| b == &vec![6.0; 3]));
+//! # Ok::<(), CommError>(())
+//! ```
+
+mod communicator;
+pub mod conformance;
+mod counting;
+mod error;
+mod thread;
+
+pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};
+pub use counting::{CommKind, CommRecord, Counting};
+pub use error::{CommError, Result};
+pub use thread::{default_timeout, ThreadComm};

@@ -1,0 +1,592 @@
+//! `ThreadComm`: N ranks as threads of one process (the embedded default). Messages are moved
+//! through per-channel FIFO mailboxes; sends are buffered, so a batched group posts its sends
+//! first and cannot deadlock. Collectives are rings built on the mailboxes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::communicator::{chunk_counts, offsets, Communicator, P2p, Rank, ReduceOp};
+use crate::error::{check_len, CommError, Result};
+
+/// Default timeout of every blocking call, overridable with `HOTSPA_COMM_TIMEOUT_SECS`.
+pub fn default_timeout() -> Duration {
+    std::env::var("HOTSPA_COMM_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(120))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Channel {
+    User(u32),
+    Collective(u64),
+    Batch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    group: u64,
+    src: usize,
+    dst: usize,
+    channel: Channel,
+}
+
+#[derive(Default)]
+struct State {
+    boxes: HashMap<Key, VecDeque<Vec<f32>>>,
+    /// Collectives entered, per (group, world rank).
+    arrivals: HashMap<(u64, usize), u64>,
+    /// The first rank that failed, with its error.
+    failed: Option<(usize, String)>,
+    /// Interned sub-group ids: (parent, members, n-th creation) → id.
+    groups: HashMap<(u64, Vec<usize>, u64), u64>,
+}
+
+/// What the ranks of one thread world share.
+struct World {
+    size: usize,
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl World {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a rank panicked while holding it; the state stays usable
+        // and the panic is reported through `fail`.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, rank: usize, reason: String) {
+        let mut st = self.lock();
+        if st.failed.is_none() {
+            st.failed = Some((rank, reason));
+        }
+        drop(st);
+        self.cond.notify_all();
+    }
+}
+
+/// One rank's handle on a group of thread ranks.
+pub struct ThreadComm {
+    world: Arc<World>,
+    group: u64,
+    /// World ranks of the members, in group order.
+    members: Arc<Vec<usize>>,
+    me: usize,
+    seq: AtomicU64,
+    subgroups: Mutex<HashMap<Vec<usize>, u64>>,
+    timeout: Duration,
+}
+
+impl ThreadComm {
+    /// Handles for a new world of `n` ranks (index = rank), sharing one set of mailboxes.
+    pub fn world(n: usize) -> Vec<ThreadComm> {
+        Self::world_with_timeout(n, default_timeout())
+    }
+
+    /// Like [`ThreadComm::world`], with the given timeout on every handle.
+    pub fn world_with_timeout(n: usize, timeout: Duration) -> Vec<ThreadComm> {
+        let world = Arc::new(World {
+            size: n,
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+        });
+        let members = Arc::new((0..n).collect::<Vec<_>>());
+        (0..n)
+            .map(|me| ThreadComm {
+                world: world.clone(),
+                group: 0,
+                members: members.clone(),
+                me,
+                seq: AtomicU64::new(0),
+                subgroups: Mutex::new(HashMap::new()),
+                timeout,
+            })
+            .collect()
+    }
+
+    /// Runs `f` on `n` thread ranks and returns their results in rank order.
+    ///
+    /// When a rank returns an error or panics, the others' blocking calls fail promptly, and the
+    /// error of the rank that failed *first* is returned. Ranks that still have not finished one
+    /// timeout after the first failure are left behind (detached), so a hung rank cannot hang
+    /// the caller.
+    pub fn run<T, E, F>(n: usize, f: F) -> std::result::Result<Vec<T>, E>
+    where
+        T: Send + 'static,
+        E: From<CommError> + std::fmt::Display + Send + 'static,
+        F: Fn(ThreadComm) -> std::result::Result<T, E> + Send + Sync + 'static,
+    {
+        Self::run_with_timeout(n, default_timeout(), f)
+    }
+
+    /// [`ThreadComm::run`] with the given timeout on every blocking call.
+    pub fn run_with_timeout<T, E, F>(
+        n: usize,
+        timeout: Duration,
+        f: F,
+    ) -> std::result::Result<Vec<T>, E>
+    where
+        T: Send + 'static,
+        E: From<CommError> + std::fmt::Display + Send + 'static,
+        F: Fn(ThreadComm) -> std::result::Result<T, E> + Send + Sync + 'static,
+    {
+        let comms = ThreadComm::world_with_timeout(n, timeout);
+        let world = comms.first().map(|c| c.world.clone());
+        let f = Arc::new(f);
+        let (tx, rx) = mpsc::channel();
+        for comm in comms {
+            let (f, tx, world) = (f.clone(), tx.clone(), comm.world.clone());
+            let rank = comm.me;
+            std::thread::Builder::new()
+                .name(format!("hotspa-rank-{rank}"))
+                .spawn(move || {
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
+                    let out = match out {
+                        Ok(r) => r,
+                        Err(p) => {
+                            let message = p
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "non-string panic".into());
+                            Err(E::from(CommError::Panicked {
+                                rank: Rank(rank),
+                                message,
+                            }))
+                        }
+                    };
+                    if let Err(e) = &out {
+                        world.fail(rank, e.to_string());
+                    }
+                    // The receiver may be gone when the caller already returned.
+                    let _ = tx.send((rank, out));
+                })
+                .map_err(|e| {
+                    E::from(CommError::Unavailable(format!(
+                        "cannot spawn rank {rank}: {e}"
+                    )))
+                })?;
+        }
+        drop(tx);
+        let mut results: Vec<Option<std::result::Result<T, E>>> = (0..n).map(|_| None).collect();
+        let mut received = 0;
+        let mut deadline: Option<Instant> = None;
+        while received < n {
+            let msg = match deadline {
+                None => rx.recv().ok(),
+                Some(d) => rx
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                    .ok(),
+            };
+            let Some((rank, out)) = msg else { break };
+            if out.is_err() && deadline.is_none() {
+                deadline = Some(Instant::now() + timeout);
+            }
+            results[rank] = Some(out);
+            received += 1;
+        }
+        let first_failed = world.and_then(|w| w.lock().failed.as_ref().map(|(r, _)| *r));
+        if let Some(r) = first_failed {
+            if let Some(Some(Err(_))) = results.get(r) {
+                if let Some(Some(Err(e))) = results.get_mut(r).map(|x| x.take()) {
+                    return Err(e);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(v)) => out.push(v),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(E::from(CommError::Timeout {
+                        rank: Rank(rank),
+                        op: "run".into(),
+                        waited: timeout,
+                        detail: format!("rank {rank} did not finish after another rank failed"),
+                    }))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn world_rank_of(&self, r: Rank, op: &'static str) -> Result<usize> {
+        self.members
+            .get(r.0)
+            .copied()
+            .ok_or(CommError::InvalidRank {
+                op,
+                rank: r,
+                size: self.members.len(),
+            })
+    }
+
+    fn post(&self, dst: usize, channel: Channel, data: Vec<f32>) {
+        let key = Key {
+            group: self.group,
+            src: self.members[self.me],
+            dst,
+            channel,
+        };
+        self.world
+            .lock()
+            .boxes
+            .entry(key)
+            .or_default()
+            .push_back(data);
+        self.world.cond.notify_all();
+    }
+
+    /// Waits for the next message from world rank `src` on `channel`.
+    fn take(&self, src: usize, channel: Channel, op: &dyn Fn() -> String) -> Result<Vec<f32>> {
+        let me = self.members[self.me];
+        let key = Key {
+            group: self.group,
+            src,
+            dst: me,
+            channel,
+        };
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let mut st = self.world.lock();
+        loop {
+            if let Some(m) = st.boxes.get_mut(&key).and_then(|q| q.pop_front()) {
+                return Ok(m);
+            }
+            if let Some((failed, reason)) = &st.failed {
+                if *failed != me {
+                    return Err(CommError::PeerFailed {
+                        rank: Rank(me),
+                        failed: Rank(*failed),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let detail = match channel {
+                    Channel::Collective(seq) => {
+                        let missing: Vec<usize> = self
+                            .members
+                            .iter()
+                            .copied()
+                            .filter(|m| {
+                                st.arrivals.get(&(self.group, *m)).copied().unwrap_or(0) <= seq
+                            })
+                            .collect();
+                        if missing.is_empty() {
+                            format!("every rank arrived but rank {src} did not send (stuck?)")
+                        } else {
+                            let names: Vec<String> =
+                                missing.iter().map(|m| m.to_string()).collect();
+                            format!(
+                                "rank{} {} never arrived",
+                                if missing.len() > 1 { "s" } else { "" },
+                                names.join(", ")
+                            )
+                        }
+                    }
+                    _ => format!("rank {src} sent nothing"),
+                };
+                return Err(CommError::Timeout {
+                    rank: Rank(me),
+                    op: op(),
+                    waited: now - start,
+                    detail,
+                });
+            }
+            st = self
+                .world
+                .cond
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Enters the next collective: returns its channel and records the arrival.
+    fn enter(&self) -> (Channel, u64) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        self.world
+            .lock()
+            .arrivals
+            .insert((self.group, self.members[self.me]), seq + 1);
+        (Channel::Collective(seq), seq)
+    }
+
+    fn describe(&self, name: &str, seq: u64) -> String {
+        format!("{name} #{seq} on world ranks {:?}", self.members)
+    }
+
+    fn next(&self) -> usize {
+        self.members[(self.me + 1) % self.members.len()]
+    }
+
+    fn prev(&self) -> usize {
+        let p = self.members.len();
+        self.members[(self.me + p - 1) % p]
+    }
+
+    /// Ring reduce-scatter over `buf` split by `counts`: on return, chunk `me` of `buf` holds the
+    /// reduced values (the other chunks hold partial sums).
+    fn ring_reduce_scatter(
+        &self,
+        buf: &mut [f32],
+        counts: &[usize],
+        op: ReduceOp,
+        name: &str,
+    ) -> Result<()> {
+        let p = self.members.len();
+        let (ch, seq) = self.enter();
+        let off = offsets(counts);
+        let what = || self.describe(name, seq);
+        for s in 0..p.saturating_sub(1) {
+            let send = (self.me + 2 * p - s - 1) % p;
+            let recv = (self.me + 2 * p - s - 2) % p;
+            self.post(self.next(), ch, buf[off[send]..off[send + 1]].to_vec());
+            let m = self.take(self.prev(), ch, &what)?;
+            check_len(
+                "reduce_scatter",
+                "ring message",
+                off[recv + 1] - off[recv],
+                m.len(),
+            )?;
+            op.apply(&mut buf[off[recv]..off[recv + 1]], &m);
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather: chunk `me` of `buf` is this rank's; on return every chunk is filled.
+    fn ring_all_gather(&self, buf: &mut [f32], counts: &[usize], name: &str) -> Result<()> {
+        let p = self.members.len();
+        let (ch, seq) = self.enter();
+        let off = offsets(counts);
+        let what = || self.describe(name, seq);
+        for s in 0..p.saturating_sub(1) {
+            let send = (self.me + p - s) % p;
+            let recv = (self.me + 2 * p - s - 1) % p;
+            self.post(self.next(), ch, buf[off[send]..off[send + 1]].to_vec());
+            let m = self.take(self.prev(), ch, &what)?;
+            check_len(
+                "all_gather",
+                "ring message",
+                off[recv + 1] - off[recv],
+                m.len(),
+            )?;
+            buf[off[recv]..off[recv + 1]].copy_from_slice(&m);
+        }
+        Ok(())
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> Rank {
+        Rank(self.me)
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn world_ranks(&self) -> Vec<Rank> {
+        self.members.iter().map(|&r| Rank(r)).collect()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
+        let mut world_members = Vec::with_capacity(members.len());
+        for &m in members {
+            let w = self.members.get(m.0).copied().ok_or_else(|| {
+                CommError::InvalidGroup(format!(
+                    "rank {m} is not in a group of {}",
+                    self.members.len()
+                ))
+            })?;
+            if world_members.contains(&w) {
+                return Err(CommError::InvalidGroup(format!("rank {m} is listed twice")));
+            }
+            world_members.push(w);
+        }
+        let me = members
+            .iter()
+            .position(|&m| m.0 == self.me)
+            .ok_or_else(|| {
+                CommError::InvalidGroup(format!("rank {} is not among {members:?}", self.me))
+            })?;
+        // The n-th creation of the same member list under this parent gets the same id on every
+        // member, without communication.
+        let nth = {
+            let mut subs = self.subgroups.lock().unwrap_or_else(|p| p.into_inner());
+            let c = subs.entry(world_members.clone()).or_insert(0);
+            *c += 1;
+            *c
+        };
+        let group = {
+            let mut st = self.world.lock();
+            let next = st.groups.len() as u64 + 1;
+            *st.groups
+                .entry((self.group, world_members.clone(), nth))
+                .or_insert(next)
+        };
+        debug_assert!(world_members.iter().all(|&w| w < self.world.size));
+        Ok(Box::new(ThreadComm {
+            world: self.world.clone(),
+            group,
+            members: Arc::new(world_members),
+            me,
+            seq: AtomicU64::new(0),
+            subgroups: Mutex::new(HashMap::new()),
+            timeout: self.timeout,
+        }))
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let p = self.members.len();
+        if p == 1 {
+            return Ok(());
+        }
+        let counts = chunk_counts(buf.len(), p);
+        self.ring_reduce_scatter(buf, &counts, op, "all_reduce")?;
+        self.ring_all_gather(buf, &counts, "all_reduce")
+    }
+
+    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
+        let p = self.members.len();
+        check_len("all_gather", "counts", p, counts.len())?;
+        check_len("all_gather", "send", counts[self.me], send.len())?;
+        check_len("all_gather", "recv", counts.iter().sum(), recv.len())?;
+        let off = offsets(counts);
+        recv[off[self.me]..off[self.me + 1]].copy_from_slice(send);
+        self.ring_all_gather(recv, counts, "all_gather")
+    }
+
+    fn reduce_scatter(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let p = self.members.len();
+        check_len("reduce_scatter", "counts", p, counts.len())?;
+        check_len("reduce_scatter", "send", counts.iter().sum(), send.len())?;
+        check_len("reduce_scatter", "recv", counts[self.me], recv.len())?;
+        let mut work = send.to_vec();
+        self.ring_reduce_scatter(&mut work, counts, op, "reduce_scatter")?;
+        let off = offsets(counts);
+        recv.copy_from_slice(&work[off[self.me]..off[self.me + 1]]);
+        Ok(())
+    }
+
+    fn all_to_all(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let p = self.members.len();
+        check_len("all_to_all", "send_counts", p, send_counts.len())?;
+        check_len("all_to_all", "recv_counts", p, recv_counts.len())?;
+        check_len("all_to_all", "send", send_counts.iter().sum(), send.len())?;
+        check_len("all_to_all", "recv", recv_counts.iter().sum(), recv.len())?;
+        let (ch, seq) = self.enter();
+        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+        for j in 0..p {
+            if j != self.me {
+                self.post(self.members[j], ch, send[so[j]..so[j + 1]].to_vec());
+            }
+        }
+        recv[ro[self.me]..ro[self.me + 1]].copy_from_slice(&send[so[self.me]..so[self.me + 1]]);
+        let what = || self.describe("all_to_all", seq);
+        for j in 0..p {
+            if j != self.me {
+                let m = self.take(self.members[j], ch, &what)?;
+                check_len("all_to_all", "message", recv_counts[j], m.len())?;
+                recv[ro[j]..ro[j + 1]].copy_from_slice(&m);
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
+        let root_w = self.world_rank_of(root, "broadcast")?;
+        let (ch, seq) = self.enter();
+        if root.0 == self.me {
+            for (j, &w) in self.members.iter().enumerate() {
+                if j != self.me {
+                    self.post(w, ch, buf.to_vec());
+                }
+            }
+        } else {
+            let m = self.take(root_w, ch, &|| self.describe("broadcast", seq))?;
+            check_len("broadcast", "buf", m.len(), buf.len())?;
+            buf.copy_from_slice(&m);
+        }
+        Ok(())
+    }
+
+    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
+        let w = self.world_rank_of(peer, "send")?;
+        self.post(w, Channel::User(tag), data.to_vec());
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
+        let w = self.world_rank_of(peer, "recv")?;
+        let m = self.take(w, Channel::User(tag), &|| {
+            format!("recv from rank {peer} (tag {tag})")
+        })?;
+        check_len("recv", "buf", m.len(), buf.len())?;
+        buf.copy_from_slice(&m);
+        Ok(())
+    }
+
+    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
+        for op in ops.iter() {
+            if let P2p::Send { peer, data } = op {
+                let w = self.world_rank_of(*peer, "batch send")?;
+                self.post(w, Channel::Batch, data.to_vec());
+            }
+        }
+        for op in ops.iter_mut() {
+            if let P2p::Recv { peer, buf } = op {
+                let w = self.world_rank_of(*peer, "batch recv")?;
+                let peer = *peer;
+                let m = self.take(w, Channel::Batch, &|| {
+                    format!("batched recv from rank {peer}")
+                })?;
+                check_len("batch", "recv buf", m.len(), buf.len())?;
+                buf.copy_from_slice(&m);
+            }
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let p = self.members.len();
+        let (ch, seq) = self.enter();
+        let what = || self.describe("barrier", seq);
+        // Dissemination barrier: ⌈log2 p⌉ rounds.
+        let mut dist = 1;
+        while dist < p {
+            self.post(self.members[(self.me + dist) % p], ch, Vec::new());
+            self.take(self.members[(self.me + p - dist) % p], ch, &what)?;
+            dist *= 2;
+        }
+        Ok(())
+    }
+}
