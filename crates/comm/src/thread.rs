@@ -51,13 +51,50 @@ struct World {
     size: usize,
     state: Mutex<State>,
     cond: Condvar,
+    /// Message buffers handed back by receivers, reused by senders: large messages then cost a
+    /// memcpy, not an allocation and its page faults.
+    pool: Mutex<Vec<Vec<f32>>>,
 }
+
+/// Buffers kept for reuse at most.
+const POOL_LIMIT: usize = 64;
 
 impl World {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means a rank panicked while holding it; the state stays usable
         // and the panic is reported through `fail`.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn buffer(&self, data: &[f32]) -> Vec<f32> {
+        if data.is_empty() {
+            return Vec::new();
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= data.len())
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut v = match best {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(data.len()),
+        };
+        drop(pool);
+        v.clear();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn recycle(&self, v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_LIMIT {
+            pool.push(v);
+        }
     }
 
     fn fail(&self, rank: usize, reason: String) {
@@ -94,6 +131,7 @@ impl ThreadComm {
             size: n,
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
+            pool: Mutex::new(Vec::new()),
         });
         let members = Arc::new((0..n).collect::<Vec<_>>());
         (0..n)
@@ -227,7 +265,8 @@ impl ThreadComm {
             })
     }
 
-    fn post(&self, dst: usize, channel: Channel, data: Vec<f32>) {
+    fn post(&self, dst: usize, channel: Channel, data: &[f32]) {
+        let data = self.world.buffer(data);
         let key = Key {
             group: self.group,
             src: self.members[self.me],
@@ -349,7 +388,7 @@ impl ThreadComm {
         for s in 0..p.saturating_sub(1) {
             let send = (self.me + 2 * p - s - 1) % p;
             let recv = (self.me + 2 * p - s - 2) % p;
-            self.post(self.next(), ch, buf[off[send]..off[send + 1]].to_vec());
+            self.post(self.next(), ch, &buf[off[send]..off[send + 1]]);
             let m = self.take(self.prev(), ch, &what)?;
             check_len(
                 "reduce_scatter",
@@ -358,6 +397,7 @@ impl ThreadComm {
                 m.len(),
             )?;
             op.apply(&mut buf[off[recv]..off[recv + 1]], &m);
+            self.world.recycle(m);
         }
         Ok(())
     }
@@ -371,7 +411,7 @@ impl ThreadComm {
         for s in 0..p.saturating_sub(1) {
             let send = (self.me + p - s) % p;
             let recv = (self.me + 2 * p - s - 1) % p;
-            self.post(self.next(), ch, buf[off[send]..off[send + 1]].to_vec());
+            self.post(self.next(), ch, &buf[off[send]..off[send + 1]]);
             let m = self.take(self.prev(), ch, &what)?;
             check_len(
                 "all_gather",
@@ -380,6 +420,7 @@ impl ThreadComm {
                 m.len(),
             )?;
             buf[off[recv]..off[recv + 1]].copy_from_slice(&m);
+            self.world.recycle(m);
         }
         Ok(())
     }
@@ -484,10 +525,11 @@ impl Communicator for ThreadComm {
         check_len("reduce_scatter", "counts", p, counts.len())?;
         check_len("reduce_scatter", "send", counts.iter().sum(), send.len())?;
         check_len("reduce_scatter", "recv", counts[self.me], recv.len())?;
-        let mut work = send.to_vec();
+        let mut work = self.world.buffer(send);
         self.ring_reduce_scatter(&mut work, counts, op, "reduce_scatter")?;
         let off = offsets(counts);
         recv.copy_from_slice(&work[off[self.me]..off[self.me + 1]]);
+        self.world.recycle(work);
         Ok(())
     }
 
@@ -507,7 +549,7 @@ impl Communicator for ThreadComm {
         let (so, ro) = (offsets(send_counts), offsets(recv_counts));
         for j in 0..p {
             if j != self.me {
-                self.post(self.members[j], ch, send[so[j]..so[j + 1]].to_vec());
+                self.post(self.members[j], ch, &send[so[j]..so[j + 1]]);
             }
         }
         recv[ro[self.me]..ro[self.me + 1]].copy_from_slice(&send[so[self.me]..so[self.me + 1]]);
@@ -517,6 +559,7 @@ impl Communicator for ThreadComm {
                 let m = self.take(self.members[j], ch, &what)?;
                 check_len("all_to_all", "message", recv_counts[j], m.len())?;
                 recv[ro[j]..ro[j + 1]].copy_from_slice(&m);
+                self.world.recycle(m);
             }
         }
         Ok(())
@@ -528,20 +571,21 @@ impl Communicator for ThreadComm {
         if root.0 == self.me {
             for (j, &w) in self.members.iter().enumerate() {
                 if j != self.me {
-                    self.post(w, ch, buf.to_vec());
+                    self.post(w, ch, buf);
                 }
             }
         } else {
             let m = self.take(root_w, ch, &|| self.describe("broadcast", seq))?;
             check_len("broadcast", "buf", m.len(), buf.len())?;
             buf.copy_from_slice(&m);
+            self.world.recycle(m);
         }
         Ok(())
     }
 
     fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
         let w = self.world_rank_of(peer, "send")?;
-        self.post(w, Channel::User(tag), data.to_vec());
+        self.post(w, Channel::User(tag), data);
         Ok(())
     }
 
@@ -552,6 +596,7 @@ impl Communicator for ThreadComm {
         })?;
         check_len("recv", "buf", m.len(), buf.len())?;
         buf.copy_from_slice(&m);
+        self.world.recycle(m);
         Ok(())
     }
 
@@ -559,7 +604,7 @@ impl Communicator for ThreadComm {
         for op in ops.iter() {
             if let P2p::Send { peer, data } = op {
                 let w = self.world_rank_of(*peer, "batch send")?;
-                self.post(w, Channel::Batch, data.to_vec());
+                self.post(w, Channel::Batch, data);
             }
         }
         for op in ops.iter_mut() {
@@ -571,6 +616,7 @@ impl Communicator for ThreadComm {
                 })?;
                 check_len("batch", "recv buf", m.len(), buf.len())?;
                 buf.copy_from_slice(&m);
+                self.world.recycle(m);
             }
         }
         Ok(())
@@ -583,7 +629,7 @@ impl Communicator for ThreadComm {
         // Dissemination barrier: ⌈log2 p⌉ rounds.
         let mut dist = 1;
         while dist < p {
-            self.post(self.members[(self.me + dist) % p], ch, Vec::new());
+            self.post(self.members[(self.me + dist) % p], ch, &[]);
             self.take(self.members[(self.me + p - dist) % p], ch, &what)?;
             dist *= 2;
         }

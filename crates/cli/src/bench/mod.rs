@@ -1,0 +1,65 @@
+//! `hotspa bench …`: figures, not pass/fail. Each prints a readable table, or with `--json` one
+//! JSON object on stdout.
+
+mod attention;
+mod comm;
+mod gemm;
+mod machine;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde::Serialize;
+
+/// What to measure.
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Our GEMM path (the CPU backend) vs calling the `gemm` crate directly, vs the f32 peak.
+    Gemm(gemm::Args),
+    /// Bus bandwidth of the thread communicator's collectives vs this machine's memcpy.
+    Comm(comm::Args),
+    /// Blockwise causal attention forward+backward, tokens/s at 512…8192 tokens.
+    Attention(attention::Args),
+}
+
+/// Runs a benchmark.
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Gemm(a) => gemm::run(a),
+        BenchCommand::Comm(a) => comm::run(a),
+        BenchCommand::Attention(a) => attention::run(a),
+    }
+}
+
+/// Runs `f` once to warm up, then repeatedly until `budget` has passed (at least `min_iters`
+/// times); returns the median time of one run.
+pub fn time_median(
+    budget: Duration,
+    min_iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Duration> {
+    f()?;
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min_iters || start.elapsed() < budget {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+        if times.len() >= 1000 {
+            break;
+        }
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Prints `value` as one JSON object, or calls `table`.
+pub fn emit<T: Serialize>(json: bool, value: &T, table: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! `hotspa`: the command line. Only subcommands that work exist; more arrive with their issues.
+
+mod bench;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hotspa",
+    version,
+    about = "Training LLaMA-family models with parallelism hot switching"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure this machine: GEMM, collectives, attention. Prints a table, or one JSON object
+    /// with --json.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench { what } => bench::run(what),
+    }
+}
