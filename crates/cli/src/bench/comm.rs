@@ -63,12 +63,15 @@ fn measure(devices: usize, op: &'static str, elems: usize, iters: usize) -> Resu
         let mut part = vec![1.0f32; counts[me]];
         let mut out = vec![0.0f32; elems];
         let mut ring_in = vec![0.0f32; elems];
+        // All-to-all: everyone sends chunk j to rank j, so rank `me` receives chunk `me` from all.
+        let a2a_recv_counts = vec![counts[me]; p];
+        let mut a2a_out = vec![0.0f32; counts[me] * p];
         let mut once = |c: &ThreadComm| -> Result<(), CommError> {
             match op {
                 "all_reduce" => c.all_reduce(&mut buf, ReduceOp::Sum),
                 "all_gather" => c.all_gather(&part, &mut out, &counts),
                 "reduce_scatter" => c.reduce_scatter(&buf, &mut part, &counts, ReduceOp::Sum),
-                "all_to_all" => c.all_to_all(&buf, &counts, &mut out, &counts),
+                "all_to_all" => c.all_to_all(&buf, &counts, &mut a2a_out, &a2a_recv_counts),
                 _ => c.batch(&mut [
                     P2p::Send {
                         peer: Rank((me + 1) % p),

@@ -1,0 +1,83 @@
+//! The benchmarks run as a user would call them, with tiny sizes, and print one JSON object.
+
+use std::process::Command;
+
+fn hotspa(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .output()
+        .expect("run hotspa")
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = hotspa(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn bench_gemm_json() {
+    let v = json(&[
+        "bench",
+        "gemm",
+        "--shapes",
+        "33x17x65",
+        "--seconds",
+        "0.01",
+        "--json",
+    ]);
+    assert_eq!(v["bench"], "gemm");
+    let row = &v["rows"][0];
+    assert_eq!(row["m"], 33);
+    assert!(row["ours_gflops"].as_f64().unwrap() > 0.0);
+    assert!(v["machine"]["peak_gflops"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_attention_json() {
+    let v = json(&[
+        "bench",
+        "attention",
+        "--tokens",
+        "100",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seconds",
+        "0.01",
+        "--json",
+    ]);
+    assert_eq!(v["rows"][0]["tokens"], 100);
+    assert!(v["rows"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_comm_json_and_unknown_backend() {
+    let v = json(&[
+        "bench",
+        "comm",
+        "--devices",
+        "3",
+        "--sizes-mib",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["devices"], 3);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 5);
+    let out = hotspa(&["bench", "comm", "--backend", "mpi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only `thread` exists"), "{err}");
+}
+
+#[test]
+fn bad_shapes_are_clear_errors() {
+    let out = hotspa(&["bench", "gemm", "--shapes", "12x3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shape `12x3` is not MxNxK"));
+}
