@@ -1,0 +1,87 @@
+//! The one error type of the `model` crate.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What can be wrong with a model's configuration or weights.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `config.json` is not valid JSON or a field has the wrong type.
+    #[error("{path}: invalid config: {reason}")]
+    ConfigSyntax {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// Required config fields are absent.
+    #[error("{path}: config lacks required field(s): {}", fields.join(", "))]
+    MissingFields {
+        /// The file.
+        path: PathBuf,
+        /// Every missing field.
+        fields: Vec<String>,
+    },
+    /// Config values are inconsistent (e.g. heads that do not divide the hidden size).
+    #[error("invalid LLaMA config: {0}")]
+    InvalidConfig(String),
+    /// A config feature the model does not implement.
+    #[error("unsupported LLaMA config: {0}")]
+    Unsupported(String),
+    /// A weights file is malformed or truncated.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Tensors the model needs are absent from a weights file.
+    #[error("{path}: missing tensor(s): {}", names.join(", "))]
+    MissingTensors {
+        /// The file.
+        path: PathBuf,
+        /// Every missing name.
+        names: Vec<String>,
+    },
+    /// Tensors the model does not know are present in a weights file.
+    #[error("{path}: unexpected tensor(s) for this config: {}", names.join(", "))]
+    UnexpectedTensors {
+        /// The file.
+        path: PathBuf,
+        /// Every unexpected name.
+        names: Vec<String>,
+    },
+    /// A tensor has the wrong shape or an unsupported dtype.
+    #[error("{path}: tensor {name}: {reason}")]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Expected vs found.
+        reason: String,
+    },
+    /// In-memory weights do not match the config.
+    #[error("weights do not match the config: {0}")]
+    Mismatch(String),
+}
+
+/// Result alias of the crate.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,0 +1,32 @@
+//! LLaMA models the Hugging Face way (DESIGN §3): `LlamaConfig` from `config.json`, the parameter
+//! catalogue with HF names, shapes and roles, random initialisation, and safetensors I/O (f32,
+//! bf16 and f16 accepted on load; f32 written atomically with HF's `format: pt` metadata).
+//!
+//! ```
+//! use model::{param_specs, LlamaConfig, Weights};
+//! use std::path::Path;
+//!
+//! let cfg = LlamaConfig::from_json(
+//!     r#"{"vocab_size": 64, "hidden_size": 16, "intermediate_size": 40,
+//!         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+//!         "tie_word_embeddings": true, "architectures": ["LlamaForCausalLM"]}"#,
+//!     Path::new("config.json"),
+//! )?;
+//! assert_eq!(cfg.head_dim(), 4);
+//! let specs = param_specs(&cfg);
+//! assert_eq!(specs[2].name, "model.layers.0.self_attn.k_proj.weight");
+//! assert_eq!(specs[2].shape, vec![8, 16]);
+//! let w = Weights::random(&cfg, 0);
+//! assert_eq!(w.numel(), 64 * 16 + 2 * (16 * 16 * 2 + 8 * 16 * 2 + 3 * 40 * 16 + 2 * 16) + 16);
+//! # Ok::<(), model::ModelError>(())
+//! ```
+
+mod config;
+mod error;
+mod params;
+mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use params::{param_specs, ParamSpec, Role};
+pub use weights::{write_atomic, Weights, INIT_STD};

@@ -1,0 +1,229 @@
+//! Model weights in memory (fp32, HF names), random initialisation, and safetensors I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use half::{bf16, f16};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::config::LlamaConfig;
+use crate::error::{io, ModelError, Result};
+use crate::params::{param_specs, ParamSpec};
+
+/// Standard deviation of the random initialisation (HF's `initializer_range` default).
+pub const INIT_STD: f64 = 0.02;
+
+/// Every parameter of a model as fp32, in [`param_specs`] order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    specs: Vec<ParamSpec>,
+    data: Vec<Vec<f32>>,
+}
+
+impl Weights {
+    /// Weights from values in [`param_specs`] order; every length must match its shape.
+    pub fn new(cfg: &LlamaConfig, data: Vec<Vec<f32>>) -> Result<Self> {
+        let specs = param_specs(cfg);
+        if specs.len() != data.len() {
+            return Err(ModelError::Mismatch(format!(
+                "{} tensors given, the config has {}",
+                data.len(),
+                specs.len()
+            )));
+        }
+        for (s, d) in specs.iter().zip(&data) {
+            if s.numel() != d.len() {
+                return Err(ModelError::Mismatch(format!(
+                    "{} has {} values, its shape {:?} needs {}",
+                    s.name,
+                    d.len(),
+                    s.shape,
+                    s.numel()
+                )));
+            }
+        }
+        Ok(Self { specs, data })
+    }
+
+    /// Random weights from `seed`: normal with std [`INIT_STD`], norm weights 1.
+    pub fn random(cfg: &LlamaConfig, seed: u64) -> Self {
+        let specs = param_specs(cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // INIT_STD is a positive finite constant, so the distribution always exists.
+        let normal = Normal::new(0.0f32, INIT_STD as f32).expect("valid normal distribution");
+        let data = specs
+            .iter()
+            .map(|s| {
+                if s.shape.len() == 1 {
+                    vec![1.0; s.numel()]
+                } else {
+                    (0..s.numel()).map(|_| normal.sample(&mut rng)).collect()
+                }
+            })
+            .collect();
+        Self { specs, data }
+    }
+
+    /// The catalogue, in storage order.
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// The values of every parameter, in storage order.
+    pub fn tensors(&self) -> &[Vec<f32>] {
+        &self.data
+    }
+
+    /// Mutable values, in storage order.
+    pub fn tensors_mut(&mut self) -> &mut [Vec<f32>] {
+        &mut self.data
+    }
+
+    /// The values of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.specs
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| self.data[i].as_slice())
+    }
+
+    /// Total number of parameters.
+    pub fn numel(&self) -> usize {
+        self.specs.iter().map(|s| s.numel()).sum()
+    }
+
+    /// Writes f32 safetensors with HF names (and the `format: pt` metadata HF expects),
+    /// atomically: a temporary file in the same directory, fsynced, then renamed over `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes: Vec<Vec<u8>> = self
+            .data
+            .iter()
+            .map(|d| d.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let mut views = Vec::with_capacity(self.specs.len());
+        for (s, b) in self.specs.iter().zip(&bytes) {
+            let view = TensorView::new(Dtype::F32, s.shape.clone(), b)
+                .map_err(|e| ModelError::Mismatch(format!("{}: {e}", s.name)))?;
+            views.push((s.name.clone(), view));
+        }
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let out = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(path, &out)
+    }
+
+    /// Reads a safetensors file for `cfg`. f32, bf16 and f16 tensors are accepted; every name
+    /// the config needs must be present with its shape, and unknown names are refused (a
+    /// `rotary_emb.inv_freq` buffer, and `lm_head.weight` under tied embeddings, are ignored as
+    /// HF does). Truncated or corrupt files are refused naming the file.
+    pub fn load(cfg: &LlamaConfig, path: &Path) -> Result<Self> {
+        let buf = std::fs::read(path).map_err(io(path))?;
+        let st = SafeTensors::deserialize(&buf).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let specs = param_specs(cfg);
+        let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let unexpected: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !wanted.contains(*n))
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| !(cfg.tie_word_embeddings && *n == "lm_head.weight"))
+            .map(str::to_string)
+            .collect();
+        if !unexpected.is_empty() {
+            let mut names = unexpected;
+            names.sort();
+            return Err(ModelError::UnexpectedTensors {
+                path: path.to_path_buf(),
+                names,
+            });
+        }
+        let missing: Vec<String> = specs
+            .iter()
+            .filter(|s| st.tensor(&s.name).is_err())
+            .map(|s| s.name.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ModelError::MissingTensors {
+                path: path.to_path_buf(),
+                names: missing,
+            });
+        }
+        let mut data = Vec::with_capacity(specs.len());
+        for s in &specs {
+            let bad = |reason: String| ModelError::BadTensor {
+                path: path.to_path_buf(),
+                name: s.name.clone(),
+                reason,
+            };
+            let t = st.tensor(&s.name).map_err(|e| bad(e.to_string()))?;
+            if t.shape() != s.shape.as_slice() {
+                return Err(bad(format!(
+                    "shape {:?}, the config needs {:?}",
+                    t.shape(),
+                    s.shape
+                )));
+            }
+            let raw = t.data();
+            let values: Vec<f32> = match t.dtype() {
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => return Err(bad(format!("dtype {other:?} (f32, bf16 or f16 expected)"))),
+            };
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "value {} at index {i} is not finite",
+                    values[i]
+                )));
+            }
+            data.push(values);
+        }
+        Ok(Self { specs, data })
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
+/// the directory. A crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            // Best effort: some filesystems refuse to fsync a directory.
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
