@@ -1,6 +1,7 @@
 //! `hotspa`: the command line. Only subcommands that work exist; more arrive with their issues.
 
 mod bench;
+mod graph_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,11 +25,14 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Print the exec graph of a strategy for review (single device so far).
+    Graph(graph_cmd::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench { what } => bench::run(what),
+        Command::Graph(args) => graph_cmd::run(args),
     }
 }

@@ -81,3 +81,52 @@ fn bad_shapes_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shape `12x3` is not MxNxK"));
 }
+
+#[test]
+fn graph_prints_the_single_device_graph_and_refuses_what_is_not_built() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"vocab_size": 32, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1}"#,
+    )
+    .unwrap();
+    let model = dir.path().to_str().unwrap();
+    let out = hotspa(&["graph", "--model", model]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("param %1 model.layers.0.self_attn.q_proj.weight[8, 8]"),
+        "{text}"
+    );
+    assert!(text.contains("= attention_grad("), "{text}");
+    let out = hotspa(&[
+        "graph",
+        "--model",
+        model,
+        "--strategy",
+        "dp2tp2",
+        "--devices",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dp2 × tp2 × pp1 = 4 devices, but there are 8"),
+        "{err}"
+    );
+    let out = hotspa(&[
+        "graph",
+        "--model",
+        model,
+        "--strategy",
+        "tp2",
+        "--devices",
+        "2",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+}

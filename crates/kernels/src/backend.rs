@@ -23,6 +23,8 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
     /// Copies a buffer back to the host.
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+    /// Number of values in a buffer.
+    fn len(&self, buf: &Self::Buffer) -> usize;
 
     /// See [`GemmSpec`].
     fn gemm(
@@ -236,6 +238,9 @@ impl Backend for CpuBackend {
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
     }
     fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
         let t = self.threads;

@@ -22,11 +22,13 @@
 //! ```
 
 mod config;
+mod decoder;
 mod error;
 mod params;
 mod weights;
 
 pub use config::LlamaConfig;
+pub use decoder::build_graph;
 pub use error::{ModelError, Result};
 pub use params::{param_specs, ParamSpec, Role};
 pub use weights::{write_atomic, Weights, INIT_STD};

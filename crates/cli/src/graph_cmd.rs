@@ -1,0 +1,50 @@
+//! `hotspa graph`: print a strategy's exec graph for review.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use graph::Strategy;
+use model::{build_graph, LlamaConfig};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// An HF `config.json`, or the directory holding it.
+    #[arg(long)]
+    model: PathBuf,
+    /// The strategy, e.g. `dp2tp2`, `tp4sp`, `tp2pp2`, `dp4zero1`.
+    #[arg(long, default_value = "dp1")]
+    strategy: String,
+    /// Number of devices the strategy spans.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// Print only the forward graph.
+    #[arg(long)]
+    forward_only: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = LlamaConfig::load(&args.model)?;
+    let strategy = Strategy::parse(&args.strategy, args.devices)?;
+    if strategy.devices() > 1 {
+        bail!(
+            "strategy {strategy}: multi-device exec graphs (DState deduction, comm insertion) are \
+             not implemented yet; only the single-device graph (--devices 1) can be printed"
+        );
+    }
+    let mut g = build_graph(&cfg).context("building the LLaMA graph")?;
+    if !args.forward_only {
+        graph::backward(&mut g).context("differentiating the graph")?;
+    }
+    println!("# strategy {strategy} on 1 device: rank 0, no communication");
+    print!("{g}");
+    let params: usize = g.params.iter().map(|&p| g.info(p).numel(0)).sum();
+    println!(
+        "# {} ops, {} tensors, {} parameters ({} values)",
+        g.ops.len(),
+        g.tensors.len(),
+        g.params.len(),
+        params
+    );
+    Ok(())
+}

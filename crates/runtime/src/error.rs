@@ -1,0 +1,23 @@
+//! The one error type of the `runtime` crate.
+
+use thiserror::Error;
+
+/// What can stop a graph from running.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// A kernel refused its arguments.
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelError),
+    /// The graph is not runnable.
+    #[error(transparent)]
+    Graph(#[from] graph::GraphError),
+    /// The micro-batch is malformed.
+    #[error("bad micro-batch: {0}")]
+    Batch(String),
+    /// Parameters bound to the graph do not match it.
+    #[error("bad parameter binding: {0}")]
+    Binding(String),
+}
+
+/// Result alias of the crate.
+pub type Result<T> = std::result::Result<T, RuntimeError>;

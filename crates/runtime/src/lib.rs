@@ -1,0 +1,35 @@
+//! Runs graphs on one rank (DESIGN §4 `runtime`): micro-batch packing (sequences back to back,
+//! positions restarting at 0, `cu_seqlens` for attention) and an executor over any
+//! [`kernels::Backend`] that frees activations after their last use and reports peak bytes.
+//!
+//! Not built yet (issue 3): multi-rank execution of per-strategy exec graphs, pipeline schedules,
+//! the optimizer step and checkpoints.
+//!
+//! ```
+//! use graph::{backward, GraphBuilder};
+//! use kernels::{Backend, CpuBackend};
+//! use runtime::{run, MicroBatch};
+//!
+//! let mut b = GraphBuilder::new();
+//! let emb = b.param("embed", &[5, 3]);
+//! let x = b.embedding(emb, "x")?;
+//! let logits = b.linear(x, emb, "logits")?; // tied weights
+//! b.cross_entropy(logits, "loss")?;
+//! let mut g = b.finish()?;
+//! backward(&mut g)?;
+//!
+//! let cpu = CpuBackend::new(1)?;
+//! let w = cpu.upload(&[0.0; 15])?;
+//! let batch = MicroBatch::pack(&[vec![1, 2, 3], vec![4, 0]], 1.0 / 3.0)?;
+//! let out = run(&cpu, &g, &[w], &batch)?;
+//! assert!((out.loss - 5f32.ln()).abs() < 1e-6); // uniform over 5 tokens
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod batch;
+mod error;
+mod executor;
+
+pub use batch::MicroBatch;
+pub use error::{Result, RuntimeError};
+pub use executor::{run, StepOutput};
