@@ -26,18 +26,32 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let cfg = LlamaConfig::load(&args.model)?;
     let strategy = Strategy::parse(&args.strategy, args.devices)?;
-    if strategy.devices() > 1 {
-        bail!(
-            "strategy {strategy}: multi-device exec graphs (DState deduction, comm insertion) are \
-             not implemented yet; only the single-device graph (--devices 1) can be printed"
-        );
-    }
     let mut g = build_graph(&cfg).context("building the LLaMA graph")?;
     if !args.forward_only {
         graph::backward(&mut g).context("differentiating the graph")?;
     }
-    println!("# strategy {strategy} on 1 device: rank 0, no communication");
-    print!("{g}");
+    if strategy.devices() == 1 {
+        println!("# strategy {strategy} on 1 device: rank 0, no communication");
+        print!("{g}");
+    } else {
+        if args.forward_only {
+            bail!("--forward-only prints the logical graph; multi-device exec graphs include the backward");
+        }
+        let exec = graph::lower(&g, &strategy)?;
+        print!("{exec}");
+        let comm: Vec<_> = exec
+            .graph
+            .ops
+            .iter()
+            .filter(|o| matches!(o.kind, graph::OpKind::Comm { .. }))
+            .collect();
+        println!(
+            "# {} comm ops per TP rank; DP replicas ({}) all-reduce every gradient after the last micro-batch",
+            comm.len(),
+            strategy.dp
+        );
+        g = exec.graph;
+    }
     let params: usize = g.params.iter().map(|&p| g.info(p).numel(0)).sum();
     println!(
         "# {} ops, {} tensors, {} parameters ({} values)",

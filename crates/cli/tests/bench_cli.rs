@@ -83,7 +83,7 @@ fn bad_shapes_are_clear_errors() {
 }
 
 #[test]
-fn graph_prints_the_single_device_graph_and_refuses_what_is_not_built() {
+fn graph_prints_exec_graphs_and_refuses_what_is_not_built() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("config.json"),
@@ -124,9 +124,30 @@ fn graph_prints_the_single_device_graph_and_refuses_what_is_not_built() {
         "--model",
         model,
         "--strategy",
-        "tp2",
+        "tp2sp",
         "--devices",
         "2",
     ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("= reduce-scatter@tp.axis0("), "{text}");
+    assert!(text.contains("= all-gather@tp.axis0("), "{text}");
+    let out = hotspa(&[
+        "graph",
+        "--model",
+        model,
+        "--strategy",
+        "tp2pp2",
+        "--devices",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pipeline parallelism (pp2) is not built yet"),
+        "{err}"
+    );
 }

@@ -92,7 +92,7 @@ pub fn backward(g: &mut Graph) -> Result<()> {
         };
         match op.kind {
             OpKind::Embedding => {
-                pass.emit(OpKind::EmbeddingGrad, vec![d], &[i[0]]);
+                pass.emit(OpKind::EmbeddingGrad, vec![d, i[0]], &[i[0]]);
             }
             OpKind::Linear => {
                 pass.emit(OpKind::LinearGradInput, vec![d, i[1]], &[i[0]]);
@@ -135,7 +135,8 @@ pub fn backward(g: &mut Graph) -> Result<()> {
             | OpKind::RopeGrad { .. }
             | OpKind::AttentionGrad { .. }
             | OpKind::SwiGluGrad
-            | OpKind::CrossEntropyGrad => {
+            | OpKind::CrossEntropyGrad
+            | OpKind::Comm { .. } => {
                 return Err(GraphError::NotImplemented(format!(
                     "differentiating {} (second-order gradients)",
                     op.kind.name()

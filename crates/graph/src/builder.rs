@@ -3,7 +3,7 @@
 use kernels::AttnShape;
 
 use crate::error::{GraphError, Result};
-use crate::ir::{Dim, Graph, Op, OpKind, TensorId, TensorKind};
+use crate::ir::{Dim, Graph, Op, OpKind, TensorId, TensorKind, TpLayout};
 
 /// Builds a forward graph op by op; every method checks its operands' shapes.
 #[derive(Debug, Default)]
@@ -24,14 +24,25 @@ impl GraphBuilder {
         Self::default()
     }
 
-    /// A parameter of a fixed shape.
+    /// A parameter of a fixed shape, replicated under tensor parallelism.
     pub fn param(&mut self, name: impl Into<String>, shape: &[usize]) -> TensorId {
+        self.param_with(name, shape, TpLayout::Replicated)
+    }
+
+    /// A parameter with its tensor-parallel layout.
+    pub fn param_with(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        layout: TpLayout,
+    ) -> TensorId {
         let t = self.g.add_tensor(
             name,
             shape.iter().map(|&n| Dim::Fixed(n)).collect(),
             TensorKind::Param,
         );
         self.g.params.push(t);
+        self.g.param_layouts.push(layout);
         t
     }
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use dstate::Collective;
 use kernels::AttnShape;
 
 /// Index of a tensor in its graph.
@@ -83,7 +84,8 @@ impl TensorInfo {
 pub enum OpKind {
     /// `[w] → [x]`: rows of `w` for the batch's token ids.
     Embedding,
-    /// `[dx] → [dw]`: scatter-add into a zeroed `[vocab, hidden]` gradient.
+    /// `[dx, w] → [dw]`: scatter-add into a zeroed gradient shaped like `w` (read for its shape
+    /// and layout only).
     EmbeddingGrad,
     /// `[x, w] → [y]`: `y = x · wᵀ` (`w` stored `[out, in]` as in HF).
     Linear,
@@ -140,6 +142,14 @@ pub enum OpKind {
     CrossEntropy,
     /// `[logits, lse] → [dlogits]`: the gradient of `loss` itself (the seed of the backward).
     CrossEntropyGrad,
+    /// `[x] → [y]`: the same global tensor moved from one DState to another by `collective`
+    /// along mesh axis `axis` of the TP group (inserted by the parallel lowering only).
+    Comm {
+        /// What runs.
+        collective: Collective,
+        /// The axis of the tensor's DState it runs along.
+        axis: usize,
+    },
 }
 
 impl OpKind {
@@ -162,6 +172,7 @@ impl OpKind {
             OpKind::Add => "add",
             OpKind::CrossEntropy => "cross_entropy",
             OpKind::CrossEntropyGrad => "cross_entropy_grad",
+            OpKind::Comm { collective, .. } => collective.name(),
         }
     }
 }
@@ -177,6 +188,26 @@ pub struct Op {
     pub outputs: Vec<TensorId>,
 }
 
+/// How a parameter is laid out under tensor parallelism (Megatron).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TpLayout {
+    /// Every TP rank holds all of it (norm weights).
+    #[default]
+    Replicated,
+    /// Column parallel: the output rows (dim 0) are split in groups of `unit` rows (a head).
+    Column {
+        /// Rows that must stay together.
+        unit: usize,
+    },
+    /// Row parallel: the input columns (dim 1) are split in groups of `unit` columns.
+    Row {
+        /// Columns that must stay together.
+        unit: usize,
+    },
+    /// Vocabulary parallel: rows split by token id, uneven pieces allowed.
+    Vocab,
+}
+
 /// A dataflow graph in execution order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Graph {
@@ -186,6 +217,8 @@ pub struct Graph {
     pub ops: Vec<Op>,
     /// The parameters, in binding order.
     pub params: Vec<TensorId>,
+    /// The TP layout of every parameter, in `params` order.
+    pub param_layouts: Vec<TpLayout>,
     /// The scalar loss, when the graph has one.
     pub loss: Option<TensorId>,
     /// `(param, gradient)` for every parameter, once autodiff ran.

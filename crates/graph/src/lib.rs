@@ -27,11 +27,13 @@ mod autodiff;
 mod builder;
 mod error;
 mod ir;
+mod parallel;
 mod print;
 mod strategy;
 
 pub use autodiff::backward;
 pub use builder::GraphBuilder;
 pub use error::{GraphError, Result};
-pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind};
+pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout};
+pub use parallel::{lower, normalize, param_state, ExecGraph};
 pub use strategy::{MeshAxis, Strategy};

@@ -1,6 +1,6 @@
 //! The LLaMA decoder as a graph: HF's `LlamaForCausalLM` forward and the loss of DESIGN §3.
 
-use graph::{GraphBuilder, GraphError};
+use graph::{GraphBuilder, GraphError, TpLayout};
 use kernels::AttnShape;
 
 use crate::config::LlamaConfig;
@@ -16,9 +16,20 @@ use crate::params::{param_specs, Role};
 pub fn build_graph(cfg: &LlamaConfig) -> Result<graph::Graph, GraphError> {
     let specs = param_specs(cfg);
     let mut b = GraphBuilder::new();
+    let hd = cfg.head_dim();
     let ids: Vec<_> = specs
         .iter()
-        .map(|s| b.param(s.name.clone(), &s.shape))
+        .map(|s| {
+            let layout = match s.role {
+                Role::Embedding | Role::LmHead => TpLayout::Vocab,
+                Role::QProj | Role::KProj | Role::VProj => TpLayout::Column { unit: hd },
+                Role::OProj => TpLayout::Row { unit: hd },
+                Role::GateProj | Role::UpProj => TpLayout::Column { unit: 1 },
+                Role::DownProj => TpLayout::Row { unit: 1 },
+                Role::InputNorm | Role::PostAttentionNorm | Role::FinalNorm => TpLayout::Replicated,
+            };
+            b.param_with(s.name.clone(), &s.shape, layout)
+        })
         .collect();
     let find = |role: Role, layer: Option<usize>| {
         specs
@@ -29,7 +40,7 @@ pub fn build_graph(cfg: &LlamaConfig) -> Result<graph::Graph, GraphError> {
                 GraphError::Invalid(format!("no parameter for {role:?} layer {layer:?}"))
             })
     };
-    let (hd, heads, kv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+    let (heads, kv) = (cfg.num_attention_heads, cfg.kv_heads());
     let eps = cfg.rms_norm_eps;
     let shape = AttnShape {
         heads,

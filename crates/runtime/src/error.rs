@@ -11,6 +11,12 @@ pub enum RuntimeError {
     /// The graph is not runnable.
     #[error(transparent)]
     Graph(#[from] graph::GraphError),
+    /// A collective failed (a peer timed out or failed).
+    #[error(transparent)]
+    Comm(#[from] comm::CommError),
+    /// A DState computation failed.
+    #[error(transparent)]
+    DState(#[from] dstate::DStateError),
     /// The micro-batch is malformed.
     #[error("bad micro-batch: {0}")]
     Batch(String),

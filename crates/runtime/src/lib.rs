@@ -29,7 +29,11 @@
 mod batch;
 mod error;
 mod executor;
+mod parallel;
+mod tp;
 
 pub use batch::MicroBatch;
 pub use error::{Result, RuntimeError};
-pub use executor::{run, StepOutput};
+pub use executor::{run, run_exec, StepOutput};
+pub use parallel::{step_gradients, RankGroups, StepGradients};
+pub use tp::TpGroup;

@@ -1,0 +1,101 @@
+//! One rank's share of a training step under a strategy: its TP and DP groups, gradient
+//! accumulation over its micro-batches, and the DP gradient all-reduce.
+
+use comm::{Communicator, Rank, ReduceOp};
+use graph::{ExecGraph, MeshAxis, Strategy};
+use kernels::Backend;
+
+use crate::batch::MicroBatch;
+use crate::error::{Result, RuntimeError};
+use crate::executor::run_exec;
+use crate::tp::TpGroup;
+
+/// A rank's communicators under a strategy.
+pub struct RankGroups {
+    /// The TP group (with sub-groups for multi-axis DStates).
+    pub tp: TpGroup,
+    /// The DP group: ranks holding the same pieces for different data.
+    pub dp: Box<dyn Communicator>,
+}
+
+impl RankGroups {
+    /// Splits `world` (whose size must be the strategy's device count) into this rank's TP and
+    /// DP groups. Every rank of `world` must call it.
+    pub fn new(world: &dyn Communicator, strategy: &Strategy) -> Result<Self> {
+        if world.size() != strategy.devices() {
+            return Err(RuntimeError::Binding(format!(
+                "strategy {strategy} needs {} ranks, the communicator has {}",
+                strategy.devices(),
+                world.size()
+            )));
+        }
+        let me = world.rank().0;
+        let ranks =
+            |axis| -> Vec<Rank> { strategy.group(me, axis).into_iter().map(Rank).collect() };
+        let tp = TpGroup::new(world.sub_group(&ranks(MeshAxis::Tp))?);
+        let dp = world.sub_group(&ranks(MeshAxis::Dp))?;
+        Ok(Self { tp, dp })
+    }
+}
+
+/// What a rank holds after its share of a step.
+pub struct StepGradients<B: Backend> {
+    /// The loss of the whole global batch (summed over DP).
+    pub loss: f32,
+    /// This rank's gradient pieces, reduced over DP.
+    pub grads: Vec<B::Buffer>,
+    /// The most activation and gradient bytes alive at once in any of this rank's micro-batches.
+    pub peak_bytes: usize,
+}
+
+/// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
+/// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.
+/// This rank's gradient pieces equal the single-device
+/// gradient of the whole global batch restricted to this rank's pieces.
+pub fn step_gradients<B: Backend>(
+    backend: &B,
+    exec: &ExecGraph,
+    groups: &mut RankGroups,
+    params: &[B::Buffer],
+    micro_batches: &[MicroBatch],
+) -> Result<StepGradients<B>> {
+    let mut loss = 0.0f32;
+    let mut peak_bytes = 0;
+    let mut grads: Option<Vec<B::Buffer>> = None;
+    for mb in micro_batches {
+        let out = run_exec(backend, exec, &mut groups.tp, params, mb)?;
+        loss += out.loss;
+        peak_bytes = peak_bytes.max(out.peak_bytes);
+        match grads.as_mut() {
+            None => grads = Some(out.grads),
+            Some(acc) => {
+                for (a, g) in acc.iter_mut().zip(&out.grads) {
+                    backend.axpy(1.0, g, a)?;
+                }
+            }
+        }
+    }
+    let mut grads = match grads {
+        Some(g) => g,
+        // A replica without data still takes part in the reduction, with zeros.
+        None => params
+            .iter()
+            .map(|p| backend.zeros(backend.len(p)))
+            .collect::<std::result::Result<_, _>>()?,
+    };
+    if groups.dp.size() > 1 {
+        for g in grads.iter_mut() {
+            let mut host = backend.download(g)?;
+            groups.dp.all_reduce(&mut host, ReduceOp::Sum)?;
+            *g = backend.upload(&host)?;
+        }
+        let mut l = [loss];
+        groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
+        loss = l[0];
+    }
+    Ok(StepGradients {
+        loss,
+        grads,
+        peak_bytes,
+    })
+}

@@ -1,0 +1,147 @@
+//! A rank's TP group with its sub-groups, and the collectives of comm ops on row-major pieces.
+
+use std::collections::HashMap;
+
+use comm::{Communicator, Rank, ReduceOp};
+use dstate::{extract, insert, Collective, DState, Region};
+
+use crate::error::{Result, RuntimeError};
+
+/// This rank's tensor-parallel group and the sub-groups along the axes of multi-axis DStates.
+pub struct TpGroup {
+    comm: Box<dyn Communicator>,
+    subs: HashMap<Vec<usize>, Box<dyn Communicator>>,
+}
+
+impl TpGroup {
+    /// Wraps the communicator of the TP group (its rank is the TP rank).
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        Self {
+            comm,
+            subs: HashMap::new(),
+        }
+    }
+
+    /// This rank's index in the TP group.
+    pub fn rank(&self) -> usize {
+        self.comm.rank().0
+    }
+
+    /// The whole TP group.
+    pub fn comm(&self) -> &dyn Communicator {
+        self.comm.as_ref()
+    }
+
+    /// The members (TP ranks) that differ from this rank only along `axis` of `state`.
+    fn members(&self, state: &DState, axis: usize) -> Result<Vec<usize>> {
+        let coords = state.coords(self.rank())?;
+        Ok((0..state.axes()[axis].degree)
+            .map(|j| {
+                let mut c = coords.clone();
+                c[axis] = j;
+                state.index_of(&c)
+            })
+            .collect())
+    }
+
+    fn sub(&mut self, members: &[usize]) -> Result<&dyn Communicator> {
+        if members.len() == self.comm.size() && members.iter().enumerate().all(|(i, &m)| i == m) {
+            return Ok(self.comm.as_ref());
+        }
+        if !self.subs.contains_key(members) {
+            let ranks: Vec<Rank> = members.iter().map(|&m| Rank(m)).collect();
+            let c = self.comm.sub_group(&ranks)?;
+            self.subs.insert(members.to_vec(), c);
+        }
+        Ok(self.subs[members].as_ref())
+    }
+
+    /// Moves this rank's piece of a tensor of `shape` from `from` to `to` by `collective` along
+    /// `axis`; returns the new local piece.
+    pub fn apply(
+        &mut self,
+        collective: Collective,
+        axis: usize,
+        from: &DState,
+        to: &DState,
+        shape: &[usize],
+        local: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let me = self.rank();
+        let members = self.members(from, axis)?;
+        let pos = members.iter().position(|&m| m == me).unwrap_or(0);
+        let mine_from = from.piece(me, shape)?.region;
+        let mine_to = to.piece(me, shape)?.region;
+        // A member's region relative to a containing region.
+        let relative = |r: &Region, base: &Region| Region {
+            ranges: r
+                .ranges
+                .iter()
+                .zip(&base.ranges)
+                .map(|(a, b)| a.start - b.start..a.end - b.start)
+                .collect(),
+        };
+        match collective {
+            Collective::Identity => Ok(local),
+            Collective::AllReduce => {
+                let mut buf = local;
+                self.sub(&members)?.all_reduce(&mut buf, ReduceOp::Sum)?;
+                Ok(buf)
+            }
+            Collective::AllGather { .. } => {
+                let regions: Vec<Region> = members
+                    .iter()
+                    .map(|&m| from.piece(m, shape).map(|p| p.region))
+                    .collect::<std::result::Result<_, _>>()?;
+                let counts: Vec<usize> = regions.iter().map(|r| r.volume()).collect();
+                let mut gathered = vec![0.0; counts.iter().sum()];
+                self.sub(&members)?
+                    .all_gather(&local, &mut gathered, &counts)?;
+                let out_shape = mine_to.shape();
+                let mut out = vec![0.0; mine_to.volume()];
+                let mut off = 0;
+                for (r, n) in regions.iter().zip(&counts) {
+                    insert(
+                        &mut out,
+                        &out_shape,
+                        &relative(r, &mine_to),
+                        &gathered[off..off + n],
+                    )?;
+                    off += n;
+                }
+                Ok(out)
+            }
+            Collective::ReduceScatter { .. } => {
+                let regions: Vec<Region> = members
+                    .iter()
+                    .map(|&m| to.piece(m, shape).map(|p| p.region))
+                    .collect::<std::result::Result<_, _>>()?;
+                let in_shape = mine_from.shape();
+                let mut send = Vec::with_capacity(local.len());
+                let mut counts = Vec::with_capacity(regions.len());
+                for r in &regions {
+                    let part = extract(&local, &in_shape, &relative(r, &mine_from))?;
+                    counts.push(part.len());
+                    send.extend(part);
+                }
+                let mut out = vec![0.0; counts[pos]];
+                self.sub(&members)?
+                    .reduce_scatter(&send, &mut out, &counts, ReduceOp::Sum)?;
+                Ok(out)
+            }
+            Collective::LocalSlice { .. } => Ok(extract(
+                &local,
+                &mine_from.shape(),
+                &relative(&mine_to, &mine_from),
+            )?),
+            Collective::LocalZero => Ok(if pos == 0 {
+                local
+            } else {
+                vec![0.0; local.len()]
+            }),
+            Collective::AllToAll { .. } => Err(RuntimeError::Binding(
+                "all-to-all comm ops are not executed yet (no strategy needs them so far)".into(),
+            )),
+        }
+    }
+}
