@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use graph::Strategy;
-use model::{build_graph, LlamaConfig};
+use model::{build_graph, build_stage_graph, LlamaConfig};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -37,20 +37,33 @@ pub fn run(args: Args) -> Result<()> {
         if args.forward_only {
             bail!("--forward-only prints the logical graph; multi-device exec graphs include the backward");
         }
-        let exec = graph::lower(&g, &strategy)?;
-        print!("{exec}");
-        let comm: Vec<_> = exec
-            .graph
-            .ops
-            .iter()
-            .filter(|o| matches!(o.kind, graph::OpKind::Comm { .. }))
-            .collect();
+        let stages = strategy.stage_layers(cfg.num_hidden_layers)?;
+        for (s, layers) in stages.iter().enumerate() {
+            let last = s + 1 == stages.len();
+            if stages.len() > 1 {
+                g = build_stage_graph(&cfg, layers.clone(), s == 0, last)?;
+                graph::backward(&mut g)?;
+                println!("# pipeline stage {s}: layers {layers:?}");
+            }
+            let exec = graph::lower(&g, &strategy)?;
+            print!("{exec}");
+            let comm = exec
+                .graph
+                .ops
+                .iter()
+                .filter(|o| matches!(o.kind, graph::OpKind::Comm { .. }))
+                .count();
+            println!(
+                "# {comm} comm ops per TP rank; {} activation input(s) from the previous stage, {} output(s) to the next",
+                exec.graph.inputs.len(),
+                exec.graph.outputs.len()
+            );
+            g = exec.graph;
+        }
         println!(
-            "# {} comm ops per TP rank; DP replicas ({}) all-reduce every gradient after the last micro-batch",
-            comm.len(),
+            "# DP replicas ({}) all-reduce every gradient after the last micro-batch",
             strategy.dp
         );
-        g = exec.graph;
     }
     let params: usize = g.params.iter().map(|&p| g.info(p).numel(0)).sum();
     println!(

@@ -147,7 +147,7 @@ fn graph_prints_exec_graphs_and_refuses_what_is_not_built() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("pipeline parallelism (pp2) is not built yet"),
+        err.contains("2 pipeline stages but only 1 layers"),
         "{err}"
     );
 }

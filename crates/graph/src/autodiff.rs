@@ -55,28 +55,44 @@ impl Pass<'_> {
     }
 }
 
-/// Appends the backward pass of `g`'s loss to `g` and fills `g.grads` with the gradient of every
-/// parameter. The loss must come from a `CrossEntropy` op; parameters the loss does not depend on
-/// are an error (their gradient would silently be missing).
+/// Appends the backward pass to `g`: from its loss (which must come from a `CrossEntropy` op)
+/// and from an incoming gradient for each of its outputs (new `Input` tensors, listed in
+/// `g.output_grads`). Fills `g.grads` with the gradient of every parameter and `g.input_grads`
+/// with the gradient of every input. Parameters nothing depends on are an error (their gradient
+/// would silently be missing).
 pub fn backward(g: &mut Graph) -> Result<()> {
-    let loss = g
-        .loss
-        .ok_or_else(|| GraphError::Invalid("the graph has no loss to differentiate".into()))?;
-    if !g.grads.is_empty() {
+    if g.loss.is_none() && g.outputs.is_empty() {
+        return Err(GraphError::Invalid(
+            "the graph has no loss or output to differentiate".into(),
+        ));
+    }
+    if g.forward_ops.is_some() {
         return Err(GraphError::Invalid(
             "backward already ran on this graph".into(),
         ));
     }
+    let loss = g.loss;
+    g.forward_ops = Some(g.ops.len());
     let forward: Vec<Op> = g.ops.clone();
     let mut pass = Pass {
         g,
         grad: HashMap::new(),
     };
-    let mut seeded = false;
+    for o in pass.g.outputs.clone() {
+        let info = pass.g.info(o).clone();
+        let seed = pass.g.add_tensor(
+            format!("grad({})", info.name),
+            info.shape,
+            TensorKind::Input,
+        );
+        pass.g.output_grads.push(seed);
+        pass.accumulate(o, seed);
+    }
+    let mut seeded = !pass.g.outputs.is_empty();
     for op in forward.iter().rev() {
         let i = &op.inputs;
         if op.kind == OpKind::CrossEntropy {
-            if op.outputs[0] != loss {
+            if Some(op.outputs[0]) != loss {
                 return Err(GraphError::NotImplemented(
                     "a cross-entropy that is not the loss".into(),
                 ));
@@ -163,5 +179,18 @@ pub fn backward(g: &mut Graph) -> Result<()> {
         }
     }
     pass.g.grads = grads;
+    let mut input_grads = Vec::new();
+    for i in pass.g.inputs.clone() {
+        match pass.grad.get(&i) {
+            Some(&gi) => input_grads.push((i, gi)),
+            None => {
+                return Err(GraphError::Invalid(format!(
+                    "nothing depends on input {}",
+                    pass.g.info(i).name
+                )))
+            }
+        }
+    }
+    pass.g.input_grads = input_grads;
     pass.g.verify()
 }

@@ -46,6 +46,22 @@ impl GraphBuilder {
         t
     }
 
+    /// An activation bound from outside (`[T, width]`), e.g. a pipeline stage's input.
+    pub fn input(&mut self, name: impl Into<String>, width: usize) -> TensorId {
+        let t = self.g.add_tensor(
+            name,
+            vec![Dim::Tokens, Dim::Fixed(width)],
+            TensorKind::Input,
+        );
+        self.g.inputs.push(t);
+        t
+    }
+
+    /// Marks `t` as handed to the outside, e.g. a pipeline stage's output.
+    pub fn output(&mut self, t: TensorId) {
+        self.g.outputs.push(t);
+    }
+
     fn shape(&self, t: TensorId) -> &[Dim] {
         &self.g.tensors[t.0].shape
     }

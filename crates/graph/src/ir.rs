@@ -53,6 +53,9 @@ pub enum TensorKind {
     Activation,
     /// A gradient, produced by the backward pass.
     Grad,
+    /// A value bound from outside at run time: a pipeline stage's incoming activation, or the
+    /// incoming gradient of its outgoing activation.
+    Input,
 }
 
 /// A tensor's static description.
@@ -223,9 +226,24 @@ pub struct Graph {
     pub loss: Option<TensorId>,
     /// `(param, gradient)` for every parameter, once autodiff ran.
     pub grads: Vec<(TensorId, TensorId)>,
+    /// Activations bound from outside (a pipeline stage's incoming activation).
+    pub inputs: Vec<TensorId>,
+    /// Activations handed to the outside (a pipeline stage's outgoing activation).
+    pub outputs: Vec<TensorId>,
+    /// The incoming gradient of every output (bound from outside), once autodiff ran.
+    pub output_grads: Vec<TensorId>,
+    /// `(input, gradient)` for every input, once autodiff ran.
+    pub input_grads: Vec<(TensorId, TensorId)>,
+    /// How many of `ops` belong to the forward pass (all of them before autodiff runs).
+    pub forward_ops: Option<usize>,
 }
 
 impl Graph {
+    /// Number of forward ops (the backward ones follow).
+    pub fn num_forward_ops(&self) -> usize {
+        self.forward_ops.unwrap_or(self.ops.len())
+    }
+
     /// The description of `t`.
     pub fn info(&self, t: TensorId) -> &TensorInfo {
         &self.tensors[t.0]
@@ -250,7 +268,12 @@ impl Graph {
     /// non-parameter is produced exactly once.
     pub fn verify(&self) -> crate::Result<()> {
         let mut produced = vec![false; self.tensors.len()];
-        for &p in &self.params {
+        for &p in self
+            .params
+            .iter()
+            .chain(&self.inputs)
+            .chain(&self.output_grads)
+        {
             produced[p.0] = true;
         }
         for (i, op) in self.ops.iter().enumerate() {

@@ -222,6 +222,23 @@ impl Lowering<'_> {
         Ok(cur)
     }
 
+    /// Ends the forward part: outputs in the stream's DState, the loss replicated.
+    fn finish_forward(&mut self) -> Result<()> {
+        let mut outputs = Vec::with_capacity(self.logical.outputs.len());
+        for &o in &self.logical.outputs {
+            let o = self.alias.get(&o).copied().unwrap_or(o);
+            let s = self.stream.clone();
+            outputs.push(self.require(o, &s)?);
+        }
+        self.g.outputs = outputs;
+        if let Some(l) = self.logical.loss {
+            let full = self.full.clone();
+            self.require(l, &full)?;
+        }
+        self.g.forward_ops = self.logical.forward_ops.map(|_| self.g.ops.len());
+        Ok(())
+    }
+
     fn push(&mut self, op: &Op, inputs: Vec<TensorId>, outs: Vec<DState>) {
         for (&o, s) in op.outputs.iter().zip(outs) {
             self.set(o, s);
@@ -466,11 +483,11 @@ fn partial_over_splits(s: &DState) -> DState {
 
 /// Lowers a differentiated logical graph to `strategy`'s exec graph.
 pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
-    if strategy.pp > 1 {
-        return Err(GraphError::NotImplemented(format!(
-            "strategy {strategy}: pipeline parallelism (pp{}) is not built yet",
-            strategy.pp
-        )));
+    if strategy.pp > 1 && logical.inputs.is_empty() && logical.outputs.is_empty() {
+        return Err(GraphError::Strategy {
+            spec: strategy.to_string(),
+            reason: "with pipeline stages, lower one stage's graph (it has an input or an output activation), not the whole model".into(),
+        });
     }
     if strategy.zero > 0 {
         return Err(GraphError::NotImplemented(format!(
@@ -504,9 +521,27 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         let s = param_state(layout, &shape, low.t, &info.name)?;
         low.set(p, s);
     }
-    for op in &logical.ops {
+    // Stage boundaries carry the residual stream.
+    for &x in logical.inputs.iter().chain(&logical.output_grads) {
+        let s = low.stream.clone();
+        low.set(x, s);
+    }
+    let forward = logical.num_forward_ops();
+    for (k, op) in logical.ops.iter().enumerate() {
+        if k == forward {
+            low.finish_forward()?;
+        }
         low.lower_op(op)?;
     }
+    if forward == logical.ops.len() {
+        low.finish_forward()?;
+    }
+    let mut input_grads = Vec::with_capacity(logical.input_grads.len());
+    for &(x, gx) in &logical.input_grads {
+        let s = low.stream.clone();
+        input_grads.push((x, low.require(gx, &s)?));
+    }
+    low.g.input_grads = input_grads;
     // Gradients end in their parameter's DState.
     let mut grads = Vec::with_capacity(low.logical.grads.len());
     for &(p, gp) in &low.logical.grads {
@@ -514,9 +549,6 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         grads.push((p, low.require(gp, &want)?));
     }
     low.g.grads = grads;
-    if let Some(l) = low.logical.loss {
-        low.require(l, &low.full.clone())?;
-    }
     low.g.verify()?;
     let states = low
         .states

@@ -14,7 +14,34 @@ use crate::params::{param_specs, Role};
 /// `n2 = post_attention_layernorm(x)`; finally `logits = lm_head(norm(x))` (the embedding matrix
 /// when tied) and the scaled next-token cross-entropy.
 pub fn build_graph(cfg: &LlamaConfig) -> Result<graph::Graph, GraphError> {
-    let specs = param_specs(cfg);
+    build_stage_graph(cfg, 0..cfg.num_hidden_layers, true, true)
+}
+
+/// The graph of one pipeline stage holding decoder `layers`: the first stage starts from the
+/// embedding, the others from an input activation (the residual stream); the last ends with the
+/// final norm, lm_head and the loss, the others with an output activation. Only the parameters
+/// the stage uses are declared (in [`param_specs`] order); a tied embedding appears in the first
+/// and the last stage, whose gradients must then be summed.
+pub fn build_stage_graph(
+    cfg: &LlamaConfig,
+    layers: std::ops::Range<usize>,
+    first: bool,
+    last: bool,
+) -> Result<graph::Graph, GraphError> {
+    if layers.end > cfg.num_hidden_layers || layers.start > layers.end {
+        return Err(GraphError::Invalid(format!(
+            "layers {layers:?} of a {}-layer model",
+            cfg.num_hidden_layers
+        )));
+    }
+    let specs: Vec<_> = param_specs(cfg)
+        .into_iter()
+        .filter(|s| match s.role {
+            Role::Embedding => first || (last && cfg.tie_word_embeddings),
+            Role::FinalNorm | Role::LmHead => last,
+            _ => s.layer.is_some_and(|l| layers.contains(&l)),
+        })
+        .collect();
     let mut b = GraphBuilder::new();
     let hd = cfg.head_dim();
     let ids: Vec<_> = specs
@@ -47,8 +74,15 @@ pub fn build_graph(cfg: &LlamaConfig) -> Result<graph::Graph, GraphError> {
         kv_heads: kv,
         head_dim: hd,
     };
-    let mut x = b.embedding(find(Role::Embedding, None)?, "model.embed_tokens")?;
-    for l in 0..cfg.num_hidden_layers {
+    let mut x = if first {
+        b.embedding(find(Role::Embedding, None)?, "model.embed_tokens")?
+    } else {
+        b.input(
+            format!("model.layers.{}.input", layers.start),
+            cfg.hidden_size,
+        )
+    };
+    for l in layers.clone() {
         let p = format!("model.layers.{l}");
         let at = Some(l);
         let n1 = b.rms_norm(
@@ -82,6 +116,10 @@ pub fn build_graph(cfg: &LlamaConfig) -> Result<graph::Graph, GraphError> {
         let m = b.swiglu(g, u, &format!("{p}.mlp.act"))?;
         let d = b.linear(m, find(Role::DownProj, at)?, &format!("{p}.mlp.down"))?;
         x = b.add(x, d, &format!("{p}.mlp_residual"))?;
+    }
+    if !last {
+        b.output(x);
+        return b.finish();
     }
     let x = b.rms_norm(x, find(Role::FinalNorm, None)?, eps, "model.norm")?;
     let head = if cfg.tie_word_embeddings {

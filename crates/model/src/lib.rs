@@ -28,7 +28,7 @@ mod params;
 mod weights;
 
 pub use config::LlamaConfig;
-pub use decoder::build_graph;
+pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
 pub use params::{param_specs, ParamSpec, Role};
 pub use weights::{write_atomic, Weights, INIT_STD};

@@ -14,10 +14,12 @@ use crate::tp::TpGroup;
 
 /// What one forward+backward run returns.
 pub struct StepOutput<B: Backend> {
-    /// The loss (already multiplied by the batch's loss scale).
+    /// The loss (already multiplied by the batch's loss scale); 0 without a loss.
     pub loss: f32,
     /// The gradient of every parameter, in `graph.params` order (this rank's pieces).
     pub grads: Vec<B::Buffer>,
+    /// The gradient of every input, in `graph.inputs` order (a pipeline stage sends them back).
+    pub input_grads: Vec<B::Buffer>,
     /// Most bytes of activations and gradients alive at once (parameters not counted).
     pub peak_bytes: usize,
 }
@@ -28,24 +30,22 @@ enum Slot<B: Backend> {
     Owned(B::Buffer, usize),
 }
 
-/// Runs a single-device `graph` on `batch` with `params` bound in `graph.params` order.
+/// Runs a single-device `graph` (forward, then backward if it has one) on `batch` with `params`
+/// bound in `graph.params` order.
 pub fn run<B: Backend>(
     backend: &B,
     graph: &Graph,
     params: &[B::Buffer],
     batch: &MicroBatch,
 ) -> Result<StepOutput<B>> {
-    Executor {
-        backend,
-        graph,
-        states: None,
-        tp: None,
-        batch,
-    }
-    .run(params)
+    let mut pass = Pass::new(backend, graph, None, params, batch, Vec::new())?;
+    pass.forward(None)?;
+    pass.backward(None, Vec::new())?;
+    pass.finish()
 }
 
-/// Runs this rank's part of `exec` (parameters are this TP rank's pieces).
+/// Runs this rank's part of `exec`, forward then backward (parameters are this TP rank's
+/// pieces; the graph must have no inputs or outputs — pipeline stages use [`Pass`]).
 pub fn run_exec<B: Backend>(
     backend: &B,
     exec: &ExecGraph,
@@ -53,22 +53,35 @@ pub fn run_exec<B: Backend>(
     params: &[B::Buffer],
     batch: &MicroBatch,
 ) -> Result<StepOutput<B>> {
-    Executor {
+    let mut pass = Pass::new(
         backend,
-        graph: &exec.graph,
-        states: Some(&exec.states),
-        tp: Some(tp),
+        &exec.graph,
+        Some((&exec.states, tp.rank())),
+        params,
         batch,
-    }
-    .run(params)
+        Vec::new(),
+    )?;
+    pass.forward(Some(tp))?;
+    pass.backward(Some(tp), Vec::new())?;
+    pass.finish()
 }
 
-struct Executor<'a, B: Backend> {
+/// One micro-batch's run of a graph, in two phases (forward, backward) so that a pipeline
+/// schedule can interleave the micro-batches of a stage. Values stay alive between the phases
+/// exactly as long as a later op reads them.
+pub struct Pass<'a, B: Backend> {
     backend: &'a B,
     graph: &'a Graph,
     states: Option<&'a [DState]>,
-    tp: Option<&'a mut TpGroup>,
+    params: &'a [B::Buffer],
     batch: &'a MicroBatch,
+    tp_rank: Option<usize>,
+    slots: Vec<Slot<B>>,
+    last_use: Vec<Option<usize>>,
+    keep: Vec<bool>,
+    live: usize,
+    peak: usize,
+    next: usize,
 }
 
 /// This rank's piece of a tensor: local shape and global offset.
@@ -77,31 +90,33 @@ struct Local {
     offset: Vec<usize>,
 }
 
-impl<B: Backend> Executor<'_, B> {
-    fn global(&self, t: TensorId) -> Vec<usize> {
-        self.graph.info(t).resolve(self.batch.tokens())
-    }
-
-    fn local(&self, t: TensorId) -> Result<Local> {
-        let shape = self.global(t);
-        match (self.states, &self.tp) {
-            (Some(states), Some(tp)) => {
-                let r = states[t.0].piece(tp.rank(), &shape)?.region;
-                Ok(Local {
-                    shape: r.shape(),
-                    offset: r.offset(),
-                })
-            }
-            _ => Ok(Local {
-                offset: vec![0; shape.len()],
-                shape,
-            }),
-        }
-    }
-
-    fn run(mut self, params: &[B::Buffer]) -> Result<StepOutput<B>> {
-        let graph = self.graph;
-        let be = self.backend;
+impl<'a, B: Backend> Pass<'a, B> {
+    /// Binds `params` (this rank's pieces, `graph.params` order) and `inputs` (`graph.inputs`
+    /// order) for one micro-batch. `exec` gives the DStates and this rank's TP rank (None on one
+    /// device).
+    pub fn new(
+        backend: &'a B,
+        graph: &'a Graph,
+        exec: Option<(&'a [DState], usize)>,
+        params: &'a [B::Buffer],
+        batch: &'a MicroBatch,
+        inputs: Vec<B::Buffer>,
+    ) -> Result<Self> {
+        let n = graph.tensors.len();
+        let mut pass = Pass {
+            backend,
+            graph,
+            states: exec.map(|e| e.0),
+            tp_rank: exec.map(|e| e.1),
+            params,
+            batch,
+            slots: (0..n).map(|_| Slot::Empty).collect(),
+            last_use: vec![None; n],
+            keep: vec![false; n],
+            live: 0,
+            peak: 0,
+            next: 0,
+        };
         if params.len() != graph.params.len() {
             return Err(RuntimeError::Binding(format!(
                 "{} parameters bound, the graph has {}",
@@ -110,53 +125,196 @@ impl<B: Backend> Executor<'_, B> {
             )));
         }
         for (i, &p) in graph.params.iter().enumerate() {
-            let want: usize = self.local(p)?.shape.iter().product();
-            if be.len(&params[i]) != want {
+            let want = pass.local_numel(p)?;
+            if backend.len(&params[i]) != want {
                 return Err(RuntimeError::Binding(format!(
                     "{} has {} values, this rank's piece of {:?} needs {want}",
                     graph.info(p).name,
-                    be.len(&params[i]),
-                    self.global(p)
+                    backend.len(&params[i]),
+                    pass.global(p)
+                )));
+            }
+            pass.slots[p.0] = Slot::Param(i);
+        }
+        if let Some(op) = graph.ops.iter().find(|o| o.kind == OpKind::Embedding) {
+            batch.validate(pass.global(op.inputs[0])[0])?;
+        } else {
+            batch.validate(usize::MAX)?;
+        }
+        if inputs.len() != graph.inputs.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} inputs bound, the graph has {}",
+                inputs.len(),
+                graph.inputs.len()
+            )));
+        }
+        for (&t, buf) in graph.inputs.iter().zip(inputs) {
+            pass.bind(t, buf)?;
+        }
+        for (i, op) in graph.ops.iter().enumerate() {
+            for &t in &op.inputs {
+                pass.last_use[t.0] = Some(i);
+            }
+        }
+        if let Some(l) = graph.loss {
+            pass.keep[l.0] = true;
+        }
+        for &(_, g) in graph.grads.iter().chain(&graph.input_grads) {
+            pass.keep[g.0] = true;
+        }
+        for &o in &graph.outputs {
+            pass.keep[o.0] = true;
+        }
+        Ok(pass)
+    }
+
+    fn bind(&mut self, t: TensorId, buf: B::Buffer) -> Result<()> {
+        let want = self.local_numel(t)?;
+        if self.backend.len(&buf) != want {
+            return Err(RuntimeError::Binding(format!(
+                "{} was given {} values, this rank's piece needs {want}",
+                self.graph.info(t).name,
+                self.backend.len(&buf)
+            )));
+        }
+        let bytes = want * std::mem::size_of::<f32>();
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+        self.slots[t.0] = Slot::Owned(buf, bytes);
+        Ok(())
+    }
+
+    fn global(&self, t: TensorId) -> Vec<usize> {
+        self.graph.info(t).resolve(self.batch.tokens())
+    }
+
+    fn local_with(&self, t: TensorId) -> Result<Local> {
+        let shape = self.global(t);
+        match (self.states, self.tp_rank) {
+            (Some(states), Some(r)) => {
+                let reg = states[t.0].piece(r, &shape)?.region;
+                Ok(Local {
+                    shape: reg.shape(),
+                    offset: reg.offset(),
+                })
+            }
+            (Some(states), None) if states[t.0].size() > 1 => Err(RuntimeError::Binding(
+                "a graph with distributed tensors bound without a TP rank".into(),
+            )),
+            _ => Ok(Local {
+                offset: vec![0; shape.len()],
+                shape,
+            }),
+        }
+    }
+
+    /// Number of values of this rank's piece of `t`.
+    pub fn local_numel(&self, t: TensorId) -> Result<usize> {
+        Ok(self.local_with(t)?.shape.iter().product())
+    }
+
+    /// Runs the forward ops.
+    pub fn forward(&mut self, tp: Option<&mut TpGroup>) -> Result<()> {
+        let end = self.graph.num_forward_ops();
+        self.run_until(end, tp)
+    }
+
+    /// This rank's pieces of the graph's outputs, copied to the host (a stage sends them on).
+    pub fn outputs(&self) -> Result<Vec<Vec<f32>>> {
+        self.graph
+            .outputs
+            .iter()
+            .map(|&o| match &self.slots[o.0] {
+                Slot::Owned(b, _) => Ok(self.backend.download(b)?),
+                _ => Err(RuntimeError::Binding(format!(
+                    "output {} was not computed",
+                    self.graph.info(o).name
+                ))),
+            })
+            .collect()
+    }
+
+    /// Binds the incoming gradients of the outputs and runs the backward ops.
+    pub fn backward(
+        &mut self,
+        tp: Option<&mut TpGroup>,
+        output_grads: Vec<B::Buffer>,
+    ) -> Result<()> {
+        if output_grads.len() != self.graph.output_grads.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} output gradients bound, the graph has {}",
+                output_grads.len(),
+                self.graph.output_grads.len()
+            )));
+        }
+        for (&t, buf) in self.graph.output_grads.iter().zip(output_grads) {
+            self.bind(t, buf)?;
+        }
+        let end = self.graph.ops.len();
+        self.run_until(end, tp)
+    }
+
+    /// The loss, the parameter and input gradients, and the peak bytes.
+    pub fn finish(mut self) -> Result<StepOutput<B>> {
+        let be = self.backend;
+        let loss = match self.graph.loss {
+            Some(l) => match &self.slots[l.0] {
+                Slot::Owned(b, _) => be.download(b)?.first().copied().unwrap_or(0.0),
+                _ => return Err(RuntimeError::Binding("the loss was not computed".into())),
+            },
+            None => 0.0,
+        };
+        let mut take = |pairs: &[(TensorId, TensorId)]| -> Result<Vec<B::Buffer>> {
+            pairs
+                .iter()
+                .map(
+                    |&(p, g)| match std::mem::replace(&mut self.slots[g.0], Slot::Empty) {
+                        Slot::Owned(b, _) => Ok(b),
+                        _ => Err(RuntimeError::Binding(format!(
+                            "the gradient of {} was not computed",
+                            self.graph.info(p).name
+                        ))),
+                    },
+                )
+                .collect()
+        };
+        let grads = take(&self.graph.grads)?;
+        let input_grads = take(&self.graph.input_grads)?;
+        Ok(StepOutput {
+            loss,
+            grads,
+            input_grads,
+            peak_bytes: self.peak,
+        })
+    }
+
+    fn run_until(&mut self, end: usize, mut tp: Option<&mut TpGroup>) -> Result<()> {
+        let graph = self.graph;
+        let be = self.backend;
+        if let (Some(t), Some(r)) = (tp.as_ref(), self.tp_rank) {
+            if t.rank() != r {
+                return Err(RuntimeError::Binding(format!(
+                    "pass bound for TP rank {r} run on TP rank {}",
+                    t.rank()
                 )));
             }
         }
-        if let Some(op) = graph.ops.iter().find(|o| o.kind == OpKind::Embedding) {
-            self.batch.validate(self.global(op.inputs[0])[0])?;
-        }
-
-        let n = graph.tensors.len();
-        let mut last_use = vec![None; n];
-        for (i, op) in graph.ops.iter().enumerate() {
-            for &t in &op.inputs {
-                last_use[t.0] = Some(i);
-            }
-        }
-        let mut keep = vec![false; n];
-        if let Some(l) = graph.loss {
-            keep[l.0] = true;
-        }
-        for &(_, gp) in &graph.grads {
-            keep[gp.0] = true;
-        }
-        let mut slots: Vec<Slot<B>> = (0..n).map(|_| Slot::Empty).collect();
-        for (i, &p) in graph.params.iter().enumerate() {
-            slots[p.0] = Slot::Param(i);
-        }
-        let (mut live, mut peak) = (0usize, 0usize);
-
-        for (i, op) in graph.ops.iter().enumerate() {
+        let tp_rank = self.tp_rank;
+        while self.next < end {
+            let i = self.next;
+            let op = &graph.ops[i];
             let mut outs: Vec<B::Buffer> = Vec::with_capacity(op.outputs.len());
             let mut sizes = Vec::with_capacity(op.outputs.len());
             for &t in &op.outputs {
-                let numel: usize = self.local(t)?.shape.iter().product();
+                let numel = self.local_numel(t)?;
                 sizes.push(numel * std::mem::size_of::<f32>());
                 outs.push(be.zeros(numel)?);
             }
             {
                 let mut ins: Vec<&B::Buffer> = Vec::with_capacity(op.inputs.len());
                 for &t in &op.inputs {
-                    ins.push(match &slots[t.0] {
-                        Slot::Param(k) => &params[*k],
+                    ins.push(match &self.slots[t.0] {
+                        Slot::Param(k) => &self.params[*k],
                         Slot::Owned(b, _) => b,
                         Slot::Empty => {
                             return Err(RuntimeError::Binding(format!(
@@ -166,62 +324,83 @@ impl<B: Backend> Executor<'_, B> {
                         }
                     });
                 }
-                self.execute(op.kind, &ins, &mut outs, &op.inputs, &op.outputs)?;
+                let ctx = Ctx {
+                    backend: be,
+                    graph,
+                    states: self.states,
+                    batch: self.batch,
+                    tp_rank,
+                };
+                ctx.execute(
+                    op.kind,
+                    &ins,
+                    &mut outs,
+                    &op.inputs,
+                    &op.outputs,
+                    tp.as_deref_mut(),
+                )?;
             }
             for ((&t, buf), bytes) in op.outputs.iter().zip(outs).zip(sizes) {
-                live += bytes;
-                slots[t.0] = Slot::Owned(buf, bytes);
+                self.live += bytes;
+                self.slots[t.0] = Slot::Owned(buf, bytes);
             }
-            peak = peak.max(live);
+            self.peak = self.peak.max(self.live);
             for &t in op.inputs.iter().chain(&op.outputs) {
-                let dead = match last_use[t.0] {
+                let dead = match self.last_use[t.0] {
                     Some(l) => l == i,
                     None => op.outputs.contains(&t),
                 };
-                if dead && !keep[t.0] {
-                    if let Slot::Owned(_, bytes) = slots[t.0] {
-                        live -= bytes;
-                        slots[t.0] = Slot::Empty;
+                if dead && !self.keep[t.0] {
+                    if let Slot::Owned(_, bytes) = self.slots[t.0] {
+                        self.live -= bytes;
+                        self.slots[t.0] = Slot::Empty;
                     }
                 }
             }
+            self.next += 1;
         }
+        Ok(())
+    }
+}
 
-        let loss = match graph.loss {
-            Some(l) => match &slots[l.0] {
-                Slot::Owned(b, _) => be.download(b)?.first().copied().unwrap_or(0.0),
-                _ => return Err(RuntimeError::Binding("the loss was not computed".into())),
-            },
-            None => 0.0,
-        };
-        let mut grads = Vec::with_capacity(graph.grads.len());
-        for &(p, gp) in &graph.grads {
-            match std::mem::replace(&mut slots[gp.0], Slot::Empty) {
-                Slot::Owned(b, _) => grads.push(b),
-                // A gradient that is itself kept under another name (never happens for graphs
-                // from `graph::backward`, whose gradients are fresh tensors).
-                _ => {
-                    return Err(RuntimeError::Binding(format!(
-                        "the gradient of {} was not computed",
-                        graph.info(p).name
-                    )))
-                }
+struct Ctx<'a, B: Backend> {
+    backend: &'a B,
+    graph: &'a Graph,
+    states: Option<&'a [DState]>,
+    batch: &'a MicroBatch,
+    tp_rank: Option<usize>,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    fn global(&self, t: TensorId) -> Vec<usize> {
+        self.graph.info(t).resolve(self.batch.tokens())
+    }
+
+    fn local(&self, t: TensorId) -> Result<Local> {
+        let shape = self.global(t);
+        match (self.states, self.tp_rank) {
+            (Some(states), Some(r)) => {
+                let reg = states[t.0].piece(r, &shape)?.region;
+                Ok(Local {
+                    shape: reg.shape(),
+                    offset: reg.offset(),
+                })
             }
+            _ => Ok(Local {
+                offset: vec![0; shape.len()],
+                shape,
+            }),
         }
-        Ok(StepOutput {
-            loss,
-            grads,
-            peak_bytes: peak,
-        })
     }
 
     fn execute(
-        &mut self,
+        &self,
         kind: OpKind,
         ins: &[&B::Buffer],
         outs: &mut [B::Buffer],
         in_ids: &[TensorId],
         out_ids: &[TensorId],
+        mut tp: Option<&mut TpGroup>,
     ) -> Result<()> {
         let be = self.backend;
         let batch = self.batch;
@@ -349,7 +528,11 @@ impl<B: Backend> Executor<'_, B> {
                     )?;
                     loss[0] = be.upload(&[sum * batch.loss_scale])?;
                 } else {
-                    let (l, s) = self.parallel_cross_entropy(&be.download(ins[0])?, &logits)?;
+                    let (l, s) = self.parallel_cross_entropy(
+                        &be.download(ins[0])?,
+                        &logits,
+                        tp.as_deref_mut(),
+                    )?;
                     loss[0] = be.upload(&[l])?;
                     lse[0] = be.upload(&s)?;
                 }
@@ -380,7 +563,7 @@ impl<B: Backend> Executor<'_, B> {
                 let states = self.states.ok_or_else(|| {
                     RuntimeError::Binding("a comm op in a graph run without DStates".into())
                 })?;
-                let tp = self.tp.as_deref_mut().ok_or_else(|| {
+                let tp = tp.ok_or_else(|| {
                     RuntimeError::Binding("a comm op in a graph run without a TP group".into())
                 })?;
                 let shape = self.graph.info(in_ids[0]).resolve(batch.tokens());
@@ -394,10 +577,15 @@ impl<B: Backend> Executor<'_, B> {
 
     /// Vocab-parallel cross-entropy (Megatron): full logits are never gathered; three
     /// all-reduces over the TP group (row max, sum of exponentials, target logit).
-    fn parallel_cross_entropy(&mut self, logits: &[f32], local: &Local) -> Result<(f32, Vec<f32>)> {
+    fn parallel_cross_entropy(
+        &self,
+        logits: &[f32],
+        local: &Local,
+        tp: Option<&mut TpGroup>,
+    ) -> Result<(f32, Vec<f32>)> {
         let batch = self.batch;
         let (rows, v, start) = (local.shape[0], local.shape[1], local.offset[1]);
-        let tp = self.tp.as_deref_mut().ok_or_else(|| {
+        let tp = tp.ok_or_else(|| {
             RuntimeError::Binding("vocab-parallel cross-entropy without a TP group".into())
         })?;
         let row = |r: usize| &logits[r * v..(r + 1) * v];

@@ -34,6 +34,6 @@ mod tp;
 
 pub use batch::MicroBatch;
 pub use error::{Result, RuntimeError};
-pub use executor::{run, run_exec, StepOutput};
+pub use executor::{run, run_exec, Pass, StepOutput};
 pub use parallel::{step_gradients, RankGroups, StepGradients};
 pub use tp::TpGroup;
