@@ -146,8 +146,5 @@ fn graph_prints_exec_graphs_and_refuses_what_is_not_built() {
         "4",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("2 pipeline stages but only 1 layers"),
-        "{err}"
-    );
+    assert!(err.contains("2 pipeline stages but only 1 layers"), "{err}");
 }

@@ -208,10 +208,7 @@ fn unbuilt_strategies_are_refused_clearly() {
     let e = lower(&g, &Strategy::parse("tp2pp2", 4).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("lower one stage's graph"),
-        "{e}"
-    );
+    assert!(e.contains("lower one stage's graph"), "{e}");
     let e = lower(&g, &Strategy::parse("dp2zero1", 2).unwrap())
         .unwrap_err()
         .to_string();

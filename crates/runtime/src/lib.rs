@@ -30,10 +30,12 @@ mod batch;
 mod error;
 mod executor;
 mod parallel;
+mod pipeline;
 mod tp;
 
 pub use batch::MicroBatch;
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
 pub use parallel::{step_gradients, RankGroups, StepGradients};
+pub use pipeline::{pipeline_step, Phase, Schedule};
 pub use tp::TpGroup;

@@ -16,6 +16,8 @@ pub struct RankGroups {
     pub tp: TpGroup,
     /// The DP group: ranks holding the same pieces for different data.
     pub dp: Box<dyn Communicator>,
+    /// The pipeline: one rank per stage, group rank = stage index.
+    pub pp: Box<dyn Communicator>,
 }
 
 impl RankGroups {
@@ -34,7 +36,8 @@ impl RankGroups {
             |axis| -> Vec<Rank> { strategy.group(me, axis).into_iter().map(Rank).collect() };
         let tp = TpGroup::new(world.sub_group(&ranks(MeshAxis::Tp))?);
         let dp = world.sub_group(&ranks(MeshAxis::Dp))?;
-        Ok(Self { tp, dp })
+        let pp = world.sub_group(&ranks(MeshAxis::Pp))?;
+        Ok(Self { tp, dp, pp })
     }
 }
 

@@ -1,0 +1,193 @@
+//! Pipeline strategies (GPipe and 1F1B, alone and with TP and DP, tied embeddings included) on
+//! thread ranks against the single-device run of the same global batch: same loss, same gradient
+//! of every parameter within 1e-5 relative, in f32.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use comm::{Communicator, ThreadComm};
+use graph::{lower, Strategy};
+use kernels::CpuBackend;
+use model::{build_graph, build_stage_graph, param_specs, LlamaConfig, Weights};
+use runtime::{pipeline_step, run, MicroBatch, RankGroups, Schedule};
+
+fn config(tied: bool) -> LlamaConfig {
+    let json = format!(
+        r#"{{"vocab_size": 23, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 5,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": {tied}}}"#
+    );
+    LlamaConfig::from_json(&json, Path::new("test")).unwrap()
+}
+
+fn sequences() -> Vec<Vec<u32>> {
+    [37usize, 5, 2, 70, 9, 3, 13, 21, 2, 6, 11]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((i * 7 + k * 5 + i * i) % 23) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn micro_batches(dp: usize, d: usize, scale: f32) -> Vec<MicroBatch> {
+    let mine: Vec<Vec<u32>> = sequences().into_iter().skip(d).step_by(dp).collect();
+    mine.chunks(2)
+        .map(|c| MicroBatch::pack(c, scale).unwrap())
+        .collect()
+}
+
+fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) {
+    let cfg = Arc::new(config(tied));
+    let weights = Arc::new(Weights::random(&cfg, 5));
+    let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
+    let predicted: usize = sequences().iter().map(|s| s.len() - 1).sum();
+    let scale = 1.0 / predicted as f32;
+    let mut full = build_graph(&cfg).unwrap();
+    graph::backward(&mut full).unwrap();
+    let cpu = CpuBackend::new(1).unwrap();
+    let reference = run(
+        &cpu,
+        &full,
+        weights.tensors(),
+        &MicroBatch::pack(&sequences(), scale).unwrap(),
+    )
+    .unwrap();
+
+    let strategy = Strategy::parse(spec, devices).unwrap();
+    let (s2, c2, w2, n2) = (
+        strategy.clone(),
+        cfg.clone(),
+        weights.clone(),
+        names.clone(),
+    );
+    let results = ThreadComm::run(devices, move |world| -> Result<_, runtime::RuntimeError> {
+        let me = world.rank().0;
+        let (stage, dp_rank, tp_rank) = s2.coords(me);
+        let stages = s2.stage_layers(c2.num_hidden_layers)?;
+        let mut g = build_stage_graph(&c2, stages[stage].clone(), stage == 0, stage + 1 == s2.pp)?;
+        graph::backward(&mut g)?;
+        let exec = lower(&g, &s2)?;
+        let mut groups = RankGroups::new(&world, &s2)?;
+        let mut params = Vec::new();
+        let mut shared = Vec::new();
+        let mut held = Vec::new();
+        for &p in &exec.graph.params {
+            let name = exec.graph.info(p).name.clone();
+            let k = n2
+                .iter()
+                .position(|n| *n == name)
+                .expect("a known parameter");
+            let shape = exec.graph.info(p).resolve(0);
+            params.push(
+                dstate::distribute(&w2.tensors()[k], &shape, &exec.states[p.0])?
+                    .swap_remove(tp_rank),
+            );
+            shared.push(c2.tie_word_embeddings && name == "model.embed_tokens.weight");
+            held.push((k, exec.states[p.0].clone()));
+        }
+        let mbs = micro_batches(s2.dp, dp_rank, scale);
+        let out = pipeline_step(
+            &CpuBackend::new(1)?,
+            &exec,
+            &mut groups,
+            &params,
+            &shared,
+            &mbs,
+            schedule,
+        )?;
+        Ok((out.loss, out.grads, held))
+    })
+    .unwrap_or_else(|e| panic!("{spec} {schedule}: {e}"));
+
+    for (rank, r) in results.iter().enumerate() {
+        let rel = ((r.0 - reference.loss) / reference.loss).abs();
+        assert!(
+            rel <= 1e-5,
+            "{spec} {schedule} rank {rank}: loss {} vs {}",
+            r.0,
+            reference.loss
+        );
+    }
+    let specs = param_specs(&cfg);
+    for (k, spec_k) in specs.iter().enumerate() {
+        let mut checked = false;
+        for stage in 0..strategy.pp {
+            for dp_rank in [0, strategy.dp - 1] {
+                let ranks: Vec<usize> = (0..strategy.tp)
+                    .map(|t| strategy.rank_of(stage, dp_rank, t))
+                    .collect();
+                let Some(j) = results[ranks[0]].2.iter().position(|(kk, _)| *kk == k) else {
+                    continue;
+                };
+                let state = results[ranks[0]].2[j].1.clone();
+                let locals: Vec<Vec<f32>> =
+                    ranks.iter().map(|&r| results[r].1[j].clone()).collect();
+                let got = dstate::assemble(&locals, &spec_k.shape, &state).unwrap();
+                let want = &reference.grads[k];
+                let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-5 * m + 1e-9,
+                    "{spec} {schedule}: {} on stage {stage} differs by {worst:e} (largest |grad| {m:e})",
+                    spec_k.name
+                );
+                checked = true;
+            }
+        }
+        assert!(checked, "{spec}: {} is held by no stage", spec_k.name);
+    }
+}
+
+#[test]
+fn pp2_gpipe_and_1f1b() {
+    check("pp2", 2, false, Schedule::GPipe);
+    check("pp2", 2, false, Schedule::OneFOneB);
+}
+
+#[test]
+fn pp4_1f1b_with_uneven_stages_and_tied_embeddings() {
+    check("pp4", 4, true, Schedule::OneFOneB);
+    check("pp4", 4, true, Schedule::GPipe);
+}
+
+#[test]
+fn tp2pp2_1f1b() {
+    check("tp2pp2", 4, false, Schedule::OneFOneB);
+}
+
+#[test]
+fn pp2dp2_gpipe() {
+    check("pp2dp2", 4, true, Schedule::GPipe);
+}
+
+#[test]
+fn dp2tp2pp2_sp_1f1b_on_8_ranks() {
+    check("dp2tp2pp2sp", 8, false, Schedule::OneFOneB);
+}
+
+#[test]
+fn schedules_order_phases_as_documented() {
+    use runtime::Phase::{B, F};
+    assert_eq!(
+        Schedule::GPipe.phases(0, 2, 2),
+        vec![F(0), F(1), B(0), B(1)]
+    );
+    assert_eq!(
+        Schedule::OneFOneB.phases(0, 3, 4),
+        vec![F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3)]
+    );
+    assert_eq!(
+        Schedule::OneFOneB.phases(2, 3, 4),
+        vec![F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3)]
+    );
+    assert_eq!(
+        Schedule::OneFOneB.phases(0, 4, 2),
+        vec![F(0), F(1), B(0), B(1)]
+    );
+}
