@@ -489,12 +489,6 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
             reason: "with pipeline stages, lower one stage's graph (it has an input or an output activation), not the whole model".into(),
         });
     }
-    if strategy.zero > 0 {
-        return Err(GraphError::NotImplemented(format!(
-            "strategy {strategy}: ZeRO-{} sharding is not built yet",
-            strategy.zero
-        )));
-    }
     let t = strategy.tp;
     let full = one(Placement::Duplicate, t);
     let stream = if strategy.sp {

@@ -29,6 +29,7 @@
 mod batch;
 mod error;
 mod executor;
+mod optimizer;
 mod parallel;
 mod pipeline;
 mod tp;
@@ -36,6 +37,7 @@ mod tp;
 pub use batch::MicroBatch;
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
+pub use optimizer::Optimizer;
 pub use parallel::{step_gradients, RankGroups, StepGradients};
 pub use pipeline::{pipeline_step, Phase, Schedule};
 pub use tp::TpGroup;

@@ -41,11 +41,41 @@ impl RankGroups {
     }
 }
 
+/// Sums the gradients over DP: all-reduce, or under ZeRO-2/3 a reduce-scatter that leaves this
+/// rank its flat `1/dp` chunk of every local piece.
+pub(crate) fn reduce_over_dp<B: Backend>(
+    backend: &B,
+    groups: &RankGroups,
+    grads: &mut [B::Buffer],
+    zero: u8,
+) -> Result<()> {
+    let dp = groups.dp.size();
+    if dp == 1 {
+        return Ok(());
+    }
+    for g in grads.iter_mut() {
+        let host = backend.download(g)?;
+        if zero >= 2 {
+            let counts = comm::chunk_counts(host.len(), dp);
+            let mut mine = vec![0.0; counts[groups.dp.rank().0]];
+            groups
+                .dp
+                .reduce_scatter(&host, &mut mine, &counts, ReduceOp::Sum)?;
+            *g = backend.upload(&mine)?;
+        } else {
+            let mut host = host;
+            groups.dp.all_reduce(&mut host, ReduceOp::Sum)?;
+            *g = backend.upload(&host)?;
+        }
+    }
+    Ok(())
+}
+
 /// What a rank holds after its share of a step.
 pub struct StepGradients<B: Backend> {
     /// The loss of the whole global batch (summed over DP).
     pub loss: f32,
-    /// This rank's gradient pieces, reduced over DP.
+    /// This rank's gradient pieces, reduced over DP (under ZeRO-2/3 its flat chunk of each).
     pub grads: Vec<B::Buffer>,
     /// The most activation and gradient bytes alive at once in any of this rank's micro-batches.
     pub peak_bytes: usize,
@@ -86,12 +116,8 @@ pub fn step_gradients<B: Backend>(
             .map(|p| backend.zeros(backend.len(p)))
             .collect::<std::result::Result<_, _>>()?,
     };
+    reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
     if groups.dp.size() > 1 {
-        for g in grads.iter_mut() {
-            let mut host = backend.download(g)?;
-            groups.dp.all_reduce(&mut host, ReduceOp::Sum)?;
-            *g = backend.upload(&host)?;
-        }
         let mut l = [loss];
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
         loss = l[0];

@@ -11,7 +11,7 @@ use kernels::Backend;
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::executor::Pass;
-use crate::parallel::{RankGroups, StepGradients};
+use crate::parallel::{reduce_over_dp, RankGroups, StepGradients};
 
 /// The order in which a stage runs the forward (F) and backward (B) passes of its micro-batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,12 +192,8 @@ pub fn pipeline_step<B: Backend>(
     if stages > 1 {
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
+    reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
     if groups.dp.size() > 1 {
-        for gr in grads.iter_mut() {
-            let mut host = backend.download(gr)?;
-            groups.dp.all_reduce(&mut host, ReduceOp::Sum)?;
-            *gr = backend.upload(&host)?;
-        }
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
     Ok(StepGradients {

@@ -1,0 +1,247 @@
+//! The optimizer step of DESIGN §3 on a rank's pieces: global-norm clipping (every element
+//! counted once across TP replicas, DP replicas and tied copies), then AdamW (PyTorch semantics,
+//! decay on tensors of rank ≥ 2 only), with ZeRO sharding over DP:
+//!
+//! * ZeRO-1: each DP rank keeps the AdamW moments of a contiguous `1/dp` chunk of every local
+//!   piece (flat, chunk semantics), updates that chunk and all-gathers the parameters.
+//! * ZeRO-2: as 1, and the gradients are reduce-scattered over DP instead of all-reduced, so a
+//!   rank only ever holds its chunk of the reduced gradient.
+//! * ZeRO-3: as 2, and between steps a rank stores only its chunk of the parameters; they are
+//!   all-gathered at the start of a step and dropped after the update. (Gathering per layer just
+//!   before use, which also saves memory during the step, is not built.)
+
+use std::ops::Range;
+
+use comm::{chunk_counts, ReduceOp};
+use graph::ExecGraph;
+use kernels::ops::adamw;
+use kernels::{AdamW, Backend};
+
+use crate::error::{Result, RuntimeError};
+use crate::parallel::RankGroups;
+
+/// One rank's optimizer: AdamW moments (for its ZeRO chunk) and the parameters it owns.
+pub struct Optimizer<B: Backend> {
+    cfg: AdamW,
+    max_grad_norm: f64,
+    zero: u8,
+    step: u64,
+    /// Per parameter: the flat range of the local piece this rank updates.
+    chunks: Vec<Range<usize>>,
+    /// Per parameter: element count of the whole local piece.
+    lens: Vec<usize>,
+    decay: Vec<bool>,
+    /// Per parameter: how many ranks of a DP replica hold each element (TP replicas, tied copy).
+    weight: Vec<f64>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// The full local pieces (always for ZeRO < 3; during a step for ZeRO-3).
+    full: Option<Vec<B::Buffer>>,
+    /// This rank's chunks of the parameters (ZeRO-3 only).
+    owned: Vec<Vec<f32>>,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// Takes this rank's parameter pieces for `exec`. `shared[k]` marks a parameter also held by
+    /// another pipeline stage (a tied embedding), counted once in the gradient norm by stage 0.
+    /// `max_grad_norm` may be infinite (no clipping).
+    pub fn new(
+        backend: &B,
+        exec: &ExecGraph,
+        groups: &RankGroups,
+        params: Vec<B::Buffer>,
+        shared: &[bool],
+        cfg: AdamW,
+        max_grad_norm: f64,
+    ) -> Result<Self> {
+        let g = &exec.graph;
+        if params.len() != g.params.len() || shared.len() != g.params.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} parameters and {} shared flags for a graph of {}",
+                params.len(),
+                shared.len(),
+                g.params.len()
+            )));
+        }
+        let (dp, dp_rank) = (groups.dp.size(), groups.dp.rank().0);
+        let zero = exec.strategy.zero;
+        let stage = groups.pp.rank().0;
+        let mut s = Optimizer {
+            cfg,
+            max_grad_norm,
+            zero,
+            step: 0,
+            chunks: Vec::new(),
+            lens: Vec::new(),
+            decay: Vec::new(),
+            weight: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            full: None,
+            owned: Vec::new(),
+        };
+        for (k, &p) in g.params.iter().enumerate() {
+            let len = backend.len(&params[k]);
+            let chunk = if zero > 0 {
+                dstate::chunk(0..len, dp, dp_rank)
+            } else {
+                0..len
+            };
+            s.m.push(vec![0.0; chunk.len()]);
+            s.v.push(vec![0.0; chunk.len()]);
+            s.decay.push(g.info(p).shape.len() >= 2);
+            let replicas = exec.states[p.0].num_replicas() as f64;
+            // The last stage's copy of a tied weight is not counted: stage 0 counts it.
+            let counted = !(shared[k] && stage != 0);
+            s.weight.push(if counted { 1.0 / replicas } else { 0.0 });
+            s.lens.push(len);
+            s.chunks.push(chunk);
+        }
+        if zero >= 3 {
+            for (k, p) in params.iter().enumerate() {
+                s.owned
+                    .push(backend.download(p)?[s.chunks[k].clone()].to_vec());
+            }
+        } else {
+            s.full = Some(params);
+        }
+        Ok(s)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Makes the full local pieces available for a step (ZeRO-3 gathers them over DP).
+    pub fn begin_step(&mut self, backend: &B, groups: &RankGroups) -> Result<()> {
+        if self.full.is_some() {
+            return Ok(());
+        }
+        let dp = groups.dp.size();
+        let mut full = Vec::with_capacity(self.owned.len());
+        for (k, own) in self.owned.iter().enumerate() {
+            let counts = chunk_counts(self.lens[k], dp);
+            let mut buf = vec![0.0; self.lens[k]];
+            groups.dp.all_gather(own, &mut buf, &counts)?;
+            full.push(backend.upload(&buf)?);
+        }
+        self.full = Some(full);
+        Ok(())
+    }
+
+    /// The full local pieces for this step (after [`Optimizer::begin_step`] under ZeRO-3).
+    pub fn params(&self) -> Result<&[B::Buffer]> {
+        self.full
+            .as_deref()
+            .ok_or_else(|| RuntimeError::Binding("ZeRO-3 parameters read before begin_step".into()))
+    }
+
+    /// The full local pieces copied to the host (a checkpoint or a test reads them).
+    pub fn params_host(&mut self, backend: &B, groups: &RankGroups) -> Result<Vec<Vec<f32>>> {
+        self.begin_step(backend, groups)?;
+        self.params()?
+            .iter()
+            .map(|p| Ok(backend.download(p)?))
+            .collect()
+    }
+
+    /// Clips and applies the reduced gradients (whole local pieces for ZeRO ≤ 1, this rank's
+    /// chunks for ZeRO ≥ 2, as `step_gradients` returns them) with learning rate `lr`. Returns
+    /// the global gradient norm before clipping.
+    pub fn update(
+        &mut self,
+        backend: &B,
+        groups: &mut RankGroups,
+        grads: Vec<B::Buffer>,
+        lr: f64,
+    ) -> Result<f64> {
+        let sharded = self.zero >= 2;
+        let mut host: Vec<Vec<f32>> = Vec::with_capacity(grads.len());
+        for (k, gbuf) in grads.iter().enumerate() {
+            let gv = backend.download(gbuf)?;
+            let want = if sharded {
+                self.chunks[k].len()
+            } else {
+                self.lens[k]
+            };
+            if gv.len() != want {
+                return Err(RuntimeError::Binding(format!(
+                    "gradient {k} has {} values, expected {want}",
+                    gv.len()
+                )));
+            }
+            host.push(gv);
+        }
+        // Global norm: every element once. Sharded gradients are disjoint over DP; replicated
+        // ones are counted by DP rank 0 only.
+        let dp_counts = sharded || groups.dp.rank().0 == 0;
+        let mut sq = [0.0f32; 1];
+        let mut total = 0.0f64;
+        if dp_counts {
+            for (k, gv) in host.iter().enumerate() {
+                total += self.weight[k] * kernels::ops::elementwise::sum_squares(gv);
+            }
+        }
+        // Summed in f64 on every rank, then over the groups in f32 (the collectives are f32).
+        sq[0] = total as f32;
+        groups.tp.comm().all_reduce(&mut sq, ReduceOp::Sum)?;
+        groups.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
+        groups.dp.all_reduce(&mut sq, ReduceOp::Sum)?;
+        let norm = (sq[0] as f64).sqrt();
+        if !norm.is_finite() {
+            return Err(RuntimeError::Batch(format!(
+                "the gradient norm is {norm}: a loss or gradient is NaN or infinite; the step is skipped and the weights are unchanged"
+            )));
+        }
+        let coef = adamw::clip_coef(norm, self.max_grad_norm);
+        self.step += 1;
+        let dp = groups.dp.size();
+        let full = self
+            .full
+            .take()
+            .ok_or_else(|| RuntimeError::Binding("update before begin_step".into()))?;
+        let mut new_full = Vec::with_capacity(full.len());
+        for (k, pbuf) in full.into_iter().enumerate() {
+            let chunk = self.chunks[k].clone();
+            let mut p = backend.download(&pbuf)?;
+            let g: Vec<f32> = if sharded {
+                host[k].clone()
+            } else {
+                host[k][chunk.clone()].to_vec()
+            };
+            let g: Vec<f32> = g.iter().map(|x| x * coef as f32).collect();
+            let cfg = AdamW {
+                lr,
+                weight_decay: if self.decay[k] {
+                    self.cfg.weight_decay
+                } else {
+                    0.0
+                },
+                ..self.cfg
+            };
+            adamw::step(
+                &cfg,
+                self.step,
+                &mut p[chunk.clone()],
+                &g,
+                &mut self.m[k],
+                &mut self.v[k],
+            )?;
+            if self.zero >= 3 {
+                self.owned[k] = p[chunk].to_vec();
+            } else if self.zero >= 1 {
+                let counts = chunk_counts(self.lens[k], dp);
+                let mine = p[chunk].to_vec();
+                groups.dp.all_gather(&mine, &mut p, &counts)?;
+                new_full.push(backend.upload(&p)?);
+            } else {
+                new_full.push(backend.upload(&p)?);
+            }
+        }
+        if self.zero < 3 {
+            self.full = Some(new_full);
+        }
+        Ok(norm)
+    }
+}
