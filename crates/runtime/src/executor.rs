@@ -22,6 +22,8 @@ pub struct StepOutput<B: Backend> {
     pub input_grads: Vec<B::Buffer>,
     /// Most bytes of activations and gradients alive at once (parameters not counted).
     pub peak_bytes: usize,
+    /// With [`Pass::capture`]: this rank's piece of every tensor an op produced, by tensor id.
+    pub captured: Vec<Option<Vec<f32>>>,
 }
 
 enum Slot<B: Backend> {
@@ -82,6 +84,7 @@ pub struct Pass<'a, B: Backend> {
     live: usize,
     peak: usize,
     next: usize,
+    captured: Option<Vec<Option<Vec<f32>>>>,
 }
 
 /// This rank's piece of a tensor: local shape and global offset.
@@ -116,6 +119,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             live: 0,
             peak: 0,
             next: 0,
+            captured: None,
         };
         if params.len() != graph.params.len() {
             return Err(RuntimeError::Binding(format!(
@@ -166,6 +170,12 @@ impl<'a, B: Backend> Pass<'a, B> {
             pass.keep[o.0] = true;
         }
         Ok(pass)
+    }
+
+    /// Keeps a host copy of every tensor produced from now on (for validators and debugging;
+    /// costs a download per op).
+    pub fn capture(&mut self) {
+        self.captured = Some(vec![None; self.graph.tensors.len()]);
     }
 
     fn bind(&mut self, t: TensorId, buf: B::Buffer) -> Result<()> {
@@ -285,6 +295,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             grads,
             input_grads,
             peak_bytes: self.peak,
+            captured: self.captured.take().unwrap_or_default(),
         })
     }
 
@@ -341,6 +352,9 @@ impl<'a, B: Backend> Pass<'a, B> {
                 )?;
             }
             for ((&t, buf), bytes) in op.outputs.iter().zip(outs).zip(sizes) {
+                if let Some(c) = self.captured.as_mut() {
+                    c[t.0] = Some(be.download(&buf)?);
+                }
                 self.live += bytes;
                 self.slots[t.0] = Slot::Owned(buf, bytes);
             }
