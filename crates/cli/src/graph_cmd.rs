@@ -12,7 +12,8 @@ pub struct Args {
     /// An HF `config.json`, or the directory holding it.
     #[arg(long)]
     model: PathBuf,
-    /// The strategy, e.g. `dp2tp2`, `tp4sp`, `tp2pp2`, `dp4zero1`.
+    /// The strategy, e.g. `dp2tp2`, `tp4sp`, `tp2pp2`, `dp4zero1`; several, comma-separated,
+    /// print the shared logical graph's comm points with a dummy where a strategy needs none.
     #[arg(long, default_value = "dp1")]
     strategy: String,
     /// Number of devices the strategy spans.
@@ -25,6 +26,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = LlamaConfig::load(&args.model)?;
+    if args.strategy.contains(',') {
+        return shared_view(&cfg, &args);
+    }
     let strategy = Strategy::parse(&args.strategy, args.devices)?;
     let mut g = build_graph(&cfg).context("building the LLaMA graph")?;
     if !args.forward_only {
@@ -73,5 +77,32 @@ pub fn run(args: Args) -> Result<()> {
         g.params.len(),
         params
     );
+    Ok(())
+}
+
+fn shared_view(cfg: &LlamaConfig, args: &Args) -> Result<()> {
+    let mut g = build_graph(cfg).context("building the LLaMA graph")?;
+    graph::backward(&mut g)?;
+    let mut execs = Vec::new();
+    for spec in args.strategy.split(',') {
+        let s = Strategy::parse(spec, args.devices)?;
+        if s.pp > 1 {
+            bail!("strategy {s}: the shared view compares strategies without pipeline stages");
+        }
+        execs.push(graph::lower(&g, &s)?);
+    }
+    let shared = graph::SharedComm::new(&g, &execs);
+    println!(
+        "# one logical graph, {} comm points; per strategy: collectives, or dummy",
+        shared.points.len()
+    );
+    print!("{shared}");
+    for (k, s) in shared.strategies.iter().enumerate() {
+        println!(
+            "# {s}: {} real, {} dummy",
+            shared.points.len() - shared.dummies(k),
+            shared.dummies(k)
+        );
+    }
     Ok(())
 }

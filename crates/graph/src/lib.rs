@@ -35,5 +35,5 @@ pub use autodiff::backward;
 pub use builder::GraphBuilder;
 pub use error::{GraphError, Result};
 pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout};
-pub use parallel::{lower, normalize, param_state, ExecGraph};
+pub use parallel::{lower, normalize, param_state, CommPoint, ExecGraph, SharedComm};
 pub use strategy::{MeshAxis, Strategy};

@@ -26,6 +26,21 @@ pub struct ExecGraph {
     pub states: Vec<DState>,
     /// The strategy it was lowered for.
     pub strategy: Strategy,
+    /// Where comm ops were inserted, in logical terms (for the shared multi-strategy view).
+    pub comm_points: Vec<CommPoint>,
+}
+
+/// A place of the logical graph where a strategy inserted communication: before logical op `at`
+/// (or at the end, `at = ops.len()`, for gradients brought to their parameter's DState), on
+/// logical tensor `tensor`, the chain of collectives `steps` along TP axes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommPoint {
+    /// Index of the logical op that needed the tensor in another DState.
+    pub at: usize,
+    /// The logical tensor moved.
+    pub tensor: TensorId,
+    /// `(collective, axis)` in order.
+    pub steps: Vec<(dstate::Collective, usize)>,
 }
 
 /// Merges adjacent `D`/`D` and `P`/`P` axes and drops degree-1 axes.
@@ -176,6 +191,11 @@ struct Lowering<'a> {
     t: usize,
     stream: DState,
     full: DState,
+    /// The logical op being lowered.
+    at: usize,
+    /// The logical tensor every comm output stands for.
+    origin: HashMap<TensorId, TensorId>,
+    points: Vec<CommPoint>,
 }
 
 impl Lowering<'_> {
@@ -203,7 +223,10 @@ impl Lowering<'_> {
             return Ok(y);
         }
         let mut cur = x;
+        let source = self.origin.get(&x).copied().unwrap_or(x);
+        let mut steps = Vec::new();
         for (collective, axis, next) in plan(&have, &want)? {
+            steps.push((collective, axis));
             let info = self.g.info(x).clone();
             let y = self.g.add_tensor(
                 format!("{}@{}", info.name, normalize(&next)),
@@ -216,8 +239,14 @@ impl Lowering<'_> {
                 outputs: vec![y],
             });
             self.set(y, next);
+            self.origin.insert(y, source);
             cur = y;
         }
+        self.points.push(CommPoint {
+            at: self.at,
+            tensor: source,
+            steps,
+        });
         self.cache.insert((x, want), cur);
         Ok(cur)
     }
@@ -507,6 +536,9 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         t,
         stream,
         full,
+        at: 0,
+        origin: HashMap::new(),
+        points: Vec::new(),
     };
     for (k, &p) in logical.params.iter().enumerate() {
         let info = logical.info(p);
@@ -522,11 +554,13 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
     }
     let forward = logical.num_forward_ops();
     for (k, op) in logical.ops.iter().enumerate() {
+        low.at = k;
         if k == forward {
             low.finish_forward()?;
         }
         low.lower_op(op)?;
     }
+    low.at = logical.ops.len();
     if forward == logical.ops.len() {
         low.finish_forward()?;
     }
@@ -554,6 +588,7 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         graph: low.g,
         states,
         strategy: strategy.clone(),
+        comm_points: low.points,
     })
 }
 
@@ -586,6 +621,100 @@ impl fmt::Display for ExecGraph {
                 k => k.name().to_string(),
             };
             writeln!(f, "{} = {}({})", outs.join(", "), name, ins.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// A comm point of the shared view: `(at, tensor, per strategy: Some(steps) or None = dummy)`.
+pub type SharedPoint = (
+    usize,
+    TensorId,
+    Vec<Option<Vec<(dstate::Collective, usize)>>>,
+);
+
+/// One logical graph for several strategies (DESIGN §2.3): the union of the places where any of
+/// them communicates, each with that strategy's collectives, or a dummy where it needs none.
+#[derive(Debug, Clone)]
+pub struct SharedComm {
+    /// The strategies, in column order.
+    pub strategies: Vec<Strategy>,
+    /// `(at, tensor, per strategy: Some(steps) or None for a dummy)`, in graph order.
+    pub points: Vec<SharedPoint>,
+    names: Vec<String>,
+    ops: Vec<String>,
+}
+
+impl SharedComm {
+    /// Merges the comm points of exec graphs lowered from the same logical graph.
+    pub fn new(logical: &Graph, execs: &[ExecGraph]) -> Self {
+        let mut keys: Vec<(usize, TensorId)> = execs
+            .iter()
+            .flat_map(|e| e.comm_points.iter().map(|p| (p.at, p.tensor)))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let points = keys
+            .into_iter()
+            .map(|(at, t)| {
+                let per = execs
+                    .iter()
+                    .map(|e| {
+                        e.comm_points
+                            .iter()
+                            .find(|p| p.at == at && p.tensor == t)
+                            .map(|p| p.steps.clone())
+                    })
+                    .collect();
+                (at, t, per)
+            })
+            .collect();
+        Self {
+            strategies: execs.iter().map(|e| e.strategy.clone()).collect(),
+            points,
+            names: logical.tensors.iter().map(|t| t.name.clone()).collect(),
+            ops: logical
+                .ops
+                .iter()
+                .map(|o| o.kind.name().to_string())
+                .collect(),
+        }
+    }
+
+    /// Number of comm points that are dummies for strategy column `k`.
+    pub fn dummies(&self, k: usize) -> usize {
+        self.points.iter().filter(|p| p.2[k].is_none()).count()
+    }
+}
+
+impl fmt::Display for SharedComm {
+    /// One line per comm point: `%13 model.embed_tokens → op#2 rms_norm: tp2 all-reduce@0 | dp2 dummy`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, t, per) in &self.points {
+            let target = self.ops.get(*at).map_or(
+                "end (gradient in its parameter's DState)".to_string(),
+                |o| format!("op#{at} {o}"),
+            );
+            let cols: Vec<String> = per
+                .iter()
+                .zip(&self.strategies)
+                .map(|(steps, s)| match steps {
+                    None => format!("{s} dummy"),
+                    Some(st) => {
+                        let c: Vec<String> = st
+                            .iter()
+                            .map(|(c, a)| format!("{}@{a}", c.name()))
+                            .collect();
+                        format!("{s} {}", c.join("+"))
+                    }
+                })
+                .collect();
+            writeln!(
+                f,
+                "{t} {} → {target}: {}",
+                self.names[t.0],
+                cols.join(" | ")
+            )?;
         }
         Ok(())
     }

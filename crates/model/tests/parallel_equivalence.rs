@@ -271,3 +271,28 @@ fn collectives_of_one_layer_under_tp_and_sp() {
         map(&[("AllGather", 6), ("AllReduce", 6), ("ReduceScatter", 6)])
     );
 }
+
+#[test]
+fn one_logical_graph_holds_every_strategys_comm_with_dummies() {
+    let mut g = build_graph(&config(false)).unwrap();
+    graph::backward(&mut g).unwrap();
+    let execs: Vec<_> = ["tp2", "tp2sp", "dp2"]
+        .iter()
+        .map(|s| lower(&g, &Strategy::parse(s, 2).unwrap()).unwrap())
+        .collect();
+    let shared = graph::SharedComm::new(&g, &execs);
+    let text = shared.to_string();
+    // DP alone needs no TP communication: every point is a dummy for it.
+    assert_eq!(shared.dummies(2), shared.points.len());
+    // The embedding's partial output is settled before the first norm: all-reduce under TP,
+    // reduce-scatter under SP, nothing under DP.
+    assert!(
+        text.contains("model.embed_tokens → op#1 rms_norm: tp2 all-reduce@0 | tp2sp reduce-scatter@0 | dp2 dummy"),
+        "{text}"
+    );
+    // SP all-gathers before column-parallel linears where TP needs nothing.
+    assert!(
+        shared.dummies(0) > 0 && shared.dummies(1) < shared.points.len(),
+        "{text}"
+    );
+}
