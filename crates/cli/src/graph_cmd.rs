@@ -71,11 +71,16 @@ pub fn run(args: Args) -> Result<()> {
     }
     let params: usize = g.params.iter().map(|&p| g.info(p).numel(0)).sum();
     println!(
-        "# {} ops, {} tensors, {} parameters ({} values)",
+        "# {} ops, {} tensors, {} parameters ({} values){}",
         g.ops.len(),
         g.tensors.len(),
         g.params.len(),
-        params
+        params,
+        if strategy.pp > 1 {
+            " in the last stage"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
