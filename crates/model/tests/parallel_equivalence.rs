@@ -69,6 +69,7 @@ fn check_cfg(spec: &str, devices: usize, cfg: LlamaConfig) -> Vec<usize> {
     let results = ThreadComm::run(devices, move |world| -> Result<_, runtime::RuntimeError> {
         let me = world.rank().0;
         let mut groups = RankGroups::new(&world, &strategy2)?;
+        groups.bucket_bytes = 2048; // many buckets, reduced while the backward runs
         let (_, dp_rank, tp_rank) = strategy2.coords(me);
         let cpu = CpuBackend::new(1)?;
         let params: Vec<Vec<f32>> = exec2

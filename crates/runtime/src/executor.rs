@@ -250,6 +250,17 @@ impl<'a, B: Backend> Pass<'a, B> {
         tp: Option<&mut TpGroup>,
         output_grads: Vec<B::Buffer>,
     ) -> Result<()> {
+        self.backward_with(tp, output_grads, &mut |_, _| Ok(()))
+    }
+
+    /// Like [`Pass::backward`], calling `on_grad(k, grad)` as soon as the gradient of parameter
+    /// `k` is final (so its reduction can start while the backward goes on).
+    pub fn backward_with(
+        &mut self,
+        tp: Option<&mut TpGroup>,
+        output_grads: Vec<B::Buffer>,
+        on_grad: &mut dyn FnMut(usize, &B::Buffer) -> Result<()>,
+    ) -> Result<()> {
         if output_grads.len() != self.graph.output_grads.len() {
             return Err(RuntimeError::Binding(format!(
                 "{} output gradients bound, the graph has {}",
@@ -261,7 +272,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             self.bind(t, buf)?;
         }
         let end = self.graph.ops.len();
-        self.run_until(end, tp)
+        self.run_until_with(end, tp, on_grad)
     }
 
     /// The loss, the parameter and input gradients, and the peak bytes.
@@ -299,7 +310,16 @@ impl<'a, B: Backend> Pass<'a, B> {
         })
     }
 
-    fn run_until(&mut self, end: usize, mut tp: Option<&mut TpGroup>) -> Result<()> {
+    fn run_until(&mut self, end: usize, tp: Option<&mut TpGroup>) -> Result<()> {
+        self.run_until_with(end, tp, &mut |_, _| Ok(()))
+    }
+
+    fn run_until_with(
+        &mut self,
+        end: usize,
+        mut tp: Option<&mut TpGroup>,
+        on_grad: &mut dyn FnMut(usize, &B::Buffer) -> Result<()>,
+    ) -> Result<()> {
         let graph = self.graph;
         let be = self.backend;
         if let (Some(t), Some(r)) = (tp.as_ref(), self.tp_rank) {
@@ -354,6 +374,9 @@ impl<'a, B: Backend> Pass<'a, B> {
             for ((&t, buf), bytes) in op.outputs.iter().zip(outs).zip(sizes) {
                 if let Some(c) = self.captured.as_mut() {
                     c[t.0] = Some(be.download(&buf)?);
+                }
+                if let Some(k) = graph.grads.iter().position(|&(_, g)| g == t) {
+                    on_grad(k, &buf)?;
                 }
                 self.live += bytes;
                 self.slots[t.0] = Slot::Owned(buf, bytes);

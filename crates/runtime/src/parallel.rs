@@ -7,7 +7,6 @@ use kernels::Backend;
 
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
-use crate::executor::run_exec;
 use crate::tp::TpGroup;
 
 /// A rank's communicators under a strategy.
@@ -18,6 +17,11 @@ pub struct RankGroups {
     pub dp: Box<dyn Communicator>,
     /// The pipeline: one rank per stage, group rank = stage index.
     pub pp: Box<dyn Communicator>,
+    /// A second handle on the DP group, used by the thread that reduces gradient buckets while
+    /// the backward goes on.
+    pub dp_grads: Box<dyn Communicator>,
+    /// Size of a gradient bucket (default 4 MiB).
+    pub bucket_bytes: usize,
 }
 
 impl RankGroups {
@@ -37,7 +41,14 @@ impl RankGroups {
         let tp = TpGroup::new(world.sub_group(&ranks(MeshAxis::Tp))?);
         let dp = world.sub_group(&ranks(MeshAxis::Dp))?;
         let pp = world.sub_group(&ranks(MeshAxis::Pp))?;
-        Ok(Self { tp, dp, pp })
+        let dp_grads = world.sub_group(&ranks(MeshAxis::Dp))?;
+        Ok(Self {
+            tp,
+            dp,
+            pp,
+            dp_grads,
+            bucket_bytes: 4 << 20,
+        })
     }
 }
 
@@ -92,39 +103,14 @@ pub fn step_gradients<B: Backend>(
     params: &[B::Buffer],
     micro_batches: &[MicroBatch],
 ) -> Result<StepGradients<B>> {
-    let mut loss = 0.0f32;
-    let mut peak_bytes = 0;
-    let mut grads: Option<Vec<B::Buffer>> = None;
-    for mb in micro_batches {
-        let out = run_exec(backend, exec, &mut groups.tp, params, mb)?;
-        loss += out.loss;
-        peak_bytes = peak_bytes.max(out.peak_bytes);
-        match grads.as_mut() {
-            None => grads = Some(out.grads),
-            Some(acc) => {
-                for (a, g) in acc.iter_mut().zip(&out.grads) {
-                    backend.axpy(1.0, g, a)?;
-                }
-            }
-        }
-    }
-    let mut grads = match grads {
-        Some(g) => g,
-        // A replica without data still takes part in the reduction, with zeros.
-        None => params
-            .iter()
-            .map(|p| backend.zeros(backend.len(p)))
-            .collect::<std::result::Result<_, _>>()?,
-    };
-    reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
-    if groups.dp.size() > 1 {
-        let mut l = [loss];
-        groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
-        loss = l[0];
-    }
-    Ok(StepGradients {
-        loss,
-        grads,
-        peak_bytes,
-    })
+    let shared = vec![false; params.len()];
+    crate::pipeline::pipeline_step(
+        backend,
+        exec,
+        groups,
+        params,
+        &shared,
+        micro_batches,
+        crate::pipeline::Schedule::OneFOneB,
+    )
 }

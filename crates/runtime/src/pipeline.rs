@@ -4,7 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use comm::{Rank, ReduceOp};
+use std::sync::mpsc;
+
+use comm::{Communicator, Rank, ReduceOp};
 use graph::ExecGraph;
 use kernels::Backend;
 
@@ -109,69 +111,155 @@ pub fn pipeline_step<B: Backend>(
         )));
     }
     let tp_rank = groups.tp.rank();
-    let mut passes: Vec<Option<Pass<'_, B>>> = (0..micro_batches.len()).map(|_| None).collect();
-    let mut loss = 0.0f32;
-    let mut peak_bytes = 0usize;
+    let phases = schedule.phases(stage, stages, micro_batches.len());
+    let last_backward = phases.iter().rev().find_map(|p| match p {
+        Phase::B(i) => Some(*i),
+        Phase::F(_) => None,
+    });
+    // DP reduction in buckets, started while the last backward still runs (ZeRO-2/3 reduce-
+    // scatter per tensor after the step instead).
+    let bucketed = groups.dp.size() > 1 && exec.strategy.zero < 2;
+    let buckets = if bucketed {
+        plan_buckets(
+            exec,
+            params.iter().map(|p| backend.len(p)).collect(),
+            groups.bucket_bytes,
+        )
+    } else {
+        Vec::new()
+    };
+    let RankGroups {
+        tp, pp, dp_grads, ..
+    } = groups;
+    let (mut loss, mut peak_bytes) = (0.0f32, 0usize);
     let mut grads: Option<Vec<B::Buffer>> = None;
-    for phase in schedule.phases(stage, stages, micro_batches.len()) {
-        match phase {
-            Phase::F(i) => {
-                let mb = &micro_batches[i];
-                let mut inputs = Vec::with_capacity(g.inputs.len());
-                for (k, &x) in g.inputs.iter().enumerate() {
-                    let n = local_len(exec, x, tp_rank, mb)?;
-                    let mut buf = vec![0.0; n];
-                    groups
-                        .pp
-                        .recv(&mut buf, Rank(stage - 1), tag(i, false, k))?;
-                    inputs.push(backend.upload(&buf)?);
+    let mut reduced: Vec<Vec<f32>> = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Vec<f32>>();
+        let (rtx, rrx) = mpsc::channel::<Result<Vec<f32>>>();
+        let worker = if bucketed {
+            let comm: &mut Box<dyn Communicator> = dp_grads;
+            Some(scope.spawn(move || {
+                for mut b in rx {
+                    let r = comm
+                        .all_reduce(&mut b, ReduceOp::Sum)
+                        .map(|_| b)
+                        .map_err(Into::into);
+                    let failed = r.is_err();
+                    if rtx.send(r).is_err() || failed {
+                        break;
+                    }
                 }
-                let mut pass = Pass::new(
-                    backend,
-                    g,
-                    Some((&exec.states, tp_rank)),
-                    params,
-                    mb,
-                    inputs,
-                )?;
-                pass.forward(Some(&mut groups.tp))?;
-                for (k, out) in pass.outputs()?.iter().enumerate() {
-                    groups.pp.send(out, Rank(stage + 1), tag(i, false, k))?;
-                }
-                passes[i] = Some(pass);
-            }
-            Phase::B(i) => {
-                let mb = &micro_batches[i];
-                let mut pass = passes[i].take().ok_or_else(|| {
-                    RuntimeError::Binding(format!("backward of micro-batch {i} before its forward"))
-                })?;
-                let mut seeds = Vec::with_capacity(g.output_grads.len());
-                for (k, &x) in g.output_grads.iter().enumerate() {
-                    let n = local_len(exec, x, tp_rank, mb)?;
-                    let mut buf = vec![0.0; n];
-                    groups.pp.recv(&mut buf, Rank(stage + 1), tag(i, true, k))?;
-                    seeds.push(backend.upload(&buf)?);
-                }
-                pass.backward(Some(&mut groups.tp), seeds)?;
-                let out = pass.finish()?;
-                for (k, gx) in out.input_grads.iter().enumerate() {
-                    groups
-                        .pp
-                        .send(&backend.download(gx)?, Rank(stage - 1), tag(i, true, k))?;
-                }
-                loss += out.loss;
-                peak_bytes = peak_bytes.max(out.peak_bytes);
-                match grads.as_mut() {
-                    None => grads = Some(out.grads),
-                    Some(acc) => {
-                        for (a, gr) in acc.iter_mut().zip(&out.grads) {
-                            backend.axpy(1.0, gr, a)?;
+            }))
+        } else {
+            drop((rx, rtx));
+            None
+        };
+        let mut feeder = BucketFeeder::new(&buckets, params.len());
+        let mut passes: Vec<Option<Pass<'_, B>>> = (0..micro_batches.len()).map(|_| None).collect();
+        let run = (|| -> Result<()> {
+            for &phase in &phases {
+                match phase {
+                    Phase::F(i) => {
+                        let mb = &micro_batches[i];
+                        let mut inputs = Vec::with_capacity(g.inputs.len());
+                        for (k, &x) in g.inputs.iter().enumerate() {
+                            let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
+                            pp.recv(&mut buf, Rank(stage - 1), tag(i, false, k))?;
+                            inputs.push(backend.upload(&buf)?);
+                        }
+                        let mut pass = Pass::new(
+                            backend,
+                            g,
+                            Some((&exec.states, tp_rank)),
+                            params,
+                            mb,
+                            inputs,
+                        )?;
+                        pass.forward(Some(&mut *tp))?;
+                        for (k, out) in pass.outputs()?.iter().enumerate() {
+                            pp.send(out, Rank(stage + 1), tag(i, false, k))?;
+                        }
+                        passes[i] = Some(pass);
+                    }
+                    Phase::B(i) => {
+                        let mb = &micro_batches[i];
+                        let mut pass = passes[i].take().ok_or_else(|| {
+                            RuntimeError::Binding(format!(
+                                "backward of micro-batch {i} before its forward"
+                            ))
+                        })?;
+                        let mut seeds = Vec::with_capacity(g.output_grads.len());
+                        for (k, &x) in g.output_grads.iter().enumerate() {
+                            let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
+                            pp.recv(&mut buf, Rank(stage + 1), tag(i, true, k))?;
+                            seeds.push(backend.upload(&buf)?);
+                        }
+                        if bucketed && Some(i) == last_backward {
+                            let acc = grads.as_ref();
+                            pass.backward_with(Some(&mut *tp), seeds, &mut |k, gbuf| {
+                                let mut host = backend.download(gbuf)?;
+                                if let Some(acc) = acc {
+                                    for (h, a) in host.iter_mut().zip(backend.download(&acc[k])?) {
+                                        *h += a;
+                                    }
+                                }
+                                feeder.ready(k, host, &tx)
+                            })?;
+                        } else {
+                            pass.backward(Some(&mut *tp), seeds)?;
+                        }
+                        let out = pass.finish()?;
+                        for (k, gx) in out.input_grads.iter().enumerate() {
+                            pp.send(&backend.download(gx)?, Rank(stage - 1), tag(i, true, k))?;
+                        }
+                        loss += out.loss;
+                        peak_bytes = peak_bytes.max(out.peak_bytes);
+                        match grads.as_mut() {
+                            None => grads = Some(out.grads),
+                            Some(acc) => {
+                                for (a, gr) in acc.iter_mut().zip(&out.grads) {
+                                    backend.axpy(1.0, gr, a)?;
+                                }
+                            }
                         }
                     }
                 }
             }
+            if bucketed && last_backward.is_none() {
+                // No data on this replica: it still contributes zeros, bucket by bucket.
+                for k in buckets.iter().flatten() {
+                    feeder.ready(*k, vec![0.0; backend.len(&params[*k])], &tx)?;
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        if let Some(w) = worker {
+            // The worker ends when the channel closes or a reduction fails.
+            let mut out = Vec::with_capacity(buckets.len());
+            for r in rrx.iter() {
+                out.push(r?);
+            }
+            run?;
+            if w.join().is_err() {
+                return Err(RuntimeError::Binding(
+                    "the gradient-reduction thread panicked".into(),
+                ));
+            }
+            if out.len() != buckets.len() {
+                return Err(RuntimeError::Binding(format!(
+                    "{} of {} gradient buckets were reduced",
+                    out.len(),
+                    buckets.len()
+                )));
+            }
+            reduced = out;
+        } else {
+            run?;
         }
-    }
+        Ok(())
+    })?;
     let mut grads = match grads {
         Some(g) => g,
         None => params
@@ -179,6 +267,16 @@ pub fn pipeline_step<B: Backend>(
             .map(|p| backend.zeros(backend.len(p)))
             .collect::<std::result::Result<_, _>>()?,
     };
+    if bucketed {
+        for (bucket, flat) in buckets.iter().zip(&reduced) {
+            let mut off = 0;
+            for &k in bucket {
+                let n = backend.len(&grads[k]);
+                grads[k] = backend.upload(&flat[off..off + n])?;
+                off += n;
+            }
+        }
+    }
     // Tied weights: the first and the last stage each hold a copy and half the gradient.
     if stages > 1 && shared.iter().any(|&s| s) && (stage == 0 || stage + 1 == stages) {
         let pair = groups.pp.sub_group(&[Rank(0), Rank(stages - 1)])?;
@@ -192,7 +290,9 @@ pub fn pipeline_step<B: Backend>(
     if stages > 1 {
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
-    reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
+    if !bucketed {
+        reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
+    }
     if groups.dp.size() > 1 {
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
@@ -211,4 +311,74 @@ fn local_len(
 ) -> Result<usize> {
     let shape = exec.graph.info(x).resolve(mb.tokens());
     Ok(exec.states[x.0].piece(tp_rank, &shape)?.region.volume())
+}
+
+/// Parameter indices grouped into buckets of about `bucket_bytes`, in the order their gradients
+/// become final in the backward (the order of the ops producing them), identical on every DP
+/// rank.
+fn plan_buckets(exec: &ExecGraph, lens: Vec<usize>, bucket_bytes: usize) -> Vec<Vec<usize>> {
+    let g = &exec.graph;
+    let mut order: Vec<(usize, usize)> = g
+        .grads
+        .iter()
+        .enumerate()
+        .map(|(k, &(_, gt))| {
+            let at = g
+                .ops
+                .iter()
+                .position(|o| o.outputs.contains(&gt))
+                .unwrap_or(usize::MAX);
+            (at, k)
+        })
+        .collect();
+    order.sort();
+    let limit = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0;
+    for (_, k) in order {
+        if buckets.is_empty() || size >= limit {
+            buckets.push(Vec::new());
+            size = 0;
+        }
+        size += lens[k];
+        if let Some(b) = buckets.last_mut() {
+            b.push(k);
+        }
+    }
+    buckets
+}
+
+/// Collects final gradients and sends each bucket, flattened, once all its members are in.
+struct BucketFeeder<'a> {
+    buckets: &'a [Vec<usize>],
+    pending: Vec<Option<Vec<f32>>>,
+    next: usize,
+}
+
+impl<'a> BucketFeeder<'a> {
+    fn new(buckets: &'a [Vec<usize>], params: usize) -> Self {
+        Self {
+            buckets,
+            pending: vec![None; params],
+            next: 0,
+        }
+    }
+
+    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
+        self.pending[k] = Some(grad);
+        while let Some(b) = self.buckets.get(self.next) {
+            if !b.iter().all(|&m| self.pending[m].is_some()) {
+                break;
+            }
+            let mut flat = Vec::new();
+            for &m in b {
+                flat.extend(self.pending[m].take().unwrap_or_default());
+            }
+            tx.send(flat).map_err(|_| {
+                RuntimeError::Binding("the gradient-reduction thread stopped early".into())
+            })?;
+            self.next += 1;
+        }
+        Ok(())
+    }
 }
