@@ -22,6 +22,60 @@ pub struct Args {
     /// Print only the forward graph.
     #[arg(long)]
     forward_only: bool,
+    /// Token count of the micro-batch used to size the comm ops in the per-rank summary.
+    #[arg(long, default_value_t = 1024)]
+    tokens: usize,
+}
+
+/// Per rank of DP replica 0 of `stage`: every comm op with its kind, its group (world ranks) and
+/// the bytes of this rank's piece it puts in.
+fn comm_per_rank(
+    exec: &graph::ExecGraph,
+    strategy: &Strategy,
+    stage: usize,
+    tokens: usize,
+) -> Result<()> {
+    for r in 0..strategy.tp {
+        let world = strategy.rank_of(stage, 0, r);
+        let mut total = 0usize;
+        let mut lines = Vec::new();
+        for op in &exec.graph.ops {
+            let graph::OpKind::Comm { collective, axis } = op.kind else {
+                continue;
+            };
+            let x = op.inputs[0];
+            let state = &exec.states[x.0];
+            let shape = exec.graph.info(x).resolve(tokens);
+            let bytes = state.piece(r, &shape)?.region.volume() * 4;
+            let coords = state.coords(r)?;
+            let group: Vec<usize> = (0..state.axes()[axis].degree)
+                .map(|j| {
+                    let mut c = coords.clone();
+                    c[axis] = j;
+                    strategy.rank_of(stage, 0, state.index_of(&c))
+                })
+                .collect();
+            if collective.communicates() {
+                total += bytes;
+            }
+            lines.push(format!(
+                "#   {} {}: {} over ranks {:?}, {} B",
+                op.outputs[0],
+                exec.graph.info(op.outputs[0]).name,
+                collective.name(),
+                group,
+                bytes
+            ));
+        }
+        println!(
+            "# rank {world} (tp {r}) at T = {tokens}: {} comm ops, {total} B put in",
+            lines.len()
+        );
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -51,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             let exec = graph::lower(&g, &strategy)?;
             print!("{exec}");
+            comm_per_rank(&exec, &strategy, s, args.tokens)?;
             let comm = exec
                 .graph
                 .ops

@@ -192,6 +192,12 @@ fn dp2tp4sp_on_8_ranks_matches_single_device() {
 }
 
 #[test]
+fn mha_under_dp2tp2_and_tp4sp() {
+    check_cfg("dp2tp2", 4, config_kv(false, 4));
+    check_cfg("tp4sp", 4, config_kv(true, 4));
+}
+
+#[test]
 fn mqa_single_kv_head_replicated_under_tp2sp_and_tp4() {
     check_cfg("tp2sp", 2, config_kv(false, 1));
     check_cfg("tp4", 4, config_kv(true, 1));
