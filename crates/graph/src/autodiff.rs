@@ -152,7 +152,8 @@ pub fn backward(g: &mut Graph) -> Result<()> {
             | OpKind::AttentionGrad { .. }
             | OpKind::SwiGluGrad
             | OpKind::CrossEntropyGrad
-            | OpKind::Comm { .. } => {
+            | OpKind::Comm { .. }
+            | OpKind::GatherParam => {
                 return Err(GraphError::NotImplemented(format!(
                     "differentiating {} (second-order gradients)",
                     op.kind.name()

@@ -145,6 +145,10 @@ pub enum OpKind {
     CrossEntropy,
     /// `[logits, lse] → [dlogits]`: the gradient of `loss` itself (the seed of the backward).
     CrossEntropyGrad,
+    /// `[shard] → [piece]`: ZeRO-3. A parameter is stored as this rank's flat `1/dp` chunk of its
+    /// TP piece; this all-gathers the chunks over DP just before the parameter is used (once for
+    /// the forward, once for the backward), and the piece is freed after its last use.
+    GatherParam,
     /// `[x] → [y]`: the same global tensor moved from one DState to another by `collective`
     /// along mesh axis `axis` of the TP group (inserted by the parallel lowering only).
     Comm {
@@ -176,6 +180,7 @@ impl OpKind {
             OpKind::CrossEntropy => "cross_entropy",
             OpKind::CrossEntropyGrad => "cross_entropy_grad",
             OpKind::Comm { collective, .. } => collective.name(),
+            OpKind::GatherParam => "zero-gather@dp",
         }
     }
 }

@@ -193,6 +193,11 @@ struct Lowering<'a> {
     full: DState,
     /// The logical op being lowered.
     at: usize,
+    /// Number of forward ops of the logical graph.
+    forward: usize,
+    /// ZeRO-3: the gathered piece of each parameter, for the forward and for the backward.
+    gathered: HashMap<(TensorId, bool), TensorId>,
+    zero3: bool,
     /// The logical tensor every comm output stands for.
     origin: HashMap<TensorId, TensorId>,
     points: Vec<CommPoint>,
@@ -296,12 +301,47 @@ impl Lowering<'_> {
             .any(|a| a.placement == Placement::Split(dim))
     }
 
+    /// ZeRO-3: the gathered piece of parameter `p` for the current phase (gathered on first use).
+    fn gathered(&mut self, p: TensorId) -> TensorId {
+        let backward = self.at >= self.forward;
+        if let Some(&t) = self.gathered.get(&(p, backward)) {
+            return t;
+        }
+        let info = self.g.info(p).clone();
+        let phase = if backward { "bwd" } else { "fwd" };
+        let t = self.g.add_tensor(
+            format!("{}@gathered.{phase}", info.name),
+            info.shape,
+            TensorKind::Activation,
+        );
+        self.g.ops.push(Op {
+            kind: OpKind::GatherParam,
+            inputs: vec![p],
+            outputs: vec![t],
+        });
+        let s = self.states[p.0].clone();
+        if let Some(s) = s {
+            self.set(t, s);
+        }
+        self.gathered.insert((p, backward), t);
+        t
+    }
+
     fn lower_op(&mut self, op: &Op) -> Result<()> {
-        let inputs: Vec<TensorId> = op
+        let mut inputs: Vec<TensorId> = op
             .inputs
             .iter()
             .map(|x| self.alias.get(x).copied().unwrap_or(*x))
             .collect();
+        if self.zero3 {
+            for (slot, x) in inputs.iter_mut().enumerate() {
+                // The embedding gradient reads its weight for the shape only.
+                let shape_only = op.kind == OpKind::EmbeddingGrad && slot == 1;
+                if self.g.info(*x).kind == TensorKind::Param && !shape_only {
+                    *x = self.gathered(*x);
+                }
+            }
+        }
         let i = &inputs;
         let full = self.full.clone();
         let stream = self.stream.clone();
@@ -470,7 +510,7 @@ impl Lowering<'_> {
                 let s = self.state(i[0])?;
                 self.push(op, i.clone(), vec![s]);
             }
-            OpKind::Comm { .. } => {
+            OpKind::Comm { .. } | OpKind::GatherParam => {
                 return Err(GraphError::Invalid(
                     "the logical graph already holds comm ops".into(),
                 ))
@@ -537,6 +577,9 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         stream,
         full,
         at: 0,
+        forward: logical.num_forward_ops(),
+        gathered: HashMap::new(),
+        zero3: strategy.zero >= 3 && strategy.dp > 1,
         origin: HashMap::new(),
         points: Vec::new(),
     };

@@ -82,12 +82,11 @@ fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
                 .chunks(2)
                 .map(|c| MicroBatch::pack(c, 1.0 / predicted as f32))
                 .collect::<Result<_, _>>()?;
-            opt.begin_step(&cpu, &groups)?;
             let out = pipeline_step(
                 &cpu,
                 &exec,
                 &mut groups,
-                opt.params()?,
+                opt.params(),
                 &shared,
                 &mbs,
                 Schedule::OneFOneB,
@@ -158,8 +157,40 @@ fn zero1_zero2_zero3_train_like_one_device() {
 }
 
 #[test]
-fn dp2tp2sp_zero2_trains_like_one_device() {
+fn dp2tp2sp_zero2_and_dp2tp2_zero3_train_like_one_device() {
     check("dp2tp2spzero2", 4);
+    check("dp2tp2zero3", 4);
+}
+
+#[test]
+fn zero3_gathers_every_parameter_just_before_its_forward_and_backward_uses() {
+    let mut g = model::build_graph(&config()).unwrap();
+    graph::backward(&mut g).unwrap();
+    let exec = lower(&g, &Strategy::parse("dp2zero3", 2).unwrap()).unwrap();
+    let gathers: Vec<usize> = exec
+        .graph
+        .ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.kind == graph::OpKind::GatherParam)
+        .map(|(i, _)| i)
+        .collect();
+    // Every parameter once for the forward and once for the backward.
+    assert_eq!(gathers.len(), 2 * g.params.len());
+    // Each gathered piece is read right after its gather, not held from the start of the step.
+    for &i in &gathers {
+        let t = exec.graph.ops[i].outputs[0];
+        let first_use = exec
+            .graph
+            .ops
+            .iter()
+            .position(|o| o.inputs.contains(&t))
+            .unwrap();
+        assert!(
+            first_use > i && first_use <= i + 2,
+            "gather #{i} first read at #{first_use}"
+        );
+    }
 }
 
 #[test]

@@ -65,7 +65,7 @@ fn validate(spec: &str, devices: usize, kv: usize) {
         let mut pass = Pass::new(
             &cpu,
             &e2.graph,
-            Some((&e2.states, tp_rank)),
+            Some((&e2.states, tp_rank, groups.tp.dp_position())),
             &params,
             &b2,
             Vec::new(),

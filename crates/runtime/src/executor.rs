@@ -58,7 +58,7 @@ pub fn run_exec<B: Backend>(
     let mut pass = Pass::new(
         backend,
         &exec.graph,
-        Some((&exec.states, tp.rank())),
+        Some((&exec.states, tp.rank(), tp.dp_position())),
         params,
         batch,
         Vec::new(),
@@ -78,6 +78,7 @@ pub struct Pass<'a, B: Backend> {
     params: &'a [B::Buffer],
     batch: &'a MicroBatch,
     tp_rank: Option<usize>,
+    dp_pos: (usize, usize),
     slots: Vec<Slot<B>>,
     last_use: Vec<Option<usize>>,
     keep: Vec<bool>,
@@ -94,13 +95,13 @@ struct Local {
 }
 
 impl<'a, B: Backend> Pass<'a, B> {
-    /// Binds `params` (this rank's pieces, `graph.params` order) and `inputs` (`graph.inputs`
-    /// order) for one micro-batch. `exec` gives the DStates and this rank's TP rank (None on one
-    /// device).
+    /// Binds `params` (this rank's pieces, `graph.params` order; under ZeRO-3 its flat DP
+    /// chunks of them) and `inputs` (`graph.inputs` order) for one micro-batch. `exec` gives the
+    /// DStates, this rank's TP rank and its `(DP rank, DP size)` (None on one device).
     pub fn new(
         backend: &'a B,
         graph: &'a Graph,
-        exec: Option<(&'a [DState], usize)>,
+        exec: Option<(&'a [DState], usize, (usize, usize))>,
         params: &'a [B::Buffer],
         batch: &'a MicroBatch,
         inputs: Vec<B::Buffer>,
@@ -111,6 +112,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             graph,
             states: exec.map(|e| e.0),
             tp_rank: exec.map(|e| e.1),
+            dp_pos: exec.map_or((0, 1), |e| e.2),
             params,
             batch,
             slots: (0..n).map(|_| Slot::Empty).collect(),
@@ -128,8 +130,18 @@ impl<'a, B: Backend> Pass<'a, B> {
                 graph.params.len()
             )));
         }
+        let sharded: Vec<bool> = {
+            let mut v = vec![false; n];
+            for op in graph.ops.iter().filter(|o| o.kind == OpKind::GatherParam) {
+                v[op.inputs[0].0] = true;
+            }
+            v
+        };
         for (i, &p) in graph.params.iter().enumerate() {
-            let want = pass.local_numel(p)?;
+            let mut want = pass.local_numel(p)?;
+            if sharded[p.0] {
+                want = dstate::chunk(0..want, pass.dp_pos.1, pass.dp_pos.0).len();
+            }
             if backend.len(&params[i]) != want {
                 return Err(RuntimeError::Binding(format!(
                     "{} has {} values, this rank's piece of {:?} needs {want}",
@@ -595,6 +607,14 @@ impl<B: Backend> Ctx<'_, B> {
                     );
                     outs[0] = be.upload(&d)?;
                 }
+            }
+            OpKind::GatherParam => {
+                let tp = tp.as_deref().ok_or_else(|| {
+                    RuntimeError::Binding("a ZeRO-3 gather in a graph run without groups".into())
+                })?;
+                let len: usize = self.local(out_ids[0])?.shape.iter().product();
+                let full = tp.gather_param(&be.download(ins[0])?, len)?;
+                outs[0] = be.upload(&full)?;
             }
             OpKind::Comm { collective, axis } => {
                 let states = self.states.ok_or_else(|| {

@@ -6,9 +6,9 @@
 //!   piece (flat, chunk semantics), updates that chunk and all-gathers the parameters.
 //! * ZeRO-2: as 1, and the gradients are reduce-scattered over DP instead of all-reduced, so a
 //!   rank only ever holds its chunk of the reduced gradient.
-//! * ZeRO-3: as 2, and between steps a rank stores only its chunk of the parameters; they are
-//!   all-gathered at the start of a step and dropped after the update. (Gathering per layer just
-//!   before use, which also saves memory during the step, is not built.)
+//! * ZeRO-3: as 2, and a rank only ever stores its chunk of the parameters: the exec graph
+//!   all-gathers each one just before its forward use and again before its backward use
+//!   (`OpKind::GatherParam`), and frees the gathered piece after its last use.
 
 use std::ops::Range;
 
@@ -35,10 +35,9 @@ pub struct Optimizer<B: Backend> {
     weight: Vec<f64>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    /// The full local pieces (always for ZeRO < 3; during a step for ZeRO-3).
-    full: Option<Vec<B::Buffer>>,
-    /// This rank's chunks of the parameters (ZeRO-3 only).
-    owned: Vec<Vec<f32>>,
+    /// The parameters as the exec graph binds them: whole local pieces, or under ZeRO-3 this
+    /// rank's chunks of them.
+    params: Vec<B::Buffer>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -77,8 +76,7 @@ impl<B: Backend> Optimizer<B> {
             weight: Vec::new(),
             m: Vec::new(),
             v: Vec::new(),
-            full: None,
-            owned: Vec::new(),
+            params: Vec::new(),
         };
         for (k, &p) in g.params.iter().enumerate() {
             let len = backend.len(&params[k]);
@@ -99,11 +97,11 @@ impl<B: Backend> Optimizer<B> {
         }
         if zero >= 3 {
             for (k, p) in params.iter().enumerate() {
-                s.owned
-                    .push(backend.download(p)?[s.chunks[k].clone()].to_vec());
+                let chunk = &backend.download(p)?[s.chunks[k].clone()];
+                s.params.push(backend.upload(chunk)?);
             }
         } else {
-            s.full = Some(params);
+            s.params = params;
         }
         Ok(s)
     }
@@ -113,37 +111,27 @@ impl<B: Backend> Optimizer<B> {
         self.step
     }
 
-    /// Makes the full local pieces available for a step (ZeRO-3 gathers them over DP).
-    pub fn begin_step(&mut self, backend: &B, groups: &RankGroups) -> Result<()> {
-        if self.full.is_some() {
-            return Ok(());
-        }
-        let dp = groups.dp.size();
-        let mut full = Vec::with_capacity(self.owned.len());
-        for (k, own) in self.owned.iter().enumerate() {
-            let counts = chunk_counts(self.lens[k], dp);
-            let mut buf = vec![0.0; self.lens[k]];
-            groups.dp.all_gather(own, &mut buf, &counts)?;
-            full.push(backend.upload(&buf)?);
-        }
-        self.full = Some(full);
-        Ok(())
+    /// The parameters to bind for a step (under ZeRO-3, this rank's chunks).
+    pub fn params(&self) -> &[B::Buffer] {
+        &self.params
     }
 
-    /// The full local pieces for this step (after [`Optimizer::begin_step`] under ZeRO-3).
-    pub fn params(&self) -> Result<&[B::Buffer]> {
-        self.full
-            .as_deref()
-            .ok_or_else(|| RuntimeError::Binding("ZeRO-3 parameters read before begin_step".into()))
-    }
-
-    /// The full local pieces copied to the host (a checkpoint or a test reads them).
-    pub fn params_host(&mut self, backend: &B, groups: &RankGroups) -> Result<Vec<Vec<f32>>> {
-        self.begin_step(backend, groups)?;
-        self.params()?
-            .iter()
-            .map(|p| Ok(backend.download(p)?))
-            .collect()
+    /// The whole local pieces copied to the host (a checkpoint or a test reads them; ZeRO-3
+    /// all-gathers them over DP).
+    pub fn params_host(&self, backend: &B, groups: &RankGroups) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.params.len());
+        for (k, p) in self.params.iter().enumerate() {
+            let host = backend.download(p)?;
+            if self.zero >= 3 {
+                let counts = chunk_counts(self.lens[k], groups.dp.size());
+                let mut full = vec![0.0; self.lens[k]];
+                groups.dp.all_gather(&host, &mut full, &counts)?;
+                out.push(full);
+            } else {
+                out.push(host);
+            }
+        }
+        Ok(out)
     }
 
     /// Clips and applies the reduced gradients (whole local pieces for ZeRO ≤ 1, this rank's
@@ -197,18 +185,17 @@ impl<B: Backend> Optimizer<B> {
         let coef = adamw::clip_coef(norm, self.max_grad_norm);
         self.step += 1;
         let dp = groups.dp.size();
-        let full = self
-            .full
-            .take()
-            .ok_or_else(|| RuntimeError::Binding("update before begin_step".into()))?;
-        let mut new_full = Vec::with_capacity(full.len());
-        for (k, pbuf) in full.into_iter().enumerate() {
-            let chunk = self.chunks[k].clone();
-            let mut p = backend.download(&pbuf)?;
-            let g: Vec<f32> = if sharded {
-                host[k].clone()
+        for k in 0..self.params.len() {
+            let mut p = backend.download(&self.params[k])?;
+            let range = if self.zero >= 3 {
+                0..p.len()
             } else {
-                host[k][chunk.clone()].to_vec()
+                self.chunks[k].clone()
+            };
+            let g = if sharded {
+                &host[k][..]
+            } else {
+                &host[k][self.chunks[k].clone()]
             };
             let g: Vec<f32> = g.iter().map(|x| x * coef as f32).collect();
             let cfg = AdamW {
@@ -223,24 +210,17 @@ impl<B: Backend> Optimizer<B> {
             adamw::step(
                 &cfg,
                 self.step,
-                &mut p[chunk.clone()],
+                &mut p[range.clone()],
                 &g,
                 &mut self.m[k],
                 &mut self.v[k],
             )?;
-            if self.zero >= 3 {
-                self.owned[k] = p[chunk].to_vec();
-            } else if self.zero >= 1 {
+            if self.zero == 1 || self.zero == 2 {
                 let counts = chunk_counts(self.lens[k], dp);
-                let mine = p[chunk].to_vec();
+                let mine = p[range].to_vec();
                 groups.dp.all_gather(&mine, &mut p, &counts)?;
-                new_full.push(backend.upload(&p)?);
-            } else {
-                new_full.push(backend.upload(&p)?);
             }
-        }
-        if self.zero < 3 {
-            self.full = Some(new_full);
+            self.params[k] = backend.upload(&p)?;
         }
         Ok(norm)
     }

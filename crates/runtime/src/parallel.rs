@@ -38,10 +38,13 @@ impl RankGroups {
         let me = world.rank().0;
         let ranks =
             |axis| -> Vec<Rank> { strategy.group(me, axis).into_iter().map(Rank).collect() };
-        let tp = TpGroup::new(world.sub_group(&ranks(MeshAxis::Tp))?);
+        let mut tp = TpGroup::new(world.sub_group(&ranks(MeshAxis::Tp))?);
         let dp = world.sub_group(&ranks(MeshAxis::Dp))?;
         let pp = world.sub_group(&ranks(MeshAxis::Pp))?;
         let dp_grads = world.sub_group(&ranks(MeshAxis::Dp))?;
+        if strategy.zero >= 3 {
+            tp = tp.with_dp(world.sub_group(&ranks(MeshAxis::Dp))?);
+        }
         Ok(Self {
             tp,
             dp,

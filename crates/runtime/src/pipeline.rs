@@ -171,7 +171,7 @@ pub fn pipeline_step<B: Backend>(
                         let mut pass = Pass::new(
                             backend,
                             g,
-                            Some((&exec.states, tp_rank)),
+                            Some((&exec.states, tp_rank, tp.dp_position())),
                             params,
                             mb,
                             inputs,

@@ -11,6 +11,8 @@ use crate::error::{Result, RuntimeError};
 pub struct TpGroup {
     comm: Box<dyn Communicator>,
     subs: HashMap<Vec<usize>, Box<dyn Communicator>>,
+    /// A handle on the DP group for ZeRO-3 parameter gathers.
+    dp: Option<Box<dyn Communicator>>,
 }
 
 impl TpGroup {
@@ -19,7 +21,30 @@ impl TpGroup {
         Self {
             comm,
             subs: HashMap::new(),
+            dp: None,
         }
+    }
+
+    /// Adds the DP group handle ZeRO-3 parameter gathers run on.
+    pub fn with_dp(mut self, dp: Box<dyn Communicator>) -> Self {
+        self.dp = Some(dp);
+        self
+    }
+
+    /// This rank's index in the DP group and the DP size (0 of 1 without a DP handle).
+    pub fn dp_position(&self) -> (usize, usize) {
+        self.dp.as_ref().map_or((0, 1), |d| (d.rank().0, d.size()))
+    }
+
+    /// ZeRO-3: all-gathers the flat chunks of a `len`-value piece over DP.
+    pub fn gather_param(&self, shard: &[f32], len: usize) -> Result<Vec<f32>> {
+        let dp = self.dp.as_ref().ok_or_else(|| {
+            RuntimeError::Binding("a ZeRO-3 parameter gather without a DP group".into())
+        })?;
+        let counts = comm::chunk_counts(len, dp.size());
+        let mut out = vec![0.0; len];
+        dp.all_gather(shard, &mut out, &counts)?;
+        Ok(out)
     }
 
     /// This rank's index in the TP group.
