@@ -38,7 +38,7 @@ fn micro_batches(dp: usize, d: usize, scale: f32) -> Vec<MicroBatch> {
         .collect()
 }
 
-fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) {
+fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usize> {
     let cfg = Arc::new(config(tied));
     let weights = Arc::new(Weights::random(&cfg, 5));
     let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
@@ -97,7 +97,7 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) {
             &mbs,
             schedule,
         )?;
-        Ok((out.loss, out.grads, held))
+        Ok((out.loss, out.grads, held, out.peak_bytes))
     })
     .unwrap_or_else(|e| panic!("{spec} {schedule}: {e}"));
 
@@ -141,6 +141,22 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) {
             }
         }
         assert!(checked, "{spec}: {} is held by no stage", spec_k.name);
+    }
+    results.iter().map(|r| r.3).collect()
+}
+
+/// `cargo test -p model --test pipeline_equivalence -- --ignored --nocapture` prints the peak
+/// activation+gradient bytes per rank under each schedule.
+#[test]
+#[ignore]
+fn print_peak_bytes_per_schedule() {
+    for (spec, n) in [("pp2", 2), ("pp4", 4), ("tp2pp2", 4), ("dp2tp2pp2sp", 8)] {
+        for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+            println!(
+                "{spec:<12} {schedule:<6} {:?}",
+                check(spec, n, false, schedule)
+            );
+        }
     }
 }
 

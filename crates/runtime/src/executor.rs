@@ -84,6 +84,7 @@ pub struct Pass<'a, B: Backend> {
     keep: Vec<bool>,
     live: usize,
     peak: usize,
+    phase_peak: usize,
     next: usize,
     captured: Option<Vec<Option<Vec<f32>>>>,
 }
@@ -120,6 +121,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             keep: vec![false; n],
             live: 0,
             peak: 0,
+            phase_peak: 0,
             next: 0,
             captured: None,
         };
@@ -235,6 +237,16 @@ impl<'a, B: Backend> Pass<'a, B> {
         Ok(self.local_with(t)?.shape.iter().product())
     }
 
+    /// Bytes of activations and gradients this pass holds now.
+    pub fn live_bytes(&self) -> usize {
+        self.live
+    }
+
+    /// The most bytes this pass held during its latest phase (forward or backward).
+    pub fn phase_peak_bytes(&self) -> usize {
+        self.phase_peak
+    }
+
     /// Runs the forward ops.
     pub fn forward(&mut self, tp: Option<&mut TpGroup>) -> Result<()> {
         let end = self.graph.num_forward_ops();
@@ -343,6 +355,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             }
         }
         let tp_rank = self.tp_rank;
+        self.phase_peak = self.live;
         while self.next < end {
             let i = self.next;
             let op = &graph.ops[i];
@@ -394,6 +407,7 @@ impl<'a, B: Backend> Pass<'a, B> {
                 self.slots[t.0] = Slot::Owned(buf, bytes);
             }
             self.peak = self.peak.max(self.live);
+            self.phase_peak = self.phase_peak.max(self.live);
             for &t in op.inputs.iter().chain(&op.outputs) {
                 let dead = match self.last_use[t.0] {
                     Some(l) => l == i,

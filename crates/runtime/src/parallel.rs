@@ -91,7 +91,8 @@ pub struct StepGradients<B: Backend> {
     pub loss: f32,
     /// This rank's gradient pieces, reduced over DP (under ZeRO-2/3 its flat chunk of each).
     pub grads: Vec<B::Buffer>,
-    /// The most activation and gradient bytes alive at once in any of this rank's micro-batches.
+    /// The most activation and gradient bytes alive at once on this rank, over every micro-batch
+    /// in flight (a pipeline schedule keeps several); accumulated gradients not counted.
     pub peak_bytes: usize,
 }
 

@@ -177,6 +177,8 @@ pub fn pipeline_step<B: Backend>(
                             inputs,
                         )?;
                         pass.forward(Some(&mut *tp))?;
+                        let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
+                        peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
                         for (k, out) in pass.outputs()?.iter().enumerate() {
                             pp.send(out, Rank(stage + 1), tag(i, false, k))?;
                         }
@@ -209,12 +211,13 @@ pub fn pipeline_step<B: Backend>(
                         } else {
                             pass.backward(Some(&mut *tp), seeds)?;
                         }
+                        let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
+                        peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
                         let out = pass.finish()?;
                         for (k, gx) in out.input_grads.iter().enumerate() {
                             pp.send(&backend.download(gx)?, Rank(stage - 1), tag(i, true, k))?;
                         }
                         loss += out.loss;
-                        peak_bytes = peak_bytes.max(out.peak_bytes);
                         match grads.as_mut() {
                             None => grads = Some(out.grads),
                             Some(acc) => {
