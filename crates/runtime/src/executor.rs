@@ -213,23 +213,7 @@ impl<'a, B: Backend> Pass<'a, B> {
     }
 
     fn local_with(&self, t: TensorId) -> Result<Local> {
-        let shape = self.global(t);
-        match (self.states, self.tp_rank) {
-            (Some(states), Some(r)) => {
-                let reg = states[t.0].piece(r, &shape)?.region;
-                Ok(Local {
-                    shape: reg.shape(),
-                    offset: reg.offset(),
-                })
-            }
-            (Some(states), None) if states[t.0].size() > 1 => Err(RuntimeError::Binding(
-                "a graph with distributed tensors bound without a TP rank".into(),
-            )),
-            _ => Ok(Local {
-                offset: vec![0; shape.len()],
-                shape,
-            }),
-        }
+        local_piece(self.graph, self.states, self.tp_rank, self.batch, t)
     }
 
     /// Number of values of this rank's piece of `t`.
@@ -426,6 +410,34 @@ impl<'a, B: Backend> Pass<'a, B> {
     }
 }
 
+/// This rank's piece of `t` for `batch`: the whole tensor on one device, otherwise the piece of
+/// its DState at `tp_rank`.
+fn local_piece(
+    graph: &Graph,
+    states: Option<&[DState]>,
+    tp_rank: Option<usize>,
+    batch: &MicroBatch,
+    t: TensorId,
+) -> Result<Local> {
+    let shape = graph.info(t).resolve(batch.tokens());
+    match (states, tp_rank) {
+        (Some(states), Some(r)) => {
+            let reg = states[t.0].piece(r, &shape)?.region;
+            Ok(Local {
+                shape: reg.shape(),
+                offset: reg.offset(),
+            })
+        }
+        (Some(states), None) if states[t.0].size() > 1 => Err(RuntimeError::Binding(
+            "a graph with distributed tensors bound without a TP rank".into(),
+        )),
+        _ => Ok(Local {
+            offset: vec![0; shape.len()],
+            shape,
+        }),
+    }
+}
+
 struct Ctx<'a, B: Backend> {
     backend: &'a B,
     graph: &'a Graph,
@@ -440,20 +452,7 @@ impl<B: Backend> Ctx<'_, B> {
     }
 
     fn local(&self, t: TensorId) -> Result<Local> {
-        let shape = self.global(t);
-        match (self.states, self.tp_rank) {
-            (Some(states), Some(r)) => {
-                let reg = states[t.0].piece(r, &shape)?.region;
-                Ok(Local {
-                    shape: reg.shape(),
-                    offset: reg.offset(),
-                })
-            }
-            _ => Ok(Local {
-                offset: vec![0; shape.len()],
-                shape,
-            }),
-        }
+        local_piece(self.graph, self.states, self.tp_rank, self.batch, t)
     }
 
     fn execute(
