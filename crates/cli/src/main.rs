@@ -2,6 +2,7 @@
 
 mod bench;
 mod graph_cmd;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,8 +26,10 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Print the exec graph of a strategy for review (single device so far).
+    /// Print the exec graph of a strategy for review.
     Graph(graph_cmd::Args),
+    /// Train a LLaMA model on thread devices under a parallel strategy.
+    Train(Box<train::Args>),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +37,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Graph(args) => graph_cmd::run(args),
+        Command::Train(args) => train::run(*args),
     }
 }

@@ -60,7 +60,9 @@ proptest! {
     #[test]
     fn rms_norm_backward(rows in 1usize..5, dim in 1usize..10, seed: u64) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let x = randn(&mut rng, rows * dim);
+        // Rows of near-zero norm make rstd ~ 1/sqrt(eps) and the central difference inaccurate
+        // (third derivative ~ rstd³); keep every |x| ≥ 0.2.
+        let x: Vec<f64> = randn(&mut rng, rows * dim).iter().map(|v| v.signum() * (0.2 + v.abs())).collect();
         let wt = randn(&mut rng, dim);
         let w = randn(&mut rng, rows * dim);
         let eps = 1e-5;

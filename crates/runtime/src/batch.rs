@@ -48,6 +48,18 @@ impl MicroBatch {
         Ok(b)
     }
 
+    /// A micro-batch without tokens (a replica with no data still takes part in collectives).
+    pub fn empty() -> Self {
+        MicroBatch {
+            ids: Vec::new(),
+            targets: Vec::new(),
+            mask: Vec::new(),
+            positions: Vec::new(),
+            cu_seqlens: vec![0],
+            loss_scale: 0.0,
+        }
+    }
+
     /// Packed token count `T`.
     pub fn tokens(&self) -> usize {
         self.ids.len()

@@ -110,6 +110,22 @@ pub fn pipeline_step<B: Backend>(
             g.outputs.len()
         )));
     }
+    // ZeRO-3 gathers parameters over DP in every micro-batch: every replica must run as many
+    // micro-batches as the busiest one (the others run empty ones).
+    let padded: Vec<MicroBatch>;
+    let micro_batches = if exec.strategy.zero >= 3 && groups.dp.size() > 1 {
+        let mut n = [micro_batches.len() as f32];
+        groups.dp.all_reduce(&mut n, ReduceOp::Max)?;
+        padded = micro_batches
+            .iter()
+            .cloned()
+            .chain(std::iter::repeat_with(MicroBatch::empty))
+            .take(n[0] as usize)
+            .collect();
+        &padded[..]
+    } else {
+        micro_batches
+    };
     let tp_rank = groups.tp.rank();
     let phases = schedule.phases(stage, stages, micro_batches.len());
     let last_backward = phases.iter().rev().find_map(|p| match p {

@@ -1,0 +1,335 @@
+//! `hotspa train`: the training loop over thread ranks.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use comm::{Communicator, ReduceOp, ThreadComm};
+use data::Dataset;
+use graph::{lower, Strategy};
+use kernels::{AdamW, CpuBackend};
+use model::{build_stage_graph, param_specs, LlamaConfig, Weights};
+use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, RuntimeError, Schedule};
+
+#[derive(ClapArgs, Clone)]
+pub struct Args {
+    /// An HF `config.json`, or the directory holding it.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Initial weights (safetensors, HF names; f32, bf16 or f16). Default: random from --seed.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Training data: a JSONL file (`input_ids` or `text` per line) or a directory of text files.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// An HF tokenizer.json for `text` records (not supported yet: text is byte-tokenized).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Number of devices (thread ranks).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// Nodes are groups of this many devices (used by the switch planner; recorded only).
+    #[arg(long)]
+    devices_per_node: Option<usize>,
+    /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1 (default: dp over every device).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Pipeline schedule: 1f1b or gpipe.
+    #[arg(long, default_value = "1f1b")]
+    pipeline_schedule: String,
+    /// Sequences per global batch.
+    #[arg(long, default_value_t = 8)]
+    global_batch: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Token budget of a micro-batch (a sequence longer than it gets a micro-batch of its own).
+    #[arg(long, default_value_t = 4096)]
+    micro_batch_tokens: usize,
+    /// Documents longer than this are cut into pieces (default: max_position_embeddings).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// constant or cosine (linear warm-up, then cosine decay to --min-lr over the remaining steps).
+    #[arg(long, default_value = "constant")]
+    lr_schedule: String,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Decoupled weight decay (tensors of rank ≥ 2 only).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (inf: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Seed of the initialisation and of the shuffle.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// on: shuffle reproducibly from --seed; off: file order.
+    #[arg(long, default_value = "on")]
+    shuffle: String,
+    /// Write the final weights (f32 safetensors, HF names).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Write one JSON object per step.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Checkpoint directory (not built yet).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N steps (not built yet).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Resume from a checkpoint directory (not built yet).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+/// The learning rate of `step` (0-based) of `steps`.
+fn lr_at(a: &Args, step: usize) -> f64 {
+    if a.warmup > 0 && step < a.warmup {
+        return a.lr * (step + 1) as f64 / a.warmup as f64;
+    }
+    match a.lr_schedule.as_str() {
+        "cosine" => {
+            let span = a.steps.saturating_sub(a.warmup).max(1) as f64;
+            let progress = ((step - a.warmup.min(step)) as f64 / span).min(1.0);
+            a.min_lr + 0.5 * (a.lr - a.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+        _ => a.lr,
+    }
+}
+
+/// Packs `seqs` into micro-batches of at most `budget` tokens, in order.
+fn pack(seqs: &[Vec<u32>], budget: usize, scale: f32) -> Result<Vec<MicroBatch>, RuntimeError> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Vec<u32>> = Vec::new();
+    let mut tokens = 0;
+    for s in seqs {
+        if !cur.is_empty() && tokens + s.len() > budget {
+            out.push(MicroBatch::pack(&cur, scale)?);
+            cur.clear();
+            tokens = 0;
+        }
+        tokens += s.len();
+        cur.push(s.clone());
+    }
+    if !cur.is_empty() {
+        out.push(MicroBatch::pack(&cur, scale)?);
+    }
+    Ok(out)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (Some(model_path), Some(data_path)) = (args.model.clone(), args.data.clone()) else {
+        bail!(
+            "the embedded default run (`hotspa train` with no arguments) is not built yet; \
+             pass --model <config.json|dir> and --data <file.jsonl|dir>"
+        );
+    };
+    if args.tokenizer.is_some() {
+        bail!("--tokenizer is not supported yet: `text` records are byte-tokenized (vocabulary ≥ 256)");
+    }
+    if args.checkpoint_dir.is_some() || args.checkpoint_every.is_some() || args.resume.is_some() {
+        bail!("checkpoints (--checkpoint-dir, --checkpoint-every, --resume) are not built yet");
+    }
+    if !matches!(args.lr_schedule.as_str(), "constant" | "cosine") {
+        bail!("--lr-schedule {}: use constant or cosine", args.lr_schedule);
+    }
+    let shuffle = match args.shuffle.as_str() {
+        "on" => Some(args.seed),
+        "off" => None,
+        other => bail!("--shuffle {other}: use on or off"),
+    };
+    let schedule: Schedule = args.pipeline_schedule.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.devices >= 1, "--devices must be at least 1");
+    anyhow::ensure!(
+        args.global_batch >= 1 && args.steps >= 1,
+        "--global-batch and --steps must be at least 1"
+    );
+    let cfg = Arc::new(LlamaConfig::load(&model_path)?);
+    let spec = args
+        .strategy
+        .clone()
+        .unwrap_or_else(|| format!("dp{}", args.devices));
+    let strategy = Strategy::parse(&spec, args.devices)?;
+    strategy.stage_layers(cfg.num_hidden_layers)?;
+    let weights = Arc::new(match &args.init {
+        Some(p) => Weights::load(&cfg, p)?,
+        None => Weights::random(&cfg, args.seed),
+    });
+    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
+    let ds = Arc::new(Dataset::load(&data_path, cfg.vocab_size, max_len)?);
+    let mut metrics = match &args.metrics {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    eprintln!(
+        "hotspa train: {} parameters, {} sequences ({} too short, skipped) from {}, {} on {} thread devices, {} steps of {} sequences",
+        weights.numel(),
+        ds.sequences().len(),
+        ds.skipped(),
+        data_path.display(),
+        strategy,
+        args.devices,
+        args.steps,
+        args.global_batch
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
+    let (a2, s2, c2, w2, d2, n2) = (
+        args.clone(),
+        strategy.clone(),
+        cfg.clone(),
+        weights.clone(),
+        ds.clone(),
+        names.clone(),
+    );
+    let start = Instant::now();
+    let worker = std::thread::spawn(move || {
+        ThreadComm::run(a2.devices, move |world| -> Result<_, RuntimeError> {
+            let me = world.rank().0;
+            let (stage, dp_rank, tp_rank) = s2.coords(me);
+            let layers = s2.stage_layers(c2.num_hidden_layers)?;
+            let mut g =
+                build_stage_graph(&c2, layers[stage].clone(), stage == 0, stage + 1 == s2.pp)?;
+            graph::backward(&mut g)?;
+            let exec = lower(&g, &s2)?;
+            let mut groups = RankGroups::new(&world, &s2)?;
+            let cpu = CpuBackend::for_ranks(a2.devices)?;
+            let (mut params, mut shared, mut held) = (Vec::new(), Vec::new(), Vec::new());
+            for &p in &exec.graph.params {
+                let name = exec.graph.info(p).name.clone();
+                let k = n2.iter().position(|n| *n == name).unwrap_or(usize::MAX);
+                let w = w2
+                    .tensors()
+                    .get(k)
+                    .ok_or_else(|| RuntimeError::Binding(format!("unknown parameter {name}")))?;
+                let shape = exec.graph.info(p).resolve(0);
+                params.push(dstate::distribute(w, &shape, &exec.states[p.0])?.swap_remove(tp_rank));
+                shared.push(c2.tie_word_embeddings && name == "model.embed_tokens.weight");
+                held.push((k, exec.states[p.0].clone()));
+            }
+            let adamw = AdamW {
+                lr: a2.lr,
+                beta1: a2.beta1,
+                beta2: a2.beta2,
+                eps: a2.eps,
+                weight_decay: a2.weight_decay,
+            };
+            let mut opt =
+                Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, a2.grad_clip)?;
+            let mut peak_all = 0usize;
+            for step in 0..a2.steps {
+                let t0 = Instant::now();
+                let batch = d2.batch(step, a2.global_batch, shuffle);
+                let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
+                let tokens: usize = batch.iter().map(|s| s.len()).sum();
+                let mine: Vec<Vec<u32>> = batch.into_iter().skip(dp_rank).step_by(s2.dp).collect();
+                let mbs = pack(&mine, a2.micro_batch_tokens, 1.0 / predicted as f32)?;
+                let out = pipeline_step(
+                    &cpu,
+                    &exec,
+                    &mut groups,
+                    opt.params(),
+                    &shared,
+                    &mbs,
+                    schedule,
+                )?;
+                if !out.loss.is_finite() {
+                    return Err(RuntimeError::Batch(format!(
+                        "step {}: the loss is {}; stopping before the update, weights unchanged",
+                        step + 1,
+                        out.loss
+                    )));
+                }
+                let lr = lr_at(&a2, step);
+                let norm = opt.update(&cpu, &mut groups, out.grads, lr)?;
+                let mut peak = [out.peak_bytes as f32];
+                world.all_reduce(&mut peak, ReduceOp::Max)?;
+                peak_all = peak_all.max(out.peak_bytes);
+                if me == 0 {
+                    let secs = t0.elapsed().as_secs_f64();
+                    let line = format!(
+                        "{{\"step\": {}, \"loss\": {}, \"grad_norm\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {:.6}, \"tokens_per_s\": {:.1}, \"peak_bytes\": {}}}",
+                        step + 1,
+                        out.loss,
+                        norm,
+                        lr,
+                        tokens,
+                        secs,
+                        tokens as f64 / secs,
+                        peak[0] as u64
+                    );
+                    let _ = tx.send(line);
+                }
+            }
+            Ok((opt.params_host(&cpu, &groups)?, held, peak_all))
+        })
+    });
+    for line in rx {
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        eprintln!(
+            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s",
+            v["step"],
+            args.steps,
+            v["loss"].as_f64().unwrap_or(f64::NAN),
+            v["grad_norm"].as_f64().unwrap_or(f64::NAN),
+            v["lr"].as_f64().unwrap_or(0.0),
+            v["tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(f) = metrics.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+    }
+    let results = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the training threads panicked"))??;
+    let elapsed = start.elapsed().as_secs_f64();
+    let specs = param_specs(&cfg);
+    let mut tensors = vec![Vec::new(); specs.len()];
+    for (k, spec_k) in specs.iter().enumerate() {
+        for stage in 0..strategy.pp {
+            let ranks: Vec<usize> = (0..strategy.tp)
+                .map(|t| strategy.rank_of(stage, 0, t))
+                .collect();
+            if let Some(j) = results[ranks[0]].1.iter().position(|(kk, _)| *kk == k) {
+                let state = results[ranks[0]].1[j].1.clone();
+                let locals: Vec<Vec<f32>> =
+                    ranks.iter().map(|&r| results[r].0[j].clone()).collect();
+                tensors[k] = dstate::assemble(&locals, &spec_k.shape, &state)?;
+                break;
+            }
+        }
+    }
+    let trained = Weights::new(&cfg, tensors)?;
+    let peaks: Vec<usize> = results.iter().map(|r| r.2).collect();
+    eprintln!("done in {elapsed:.2} s; peak activation+gradient bytes per rank: {peaks:?}");
+    if let Some(p) = &args.save {
+        trained.save(p)?;
+        eprintln!("weights written to {}", p.display());
+    }
+    if let Some(p) = &args.metrics {
+        eprintln!("metrics written to {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! `hotspa train` as a user runs it: the same training under different strategies saves the same
+//! weights; bad input is a clear error.
+
+use std::path::Path;
+use std::process::Command;
+
+use model::{LlamaConfig, Weights};
+
+fn hotspa(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .output()
+        .expect("run hotspa")
+}
+
+const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+
+fn setup(dir: &Path) {
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let mut lines = String::new();
+    for i in 0..24u32 {
+        let n = [3usize, 9, 2, 30, 5, 14][i as usize % 6];
+        let ids: Vec<String> = (0..n as u32)
+            .map(|j| ((i * 7 + j * j + 3 * j) % 40).to_string())
+            .collect();
+        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
+    }
+    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+    let cfg = LlamaConfig::load(dir).unwrap();
+    Weights::random(&cfg, 3)
+        .save(&dir.join("init.safetensors"))
+        .unwrap();
+}
+
+fn train(dir: &Path, devices: &str, strategy: &str, out: &str) -> Weights {
+    let d = dir.to_str().unwrap();
+    let save = dir.join(out);
+    let o = hotspa(&[
+        "train",
+        "--model",
+        d,
+        "--init",
+        &format!("{d}/init.safetensors"),
+        "--data",
+        &format!("{d}/data.jsonl"),
+        "--devices",
+        devices,
+        "--strategy",
+        strategy,
+        "--global-batch",
+        "8",
+        "--steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--lr-schedule",
+        "constant",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.95",
+        "--eps",
+        "1e-8",
+        "--weight-decay",
+        "0.1",
+        "--grad-clip",
+        "1.0",
+        "--shuffle",
+        "off",
+        "--micro-batch-tokens",
+        "32",
+        "--save",
+        save.to_str().unwrap(),
+        "--metrics",
+        &format!("{d}/{out}.metrics.jsonl"),
+    ]);
+    assert!(
+        o.status.success(),
+        "{strategy}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join(format!("{out}.metrics.jsonl"))).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in [
+            "step",
+            "loss",
+            "grad_norm",
+            "lr",
+            "tokens",
+            "seconds",
+            "peak_bytes",
+        ] {
+            assert!(v.get(key).is_some(), "metrics lack {key}: {line}");
+        }
+    }
+    Weights::load(&LlamaConfig::load(dir).unwrap(), &save).unwrap()
+}
+
+#[test]
+fn strategies_save_the_single_device_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let reference = train(dir.path(), "1", "dp1", "single.safetensors");
+    let init = Weights::load(
+        &LlamaConfig::load(dir.path()).unwrap(),
+        &dir.path().join("init.safetensors"),
+    )
+    .unwrap();
+    assert_ne!(reference, init, "training changed nothing");
+    for (devices, strategy) in [
+        ("4", "dp4"),
+        ("4", "tp4"),
+        ("4", "dp2tp2"),
+        ("4", "tp2pp2"),
+        ("4", "dp4zero3"),
+    ] {
+        let got = train(
+            dir.path(),
+            devices,
+            strategy,
+            &format!("{strategy}.safetensors"),
+        );
+        for ((a, b), spec) in got
+            .tensors()
+            .iter()
+            .zip(reference.tensors())
+            .zip(reference.specs())
+        {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{strategy}: {} differs by {worst:e}",
+                spec.name
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let data = format!("{d}/data.jsonl");
+    let err = |args: &[&str]| {
+        let o = hotspa(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert!(err(&["train"]).contains("pass --model"));
+    assert!(err(&[
+        "train",
+        "--model",
+        d,
+        "--data",
+        &data,
+        "--devices",
+        "8",
+        "--strategy",
+        "dp2tp2"
+    ])
+    .contains("dp2 × tp2 × pp1 = 4 devices, but there are 8"));
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 99]}\n",
+    )
+    .unwrap();
+    assert!(
+        err(&["train", "--model", d, "--data", &format!("{d}/bad.jsonl")])
+            .contains("bad.jsonl:2: input_ids[1] = 99 is outside the vocabulary of 40")
+    );
+    assert!(
+        err(&["train", "--model", d, "--data", &data, "--resume", d]).contains("not built yet")
+    );
+    std::fs::write(dir.path().join("trunc.safetensors"), b"\x10\x00\x00").unwrap();
+    assert!(err(&[
+        "train",
+        "--model",
+        d,
+        "--data",
+        &data,
+        "--init",
+        &format!("{d}/trunc.safetensors")
+    ])
+    .contains("trunc.safetensors: not a valid safetensors file"));
+}

@@ -1,0 +1,79 @@
+//! Bad data gets a clear error naming the file and the line.
+
+use data::{DataError, Dataset};
+
+fn load(content: &str) -> Result<Dataset, DataError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    std::fs::write(&path, content).unwrap();
+    Dataset::load(&path, 50, 8)
+}
+
+#[test]
+fn faults_name_file_and_line() {
+    let e = load("{\"input_ids\": [1, 2]}\n{oops\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("d.jsonl:2: malformed JSON"), "{e}");
+    let e = load("{\"input_ids\": [1, 2.5]}\n").unwrap_err().to_string();
+    assert!(
+        e.contains("d.jsonl:1: input_ids[1] = 2.5 is not a non-negative integer"),
+        "{e}"
+    );
+    let e = load("{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [1, 50]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.jsonl:3: input_ids[1] = 50 is outside the vocabulary of 50"),
+        "{e}"
+    );
+    let e = load("{\"text\": \"abc\"}\n").unwrap_err().to_string();
+    assert!(
+        e.contains("byte-tokenized (256 ids) but the model's vocabulary is 50"),
+        "{e}"
+    );
+    let e = load("{\"tokens\": [1]}\n").unwrap_err().to_string();
+    assert!(e.contains("neither \"input_ids\" nor \"text\""), "{e}");
+    let e = load("{\"input_ids\": [1]}\n").unwrap_err().to_string();
+    assert!(
+        e.contains("no sequence of at least 2 tokens (1 too short)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn long_documents_are_cut_and_shuffling_is_reproducible() {
+    let ds = load("{\"input_ids\": [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17]}\n").unwrap();
+    assert_eq!(
+        ds.sequences().iter().map(|s| s.len()).collect::<Vec<_>>(),
+        vec![8, 8]
+    );
+    assert_eq!(ds.skipped(), 1);
+    let many: String = (0..20)
+        .map(|i| format!("{{\"input_ids\": [{i}, {i}]}}\n"))
+        .collect();
+    let ds = load(&many).unwrap();
+    let a = ds.batch(3, 5, Some(7));
+    assert_eq!(a, ds.batch(3, 5, Some(7)));
+    assert_ne!(a, ds.batch(3, 5, Some(8)));
+    assert_ne!(a, ds.batch(3, 5, None));
+    // One pass of a shuffled order visits every record once.
+    let mut seen: Vec<u32> = (0..4)
+        .flat_map(|s| ds.batch(s, 5, Some(7)))
+        .map(|s| s[0])
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_directory_of_text_files_is_one_document_each() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.txt"), "xyz").unwrap();
+    std::fs::write(dir.path().join("a.md"), "hello").unwrap();
+    let ds = Dataset::load(dir.path(), 256, 100).unwrap();
+    assert_eq!(
+        ds.sequences(),
+        &[data::byte_tokens("hello"), data::byte_tokens("xyz")]
+    );
+}
