@@ -177,6 +177,11 @@ pub fn run(args: Args) -> Result<()> {
     });
     let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
     let ds = Arc::new(Dataset::load(&data_path, cfg.vocab_size, max_len)?);
+    for p in [&args.save, &args.metrics].into_iter().flatten() {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     let mut metrics = match &args.metrics {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
