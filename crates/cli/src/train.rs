@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use comm::{Communicator, ReduceOp, ThreadComm};
 use data::Dataset;
-use graph::{lower, Strategy};
+use graph::Strategy;
 use kernels::{AdamW, CpuBackend};
-use model::{build_stage_graph, param_specs, LlamaConfig, Weights};
+use model::{gather_weights, rank_exec, rank_params, LlamaConfig, RankParams, Weights};
 use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, RuntimeError, Schedule};
 
 #[derive(ClapArgs, Clone)]
@@ -200,40 +200,26 @@ pub fn run(args: Args) -> Result<()> {
         args.global_batch
     );
     let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
-    let (a2, s2, c2, w2, d2, n2) = (
+    let (a2, s2, c2, w2, d2) = (
         args.clone(),
         strategy.clone(),
         cfg.clone(),
         weights.clone(),
         ds.clone(),
-        names.clone(),
     );
     let start = Instant::now();
     let worker = std::thread::spawn(move || {
-        ThreadComm::run(a2.devices, move |world| -> Result<_, RuntimeError> {
+        ThreadComm::run(a2.devices, move |world| -> anyhow::Result<_> {
             let me = world.rank().0;
-            let (stage, dp_rank, tp_rank) = s2.coords(me);
-            let layers = s2.stage_layers(c2.num_hidden_layers)?;
-            let mut g =
-                build_stage_graph(&c2, layers[stage].clone(), stage == 0, stage + 1 == s2.pp)?;
-            graph::backward(&mut g)?;
-            let exec = lower(&g, &s2)?;
+            let (_, dp_rank, tp_rank) = s2.coords(me);
+            let exec = rank_exec(&c2, &s2, me)?;
             let mut groups = RankGroups::new(&world, &s2)?;
             let cpu = CpuBackend::for_ranks(a2.devices)?;
-            let (mut params, mut shared, mut held) = (Vec::new(), Vec::new(), Vec::new());
-            for &p in &exec.graph.params {
-                let name = exec.graph.info(p).name.clone();
-                let k = n2.iter().position(|n| *n == name).unwrap_or(usize::MAX);
-                let w = w2
-                    .tensors()
-                    .get(k)
-                    .ok_or_else(|| RuntimeError::Binding(format!("unknown parameter {name}")))?;
-                let shape = exec.graph.info(p).resolve(0);
-                params.push(dstate::distribute(w, &shape, &exec.states[p.0])?.swap_remove(tp_rank));
-                shared.push(c2.tie_word_embeddings && name == "model.embed_tokens.weight");
-                held.push((k, exec.states[p.0].clone()));
-            }
+            let RankParams {
+                params,
+                shared,
+                held,
+            } = rank_params(&c2, &exec, &w2, tp_rank)?;
             let adamw = AdamW {
                 lr: a2.lr,
                 beta1: a2.beta1,
@@ -261,11 +247,11 @@ pub fn run(args: Args) -> Result<()> {
                     schedule,
                 )?;
                 if !out.loss.is_finite() {
-                    return Err(RuntimeError::Batch(format!(
+                    return Err(anyhow::Error::from(RuntimeError::Batch(format!(
                         "step {}: the loss is {}; stopping before the update, weights unchanged",
                         step + 1,
                         out.loss
-                    )));
+                    ))));
                 }
                 let lr = lr_at(&a2, step);
                 let norm = opt.update(&cpu, &mut groups, out.grads, lr)?;
@@ -310,23 +296,8 @@ pub fn run(args: Args) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the training threads panicked"))??;
     let elapsed = start.elapsed().as_secs_f64();
-    let specs = param_specs(&cfg);
-    let mut tensors = vec![Vec::new(); specs.len()];
-    for (k, spec_k) in specs.iter().enumerate() {
-        for stage in 0..strategy.pp {
-            let ranks: Vec<usize> = (0..strategy.tp)
-                .map(|t| strategy.rank_of(stage, 0, t))
-                .collect();
-            if let Some(j) = results[ranks[0]].1.iter().position(|(kk, _)| *kk == k) {
-                let state = results[ranks[0]].1[j].1.clone();
-                let locals: Vec<Vec<f32>> =
-                    ranks.iter().map(|&r| results[r].0[j].clone()).collect();
-                tensors[k] = dstate::assemble(&locals, &spec_k.shape, &state)?;
-                break;
-            }
-        }
-    }
-    let trained = Weights::new(&cfg, tensors)?;
+    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    let trained = gather_weights(&cfg, &strategy, &per_rank)?;
     let peaks: Vec<usize> = results.iter().map(|r| r.2).collect();
     eprintln!("done in {elapsed:.2} s; peak activation+gradient bytes per rank: {peaks:?}");
     if let Some(p) = &args.save {

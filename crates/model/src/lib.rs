@@ -25,10 +25,12 @@ mod config;
 mod decoder;
 mod error;
 mod params;
+mod shard;
 mod weights;
 
 pub use config::LlamaConfig;
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
 pub use params::{param_specs, ParamSpec, Role};
+pub use shard::{gather_weights, rank_exec, rank_params, Held, RankParams};
 pub use weights::{write_atomic, Weights, INIT_STD};

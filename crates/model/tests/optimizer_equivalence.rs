@@ -8,7 +8,9 @@ use std::sync::Arc;
 use comm::{Communicator, ThreadComm};
 use graph::{lower, Strategy};
 use kernels::{AdamW, CpuBackend};
-use model::{build_stage_graph, param_specs, LlamaConfig, Weights};
+use model::{
+    gather_weights, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights,
+};
 use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, Schedule};
 
 const STEPS: usize = 3;
@@ -39,80 +41,59 @@ fn batch(s: usize) -> Vec<Vec<u32>> {
 fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
     let cfg = Arc::new(config());
     let weights = Arc::new(Weights::random(&cfg, 9));
-    let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
     let strategy = Strategy::parse(spec, devices).unwrap();
     let s2 = strategy.clone();
-    let results = ThreadComm::run(devices, move |world| -> Result<_, runtime::RuntimeError> {
-        let (stage, dp_rank, tp_rank) = s2.coords(world.rank().0);
-        let layers = s2.stage_layers(cfg.num_hidden_layers)?;
-        let mut g = build_stage_graph(&cfg, layers[stage].clone(), stage == 0, stage + 1 == s2.pp)?;
-        graph::backward(&mut g)?;
-        let exec = lower(&g, &s2)?;
-        let mut groups = RankGroups::new(&world, &s2)?;
-        let cpu = CpuBackend::new(1)?;
-        let (mut params, mut shared, mut held) = (Vec::new(), Vec::new(), Vec::new());
-        for &p in &exec.graph.params {
-            let name = exec.graph.info(p).name.clone();
-            let k = names
-                .iter()
-                .position(|n| *n == name)
-                .expect("known parameter");
-            let shape = exec.graph.info(p).resolve(0);
-            params.push(
-                dstate::distribute(&weights.tensors()[k], &shape, &exec.states[p.0])?
-                    .swap_remove(tp_rank),
-            );
-            shared.push(cfg.tie_word_embeddings && name == "model.embed_tokens.weight");
-            held.push((k, exec.states[p.0].clone()));
-        }
-        let adamw = AdamW {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
-        let mut opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 0.3)?;
-        let mut norms = Vec::new();
-        for s in 0..STEPS {
-            let seqs = batch(s);
-            let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-            let mine: Vec<Vec<u32>> = seqs.into_iter().skip(dp_rank).step_by(s2.dp).collect();
-            let mbs: Vec<MicroBatch> = mine
-                .chunks(2)
-                .map(|c| MicroBatch::pack(c, 1.0 / predicted as f32))
-                .collect::<Result<_, _>>()?;
-            let out = pipeline_step(
-                &cpu,
-                &exec,
-                &mut groups,
-                opt.params(),
-                &shared,
-                &mbs,
-                Schedule::OneFOneB,
-            )?;
-            norms.push(opt.update(&cpu, &mut groups, out.grads, 1e-2)?);
-        }
-        Ok((opt.params_host(&cpu, &groups)?, held, norms))
-    })
+    let results = ThreadComm::run(
+        devices,
+        move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let me = world.rank().0;
+            let (_, dp_rank, tp_rank) = s2.coords(me);
+            let exec = rank_exec(&cfg, &s2, me)?;
+            let mut groups = RankGroups::new(&world, &s2)?;
+            let cpu = CpuBackend::new(1)?;
+            let RankParams {
+                params,
+                shared,
+                held,
+            } = rank_params(&cfg, &exec, &weights, tp_rank)?;
+            let adamw = AdamW {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            };
+            let mut opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 0.3)?;
+            let mut norms = Vec::new();
+            for s in 0..STEPS {
+                let seqs = batch(s);
+                let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
+                let mine: Vec<Vec<u32>> = seqs.into_iter().skip(dp_rank).step_by(s2.dp).collect();
+                let mbs: Vec<MicroBatch> = mine
+                    .chunks(2)
+                    .map(|c| MicroBatch::pack(c, 1.0 / predicted as f32))
+                    .collect::<Result<_, _>>()?;
+                let out = pipeline_step(
+                    &cpu,
+                    &exec,
+                    &mut groups,
+                    opt.params(),
+                    &shared,
+                    &mbs,
+                    Schedule::OneFOneB,
+                )?;
+                norms.push(opt.update(&cpu, &mut groups, out.grads, 1e-2)?);
+            }
+            Ok((opt.params_host(&cpu, &groups)?, held, norms))
+        },
+    )
     .unwrap_or_else(|e| panic!("{spec}: {e}"));
 
-    let specs = param_specs(&config());
-    let mut out = vec![Vec::new(); specs.len()];
-    for (k, spec_k) in specs.iter().enumerate() {
-        for stage in 0..strategy.pp {
-            let ranks: Vec<usize> = (0..strategy.tp)
-                .map(|t| strategy.rank_of(stage, 0, t))
-                .collect();
-            if let Some(j) = results[ranks[0]].1.iter().position(|(kk, _)| *kk == k) {
-                let state = results[ranks[0]].1[j].1.clone();
-                let locals: Vec<Vec<f32>> =
-                    ranks.iter().map(|&r| results[r].0[j].clone()).collect();
-                out[k] = dstate::assemble(&locals, &spec_k.shape, &state).unwrap();
-                break;
-            }
-        }
-    }
+    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    let out = gather_weights(&config(), &strategy, &per_rank)
+        .unwrap()
+        .tensors()
+        .to_vec();
     (out, results[0].2.clone())
 }
 

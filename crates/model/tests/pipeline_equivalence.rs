@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
-use graph::{lower, Strategy};
+use graph::Strategy;
 use kernels::CpuBackend;
-use model::{build_graph, build_stage_graph, param_specs, LlamaConfig, Weights};
+use model::{build_graph, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights};
 use runtime::{pipeline_step, run, MicroBatch, RankGroups, Schedule};
 
 fn config(tied: bool) -> LlamaConfig {
@@ -41,7 +41,6 @@ fn micro_batches(dp: usize, d: usize, scale: f32) -> Vec<MicroBatch> {
 fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usize> {
     let cfg = Arc::new(config(tied));
     let weights = Arc::new(Weights::random(&cfg, 5));
-    let names: Arc<Vec<String>> = Arc::new(param_specs(&cfg).into_iter().map(|s| s.name).collect());
     let predicted: usize = sequences().iter().map(|s| s.len() - 1).sum();
     let scale = 1.0 / predicted as f32;
     let mut full = build_graph(&cfg).unwrap();
@@ -56,49 +55,32 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usiz
     .unwrap();
 
     let strategy = Strategy::parse(spec, devices).unwrap();
-    let (s2, c2, w2, n2) = (
-        strategy.clone(),
-        cfg.clone(),
-        weights.clone(),
-        names.clone(),
-    );
-    let results = ThreadComm::run(devices, move |world| -> Result<_, runtime::RuntimeError> {
-        let me = world.rank().0;
-        let (stage, dp_rank, tp_rank) = s2.coords(me);
-        let stages = s2.stage_layers(c2.num_hidden_layers)?;
-        let mut g = build_stage_graph(&c2, stages[stage].clone(), stage == 0, stage + 1 == s2.pp)?;
-        graph::backward(&mut g)?;
-        let exec = lower(&g, &s2)?;
-        let mut groups = RankGroups::new(&world, &s2)?;
-        let mut params = Vec::new();
-        let mut shared = Vec::new();
-        let mut held = Vec::new();
-        for &p in &exec.graph.params {
-            let name = exec.graph.info(p).name.clone();
-            let k = n2
-                .iter()
-                .position(|n| *n == name)
-                .expect("a known parameter");
-            let shape = exec.graph.info(p).resolve(0);
-            params.push(
-                dstate::distribute(&w2.tensors()[k], &shape, &exec.states[p.0])?
-                    .swap_remove(tp_rank),
-            );
-            shared.push(c2.tie_word_embeddings && name == "model.embed_tokens.weight");
-            held.push((k, exec.states[p.0].clone()));
-        }
-        let mbs = micro_batches(s2.dp, dp_rank, scale);
-        let out = pipeline_step(
-            &CpuBackend::new(1)?,
-            &exec,
-            &mut groups,
-            &params,
-            &shared,
-            &mbs,
-            schedule,
-        )?;
-        Ok((out.loss, out.grads, held, out.peak_bytes))
-    })
+    let (s2, c2, w2) = (strategy.clone(), cfg.clone(), weights.clone());
+    let results = ThreadComm::run(
+        devices,
+        move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let me = world.rank().0;
+            let (_, dp_rank, tp_rank) = s2.coords(me);
+            let exec = rank_exec(&c2, &s2, me)?;
+            let mut groups = RankGroups::new(&world, &s2)?;
+            let RankParams {
+                params,
+                shared,
+                held,
+            } = rank_params(&c2, &exec, &w2, tp_rank)?;
+            let mbs = micro_batches(s2.dp, dp_rank, scale);
+            let out = pipeline_step(
+                &CpuBackend::new(1)?,
+                &exec,
+                &mut groups,
+                &params,
+                &shared,
+                &mbs,
+                schedule,
+            )?;
+            Ok((out.loss, out.grads, held, out.peak_bytes))
+        },
+    )
     .unwrap_or_else(|e| panic!("{spec} {schedule}: {e}"));
 
     for (rank, r) in results.iter().enumerate() {

@@ -1,0 +1,118 @@
+//! Moving whole-model weights to and from the pieces each rank holds under a strategy.
+
+use dstate::DState;
+use graph::{ExecGraph, GraphError, Strategy};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::params::param_specs;
+use crate::weights::Weights;
+
+/// For each parameter a rank holds: its index in [`param_specs`] and its DState over the TP group.
+pub type Held = Vec<(usize, DState)>;
+
+/// One rank's parameters for its exec graph, in `exec.graph.params` order.
+#[derive(Debug, Clone)]
+pub struct RankParams {
+    /// This TP rank's piece of every parameter.
+    pub params: Vec<Vec<f32>>,
+    /// Whether each is a tied embedding held by the first and the last pipeline stage.
+    pub shared: Vec<bool>,
+    /// For each: its index in [`param_specs`] and its DState over the TP group.
+    pub held: Held,
+}
+
+/// The pieces TP rank `tp_rank` holds of `weights` under `exec` (one stage's exec graph).
+pub fn rank_params(
+    cfg: &LlamaConfig,
+    exec: &ExecGraph,
+    weights: &Weights,
+    tp_rank: usize,
+) -> Result<RankParams> {
+    let specs = param_specs(cfg);
+    let mut out = RankParams {
+        params: Vec::new(),
+        shared: Vec::new(),
+        held: Vec::new(),
+    };
+    for &p in &exec.graph.params {
+        let name = &exec.graph.info(p).name;
+        let k = specs.iter().position(|s| &s.name == name).ok_or_else(|| {
+            ModelError::Mismatch(format!("the graph's parameter {name} is not in the config"))
+        })?;
+        let state = &exec.states[p.0];
+        let mut pieces = dstate::distribute(&weights.tensors()[k], &specs[k].shape, state)
+            .map_err(|e| ModelError::Mismatch(format!("{name}: {e}")))?;
+        if tp_rank >= pieces.len() {
+            return Err(ModelError::Mismatch(format!(
+                "TP rank {tp_rank} of {}",
+                pieces.len()
+            )));
+        }
+        out.params.push(pieces.swap_remove(tp_rank));
+        out.shared
+            .push(cfg.tie_word_embeddings && name == "model.embed_tokens.weight");
+        out.held.push((k, state.clone()));
+    }
+    Ok(out)
+}
+
+/// Reassembles whole weights from the ranks' pieces: `per_rank[r]` is world rank `r`'s
+/// `(pieces, held)` (as in [`RankParams`]); DP replica 0 of every stage is read.
+pub fn gather_weights(
+    cfg: &LlamaConfig,
+    strategy: &Strategy,
+    per_rank: &[(Vec<Vec<f32>>, Held)],
+) -> Result<Weights> {
+    let specs = param_specs(cfg);
+    let mut tensors = vec![Vec::new(); specs.len()];
+    for (k, spec) in specs.iter().enumerate() {
+        let mut found = false;
+        for stage in 0..strategy.pp {
+            let ranks: Vec<usize> = (0..strategy.tp)
+                .map(|t| strategy.rank_of(stage, 0, t))
+                .collect();
+            let Some((_, held)) = per_rank.get(ranks[0]) else {
+                continue;
+            };
+            if let Some(j) = held.iter().position(|(kk, _)| *kk == k) {
+                let locals: Vec<Vec<f32>> = ranks
+                    .iter()
+                    .map(|&r| {
+                        per_rank
+                            .get(r)
+                            .and_then(|x| x.0.get(j))
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                tensors[k] = dstate::assemble(&locals, &spec.shape, &held[j].1)
+                    .map_err(|e| ModelError::Mismatch(format!("{}: {e}", spec.name)))?;
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(ModelError::Mismatch(format!("no rank holds {}", spec.name)));
+        }
+    }
+    Weights::new(cfg, tensors)
+}
+
+/// Builds, differentiates and lowers the exec graph of world rank `rank`'s pipeline stage.
+pub fn rank_exec(
+    cfg: &LlamaConfig,
+    strategy: &Strategy,
+    rank: usize,
+) -> std::result::Result<ExecGraph, GraphError> {
+    let (stage, _, _) = strategy.coords(rank);
+    let layers = strategy.stage_layers(cfg.num_hidden_layers)?;
+    let mut g = crate::decoder::build_stage_graph(
+        cfg,
+        layers[stage].clone(),
+        stage == 0,
+        stage + 1 == strategy.pp,
+    )?;
+    graph::backward(&mut g)?;
+    graph::lower(&g, strategy)
+}
