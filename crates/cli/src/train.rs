@@ -277,8 +277,28 @@ pub fn run(args: Args) -> Result<()> {
             Ok((opt.params_host(&cpu, &groups)?, held, peak_all))
         })
     });
+    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
+            .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?,
+    );
+    let mut total_tokens = 0u64;
     for line in rx {
         let v: serde_json::Value = serde_json::from_str(&line)?;
+        total_tokens += v["tokens"].as_u64().unwrap_or(0);
+        if let Some(f) = metrics.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        if !bar.is_hidden() {
+            bar.set_message(format!(
+                "loss {:.4}  {:.0} tokens/s",
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+                v["tokens_per_s"].as_f64().unwrap_or(0.0)
+            ));
+            bar.inc(1);
+            continue;
+        }
+        // Not a terminal (a log, CI): one line per step instead of the bar.
         eprintln!(
             "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s",
             v["step"],
@@ -288,10 +308,8 @@ pub fn run(args: Args) -> Result<()> {
             v["lr"].as_f64().unwrap_or(0.0),
             v["tokens_per_s"].as_f64().unwrap_or(0.0)
         );
-        if let Some(f) = metrics.as_mut() {
-            writeln!(f, "{line}")?;
-        }
     }
+    bar.finish_and_clear();
     let results = worker
         .join()
         .map_err(|_| anyhow::anyhow!("the training threads panicked"))??;
@@ -299,7 +317,11 @@ pub fn run(args: Args) -> Result<()> {
     let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
     let trained = gather_weights(&cfg, &strategy, &per_rank)?;
     let peaks: Vec<usize> = results.iter().map(|r| r.2).collect();
-    eprintln!("done in {elapsed:.2} s; peak activation+gradient bytes per rank: {peaks:?}");
+    eprintln!(
+        "done: {} steps in {elapsed:.2} s, {:.0} tokens/s; peak activation+gradient bytes per rank: {peaks:?}",
+        args.steps,
+        total_tokens as f64 / elapsed
+    );
     if let Some(p) = &args.save {
         trained.save(p)?;
         eprintln!("weights written to {}", p.display());
