@@ -11,7 +11,7 @@ use comm::{Communicator, ReduceOp, ThreadComm};
 use data::Dataset;
 use graph::Strategy;
 use kernels::{AdamW, CpuBackend};
-use model::{gather_weights, rank_exec, rank_params, LlamaConfig, RankParams, Weights};
+use model::{gather_weights, rank_exec, rank_params, Checkpoint, LlamaConfig, RankParams, Weights};
 use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, RuntimeError, Schedule};
 
 #[derive(ClapArgs, Clone)]
@@ -91,15 +91,43 @@ pub struct Args {
     /// Write one JSON object per step.
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// Checkpoint directory (not built yet).
+    /// Write checkpoints into this directory (atomic, verified on load).
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    /// Checkpoint every N steps (not built yet).
+    /// Checkpoint every N steps (default: at the end only).
     #[arg(long)]
     checkpoint_every: Option<usize>,
-    /// Resume from a checkpoint directory (not built yet).
+    /// Resume from a checkpoint directory (its `latest`, or a step directory), under any strategy.
     #[arg(long)]
     resume: Option<PathBuf>,
+}
+
+/// What the rank threads tell the main thread.
+enum Msg {
+    /// One step's metrics line (rank 0).
+    Metrics(String),
+    /// One rank's pieces of the weights and both moments after `step` steps.
+    Checkpoint {
+        rank: usize,
+        step: u64,
+        parts: [Vec<Vec<f32>>; 3],
+        held: model::Held,
+    },
+}
+
+/// One rank's pieces of the weights and both moments, with what it holds.
+type RankPart = ([Vec<Vec<f32>>; 3], model::Held);
+
+/// The run's settings, recorded in checkpoints.
+fn run_record(a: &Args, strategy: &Strategy) -> serde_json::Value {
+    serde_json::json!({
+        "strategy": strategy.to_string(), "devices": a.devices, "global_batch": a.global_batch,
+        "steps": a.steps, "micro_batch_tokens": a.micro_batch_tokens, "max_len": a.max_len,
+        "lr": a.lr, "lr_schedule": a.lr_schedule, "warmup": a.warmup, "min_lr": a.min_lr,
+        "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps, "weight_decay": a.weight_decay,
+        "grad_clip": a.grad_clip, "seed": a.seed, "shuffle": a.shuffle,
+        "data": a.data, "model": a.model, "init": a.init,
+    })
 }
 
 /// The learning rate of `step` (0-based) of `steps`.
@@ -147,8 +175,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.tokenizer.is_some() {
         bail!("--tokenizer is not supported yet: `text` records are byte-tokenized (vocabulary ≥ 256)");
     }
-    if args.checkpoint_dir.is_some() || args.checkpoint_every.is_some() || args.resume.is_some() {
-        bail!("checkpoints (--checkpoint-dir, --checkpoint-every, --resume) are not built yet");
+    if args.checkpoint_every.is_some() && args.checkpoint_dir.is_none() {
+        bail!("--checkpoint-every needs --checkpoint-dir");
+    }
+    if args.checkpoint_every == Some(0) {
+        bail!("--checkpoint-every must be at least 1");
     }
     if !matches!(args.lr_schedule.as_str(), "constant" | "cosine") {
         bail!("--lr-schedule {}: use constant or cosine", args.lr_schedule);
@@ -171,9 +202,28 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| format!("dp{}", args.devices));
     let strategy = Strategy::parse(&spec, args.devices)?;
     strategy.stage_layers(cfg.num_hidden_layers)?;
-    let weights = Arc::new(match &args.init {
-        Some(p) => Weights::load(&cfg, p)?,
-        None => Weights::random(&cfg, args.seed),
+    let resumed = match &args.resume {
+        Some(dir) => {
+            let ck = Checkpoint::load(dir, &cfg)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            if ck.step as usize >= args.steps {
+                bail!(
+                    "the checkpoint in {} is at step {}, not before --steps {}",
+                    dir.display(),
+                    ck.step,
+                    args.steps
+                );
+            }
+            eprintln!("resuming from {} at step {}", dir.display(), ck.step);
+            Some(Arc::new(ck))
+        }
+        None => None,
+    };
+    let start_step = resumed.as_ref().map_or(0, |c| c.step as usize);
+    let weights = Arc::new(match (&resumed, &args.init) {
+        (Some(ck), _) => ck.weights.clone(),
+        (None, Some(p)) => Weights::load(&cfg, p)?,
+        (None, None) => Weights::random(&cfg, args.seed),
     });
     let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
     let ds = Arc::new(Dataset::load(&data_path, cfg.vocab_size, max_len)?);
@@ -199,7 +249,8 @@ pub fn run(args: Args) -> Result<()> {
         args.steps,
         args.global_batch
     );
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    let r2 = resumed.clone();
     let (a2, s2, c2, w2, d2) = (
         args.clone(),
         strategy.clone(),
@@ -220,6 +271,10 @@ pub fn run(args: Args) -> Result<()> {
                 shared,
                 held,
             } = rank_params(&c2, &exec, &w2, tp_rank)?;
+            let every = a2
+                .checkpoint_dir
+                .as_ref()
+                .map(|_| a2.checkpoint_every.unwrap_or(a2.steps));
             let adamw = AdamW {
                 lr: a2.lr,
                 beta1: a2.beta1,
@@ -229,8 +284,13 @@ pub fn run(args: Args) -> Result<()> {
             };
             let mut opt =
                 Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, a2.grad_clip)?;
+            if let Some(ck) = &r2 {
+                let m = rank_params(&c2, &exec, &ck.exp_avg, tp_rank)?.params;
+                let v = rank_params(&c2, &exec, &ck.exp_avg_sq, tp_rank)?.params;
+                opt.restore(&m, &v, ck.step)?;
+            }
             let mut peak_all = 0usize;
-            for step in 0..a2.steps {
+            for step in start_step..a2.steps {
                 let t0 = Instant::now();
                 let batch = d2.batch(step, a2.global_batch, shuffle);
                 let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
@@ -271,19 +331,63 @@ pub fn run(args: Args) -> Result<()> {
                         tokens as f64 / secs,
                         peak[0] as u64
                     );
-                    let _ = tx.send(line);
+                    let _ = tx.send(Msg::Metrics(line));
+                }
+                if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == a2.steps) {
+                    let mo = opt.state_host(&groups)?;
+                    let _ = tx.send(Msg::Checkpoint {
+                        rank: me,
+                        step: step as u64 + 1,
+                        parts: [opt.params_host(&cpu, &groups)?, mo.exp_avg, mo.exp_avg_sq],
+                        held: held.clone(),
+                    });
                 }
             }
             Ok((opt.params_host(&cpu, &groups)?, held, peak_all))
         })
     });
     let bar = indicatif::ProgressBar::new(args.steps as u64);
+    bar.set_position(start_step as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?,
     );
     let mut total_tokens = 0u64;
-    for line in rx {
+    let mut pending: std::collections::BTreeMap<u64, Vec<Option<RankPart>>> = Default::default();
+    for msg in rx {
+        let line = match msg {
+            Msg::Metrics(line) => line,
+            Msg::Checkpoint {
+                rank,
+                step,
+                parts,
+                held,
+            } => {
+                let slots = pending
+                    .entry(step)
+                    .or_insert_with(|| vec![None; args.devices]);
+                slots[rank] = Some((parts, held));
+                if slots.iter().all(|s| s.is_some()) {
+                    let slots = pending.remove(&step).unwrap_or_default();
+                    let all: Vec<_> = slots.into_iter().flatten().collect();
+                    let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
+                        all.iter().map(|(p, h)| (p[i].clone(), h.clone())).collect()
+                    };
+                    let ck = Checkpoint {
+                        step,
+                        weights: gather_weights(&cfg, &strategy, &pick(0))?,
+                        exp_avg: gather_weights(&cfg, &strategy, &pick(1))?,
+                        exp_avg_sq: gather_weights(&cfg, &strategy, &pick(2))?,
+                        run: run_record(&args, &strategy),
+                    };
+                    if let Some(dir) = &args.checkpoint_dir {
+                        let at = ck.save(dir, &cfg)?;
+                        bar.suspend(|| eprintln!("checkpoint written to {}", at.display()));
+                    }
+                }
+                continue;
+            }
+        };
         let v: serde_json::Value = serde_json::from_str(&line)?;
         total_tokens += v["tokens"].as_u64().unwrap_or(0);
         if let Some(f) = metrics.as_mut() {
@@ -319,7 +423,7 @@ pub fn run(args: Args) -> Result<()> {
     let peaks: Vec<usize> = results.iter().map(|r| r.2).collect();
     eprintln!(
         "done: {} steps in {elapsed:.2} s, {:.0} tokens/s; peak activation+gradient bytes per rank: {peaks:?}",
-        args.steps,
+        args.steps - start_step,
         total_tokens as f64 / elapsed
     );
     if let Some(p) = &args.save {

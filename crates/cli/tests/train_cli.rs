@@ -176,9 +176,8 @@ fn bad_input_is_a_clear_error() {
         err(&["train", "--model", d, "--data", &format!("{d}/bad.jsonl")])
             .contains("bad.jsonl:2: input_ids[1] = 99 is outside the vocabulary of 40")
     );
-    assert!(
-        err(&["train", "--model", d, "--data", &data, "--resume", d]).contains("not built yet")
-    );
+    let e = err(&["train", "--model", d, "--data", &data, "--resume", d]);
+    assert!(e.contains("resuming from") && e.contains("latest"), "{e}");
     std::fs::write(dir.path().join("trunc.safetensors"), b"\x10\x00\x00").unwrap();
     assert!(err(&[
         "train",
@@ -190,4 +189,175 @@ fn bad_input_is_a_clear_error() {
         &format!("{d}/trunc.safetensors")
     ])
     .contains("trunc.safetensors: not a valid safetensors file"));
+}
+
+fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String> {
+    [
+        "train",
+        "--model",
+        d,
+        "--init",
+        &format!("{d}/init.safetensors"),
+        "--data",
+        &format!("{d}/data.jsonl"),
+        "--devices",
+        devices,
+        "--strategy",
+        strategy,
+        "--global-batch",
+        "8",
+        "--steps",
+        steps,
+        "--lr",
+        "3e-3",
+        "--lr-schedule",
+        "cosine",
+        "--warmup",
+        "2",
+        "--shuffle",
+        "on",
+        "--seed",
+        "4",
+        "--micro-batch-tokens",
+        "32",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run_ok(args: &[String]) {
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = hotspa(&refs);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let cfg = LlamaConfig::load(dir.path()).unwrap();
+    // Uninterrupted: 6 steps.
+    let mut a = train_args(d, "4", "dp2tp2", "6");
+    a.extend(["--save".into(), format!("{d}/a.safetensors")]);
+    run_ok(&a);
+    // 3 steps, checkpoint, then 3 more from the checkpoint: bitwise the same under the same strategy.
+    let mut b = train_args(d, "4", "dp2tp2", "3");
+    b.extend(["--checkpoint-dir".into(), format!("{d}/ck")]);
+    run_ok(&b);
+    let mut c = train_args(d, "4", "dp2tp2", "6");
+    c.extend([
+        "--resume".into(),
+        format!("{d}/ck"),
+        "--save".into(),
+        format!("{d}/c.safetensors"),
+    ]);
+    run_ok(&c);
+    let (wa, wc) = (
+        std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("c.safetensors")).unwrap(),
+    );
+    assert!(
+        wa == wc,
+        "resume under the same strategy is not bitwise identical"
+    );
+    // Resumed under other strategies and device counts: the same weights up to f32 summation order.
+    let reference = Weights::load(&cfg, &dir.path().join("a.safetensors")).unwrap();
+    for (devices, strategy) in [
+        ("2", "tp2"),
+        ("4", "tp2pp2"),
+        ("1", "dp1"),
+        ("4", "dp4zero3"),
+    ] {
+        let mut r = train_args(d, devices, strategy, "6");
+        r.extend([
+            "--resume".into(),
+            format!("{d}/ck"),
+            "--save".into(),
+            format!("{d}/r.safetensors"),
+        ]);
+        run_ok(&r);
+        let got = Weights::load(&cfg, &dir.path().join("r.safetensors")).unwrap();
+        for ((x, y), s) in got
+            .tensors()
+            .iter()
+            .zip(reference.tensors())
+            .zip(reference.specs())
+        {
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "resumed under {strategy}: {} differs by {worst:e}",
+                s.name
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_checkpoints_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let mut b = train_args(d, "1", "dp1", "2");
+    b.extend(["--checkpoint-dir".into(), format!("{d}/ck")]);
+    run_ok(&b);
+    let file = dir.path().join("ck/step-00000002/exp_avg.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let mut r = train_args(d, "1", "dp1", "4");
+    r.extend(["--resume".into(), format!("{d}/ck")]);
+    let refs: Vec<&str> = r.iter().map(|s| s.as_str()).collect();
+    let o = hotspa(&refs);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("exp_avg.safetensors") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kill_9_during_checkpoint_writes_leaves_the_previous_one_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let cfg = LlamaConfig::load(dir.path()).unwrap();
+    let mut args = train_args(d, "2", "dp2", "100000");
+    args.extend([
+        "--checkpoint-dir".into(),
+        format!("{d}/ck"),
+        "--checkpoint-every".into(),
+        "1".into(),
+    ]);
+    for delay_ms in [300u64, 450, 700, 1100] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if dir.path().join("ck/latest").exists() {
+            let ck = model::Checkpoint::load(&dir.path().join("ck"), &cfg)
+                .unwrap_or_else(|e| panic!("after kill -9 at {delay_ms} ms: {e}"));
+            assert!(ck.step >= 1);
+        }
+    }
+    assert!(
+        dir.path().join("ck/latest").exists(),
+        "no checkpoint was ever written"
+    );
 }

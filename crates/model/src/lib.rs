@@ -21,6 +21,7 @@
 //! # Ok::<(), model::ModelError>(())
 //! ```
 
+mod checkpoint;
 mod config;
 mod decoder;
 mod error;
@@ -28,6 +29,7 @@ mod params;
 mod shard;
 mod weights;
 
+pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};

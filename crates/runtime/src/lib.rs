@@ -37,7 +37,7 @@ mod tp;
 pub use batch::MicroBatch;
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
-pub use optimizer::Optimizer;
+pub use optimizer::{Moments, Optimizer};
 pub use parallel::{step_gradients, RankGroups, StepGradients};
 pub use pipeline::{pipeline_step, Phase, Schedule};
 pub use tp::TpGroup;

@@ -20,6 +20,17 @@ use kernels::{AdamW, Backend};
 use crate::error::{Result, RuntimeError};
 use crate::parallel::RankGroups;
 
+/// AdamW state as whole local pieces, for checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    /// First moments, per parameter.
+    pub exp_avg: Vec<Vec<f32>>,
+    /// Second moments, per parameter.
+    pub exp_avg_sq: Vec<Vec<f32>>,
+    /// Steps taken.
+    pub step: u64,
+}
+
 /// One rank's optimizer: AdamW moments (for its ZeRO chunk) and the parameters it owns.
 pub struct Optimizer<B: Backend> {
     cfg: AdamW,
@@ -132,6 +143,59 @@ impl<B: Backend> Optimizer<B> {
             }
         }
         Ok(out)
+    }
+
+    /// The AdamW moments as whole local pieces (gathered over DP under ZeRO) and the step count,
+    /// for a checkpoint.
+    pub fn state_host(&self, groups: &RankGroups) -> Result<Moments> {
+        let dp = groups.dp.size();
+        let whole = |parts: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
+            parts
+                .iter()
+                .enumerate()
+                .map(|(k, part)| {
+                    if self.zero == 0 {
+                        return Ok(part.clone());
+                    }
+                    let counts = chunk_counts(self.lens[k], dp);
+                    let mut full = vec![0.0; self.lens[k]];
+                    groups.dp.all_gather(part, &mut full, &counts)?;
+                    Ok(full)
+                })
+                .collect()
+        };
+        Ok(Moments {
+            exp_avg: whole(&self.m)?,
+            exp_avg_sq: whole(&self.v)?,
+            step: self.step,
+        })
+    }
+
+    /// Restores the moments (whole local pieces, as [`Optimizer::state_host`] gives them) and
+    /// the step count, e.g. from a checkpoint written under another strategy.
+    pub fn restore(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<()> {
+        if m.len() != self.lens.len() || v.len() != self.lens.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} and {} moments restored for {} parameters",
+                m.len(),
+                v.len(),
+                self.lens.len()
+            )));
+        }
+        for k in 0..self.lens.len() {
+            if m[k].len() != self.lens[k] || v[k].len() != self.lens[k] {
+                return Err(RuntimeError::Binding(format!(
+                    "moments of parameter {k} have {} and {} values, expected {}",
+                    m[k].len(),
+                    v[k].len(),
+                    self.lens[k]
+                )));
+            }
+            self.m[k] = m[k][self.chunks[k].clone()].to_vec();
+            self.v[k] = v[k][self.chunks[k].clone()].to_vec();
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Clips and applies the reduced gradients (whole local pieces for ZeRO ≤ 1, this rank's

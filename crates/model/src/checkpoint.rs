@@ -1,0 +1,138 @@
+//! Training checkpoints: a directory per step holding the weights (HF names, f32 safetensors),
+//! the AdamW moments (same names and shapes), and `state.json` (step, the run's settings, the
+//! model config and the SHA-256 of every file). Written atomically as a whole: the step directory
+//! is assembled under a temporary name and renamed, and only then does `latest` (written by temp
+//! + rename) point at it, so a crash at any moment leaves the previous checkpoint loadable.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::LlamaConfig;
+use crate::error::{io, ModelError, Result};
+use crate::weights::{write_atomic, Weights};
+
+/// Everything needed to continue a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The weights after `step` steps.
+    pub weights: Weights,
+    /// AdamW first moments.
+    pub exp_avg: Weights,
+    /// AdamW second moments.
+    pub exp_avg_sq: Weights,
+    /// The run's settings (free-form JSON, kept for the record and for checks on resume).
+    pub run: serde_json::Value,
+}
+
+const FILES: [&str; 3] = [
+    "model.safetensors",
+    "exp_avg.safetensors",
+    "exp_avg_sq.safetensors",
+];
+
+fn sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+impl Checkpoint {
+    /// Writes `dir/step-NNNNNNNN/` and points `dir/latest` at it. Returns the step directory.
+    pub fn save(&self, dir: &Path, cfg: &LlamaConfig) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // Leftovers of interrupted writes are never pointed at; remove them.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".step-") && name.contains(".tmp-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let name = format!("step-{:08}", self.step);
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        self.weights.save(&tmp.join(FILES[0]))?;
+        self.exp_avg.save(&tmp.join(FILES[1]))?;
+        self.exp_avg_sq.save(&tmp.join(FILES[2]))?;
+        let mut sums = serde_json::Map::new();
+        for f in FILES {
+            sums.insert(
+                f.to_string(),
+                serde_json::Value::String(sha256(&tmp.join(f))?),
+            );
+        }
+        let state = serde_json::json!({
+            "step": self.step,
+            "config": cfg,
+            "run": self.run,
+            "sha256": sums,
+        });
+        let text = serde_json::to_string_pretty(&state)
+            .map_err(|e| ModelError::Mismatch(e.to_string()))?;
+        write_atomic(&tmp.join("state.json"), text.as_bytes())?;
+        let final_dir = dir.join(&name);
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        write_atomic(&dir.join("latest"), name.as_bytes())?;
+        Ok(final_dir)
+    }
+
+    /// Loads the checkpoint `dir/latest` points at (or `dir` itself when it is a step directory),
+    /// verifying every file's checksum and that the model config matches `cfg`.
+    pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
+        let step_dir = if dir.join("state.json").exists() {
+            dir.to_path_buf()
+        } else {
+            let latest = dir.join("latest");
+            let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
+            dir.join(name.trim())
+        };
+        let state_path = step_dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+        let corrupt = |reason: String| ModelError::Corrupt {
+            path: state_path.clone(),
+            reason,
+        };
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(format!("malformed JSON: {e}")))?;
+        let step = state["step"]
+            .as_u64()
+            .ok_or_else(|| corrupt("no \"step\"".into()))?;
+        let saved_cfg: LlamaConfig = serde_json::from_value(state["config"].clone())
+            .map_err(|e| corrupt(format!("bad \"config\": {e}")))?;
+        if &saved_cfg != cfg {
+            return Err(ModelError::Mismatch(format!(
+                "{} was written for another model config ({saved_cfg:?})",
+                step_dir.display()
+            )));
+        }
+        for f in FILES {
+            let want = state["sha256"][f]
+                .as_str()
+                .ok_or_else(|| corrupt(format!("no checksum for {f}")))?;
+            let path = step_dir.join(f);
+            let got = sha256(&path)?;
+            if got != want {
+                return Err(ModelError::Corrupt {
+                    path,
+                    reason: format!("checksum mismatch: state.json says {want}, the file is {got}"),
+                });
+            }
+        }
+        Ok(Self {
+            step,
+            weights: Weights::load(cfg, &step_dir.join(FILES[0]))?,
+            exp_avg: Weights::load(cfg, &step_dir.join(FILES[1]))?,
+            exp_avg_sq: Weights::load(cfg, &step_dir.join(FILES[2]))?,
+            run: state["run"].clone(),
+        })
+    }
+}
