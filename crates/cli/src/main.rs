@@ -2,6 +2,7 @@
 
 mod bench;
 mod graph_cmd;
+mod plot;
 mod train;
 
 use anyhow::Result;
@@ -30,6 +31,8 @@ enum Command {
     Graph(graph_cmd::Args),
     /// Train a LLaMA model on thread devices under a parallel strategy.
     Train(Box<train::Args>),
+    /// Plot loss and tokens/s per step from a metrics file (SVG).
+    Plot(plot::Args),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +40,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Graph(args) => graph_cmd::run(args),
-        Command::Train(args) => train::run(*args),
+        // `hotspa train` alone runs the embedded default.
+        Command::Train(args) => train::run(*args, std::env::args().count() == 2),
+        Command::Plot(args) => plot::run(args),
     }
 }

@@ -361,3 +361,96 @@ fn kill_9_during_checkpoint_writes_leaves_the_previous_one_loadable() {
         "no checkpoint was ever written"
     );
 }
+
+#[test]
+fn plot_draws_an_svg_and_refuses_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.jsonl");
+    let lines: String = (1..=5)
+        .map(|s| {
+            format!(
+                "{{\"step\": {s}, \"loss\": {}, \"tokens\": 100, \"seconds\": 0.5}}\n",
+                6.0 - s as f64 * 0.5
+            )
+        })
+        .collect();
+    std::fs::write(&m, lines).unwrap();
+    let svg = dir.path().join("p.svg");
+    let o = hotspa(&["plot", m.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.contains("<svg") && text.contains("polyline") && text.contains("tokens/s"),
+        "{text}"
+    );
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        "-o",
+        dir.path().join("p.png").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only .svg output is supported"));
+    std::fs::write(&m, "{\"step\": 1}\n").unwrap();
+    let o = hotspa(&["plot", m.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("m.jsonl:1: no numeric \"loss\""));
+}
+
+#[test]
+fn the_default_run_needs_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .arg("train")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run it from the repository root"));
+}
+
+/// The embedded default run, as the README's quick start runs it (about 3 minutes):
+/// `cargo test --release -p hotspa --test train_cli -- --ignored default_run`.
+#[test]
+#[ignore]
+fn default_run_trains_on_the_project_with_a_falling_loss() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .arg("train")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let dir = err
+        .lines()
+        .find_map(|l| l.strip_prefix("run written to "))
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let dir = root.join(dir);
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        losses.last().unwrap() < &(losses[0] - 2.0),
+        "loss {} -> {}",
+        losses[0],
+        losses.last().unwrap()
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "plot.svg",
+        "checkpoints/latest",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -108,6 +108,23 @@ impl Dataset {
                 docs.push(parse_line(path, i + 1, line, vocab)?);
             }
         }
+        Self::from_docs(docs, max_len, path)
+    }
+
+    /// Text files, one document each, byte-tokenized, in the order given.
+    pub fn from_text_files(files: &[PathBuf], max_len: usize) -> Result<Self> {
+        let mut docs = Vec::with_capacity(files.len());
+        for f in files {
+            let bytes = std::fs::read(f).map_err(|source| DataError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            docs.push(bytes.into_iter().map(u32::from).collect());
+        }
+        Self::from_docs(docs, max_len, Path::new("(file list)"))
+    }
+
+    fn from_docs(docs: Vec<Vec<u32>>, max_len: usize, origin: &Path) -> Result<Self> {
         let max_len = max_len.max(2);
         let mut seqs = Vec::new();
         let mut skipped = 0;
@@ -122,7 +139,7 @@ impl Dataset {
         }
         if seqs.is_empty() {
             return Err(DataError::Empty {
-                path: path.to_path_buf(),
+                path: origin.to_path_buf(),
                 skipped,
             });
         }

@@ -1,0 +1,103 @@
+//! `hotspa plot`: loss and tokens/s per step from a metrics file, as SVG.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use plotters::prelude::*;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// A metrics file written by `hotspa train --metrics`.
+    metrics: PathBuf,
+    /// Output file (.svg).
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+}
+
+/// `(step, loss, tokens_per_s)` of every line.
+fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        let get = |k: &str| {
+            v[k].as_f64()
+                .with_context(|| format!("{}:{}: no numeric \"{k}\"", path.display(), i + 1))
+        };
+        let (step, loss) = (get("step")?, get("loss")?);
+        let tps = match v.get("tokens_per_s").and_then(|x| x.as_f64()) {
+            Some(t) => t,
+            None => get("tokens")? / get("seconds")?.max(1e-12),
+        };
+        rows.push((step, loss, tps));
+    }
+    if rows.is_empty() {
+        bail!("{}: no metrics", path.display());
+    }
+    Ok(rows)
+}
+
+/// Draws `rows` into an SVG file at `out`.
+pub fn draw(rows: &[(f64, f64, f64)], out: &Path) -> Result<()> {
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext != "svg" {
+        bail!("{}: only .svg output is supported (PNG needs a font rasteriser this build does not carry)", out.display());
+    }
+    let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (top, bottom) = root.split_vertically(300);
+    let loss: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, r.1)).collect();
+    let speed: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, r.2)).collect();
+    panel(&top, "loss", &loss, RED)?;
+    panel(&bottom, "tokens/s", &speed, BLUE)?;
+    root.present()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    Ok(())
+}
+
+fn panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    name: &str,
+    points: &[(f64, f64)],
+    color: RGBColor,
+) -> Result<()> {
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.05).max(1e-6);
+    let mut chart = ChartBuilder::on(area)
+        .caption(name, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), &color))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let rows = read(&args.metrics)?;
+    draw(&rows, &args.output)?;
+    eprintln!("{} steps plotted to {}", rows.len(), args.output.display());
+    Ok(())
+}
+
+/// Plots a metrics file (used by the default training run).
+pub fn plot_file(metrics: &Path, out: &Path) -> Result<()> {
+    draw(&read(metrics)?, out)
+}
