@@ -454,3 +454,63 @@ fn default_run_trains_on_the_project_with_a_falling_loss() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The issue's contract check: the same training written independently (numpy LLaMA in HF
+/// conventions, gradients by the `autograd` package, AdamW and clipping from PyTorch's
+/// documentation, float64; `tests/reference/llama_autograd.py`) ends with the same weights, to
+/// 1e-5 (the issue asks 1e-4; measured ≤ 7e-7; 1e-5 also catches a missing weight decay).
+/// Needs python3 with numpy, autograd and safetensors, which `.ci/run` installs.
+#[test]
+fn matches_an_independent_autograd_implementation() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_autograd.py");
+    let reference = dir.path().join("reference.safetensors");
+    let o = Command::new("python3")
+        .arg(&script)
+        .args([
+            &format!("{d}/config.json"),
+            &format!("{d}/init.safetensors"),
+            &format!("{d}/data.jsonl"),
+        ])
+        .arg(&reference)
+        .args(["8", "3", "3e-3", "0.9", "0.95", "1e-8", "0.1", "1.0"])
+        .output()
+        .expect(
+            "python3 must be installed (.ci/run installs it with numpy, autograd, safetensors)",
+        );
+    assert!(
+        o.status.success(),
+        "the reference failed (pip install numpy autograd safetensors): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let cfg = LlamaConfig::load(dir.path()).unwrap();
+    let want = Weights::load(&cfg, &reference).unwrap();
+    for (devices, strategy) in [
+        ("1", "dp1"),
+        ("4", "dp4"),
+        ("4", "tp4"),
+        ("4", "dp2tp2"),
+        ("4", "tp2pp2"),
+    ] {
+        let got = train(
+            dir.path(),
+            devices,
+            strategy,
+            &format!("{strategy}.safetensors"),
+        );
+        for ((a, b), spec) in got.tensors().iter().zip(want.tensors()).zip(want.specs()) {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{strategy}: {} differs from the independent implementation by {worst:e}",
+                spec.name
+            );
+        }
+    }
+}
