@@ -25,7 +25,7 @@ pub struct Args {
     /// Training data: a JSONL file (`input_ids` or `text` per line) or a directory of text files.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// An HF tokenizer.json for `text` records (not supported yet: text is byte-tokenized).
+    /// An HF tokenizer.json for `text` records and text files (default: one token per byte).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Number of devices (thread ranks).
@@ -181,9 +181,6 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
              (or run `hotspa train` with no arguments at all for the embedded default run)"
         );
     };
-    if args.tokenizer.is_some() {
-        bail!("--tokenizer is not supported yet: `text` records are byte-tokenized (vocabulary ≥ 256)");
-    }
     if args.checkpoint_every.is_some() && args.checkpoint_dir.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir");
     }

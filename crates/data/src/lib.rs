@@ -60,6 +60,46 @@ pub fn byte_tokens(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()
 }
 
+/// How `text` records and text files become token ids.
+pub enum TextTokenizer {
+    /// Every UTF-8 byte is a token (vocabulary 256).
+    Bytes,
+    /// A Hugging Face `tokenizer.json`, through the `tokenizers` crate (no special tokens added).
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl TextTokenizer {
+    /// Loads an HF `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| TextTokenizer::Hf(Box::new(t)))
+            .map_err(|e| DataError::Line {
+                path: path.to_path_buf(),
+                line: 0,
+                reason: format!("not a usable tokenizer.json: {e}"),
+            })
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        match self {
+            TextTokenizer::Bytes => Ok(byte_tokens(text)),
+            TextTokenizer::Hf(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| format!("tokenizer failed: {e}")),
+        }
+    }
+
+    /// Number of ids the tokenizer can produce.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextTokenizer::Bytes => 256,
+            TextTokenizer::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+}
+
 /// Token sequences ready for batching.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -71,6 +111,16 @@ impl Dataset {
     /// Reads `path` (a `.jsonl` file or a directory of text files). Ids must be below `vocab`;
     /// documents longer than `max_len` are cut into consecutive pieces of `max_len`.
     pub fn load(path: &Path, vocab: usize, max_len: usize) -> Result<Self> {
+        Self::load_with(path, vocab, max_len, &TextTokenizer::Bytes)
+    }
+
+    /// Like [`Dataset::load`], tokenizing `text` records and text files with `tokenizer`.
+    pub fn load_with(
+        path: &Path,
+        vocab: usize,
+        max_len: usize,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Self> {
         let io = |source| DataError::Io {
             path: path.to_path_buf(),
             source,
@@ -105,7 +155,7 @@ impl Dataset {
                 if line.trim().is_empty() {
                     continue;
                 }
-                docs.push(parse_line(path, i + 1, line, vocab)?);
+                docs.push(parse_line(path, i + 1, line, vocab, tokenizer)?);
             }
         }
         Self::from_docs(docs, max_len, path)
@@ -182,7 +232,13 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-fn parse_line(path: &Path, line: usize, text: &str, vocab: usize) -> Result<Vec<u32>> {
+fn parse_line(
+    path: &Path,
+    line: usize,
+    text: &str,
+    vocab: usize,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<u32>> {
     let bad = |reason: String| DataError::Line {
         path: path.to_path_buf(),
         line,
@@ -214,12 +270,18 @@ fn parse_line(path: &Path, line: usize, text: &str, vocab: usize) -> Result<Vec<
         let t = t
             .as_str()
             .ok_or_else(|| bad("\"text\" is not a string".into()))?;
-        if vocab < 256 {
-            return Err(bad(format!(
-                "text is byte-tokenized (256 ids) but the model's vocabulary is {vocab}"
-            )));
+        let ids = tokenizer.encode(t).map_err(bad)?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(bad(match tokenizer {
+                TextTokenizer::Bytes => format!(
+                    "text is byte-tokenized (256 ids) but the model's vocabulary is {vocab}"
+                ),
+                TextTokenizer::Hf(_) => {
+                    format!("token id {id} of the tokenizer is outside the model's vocabulary of {vocab}")
+                }
+            }));
         }
-        Ok(byte_tokens(t))
+        Ok(ids)
     } else {
         Err(bad(
             "the object has neither \"input_ids\" nor \"text\"".into()

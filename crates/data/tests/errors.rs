@@ -77,3 +77,40 @@ fn a_directory_of_text_files_is_one_document_each() {
         &[data::byte_tokens("hello"), data::byte_tokens("xyz")]
     );
 }
+
+#[test]
+fn an_hf_tokenizer_json_tokenizes_text_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1, "world": 2, "again": 3},
+                      "unk_token": "[UNK]"}}"#,
+    )
+    .unwrap();
+    let t = data::TextTokenizer::from_file(&tok).unwrap();
+    assert_eq!(t.vocab_size(), 4);
+    let path = dir.path().join("d.jsonl");
+    std::fs::write(&path, "{\"text\": \"hello world again foo\"}\n").unwrap();
+    let ds = Dataset::load_with(&path, 4, 100, &t).unwrap();
+    assert_eq!(ds.sequences(), &[vec![1, 2, 3, 0]]);
+    let e = Dataset::load_with(&path, 3, 100, &t)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.jsonl:1: token id 3 of the tokenizer is outside the model's vocabulary of 3"),
+        "{e}"
+    );
+    std::fs::write(&tok, "{not a tokenizer").unwrap();
+    let e = data::TextTokenizer::from_file(&tok)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not a usable tokenizer.json"),
+        "{e}"
+    );
+}
