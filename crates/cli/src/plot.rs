@@ -10,7 +10,7 @@ use plotters::prelude::*;
 pub struct Args {
     /// A metrics file written by `hotspa train --metrics`.
     metrics: PathBuf,
-    /// Output file (.svg).
+    /// Output file (.svg or .png).
     #[arg(short = 'o', long)]
     output: PathBuf,
 }
@@ -44,13 +44,57 @@ fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
     Ok(rows)
 }
 
-/// Draws `rows` into an SVG file at `out`.
+/// Where the plot font is looked for (Debian's fonts-dejavu-core, present on the base image).
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Registers DejaVu Sans as plotters' "sans-serif" (once per process).
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = FONT_PATHS
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or_else(|| {
+                format!("plots need the DejaVu Sans font (Debian package fonts-dejavu-core), looked for {FONT_PATHS:?}")
+            })?;
+        // Leaked once: plotters keeps registered fonts for the life of the process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| "DejaVu Sans could not be read as a font".to_string())
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Draws `rows` into `out`, an .svg or .png file.
 pub fn draw(rows: &[(f64, f64, f64)], out: &Path) -> Result<()> {
-    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext != "svg" {
-        bail!("{}: only .svg output is supported (PNG needs a font rasteriser this build does not carry)", out.display());
+    register_font()?;
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => draw_on(
+            SVGBackend::new(out, (900, 600)).into_drawing_area(),
+            rows,
+            out,
+        ),
+        Some("png") => draw_on(
+            BitMapBackend::new(out, (900, 600)).into_drawing_area(),
+            rows,
+            out,
+        ),
+        _ => bail!("{}: write a .svg or .png file", out.display()),
     }
-    let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
+}
+
+fn draw_on<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[(f64, f64, f64)],
+    out: &Path,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (top, bottom) = root.split_vertically(300);
     let loss: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, r.1)).collect();
@@ -62,12 +106,15 @@ pub fn draw(rows: &[(f64, f64, f64)], out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn panel(
-    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
     name: &str,
     points: &[(f64, f64)],
     color: RGBColor,
-) -> Result<()> {
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
     let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);

@@ -363,7 +363,7 @@ fn kill_9_during_checkpoint_writes_leaves_the_previous_one_loadable() {
 }
 
 #[test]
-fn plot_draws_an_svg_and_refuses_png() {
+fn plot_draws_svg_and_png() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.jsonl");
     let lines: String = (1..=5)
@@ -383,13 +383,17 @@ fn plot_draws_an_svg_and_refuses_png() {
         text.contains("<svg") && text.contains("polyline") && text.contains("tokens/s"),
         "{text}"
     );
+    let png = dir.path().join("p.png");
+    let o = hotspa(&["plot", m.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
     let o = hotspa(&[
         "plot",
         m.to_str().unwrap(),
         "-o",
-        dir.path().join("p.png").to_str().unwrap(),
+        dir.path().join("p.jpg").to_str().unwrap(),
     ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("only .svg output is supported"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("write a .svg or .png file"));
     std::fs::write(&m, "{\"step\": 1}\n").unwrap();
     let o = hotspa(&["plot", m.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("m.jsonl:1: no numeric \"loss\""));
