@@ -36,20 +36,8 @@ fn setup(dir: &Path) {
 fn train(dir: &Path, devices: &str, strategy: &str, out: &str) -> Weights {
     let d = dir.to_str().unwrap();
     let save = dir.join(out);
-    let o = hotspa(&[
-        "train",
-        "--model",
-        d,
-        "--init",
-        &format!("{d}/init.safetensors"),
-        "--data",
-        &format!("{d}/data.jsonl"),
-        "--devices",
-        devices,
-        "--strategy",
-        strategy,
-        "--global-batch",
-        "8",
+    let mut args = base_args(d, devices, strategy);
+    for a in [
         "--steps",
         "3",
         "--lr",
@@ -68,13 +56,13 @@ fn train(dir: &Path, devices: &str, strategy: &str, out: &str) -> Weights {
         "1.0",
         "--shuffle",
         "off",
-        "--micro-batch-tokens",
-        "32",
         "--save",
         save.to_str().unwrap(),
-        "--metrics",
-        &format!("{d}/{out}.metrics.jsonl"),
-    ]);
+    ] {
+        args.push(a.to_string());
+    }
+    args.extend(["--metrics".to_string(), format!("{d}/{out}.metrics.jsonl")]);
+    let o = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert!(
         o.status.success(),
         "{strategy}: {}",
@@ -191,7 +179,9 @@ fn bad_input_is_a_clear_error() {
     .contains("trunc.safetensors: not a valid safetensors file"));
 }
 
-fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String> {
+/// The flags every training run of these tests shares: model, initial weights, data, devices,
+/// strategy, batch and micro-batch size.
+fn base_args(d: &str, devices: &str, strategy: &str) -> Vec<String> {
     [
         "train",
         "--model",
@@ -206,6 +196,17 @@ fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String
         strategy,
         "--global-batch",
         "8",
+        "--micro-batch-tokens",
+        "32",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String> {
+    let mut args = base_args(d, devices, strategy);
+    for a in [
         "--steps",
         steps,
         "--lr",
@@ -218,12 +219,10 @@ fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String
         "on",
         "--seed",
         "4",
-        "--micro-batch-tokens",
-        "32",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ] {
+        args.push(a.to_string());
+    }
+    args
 }
 
 fn run_ok(args: &[String]) {

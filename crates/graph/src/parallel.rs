@@ -72,12 +72,8 @@ fn one(p: Placement, t: usize) -> DState {
 }
 
 fn empty() -> DState {
-    DState::new(vec![]).unwrap_or_else(|_| unreachable_state())
-}
-
-fn unreachable_state() -> DState {
-    // DState::new only fails on a zero degree; an empty axis list never does.
-    panic!("an empty DState is always valid")
+    // Invariant: DState::new only fails on a zero degree; an empty axis list has none.
+    DState::new(vec![]).expect("an empty axis list is a valid DState")
 }
 
 fn two(a: Axis, b: Axis) -> DState {

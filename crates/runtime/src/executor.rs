@@ -81,6 +81,8 @@ pub struct Pass<'a, B: Backend> {
     dp_pos: (usize, usize),
     slots: Vec<Slot<B>>,
     last_use: Vec<Option<usize>>,
+    /// For every tensor that is a parameter's final gradient, that parameter's index.
+    grad_of: Vec<Option<usize>>,
     keep: Vec<bool>,
     live: usize,
     peak: usize,
@@ -118,6 +120,13 @@ impl<'a, B: Backend> Pass<'a, B> {
             batch,
             slots: (0..n).map(|_| Slot::Empty).collect(),
             last_use: vec![None; n],
+            grad_of: {
+                let mut v = vec![None; n];
+                for (k, &(_, g)) in graph.grads.iter().enumerate() {
+                    v[g.0] = Some(k);
+                }
+                v
+            },
             keep: vec![false; n],
             live: 0,
             peak: 0,
@@ -384,7 +393,7 @@ impl<'a, B: Backend> Pass<'a, B> {
                 if let Some(c) = self.captured.as_mut() {
                     c[t.0] = Some(be.download(&buf)?);
                 }
-                if let Some(k) = graph.grads.iter().position(|&(_, g)| g == t) {
+                if let Some(k) = self.grad_of[t.0] {
                     on_grad(k, &buf)?;
                 }
                 self.live += bytes;
