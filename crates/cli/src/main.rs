@@ -1,6 +1,7 @@
 //! `hotspa`: the command line. Only subcommands that work exist; more arrive with their issues.
 
 mod bench;
+mod conformance_cmd;
 mod graph_cmd;
 mod plot;
 mod train;
@@ -27,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Check a backend's kernels against the CPU backend (exit status 1 on any failure).
+    Conformance(conformance_cmd::Args),
     /// Print the exec graph of a strategy for review.
     Graph(graph_cmd::Args),
     /// Train a LLaMA model on thread devices under a parallel strategy.
@@ -39,6 +42,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench { what } => bench::run(what),
+        Command::Conformance(args) => conformance_cmd::run(args),
         Command::Graph(args) => graph_cmd::run(args),
         // `hotspa train` alone runs the embedded default.
         Command::Train(args) => train::run(*args, std::env::args().count() == 2),

@@ -10,7 +10,7 @@ use clap::Args as ClapArgs;
 use comm::{Communicator, ReduceOp, ThreadComm};
 use data::Dataset;
 use graph::Strategy;
-use kernels::{AdamW, CpuBackend};
+use kernels::{AdamW, Backend, CpuBackend, CudaBackend, GemmPrecision};
 use model::{gather_weights, rank_exec, rank_params, Checkpoint, LlamaConfig, RankParams, Weights};
 use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, RuntimeError, Schedule};
 
@@ -31,6 +31,13 @@ pub struct Args {
     /// Number of devices (thread ranks).
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Where the ranks compute: cpu, or cuda (rank r on GPU r mod the GPU count; needs a build
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GEMM operand precision on cuda: bf16 (fp32 master weights, f32 accumulation) or f32.
+    #[arg(long, default_value = "bf16")]
+    gemm_precision: String,
     /// Nodes are groups of this many devices (used by the switch planner; recorded only).
     #[arg(long)]
     devices_per_node: Option<usize>,
@@ -196,6 +203,17 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         other => bail!("--shuffle {other}: use on or off"),
     };
     let schedule: Schedule = args.pipeline_schedule.parse().map_err(anyhow::Error::msg)?;
+    let precision: GemmPrecision = args.gemm_precision.parse().map_err(anyhow::Error::msg)?;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            // Fail before any data is read when the backend cannot open.
+            let gpus = kernels::cuda::device_count()?;
+            eprintln!("cuda: {gpus} GPU(s); rank r runs on GPU r mod {gpus}; GEMMs in {precision}");
+            Device::Cuda(precision)
+        }
+        other => bail!("--device {other}: use cpu or cuda"),
+    };
     anyhow::ensure!(args.devices >= 1, "--devices must be at least 1");
     anyhow::ensure!(
         args.global_batch >= 1 && args.steps >= 1,
@@ -256,13 +274,14 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         None => None,
     };
     eprintln!(
-        "hotspa train: {} parameters, {} sequences ({} too short, skipped) from {}, {} on {} thread devices, {} steps of {} sequences",
+        "hotspa train: {} parameters, {} sequences ({} too short, skipped) from {}, {} on {} {} devices, {} steps of {} sequences",
         weights.numel(),
         ds.sequences().len(),
         ds.skipped(),
         data_name,
         strategy,
         args.devices,
+        args.device,
         args.steps,
         args.global_batch
     );
@@ -278,89 +297,26 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     let start = Instant::now();
     let worker = std::thread::spawn(move || {
         ThreadComm::run(a2.devices, move |world| -> anyhow::Result<_> {
-            let me = world.rank().0;
-            let (_, dp_rank, tp_rank) = s2.coords(me);
-            let exec = rank_exec(&c2, &s2, me)?;
-            let mut groups = RankGroups::new(&world, &s2)?;
-            let cpu = CpuBackend::for_ranks(a2.devices)?;
-            let RankParams {
-                params,
-                shared,
-                held,
-            } = rank_params(&c2, &exec, &w2, tp_rank)?;
-            let every = a2
-                .checkpoint_dir
-                .as_ref()
-                .map(|_| a2.checkpoint_every.unwrap_or(a2.steps));
-            let adamw = AdamW {
-                lr: a2.lr,
-                beta1: a2.beta1,
-                beta2: a2.beta2,
-                eps: a2.eps,
-                weight_decay: a2.weight_decay,
+            let job = RankJob {
+                args: &a2,
+                strategy: &s2,
+                cfg: &c2,
+                weights: &w2,
+                data: &d2,
+                resumed: r2.as_deref(),
+                start_step,
+                shuffle,
+                schedule,
+                tx: &tx,
             };
-            let mut opt =
-                Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, a2.grad_clip)?;
-            if let Some(ck) = &r2 {
-                let m = rank_params(&c2, &exec, &ck.exp_avg, tp_rank)?.params;
-                let v = rank_params(&c2, &exec, &ck.exp_avg_sq, tp_rank)?.params;
-                opt.restore(&m, &v, ck.step)?;
-            }
-            let mut peak_all = 0usize;
-            for step in start_step..a2.steps {
-                let t0 = Instant::now();
-                let batch = d2.batch(step, a2.global_batch, shuffle);
-                let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
-                let tokens: usize = batch.iter().map(|s| s.len()).sum();
-                let mine: Vec<Vec<u32>> = batch.into_iter().skip(dp_rank).step_by(s2.dp).collect();
-                let mbs = pack(&mine, a2.micro_batch_tokens, 1.0 / predicted as f32)?;
-                let out = pipeline_step(
-                    &cpu,
-                    &exec,
-                    &mut groups,
-                    opt.params(),
-                    &shared,
-                    &mbs,
-                    schedule,
-                )?;
-                if !out.loss.is_finite() {
-                    return Err(anyhow::Error::from(RuntimeError::Batch(format!(
-                        "step {}: the loss is {}; stopping before the update, weights unchanged",
-                        step + 1,
-                        out.loss
-                    ))));
-                }
-                let lr = lr_at(&a2, step);
-                let norm = opt.update(&cpu, &mut groups, out.grads, lr)?;
-                let mut peak = [out.peak_bytes as f32];
-                world.all_reduce(&mut peak, ReduceOp::Max)?;
-                peak_all = peak_all.max(out.peak_bytes);
-                if me == 0 {
-                    let secs = t0.elapsed().as_secs_f64();
-                    let line = format!(
-                        "{{\"step\": {}, \"loss\": {}, \"grad_norm\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {:.6}, \"tokens_per_s\": {:.1}, \"peak_bytes\": {}}}",
-                        step + 1,
-                        out.loss,
-                        norm,
-                        lr,
-                        tokens,
-                        secs,
-                        tokens as f64 / secs,
-                        peak[0] as u64
-                    );
-                    let _ = tx.send(Msg::Metrics(line));
-                }
-                if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == a2.steps) {
-                    let mo = opt.state_host(&groups)?;
-                    let _ = tx.send(Msg::Checkpoint {
-                        rank: me,
-                        step: step as u64 + 1,
-                        parts: [opt.params_host(&cpu, &groups)?, mo.exp_avg, mo.exp_avg_sq],
-                        held: held.clone(),
-                    });
+            match device {
+                Device::Cpu => job.run(&CpuBackend::for_ranks(a2.devices)?, &world),
+                Device::Cuda(precision) => {
+                    let count = kernels::cuda::device_count()?;
+                    let gpu = CudaBackend::new(world.rank().0 % count, precision)?;
+                    job.run(&gpu, &world)
                 }
             }
-            Ok((opt.params_host(&cpu, &groups)?, held, peak_all))
         })
     });
     let bar = indicatif::ProgressBar::new(args.steps as u64);
@@ -443,6 +399,12 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         args.steps - start_step,
         total_tokens as f64 / elapsed
     );
+    if runtime::profile::enabled() {
+        eprintln!(
+            "time per op kind (HOTSPA_PROFILE=1; every op waited for):\n{}",
+            runtime::profile::report()
+        );
+    }
     if let Some(p) = &args.save {
         trained.save(p)?;
         eprintln!("weights written to {}", p.display());
@@ -451,6 +413,160 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         eprintln!("metrics written to {}", p.display());
     }
     Ok(())
+}
+
+/// Runs `hotspa train` from an argument list (the first element is `train`), as `bench step`
+/// does.
+pub fn run_argv(argv: &[String]) -> Result<()> {
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(subcommand)]
+        cmd: Sub,
+    }
+    #[derive(clap::Subcommand)]
+    enum Sub {
+        Train(Box<Args>),
+    }
+    let w = <Wrap as clap::Parser>::try_parse_from(
+        std::iter::once("hotspa".to_string()).chain(argv.iter().cloned()),
+    )?;
+    let Sub::Train(args) = w.cmd;
+    run(*args, false)
+}
+
+/// Which backend the ranks run on.
+#[derive(Clone, Copy)]
+enum Device {
+    Cpu,
+    Cuda(GemmPrecision),
+}
+
+/// Everything one rank needs for the run.
+struct RankJob<'a> {
+    args: &'a Args,
+    strategy: &'a Strategy,
+    cfg: &'a LlamaConfig,
+    weights: &'a Weights,
+    data: &'a Dataset,
+    resumed: Option<&'a Checkpoint>,
+    start_step: usize,
+    shuffle: Option<u64>,
+    schedule: Schedule,
+    tx: &'a std::sync::mpsc::Sender<Msg>,
+}
+
+impl RankJob<'_> {
+    /// The training loop of one rank on backend `be`; returns its final pieces, what they are,
+    /// and its peak bytes.
+    fn run<B: Backend>(
+        &self,
+        be: &B,
+        world: &ThreadComm,
+    ) -> anyhow::Result<(Vec<Vec<f32>>, model::Held, usize)> {
+        let me = world.rank().0;
+        let (_, dp_rank, tp_rank) = self.strategy.coords(me);
+        let exec = rank_exec(self.cfg, self.strategy, me)?;
+        let mut groups = RankGroups::new(world, self.strategy)?;
+        let RankParams {
+            params,
+            shared,
+            held,
+        } = rank_params(self.cfg, &exec, self.weights, tp_rank)?;
+        let every = self
+            .args
+            .checkpoint_dir
+            .as_ref()
+            .map(|_| self.args.checkpoint_every.unwrap_or(self.args.steps));
+        let adamw = AdamW {
+            lr: self.args.lr,
+            beta1: self.args.beta1,
+            beta2: self.args.beta2,
+            eps: self.args.eps,
+            weight_decay: self.args.weight_decay,
+        };
+        let params = params
+            .iter()
+            .map(|p| be.upload(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut opt = Optimizer::new(
+            be,
+            &exec,
+            &groups,
+            params,
+            &shared,
+            adamw,
+            self.args.grad_clip,
+        )?;
+        if let Some(ck) = &self.resumed {
+            let m = rank_params(self.cfg, &exec, &ck.exp_avg, tp_rank)?.params;
+            let v = rank_params(self.cfg, &exec, &ck.exp_avg_sq, tp_rank)?.params;
+            opt.restore(be, &m, &v, ck.step)?;
+        }
+        let mut peak_all = 0usize;
+        for step in self.start_step..self.args.steps {
+            let t0 = Instant::now();
+            let batch = self.data.batch(step, self.args.global_batch, self.shuffle);
+            let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
+            let tokens: usize = batch.iter().map(|s| s.len()).sum();
+            let mine: Vec<Vec<u32>> = batch
+                .into_iter()
+                .skip(dp_rank)
+                .step_by(self.strategy.dp)
+                .collect();
+            let mbs = pack(&mine, self.args.micro_batch_tokens, 1.0 / predicted as f32)?;
+            let out = pipeline_step(
+                be,
+                &exec,
+                &mut groups,
+                opt.params(),
+                &shared,
+                &mbs,
+                self.schedule,
+            )?;
+            if !out.loss.is_finite() {
+                return Err(anyhow::Error::from(RuntimeError::Batch(format!(
+                    "step {}: the loss is {}; stopping before the update, weights unchanged",
+                    step + 1,
+                    out.loss
+                ))));
+            }
+            let lr = lr_at(self.args, step);
+            let t_opt = runtime::profile::enabled().then(Instant::now);
+            let norm = opt.update(be, &mut groups, out.grads, lr)?;
+            if let Some(t) = t_opt {
+                be.synchronize()?;
+                runtime::profile::record("optimizer (norm+AdamW)", t.elapsed().as_secs_f64());
+            }
+            let mut peak = [out.peak_bytes as f32];
+            world.all_reduce(&mut peak, ReduceOp::Max)?;
+            peak_all = peak_all.max(out.peak_bytes);
+            if me == 0 {
+                let secs = t0.elapsed().as_secs_f64();
+                let line = format!(
+                    "{{\"step\": {}, \"loss\": {}, \"grad_norm\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {:.6}, \"tokens_per_s\": {:.1}, \"peak_bytes\": {}}}",
+                    step + 1,
+                    out.loss,
+                    norm,
+                    lr,
+                    tokens,
+                    secs,
+                    tokens as f64 / secs,
+                    peak[0] as u64
+                );
+                let _ = self.tx.send(Msg::Metrics(line));
+            }
+            if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == self.args.steps) {
+                let mo = opt.state_host(be, &groups)?;
+                let _ = self.tx.send(Msg::Checkpoint {
+                    rank: me,
+                    step: step as u64 + 1,
+                    parts: [opt.params_host(be, &groups)?, mo.exp_avg, mo.exp_avg_sq],
+                    held: held.clone(),
+                });
+            }
+        }
+        Ok((opt.params_host(be, &groups)?, held, peak_all))
+    }
 }
 
 /// The embedded default model: ~3 M parameters, byte vocabulary.

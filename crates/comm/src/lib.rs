@@ -19,9 +19,11 @@ mod communicator;
 pub mod conformance;
 mod counting;
 mod error;
+pub mod nccl;
 mod thread;
 
 pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};
 pub use counting::{CommKind, CommRecord, Counting};
 pub use error::{CommError, Result};
+pub use nccl::NcclComm;
 pub use thread::{default_timeout, ThreadComm};

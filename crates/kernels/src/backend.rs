@@ -25,6 +25,10 @@ pub trait Backend: Send + Sync {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
     /// Number of values in a buffer.
     fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Waits until every queued kernel has finished (a no-op where kernels run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// See [`GemmSpec`].
     fn gemm(

@@ -25,6 +25,14 @@ pub enum KernelError {
         /// What is wrong.
         reason: String,
     },
+    /// The device or one of its libraries (driver, cuBLAS, NVRTC) refused a call.
+    #[error("{op}: device error: {message}")]
+    Device {
+        /// The kernel or call.
+        op: &'static str,
+        /// What the device library said.
+        message: String,
+    },
     /// The backend cannot run here (e.g. the CUDA backend on a machine without a GPU).
     #[error("backend unavailable: {0}")]
     Unavailable(String),

@@ -19,12 +19,15 @@
 #![allow(clippy::ptr_arg)]
 
 mod backend;
+pub mod conformance;
+pub mod cuda;
 mod error;
 pub mod matmul;
 pub mod ops;
 mod real;
 
 pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend};
+pub use cuda::{CudaBackend, CudaBuffer, GemmPrecision};
 pub use error::{KernelError, Result};
 pub use matmul::GemmSpec;
 pub use real::Real;

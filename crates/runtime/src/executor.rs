@@ -380,6 +380,7 @@ impl<'a, B: Backend> Pass<'a, B> {
                     batch: self.batch,
                     tp_rank,
                 };
+                let t0 = crate::profile::enabled().then(std::time::Instant::now);
                 ctx.execute(
                     op.kind,
                     &ins,
@@ -388,6 +389,12 @@ impl<'a, B: Backend> Pass<'a, B> {
                     &op.outputs,
                     tp.as_deref_mut(),
                 )?;
+                if let Some(t0) = t0 {
+                    be.synchronize()?;
+                    let name = format!("{:?}", op.kind);
+                    let name = name.split([' ', '{', '(']).next().unwrap_or("");
+                    crate::profile::record(name, t0.elapsed().as_secs_f64());
+                }
             }
             for ((&t, buf), bytes) in op.outputs.iter().zip(outs).zip(sizes) {
                 if let Some(c) = self.captured.as_mut() {

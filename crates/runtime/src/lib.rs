@@ -32,6 +32,7 @@ mod executor;
 mod optimizer;
 mod parallel;
 mod pipeline;
+pub mod profile;
 mod tp;
 
 pub use batch::MicroBatch;

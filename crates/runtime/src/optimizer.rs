@@ -44,8 +44,9 @@ pub struct Optimizer<B: Backend> {
     decay: Vec<bool>,
     /// Per parameter: how many ranks of a DP replica hold each element (TP replicas, tied copy).
     weight: Vec<f64>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// AdamW moments on the device (this rank's chunk of each local piece).
+    m: Vec<B::Buffer>,
+    v: Vec<B::Buffer>,
     /// The parameters as the exec graph binds them: whole local pieces, or under ZeRO-3 this
     /// rank's chunks of them.
     params: Vec<B::Buffer>,
@@ -96,8 +97,8 @@ impl<B: Backend> Optimizer<B> {
             } else {
                 0..len
             };
-            s.m.push(vec![0.0; chunk.len()]);
-            s.v.push(vec![0.0; chunk.len()]);
+            s.m.push(backend.zeros(chunk.len())?);
+            s.v.push(backend.zeros(chunk.len())?);
             s.decay.push(g.info(p).shape.len() >= 2);
             let replicas = exec.states[p.0].num_replicas() as f64;
             // The last stage's copy of a tied weight is not counted: stage 0 counts it.
@@ -147,19 +148,20 @@ impl<B: Backend> Optimizer<B> {
 
     /// The AdamW moments as whole local pieces (gathered over DP under ZeRO) and the step count,
     /// for a checkpoint.
-    pub fn state_host(&self, groups: &RankGroups) -> Result<Moments> {
+    pub fn state_host(&self, backend: &B, groups: &RankGroups) -> Result<Moments> {
         let dp = groups.dp.size();
-        let whole = |parts: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
+        let whole = |parts: &[B::Buffer]| -> Result<Vec<Vec<f32>>> {
             parts
                 .iter()
                 .enumerate()
                 .map(|(k, part)| {
+                    let part = backend.download(part)?;
                     if self.zero == 0 {
-                        return Ok(part.clone());
+                        return Ok(part);
                     }
                     let counts = chunk_counts(self.lens[k], dp);
                     let mut full = vec![0.0; self.lens[k]];
-                    groups.dp.all_gather(part, &mut full, &counts)?;
+                    groups.dp.all_gather(&part, &mut full, &counts)?;
                     Ok(full)
                 })
                 .collect()
@@ -173,7 +175,13 @@ impl<B: Backend> Optimizer<B> {
 
     /// Restores the moments (whole local pieces, as [`Optimizer::state_host`] gives them) and
     /// the step count, e.g. from a checkpoint written under another strategy.
-    pub fn restore(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        backend: &B,
+        m: &[Vec<f32>],
+        v: &[Vec<f32>],
+        step: u64,
+    ) -> Result<()> {
         if m.len() != self.lens.len() || v.len() != self.lens.len() {
             return Err(RuntimeError::Binding(format!(
                 "{} and {} moments restored for {} parameters",
@@ -191,8 +199,8 @@ impl<B: Backend> Optimizer<B> {
                     self.lens[k]
                 )));
             }
-            self.m[k] = m[k][self.chunks[k].clone()].to_vec();
-            self.v[k] = v[k][self.chunks[k].clone()].to_vec();
+            self.m[k] = backend.upload(&m[k][self.chunks[k].clone()])?;
+            self.v[k] = backend.upload(&v[k][self.chunks[k].clone()])?;
         }
         self.step = step;
         Ok(())
@@ -209,21 +217,19 @@ impl<B: Backend> Optimizer<B> {
         lr: f64,
     ) -> Result<f64> {
         let sharded = self.zero >= 2;
-        let mut host: Vec<Vec<f32>> = Vec::with_capacity(grads.len());
+        let mut grads = grads;
         for (k, gbuf) in grads.iter().enumerate() {
-            let gv = backend.download(gbuf)?;
+            let got = backend.len(gbuf);
             let want = if sharded {
                 self.chunks[k].len()
             } else {
                 self.lens[k]
             };
-            if gv.len() != want {
+            if got != want {
                 return Err(RuntimeError::Binding(format!(
-                    "gradient {k} has {} values, expected {want}",
-                    gv.len()
+                    "gradient {k} has {got} values, expected {want}"
                 )));
             }
-            host.push(gv);
         }
         // Global norm: every element once. Sharded gradients are disjoint over DP; replicated
         // ones are counted by DP rank 0 only.
@@ -231,8 +237,8 @@ impl<B: Backend> Optimizer<B> {
         let mut sq = [0.0f32; 1];
         let mut total = 0.0f64;
         if dp_counts {
-            for (k, gv) in host.iter().enumerate() {
-                total += self.weight[k] * kernels::ops::elementwise::sum_squares(gv);
+            for (k, gbuf) in grads.iter().enumerate() {
+                total += self.weight[k] * backend.sum_squares(gbuf)?;
             }
         }
         // Summed in f64 on every rank, then over the groups in f32 (the collectives are f32).
@@ -249,19 +255,7 @@ impl<B: Backend> Optimizer<B> {
         let coef = adamw::clip_coef(norm, self.max_grad_norm);
         self.step += 1;
         let dp = groups.dp.size();
-        for k in 0..self.params.len() {
-            let mut p = backend.download(&self.params[k])?;
-            let range = if self.zero >= 3 {
-                0..p.len()
-            } else {
-                self.chunks[k].clone()
-            };
-            let g = if sharded {
-                &host[k][..]
-            } else {
-                &host[k][self.chunks[k].clone()]
-            };
-            let g: Vec<f32> = g.iter().map(|x| x * coef as f32).collect();
+        for (k, g) in grads.iter_mut().enumerate() {
             let cfg = AdamW {
                 lr,
                 weight_decay: if self.decay[k] {
@@ -271,19 +265,34 @@ impl<B: Backend> Optimizer<B> {
                 },
                 ..self.cfg
             };
-            adamw::step(
-                &cfg,
-                self.step,
-                &mut p[range.clone()],
-                &g,
-                &mut self.m[k],
-                &mut self.v[k],
-            )?;
-            if self.zero == 1 || self.zero == 2 {
-                let counts = chunk_counts(self.lens[k], dp);
-                let mine = p[range].to_vec();
-                groups.dp.all_gather(&mine, &mut p, &counts)?;
+            if coef != 1.0 {
+                backend.scale(coef as f32, g)?;
             }
+            if self.zero == 0 || self.zero >= 3 {
+                // The whole buffer is this rank's to update: on the device.
+                backend.adamw(
+                    &cfg,
+                    self.step,
+                    &mut self.params[k],
+                    g,
+                    &mut self.m[k],
+                    &mut self.v[k],
+                )?;
+                continue;
+            }
+            // ZeRO-1/2: update this rank's chunk, then all-gather the piece over DP (host).
+            let mut p = backend.download(&self.params[k])?;
+            let range = self.chunks[k].clone();
+            let gh = backend.download(g)?;
+            let gh = if sharded { &gh[..] } else { &gh[range.clone()] };
+            let mut mh = backend.download(&self.m[k])?;
+            let mut vh = backend.download(&self.v[k])?;
+            adamw::step(&cfg, self.step, &mut p[range.clone()], gh, &mut mh, &mut vh)?;
+            self.m[k] = backend.upload(&mh)?;
+            self.v[k] = backend.upload(&vh)?;
+            let counts = chunk_counts(self.lens[k], dp);
+            let mine = p[range].to_vec();
+            groups.dp.all_gather(&mine, &mut p, &counts)?;
             self.params[k] = backend.upload(&p)?;
         }
         Ok(norm)

@@ -14,25 +14,31 @@ use super::{emit, time_median};
 pub struct Args {
     /// Sequence lengths (one sequence each).
     #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192])]
-    tokens: Vec<usize>,
+    pub(super) tokens: Vec<usize>,
     /// Query heads.
     #[arg(long, default_value_t = 8)]
-    heads: usize,
+    pub(super) heads: usize,
     /// Key/value heads.
     #[arg(long, default_value_t = 8)]
-    kv_heads: usize,
+    pub(super) kv_heads: usize,
     /// Head dimension.
     #[arg(long, default_value_t = 64)]
-    head_dim: usize,
+    pub(super) head_dim: usize,
     /// Threads (default: every core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(super) threads: Option<usize>,
     /// Seconds spent on each measurement (at least one run each).
     #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
+    pub(super) seconds: f64,
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
+    /// cpu, or cuda (a build with `--features cuda` on a GPU machine).
+    #[arg(long, default_value = "cpu")]
+    pub(super) backend: String,
+    /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
+    #[arg(long)]
+    pub(super) vs_torch: bool,
 }
 
 #[derive(Serialize)]
@@ -57,6 +63,11 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    match args.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return super::cuda::attention(&args),
+        other => anyhow::bail!("--backend {other}: use cpu or cuda"),
+    }
     let machine = Machine::detect(None);
     let threads = args.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;

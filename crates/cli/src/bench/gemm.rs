@@ -14,19 +14,25 @@ use super::{emit, time_median};
 pub struct Args {
     /// Shapes as MxNxK, comma-separated (default: square 256…2048 and LLaMA-like projections).
     #[arg(long, value_delimiter = ',')]
-    shapes: Vec<String>,
+    pub(super) shapes: Vec<String>,
     /// Threads (default: every core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(super) threads: Option<usize>,
     /// Override the clock used for the theoretical peak, in GHz.
     #[arg(long)]
-    ghz: Option<f64>,
+    pub(super) ghz: Option<f64>,
     /// Seconds spent on each measurement.
     #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
+    pub(super) seconds: f64,
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
+    /// cpu, or cuda (a build with `--features cuda` on a GPU machine).
+    #[arg(long, default_value = "cpu")]
+    pub(super) backend: String,
+    /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
+    #[arg(long)]
+    pub(super) vs_torch: bool,
 }
 
 #[derive(Serialize)]
@@ -49,7 +55,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn parse(shape: &str) -> Result<(usize, usize, usize)> {
+pub(super) fn parse(shape: &str) -> Result<(usize, usize, usize)> {
     let p: Vec<usize> = shape
         .split('x')
         .map(|s| s.trim().parse::<usize>())
@@ -62,6 +68,11 @@ fn parse(shape: &str) -> Result<(usize, usize, usize)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    match args.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return super::cuda::gemm(&args),
+        other => anyhow::bail!("--backend {other}: use cpu or cuda"),
+    }
     let machine = Machine::detect(args.ghz);
     let threads = args.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;

@@ -3,6 +3,7 @@
 
 mod attention;
 mod comm;
+mod cuda;
 mod gemm;
 mod machine;
 
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     Comm(comm::Args),
     /// Blockwise causal attention forward+backward, tokens/s at 512…8192 tokens.
     Attention(attention::Args),
+    /// One training step of a LLaMA (~1 B by default) in tokens/s and MFU, optionally beside
+    /// PyTorch eager on the same model and batch.
+    Step(cuda::StepArgs),
 }
 
 /// Runs a benchmark.
@@ -29,6 +33,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Gemm(a) => gemm::run(a),
         BenchCommand::Comm(a) => comm::run(a),
         BenchCommand::Attention(a) => attention::run(a),
+        BenchCommand::Step(a) => cuda::step(a),
     }
 }
 

@@ -28,7 +28,7 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    fn check(
+    pub(crate) fn check(
         &self,
         op: &'static str,
         cu_seqlens: &[usize],

@@ -1,0 +1,111 @@
+//! NCCL (DESIGN §4: "NCCL behind a feature"). With the cargo feature `nccl`, [`NcclComm`]
+//! implements [`Communicator`](crate::Communicator) over NCCL, loaded at run time
+//! (`libnccl.so.2`, or `$HOTSPA_NCCL_LIBRARY`); the unique id travels over the TCP
+//! [`rendezvous`] (or any other channel the caller has, e.g. MPI). Without the feature the type
+//! exists and every constructor returns [`CommError::Unavailable`](crate::CommError).
+
+pub mod rendezvous;
+
+#[cfg(feature = "nccl")]
+mod device;
+#[cfg(feature = "nccl")]
+pub use device::{unique_id, NcclComm};
+
+#[cfg(not(feature = "nccl"))]
+mod stub {
+    use crate::error::{CommError, Result};
+    use crate::nccl::rendezvous::ID_BYTES;
+
+    fn unavailable() -> CommError {
+        CommError::Unavailable(
+            "this hotspa was built without the `nccl` feature (rebuild with --features nccl)"
+                .into(),
+        )
+    }
+
+    /// Always an error in this build.
+    pub fn unique_id() -> Result<[u8; ID_BYTES]> {
+        Err(unavailable())
+    }
+
+    enum Never {}
+
+    /// The NCCL communicator; no constructor succeeds in this build.
+    pub struct NcclComm(Never);
+
+    impl crate::Communicator for NcclComm {
+        fn rank(&self) -> crate::Rank {
+            match self.0 {}
+        }
+        fn size(&self) -> usize {
+            match self.0 {}
+        }
+        fn world_ranks(&self) -> Vec<crate::Rank> {
+            match self.0 {}
+        }
+        fn timeout(&self) -> std::time::Duration {
+            match self.0 {}
+        }
+        fn set_timeout(&mut self, _: std::time::Duration) {
+            match self.0 {}
+        }
+        fn sub_group(&self, _: &[crate::Rank]) -> Result<Box<dyn crate::Communicator>> {
+            match self.0 {}
+        }
+        fn all_reduce(&self, _: &mut [f32], _: crate::ReduceOp) -> Result<()> {
+            match self.0 {}
+        }
+        fn all_gather(&self, _: &[f32], _: &mut [f32], _: &[usize]) -> Result<()> {
+            match self.0 {}
+        }
+        fn reduce_scatter(
+            &self,
+            _: &[f32],
+            _: &mut [f32],
+            _: &[usize],
+            _: crate::ReduceOp,
+        ) -> Result<()> {
+            match self.0 {}
+        }
+        fn all_to_all(&self, _: &[f32], _: &[usize], _: &mut [f32], _: &[usize]) -> Result<()> {
+            match self.0 {}
+        }
+        fn broadcast(&self, _: &mut [f32], _: crate::Rank) -> Result<()> {
+            match self.0 {}
+        }
+        fn send(&self, _: &[f32], _: crate::Rank, _: u32) -> Result<()> {
+            match self.0 {}
+        }
+        fn recv(&self, _: &mut [f32], _: crate::Rank, _: u32) -> Result<()> {
+            match self.0 {}
+        }
+        fn batch(&self, _: &mut [crate::P2p<'_>]) -> Result<()> {
+            match self.0 {}
+        }
+        fn barrier(&self) -> Result<()> {
+            match self.0 {}
+        }
+    }
+
+    impl NcclComm {
+        /// Always an error in this build.
+        pub fn init(
+            _id: [u8; ID_BYTES],
+            _rank: usize,
+            _size: usize,
+            _device: usize,
+        ) -> Result<Self> {
+            Err(unavailable())
+        }
+        /// Always an error in this build.
+        pub fn single(_device: usize) -> Result<Self> {
+            Err(unavailable())
+        }
+        /// Always an error in this build.
+        pub fn from_env() -> Result<Self> {
+            Err(unavailable())
+        }
+    }
+}
+#[cfg(not(feature = "nccl"))]
+pub use stub::{unique_id, NcclComm};
