@@ -250,24 +250,19 @@ impl NcclComm {
         let (tx, rx) = std::sync::mpsc::channel();
         let ctx2 = ctx.clone();
         std::thread::spawn(move || {
-            let r = ctx2
-                .bind_to_thread()
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    let mut comm: Comm = std::ptr::null_mut();
-                    // SAFETY: `comm` receives the new communicator.
-                    let code = unsafe {
-                        (lib.init_rank)(&mut comm, size as c_int, UniqueId(id), rank as c_int)
-                    };
-                    check(lib, "ncclCommInitRank", code)
-                        .map(|_| Handle(comm))
-                        .map_err(|e| e.to_string())
-                });
+            let r = ctx2.bind_to_thread().map_err(cu("bind")).and_then(|_| {
+                let mut comm: Comm = std::ptr::null_mut();
+                // SAFETY: `comm` receives the new communicator.
+                let code = unsafe {
+                    (lib.init_rank)(&mut comm, size as c_int, UniqueId(id), rank as c_int)
+                };
+                check(lib, "ncclCommInitRank", code).map(|_| Handle(comm))
+            });
             let _ = tx.send(r);
         });
         let comm = match rx.recv_timeout(timeout) {
             Ok(Ok(h)) => h,
-            Ok(Err(e)) => return Err(CommError::Unavailable(e)),
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(CommError::Timeout {
                     rank: world.get(rank).copied().unwrap_or(Rank(rank)),
