@@ -113,7 +113,29 @@ struct AttnKernels {
     delta: CudaFunction,
     dq: CudaFunction,
     dkv: CudaFunction,
+    /// The register-tiled forward, dq, dk/dv (per query head) kernels and the dk/dv reduction
+    /// over a kv group (head dims multiple of 16, ≤ 128).
+    fast: Option<[CudaFunction; 4]>,
     _module: Arc<CudaModule>,
+}
+
+/// Rows/keys per tile of the register-tiled kernels.
+const TB: usize = 64;
+
+/// Whether the register-tiled kernels exist for a head dim (see attention.cu).
+fn fast_attention(d: usize) -> bool {
+    d.is_multiple_of(16) && d <= 128
+}
+
+/// Shared memory of the register-tiled (forward, dq, dk/dv) blocks.
+fn attn_smem_fast(d: usize) -> (usize, usize, usize) {
+    let ds = d + 4;
+    let pt = TB + 4;
+    (
+        (3 * TB * ds + TB * pt) * 4,
+        (4 * TB * ds + TB * pt) * 4,
+        (4 * TB * ds + 2 * TB * pt + 2 * TB) * 4,
+    )
 }
 
 struct Inner {
@@ -298,15 +320,31 @@ impl CudaBackend {
             .load_module(ptx)
             .map_err(dev("cuda module"))?;
         let load = |n: &str| module.load_function(n).map_err(dev("cuda module"));
+        let fast = if fast_attention(head_dim) {
+            Some([
+                load("attn_fwd_rt")?,
+                load("attn_bwd_dq_rt")?,
+                load("attn_bwd_dkv_rt")?,
+                load("attn_bwd_dkv_reduce")?,
+            ])
+        } else {
+            None
+        };
         let k = Arc::new(AttnKernels {
             fwd: load("attn_fwd")?,
             delta: load("attn_bwd_delta")?,
             dq: load("attn_bwd_dq")?,
             dkv: load("attn_bwd_dkv")?,
+            fast,
             _module: module.clone(),
         });
         let (fwd, dq, dkv) = attn_smem(head_dim);
-        for (f, bytes) in [(&k.fwd, fwd), (&k.dq, dq), (&k.dkv, dkv)] {
+        let mut sized = vec![(&k.fwd, fwd), (&k.dq, dq), (&k.dkv, dkv)];
+        if let Some(f) = &k.fast {
+            let (a, b, c) = attn_smem_fast(head_dim);
+            sized.extend([(&f[0], a), (&f[1], b), (&f[2], c)]);
+        }
+        for (f, bytes) in sized {
             if bytes > self.inner.max_smem {
                 return Err(invalid(
                     "attention",
@@ -755,19 +793,22 @@ impl Backend for CudaBackend {
         }
         self.bind()?;
         let kern = self.attn_kernels(shape.head_dim)?;
-        let t = tiles(cu_seqlens, BQ);
+        let (func, rows, smem) = match &kern.fast {
+            Some(f) => (&f[0], TB, attn_smem_fast(shape.head_dim).0),
+            None => (&kern.fwd, BQ, attn_smem(shape.head_dim).0),
+        };
+        let t = tiles(cu_seqlens, rows);
         let d_tiles = self.htod("attention", &t)?;
-        let (fwd, _, _) = attn_smem(shape.head_dim);
         let cfg = LaunchConfig {
             grid_dim: ((t.len() / 3) as u32, shape.heads as u32, 1),
             block_dim: (NT, 1, 1),
-            shared_mem_bytes: fwd as u32,
+            shared_mem_bytes: smem as u32,
         };
         let (ti, hi, kvi) = (tokens as i32, shape.heads as i32, shape.kv_heads as i32);
         launch!(
             self,
             "attention",
-            &kern.fwd,
+            func,
             cfg,
             &q.slice,
             &k.slice,
@@ -824,8 +865,17 @@ impl Backend for CudaBackend {
             &ti,
             &hi
         );
-        let (_, dq_smem, dkv_smem) = attn_smem(shape.head_dim);
-        let tq = tiles(cu_seqlens, BQ);
+        let (dq_fn, dkv_fn, q_rows, k_rows, dq_smem, dkv_smem) = match &kern.fast {
+            Some(f) => {
+                let (_, a, b) = attn_smem_fast(shape.head_dim);
+                (&f[1], &kern.dkv, TB, TB, a, b)
+            }
+            None => {
+                let (_, a, b) = attn_smem(shape.head_dim);
+                (&kern.dq, &kern.dkv, BQ, BKV, a, b)
+            }
+        };
+        let tq = tiles(cu_seqlens, q_rows);
         let d_tq = self.htod(op, &tq)?;
         let cfg = LaunchConfig {
             grid_dim: ((tq.len() / 3) as u32, shape.heads as u32, 1),
@@ -835,7 +885,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             op,
-            &kern.dq,
+            dq_fn,
             cfg,
             &dout.slice,
             &q.slice,
@@ -850,8 +900,55 @@ impl Backend for CudaBackend {
             &kvi,
             &scale
         );
-        let tk = tiles(cu_seqlens, BKV);
+        let tk = tiles(cu_seqlens, k_rows);
         let d_tk = self.htod(op, &tk)?;
+        if let Some(f) = &kern.fast {
+            // One block per (key tile, query head), then the kv group's heads summed in order.
+            let part = shape.heads * tokens * shape.head_dim;
+            // SAFETY: every element of the parts a reduction reads is written by the blocks
+            // (each (head, token) row of a valid key belongs to exactly one tile).
+            let mut dk_part = unsafe { self.inner.stream.alloc::<f32>(part) }.map_err(dev(op))?;
+            let mut dv_part = unsafe { self.inner.stream.alloc::<f32>(part) }.map_err(dev(op))?;
+            let cfg = LaunchConfig {
+                grid_dim: ((tk.len() / 3) as u32, shape.heads as u32, 1),
+                block_dim: (NT, 1, 1),
+                shared_mem_bytes: dkv_smem as u32,
+            };
+            launch!(
+                self,
+                op,
+                &f[2],
+                cfg,
+                &dout.slice,
+                &q.slice,
+                &k.slice,
+                &v.slice,
+                &lse.slice,
+                &delta,
+                &mut dk_part,
+                &mut dv_part,
+                &d_tk,
+                &ti,
+                &hi,
+                &kvi,
+                &scale
+            );
+            launch!(
+                self,
+                op,
+                &f[3],
+                grid_for(k.len),
+                &dk_part,
+                &dv_part,
+                &mut dk.slice,
+                &mut dv.slice,
+                &ti,
+                &hi,
+                &kvi,
+                &scale
+            );
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: ((tk.len() / 3) as u32, shape.kv_heads as u32, 1),
             block_dim: (NT, 1, 1),
@@ -860,7 +957,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             op,
-            &kern.dkv,
+            dkv_fn,
             cfg,
             &dout.slice,
             &q.slice,
