@@ -4,6 +4,7 @@ mod bench;
 mod conformance_cmd;
 mod graph_cmd;
 mod plot;
+mod switch_cmd;
 mod train;
 
 use anyhow::Result;
@@ -34,6 +35,8 @@ enum Command {
     Graph(graph_cmd::Args),
     /// Train a LLaMA model on thread devices under a parallel strategy.
     Train(Box<train::Args>),
+    /// The switch plan between two strategies' parameter layouts, against its lower bound.
+    SwitchPlan(switch_cmd::Args),
     /// Plot loss and tokens/s per step from a metrics file (SVG).
     Plot(plot::Args),
 }
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         // `hotspa train` alone runs the embedded default.
         Command::Train(args) => train::run(*args, std::env::args().count() == 2),
         Command::Plot(args) => plot::run(args),
+        Command::SwitchPlan(args) => switch_cmd::run(args),
     }
 }

@@ -58,6 +58,55 @@ fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
     }
 }
 
+/// Appends `region` of a row-major tensor of `shape` to `out` (row-major), without a temporary.
+pub fn extract_into<T: Copy>(
+    full: &[T],
+    shape: &[usize],
+    region: &Region,
+    out: &mut Vec<T>,
+) -> Result<()> {
+    check_len("full tensor", shape.iter().product(), full.len())?;
+    out.reserve(region.volume());
+    for_each_run(shape, region, |f, _, n| {
+        out.extend_from_slice(&full[f..f + n])
+    });
+    Ok(())
+}
+
+/// Copies `from` of the row-major `src` (of `src_shape`) into `to` of the row-major `dst` (of
+/// `dst_shape`); the two regions must have the same shape.
+pub fn copy_region<T: Copy>(
+    src: &[T],
+    src_shape: &[usize],
+    from: &Region,
+    dst: &mut [T],
+    dst_shape: &[usize],
+    to: &Region,
+) -> Result<()> {
+    check_len("source tensor", src_shape.iter().product(), src.len())?;
+    check_len("destination tensor", dst_shape.iter().product(), dst.len())?;
+    if from.shape() != to.shape() {
+        return Err(crate::error::DStateError::LengthMismatch {
+            what: format!(
+                "copy from a region of shape {:?} into one of shape",
+                from.shape()
+            ),
+            expected: from.volume(),
+            got: to.volume(),
+        });
+    }
+    let mut runs = Vec::new();
+    for_each_run(src_shape, from, |f, _, n| runs.push((f, n)));
+    let mut k = 0;
+    for_each_run(dst_shape, to, |f, _, n| {
+        let (s, m) = runs[k];
+        debug_assert_eq!(m, n);
+        dst[f..f + n].copy_from_slice(&src[s..s + n]);
+        k += 1;
+    });
+    Ok(())
+}
+
 /// Copies `region` out of a row-major tensor of `shape` into a new row-major buffer.
 pub fn extract<T: Copy>(full: &[T], shape: &[usize], region: &Region) -> Result<Vec<T>> {
     check_len("full tensor", shape.iter().product(), full.len())?;

@@ -58,7 +58,36 @@ const REQUIRED: [&str; 5] = [
     "num_attention_heads",
 ];
 
+/// The named model shapes of the paper's experiments: (name, layers, hidden, FFN, heads), all
+/// with a 32000-token vocabulary, MHA, untied embeddings and 4096 positions.
+pub const PRESETS: &[(&str, usize, usize, usize, usize)] = &[
+    ("llama2-7b", 32, 4096, 11008, 32),
+    ("llama2-13b", 40, 5120, 13824, 40),
+    ("llama-32b", 60, 6656, 17920, 64),
+];
+
 impl LlamaConfig {
+    /// A preset by name (see [`PRESETS`]); no weights are allocated.
+    pub fn preset(name: &str) -> Option<Self> {
+        let &(_, layers, hidden, ffn, heads) = PRESETS.iter().find(|p| p.0 == name)?;
+        let text = format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": 32000, "hidden_size": {hidden}, "intermediate_size": {ffn},
+            "num_hidden_layers": {layers}, "num_attention_heads": {heads},
+            "num_key_value_heads": {heads}, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 4096, "tie_word_embeddings": false}}"#
+        );
+        Self::from_json(&text, Path::new(name)).ok()
+    }
+
+    /// A preset name, or a `config.json` (or the directory holding it).
+    pub fn preset_or_load(name_or_path: &str) -> Result<Self> {
+        match Self::preset(name_or_path) {
+            Some(c) => Ok(c),
+            None => Self::load(Path::new(name_or_path)),
+        }
+    }
+
     /// Reads `config.json`, given the file or the directory holding it.
     pub fn load(path: &Path) -> Result<Self> {
         let file: PathBuf = if path.is_dir() {

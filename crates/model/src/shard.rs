@@ -116,3 +116,50 @@ pub fn rank_exec(
     graph::backward(&mut g)?;
     graph::lower(&g, strategy)
 }
+
+/// Where every parameter lives under `strategy` on the world's devices (rank r = device r):
+/// `(name, shape, distribution)` in the order of [`param_specs`]. A parameter of stage `p` is
+/// replicated over its stage's DP replicas and laid out over each replica's TP group as the
+/// exec graph has it: the distribution is `[D×dp] ++ TP axes` over ranks `p·dp·tp ..`.
+/// Fails for a tied embedding split across pipeline stages (two groups at once).
+pub fn placements(
+    cfg: &LlamaConfig,
+    strategy: &Strategy,
+) -> Result<Vec<(String, Vec<usize>, dstate::Distribution)>> {
+    let specs = param_specs(cfg);
+    let mut found: Vec<Option<dstate::Distribution>> = vec![None; specs.len()];
+    let per_stage = strategy.dp * strategy.tp;
+    let graph_err = |e: GraphError| ModelError::Mismatch(e.to_string());
+    let state_err = |e: dstate::DStateError| ModelError::Mismatch(e.to_string());
+    for stage in 0..strategy.pp {
+        let exec = rank_exec(cfg, strategy, strategy.rank_of(stage, 0, 0)).map_err(graph_err)?;
+        let group = dstate::DeviceGroup::range(stage * per_stage, per_stage).map_err(state_err)?;
+        for &p in &exec.graph.params {
+            let name = &exec.graph.info(p).name;
+            let k = specs.iter().position(|s| &s.name == name).ok_or_else(|| {
+                ModelError::Mismatch(format!("the graph's parameter {name} is not in the config"))
+            })?;
+            let mut axes = Vec::new();
+            if strategy.dp > 1 {
+                axes.push(dstate::Axis::dup(strategy.dp));
+            }
+            axes.extend(exec.states[p.0].axes().iter().copied());
+            let dist =
+                dstate::Distribution::new(group.clone(), DState::new(axes).map_err(state_err)?)
+                    .map_err(state_err)?;
+            if found[k].replace(dist).is_some() {
+                return Err(ModelError::Mismatch(format!(
+                    "{name} is held by two pipeline stages (tied embeddings): not supported here"
+                )));
+            }
+        }
+    }
+    specs
+        .iter()
+        .zip(found)
+        .map(|(s, d)| {
+            let d = d.ok_or_else(|| ModelError::Mismatch(format!("{} is on no stage", s.name)))?;
+            Ok((s.name.clone(), s.shape.clone(), d))
+        })
+        .collect()
+}

@@ -6,6 +6,7 @@ mod comm;
 mod cuda;
 mod gemm;
 mod machine;
+mod switch;
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ pub enum BenchCommand {
     /// One training step of a LLaMA (~1 B by default) in tokens/s and MFU, optionally beside
     /// PyTorch eager on the same model and batch.
     Step(cuda::StepArgs),
+    /// Parameter switches between strategies on thread ranks vs their lower bound.
+    Switch(switch::Args),
 }
 
 /// Runs a benchmark.
@@ -34,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Comm(a) => comm::run(a),
         BenchCommand::Attention(a) => attention::run(a),
         BenchCommand::Step(a) => cuda::step(a),
+        BenchCommand::Switch(a) => switch::run(a),
     }
 }
 

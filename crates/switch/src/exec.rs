@@ -1,0 +1,187 @@
+//! Running a plan on the ranks of a communicator: local copies, then one fused buffer per
+//! (sender, receiver) pair, all exchanged in one batched group.
+
+use std::collections::BTreeMap;
+
+use comm::{Communicator, P2p, Rank};
+use dstate::{copy_region, extract, extract_into, insert, DeviceId, Region};
+
+use crate::error::{Result, SwitchError};
+use crate::plan::Plan;
+
+/// `region` (global indices) relative to the piece `within`.
+fn relative(region: &Region, within: &Region) -> Region {
+    Region {
+        ranges: region
+            .ranges
+            .iter()
+            .zip(&within.ranges)
+            .map(|(r, w)| r.start - w.start..r.end - w.start)
+            .collect(),
+    }
+}
+
+/// What one rank holds of each tensor: its piece's region and values (row-major).
+pub type Pieces = Vec<Option<(Region, Vec<f32>)>>;
+
+/// This rank's pieces under the plan's source distributions, cut from full tensors (a test or
+/// a first placement uses it).
+pub fn source_pieces(plan: &Plan, me: DeviceId, full: &[Vec<f32>]) -> Result<Pieces> {
+    plan.tensors
+        .iter()
+        .zip(full)
+        .map(|(t, x)| {
+            let piece = t
+                .src
+                .piece_of(me, &t.shape)
+                .map_err(|e| SwitchError::State {
+                    tensor: t.name.clone(),
+                    source: e,
+                })?;
+            piece
+                .map(|p| {
+                    let v = extract(x, &t.shape, &p.region).map_err(|e| SwitchError::State {
+                        tensor: t.name.clone(),
+                        source: e,
+                    })?;
+                    Ok((p.region, v))
+                })
+                .transpose()
+        })
+        .collect()
+}
+
+/// Zero-filled destination pieces of device `me` under `plan` (what [`execute_into`] fills).
+pub fn destination_pieces(plan: &Plan, me: DeviceId) -> Result<Pieces> {
+    plan.tensors
+        .iter()
+        .map(|t| {
+            let piece = t
+                .dst
+                .piece_of(me, &t.shape)
+                .map_err(|e| SwitchError::State {
+                    tensor: t.name.clone(),
+                    source: e,
+                })?;
+            Ok(piece.map(|p| {
+                let n = p.region.volume();
+                (p.region, vec![0.0; n])
+            }))
+        })
+        .collect()
+}
+
+/// Runs `plan` on this rank (`comm` rank `r` is device `r`): takes this rank's source pieces
+/// and returns its destination pieces. Every rank of `comm` must call it with the same plan.
+pub fn execute(plan: &Plan, comm: &dyn Communicator, src: &Pieces) -> Result<Pieces> {
+    let mut out = destination_pieces(plan, DeviceId(comm.rank().0))?;
+    execute_into(plan, comm, src, &mut out)?;
+    Ok(out)
+}
+
+/// [`execute`] into destination pieces the caller already holds (from
+/// [`destination_pieces`]), so that a repeated switch allocates nothing new.
+pub fn execute_into(
+    plan: &Plan,
+    comm: &dyn Communicator,
+    src: &Pieces,
+    out: &mut Pieces,
+) -> Result<()> {
+    let me = DeviceId(comm.rank().0);
+    if src.len() != plan.tensors.len() || out.len() != plan.tensors.len() {
+        return Err(SwitchError::Pieces(format!(
+            "{} source and {} destination pieces for {} tensors",
+            src.len(),
+            out.len(),
+            plan.tensors.len()
+        )));
+    }
+    let write = |out: &mut Pieces, tensor: usize, region: &Region, values: &[f32]| -> Result<()> {
+        let (want, data) = out[tensor].as_mut().ok_or_else(|| {
+            SwitchError::Pieces(format!(
+                "device {me} receives part of {} but holds no destination piece of it",
+                plan.tensors[tensor].name
+            ))
+        })?;
+        let shape = want.shape();
+        insert(data, &shape, &relative(region, want), values).map_err(|e| SwitchError::State {
+            tensor: plan.tensors[tensor].name.clone(),
+            source: e,
+        })
+    };
+    for c in plan.local.iter().filter(|c| c.device == me) {
+        let name = &plan.tensors[c.tensor].name;
+        let missing = || {
+            SwitchError::Pieces(format!(
+                "device {me} keeps part of {name} but lacks a piece"
+            ))
+        };
+        let (have, data) = src[c.tensor].as_ref().ok_or_else(missing)?;
+        let (want, dst) = out[c.tensor].as_mut().ok_or_else(missing)?;
+        let (hs, ws) = (have.shape(), want.shape());
+        copy_region(
+            data,
+            &hs,
+            &relative(&c.region, have),
+            dst,
+            &ws,
+            &relative(&c.region, want),
+        )
+        .map_err(|e| SwitchError::State {
+            tensor: name.clone(),
+            source: e,
+        })?;
+    }
+    // One fused buffer per peer, in plan order on both sides.
+    let mut sends: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut recv_len: BTreeMap<usize, usize> = BTreeMap::new();
+    for t in &plan.transfers {
+        if t.from == me {
+            let (have, data) = src[t.tensor].as_ref().ok_or_else(|| {
+                SwitchError::Pieces(format!(
+                    "device {me} must send part of {} but holds no source piece of it",
+                    plan.tensors[t.tensor].name
+                ))
+            })?;
+            let buf = sends.entry(t.to.0).or_default();
+            extract_into(data, &have.shape(), &relative(&t.region, have), buf).map_err(|e| {
+                SwitchError::State {
+                    tensor: plan.tensors[t.tensor].name.clone(),
+                    source: e,
+                }
+            })?;
+        }
+        if t.to == me {
+            *recv_len.entry(t.from.0).or_default() += t.region.volume();
+        }
+    }
+    let mut recvs: BTreeMap<usize, Vec<f32>> =
+        recv_len.iter().map(|(&p, &n)| (p, vec![0.0; n])).collect();
+    {
+        let mut ops: Vec<P2p<'_>> = Vec::new();
+        for (&peer, data) in &sends {
+            ops.push(P2p::Send {
+                peer: Rank(peer),
+                data,
+            });
+        }
+        for (&peer, buf) in recvs.iter_mut() {
+            ops.push(P2p::Recv {
+                peer: Rank(peer),
+                buf,
+            });
+        }
+        if !ops.is_empty() {
+            comm.batch(&mut ops)?;
+        }
+    }
+    let mut at: BTreeMap<usize, usize> = BTreeMap::new();
+    for t in plan.transfers.iter().filter(|t| t.to == me) {
+        let off = at.entry(t.from.0).or_default();
+        let n = t.region.volume();
+        let buf = &recvs[&t.from.0];
+        write(out, t.tensor, &t.region, &buf[*off..*off + n])?;
+        *off += n;
+    }
+    Ok(())
+}
