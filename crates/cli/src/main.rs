@@ -3,6 +3,7 @@
 mod bench;
 mod conformance_cmd;
 mod graph_cmd;
+mod hot;
 mod plot;
 mod switch_cmd;
 mod train;

@@ -42,8 +42,13 @@ pub struct Args {
     #[arg(long)]
     devices_per_node: Option<usize>,
     /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1 (default: dp over every device).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "strategies")]
     strategy: Option<String>,
+    /// Hot switching: `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`), e.g.
+    /// "dp4:64,dp2tp2:256,tp4:max". Each sequence trains under the first strategy that takes its
+    /// length; parameters and gradients switch between them inside the step.
+    #[arg(long)]
+    strategies: Option<String>,
     /// Pipeline schedule: 1f1b or gpipe.
     #[arg(long, default_value = "1f1b")]
     pipeline_schedule: String,
@@ -53,9 +58,10 @@ pub struct Args {
     /// Optimizer steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Token budget of a micro-batch (a sequence longer than it gets a micro-batch of its own).
-    #[arg(long, default_value_t = 4096)]
-    micro_batch_tokens: usize,
+    /// Token budget of a micro-batch (a sequence longer than it gets a micro-batch of its own);
+    /// with --strategies, one value for all or one per strategy (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [4096usize])]
+    micro_batch_tokens: Vec<usize>,
     /// Documents longer than this are cut into pieces (default: max_position_embeddings).
     #[arg(long)]
     max_len: Option<usize>,
@@ -156,7 +162,11 @@ fn lr_at(a: &Args, step: usize) -> f64 {
 }
 
 /// Packs `seqs` into micro-batches of at most `budget` tokens, in order.
-fn pack(seqs: &[Vec<u32>], budget: usize, scale: f32) -> Result<Vec<MicroBatch>, RuntimeError> {
+pub(crate) fn pack(
+    seqs: &[Vec<u32>],
+    budget: usize,
+    scale: f32,
+) -> Result<Vec<MicroBatch>, RuntimeError> {
     let mut out = Vec::new();
     let mut cur: Vec<Vec<u32>> = Vec::new();
     let mut tokens = 0;
@@ -224,8 +234,38 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         .strategy
         .clone()
         .unwrap_or_else(|| format!("dp{}", args.devices));
-    let strategy = Strategy::parse(&spec, args.devices)?;
+    let hot = match &args.strategies {
+        Some(spec) => {
+            let h = crate::hot::HotSchedule::parse(spec, args.devices)?;
+            for (s, _) in &h.entries {
+                s.stage_layers(cfg.num_hidden_layers)?;
+            }
+            Some(Arc::new(h))
+        }
+        None => {
+            if args.micro_batch_tokens.len() != 1 {
+                bail!("--micro-batch-tokens takes one value without --strategies");
+            }
+            None
+        }
+    };
+    let strategy = match &hot {
+        Some(h) => h.entries[h.inst].0.clone(),
+        None => Strategy::parse(&spec, args.devices)?,
+    };
     strategy.stage_layers(cfg.num_hidden_layers)?;
+    if let Some(h) = &hot {
+        let list: Vec<String> = h
+            .entries
+            .iter()
+            .map(|(s, m)| format!("{s} (≤ {})", m.map_or("any".into(), |m| m.to_string())))
+            .collect();
+        eprintln!(
+            "hot switching: {}; {} holds the weights and the optimizer (least model state per device)",
+            list.join(", "),
+            strategy
+        );
+    }
     let resumed = match &args.resume {
         Some(dir) => {
             let ck = Checkpoint::load(dir, &cfg)
@@ -261,6 +301,21 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         ),
         (None, None) => bail!("no training data"),
     };
+    if let Some(h) = &hot {
+        if let Some(bound) = h.entries.last().and_then(|e| e.1) {
+            if let Some((i, s)) = ds
+                .sequences()
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.len() > bound)
+            {
+                bail!(
+                    "--strategies: sequence {i} of the data has {} tokens, longer than every strategy                      takes (the last bound is {bound}; end the list with `STRATEGY:max`, or cut with --max-len)",
+                    s.len()
+                );
+            }
+        }
+    }
     let ds = Arc::new(ds);
     for p in [&args.save, &args.metrics].into_iter().flatten() {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -287,6 +342,7 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     );
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let r2 = resumed.clone();
+    let h2 = hot.clone();
     let (a2, s2, c2, w2, d2) = (
         args.clone(),
         strategy.clone(),
@@ -308,6 +364,8 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
                 shuffle,
                 schedule,
                 tx: &tx,
+                hot: h2.as_deref(),
+                devices_per_node: a2.devices_per_node.unwrap_or(a2.devices),
             };
             match device {
                 Device::Cpu => job.run(&CpuBackend::for_ranks(a2.devices)?, &world),
@@ -368,22 +426,24 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         }
         if !bar.is_hidden() {
             bar.set_message(format!(
-                "loss {:.4}  {:.0} tokens/s",
+                "loss {:.4}  {:.0} tokens/s{}",
                 v["loss"].as_f64().unwrap_or(f64::NAN),
-                v["tokens_per_s"].as_f64().unwrap_or(0.0)
+                v["tokens_per_s"].as_f64().unwrap_or(0.0),
+                hot_note(&v)
             ));
             bar.inc(1);
             continue;
         }
         // Not a terminal (a log, CI): one line per step instead of the bar.
         eprintln!(
-            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s",
+            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s{}",
             v["step"],
             args.steps,
             v["loss"].as_f64().unwrap_or(f64::NAN),
             v["grad_norm"].as_f64().unwrap_or(f64::NAN),
             v["lr"].as_f64().unwrap_or(0.0),
-            v["tokens_per_s"].as_f64().unwrap_or(0.0)
+            v["tokens_per_s"].as_f64().unwrap_or(0.0),
+            hot_note(&v)
         );
     }
     bar.finish_and_clear();
@@ -434,6 +494,23 @@ pub fn run_argv(argv: &[String]) -> Result<()> {
     run(*args, false)
 }
 
+/// The hot-switching part of a step line: time per strategy and in switches, bytes switched.
+fn hot_note(v: &serde_json::Value) -> String {
+    let Some(per) = v["strategy_seconds"].as_object() else {
+        return String::new();
+    };
+    let parts: Vec<String> = per
+        .iter()
+        .map(|(k, s)| format!("{k} {:.3}s", s.as_f64().unwrap_or(0.0)))
+        .collect();
+    format!(
+        "  [{}; switch {:.3}s {:.1} MB]",
+        parts.join(", "),
+        v["switch_seconds"].as_f64().unwrap_or(0.0),
+        v["switch_bytes"].as_f64().unwrap_or(0.0) / 1e6
+    )
+}
+
 /// Which backend the ranks run on.
 #[derive(Clone, Copy)]
 enum Device {
@@ -453,6 +530,8 @@ struct RankJob<'a> {
     shuffle: Option<u64>,
     schedule: Schedule,
     tx: &'a std::sync::mpsc::Sender<Msg>,
+    hot: Option<&'a crate::hot::HotSchedule>,
+    devices_per_node: usize,
 }
 
 impl RankJob<'_> {
@@ -502,27 +581,64 @@ impl RankJob<'_> {
             let v = rank_params(self.cfg, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
         }
+        let mut hot = match self.hot {
+            Some(h) => Some(crate::hot::HotRank::new(
+                h,
+                self.cfg,
+                world,
+                &self.args.micro_batch_tokens,
+                self.devices_per_node,
+            )?),
+            None => None,
+        };
         let mut peak_all = 0usize;
         for step in self.start_step..self.args.steps {
             let t0 = Instant::now();
             let batch = self.data.batch(step, self.args.global_batch, self.shuffle);
             let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
             let tokens: usize = batch.iter().map(|s| s.len()).sum();
-            let mine: Vec<Vec<u32>> = batch
-                .into_iter()
-                .skip(dp_rank)
-                .step_by(self.strategy.dp)
-                .collect();
-            let mbs = pack(&mine, self.args.micro_batch_tokens, 1.0 / predicted as f32)?;
-            let out = pipeline_step(
-                be,
-                &exec,
-                &mut groups,
-                opt.params(),
-                &shared,
-                &mbs,
-                self.schedule,
-            )?;
+            let mut extra = String::new();
+            let out = if let Some(h) = hot.as_mut() {
+                let r = h.step(
+                    be,
+                    world,
+                    opt.params(),
+                    &batch,
+                    1.0 / predicted as f32,
+                    self.schedule,
+                )?;
+                extra = format!(
+                    ", \"strategy_seconds\": {}, \"switch_seconds\": {:.6}, \"switch_bytes\": {}",
+                    serde_json::to_string(&r.strategy_seconds)?,
+                    r.switch_seconds,
+                    r.switch_bytes
+                );
+                runtime::StepGradients {
+                    loss: r.loss,
+                    grads: r.grads,
+                    peak_bytes: r.peak_bytes,
+                }
+            } else {
+                let mine: Vec<Vec<u32>> = batch
+                    .into_iter()
+                    .skip(dp_rank)
+                    .step_by(self.strategy.dp)
+                    .collect();
+                let mbs = pack(
+                    &mine,
+                    self.args.micro_batch_tokens[0],
+                    1.0 / predicted as f32,
+                )?;
+                pipeline_step(
+                    be,
+                    &exec,
+                    &mut groups,
+                    opt.params(),
+                    &shared,
+                    &mbs,
+                    self.schedule,
+                )?
+            };
             if !out.loss.is_finite() {
                 return Err(anyhow::Error::from(RuntimeError::Batch(format!(
                     "step {}: the loss is {}; stopping before the update, weights unchanged",
@@ -532,7 +648,10 @@ impl RankJob<'_> {
             }
             let lr = lr_at(self.args, step);
             let t_opt = runtime::profile::enabled().then(Instant::now);
-            let norm = opt.update(be, &mut groups, out.grads, lr)?;
+            let norm = match hot.as_mut() {
+                Some(h) => opt.update(be, h.inst_groups(), out.grads, lr)?,
+                None => opt.update(be, &mut groups, out.grads, lr)?,
+            };
             if let Some(t) = t_opt {
                 be.synchronize()?;
                 runtime::profile::record("optimizer (norm+AdamW)", t.elapsed().as_secs_f64());
@@ -543,7 +662,7 @@ impl RankJob<'_> {
             if me == 0 {
                 let secs = t0.elapsed().as_secs_f64();
                 let line = format!(
-                    "{{\"step\": {}, \"loss\": {}, \"grad_norm\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {:.6}, \"tokens_per_s\": {:.1}, \"peak_bytes\": {}}}",
+                    "{{\"step\": {}, \"loss\": {}, \"grad_norm\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {:.6}, \"tokens_per_s\": {:.1}, \"peak_bytes\": {}{extra}}}",
                     step + 1,
                     out.loss,
                     norm,

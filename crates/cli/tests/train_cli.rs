@@ -132,6 +132,52 @@ fn strategies_save_the_single_device_weights() {
 }
 
 #[test]
+fn hot_switching_saves_the_single_device_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let reference = train(dir.path(), "1", "dp1", "single.safetensors");
+    // Sequence lengths cycle 3, 9, 2, 30, 5, 14: every schedule below splits each batch; the
+    // middle bucket of the last one never gets a sequence.
+    for schedule in [
+        "dp4:4,dp2tp2:16,tp2pp2:max",
+        "tp4sp:10,dp4zero1:max",
+        "dp2pp2:6,tp4:max",
+        "dp4:5,dp2tp2:8,tp4:max",
+    ] {
+        let name = format!("{}.safetensors", schedule.replace([':', ','], "_"));
+        let got = train(dir.path(), "4", schedule, &name);
+        for ((a, b), spec) in got
+            .tensors()
+            .iter()
+            .zip(reference.tensors())
+            .zip(reference.specs())
+        {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{schedule}: {} differs by {worst:e}",
+                spec.name
+            );
+        }
+        let metrics =
+            std::fs::read_to_string(dir.path().join(format!("{name}.metrics.jsonl"))).unwrap();
+        for line in metrics.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for key in ["strategy_seconds", "switch_seconds", "switch_bytes"] {
+                assert!(
+                    v.get(key).is_some(),
+                    "{schedule}: metrics lack {key}: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
@@ -177,6 +223,30 @@ fn bad_input_is_a_clear_error() {
         &format!("{d}/trunc.safetensors")
     ])
     .contains("trunc.safetensors: not a valid safetensors file"));
+    // Hot-switching schedules: too-long sequences, bad lists, unsupported ZeRO stages.
+    let hot = |schedule: &str| {
+        err(&[
+            "train",
+            "--model",
+            d,
+            "--data",
+            &data,
+            "--devices",
+            "4",
+            "--strategies",
+            schedule,
+        ])
+    };
+    let e = hot("dp4:4,tp4:16");
+    assert!(
+        e.contains("30 tokens") && e.contains("longer than every strategy"),
+        "{e}"
+    );
+    assert!(hot("dp4:16,tp4:8").contains("lengths must increase"));
+    assert!(hot("dp4:max,tp4:8").contains("only the last strategy may be `max`"));
+    assert!(hot("dp4:8,tp4").contains("is not STRATEGY:MAXLEN"));
+    assert!(hot("dp2:8,tp4:max").contains("dp2 × tp1 × pp1 = 2 devices, but there are 4"));
+    assert!(hot("dp4zero2:8,tp4:max").contains("ZeRO-0/1 only"));
 }
 
 /// The flags every training run of these tests shares: model, initial weights, data, devices,
@@ -192,7 +262,12 @@ fn base_args(d: &str, devices: &str, strategy: &str) -> Vec<String> {
         &format!("{d}/data.jsonl"),
         "--devices",
         devices,
-        "--strategy",
+        // A `STRATEGY:MAXLEN,…` list is a hot-switching schedule.
+        if strategy.contains(':') {
+            "--strategies"
+        } else {
+            "--strategy"
+        },
         strategy,
         "--global-batch",
         "8",
@@ -496,12 +571,13 @@ fn matches_an_independent_autograd_implementation() {
         ("4", "tp4"),
         ("4", "dp2tp2"),
         ("4", "tp2pp2"),
+        ("4", "dp4:8,tp2pp2:max"),
     ] {
         let got = train(
             dir.path(),
             devices,
             strategy,
-            &format!("{strategy}.safetensors"),
+            &format!("{}.safetensors", strategy.replace([':', ','], "_")),
         );
         for ((a, b), spec) in got.tensors().iter().zip(want.tensors()).zip(want.specs()) {
             let worst = a

@@ -1,0 +1,385 @@
+//! Hot switching inside `hotspa train` (`--strategies "dp4:64,dp2tp2:256,tp4:max"`): each step's
+//! sequences are bucketed by length, each bucket trains under its own strategy, and parameters
+//! and gradients move between the strategies with `switch` plans.
+//!
+//! The instantiation strategy (least model-state memory per device) holds the fp32 master
+//! weights and the AdamW state and runs the update. Every other strategy with a non-empty bucket
+//! receives the parameters from it (a switch plan), runs its micro-batches (gradients reduced
+//! over its own DP replicas), and sends its gradients back (the reverse plan), where they are
+//! added to the step's gradient. Every switch goes between the instantiation layout and one
+//! other layout, so the order of the strategies does not change the bytes moved; they run in the
+//! order given.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use comm::{Communicator, ThreadComm};
+use dstate::{DeviceId, Distribution};
+use graph::{ExecGraph, Strategy};
+use kernels::Backend;
+use model::{rank_exec, LlamaConfig};
+use runtime::{pipeline_step, RankGroups, RuntimeError, Schedule};
+use switch::{execute, plan, Method, Pieces, Plan, Topology};
+
+/// The parsed `--strategies` list.
+#[derive(Debug, Clone)]
+pub struct HotSchedule {
+    /// (strategy, longest sequence it takes; `None` = no limit), in the order given.
+    pub entries: Vec<(Strategy, Option<usize>)>,
+    /// Index of the instantiation strategy.
+    pub inst: usize,
+}
+
+/// Model-state bytes per device under `s` (fp32 weights, gradients, two AdamW moments), in units
+/// of the parameter count.
+fn state_per_device(s: &Strategy) -> f64 {
+    let shard = (s.tp * s.pp) as f64;
+    let dp = s.dp as f64;
+    let w = if s.zero >= 3 { 4.0 / dp } else { 4.0 };
+    let g = if s.zero >= 2 { 4.0 / dp } else { 4.0 };
+    let o = if s.zero >= 1 { 8.0 / dp } else { 8.0 };
+    (w + g + o) / shard
+}
+
+impl HotSchedule {
+    /// Parses `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`) for `devices`.
+    pub fn parse(spec: &str, devices: usize) -> Result<Self> {
+        let mut entries: Vec<(Strategy, Option<usize>)> = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (s, m) = part.split_once(':').with_context(|| {
+                format!("--strategies: `{part}` is not STRATEGY:MAXLEN (e.g. dp4:512 or tp4:max)")
+            })?;
+            let strategy = Strategy::parse(s, devices)?;
+            let max = match m {
+                "max" => None,
+                n => Some(n.parse::<usize>().with_context(|| {
+                    format!("--strategies: `{n}` is neither a length nor `max`")
+                })?),
+            };
+            if let Some((_, prev)) = entries.last() {
+                match (prev, max) {
+                    (None, _) => bail!("--strategies: only the last strategy may be `max`"),
+                    (Some(p), Some(m)) if m <= *p => {
+                        bail!("--strategies: lengths must increase ({p} then {m})")
+                    }
+                    _ => {}
+                }
+            }
+            if strategy.zero >= 2 {
+                bail!(
+                    "--strategies: {strategy} uses ZeRO-{}; hot switching supports ZeRO-0/1 only so far \
+                     (gradients must be whole pieces to switch)",
+                    strategy.zero
+                );
+            }
+            entries.push((strategy, max));
+        }
+        if entries.is_empty() {
+            bail!("--strategies is empty");
+        }
+        let inst = (0..entries.len())
+            .min_by(|&a, &b| {
+                state_per_device(&entries[a].0).total_cmp(&state_per_device(&entries[b].0))
+            })
+            .unwrap_or(0);
+        Ok(Self { entries, inst })
+    }
+
+    /// The strategy each sequence goes to; an error names a sequence longer than every bound.
+    pub fn buckets(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<Vec<u32>>>, RuntimeError> {
+        let mut out = vec![Vec::new(); self.entries.len()];
+        for s in batch {
+            let i = self
+                .entries
+                .iter()
+                .position(|(_, m)| m.is_none_or(|m| s.len() <= m))
+                .ok_or_else(|| {
+                    RuntimeError::Batch(format!(
+                        "a sequence of {} tokens is longer than every strategy of --strategies takes",
+                        s.len()
+                    ))
+                })?;
+            out[i].push(s.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// One strategy as a rank runs it.
+struct Member {
+    strategy: Strategy,
+    exec: ExecGraph,
+    groups: RankGroups,
+    shared: Vec<bool>,
+    /// Spec index of every exec-graph parameter.
+    spec_of: Vec<usize>,
+    /// Every spec's distribution under this strategy.
+    placement: Vec<(Vec<usize>, Distribution)>,
+    /// Plans from and to the instantiation layout (`None` for the instantiation itself).
+    to_here: Option<Plan>,
+    back: Option<Plan>,
+    micro_batch_tokens: usize,
+}
+
+/// What one step of hot switching reports.
+pub struct HotStep<B: Backend> {
+    /// The global batch's loss.
+    pub loss: f32,
+    /// The step's gradient for the instantiation strategy's pieces.
+    pub grads: Vec<B::Buffer>,
+    /// Largest peak bytes of any strategy's pass on this rank.
+    pub peak_bytes: usize,
+    /// Seconds spent in each strategy (training only), by strategy name.
+    pub strategy_seconds: BTreeMap<String, f64>,
+    /// Seconds spent switching parameters and gradients.
+    pub switch_seconds: f64,
+    /// Bytes the switches moved (all ranks together).
+    pub switch_bytes: u64,
+}
+
+/// A rank's view of every strategy of the schedule.
+pub struct HotRank {
+    schedule: HotSchedule,
+    members: Vec<Member>,
+    me: usize,
+}
+
+fn pieces_of(host: Vec<Vec<f32>>, member: &Member, me: usize, specs: usize) -> Result<Pieces> {
+    let mut out: Pieces = vec![None; specs];
+    for (j, values) in host.into_iter().enumerate() {
+        let k = member.spec_of[j];
+        let (shape, dist) = &member.placement[k];
+        let piece = dist
+            .piece_of(DeviceId(me), shape)?
+            .with_context(|| format!("rank {me} holds parameter {k} but has no piece of it"))?;
+        if piece.region.volume() != values.len() {
+            bail!(
+                "parameter {k}: the rank's piece has {} values, its region {} holds {}",
+                values.len(),
+                piece.region,
+                piece.region.volume()
+            );
+        }
+        out[k] = Some((piece.region, values));
+    }
+    Ok(out)
+}
+
+fn from_pieces(pieces: &mut Pieces, member: &Member) -> Result<Vec<Vec<f32>>> {
+    member
+        .spec_of
+        .iter()
+        .map(|&k| {
+            pieces[k]
+                .take()
+                .map(|(_, v)| v)
+                .with_context(|| format!("the switch left parameter {k} without a piece"))
+        })
+        .collect()
+}
+
+impl HotRank {
+    /// Builds every strategy's exec graph, groups and switch plans for world rank `me`.
+    pub fn new(
+        schedule: &HotSchedule,
+        cfg: &LlamaConfig,
+        world: &ThreadComm,
+        micro_batch_tokens: &[usize],
+        devices_per_node: usize,
+    ) -> Result<Self> {
+        let me = world.rank().0;
+        let n = schedule.entries.len();
+        if !(micro_batch_tokens.len() == 1 || micro_batch_tokens.len() == n) {
+            bail!(
+                "--micro-batch-tokens has {} values for {n} strategies (give one, or one per strategy)",
+                micro_batch_tokens.len()
+            );
+        }
+        let inst = &schedule.entries[schedule.inst].0;
+        let topo = Topology::new(devices_per_node);
+        let mut members = Vec::new();
+        for (i, (s, _)) in schedule.entries.iter().enumerate() {
+            let exec = rank_exec(cfg, s, me)?;
+            let groups = RankGroups::new(world, s)?;
+            let place = model::placements(cfg, s).with_context(|| {
+                format!("hot switching needs every parameter's layout under {s}")
+            })?;
+            let specs = model::param_specs(cfg);
+            let spec_of = exec
+                .graph
+                .params
+                .iter()
+                .map(|&p| {
+                    let name = &exec.graph.info(p).name;
+                    specs
+                        .iter()
+                        .position(|x| &x.name == name)
+                        .with_context(|| format!("{name} is not a parameter of the config"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shared = exec
+                .graph
+                .params
+                .iter()
+                .map(|&p| {
+                    cfg.tie_word_embeddings
+                        && exec.graph.info(p).name == "model.embed_tokens.weight"
+                })
+                .collect();
+            let (to_here, back) = if i == schedule.inst {
+                (None, None)
+            } else {
+                let fwd = crate::switch_cmd::tensors(cfg, inst, s)?;
+                let bwd = crate::switch_cmd::tensors(cfg, s, inst)?;
+                (
+                    Some(plan(&fwd, topo, Method::Exact)?),
+                    Some(plan(&bwd, topo, Method::Exact)?),
+                )
+            };
+            members.push(Member {
+                strategy: s.clone(),
+                exec,
+                groups,
+                shared,
+                spec_of,
+                placement: place.into_iter().map(|(_, shape, d)| (shape, d)).collect(),
+                to_here,
+                back,
+                micro_batch_tokens: micro_batch_tokens
+                    [if micro_batch_tokens.len() == 1 { 0 } else { i }],
+            });
+        }
+        Ok(Self {
+            schedule: schedule.clone(),
+            members,
+            me,
+        })
+    }
+
+    /// One step's gradients for the global `batch` (every rank passes the same batch), with the
+    /// instantiation strategy's current parameters `params` (its exec-graph order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step<B: Backend>(
+        &mut self,
+        be: &B,
+        world: &ThreadComm,
+        params: &[B::Buffer],
+        batch: &[Vec<u32>],
+        scale: f32,
+        schedule: Schedule,
+    ) -> Result<HotStep<B>> {
+        let buckets = self.schedule.buckets(batch)?;
+        let me = self.me;
+        let inst = self.schedule.inst;
+        let specs = self.members[inst].placement.len();
+        let mut acc: Option<Vec<Vec<f32>>> = None;
+        let mut inst_host: Option<Vec<Vec<f32>>> = None;
+        let mut out = HotStep {
+            loss: 0.0,
+            grads: Vec::new(),
+            peak_bytes: 0,
+            strategy_seconds: BTreeMap::new(),
+            switch_seconds: 0.0,
+            switch_bytes: 0,
+        };
+        for (i, bucket) in buckets.iter().enumerate() {
+            if bucket.is_empty() {
+                continue; // the same on every rank: the batch is global
+            }
+            let t0 = Instant::now();
+            let mut switching = 0.0;
+            // Parameters in this strategy's layout.
+            let local: Option<Vec<B::Buffer>> = if i == inst {
+                None
+            } else {
+                let ts = Instant::now();
+                if inst_host.is_none() {
+                    inst_host = Some(
+                        params
+                            .iter()
+                            .map(|p| be.download(p))
+                            .collect::<Result<_, _>>()?,
+                    );
+                }
+                let src = pieces_of(
+                    inst_host.clone().unwrap_or_default(),
+                    &self.members[inst],
+                    me,
+                    specs,
+                )?;
+                let m = &self.members[i];
+                let p = m.to_here.as_ref().context("a switch plan is missing")?;
+                let mut got = execute(p, world, &src)?;
+                out.switch_bytes += p.moved() as u64 * 4;
+                let host = from_pieces(&mut got, m)?;
+                let bufs = host
+                    .iter()
+                    .map(|h| be.upload(h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                switching += ts.elapsed().as_secs_f64();
+                Some(bufs)
+            };
+            let m = &mut self.members[i];
+            let (_, dp_rank, _) = m.strategy.coords(me);
+            let mine: Vec<Vec<u32>> = bucket
+                .iter()
+                .skip(dp_rank)
+                .step_by(m.strategy.dp)
+                .cloned()
+                .collect();
+            let mbs = crate::train::pack(&mine, m.micro_batch_tokens, scale)?;
+            let bound: &[B::Buffer] = match &local {
+                Some(b) => b,
+                None => params,
+            };
+            let res = pipeline_step(be, &m.exec, &mut m.groups, bound, &m.shared, &mbs, schedule)?;
+            out.loss += res.loss;
+            out.peak_bytes = out.peak_bytes.max(res.peak_bytes);
+            let grads: Vec<Vec<f32>> = res
+                .grads
+                .iter()
+                .map(|g| be.download(g))
+                .collect::<Result<_, _>>()?;
+            let grads = if i == inst {
+                grads
+            } else {
+                let ts = Instant::now();
+                let m = &self.members[i];
+                let src = pieces_of(grads, m, me, specs)?;
+                let p = m.back.as_ref().context("a switch plan is missing")?;
+                let mut got = execute(p, world, &src)?;
+                out.switch_bytes += p.moved() as u64 * 4;
+                let host = from_pieces(&mut got, &self.members[inst])?;
+                switching += ts.elapsed().as_secs_f64();
+                host
+            };
+            match acc.as_mut() {
+                None => acc = Some(grads),
+                Some(a) => {
+                    for (x, g) in a.iter_mut().zip(grads) {
+                        for (u, v) in x.iter_mut().zip(g) {
+                            *u += v;
+                        }
+                    }
+                }
+            }
+            out.switch_seconds += switching;
+            *out.strategy_seconds
+                .entry(self.members[i].strategy.to_string())
+                .or_default() += t0.elapsed().as_secs_f64() - switching;
+        }
+        let acc = match acc {
+            Some(a) => a,
+            None => bail!("an empty global batch"),
+        };
+        out.grads = acc.iter().map(|g| be.upload(g)).collect::<Result<_, _>>()?;
+        Ok(out)
+    }
+
+    /// The instantiation strategy's groups (its optimizer updates over them).
+    pub fn inst_groups(&mut self) -> &mut RankGroups {
+        let i = self.schedule.inst;
+        &mut self.members[i].groups
+    }
+}
