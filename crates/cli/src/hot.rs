@@ -3,12 +3,12 @@
 //! and gradients move between the strategies with `switch` plans.
 //!
 //! The instantiation strategy (least model-state memory per device) holds the fp32 master
-//! weights and the AdamW state and runs the update. Every other strategy with a non-empty bucket
-//! receives the parameters from it (a switch plan), runs its micro-batches (gradients reduced
-//! over its own DP replicas), and sends its gradients back (the reverse plan), where they are
-//! added to the step's gradient. Every switch goes between the instantiation layout and one
-//! other layout, so the order of the strategies does not change the bytes moved; they run in the
-//! order given.
+//! weights and the AdamW state and runs the update. The strategies with a non-empty bucket run
+//! one after another: the parameters switch from the instantiation layout into the first, from
+//! each into the next; the gradients accumulated so far switch along with them, each strategy
+//! adds its own (reduced over its DP replicas), and the sum switches back to the instantiation
+//! layout at the end. The order is the one with the fewest switch bytes (exhaustive search over
+//! the non-empty strategies, at most 720 orders for 6).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -116,9 +116,6 @@ struct Member {
     spec_of: Vec<usize>,
     /// Every spec's distribution under this strategy.
     placement: Vec<(Vec<usize>, Distribution)>,
-    /// Plans from and to the instantiation layout (`None` for the instantiation itself).
-    to_here: Option<Plan>,
-    back: Option<Plan>,
     micro_batch_tokens: usize,
 }
 
@@ -143,6 +140,8 @@ pub struct HotRank {
     schedule: HotSchedule,
     members: Vec<Member>,
     me: usize,
+    /// `plans[a][b]`: the switch from strategy `a`'s layout to `b`'s (`None` on the diagonal).
+    plans: Vec<Vec<Option<Plan>>>,
 }
 
 fn pieces_of(host: Vec<Vec<f32>>, member: &Member, me: usize, specs: usize) -> Result<Pieces> {
@@ -196,7 +195,6 @@ impl HotRank {
                 micro_batch_tokens.len()
             );
         }
-        let inst = &schedule.entries[schedule.inst].0;
         let topo = Topology::new(devices_per_node);
         let mut members = Vec::new();
         for (i, (s, _)) in schedule.entries.iter().enumerate() {
@@ -227,16 +225,6 @@ impl HotRank {
                         && exec.graph.info(p).name == "model.embed_tokens.weight"
                 })
                 .collect();
-            let (to_here, back) = if i == schedule.inst {
-                (None, None)
-            } else {
-                let fwd = crate::switch_cmd::tensors(cfg, inst, s)?;
-                let bwd = crate::switch_cmd::tensors(cfg, s, inst)?;
-                (
-                    Some(plan(&fwd, topo, Method::Exact)?),
-                    Some(plan(&bwd, topo, Method::Exact)?),
-                )
-            };
             members.push(Member {
                 strategy: s.clone(),
                 exec,
@@ -244,17 +232,98 @@ impl HotRank {
                 shared,
                 spec_of,
                 placement: place.into_iter().map(|(_, shape, d)| (shape, d)).collect(),
-                to_here,
-                back,
                 micro_batch_tokens: micro_batch_tokens
                     [if micro_batch_tokens.len() == 1 { 0 } else { i }],
             });
+        }
+        let mut plans = Vec::new();
+        for (a, _) in schedule.entries.iter().enumerate() {
+            let mut row = Vec::new();
+            for (b, _) in schedule.entries.iter().enumerate() {
+                row.push(if a == b {
+                    None
+                } else {
+                    let ts = crate::switch_cmd::tensors(
+                        cfg,
+                        &schedule.entries[a].0,
+                        &schedule.entries[b].0,
+                    )?;
+                    Some(plan(&ts, topo, Method::Exact)?)
+                });
+            }
+            plans.push(row);
         }
         Ok(Self {
             schedule: schedule.clone(),
             members,
             me,
+            plans,
         })
+    }
+
+    /// Elements a switch from layout `a` to layout `b` moves.
+    fn moved(&self, a: usize, b: usize) -> usize {
+        self.plans[a][b].as_ref().map_or(0, |p| p.moved())
+    }
+
+    /// The order of `todo` (strategy indices) and the gradient route with the fewest switch
+    /// bytes. Parameters for a strategy come from the cheapest layout that already holds them
+    /// (the instantiation's, or an earlier strategy's). Gradients either go straight back to the
+    /// instantiation layout after each strategy (`chain = false`), or the running sum travels
+    /// from strategy to strategy and goes back once (`chain = true`).
+    pub fn order(&self, todo: &[usize]) -> (Vec<usize>, bool) {
+        let inst = self.schedule.inst;
+        let params = |o: &[usize]| -> usize {
+            (0..o.len())
+                .map(|k| {
+                    std::iter::once(inst)
+                        .chain(o[..k].iter().copied())
+                        .map(|l| self.moved(l, o[k]))
+                        .min()
+                        .unwrap_or(0)
+                })
+                .sum()
+        };
+        let star = |o: &[usize]| -> usize { o.iter().map(|&s| self.moved(s, inst)).sum() };
+        let chain = |o: &[usize]| -> usize {
+            o.windows(2).map(|w| self.moved(w[0], w[1])).sum::<usize>()
+                + self.moved(o[o.len() - 1], inst)
+        };
+        let mut best = (todo.to_vec(), false);
+        let mut best_cost = usize::MAX;
+        let mut cur = todo.to_vec();
+        permute(&mut cur, 0, &mut |o| {
+            let p = params(o);
+            for (c, is_chain) in [(p + star(o), false), (p + chain(o), true)] {
+                if c < best_cost {
+                    best_cost = c;
+                    best = (o.to_vec(), is_chain);
+                }
+            }
+        });
+        best
+    }
+
+    /// Switches `host` (layout `from`, its exec order) to layout `to`; adds the bytes moved.
+    fn switch(
+        &self,
+        world: &ThreadComm,
+        host: Vec<Vec<f32>>,
+        from: usize,
+        to: usize,
+        bytes: &mut u64,
+    ) -> Result<Vec<Vec<f32>>> {
+        if from == to {
+            return Ok(host);
+        }
+        let specs = self.members[from].placement.len();
+        let src = pieces_of(host, &self.members[from], self.me, specs)?;
+        let p = self.plans[from][to]
+            .as_ref()
+            .context("a switch plan is missing")?;
+        let mut got = execute(p, world, &src)?;
+        *bytes += p.moved() as u64 * 4;
+        from_pieces(&mut got, &self.members[to])
     }
 
     /// One step's gradients for the global `batch` (every rank passes the same batch), with the
@@ -272,9 +341,13 @@ impl HotRank {
         let buckets = self.schedule.buckets(batch)?;
         let me = self.me;
         let inst = self.schedule.inst;
-        let specs = self.members[inst].placement.len();
-        let mut acc: Option<Vec<Vec<f32>>> = None;
-        let mut inst_host: Option<Vec<Vec<f32>>> = None;
+        let todo: Vec<usize> = (0..buckets.len())
+            .filter(|&i| !buckets[i].is_empty())
+            .collect();
+        if todo.is_empty() {
+            bail!("an empty global batch");
+        }
+        let (order, chain) = self.order(&todo);
         let mut out = HotStep {
             loss: 0.0,
             grads: Vec::new(),
@@ -283,53 +356,50 @@ impl HotRank {
             switch_seconds: 0.0,
             switch_bytes: 0,
         };
-        for (i, bucket) in buckets.iter().enumerate() {
-            if bucket.is_empty() {
-                continue; // the same on every rank: the batch is global
-            }
+        // Host copies of the parameters in every layout they have reached (the instantiation's
+        // is downloaded when first needed).
+        let mut hosts: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
+        // The gradients accumulated so far, with their layout.
+        let mut acc: Option<(usize, Vec<Vec<f32>>)> = None;
+        for &i in &order {
             let t0 = Instant::now();
             let mut switching = 0.0;
-            // Parameters in this strategy's layout.
-            let local: Option<Vec<B::Buffer>> = if i == inst {
+            let device: Option<Vec<B::Buffer>> = if i == inst {
                 None
             } else {
                 let ts = Instant::now();
-                if inst_host.is_none() {
-                    inst_host = Some(
+                if let std::collections::btree_map::Entry::Vacant(e) = hosts.entry(inst) {
+                    e.insert(
                         params
                             .iter()
                             .map(|p| be.download(p))
                             .collect::<Result<_, _>>()?,
                     );
                 }
-                let src = pieces_of(
-                    inst_host.clone().unwrap_or_default(),
-                    &self.members[inst],
-                    me,
-                    specs,
-                )?;
-                let m = &self.members[i];
-                let p = m.to_here.as_ref().context("a switch plan is missing")?;
-                let mut got = execute(p, world, &src)?;
-                out.switch_bytes += p.moved() as u64 * 4;
-                let host = from_pieces(&mut got, m)?;
-                let bufs = host
+                let from = *hosts
+                    .keys()
+                    .min_by_key(|&&l| (self.moved(l, i), l))
+                    .context("no parameters to switch from")?;
+                let h = hosts.get(&from).cloned().unwrap_or_default();
+                let moved = self.switch(world, h, from, i, &mut out.switch_bytes)?;
+                let bufs = moved
                     .iter()
-                    .map(|h| be.upload(h))
+                    .map(|x| be.upload(x))
                     .collect::<Result<Vec<_>, _>>()?;
+                hosts.insert(i, moved);
                 switching += ts.elapsed().as_secs_f64();
                 Some(bufs)
             };
             let m = &mut self.members[i];
             let (_, dp_rank, _) = m.strategy.coords(me);
-            let mine: Vec<Vec<u32>> = bucket
+            let mine: Vec<Vec<u32>> = buckets[i]
                 .iter()
                 .skip(dp_rank)
                 .step_by(m.strategy.dp)
                 .cloned()
                 .collect();
             let mbs = crate::train::pack(&mine, m.micro_batch_tokens, scale)?;
-            let bound: &[B::Buffer] = match &local {
+            let bound: &[B::Buffer] = match &device {
                 Some(b) => b,
                 None => params,
             };
@@ -341,39 +411,39 @@ impl HotRank {
                 .iter()
                 .map(|g| be.download(g))
                 .collect::<Result<_, _>>()?;
-            let grads = if i == inst {
-                grads
+            let ts = Instant::now();
+            // Star: this strategy's gradients go home now. Chain: the running sum comes here.
+            let (here, grads) = if chain {
+                (i, grads)
             } else {
-                let ts = Instant::now();
-                let m = &self.members[i];
-                let src = pieces_of(grads, m, me, specs)?;
-                let p = m.back.as_ref().context("a switch plan is missing")?;
-                let mut got = execute(p, world, &src)?;
-                out.switch_bytes += p.moved() as u64 * 4;
-                let host = from_pieces(&mut got, &self.members[inst])?;
-                switching += ts.elapsed().as_secs_f64();
-                host
+                (
+                    inst,
+                    self.switch(world, grads, i, inst, &mut out.switch_bytes)?,
+                )
             };
-            match acc.as_mut() {
-                None => acc = Some(grads),
-                Some(a) => {
+            acc = Some(match acc.take() {
+                None => (here, grads),
+                Some((l, a)) => {
+                    let mut a = self.switch(world, a, l, here, &mut out.switch_bytes)?;
                     for (x, g) in a.iter_mut().zip(grads) {
                         for (u, v) in x.iter_mut().zip(g) {
                             *u += v;
                         }
                     }
+                    (here, a)
                 }
-            }
+            });
+            switching += ts.elapsed().as_secs_f64();
             out.switch_seconds += switching;
             *out.strategy_seconds
                 .entry(self.members[i].strategy.to_string())
                 .or_default() += t0.elapsed().as_secs_f64() - switching;
         }
-        let acc = match acc {
-            Some(a) => a,
-            None => bail!("an empty global batch"),
-        };
-        out.grads = acc.iter().map(|g| be.upload(g)).collect::<Result<_, _>>()?;
+        let (l, a) = acc.context("no strategy ran")?;
+        let ts = Instant::now();
+        let a = self.switch(world, a, l, inst, &mut out.switch_bytes)?;
+        out.switch_seconds += ts.elapsed().as_secs_f64();
+        out.grads = a.iter().map(|g| be.upload(g)).collect::<Result<_, _>>()?;
         Ok(out)
     }
 
@@ -381,5 +451,44 @@ impl HotRank {
     pub fn inst_groups(&mut self) -> &mut RankGroups {
         let i = self.schedule.inst;
         &mut self.members[i].groups
+    }
+}
+
+/// Calls `f` with every permutation of `v[k..]` (Heap-free recursive swaps; `v` is restored).
+fn permute(v: &mut Vec<usize>, k: usize, f: &mut dyn FnMut(&[usize])) {
+    if k + 1 >= v.len() {
+        f(v);
+        return;
+    }
+    for i in k..v.len() {
+        v.swap(k, i);
+        permute(v, k + 1, f);
+        v.swap(k, i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_all_visited() {
+        let mut seen = Vec::new();
+        permute(&mut vec![0, 1, 2], 0, &mut |o| seen.push(o.to_vec()));
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 6);
+    }
+
+    #[test]
+    fn schedules_parse_and_pick_the_leanest_instantiation() {
+        let h = HotSchedule::parse("dp4:64,dp2tp2:256,tp4:max", 4).unwrap();
+        assert_eq!(h.inst, 2);
+        let b = h
+            .buckets(&[vec![1; 10], vec![1; 300], vec![1; 100]])
+            .unwrap();
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
+        let h = HotSchedule::parse("dp4:8,dp2tp2:16", 4).unwrap();
+        assert!(h.buckets(&[vec![1; 17]]).is_err());
     }
 }
