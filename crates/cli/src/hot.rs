@@ -19,7 +19,7 @@ use dstate::{DeviceId, Distribution};
 use graph::{ExecGraph, Strategy};
 use kernels::Backend;
 use model::{rank_exec, LlamaConfig};
-use runtime::{pipeline_step, RankGroups, RuntimeError, Schedule};
+use runtime::{pipeline_step, Optimizer, RankGroups, RuntimeError, Schedule};
 use switch::{execute, plan, Method, Pieces, Plan, Topology};
 
 /// The parsed `--strategies` list.
@@ -65,13 +65,6 @@ impl HotSchedule {
                     }
                     _ => {}
                 }
-            }
-            if strategy.zero >= 2 {
-                bail!(
-                    "--strategies: {strategy} uses ZeRO-{}; hot switching supports ZeRO-0/1 only so far \
-                     (gradients must be whole pieces to switch)",
-                    strategy.zero
-                );
             }
             entries.push((strategy, max));
         }
@@ -333,7 +326,7 @@ impl HotRank {
         &mut self,
         be: &B,
         world: &ThreadComm,
-        params: &[B::Buffer],
+        opt: &Optimizer<B>,
         batch: &[Vec<u32>],
         scale: f32,
         schedule: Schedule,
@@ -369,12 +362,8 @@ impl HotRank {
             } else {
                 let ts = Instant::now();
                 if let std::collections::btree_map::Entry::Vacant(e) = hosts.entry(inst) {
-                    e.insert(
-                        params
-                            .iter()
-                            .map(|p| be.download(p))
-                            .collect::<Result<_, _>>()?,
-                    );
+                    // Whole local pieces (all-gathered over DP under ZeRO-3).
+                    e.insert(opt.params_host(be, &self.members[inst].groups)?);
                 }
                 let from = *hosts
                     .keys()
@@ -382,9 +371,18 @@ impl HotRank {
                     .context("no parameters to switch from")?;
                 let h = hosts.get(&from).cloned().unwrap_or_default();
                 let moved = self.switch(world, h, from, i, &mut out.switch_bytes)?;
+                // Under ZeRO-3 a rank binds only its flat chunk of every piece.
+                let s = &self.members[i].strategy;
+                let (_, d, _) = s.coords(me);
                 let bufs = moved
                     .iter()
-                    .map(|x| be.upload(x))
+                    .map(|x| {
+                        if s.zero >= 3 {
+                            be.upload(&x[dstate::chunk(0..x.len(), s.dp, d)])
+                        } else {
+                            be.upload(x)
+                        }
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 hosts.insert(i, moved);
                 switching += ts.elapsed().as_secs_f64();
@@ -401,16 +399,30 @@ impl HotRank {
             let mbs = crate::train::pack(&mine, m.micro_batch_tokens, scale)?;
             let bound: &[B::Buffer] = match &device {
                 Some(b) => b,
-                None => params,
+                None => opt.params(),
             };
             let res = pipeline_step(be, &m.exec, &mut m.groups, bound, &m.shared, &mbs, schedule)?;
             out.loss += res.loss;
             out.peak_bytes = out.peak_bytes.max(res.peak_bytes);
-            let grads: Vec<Vec<f32>> = res
+            let mut grads: Vec<Vec<f32>> = res
                 .grads
                 .iter()
                 .map(|g| be.download(g))
                 .collect::<Result<_, _>>()?;
+            if m.strategy.zero >= 2 {
+                // Flat 1/dp chunks of the DP-summed pieces: gather the whole pieces to switch.
+                let specs = &m.spec_of;
+                for (j, g) in grads.iter_mut().enumerate() {
+                    let (shape, dist) = &m.placement[specs[j]];
+                    let len = dist
+                        .piece_of(DeviceId(me), shape)?
+                        .map_or(0, |p| p.region.volume());
+                    let counts = comm::chunk_counts(len, m.strategy.dp);
+                    let mut whole = vec![0.0; len];
+                    m.groups.dp.all_gather(g, &mut whole, &counts)?;
+                    *g = whole;
+                }
+            }
             let ts = Instant::now();
             // Star: this strategy's gradients go home now. Chain: the running sum comes here.
             let (here, grads) = if chain {
@@ -443,7 +455,19 @@ impl HotRank {
         let ts = Instant::now();
         let a = self.switch(world, a, l, inst, &mut out.switch_bytes)?;
         out.switch_seconds += ts.elapsed().as_secs_f64();
-        out.grads = a.iter().map(|g| be.upload(g)).collect::<Result<_, _>>()?;
+        // The instantiation strategy's optimizer takes its flat chunks under ZeRO-2/3.
+        let s = &self.members[inst].strategy;
+        let (_, d, _) = s.coords(me);
+        out.grads = a
+            .iter()
+            .map(|g| {
+                if s.zero >= 2 {
+                    be.upload(&g[dstate::chunk(0..g.len(), s.dp, d)])
+                } else {
+                    be.upload(g)
+                }
+            })
+            .collect::<Result<_, _>>()?;
         Ok(out)
     }
 

@@ -602,7 +602,7 @@ impl RankJob<'_> {
                 let r = h.step(
                     be,
                     world,
-                    opt.params(),
+                    &opt,
                     &batch,
                     1.0 / predicted as f32,
                     self.schedule,
