@@ -134,7 +134,7 @@ pub struct HotRank {
     members: Vec<Member>,
     me: usize,
     /// `plans[a][b]`: the switch from strategy `a`'s layout to `b`'s (`None` on the diagonal).
-    plans: Vec<Vec<Option<Plan>>>,
+    plans: Vec<Vec<Option<std::sync::Arc<Plan>>>>,
 }
 
 fn pieces_of(host: Vec<Vec<f32>>, member: &Member, me: usize, specs: usize) -> Result<Pieces> {
@@ -236,12 +236,14 @@ impl HotRank {
                 row.push(if a == b {
                     None
                 } else {
-                    let ts = crate::switch_cmd::tensors(
-                        cfg,
-                        &schedule.entries[a].0,
-                        &schedule.entries[b].0,
-                    )?;
-                    Some(plan(&ts, topo, Method::Exact)?)
+                    // Every rank needs the same plans: the first to ask makes them.
+                    let (sa, sb) = (&schedule.entries[a].0, &schedule.entries[b].0);
+                    let key = format!("{cfg:?}|{sa}|{sb}|{devices_per_node}");
+                    Some(plan_cache().get_or_plan(&key, || {
+                        let ts = crate::switch_cmd::tensors(cfg, sa, sb)
+                            .map_err(|e| switch::SwitchError::Pieces(e.to_string()))?;
+                        plan(&ts, topo, Method::Exact)
+                    })?)
                 });
             }
             plans.push(row);
@@ -476,6 +478,12 @@ impl HotRank {
         let i = self.schedule.inst;
         &mut self.members[i].groups
     }
+}
+
+/// Plans shared by the rank threads of this process.
+fn plan_cache() -> &'static switch::PlanCache {
+    static CACHE: std::sync::OnceLock<switch::PlanCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(switch::PlanCache::new)
 }
 
 /// Calls `f` with every permutation of `v[k..]` (Heap-free recursive swaps; `v` is restored).

@@ -41,3 +41,34 @@ impl PlanCache {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{plan, Method, TensorSwitch, Topology};
+    use dstate::{Axis, DState, DeviceGroup, Distribution};
+
+    #[test]
+    fn a_plan_is_made_once_per_key() {
+        let g = DeviceGroup::range(0, 2).unwrap();
+        let t = TensorSwitch {
+            name: "w".into(),
+            shape: vec![4],
+            src: Distribution::new(g.clone(), DState::new(vec![Axis::split(0, 2)]).unwrap())
+                .unwrap(),
+            dst: Distribution::new(g, DState::new(vec![Axis::dup(2)]).unwrap()).unwrap(),
+        };
+        let cache = PlanCache::new();
+        let mut made = 0;
+        for _ in 0..3 {
+            let p = cache
+                .get_or_plan("s->d", || {
+                    made += 1;
+                    plan(std::slice::from_ref(&t), Topology::new(2), Method::Exact)
+                })
+                .unwrap();
+            assert_eq!(p.transfers.len(), 2);
+        }
+        assert_eq!((made, cache.len()), (1, 1));
+    }
+}
