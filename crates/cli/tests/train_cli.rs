@@ -87,6 +87,18 @@ fn train(dir: &Path, devices: &str, strategy: &str, out: &str) -> Weights {
     Weights::load(&LlamaConfig::load(dir).unwrap(), &save).unwrap()
 }
 
+/// Every weight of `got` within `tol` of `want`, naming the first tensor that is not.
+fn assert_weights_close(got: &Weights, want: &Weights, tol: f32, what: &str) {
+    for ((a, b), spec) in got.tensors().iter().zip(want.tensors()).zip(want.specs()) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= tol, "{what}: {} differs by {worst:e}", spec.name);
+    }
+}
+
 #[test]
 fn strategies_save_the_single_device_weights() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,23 +123,7 @@ fn strategies_save_the_single_device_weights() {
             strategy,
             &format!("{strategy}.safetensors"),
         );
-        for ((a, b), spec) in got
-            .tensors()
-            .iter()
-            .zip(reference.tensors())
-            .zip(reference.specs())
-        {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-5,
-                "{strategy}: {} differs by {worst:e}",
-                spec.name
-            );
-        }
+        assert_weights_close(&got, &reference, 1e-5, strategy);
     }
 }
 
@@ -148,23 +144,7 @@ fn hot_switching_saves_the_single_device_weights() {
     ] {
         let name = format!("{}.safetensors", schedule.replace([':', ','], "_"));
         let got = train(dir.path(), "4", schedule, &name);
-        for ((a, b), spec) in got
-            .tensors()
-            .iter()
-            .zip(reference.tensors())
-            .zip(reference.specs())
-        {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-5,
-                "{schedule}: {} differs by {worst:e}",
-                spec.name
-            );
-        }
+        assert_weights_close(&got, &reference, 1e-5, schedule);
         let metrics =
             std::fs::read_to_string(dir.path().join(format!("{name}.metrics.jsonl"))).unwrap();
         for line in metrics.lines() {
@@ -580,17 +560,7 @@ fn matches_an_independent_autograd_implementation() {
             strategy,
             &format!("{}.safetensors", strategy.replace([':', ','], "_")),
         );
-        for ((a, b), spec) in got.tensors().iter().zip(want.tensors()).zip(want.specs()) {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-5,
-                "{strategy}: {} differs from the independent implementation by {worst:e}",
-                spec.name
-            );
-        }
+        let what = format!("{strategy} against the independent implementation");
+        assert_weights_close(&got, &want, 1e-5, &what);
     }
 }

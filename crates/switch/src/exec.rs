@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use comm::{Communicator, P2p, Rank};
-use dstate::{copy_region, extract, extract_into, insert, DeviceId, Region};
+use dstate::{copy_region, extract, extract_into, insert, DeviceId, Distribution, Region};
 
 use crate::error::{Result, SwitchError};
-use crate::plan::Plan;
+use crate::plan::{Plan, TensorSwitch};
 
 /// `region` (global indices) relative to the piece `within`.
 fn relative(region: &Region, within: &Region) -> Region {
@@ -24,51 +24,57 @@ fn relative(region: &Region, within: &Region) -> Region {
 /// What one rank holds of each tensor: its piece's region and values (row-major).
 pub type Pieces = Vec<Option<(Region, Vec<f32>)>>;
 
-/// This rank's pieces under the plan's source distributions, cut from full tensors (a test or
-/// a first placement uses it).
-pub fn source_pieces(plan: &Plan, me: DeviceId, full: &[Vec<f32>]) -> Result<Pieces> {
+/// The piece of every tensor that device `me` holds under `which` (its source or destination
+/// distribution), filled by `fill(tensor index, region)`.
+fn pieces(
+    plan: &Plan,
+    me: DeviceId,
+    which: impl Fn(&TensorSwitch) -> &Distribution,
+    mut fill: impl FnMut(usize, &Region) -> Result<Vec<f32>>,
+) -> Result<Pieces> {
     plan.tensors
         .iter()
-        .zip(full)
-        .map(|(t, x)| {
-            let piece = t
-                .src
+        .enumerate()
+        .map(|(k, t)| {
+            let piece = which(t)
                 .piece_of(me, &t.shape)
                 .map_err(|e| SwitchError::State {
                     tensor: t.name.clone(),
                     source: e,
                 })?;
             piece
-                .map(|p| {
-                    let v = extract(x, &t.shape, &p.region).map_err(|e| SwitchError::State {
-                        tensor: t.name.clone(),
-                        source: e,
-                    })?;
-                    Ok((p.region, v))
-                })
+                .map(|p| Ok((fill(k, &p.region)?, p.region)))
                 .transpose()
+                .map(|o| o.map(|(v, r)| (r, v)))
         })
         .collect()
 }
 
+/// This rank's pieces under the plan's source distributions, cut from full tensors (a test or
+/// a first placement uses it).
+pub fn source_pieces(plan: &Plan, me: DeviceId, full: &[Vec<f32>]) -> Result<Pieces> {
+    pieces(
+        plan,
+        me,
+        |t| &t.src,
+        |k, region| {
+            let t = &plan.tensors[k];
+            extract(&full[k], &t.shape, region).map_err(|e| SwitchError::State {
+                tensor: t.name.clone(),
+                source: e,
+            })
+        },
+    )
+}
+
 /// Zero-filled destination pieces of device `me` under `plan` (what [`execute_into`] fills).
 pub fn destination_pieces(plan: &Plan, me: DeviceId) -> Result<Pieces> {
-    plan.tensors
-        .iter()
-        .map(|t| {
-            let piece = t
-                .dst
-                .piece_of(me, &t.shape)
-                .map_err(|e| SwitchError::State {
-                    tensor: t.name.clone(),
-                    source: e,
-                })?;
-            Ok(piece.map(|p| {
-                let n = p.region.volume();
-                (p.region, vec![0.0; n])
-            }))
-        })
-        .collect()
+    pieces(
+        plan,
+        me,
+        |t| &t.dst,
+        |_, region| Ok(vec![0.0; region.volume()]),
+    )
 }
 
 /// Runs `plan` on this rank (`comm` rank `r` is device `r`): takes this rank's source pieces
