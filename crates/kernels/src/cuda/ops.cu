@@ -22,8 +22,20 @@ __device__ __forceinline__ float bf2f(bf16_t b) { return __uint_as_float(((unsig
 __device__ __forceinline__ i64 gid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ i64 gstride() { return (i64)gridDim.x * blockDim.x; }
 
+// Four values per thread: one 16-byte load, one 8-byte store (buffers are allocation-aligned);
+// the last n % 4 values one by one.
 extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, i64 n) {
-    for (i64 i = gid(); i < n; i += gstride()) y[i] = f2bf(x[i]);
+    i64 quads = n / 4;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    uint2* y4 = reinterpret_cast<uint2*>(y);
+    for (i64 i = gid(); i < quads; i += gstride()) {
+        float4 v = x4[i];
+        uint2 o;
+        o.x = (unsigned)f2bf(v.x) | ((unsigned)f2bf(v.y) << 16);
+        o.y = (unsigned)f2bf(v.z) | ((unsigned)f2bf(v.w) << 16);
+        y4[i] = o;
+    }
+    for (i64 i = quads * 4 + gid(); i < n; i += gstride()) y[i] = f2bf(x[i]);
 }
 extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, i64 n) {
     for (i64 i = gid(); i < n; i += gstride()) y[i] = bf2f(x[i]);
