@@ -4,11 +4,12 @@
 //!
 //! The instantiation strategy (least model-state memory per device) holds the fp32 master
 //! weights and the AdamW state and runs the update. The strategies with a non-empty bucket run
-//! one after another: the parameters switch from the instantiation layout into the first, from
-//! each into the next; the gradients accumulated so far switch along with them, each strategy
-//! adds its own (reduced over its DP replicas), and the sum switches back to the instantiation
-//! layout at the end. The order is the one with the fewest switch bytes (exhaustive search over
-//! the non-empty strategies, at most 720 orders for 6).
+//! one after another; each gets the parameters from the cheapest layout that already holds them
+//! (the instantiation's or an earlier strategy's) and adds its gradients (reduced over its DP
+//! replicas) to the step's sum, which either stays in the instantiation layout ("star": each
+//! strategy's gradients switch home) or travels from strategy to strategy and switches home once
+//! ("chain"). The order and the route are the ones with the fewest switch bytes (exhaustive over
+//! the non-empty strategies: at most 720 orders for 6).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
