@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -20,11 +20,6 @@ use crate::ops::adamw::AdamW;
 use crate::ops::attention::AttnShape;
 
 const NT: u32 = 256;
-/// Forward / dq query tile, dk/dv key tile, key tile (must match attention.cu).
-const BQ: usize = 64;
-const BKV: usize = 32;
-const BK: usize = 32;
-const MAX_HEAD_DIM: usize = 256;
 /// cuBLAS workspace per backend.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -108,36 +103,6 @@ pub fn compile(name: &str, src: &str, defines: &[String], arch: &str, fmad: bool
         c.insert(key, ptx.to_src());
     }
     Ok(ptx)
-}
-
-struct AttnKernels {
-    fwd: CudaFunction,
-    delta: CudaFunction,
-    dq: CudaFunction,
-    dkv: CudaFunction,
-    /// The register-tiled forward, dq, dk/dv (per query head) kernels and the dk/dv reduction
-    /// over a kv group (head dims multiple of 16, ≤ 128).
-    fast: Option<[CudaFunction; 4]>,
-    _module: Arc<CudaModule>,
-}
-
-/// Rows/keys per tile of the register-tiled kernels.
-const TB: usize = 64;
-
-/// Whether the register-tiled kernels exist for a head dim (see attention.cu).
-fn fast_attention(d: usize) -> bool {
-    d.is_multiple_of(16) && d <= 128
-}
-
-/// Shared memory of the register-tiled (forward, dq, dk/dv) blocks.
-fn attn_smem_fast(d: usize) -> (usize, usize, usize) {
-    let ds = d + 4;
-    let pt = TB + 4;
-    (
-        (3 * TB * ds + TB * pt) * 4,
-        (4 * TB * ds + TB * pt) * 4,
-        (4 * TB * ds + 2 * TB * pt + 2 * TB) * 4,
-    )
 }
 
 struct Inner {
@@ -312,115 +277,6 @@ impl CudaBackend {
             .alloc_zeros::<f32>(len.max(1))
             .map_err(dev(op))
     }
-
-    fn attn_kernels(&self, head_dim: usize) -> Result<Arc<AttnKernels>> {
-        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-            return Err(invalid(
-                "attention",
-                format!("the CUDA kernel takes head dims 1..={MAX_HEAD_DIM}, got {head_dim}"),
-            ));
-        }
-        let mut cache = self
-            .inner
-            .attn
-            .lock()
-            .map_err(|_| invalid("attention", "kernel cache poisoned by a panic"))?;
-        if let Some(k) = cache.get(&head_dim) {
-            return Ok(k.clone());
-        }
-        let ptx = compile(
-            "attention",
-            ATTENTION_SRC,
-            &[format!("HEAD_DIM={head_dim}")],
-            &self.inner.arch,
-            true,
-        )?;
-        let module = self
-            .inner
-            .ctx
-            .load_module(ptx)
-            .map_err(dev("cuda module"))?;
-        let load = |n: &str| module.load_function(n).map_err(dev("cuda module"));
-        let fast = if fast_attention(head_dim) {
-            Some([
-                load("attn_fwd_rt")?,
-                load("attn_bwd_dq_rt")?,
-                load("attn_bwd_dkv_rt")?,
-                load("attn_bwd_dkv_reduce")?,
-            ])
-        } else {
-            None
-        };
-        let k = Arc::new(AttnKernels {
-            fwd: load("attn_fwd")?,
-            delta: load("attn_bwd_delta")?,
-            dq: load("attn_bwd_dq")?,
-            dkv: load("attn_bwd_dkv")?,
-            fast,
-            _module: module.clone(),
-        });
-        let (fwd, dq, dkv) = attn_smem(head_dim);
-        let mut sized = vec![(&k.fwd, fwd), (&k.dq, dq), (&k.dkv, dkv)];
-        if let Some(f) = &k.fast {
-            let (a, b, c) = attn_smem_fast(head_dim);
-            sized.extend([(&f[0], a), (&f[1], b), (&f[2], c)]);
-        }
-        for (f, bytes) in sized {
-            if bytes > self.inner.max_smem {
-                return Err(invalid(
-                    "attention",
-                    format!(
-                        "head dim {head_dim} needs {bytes} B of shared memory per block, the \
-                         device allows {}",
-                        self.inner.max_smem
-                    ),
-                ));
-            }
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(dev("attention"))?;
-        }
-        cache.insert(head_dim, k.clone());
-        Ok(k)
-    }
-
-    fn cast_bf16(&self, x: &CudaBuffer) -> Result<CudaSlice<u16>> {
-        let s = &self.inner.stream;
-        // SAFETY: every element is written by the cast kernel before any read.
-        let mut out = unsafe { s.alloc::<u16>(x.len.max(1)) }.map_err(dev("gemm"))?;
-        let n = x.len as i64;
-        let mut b = s.launch_builder(self.f("cast_f32_bf16"));
-        b.arg(&x.slice).arg(&mut out).arg(&n);
-        // SAFETY: arguments match the kernel's signature; both buffers start at an allocation.
-        unsafe { b.launch(grid_for(x.len.div_ceil(4))) }.map_err(dev("gemm"))?;
-        Ok(out)
-    }
-}
-
-/// Shared memory of (forward, dq, dk/dv) blocks for a head dimension, as attention.cu lays out.
-fn attn_smem(d: usize) -> (usize, usize, usize) {
-    let dp = d + 1;
-    let ps = BK + 1;
-    let fwd = ((BQ + 2 * BK) * dp + BQ * ps) * 4;
-    let dq = ((2 * BQ + 2 * BK) * dp + BQ * ps) * 4;
-    let dkv = ((2 * BKV + 2 * 32) * dp + 2 * 32 * ps + 2 * 32) * 4;
-    (fwd, dq, dkv)
-}
-
-/// (sequence start, sequence length, first row) of every `tile`-row tile of every sequence.
-fn tiles(cu_seqlens: &[usize], tile: usize) -> Vec<i32> {
-    let mut out = Vec::new();
-    for w in cu_seqlens.windows(2) {
-        let len = w[1] - w[0];
-        let mut r = 0;
-        while r < len {
-            out.extend([w[0] as i32, len as i32, r as i32]);
-            r += tile;
-        }
-    }
-    out
 }
 
 macro_rules! launch {
@@ -431,6 +287,11 @@ macro_rules! launch {
         unsafe { b.launch($cfg) }.map_err(dev($op))?;
     }};
 }
+
+mod attention;
+mod embedding;
+mod gemm;
+use attention::AttnKernels;
 
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
@@ -477,85 +338,7 @@ impl Backend for CudaBackend {
         b: &CudaBuffer,
         c: &mut CudaBuffer,
     ) -> Result<()> {
-        let GemmSpec { m, n, k, batch, .. } = *spec;
-        check_len("gemm", "A", batch * m * k, a.len)?;
-        check_len("gemm", "B", batch * k * n, b.len)?;
-        check_len("gemm", "C", batch * m * n, c.len)?;
-        if m == 0 || n == 0 || batch == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        if k == 0 {
-            // C = beta·C, and beta = 0 overwrites without reading C (as the CPU path).
-            if spec.beta == 0.0 {
-                let s = &self.inner.stream;
-                return s.memset_zeros(&mut c.slice).map_err(dev("gemm"));
-            }
-            return self.scale(spec.beta, c);
-        }
-        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS sees B first.
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let ldb = if spec.trans_b { k } else { n };
-        let lda = if spec.trans_a { m } else { k };
-        let (alpha, beta) = (spec.alpha, spec.beta);
-        let s = &self.inner.stream;
-        let h = *self.inner.blas.handle();
-        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
-        let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-        let f32t = blas_sys::cudaDataType::CUDA_R_32F;
-        let (c_ptr, _c_sync) = c.slice.device_ptr_mut(s);
-        let run = |a_ptr: u64, b_ptr: u64, ty| {
-            // SAFETY: pointers are device buffers of the checked lengths on this stream; alpha
-            // and beta live on the host for the call (host pointer mode).
-            unsafe {
-                blas_result::gemm_strided_batched_ex(
-                    h,
-                    op(spec.trans_b),
-                    op(spec.trans_a),
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha) as *const f32 as *const _,
-                    b_ptr as *const _,
-                    ty,
-                    ldb as i32,
-                    (k * n) as i64,
-                    a_ptr as *const _,
-                    ty,
-                    lda as i32,
-                    (m * k) as i64,
-                    (&beta) as *const f32 as *const _,
-                    c_ptr as *mut _,
-                    f32t,
-                    n as i32,
-                    (m * n) as i64,
-                    batch as i32,
-                    compute,
-                    algo,
-                )
-            }
-            .map_err(blas("gemm"))
-        };
-        match self.inner.precision {
-            GemmPrecision::F32 => {
-                let (a_ptr, _a) = a.slice.device_ptr(s);
-                let (b_ptr, _b) = b.slice.device_ptr(s);
-                run(a_ptr, b_ptr, f32t)
-            }
-            GemmPrecision::Bf16 => {
-                let a16 = self.cast_bf16(a)?;
-                let b16 = self.cast_bf16(b)?;
-                let (a_ptr, _a) = a16.device_ptr(s);
-                let (b_ptr, _b) = b16.device_ptr(s);
-                run(a_ptr, b_ptr, blas_sys::cudaDataType::CUDA_R_16BF)
-            }
-        }
+        self.cublas_gemm(spec, a, b, c)
     }
 
     fn embedding_forward(
@@ -566,34 +349,7 @@ impl Backend for CudaBackend {
         ids: &[u32],
         out: &mut CudaBuffer,
     ) -> Result<()> {
-        check_len("embedding", "out", ids.len() * dim, out.len)?;
-        let rows = weight.len.checked_div(dim).unwrap_or(0);
-        check_len("embedding", "weight", rows * dim, weight.len)?;
-        if out.len == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        let d_ids = self.htod("embedding", ids)?;
-        let (rows, dim_i, vs, n) = (
-            rows as i64,
-            dim as i64,
-            vocab_start as i64,
-            ids.len() as i64,
-        );
-        launch!(
-            self,
-            "embedding",
-            self.f("embedding_forward"),
-            grid_for(out.len),
-            &weight.slice,
-            &rows,
-            &dim_i,
-            &vs,
-            &d_ids,
-            &n,
-            &mut out.slice
-        );
-        Ok(())
+        self.lookup(weight, dim, vocab_start, ids, out)
     }
 
     fn embedding_backward(
@@ -604,60 +360,7 @@ impl Backend for CudaBackend {
         ids: &[u32],
         grad_weight: &mut CudaBuffer,
     ) -> Result<()> {
-        check_len(
-            "embedding_backward",
-            "grad_out",
-            ids.len() * dim,
-            grad_out.len,
-        )?;
-        let rows = grad_weight.len.checked_div(dim).unwrap_or(0);
-        check_len(
-            "embedding_backward",
-            "grad_weight",
-            rows * dim,
-            grad_weight.len,
-        )?;
-        // Tokens grouped by row, in token order within a row: the CPU's summation order.
-        let mut order: Vec<(usize, usize)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, &id)| (id as usize) >= vocab_start && (id as usize) < vocab_start + rows)
-            .map(|(t, &id)| (id as usize - vocab_start, t))
-            .collect();
-        if order.is_empty() || dim == 0 {
-            return Ok(());
-        }
-        order.sort_unstable();
-        let mut rows_of = Vec::new();
-        let mut starts = Vec::new();
-        for (p, &(r, _)) in order.iter().enumerate() {
-            if rows_of.last() != Some(&(r as i32)) {
-                rows_of.push(r as i32);
-                starts.push(p as i32);
-            }
-        }
-        starts.push(order.len() as i32);
-        let tokens: Vec<i32> = order.iter().map(|&(_, t)| t as i32).collect();
-        self.bind()?;
-        let (d_rows, d_starts, d_tok) = (
-            self.htod("embedding_backward", &rows_of)?,
-            self.htod("embedding_backward", &starts)?,
-            self.htod("embedding_backward", &tokens)?,
-        );
-        let dim_i = dim as i64;
-        launch!(
-            self,
-            "embedding_backward",
-            self.f("embedding_backward"),
-            rows_cfg(rows_of.len()),
-            &grad_out.slice,
-            &dim_i,
-            &d_rows,
-            &d_starts,
-            &d_tok,
-            &mut grad_weight.slice
-        );
-        Ok(())
+        self.lookup_backward(grad_out, dim, vocab_start, ids, grad_weight)
     }
 
     fn rms_norm_forward(
@@ -806,43 +509,7 @@ impl Backend for CudaBackend {
         out: &mut CudaBuffer,
         lse: &mut CudaBuffer,
     ) -> Result<()> {
-        let tokens = shape.check("attention", cu_seqlens, q.len, k.len, v.len)?;
-        check_len("attention", "out", q.len, out.len)?;
-        check_len("attention", "lse", shape.heads * tokens, lse.len)?;
-        if tokens == 0 || shape.heads == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        let kern = self.attn_kernels(shape.head_dim)?;
-        let (func, rows, smem) = match &kern.fast {
-            Some(f) => (&f[0], TB, attn_smem_fast(shape.head_dim).0),
-            None => (&kern.fwd, BQ, attn_smem(shape.head_dim).0),
-        };
-        let t = tiles(cu_seqlens, rows);
-        let d_tiles = self.htod("attention", &t)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((t.len() / 3) as u32, shape.heads as u32, 1),
-            block_dim: (NT, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let (ti, hi, kvi) = (tokens as i32, shape.heads as i32, shape.kv_heads as i32);
-        launch!(
-            self,
-            "attention",
-            func,
-            cfg,
-            &q.slice,
-            &k.slice,
-            &v.slice,
-            &mut out.slice,
-            &mut lse.slice,
-            &d_tiles,
-            &ti,
-            &hi,
-            &kvi,
-            &scale
-        );
-        Ok(())
+        self.flash_forward(q, k, v, cu_seqlens, shape, scale, out, lse)
     }
 
     fn attention_backward(
@@ -860,141 +527,9 @@ impl Backend for CudaBackend {
         dk: &mut CudaBuffer,
         dv: &mut CudaBuffer,
     ) -> Result<()> {
-        let op = "attention_backward";
-        let tokens = shape.check(op, cu_seqlens, q.len, k.len, v.len)?;
-        check_len(op, "dout", q.len, dout.len)?;
-        check_len(op, "out", q.len, out.len)?;
-        check_len(op, "lse", shape.heads * tokens, lse.len)?;
-        check_len(op, "dq", q.len, dq.len)?;
-        check_len(op, "dk", k.len, dk.len)?;
-        check_len(op, "dv", v.len, dv.len)?;
-        if tokens == 0 || shape.heads == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        let kern = self.attn_kernels(shape.head_dim)?;
-        let (ti, hi, kvi) = (tokens as i32, shape.heads as i32, shape.kv_heads as i32);
-        let mut delta = self.alloc_f32(op, shape.heads * tokens)?;
-        launch!(
-            self,
-            op,
-            &kern.delta,
-            grid_for(shape.heads * tokens),
-            &dout.slice,
-            &out.slice,
-            &mut delta,
-            &ti,
-            &hi
-        );
-        let (dq_fn, dkv_fn, q_rows, k_rows, dq_smem, dkv_smem) = match &kern.fast {
-            Some(f) => {
-                let (_, a, b) = attn_smem_fast(shape.head_dim);
-                (&f[1], &kern.dkv, TB, TB, a, b)
-            }
-            None => {
-                let (_, a, b) = attn_smem(shape.head_dim);
-                (&kern.dq, &kern.dkv, BQ, BKV, a, b)
-            }
-        };
-        let tq = tiles(cu_seqlens, q_rows);
-        let d_tq = self.htod(op, &tq)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((tq.len() / 3) as u32, shape.heads as u32, 1),
-            block_dim: (NT, 1, 1),
-            shared_mem_bytes: dq_smem as u32,
-        };
-        launch!(
-            self,
-            op,
-            dq_fn,
-            cfg,
-            &dout.slice,
-            &q.slice,
-            &k.slice,
-            &v.slice,
-            &lse.slice,
-            &delta,
-            &mut dq.slice,
-            &d_tq,
-            &ti,
-            &hi,
-            &kvi,
-            &scale
-        );
-        let tk = tiles(cu_seqlens, k_rows);
-        let d_tk = self.htod(op, &tk)?;
-        if let Some(f) = &kern.fast {
-            // One block per (key tile, query head), then the kv group's heads summed in order.
-            let part = shape.heads * tokens * shape.head_dim;
-            // SAFETY: every element of the parts a reduction reads is written by the blocks
-            // (each (head, token) row of a valid key belongs to exactly one tile).
-            let mut dk_part = unsafe { self.inner.stream.alloc::<f32>(part) }.map_err(dev(op))?;
-            let mut dv_part = unsafe { self.inner.stream.alloc::<f32>(part) }.map_err(dev(op))?;
-            let cfg = LaunchConfig {
-                grid_dim: ((tk.len() / 3) as u32, shape.heads as u32, 1),
-                block_dim: (NT, 1, 1),
-                shared_mem_bytes: dkv_smem as u32,
-            };
-            launch!(
-                self,
-                op,
-                &f[2],
-                cfg,
-                &dout.slice,
-                &q.slice,
-                &k.slice,
-                &v.slice,
-                &lse.slice,
-                &delta,
-                &mut dk_part,
-                &mut dv_part,
-                &d_tk,
-                &ti,
-                &hi,
-                &kvi,
-                &scale
-            );
-            launch!(
-                self,
-                op,
-                &f[3],
-                grid_for(k.len),
-                &dk_part,
-                &dv_part,
-                &mut dk.slice,
-                &mut dv.slice,
-                &ti,
-                &hi,
-                &kvi,
-                &scale
-            );
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: ((tk.len() / 3) as u32, shape.kv_heads as u32, 1),
-            block_dim: (NT, 1, 1),
-            shared_mem_bytes: dkv_smem as u32,
-        };
-        launch!(
-            self,
-            op,
-            dkv_fn,
-            cfg,
-            &dout.slice,
-            &q.slice,
-            &k.slice,
-            &v.slice,
-            &lse.slice,
-            &delta,
-            &mut dk.slice,
-            &mut dv.slice,
-            &d_tk,
-            &ti,
-            &hi,
-            &kvi,
-            &scale
-        );
-        Ok(())
+        self.flash_backward(
+            dout, q, k, v, out, lse, cu_seqlens, shape, scale, dq, dk, dv,
+        )
     }
 
     fn swiglu_forward(
@@ -1305,15 +840,4 @@ fn check_targets(op: &'static str, vocab: usize, targets: &[u32], mask: &[bool])
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiles_cover_every_row_once() {
-        let t = tiles(&[0, 5, 5, 70], 64);
-        assert_eq!(t, vec![0, 5, 0, 5, 65, 0, 5, 65, 64]);
-    }
 }
