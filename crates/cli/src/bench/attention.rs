@@ -41,6 +41,24 @@ pub struct Args {
     pub(super) vs_torch: bool,
 }
 
+impl Args {
+    /// The head layout and the softmax scale `1/√head_dim`.
+    pub(super) fn shape(&self) -> (AttnShape, f32) {
+        let shape = AttnShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        (shape, 1.0 / (self.head_dim as f32).sqrt())
+    }
+}
+
+/// FLOPs of causal attention forward + backward over one sequence of `t` tokens: the forward's
+/// two GEMMs of T²/2·D per head, the backward 2.5× the forward.
+pub(super) fn causal_flops(t: usize, shape: AttnShape) -> f64 {
+    3.5 * 4.0 * (t as f64).powi(2) / 2.0 * (shape.head_dim * shape.heads) as f64
+}
+
 #[derive(Serialize)]
 struct Row {
     tokens: usize,
@@ -71,12 +89,7 @@ pub fn run(args: Args) -> Result<()> {
     let machine = Machine::detect(None);
     let threads = args.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;
-    let shape = AttnShape {
-        heads: args.heads,
-        kv_heads: args.kv_heads,
-        head_dim: args.head_dim,
-    };
-    let scale = 1.0 / (args.head_dim as f32).sqrt();
+    let (shape, scale) = args.shape();
     let budget = Duration::from_secs_f64(args.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
@@ -99,10 +112,8 @@ pub fn run(args: Args) -> Result<()> {
                 &dout, &q, &k, &v, &o, &lse, &cu, shape, scale, &mut dq, &mut dk, &mut dv,
             )?)
         })?;
-        // Causal FLOPs: forward 2 GEMMs of T²/2·D per head; backward 2.5× the forward.
-        let fwd_flops = 4.0 * (t as f64).powi(2) / 2.0 * (shape.head_dim * shape.heads) as f64;
         let total = fwd.as_secs_f64() + bwd.as_secs_f64();
-        let gflops = 3.5 * fwd_flops / total / 1e9;
+        let gflops = causal_flops(t, shape) / total / 1e9;
         rows.push(Row {
             tokens: t,
             forward_ms: fwd.as_secs_f64() * 1e3,

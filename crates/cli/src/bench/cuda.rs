@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use kernels::{AttnShape, Backend, CudaBackend, GemmPrecision, GemmSpec};
+use kernels::{Backend, CudaBackend, GemmPrecision, GemmSpec};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -208,12 +208,7 @@ struct AttnRow {
 
 pub fn attention(args: &super::attention::Args) -> Result<()> {
     let gpu = CudaBackend::new(0, GemmPrecision::Bf16)?;
-    let shape = AttnShape {
-        heads: args.heads,
-        kv_heads: args.kv_heads,
-        head_dim: args.head_dim,
-    };
-    let scale = 1.0 / (args.head_dim as f32).sqrt();
+    let (shape, scale) = args.shape();
     let budget = Duration::from_secs_f64(args.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
@@ -235,13 +230,12 @@ pub fn attention(args: &super::attention::Args) -> Result<()> {
                 &dout, &q, &k, &v, &o, &lse, &cu, shape, scale, &mut dq, &mut dk, &mut dv,
             )?)
         })?;
-        // Causal: forward 2 GEMMs of T²/2·D per head, backward 2.5× the forward.
-        let fwd_flops = 4.0 * (t as f64).powi(2) / 2.0 * (shape.head_dim * shape.heads) as f64;
+
         rows.push(AttnRow {
             tokens: t,
             fwd_ms: fwd * 1e3,
             fwd_bwd_ms: both * 1e3,
-            tflops: 3.5 * fwd_flops / both / 1e12,
+            tflops: super::attention::causal_flops(t, shape) / both / 1e12,
             torch_bf16_fwd_bwd_ms: None,
             torch_f32_fwd_bwd_ms: None,
         });
