@@ -50,6 +50,13 @@ pub struct MethodReport {
     pub method: String,
     pub classes: Vec<ClassReport>,
     pub messages: usize,
+    /// Slices moved or copied locally.
+    pub slices: usize,
+    /// Contiguous runs those slices occupy (separate memory copies to pack and unpack).
+    pub runs: usize,
+    /// The runs the same slices would occupy with every weight stored `[out, in]` as in HF
+    /// (without the layout optimisation).
+    pub runs_hf_layout: usize,
     pub moved_bytes: u64,
     pub planning_ms: f64,
 }
@@ -93,11 +100,43 @@ pub fn tensors(cfg: &LlamaConfig, from: &Strategy, to: &Strategy) -> Result<Vec<
         .collect())
 }
 
-/// Plans with both rules and measures each against the lower bound.
+/// For every parameter (in `param_specs` order): whether it is stored `[in, out]`.
+pub fn stored_transposed(cfg: &LlamaConfig) -> Vec<bool> {
+    model::param_specs(cfg)
+        .iter()
+        .map(|s| s.storage() == graph::WeightLayout::InOut)
+        .collect()
+}
+
+/// The runs `plan`'s slices would occupy were the `transposed` tensors (stored `[in, out]`)
+/// stored `[out, in]` instead.
+fn runs_untransposed(plan: &Plan, transposed: &[bool]) -> usize {
+    let of = |tensor: usize, region: &dstate::Region| {
+        let shape = &plan.tensors[tensor].shape;
+        if transposed.get(tensor).copied().unwrap_or(false) {
+            let rev = dstate::Region {
+                ranges: region.ranges.iter().rev().cloned().collect(),
+            };
+            let shape: Vec<usize> = shape.iter().rev().copied().collect();
+            dstate::runs(&shape, &rev)
+        } else {
+            dstate::runs(shape, region)
+        }
+    };
+    plan.transfers
+        .iter()
+        .map(|t| of(t.tensor, &t.region))
+        .chain(plan.local.iter().map(|l| of(l.tensor, &l.region)))
+        .sum()
+}
+
+/// Plans with both rules and measures each against the lower bound; `transposed[k]` says
+/// tensor `k` is stored `[in, out]` (for the layout comparison).
 pub fn evaluate(
     tensors: &[TensorSwitch],
     topo: Topology,
     elem_bytes: u64,
+    transposed: &[bool],
 ) -> Result<(Vec<MethodReport>, Vec<Plan>)> {
     let lb = lower_bound(tensors, topo)?;
     let mut reports = Vec::new();
@@ -131,6 +170,9 @@ pub fn evaluate(
             method: method.to_string(),
             classes,
             messages: p.messages(),
+            slices: p.transfers.len() + p.local.len(),
+            runs: p.runs(),
+            runs_hf_layout: runs_untransposed(&p, transposed),
             moved_bytes: p.moved() as u64 * elem_bytes,
             planning_ms,
         });
@@ -170,7 +212,8 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
-    let (methods, plans) = evaluate(&ts, topo, elem_bytes)?;
+    let transposed = stored_transposed(&cfg);
+    let (methods, plans) = evaluate(&ts, topo, elem_bytes, &transposed)?;
     let cost = |m: &MethodReport| m.classes.iter().map(|c| c.ratio).fold(0.0, f64::max);
     let best = if cost(&methods[1]) <= cost(&methods[0]) {
         1
@@ -247,6 +290,12 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     println!("(GB; cost = the most any device sends or receives over the link class)");
+    for m in &report.methods {
+        println!(
+            "{}: {} slices in {} contiguous runs ({} with HF's [out, in] storage of o_proj/down_proj)",
+            m.method, m.slices, m.runs, m.runs_hf_layout
+        );
+    }
     println!("per device ({} plan), GB:", report.best);
     println!(
         "{:>6} {:>10} {:>10} {:>11} {:>11}",
@@ -304,8 +353,11 @@ mod tests {
                         Strategy::parse(b, n).unwrap(),
                     );
                     let ts = tensors(&cfg, &sa, &sb).unwrap();
-                    let (reports, _) = evaluate(&ts, Topology::new(m), 2).unwrap();
+                    let transposed = stored_transposed(&cfg);
+                    let (reports, _) = evaluate(&ts, Topology::new(m), 2, &transposed).unwrap();
                     let (g, e) = (&reports[0], &reports[1]);
+                    // The layout optimisation: every slice is one contiguous block.
+                    assert_eq!(e.runs, e.slices, "{model} {a}->{b}: non-contiguous slices");
                     for (gc, ec) in g.classes.iter().zip(&e.classes) {
                         assert!(
                             ec.ratio <= 1.05,

@@ -14,8 +14,10 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Calls `f(full_offset, local_offset, run)` for every contiguous run of `region` inside a
-/// row-major tensor of `shape`, where the local buffer is the region's own row-major layout.
+/// Calls `f(full_offset, local_offset, run)` for every maximal contiguous run of `region`
+/// inside a row-major tensor of `shape`, where the local buffer is the region's own row-major
+/// layout. Trailing dims the region spans whole merge into one run, so a region split on dim 0
+/// only (a row block) is a single run.
 fn for_each_run(shape: &[usize], region: &Region, mut f: impl FnMut(usize, usize, usize)) {
     if region.is_empty() {
         return;
@@ -26,17 +28,21 @@ fn for_each_run(shape: &[usize], region: &Region, mut f: impl FnMut(usize, usize
     }
     let st = strides(shape);
     let rshape = region.shape();
-    let last = shape.len() - 1;
-    let run = rshape[last];
-    let outer: usize = rshape[..last].iter().product();
-    let mut idx = vec![0usize; last];
+    // `k`: the outermost dim of the run; every dim after it is spanned whole.
+    let mut k = shape.len() - 1;
+    while k > 0 && region.ranges[k].start == 0 && region.ranges[k].end == shape[k] {
+        k -= 1;
+    }
+    let run = rshape[k] * st[k];
+    let outer: usize = rshape[..k].iter().product();
+    let mut idx = vec![0usize; k];
     for row in 0..outer {
-        let full: usize = (0..last)
+        let full: usize = (0..k)
             .map(|d| (region.ranges[d].start + idx[d]) * st[d])
             .sum::<usize>()
-            + region.ranges[last].start;
+            + region.ranges[k].start * st[k];
         f(full, row * run, run);
-        for d in (0..last).rev() {
+        for d in (0..k).rev() {
             idx[d] += 1;
             if idx[d] < rshape[d] {
                 break;
@@ -44,6 +50,14 @@ fn for_each_run(shape: &[usize], region: &Region, mut f: impl FnMut(usize, usize
             idx[d] = 0;
         }
     }
+}
+
+/// How many contiguous runs `region` occupies in a row-major tensor of `shape` (1 for a block
+/// of whole rows; what packing it into a message costs in separate copies).
+pub fn runs(shape: &[usize], region: &Region) -> usize {
+    let mut n = 0;
+    for_each_run(shape, region, |_, _, _| n += 1);
+    n
 }
 
 fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
@@ -95,14 +109,24 @@ pub fn copy_region<T: Copy>(
             got: to.volume(),
         });
     }
+    // Both walks cover the region's own row-major order; their runs may merge differently
+    // (a region whole along trailing dims of one tensor but not of the other), so each
+    // destination run takes the source runs it overlaps.
     let mut runs = Vec::new();
-    for_each_run(src_shape, from, |f, _, n| runs.push((f, n)));
+    for_each_run(src_shape, from, |f, l, n| runs.push((f, l, n)));
     let mut k = 0;
-    for_each_run(dst_shape, to, |f, _, n| {
-        let (s, m) = runs[k];
-        debug_assert_eq!(m, n);
-        dst[f..f + n].copy_from_slice(&src[s..s + n]);
-        k += 1;
+    for_each_run(dst_shape, to, |f, l, n| {
+        let mut done = 0;
+        while done < n {
+            let (s, sl, m) = runs[k];
+            let at = l + done - sl; // position inside source run k
+            let take = (m - at).min(n - done);
+            dst[f + done..f + done + take].copy_from_slice(&src[s + at..s + at + take]);
+            done += take;
+            if at + take == m {
+                k += 1;
+            }
+        }
     });
     Ok(())
 }
@@ -194,5 +218,35 @@ mod tests {
         assert_eq!(back[10], 10);
         assert_eq!(back[0], 0);
         assert!(extract(&full, &[5], &r).is_err());
+    }
+
+    #[test]
+    fn whole_trailing_dims_merge_into_one_run() {
+        let r = |ranges: Vec<std::ops::Range<usize>>| Region { ranges };
+        assert_eq!(runs(&[6, 4], &r(vec![2..5, 0..4])), 1);
+        assert_eq!(runs(&[6, 4], &r(vec![2..5, 0..2])), 3);
+        assert_eq!(runs(&[2, 3, 4], &r(vec![0..2, 1..3, 0..4])), 2);
+        assert_eq!(runs(&[2, 3, 4], &r(vec![0..2, 0..3, 0..4])), 1);
+        assert_eq!(runs(&[2, 3, 4], &r(vec![0..2, 0..3, 1..2])), 6);
+    }
+
+    #[test]
+    fn copy_between_tensors_whose_runs_merge_differently() {
+        // Rows 1..3 of a [4, 3] tensor (one run) into columns 2..5 of a [2, 6] tensor (two
+        // runs), and back, against an element-by-element copy.
+        let src: Vec<i32> = (0..12).collect();
+        let from = Region {
+            ranges: vec![1..3, 0..3],
+        };
+        let to = Region {
+            ranges: vec![0..2, 2..5],
+        };
+        let mut dst = vec![-1; 12];
+        copy_region(&src, &[4, 3], &from, &mut dst, &[2, 6], &to).unwrap();
+        assert_eq!(dst, vec![-1, -1, 3, 4, 5, -1, -1, -1, 6, 7, 8, -1]);
+        let mut back = vec![0; 12];
+        copy_region(&dst, &[2, 6], &to, &mut back, &[4, 3], &from).unwrap();
+        assert_eq!(&back[3..9], &src[3..9]);
+        assert!(back[..3].iter().chain(&back[9..]).all(|&v| v == 0));
     }
 }

@@ -110,9 +110,9 @@ pub fn backward(g: &mut Graph) -> Result<()> {
             OpKind::Embedding => {
                 pass.emit(OpKind::EmbeddingGrad, vec![d, i[0]], &[i[0]]);
             }
-            OpKind::Linear => {
-                pass.emit(OpKind::LinearGradInput, vec![d, i[1]], &[i[0]]);
-                pass.emit(OpKind::LinearGradWeight, vec![d, i[0]], &[i[1]]);
+            OpKind::Linear { w } => {
+                pass.emit(OpKind::LinearGradInput { w }, vec![d, i[1]], &[i[0]]);
+                pass.emit(OpKind::LinearGradWeight { w }, vec![d, i[0]], &[i[1]]);
             }
             OpKind::RmsNorm { .. } => {
                 let inputs = vec![d, i[0], i[1], op.outputs[1]];
@@ -145,8 +145,8 @@ pub fn backward(g: &mut Graph) -> Result<()> {
             }
             OpKind::CrossEntropy
             | OpKind::EmbeddingGrad
-            | OpKind::LinearGradInput
-            | OpKind::LinearGradWeight
+            | OpKind::LinearGradInput { .. }
+            | OpKind::LinearGradWeight { .. }
             | OpKind::RmsNormGrad
             | OpKind::RopeGrad { .. }
             | OpKind::AttentionGrad { .. }

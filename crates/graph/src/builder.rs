@@ -3,7 +3,7 @@
 use kernels::AttnShape;
 
 use crate::error::{GraphError, Result};
-use crate::ir::{Dim, Graph, Op, OpKind, TensorId, TensorKind, TpLayout};
+use crate::ir::{Dim, Graph, Op, OpKind, TensorId, TensorKind, TpLayout, WeightLayout};
 
 /// Builds a forward graph op by op; every method checks its operands' shapes.
 #[derive(Debug, Default)]
@@ -108,15 +108,27 @@ impl GraphBuilder {
         )[0])
     }
 
-    /// `x [T, in] · wᵀ` with `w` `[out, in]`.
+    /// `x [T, in] · wᵀ` with `w` `[out, in]`, or `x · w` with `w` `[in, out]` when `w` is a
+    /// row-parallel parameter ([`TpLayout::Row`] weights are stored transposed).
     pub fn linear(&mut self, x: TensorId, w: TensorId, name: &str) -> Result<TensorId> {
         let (xs, ws) = (self.shape(x).to_vec(), self.shape(w).to_vec());
-        if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[1] || fixed(ws[1]).is_none() {
+        let layout = match self.g.params.iter().position(|&p| p == w) {
+            Some(k) if matches!(self.g.param_layouts[k], TpLayout::Row { .. }) => {
+                WeightLayout::InOut
+            }
+            _ => WeightLayout::OutIn,
+        };
+        let (in_dim, out_dim) = (layout.in_dim(), layout.out_dim());
+        if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[in_dim] || fixed(ws[in_dim]).is_none() {
+            let (op, w_shape) = match layout {
+                WeightLayout::OutIn => ("ᵀ", "[out, in]"),
+                WeightLayout::InOut => ("", "[in, out]"),
+            };
             return Err(self.err(
                 "linear",
                 name,
                 format!(
-                    "{} {:?} · {}ᵀ {:?} do not fit",
+                    "{} {:?} · {}{op} {:?} ({w_shape}) do not fit",
                     self.name(x),
                     xs,
                     self.name(w),
@@ -125,9 +137,9 @@ impl GraphBuilder {
             ));
         }
         Ok(self.emit(
-            OpKind::Linear,
+            OpKind::Linear { w: layout },
             vec![x, w],
-            vec![(name.into(), vec![xs[0], ws[0]])],
+            vec![(name.into(), vec![xs[0], ws[out_dim]])],
         )[0])
     }
 

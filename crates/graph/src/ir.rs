@@ -90,12 +90,22 @@ pub enum OpKind {
     /// `[dx, w] → [dw]`: scatter-add into a zeroed gradient shaped like `w` (read for its shape
     /// and layout only).
     EmbeddingGrad,
-    /// `[x, w] → [y]`: `y = x · wᵀ` (`w` stored `[out, in]` as in HF).
-    Linear,
-    /// `[dy, w] → [dx]`: `dx = dy · w`.
-    LinearGradInput,
-    /// `[dy, x] → [dw]`: `dw = dyᵀ · x`.
-    LinearGradWeight,
+    /// `[x, w] → [y]`: `y = x · wᵀ` with `w` stored `[out, in]` as in HF, or `y = x · w` with
+    /// `w` stored `[in, out]` (the GEMM's transpose flag absorbs the storage).
+    Linear {
+        /// How `w` is stored.
+        w: WeightLayout,
+    },
+    /// `[dy, w] → [dx]`: `dx = dy · w` (`[out, in]`) or `dy · wᵀ` (`[in, out]`).
+    LinearGradInput {
+        /// How `w` is stored.
+        w: WeightLayout,
+    },
+    /// `[dy, x] → [dw]`: `dw = dyᵀ · x` (`[out, in]`) or `xᵀ · dy` (`[in, out]`).
+    LinearGradWeight {
+        /// How `w` is stored.
+        w: WeightLayout,
+    },
     /// `[x, w] → [y, rstd]`.
     RmsNorm {
         /// Epsilon.
@@ -165,9 +175,24 @@ impl OpKind {
         match self {
             OpKind::Embedding => "embedding",
             OpKind::EmbeddingGrad => "embedding_grad",
-            OpKind::Linear => "linear",
-            OpKind::LinearGradInput => "linear_grad_input",
-            OpKind::LinearGradWeight => "linear_grad_weight",
+            OpKind::Linear {
+                w: WeightLayout::OutIn,
+            } => "linear",
+            OpKind::Linear {
+                w: WeightLayout::InOut,
+            } => "linear[in,out]",
+            OpKind::LinearGradInput {
+                w: WeightLayout::OutIn,
+            } => "linear_grad_input",
+            OpKind::LinearGradInput {
+                w: WeightLayout::InOut,
+            } => "linear_grad_input[in,out]",
+            OpKind::LinearGradWeight {
+                w: WeightLayout::OutIn,
+            } => "linear_grad_weight",
+            OpKind::LinearGradWeight {
+                w: WeightLayout::InOut,
+            } => "linear_grad_weight[in,out]",
             OpKind::RmsNorm { .. } => "rms_norm",
             OpKind::RmsNormGrad => "rms_norm_grad",
             OpKind::Rope { .. } => "rope",
@@ -196,6 +221,31 @@ pub struct Op {
     pub outputs: Vec<TensorId>,
 }
 
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WeightLayout {
+    /// `[out, in]`, as in Hugging Face checkpoints.
+    #[default]
+    OutIn,
+    /// `[in, out]`: row-parallel weights, so that their TP split (the input features) is dim 0.
+    InOut,
+}
+
+impl WeightLayout {
+    /// The dim holding the output features.
+    pub fn out_dim(self) -> usize {
+        match self {
+            WeightLayout::OutIn => 0,
+            WeightLayout::InOut => 1,
+        }
+    }
+
+    /// The dim holding the input features.
+    pub fn in_dim(self) -> usize {
+        1 - self.out_dim()
+    }
+}
+
 /// How a parameter is laid out under tensor parallelism (Megatron).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum TpLayout {
@@ -207,9 +257,12 @@ pub enum TpLayout {
         /// Rows that must stay together.
         unit: usize,
     },
-    /// Row parallel: the input columns (dim 1) are split in groups of `unit` columns.
+    /// Row parallel: the input features are split in groups of `unit`. The weight is stored
+    /// transposed, `[in, out]` (the layout optimisation), so the split is on dim 0 and every
+    /// piece — and every slice a switch moves — is contiguous; the linear ops use it through
+    /// their GEMM's transpose flag ([`WeightLayout::InOut`]).
     Row {
-        /// Columns that must stay together.
+        /// Input features that must stay together.
         unit: usize,
     },
     /// Vocabulary parallel: rows split by token id, uneven pieces allowed.

@@ -1,10 +1,8 @@
 //! The graph IR (DESIGN §2.3): tensors whose shapes may use the micro-batch's token count `T`,
 //! ops that read and write them, a shape-checking builder, autodiff as a graph-to-graph pass (one
 //! backward rule per op, itself made of ops), a readable printer, and strategy specs with their
-//! rank mapping.
-//!
-//! Not built yet (issue 3): DState deduction for several strategies, comm insertion and the
-//! per-strategy exec graphs.
+//! rank mapping; then the parallel lowering ([`lower`]): DState deduction for a strategy, comm
+//! insertion and the per-rank exec graph.
 //!
 //! ```
 //! use graph::{backward, GraphBuilder, OpKind};
@@ -18,7 +16,7 @@
 //! let mut g = b.finish()?;
 //! backward(&mut g)?;
 //! assert_eq!(g.grads.len(), 2);
-//! assert!(g.ops.iter().any(|op| op.kind == OpKind::LinearGradWeight));
+//! assert!(g.ops.iter().any(|op| matches!(op.kind, OpKind::LinearGradWeight { .. })));
 //! assert!(g.to_string().contains("= cross_entropy_grad("));
 //! # Ok::<(), graph::GraphError>(())
 //! ```
@@ -34,6 +32,6 @@ mod strategy;
 pub use autodiff::backward;
 pub use builder::GraphBuilder;
 pub use error::{GraphError, Result};
-pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout};
+pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout, WeightLayout};
 pub use parallel::{lower, normalize, param_state, CommPoint, ExecGraph, SharedComm};
 pub use strategy::{MeshAxis, Strategy};

@@ -90,17 +90,19 @@ pub fn param_state(layout: TpLayout, shape: &[usize], t: usize, name: &str) -> R
         TpLayout::Replicated => one(Placement::Duplicate, t),
         TpLayout::Vocab => one(Placement::Split(0), t),
         TpLayout::Column { unit } | TpLayout::Row { unit } => {
-            let dim = usize::from(matches!(layout, TpLayout::Row { .. }));
-            let units = shape[dim] / unit.max(1);
+            // Column weights are `[out, in]` split by output rows, row-parallel weights `[in,
+            // out]` split by input rows: dim 0 either way, so every piece is contiguous.
+            let row = matches!(layout, TpLayout::Row { .. });
+            let units = shape[0] / unit.max(1);
             if unit <= 1 || units.is_multiple_of(t) {
-                one(Placement::Split(dim), t)
-            } else if dim == 0 && t.is_multiple_of(units) {
+                one(Placement::Split(0), t)
+            } else if !row && t.is_multiple_of(units) {
                 // Fewer groups (KV heads) than TP ranks: split by group, replicate each group.
                 two(Axis::split(0, units), Axis::dup(t / units))
             } else {
                 return Err(err(format!(
                     "{units} groups of {unit} cannot be split over {t} TP ranks (the degree must divide the number of heads{})",
-                    if dim == 0 { ", or be a multiple of it" } else { "" }
+                    if row { "" } else { ", or be a multiple of it" }
                 )));
             }
         }
@@ -369,13 +371,14 @@ impl Lowering<'_> {
                 let w = self.state(i[1])?;
                 self.push(op, vec![dy, i[1]], vec![w]);
             }
-            OpKind::Linear => {
+            OpKind::Linear { w: layout } => {
+                let (out_dim, in_dim) = (layout.out_dim(), layout.in_dim());
                 let w = self.state(i[1])?;
-                if Self::is_split(&w, 0) {
+                if Self::is_split(&w, out_dim) {
                     let x = self.require(i[0], &full)?;
-                    self.push(op, vec![x, i[1]], vec![swap_split(&w, 0, 1)]);
-                } else if Self::is_split(&w, 1) {
-                    let x = self.require(i[0], &swap_split(&w, 1, 1))?;
+                    self.push(op, vec![x, i[1]], vec![swap_split(&w, out_dim, 1)]);
+                } else if Self::is_split(&w, in_dim) {
+                    let x = self.require(i[0], &swap_split(&w, in_dim, 1))?;
                     self.push(op, vec![x, i[1]], vec![dup_to_partial(&full)]);
                 } else {
                     let x = settle(self, i[0])?;
@@ -383,33 +386,37 @@ impl Lowering<'_> {
                     self.push(op, vec![x, i[1]], vec![s]);
                 }
             }
-            OpKind::LinearGradInput => {
+            OpKind::LinearGradInput { w: layout } => {
+                let (out_dim, in_dim) = (layout.out_dim(), layout.in_dim());
                 let w = self.state(i[1])?;
-                if Self::is_split(&w, 0) {
+                if Self::is_split(&w, out_dim) {
                     // dy is split like the output; the product is partial over the split axes.
                     let dy = self.state(i[0])?;
                     let out = partial_over_splits(&dy);
                     self.push(op, vec![i[0], i[1]], vec![out]);
-                } else if Self::is_split(&w, 1) {
+                } else if Self::is_split(&w, in_dim) {
                     let dy = self.require(i[0], &full)?;
-                    self.push(op, vec![dy, i[1]], vec![swap_split(&w, 1, 1)]);
+                    self.push(op, vec![dy, i[1]], vec![swap_split(&w, in_dim, 1)]);
                 } else {
                     let dy = settle(self, i[0])?;
                     let s = self.state(dy)?;
                     self.push(op, vec![dy, i[1]], vec![s]);
                 }
             }
-            OpKind::LinearGradWeight => {
+            OpKind::LinearGradWeight { w: layout } => {
                 let dy = self.state(i[0])?;
                 if Self::is_split(&dy, 1) {
-                    // Column parallel: dW rows split like dy's columns.
+                    // Column parallel: dW's output features split like dy's columns.
                     let x = self.require(i[1], &full)?;
-                    self.push(op, vec![i[0], x], vec![swap_split(&dy, 1, 0)]);
+                    let dw = swap_split(&dy, 1, layout.out_dim());
+                    self.push(op, vec![i[0], x], vec![dw]);
                 } else {
                     let x = self.state(i[1])?;
                     if Self::is_split(&x, 1) {
+                        // Row parallel: dW's input features split like x's columns.
                         let dy = self.require(i[0], &full)?;
-                        self.push(op, vec![dy, i[1]], vec![x]);
+                        let dw = swap_split(&x, 1, layout.in_dim());
+                        self.push(op, vec![dy, i[1]], vec![dw]);
                     } else {
                         // A replicated weight: every rank holds its own tokens' contribution.
                         let dy = settle(self, i[0])?;

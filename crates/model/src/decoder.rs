@@ -1,13 +1,14 @@
 //! The LLaMA decoder as a graph: HF's `LlamaForCausalLM` forward and the loss of DESIGN §3.
 
-use graph::{GraphBuilder, GraphError, TpLayout};
+use graph::{GraphBuilder, GraphError};
 use kernels::AttnShape;
 
 use crate::config::LlamaConfig;
 use crate::params::{param_specs, Role};
 
 /// Builds the forward graph of `cfg` with its loss. Parameters are declared in
-/// [`param_specs`] order, so `Weights::tensors()` binds to `graph.params` one to one.
+/// [`param_specs`] order in their stored layout, so `Weights::stored()` binds to `graph.params`
+/// one to one.
 ///
 /// Per layer: `x += o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))` with
 /// `n1 = input_layernorm(x)`, then `x += down_proj(silu(gate_proj(n2)) · up_proj(n2))` with
@@ -44,19 +45,10 @@ pub fn build_stage_graph(
         .collect();
     let mut b = GraphBuilder::new();
     let hd = cfg.head_dim();
+    // Row-parallel weights are declared transposed (`ParamSpec::stored_shape`).
     let ids: Vec<_> = specs
         .iter()
-        .map(|s| {
-            let layout = match s.role {
-                Role::Embedding | Role::LmHead => TpLayout::Vocab,
-                Role::QProj | Role::KProj | Role::VProj => TpLayout::Column { unit: hd },
-                Role::OProj => TpLayout::Row { unit: hd },
-                Role::GateProj | Role::UpProj => TpLayout::Column { unit: 1 },
-                Role::DownProj => TpLayout::Row { unit: 1 },
-                Role::InputNorm | Role::PostAttentionNorm | Role::FinalNorm => TpLayout::Replicated,
-            };
-            b.param_with(s.name.clone(), &s.shape, layout)
-        })
+        .map(|s| b.param_with(s.name.clone(), &s.stored_shape(), s.tp_layout(hd)))
         .collect();
     let find = |role: Role, layer: Option<usize>| {
         specs

@@ -1,6 +1,9 @@
 //! The parameter catalogue: every weight of a LLaMA model with its HF name, shape and role.
 
+use std::borrow::Cow;
 use std::fmt;
+
+use graph::{TpLayout, WeightLayout};
 
 use crate::config::LlamaConfig;
 
@@ -56,6 +59,72 @@ impl ParamSpec {
     pub fn weight_decay(&self) -> bool {
         self.shape.len() >= 2
     }
+
+    /// The tensor-parallel layout of this parameter.
+    pub fn tp_layout(&self, head_dim: usize) -> TpLayout {
+        match self.role {
+            Role::Embedding | Role::LmHead => TpLayout::Vocab,
+            Role::QProj | Role::KProj | Role::VProj => TpLayout::Column { unit: head_dim },
+            Role::OProj => TpLayout::Row { unit: head_dim },
+            Role::GateProj | Role::UpProj => TpLayout::Column { unit: 1 },
+            Role::DownProj => TpLayout::Row { unit: 1 },
+            Role::InputNorm | Role::PostAttentionNorm | Role::FinalNorm => TpLayout::Replicated,
+        }
+    }
+
+    /// How the training graph stores this parameter: the row-parallel projections (`o_proj`,
+    /// `down_proj`) transposed, `[in, out]`, so that their TP split is contiguous (the layout
+    /// optimisation); everything else as in HF.
+    pub fn storage(&self) -> WeightLayout {
+        match self.role {
+            Role::OProj | Role::DownProj => WeightLayout::InOut,
+            _ => WeightLayout::OutIn,
+        }
+    }
+
+    /// The shape the training graph stores (see [`ParamSpec::storage`]).
+    pub fn stored_shape(&self) -> Vec<usize> {
+        match self.storage() {
+            WeightLayout::OutIn => self.shape.clone(),
+            WeightLayout::InOut => self.shape.iter().rev().copied().collect(),
+        }
+    }
+
+    /// HF-layout values in the graph's storage layout (borrowed when they are the same).
+    pub fn to_stored<'a>(&self, hf: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.storage() {
+            WeightLayout::OutIn => Cow::Borrowed(hf),
+            WeightLayout::InOut => Cow::Owned(transpose(hf, self.shape[0], self.shape[1])),
+        }
+    }
+
+    /// Values in the graph's storage layout back in HF layout.
+    pub fn from_stored(&self, stored: Vec<f32>) -> Vec<f32> {
+        match self.storage() {
+            WeightLayout::OutIn => stored,
+            WeightLayout::InOut => transpose(&stored, self.shape[1], self.shape[0]),
+        }
+    }
+}
+
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix, in cache-sized tiles.
+/// A slice of the wrong length (an invariant the callers check) is returned as it is.
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    if a.len() != rows * cols {
+        return a.to_vec();
+    }
+    const TILE: usize = 32;
+    let mut out = vec![0.0; a.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 impl fmt::Display for ParamSpec {

@@ -22,7 +22,8 @@ pub struct RankParams {
     pub held: Held,
 }
 
-/// The pieces TP rank `tp_rank` holds of `weights` under `exec` (one stage's exec graph).
+/// The pieces TP rank `tp_rank` holds of `weights` under `exec` (one stage's exec graph), in
+/// the graph's storage layout.
 pub fn rank_params(
     cfg: &LlamaConfig,
     exec: &ExecGraph,
@@ -41,7 +42,8 @@ pub fn rank_params(
             ModelError::Mismatch(format!("the graph's parameter {name} is not in the config"))
         })?;
         let state = &exec.states[p.0];
-        let mut pieces = dstate::distribute(&weights.tensors()[k], &specs[k].shape, state)
+        let stored = specs[k].to_stored(&weights.tensors()[k]);
+        let mut pieces = dstate::distribute(&stored, &specs[k].stored_shape(), state)
             .map_err(|e| ModelError::Mismatch(format!("{name}: {e}")))?;
         if tp_rank >= pieces.len() {
             return Err(ModelError::Mismatch(format!(
@@ -57,7 +59,7 @@ pub fn rank_params(
     Ok(out)
 }
 
-/// Reassembles whole weights from the ranks' pieces: `per_rank[r]` is world rank `r`'s
+/// Reassembles whole weights (HF layout) from the ranks' pieces (storage layout): `per_rank[r]` is world rank `r`'s
 /// `(pieces, held)` (as in [`RankParams`]); DP replica 0 of every stage is read.
 pub fn gather_weights(
     cfg: &LlamaConfig,
@@ -86,8 +88,9 @@ pub fn gather_weights(
                             .unwrap_or_default()
                     })
                     .collect();
-                tensors[k] = dstate::assemble(&locals, &spec.shape, &held[j].1)
+                let stored = dstate::assemble(&locals, &spec.stored_shape(), &held[j].1)
                     .map_err(|e| ModelError::Mismatch(format!("{}: {e}", spec.name)))?;
+                tensors[k] = spec.from_stored(stored);
                 found = true;
                 break;
             }
@@ -118,7 +121,8 @@ pub fn rank_exec(
 }
 
 /// Where every parameter lives under `strategy` on the world's devices (rank r = device r):
-/// `(name, shape, distribution)` in the order of [`param_specs`]. A parameter of stage `p` is
+/// `(name, stored shape, distribution)` in the order of [`param_specs`] (row-parallel weights
+/// transposed, as the training graph stores them: see [`crate::ParamSpec::storage`]). A parameter of stage `p` is
 /// replicated over its stage's DP replicas and laid out over each replica's TP group as the
 /// exec graph has it: the distribution is `[D×dp] ++ TP axes` over ranks `p·dp·tp ..`.
 /// Fails for a tied embedding split across pipeline stages (two groups at once).
@@ -159,7 +163,7 @@ pub fn placements(
         .zip(found)
         .map(|(s, d)| {
             let d = d.ok_or_else(|| ModelError::Mismatch(format!("{} is on no stage", s.name)))?;
-            Ok((s.name.clone(), s.shape.clone(), d))
+            Ok((s.name.clone(), s.stored_shape(), d))
         })
         .collect()
 }

@@ -67,17 +67,58 @@ impl Weights {
         Self { specs, data }
     }
 
-    /// The catalogue, in storage order.
+    /// The catalogue, in [`param_specs`] order.
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }
 
-    /// The values of every parameter, in storage order.
+    /// The values of every parameter (HF layout), in [`param_specs`] order.
     pub fn tensors(&self) -> &[Vec<f32>] {
         &self.data
     }
 
-    /// Mutable values, in storage order.
+    /// The values in the training graph's storage layout (row-parallel weights transposed: see
+    /// [`ParamSpec::storage`]), ready to bind to `build_graph(cfg).params`.
+    pub fn stored(&self) -> Vec<Vec<f32>> {
+        self.specs
+            .iter()
+            .zip(&self.data)
+            .map(|(s, d)| s.to_stored(d).into_owned())
+            .collect()
+    }
+
+    /// Weights from values in the training graph's storage layout (the inverse of
+    /// [`Weights::stored`]).
+    pub fn from_stored(cfg: &LlamaConfig, data: Vec<Vec<f32>>) -> Result<Self> {
+        let specs = param_specs(cfg);
+        if specs.len() != data.len() {
+            return Err(ModelError::Mismatch(format!(
+                "{} tensors given, the config has {}",
+                data.len(),
+                specs.len()
+            )));
+        }
+        let data = specs
+            .iter()
+            .zip(data)
+            .map(|(s, d)| {
+                if d.len() == s.numel() {
+                    Ok(s.from_stored(d))
+                } else {
+                    Err(ModelError::Mismatch(format!(
+                        "{} has {} values, its shape {:?} needs {}",
+                        s.name,
+                        d.len(),
+                        s.shape,
+                        s.numel()
+                    )))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(cfg, data)
+    }
+
+    /// Mutable values (HF layout), in [`param_specs`] order.
     pub fn tensors_mut(&mut self) -> &mut [Vec<f32>] {
         &mut self.data
     }

@@ -189,9 +189,17 @@ fn check(tied: bool, kv: usize) {
     let mut g = build_graph(&cfg).unwrap();
     graph::backward(&mut g).unwrap();
     let cpu = CpuBackend::new(2).unwrap();
-    let params: Vec<Vec<f32>> = w.tensors().iter().map(|t| cpu.upload(t).unwrap()).collect();
+    // The graph stores row-parallel weights transposed; the reference reads HF layout.
+    let params: Vec<Vec<f32>> = w.stored().iter().map(|t| cpu.upload(t).unwrap()).collect();
     let batch = MicroBatch::pack(&seqs, 1.0 / predicted as f32).unwrap();
     let out = run(&cpu, &g, &params, &batch).unwrap();
+    let specs = param_specs(&cfg);
+    let grads: Vec<Vec<f32>> = out
+        .grads
+        .iter()
+        .zip(&specs)
+        .map(|(g, s)| s.from_stored(g.clone()))
+        .collect();
 
     let w64: Vec<Vec<f64>> = w
         .tensors()
@@ -213,7 +221,7 @@ fn check(tied: bool, kv: usize) {
 
     let h = 1e-5;
     for (k, name) in names.iter().enumerate() {
-        let grad = &out.grads[k];
+        let grad = &grads[k];
         let scale = grad.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
         assert!(scale > 1e-6, "{name}: gradient is all zero");
         let n = grad.len();
@@ -261,7 +269,7 @@ fn activations_are_freed_at_last_use() {
     let mut g = build_graph(&cfg).unwrap();
     graph::backward(&mut g).unwrap();
     let cpu = CpuBackend::new(1).unwrap();
-    let params: Vec<Vec<f32>> = w.tensors().to_vec();
+    let params: Vec<Vec<f32>> = w.stored();
     let seqs: Vec<Vec<u32>> = vec![(0..200).map(|i| i % 23).collect()];
     let batch = MicroBatch::pack(&seqs, 1.0 / 199.0).unwrap();
     let out = run(&cpu, &g, &params, &batch).unwrap();

@@ -61,7 +61,7 @@ fn check_cfg(spec: &str, devices: usize, cfg: LlamaConfig) -> Vec<usize> {
     // The single-device reference: every sequence in one micro-batch.
     let cpu = CpuBackend::new(1).unwrap();
     let all = MicroBatch::pack(&sequences(), scale).unwrap();
-    let reference = run(&cpu, &logical, weights.tensors(), &all).unwrap();
+    let reference = run(&cpu, &logical, &weights.stored(), &all).unwrap();
 
     let strategy = Strategy::parse(spec, devices).unwrap();
     let exec = Arc::new(lower(&logical, &strategy).unwrap());
@@ -76,10 +76,10 @@ fn check_cfg(spec: &str, devices: usize, cfg: LlamaConfig) -> Vec<usize> {
             .graph
             .params
             .iter()
-            .zip(weights2.tensors())
+            .zip(weights2.stored())
             .map(|(&p, w)| {
                 let shape = exec2.graph.info(p).resolve(0);
-                dstate::distribute(w, &shape, &exec2.states[p.0])
+                dstate::distribute(&w, &shape, &exec2.states[p.0])
                     .map(|mut v| v.swap_remove(tp_rank))
             })
             .collect::<Result<_, _>>()?;
@@ -138,7 +138,7 @@ fn print_peak_bytes_per_strategy() {
         micro_batches(1, 0, scale)
             .iter()
             .map(|mb| {
-                run(&CpuBackend::new(1).unwrap(), &g, w.tensors(), mb)
+                run(&CpuBackend::new(1).unwrap(), &g, &w.stored(), mb)
                     .unwrap()
                     .peak_bytes
             })
@@ -244,10 +244,11 @@ fn collectives(spec: &str) -> std::collections::BTreeMap<String, usize> {
             .graph
             .params
             .iter()
-            .zip(weights.tensors())
+            .zip(weights.stored())
             .map(|(&p, w)| {
                 let shape = exec.graph.info(p).resolve(0);
-                dstate::distribute(w, &shape, &exec.states[p.0]).map(|mut v| v.swap_remove(tp_rank))
+                dstate::distribute(&w, &shape, &exec.states[p.0])
+                    .map(|mut v| v.swap_remove(tp_rank))
             })
             .collect::<Result<_, _>>()?;
         let mb = MicroBatch::pack(&sequences()[..3], 0.01)?;

@@ -49,7 +49,7 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usiz
     let reference = run(
         &cpu,
         &full,
-        weights.tensors(),
+        &weights.stored(),
         &MicroBatch::pack(&sequences(), scale).unwrap(),
     )
     .unwrap();
@@ -106,7 +106,7 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usiz
                 let state = results[ranks[0]].2[j].1.clone();
                 let locals: Vec<Vec<f32>> =
                     ranks.iter().map(|&r| results[r].1[j].clone()).collect();
-                let got = dstate::assemble(&locals, &spec_k.shape, &state).unwrap();
+                let got = dstate::assemble(&locals, &spec_k.stored_shape(), &state).unwrap();
                 let want = &reference.grads[k];
                 let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let worst = got

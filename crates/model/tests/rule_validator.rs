@@ -33,8 +33,8 @@ fn validate(spec: &str, devices: usize, kv: usize) {
     let batch = Arc::new(MicroBatch::pack(&seqs, 1.0 / 18.0).unwrap());
 
     let cpu = CpuBackend::new(1).unwrap();
-    let mut single =
-        Pass::new(&cpu, &logical, None, weights.tensors(), &batch, Vec::new()).unwrap();
+    let stored = weights.stored();
+    let mut single = Pass::new(&cpu, &logical, None, &stored, &batch, Vec::new()).unwrap();
     single.capture();
     single.forward(None).unwrap();
     single.backward(None, Vec::new()).unwrap();
@@ -55,10 +55,10 @@ fn validate(spec: &str, devices: usize, kv: usize) {
             .graph
             .params
             .iter()
-            .zip(w2.tensors())
+            .zip(w2.stored())
             .map(|(&p, w)| {
                 let shape = e2.graph.info(p).resolve(0);
-                dstate::distribute(w, &shape, &e2.states[p.0]).map(|mut v| v.swap_remove(tp_rank))
+                dstate::distribute(&w, &shape, &e2.states[p.0]).map(|mut v| v.swap_remove(tp_rank))
             })
             .collect::<Result<_, _>>()?;
         let cpu = CpuBackend::new(1)?;

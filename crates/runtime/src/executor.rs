@@ -5,7 +5,7 @@
 
 use comm::ReduceOp;
 use dstate::DState;
-use graph::{ExecGraph, Graph, OpKind, TensorId};
+use graph::{ExecGraph, Graph, OpKind, TensorId, WeightLayout};
 use kernels::{Backend, GemmSpec};
 
 use crate::batch::MicroBatch;
@@ -492,32 +492,44 @@ impl<B: Backend> Ctx<'_, B> {
                 let w = self.local(in_ids[1])?;
                 be.embedding_backward(ins[0], w.shape[1], w.offset[0], &batch.ids, &mut outs[0])?;
             }
-            OpKind::Linear => {
+            OpKind::Linear { w: layout } => {
                 let (x, w) = (dims(self, 0)?, dims(self, 1)?);
-                be.gemm(
-                    &GemmSpec::new(x[0], w[0], w[1]).trans(false, true),
-                    ins[0],
-                    ins[1],
-                    &mut outs[0],
-                )?;
+                let spec = match layout {
+                    // y[T, out] = x[T, in] · w[out, in]ᵀ
+                    WeightLayout::OutIn => GemmSpec::new(x[0], w[0], w[1]).trans(false, true),
+                    // y[T, out] = x[T, in] · w[in, out]
+                    WeightLayout::InOut => GemmSpec::new(x[0], w[1], w[0]),
+                };
+                be.gemm(&spec, ins[0], ins[1], &mut outs[0])?;
             }
-            OpKind::LinearGradInput => {
+            OpKind::LinearGradInput { w: layout } => {
                 let (dy, w) = (dims(self, 0)?, dims(self, 1)?);
-                be.gemm(
-                    &GemmSpec::new(dy[0], w[1], w[0]),
-                    ins[0],
-                    ins[1],
-                    &mut outs[0],
-                )?;
+                let spec = match layout {
+                    // dx[T, in] = dy[T, out] · w[out, in]
+                    WeightLayout::OutIn => GemmSpec::new(dy[0], w[1], w[0]),
+                    // dx[T, in] = dy[T, out] · w[in, out]ᵀ
+                    WeightLayout::InOut => GemmSpec::new(dy[0], w[0], w[1]).trans(false, true),
+                };
+                be.gemm(&spec, ins[0], ins[1], &mut outs[0])?;
             }
-            OpKind::LinearGradWeight => {
+            OpKind::LinearGradWeight { w: layout } => {
                 let (dy, x) = (dims(self, 0)?, dims(self, 1)?);
-                be.gemm(
-                    &GemmSpec::new(dy[1], x[1], dy[0]).trans(true, false),
-                    ins[0],
-                    ins[1],
-                    &mut outs[0],
-                )?;
+                match layout {
+                    // dw[out, in] = dy[T, out]ᵀ · x[T, in]
+                    WeightLayout::OutIn => be.gemm(
+                        &GemmSpec::new(dy[1], x[1], dy[0]).trans(true, false),
+                        ins[0],
+                        ins[1],
+                        &mut outs[0],
+                    )?,
+                    // dw[in, out] = x[T, in]ᵀ · dy[T, out]
+                    WeightLayout::InOut => be.gemm(
+                        &GemmSpec::new(x[1], dy[1], x[0]).trans(true, false),
+                        ins[1],
+                        ins[0],
+                        &mut outs[0],
+                    )?,
+                }
             }
             OpKind::RmsNorm { eps } => {
                 let (y, rest) = outs.split_at_mut(1);

@@ -359,6 +359,22 @@ impl Plan {
         pairs.len()
     }
 
+    /// Contiguous runs the plan copies (packing, unpacking, local copies): per transfer and
+    /// local copy, the runs of its region in the row-major tensor. With every split on dim 0
+    /// (the layout optimisation), one per slice.
+    pub fn runs(&self) -> usize {
+        let of = |tensor: usize, region: &dstate::Region| {
+            self.tensors
+                .get(tensor)
+                .map_or(0, |t| dstate::runs(&t.shape, region))
+        };
+        self.transfers
+            .iter()
+            .map(|t| of(t.tensor, &t.region))
+            .chain(self.local.iter().map(|l| of(l.tensor, &l.region)))
+            .sum()
+    }
+
     /// Elements that cross a link (not counting local copies).
     pub fn moved(&self) -> usize {
         self.transfers.iter().map(|t| t.region.volume()).sum()
