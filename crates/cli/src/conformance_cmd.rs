@@ -2,13 +2,15 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
+use comm::Communicator;
 use kernels::conformance::{run_all, Check, Tolerance};
 use kernels::{CpuBackend, CudaBackend, GemmPrecision};
 
 #[derive(ClapArgs)]
 pub struct Args {
     /// cuda (every kernel of the CUDA backend against the CPU backend), nccl (the communicator
-    /// suite on NcclComm), or cpu (the kernel suite itself).
+    /// suite on NcclComm), mpi (the communicator suite on MpiComm, under `mpirun`), or cpu (the
+    /// kernel suite itself).
     #[arg(long, default_value = "cuda")]
     backend: String,
     /// GEMM precisions to check on cuda, comma-separated.
@@ -83,7 +85,32 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
         }
-        other => bail!("--backend {other}: use cuda, nccl or cpu"),
+        "mpi" => {
+            let mut c = comm::MpiComm::init()?;
+            let (rank, size) = (c.rank().0, c.size());
+            let checks: Vec<&str> = comm::conformance::CHECKS.iter().map(|c| c.name).collect();
+            let outcome = comm::conformance::run_all(&mut c);
+            // Every rank reports before any leaves (the missing-rank check returns early on the
+            // last rank on purpose).
+            let mut flag = [f32::from(u8::from(outcome.is_err()))];
+            c.all_reduce(&mut flag, comm::ReduceOp::Max)?;
+            match outcome {
+                Ok(()) => println!(
+                    "mpi rank {rank} of {size} (nodes {:?}): {} communicator checks passed ({})",
+                    c.nodes(),
+                    checks.len(),
+                    checks.join(", ")
+                ),
+                Err(e) => {
+                    println!("mpi rank {rank} of {size}: FAILED: {e}");
+                    failed += 1;
+                }
+            }
+            if flag[0] > 0.0 && failed == 0 {
+                bail!("another MPI rank failed its conformance checks");
+            }
+        }
+        other => bail!("--backend {other}: use cuda, nccl, mpi or cpu"),
     }
     if failed > 0 {
         bail!("{failed} conformance checks failed");

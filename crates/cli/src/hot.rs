@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use comm::{Communicator, ThreadComm};
+use comm::Communicator;
 use dstate::{DeviceId, Distribution};
 use graph::{ExecGraph, Strategy};
 use kernels::Backend;
@@ -177,7 +177,7 @@ impl HotRank {
     pub fn new(
         schedule: &HotSchedule,
         cfg: &LlamaConfig,
-        world: &ThreadComm,
+        world: &dyn Communicator,
         micro_batch_tokens: &[usize],
         devices_per_node: usize,
     ) -> Result<Self> {
@@ -303,7 +303,7 @@ impl HotRank {
     /// Switches `host` (layout `from`, its exec order) to layout `to`; adds the bytes moved.
     fn switch(
         &self,
-        world: &ThreadComm,
+        world: &dyn Communicator,
         host: Vec<Vec<f32>>,
         from: usize,
         to: usize,
@@ -328,7 +328,7 @@ impl HotRank {
     pub fn step<B: Backend>(
         &mut self,
         be: &B,
-        world: &ThreadComm,
+        world: &dyn Communicator,
         opt: &Optimizer<B>,
         batch: &[Vec<u32>],
         scale: f32,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod conformance_cmd;
+mod gather;
 mod graph_cmd;
 mod hot;
 mod plot;

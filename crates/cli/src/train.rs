@@ -28,8 +28,9 @@ pub struct Args {
     /// An HF tokenizer.json for `text` records and text files (default: one token per byte).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Number of devices (thread ranks).
-    #[arg(long, default_value_t = 1)]
+    /// Number of devices: thread ranks in this process (default 1), or, under `mpirun`, one rank
+    /// per process (default and only allowed value: the MPI world size).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     devices: usize,
     /// Where the ranks compute: cpu, or cuda (rank r on GPU r mod the GPU count; needs a build
     /// with `--features cuda`).
@@ -38,7 +39,8 @@ pub struct Args {
     /// GEMM operand precision on cuda: bf16 (fp32 master weights, f32 accumulation) or f32.
     #[arg(long, default_value = "bf16")]
     gemm_precision: String,
-    /// Nodes are groups of this many devices (used by the switch planner; recorded only).
+    /// Nodes are groups of this many devices (used by the switch planner); under `mpirun` MPI
+    /// says which ranks share a node.
     #[arg(long)]
     devices_per_node: Option<usize>,
     /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1 (default: dp over every device).
@@ -122,17 +124,17 @@ pub struct Args {
 enum Msg {
     /// One step's metrics line (rank 0).
     Metrics(String),
-    /// One rank's pieces of the weights and both moments after `step` steps.
-    Checkpoint {
-        rank: usize,
-        step: u64,
-        parts: [Vec<Vec<f32>>; 3],
-        held: model::Held,
-    },
+    /// Every rank's pieces of the weights and both moments after `step` steps (rank 0, which
+    /// collected them).
+    Checkpoint { step: u64, parts: Vec<RankPart> },
 }
 
 /// One rank's pieces of the weights and both moments, with what it holds.
 type RankPart = ([Vec<Vec<f32>>; 3], model::Held);
+
+/// On world rank 0 at the end: every rank's final pieces with what it holds, and every rank's
+/// peak bytes.
+type Collected = (Vec<(Vec<Vec<f32>>, model::Held)>, Vec<usize>);
 
 /// The run's settings, recorded in checkpoints.
 fn run_record(a: &Args, strategy: &Strategy) -> serde_json::Value {
@@ -224,7 +226,37 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         }
         other => bail!("--device {other}: use cpu or cuda"),
     };
-    anyhow::ensure!(args.devices >= 1, "--devices must be at least 1");
+    // Under mpirun: one rank per process, the world size is the device count, and MPI says
+    // which ranks share a node.
+    let mut args = args;
+    let mpi = match comm::mpi::launch() {
+        Some((_, size)) if size > 1 => {
+            if args.devices != 0 && args.devices != size {
+                bail!(
+                    "--devices {} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
+                     under mpirun every process is one rank; drop --devices or make them agree",
+                    args.devices
+                );
+            }
+            args.devices = size;
+            let world = comm::MpiComm::init()
+                .with_context(|| format!("started by mpirun as one of {size} processes"))?;
+            let per_node = mpi_devices_per_node(world.nodes())?;
+            if let Some(d) = args.devices_per_node.filter(|&d| d != per_node) {
+                bail!(
+                    "--devices-per-node {d} conflicts with MPI's placement ({per_node} ranks per node)"
+                );
+            }
+            args.devices_per_node = Some(per_node);
+            Some(Arc::new(world))
+        }
+        _ => None,
+    };
+    let root = mpi.as_ref().is_none_or(|w| w.rank().0 == 0);
+    if args.devices == 0 {
+        args.devices = 1;
+    }
+    let args = args;
     anyhow::ensure!(
         args.global_batch >= 1 && args.steps >= 1,
         "--global-batch and --steps must be at least 1"
@@ -260,11 +292,13 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
             .iter()
             .map(|(s, m)| format!("{s} (≤ {})", m.map_or("any".into(), |m| m.to_string())))
             .collect();
-        eprintln!(
+        if root {
+            eprintln!(
             "hot switching: {}; {} holds the weights and the optimizer (least model state per device)",
             list.join(", "),
             strategy
         );
+        }
     }
     let resumed = match &args.resume {
         Some(dir) => {
@@ -278,7 +312,9 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
                     args.steps
                 );
             }
-            eprintln!("resuming from {} at step {}", dir.display(), ck.step);
+            if root {
+                eprintln!("resuming from {} at step {}", dir.display(), ck.step);
+            }
             Some(Arc::new(ck))
         }
         None => None,
@@ -328,8 +364,9 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         }
         None => None,
     };
-    eprintln!(
-        "hotspa train: {} parameters, {} sequences ({} too short, skipped) from {}, {} on {} {} devices, {} steps of {} sequences",
+    if root {
+        eprintln!(
+        "hotspa train: {} parameters, {} sequences ({} too short, skipped) from {}, {} on {} {} devices{}, {} steps of {} sequences",
         weights.numel(),
         ds.sequences().len(),
         ds.skipped(),
@@ -337,9 +374,11 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         strategy,
         args.devices,
         args.device,
+        if mpi.is_some() { " (one MPI process each)" } else { "" },
         args.steps,
         args.global_batch
     );
+    }
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let r2 = resumed.clone();
     let h2 = hot.clone();
@@ -351,8 +390,10 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         ds.clone(),
     );
     let start = Instant::now();
-    let worker = std::thread::spawn(move || {
-        ThreadComm::run(a2.devices, move |world| -> anyhow::Result<_> {
+    let mpi2 = mpi.clone();
+    let n_threads = args.devices;
+    let worker = std::thread::spawn(move || -> anyhow::Result<Option<Collected>> {
+        let one_rank = move |world: &dyn Communicator, ranks_here: usize| {
             let job = RankJob {
                 args: &a2,
                 strategy: &s2,
@@ -368,53 +409,59 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
                 devices_per_node: a2.devices_per_node.unwrap_or(a2.devices),
             };
             match device {
-                Device::Cpu => job.run(&CpuBackend::for_ranks(a2.devices)?, &world),
+                Device::Cpu => job.run(&CpuBackend::for_ranks(ranks_here)?, world),
                 Device::Cuda(precision) => {
                     let count = kernels::cuda::device_count()?;
                     let gpu = CudaBackend::new(world.rank().0 % count, precision)?;
-                    job.run(&gpu, &world)
+                    job.run(&gpu, world)
                 }
             }
-        })
+        };
+        match mpi2 {
+            Some(world) => {
+                // The ranks on this node share its cores.
+                let node = world.nodes()[world.rank().0];
+                let here = world.nodes().iter().filter(|&&n| n == node).count();
+                one_rank(world.as_ref(), here)
+            }
+            None => {
+                let n = n_threads;
+                let mut all = ThreadComm::run(n, move |world| one_rank(&world, n))?;
+                Ok(all.swap_remove(0))
+            }
+        }
     });
-    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    let bar = if root {
+        indicatif::ProgressBar::new(args.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_position(start_step as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?,
     );
     let mut total_tokens = 0u64;
-    let mut pending: std::collections::BTreeMap<u64, Vec<Option<RankPart>>> = Default::default();
     for msg in rx {
         let line = match msg {
             Msg::Metrics(line) => line,
-            Msg::Checkpoint {
-                rank,
-                step,
-                parts,
-                held,
-            } => {
-                let slots = pending
-                    .entry(step)
-                    .or_insert_with(|| vec![None; args.devices]);
-                slots[rank] = Some((parts, held));
-                if slots.iter().all(|s| s.is_some()) {
-                    let slots = pending.remove(&step).unwrap_or_default();
-                    let all: Vec<_> = slots.into_iter().flatten().collect();
-                    let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
-                        all.iter().map(|(p, h)| (p[i].clone(), h.clone())).collect()
-                    };
-                    let ck = Checkpoint {
-                        step,
-                        weights: gather_weights(&cfg, &strategy, &pick(0))?,
-                        exp_avg: gather_weights(&cfg, &strategy, &pick(1))?,
-                        exp_avg_sq: gather_weights(&cfg, &strategy, &pick(2))?,
-                        run: run_record(&args, &strategy),
-                    };
-                    if let Some(dir) = &args.checkpoint_dir {
-                        let at = ck.save(dir, &cfg)?;
-                        bar.suspend(|| eprintln!("checkpoint written to {}", at.display()));
-                    }
+            Msg::Checkpoint { step, parts } => {
+                let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
+                    parts
+                        .iter()
+                        .map(|(p, h)| (p[i].clone(), h.clone()))
+                        .collect()
+                };
+                let ck = Checkpoint {
+                    step,
+                    weights: gather_weights(&cfg, &strategy, &pick(0))?,
+                    exp_avg: gather_weights(&cfg, &strategy, &pick(1))?,
+                    exp_avg_sq: gather_weights(&cfg, &strategy, &pick(2))?,
+                    run: run_record(&args, &strategy),
+                };
+                if let Some(dir) = &args.checkpoint_dir {
+                    let at = ck.save(dir, &cfg)?;
+                    bar.suspend(|| eprintln!("checkpoint written to {}", at.display()));
                 }
                 continue;
             }
@@ -447,13 +494,28 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         );
     }
     bar.finish_and_clear();
-    let results = worker
+    let outcome = worker
         .join()
-        .map_err(|_| anyhow::anyhow!("the training threads panicked"))??;
+        .map_err(|_| anyhow::anyhow!("the training threads panicked"))?;
+    let collected = match (outcome, &mpi) {
+        (Ok(c), _) => c,
+        (Err(e), Some(world)) => {
+            // Make every other process stop now rather than wait for this one.
+            eprintln!(
+                "Error: MPI rank {} of {}: {e:#}",
+                world.rank().0,
+                world.size()
+            );
+            world.abort(1)
+        }
+        (Err(e), None) => return Err(e),
+    };
     let elapsed = start.elapsed().as_secs_f64();
-    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    // Only world rank 0 gets everything; it writes the results.
+    let Some((per_rank, peaks)) = collected else {
+        return Ok(());
+    };
     let trained = gather_weights(&cfg, &strategy, &per_rank)?;
-    let peaks: Vec<usize> = results.iter().map(|r| r.2).collect();
     eprintln!(
         "done: {} steps in {elapsed:.2} s, {:.0} tokens/s; peak activation+gradient bytes per rank: {peaks:?}",
         args.steps - start_step,
@@ -473,6 +535,19 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         eprintln!("metrics written to {}", p.display());
     }
     Ok(())
+}
+
+/// Nodes as the switch planner sees them: blocks of consecutive ranks of one size.
+fn mpi_devices_per_node(nodes: &[usize]) -> Result<usize> {
+    let per = nodes.iter().filter(|&&n| n == nodes[0]).count().max(1);
+    let blocks = nodes.iter().enumerate().all(|(r, &n)| n == r / per);
+    if !blocks || !nodes.len().is_multiple_of(per) {
+        bail!(
+            "MPI placed the ranks on nodes as {nodes:?}; hotspa needs the same number of ranks on \
+             every node, numbered node by node (mpirun's default --map-by slot, or --map-by ppr:N:node)"
+        );
+    }
+    Ok(per)
 }
 
 /// Runs `hotspa train` from an argument list (the first element is `train`), as `bench step`
@@ -540,17 +615,30 @@ impl RankJob<'_> {
     fn run<B: Backend>(
         &self,
         be: &B,
-        world: &ThreadComm,
-    ) -> anyhow::Result<(Vec<Vec<f32>>, model::Held, usize)> {
+        world: &dyn Communicator,
+    ) -> anyhow::Result<Option<Collected>> {
         let me = world.rank().0;
+        // What every rank holds (rank 0 assembles checkpoints and the result from it).
+        let all_held: Vec<model::Held> = if me == 0 {
+            let mut by_stage: Vec<Option<model::Held>> = vec![None; self.strategy.pp];
+            (0..world.size())
+                .map(|r| {
+                    let stage = self.strategy.coords(r).0;
+                    if by_stage[stage].is_none() {
+                        let exec = rank_exec(self.cfg, self.strategy, r)?;
+                        by_stage[stage] = Some(model::held(self.cfg, &exec)?);
+                    }
+                    Ok(by_stage[stage].clone().unwrap_or_default())
+                })
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let (_, dp_rank, tp_rank) = self.strategy.coords(me);
         let exec = rank_exec(self.cfg, self.strategy, me)?;
         let mut groups = RankGroups::new(world, self.strategy)?;
-        let RankParams {
-            params,
-            shared,
-            held,
-        } = rank_params(self.cfg, &exec, self.weights, tp_rank)?;
+        let RankParams { params, shared, .. } =
+            rank_params(self.cfg, &exec, self.weights, tp_rank)?;
         let every = self
             .args
             .checkpoint_dir
@@ -676,15 +764,45 @@ impl RankJob<'_> {
             }
             if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == self.args.steps) {
                 let mo = opt.state_host(be, &groups)?;
-                let _ = self.tx.send(Msg::Checkpoint {
-                    rank: me,
-                    step: step as u64 + 1,
-                    parts: [opt.params_host(be, &groups)?, mo.exp_avg, mo.exp_avg_sq],
-                    held: held.clone(),
-                });
+                let sets = vec![opt.params_host(be, &groups)?, mo.exp_avg, mo.exp_avg_sq];
+                if let Some(all) = crate::gather::to_root(world, sets)? {
+                    let parts = all
+                        .into_iter()
+                        .zip(&all_held)
+                        .map(|(mut sets, h)| {
+                            let v = sets.pop().unwrap_or_default();
+                            let m = sets.pop().unwrap_or_default();
+                            let p = sets.pop().unwrap_or_default();
+                            ([p, m, v], h.clone())
+                        })
+                        .collect();
+                    let _ = self.tx.send(Msg::Checkpoint {
+                        step: step as u64 + 1,
+                        parts,
+                    });
+                }
             }
         }
-        Ok((opt.params_host(be, &groups)?, held, peak_all))
+        // The peak travels as three exact 16-bit parts.
+        let p = peak_all as u64;
+        let peak = vec![
+            (p >> 32) as f32,
+            ((p >> 16) & 0xffff) as f32,
+            (p & 0xffff) as f32,
+        ];
+        let sets = vec![opt.params_host(be, &groups)?, vec![peak]];
+        let Some(all) = crate::gather::to_root(world, sets)? else {
+            return Ok(None);
+        };
+        let mut pieces = Vec::with_capacity(all.len());
+        let mut peaks = Vec::with_capacity(all.len());
+        for (mut sets, h) in all.into_iter().zip(all_held) {
+            let peak = sets.pop().and_then(|mut v| v.pop()).unwrap_or_default();
+            let part = |i: usize| peak.get(i).copied().unwrap_or(0.0) as u64;
+            peaks.push(((part(0) << 32) | (part(1) << 16) | part(2)) as usize);
+            pieces.push((sets.pop().unwrap_or_default(), h));
+        }
+        Ok(Some((pieces, peaks)))
     }
 }
 

@@ -69,10 +69,16 @@ fn bench_comm_json_and_unknown_backend() {
     ]);
     assert_eq!(v["devices"], 3);
     assert_eq!(v["rows"].as_array().unwrap().len(), 5);
-    let out = hotspa(&["bench", "comm", "--backend", "mpi"]);
+    let out = hotspa(&["bench", "comm", "--backend", "gloo"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("only `thread` exists"), "{err}");
+    assert!(err.contains("use thread or mpi"), "{err}");
+    if !cfg!(feature = "mpi") {
+        let out = hotspa(&["bench", "comm", "--backend", "mpi"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("built without the `mpi` feature"), "{err}");
+    }
 }
 
 #[test]

@@ -15,15 +15,18 @@
 //! # Ok::<(), CommError>(())
 //! ```
 
+mod algorithms;
 mod communicator;
 pub mod conformance;
 mod counting;
 mod error;
+pub mod mpi;
 pub mod nccl;
 mod thread;
 
 pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};
 pub use counting::{CommKind, CommRecord, Counting};
 pub use error::{CommError, Result};
+pub use mpi::MpiComm;
 pub use nccl::NcclComm;
 pub use thread::{default_timeout, ThreadComm};

@@ -1,14 +1,15 @@
 //! `ThreadComm`: N ranks as threads of one process (the embedded default). Messages are moved
 //! through per-channel FIFO mailboxes; sends are buffered, so a batched group posts its sends
-//! first and cannot deadlock. Collectives are rings built on the mailboxes.
+//! first and cannot deadlock. The collectives are `algorithms`' rings over the mailboxes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::communicator::{chunk_counts, offsets, Communicator, P2p, Rank, ReduceOp};
-use crate::error::{check_len, CommError, Result};
+use crate::algorithms::{self, Channel, Transport};
+use crate::communicator::{Communicator, P2p, Rank, ReduceOp};
+use crate::error::{CommError, Result};
 
 /// Default timeout of every blocking call, overridable with `HOTSPA_COMM_TIMEOUT_SECS`.
 pub fn default_timeout() -> Duration {
@@ -18,13 +19,6 @@ pub fn default_timeout() -> Duration {
         .filter(|s| *s > 0.0)
         .map(Duration::from_secs_f64)
         .unwrap_or(Duration::from_secs(120))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Channel {
-    User(u32),
-    Collective(u64),
-    Batch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -253,19 +247,18 @@ impl ThreadComm {
         }
         Ok(out)
     }
+}
 
-    fn world_rank_of(&self, r: Rank, op: &'static str) -> Result<usize> {
-        self.members
-            .get(r.0)
-            .copied()
-            .ok_or(CommError::InvalidRank {
-                op,
-                rank: r,
-                size: self.members.len(),
-            })
+impl Transport for ThreadComm {
+    fn members(&self) -> &[usize] {
+        &self.members
     }
 
-    fn post(&self, dst: usize, channel: Channel, data: &[f32]) {
+    fn me(&self) -> usize {
+        self.me
+    }
+
+    fn post(&self, dst: usize, channel: Channel, data: &[f32]) -> Result<()> {
         let data = self.world.buffer(data);
         let key = Key {
             group: self.group,
@@ -280,6 +273,7 @@ impl ThreadComm {
             .or_default()
             .push_back(data);
         self.world.cond.notify_all();
+        Ok(())
     }
 
     /// Waits for the next message from world rank `src` on `channel`.
@@ -359,70 +353,12 @@ impl ThreadComm {
         (Channel::Collective(seq), seq)
     }
 
-    fn describe(&self, name: &str, seq: u64) -> String {
-        format!("{name} #{seq} on world ranks {:?}", self.members)
+    fn recycle(&self, buf: Vec<f32>) {
+        self.world.recycle(buf);
     }
 
-    fn next(&self) -> usize {
-        self.members[(self.me + 1) % self.members.len()]
-    }
-
-    fn prev(&self) -> usize {
-        let p = self.members.len();
-        self.members[(self.me + p - 1) % p]
-    }
-
-    /// Ring reduce-scatter over `buf` split by `counts`: on return, chunk `me` of `buf` holds the
-    /// reduced values (the other chunks hold partial sums).
-    fn ring_reduce_scatter(
-        &self,
-        buf: &mut [f32],
-        counts: &[usize],
-        op: ReduceOp,
-        name: &str,
-    ) -> Result<()> {
-        let p = self.members.len();
-        let (ch, seq) = self.enter();
-        let off = offsets(counts);
-        let what = || self.describe(name, seq);
-        for s in 0..p.saturating_sub(1) {
-            let send = (self.me + 2 * p - s - 1) % p;
-            let recv = (self.me + 2 * p - s - 2) % p;
-            self.post(self.next(), ch, &buf[off[send]..off[send + 1]]);
-            let m = self.take(self.prev(), ch, &what)?;
-            check_len(
-                "reduce_scatter",
-                "ring message",
-                off[recv + 1] - off[recv],
-                m.len(),
-            )?;
-            op.apply(&mut buf[off[recv]..off[recv + 1]], &m);
-            self.world.recycle(m);
-        }
-        Ok(())
-    }
-
-    /// Ring all-gather: chunk `me` of `buf` is this rank's; on return every chunk is filled.
-    fn ring_all_gather(&self, buf: &mut [f32], counts: &[usize], name: &str) -> Result<()> {
-        let p = self.members.len();
-        let (ch, seq) = self.enter();
-        let off = offsets(counts);
-        let what = || self.describe(name, seq);
-        for s in 0..p.saturating_sub(1) {
-            let send = (self.me + p - s) % p;
-            let recv = (self.me + 2 * p - s - 1) % p;
-            self.post(self.next(), ch, &buf[off[send]..off[send + 1]]);
-            let m = self.take(self.prev(), ch, &what)?;
-            check_len(
-                "all_gather",
-                "ring message",
-                off[recv + 1] - off[recv],
-                m.len(),
-            )?;
-            buf[off[recv]..off[recv + 1]].copy_from_slice(&m);
-            self.world.recycle(m);
-        }
-        Ok(())
+    fn scratch(&self, data: &[f32]) -> Vec<f32> {
+        self.world.buffer(data)
     }
 }
 
@@ -495,23 +431,11 @@ impl Communicator for ThreadComm {
     }
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let p = self.members.len();
-        if p == 1 {
-            return Ok(());
-        }
-        let counts = chunk_counts(buf.len(), p);
-        self.ring_reduce_scatter(buf, &counts, op, "all_reduce")?;
-        self.ring_all_gather(buf, &counts, "all_reduce")
+        algorithms::all_reduce(self, buf, op)
     }
 
     fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
-        let p = self.members.len();
-        check_len("all_gather", "counts", p, counts.len())?;
-        check_len("all_gather", "send", counts[self.me], send.len())?;
-        check_len("all_gather", "recv", counts.iter().sum(), recv.len())?;
-        let off = offsets(counts);
-        recv[off[self.me]..off[self.me + 1]].copy_from_slice(send);
-        self.ring_all_gather(recv, counts, "all_gather")
+        algorithms::all_gather(self, send, recv, counts)
     }
 
     fn reduce_scatter(
@@ -521,16 +445,7 @@ impl Communicator for ThreadComm {
         counts: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        let p = self.members.len();
-        check_len("reduce_scatter", "counts", p, counts.len())?;
-        check_len("reduce_scatter", "send", counts.iter().sum(), send.len())?;
-        check_len("reduce_scatter", "recv", counts[self.me], recv.len())?;
-        let mut work = self.world.buffer(send);
-        self.ring_reduce_scatter(&mut work, counts, op, "reduce_scatter")?;
-        let off = offsets(counts);
-        recv.copy_from_slice(&work[off[self.me]..off[self.me + 1]]);
-        self.world.recycle(work);
-        Ok(())
+        algorithms::reduce_scatter(self, send, recv, counts, op)
     }
 
     fn all_to_all(
@@ -540,99 +455,26 @@ impl Communicator for ThreadComm {
         recv: &mut [f32],
         recv_counts: &[usize],
     ) -> Result<()> {
-        let p = self.members.len();
-        check_len("all_to_all", "send_counts", p, send_counts.len())?;
-        check_len("all_to_all", "recv_counts", p, recv_counts.len())?;
-        check_len("all_to_all", "send", send_counts.iter().sum(), send.len())?;
-        check_len("all_to_all", "recv", recv_counts.iter().sum(), recv.len())?;
-        let (ch, seq) = self.enter();
-        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
-        for j in 0..p {
-            if j != self.me {
-                self.post(self.members[j], ch, &send[so[j]..so[j + 1]]);
-            }
-        }
-        recv[ro[self.me]..ro[self.me + 1]].copy_from_slice(&send[so[self.me]..so[self.me + 1]]);
-        let what = || self.describe("all_to_all", seq);
-        for j in 0..p {
-            if j != self.me {
-                let m = self.take(self.members[j], ch, &what)?;
-                check_len("all_to_all", "message", recv_counts[j], m.len())?;
-                recv[ro[j]..ro[j + 1]].copy_from_slice(&m);
-                self.world.recycle(m);
-            }
-        }
-        Ok(())
+        algorithms::all_to_all(self, send, send_counts, recv, recv_counts)
     }
 
     fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        let root_w = self.world_rank_of(root, "broadcast")?;
-        let (ch, seq) = self.enter();
-        if root.0 == self.me {
-            for (j, &w) in self.members.iter().enumerate() {
-                if j != self.me {
-                    self.post(w, ch, buf);
-                }
-            }
-        } else {
-            let m = self.take(root_w, ch, &|| self.describe("broadcast", seq))?;
-            check_len("broadcast", "buf", m.len(), buf.len())?;
-            buf.copy_from_slice(&m);
-            self.world.recycle(m);
-        }
-        Ok(())
+        algorithms::broadcast(self, buf, root)
     }
 
     fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
-        let w = self.world_rank_of(peer, "send")?;
-        self.post(w, Channel::User(tag), data);
-        Ok(())
+        algorithms::send(self, data, peer, tag)
     }
 
     fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
-        let w = self.world_rank_of(peer, "recv")?;
-        let m = self.take(w, Channel::User(tag), &|| {
-            format!("recv from rank {peer} (tag {tag})")
-        })?;
-        check_len("recv", "buf", m.len(), buf.len())?;
-        buf.copy_from_slice(&m);
-        self.world.recycle(m);
-        Ok(())
+        algorithms::recv(self, buf, peer, tag)
     }
 
     fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
-        for op in ops.iter() {
-            if let P2p::Send { peer, data } = op {
-                let w = self.world_rank_of(*peer, "batch send")?;
-                self.post(w, Channel::Batch, data);
-            }
-        }
-        for op in ops.iter_mut() {
-            if let P2p::Recv { peer, buf } = op {
-                let w = self.world_rank_of(*peer, "batch recv")?;
-                let peer = *peer;
-                let m = self.take(w, Channel::Batch, &|| {
-                    format!("batched recv from rank {peer}")
-                })?;
-                check_len("batch", "recv buf", m.len(), buf.len())?;
-                buf.copy_from_slice(&m);
-                self.world.recycle(m);
-            }
-        }
-        Ok(())
+        algorithms::batch(self, ops)
     }
 
     fn barrier(&self) -> Result<()> {
-        let p = self.members.len();
-        let (ch, seq) = self.enter();
-        let what = || self.describe("barrier", seq);
-        // Dissemination barrier: ⌈log2 p⌉ rounds.
-        let mut dist = 1;
-        while dist < p {
-            self.post(self.members[(self.me + dist) % p], ch, &[]);
-            self.take(self.members[(self.me + p - dist) % p], ch, &what)?;
-            dist *= 2;
-        }
-        Ok(())
+        algorithms::barrier(self)
     }
 }

@@ -59,6 +59,23 @@ pub fn rank_params(
     Ok(out)
 }
 
+/// What a rank running `exec` (one stage's exec graph) holds: for each of its parameters, the
+/// index in [`param_specs`] and the DState over the TP group (as in [`RankParams::held`]).
+pub fn held(cfg: &LlamaConfig, exec: &ExecGraph) -> Result<Held> {
+    let specs = param_specs(cfg);
+    exec.graph
+        .params
+        .iter()
+        .map(|&p| {
+            let name = &exec.graph.info(p).name;
+            let k = specs.iter().position(|s| &s.name == name).ok_or_else(|| {
+                ModelError::Mismatch(format!("the graph's parameter {name} is not in the config"))
+            })?;
+            Ok((k, exec.states[p.0].clone()))
+        })
+        .collect()
+}
+
 /// Reassembles whole weights (HF layout) from the ranks' pieces (storage layout): `per_rank[r]` is world rank `r`'s
 /// `(pieces, held)` (as in [`RankParams`]); DP replica 0 of every stage is read.
 pub fn gather_weights(

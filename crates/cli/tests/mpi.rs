@@ -1,0 +1,238 @@
+//! `hotspa` under `mpirun` (Open MPI): the communicator suite on MpiComm, 4-process training
+//! bitwise equal to 4 thread ranks, and faults (a killed or a stopped process). Needs a build
+//! with `--features mpi` and `mpirun` on the PATH (`.ci/run` installs Debian's OpenMPI):
+//! `cargo nextest run -p hotspa --features mpi --test mpi`.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn hotspa() -> &'static str {
+    env!("CARGO_BIN_EXE_hotspa")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn mpirun(np: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        &np.to_string(),
+    ])
+    .current_dir(root());
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The training flags shared by the thread and the MPI runs.
+fn train_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        "examples/tiny-llama",
+        "--data",
+        "crates/kernels/src",
+        "--global-batch",
+        "8",
+        "--max-len",
+        "256",
+        "--seed",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push("--save".into());
+    v.push(dir.join(name).display().to_string());
+    v
+}
+
+#[test]
+fn conformance_on_1_to_4_processes() {
+    for np in 1..=4 {
+        let o = mpirun(np)
+            .args([hotspa(), "conformance", "--backend", "mpi"])
+            .output()
+            .expect("mpirun (install OpenMPI: apt-get install openmpi-bin libopenmpi-dev)");
+        let out = text(&o);
+        assert!(o.status.success(), "{np} processes:\n{out}");
+        assert_eq!(
+            out.matches("12 communicator checks passed").count(),
+            np,
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn four_processes_train_bitwise_like_four_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, schedule) in [
+        vec!["--strategy", "dp2tp2", "--steps", "3"],
+        vec![
+            "--strategies",
+            "dp4:64,dp2tp2zero2:128,tp2pp2:max",
+            "--steps",
+            "4",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let threads = format!("threads{k}.safetensors");
+        let mut args = train_args(dir.path(), &threads, schedule);
+        args.extend(["--devices".into(), "4".into()]);
+        let o = Command::new(hotspa())
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let mpi = format!("mpi{k}.safetensors");
+        let o = mpirun(4)
+            .arg(hotspa())
+            .args(train_args(dir.path(), &mpi, schedule))
+            .output()
+            .unwrap();
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        assert!(out.contains("one MPI process each"), "{out}");
+        let (a, b) = (
+            std::fs::read(dir.path().join(&threads)).unwrap(),
+            std::fs::read(dir.path().join(&mpi)).unwrap(),
+        );
+        assert!(
+            a == b,
+            "{schedule:?}: MPI weights differ from the thread run"
+        );
+    }
+}
+
+#[test]
+fn a_conflicting_device_count_is_an_error() {
+    let o = mpirun(2)
+        .args([
+            hotspa(),
+            "train",
+            "--model",
+            "examples/tiny-llama",
+            "--data",
+            "crates/kernels/src",
+            "--devices",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--devices 3 conflicts with the MPI world of 2 processes"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The pid of MPI world rank `rank` among processes whose command line contains `marker`.
+fn pid_of_rank(marker: &str, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains(marker) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Starts a long 4-process run, sends `signal` to rank 2 once training is under way, and
+/// returns how long the job took to end after that and its output.
+fn fault(signal: &str) -> (Duration, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let mut args = train_args(dir.path(), "never.safetensors", &["--strategy", "dp2tp2"]);
+    args.extend([
+        "--steps".into(),
+        "100000".into(),
+        "--metrics".into(),
+        metrics.display().to_string(),
+    ]);
+    let child = mpirun(4)
+        .env("HOTSPA_COMM_TIMEOUT_SECS", "5")
+        .arg(hotspa())
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = metrics.display().to_string();
+    let start = Instant::now();
+    let pid = loop {
+        let steps = std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if steps >= 2 {
+            if let Some(p) = pid_of_rank(&marker, 2) {
+                break p;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not get going"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let k = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    // A stopped process is killed by mpirun's abort; make sure nothing is left either way.
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    (took, out)
+}
+
+#[test]
+fn a_killed_process_ends_the_job_naming_its_rank() {
+    let (took, out) = fault("-KILL");
+    let text = text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    assert!(
+        text.contains("process rank 2") || text.contains("rank 2 never arrived"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_stopped_process_is_named_by_the_others_within_the_timeout() {
+    let (took, out) = fault("-STOP");
+    let text = text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    assert!(
+        text.contains("the process of rank 2 does not answer at all"),
+        "{text}"
+    );
+}

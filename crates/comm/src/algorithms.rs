@@ -1,0 +1,280 @@
+//! The collectives, once, over any FIFO message transport: rings for reduce-scatter and
+//! all-gather (all-reduce is both), direct all-to-all, flat broadcast, a dissemination barrier,
+//! and batched groups that post their sends first. `ThreadComm` and `MpiComm` both run these, so
+//! they add the same numbers in the same order: a run gives bitwise the same result on either.
+
+use crate::communicator::{chunk_counts, offsets, P2p, Rank, ReduceOp};
+use crate::error::{check_len, CommError, Result};
+
+/// Which stream of messages between two members a message belongs to. Messages of one channel
+/// from one sender arrive in the order they were posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Channel {
+    /// Point-to-point with a user tag.
+    User(u32),
+    /// The `n`-th collective of the group.
+    Collective(u64),
+    /// Batched groups.
+    Batch,
+}
+
+/// Buffered FIFO messages between the members of one group.
+pub(crate) trait Transport {
+    /// World ranks of the members, in group order.
+    fn members(&self) -> &[usize];
+    /// This member's index in the group.
+    fn me(&self) -> usize;
+    /// Sends `data` to world rank `dst` without waiting for it to be received.
+    fn post(&self, dst: usize, channel: Channel, data: &[f32]) -> Result<()>;
+    /// Waits for the next message from world rank `src` on `channel`; `what` names the
+    /// operation for errors.
+    fn take(&self, src: usize, channel: Channel, what: &dyn Fn() -> String) -> Result<Vec<f32>>;
+    /// Enters the next collective: its channel and sequence number.
+    fn enter(&self) -> (Channel, u64);
+    /// Hands a received buffer back for reuse.
+    fn recycle(&self, _buf: Vec<f32>) {}
+    /// A scratch copy of `data` (possibly a reused buffer).
+    fn scratch(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    /// Describes the `seq`-th collective `name` for errors.
+    fn describe(&self, name: &str, seq: u64) -> String {
+        format!("{name} #{seq} on world ranks {:?}", self.members())
+    }
+
+    /// The world rank of member `r`.
+    fn world_rank_of(&self, r: Rank, op: &'static str) -> Result<usize> {
+        self.members()
+            .get(r.0)
+            .copied()
+            .ok_or(CommError::InvalidRank {
+                op,
+                rank: r,
+                size: self.members().len(),
+            })
+    }
+}
+
+fn next<T: Transport + ?Sized>(t: &T) -> usize {
+    let m = t.members();
+    m[(t.me() + 1) % m.len()]
+}
+
+fn prev<T: Transport + ?Sized>(t: &T) -> usize {
+    let m = t.members();
+    m[(t.me() + m.len() - 1) % m.len()]
+}
+
+/// Ring reduce-scatter over `buf` split by `counts`: on return, chunk `me` of `buf` holds the
+/// reduced values (the other chunks hold partial sums).
+fn ring_reduce_scatter<T: Transport + ?Sized>(
+    t: &T,
+    buf: &mut [f32],
+    counts: &[usize],
+    op: ReduceOp,
+    name: &str,
+) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    let (ch, seq) = t.enter();
+    let off = offsets(counts);
+    let what = || t.describe(name, seq);
+    for s in 0..p.saturating_sub(1) {
+        let send = (me + 2 * p - s - 1) % p;
+        let recv = (me + 2 * p - s - 2) % p;
+        t.post(next(t), ch, &buf[off[send]..off[send + 1]])?;
+        let m = t.take(prev(t), ch, &what)?;
+        check_len(
+            "reduce_scatter",
+            "ring message",
+            off[recv + 1] - off[recv],
+            m.len(),
+        )?;
+        op.apply(&mut buf[off[recv]..off[recv + 1]], &m);
+        t.recycle(m);
+    }
+    Ok(())
+}
+
+/// Ring all-gather: chunk `me` of `buf` is this rank's; on return every chunk is filled.
+fn ring_all_gather<T: Transport + ?Sized>(
+    t: &T,
+    buf: &mut [f32],
+    counts: &[usize],
+    name: &str,
+) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    let (ch, seq) = t.enter();
+    let off = offsets(counts);
+    let what = || t.describe(name, seq);
+    for s in 0..p.saturating_sub(1) {
+        let send = (me + p - s) % p;
+        let recv = (me + 2 * p - s - 1) % p;
+        t.post(next(t), ch, &buf[off[send]..off[send + 1]])?;
+        let m = t.take(prev(t), ch, &what)?;
+        check_len(
+            "all_gather",
+            "ring message",
+            off[recv + 1] - off[recv],
+            m.len(),
+        )?;
+        buf[off[recv]..off[recv + 1]].copy_from_slice(&m);
+        t.recycle(m);
+    }
+    Ok(())
+}
+
+pub(crate) fn all_reduce<T: Transport + ?Sized>(
+    t: &T,
+    buf: &mut [f32],
+    op: ReduceOp,
+) -> Result<()> {
+    let p = t.members().len();
+    if p == 1 {
+        return Ok(());
+    }
+    let counts = chunk_counts(buf.len(), p);
+    ring_reduce_scatter(t, buf, &counts, op, "all_reduce")?;
+    ring_all_gather(t, buf, &counts, "all_reduce")
+}
+
+pub(crate) fn all_gather<T: Transport + ?Sized>(
+    t: &T,
+    send: &[f32],
+    recv: &mut [f32],
+    counts: &[usize],
+) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    check_len("all_gather", "counts", p, counts.len())?;
+    check_len("all_gather", "send", counts[me], send.len())?;
+    check_len("all_gather", "recv", counts.iter().sum(), recv.len())?;
+    let off = offsets(counts);
+    recv[off[me]..off[me + 1]].copy_from_slice(send);
+    ring_all_gather(t, recv, counts, "all_gather")
+}
+
+pub(crate) fn reduce_scatter<T: Transport + ?Sized>(
+    t: &T,
+    send: &[f32],
+    recv: &mut [f32],
+    counts: &[usize],
+    op: ReduceOp,
+) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    check_len("reduce_scatter", "counts", p, counts.len())?;
+    check_len("reduce_scatter", "send", counts.iter().sum(), send.len())?;
+    check_len("reduce_scatter", "recv", counts[me], recv.len())?;
+    let mut work = t.scratch(send);
+    ring_reduce_scatter(t, &mut work, counts, op, "reduce_scatter")?;
+    let off = offsets(counts);
+    recv.copy_from_slice(&work[off[me]..off[me + 1]]);
+    t.recycle(work);
+    Ok(())
+}
+
+pub(crate) fn all_to_all<T: Transport + ?Sized>(
+    t: &T,
+    send: &[f32],
+    send_counts: &[usize],
+    recv: &mut [f32],
+    recv_counts: &[usize],
+) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    check_len("all_to_all", "send_counts", p, send_counts.len())?;
+    check_len("all_to_all", "recv_counts", p, recv_counts.len())?;
+    check_len("all_to_all", "send", send_counts.iter().sum(), send.len())?;
+    check_len("all_to_all", "recv", recv_counts.iter().sum(), recv.len())?;
+    let (ch, seq) = t.enter();
+    let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+    for j in 0..p {
+        if j != me {
+            t.post(t.members()[j], ch, &send[so[j]..so[j + 1]])?;
+        }
+    }
+    recv[ro[me]..ro[me + 1]].copy_from_slice(&send[so[me]..so[me + 1]]);
+    let what = || t.describe("all_to_all", seq);
+    for j in 0..p {
+        if j != me {
+            let m = t.take(t.members()[j], ch, &what)?;
+            check_len("all_to_all", "message", recv_counts[j], m.len())?;
+            recv[ro[j]..ro[j + 1]].copy_from_slice(&m);
+            t.recycle(m);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn broadcast<T: Transport + ?Sized>(t: &T, buf: &mut [f32], root: Rank) -> Result<()> {
+    let root_w = t.world_rank_of(root, "broadcast")?;
+    let (ch, seq) = t.enter();
+    if root.0 == t.me() {
+        for (j, &w) in t.members().iter().enumerate() {
+            if j != t.me() {
+                t.post(w, ch, buf)?;
+            }
+        }
+    } else {
+        let m = t.take(root_w, ch, &|| t.describe("broadcast", seq))?;
+        check_len("broadcast", "buf", m.len(), buf.len())?;
+        buf.copy_from_slice(&m);
+        t.recycle(m);
+    }
+    Ok(())
+}
+
+pub(crate) fn send<T: Transport + ?Sized>(t: &T, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
+    let w = t.world_rank_of(peer, "send")?;
+    t.post(w, Channel::User(tag), data)
+}
+
+pub(crate) fn recv<T: Transport + ?Sized>(
+    t: &T,
+    buf: &mut [f32],
+    peer: Rank,
+    tag: u32,
+) -> Result<()> {
+    let w = t.world_rank_of(peer, "recv")?;
+    let m = t.take(w, Channel::User(tag), &|| {
+        format!("recv from rank {peer} (tag {tag})")
+    })?;
+    check_len("recv", "buf", m.len(), buf.len())?;
+    buf.copy_from_slice(&m);
+    t.recycle(m);
+    Ok(())
+}
+
+pub(crate) fn batch<T: Transport + ?Sized>(t: &T, ops: &mut [P2p<'_>]) -> Result<()> {
+    for op in ops.iter() {
+        if let P2p::Send { peer, data } = op {
+            let w = t.world_rank_of(*peer, "batch send")?;
+            t.post(w, Channel::Batch, data)?;
+        }
+    }
+    for op in ops.iter_mut() {
+        if let P2p::Recv { peer, buf } = op {
+            let w = t.world_rank_of(*peer, "batch recv")?;
+            let peer = *peer;
+            let m = t.take(w, Channel::Batch, &|| {
+                format!("batched recv from rank {peer}")
+            })?;
+            check_len("batch", "recv buf", m.len(), buf.len())?;
+            buf.copy_from_slice(&m);
+            t.recycle(m);
+        }
+    }
+    Ok(())
+}
+
+/// Dissemination barrier: ⌈log2 p⌉ rounds.
+pub(crate) fn barrier<T: Transport + ?Sized>(t: &T) -> Result<()> {
+    let (p, me) = (t.members().len(), t.me());
+    let (ch, seq) = t.enter();
+    let what = || t.describe("barrier", seq);
+    let mut dist = 1;
+    while dist < p {
+        t.post(t.members()[(me + dist) % p], ch, &[])?;
+        t.take(t.members()[(me + p - dist) % p], ch, &what)?;
+        dist *= 2;
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! MPI: one rank per process, launched by `mpirun`. With the cargo feature `mpi`, [`MpiComm`]
+//! implements [`Communicator`](crate::Communicator) over the system MPI (the `mpi` crate; Debian's
+//! OpenMPI here) with the same ring algorithms as `ThreadComm`, so a run gives bitwise the same
+//! numbers under either. Without the feature the type exists, [`launch`] still recognises an
+//! `mpirun` launch from its environment, and [`MpiComm::init`] says how to get the feature.
+
+#[cfg(feature = "mpi")]
+mod process;
+#[cfg(feature = "mpi")]
+pub use process::MpiComm;
+
+/// An MPI launch seen from the environment `mpirun` sets (Open MPI, MPICH/Hydra, PMIx, Slurm's
+/// PMI): `(rank, size)`, or `None` when this process was not started by an MPI launcher.
+pub fn launch() -> Option<(usize, usize)> {
+    let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMIX_RANK", "PMIX_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+    ]
+    .iter()
+    .find_map(|(r, s)| Some((get(r)?, get(s)?)))
+}
+
+#[cfg(not(feature = "mpi"))]
+mod stub {
+    use crate::error::{CommError, Result};
+
+    enum Never {}
+
+    /// The MPI communicator; [`MpiComm::init`] fails in this build.
+    pub struct MpiComm(Never);
+
+    impl MpiComm {
+        /// Always an error in this build.
+        pub fn init() -> Result<MpiComm> {
+            Err(CommError::Unavailable(
+                "this hotspa was built without the `mpi` feature (rebuild with `cargo build \
+                 --release --features hotspa/mpi`; it needs an MPI library, e.g. Debian's \
+                 libopenmpi-dev, and libclang)"
+                    .into(),
+            ))
+        }
+
+        /// The node of every world rank (never called in this build).
+        pub fn nodes(&self) -> &[usize] {
+            match self.0 {}
+        }
+
+        /// Ends every process of the job (never called in this build).
+        pub fn abort(&self, _code: i32) -> ! {
+            match self.0 {}
+        }
+    }
+
+    impl crate::Communicator for MpiComm {
+        fn rank(&self) -> crate::Rank {
+            match self.0 {}
+        }
+        fn size(&self) -> usize {
+            match self.0 {}
+        }
+        fn world_ranks(&self) -> Vec<crate::Rank> {
+            match self.0 {}
+        }
+        fn timeout(&self) -> std::time::Duration {
+            match self.0 {}
+        }
+        fn set_timeout(&mut self, _: std::time::Duration) {
+            match self.0 {}
+        }
+        fn sub_group(&self, _: &[crate::Rank]) -> Result<Box<dyn crate::Communicator>> {
+            match self.0 {}
+        }
+        fn all_reduce(&self, _: &mut [f32], _: crate::ReduceOp) -> Result<()> {
+            match self.0 {}
+        }
+        fn all_gather(&self, _: &[f32], _: &mut [f32], _: &[usize]) -> Result<()> {
+            match self.0 {}
+        }
+        fn reduce_scatter(
+            &self,
+            _: &[f32],
+            _: &mut [f32],
+            _: &[usize],
+            _: crate::ReduceOp,
+        ) -> Result<()> {
+            match self.0 {}
+        }
+        fn all_to_all(&self, _: &[f32], _: &[usize], _: &mut [f32], _: &[usize]) -> Result<()> {
+            match self.0 {}
+        }
+        fn broadcast(&self, _: &mut [f32], _: crate::Rank) -> Result<()> {
+            match self.0 {}
+        }
+        fn send(&self, _: &[f32], _: crate::Rank, _: u32) -> Result<()> {
+            match self.0 {}
+        }
+        fn recv(&self, _: &mut [f32], _: crate::Rank, _: u32) -> Result<()> {
+            match self.0 {}
+        }
+        fn batch(&self, _: &mut [crate::P2p<'_>]) -> Result<()> {
+            match self.0 {}
+        }
+        fn barrier(&self) -> Result<()> {
+            match self.0 {}
+        }
+    }
+}
+#[cfg(not(feature = "mpi"))]
+pub use stub::MpiComm;
