@@ -236,3 +236,50 @@ fn a_stopped_process_is_named_by_the_others_within_the_timeout() {
         "{text}"
     );
 }
+
+#[test]
+fn checkpoints_move_between_mpi_and_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hot = ["--strategies", "dp4:64,dp2tp2:max"];
+    let threads = |extra: &[&str], save: &str| {
+        let mut args = train_args(d, save, &[&hot[..], extra].concat());
+        args.extend(["--devices".into(), "4".into()]);
+        let o = Command::new(hotspa())
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let mpi = |extra: &[&str], save: &str| {
+        let o = mpirun(4)
+            .arg(hotspa())
+            .args(train_args(d, save, &[&hot[..], extra].concat()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let (ck1, ck2) = (
+        d.join("ck1").display().to_string(),
+        d.join("ck2").display().to_string(),
+    );
+    threads(&["--steps", "4"], "full.safetensors");
+    mpi(
+        &["--steps", "2", "--checkpoint-dir", &ck1],
+        "half1.safetensors",
+    );
+    threads(&["--steps", "4", "--resume", &ck1], "a.safetensors");
+    threads(
+        &["--steps", "2", "--checkpoint-dir", &ck2],
+        "half2.safetensors",
+    );
+    mpi(&["--steps", "4", "--resume", &ck2], "b.safetensors");
+    let full = std::fs::read(d.join("full.safetensors")).unwrap();
+    for name in ["a.safetensors", "b.safetensors"] {
+        assert!(
+            std::fs::read(d.join(name)).unwrap() == full,
+            "{name}: resumed across backends differs from the uninterrupted run"
+        );
+    }
+}

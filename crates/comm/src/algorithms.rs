@@ -278,3 +278,63 @@ pub(crate) fn barrier<T: Transport + ?Sized>(t: &T) -> Result<()> {
     }
     Ok(())
 }
+
+/// The [`Communicator`](crate::Communicator) methods that are these algorithms over the
+/// implementing type's [`Transport`]: everything but identity, timeouts and sub-groups.
+macro_rules! collectives_over_transport {
+    () => {
+        fn all_reduce(&self, buf: &mut [f32], op: crate::ReduceOp) -> crate::Result<()> {
+            crate::algorithms::all_reduce(self, buf, op)
+        }
+
+        fn all_gather(
+            &self,
+            send: &[f32],
+            recv: &mut [f32],
+            counts: &[usize],
+        ) -> crate::Result<()> {
+            crate::algorithms::all_gather(self, send, recv, counts)
+        }
+
+        fn reduce_scatter(
+            &self,
+            send: &[f32],
+            recv: &mut [f32],
+            counts: &[usize],
+            op: crate::ReduceOp,
+        ) -> crate::Result<()> {
+            crate::algorithms::reduce_scatter(self, send, recv, counts, op)
+        }
+
+        fn all_to_all(
+            &self,
+            send: &[f32],
+            send_counts: &[usize],
+            recv: &mut [f32],
+            recv_counts: &[usize],
+        ) -> crate::Result<()> {
+            crate::algorithms::all_to_all(self, send, send_counts, recv, recv_counts)
+        }
+
+        fn broadcast(&self, buf: &mut [f32], root: crate::Rank) -> crate::Result<()> {
+            crate::algorithms::broadcast(self, buf, root)
+        }
+
+        fn send(&self, data: &[f32], peer: crate::Rank, tag: u32) -> crate::Result<()> {
+            crate::algorithms::send(self, data, peer, tag)
+        }
+
+        fn recv(&self, buf: &mut [f32], peer: crate::Rank, tag: u32) -> crate::Result<()> {
+            crate::algorithms::recv(self, buf, peer, tag)
+        }
+
+        fn batch(&self, ops: &mut [crate::P2p<'_>]) -> crate::Result<()> {
+            crate::algorithms::batch(self, ops)
+        }
+
+        fn barrier(&self) -> crate::Result<()> {
+            crate::algorithms::barrier(self)
+        }
+    };
+}
+pub(crate) use collectives_over_transport;

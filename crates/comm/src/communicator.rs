@@ -128,3 +128,72 @@ pub fn chunk_counts(len: usize, parts: usize) -> Vec<usize> {
         .map(|i| dstate::chunk(0..len, parts, i).len())
         .collect()
 }
+
+/// Implements [`Communicator`] for a stub type `$t(Never)` of a build without its feature:
+/// no value exists, so no method can run.
+#[allow(unused_macros)]
+macro_rules! uninhabited_communicator {
+    ($t:ty) => {
+        impl crate::Communicator for $t {
+            fn rank(&self) -> crate::Rank {
+                match self.0 {}
+            }
+            fn size(&self) -> usize {
+                match self.0 {}
+            }
+            fn world_ranks(&self) -> Vec<crate::Rank> {
+                match self.0 {}
+            }
+            fn timeout(&self) -> std::time::Duration {
+                match self.0 {}
+            }
+            fn set_timeout(&mut self, _: std::time::Duration) {
+                match self.0 {}
+            }
+            fn sub_group(&self, _: &[crate::Rank]) -> crate::Result<Box<dyn crate::Communicator>> {
+                match self.0 {}
+            }
+            fn all_reduce(&self, _: &mut [f32], _: crate::ReduceOp) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn all_gather(&self, _: &[f32], _: &mut [f32], _: &[usize]) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn reduce_scatter(
+                &self,
+                _: &[f32],
+                _: &mut [f32],
+                _: &[usize],
+                _: crate::ReduceOp,
+            ) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn all_to_all(
+                &self,
+                _: &[f32],
+                _: &[usize],
+                _: &mut [f32],
+                _: &[usize],
+            ) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn broadcast(&self, _: &mut [f32], _: crate::Rank) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn send(&self, _: &[f32], _: crate::Rank, _: u32) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn recv(&self, _: &mut [f32], _: crate::Rank, _: u32) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn batch(&self, _: &mut [crate::P2p<'_>]) -> crate::Result<()> {
+                match self.0 {}
+            }
+            fn barrier(&self) -> crate::Result<()> {
+                match self.0 {}
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use uninhabited_communicator;

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::algorithms::{self, Channel, Transport};
-use crate::communicator::{Communicator, P2p, Rank, ReduceOp};
+use crate::communicator::{Communicator, Rank};
 use crate::error::{CommError, Result};
 
 /// Default timeout of every blocking call, overridable with `HOTSPA_COMM_TIMEOUT_SECS`.
@@ -430,51 +430,5 @@ impl Communicator for ThreadComm {
         }))
     }
 
-    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        algorithms::all_reduce(self, buf, op)
-    }
-
-    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
-        algorithms::all_gather(self, send, recv, counts)
-    }
-
-    fn reduce_scatter(
-        &self,
-        send: &[f32],
-        recv: &mut [f32],
-        counts: &[usize],
-        op: ReduceOp,
-    ) -> Result<()> {
-        algorithms::reduce_scatter(self, send, recv, counts, op)
-    }
-
-    fn all_to_all(
-        &self,
-        send: &[f32],
-        send_counts: &[usize],
-        recv: &mut [f32],
-        recv_counts: &[usize],
-    ) -> Result<()> {
-        algorithms::all_to_all(self, send, send_counts, recv, recv_counts)
-    }
-
-    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        algorithms::broadcast(self, buf, root)
-    }
-
-    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
-        algorithms::send(self, data, peer, tag)
-    }
-
-    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
-        algorithms::recv(self, buf, peer, tag)
-    }
-
-    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
-        algorithms::batch(self, ops)
-    }
-
-    fn barrier(&self) -> Result<()> {
-        algorithms::barrier(self)
-    }
+    algorithms::collectives_over_transport!();
 }

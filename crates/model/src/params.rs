@@ -225,3 +225,38 @@ pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_parallel_weights_are_stored_transposed_and_come_back() {
+        let cfg = LlamaConfig::preset("llama2-7b").unwrap();
+        let specs = param_specs(&cfg);
+        let o = specs.iter().find(|s| s.role == Role::OProj).unwrap();
+        let d = specs.iter().find(|s| s.role == Role::DownProj).unwrap();
+        let q = specs.iter().find(|s| s.role == Role::QProj).unwrap();
+        assert_eq!(o.stored_shape(), vec![4096, 4096]);
+        assert_eq!(d.shape, vec![4096, 11008]);
+        assert_eq!(d.stored_shape(), vec![11008, 4096]);
+        assert_eq!(q.stored_shape(), q.shape);
+        // [2, 3] -> [3, 2] and back.
+        let small = ParamSpec {
+            name: "w".into(),
+            shape: vec![2, 3],
+            role: Role::DownProj,
+            layer: Some(0),
+        };
+        let hf = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let stored = small.to_stored(&hf).into_owned();
+        assert_eq!(stored, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(small.from_stored(stored), hf);
+        // Larger than one tile, odd sizes.
+        let (r, c) = (37, 70);
+        let a: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+        let t = transpose(&a, r, c);
+        assert_eq!(t[5 * r + 7], a[7 * c + 5]);
+        assert_eq!(transpose(&t, c, r), a);
+    }
+}

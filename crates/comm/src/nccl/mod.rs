@@ -33,59 +33,7 @@ mod stub {
     /// The NCCL communicator; no constructor succeeds in this build.
     pub struct NcclComm(Never);
 
-    impl crate::Communicator for NcclComm {
-        fn rank(&self) -> crate::Rank {
-            match self.0 {}
-        }
-        fn size(&self) -> usize {
-            match self.0 {}
-        }
-        fn world_ranks(&self) -> Vec<crate::Rank> {
-            match self.0 {}
-        }
-        fn timeout(&self) -> std::time::Duration {
-            match self.0 {}
-        }
-        fn set_timeout(&mut self, _: std::time::Duration) {
-            match self.0 {}
-        }
-        fn sub_group(&self, _: &[crate::Rank]) -> Result<Box<dyn crate::Communicator>> {
-            match self.0 {}
-        }
-        fn all_reduce(&self, _: &mut [f32], _: crate::ReduceOp) -> Result<()> {
-            match self.0 {}
-        }
-        fn all_gather(&self, _: &[f32], _: &mut [f32], _: &[usize]) -> Result<()> {
-            match self.0 {}
-        }
-        fn reduce_scatter(
-            &self,
-            _: &[f32],
-            _: &mut [f32],
-            _: &[usize],
-            _: crate::ReduceOp,
-        ) -> Result<()> {
-            match self.0 {}
-        }
-        fn all_to_all(&self, _: &[f32], _: &[usize], _: &mut [f32], _: &[usize]) -> Result<()> {
-            match self.0 {}
-        }
-        fn broadcast(&self, _: &mut [f32], _: crate::Rank) -> Result<()> {
-            match self.0 {}
-        }
-        fn send(&self, _: &[f32], _: crate::Rank, _: u32) -> Result<()> {
-            match self.0 {}
-        }
-        fn recv(&self, _: &mut [f32], _: crate::Rank, _: u32) -> Result<()> {
-            match self.0 {}
-        }
-        fn batch(&self, _: &mut [crate::P2p<'_>]) -> Result<()> {
-            match self.0 {}
-        }
-        fn barrier(&self) -> Result<()> {
-            match self.0 {}
-        }
-    }
+    crate::communicator::uninhabited_communicator!(NcclComm);
 
     impl NcclComm {
         /// Always an error in this build.
