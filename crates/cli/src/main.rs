@@ -6,6 +6,7 @@ mod gather;
 mod graph_cmd;
 mod hot;
 mod plot;
+mod simulate_cmd;
 mod switch_cmd;
 mod train;
 
@@ -41,6 +42,9 @@ enum Command {
     SwitchPlan(switch_cmd::Args),
     /// Plot loss and tokens/s per step from a metrics file (SVG).
     Plot(plot::Args),
+    /// Estimate a cluster setting by the cost model: the best static strategy, the HotSPa
+    /// paper's hand-picked plan and the automatic plan (or `--paper`: the paper's grid).
+    Simulate(simulate_cmd::Args),
 }
 
 fn main() -> Result<()> {
@@ -53,5 +57,6 @@ fn main() -> Result<()> {
         Command::Train(args) => train::run(*args, std::env::args().count() == 2),
         Command::Plot(args) => plot::run(args),
         Command::SwitchPlan(args) => switch_cmd::run(args),
+        Command::Simulate(args) => simulate_cmd::run(args),
     }
 }

@@ -1,0 +1,255 @@
+//! The analytic cost model: compute (FLOPs, including attention's quadratic term, over a
+//! calibrated efficiency), TP/SP collectives and pipeline transfers (α–β over the link each group
+//! uses), pipeline bubbles of 1F1B, the DP gradient reduction, and the memory of model states and
+//! activations, which bounds the tokens of a micro-batch.
+
+use graph::Strategy;
+use model::LlamaConfig;
+use serde::Serialize;
+
+use crate::cluster::Cluster;
+
+/// Bytes per element of weights, activations and gradients on the wire (bf16).
+pub const ELEM_BYTES: f64 = 2.0;
+/// Activation bytes per token per layer per hidden unit under TP with SP and FlashAttention
+/// (Korthikanti et al., "Reducing Activation Recomputation", without the `5as/h` score term).
+pub const ACT_BYTES_PER_TOKEN_HIDDEN: f64 = 34.0;
+/// The share of device memory the model may use (the rest: allocator, workspace, NCCL).
+pub const USABLE_MEMORY: f64 = 0.9;
+
+/// Seconds by component.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Breakdown {
+    /// GEMMs and attention.
+    pub compute: f64,
+    /// TP/SP collectives.
+    pub tp_comm: f64,
+    /// Pipeline bubbles (1F1B fill and drain).
+    pub bubble: f64,
+    /// Activations between pipeline stages.
+    pub pp_comm: f64,
+    /// The DP gradient reduction.
+    pub dp_reduce: f64,
+    /// Parameter and gradient switches between strategies.
+    pub switch: f64,
+}
+
+impl Breakdown {
+    /// The sum.
+    pub fn total(&self) -> f64 {
+        self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_reduce + self.switch
+    }
+
+    /// Component-wise sum.
+    pub fn add(&mut self, o: &Breakdown) {
+        self.compute += o.compute;
+        self.tp_comm += o.tp_comm;
+        self.bubble += o.bubble;
+        self.pp_comm += o.pp_comm;
+        self.dp_reduce += o.dp_reduce;
+        self.switch += o.switch;
+    }
+}
+
+/// Memory per device, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Memory {
+    /// Weights, gradients and optimizer state.
+    pub states: f64,
+    /// Activations of the micro-batches in flight and the logits.
+    pub activations: f64,
+}
+
+impl Memory {
+    /// The sum.
+    pub fn total(&self) -> f64 {
+        self.states + self.activations
+    }
+}
+
+/// The cost model of one model on one cluster.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    /// The devices.
+    pub cluster: Cluster,
+    /// The model.
+    pub cfg: LlamaConfig,
+}
+
+impl CostModel {
+    /// A cost model for `cfg` on `cluster`.
+    pub fn new(cluster: Cluster, cfg: LlamaConfig) -> Self {
+        Self { cluster, cfg }
+    }
+
+    /// Parameters of the decoder layers' matrices (per layer).
+    pub fn layer_matmul_params(&self) -> f64 {
+        let c = &self.cfg;
+        let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+        let q = (c.num_attention_heads * c.head_dim()) as f64;
+        let kv = (c.kv_heads() * c.head_dim()) as f64;
+        h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i
+    }
+
+    /// Every parameter.
+    pub fn params(&self) -> f64 {
+        let c = &self.cfg;
+        let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
+        let emb = if c.tie_word_embeddings { 1.0 } else { 2.0 };
+        c.num_hidden_layers as f64 * (self.layer_matmul_params() + 2.0 * h) + emb * v * h + h
+    }
+
+    /// Training FLOPs (forward and backward) of `lens` packed together: (GEMMs, attention).
+    pub fn flops(&self, lens: &[usize]) -> (f64, f64) {
+        let c = &self.cfg;
+        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
+        let (h, v, layers) = (
+            c.hidden_size as f64,
+            c.vocab_size as f64,
+            c.num_hidden_layers as f64,
+        );
+        let gemm = 6.0 * tokens * (layers * self.layer_matmul_params() + v * h);
+        // Causal attention: QKᵀ and AV, half the square, forward + backward ≈ 3 × forward.
+        let q = (c.num_attention_heads * c.head_dim()) as f64;
+        let attn: f64 = lens
+            .iter()
+            .map(|&l| 3.0 * 2.0 * (l as f64) * (l as f64) * q * layers)
+            .sum();
+        (gemm, attn)
+    }
+
+    /// Model-state bytes per device while `s` runs and `inst` holds the master weights: `s`'s
+    /// bf16 weights and gradients (4 bytes per parameter over its TP × PP) and `inst`'s fp32
+    /// master weights and two Adam moments (12 bytes per parameter over its TP × PP × DP, the
+    /// distributed optimizer). A static strategy is its own `inst`.
+    pub fn state_bytes(&self, s: &Strategy, inst: &Strategy) -> f64 {
+        let p = self.params();
+        4.0 * p / (s.tp * s.pp) as f64 + 12.0 * p / (inst.tp * inst.pp * inst.dp) as f64
+    }
+
+    /// Activation bytes per token of a micro-batch on the busiest device (the first stage under
+    /// 1F1B holds `pp` micro-batches of `layers/pp` layers: all layers' worth), plus the logits.
+    pub fn activation_bytes_per_token(&self, s: &Strategy) -> f64 {
+        let c = &self.cfg;
+        let tp = s.tp as f64;
+        let layers = c.num_hidden_layers as f64;
+        ACT_BYTES_PER_TOKEN_HIDDEN * c.hidden_size as f64 * layers / tp
+            + 8.0 * c.vocab_size as f64 / tp
+    }
+
+    /// Memory per device under `s` (master weights in `inst`) with micro-batches of `tokens`.
+    pub fn memory(&self, s: &Strategy, inst: &Strategy, tokens: usize) -> Memory {
+        Memory {
+            states: self.state_bytes(s, inst),
+            activations: tokens as f64 * self.activation_bytes_per_token(s),
+        }
+    }
+
+    /// The most tokens a micro-batch may hold under `s` with the master weights in `inst` (0
+    /// when the states alone do not fit).
+    pub fn capacity(&self, s: &Strategy, inst: &Strategy) -> usize {
+        let budget = self.cluster.memory_gib * (1u64 << 30) as f64 * USABLE_MEMORY;
+        let left = budget - self.state_bytes(s, inst);
+        if left <= 0.0 {
+            return 0;
+        }
+        (left / self.activation_bytes_per_token(s)).floor() as usize
+    }
+
+    /// All-reduce of `bytes` over `n` devices spanning `span` consecutive devices (ring).
+    fn all_reduce(&self, bytes: f64, n: usize, span: usize) -> f64 {
+        if n <= 1 {
+            return 0.0;
+        }
+        let k = (n - 1) as f64;
+        self.cluster
+            .link(span)
+            .seconds(2.0 * k / n as f64 * bytes, 2.0 * k)
+    }
+
+    /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm).
+    fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64) {
+        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
+        if tokens == 0.0 {
+            return (0.0, 0.0);
+        }
+        let c = &self.cfg;
+        let tp = s.tp as f64;
+        let peak = self.cluster.peak_tflops * 1e12;
+        let (gemm, attn) = self.flops(lens);
+        let width = c.hidden_size as f64 / tp;
+        let compute = gemm / (tp * peak * self.cluster.gemm_efficiency(tokens, width))
+            + attn / (tp * peak * self.cluster.efficiency.attention);
+        // Per layer, forward and backward: 2 all-gathers + 2 reduce-scatters each way under
+        // SP (the volume of 4 all-reduces of the activations).
+        let act = tokens * c.hidden_size as f64 * ELEM_BYTES;
+        let tp_comm = 4.0 * c.num_hidden_layers as f64 * self.all_reduce(act, s.tp, s.tp);
+        (compute, tp_comm)
+    }
+
+    /// One DP replica of `s` running `seqs` (packed first-fit decreasing into micro-batches
+    /// of at most `cap` tokens) through its 1F1B pipeline.
+    pub fn replica(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
+        let cap = cap.max(1);
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+        for l in sorted {
+            match bins.iter_mut().find(|(t, _)| t + l <= cap) {
+                Some((t, v)) => {
+                    *t += l;
+                    v.push(l);
+                }
+                None => bins.push((l, vec![l])),
+            }
+        }
+        let pp = s.pp as f64;
+        let mut out = Breakdown::default();
+        let mut longest_stage = 0.0f64;
+        let boundary = self.cluster.link(s.dp * s.tp + 1);
+        for (tokens, lens) in &bins {
+            let (compute, tp_comm) = self.micro_batch(s, lens);
+            out.compute += compute / pp;
+            out.tp_comm += tp_comm / pp;
+            longest_stage = longest_stage.max((compute + tp_comm) / pp);
+            if s.pp > 1 {
+                let bytes = *tokens as f64 * self.cfg.hidden_size as f64 * ELEM_BYTES;
+                out.pp_comm += 2.0 * boundary.seconds(bytes / s.tp as f64, 1.0);
+            }
+        }
+        if !bins.is_empty() {
+            out.bubble = (pp - 1.0) * longest_stage;
+        }
+        out
+    }
+
+    /// `s` running `seqs` in micro-batches of at most `cap` tokens: sequences spread over the
+    /// DP replicas (longest first, to the replica with the least work), the slowest replica,
+    /// and the gradient reduction over DP.
+    pub fn strategy(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
+        if seqs.is_empty() {
+            return Breakdown::default();
+        }
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let work = |l: usize| {
+            let (g, a) = self.flops(&[l]);
+            g + a
+        };
+        let mut replicas: Vec<(f64, Vec<usize>)> = vec![(0.0, Vec::new()); s.dp];
+        for l in sorted {
+            if let Some(r) = replicas.iter_mut().min_by(|a, b| a.0.total_cmp(&b.0)) {
+                r.0 += work(l);
+                r.1.push(l);
+            }
+        }
+        let mut out = replicas
+            .iter()
+            .map(|(_, v)| self.replica(s, v, cap))
+            .max_by(|a, b| a.total().total_cmp(&b.total()))
+            .unwrap_or_default();
+        let grads = self.params() / (s.tp * s.pp) as f64 * ELEM_BYTES;
+        out.dp_reduce = self.all_reduce(grads, s.dp, s.dp * s.tp);
+        out
+    }
+}

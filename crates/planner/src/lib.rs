@@ -1,0 +1,41 @@
+//! The cost model and the step planner (DESIGN §2.5): an analytic estimate of a step — compute
+//! (FLOPs with attention's quadratic term over a calibrated efficiency), TP/SP and pipeline
+//! communication (α–β over the links each group uses), 1F1B bubbles, the DP gradient reduction,
+//! and switches from the switch planner's actual plans — a memory model that bounds each
+//! strategy's micro-batch, and the search for the plan (strategies, bucket edges, packing) with
+//! the least estimated step time.
+//!
+//! ```
+//! use planner::{Cluster, CostModel, Efficiency, Link, Planner};
+//!
+//! let cluster = Cluster {
+//!     name: "toy".into(),
+//!     nodes: 1,
+//!     devices_per_node: 4,
+//!     peak_tflops: 100.0,
+//!     efficiency: Efficiency { max: 0.6, half_tokens: 256.0, half_width: 256.0, attention: 0.3 },
+//!     memory_gib: 80.0,
+//!     same_node: Link { gbps: 200.0, latency_us: 5.0 },
+//!     cross_node: Link { gbps: 25.0, latency_us: 10.0 },
+//! };
+//! let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
+//! let planner = Planner::new(CostModel::new(cluster, cfg));
+//! let lens: Vec<usize> = (0..64).map(|i| if i % 16 == 0 { 16384 } else { 512 }).collect();
+//! let (_, fixed) = planner.best_static(&lens)?;
+//! let (plan, auto) = planner.auto(&lens)?;
+//! assert!(auto.seconds <= fixed.seconds);
+//! assert!(!plan.buckets.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod cluster;
+mod cost;
+mod error;
+mod plan;
+
+pub use cluster::{Cluster, Efficiency, Link};
+pub use cost::{
+    Breakdown, CostModel, Memory, ACT_BYTES_PER_TOKEN_HIDDEN, ELEM_BYTES, USABLE_MEMORY,
+};
+pub use error::{PlanError, Result};
+pub use plan::{Estimate, Plan, Planner};

@@ -1,0 +1,321 @@
+//! Cluster simulation (DESIGN §2.5): a cluster (presets `a800x32`, `h100x8`, or TOML), a model
+//! (presets `llama2-7b`, `llama2-13b`, `llama-32b`), a dataset of sequence lengths (presets
+//! `commoncrawl`, `github`, or a file), and for one global batch the estimate of (a) the best
+//! static strategy that holds the longest sequence, (b) the HotSPa paper's hand-picked buckets
+//! and strategies, (c) our automatic plan — all by the `planner` cost model.
+//!
+//! ```
+//! let s = sim::Scenario {
+//!     cluster: sim::presets::cluster("a800x32")?,
+//!     gpus: 8,
+//!     model: "llama2-7b".into(),
+//!     dataset: "commoncrawl".into(),
+//!     max_len: 8192,
+//!     global_batch: 64,
+//!     seed: 1,
+//! };
+//! let r = sim::simulate(&s)?;
+//! assert!(r.auto.seconds <= r.fixed.seconds);
+//! assert!(r.paper.as_ref().is_some_and(|p| r.auto.seconds <= p.seconds));
+//! # Ok::<(), sim::SimError>(())
+//! ```
+
+mod error;
+pub mod presets;
+
+use graph::Strategy;
+use model::LlamaConfig;
+use planner::{CostModel, Estimate, Plan, Planner};
+use serde::Serialize;
+
+pub use error::{Result, SimError};
+
+/// One simulated setting.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The cluster (only its first `gpus` devices are used).
+    pub cluster: planner::Cluster,
+    /// Devices used.
+    pub gpus: usize,
+    /// A model preset or config.
+    pub model: String,
+    /// A dataset preset or a file of lengths.
+    pub dataset: String,
+    /// Documents are cut to this length.
+    pub max_len: usize,
+    /// Sequences per step.
+    pub global_batch: usize,
+    /// Seed of the sampled lengths.
+    pub seed: u64,
+}
+
+/// The three plans of one setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `model/gpus`, e.g. `llama2-7b/8`.
+    pub setting: String,
+    /// The dataset.
+    pub dataset: String,
+    /// Longest length.
+    pub max_len: usize,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// (a) the best static strategy.
+    pub fixed: Estimate,
+    /// (b) the paper's hand-picked plan (the faster of its 3- and 4-bucket tables), when the
+    /// paper has one for this model and device count and it fits.
+    pub paper: Option<Estimate>,
+    /// (c) the automatic plan.
+    pub auto: Estimate,
+    /// Planning time of (c), seconds.
+    pub planning_seconds: f64,
+    /// (a) / (c).
+    pub speedup_over_static: f64,
+    /// (b) / (c).
+    pub speedup_over_paper: Option<f64>,
+}
+
+/// `[dp, tp, pp]`.
+type Dims = [usize; 3];
+
+/// HotSPa's hand-picked `(dp, tp, pp)` per bucket at 32K, longest bucket first: three buckets
+/// (16K,32K] / (4K,16K] / (0,4K] and four buckets (16K,32K] / (8K,16K] / (4K,8K] / (0,4K].
+fn paper_table(model: &str, gpus: usize) -> Option<([Dims; 3], [Dims; 4])> {
+    Some(match (model, gpus) {
+        ("llama2-7b", 8) => (
+            [[1, 4, 2], [2, 2, 2], [8, 1, 1]],
+            [[1, 4, 2], [2, 2, 2], [4, 2, 1], [8, 1, 1]],
+        ),
+        ("llama2-7b", 16) => (
+            [[2, 4, 2], [4, 4, 1], [16, 1, 1]],
+            [[2, 4, 2], [4, 4, 1], [8, 2, 1], [16, 1, 1]],
+        ),
+        ("llama2-13b", 8) => (
+            [[1, 8, 1], [1, 4, 2], [4, 2, 1]],
+            [[1, 8, 1], [1, 4, 2], [2, 2, 2], [4, 2, 1]],
+        ),
+        ("llama2-13b", 16) => (
+            [[2, 8, 1], [4, 4, 1], [8, 2, 1]],
+            [[2, 8, 1], [4, 4, 1], [4, 2, 2], [8, 2, 1]],
+        ),
+        ("llama-32b", 32) => (
+            [[1, 16, 2], [2, 8, 2], [4, 2, 4]],
+            [[1, 16, 2], [2, 8, 2], [4, 4, 2], [4, 2, 4]],
+        ),
+        _ => return None,
+    })
+}
+
+fn strategy([dp, tp, pp]: [usize; 3]) -> Strategy {
+    Strategy {
+        dp,
+        tp,
+        pp,
+        sp: tp > 1,
+        zero: 0,
+    }
+}
+
+/// The paper's plans for `model` on `gpus` devices cut at `max_len` (smaller maxima drop the top
+/// buckets; the last bucket ends at `max_len`); the instantiation strategy is the one with the
+/// least model state per device (the most TP × PP).
+pub fn paper_plans(model: &str, gpus: usize, max_len: usize) -> Vec<Plan> {
+    let Some((three, four)) = paper_table(model, gpus) else {
+        return Vec::new();
+    };
+    let build = |edges: &[usize], table: &[[usize; 3]]| {
+        // `edges` and `table` ascending.
+        let mut buckets = Vec::new();
+        for (&e, &t) in edges.iter().zip(table) {
+            let top = e.min(max_len);
+            buckets.push((top, strategy(t)));
+            if top == max_len {
+                break;
+            }
+        }
+        let inst = buckets
+            .iter()
+            .map(|(_, s)| s.clone())
+            .max_by_key(|s| s.tp * s.pp)
+            .unwrap_or_else(|| strategy(table[0]));
+        Plan { buckets, inst }
+    };
+    let mut t3: Vec<[usize; 3]> = three.to_vec();
+    t3.reverse();
+    let mut t4: Vec<[usize; 3]> = four.to_vec();
+    t4.reverse();
+    vec![
+        build(&[4096, 16384, 32768], &t3),
+        build(&[4096, 8192, 16384, 32768], &t4),
+    ]
+}
+
+/// Runs one setting.
+pub fn simulate(s: &Scenario) -> Result<Report> {
+    if s.gpus == 0 || s.gpus > s.cluster.devices() {
+        return Err(SimError::Invalid(format!(
+            "--gpus {}: the cluster {} has {} devices",
+            s.gpus,
+            s.cluster.name,
+            s.cluster.devices()
+        )));
+    }
+    let cfg = LlamaConfig::preset_or_load(&s.model).map_err(|_| SimError::UnknownPreset {
+        what: "model",
+        name: s.model.clone(),
+        known: "llama2-7b, llama2-13b, llama-32b".into(),
+    })?;
+    let planner = Planner::new(CostModel::new(s.cluster.take(s.gpus), cfg));
+    report(&planner, s)
+}
+
+/// Runs one setting with a planner that may be shared between settings of one model and
+/// device count (its switch-time cache then serves them all).
+pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let (_, fixed) = planner.best_static(&lens)?;
+    let t0 = std::time::Instant::now();
+    let (_, auto) = planner.auto(&lens)?;
+    let planning_seconds = t0.elapsed().as_secs_f64();
+    let paper = paper_plans(&s.model, s.gpus, s.max_len)
+        .iter()
+        .filter_map(|p| planner.evaluate(p, &lens).ok())
+        .min_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    Ok(Report {
+        setting: format!("{}/{}", s.model, s.gpus),
+        dataset: s.dataset.clone(),
+        max_len: s.max_len,
+        tokens: lens.iter().sum(),
+        speedup_over_static: fixed.seconds / auto.seconds,
+        speedup_over_paper: paper.as_ref().map(|p| p.seconds / auto.seconds),
+        fixed,
+        paper,
+        auto,
+        planning_seconds,
+    })
+}
+
+/// The paper's grid: {7B/8, 7B/16, 13B/8, 13B/16, 32B/32} × {4K, 8K, 16K, 32K} ×
+/// {commoncrawl, github} on `a800x32`, `global_batch` sequences per step.
+pub fn paper_grid(global_batch: usize, seed: u64) -> Result<Vec<Report>> {
+    let cluster = presets::cluster("a800x32")?;
+    let mut out = Vec::new();
+    for (model, gpus) in [
+        ("llama2-7b", 8),
+        ("llama2-7b", 16),
+        ("llama2-13b", 8),
+        ("llama2-13b", 16),
+        ("llama-32b", 32),
+    ] {
+        let cfg = LlamaConfig::preset(model)
+            .ok_or_else(|| SimError::Invalid(format!("no preset {model}")))?;
+        let planner = Planner::new(CostModel::new(cluster.take(gpus), cfg));
+        for max_len in [4096, 8192, 16384, 32768] {
+            for dataset in presets::DATASETS {
+                out.push(report(
+                    &planner,
+                    &Scenario {
+                        cluster: cluster.clone(),
+                        gpus,
+                        model: model.into(),
+                        dataset: dataset.into(),
+                        max_len,
+                        global_batch,
+                        seed,
+                    },
+                )?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_plans_drop_the_top_buckets_below_32k() {
+        let plans = paper_plans("llama2-7b", 8, 8192);
+        let four = &plans[1];
+        let got: Vec<(usize, String)> = four
+            .buckets
+            .iter()
+            .map(|(e, s)| (*e, s.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(4096, "dp8".to_string()), (8192, "dp4tp2sp".to_string())]
+        );
+        assert_eq!(four.inst.to_string(), "dp4tp2sp");
+        assert_eq!(plans[0].buckets.len(), 2);
+        assert_eq!(plans[0].buckets[1].0, 8192);
+        assert!(paper_plans("llama2-7b", 4, 8192).is_empty());
+    }
+
+    #[test]
+    fn datasets_are_long_tailed_and_cut() {
+        let cc = presets::lengths("commoncrawl", 4000, 32768, 3).unwrap();
+        let gh = presets::lengths("github", 4000, 32768, 3).unwrap();
+        assert!(cc.iter().all(|&l| (2..=32768).contains(&l)));
+        let above =
+            |v: &[usize], t: usize| v.iter().filter(|&&l| l > t).count() as f64 / v.len() as f64;
+        assert!(above(&cc, 4096) > 0.04 && above(&cc, 4096) < 0.13);
+        assert!(above(&gh, 16384) > above(&cc, 16384));
+        assert_eq!(cc, presets::lengths("commoncrawl", 4000, 32768, 3).unwrap());
+        let e = presets::lengths("wiki", 4, 10, 0).unwrap_err().to_string();
+        assert!(e.contains("use commoncrawl, github"), "{e}");
+    }
+
+    #[test]
+    fn files_of_lengths_and_clusters_are_checked() {
+        let dir = std::env::temp_dir().join(format!("hotspa-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("lens.txt");
+        std::fs::write(&f, "100 200\n300 x\n").unwrap();
+        let e = presets::lengths(f.to_str().unwrap(), 4, 1000, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2: `x` is not a length"), "{e}");
+        std::fs::write(&f, "100 5000\n").unwrap();
+        assert_eq!(
+            presets::lengths(f.to_str().unwrap(), 3, 1000, 0).unwrap(),
+            vec![100, 1000, 100]
+        );
+        let c = dir.join("c.toml");
+        let preset = presets::cluster("h100x8").unwrap();
+        let text = format!(
+            "name = \"mine\"\nnodes = 2\ndevices_per_node = 4\npeak_tflops = 100.0\nmemory_gib = 40.0\n\
+             [efficiency]\nmax = 0.5\nhalf_tokens = 128.0\nhalf_width = 128.0\nattention = 0.3\n\
+             [same_node]\ngbps = 100.0\nlatency_us = 2.0\n[cross_node]\ngbps = {}\nlatency_us = 9.0\n",
+            preset.cross_node.gbps
+        );
+        std::fs::write(&c, text).unwrap();
+        let got = presets::cluster_or_file(c.to_str().unwrap()).unwrap();
+        assert_eq!(got.devices(), 8);
+        std::fs::write(&c, "name = \"x\"\nnodes = 0\n").unwrap();
+        let e = presets::cluster_or_file(c.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_automatic_plan_is_never_slower_than_the_papers_in_the_grid() {
+        for r in paper_grid(96, 2).unwrap() {
+            assert!(r.auto.seconds <= r.fixed.seconds + 1e-9, "{r:?}");
+            if let Some(p) = &r.paper {
+                assert!(
+                    r.auto.seconds <= p.seconds + 1e-9,
+                    "{} {} {}: auto {} vs paper {}",
+                    r.setting,
+                    r.max_len,
+                    r.dataset,
+                    r.auto.seconds,
+                    p.seconds
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Cluster presets, cluster files (TOML) and sequence-length distributions.
+
+use std::path::Path;
+
+use planner::{Cluster, Efficiency, Link};
+use rand::SeedableRng;
+use rand_distr::{Distribution, LogNormal};
+
+use crate::error::{Result, SimError};
+
+/// The cluster presets.
+pub const CLUSTERS: [&str; 2] = ["a800x32", "h100x8"];
+
+/// The dataset presets.
+pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
+
+/// Efficiency curve shared by the presets (Megatron-class GEMMs reach ~60 % of peak on large
+/// shapes; FlashAttention-2 ~45 %).
+const EFFICIENCY: Efficiency = Efficiency {
+    max: 0.6,
+    half_tokens: 256.0,
+    half_width: 256.0,
+    attention: 0.45,
+};
+
+/// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s,
+/// 200 GB/s between nodes) or `h100x8` (one node of 8 H100-80G, NVLink 900 GB/s).
+pub fn cluster(name: &str) -> Result<Cluster> {
+    match name {
+        "a800x32" => Ok(Cluster {
+            name: name.into(),
+            nodes: 4,
+            devices_per_node: 8,
+            peak_tflops: 312.0,
+            efficiency: EFFICIENCY,
+            memory_gib: 80.0,
+            same_node: Link {
+                gbps: 400.0,
+                latency_us: 5.0,
+            },
+            cross_node: Link {
+                gbps: 200.0,
+                latency_us: 10.0,
+            },
+        }),
+        "h100x8" => Ok(Cluster {
+            name: name.into(),
+            nodes: 1,
+            devices_per_node: 8,
+            peak_tflops: 989.0,
+            efficiency: EFFICIENCY,
+            memory_gib: 80.0,
+            same_node: Link {
+                gbps: 900.0,
+                latency_us: 3.0,
+            },
+            cross_node: Link {
+                gbps: 400.0,
+                latency_us: 8.0,
+            },
+        }),
+        other => Err(SimError::UnknownPreset {
+            what: "cluster",
+            name: other.into(),
+            known: CLUSTERS.join(", "),
+        }),
+    }
+}
+
+/// A preset name, or a TOML file with the fields of [`Cluster`].
+pub fn cluster_or_file(name: &str) -> Result<Cluster> {
+    if CLUSTERS.contains(&name) {
+        return cluster(name);
+    }
+    let path = Path::new(name);
+    if !path.exists() {
+        return cluster(name);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| SimError::File {
+        path: name.into(),
+        reason: e.to_string(),
+    })?;
+    let c: Cluster = toml::from_str(&text).map_err(|e| SimError::File {
+        path: name.into(),
+        reason: e.to_string(),
+    })?;
+    if c.nodes == 0 || c.devices_per_node == 0 || c.peak_tflops <= 0.0 || c.memory_gib <= 0.0 {
+        return Err(SimError::File {
+            path: name.into(),
+            reason: "nodes, devices_per_node, peak_tflops and memory_gib must be positive".into(),
+        });
+    }
+    Ok(c)
+}
+
+/// `n` sequence lengths of `dataset` (a preset, or a file of whitespace-separated lengths used
+/// in turn), each cut to `max_len` as a data loader cuts documents, at least 2.
+///
+/// The presets are long-tailed log-normal shapes read off the length CDFs of CommonCrawl and
+/// GitHub in the HotSPa paper (Ge et al., SOSP 2024, Fig. 2), not the data itself:
+/// `commoncrawl` has median 1,000 tokens and σ = 1.0 (8 % above 4K, 0.3 % above 16K), `github`
+/// median 1,500 and σ = 1.4 (24 % above 4K, 4.5 % above 16K).
+pub fn lengths(dataset: &str, n: usize, max_len: usize, seed: u64) -> Result<Vec<usize>> {
+    let cut = |l: f64| (l.round() as usize).clamp(2, max_len.max(2));
+    let (median, sigma): (f64, f64) = match dataset {
+        "commoncrawl" => (1000.0, 1.0),
+        "github" => (1500.0, 1.4),
+        path if Path::new(path).exists() => {
+            let text = std::fs::read_to_string(path).map_err(|e| SimError::File {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
+            let mut all = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                for w in line.split_whitespace() {
+                    let l: usize = w.parse().map_err(|_| SimError::File {
+                        path: path.into(),
+                        reason: format!("line {}: `{w}` is not a length", i + 1),
+                    })?;
+                    all.push(l);
+                }
+            }
+            if all.is_empty() {
+                return Err(SimError::File {
+                    path: path.into(),
+                    reason: "no lengths".into(),
+                });
+            }
+            return Ok((0..n).map(|i| cut(all[i % all.len()] as f64)).collect());
+        }
+        other => {
+            return Err(SimError::UnknownPreset {
+                what: "dataset",
+                name: other.into(),
+                known: DATASETS.join(", "),
+            })
+        }
+    };
+    // Positive finite parameters: the distribution always exists.
+    let dist = LogNormal::new(median.ln(), sigma).map_err(|e| SimError::Invalid(e.to_string()))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok((0..n).map(|_| cut(dist.sample(&mut rng))).collect())
+}
