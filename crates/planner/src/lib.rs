@@ -31,6 +31,7 @@
 mod cluster;
 mod cost;
 mod error;
+mod memory;
 mod plan;
 
 pub use cluster::{Cluster, Efficiency, Link};
@@ -38,4 +39,5 @@ pub use cost::{
     Breakdown, CostModel, Memory, ACT_BYTES_PER_TOKEN_HIDDEN, ELEM_BYTES, USABLE_MEMORY,
 };
 pub use error::{PlanError, Result};
+pub use memory::{pass_memory, stage_peak, PassMemory};
 pub use plan::{Estimate, Plan, Planner};
