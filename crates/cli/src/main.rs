@@ -5,7 +5,9 @@ mod conformance_cmd;
 mod gather;
 mod graph_cmd;
 mod hot;
+mod plan_cmd;
 mod plot;
+mod profile_cmd;
 mod simulate_cmd;
 mod switch_cmd;
 mod train;
@@ -45,6 +47,12 @@ enum Command {
     /// Estimate a cluster setting by the cost model: the best static strategy, the HotSPa
     /// paper's hand-picked plan and the automatic plan (or `--paper`: the paper's grid).
     Simulate(simulate_cmd::Args),
+    /// Calibrate the cost model on this machine's CPU backend (a cluster file for `plan` and
+    /// `simulate --cluster`).
+    Profile(profile_cmd::Args),
+    /// The cost model's estimate of a training command (the flags of `train`), calibrated by
+    /// `profile`, with the best static strategy and the automatic plan for its batches.
+    Plan(Box<plan_cmd::Args>),
 }
 
 fn main() -> Result<()> {
@@ -58,5 +66,7 @@ fn main() -> Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::SwitchPlan(args) => switch_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),
+        Command::Profile(args) => profile_cmd::run(args),
+        Command::Plan(args) => plan_cmd::run(*args),
     }
 }

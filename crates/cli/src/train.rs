@@ -904,3 +904,61 @@ fn default_run(mut args: Args) -> Result<()> {
     );
     Ok(())
 }
+
+/// What `hotspa plan` needs of a training command line: the model, the strategy or hot
+/// schedule, the micro-batch budget and the lengths of every step's global batch (the same
+/// batches `hotspa train` would draw).
+pub(crate) struct PlanInputs {
+    pub cfg: LlamaConfig,
+    pub devices: usize,
+    pub strategy: Strategy,
+    pub hot: Option<crate::hot::HotSchedule>,
+    pub micro_batch_tokens: usize,
+    pub max_len: usize,
+    pub steps: Vec<Vec<usize>>,
+}
+
+pub(crate) fn plan_inputs(args: &Args) -> Result<PlanInputs> {
+    let model = args
+        .model
+        .as_ref()
+        .context("pass --model <config.json|dir> and --data <file.jsonl|dir>")?;
+    let data = args.data.as_ref().context("pass --data <file.jsonl|dir>")?;
+    let devices = args.devices.max(1);
+    let cfg = LlamaConfig::load(model)?;
+    let shuffle = match args.shuffle.as_str() {
+        "on" => Some(args.seed),
+        "off" => None,
+        other => bail!("--shuffle {other}: use on or off"),
+    };
+    let hot = match &args.strategies {
+        Some(spec) => Some(crate::hot::HotSchedule::parse(spec, devices)?),
+        None => None,
+    };
+    let strategy = match &hot {
+        Some(h) => h.entries[h.inst].0.clone(),
+        None => Strategy::parse(
+            args.strategy.as_deref().unwrap_or(&format!("dp{devices}")),
+            devices,
+        )?,
+    };
+    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
+    let ds = Dataset::load(data, cfg.vocab_size, max_len)?;
+    let steps = (0..args.steps)
+        .map(|s| {
+            ds.batch(s, args.global_batch, shuffle)
+                .iter()
+                .map(|q| q.len())
+                .collect()
+        })
+        .collect();
+    Ok(PlanInputs {
+        cfg,
+        devices,
+        strategy,
+        hot,
+        micro_batch_tokens: args.micro_batch_tokens[0],
+        max_len,
+        steps,
+    })
+}

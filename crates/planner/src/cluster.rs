@@ -52,6 +52,26 @@ pub struct Cluster {
     pub same_node: Link,
     /// Links between nodes (per device).
     pub cross_node: Link,
+    /// Bytes per element of activations, gradients and messages: 2 (bf16, the presets) or 4
+    /// (f32, this project's CPU runtime).
+    #[serde(default = "bf16_bytes")]
+    pub elem_bytes: f64,
+    /// Memory bandwidth per device for elementwise kernels and the optimizer, GB/s; 0 leaves
+    /// them out (GPU presets: fused and small next to the GEMMs).
+    #[serde(default)]
+    pub memory_gbps: f64,
+    /// Optimizer updates per second per device, in billions of parameters (norm, clipping,
+    /// AdamW); 0: from `memory_gbps` (7 four-byte elements per parameter), or left out.
+    #[serde(default)]
+    pub optimizer_gparams: f64,
+    /// Cores the devices share (thread ranks on one CPU), 0 for devices of their own: while a
+    /// pipeline fills and drains, the idle ranks' cores speed up the busy ones.
+    #[serde(default)]
+    pub shared_cores: f64,
+}
+
+fn bf16_bytes() -> f64 {
+    2.0
 }
 
 impl Cluster {

@@ -9,8 +9,16 @@ use serde::Serialize;
 
 use crate::cluster::Cluster;
 
-/// Bytes per element of weights, activations and gradients on the wire (bf16).
+/// Bytes per element of weights, activations and gradients on the wire in the GPU presets (bf16).
 pub const ELEM_BYTES: f64 = 2.0;
+/// Elementwise traffic per token per layer, in elements, forward and backward: RMSNorms and
+/// residual adds with their gradients on the whole stream (`× hidden`; split over TP only
+/// under SP), RoPE on q and k (`× hidden`, split over TP) and SwiGLU (`× intermediate`, split).
+const ELEMENTWISE_STREAM: f64 = 24.0;
+const ELEMENTWISE_HEADS: f64 = 18.0;
+const ELEMENTWISE_PER_INTERMEDIATE: f64 = 9.0;
+/// AdamW reads the weight, gradient and two moments and writes three: elements per parameter.
+const OPTIMIZER_ELEMENTS: f64 = 7.0;
 /// Activation bytes per token per layer per hidden unit under TP with SP and FlashAttention
 /// (Korthikanti et al., "Reducing Activation Recomputation", without the `5as/h` score term).
 pub const ACT_BYTES_PER_TOKEN_HIDDEN: f64 = 34.0;
@@ -32,12 +40,24 @@ pub struct Breakdown {
     pub dp_reduce: f64,
     /// Parameter and gradient switches between strategies.
     pub switch: f64,
+    /// Elementwise kernels (norms, RoPE, SwiGLU, adds, cross-entropy), where the cluster
+    /// models them.
+    pub elementwise: f64,
+    /// The optimizer update, where the cluster models it.
+    pub optimizer: f64,
 }
 
 impl Breakdown {
     /// The sum.
     pub fn total(&self) -> f64 {
-        self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_reduce + self.switch
+        self.compute
+            + self.tp_comm
+            + self.bubble
+            + self.pp_comm
+            + self.dp_reduce
+            + self.switch
+            + self.elementwise
+            + self.optimizer
     }
 
     /// Component-wise sum.
@@ -48,6 +68,8 @@ impl Breakdown {
         self.pp_comm += o.pp_comm;
         self.dp_reduce += o.dp_reduce;
         self.switch += o.switch;
+        self.elementwise += o.elementwise;
+        self.optimizer += o.optimizer;
     }
 }
 
@@ -67,6 +89,20 @@ impl Memory {
     }
 }
 
+/// How a strategy's sequences become micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// What the planner would do: longest first to the least-loaded DP replica, first-fit
+    /// decreasing into micro-batches up to the strategy's token capacity.
+    Balanced,
+    /// What `hotspa train` does: sequences in batch order, round-robin over the DP replicas,
+    /// filled in order into micro-batches of at most `budget` tokens (a longer one alone).
+    InOrder {
+        /// `--micro-batch-tokens`.
+        budget: usize,
+    },
+}
+
 /// The cost model of one model on one cluster.
 #[derive(Debug, Clone)]
 pub struct CostModel {
@@ -74,12 +110,32 @@ pub struct CostModel {
     pub cluster: Cluster,
     /// The model.
     pub cfg: LlamaConfig,
+    /// How sequences are packed.
+    pub packing: Packing,
 }
 
 impl CostModel {
-    /// A cost model for `cfg` on `cluster`.
+    /// A cost model for `cfg` on `cluster`, packing [`Packing::Balanced`].
     pub fn new(cluster: Cluster, cfg: LlamaConfig) -> Self {
-        Self { cluster, cfg }
+        Self {
+            cluster,
+            cfg,
+            packing: Packing::Balanced,
+        }
+    }
+
+    /// Seconds of the optimizer update on `inst`'s pieces (0 where the cluster leaves it out).
+    pub fn optimizer(&self, inst: &Strategy) -> f64 {
+        if self.cluster.memory_gbps <= 0.0 {
+            return 0.0;
+        }
+        let per = self.params() / (inst.tp * inst.pp) as f64;
+        let per = if inst.zero >= 1 {
+            per / inst.dp as f64
+        } else {
+            per
+        };
+        per * OPTIMIZER_ELEMENTS * 4.0 / (self.cluster.memory_gbps * 1e9)
     }
 
     /// Parameters of the decoder layers' matrices (per layer).
@@ -167,11 +223,12 @@ impl CostModel {
             .seconds(2.0 * k / n as f64 * bytes, 2.0 * k)
     }
 
-    /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm).
-    fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64) {
+    /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm,
+    /// elementwise).
+    fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
         if tokens == 0.0 {
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0.0);
         }
         let c = &self.cfg;
         let tp = s.tp as f64;
@@ -182,25 +239,51 @@ impl CostModel {
             + attn / (tp * peak * self.cluster.efficiency.attention);
         // Per layer, forward and backward: 2 all-gathers + 2 reduce-scatters each way under
         // SP (the volume of 4 all-reduces of the activations).
-        let act = tokens * c.hidden_size as f64 * ELEM_BYTES;
+        let eb = self.cluster.elem_bytes;
+        let act = tokens * c.hidden_size as f64 * eb;
         let tp_comm = 4.0 * c.num_hidden_layers as f64 * self.all_reduce(act, s.tp, s.tp);
-        (compute, tp_comm)
+        let elementwise = if self.cluster.memory_gbps > 0.0 {
+            let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+            let stream = ELEMENTWISE_STREAM * h / if s.sp { tp } else { 1.0 };
+            let split = (ELEMENTWISE_HEADS * h + ELEMENTWISE_PER_INTERMEDIATE * i) / tp;
+            let per_token =
+                c.num_hidden_layers as f64 * (stream + split) + 3.0 * c.vocab_size as f64 / tp;
+            tokens * per_token * eb / (self.cluster.memory_gbps * 1e9)
+        } else {
+            0.0
+        };
+        (compute, tp_comm, elementwise)
     }
 
     /// One DP replica of `s` running `seqs` (packed first-fit decreasing into micro-batches
     /// of at most `cap` tokens) through its 1F1B pipeline.
     pub fn replica(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
         let cap = cap.max(1);
-        let mut sorted = seqs.to_vec();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
         let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
-        for l in sorted {
-            match bins.iter_mut().find(|(t, _)| t + l <= cap) {
-                Some((t, v)) => {
-                    *t += l;
-                    v.push(l);
+        match self.packing {
+            Packing::Balanced => {
+                let mut sorted = seqs.to_vec();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for l in sorted {
+                    match bins.iter_mut().find(|(t, _)| t + l <= cap) {
+                        Some((t, v)) => {
+                            *t += l;
+                            v.push(l);
+                        }
+                        None => bins.push((l, vec![l])),
+                    }
                 }
-                None => bins.push((l, vec![l])),
+            }
+            Packing::InOrder { budget } => {
+                for &l in seqs {
+                    match bins.last_mut() {
+                        Some((t, v)) if *t + l <= budget.min(cap) => {
+                            *t += l;
+                            v.push(l);
+                        }
+                        _ => bins.push((l, vec![l])),
+                    }
+                }
             }
         }
         let pp = s.pp as f64;
@@ -208,17 +291,26 @@ impl CostModel {
         let mut longest_stage = 0.0f64;
         let boundary = self.cluster.link(s.dp * s.tp + 1);
         for (tokens, lens) in &bins {
-            let (compute, tp_comm) = self.micro_batch(s, lens);
+            let (compute, tp_comm, elementwise) = self.micro_batch(s, lens);
             out.compute += compute / pp;
             out.tp_comm += tp_comm / pp;
-            longest_stage = longest_stage.max((compute + tp_comm) / pp);
+            out.elementwise += elementwise / pp;
+            longest_stage = longest_stage.max((compute + tp_comm + elementwise) / pp);
             if s.pp > 1 {
-                let bytes = *tokens as f64 * self.cfg.hidden_size as f64 * ELEM_BYTES;
+                let bytes = *tokens as f64 * self.cfg.hidden_size as f64 * self.cluster.elem_bytes;
                 out.pp_comm += 2.0 * boundary.seconds(bytes / s.tp as f64, 1.0);
             }
         }
         if !bins.is_empty() {
-            out.bubble = (pp - 1.0) * longest_stage;
+            // On shared cores, a stage runs faster while the others idle in fill and drain.
+            let c = &self.cluster;
+            let n = c.devices() as f64;
+            let speedup = if c.shared_cores > 0.0 && n > c.shared_cores {
+                pp.min(n / c.shared_cores)
+            } else {
+                1.0
+            };
+            out.bubble = (pp - 1.0) * longest_stage / speedup;
         }
         out
     }
@@ -230,17 +322,26 @@ impl CostModel {
         if seqs.is_empty() {
             return Breakdown::default();
         }
-        let mut sorted = seqs.to_vec();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
         let work = |l: usize| {
             let (g, a) = self.flops(&[l]);
             g + a
         };
         let mut replicas: Vec<(f64, Vec<usize>)> = vec![(0.0, Vec::new()); s.dp];
-        for l in sorted {
-            if let Some(r) = replicas.iter_mut().min_by(|a, b| a.0.total_cmp(&b.0)) {
-                r.0 += work(l);
-                r.1.push(l);
+        match self.packing {
+            Packing::Balanced => {
+                let mut sorted = seqs.to_vec();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for l in sorted {
+                    if let Some(r) = replicas.iter_mut().min_by(|a, b| a.0.total_cmp(&b.0)) {
+                        r.0 += work(l);
+                        r.1.push(l);
+                    }
+                }
+            }
+            Packing::InOrder { .. } => {
+                for (k, &l) in seqs.iter().enumerate() {
+                    replicas[k % s.dp].1.push(l);
+                }
             }
         }
         let mut out = replicas
@@ -248,7 +349,7 @@ impl CostModel {
             .map(|(_, v)| self.replica(s, v, cap))
             .max_by(|a, b| a.total().total_cmp(&b.total()))
             .unwrap_or_default();
-        let grads = self.params() / (s.tp * s.pp) as f64 * ELEM_BYTES;
+        let grads = self.params() / (s.tp * s.pp) as f64 * self.cluster.elem_bytes;
         out.dp_reduce = self.all_reduce(grads, s.dp, s.dp * s.tp);
         out
     }

@@ -17,6 +17,10 @@
 //!     memory_gib: 80.0,
 //!     same_node: Link { gbps: 200.0, latency_us: 5.0 },
 //!     cross_node: Link { gbps: 25.0, latency_us: 10.0 },
+//!     elem_bytes: 2.0,
+//!     memory_gbps: 0.0,
+//!     optimizer_gparams: 0.0,
+//!     shared_cores: 0.0,
 //! };
 //! let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
 //! let planner = Planner::new(CostModel::new(cluster, cfg));
@@ -36,7 +40,7 @@ mod plan;
 
 pub use cluster::{Cluster, Efficiency, Link};
 pub use cost::{
-    Breakdown, CostModel, Memory, ACT_BYTES_PER_TOKEN_HIDDEN, ELEM_BYTES, USABLE_MEMORY,
+    Breakdown, CostModel, Memory, Packing, ACT_BYTES_PER_TOKEN_HIDDEN, ELEM_BYTES, USABLE_MEMORY,
 };
 pub use error::{PlanError, Result};
 pub use memory::{pass_memory, stage_peak, PassMemory};

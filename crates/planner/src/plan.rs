@@ -10,7 +10,7 @@ use graph::Strategy;
 use serde::Serialize;
 use switch::{plan, Method, TensorSwitch, Topology};
 
-use crate::cost::{Breakdown, CostModel, ELEM_BYTES};
+use crate::cost::{Breakdown, CostModel};
 use crate::error::{PlanError, Result};
 
 /// A step plan: buckets `(longest length, strategy)` in ascending order, and the instantiation
@@ -108,7 +108,7 @@ impl Planner {
                     switch::LinkClass::SameNode => c.same_node,
                     switch::LinkClass::CrossNode => c.cross_node,
                 };
-                let bytes = load.cost(class) as f64 * ELEM_BYTES;
+                let bytes = load.cost(class) as f64 * c.elem_bytes;
                 if bytes > 0.0 {
                     link.seconds(bytes, messages)
                 } else {
@@ -163,6 +163,7 @@ impl Planner {
                 total.switch += 2.0 * self.switch_seconds(&plan.inst, s)?;
             }
         }
+        total.optimizer = self.cost.optimizer(&plan.inst);
         let seconds = total.total();
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
         Ok(Estimate {
@@ -386,6 +387,10 @@ mod tests {
                 gbps: 200.0,
                 latency_us: 10.0,
             },
+            elem_bytes: 2.0,
+            memory_gbps: 0.0,
+            optimizer_gparams: 0.0,
+            shared_cores: 0.0,
         };
         let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
         Planner::new(CostModel::new(cluster, cfg))

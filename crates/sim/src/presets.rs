@@ -42,6 +42,10 @@ pub fn cluster(name: &str) -> Result<Cluster> {
                 gbps: 200.0,
                 latency_us: 10.0,
             },
+            elem_bytes: 2.0,
+            memory_gbps: 0.0,
+            optimizer_gparams: 0.0,
+            shared_cores: 0.0,
         }),
         "h100x8" => Ok(Cluster {
             name: name.into(),
@@ -58,6 +62,10 @@ pub fn cluster(name: &str) -> Result<Cluster> {
                 gbps: 400.0,
                 latency_us: 8.0,
             },
+            elem_bytes: 2.0,
+            memory_gbps: 0.0,
+            optimizer_gparams: 0.0,
+            shared_cores: 0.0,
         }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",

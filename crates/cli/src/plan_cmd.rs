@@ -1,0 +1,165 @@
+//! `hotspa plan`: the cost model's estimate of a training command — the same flags as
+//! `hotspa train` — calibrated by `hotspa profile`, with the best static strategy and the
+//! automatic plan for its batches, and (`--compare`) the prediction against a run's metrics.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use planner::{CostModel, Packing, Plan, Planner};
+use serde::Serialize;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[command(flatten)]
+    train: crate::train::Args,
+    /// The calibration from `hotspa profile --devices N` (a cluster file).
+    #[arg(long)]
+    profile: PathBuf,
+    /// A `--metrics` file of the same run: predicted against measured step seconds.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// One JSON object on stdout instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct StepRow {
+    step: usize,
+    tokens: usize,
+    predicted_s: f64,
+    measured_s: Option<f64>,
+    breakdown: planner::Breakdown,
+}
+
+#[derive(Serialize)]
+struct Report {
+    plan: String,
+    rows: Vec<StepRow>,
+    /// Median over steps of predicted / measured (steps after the first).
+    median_ratio: Option<f64>,
+    /// Mean predicted and measured seconds over steps after the first.
+    mean_predicted_s: f64,
+    mean_measured_s: Option<f64>,
+    best_static: String,
+    best_static_s: f64,
+    auto: String,
+    auto_s: f64,
+    planning_s: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let inp = crate::train::plan_inputs(&args.train)?;
+    let cluster = sim::presets::cluster_or_file(&args.profile.display().to_string())
+        .with_context(|| format!("--profile {}", args.profile.display()))?;
+    anyhow::ensure!(
+        cluster.devices() == inp.devices,
+        "the profile is for {} devices, the run has {} (run `hotspa profile --devices {}`)",
+        cluster.devices(),
+        inp.devices,
+        inp.devices
+    );
+    let mut cost = CostModel::new(cluster, inp.cfg.clone());
+    cost.packing = Packing::InOrder {
+        budget: inp.micro_batch_tokens,
+    };
+    let planner = Planner::new(cost);
+    let plan = match &inp.hot {
+        Some(h) => Plan {
+            buckets: h
+                .entries
+                .iter()
+                .map(|(s, m)| (m.unwrap_or(usize::MAX), s.clone()))
+                .collect(),
+            inst: h.entries[h.inst].0.clone(),
+        },
+        None => Plan {
+            buckets: vec![(usize::MAX, inp.strategy.clone())],
+            inst: inp.strategy.clone(),
+        },
+    };
+    let measured: Vec<f64> = match &args.compare {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| -> Result<f64> {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                v["seconds"]
+                    .as_f64()
+                    .context("a metrics line without `seconds`")
+            })
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let mut rows = Vec::new();
+    for (k, lens) in inp.steps.iter().enumerate() {
+        let e = planner.evaluate(&plan, lens)?;
+        rows.push(StepRow {
+            step: k + 1,
+            tokens: lens.iter().sum(),
+            predicted_s: e.seconds,
+            measured_s: measured.get(k).copied(),
+            breakdown: e.breakdown,
+        });
+    }
+    // The first step pays one-time costs (allocation, thread start): leave it out.
+    let rest: Vec<&StepRow> = rows.iter().skip(usize::from(rows.len() > 1)).collect();
+    let mut ratios: Vec<f64> = rest
+        .iter()
+        .filter_map(|r| r.measured_s.map(|m| r.predicted_s / m))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let all: Vec<usize> = inp.steps.concat();
+    let (bs_plan, bs) = planner.best_static(&all)?;
+    let t0 = std::time::Instant::now();
+    let (auto_plan, auto) = planner.auto(&all)?;
+    let planning_s = t0.elapsed().as_secs_f64();
+    let report = Report {
+        plan: plan.to_string(),
+        median_ratio: (!ratios.is_empty()).then(|| ratios[ratios.len() / 2]),
+        mean_predicted_s: mean(rest.iter().map(|r| r.predicted_s).collect()),
+        mean_measured_s: (!measured.is_empty())
+            .then(|| mean(rest.iter().filter_map(|r| r.measured_s).collect())),
+        rows,
+        best_static: bs_plan.to_string(),
+        best_static_s: bs.seconds / inp.steps.len().max(1) as f64,
+        auto: auto_plan.to_string(),
+        auto_s: auto.seconds / inp.steps.len().max(1) as f64,
+        planning_s,
+    };
+    let _ = inp.max_len;
+    crate::bench::emit(args.json, &report, |r| {
+        println!("plan {}", r.plan.replace(&usize::MAX.to_string(), "max"));
+        println!(
+            "{:>5} {:>8} {:>12} {:>12} {:>7}",
+            "step", "tokens", "predicted s", "measured s", "ratio"
+        );
+        for row in &r.rows {
+            println!(
+                "{:>5} {:>8} {:>12.4} {:>12} {:>7}",
+                row.step,
+                row.tokens,
+                row.predicted_s,
+                row.measured_s.map_or("-".into(), |m| format!("{m:.4}")),
+                row.measured_s
+                    .map_or("-".into(), |m| format!("{:.2}", row.predicted_s / m))
+            );
+        }
+        if let (Some(m), Some(ratio)) = (r.mean_measured_s, r.median_ratio) {
+            println!(
+                "steps 2..: mean predicted {:.4} s, measured {:.4} s ({:+.1}%), median ratio {:.2}",
+                r.mean_predicted_s,
+                m,
+                (r.mean_predicted_s / m - 1.0) * 100.0,
+                ratio
+            );
+        }
+        println!(
+            "over these batches: best static {} at {:.4} s/step; automatic plan {} at {:.4} s/step (planned in {:.2} s)",
+            r.best_static, r.best_static_s, r.auto, r.auto_s, r.planning_s
+        );
+    })
+}
