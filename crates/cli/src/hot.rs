@@ -80,6 +80,27 @@ impl HotSchedule {
         Ok(Self { entries, inst })
     }
 
+    /// The schedule of a planner's plan: its buckets in order (the last takes any length) and
+    /// its instantiation strategy, added first with no bucket of its own where no bucket uses
+    /// it.
+    pub fn from_plan(plan: &planner::Plan) -> Self {
+        let n = plan.buckets.len();
+        let mut entries: Vec<(Strategy, Option<usize>)> = plan
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, (e, s))| (s.clone(), (i + 1 < n).then_some(*e)))
+            .collect();
+        let inst = match entries.iter().position(|(s, _)| *s == plan.inst) {
+            Some(i) => i,
+            None => {
+                entries.insert(0, (plan.inst.clone(), Some(0)));
+                0
+            }
+        };
+        Self { entries, inst }
+    }
+
     /// The strategy each sequence goes to; an error names a sequence longer than every bound.
     pub fn buckets(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<Vec<u32>>>, RuntimeError> {
         let mut out = vec![Vec::new(); self.entries.len()];

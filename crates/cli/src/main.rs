@@ -1,4 +1,4 @@
-//! `hotspa`: the command line. Only subcommands that work exist; more arrive with their issues.
+//! `hotspa`: the command line. Only subcommands that work exist.
 
 mod bench;
 mod conformance_cmd;
@@ -38,7 +38,7 @@ enum Command {
     Conformance(conformance_cmd::Args),
     /// Print the exec graph of a strategy for review.
     Graph(graph_cmd::Args),
-    /// Train a LLaMA model on thread devices under a parallel strategy.
+    /// Train a LLaMA model on thread devices (or MPI processes) under a parallel strategy.
     Train(Box<train::Args>),
     /// The switch plan between two strategies' parameter layouts, against its lower bound.
     SwitchPlan(switch_cmd::Args),
@@ -52,7 +52,7 @@ enum Command {
     Profile(profile_cmd::Args),
     /// The cost model's estimate of a training command (the flags of `train`), calibrated by
     /// `profile`, with the best static strategy and the automatic plan for its batches.
-    Plan(Box<plan_cmd::Args>),
+    Plan(Box<plan_cmd::PlanArgs>),
 }
 
 fn main() -> Result<()> {

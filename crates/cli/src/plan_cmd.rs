@@ -10,12 +10,11 @@ use planner::{CostModel, Packing, Plan, Planner};
 use serde::Serialize;
 
 #[derive(ClapArgs)]
-pub struct Args {
+pub struct PlanArgs {
+    /// The flags of `hotspa train`, `--profile` (the calibration from `hotspa profile
+    /// --devices N`) required.
     #[command(flatten)]
     train: crate::train::Args,
-    /// The calibration from `hotspa profile --devices N` (a cluster file).
-    #[arg(long)]
-    profile: PathBuf,
     /// A `--metrics` file of the same run: predicted against measured step seconds.
     #[arg(long)]
     compare: Option<PathBuf>,
@@ -49,10 +48,16 @@ struct Report {
     planning_s: f64,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: PlanArgs) -> Result<()> {
     let inp = crate::train::plan_inputs(&args.train)?;
-    let cluster = sim::presets::cluster_or_file(&args.profile.display().to_string())
-        .with_context(|| format!("--profile {}", args.profile.display()))?;
+    let profile = args.train.profile().with_context(|| {
+        format!(
+            "pass --profile FILE (write one with `hotspa profile --devices {}`)",
+            inp.devices
+        )
+    })?;
+    let cluster = sim::presets::cluster_or_file(&profile.display().to_string())
+        .with_context(|| format!("--profile {}", profile.display()))?;
     anyhow::ensure!(
         cluster.devices() == inp.devices,
         "the profile is for {} devices, the run has {} (run `hotspa profile --devices {}`)",
@@ -113,9 +118,17 @@ pub fn run(args: Args) -> Result<()> {
     ratios.sort_by(f64::total_cmp);
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let all: Vec<usize> = inp.steps.concat();
-    let (bs_plan, bs) = planner.best_static(&all)?;
+    // Chosen for all the batches at once, estimated step by step as the run's plan is.
+    let (bs_plan, _) = planner.best_static(&all)?;
     let t0 = std::time::Instant::now();
-    let (auto_plan, auto) = planner.auto(&all)?;
+    let (auto_plan, _) = planner.auto(&all)?;
+    let per_step = |p: &Plan| -> Result<f64> {
+        let mut t = 0.0;
+        for lens in &inp.steps {
+            t += planner.evaluate(p, lens)?.seconds;
+        }
+        Ok(t / inp.steps.len().max(1) as f64)
+    };
     let planning_s = t0.elapsed().as_secs_f64();
     let report = Report {
         plan: plan.to_string(),
@@ -125,9 +138,9 @@ pub fn run(args: Args) -> Result<()> {
             .then(|| mean(rest.iter().filter_map(|r| r.measured_s).collect())),
         rows,
         best_static: bs_plan.to_string(),
-        best_static_s: bs.seconds / inp.steps.len().max(1) as f64,
+        best_static_s: per_step(&bs_plan)?,
         auto: auto_plan.to_string(),
-        auto_s: auto.seconds / inp.steps.len().max(1) as f64,
+        auto_s: per_step(&auto_plan)?,
         planning_s,
     };
     let _ = inp.max_len;

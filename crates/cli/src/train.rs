@@ -1,4 +1,5 @@
-//! `hotspa train`: the training loop over thread ranks.
+//! `hotspa train`: the training loop over thread ranks or MPI processes, static, hot-switched or
+//! planned every step (`--strategies auto`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,9 +49,13 @@ pub struct Args {
     strategy: Option<String>,
     /// Hot switching: `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`), e.g.
     /// "dp4:64,dp2tp2:256,tp4:max". Each sequence trains under the first strategy that takes its
-    /// length; parameters and gradients switch between them inside the step.
+    /// length; parameters and gradients switch between them inside the step. `auto`: the
+    /// planner chooses every step's strategies and bucket edges (needs --profile).
     #[arg(long)]
     strategies: Option<String>,
+    /// With `--strategies auto`: the cost model's calibration (`hotspa profile --devices N`).
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// Pipeline schedule: 1f1b or gpipe.
     #[arg(long, default_value = "1f1b")]
     pipeline_schedule: String,
@@ -266,7 +271,18 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         .strategy
         .clone()
         .unwrap_or_else(|| format!("dp{}", args.devices));
+    // `--strategies auto`: the planner picks the instantiation strategy on the first batch and
+    // every step's schedule around it.
+    let auto = match (args.strategies.as_deref(), &args.profile) {
+        (Some("auto"), Some(p)) => Some(Arc::new(auto_planner(&args, &cfg, p)?)),
+        (Some("auto"), None) => bail!(
+            "--strategies auto needs --profile FILE (write one with `hotspa profile --devices {}`)",
+            args.devices
+        ),
+        _ => None,
+    };
     let hot = match &args.strategies {
+        Some(_) if auto.is_some() => None,
         Some(spec) => {
             let h = crate::hot::HotSchedule::parse(spec, args.devices)?;
             for (s, _) in &h.entries {
@@ -281,11 +297,19 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
             None
         }
     };
-    let strategy = match &hot {
-        Some(h) => h.entries[h.inst].0.clone(),
-        None => Strategy::parse(&spec, args.devices)?,
+    let strategy = match (&hot, &auto) {
+        (Some(h), _) => h.entries[h.inst].0.clone(),
+        (None, Some(a)) => a.1.clone(),
+        (None, None) => Strategy::parse(&spec, args.devices)?,
     };
     strategy.stage_layers(cfg.num_hidden_layers)?;
+    if let (Some(a), true) = (&auto, root) {
+        eprintln!(
+            "automatic planning: {} holds the weights and the optimizer; each step's strategies \
+             and bucket edges come from the cost model",
+            a.1
+        );
+    }
     if let Some(h) = &hot {
         let list: Vec<String> = h
             .entries
@@ -382,6 +406,7 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let r2 = resumed.clone();
     let h2 = hot.clone();
+    let auto2 = auto.clone();
     let (a2, s2, c2, w2, d2) = (
         args.clone(),
         strategy.clone(),
@@ -406,6 +431,7 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
                 schedule,
                 tx: &tx,
                 hot: h2.as_deref(),
+                auto: auto2.as_deref(),
                 devices_per_node: a2.devices_per_node.unwrap_or(a2.devices),
             };
             match device {
@@ -606,6 +632,8 @@ struct RankJob<'a> {
     schedule: Schedule,
     tx: &'a std::sync::mpsc::Sender<Msg>,
     hot: Option<&'a crate::hot::HotSchedule>,
+    /// `--strategies auto`: the planner and the fixed instantiation strategy.
+    auto: Option<&'a (planner::Planner, Strategy)>,
     devices_per_node: usize,
 }
 
@@ -669,16 +697,21 @@ impl RankJob<'_> {
             let v = rank_params(self.cfg, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
         }
-        let mut hot = match self.hot {
-            Some(h) => Some(crate::hot::HotRank::new(
+        // Hot-switching ranks by schedule (one for a fixed schedule; one per plan under auto).
+        let mut hot_ranks: std::collections::HashMap<String, crate::hot::HotRank> =
+            Default::default();
+        let mut current: Option<String> = None;
+        if let Some(h) = self.hot {
+            let r = crate::hot::HotRank::new(
                 h,
                 self.cfg,
                 world,
                 &self.args.micro_batch_tokens,
                 self.devices_per_node,
-            )?),
-            None => None,
-        };
+            )?;
+            hot_ranks.insert(String::new(), r);
+            current = Some(String::new());
+        }
         let mut peak_all = 0usize;
         for step in self.start_step..self.args.steps {
             let t0 = Instant::now();
@@ -686,6 +719,32 @@ impl RankJob<'_> {
             let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
             let tokens: usize = batch.iter().map(|s| s.len()).sum();
             let mut extra = String::new();
+            if let Some((planner, inst)) = self.auto {
+                // Every rank plans the same batch the same way.
+                let tp = Instant::now();
+                let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+                let (plan, est) = planner.auto_with(&lens, Some(inst))?;
+                let key = plan.to_string();
+                if !hot_ranks.contains_key(&key) {
+                    let sched = crate::hot::HotSchedule::from_plan(&plan);
+                    let r = crate::hot::HotRank::new(
+                        &sched,
+                        self.cfg,
+                        world,
+                        &self.args.micro_batch_tokens[..1],
+                        self.devices_per_node,
+                    )?;
+                    hot_ranks.insert(key.clone(), r);
+                }
+                extra = format!(
+                    ", \"plan\": {}, \"planning_seconds\": {:.6}, \"predicted_seconds\": {:.6}",
+                    serde_json::to_string(&key)?,
+                    tp.elapsed().as_secs_f64(),
+                    est.seconds
+                );
+                current = Some(key);
+            }
+            let mut hot = current.as_ref().and_then(|k| hot_ranks.get_mut(k));
             let out = if let Some(h) = hot.as_mut() {
                 let r = h.step(
                     be,
@@ -695,7 +754,7 @@ impl RankJob<'_> {
                     1.0 / predicted as f32,
                     self.schedule,
                 )?;
-                extra = format!(
+                extra += &format!(
                     ", \"strategy_seconds\": {}, \"switch_seconds\": {:.6}, \"switch_bytes\": {}",
                     serde_json::to_string(&r.strategy_seconds)?,
                     r.switch_seconds,
@@ -918,6 +977,13 @@ pub(crate) struct PlanInputs {
     pub steps: Vec<Vec<usize>>,
 }
 
+impl Args {
+    /// `--profile`.
+    pub(crate) fn profile(&self) -> Option<&std::path::Path> {
+        self.profile.as_deref()
+    }
+}
+
 pub(crate) fn plan_inputs(args: &Args) -> Result<PlanInputs> {
     let model = args
         .model
@@ -961,4 +1027,55 @@ pub(crate) fn plan_inputs(args: &Args) -> Result<PlanInputs> {
         max_len,
         steps,
     })
+}
+
+/// The planner of `--strategies auto` from the calibration `profile`, and the instantiation
+/// strategy it picks on the run's first batch.
+fn auto_planner(
+    args: &Args,
+    cfg: &LlamaConfig,
+    profile: &std::path::Path,
+) -> Result<(planner::Planner, Strategy)> {
+    let cluster = sim::presets::cluster_or_file(&profile.display().to_string())
+        .with_context(|| format!("--profile {}", profile.display()))?;
+    anyhow::ensure!(
+        cluster.devices() == args.devices,
+        "--profile {} is for {} devices, the run has {} (run `hotspa profile --devices {}`)",
+        profile.display(),
+        cluster.devices(),
+        args.devices,
+        args.devices
+    );
+    let mut cost = planner::CostModel::new(cluster, cfg.clone());
+    cost.packing = planner::Packing::InOrder {
+        budget: args.micro_batch_tokens[0],
+    };
+    let p = planner::Planner::new(cost);
+    let inp = plan_inputs_steps(args, cfg, 1)?;
+    let first = inp.first().cloned().unwrap_or_default();
+    let (plan, _) = p.auto(&first)?;
+    let inst = plan.inst;
+    Ok((p, inst))
+}
+
+/// The lengths of the first `steps` global batches of the run (starting at its first step).
+fn plan_inputs_steps(args: &Args, cfg: &LlamaConfig, steps: usize) -> Result<Vec<Vec<usize>>> {
+    let shuffle = match args.shuffle.as_str() {
+        "on" => Some(args.seed),
+        _ => None,
+    };
+    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
+    let ds = match (&args.data_files, &args.data) {
+        (Some(files), _) => Dataset::from_text_files(files, max_len)?,
+        (None, Some(p)) => Dataset::load(p, cfg.vocab_size, max_len)?,
+        (None, None) => bail!("no training data"),
+    };
+    Ok((0..steps)
+        .map(|s| {
+            ds.batch(s, args.global_batch, shuffle)
+                .iter()
+                .map(|q| q.len())
+                .collect()
+        })
+        .collect())
 }

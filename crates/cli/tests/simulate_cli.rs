@@ -65,3 +65,84 @@ fn bad_settings_are_clear_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn profile_then_plan_a_training_run_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let profile = d.join("p.toml");
+    let out = hotspa(&[
+        "profile",
+        "--devices",
+        "2",
+        "--out",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&profile).unwrap();
+    assert!(
+        text.contains("devices_per_node = 2") && text.contains("[efficiency]"),
+        "{text}"
+    );
+    let common = [
+        "--model",
+        &format!("{root}/examples/tiny-llama"),
+        "--data",
+        &format!("{root}/crates/kernels/src"),
+        "--devices",
+        "2",
+        "--strategies",
+        "dp2:128,tp2:max",
+        "--steps",
+        "3",
+        "--global-batch",
+        "8",
+        "--max-len",
+        "256",
+    ]
+    .map(String::from);
+    let metrics = d.join("m.jsonl");
+    let mut train: Vec<String> = vec!["train".into()];
+    train.extend(common.iter().cloned());
+    train.extend(["--metrics".into(), metrics.display().to_string()]);
+    let out = hotspa(&train.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut plan: Vec<String> = vec!["plan".into()];
+    plan.extend(common.iter().cloned());
+    plan.extend(
+        [
+            "--profile",
+            profile.to_str().unwrap(),
+            "--compare",
+            metrics.to_str().unwrap(),
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let out = hotspa(&plan.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+    assert!(v["rows"][1]["predicted_s"].as_f64().unwrap() > 0.0);
+    assert!(v["rows"][1]["measured_s"].as_f64().unwrap() > 0.0);
+    assert!(v["median_ratio"].as_f64().unwrap() > 0.0);
+    // A profile for another device count is refused.
+    plan[6] = "4".into();
+    plan[8] = "dp4:128,tp4:max".into();
+    let out = hotspa(&plan.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the profile is for 2 devices"));
+}

@@ -159,6 +159,60 @@ fn hot_switching_saves_the_single_device_weights() {
     }
 }
 
+/// A calibration under which the planner must switch: so little memory that DP4 holds only
+/// ~20 tokens per micro-batch (the data has sequences of 30), TP4 ~120.
+const SMALL_PROFILE: &str = "name = \"test\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
+    memory_gib = 0.0000654\nelem_bytes = 4\nmemory_gbps = 10.0\n[efficiency]\nmax = 1.0\n\
+    half_tokens = 32\nhalf_width = 32\nattention = 0.2\n[same_node]\ngbps = 5.0\nlatency_us = 20.0\n\
+    [cross_node]\ngbps = 5.0\nlatency_us = 20.0\n";
+
+#[test]
+fn automatic_planning_saves_the_single_device_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path();
+    std::fs::write(d.join("profile.toml"), SMALL_PROFILE).unwrap();
+    let reference = train(d, "1", "dp1", "single.safetensors");
+    let mut args = base_args(d.to_str().unwrap(), "4", "auto");
+    args[9] = "--strategies".into();
+    args.extend(
+        [
+            "--profile",
+            d.join("profile.toml").to_str().unwrap(),
+            "--steps",
+            "3",
+            "--lr",
+            "3e-3",
+            "--shuffle",
+            "off",
+            "--save",
+            d.join("auto.safetensors").to_str().unwrap(),
+            "--metrics",
+            d.join("auto.jsonl").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let o = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join("auto.safetensors")).unwrap();
+    assert_weights_close(&got, &reference, 1e-5, "auto");
+    let metrics = std::fs::read_to_string(d.join("auto.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let plan = v["plan"].as_str().unwrap();
+        // The 30-token sequences cannot run under dp4 here: every plan switches.
+        assert!(plan.contains(','), "{plan}");
+        assert!(v["planning_seconds"].as_f64().unwrap() < v["seconds"].as_f64().unwrap());
+        assert!(v["switch_bytes"].as_u64().unwrap() > 0, "{line}");
+    }
+    // Without a profile, auto is refused with the way to make one.
+    let mut bad = base_args(d.to_str().unwrap(), "4", "auto");
+    bad[9] = "--strategies".into();
+    let o = hotspa(&bad.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("hotspa profile --devices 4"));
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -236,15 +236,25 @@ impl Planner {
             .unwrap_or(0)
     }
 
-    /// The automatic plan: bucket edges from a grid (powers of two and their 1.5×, from 256 to
-    /// the longest sequence), a strategy per bucket, and the instantiation strategy, minimising
+    /// The automatic plan: bucket edges from a grid (powers of two and their 1.5×, from about a
+    /// 64th of the longest sequence to it), a strategy per bucket, and the instantiation strategy, minimising
     /// the estimate by dynamic programming over the edges for every instantiation candidate.
     /// The search space holds every plan whose edges are on the grid, so the result is never
     /// slower, by this model, than such a hand-picked plan.
     pub fn auto(&self, lens: &[usize]) -> Result<(Plan, Estimate)> {
+        self.auto_with(lens, None)
+    }
+
+    /// [`Planner::auto`] with the instantiation strategy fixed (a run keeps its optimizer in
+    /// one layout).
+    pub fn auto_with(&self, lens: &[usize], inst: Option<&Strategy>) -> Result<(Plan, Estimate)> {
         let longest = lens.iter().copied().max().unwrap_or(1);
         let mut edges = vec![0usize];
-        let mut e = 256;
+        // Powers of two from about a 64th of the longest (at least 2; 512 at 32K).
+        let mut e = 2usize;
+        while e * 2 <= (longest / 64).max(2) {
+            e *= 2;
+        }
         while e < longest {
             edges.push(e);
             if e * 3 / 2 < longest {
@@ -255,7 +265,15 @@ impl Planner {
         edges.push(longest);
         edges.sort_unstable();
         edges.dedup();
-        let cands = self.candidates(1);
+        let mut cands = self.candidates(1);
+        if let Some(i) = inst {
+            cands.retain(|c| c == i);
+            if cands.is_empty() {
+                return Err(PlanError::Invalid(format!(
+                    "{i} cannot hold the weights and the optimizer on these devices"
+                )));
+            }
+        }
         if cands.is_empty() {
             return Err(PlanError::TooLong {
                 len: longest,
