@@ -56,6 +56,19 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    let result = dispatch();
+    if let (Err(e), Some((rank, size))) = (&result, comm::mpi::launch()) {
+        if size > 1 && rank != 0 {
+            // Under mpirun every rank meets the same argument and configuration errors: one
+            // line each from the others, the whole error from rank 0.
+            eprintln!("Error (MPI rank {rank} of {size}): {e}");
+            std::process::exit(1);
+        }
+    }
+    result
+}
+
+fn dispatch() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench { what } => bench::run(what),

@@ -20,6 +20,74 @@ pub struct Args {
     /// Where to write the profile (TOML, the fields of a cluster).
     #[arg(long, default_value = "profile.toml")]
     out: PathBuf,
+    /// Also time this model's forward and backward (every rank a DP replica, micro-batches of
+    /// `--probe-tokens`) and its optimizer update, and scale the model to them.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens of the probe's micro-batch (sequences of 256).
+    #[arg(long, default_value_t = 1024)]
+    probe_tokens: usize,
+}
+
+/// The probe's measurements on one rank: (pass seconds, optimizer seconds, parameters).
+type Probe = (f64, f64, usize);
+
+/// Times `cfg`'s forward and backward and its optimizer update on this rank as a DP replica.
+fn probe(
+    c: &dyn Communicator,
+    be: &CpuBackend,
+    cfg: &model::LlamaConfig,
+    tokens: usize,
+) -> Result<Probe, CommError> {
+    let err = |e: String| CommError::Unavailable(format!("probe: {e}"));
+    let n = c.size();
+    let strategy = graph::Strategy::parse(&format!("dp{n}"), n).map_err(|e| err(e.to_string()))?;
+    let exec = model::rank_exec(cfg, &strategy, c.rank().0).map_err(|e| err(e.to_string()))?;
+    let weights = model::Weights::random(cfg, 1);
+    let rp = model::rank_params(cfg, &exec, &weights, 0).map_err(|e| err(e.to_string()))?;
+    let params: Vec<Vec<f32>> = rp.params;
+    let numel: usize = params.iter().map(Vec::len).sum();
+    let seqs: Vec<Vec<u32>> = (0..tokens.div_ceil(256))
+        .map(|k| {
+            (0..256)
+                .map(|i| ((i * 7 + k * 13) % cfg.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let mb =
+        runtime::MicroBatch::pack(&seqs, 1.0 / tokens as f32).map_err(|e| err(e.to_string()))?;
+    let mut pass_s = Vec::new();
+    let mut grads = None;
+    for _ in 0..3 {
+        c.barrier()?;
+        let t0 = Instant::now();
+        let out = runtime::run(be, &exec.graph, &params, &mb).map_err(|e| err(e.to_string()))?;
+        pass_s.push(t0.elapsed().as_secs_f64());
+        grads = Some(out.grads);
+    }
+    pass_s.sort_by(f64::total_cmp);
+    let mut groups = runtime::RankGroups::new(c, &strategy).map_err(|e| err(e.to_string()))?;
+    let adamw = kernels::AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut opt =
+        runtime::Optimizer::new(be, &exec, &groups, params.clone(), &rp.shared, adamw, 1.0)
+            .map_err(|e| err(e.to_string()))?;
+    let grads = grads.unwrap_or_default();
+    let mut opt_s = Vec::new();
+    for _ in 0..3 {
+        c.barrier()?;
+        let t0 = Instant::now();
+        opt.update(be, &mut groups, grads.clone(), 1e-4)
+            .map_err(|e| err(e.to_string()))?;
+        opt_s.push(t0.elapsed().as_secs_f64());
+    }
+    opt_s.sort_by(f64::total_cmp);
+    Ok((pass_s[1], opt_s[1], numel))
 }
 
 /// Token counts and weight widths of the linear layers timed (the other dim 256).
@@ -187,10 +255,23 @@ pub fn run(args: Args) -> Result<()> {
     let n = args.devices;
     anyhow::ensure!(n >= 1, "--devices must be at least 1");
     eprintln!("profiling the CPU backend with {n} thread ranks at once…");
-    let rates = ThreadComm::run(n, move |c| -> Result<Rates, CommError> {
+    let cfg = match &args.model {
+        Some(p) => Some(model::LlamaConfig::load(p)?),
+        None => None,
+    };
+    let tokens = args.probe_tokens.max(2);
+    let cfg2 = cfg.clone();
+    let rates = ThreadComm::run(n, move |c| -> Result<(Rates, Option<Probe>), CommError> {
         let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
-        measure(&c, &be)
+        let rates = measure(&c, &be)?;
+        let probed = match &cfg2 {
+            Some(cfg) => Some(probe(&c, &be, cfg, tokens)?),
+            None => None,
+        };
+        Ok((rates, probed))
     })?;
+    let probed = rates[0].1;
+    let rates: Vec<Rates> = rates.into_iter().map(|r| r.0).collect();
     let r = &rates[0];
     let peak = r.gemm.iter().map(|g| g.2).fold(0.0, f64::max);
     let (max, half_tokens, half_width) = fit(&r.gemm, peak);
@@ -234,7 +315,23 @@ pub fn run(args: Args) -> Result<()> {
         memory_gbps: r.memory_gbps,
         optimizer_gparams: r.adamw / 1e9,
         shared_cores: std::thread::available_parallelism().map_or(1, |c| c.get()) as f64,
+        compute_scale: 1.0,
     };
+    let mut cluster = cluster;
+    if let (Some(cfg), Some((pass_s, opt_s, numel))) = (&cfg, probed) {
+        let cost = planner::CostModel::new(cluster.clone(), cfg.clone());
+        let s = graph::Strategy::parse(&format!("dp{n}"), n)?;
+        let lens = vec![256usize; tokens.div_ceil(256)];
+        let (c, _, e) = cost.micro_batch_unscaled(&s, &lens);
+        cluster.compute_scale = pass_s / (c + e);
+        cluster.optimizer_gparams = numel as f64 / opt_s / 1e9;
+        eprintln!(
+            "probe: forward+backward of {} tokens {pass_s:.4} s (kernel rates say {:.4} s: scale {:.3}); optimizer {opt_s:.4} s for {numel} parameters",
+            lens.len() * 256,
+            c + e,
+            cluster.compute_scale
+        );
+    }
     let text = toml_text(&cluster);
     std::fs::write(&args.out, &text).with_context(|| format!("writing {}", args.out.display()))?;
     println!("{text}");
@@ -255,7 +352,7 @@ fn toml_text(c: &Cluster) -> String {
     let e = &c.efficiency;
     format!(
         "name = \"{}\"\nnodes = {}\ndevices_per_node = {}\npeak_tflops = {:.6}\nmemory_gib = {:.3}\n\
-         elem_bytes = {}\nmemory_gbps = {:.3}\noptimizer_gparams = {:.5}\nshared_cores = {}\n\n[efficiency]\nmax = {:.4}\nhalf_tokens = {}\n\
+         elem_bytes = {}\nmemory_gbps = {:.3}\noptimizer_gparams = {:.5}\nshared_cores = {}\ncompute_scale = {:.4}\n\n[efficiency]\nmax = {:.4}\nhalf_tokens = {}\n\
          half_width = {}\nattention = {:.4}\n\n[same_node]\ngbps = {:.4}\nlatency_us = {:.2}\n\n\
          [cross_node]\ngbps = {:.4}\nlatency_us = {:.2}\n",
         c.name,
@@ -267,6 +364,7 @@ fn toml_text(c: &Cluster) -> String {
         c.memory_gbps,
         c.optimizer_gparams,
         c.shared_cores,
+        c.compute_scale,
         e.max,
         e.half_tokens,
         e.half_width,

@@ -72,19 +72,30 @@ fn profile_then_plan_a_training_run_and_compare() {
     let d = dir.path();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let profile = d.join("p.toml");
+    let model = format!("{root}/examples/tiny-llama");
     let out = hotspa(&[
         "profile",
         "--devices",
         "2",
+        "--model",
+        &model,
+        "--probe-tokens",
+        "256",
         "--out",
         profile.to_str().unwrap(),
     ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("probe: forward+backward of 256 tokens"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&profile).unwrap();
+    assert!(text.contains("compute_scale = "), "{text}");
     assert!(
         text.contains("devices_per_node = 2") && text.contains("[efficiency]"),
         "{text}"

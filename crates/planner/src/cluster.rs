@@ -68,6 +68,15 @@ pub struct Cluster {
     /// pipeline fills and drains, the idle ranks' cores speed up the busy ones.
     #[serde(default)]
     pub shared_cores: f64,
+    /// Measured over modelled time of a real forward and backward of the model being planned
+    /// (`hotspa profile --model`): what the kernel rates above leave out (executor overhead,
+    /// cold caches); multiplies compute and elementwise time. 1 where not measured.
+    #[serde(default = "one")]
+    pub compute_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn bf16_bytes() -> f64 {

@@ -224,8 +224,15 @@ impl CostModel {
     }
 
     /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm,
-    /// elementwise).
-    fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
+    /// elementwise), compute and elementwise scaled by the cluster's `compute_scale`.
+    pub fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
+        let (c, t, e) = self.micro_batch_unscaled(s, lens);
+        let k = self.cluster.compute_scale;
+        (c * k, t, e * k)
+    }
+
+    /// [`CostModel::micro_batch`] by the kernel rates alone.
+    pub fn micro_batch_unscaled(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
         if tokens == 0.0 {
             return (0.0, 0.0, 0.0);
@@ -302,15 +309,20 @@ impl CostModel {
             }
         }
         if !bins.is_empty() {
-            // On shared cores, a stage runs faster while the others idle in fill and drain.
+            out.bubble = (pp - 1.0) * longest_stage;
+            // On shared cores the ranks of idle stages lend their cores to the busy ones: with
+            // `m` micro-batches a stage is busy `m / (m + pp − 1)` of the time.
             let c = &self.cluster;
             let n = c.devices() as f64;
-            let speedup = if c.shared_cores > 0.0 && n > c.shared_cores {
-                pp.min(n / c.shared_cores)
-            } else {
-                1.0
-            };
-            out.bubble = (pp - 1.0) * longest_stage / speedup;
+            if s.pp > 1 && c.shared_cores > 0.0 && n > c.shared_cores {
+                let m = bins.len() as f64;
+                let busy = m / (m + pp - 1.0);
+                let speedup = (1.0 / busy).min(n / c.shared_cores).max(1.0);
+                out.compute /= speedup;
+                out.tp_comm /= speedup;
+                out.elementwise /= speedup;
+                out.bubble /= speedup;
+            }
         }
         out
     }

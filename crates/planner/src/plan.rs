@@ -409,6 +409,7 @@ mod tests {
             memory_gbps: 0.0,
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
+            compute_scale: 1.0,
         };
         let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
         Planner::new(CostModel::new(cluster, cfg))

@@ -46,6 +46,7 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             memory_gbps: 0.0,
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
+            compute_scale: 1.0,
         }),
         "h100x8" => Ok(Cluster {
             name: name.into(),
@@ -66,6 +67,7 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             memory_gbps: 0.0,
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
+            compute_scale: 1.0,
         }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",
