@@ -1,0 +1,106 @@
+//! `hotspa train` with no arguments: the embedded default run on this project's own files.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use super::{run, Args};
+
+/// The embedded default model: ~3 M parameters, byte vocabulary.
+const DEFAULT_CONFIG: &str = r#"{
+  "architectures": ["LlamaForCausalLM"],
+  "model_type": "llama",
+  "hidden_act": "silu",
+  "vocab_size": 256,
+  "hidden_size": 256,
+  "intermediate_size": 688,
+  "num_hidden_layers": 4,
+  "num_attention_heads": 8,
+  "num_key_value_heads": 4,
+  "rms_norm_eps": 1e-5,
+  "rope_theta": 10000.0,
+  "max_position_embeddings": 256,
+  "tie_word_embeddings": false
+}
+"#;
+
+/// This project's sources and documentation, found from the current directory.
+fn project_files() -> Vec<PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if p.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    walk(&p, out);
+                }
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("rs" | "md" | "toml")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    if std::path::Path::new("README.md").is_file() {
+        files.push(PathBuf::from("README.md"));
+    }
+    walk(std::path::Path::new("crates"), &mut files);
+    walk(std::path::Path::new("docs"), &mut files);
+    files
+}
+
+/// `hotspa train` with no arguments: a ~3 M-parameter LLaMA on 4 thread devices (dp2tp2) trained
+/// on this project's own sources through the byte tokenizer; everything is written under
+/// `runs/default-<unix time>/`.
+pub(super) fn default_run(mut args: Args) -> Result<()> {
+    let files = project_files();
+    if files.len() < 5 {
+        bail!(
+            "the default run trains on this project's own sources: run it from the repository root \
+             (where README.md, crates/ and docs/ are), or pass --model and --data"
+        );
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dir = PathBuf::from(format!("runs/default-{stamp}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("config.json"), DEFAULT_CONFIG)?;
+    args.model = Some(dir.clone());
+    args.data_files = Some(files);
+    args.devices = 4;
+    args.strategy = Some("dp2tp2".into());
+    args.steps = 300;
+    args.global_batch = 16;
+    args.max_len = Some(256);
+    args.lr = 2e-3;
+    args.lr_schedule = "cosine".into();
+    args.warmup = 10;
+    args.min_lr = 2e-4;
+    args.checkpoint_dir = Some(dir.join("checkpoints"));
+    args.checkpoint_every = Some(50);
+    args.metrics = Some(dir.join("metrics.jsonl"));
+    args.save = Some(dir.join("model.safetensors"));
+    eprintln!(
+        "default run: a small LLaMA trained on this project's own files, written to {}",
+        dir.display()
+    );
+    run(args.clone(), false)?;
+    let plot = dir.join("plot.svg");
+    crate::plot::plot_file(&dir.join("metrics.jsonl"), &plot)?;
+    eprintln!(
+        "run written to {}: config.json, model.safetensors, checkpoints/, metrics.jsonl, plot.svg",
+        dir.display()
+    );
+    Ok(())
+}
