@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{CommError, Result};
 
 /// A rank: a member's index in a communicator's group (or in the world, where stated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,6 +109,31 @@ pub trait Communicator: Send {
     fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()>;
     /// Returns once every member has called it.
     fn barrier(&self) -> Result<()>;
+}
+
+/// A sub-group's members as world ranks and this member's index in it, from `members` (ranks
+/// of a group whose world ranks are `parent`, this member being `me` there); errors for ranks
+/// outside the group, duplicates, or a caller not among them.
+pub(crate) fn sub_group_members(
+    parent: &[usize],
+    me: usize,
+    members: &[Rank],
+) -> Result<(Vec<usize>, usize)> {
+    let mut world = Vec::with_capacity(members.len());
+    for &m in members {
+        let w = parent.get(m.0).copied().ok_or_else(|| {
+            CommError::InvalidGroup(format!("rank {m} is not in a group of {}", parent.len()))
+        })?;
+        if world.contains(&w) {
+            return Err(CommError::InvalidGroup(format!("rank {m} is listed twice")));
+        }
+        world.push(w);
+    }
+    let index = members
+        .iter()
+        .position(|&m| m.0 == me)
+        .ok_or_else(|| CommError::InvalidGroup(format!("rank {me} is not among {members:?}")))?;
+    Ok((world, index))
 }
 
 /// The prefix sums of `counts` (`offsets[j]..offsets[j+1]` is rank `j`'s part).

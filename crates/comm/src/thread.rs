@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::algorithms::{self, Channel, Transport};
-use crate::communicator::{Communicator, Rank};
+use crate::communicator::{sub_group_members, Communicator, Rank};
 use crate::error::{CommError, Result};
 
 /// Default timeout of every blocking call, overridable with `HOTSPA_COMM_TIMEOUT_SECS`.
@@ -384,25 +384,7 @@ impl Communicator for ThreadComm {
     }
 
     fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
-        let mut world_members = Vec::with_capacity(members.len());
-        for &m in members {
-            let w = self.members.get(m.0).copied().ok_or_else(|| {
-                CommError::InvalidGroup(format!(
-                    "rank {m} is not in a group of {}",
-                    self.members.len()
-                ))
-            })?;
-            if world_members.contains(&w) {
-                return Err(CommError::InvalidGroup(format!("rank {m} is listed twice")));
-            }
-            world_members.push(w);
-        }
-        let me = members
-            .iter()
-            .position(|&m| m.0 == self.me)
-            .ok_or_else(|| {
-                CommError::InvalidGroup(format!("rank {} is not among {members:?}", self.me))
-            })?;
+        let (world_members, me) = sub_group_members(&self.members, self.me, members)?;
         // The n-th creation of the same member list under this parent gets the same id on every
         // member, without communication.
         let nth = {

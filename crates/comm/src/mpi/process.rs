@@ -31,7 +31,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use crate::algorithms::{self, Channel, Transport};
-use crate::communicator::{Communicator, Rank};
+use crate::communicator::{sub_group_members, Communicator, Rank};
 use crate::error::{CommError, Result};
 use crate::thread::default_timeout;
 
@@ -579,25 +579,7 @@ impl Communicator for MpiComm {
     }
 
     fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
-        let mut world_members = Vec::with_capacity(members.len());
-        for &m in members {
-            let w = self.members.get(m.0).copied().ok_or_else(|| {
-                CommError::InvalidGroup(format!(
-                    "rank {m} is not in a group of {}",
-                    self.members.len()
-                ))
-            })?;
-            if world_members.contains(&w) {
-                return Err(CommError::InvalidGroup(format!("rank {m} is listed twice")));
-            }
-            world_members.push(w);
-        }
-        let me = members
-            .iter()
-            .position(|&m| m.0 == self.me)
-            .ok_or_else(|| {
-                CommError::InvalidGroup(format!("rank {} is not among {members:?}", self.me))
-            })?;
+        let (world_members, me) = sub_group_members(&self.members, self.me, members)?;
         let nth = {
             let mut subs = self.subgroups.lock().unwrap_or_else(|p| p.into_inner());
             let c = subs.entry(world_members.clone()).or_insert(0);
