@@ -143,7 +143,6 @@ pub fn run(args: PlanArgs) -> Result<()> {
         auto_s: per_step(&auto_plan)?,
         planning_s,
     };
-    let _ = inp.max_len;
     crate::bench::emit(args.json, &report, |r| {
         println!("plan {}", r.plan.replace(&usize::MAX.to_string(), "max"));
         println!(

@@ -261,7 +261,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let tokens = args.probe_tokens.max(2);
     let cfg2 = cfg.clone();
-    let rates = ThreadComm::run(n, move |c| -> Result<(Rates, Option<Probe>), CommError> {
+    let mut rates = ThreadComm::run(n, move |c| -> Result<(Rates, Option<Probe>), CommError> {
         let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
         let rates = measure(&c, &be)?;
         let probed = match &cfg2 {
@@ -270,12 +270,11 @@ pub fn run(args: Args) -> Result<()> {
         };
         Ok((rates, probed))
     })?;
-    let probed = rates[0].1;
-    let rates: Vec<Rates> = rates.into_iter().map(|r| r.0).collect();
-    let r = &rates[0];
+    // Rank 0 reports (every rank measured at once; the slowest is in the collective timings).
+    let (r, probed) = rates.swap_remove(0);
+    let r = &r;
     let peak = r.gemm.iter().map(|g| g.2).fold(0.0, f64::max);
     let (max, half_tokens, half_width) = fit(&r.gemm, peak);
-    // `peak · max` is the fitted rate of unbounded shapes.
     // α–β of the ring all-reduce: t = 2(n−1)·α + 2(n−1)/n · bytes/β.
     let (t_small, t_big) = r.all_reduce;
     let k = 2.0 * (n.max(2) - 1) as f64;

@@ -274,6 +274,18 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         "--global-batch and --steps must be at least 1"
     );
     let cfg = Arc::new(LlamaConfig::load(&model_path)?);
+    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
+    let (ds, data_name) = match (&args.data_files, &args.data) {
+        (Some(files), _) => (
+            Dataset::from_text_files(files, max_len)?,
+            format!("{} files of this project", files.len()),
+        ),
+        (None, Some(p)) => (
+            Dataset::load(p, cfg.vocab_size, max_len)?,
+            p.display().to_string(),
+        ),
+        (None, None) => bail!("no training data"),
+    };
     let spec = args
         .strategy
         .clone()
@@ -281,7 +293,16 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     // `--strategies auto`: the planner picks the instantiation strategy on the first batch and
     // every step's schedule around it.
     let auto = match (args.strategies.as_deref(), &args.profile) {
-        (Some("auto"), Some(p)) => Some(Arc::new(auto_planner(&args, &cfg, p)?)),
+        (Some("auto"), Some(p)) => {
+            // Planned on the run's first batch whatever step it resumes at, so that a resumed
+            // run keeps the optimizer in the same layout.
+            let first: Vec<usize> = ds
+                .batch(0, args.global_batch, shuffle)
+                .iter()
+                .map(Vec::len)
+                .collect();
+            Some(Arc::new(auto_planner(&args, &cfg, p, &first)?))
+        }
         (Some("auto"), None) => bail!(
             "--strategies auto needs --profile FILE (write one with `hotspa profile --devices {}`)",
             args.devices
@@ -356,18 +377,6 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         (None, Some(p)) => Weights::load(&cfg, p)?,
         (None, None) => Weights::random(&cfg, args.seed),
     });
-    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
-    let (ds, data_name) = match (&args.data_files, &args.data) {
-        (Some(files), _) => (
-            Dataset::from_text_files(files, max_len)?,
-            format!("{} files of this project", files.len()),
-        ),
-        (None, Some(p)) => (
-            Dataset::load(p, cfg.vocab_size, max_len)?,
-            p.display().to_string(),
-        ),
-        (None, None) => bail!("no training data"),
-    };
     if let Some(h) = &hot {
         if let Some(bound) = h.entries.last().and_then(|e| e.1) {
             if let Some((i, s)) = ds

@@ -9,8 +9,6 @@ use serde::Serialize;
 
 use crate::cluster::Cluster;
 
-/// Bytes per element of weights, activations and gradients on the wire in the GPU presets (bf16).
-pub const ELEM_BYTES: f64 = 2.0;
 /// Elementwise traffic per token per layer, in elements, forward and backward: RMSNorms and
 /// residual adds with their gradients on the whole stream (`× hidden`; split over TP only
 /// under SP), RoPE on q and k (`× hidden`, split over TP) and SwiGLU (`× intermediate`, split).

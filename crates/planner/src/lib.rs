@@ -40,9 +40,7 @@ mod memory;
 mod plan;
 
 pub use cluster::{Cluster, Efficiency, Link};
-pub use cost::{
-    Breakdown, CostModel, Memory, Packing, ACT_BYTES_PER_TOKEN_HIDDEN, ELEM_BYTES, USABLE_MEMORY,
-};
+pub use cost::{Breakdown, CostModel, Memory, Packing, ACT_BYTES_PER_TOKEN_HIDDEN, USABLE_MEMORY};
 pub use error::{PlanError, Result};
 pub use memory::{pass_memory, stage_peak, PassMemory};
 pub use plan::{Estimate, Plan, Planner};

@@ -17,7 +17,6 @@ pub(crate) struct PlanInputs {
     pub strategy: Strategy,
     pub hot: Option<crate::hot::HotSchedule>,
     pub micro_batch_tokens: usize,
-    pub max_len: usize,
     pub steps: Vec<Vec<usize>>,
 }
 
@@ -68,17 +67,17 @@ pub(crate) fn plan_inputs(args: &Args) -> Result<PlanInputs> {
         strategy,
         hot,
         micro_batch_tokens: args.micro_batch_tokens[0],
-        max_len,
         steps,
     })
 }
 
 /// The planner of `--strategies auto` from the calibration `profile`, and the instantiation
-/// strategy it picks on the run's first batch.
+/// strategy it picks for the run's `first` batch (lengths).
 pub(super) fn auto_planner(
     args: &Args,
     cfg: &LlamaConfig,
     profile: &std::path::Path,
+    first: &[usize],
 ) -> Result<(planner::Planner, Strategy)> {
     let cluster = sim::presets::cluster_or_file(&profile.display().to_string())
         .with_context(|| format!("--profile {}", profile.display()))?;
@@ -95,31 +94,6 @@ pub(super) fn auto_planner(
         budget: args.micro_batch_tokens[0],
     };
     let p = planner::Planner::new(cost);
-    let inp = plan_inputs_steps(args, cfg, 1)?;
-    let first = inp.first().cloned().unwrap_or_default();
-    let (plan, _) = p.auto(&first)?;
-    let inst = plan.inst;
-    Ok((p, inst))
-}
-
-/// The lengths of the first `steps` global batches of the run (starting at its first step).
-fn plan_inputs_steps(args: &Args, cfg: &LlamaConfig, steps: usize) -> Result<Vec<Vec<usize>>> {
-    let shuffle = match args.shuffle.as_str() {
-        "on" => Some(args.seed),
-        _ => None,
-    };
-    let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
-    let ds = match (&args.data_files, &args.data) {
-        (Some(files), _) => Dataset::from_text_files(files, max_len)?,
-        (None, Some(p)) => Dataset::load(p, cfg.vocab_size, max_len)?,
-        (None, None) => bail!("no training data"),
-    };
-    Ok((0..steps)
-        .map(|s| {
-            ds.batch(s, args.global_batch, shuffle)
-                .iter()
-                .map(|q| q.len())
-                .collect()
-        })
-        .collect())
+    let (plan, _) = p.auto(first)?;
+    Ok((p, plan.inst))
 }
