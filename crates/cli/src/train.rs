@@ -63,6 +63,11 @@ pub struct Args {
     /// With `--strategies auto`: the cost model's calibration (`hotspa profile --devices N`).
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// Also time the run as the simulator would on this cluster (a preset such as a800x32, or
+    /// a cluster file such as a `hotspa profile` output): every kernel and message still runs
+    /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
+    #[arg(long)]
+    sim_cluster: Option<String>,
     /// Pipeline schedule: 1f1b or gpipe.
     #[arg(long, default_value = "1f1b")]
     pipeline_schedule: String,
@@ -273,6 +278,21 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         args.global_batch >= 1 && args.steps >= 1,
         "--global-batch and --steps must be at least 1"
     );
+    let sim_cluster = match &args.sim_cluster {
+        Some(name) => {
+            let c = sim::presets::cluster_or_file(name)?;
+            if c.devices() < args.devices {
+                bail!(
+                    "--sim-cluster {name}: {} has {} devices, fewer than --devices {}",
+                    c.name,
+                    c.devices(),
+                    args.devices
+                );
+            }
+            Some(Arc::new(c.take(args.devices)))
+        }
+        None => None,
+    };
     let cfg = Arc::new(LlamaConfig::load(&model_path)?);
     let max_len = args.max_len.unwrap_or(cfg.max_position_embeddings);
     let (ds, data_name) = match (&args.data_files, &args.data) {
@@ -432,6 +452,14 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     );
     let start = Instant::now();
     let mpi2 = mpi.clone();
+    // Thread ranks share this process's cores: the clock counts how many compute at once.
+    let share = match (&sim_cluster, &mpi) {
+        (Some(c), None) if c.shared_cores > 0.0 => {
+            Some(sim::CoreShare::new(args.devices, c.shared_cores))
+        }
+        _ => None,
+    };
+    let sim2 = sim_cluster.clone().map(|c| (c, share));
     let n_threads = args.devices;
     let worker = std::thread::spawn(move || -> anyhow::Result<Option<Collected>> {
         let one_rank = move |world: &dyn Communicator, ranks_here: usize| {
@@ -451,11 +479,13 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
                 devices_per_node: a2.devices_per_node.unwrap_or(a2.devices),
             };
             match device {
-                Device::Cpu => job.run(&CpuBackend::for_ranks(ranks_here)?, world),
+                Device::Cpu => {
+                    job.run_maybe_clocked(CpuBackend::for_ranks(ranks_here)?, world, sim2.as_ref())
+                }
                 Device::Cuda(precision) => {
                     let count = kernels::cuda::device_count()?;
                     let gpu = CudaBackend::new(world.rank().0 % count, precision)?;
-                    job.run(&gpu, world)
+                    job.run_maybe_clocked(gpu, world, sim2.as_ref())
                 }
             }
         };
@@ -484,6 +514,8 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?,
     );
     let mut total_tokens = 0u64;
+    // (steps, measured seconds, simulated seconds) after the first step (warm-up).
+    let mut timed = (0usize, 0.0f64, 0.0f64);
     for msg in rx {
         let line = match msg {
             Msg::Metrics(line) => line,
@@ -510,6 +542,14 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         };
         let v: serde_json::Value = serde_json::from_str(&line)?;
         total_tokens += v["tokens"].as_u64().unwrap_or(0);
+        if let (Some(sim), true) = (
+            v["simulated_seconds"].as_f64(),
+            v["step"].as_u64().unwrap_or(0) > start_step as u64 + 1,
+        ) {
+            timed.0 += 1;
+            timed.1 += v["seconds"].as_f64().unwrap_or(0.0);
+            timed.2 += sim;
+        }
         if let Some(f) = metrics.as_mut() {
             writeln!(f, "{line}")?;
         }
@@ -563,6 +603,15 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
         args.steps - start_step,
         total_tokens as f64 / elapsed
     );
+    if let (Some(c), true) = (&sim_cluster, timed.0 > 0) {
+        let k = timed.0 as f64;
+        eprintln!(
+            "simulated on {}: {:.4} s per step (steps after the first; measured here {:.4} s, with the clocks' own messages)",
+            c.name,
+            timed.2 / k,
+            timed.1 / k
+        );
+    }
     if runtime::profile::enabled() {
         eprintln!(
             "time per op kind (HOTSPA_PROFILE=1; every op waited for):\n{}",
@@ -613,20 +662,26 @@ pub fn run_argv(argv: &[String]) -> Result<()> {
 
 /// The hot-switching part of a step line: time per strategy and in switches, bytes switched.
 fn hot_note(v: &serde_json::Value) -> String {
+    let sim = v["simulated_seconds"]
+        .as_f64()
+        .map_or(String::new(), |s| format!("  simulated {s:.4}s"));
     let Some(per) = v["strategy_seconds"].as_object() else {
-        return String::new();
+        return sim;
     };
     let parts: Vec<String> = per
         .iter()
         .map(|(k, s)| format!("{k} {:.3}s", s.as_f64().unwrap_or(0.0)))
         .collect();
     format!(
-        "  [{}; switch {:.3}s {:.1} MB]",
+        "  [{}; switch {:.3}s {:.1} MB]{sim}",
         parts.join(", "),
         v["switch_seconds"].as_f64().unwrap_or(0.0),
         v["switch_bytes"].as_f64().unwrap_or(0.0) / 1e6
     )
 }
+
+/// `--sim-cluster`: the cluster, and the cores the thread ranks share.
+type SimSetup = (Arc<planner::Cluster>, Option<Arc<sim::CoreShare>>);
 
 /// Which backend the ranks run on.
 #[derive(Clone, Copy)]
@@ -654,12 +709,36 @@ struct RankJob<'a> {
 }
 
 impl RankJob<'_> {
+    /// [`RankJob::run`] on `be` and `world`, or, with `--sim-cluster`, on both wrapped in the
+    /// simulator's clocked backend and communicator.
+    fn run_maybe_clocked<B: Backend>(
+        &self,
+        be: B,
+        world: &dyn Communicator,
+        sim: Option<&SimSetup>,
+    ) -> anyhow::Result<Option<Collected>> {
+        match sim {
+            None => self.run(&be, world, None),
+            Some((cluster, share)) => {
+                let clock = sim::Clock::new();
+                let mut be = sim::SimBackend::new(be, cluster, clock.clone());
+                let mut world = sim::SimComm::over(world, cluster, clock.clone())?;
+                if let Some(share) = share {
+                    be = be.sharing(share.clone());
+                    world = world.sharing(share.clone());
+                }
+                self.run(&be, &world, Some(&clock))
+            }
+        }
+    }
+
     /// The training loop of one rank on backend `be`; returns its final pieces, what they are,
-    /// and its peak bytes.
+    /// and its peak bytes. With a `clock` (the simulator's), each step's metrics add its time.
     fn run<B: Backend>(
         &self,
         be: &B,
         world: &dyn Communicator,
+        clock: Option<&sim::Clock>,
     ) -> anyhow::Result<Option<Collected>> {
         let me = world.rank().0;
         // What every rank holds (rank 0 assembles checkpoints and the result from it).
@@ -731,6 +810,7 @@ impl RankJob<'_> {
         let mut peak_all = 0usize;
         for step in self.start_step..self.args.steps {
             let t0 = Instant::now();
+            let clock0 = clock.map(sim::Clock::read);
             let batch = self.data.batch(step, self.args.global_batch, self.shuffle);
             let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
             let tokens: usize = batch.iter().map(|s| s.len()).sum();
@@ -822,6 +902,19 @@ impl RankJob<'_> {
             let mut peak = [out.peak_bytes as f32];
             world.all_reduce(&mut peak, ReduceOp::Max)?;
             peak_all = peak_all.max(out.peak_bytes);
+            if let (Some(c), Some(c0)) = (clock, &clock0) {
+                let d = c.read().since(c0);
+                use sim::Phase::*;
+                extra += &format!(
+                    ", \"simulated_seconds\": {:.6}, \"simulated\": {{\"compute\": {:.6}, \"elementwise\": {:.6}, \"optimizer\": {:.6}, \"transfer\": {:.6}, \"wait\": {:.6}}}",
+                    d.now,
+                    d.phase(Compute),
+                    d.phase(Elementwise),
+                    d.phase(Optimizer),
+                    d.phase(Transfer),
+                    d.phase(Wait)
+                );
+            }
             if me == 0 {
                 let secs = t0.elapsed().as_secs_f64();
                 let line = format!(

@@ -92,8 +92,28 @@ fn four_processes_train_bitwise_like_four_threads() {
     .iter()
     .enumerate()
     {
+        // The second also runs on the simulator's clock (an A800 cluster).
+        let timed = |name: &str| -> Vec<String> {
+            let mut v = schedule.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            if k == 1 {
+                let m = dir
+                    .path()
+                    .join(format!("{name}.jsonl"))
+                    .display()
+                    .to_string();
+                v.extend([
+                    "--sim-cluster".into(),
+                    "a800x32".into(),
+                    "--metrics".into(),
+                    m,
+                ]);
+            }
+            v
+        };
         let threads = format!("threads{k}.safetensors");
-        let mut args = train_args(dir.path(), &threads, schedule);
+        let extra = timed("threads");
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut args = train_args(dir.path(), &threads, &extra);
         args.extend(["--devices".into(), "4".into()]);
         let o = Command::new(hotspa())
             .args(&args)
@@ -102,9 +122,11 @@ fn four_processes_train_bitwise_like_four_threads() {
             .unwrap();
         assert!(o.status.success(), "{}", text(&o));
         let mpi = format!("mpi{k}.safetensors");
+        let extra = timed("mpi");
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let o = mpirun(4)
             .arg(hotspa())
-            .args(train_args(dir.path(), &mpi, schedule))
+            .args(train_args(dir.path(), &mpi, &extra))
             .output()
             .unwrap();
         let out = text(&o);
@@ -118,6 +140,28 @@ fn four_processes_train_bitwise_like_four_threads() {
             a == b,
             "{schedule:?}: MPI weights differ from the thread run"
         );
+        if k == 1 {
+            // The clock's time matches too, but for where the overlapped gradient reduction's
+            // side timeline starts (when its thread picks the bucket up).
+            let sim = |name: &str| -> Vec<f64> {
+                std::fs::read_to_string(dir.path().join(format!("{name}.jsonl")))
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                        v["simulated_seconds"].as_f64().unwrap()
+                    })
+                    .collect()
+            };
+            let (t, m) = (sim("threads"), sim("mpi"));
+            assert_eq!(t.len(), 4);
+            for (x, y) in t.iter().zip(&m) {
+                assert!(
+                    *x > 0.0 && (x - y).abs() <= 0.05 * x,
+                    "threads {t:?} vs MPI {m:?}"
+                );
+            }
+        }
     }
 }
 

@@ -85,7 +85,8 @@ fn profile_then_plan_a_training_run_and_compare() {
         profile.to_str().unwrap(),
     ]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("probe: forward+backward of 256 tokens"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("probe: DP steps of 256 and 128 tokens per rank"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -213,6 +213,94 @@ fn automatic_planning_saves_the_single_device_weights() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("hotspa profile --devices 4"));
 }
 
+/// `hotspa train` with `args` and `extra`, saving to `out`; the weights and the metrics lines.
+fn train_with(
+    d: &Path,
+    args: &[String],
+    extra: &[&str],
+    out: &str,
+) -> (Weights, Vec<serde_json::Value>) {
+    let mut args = args.to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(
+        [
+            "--save",
+            d.join(out).to_str().unwrap(),
+            "--metrics",
+            d.join(format!("{out}.jsonl")).to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let o = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(
+        o.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let w = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(out)).unwrap();
+    let lines = std::fs::read_to_string(d.join(format!("{out}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (w, lines)
+}
+
+#[test]
+fn the_simulators_clock_times_a_real_run_without_changing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path();
+    std::fs::write(d.join("profile.toml"), SMALL_PROFILE).unwrap();
+    let profile = d.join("profile.toml");
+    for schedule in ["dp4:5,dp2tp2:8,tp2pp2:max", "tp2pp2"] {
+        let args = train_args(d.to_str().unwrap(), "4", schedule, "3");
+        let (plain, _) = train_with(d, &args, &[], "plain.safetensors");
+        for cluster in ["a800x32", profile.to_str().unwrap()] {
+            let (timed, metrics) =
+                train_with(d, &args, &["--sim-cluster", cluster], "timed.safetensors");
+            // The same kernels and messages in the same order: the same weights, bit for bit.
+            assert_weights_close(&timed, &plain, 0.0, cluster);
+            for v in &metrics {
+                let sim = v["simulated_seconds"].as_f64().unwrap();
+                let parts: f64 = ["compute", "elementwise", "optimizer", "transfer", "wait"]
+                    .iter()
+                    .map(|k| v["simulated"][k].as_f64().unwrap())
+                    .sum();
+                assert!(sim > 0.0 && (parts - sim).abs() < 1e-5, "{v}");
+                assert!(v["simulated"]["compute"].as_f64().unwrap() > 0.0, "{v}");
+                if cluster == "a800x32" {
+                    // An A800 runs this 3-layer toy far faster than two shared cores do.
+                    assert!(sim < v["seconds"].as_f64().unwrap() / 10.0, "{v}");
+                } else {
+                    // A pipeline waits for its other stage.
+                    assert!(v["simulated"]["wait"].as_f64().unwrap() > 0.0, "{v}");
+                }
+            }
+        }
+    }
+    // A cluster with fewer devices than the run, and an unknown name, are refused.
+    std::fs::write(
+        d.join("two.toml"),
+        SMALL_PROFILE.replace("devices_per_node = 4", "devices_per_node = 2"),
+    )
+    .unwrap();
+    for (cluster, want) in [
+        (
+            d.join("two.toml").to_str().unwrap().to_string(),
+            "has 2 devices, fewer than --devices 4",
+        ),
+        ("a900x8".to_string(), "use a800x32, h100x8"),
+    ] {
+        let mut args = base_args(d.to_str().unwrap(), "4", "dp4");
+        args.extend(["--sim-cluster".to_string(), cluster]);
+        let o = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{e}");
+    }
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

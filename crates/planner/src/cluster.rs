@@ -73,6 +73,22 @@ pub struct Cluster {
     /// cold caches); multiplies compute and elementwise time. 1 where not measured.
     #[serde(default = "one")]
     pub compute_scale: f64,
+    /// The same calibration for the simulator's kernel-by-kernel clock (`sim::SimBackend`,
+    /// which times each GEMM by its own shape): measured over clocked time of the same probe.
+    /// 0: use `compute_scale`.
+    #[serde(default)]
+    pub clock_scale: f64,
+    /// Host time of every kernel call beyond its work (the executor's dispatch and allocation,
+    /// the hand-off to the backend's threads), µs; from `hotspa profile --model`'s two probe
+    /// sizes. 0 where not measured (the GPU presets: launches overlap the work).
+    #[serde(default)]
+    pub kernel_overhead_us: f64,
+    /// Measured GEMM rates, `[d0, d1, d2, TFLOP/s]` with the dims ascending (a linear layer's
+    /// three training GEMMs of `tokens × width × K` in any roles; `hotspa profile` measures a
+    /// grid). Where given, GEMM time comes from this table, interpolated in log space, instead
+    /// of the efficiency curve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gemm_table: Vec<[f64; 4]>,
 }
 
 fn one() -> f64 {
@@ -104,6 +120,81 @@ impl Cluster {
     pub fn gemm_efficiency(&self, tokens: f64, width: f64) -> f64 {
         let e = &self.efficiency;
         e.max * tokens / (tokens + e.half_tokens) * width / (width + e.half_width)
+    }
+
+    /// Seconds of `batch` GEMMs of `m × n × k` (2·m·n·k FLOPs each), unscaled: from the measured
+    /// [`Cluster::gemm_table`] where there is one (by the dims in ascending order, interpolated
+    /// in log space, clamped at its edges), else by the efficiency curve with the largest dim as
+    /// the tokens and the smallest as the width (a linear layer's roles whenever its micro-batch
+    /// has more tokens than the layer is wide, in its forward and both backward GEMMs alike).
+    pub fn gemm_seconds(&self, m: usize, n: usize, k: usize, batch: usize) -> f64 {
+        let mut d = [m as f64, n as f64, k as f64];
+        d.sort_by(f64::total_cmp);
+        if d[0] == 0.0 || batch == 0 {
+            return 0.0;
+        }
+        let flops = 2.0 * d[0] * d[1] * d[2] * batch as f64;
+        let rate = match self.table_rate(d) {
+            Some(r) => r,
+            None => self.peak_tflops * 1e12 * self.gemm_efficiency(d[2], d[0]),
+        };
+        flops / rate
+    }
+
+    /// FLOP/s of a GEMM with ascending dims `d` from the table (trilinear in log2 of the dims,
+    /// geometric in the rate), or `None` without a table.
+    fn table_rate(&self, d: [f64; 3]) -> Option<f64> {
+        if self.gemm_table.is_empty() {
+            return None;
+        }
+        let mut grid: Vec<f64> = self
+            .gemm_table
+            .iter()
+            .flat_map(|r| [r[0], r[1], r[2]])
+            .collect();
+        grid.sort_by(f64::total_cmp);
+        grid.dedup();
+        let rate_at = |c: [f64; 3]| -> Option<f64> {
+            let mut c = c;
+            c.sort_by(f64::total_cmp);
+            self.gemm_table
+                .iter()
+                .find(|r| r[0] == c[0] && r[1] == c[1] && r[2] == c[2])
+                .map(|r| r[3] * 1e12)
+                .filter(|&r| r > 0.0)
+        };
+        // For each dim: the grid points around it and the weight of the upper one.
+        let bracket = |x: f64| -> (f64, f64, f64) {
+            let first = grid[0];
+            let last = grid[grid.len() - 1];
+            if x <= first {
+                return (first, first, 0.0);
+            }
+            if x >= last {
+                return (last, last, 0.0);
+            }
+            let i = grid.partition_point(|&g| g <= x);
+            let (lo, hi) = (grid[i - 1], grid[i]);
+            (lo, hi, (x.log2() - lo.log2()) / (hi.log2() - lo.log2()))
+        };
+        let b = [bracket(d[0]), bracket(d[1]), bracket(d[2])];
+        let (mut sum, mut weights) = (0.0, 0.0);
+        for corner in 0..8 {
+            let mut c = [0.0; 3];
+            let mut w = 1.0;
+            for (axis, &(lo, hi, t)) in b.iter().enumerate() {
+                let upper = corner >> axis & 1 == 1;
+                c[axis] = if upper { hi } else { lo };
+                w *= if upper { t } else { 1.0 - t };
+            }
+            if w > 0.0 {
+                if let Some(r) = rate_at(c) {
+                    sum += w * r.ln();
+                    weights += w;
+                }
+            }
+        }
+        (weights > 0.0).then(|| (sum / weights).exp())
     }
 
     /// The link a group of `span` consecutive devices uses (cross-node when it leaves a node).

@@ -3,6 +3,9 @@
 //! uses), pipeline bubbles of 1F1B, the DP gradient reduction, and the memory of model states and
 //! activations, which bounds the tokens of a micro-batch.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use graph::Strategy;
 use model::LlamaConfig;
 use serde::Serialize;
@@ -110,6 +113,8 @@ pub struct CostModel {
     pub cfg: LlamaConfig,
     /// How sequences are packed.
     pub packing: Packing,
+    /// Kernel calls of a micro-batch by `(tp, sp)`, counted once.
+    kernels: Arc<Mutex<HashMap<(usize, bool), f64>>>,
 }
 
 impl CostModel {
@@ -119,21 +124,49 @@ impl CostModel {
             cluster,
             cfg,
             packing: Packing::Balanced,
+            kernels: Default::default(),
         }
+    }
+
+    /// Kernel calls of one micro-batch's forward and backward through every layer on one rank
+    /// of `s`'s TP group: the ops of its exec graph other than communication (0 where the model
+    /// cannot be lowered for `s`).
+    pub fn kernels(&self, s: &Strategy) -> f64 {
+        let key = (s.tp, s.sp);
+        let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        *cache.entry(key).or_insert_with(|| {
+            let whole = Strategy {
+                dp: 1,
+                pp: 1,
+                zero: 0,
+                ..s.clone()
+            };
+            model::rank_exec(&self.cfg, &whole, 0).map_or(0.0, |e| {
+                e.graph
+                    .ops
+                    .iter()
+                    .filter(|o| !matches!(o.kind, graph::OpKind::Comm { .. }))
+                    .count() as f64
+            })
+        })
     }
 
     /// Seconds of the optimizer update on `inst`'s pieces (0 where the cluster leaves it out).
     pub fn optimizer(&self, inst: &Strategy) -> f64 {
-        if self.cluster.memory_gbps <= 0.0 {
-            return 0.0;
-        }
+        let c = &self.cluster;
         let per = self.params() / (inst.tp * inst.pp) as f64;
         let per = if inst.zero >= 1 {
             per / inst.dp as f64
         } else {
             per
         };
-        per * OPTIMIZER_ELEMENTS * 4.0 / (self.cluster.memory_gbps * 1e9)
+        if c.optimizer_gparams > 0.0 {
+            per / (c.optimizer_gparams * 1e9)
+        } else if c.memory_gbps > 0.0 {
+            per * OPTIMIZER_ELEMENTS * 4.0 / (c.memory_gbps * 1e9)
+        } else {
+            0.0
+        }
     }
 
     /// Parameters of the decoder layers' matrices (per layer).
@@ -221,15 +254,36 @@ impl CostModel {
             .seconds(2.0 * k / n as f64 * bytes, 2.0 * k)
     }
 
+    /// Seconds of every linear layer's forward and two backward GEMMs for a micro-batch of
+    /// `tokens` on one rank of `s`'s TP group (column-parallel layers split their outputs, row-
+    /// parallel ones their inputs; the LM head its vocabulary), unscaled.
+    pub fn linear_seconds(&self, s: &Strategy, tokens: usize) -> f64 {
+        let c = &self.cfg;
+        let tp = s.tp;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim();
+        let kv = c.kv_heads() * c.head_dim();
+        let g = |n: usize, k: usize| 3.0 * self.cluster.gemm_seconds(tokens, n, k, 1);
+        let layer =
+            g(q / tp, h) + 2.0 * g(kv / tp, h) + g(h, q / tp) + 2.0 * g(i / tp, h) + g(h, i / tp);
+        c.num_hidden_layers as f64 * layer + g(c.vocab_size.div_ceil(tp), h)
+    }
+
     /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm,
-    /// elementwise), compute and elementwise scaled by the cluster's `compute_scale`.
+    /// elementwise), compute and elementwise scaled by the cluster's `compute_scale`; the
+    /// kernels' overhead counts as elementwise time.
     pub fn micro_batch(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
         let (c, t, e) = self.micro_batch_unscaled(s, lens);
         let k = self.cluster.compute_scale;
-        (c * k, t, e * k)
+        let overhead = if self.cluster.kernel_overhead_us > 0.0 && !lens.is_empty() {
+            self.kernels(s) * self.cluster.kernel_overhead_us * 1e-6
+        } else {
+            0.0
+        };
+        (c * k, t, e * k + overhead)
     }
 
-    /// [`CostModel::micro_batch`] by the kernel rates alone.
+    /// [`CostModel::micro_batch`] by the kernel rates alone, without the kernels' overhead.
     pub fn micro_batch_unscaled(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
         if tokens == 0.0 {
@@ -238,9 +292,8 @@ impl CostModel {
         let c = &self.cfg;
         let tp = s.tp as f64;
         let peak = self.cluster.peak_tflops * 1e12;
-        let (gemm, attn) = self.flops(lens);
-        let width = c.hidden_size as f64 / tp;
-        let compute = gemm / (tp * peak * self.cluster.gemm_efficiency(tokens, width))
+        let (_, attn) = self.flops(lens);
+        let compute = self.linear_seconds(s, tokens as usize)
             + attn / (tp * peak * self.cluster.efficiency.attention);
         // Per layer, forward and backward: 2 all-gathers + 2 reduce-scatters each way under
         // SP (the volume of 4 all-reduces of the activations).

@@ -22,6 +22,9 @@
 //!     optimizer_gparams: 0.0,
 //!     shared_cores: 0.0,
 //!     compute_scale: 1.0,
+//!     clock_scale: 0.0,
+//!     kernel_overhead_us: 0.0,
+//!     gemm_table: Vec::new(),
 //! };
 //! let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
 //! let planner = Planner::new(CostModel::new(cluster, cfg));

@@ -4,6 +4,12 @@
 //! static strategy that holds the longest sequence, (b) the HotSPa paper's hand-picked buckets
 //! and strategies, (c) our automatic plan — all by the `planner` cost model.
 //!
+//! The simulator's clock also drives the real runtime: [`SimBackend`] and [`SimComm`] run every
+//! kernel and message for real and advance a virtual [`Clock`] per rank by the cluster's rates
+//! and links, so `hotspa train --sim-cluster C` trains exactly as usual and also reports what
+//! each step would take on `C` (with this machine's profile as `C`, a prediction to check
+//! against the measured step).
+//!
 //! ```
 //! let s = sim::Scenario {
 //!     cluster: sim::presets::cluster("a800x32")?,
@@ -20,7 +26,9 @@
 //! # Ok::<(), sim::SimError>(())
 //! ```
 
+mod clock;
 mod error;
+mod network;
 pub mod presets;
 
 use graph::Strategy;
@@ -28,7 +36,9 @@ use model::LlamaConfig;
 use planner::{CostModel, Estimate, Plan, Planner};
 use serde::Serialize;
 
+pub use clock::{Clock, ClockReading, CoreShare, Phase, SimBackend};
 pub use error::{Result, SimError};
+pub use network::SimComm;
 
 /// One simulated setting.
 #[derive(Debug, Clone)]

@@ -47,6 +47,9 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
             compute_scale: 1.0,
+            clock_scale: 0.0,
+            kernel_overhead_us: 0.0,
+            gemm_table: Vec::new(),
         }),
         "h100x8" => Ok(Cluster {
             name: name.into(),
@@ -68,6 +71,9 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
             compute_scale: 1.0,
+            clock_scale: 0.0,
+            kernel_overhead_us: 0.0,
+            gemm_table: Vec::new(),
         }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",

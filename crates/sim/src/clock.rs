@@ -1,0 +1,658 @@
+//! The simulator's clock and its device: a virtual time per rank, advanced by [`SimBackend`] for
+//! every kernel the real runtime calls (by the cluster's rates) and by [`crate::SimComm`] for
+//! every message (by the cluster's links), so that a real training run on this machine also
+//! says how long it would have taken on the simulated cluster.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+
+use kernels::{AdamW, AttnShape, Backend, GemmSpec, Result};
+use planner::Cluster;
+
+/// What the clock's time went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// GEMMs and attention.
+    Compute = 0,
+    /// Elementwise kernels (norms, RoPE, SwiGLU, adds, embedding, cross-entropy).
+    Elementwise = 1,
+    /// The optimizer update.
+    Optimizer = 2,
+    /// Moving bytes over a link.
+    Transfer = 3,
+    /// Waiting for the other members of a collective or for a message.
+    Wait = 4,
+}
+
+const PHASES: usize = 5;
+
+/// Seconds by [`Phase`], and the time (the sum).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClockReading {
+    /// The rank's virtual time, seconds.
+    pub now: f64,
+    /// Seconds spent by phase, indexed by `Phase as usize`.
+    pub phases: [f64; PHASES],
+    /// Kernels run.
+    pub kernels: u64,
+}
+
+impl ClockReading {
+    /// Seconds spent in `p`.
+    pub fn phase(&self, p: Phase) -> f64 {
+        self.phases[p as usize]
+    }
+
+    /// What happened between `earlier` and this reading.
+    pub fn since(&self, earlier: &ClockReading) -> ClockReading {
+        let mut phases = self.phases;
+        for (a, b) in phases.iter_mut().zip(earlier.phases) {
+            *a -= b;
+        }
+        ClockReading {
+            now: self.now - earlier.now,
+            phases,
+            kernels: self.kernels - earlier.kernels,
+        }
+    }
+}
+
+/// One rank's virtual time. Clones share it (the rank's backend and communicators hold one
+/// each).
+///
+/// The thread that creates the clock is the rank's: its kernels and messages run one after
+/// another on the main timeline. Communication from another thread of the rank (the runtime's
+/// gradient all-reduce overlapped with the backward) runs on a side timeline that starts no
+/// earlier than the main one stands when it is called; the main timeline waits for it at its
+/// next collective over a group that contains the side group (the optimizer's), not at those
+/// over other groups (TP, PP), which may overlap it.
+#[derive(Debug, Clone)]
+pub struct Clock(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    /// The phases' seconds, then the time.
+    main: [AtomicU64; PHASES + 1],
+    /// When the side timeline's last operation ends.
+    side_end: AtomicU64,
+    /// The world ranks of the side timeline's group.
+    side_group: Mutex<Vec<usize>>,
+    /// Kernels run.
+    kernels: AtomicU64,
+    owner: ThreadId,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self(Arc::new(Inner {
+            main: Default::default(),
+            side_end: AtomicU64::new(0f64.to_bits()),
+            side_group: Mutex::new(Vec::new()),
+            kernels: AtomicU64::new(0),
+            owner: std::thread::current().id(),
+        }))
+    }
+}
+
+impl Clock {
+    /// A clock at 0, owned by the calling thread.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn load(&self, i: usize) -> f64 {
+        f64::from_bits(self.0.main[i].load(Ordering::Relaxed))
+    }
+
+    fn store(&self, i: usize, v: f64) {
+        self.0.main[i].store(v.to_bits(), Ordering::Relaxed)
+    }
+
+    /// The main timeline's time, seconds.
+    pub fn now(&self) -> f64 {
+        self.load(PHASES)
+    }
+
+    /// Everything at once.
+    pub fn read(&self) -> ClockReading {
+        let mut phases = [0.0; PHASES];
+        for (i, p) in phases.iter_mut().enumerate() {
+            *p = self.load(i);
+        }
+        ClockReading {
+            now: self.now(),
+            phases,
+            kernels: self.0.kernels.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Spends `secs` on `phase` on the main timeline (only the owning thread advances it).
+    pub fn advance(&self, phase: Phase, secs: f64) {
+        if secs > 0.0 {
+            self.store(PHASES, self.now() + secs);
+            let i = phase as usize;
+            self.store(i, self.load(i) + secs);
+        }
+    }
+
+    /// Waits (idle) until `t` if that is later than now.
+    pub fn wait_until(&self, t: f64) {
+        let now = self.now();
+        if t > now {
+            self.advance(Phase::Wait, t - now);
+        }
+    }
+
+    /// Whether the calling thread is the rank's own (the main timeline's).
+    pub fn on_main_thread(&self) -> bool {
+        std::thread::current().id() == self.0.owner
+    }
+
+    /// When the side timeline is free: its last end, or the main time if later.
+    pub(crate) fn side_start(&self) -> f64 {
+        f64::from_bits(self.0.side_end.load(Ordering::Relaxed)).max(self.now())
+    }
+
+    /// Records a side operation over `group` (world ranks) ending at `end`.
+    pub(crate) fn side_done(&self, end: f64, group: &[usize]) {
+        self.0.side_end.store(end.to_bits(), Ordering::Relaxed);
+        let mut g = self.0.side_group.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_slice() != group {
+            *g = group.to_vec();
+        }
+    }
+
+    /// Before a main-timeline collective over `group` (world ranks): waits for the side
+    /// timeline when `group` contains its group.
+    pub(crate) fn join_side(&self, group: &[usize]) {
+        let end = f64::from_bits(self.0.side_end.load(Ordering::Relaxed));
+        if end <= self.now() {
+            return;
+        }
+        let g = self.0.side_group.lock().unwrap_or_else(|p| p.into_inner());
+        if g.iter().all(|r| group.contains(r)) {
+            drop(g);
+            self.wait_until(end);
+        }
+    }
+}
+
+/// Cores that the ranks of one process share (thread ranks on one CPU): the cluster's rates
+/// were measured with every rank busy, so a kernel that runs while only `k` ranks compute gets
+/// `n / max(k, cores)` times their speed. A rank computes unless it is blocked in
+/// communication ([`crate::SimComm::sharing`] counts those); `k` is counted as it happens,
+/// averaged over the kernel's start and end.
+#[derive(Debug)]
+pub struct CoreShare {
+    blocked: AtomicUsize,
+    ranks: usize,
+    cores: f64,
+}
+
+impl CoreShare {
+    /// `ranks` ranks on `cores` cores.
+    pub fn new(ranks: usize, cores: f64) -> Arc<Self> {
+        Arc::new(Self {
+            blocked: AtomicUsize::new(0),
+            ranks: ranks.max(1),
+            cores: cores.max(1.0),
+        })
+    }
+
+    fn computing(&self) -> f64 {
+        self.ranks
+            .saturating_sub(self.blocked.load(Ordering::Relaxed))
+            .max(1) as f64
+    }
+
+    /// Runs `f` as a kernel of this rank; returns its result and the factor on its time.
+    fn kernel<T>(&self, f: impl FnOnce() -> T) -> (T, f64) {
+        let at_start = self.computing();
+        let out = f();
+        let k = (at_start + self.computing()) / 2.0;
+        (
+            out,
+            k.max(self.cores).min(self.ranks as f64) / self.ranks as f64,
+        )
+    }
+
+    /// Runs `f` with this rank counted as blocked (not computing).
+    pub(crate) fn blocked<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.blocked.fetch_add(1, Ordering::Relaxed);
+        let out = f();
+        self.blocked.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+}
+
+/// The per-kernel rates of a cluster's device.
+#[derive(Debug, Clone)]
+struct Rates {
+    cluster: Cluster,
+    /// Multiplies compute and elementwise seconds (the profile's calibration).
+    scale: f64,
+}
+
+impl Rates {
+    fn peak(&self) -> f64 {
+        self.cluster.peak_tflops * 1e12
+    }
+
+    /// A GEMM of `m × n × k` (`batch` of them), as [`Cluster::gemm_seconds`] times it.
+    fn gemm(&self, s: &GemmSpec) -> f64 {
+        self.scale * self.cluster.gemm_seconds(s.m, s.n, s.k, s.batch)
+    }
+
+    /// Causal attention over `cu` (sequence offsets): `2·L²·(heads·head_dim)` FLOPs forward per
+    /// sequence, twice that backward.
+    fn attention(&self, cu: &[usize], shape: AttnShape, backward: bool) -> f64 {
+        let q = (shape.heads * shape.head_dim) as f64;
+        let flops: f64 = cu
+            .windows(2)
+            .map(|w| 2.0 * ((w[1] - w[0]) as f64).powi(2) * q)
+            .sum::<f64>()
+            * if backward { 2.0 } else { 1.0 };
+        self.scale * flops / (self.peak() * self.cluster.efficiency.attention)
+    }
+
+    /// An elementwise kernel touching `elems` four-byte values (0 where the cluster leaves
+    /// elementwise kernels out).
+    fn elementwise(&self, elems: usize) -> f64 {
+        if self.cluster.memory_gbps <= 0.0 {
+            return 0.0;
+        }
+        self.scale * elems as f64 * 4.0 / (self.cluster.memory_gbps * 1e9)
+    }
+
+    /// AdamW over `n` parameters.
+    fn adamw(&self, n: usize) -> f64 {
+        let c = &self.cluster;
+        if c.optimizer_gparams > 0.0 {
+            n as f64 / (c.optimizer_gparams * 1e9)
+        } else if c.memory_gbps > 0.0 {
+            n as f64 * 7.0 * 4.0 / (c.memory_gbps * 1e9)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A backend that runs every kernel on `inner` (so results are exact) and advances the rank's
+/// [`Clock`] by what the kernel would take on the simulated cluster's device.
+pub struct SimBackend<B> {
+    inner: B,
+    rates: Rates,
+    clock: Clock,
+    share: Option<Arc<CoreShare>>,
+}
+
+impl<B: Backend> SimBackend<B> {
+    /// `inner` timed as a device of `cluster`, compute and elementwise seconds multiplied by the
+    /// cluster's `clock_scale` (its `compute_scale` where that is 0).
+    pub fn new(inner: B, cluster: &Cluster, clock: Clock) -> Self {
+        let scale = if cluster.clock_scale > 0.0 {
+            cluster.clock_scale
+        } else {
+            cluster.compute_scale
+        };
+        Self::with_scale(inner, cluster, clock, scale)
+    }
+
+    /// As [`SimBackend::new`] with an explicit scale (1: the kernel rates alone).
+    pub fn with_scale(inner: B, cluster: &Cluster, clock: Clock, scale: f64) -> Self {
+        Self {
+            inner,
+            rates: Rates {
+                cluster: cluster.clone(),
+                scale,
+            },
+            clock,
+            share: None,
+        }
+    }
+
+    /// Counts this rank's kernels in `share` (every rank of the process holding the same one)
+    /// and times them by how many ranks compute at once.
+    pub fn sharing(mut self, share: Arc<CoreShare>) -> Self {
+        self.share = Some(share);
+        self
+    }
+
+    /// The rank's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The backend doing the work.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Runs the kernel `f` and spends `secs` and the cluster's overhead per kernel (scaled by
+    /// the sharing of cores) on `phase`.
+    fn timed<T>(&self, phase: Phase, secs: f64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (r, factor) = match &self.share {
+            Some(share) => share.kernel(f),
+            None => (f(), 1.0),
+        };
+        let overhead = self.rates.cluster.kernel_overhead_us * 1e-6;
+        self.clock.advance(phase, (secs + overhead) * factor);
+        self.clock.0.kernels.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn elementwise<T>(&self, elems: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.timed(Phase::Elementwise, self.rates.elementwise(elems), f)
+    }
+}
+
+impl<B: Backend> Backend for SimBackend<B> {
+    type Buffer = B::Buffer;
+
+    fn name(&self) -> String {
+        format!(
+            "{} timed as a {} device",
+            self.inner.name(),
+            self.rates.cluster.name
+        )
+    }
+    fn zeros(&self, len: usize) -> Result<Self::Buffer> {
+        self.inner.zeros(len)
+    }
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer> {
+        self.inner.upload(data)
+    }
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>> {
+        self.inner.download(buf)
+    }
+    fn len(&self, buf: &Self::Buffer) -> usize {
+        self.inner.len(buf)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+    fn gemm(
+        &self,
+        spec: &GemmSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        c: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.timed(Phase::Compute, self.rates.gemm(spec), || {
+            self.inner.gemm(spec, a, b, c)
+        })
+    }
+    fn embedding_forward(
+        &self,
+        weight: &Self::Buffer,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.elementwise(2 * ids.len() * dim, || {
+            self.inner
+                .embedding_forward(weight, dim, vocab_start, ids, out)
+        })
+    }
+    fn embedding_backward(
+        &self,
+        grad_out: &Self::Buffer,
+        dim: usize,
+        vocab_start: usize,
+        ids: &[u32],
+        grad_weight: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.elementwise(3 * ids.len() * dim, || {
+            self.inner
+                .embedding_backward(grad_out, dim, vocab_start, ids, grad_weight)
+        })
+    }
+    fn rms_norm_forward(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f64,
+        y: &mut Self::Buffer,
+        rstd: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(2 * n, || {
+            self.inner.rms_norm_forward(x, weight, eps, y, rstd)
+        })
+    }
+    fn rms_norm_backward(
+        &self,
+        dy: &Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        rstd: &Self::Buffer,
+        dx: &mut Self::Buffer,
+        dweight: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(3 * n, || {
+            self.inner
+                .rms_norm_backward(dy, x, weight, rstd, dx, dweight)
+        })
+    }
+    fn rope(
+        &self,
+        x: &mut Self::Buffer,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(2 * n, || {
+            self.inner
+                .rope(x, positions, heads, head_dim, theta, inverse)
+        })
+    }
+    fn attention_forward(
+        &self,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        out: &mut Self::Buffer,
+        lse: &mut Self::Buffer,
+    ) -> Result<()> {
+        let t = self.rates.attention(cu_seqlens, shape, false);
+        self.timed(Phase::Compute, t, || {
+            self.inner
+                .attention_forward(q, k, v, cu_seqlens, shape, scale, out, lse)
+        })
+    }
+    fn attention_backward(
+        &self,
+        dout: &Self::Buffer,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        out: &Self::Buffer,
+        lse: &Self::Buffer,
+        cu_seqlens: &[usize],
+        shape: AttnShape,
+        scale: f32,
+        dq: &mut Self::Buffer,
+        dk: &mut Self::Buffer,
+        dv: &mut Self::Buffer,
+    ) -> Result<()> {
+        let t = self.rates.attention(cu_seqlens, shape, true);
+        self.timed(Phase::Compute, t, || {
+            self.inner.attention_backward(
+                dout, q, k, v, out, lse, cu_seqlens, shape, scale, dq, dk, dv,
+            )
+        })
+    }
+    fn swiglu_forward(
+        &self,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(gate);
+        self.elementwise(3 * n, || self.inner.swiglu_forward(gate, up, out))
+    }
+    fn swiglu_backward(
+        &self,
+        dout: &Self::Buffer,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        dgate: &mut Self::Buffer,
+        dup: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(gate);
+        self.elementwise(5 * n, || {
+            self.inner.swiglu_backward(dout, gate, up, dgate, dup)
+        })
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &mut Self::Buffer,
+    ) -> Result<f32> {
+        let n = self.inner.len(logits);
+        self.elementwise(n, || {
+            self.inner
+                .cross_entropy_forward(logits, vocab, targets, mask, lse)
+        })
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        targets: &[u32],
+        mask: &[bool],
+        lse: &Self::Buffer,
+        scale: f32,
+        dlogits: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(logits);
+        self.elementwise(2 * n, || {
+            self.inner
+                .cross_entropy_backward(logits, vocab, targets, mask, lse, scale, dlogits)
+        })
+    }
+    fn add(&self, a: &Self::Buffer, b: &Self::Buffer, out: &mut Self::Buffer) -> Result<()> {
+        let n = self.inner.len(a);
+        self.elementwise(3 * n, || self.inner.add(a, b, out))
+    }
+    fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(3 * n, || self.inner.axpy(alpha, x, y))
+    }
+    fn scale(&self, alpha: f32, x: &mut Self::Buffer) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(2 * n, || self.inner.scale(alpha, x))
+    }
+    fn sum_squares(&self, x: &Self::Buffer) -> Result<f64> {
+        let n = self.inner.len(x);
+        self.elementwise(n, || self.inner.sum_squares(x))
+    }
+    fn round_bf16(&self, x: &mut Self::Buffer) -> Result<()> {
+        let n = self.inner.len(x);
+        self.elementwise(2 * n, || self.inner.round_bf16(x))
+    }
+    fn adamw(
+        &self,
+        cfg: &AdamW,
+        step: u64,
+        param: &mut Self::Buffer,
+        grad: &Self::Buffer,
+        m: &mut Self::Buffer,
+        v: &mut Self::Buffer,
+    ) -> Result<()> {
+        let n = self.inner.len(param);
+        self.timed(Phase::Optimizer, self.rates.adamw(n), || {
+            self.inner.adamw(cfg, step, param, grad, m, v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::CpuBackend;
+
+    fn cluster() -> Cluster {
+        let mut c = crate::presets::cluster("h100x8").unwrap();
+        c.memory_gbps = 1000.0;
+        c.optimizer_gparams = 2.0;
+        c
+    }
+
+    #[test]
+    fn kernels_advance_the_clock_by_the_cluster_rates_and_compute_the_same() {
+        let c = cluster();
+        let clock = Clock::new();
+        let sim = SimBackend::with_scale(CpuBackend::new(1).unwrap(), &c, clock.clone(), 1.0);
+        let cpu = CpuBackend::new(1).unwrap();
+        let (m, n, k) = (64, 32, 16);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
+        let spec = GemmSpec::new(m, n, k);
+        let (mut c1, mut c2) = (vec![0.0; m * n], vec![0.0; m * n]);
+        sim.gemm(&spec, &a, &b, &mut c1).unwrap();
+        cpu.gemm(&spec, &a, &b, &mut c2).unwrap();
+        assert_eq!(c1, c2);
+        // 2·m·n·k FLOPs at the efficiency of 64 tokens × 16 wide.
+        let want =
+            2.0 * (m * n * k) as f64 / (c.peak_tflops * 1e12 * c.gemm_efficiency(64.0, 16.0));
+        let got = clock.read();
+        assert!(
+            (got.now - want).abs() < 1e-15 * want.max(1.0),
+            "{got:?} vs {want}"
+        );
+        assert_eq!(got.phase(Phase::Compute), got.now);
+        // Elementwise: bytes over bandwidth; AdamW: parameters over the optimizer rate.
+        let x = vec![1.0f32; 1000];
+        let mut y = vec![0.0f32; 1000];
+        sim.axpy(2.0, &x, &mut y).unwrap();
+        assert_eq!(y[0], 2.0);
+        let e = clock.read().phase(Phase::Elementwise);
+        assert!((e - 3.0 * 4000.0 / 1e12).abs() < 1e-18, "{e}");
+        let (mut p, g, mut m1, mut m2) = (x.clone(), x.clone(), y.clone(), y.clone());
+        let cfg = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        sim.adamw(&cfg, 1, &mut p, &g, &mut m1, &mut m2).unwrap();
+        assert!((clock.read().phase(Phase::Optimizer) - 1000.0 / 2e9).abs() < 1e-18);
+        let r = clock.read();
+        let sum: f64 = r.phases.iter().sum();
+        assert!((sum - r.now).abs() < 1e-15);
+    }
+
+    #[test]
+    fn attention_time_grows_with_the_square_of_each_sequence() {
+        let c = cluster();
+        let r = Rates {
+            cluster: c,
+            scale: 1.0,
+        };
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let one = r.attention(&[0, 100], shape, false);
+        let two = r.attention(&[0, 100, 200], shape, false);
+        let long = r.attention(&[0, 200], shape, false);
+        assert!((two - 2.0 * one).abs() < 1e-18);
+        assert!((long - 4.0 * one).abs() < 1e-18);
+        assert!((r.attention(&[0, 100], shape, true) - 2.0 * one).abs() < 1e-18);
+    }
+}

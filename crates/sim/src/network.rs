@@ -1,0 +1,469 @@
+//! The simulator's communicator: every call runs on a real communicator (so the data are
+//! exact) and moves the ranks' [`Clock`]s as the simulated cluster's links would — a collective
+//! starts when its last member arrives and lasts its ring algorithm's α–β time; a message
+//! arrives its link's latency plus bytes over bandwidth after it was sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use comm::{Communicator, P2p, Rank, ReduceOp, Result};
+use planner::{Cluster, Link};
+
+use crate::clock::{Clock, CoreShare, Phase};
+
+/// A [`Communicator`] that advances a [`Clock`] by the simulated cluster's links.
+///
+/// Clocks travel with the data: before a collective the members gather their times (two `f32`
+/// per member, the time split into an exact high and low part) and after every point-to-point
+/// message its sender's time follows on the same tag, so the inner communicator carries a few
+/// more small messages than the run itself.
+pub struct SimComm {
+    inner: Box<dyn Communicator>,
+    cluster: Arc<Cluster>,
+    clock: Clock,
+    share: Option<Arc<CoreShare>>,
+}
+
+/// A time as two `f32` whose sum is the time to ~1e-14 relative.
+fn split(t: f64) -> [f32; 2] {
+    let hi = t as f32;
+    [hi, (t - f64::from(hi)) as f32]
+}
+
+fn join(p: &[f32]) -> f64 {
+    p.iter().map(|&x| f64::from(x)).sum()
+}
+
+impl SimComm {
+    /// Wraps `inner` (a group numbered like the simulated cluster's devices: world rank `r` on
+    /// node `r / devices_per_node`), moving `clock`.
+    pub fn new(inner: Box<dyn Communicator>, cluster: &Cluster, clock: Clock) -> Self {
+        Self {
+            inner,
+            cluster: Arc::new(cluster.clone()),
+            clock,
+            share: None,
+        }
+    }
+
+    /// Counts this rank as not computing in `share` while it waits in a call (from its own
+    /// thread), for [`crate::SimBackend::sharing`].
+    pub fn sharing(mut self, share: Arc<CoreShare>) -> Self {
+        self.share = Some(share);
+        self
+    }
+
+    /// The inner group, with this rank counted as blocked while `f` runs on it.
+    fn wait_in<T>(&self, f: impl FnOnce(&dyn Communicator) -> T) -> T {
+        match &self.share {
+            Some(s) if self.clock.on_main_thread() => s.blocked(|| f(self.inner.as_ref())),
+            _ => f(self.inner.as_ref()),
+        }
+    }
+
+    /// Wraps a borrowed world: a group of all its members, in order.
+    pub fn over(world: &dyn Communicator, cluster: &Cluster, clock: Clock) -> Result<Self> {
+        let all: Vec<Rank> = (0..world.size()).map(Rank).collect();
+        Ok(Self::new(world.sub_group(&all)?, cluster, clock))
+    }
+
+    /// The rank's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn node(&self, world_rank: Rank) -> usize {
+        world_rank.0 / self.cluster.devices_per_node.max(1)
+    }
+
+    /// The link of this group (cross-node when its members are on more than one node).
+    fn group_link(&self) -> Link {
+        let w = self.inner.world_ranks();
+        let first = w.first().map_or(0, |&r| self.node(r));
+        if w.iter().all(|&r| self.node(r) == first) {
+            self.cluster.same_node
+        } else {
+            self.cluster.cross_node
+        }
+    }
+
+    /// The link between this member and `peer`.
+    fn peer_link(&self, peer: Rank) -> Link {
+        let w = self.inner.world_ranks();
+        let me = w.get(self.inner.rank().0).copied().unwrap_or(Rank(0));
+        let them = w.get(peer.0).copied().unwrap_or(Rank(0));
+        if self.node(me) == self.node(them) {
+            self.cluster.same_node
+        } else {
+            self.cluster.cross_node
+        }
+    }
+
+    fn bytes(&self, elems: usize) -> f64 {
+        elems as f64 * self.cluster.elem_bytes
+    }
+
+    /// The group's members as world-rank numbers.
+    fn members(&self) -> Vec<usize> {
+        self.inner.world_ranks().iter().map(|r| r.0).collect()
+    }
+
+    /// When this member may start an operation: on the rank's own thread, the main timeline's
+    /// time (after waiting for the side timeline if this group contains its group); on another
+    /// thread, the side timeline's.
+    fn begin(&self) -> (bool, f64) {
+        if self.clock.on_main_thread() {
+            self.clock.join_side(&self.members());
+            (true, self.clock.now())
+        } else {
+            (false, self.clock.side_start())
+        }
+    }
+
+    /// Ends an operation that started at `t0` (this member), ends at `end`, and spent its last
+    /// `transfer` seconds moving bytes (any earlier time waiting).
+    fn finish(&self, main: bool, t0: f64, end: f64, transfer: f64) {
+        let transfer = transfer.min(end - t0).max(0.0);
+        if main {
+            self.clock.wait_until(end - transfer);
+            self.clock.advance(Phase::Transfer, transfer);
+        } else {
+            self.clock.side_done(end.max(t0), &self.members());
+        }
+    }
+
+    /// Runs the collective `f` on the inner group: it starts when the last member arrives and
+    /// lasts a ring algorithm's time for `volume` elements through every member's link in
+    /// `steps` messages.
+    fn collective(
+        &self,
+        volume: f64,
+        steps: usize,
+        f: impl FnOnce(&dyn Communicator) -> Result<()>,
+    ) -> Result<()> {
+        let (main, t0) = self.begin();
+        let n = self.inner.size();
+        if n <= 1 {
+            return f(self.inner.as_ref());
+        }
+        let mut all = vec![0.0f32; 2 * n];
+        self.wait_in(|c| c.all_gather(&split(t0), &mut all, &vec![2; n]))?;
+        let start = all.chunks(2).map(join).fold(t0, f64::max);
+        self.wait_in(f)?;
+        let secs = self
+            .group_link()
+            .seconds(volume * self.cluster.elem_bytes, steps as f64);
+        self.finish(main, t0, start + secs, secs);
+        Ok(())
+    }
+}
+
+impl Communicator for SimComm {
+    fn rank(&self) -> Rank {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn world_ranks(&self) -> Vec<Rank> {
+        self.inner.world_ranks()
+    }
+    fn timeout(&self) -> Duration {
+        self.inner.timeout()
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.inner.set_timeout(timeout)
+    }
+    fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(SimComm {
+            inner: self.inner.sub_group(members)?,
+            cluster: self.cluster.clone(),
+            clock: self.clock.clone(),
+            share: self.share.clone(),
+        }))
+    }
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let n = self.size().max(1);
+        let volume = 2.0 * (n - 1) as f64 / n as f64 * buf.len() as f64;
+        self.collective(volume, 2 * (n - 1), |c| c.all_reduce(buf, op))
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
+        let n = self.size().max(1);
+        let most = counts.iter().copied().max().unwrap_or(0);
+        self.collective(((n - 1) * most) as f64, n - 1, |c| {
+            c.all_gather(send, recv, counts)
+        })
+    }
+    fn reduce_scatter(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.size().max(1);
+        let most = counts.iter().copied().max().unwrap_or(0);
+        self.collective(((n - 1) * most) as f64, n - 1, |c| {
+            c.reduce_scatter(send, recv, counts, op)
+        })
+    }
+    fn all_to_all(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let me = self.rank().0;
+        let away = |c: &[usize]| -> usize {
+            c.iter()
+                .enumerate()
+                .filter(|&(j, _)| j != me)
+                .map(|(_, &x)| x)
+                .sum()
+        };
+        let n = self.size().max(1);
+        let most = away(send_counts).max(away(recv_counts));
+        self.collective(most as f64, n - 1, |c| {
+            c.all_to_all(send, send_counts, recv, recv_counts)
+        })
+    }
+    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
+        // Pipelined along a chain: the bytes once, a latency per hop.
+        let n = self.size().max(1);
+        self.collective(buf.len() as f64, n - 1, |c| c.broadcast(buf, root))
+    }
+    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
+        let (main, t0) = self.begin();
+        self.inner.send(data, peer, tag)?;
+        self.inner.send(&split(t0), peer, tag)?;
+        // Buffered: the sender goes on at once.
+        self.finish(main, t0, t0, 0.0);
+        Ok(())
+    }
+    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
+        let (main, t0) = self.begin();
+        let mut sent = [0.0f32; 2];
+        self.wait_in(|c| {
+            c.recv(buf, peer, tag)?;
+            c.recv(&mut sent, peer, tag)
+        })?;
+        let secs = self.peer_link(peer).seconds(self.bytes(buf.len()), 1.0);
+        let end = t0.max(join(&sent) + secs);
+        self.finish(main, t0, end, secs);
+        Ok(())
+    }
+    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
+        let (main, t0) = self.begin();
+        let stamp = split(t0);
+        let recvs = ops.iter().filter(|o| matches!(o, P2p::Recv { .. })).count();
+        let mut stamps = vec![[0.0f32; 2]; recvs];
+        // (peer, elements) of each receive, in posting order.
+        let mut received = Vec::with_capacity(recvs);
+        let (mut sent_elems, mut recv_elems) = (0usize, 0usize);
+        let mut link = self.cluster.same_node;
+        {
+            let mut slots = stamps.iter_mut();
+            let mut all: Vec<P2p<'_>> = Vec::with_capacity(2 * ops.len());
+            for op in ops.iter_mut() {
+                match op {
+                    P2p::Send { peer, data } => {
+                        sent_elems += data.len();
+                        if self.peer_link(*peer) == self.cluster.cross_node {
+                            link = self.cluster.cross_node;
+                        }
+                        all.push(P2p::Send { peer: *peer, data });
+                        all.push(P2p::Send {
+                            peer: *peer,
+                            data: &stamp,
+                        });
+                    }
+                    P2p::Recv { peer, buf } => {
+                        recv_elems += buf.len();
+                        if self.peer_link(*peer) == self.cluster.cross_node {
+                            link = self.cluster.cross_node;
+                        }
+                        received.push((*peer, buf.len()));
+                        all.push(P2p::Recv { peer: *peer, buf });
+                        if let Some(slot) = slots.next() {
+                            all.push(P2p::Recv {
+                                peer: *peer,
+                                buf: slot,
+                            });
+                        }
+                    }
+                }
+            }
+            self.wait_in(|c| c.batch(&mut all))?;
+        }
+        // Done when this member has pushed and taken its bytes through its link, and every
+        // message has arrived from its sender.
+        let own = link.seconds(self.bytes(sent_elems.max(recv_elems)), 1.0);
+        let arrivals = received
+            .iter()
+            .zip(&stamps)
+            .map(|(&(peer, elems), s)| {
+                join(s) + self.peer_link(peer).seconds(self.bytes(elems), 1.0)
+            })
+            .fold(f64::NEG_INFINITY, f64::max);
+        if sent_elems + recv_elems > 0 {
+            self.finish(main, t0, (t0 + own).max(arrivals), own);
+        }
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        let n = self.size().max(1);
+        self.collective(0.0, 2 * (n - 1), |c| c.barrier())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comm::ThreadComm;
+
+    fn cluster() -> Cluster {
+        let mut c = crate::presets::cluster("h100x8").unwrap();
+        c.devices_per_node = 2;
+        c.nodes = 2;
+        c.same_node = Link {
+            gbps: 1.0,
+            latency_us: 1.0,
+        };
+        c.cross_node = Link {
+            gbps: 0.5,
+            latency_us: 10.0,
+        };
+        c.elem_bytes = 4.0;
+        c
+    }
+
+    #[test]
+    fn a_collective_starts_with_its_last_member_and_lasts_the_ring_time() {
+        let got = ThreadComm::run(4, |w| {
+            let c = cluster();
+            let clock = Clock::new();
+            // Rank r arrives at r ms.
+            clock.advance(Phase::Compute, 1e-3 * w.rank().0 as f64);
+            let sim = SimComm::over(&w, &c, clock.clone())?;
+            let mut buf = vec![w.rank().0 as f32; 1000];
+            sim.all_reduce(&mut buf, ReduceOp::Sum)?;
+            assert_eq!(buf[0], 6.0);
+            // Ranks 0 and 1 share a node.
+            let pair = sim.sub_group(&[Rank(w.rank().0 / 2 * 2), Rank(w.rank().0 / 2 * 2 + 1)])?;
+            let before = clock.now();
+            pair.all_reduce(&mut buf, ReduceOp::Sum)?;
+            Ok::<_, comm::CommError>((before, clock.now(), clock.read()))
+        })
+        .unwrap();
+        // 4 ranks over 2 nodes: cross-node ring, 2·3/4 · 4000 B at 0.5 GB/s + 6 × 10 µs.
+        let ring = 1.5 * 4000.0 / 0.5e9 + 6.0 * 10e-6;
+        for (before, after, r) in &got {
+            assert!((before - (3e-3 + ring)).abs() < 1e-12, "{before}");
+            // Same node: 2·1/2 · 4000 B at 1 GB/s + 2 × 1 µs.
+            assert!((after - before - (4000.0 / 1e9 + 2e-6)).abs() < 1e-12);
+            let sum: f64 = r.phases.iter().sum();
+            assert!((sum - r.now).abs() < 1e-12);
+        }
+        // Rank 0 waited 3 ms for rank 3; rank 3 did not wait.
+        assert!((got[0].2.phase(Phase::Wait) - 3e-3).abs() < 1e-12);
+        assert_eq!(got[3].2.phase(Phase::Wait), 0.0);
+    }
+
+    #[test]
+    fn a_message_arrives_a_link_time_after_it_was_sent() {
+        let got = ThreadComm::run(3, |w| {
+            let c = cluster();
+            let clock = Clock::new();
+            let sim = SimComm::over(&w, &c, clock.clone())?;
+            match w.rank().0 {
+                0 => {
+                    clock.advance(Phase::Compute, 0.5);
+                    sim.send(&[1.0; 250], Rank(1), 7)?;
+                    sim.batch(&mut [P2p::Send {
+                        peer: Rank(2),
+                        data: &[2.0; 500],
+                    }])?;
+                }
+                1 => {
+                    let mut b = [0.0; 250];
+                    sim.recv(&mut b, Rank(0), 7)?;
+                    assert_eq!(b[0], 1.0);
+                }
+                _ => {
+                    clock.advance(Phase::Compute, 2.0);
+                    let mut b = [0.0; 500];
+                    sim.batch(&mut [P2p::Recv {
+                        peer: Rank(0),
+                        buf: &mut b,
+                    }])?;
+                    assert_eq!(b[0], 2.0);
+                }
+            }
+            Ok::<_, comm::CommError>(clock.now())
+        })
+        .unwrap();
+        // Rank 1 (same node): sent at 0.5 s, 1000 B at 1 GB/s + 1 µs.
+        assert!((got[1] - (0.5 + 1e-6 + 1e-6)).abs() < 1e-12, "{}", got[1]);
+        // Rank 2 (other node) was late itself: only its own link time after 2 s.
+        assert!(
+            (got[2] - (2.0 + 2000.0 / 0.5e9 + 10e-6)).abs() < 1e-12,
+            "{}",
+            got[2]
+        );
+        // The sender pushed 2000 B cross-node after its send.
+        assert!(
+            (got[0] - (0.5 + 2000.0 / 0.5e9 + 10e-6)).abs() < 1e-12,
+            "{}",
+            got[0]
+        );
+    }
+
+    #[test]
+    fn another_threads_reduction_overlaps_until_a_collective_needs_it() {
+        let got = ThreadComm::run(4, |w| {
+            let c = cluster();
+            let clock = Clock::new();
+            let sim = SimComm::over(&w, &c, clock.clone())?;
+            let me = w.rank().0;
+            // "DP" pairs {0, 2} and {1, 3} (across nodes), "TP" pairs {0, 1} and {2, 3}.
+            let dp = sim.sub_group(&[Rank(me % 2), Rank(me % 2 + 2)])?;
+            let tp = sim.sub_group(&[Rank(me / 2 * 2), Rank(me / 2 * 2 + 1)])?;
+            clock.advance(Phase::Compute, 1.0);
+            // A 4 MB reduction on a second thread, launched at 1 s: 4e6 B cross-node takes 8 ms.
+            let c2 = clock.clone();
+            let side = std::thread::scope(|s| {
+                s.spawn(move || {
+                    assert!(!c2.on_main_thread());
+                    let mut g = vec![1.0f32; 1_000_000];
+                    dp.all_reduce(&mut g, ReduceOp::Sum).map(|_| g[0])
+                })
+                .join()
+                .unwrap()
+            })?;
+            assert_eq!(side, 2.0);
+            // The main timeline did not wait for it, and a TP collective does not either.
+            assert_eq!(clock.now(), 1.0);
+            let mut x = [1.0f32];
+            tp.all_reduce(&mut x, ReduceOp::Sum)?;
+            let after_tp = clock.now();
+            // A world collective does: it contains the DP group.
+            sim.all_reduce(&mut x, ReduceOp::Sum)?;
+            Ok::<_, comm::CommError>((after_tp, clock.now(), clock.read()))
+        })
+        .unwrap();
+        let reduction = 1.0 + 4e6 / 0.5e9 + 2.0 * 10e-6;
+        for (after_tp, after_world, r) in &got {
+            assert!(
+                (after_tp - (1.0 + 4.0 / 1e9 + 2e-6)).abs() < 1e-12,
+                "{after_tp}"
+            );
+            let world = 1.5 * 4.0 / 0.5e9 + 6.0 * 10e-6;
+            assert!(
+                (after_world - (reduction + world)).abs() < 1e-12,
+                "{after_world}"
+            );
+            assert!(r.phase(Phase::Wait) > 7e-3);
+        }
+    }
+}
