@@ -33,6 +33,10 @@ pub struct Args {
 /// rank, optimizer seconds, parameters of a rank).
 type Probe = ([f64; 2], f64, usize);
 
+/// Tokens of the small probe step (one sequence): almost all of its time is the kernels'
+/// overhead, communication and the update, so it pins the overhead per kernel down.
+const SMALL: usize = 16;
+
 /// The probe's sequence length for micro-batches of `tokens`: 512, or the model's longest if
 /// shorter, and at most half of `tokens` (so that the smaller probe step is smaller).
 fn probe_len(cfg: &model::LlamaConfig, tokens: usize) -> usize {
@@ -203,7 +207,7 @@ fn tp_probe(
 }
 
 /// Times training steps of `cfg` with every rank a DP replica, with micro-batches of
-/// `tokens` and of one sequence: (step seconds of each, optimizer seconds, parameters), medians
+/// `tokens` and of [`SMALL`] tokens: (step seconds of each, optimizer seconds, parameters), medians
 /// of 3.
 fn probe(
     c: &dyn Communicator,
@@ -216,8 +220,8 @@ fn probe(
         v[v.len() / 2]
     };
     let len = probe_len(cfg, tokens);
-    let (big, opt_s, numel) = dp_steps(be, c, cfg, tokens, len, 3, |_| {})?;
-    let (small, _, _) = dp_steps(be, c, cfg, len, len, 3, |_| {})?;
+    let (big, opt_s, numel) = dp_steps(be, c, cfg, tokens, len, 5, |_| {})?;
+    let (small, _, _) = dp_steps(be, c, cfg, SMALL, SMALL, 5, |_| {})?;
     Ok(([median(big), median(small)], median(opt_s), numel))
 }
 
@@ -267,7 +271,8 @@ fn time(mut f: impl FnMut() -> Result<(), kernels::KernelError>) -> Result<f64, 
 struct Rates {
     /// `([d0, d1, d2] ascending, FLOP/s)`.
     gemm: Vec<([usize; 3], f64)>,
-    attention: f64,
+    /// `(sequence length, FLOP/s)`.
+    attention: Vec<(usize, f64)>,
     memory_gbps: f64,
     /// AdamW updates per second.
     adamw: f64,
@@ -316,11 +321,11 @@ fn measure(
             }
         }
     }
-    // Attention of one 512-token sequence, forward and backward: the model's heads (4 of 32
-    // without one).
-    let (len, shape) = match cfg {
+    // Attention of one sequence, forward and backward, at lengths 64, 256 and 1024 (up to the
+    // model's longest): the model's heads (4 of 32 without one).
+    let (longest, shape) = match cfg {
         Some(cfg) => (
-            cfg.max_position_embeddings.clamp(2, 512),
+            cfg.max_position_embeddings.clamp(2, 1024),
             AttnShape {
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.kv_heads(),
@@ -328,7 +333,7 @@ fn measure(
             },
         ),
         None => (
-            512,
+            1024,
             AttnShape {
                 heads: 4,
                 kv_heads: 4,
@@ -336,22 +341,30 @@ fn measure(
             },
         ),
     };
-    let (heads, hd) = (shape.heads, shape.head_dim);
-    let x = vec![0.1f32; len * heads * hd];
-    let kv = vec![0.1f32; len * shape.kv_heads * hd];
-    let (mut o, mut lse) = (vec![0.0f32; x.len()], vec![0.0f32; len * heads]);
-    let (mut dq, mut dk, mut dv) = (x.clone(), kv.clone(), kv.clone());
-    let cu = [0, len];
-    let scale = 1.0 / (hd as f32).sqrt();
-    c.barrier()?;
-    let t = time(|| {
-        be.attention_forward(&x, &kv, &kv, &cu, shape, scale, &mut o, &mut lse)?;
-        be.attention_backward(
-            &x, &x, &kv, &kv, &o, &lse, &cu, shape, scale, &mut dq, &mut dk, &mut dv,
-        )
-    })?;
-    // Causal: half the square; forward + backward ≈ 3 × forward of 4·L²·(heads·hd).
-    let attention = 3.0 * 2.0 * (len * len * heads * hd) as f64 / t;
+    let mut lens: Vec<usize> = [64, 256, 1024]
+        .into_iter()
+        .filter(|&l| l < longest)
+        .collect();
+    lens.push(longest);
+    let mut attention = Vec::new();
+    for len in lens {
+        let (heads, hd) = (shape.heads, shape.head_dim);
+        let x = vec![0.1f32; len * heads * hd];
+        let kv = vec![0.1f32; len * shape.kv_heads * hd];
+        let (mut o, mut lse) = (vec![0.0f32; x.len()], vec![0.0f32; len * heads]);
+        let (mut dq, mut dk, mut dv) = (x.clone(), kv.clone(), kv.clone());
+        let cu = [0, len];
+        let scale = 1.0 / (hd as f32).sqrt();
+        c.barrier()?;
+        let t = time(|| {
+            be.attention_forward(&x, &kv, &kv, &cu, shape, scale, &mut o, &mut lse)?;
+            be.attention_backward(
+                &x, &x, &kv, &kv, &o, &lse, &cu, shape, scale, &mut dq, &mut dk, &mut dv,
+            )
+        })?;
+        // Causal: half the square; forward + backward ≈ 3 × forward of 4·L²·(heads·hd).
+        attention.push((len, 3.0 * 2.0 * (len * len * heads * hd) as f64 / t));
+    }
     // Elementwise: y += a·x over 4 Mi floats reads two and writes one.
     let n = 1 << 22;
     let xs = vec![1.0f32; n];
@@ -483,7 +496,7 @@ pub fn run(args: Args) -> Result<()> {
             max: 1.0,
             half_tokens,
             half_width,
-            attention: r.attention / (peak * max),
+            attention: r.attention.last().map_or(0.0, |a| a.1) / (peak * max),
         },
         memory_gib: mem_total / n as f64,
         same_node: link,
@@ -500,12 +513,17 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|&(d, rate)| [d[0] as f64, d[1] as f64, d[2] as f64, rate / 1e12])
             .collect(),
+        attention_table: r
+            .attention
+            .iter()
+            .map(|&(len, rate)| [len as f64, rate / 1e12])
+            .collect(),
     };
     let mut cluster = cluster;
     if let (Some(cfg), Some((steps, opt_s, numel))) = (&cfg, probed) {
         cluster.optimizer_gparams = numel as f64 / opt_s / 1e9;
         let len = probe_len(cfg, tokens);
-        let sizes = [tokens.div_ceil(len) * len, len];
+        let sizes = [tokens.div_ceil(len) * len, SMALL];
         // The simulator's clock: the same steps clocked at scale 1 and no overhead per kernel;
         // the measured steps beyond their clocked communication and update are
         // `scale × clocked compute + overhead × kernels`, solved over the two sizes. Then the
@@ -617,11 +635,17 @@ fn toml_text(c: &Cluster) -> String {
         .iter()
         .map(|r| format!("    [{}, {}, {}, {:.6}],\n", r[0], r[1], r[2], r[3]))
         .collect();
+    let attention: String = c
+        .attention_table
+        .iter()
+        .map(|r| format!("    [{}, {:.6}],\n", r[0], r[1]))
+        .collect();
     format!(
         "name = \"{}\"\nnodes = {}\ndevices_per_node = {}\npeak_tflops = {:.6}\nmemory_gib = {:.3}\n\
          elem_bytes = {}\nmemory_gbps = {:.3}\noptimizer_gparams = {:.5}\nshared_cores = {}\n\
          compute_scale = {:.4}\nclock_scale = {:.4}\nkernel_overhead_us = {:.2}\n\
-         # Measured GEMM rates: [d0, d1, d2 ascending, TFLOP/s]\ngemm_table = [\n{table}]\n\n\
+         # Measured GEMM rates: [d0, d1, d2 ascending, TFLOP/s]\ngemm_table = [\n{table}]\n\
+         # Measured causal attention rates: [sequence length, TFLOP/s]\nattention_table = [\n{attention}]\n\n\
          [efficiency]\nmax = {:.4}\nhalf_tokens = {}\n\
          half_width = {}\nattention = {:.4}\n\n[same_node]\ngbps = {:.4}\nlatency_us = {:.2}\n\n\
          [cross_node]\ngbps = {:.4}\nlatency_us = {:.2}\n",

@@ -86,7 +86,7 @@ fn profile_then_plan_a_training_run_and_compare() {
     ]);
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("probe: DP steps of 256 and 128 tokens per rank"),
+            .contains("probe: DP steps of 256 and 16 tokens per rank"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -89,6 +89,11 @@ pub struct Cluster {
     /// of the efficiency curve.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gemm_table: Vec<[f64; 4]>,
+    /// Measured causal attention rates, `[sequence length, TFLOP/s]` (forward and backward of
+    /// one sequence, `6·L²·heads·head_dim` FLOPs); where given, attention time comes from it,
+    /// interpolated in log space, instead of `efficiency.attention`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention_table: Vec<[f64; 2]>,
 }
 
 fn one() -> f64 {
@@ -139,6 +144,34 @@ impl Cluster {
             None => self.peak_tflops * 1e12 * self.gemm_efficiency(d[2], d[0]),
         };
         flops / rate
+    }
+
+    /// Seconds of causal attention's forward and backward over one sequence of `len` tokens
+    /// with `width` = heads × head_dim on the device (`6·len²·width` FLOPs), unscaled: by the
+    /// measured [`Cluster::attention_table`] where there is one (log-interpolated in the length,
+    /// clamped at its ends), else at `efficiency.attention` of peak.
+    pub fn attention_seconds(&self, len: usize, width: usize) -> f64 {
+        let flops = 6.0 * (len as f64).powi(2) * width as f64;
+        if flops == 0.0 {
+            return 0.0;
+        }
+        let t = &self.attention_table;
+        let rate = if t.is_empty() {
+            self.peak_tflops * self.efficiency.attention
+        } else {
+            let x = (len as f64).ln();
+            let i = t.partition_point(|r| r[0].ln() <= x);
+            if i == 0 {
+                t[0][1]
+            } else if i == t.len() {
+                t[t.len() - 1][1]
+            } else {
+                let (a, b) = (t[i - 1], t[i]);
+                let w = (x - a[0].ln()) / (b[0].ln() - a[0].ln());
+                (a[1].ln() * (1.0 - w) + b[1].ln() * w).exp()
+            }
+        };
+        flops / (rate * 1e12)
     }
 
     /// FLOP/s of a GEMM with ascending dims `d` from the table (trilinear in log2 of the dims,
@@ -204,5 +237,86 @@ impl Cluster {
         } else {
             self.cross_node
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        Cluster {
+            name: "t".into(),
+            nodes: 1,
+            devices_per_node: 1,
+            peak_tflops: 1.0,
+            efficiency: Efficiency {
+                max: 0.5,
+                half_tokens: 64.0,
+                half_width: 64.0,
+                attention: 0.25,
+            },
+            memory_gib: 1.0,
+            same_node: Link {
+                gbps: 1.0,
+                latency_us: 1.0,
+            },
+            cross_node: Link {
+                gbps: 1.0,
+                latency_us: 1.0,
+            },
+            elem_bytes: 4.0,
+            memory_gbps: 0.0,
+            optimizer_gparams: 0.0,
+            shared_cores: 0.0,
+            compute_scale: 1.0,
+            clock_scale: 0.0,
+            kernel_overhead_us: 0.0,
+            gemm_table: Vec::new(),
+            attention_table: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn measured_tables_give_their_rates_at_the_points_and_geometric_means_between() {
+        let mut c = cluster();
+        // Without tables: the curve (largest dim as tokens, smallest as width).
+        let flops = 2.0 * 16.0 * 256.0 * 1024.0;
+        let want = flops / (1e12 * c.gemm_efficiency(1024.0, 16.0));
+        assert!((c.gemm_seconds(1024, 16, 256, 1) / want - 1.0).abs() < 1e-12);
+        assert!((c.gemm_seconds(256, 1024, 16, 2) / (2.0 * want) - 1.0).abs() < 1e-12);
+        assert_eq!(c.attention_seconds(100, 64), 6.0 * 1e4 * 64.0 / 0.25e12);
+        // A table over dims {16, 64} (every ascending triple) and lengths {64, 256}.
+        for (i, d) in [
+            [16.0, 16.0, 16.0],
+            [16.0, 16.0, 64.0],
+            [16.0, 64.0, 64.0],
+            [64.0, 64.0, 64.0],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            c.gemm_table
+                .push([d[0], d[1], d[2], 0.001 * 2f64.powi(i as i32)]);
+        }
+        c.attention_table = vec![[64.0, 0.01], [256.0, 0.04]];
+        let rate = |m: usize, n: usize, k: usize| {
+            2.0 * (m * n * k) as f64 / c.gemm_seconds(m, n, k, 1) / 1e12
+        };
+        assert!(
+            (rate(16, 64, 16) - 0.002).abs() < 1e-12,
+            "{}",
+            rate(16, 64, 16)
+        );
+        assert!((rate(64, 64, 64) - 0.008).abs() < 1e-12);
+        // Halfway (in log2) along one dim: the geometric mean of the two neighbours.
+        assert!((rate(16, 16, 32) - (0.001f64 * 0.002).sqrt()).abs() < 1e-12);
+        // Beyond the grid: clamped.
+        assert!((rate(64, 64, 4096) - 0.008).abs() < 1e-12);
+        let att = |l: usize| 6.0 * (l * l * 8) as f64 / c.attention_seconds(l, 8) / 1e12;
+        assert!((att(64) - 0.01).abs() < 1e-12);
+        assert!((att(128) - 0.02).abs() < 1e-12);
+        assert!((att(4096) - 0.04).abs() < 1e-12);
+        assert!((att(8) - 0.01).abs() < 1e-12);
     }
 }

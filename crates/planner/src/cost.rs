@@ -291,10 +291,13 @@ impl CostModel {
         }
         let c = &self.cfg;
         let tp = s.tp as f64;
-        let peak = self.cluster.peak_tflops * 1e12;
-        let (_, attn) = self.flops(lens);
-        let compute = self.linear_seconds(s, tokens as usize)
-            + attn / (tp * peak * self.cluster.efficiency.attention);
+        let width = c.num_attention_heads * c.head_dim() / s.tp;
+        let attention: f64 = c.num_hidden_layers as f64
+            * lens
+                .iter()
+                .map(|&l| self.cluster.attention_seconds(l, width))
+                .sum::<f64>();
+        let compute = self.linear_seconds(s, tokens as usize) + attention;
         // Per layer, forward and backward: 2 all-gathers + 2 reduce-scatters each way under
         // SP (the volume of 4 all-reduces of the activations).
         let eb = self.cluster.elem_bytes;

@@ -25,6 +25,7 @@
 //!     clock_scale: 0.0,
 //!     kernel_overhead_us: 0.0,
 //!     gemm_table: Vec::new(),
+//!     attention_table: Vec::new(),
 //! };
 //! let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
 //! let planner = Planner::new(CostModel::new(cluster, cfg));

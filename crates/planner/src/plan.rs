@@ -413,6 +413,7 @@ mod tests {
             clock_scale: 0.0,
             kernel_overhead_us: 0.0,
             gemm_table: Vec::new(),
+            attention_table: Vec::new(),
         };
         let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
         Planner::new(CostModel::new(cluster, cfg))

@@ -235,25 +235,20 @@ struct Rates {
 }
 
 impl Rates {
-    fn peak(&self) -> f64 {
-        self.cluster.peak_tflops * 1e12
-    }
-
     /// A GEMM of `m × n × k` (`batch` of them), as [`Cluster::gemm_seconds`] times it.
     fn gemm(&self, s: &GemmSpec) -> f64 {
         self.scale * self.cluster.gemm_seconds(s.m, s.n, s.k, s.batch)
     }
 
-    /// Causal attention over `cu` (sequence offsets): `2·L²·(heads·head_dim)` FLOPs forward per
-    /// sequence, twice that backward.
+    /// Causal attention over `cu` (sequence offsets), forward (a third of
+    /// [`Cluster::attention_seconds`]) or backward (two thirds).
     fn attention(&self, cu: &[usize], shape: AttnShape, backward: bool) -> f64 {
-        let q = (shape.heads * shape.head_dim) as f64;
-        let flops: f64 = cu
+        let width = shape.heads * shape.head_dim;
+        let both: f64 = cu
             .windows(2)
-            .map(|w| 2.0 * ((w[1] - w[0]) as f64).powi(2) * q)
-            .sum::<f64>()
-            * if backward { 2.0 } else { 1.0 };
-        self.scale * flops / (self.peak() * self.cluster.efficiency.attention)
+            .map(|w| self.cluster.attention_seconds(w[1] - w[0], width))
+            .sum();
+        self.scale * both * if backward { 2.0 / 3.0 } else { 1.0 / 3.0 }
     }
 
     /// An elementwise kernel touching `elems` four-byte values (0 where the cluster leaves

@@ -50,6 +50,7 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             clock_scale: 0.0,
             kernel_overhead_us: 0.0,
             gemm_table: Vec::new(),
+            attention_table: Vec::new(),
         }),
         "h100x8" => Ok(Cluster {
             name: name.into(),
@@ -74,6 +75,7 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             clock_scale: 0.0,
             kernel_overhead_us: 0.0,
             gemm_table: Vec::new(),
+            attention_table: Vec::new(),
         }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",
