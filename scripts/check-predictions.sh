@@ -2,15 +2,18 @@
 # Checks the cost model's and the simulator's step-time predictions against measured
 # `hotspa train` steps on this machine: for each run, a plain training run (measured), the
 # planner's estimate of the same batches (`hotspa plan --compare`), and the same training driven
-# by the simulator's clock (`hotspa train --sim-cluster PROFILE`). Mean of steps 2..N.
+# by the simulator's clock (`hotspa train --sim-cluster PROFILE`). Mean of steps 2..N; the
+# measured time is the median of RUNS plain runs (default 3: step times here vary by 10-20 %
+# from run to run), with their range.
 #
-#   scripts/check-predictions.sh [DEVICES] [STEPS]
+#   scripts/check-predictions.sh [DEVICES] [STEPS] [RUNS]
 #
 # Writes profiles and metrics under ${OUT:-/tmp/hotspa-check} and prints one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4}
 STEPS=${2:-8}
+RUNS=${3:-3}
 OUT=${OUT:-/tmp/hotspa-check}
 BIN=${BIN:-./target/release/hotspa}
 mkdir -p "$OUT"
@@ -32,7 +35,7 @@ v = [json.loads(l)['$2'] for l in open('$1')][1:]
 print(f'{sum(v) / len(v):.4f}')"
 }
 
-printf '| model | run | measured s | planner s | error | simulator s | error |\n|---|---|---|---|---|---|---|\n'
+printf '| model | run | measured s (range) | planner s | error | simulator s | error |\n|---|---|---|---|---|---|---|\n'
 for model in m256 tiny; do
     if [ $model = m256 ]; then cfg="$OUT/m256"; len=256; else cfg=examples/tiny-llama; len=512; fi
     "$BIN" profile --devices "$N" --model "$cfg" --out "$OUT/profile-$model.toml" >/dev/null 2>&1
@@ -41,16 +44,21 @@ for model in m256 tiny; do
     while IFS= read -r run; do
         [ -z "$run" ] && continue
         read -r -a flags <<<"$run"
-        "$BIN" train "${common[@]}" "${flags[@]}" --metrics "$OUT/plain.jsonl" >/dev/null 2>&1
+        runs=()
+        for _ in $(seq "$RUNS"); do
+            "$BIN" train "${common[@]}" "${flags[@]}" --metrics "$OUT/plain.jsonl" >/dev/null 2>&1
+            runs+=("$(mean "$OUT/plain.jsonl" seconds)")
+        done
         planned=$("$BIN" plan "${common[@]}" "${flags[@]}" --profile "$OUT/profile-$model.toml" \
             --compare "$OUT/plain.jsonl" 2>/dev/null | sed -n 's/.*mean predicted \([0-9.]*\) s.*/\1/p')
         "$BIN" train "${common[@]}" "${flags[@]}" --sim-cluster "$OUT/profile-$model.toml" \
             --metrics "$OUT/sim.jsonl" >/dev/null 2>&1
-        measured=$(mean "$OUT/plain.jsonl" seconds)
         simulated=$(mean "$OUT/sim.jsonl" simulated_seconds)
+        list=$(IFS=,; echo "${runs[*]}")
         python3 -c "
-m, p, s = $measured, float('${planned:-nan}'), $simulated
-print(f'| $model | \`$run\` | {m:.3f} | {p:.3f} | {100 * (p / m - 1):+.0f} % | {s:.3f} | {100 * (s / m - 1):+.0f} % |')"
+r = sorted([$list])
+m, p, s = r[len(r) // 2], float('${planned:-nan}'), $simulated
+print(f'| $model | \`$run\` | {m:.3f} ({r[0]:.3f}–{r[-1]:.3f}) | {p:.3f} | {100 * (p / m - 1):+.0f} % | {s:.3f} | {100 * (s / m - 1):+.0f} % |')"
     done <<EOF
 --strategy dp$N
 --strategy dp$((N / 2))tp2
