@@ -608,9 +608,9 @@ pub fn run(args: Args, bare: bool) -> Result<()> {
     if let (Some(c), true) = (&sim_cluster, timed.0 > 0) {
         let k = timed.0 as f64;
         eprintln!(
-            "simulated on {}: {:.4} s per step (steps after the first; measured here {:.4} s, with the clocks' own messages)",
+            "simulated on {}: {} per step (steps after the first; measured here {:.4} s, with the clocks' own messages)",
             c.name,
-            timed.2 / k,
+            seconds(timed.2 / k),
             timed.1 / k
         );
     }
@@ -663,10 +663,21 @@ pub fn run_argv(argv: &[String]) -> Result<()> {
 }
 
 /// The hot-switching part of a step line: time per strategy and in switches, bytes switched.
+/// A duration for people: seconds, or milliseconds/microseconds when short.
+fn seconds(s: f64) -> String {
+    if s >= 0.1 {
+        format!("{s:.3} s")
+    } else if s >= 1e-4 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.3} µs", s * 1e6)
+    }
+}
+
 fn hot_note(v: &serde_json::Value) -> String {
     let sim = v["simulated_seconds"]
         .as_f64()
-        .map_or(String::new(), |s| format!("  simulated {s:.4}s"));
+        .map_or(String::new(), |s| format!("  simulated {}", seconds(s)));
     let Some(per) = v["strategy_seconds"].as_object() else {
         return sim;
     };
