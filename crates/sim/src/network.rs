@@ -19,6 +19,8 @@ use crate::clock::{Clock, CoreShare, Phase};
 /// more small messages than the run itself.
 pub struct SimComm {
     inner: Box<dyn Communicator>,
+    /// The members' world ranks, in group order.
+    members: Vec<usize>,
     cluster: Arc<Cluster>,
     clock: Clock,
     share: Option<Arc<CoreShare>>,
@@ -38,11 +40,22 @@ impl SimComm {
     /// Wraps `inner` (a group numbered like the simulated cluster's devices: world rank `r` on
     /// node `r / devices_per_node`), moving `clock`.
     pub fn new(inner: Box<dyn Communicator>, cluster: &Cluster, clock: Clock) -> Self {
+        Self::wrap(inner, Arc::new(cluster.clone()), clock, None)
+    }
+
+    fn wrap(
+        inner: Box<dyn Communicator>,
+        cluster: Arc<Cluster>,
+        clock: Clock,
+        share: Option<Arc<CoreShare>>,
+    ) -> Self {
+        let members = inner.world_ranks().iter().map(|r| r.0).collect();
         Self {
             inner,
-            cluster: Arc::new(cluster.clone()),
+            members,
+            cluster,
             clock,
-            share: None,
+            share,
         }
     }
 
@@ -72,30 +85,32 @@ impl SimComm {
         &self.clock
     }
 
-    fn node(&self, world_rank: Rank) -> usize {
-        world_rank.0 / self.cluster.devices_per_node.max(1)
+    fn node(&self, world_rank: usize) -> usize {
+        world_rank / self.cluster.devices_per_node.max(1)
     }
 
     /// The link of this group (cross-node when its members are on more than one node).
     fn group_link(&self) -> Link {
-        let w = self.inner.world_ranks();
-        let first = w.first().map_or(0, |&r| self.node(r));
-        if w.iter().all(|&r| self.node(r) == first) {
+        let first = self.members.first().map_or(0, |&r| self.node(r));
+        if self.members.iter().all(|&r| self.node(r) == first) {
             self.cluster.same_node
         } else {
             self.cluster.cross_node
         }
     }
 
+    /// Whether `peer` is on another node than this member.
+    fn crosses(&self, peer: Rank) -> bool {
+        let world = |r: usize| self.members.get(r).copied().unwrap_or(0);
+        self.node(world(self.inner.rank().0)) != self.node(world(peer.0))
+    }
+
     /// The link between this member and `peer`.
     fn peer_link(&self, peer: Rank) -> Link {
-        let w = self.inner.world_ranks();
-        let me = w.get(self.inner.rank().0).copied().unwrap_or(Rank(0));
-        let them = w.get(peer.0).copied().unwrap_or(Rank(0));
-        if self.node(me) == self.node(them) {
-            self.cluster.same_node
-        } else {
+        if self.crosses(peer) {
             self.cluster.cross_node
+        } else {
+            self.cluster.same_node
         }
     }
 
@@ -103,17 +118,12 @@ impl SimComm {
         elems as f64 * self.cluster.elem_bytes
     }
 
-    /// The group's members as world-rank numbers.
-    fn members(&self) -> Vec<usize> {
-        self.inner.world_ranks().iter().map(|r| r.0).collect()
-    }
-
     /// When this member may start an operation: on the rank's own thread, the main timeline's
     /// time (after waiting for the side timeline if this group contains its group); on another
     /// thread, the side timeline's.
     fn begin(&self) -> (bool, f64) {
         if self.clock.on_main_thread() {
-            self.clock.join_side(&self.members());
+            self.clock.join_side(&self.members);
             (true, self.clock.now())
         } else {
             (false, self.clock.side_start())
@@ -128,8 +138,16 @@ impl SimComm {
             self.clock.wait_until(end - transfer);
             self.clock.advance(Phase::Transfer, transfer);
         } else {
-            self.clock.side_done(end.max(t0), &self.members());
+            self.clock.side_done(end.max(t0), &self.members);
         }
+    }
+
+    /// A ring all-gather's or reduce-scatter's volume through each link (every member passes on
+    /// `n − 1` chunks, the largest bounding each step) and its steps.
+    fn ring_of_chunks(&self, counts: &[usize]) -> (f64, usize) {
+        let n = self.size().max(1);
+        let most = counts.iter().copied().max().unwrap_or(0);
+        (((n - 1) * most) as f64, n - 1)
     }
 
     /// Runs the collective `f` on the inner group: it starts when the last member arrives and
@@ -175,12 +193,12 @@ impl Communicator for SimComm {
         self.inner.set_timeout(timeout)
     }
     fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(SimComm {
-            inner: self.inner.sub_group(members)?,
-            cluster: self.cluster.clone(),
-            clock: self.clock.clone(),
-            share: self.share.clone(),
-        }))
+        Ok(Box::new(SimComm::wrap(
+            self.inner.sub_group(members)?,
+            self.cluster.clone(),
+            self.clock.clone(),
+            self.share.clone(),
+        )))
     }
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let n = self.size().max(1);
@@ -188,11 +206,8 @@ impl Communicator for SimComm {
         self.collective(volume, 2 * (n - 1), |c| c.all_reduce(buf, op))
     }
     fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
-        let n = self.size().max(1);
-        let most = counts.iter().copied().max().unwrap_or(0);
-        self.collective(((n - 1) * most) as f64, n - 1, |c| {
-            c.all_gather(send, recv, counts)
-        })
+        let (volume, steps) = self.ring_of_chunks(counts);
+        self.collective(volume, steps, |c| c.all_gather(send, recv, counts))
     }
     fn reduce_scatter(
         &self,
@@ -201,11 +216,8 @@ impl Communicator for SimComm {
         counts: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        let n = self.size().max(1);
-        let most = counts.iter().copied().max().unwrap_or(0);
-        self.collective(((n - 1) * most) as f64, n - 1, |c| {
-            c.reduce_scatter(send, recv, counts, op)
-        })
+        let (volume, steps) = self.ring_of_chunks(counts);
+        self.collective(volume, steps, |c| c.reduce_scatter(send, recv, counts, op))
     }
     fn all_to_all(
         &self,
@@ -261,7 +273,7 @@ impl Communicator for SimComm {
         // (peer, elements) of each receive, in posting order.
         let mut received = Vec::with_capacity(recvs);
         let (mut sent_elems, mut recv_elems) = (0usize, 0usize);
-        let mut link = self.cluster.same_node;
+        let mut crosses = false;
         {
             let mut slots = stamps.iter_mut();
             let mut all: Vec<P2p<'_>> = Vec::with_capacity(2 * ops.len());
@@ -269,9 +281,7 @@ impl Communicator for SimComm {
                 match op {
                     P2p::Send { peer, data } => {
                         sent_elems += data.len();
-                        if self.peer_link(*peer) == self.cluster.cross_node {
-                            link = self.cluster.cross_node;
-                        }
+                        crosses |= self.crosses(*peer);
                         all.push(P2p::Send { peer: *peer, data });
                         all.push(P2p::Send {
                             peer: *peer,
@@ -280,9 +290,7 @@ impl Communicator for SimComm {
                     }
                     P2p::Recv { peer, buf } => {
                         recv_elems += buf.len();
-                        if self.peer_link(*peer) == self.cluster.cross_node {
-                            link = self.cluster.cross_node;
-                        }
+                        crosses |= self.crosses(*peer);
                         received.push((*peer, buf.len()));
                         all.push(P2p::Recv { peer: *peer, buf });
                         if let Some(slot) = slots.next() {
@@ -298,6 +306,11 @@ impl Communicator for SimComm {
         }
         // Done when this member has pushed and taken its bytes through its link, and every
         // message has arrived from its sender.
+        let link = if crosses {
+            self.cluster.cross_node
+        } else {
+            self.cluster.same_node
+        };
         let own = link.seconds(self.bytes(sent_elems.max(recv_elems)), 1.0);
         let arrivals = received
             .iter()
