@@ -1,16 +1,19 @@
 //! `hotspa`: the command line. Only subcommands that work exist.
 
+// Command modules (one per subcommand; none imports another)…
 mod bench;
 mod conformance_cmd;
-mod gather;
 mod graph_cmd;
-mod hot;
 mod plan_cmd;
-mod plot;
+mod plot_cmd;
 mod profile_cmd;
 mod simulate_cmd;
 mod switch_cmd;
-mod train;
+mod train_cmd;
+// …and what they share.
+mod chart;
+mod flags;
+mod output;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -39,11 +42,11 @@ enum Command {
     /// Print the exec graph of a strategy for review.
     Graph(graph_cmd::Args),
     /// Train a LLaMA model on thread devices (or MPI processes) under a parallel strategy.
-    Train(Box<train::Args>),
+    Train(Box<flags::TrainFlags>),
     /// The switch plan between two strategies' parameter layouts, against its lower bound.
     SwitchPlan(switch_cmd::Args),
     /// Plot loss and tokens/s per step from a metrics file (SVG).
-    Plot(plot::Args),
+    Plot(plot_cmd::Args),
     /// Estimate a cluster setting by the cost model: the best static strategy, the HotSPa
     /// paper's hand-picked plan and the automatic plan (or `--paper`: the paper's grid).
     Simulate(simulate_cmd::Args),
@@ -75,8 +78,8 @@ fn dispatch() -> Result<()> {
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Graph(args) => graph_cmd::run(args),
         // `hotspa train` alone runs the embedded default.
-        Command::Train(args) => train::run(*args, std::env::args().count() == 2),
-        Command::Plot(args) => plot::run(args),
+        Command::Train(args) => train_cmd::run(*args, std::env::args().count() == 2),
+        Command::Plot(args) => plot_cmd::run(args),
         Command::SwitchPlan(args) => switch_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),

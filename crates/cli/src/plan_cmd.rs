@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use planner::{CostModel, Packing, Plan, Planner};
+use planner::Planner;
 use serde::Serialize;
 
 #[derive(ClapArgs)]
@@ -14,7 +14,7 @@ pub struct PlanArgs {
     /// The flags of `hotspa train`, `--profile` (the calibration from `hotspa profile
     /// --devices N`) required.
     #[command(flatten)]
-    train: crate::train::Args,
+    train: crate::flags::TrainFlags,
     /// A `--metrics` file of the same run: predicted against measured step seconds.
     #[arg(long)]
     compare: Option<PathBuf>,
@@ -49,57 +49,28 @@ struct Report {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
-    let inp = crate::train::plan_inputs(&args.train)?;
-    let profile = args.train.profile().with_context(|| {
-        format!(
-            "pass --profile FILE (write one with `hotspa profile --devices {}`)",
-            inp.devices
-        )
+    let devices = args.train.device_count()?;
+    let profile = args.train.profile.as_ref().with_context(|| {
+        format!("pass --profile FILE (write one with `hotspa profile --devices {devices}`)")
     })?;
     let cluster = sim::presets::cluster_or_file(&profile.display().to_string())
         .with_context(|| format!("--profile {}", profile.display()))?;
     anyhow::ensure!(
-        cluster.devices() == inp.devices,
-        "the profile is for {} devices, the run has {} (run `hotspa profile --devices {}`)",
+        cluster.devices() == devices,
+        "the profile is for {} devices, the run has {devices} (run `hotspa profile --devices {devices}`)",
         cluster.devices(),
-        inp.devices,
-        inp.devices
     );
-    let mut cost = CostModel::new(cluster, inp.cfg.clone());
-    cost.packing = Packing::InOrder {
-        budget: inp.micro_batch_tokens,
-    };
-    let planner = Planner::new(cost);
-    let plan = match &inp.hot {
-        Some(h) => Plan {
-            buckets: h
-                .entries
-                .iter()
-                .map(|(s, m)| (m.unwrap_or(usize::MAX), s.clone()))
-                .collect(),
-            inst: h.entries[h.inst].0.clone(),
-        },
-        None => Plan {
-            buckets: vec![(usize::MAX, inp.strategy.clone())],
-            inst: inp.strategy.clone(),
-        },
-    };
+    let cfg = args.train.config()?;
+    let plan = train::plan_of(&cfg)
+        .context("hotspa plan estimates a given strategy or schedule, not --strategies auto")?;
+    let steps = train::batch_lengths(&cfg)?;
+    let planner = Planner::new(train::cost_model(&cfg, cluster));
     let measured: Vec<f64> = match &args.compare {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| -> Result<f64> {
-                let v: serde_json::Value = serde_json::from_str(l)?;
-                v["seconds"]
-                    .as_f64()
-                    .context("a metrics line without `seconds`")
-            })
-            .collect::<Result<_>>()?,
+        Some(p) => train::read_metrics(p)?.iter().map(|m| m.seconds).collect(),
         None => Vec::new(),
     };
     let mut rows = Vec::new();
-    for (k, lens) in inp.steps.iter().enumerate() {
+    for (k, lens) in steps.iter().enumerate() {
         let e = planner.evaluate(&plan, lens)?;
         rows.push(StepRow {
             step: k + 1,
@@ -117,17 +88,17 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .collect();
     ratios.sort_by(f64::total_cmp);
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let all: Vec<usize> = inp.steps.concat();
+    let all: Vec<usize> = steps.concat();
     // Chosen for all the batches at once, estimated step by step as the run's plan is.
     let (bs_plan, _) = planner.best_static(&all)?;
     let t0 = std::time::Instant::now();
     let (auto_plan, _) = planner.auto(&all)?;
-    let per_step = |p: &Plan| -> Result<f64> {
+    let per_step = |p: &planner::Plan| -> Result<f64> {
         let mut t = 0.0;
-        for lens in &inp.steps {
+        for lens in &steps {
             t += planner.evaluate(p, lens)?.seconds;
         }
-        Ok(t / inp.steps.len().max(1) as f64)
+        Ok(t / steps.len().max(1) as f64)
     };
     let planning_s = t0.elapsed().as_secs_f64();
     let report = Report {
@@ -143,8 +114,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
         auto_s: per_step(&auto_plan)?,
         planning_s,
     };
-    crate::bench::emit(args.json, &report, |r| {
-        println!("plan {}", r.plan.replace(&usize::MAX.to_string(), "max"));
+    crate::output::emit(args.json, &report, |r| {
+        println!("plan {}", r.plan);
         println!(
             "{:>5} {:>8} {:>12} {:>12} {:>7}",
             "step", "tokens", "predicted s", "measured s", "ratio"

@@ -104,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
             global_batch: args.global_batch,
             rows,
         };
-        return crate::bench::emit(args.json, &grid, |g| {
+        return crate::output::emit(args.json, &grid, |g| {
             println!(
                 "HotSPa's settings on a800x32, {} sequences per step; step seconds by the cost model",
                 g.global_batch
@@ -143,5 +143,5 @@ pub fn run(args: Args) -> Result<()> {
         global_batch: args.global_batch,
         seed: args.seed,
     })?;
-    crate::bench::emit(args.json, &r, one)
+    crate::output::emit(args.json, &r, one)
 }

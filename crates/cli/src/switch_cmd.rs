@@ -36,7 +36,7 @@ pub struct Args {
 }
 
 #[derive(Serialize, Clone)]
-pub struct ClassReport {
+struct ClassReport {
     pub class: String,
     pub max_send_bytes: u64,
     pub max_recv_bytes: u64,
@@ -46,7 +46,7 @@ pub struct ClassReport {
 }
 
 #[derive(Serialize, Clone)]
-pub struct MethodReport {
+struct MethodReport {
     pub method: String,
     pub classes: Vec<ClassReport>,
     pub messages: usize,
@@ -84,24 +84,8 @@ struct Report {
     per_device: Vec<DeviceRow>,
 }
 
-/// The parameters' switch from one strategy to another.
-pub fn tensors(cfg: &LlamaConfig, from: &Strategy, to: &Strategy) -> Result<Vec<TensorSwitch>> {
-    let a =
-        model::placements(cfg, from).with_context(|| format!("placing the model under {from}"))?;
-    let b = model::placements(cfg, to).with_context(|| format!("placing the model under {to}"))?;
-    Ok(a.into_iter()
-        .zip(b)
-        .map(|((name, shape, src), (_, _, dst))| TensorSwitch {
-            name,
-            shape,
-            src,
-            dst,
-        })
-        .collect())
-}
-
 /// For every parameter (in `param_specs` order): whether it is stored `[in, out]`.
-pub fn stored_transposed(cfg: &LlamaConfig) -> Vec<bool> {
+fn stored_transposed(cfg: &LlamaConfig) -> Vec<bool> {
     model::param_specs(cfg)
         .iter()
         .map(|s| s.storage() == graph::WeightLayout::InOut)
@@ -132,7 +116,7 @@ fn runs_untransposed(plan: &Plan, transposed: &[bool]) -> usize {
 
 /// Plans with both rules and measures each against the lower bound; `transposed[k]` says
 /// tensor `k` is stored `[in, out]` (for the layout comparison).
-pub fn evaluate(
+fn evaluate(
     tensors: &[TensorSwitch],
     topo: Topology,
     elem_bytes: u64,
@@ -207,7 +191,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let topo = Topology::new(dpn);
-    let ts = tensors(&cfg, &from, &to)?;
+    let ts = model::switch_tensors(&cfg, &from, &to)?;
     let params: u64 = ts
         .iter()
         .map(|t| t.shape.iter().product::<usize>() as u64)
@@ -352,7 +336,7 @@ mod tests {
                         Strategy::parse(a, n).unwrap(),
                         Strategy::parse(b, n).unwrap(),
                     );
-                    let ts = tensors(&cfg, &sa, &sb).unwrap();
+                    let ts = model::switch_tensors(&cfg, &sa, &sb).unwrap();
                     let transposed = stored_transposed(&cfg);
                     let (reports, _) = evaluate(&ts, Topology::new(m), 2, &transposed).unwrap();
                     let (g, e) = (&reports[0], &reports[1]);

@@ -2,10 +2,10 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use crate::communicator::{Communicator, P2p, Rank, ReduceOp};
+use crate::communicator::{Communicator, P2p, Rank};
 use crate::error::Result;
+use crate::layer::{CollectiveCall, Layer};
 
 /// The kind of a recorded call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,69 +86,44 @@ impl Counting {
     }
 }
 
-impl Communicator for Counting {
-    fn rank(&self) -> Rank {
-        self.inner.rank()
+impl Layer for Counting {
+    fn inner(&self) -> &dyn Communicator {
+        self.inner.as_ref()
     }
-    fn size(&self) -> usize {
-        self.inner.size()
+    fn inner_mut(&mut self) -> &mut dyn Communicator {
+        self.inner.as_mut()
     }
-    fn world_ranks(&self) -> Vec<Rank> {
-        self.inner.world_ranks()
-    }
-    fn timeout(&self) -> Duration {
-        self.inner.timeout()
-    }
-    fn set_timeout(&mut self, timeout: Duration) {
-        self.inner.set_timeout(timeout)
-    }
-    fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(Counting {
-            inner: self.inner.sub_group(members)?,
+    fn over(&self, inner: Box<dyn Communicator>) -> Self {
+        Counting {
+            inner,
             log: self.log.clone(),
-        }))
+        }
     }
-    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        self.record(CommKind::AllReduce, buf.len());
-        self.inner.all_reduce(buf, op)
-    }
-    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
-        self.record(CommKind::AllGather, recv.len());
-        self.inner.all_gather(send, recv, counts)
-    }
-    fn reduce_scatter(
+    fn on_collective(
         &self,
-        send: &[f32],
-        recv: &mut [f32],
-        counts: &[usize],
-        op: ReduceOp,
+        call: CollectiveCall<'_>,
+        run: &mut dyn FnMut(&dyn Communicator) -> Result<()>,
     ) -> Result<()> {
-        self.record(CommKind::ReduceScatter, send.len());
-        self.inner.reduce_scatter(send, recv, counts, op)
+        let kind = match call {
+            CollectiveCall::AllReduce { .. } => CommKind::AllReduce,
+            CollectiveCall::AllGather { .. } => CommKind::AllGather,
+            CollectiveCall::ReduceScatter { .. } => CommKind::ReduceScatter,
+            CollectiveCall::AllToAll { .. } => CommKind::AllToAll,
+            CollectiveCall::Broadcast { .. } => CommKind::Broadcast,
+            CollectiveCall::Barrier => CommKind::Barrier,
+        };
+        self.record(kind, call.payload());
+        run(self.inner.as_ref())
     }
-    fn all_to_all(
-        &self,
-        send: &[f32],
-        send_counts: &[usize],
-        recv: &mut [f32],
-        recv_counts: &[usize],
-    ) -> Result<()> {
-        self.record(CommKind::AllToAll, send.len());
-        self.inner.all_to_all(send, send_counts, recv, recv_counts)
-    }
-    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        self.record(CommKind::Broadcast, buf.len());
-        self.inner.broadcast(buf, root)
-    }
-    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
+    fn on_send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
         self.record(CommKind::Send, data.len());
         self.inner.send(data, peer, tag)
     }
-    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
+    fn on_recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
         self.record(CommKind::Recv, buf.len());
         self.inner.recv(buf, peer, tag)
     }
-    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
+    fn on_batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
         let sent = ops
             .iter()
             .map(|o| match o {
@@ -158,9 +133,5 @@ impl Communicator for Counting {
             .sum();
         self.record(CommKind::Batch, sent);
         self.inner.batch(ops)
-    }
-    fn barrier(&self) -> Result<()> {
-        self.record(CommKind::Barrier, 0);
-        self.inner.barrier()
     }
 }

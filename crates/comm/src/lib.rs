@@ -20,13 +20,17 @@ mod communicator;
 pub mod conformance;
 mod counting;
 mod error;
+mod layer;
 pub mod mpi;
 pub mod nccl;
+pub mod tags;
 mod thread;
+pub mod words;
 
 pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};
 pub use counting::{CommKind, CommRecord, Counting};
 pub use error::{CommError, Result};
+pub use layer::{CollectiveCall, Layer};
 pub use mpi::MpiComm;
 pub use nccl::NcclComm;
 pub use thread::{default_timeout, ThreadComm};

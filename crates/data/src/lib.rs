@@ -15,7 +15,11 @@
 //! # Ok::<(), data::DataError>(())
 //! ```
 
+pub mod packing;
+
 use std::path::{Path, PathBuf};
+
+pub use packing::Packing;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -172,6 +176,22 @@ impl Dataset {
             docs.push(bytes.into_iter().map(u32::from).collect());
         }
         Self::from_docs(docs, max_len, Path::new("(file list)"))
+    }
+
+    /// Token sequences given in memory, one document each, checked against `vocab` and cut
+    /// like a file's.
+    pub fn from_sequences(docs: &[Vec<u32>], vocab: usize, max_len: usize) -> Result<Self> {
+        let origin = Path::new("(sequences in memory)");
+        for (i, d) in docs.iter().enumerate() {
+            if let Some(k) = d.iter().position(|&id| id as usize >= vocab) {
+                return Err(DataError::Line {
+                    path: origin.to_path_buf(),
+                    line: i + 1,
+                    reason: format!("token {k} = {} is outside the vocabulary of {vocab}", d[k]),
+                });
+            }
+        }
+        Self::from_docs(docs.to_vec(), max_len, origin)
     }
 
     fn from_docs(docs: Vec<Vec<u32>>, max_len: usize, origin: &Path) -> Result<Self> {

@@ -27,6 +27,7 @@ mod error;
 mod ir;
 mod parallel;
 mod print;
+mod schedule;
 mod strategy;
 
 pub use autodiff::backward;
@@ -34,4 +35,5 @@ pub use builder::GraphBuilder;
 pub use error::{GraphError, Result};
 pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout, WeightLayout};
 pub use parallel::{lower, normalize, param_state, CommPoint, ExecGraph, SharedComm};
-pub use strategy::{MeshAxis, Strategy};
+pub use schedule::{Schedule, Slot};
+pub use strategy::{MeshAxis, Strategy, Zero};

@@ -17,8 +17,42 @@ pub struct Strategy {
     pub pp: usize,
     /// Megatron sequence parallelism inside the TP group.
     pub sp: bool,
-    /// ZeRO stage (0 = none, 1 optimizer state, 2 + gradients, 3 + parameters).
-    pub zero: u8,
+    /// What ZeRO shards over the DP group.
+    pub zero: Zero,
+}
+
+/// The ZeRO stage of a strategy: what is sharded over its DP group. Stages are ordered, so
+/// `zero >= Zero::Gradients` reads "gradients (and the optimizer state) are sharded".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Zero {
+    /// Nothing: every DP replica holds everything.
+    #[default]
+    Off,
+    /// ZeRO-1: the optimizer state.
+    Optimizer,
+    /// ZeRO-2: the optimizer state and the gradients.
+    Gradients,
+    /// ZeRO-3: the optimizer state, the gradients and the parameters.
+    Parameters,
+}
+
+impl Zero {
+    /// The stage number, 0 to 3.
+    pub fn stage(self) -> u8 {
+        self as u8
+    }
+
+    /// The stage of number `n` (0 to 3).
+    pub fn from_stage(n: usize) -> Option<Self> {
+        [
+            Zero::Off,
+            Zero::Optimizer,
+            Zero::Gradients,
+            Zero::Parameters,
+        ]
+        .get(n)
+        .copied()
+    }
 }
 
 /// Which ranks form one group of an axis.
@@ -88,18 +122,17 @@ impl Strategy {
         if dp == 0 || tp == 0 || pp == 0 {
             return Err(err("degrees must be at least 1".into()));
         }
-        let zero = zero.unwrap_or(0);
-        if zero > 3 {
-            return Err(err(format!("zero{zero}: ZeRO stages are 1, 2 and 3")));
-        }
+        let stage = zero.unwrap_or(0);
+        let zero = Zero::from_stage(stage)
+            .ok_or_else(|| err(format!("zero{stage}: ZeRO stages are 1, 2 and 3")))?;
         if sp && tp == 1 {
             return Err(err(
                 "`sp` splits activations over the TP group and needs tp > 1".into(),
             ));
         }
-        if zero > 0 && dp == 1 {
+        if zero > Zero::Off && dp == 1 {
             return Err(err(format!(
-                "zero{zero} shards over the DP group and needs dp > 1"
+                "zero{stage} shards over the DP group and needs dp > 1"
             )));
         }
         if dp * tp * pp != devices {
@@ -113,8 +146,19 @@ impl Strategy {
             tp,
             pp,
             sp,
-            zero: zero as u8,
+            zero,
         })
+    }
+
+    /// One device, no parallelism (`dp1`).
+    pub fn single() -> Self {
+        Self {
+            dp: 1,
+            tp: 1,
+            pp: 1,
+            sp: false,
+            zero: Zero::Off,
+        }
     }
 
     /// Number of devices.
@@ -183,8 +227,8 @@ impl fmt::Display for Strategy {
         if self.sp {
             s += "sp";
         }
-        if self.zero > 0 {
-            s += &format!("zero{}", self.zero);
+        if self.zero > Zero::Off {
+            s += &format!("zero{}", self.zero.stage());
         }
         f.write_str(&s)
     }

@@ -34,5 +34,7 @@ pub use config::{LlamaConfig, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
 pub use params::{param_specs, ParamSpec, Role};
-pub use shard::{gather_weights, held, placements, rank_exec, rank_params, Held, RankParams};
+pub use shard::{
+    gather_weights, held, placements, rank_exec, rank_params, switch_tensors, Held, RankParams,
+};
 pub use weights::{write_atomic, Weights, INIT_STD};

@@ -184,3 +184,23 @@ pub fn placements(
         })
         .collect()
 }
+
+/// The parameters' move from `from`'s layout to `to`'s: every parameter with its stored shape and
+/// both distributions ([`placements`]), ready for the switch planner.
+pub fn switch_tensors(
+    cfg: &LlamaConfig,
+    from: &Strategy,
+    to: &Strategy,
+) -> Result<Vec<switch::TensorSwitch>> {
+    let a = placements(cfg, from)?;
+    let b = placements(cfg, to)?;
+    Ok(a.into_iter()
+        .zip(b)
+        .map(|((name, shape, src), (_, _, dst))| switch::TensorSwitch {
+            name,
+            shape,
+            src,
+            dst,
+        })
+        .collect())
+}

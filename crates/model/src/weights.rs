@@ -117,6 +117,30 @@ impl Weights {
             .map(|i| self.data[i].as_slice())
     }
 
+    /// The parameter whose values differ most from `other`'s (same config), and the largest
+    /// absolute difference; NaN counts as infinitely different.
+    pub fn worst_difference(&self, other: &Weights) -> (String, f32) {
+        let mut worst = (String::new(), 0f32);
+        for ((a, b), spec) in self.data.iter().zip(&other.data).zip(&self.specs) {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| {
+                    let d = (x - y).abs();
+                    if d.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        d
+                    }
+                })
+                .fold(0f32, f32::max);
+            if d > worst.1 || worst.0.is_empty() {
+                worst = (spec.name.clone(), d);
+            }
+        }
+        worst
+    }
+
     /// Total number of parameters.
     pub fn numel(&self) -> usize {
         self.specs.iter().map(|s| s.numel()).sum()

@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use graph::Strategy;
+use data::Packing;
+use graph::{Strategy, Zero};
 use model::LlamaConfig;
 use serde::Serialize;
 
@@ -90,18 +91,45 @@ impl Memory {
     }
 }
 
-/// How a strategy's sequences become micro-batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Packing {
-    /// What the planner would do: longest first to the least-loaded DP replica, first-fit
-    /// decreasing into micro-batches up to the strategy's token capacity.
-    Balanced,
-    /// What `hotspa train` does: sequences in batch order, round-robin over the DP replicas,
-    /// filled in order into micro-batches of at most `budget` tokens (a longer one alone).
-    InOrder {
-        /// `--micro-batch-tokens`.
-        budget: usize,
-    },
+/// Model-state bytes per parameter on a device while `s` runs and `inst` holds the master
+/// weights: `s`'s weights and gradients, `elem_bytes` each over its TP × PP (ZeRO-3 shards the
+/// weights and ZeRO-2 the gradients over its DP), plus `inst`'s fp32 master weights and two Adam
+/// moments, 12 bytes over its TP × PP and, under ZeRO-1 or more (the distributed optimizer), over
+/// its DP. A static strategy is its own `inst`. The one formula for model state: the cost model
+/// bounds micro-batches with it and [`instantiation`] chooses the strategy that holds the weights.
+pub fn state_bytes_per_param(elem_bytes: f64, s: &Strategy, inst: &Strategy) -> f64 {
+    let dp = s.dp as f64;
+    let w = if s.zero >= Zero::Parameters {
+        elem_bytes / dp
+    } else {
+        elem_bytes
+    };
+    let g = if s.zero >= Zero::Gradients {
+        elem_bytes / dp
+    } else {
+        elem_bytes
+    };
+    let master = (inst.tp * inst.pp) as f64
+        * if inst.zero >= Zero::Optimizer {
+            inst.dp as f64
+        } else {
+            1.0
+        };
+    (w + g) / (s.tp * s.pp) as f64 + 12.0 / master
+}
+
+/// Which of `strategies` holds the master weights and the optimizer of a hot-switching
+/// schedule: the one with the least model state per device when it holds them itself (f32
+/// training), the first of equals.
+pub fn instantiation(strategies: &[&Strategy]) -> usize {
+    let cost = |s: &Strategy| state_bytes_per_param(4.0, s, s);
+    let mut best = 0;
+    for (i, s) in strategies.iter().enumerate() {
+        if cost(s) < cost(strategies[best]) {
+            best = i;
+        }
+    }
+    best
 }
 
 /// The cost model of one model on one cluster.
@@ -118,14 +146,25 @@ pub struct CostModel {
 }
 
 impl CostModel {
-    /// A cost model for `cfg` on `cluster`, packing [`Packing::Balanced`].
+    /// A cost model for `cfg` on `cluster`, packing [`Packing::Balanced`] by each sequence's
+    /// work (its GEMMs and attention) up to each strategy's capacity.
     pub fn new(cluster: Cluster, cfg: LlamaConfig) -> Self {
-        Self {
+        let mut out = Self {
             cluster,
             cfg,
-            packing: Packing::Balanced,
+            packing: Packing::InOrder { budget: 0 },
             kernels: Default::default(),
-        }
+        };
+        // Training FLOPs of a sequence: 6·l·(GEMM parameters) + 6·l²·(attention width)·layers.
+        let c = &out.cfg;
+        let gemm = c.num_hidden_layers as f64 * out.layer_matmul_params()
+            + (c.vocab_size * c.hidden_size) as f64;
+        let attention = (c.num_attention_heads * c.head_dim() * c.num_hidden_layers) as f64;
+        out.packing = Packing::Balanced {
+            budget: usize::MAX,
+            quadratic: attention / gemm,
+        };
+        out
     }
 
     /// Kernel calls of one micro-batch's forward and backward through every layer on one rank
@@ -138,7 +177,7 @@ impl CostModel {
             let whole = Strategy {
                 dp: 1,
                 pp: 1,
-                zero: 0,
+                zero: Zero::Off,
                 ..s.clone()
             };
             model::rank_exec(&self.cfg, &whole, 0).map_or(0.0, |e| {
@@ -155,7 +194,7 @@ impl CostModel {
     pub fn optimizer(&self, inst: &Strategy) -> f64 {
         let c = &self.cluster;
         let per = self.params() / (inst.tp * inst.pp) as f64;
-        let per = if inst.zero >= 1 {
+        let per = if inst.zero >= Zero::Optimizer {
             per / inst.dp as f64
         } else {
             per
@@ -205,13 +244,10 @@ impl CostModel {
         (gemm, attn)
     }
 
-    /// Model-state bytes per device while `s` runs and `inst` holds the master weights: `s`'s
-    /// bf16 weights and gradients (4 bytes per parameter over its TP × PP) and `inst`'s fp32
-    /// master weights and two Adam moments (12 bytes per parameter over its TP × PP × DP, the
-    /// distributed optimizer). A static strategy is its own `inst`.
+    /// Model-state bytes per device while `s` runs and `inst` holds the master weights
+    /// ([`state_bytes_per_param`] with the cluster's element size).
     pub fn state_bytes(&self, s: &Strategy, inst: &Strategy) -> f64 {
-        let p = self.params();
-        4.0 * p / (s.tp * s.pp) as f64 + 12.0 * p / (inst.tp * inst.pp * inst.dp) as f64
+        self.params() * state_bytes_per_param(self.cluster.elem_bytes, s, inst)
     }
 
     /// Activation bytes per token of a micro-batch on the busiest device (the first stage under
@@ -316,37 +352,20 @@ impl CostModel {
         (compute, tp_comm, elementwise)
     }
 
-    /// One DP replica of `s` running `seqs` (packed first-fit decreasing into micro-batches
-    /// of at most `cap` tokens) through its 1F1B pipeline.
+    /// One DP replica of `s` running `seqs` (packed by the model's [`Packing`] into
+    /// micro-batches of at most `cap` tokens) through its 1F1B pipeline.
     pub fn replica(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
         let cap = cap.max(1);
-        let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
-        match self.packing {
-            Packing::Balanced => {
-                let mut sorted = seqs.to_vec();
-                sorted.sort_unstable_by(|a, b| b.cmp(a));
-                for l in sorted {
-                    match bins.iter_mut().find(|(t, _)| t + l <= cap) {
-                        Some((t, v)) => {
-                            *t += l;
-                            v.push(l);
-                        }
-                        None => bins.push((l, vec![l])),
-                    }
-                }
-            }
-            Packing::InOrder { budget } => {
-                for &l in seqs {
-                    match bins.last_mut() {
-                        Some((t, v)) if *t + l <= budget.min(cap) => {
-                            *t += l;
-                            v.push(l);
-                        }
-                        _ => bins.push((l, vec![l])),
-                    }
-                }
-            }
-        }
+        let all: Vec<usize> = (0..seqs.len()).collect();
+        let bins: Vec<(usize, Vec<usize>)> = self
+            .packing
+            .micro_batches(seqs, &all, cap)
+            .into_iter()
+            .map(|mb| {
+                let lens: Vec<usize> = mb.iter().map(|&k| seqs[k]).collect();
+                (lens.iter().sum(), lens)
+            })
+            .collect();
         let pp = s.pp as f64;
         let mut out = Breakdown::default();
         let mut longest_stage = 0.0f64;
@@ -381,38 +400,22 @@ impl CostModel {
         out
     }
 
-    /// `s` running `seqs` in micro-batches of at most `cap` tokens: sequences spread over the
-    /// DP replicas (longest first, to the replica with the least work), the slowest replica,
-    /// and the gradient reduction over DP.
+    /// `s` running `seqs` in micro-batches of at most `cap` tokens: sequences dealt to the DP
+    /// replicas by the model's [`Packing`], the slowest replica, and the gradient reduction
+    /// over DP.
     pub fn strategy(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
         if seqs.is_empty() {
             return Breakdown::default();
         }
-        let work = |l: usize| {
-            let (g, a) = self.flops(&[l]);
-            g + a
-        };
-        let mut replicas: Vec<(f64, Vec<usize>)> = vec![(0.0, Vec::new()); s.dp];
-        match self.packing {
-            Packing::Balanced => {
-                let mut sorted = seqs.to_vec();
-                sorted.sort_unstable_by(|a, b| b.cmp(a));
-                for l in sorted {
-                    if let Some(r) = replicas.iter_mut().min_by(|a, b| a.0.total_cmp(&b.0)) {
-                        r.0 += work(l);
-                        r.1.push(l);
-                    }
-                }
-            }
-            Packing::InOrder { .. } => {
-                for (k, &l) in seqs.iter().enumerate() {
-                    replicas[k % s.dp].1.push(l);
-                }
-            }
-        }
+        let replicas: Vec<Vec<usize>> = self
+            .packing
+            .deal(seqs, s.dp)
+            .into_iter()
+            .map(|r| r.into_iter().map(|k| seqs[k]).collect())
+            .collect();
         let mut out = replicas
             .iter()
-            .map(|(_, v)| self.replica(s, v, cap))
+            .map(|v| self.replica(s, v, cap))
             .max_by(|a, b| a.total().total_cmp(&b.total()))
             .unwrap_or_default();
         let grads = self.params() / (s.tp * s.pp) as f64 * self.cluster.elem_bytes;

@@ -4,7 +4,7 @@
 //! does — and, for a pipeline stage under 1F1B, the passes in flight.
 
 use graph::{ExecGraph, Graph};
-use runtime::{Phase, Schedule};
+use graph::{Schedule, Slot};
 
 use crate::error::{PlanError, Result};
 
@@ -116,10 +116,10 @@ pub fn stage_peak(
         .collect::<Result<_>>()?;
     let mut in_flight = vec![false; per.len()];
     let mut peak = 0;
-    for phase in schedule.phases(stage, stages, per.len()) {
-        let (i, backward) = match phase {
-            Phase::F(i) => (i, false),
-            Phase::B(i) => (i, true),
+    for slot in schedule.slots(stage, stages, per.len()) {
+        let (i, backward) = match slot {
+            Slot::F(i) => (i, false),
+            Slot::B(i) => (i, true),
         };
         in_flight[i] = false;
         let others: usize = per

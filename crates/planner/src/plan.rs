@@ -6,15 +6,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
-use graph::Strategy;
+use graph::{Strategy, Zero};
 use serde::Serialize;
-use switch::{plan, Method, TensorSwitch, Topology};
+use switch::{plan, Method, Topology};
 
-use crate::cost::{Breakdown, CostModel};
+use crate::cost::{instantiation, Breakdown, CostModel};
 use crate::error::{PlanError, Result};
 
-/// A step plan: buckets `(longest length, strategy)` in ascending order, and the instantiation
-/// strategy that holds the master weights and the optimizer.
+/// A step plan — the hot-switching schedule a run follows: buckets `(longest length, strategy)`
+/// in ascending order, and the instantiation strategy that holds the master weights and the
+/// optimizer. An edge of `usize::MAX` (written `max`) takes any length.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// `(upper edge, strategy)`: a sequence goes to the first bucket whose edge holds it.
@@ -28,9 +29,97 @@ impl fmt::Display for Plan {
         let parts: Vec<String> = self
             .buckets
             .iter()
-            .map(|(e, s)| format!("{s}:{e}"))
+            .map(|(e, s)| {
+                if *e == usize::MAX {
+                    format!("{s}:max")
+                } else {
+                    format!("{s}:{e}")
+                }
+            })
             .collect();
         write!(f, "{} (weights in {})", parts.join(","), self.inst)
+    }
+}
+
+impl Plan {
+    /// One strategy for every length.
+    pub fn single(s: Strategy) -> Self {
+        Plan {
+            buckets: vec![(usize::MAX, s.clone())],
+            inst: s,
+        }
+    }
+
+    /// Parses `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`) for `devices`,
+    /// e.g. `dp4:64,dp2tp2:256,tp4:max`; the instantiation strategy is [`instantiation`]'s
+    /// choice among them.
+    pub fn parse(spec: &str, devices: usize) -> Result<Self> {
+        let bad = |m: String| PlanError::Invalid(m);
+        let mut buckets: Vec<(usize, Strategy)> = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (s, m) = part.split_once(':').ok_or_else(|| {
+                bad(format!(
+                    "`{part}` is not STRATEGY:MAXLEN (e.g. dp4:512 or tp4:max)"
+                ))
+            })?;
+            let strategy = Strategy::parse(s, devices).map_err(|e| bad(e.to_string()))?;
+            let max = match m {
+                "max" => usize::MAX,
+                n => n
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{n}` is neither a length nor `max`")))?,
+            };
+            if let Some(&(prev, _)) = buckets.last() {
+                if prev == usize::MAX {
+                    return Err(bad("only the last strategy may be `max`".into()));
+                }
+                if max <= prev {
+                    return Err(bad(format!("lengths must increase ({prev} then {m})")));
+                }
+            }
+            buckets.push((max, strategy));
+        }
+        if buckets.is_empty() {
+            return Err(bad("the list of strategies is empty".into()));
+        }
+        let all: Vec<&Strategy> = buckets.iter().map(|(_, s)| s).collect();
+        let inst = all[instantiation(&all)].clone();
+        Ok(Plan { buckets, inst })
+    }
+
+    /// The distinct strategies the plan runs, in bucket order, then the instantiation
+    /// strategy if no bucket uses it.
+    pub fn strategies(&self) -> Vec<&Strategy> {
+        let mut out: Vec<&Strategy> = Vec::new();
+        for s in self.buckets.iter().map(|(_, s)| s).chain([&self.inst]) {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// The bucket a sequence of `len` tokens goes to (`None` beyond every edge).
+    pub fn bucket_of(&self, len: usize) -> Option<usize> {
+        let bounds: Vec<Option<usize>> = self
+            .buckets
+            .iter()
+            .map(|&(e, _)| (e != usize::MAX).then_some(e))
+            .collect();
+        data::packing::bucket_of(len, &bounds)
+    }
+
+    /// The sequences (indices) of every bucket, for sequences of `lens`; an error names a
+    /// sequence beyond every edge.
+    pub fn bucket(&self, lens: impl IntoIterator<Item = usize>) -> Result<Vec<Vec<usize>>> {
+        let mut out = vec![Vec::new(); self.buckets.len()];
+        for (i, l) in lens.into_iter().enumerate() {
+            let b = self.bucket_of(l).ok_or_else(|| {
+                PlanError::Invalid(format!("a sequence of {l} tokens is beyond every bucket"))
+            })?;
+            out[b].push(i);
+        }
+        Ok(out)
     }
 }
 
@@ -84,18 +173,8 @@ impl Planner {
             return Ok(t);
         }
         let err = |e: String| PlanError::Switch(format!("{a} -> {b}: {e}"));
-        let pa = model::placements(&self.cost.cfg, a).map_err(|e| err(e.to_string()))?;
-        let pb = model::placements(&self.cost.cfg, b).map_err(|e| err(e.to_string()))?;
-        let tensors: Vec<TensorSwitch> = pa
-            .into_iter()
-            .zip(pb)
-            .map(|((name, shape, src), (_, _, dst))| TensorSwitch {
-                name,
-                shape,
-                src,
-                dst,
-            })
-            .collect();
+        let tensors =
+            model::switch_tensors(&self.cost.cfg, a, b).map_err(|e| err(e.to_string()))?;
         let c = &self.cost.cluster;
         let p = plan(&tensors, Topology::new(c.devices_per_node), Method::Exact)
             .map_err(|e| err(e.to_string()))?;
@@ -125,17 +204,11 @@ impl Planner {
 
     /// The estimate of `plan` on the global batch `lens`.
     pub fn evaluate(&self, plan: &Plan, lens: &[usize]) -> Result<Estimate> {
-        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); plan.buckets.len()];
-        for &l in lens {
-            let k = plan
-                .buckets
-                .iter()
-                .position(|(e, _)| l <= *e)
-                .ok_or_else(|| {
-                    PlanError::Invalid(format!("a sequence of {l} tokens is beyond every bucket"))
-                })?;
-            groups[k].push(l);
-        }
+        let groups: Vec<Vec<usize>> = plan
+            .bucket(lens.iter().copied())?
+            .into_iter()
+            .map(|b| b.into_iter().map(|k| lens[k]).collect())
+            .collect();
         let mut total = Breakdown::default();
         let mut memory: f64 = 0.0;
         let mut used: Vec<&Strategy> = Vec::new();
@@ -176,7 +249,7 @@ impl Planner {
         })
     }
 
-    /// Every strategy (SP with TP, the optimizer distributed over DP) over the cluster's devices
+    /// Every strategy (SP with TP, the optimizer distributed over DP: ZeRO-1) over the cluster's devices
     /// that, holding its own master weights, takes at least `min_tokens` per micro-batch: TP a power of two dividing the heads and at most one node
     /// (or two), PP dividing the layers, at most 8 stages.
     pub fn candidates(&self, min_tokens: usize) -> Vec<Strategy> {
@@ -191,12 +264,13 @@ impl Planner {
                     if !n.is_multiple_of(tp * pp) || !c.num_hidden_layers.is_multiple_of(pp) {
                         continue;
                     }
+                    let dp = n / (tp * pp);
                     let s = Strategy {
-                        dp: n / (tp * pp),
+                        dp,
                         tp,
                         pp,
                         sp: tp > 1,
-                        zero: 0,
+                        zero: if dp > 1 { Zero::Optimizer } else { Zero::Off },
                     };
                     if self.cost.capacity(&s, &s) >= min_tokens {
                         out.push(s);
@@ -386,34 +460,25 @@ mod tests {
 
     fn planner(gpus: usize) -> Planner {
         let cluster = Cluster {
-            name: "test".into(),
-            nodes: gpus.div_ceil(8),
-            devices_per_node: gpus.min(8),
-            peak_tflops: 312.0,
             efficiency: Efficiency {
-                max: 0.6,
-                half_tokens: 256.0,
-                half_width: 256.0,
                 attention: 0.45,
+                ..Efficiency::GPU
             },
-            memory_gib: 80.0,
-            same_node: Link {
-                gbps: 400.0,
-                latency_us: 5.0,
-            },
-            cross_node: Link {
-                gbps: 200.0,
-                latency_us: 10.0,
-            },
-            elem_bytes: 2.0,
-            memory_gbps: 0.0,
-            optimizer_gparams: 0.0,
-            shared_cores: 0.0,
-            compute_scale: 1.0,
-            clock_scale: 0.0,
-            kernel_overhead_us: 0.0,
-            gemm_table: Vec::new(),
-            attention_table: Vec::new(),
+            ..Cluster::new(
+                "test",
+                gpus.div_ceil(8),
+                gpus.min(8),
+                312.0,
+                80.0,
+                Link {
+                    gbps: 400.0,
+                    latency_us: 5.0,
+                },
+                Link {
+                    gbps: 200.0,
+                    latency_us: 10.0,
+                },
+            )
         };
         let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
         Planner::new(CostModel::new(cluster, cfg))
@@ -443,12 +508,17 @@ mod tests {
     #[test]
     fn memory_bounds_the_micro_batch() {
         let p = planner(8);
-        let dp8 = s("dp8", 8);
+        let dp8 = s("dp8zero1", 8);
         let tp8 = s("tp8sp", 8);
-        // The master state is sharded over all 8 devices whoever holds it (TP × PP × DP = 8),
-        // so DP8 holds as many tokens next to a TP8 instantiation as alone; TP8 holds the most.
+        // With the optimizer distributed (ZeRO-1) the master state is sharded over all 8
+        // devices whoever holds it (TP × PP × DP = 8), so DP8 holds as many tokens next to a TP8
+        // instantiation as alone; TP8 holds the most. Without ZeRO every DP replica holds all of
+        // it: 7B × 12 bytes leave DP8 no room at all.
         assert!(p.cost.capacity(&dp8, &dp8) > 4096);
         assert_eq!(p.cost.capacity(&dp8, &tp8), p.cost.capacity(&dp8, &dp8));
+        let plain = s("dp8", 8);
+        assert_eq!(p.cost.capacity(&plain, &plain), 0);
+        assert_eq!(p.cost.capacity(&plain, &tp8), p.cost.capacity(&dp8, &tp8));
         assert!(p.cost.capacity(&tp8, &tp8) > p.cost.capacity(&s("dp4tp2sp", 8), &tp8));
         let plan = Plan {
             buckets: vec![(100_000, dp8.clone())],

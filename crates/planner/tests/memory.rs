@@ -5,10 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
+use graph::Schedule;
 use graph::Strategy;
 use kernels::{AdamW, CpuBackend};
 use model::{rank_exec, rank_params, LlamaConfig, RankParams, Weights};
-use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, Schedule};
+use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups};
 
 fn config() -> LlamaConfig {
     LlamaConfig::from_json(

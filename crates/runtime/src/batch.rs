@@ -1,6 +1,33 @@
 //! Micro-batches: variable-length sequences packed into one token stream.
 
+use data::Packing;
+
 use crate::error::{Result, RuntimeError};
+
+/// The micro-batches DP replica `replica` of `replicas` trains of `seqs` (a strategy's share of
+/// the global batch), dealt and packed by `packing` — the policy the planner's cost model
+/// estimates with.
+pub fn micro_batches(
+    seqs: &[Vec<u32>],
+    packing: &Packing,
+    replicas: usize,
+    replica: usize,
+    loss_scale: f32,
+) -> Result<Vec<MicroBatch>> {
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let dealt = packing.deal(&lens, replicas);
+    let mine = dealt
+        .get(replica)
+        .ok_or_else(|| RuntimeError::Batch(format!("replica {replica} of {replicas}")))?;
+    packing
+        .micro_batches(&lens, mine, usize::MAX)
+        .iter()
+        .map(|mb| {
+            let part: Vec<Vec<u32>> = mb.iter().map(|&k| seqs[k].clone()).collect();
+            MicroBatch::pack(&part, loss_scale)
+        })
+        .collect()
+}
 
 /// Packed sequences with everything the kernels read from the host.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,9 +1,9 @@
-//! Runs graphs on one rank (DESIGN §4 `runtime`): micro-batch packing (sequences back to back,
-//! positions restarting at 0, `cu_seqlens` for attention) and an executor over any
-//! [`kernels::Backend`] that frees activations after their last use and reports peak bytes.
-//!
-//! Not built yet (issue 3): multi-rank execution of per-strategy exec graphs, pipeline schedules,
-//! the optimizer step and checkpoints.
+//! Runs exec graphs on one rank (DESIGN §4 `runtime`): micro-batch packing (sequences back to
+//! back, positions restarting at 0, `cu_seqlens` for attention, dealt and packed by
+//! [`data::Packing`]), an executor over any [`kernels::Backend`] that frees activations after
+//! their last use and reports peak bytes, a strategy's step on its TP, DP and PP groups under a
+//! pipeline schedule with the DP gradients agreed by a [`GradientAgreement`] in buckets that
+//! overlap the backward, and the optimizer step (clipping, AdamW, ZeRO-1/2/3).
 //!
 //! ```
 //! use graph::{backward, GraphBuilder};
@@ -26,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod agreement;
 mod batch;
 mod error;
 mod executor;
@@ -35,10 +36,11 @@ mod pipeline;
 pub mod profile;
 mod tp;
 
-pub use batch::MicroBatch;
+pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};
+pub use batch::{micro_batches, MicroBatch};
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
 pub use optimizer::{Moments, Optimizer};
 pub use parallel::{step_gradients, RankGroups, StepGradients};
-pub use pipeline::{pipeline_step, Phase, Schedule};
+pub use pipeline::pipeline_step;
 pub use tp::TpGroup;

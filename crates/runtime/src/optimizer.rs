@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use comm::{chunk_counts, ReduceOp};
-use graph::ExecGraph;
+use graph::{ExecGraph, Zero};
 use kernels::ops::adamw;
 use kernels::{AdamW, Backend};
 
@@ -35,7 +35,7 @@ pub struct Moments {
 pub struct Optimizer<B: Backend> {
     cfg: AdamW,
     max_grad_norm: f64,
-    zero: u8,
+    zero: Zero,
     step: u64,
     /// Per parameter: the flat range of the local piece this rank updates.
     chunks: Vec<Range<usize>>,
@@ -92,7 +92,7 @@ impl<B: Backend> Optimizer<B> {
         };
         for (k, &p) in g.params.iter().enumerate() {
             let len = backend.len(&params[k]);
-            let chunk = if zero > 0 {
+            let chunk = if zero > Zero::Off {
                 dstate::chunk(0..len, dp, dp_rank)
             } else {
                 0..len
@@ -107,7 +107,7 @@ impl<B: Backend> Optimizer<B> {
             s.lens.push(len);
             s.chunks.push(chunk);
         }
-        if zero >= 3 {
+        if zero >= Zero::Parameters {
             for (k, p) in params.iter().enumerate() {
                 let chunk = &backend.download(p)?[s.chunks[k].clone()];
                 s.params.push(backend.upload(chunk)?);
@@ -134,7 +134,7 @@ impl<B: Backend> Optimizer<B> {
         let mut out = Vec::with_capacity(self.params.len());
         for (k, p) in self.params.iter().enumerate() {
             let host = backend.download(p)?;
-            if self.zero >= 3 {
+            if self.zero >= Zero::Parameters {
                 let counts = chunk_counts(self.lens[k], groups.dp.size());
                 let mut full = vec![0.0; self.lens[k]];
                 groups.dp.all_gather(&host, &mut full, &counts)?;
@@ -156,7 +156,7 @@ impl<B: Backend> Optimizer<B> {
                 .enumerate()
                 .map(|(k, part)| {
                     let part = backend.download(part)?;
-                    if self.zero == 0 {
+                    if self.zero == Zero::Off {
                         return Ok(part);
                     }
                     let counts = chunk_counts(self.lens[k], dp);
@@ -216,7 +216,7 @@ impl<B: Backend> Optimizer<B> {
         grads: Vec<B::Buffer>,
         lr: f64,
     ) -> Result<f64> {
-        let sharded = self.zero >= 2;
+        let sharded = self.zero >= Zero::Gradients;
         let mut grads = grads;
         for (k, gbuf) in grads.iter().enumerate() {
             let got = backend.len(gbuf);
@@ -268,7 +268,7 @@ impl<B: Backend> Optimizer<B> {
             if coef != 1.0 {
                 backend.scale(coef as f32, g)?;
             }
-            if self.zero == 0 || self.zero >= 3 {
+            if self.zero == Zero::Off || self.zero >= Zero::Parameters {
                 // The whole buffer is this rank's to update: on the device.
                 backend.adamw(
                     &cfg,

@@ -1,10 +1,13 @@
 //! One rank's share of a training step under a strategy: its TP and DP groups, gradient
 //! accumulation over its micro-batches, and the DP gradient all-reduce.
 
-use comm::{Communicator, Rank, ReduceOp};
-use graph::{ExecGraph, MeshAxis, Strategy};
+use std::sync::Arc;
+
+use comm::{Communicator, Rank};
+use graph::{ExecGraph, MeshAxis, Strategy, Zero};
 use kernels::Backend;
 
+use crate::agreement::{BucketKey, ExactAllReduce, GradientAgreement};
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::tp::TpGroup;
@@ -22,6 +25,8 @@ pub struct RankGroups {
     pub dp_grads: Box<dyn Communicator>,
     /// Size of a gradient bucket (default 4 MiB).
     pub bucket_bytes: usize,
+    /// How the DP replicas agree on gradients (default [`ExactAllReduce`]).
+    pub agreement: Arc<dyn GradientAgreement>,
 }
 
 impl RankGroups {
@@ -42,7 +47,7 @@ impl RankGroups {
         let dp = world.sub_group(&ranks(MeshAxis::Dp))?;
         let pp = world.sub_group(&ranks(MeshAxis::Pp))?;
         let dp_grads = world.sub_group(&ranks(MeshAxis::Dp))?;
-        if strategy.zero >= 3 {
+        if strategy.zero >= Zero::Parameters {
             tp = tp.with_dp(world.sub_group(&ranks(MeshAxis::Dp))?);
         }
         Ok(Self {
@@ -51,36 +56,39 @@ impl RankGroups {
             pp,
             dp_grads,
             bucket_bytes: 4 << 20,
+            agreement: Arc::new(ExactAllReduce),
         })
+    }
+
+    /// The same groups agreeing on gradients by `agreement`.
+    pub fn with_agreement(mut self, agreement: Arc<dyn GradientAgreement>) -> Self {
+        self.agreement = agreement;
+        self
     }
 }
 
-/// Sums the gradients over DP: all-reduce, or under ZeRO-2/3 a reduce-scatter that leaves this
-/// rank its flat `1/dp` chunk of every local piece.
-pub(crate) fn reduce_over_dp<B: Backend>(
+/// ZeRO-2/3: sums every gradient over DP by a reduce-scatter that leaves this rank its flat
+/// `1/dp` chunk of each local piece (the gradients of ZeRO ≤ 1 are reduced in buckets while the
+/// backward runs).
+pub(crate) fn reduce_scatter_over_dp<B: Backend>(
     backend: &B,
     groups: &RankGroups,
+    strategy: &Strategy,
     grads: &mut [B::Buffer],
-    zero: u8,
 ) -> Result<()> {
     let dp = groups.dp.size();
     if dp == 1 {
         return Ok(());
     }
-    for g in grads.iter_mut() {
+    for (index, g) in grads.iter_mut().enumerate() {
         let host = backend.download(g)?;
-        if zero >= 2 {
-            let counts = comm::chunk_counts(host.len(), dp);
-            let mut mine = vec![0.0; counts[groups.dp.rank().0]];
-            groups
-                .dp
-                .reduce_scatter(&host, &mut mine, &counts, ReduceOp::Sum)?;
-            *g = backend.upload(&mine)?;
-        } else {
-            let mut host = host;
-            groups.dp.all_reduce(&mut host, ReduceOp::Sum)?;
-            *g = backend.upload(&host)?;
-        }
+        let counts = comm::chunk_counts(host.len(), dp);
+        let mut mine = vec![0.0; counts[groups.dp.rank().0]];
+        let key = BucketKey { strategy, index };
+        groups
+            .agreement
+            .reduce_scatter(groups.dp.as_ref(), key, &host, &mut mine, &counts)?;
+        *g = backend.upload(&mine)?;
     }
     Ok(())
 }
@@ -115,6 +123,6 @@ pub fn step_gradients<B: Backend>(
         params,
         &shared,
         micro_batches,
-        crate::pipeline::Schedule::OneFOneB,
+        graph::Schedule::OneFOneB,
     )
 }

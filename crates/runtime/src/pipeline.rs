@@ -1,82 +1,17 @@
 //! Pipeline parallelism: one stage's exec graph run over the micro-batches of a step under a
 //! GPipe or 1F1B schedule, activations and their gradients sent between neighbouring stages.
 
-use std::fmt;
-use std::str::FromStr;
-
 use std::sync::mpsc;
 
-use comm::{Communicator, Rank, ReduceOp};
-use graph::ExecGraph;
+use comm::{tags, Communicator, Rank, ReduceOp};
+use graph::{ExecGraph, Schedule, Slot, Zero};
 use kernels::Backend;
 
+use crate::agreement::BucketKey;
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::executor::Pass;
-use crate::parallel::{reduce_over_dp, RankGroups, StepGradients};
-
-/// The order in which a stage runs the forward (F) and backward (B) passes of its micro-batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Schedule {
-    /// All forwards, then all backwards: every micro-batch's activations live at once.
-    GPipe,
-    /// One forward, one backward (PipeDream-flush): at most `stages - stage` micro-batches in
-    /// flight on a stage.
-    #[default]
-    OneFOneB,
-}
-
-impl fmt::Display for Schedule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Schedule::GPipe => "gpipe",
-            Schedule::OneFOneB => "1f1b",
-        })
-    }
-}
-
-impl FromStr for Schedule {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "gpipe" => Ok(Schedule::GPipe),
-            "1f1b" => Ok(Schedule::OneFOneB),
-            _ => Err(format!("unknown pipeline schedule `{s}` (gpipe or 1f1b)")),
-        }
-    }
-}
-
-/// A step of a stage: forward or backward of micro-batch `i`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Forward of micro-batch `i`.
-    F(usize),
-    /// Backward of micro-batch `i`.
-    B(usize),
-}
-
-impl Schedule {
-    /// The phases stage `stage` of `stages` runs for `m` micro-batches.
-    pub fn phases(self, stage: usize, stages: usize, m: usize) -> Vec<Phase> {
-        match self {
-            Schedule::GPipe => (0..m).map(Phase::F).chain((0..m).map(Phase::B)).collect(),
-            Schedule::OneFOneB => {
-                let warmup = (stages - stage - 1).min(m);
-                let mut out: Vec<Phase> = (0..warmup).map(Phase::F).collect();
-                for i in 0..m - warmup {
-                    out.push(Phase::F(warmup + i));
-                    out.push(Phase::B(i));
-                }
-                out.extend((m - warmup..m).map(Phase::B));
-                out
-            }
-        }
-    }
-}
-
-fn tag(mb: usize, backward: bool, k: usize) -> u32 {
-    ((mb * 2 + usize::from(backward)) * 8 + k) as u32
-}
+use crate::parallel::{reduce_scatter_over_dp, RankGroups, StepGradients};
 
 /// Runs this rank's stage over the micro-batches of its DP replica under `schedule`, then sums
 /// the gradients of `shared` parameters (a tied embedding held by the first and the last stage)
@@ -113,7 +48,7 @@ pub fn pipeline_step<B: Backend>(
     // ZeRO-3 gathers parameters over DP in every micro-batch: every replica must run as many
     // micro-batches as the busiest one (the others run empty ones).
     let padded: Vec<MicroBatch>;
-    let micro_batches = if exec.strategy.zero >= 3 && groups.dp.size() > 1 {
+    let micro_batches = if exec.strategy.zero >= Zero::Parameters && groups.dp.size() > 1 {
         let mut n = [micro_batches.len() as f32];
         groups.dp.all_reduce(&mut n, ReduceOp::Max)?;
         padded = micro_batches
@@ -127,14 +62,14 @@ pub fn pipeline_step<B: Backend>(
         micro_batches
     };
     let tp_rank = groups.tp.rank();
-    let phases = schedule.phases(stage, stages, micro_batches.len());
-    let last_backward = phases.iter().rev().find_map(|p| match p {
-        Phase::B(i) => Some(*i),
-        Phase::F(_) => None,
+    let slots = schedule.slots(stage, stages, micro_batches.len());
+    let last_backward = slots.iter().rev().find_map(|p| match p {
+        Slot::B(i) => Some(*i),
+        Slot::F(_) => None,
     });
     // DP reduction in buckets, started while the last backward still runs (ZeRO-2/3 reduce-
     // scatter per tensor after the step instead).
-    let bucketed = groups.dp.size() > 1 && exec.strategy.zero < 2;
+    let bucketed = groups.dp.size() > 1 && exec.strategy.zero < Zero::Gradients;
     let buckets = if bucketed {
         plan_buckets(
             exec,
@@ -144,9 +79,22 @@ pub fn pipeline_step<B: Backend>(
     } else {
         Vec::new()
     };
+    if g.inputs.len() > tags::PIPELINE_INPUTS || g.output_grads.len() > tags::PIPELINE_INPUTS {
+        return Err(RuntimeError::Binding(format!(
+            "a stage exchanges {} inputs and {} output gradients per micro-batch, at most {} each",
+            g.inputs.len(),
+            g.output_grads.len(),
+            tags::PIPELINE_INPUTS
+        )));
+    }
     let RankGroups {
-        tp, pp, dp_grads, ..
+        tp,
+        pp,
+        dp_grads,
+        agreement,
+        ..
     } = groups;
+    let strategy = &exec.strategy;
     let (mut loss, mut peak_bytes) = (0.0f32, 0usize);
     let mut grads: Option<Vec<B::Buffer>> = None;
     let mut reduced: Vec<Vec<f32>> = Vec::new();
@@ -155,12 +103,11 @@ pub fn pipeline_step<B: Backend>(
         let (rtx, rrx) = mpsc::channel::<Result<Vec<f32>>>();
         let worker = if bucketed {
             let comm: &mut Box<dyn Communicator> = dp_grads;
+            let agreement = agreement.clone();
             Some(scope.spawn(move || {
-                for mut b in rx {
-                    let r = comm
-                        .all_reduce(&mut b, ReduceOp::Sum)
-                        .map(|_| b)
-                        .map_err(Into::into);
+                for (index, mut b) in rx.into_iter().enumerate() {
+                    let key = BucketKey { strategy, index };
+                    let r = agreement.all_reduce(comm.as_ref(), key, &mut b).map(|_| b);
                     let failed = r.is_err();
                     if rtx.send(r).is_err() || failed {
                         break;
@@ -174,14 +121,14 @@ pub fn pipeline_step<B: Backend>(
         let mut feeder = BucketFeeder::new(&buckets, params.len());
         let mut passes: Vec<Option<Pass<'_, B>>> = (0..micro_batches.len()).map(|_| None).collect();
         let run = (|| -> Result<()> {
-            for &phase in &phases {
-                match phase {
-                    Phase::F(i) => {
+            for &slot in &slots {
+                match slot {
+                    Slot::F(i) => {
                         let mb = &micro_batches[i];
                         let mut inputs = Vec::with_capacity(g.inputs.len());
                         for (k, &x) in g.inputs.iter().enumerate() {
                             let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
-                            pp.recv(&mut buf, Rank(stage - 1), tag(i, false, k))?;
+                            pp.recv(&mut buf, Rank(stage - 1), tags::pipeline(i, false, k))?;
                             inputs.push(backend.upload(&buf)?);
                         }
                         let mut pass = Pass::new(
@@ -196,11 +143,11 @@ pub fn pipeline_step<B: Backend>(
                         let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
                         peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
                         for (k, out) in pass.outputs()?.iter().enumerate() {
-                            pp.send(out, Rank(stage + 1), tag(i, false, k))?;
+                            pp.send(out, Rank(stage + 1), tags::pipeline(i, false, k))?;
                         }
                         passes[i] = Some(pass);
                     }
-                    Phase::B(i) => {
+                    Slot::B(i) => {
                         let mb = &micro_batches[i];
                         let mut pass = passes[i].take().ok_or_else(|| {
                             RuntimeError::Binding(format!(
@@ -210,7 +157,7 @@ pub fn pipeline_step<B: Backend>(
                         let mut seeds = Vec::with_capacity(g.output_grads.len());
                         for (k, &x) in g.output_grads.iter().enumerate() {
                             let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
-                            pp.recv(&mut buf, Rank(stage + 1), tag(i, true, k))?;
+                            pp.recv(&mut buf, Rank(stage + 1), tags::pipeline(i, true, k))?;
                             seeds.push(backend.upload(&buf)?);
                         }
                         if bucketed && Some(i) == last_backward {
@@ -231,7 +178,11 @@ pub fn pipeline_step<B: Backend>(
                         peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
                         let out = pass.finish()?;
                         for (k, gx) in out.input_grads.iter().enumerate() {
-                            pp.send(&backend.download(gx)?, Rank(stage - 1), tag(i, true, k))?;
+                            pp.send(
+                                &backend.download(gx)?,
+                                Rank(stage - 1),
+                                tags::pipeline(i, true, k),
+                            )?;
                         }
                         loss += out.loss;
                         match grads.as_mut() {
@@ -309,8 +260,8 @@ pub fn pipeline_step<B: Backend>(
     if stages > 1 {
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
-    if !bucketed {
-        reduce_over_dp(backend, groups, &mut grads, exec.strategy.zero)?;
+    if exec.strategy.zero >= Zero::Gradients {
+        reduce_scatter_over_dp(backend, groups, &exec.strategy, &mut grads)?;
     }
     if groups.dp.size() > 1 {
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
-use kernels::{AdamW, AttnShape, Backend, GemmSpec, Result};
+use kernels::{AttnShape, Backend, GemmSpec, Kernel, Layer, Result};
 use planner::Cluster;
 
 /// What the clock's time went to.
@@ -319,11 +319,6 @@ impl<B: Backend> SimBackend<B> {
         &self.clock
     }
 
-    /// The backend doing the work.
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
     /// Runs the kernel `f` and spends `secs` and the cluster's overhead per kernel (scaled by
     /// the sharing of cores) on `phase`.
     fn timed<T>(&self, phase: Phase, secs: f64, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -336,248 +331,43 @@ impl<B: Backend> SimBackend<B> {
         self.clock.0.kernels.fetch_add(1, Ordering::Relaxed);
         r
     }
-
-    fn elementwise<T>(&self, elems: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.timed(Phase::Elementwise, self.rates.elementwise(elems), f)
-    }
 }
 
-impl<B: Backend> Backend for SimBackend<B> {
-    type Buffer = B::Buffer;
+impl<B: Backend> Layer for SimBackend<B> {
+    type Inner = B;
 
-    fn name(&self) -> String {
+    fn inner(&self) -> &B {
+        &self.inner
+    }
+    fn describe(&self) -> String {
         format!(
             "{} timed as a {} device",
             self.inner.name(),
             self.rates.cluster.name
         )
     }
-    fn zeros(&self, len: usize) -> Result<Self::Buffer> {
-        self.inner.zeros(len)
-    }
-    fn upload(&self, data: &[f32]) -> Result<Self::Buffer> {
-        self.inner.upload(data)
-    }
-    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>> {
-        self.inner.download(buf)
-    }
-    fn len(&self, buf: &Self::Buffer) -> usize {
-        self.inner.len(buf)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.inner.synchronize()
-    }
-    fn gemm(
-        &self,
-        spec: &GemmSpec,
-        a: &Self::Buffer,
-        b: &Self::Buffer,
-        c: &mut Self::Buffer,
-    ) -> Result<()> {
-        self.timed(Phase::Compute, self.rates.gemm(spec), || {
-            self.inner.gemm(spec, a, b, c)
-        })
-    }
-    fn embedding_forward(
-        &self,
-        weight: &Self::Buffer,
-        dim: usize,
-        vocab_start: usize,
-        ids: &[u32],
-        out: &mut Self::Buffer,
-    ) -> Result<()> {
-        self.elementwise(2 * ids.len() * dim, || {
-            self.inner
-                .embedding_forward(weight, dim, vocab_start, ids, out)
-        })
-    }
-    fn embedding_backward(
-        &self,
-        grad_out: &Self::Buffer,
-        dim: usize,
-        vocab_start: usize,
-        ids: &[u32],
-        grad_weight: &mut Self::Buffer,
-    ) -> Result<()> {
-        self.elementwise(3 * ids.len() * dim, || {
-            self.inner
-                .embedding_backward(grad_out, dim, vocab_start, ids, grad_weight)
-        })
-    }
-    fn rms_norm_forward(
-        &self,
-        x: &Self::Buffer,
-        weight: &Self::Buffer,
-        eps: f64,
-        y: &mut Self::Buffer,
-        rstd: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(2 * n, || {
-            self.inner.rms_norm_forward(x, weight, eps, y, rstd)
-        })
-    }
-    fn rms_norm_backward(
-        &self,
-        dy: &Self::Buffer,
-        x: &Self::Buffer,
-        weight: &Self::Buffer,
-        rstd: &Self::Buffer,
-        dx: &mut Self::Buffer,
-        dweight: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(3 * n, || {
-            self.inner
-                .rms_norm_backward(dy, x, weight, rstd, dx, dweight)
-        })
-    }
-    fn rope(
-        &self,
-        x: &mut Self::Buffer,
-        positions: &[u32],
-        heads: usize,
-        head_dim: usize,
-        theta: f64,
-        inverse: bool,
-    ) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(2 * n, || {
-            self.inner
-                .rope(x, positions, heads, head_dim, theta, inverse)
-        })
-    }
-    fn attention_forward(
-        &self,
-        q: &Self::Buffer,
-        k: &Self::Buffer,
-        v: &Self::Buffer,
-        cu_seqlens: &[usize],
-        shape: AttnShape,
-        scale: f32,
-        out: &mut Self::Buffer,
-        lse: &mut Self::Buffer,
-    ) -> Result<()> {
-        let t = self.rates.attention(cu_seqlens, shape, false);
-        self.timed(Phase::Compute, t, || {
-            self.inner
-                .attention_forward(q, k, v, cu_seqlens, shape, scale, out, lse)
-        })
-    }
-    fn attention_backward(
-        &self,
-        dout: &Self::Buffer,
-        q: &Self::Buffer,
-        k: &Self::Buffer,
-        v: &Self::Buffer,
-        out: &Self::Buffer,
-        lse: &Self::Buffer,
-        cu_seqlens: &[usize],
-        shape: AttnShape,
-        scale: f32,
-        dq: &mut Self::Buffer,
-        dk: &mut Self::Buffer,
-        dv: &mut Self::Buffer,
-    ) -> Result<()> {
-        let t = self.rates.attention(cu_seqlens, shape, true);
-        self.timed(Phase::Compute, t, || {
-            self.inner.attention_backward(
-                dout, q, k, v, out, lse, cu_seqlens, shape, scale, dq, dk, dv,
-            )
-        })
-    }
-    fn swiglu_forward(
-        &self,
-        gate: &Self::Buffer,
-        up: &Self::Buffer,
-        out: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(gate);
-        self.elementwise(3 * n, || self.inner.swiglu_forward(gate, up, out))
-    }
-    fn swiglu_backward(
-        &self,
-        dout: &Self::Buffer,
-        gate: &Self::Buffer,
-        up: &Self::Buffer,
-        dgate: &mut Self::Buffer,
-        dup: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(gate);
-        self.elementwise(5 * n, || {
-            self.inner.swiglu_backward(dout, gate, up, dgate, dup)
-        })
-    }
-    fn cross_entropy_forward(
-        &self,
-        logits: &Self::Buffer,
-        vocab: usize,
-        targets: &[u32],
-        mask: &[bool],
-        lse: &mut Self::Buffer,
-    ) -> Result<f32> {
-        let n = self.inner.len(logits);
-        self.elementwise(n, || {
-            self.inner
-                .cross_entropy_forward(logits, vocab, targets, mask, lse)
-        })
-    }
-    fn cross_entropy_backward(
-        &self,
-        logits: &Self::Buffer,
-        vocab: usize,
-        targets: &[u32],
-        mask: &[bool],
-        lse: &Self::Buffer,
-        scale: f32,
-        dlogits: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(logits);
-        self.elementwise(2 * n, || {
-            self.inner
-                .cross_entropy_backward(logits, vocab, targets, mask, lse, scale, dlogits)
-        })
-    }
-    fn add(&self, a: &Self::Buffer, b: &Self::Buffer, out: &mut Self::Buffer) -> Result<()> {
-        let n = self.inner.len(a);
-        self.elementwise(3 * n, || self.inner.add(a, b, out))
-    }
-    fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(3 * n, || self.inner.axpy(alpha, x, y))
-    }
-    fn scale(&self, alpha: f32, x: &mut Self::Buffer) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(2 * n, || self.inner.scale(alpha, x))
-    }
-    fn sum_squares(&self, x: &Self::Buffer) -> Result<f64> {
-        let n = self.inner.len(x);
-        self.elementwise(n, || self.inner.sum_squares(x))
-    }
-    fn round_bf16(&self, x: &mut Self::Buffer) -> Result<()> {
-        let n = self.inner.len(x);
-        self.elementwise(2 * n, || self.inner.round_bf16(x))
-    }
-    fn adamw(
-        &self,
-        cfg: &AdamW,
-        step: u64,
-        param: &mut Self::Buffer,
-        grad: &Self::Buffer,
-        m: &mut Self::Buffer,
-        v: &mut Self::Buffer,
-    ) -> Result<()> {
-        let n = self.inner.len(param);
-        self.timed(Phase::Optimizer, self.rates.adamw(n), || {
-            self.inner.adamw(cfg, step, param, grad, m, v)
-        })
+    fn kernel<T>(&self, kernel: Kernel<'_>, run: impl FnOnce(&B) -> Result<T>) -> Result<T> {
+        let (phase, secs) = match kernel {
+            Kernel::Gemm(spec) => (Phase::Compute, self.rates.gemm(spec)),
+            Kernel::Attention {
+                cu_seqlens,
+                shape,
+                backward,
+            } => (
+                Phase::Compute,
+                self.rates.attention(cu_seqlens, shape, backward),
+            ),
+            Kernel::Elementwise { elems } => (Phase::Elementwise, self.rates.elementwise(elems)),
+            Kernel::AdamW { params } => (Phase::Optimizer, self.rates.adamw(params)),
+        };
+        self.timed(phase, secs, || run(&self.inner))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kernels::CpuBackend;
+    use kernels::{AdamW, CpuBackend};
 
     fn cluster() -> Cluster {
         let mut c = crate::presets::cluster("h100x8").unwrap();

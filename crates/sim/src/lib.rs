@@ -31,7 +31,7 @@ mod error;
 mod network;
 pub mod presets;
 
-use graph::Strategy;
+use graph::{Strategy, Zero};
 use model::LlamaConfig;
 use planner::{CostModel, Estimate, Plan, Planner};
 use serde::Serialize;
@@ -116,13 +116,14 @@ fn paper_table(model: &str, gpus: usize) -> Option<([Dims; 3], [Dims; 4])> {
     })
 }
 
+/// A strategy of the paper's tables: SP with TP, the optimizer distributed over DP (ZeRO-1).
 fn strategy([dp, tp, pp]: [usize; 3]) -> Strategy {
     Strategy {
         dp,
         tp,
         pp,
         sp: tp > 1,
-        zero: 0,
+        zero: if dp > 1 { Zero::Optimizer } else { Zero::Off },
     }
 }
 
@@ -255,9 +256,12 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![(4096, "dp8".to_string()), (8192, "dp4tp2sp".to_string())]
+            vec![
+                (4096, "dp8zero1".to_string()),
+                (8192, "dp4tp2spzero1".to_string())
+            ]
         );
-        assert_eq!(four.inst.to_string(), "dp4tp2sp");
+        assert_eq!(four.inst.to_string(), "dp4tp2spzero1");
         assert_eq!(plans[0].buckets.len(), 2);
         assert_eq!(plans[0].buckets[1].0, 8192);
         assert!(paper_plans("llama2-7b", 4, 8192).is_empty());

@@ -3,11 +3,9 @@
 //! starts when its last member arrives and lasts its ring algorithm's α–β time; a message
 //! arrives its link's latency plus bytes over bandwidth after it was sent.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use comm::{Communicator, P2p, Rank, ReduceOp, Result};
+use comm::{CollectiveCall, Communicator, Layer, P2p, Rank, Result};
 use planner::{Cluster, Link};
+use std::sync::Arc;
 
 use crate::clock::{Clock, CoreShare, Phase};
 
@@ -153,7 +151,7 @@ impl SimComm {
     /// Runs the collective `f` on the inner group: it starts when the last member arrives and
     /// lasts a ring algorithm's time for `volume` elements through every member's link in
     /// `steps` messages.
-    fn collective(
+    fn timed_collective(
         &self,
         volume: f64,
         steps: usize,
@@ -176,76 +174,52 @@ impl SimComm {
     }
 }
 
-impl Communicator for SimComm {
-    fn rank(&self) -> Rank {
-        self.inner.rank()
+impl Layer for SimComm {
+    fn inner(&self) -> &dyn Communicator {
+        self.inner.as_ref()
     }
-    fn size(&self) -> usize {
-        self.inner.size()
+    fn inner_mut(&mut self) -> &mut dyn Communicator {
+        self.inner.as_mut()
     }
-    fn world_ranks(&self) -> Vec<Rank> {
-        self.inner.world_ranks()
-    }
-    fn timeout(&self) -> Duration {
-        self.inner.timeout()
-    }
-    fn set_timeout(&mut self, timeout: Duration) {
-        self.inner.set_timeout(timeout)
-    }
-    fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(SimComm::wrap(
-            self.inner.sub_group(members)?,
+    fn over(&self, inner: Box<dyn Communicator>) -> Self {
+        SimComm::wrap(
+            inner,
             self.cluster.clone(),
             self.clock.clone(),
             self.share.clone(),
-        )))
+        )
     }
-    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+    fn on_collective(
+        &self,
+        call: CollectiveCall<'_>,
+        run: &mut dyn FnMut(&dyn Communicator) -> Result<()>,
+    ) -> Result<()> {
         let n = self.size().max(1);
-        let volume = 2.0 * (n - 1) as f64 / n as f64 * buf.len() as f64;
-        self.collective(volume, 2 * (n - 1), |c| c.all_reduce(buf, op))
-    }
-    fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
-        let (volume, steps) = self.ring_of_chunks(counts);
-        self.collective(volume, steps, |c| c.all_gather(send, recv, counts))
-    }
-    fn reduce_scatter(
-        &self,
-        send: &[f32],
-        recv: &mut [f32],
-        counts: &[usize],
-        op: ReduceOp,
-    ) -> Result<()> {
-        let (volume, steps) = self.ring_of_chunks(counts);
-        self.collective(volume, steps, |c| c.reduce_scatter(send, recv, counts, op))
-    }
-    fn all_to_all(
-        &self,
-        send: &[f32],
-        send_counts: &[usize],
-        recv: &mut [f32],
-        recv_counts: &[usize],
-    ) -> Result<()> {
-        let me = self.rank().0;
-        let away = |c: &[usize]| -> usize {
-            c.iter()
-                .enumerate()
-                .filter(|&(j, _)| j != me)
-                .map(|(_, &x)| x)
-                .sum()
+        let (volume, steps) = match call {
+            CollectiveCall::AllReduce { len } => {
+                (2.0 * (n - 1) as f64 / n as f64 * len as f64, 2 * (n - 1))
+            }
+            CollectiveCall::AllGather { counts } | CollectiveCall::ReduceScatter { counts } => {
+                self.ring_of_chunks(counts)
+            }
+            CollectiveCall::AllToAll { send, recv } => {
+                let me = self.rank().0;
+                let away = |c: &[usize]| -> usize {
+                    c.iter()
+                        .enumerate()
+                        .filter(|&(j, _)| j != me)
+                        .map(|(_, &x)| x)
+                        .sum()
+                };
+                (away(send).max(away(recv)) as f64, n - 1)
+            }
+            // Pipelined along a chain: the bytes once, a latency per hop.
+            CollectiveCall::Broadcast { len } => (len as f64, n - 1),
+            CollectiveCall::Barrier => (0.0, 2 * (n - 1)),
         };
-        let n = self.size().max(1);
-        let most = away(send_counts).max(away(recv_counts));
-        self.collective(most as f64, n - 1, |c| {
-            c.all_to_all(send, send_counts, recv, recv_counts)
-        })
+        self.timed_collective(volume, steps, |c| run(c))
     }
-    fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        // Pipelined along a chain: the bytes once, a latency per hop.
-        let n = self.size().max(1);
-        self.collective(buf.len() as f64, n - 1, |c| c.broadcast(buf, root))
-    }
-    fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
+    fn on_send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
         let (main, t0) = self.begin();
         self.inner.send(data, peer, tag)?;
         self.inner.send(&split(t0), peer, tag)?;
@@ -253,7 +227,7 @@ impl Communicator for SimComm {
         self.finish(main, t0, t0, 0.0);
         Ok(())
     }
-    fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
+    fn on_recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
         let (main, t0) = self.begin();
         let mut sent = [0.0f32; 2];
         self.wait_in(|c| {
@@ -265,7 +239,7 @@ impl Communicator for SimComm {
         self.finish(main, t0, end, secs);
         Ok(())
     }
-    fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
+    fn on_batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
         let (main, t0) = self.begin();
         let stamp = split(t0);
         let recvs = ops.iter().filter(|o| matches!(o, P2p::Recv { .. })).count();
@@ -324,16 +298,12 @@ impl Communicator for SimComm {
         }
         Ok(())
     }
-    fn barrier(&self) -> Result<()> {
-        let n = self.size().max(1);
-        self.collective(0.0, 2 * (n - 1), |c| c.barrier())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comm::ThreadComm;
+    use comm::{ReduceOp, ThreadComm};
 
     fn cluster() -> Cluster {
         let mut c = crate::presets::cluster("h100x8").unwrap();

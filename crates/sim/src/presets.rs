@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use planner::{Cluster, Efficiency, Link};
+use planner::{Cluster, Link};
 use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal};
 
@@ -14,69 +14,29 @@ pub const CLUSTERS: [&str; 2] = ["a800x32", "h100x8"];
 /// The dataset presets.
 pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
 
-/// Efficiency curve shared by the presets (Megatron-class GEMMs reach ~60 % of peak on large
-/// shapes; FlashAttention-2 ~45 %).
-const EFFICIENCY: Efficiency = Efficiency {
-    max: 0.6,
-    half_tokens: 256.0,
-    half_width: 256.0,
-    attention: 0.45,
-};
-
 /// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s,
 /// 200 GB/s between nodes) or `h100x8` (one node of 8 H100-80G, NVLink 900 GB/s).
 pub fn cluster(name: &str) -> Result<Cluster> {
+    let link = |gbps: f64, latency_us: f64| Link { gbps, latency_us };
     match name {
-        "a800x32" => Ok(Cluster {
-            name: name.into(),
-            nodes: 4,
-            devices_per_node: 8,
-            peak_tflops: 312.0,
-            efficiency: EFFICIENCY,
-            memory_gib: 80.0,
-            same_node: Link {
-                gbps: 400.0,
-                latency_us: 5.0,
-            },
-            cross_node: Link {
-                gbps: 200.0,
-                latency_us: 10.0,
-            },
-            elem_bytes: 2.0,
-            memory_gbps: 0.0,
-            optimizer_gparams: 0.0,
-            shared_cores: 0.0,
-            compute_scale: 1.0,
-            clock_scale: 0.0,
-            kernel_overhead_us: 0.0,
-            gemm_table: Vec::new(),
-            attention_table: Vec::new(),
-        }),
-        "h100x8" => Ok(Cluster {
-            name: name.into(),
-            nodes: 1,
-            devices_per_node: 8,
-            peak_tflops: 989.0,
-            efficiency: EFFICIENCY,
-            memory_gib: 80.0,
-            same_node: Link {
-                gbps: 900.0,
-                latency_us: 3.0,
-            },
-            cross_node: Link {
-                gbps: 400.0,
-                latency_us: 8.0,
-            },
-            elem_bytes: 2.0,
-            memory_gbps: 0.0,
-            optimizer_gparams: 0.0,
-            shared_cores: 0.0,
-            compute_scale: 1.0,
-            clock_scale: 0.0,
-            kernel_overhead_us: 0.0,
-            gemm_table: Vec::new(),
-            attention_table: Vec::new(),
-        }),
+        "a800x32" => Ok(Cluster::new(
+            name,
+            4,
+            8,
+            312.0,
+            80.0,
+            link(400.0, 5.0),
+            link(200.0, 10.0),
+        )),
+        "h100x8" => Ok(Cluster::new(
+            name,
+            1,
+            8,
+            989.0,
+            80.0,
+            link(900.0, 3.0),
+            link(400.0, 8.0),
+        )),
         other => Err(SimError::UnknownPreset {
             what: "cluster",
             name: other.into(),

@@ -353,62 +353,35 @@ pub fn step(args: StepArgs) -> Result<()> {
     } else {
         cfg_path.clone()
     })?)?;
-    // Random token sequences, one per line.
-    let data = dir.join("data.jsonl");
-    let mut text = String::new();
-    for s in 0..args.sequences {
-        let ids: Vec<u32> = rand_vec(args.seq_len, 100 + s as u64)
-            .iter()
-            .map(|x| ((x + 1.0) * 0.5 * (cfg.vocab_size as f32 - 1.0)) as u32)
-            .collect();
-        text.push_str(&serde_json::json!({ "input_ids": ids }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&data, text)?;
-    let metrics = dir.join("metrics.jsonl");
-    let argv: Vec<String> = [
-        "train",
-        "--model",
-        &cfg_path.display().to_string(),
-        "--data",
-        &data.display().to_string(),
-        "--device",
-        &args.backend,
-        "--global-batch",
-        &args.sequences.to_string(),
-        "--micro-batch-tokens",
-        &(args.micro_batch * args.seq_len).to_string(),
-        "--steps",
-        &args.steps.to_string(),
-        "--max-len",
-        &args.seq_len.to_string(),
-        "--shuffle",
-        "off",
-        "--metrics",
-        &metrics.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    crate::train::run_argv(&argv)?;
-    let lines: Vec<Value> = std::fs::read_to_string(&metrics)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    let mut secs: Vec<f64> = lines
-        .iter()
-        .skip(2)
-        .filter_map(|v| v["seconds"].as_f64())
+    // Random token sequences.
+    let seqs: Vec<Vec<u32>> = (0..args.sequences)
+        .map(|s| {
+            rand_vec(args.seq_len, 100 + s as u64)
+                .iter()
+                .map(|x| ((x + 1.0) * 0.5 * (cfg.vocab_size as f32 - 1.0)) as u32)
+                .collect()
+        })
         .collect();
+    let mut run = train::TrainConfig::new(cfg.clone(), train::DataSource::Sequences(seqs));
+    run.device = match args.backend.as_str() {
+        "cpu" => train::Device::Cpu,
+        "cuda" => train::Device::Cuda(kernels::GemmPrecision::Bf16),
+        other => anyhow::bail!("--backend {other}: use cuda or cpu"),
+    };
+    run.global_batch = args.sequences;
+    run.micro_batch_tokens = vec![args.micro_batch * args.seq_len];
+    run.steps = args.steps;
+    run.max_len = Some(args.seq_len);
+    run.shuffle = false;
+    let out = train::run(&run, &mut crate::output::Notices)?;
+    let lines = out.steps;
+    let mut secs: Vec<f64> = lines.iter().skip(2).map(|m| m.seconds).collect();
     if secs.is_empty() {
-        secs = lines.iter().filter_map(|v| v["seconds"].as_f64()).collect();
+        secs = lines.iter().map(|m| m.seconds).collect();
     }
     secs.sort_by(f64::total_cmp);
     let sec = secs.get(secs.len() / 2).copied().unwrap_or(f64::NAN);
-    let peak_bytes = lines
-        .last()
-        .and_then(|v| v["peak_bytes"].as_u64())
-        .unwrap_or(0);
+    let peak_bytes = lines.last().map_or(0, |m| m.peak_bytes);
     let tokens = (args.sequences * args.seq_len) as f64;
     // Model FLOPs: 6·N per token for the matrices (embedding lookup excluded) plus causal
     // attention 6·L·hidden·T per token.

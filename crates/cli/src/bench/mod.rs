@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Subcommand;
-use serde::Serialize;
+
+pub use crate::output::emit;
 
 /// What to measure.
 #[derive(Subcommand)]
@@ -61,14 +62,4 @@ pub fn time_median(
     }
     times.sort();
     Ok(times[times.len() / 2])
-}
-
-/// Prints `value` as one JSON object, or calls `table`.
-pub fn emit<T: Serialize>(json: bool, value: &T, table: impl FnOnce(&T)) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(value)?);
-    } else {
-        table(value);
-    }
-    Ok(())
 }

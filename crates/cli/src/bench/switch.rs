@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<()> {
             Strategy::parse(a, args.devices)?,
             Strategy::parse(b, args.devices)?,
         );
-        let ts = crate::switch_cmd::tensors(&cfg, &sa, &sb)?;
+        let ts = model::switch_tensors(&cfg, &sa, &sb)?;
         let topo = Topology::new(args.devices);
         let t0 = Instant::now();
         let p = Arc::new(plan(&ts, topo, Method::Exact)?);

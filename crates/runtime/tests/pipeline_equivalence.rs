@@ -2,40 +2,27 @@
 //! thread ranks against the single-device run of the same global batch: same loss, same gradient
 //! of every parameter within 1e-5 relative, in f32.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
+use graph::Schedule;
 use graph::Strategy;
 use kernels::CpuBackend;
 use model::{build_graph, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights};
-use runtime::{pipeline_step, run, MicroBatch, RankGroups, Schedule};
+use runtime::{pipeline_step, run, MicroBatch, RankGroups};
+
+mod common;
 
 fn config(tied: bool) -> LlamaConfig {
-    let json = format!(
-        r#"{{"vocab_size": 23, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 5,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": {tied}}}"#
-    );
-    LlamaConfig::from_json(&json, Path::new("test")).unwrap()
+    common::config(5, 2, tied, None)
 }
 
 fn sequences() -> Vec<Vec<u32>> {
-    [37usize, 5, 2, 70, 9, 3, 13, 21, 2, 6, 11]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            (0..n)
-                .map(|i| ((i * 7 + k * 5 + i * i) % 23) as u32)
-                .collect()
-        })
-        .collect()
+    common::sequences(&[37, 5, 2, 70, 9, 3, 13, 21, 2, 6, 11], 0)
 }
 
 fn micro_batches(dp: usize, d: usize, scale: f32) -> Vec<MicroBatch> {
-    let mine: Vec<Vec<u32>> = sequences().into_iter().skip(d).step_by(dp).collect();
-    mine.chunks(2)
-        .map(|c| MicroBatch::pack(c, scale).unwrap())
-        .collect()
+    common::micro_batches(&sequences(), dp, d, scale)
 }
 
 fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usize> {
@@ -107,13 +94,7 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usiz
                 let locals: Vec<Vec<f32>> =
                     ranks.iter().map(|&r| results[r].1[j].clone()).collect();
                 let got = dstate::assemble(&locals, &spec_k.stored_shape(), &state).unwrap();
-                let want = &reference.grads[k];
-                let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let worst = got
-                    .iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let (worst, m) = common::worst(&got, &reference.grads[k]);
                 assert!(
                     worst <= 1e-5 * m + 1e-9,
                     "{spec} {schedule}: {} on stage {stage} differs by {worst:e} (largest |grad| {m:e})",
@@ -170,22 +151,19 @@ fn dp2tp2pp2_sp_1f1b_on_8_ranks() {
 }
 
 #[test]
-fn schedules_order_phases_as_documented() {
-    use runtime::Phase::{B, F};
+fn schedules_order_slots_as_documented() {
+    use graph::Slot::{B, F};
+    assert_eq!(Schedule::GPipe.slots(0, 2, 2), vec![F(0), F(1), B(0), B(1)]);
     assert_eq!(
-        Schedule::GPipe.phases(0, 2, 2),
-        vec![F(0), F(1), B(0), B(1)]
-    );
-    assert_eq!(
-        Schedule::OneFOneB.phases(0, 3, 4),
+        Schedule::OneFOneB.slots(0, 3, 4),
         vec![F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3)]
     );
     assert_eq!(
-        Schedule::OneFOneB.phases(2, 3, 4),
+        Schedule::OneFOneB.slots(2, 3, 4),
         vec![F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3)]
     );
     assert_eq!(
-        Schedule::OneFOneB.phases(0, 4, 2),
+        Schedule::OneFOneB.slots(0, 4, 2),
         vec![F(0), F(1), B(0), B(1)]
     );
 }

@@ -2,76 +2,54 @@
 //! and the final weights are written by one process whether the ranks are threads or MPI
 //! processes.
 
-use anyhow::{ensure, Context, Result};
-use comm::{Communicator, Rank};
+use comm::{tags, words, Communicator, Rank};
 
-/// Tags of the two messages each rank sends to rank 0 (above the pipeline's tags).
-const TAG_HEADER: u32 = 32000;
-const TAG_DATA: u32 = 32001;
-
-/// A length as two exact f32 halves (f32 holds integers up to 2^24 exactly).
-fn encode(n: usize, out: &mut Vec<f32>) {
-    out.push((n >> 16) as f32);
-    out.push((n & 0xffff) as f32);
-}
-
-fn decode(h: &[f32]) -> usize {
-    ((h[0] as usize) << 16) | h[1] as usize
-}
+use crate::error::{Result, TrainError};
 
 /// Lists of tensors (e.g. the weights and the two moments of one rank).
 pub type Sets = Vec<Vec<Vec<f32>>>;
 
 /// Sends this rank's `sets` to world rank 0; rank 0 gets every rank's, in rank order (its own
 /// first), and the others `None`.
+///
+/// Each rank sends a header of exact integers (the number of sets, then per set the number of
+/// tensors and each tensor's length) and then every value in one message.
 pub fn to_root(world: &dyn Communicator, sets: Sets) -> Result<Option<Vec<Sets>>> {
-    let me = world.rank().0;
-    if me != 0 {
-        let mut header = Vec::new();
-        encode(sets.len(), &mut header);
+    if world.rank().0 != 0 {
+        let mut header = vec![sets.len() as u64];
         for set in &sets {
-            encode(set.len(), &mut header);
-            for t in set {
-                encode(t.len(), &mut header);
-            }
+            header.push(set.len() as u64);
+            header.extend(set.iter().map(|t| t.len() as u64));
         }
         let data: Vec<f32> = sets.iter().flatten().flatten().copied().collect();
-        let mut len = Vec::new();
-        encode(header.len(), &mut len);
-        world.send(&len, Rank(0), TAG_HEADER)?;
-        world.send(&header, Rank(0), TAG_HEADER)?;
-        world.send(&data, Rank(0), TAG_DATA)?;
+        words::send(world, &[header.len() as u64], Rank(0), tags::GATHER_HEADER)?;
+        words::send(world, &header, Rank(0), tags::GATHER_HEADER)?;
+        world.send(&data, Rank(0), tags::GATHER_DATA)?;
         return Ok(None);
     }
     let mut all = vec![sets];
     for r in 1..world.size() {
-        let ctx = || format!("collecting rank {r}'s pieces on rank 0");
-        let mut len = [0f32; 2];
-        world
-            .recv(&mut len, Rank(r), TAG_HEADER)
-            .with_context(ctx)?;
-        let mut header = vec![0f32; decode(&len)];
-        world
-            .recv(&mut header, Rank(r), TAG_HEADER)
-            .with_context(ctx)?;
-        ensure!(header.len() >= 2, "rank {r} sent an empty header");
-        let mut at = 0;
-        let mut next = |h: &[f32]| -> Result<usize> {
-            ensure!(at + 2 <= h.len(), "rank {r} sent a truncated header");
-            let v = decode(&h[at..at + 2]);
-            at += 2;
-            Ok(v)
+        let peer = Rank(r);
+        let n = words::recv(world, 1, peer, tags::GATHER_HEADER)?[0] as usize;
+        let header = words::recv(world, n, peer, tags::GATHER_HEADER)?;
+        let bad = || TrainError::Rank {
+            rank: r,
+            reason: format!("sent a malformed header of its pieces: {header:?}"),
         };
-        let n_sets = next(&header)?;
+        let mut it = header.iter().map(|&x| x as usize);
+        let n_sets = it.next().ok_or_else(bad)?;
         let mut shapes = Vec::with_capacity(n_sets);
         for _ in 0..n_sets {
-            let n = next(&header)?;
-            let lens = (0..n).map(|_| next(&header)).collect::<Result<Vec<_>>>()?;
+            let n = it.next().ok_or_else(bad)?;
+            let lens: Vec<usize> = it.by_ref().take(n).collect();
+            if lens.len() != n {
+                return Err(bad());
+            }
             shapes.push(lens);
         }
         let total: usize = shapes.iter().flatten().sum();
         let mut data = vec![0f32; total];
-        world.recv(&mut data, Rank(r), TAG_DATA).with_context(ctx)?;
+        world.recv(&mut data, peer, tags::GATHER_DATA)?;
         let mut off = 0;
         let sets = shapes
             .into_iter()
@@ -97,7 +75,7 @@ mod tests {
 
     #[test]
     fn rank_zero_gets_every_ranks_sets_in_order() {
-        let out = ThreadComm::run(3, |c| -> Result<_, CommError> {
+        let out = ThreadComm::run(3, |c| -> std::result::Result<_, CommError> {
             let r = c.rank().0;
             let sets = vec![
                 vec![vec![r as f32; r + 1], vec![]],

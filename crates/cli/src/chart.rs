@@ -1,22 +1,13 @@
-//! `hotspa plot`: loss and tokens/s per step from a metrics file, as SVG.
+//! Loss and tokens/s per step from a metrics file, drawn as SVG or PNG (`hotspa plot`, and the
+//! default training run's `plot.svg`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use clap::Args as ClapArgs;
 use plotters::prelude::*;
 
-#[derive(ClapArgs)]
-pub struct Args {
-    /// A metrics file written by `hotspa train --metrics`.
-    metrics: PathBuf,
-    /// Output file (.svg or .png).
-    #[arg(short = 'o', long)]
-    output: PathBuf,
-}
-
 /// `(step, loss, tokens_per_s)` of every line.
-fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
+pub fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
@@ -134,13 +125,6 @@ where
     chart
         .draw_series(LineSeries::new(points.iter().copied(), &color))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
-}
-
-pub fn run(args: Args) -> Result<()> {
-    let rows = read(&args.metrics)?;
-    draw(&rows, &args.output)?;
-    eprintln!("{} steps plotted to {}", rows.len(), args.output.display());
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use super::{run, Args};
+use crate::flags::TrainFlags;
 
 /// The embedded default model: ~3 M parameters, byte vocabulary.
 const DEFAULT_CONFIG: &str = r#"{
@@ -61,7 +61,7 @@ fn project_files() -> Vec<PathBuf> {
 /// `hotspa train` with no arguments: a ~3 M-parameter LLaMA on 4 thread devices (dp2tp2) trained
 /// on this project's own sources through the byte tokenizer; everything is written under
 /// `runs/default-<unix time>/`.
-pub(super) fn default_run(mut args: Args) -> Result<()> {
+pub(super) fn default_run(mut args: TrainFlags) -> Result<()> {
     let files = project_files();
     if files.len() < 5 {
         bail!(
@@ -95,9 +95,9 @@ pub(super) fn default_run(mut args: Args) -> Result<()> {
         "default run: a small LLaMA trained on this project's own files, written to {}",
         dir.display()
     );
-    run(args.clone(), false)?;
+    super::train(&args)?;
     let plot = dir.join("plot.svg");
-    crate::plot::plot_file(&dir.join("metrics.jsonl"), &plot)?;
+    crate::chart::plot_file(&dir.join("metrics.jsonl"), &plot)?;
     eprintln!(
         "run written to {}: config.json, model.safetensors, checkpoints/, metrics.jsonl, plot.svg",
         dir.display()

@@ -3,7 +3,6 @@
 //! same gradient for every parameter within 1e-5 relative, in f32. Sequences are long-tailed and
 //! their lengths, the vocabulary and the MLP width are not multiples of the TP degree.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
@@ -12,37 +11,23 @@ use kernels::CpuBackend;
 use model::{build_graph, LlamaConfig, Weights};
 use runtime::{run, step_gradients, MicroBatch, RankGroups};
 
+mod common;
+
 fn config(tied: bool) -> LlamaConfig {
     config_kv(tied, 2)
 }
 
 fn config_kv(tied: bool, kv: usize) -> LlamaConfig {
-    let json = format!(
-        r#"{{"vocab_size": 23, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": {kv}, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": {tied}}}"#
-    );
-    LlamaConfig::from_json(&json, Path::new("test")).unwrap()
+    common::config(2, kv, tied, Some(1e-5))
 }
 
 fn sequences() -> Vec<Vec<u32>> {
-    [37usize, 5, 2, 70, 9, 3, 13, 21, 2, 6]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            (0..n)
-                .map(|i| ((i * 7 + k * 5 + i * i) % 23) as u32)
-                .collect()
-        })
-        .collect()
+    common::sequences(&[37, 5, 2, 70, 9, 3, 13, 21, 2, 6], 0)
 }
 
 /// The micro-batches of DP replica `d` of `dp`: sequences dealt round-robin, packed two by two.
 fn micro_batches(dp: usize, d: usize, scale: f32) -> Vec<MicroBatch> {
-    let mine: Vec<Vec<u32>> = sequences().into_iter().skip(d).step_by(dp).collect();
-    mine.chunks(2)
-        .map(|c| MicroBatch::pack(c, scale).unwrap())
-        .collect()
+    common::micro_batches(&sequences(), dp, d, scale)
 }
 
 /// Checks `spec` against the single device; returns the peak bytes of every rank.
@@ -106,13 +91,7 @@ fn check_cfg(spec: &str, devices: usize, cfg: LlamaConfig) -> Vec<usize> {
                 .map(|t| results[strategy.rank_of(0, dp_rank, t)].1[k].clone())
                 .collect();
             let got = dstate::assemble(&locals, &shape, state).unwrap();
-            let want = &reference.grads[k];
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = got
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let (worst, scale) = common::worst(&got, &reference.grads[k]);
             assert!(
                 worst <= 1e-5 * scale + 1e-9,
                 "{spec}: {} (DState {state}, replica {dp_rank}) differs by {worst:e} (largest |grad| {scale:e})",
@@ -228,7 +207,7 @@ fn collectives(spec: &str) -> std::collections::BTreeMap<String, usize> {
     let cfg = LlamaConfig::from_json(
         r#"{"vocab_size": 23, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 1,
             "num_attention_heads": 4, "num_key_value_heads": 2}"#,
-        Path::new("test"),
+        std::path::Path::new("test"),
     )
     .unwrap();
     let weights = Arc::new(Weights::random(&cfg, 2));

@@ -2,39 +2,27 @@
 //! ZeRO stage, on thread ranks, against the same three steps on one device: the weights and the
 //! gradient norms agree to ~1e-5 (DESIGN §3).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
-use graph::{lower, Strategy};
+use graph::{lower, Schedule, Strategy};
 use kernels::{AdamW, CpuBackend};
 use model::{
     gather_weights, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights,
 };
-use runtime::{pipeline_step, MicroBatch, Optimizer, RankGroups, Schedule};
+use runtime::{pipeline_step, Optimizer, RankGroups};
 
 const STEPS: usize = 3;
 
+mod common;
+
 fn config() -> LlamaConfig {
-    LlamaConfig::from_json(
-        r#"{"vocab_size": 23, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true}"#,
-        Path::new("test"),
-    )
-    .unwrap()
+    common::config(2, 2, true, None)
 }
 
 /// The global batch of step `s`.
 fn batch(s: usize) -> Vec<Vec<u32>> {
-    [19usize, 5, 2, 40, 9, 3, 13, 7]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            (0..n)
-                .map(|i| ((i * 7 + k * 5 + s * 11 + i * i) % 23) as u32)
-                .collect()
-        })
-        .collect()
+    common::sequences(&[19, 5, 2, 40, 9, 3, 13, 7], s)
 }
 
 /// Runs `STEPS` steps under `spec`; returns the global weights (from DP replica 0) and the norms.
@@ -68,11 +56,7 @@ fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
             for s in 0..STEPS {
                 let seqs = batch(s);
                 let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                let mine: Vec<Vec<u32>> = seqs.into_iter().skip(dp_rank).step_by(s2.dp).collect();
-                let mbs: Vec<MicroBatch> = mine
-                    .chunks(2)
-                    .map(|c| MicroBatch::pack(c, 1.0 / predicted as f32))
-                    .collect::<Result<_, _>>()?;
+                let mbs = common::micro_batches(&seqs, s2.dp, dp_rank, 1.0 / predicted as f32);
                 let out = pipeline_step(
                     &cpu,
                     &exec,

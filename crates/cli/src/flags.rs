@@ -1,0 +1,267 @@
+//! The flags of a training run, shared by `hotspa train`, `hotspa plan` and `bench step`, and
+//! their translation into the library's [`TrainConfig`].
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use graph::{Schedule, Strategy};
+use kernels::GemmPrecision;
+use model::LlamaConfig;
+use train::{
+    Checkpointing, DataSource, Decay, Device, Init, LrSchedule, StrategySpec, Tokenizer,
+    TrainConfig,
+};
+
+#[derive(ClapArgs, Clone)]
+pub struct TrainFlags {
+    /// An HF `config.json`, or the directory holding it.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Initial weights (safetensors, HF names; f32, bf16 or f16). Default: random from --seed.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Training data: a JSONL file (`input_ids` or `text` per line) or a directory of text files.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// An HF tokenizer.json for `text` records and text files (default: one token per byte).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Number of devices: thread ranks in this process (default 1), or, under `mpirun`, one rank
+    /// per process (default and only allowed value: the MPI world size).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub devices: usize,
+    /// Where the ranks compute: cpu, or cuda (rank r on GPU r mod the GPU count; needs a build
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GEMM operand precision on cuda: bf16 (fp32 master weights, f32 accumulation) or f32.
+    #[arg(long, default_value = "bf16")]
+    pub gemm_precision: String,
+    /// Nodes are groups of this many devices (used by the switch planner); under `mpirun` MPI
+    /// says which ranks share a node.
+    #[arg(long)]
+    pub devices_per_node: Option<usize>,
+    /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1 (default: dp over every device).
+    #[arg(long, conflicts_with = "strategies")]
+    pub strategy: Option<String>,
+    /// Hot switching: `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`), e.g.
+    /// "dp4:64,dp2tp2:256,tp4:max". Each sequence trains under the first strategy that takes its
+    /// length; parameters and gradients switch between them inside the step. `auto`: the
+    /// planner chooses every step's strategies and bucket edges (needs --profile).
+    #[arg(long)]
+    pub strategies: Option<String>,
+    /// With `--strategies auto`: the cost model's calibration (`hotspa profile --devices N`).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Also time the run as the simulator would on this cluster (a preset such as a800x32, or
+    /// a cluster file such as a `hotspa profile` output): every kernel and message still runs
+    /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
+    #[arg(long)]
+    pub sim_cluster: Option<String>,
+    /// Pipeline schedule: 1f1b or gpipe.
+    #[arg(long, default_value = "1f1b")]
+    pub pipeline_schedule: String,
+    /// Sequences per global batch.
+    #[arg(long, default_value_t = 8)]
+    pub global_batch: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Token budget of a micro-batch (a sequence longer than it gets a micro-batch of its own);
+    /// with --strategies, one value for all or one per strategy (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [4096usize])]
+    pub micro_batch_tokens: Vec<usize>,
+    /// Documents longer than this are cut into pieces (default: max_position_embeddings).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// constant or cosine (linear warm-up, then cosine decay to --min-lr over the remaining steps).
+    #[arg(long, default_value = "constant")]
+    pub lr_schedule: String,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Decoupled weight decay (tensors of rank ≥ 2 only).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (inf: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seed of the initialisation and of the shuffle.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// on: shuffle reproducibly from --seed; off: file order.
+    #[arg(long, default_value = "on")]
+    pub shuffle: String,
+    /// Write the final weights (f32 safetensors, HF names).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Write one JSON object per step.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Write checkpoints into this directory (atomic, verified on load).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N steps (default: at the end only).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Resume from a checkpoint directory (its `latest`, or a step directory), under any strategy.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// The default run's corpus (the project's own files); not a flag.
+    #[arg(skip)]
+    pub data_files: Option<Vec<PathBuf>>,
+}
+
+impl TrainFlags {
+    /// The device count: `--devices`, or under `mpirun` the MPI world size (a different
+    /// `--devices` is an error).
+    pub fn device_count(&self) -> Result<usize> {
+        match comm::mpi::launch() {
+            Some((_, size)) if size > 1 => {
+                if self.devices != 0 && self.devices != size {
+                    bail!(
+                        "--devices {} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
+                         under mpirun every process is one rank; drop --devices or make them agree",
+                        self.devices
+                    );
+                }
+                Ok(size)
+            }
+            _ => Ok(self.devices.max(1)),
+        }
+    }
+
+    /// The run these flags describe: the model's config read, the strategies parsed, presets
+    /// and cluster files loaded.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let (Some(model_path), true) = (
+            self.model.clone(),
+            self.data.is_some() || self.data_files.is_some(),
+        ) else {
+            bail!(
+                "pass --model <config.json|dir> and --data <file.jsonl|dir> \
+                 (or run `hotspa train` with no arguments at all for the embedded default run)"
+            );
+        };
+        if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
+            bail!("--checkpoint-every needs --checkpoint-dir");
+        }
+        let model = LlamaConfig::load(&model_path)?;
+        let data = match (&self.data_files, &self.data) {
+            (Some(files), _) => DataSource::Files(files.clone()),
+            (None, Some(p)) => DataSource::Path(p.clone()),
+            (None, None) => bail!("no training data"),
+        };
+        let devices = self.device_count()?;
+        let mut cfg = TrainConfig::new(model, data);
+        cfg.model_path = Some(model_path);
+        cfg.devices = devices;
+        cfg.devices_per_node = self.devices_per_node;
+        cfg.device = match self.device.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(
+                self.gemm_precision
+                    .parse::<GemmPrecision>()
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            other => bail!("--device {other}: use cpu or cuda"),
+        };
+        cfg.strategy = match (self.strategies.as_deref(), &self.profile) {
+            (Some("auto"), Some(p)) => {
+                let cluster = sim::presets::cluster_or_file(&p.display().to_string())
+                    .with_context(|| format!("--profile {}", p.display()))?;
+                StrategySpec::Auto(Box::new(cluster))
+            }
+            (Some("auto"), None) => bail!(
+                "--strategies auto needs --profile FILE (write one with `hotspa profile --devices {devices}`)"
+            ),
+            (Some(spec), _) => StrategySpec::Hot(
+                planner::Plan::parse(spec, devices).context("--strategies")?,
+            ),
+            (None, _) => {
+                let spec = self
+                    .strategy
+                    .clone()
+                    .unwrap_or_else(|| format!("dp{devices}"));
+                StrategySpec::Fixed(Strategy::parse(&spec, devices)?)
+            }
+        };
+        cfg.micro_batch_tokens = self.micro_batch_tokens.clone();
+        cfg.pipeline_schedule = self.pipeline_schedule.parse::<Schedule>()?;
+        cfg.global_batch = self.global_batch;
+        cfg.steps = self.steps;
+        cfg.max_len = self.max_len;
+        cfg.lr = LrSchedule {
+            peak: self.lr,
+            warmup: self.warmup,
+            decay: match self.lr_schedule.as_str() {
+                "constant" => Decay::Constant,
+                "cosine" => Decay::Cosine {
+                    min_lr: self.min_lr,
+                },
+                other => bail!("--lr-schedule {other}: use constant or cosine"),
+            },
+        };
+        cfg.adamw = kernels::AdamW {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        };
+        cfg.grad_clip = self.grad_clip;
+        cfg.seed = self.seed;
+        cfg.shuffle = match self.shuffle.as_str() {
+            "on" => true,
+            "off" => false,
+            other => bail!("--shuffle {other}: use on or off"),
+        };
+        cfg.init = match &self.init {
+            Some(p) => Init::File(p.clone()),
+            None => Init::Random,
+        };
+        cfg.tokenizer = match &self.tokenizer {
+            Some(p) => Tokenizer::File(p.clone()),
+            None => Tokenizer::Bytes,
+        };
+        cfg.save = self.save.clone();
+        cfg.metrics = self.metrics.clone();
+        cfg.checkpoint = self.checkpoint_dir.as_ref().map(|dir| Checkpointing {
+            dir: dir.clone(),
+            every: self.checkpoint_every,
+        });
+        cfg.resume = self.resume.clone();
+        cfg.simulate = match &self.sim_cluster {
+            Some(name) => {
+                let c = sim::presets::cluster_or_file(name)
+                    .with_context(|| format!("--sim-cluster {name}"))?;
+                if c.devices() < devices {
+                    bail!(
+                        "--sim-cluster {name}: {} has {} devices, fewer than --devices {devices}",
+                        c.name,
+                        c.devices()
+                    );
+                }
+                Some(c.take(devices))
+            }
+            None => None,
+        };
+        Ok(cfg)
+    }
+}

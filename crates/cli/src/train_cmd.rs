@@ -1,0 +1,149 @@
+//! `hotspa train`: flags to a [`train::TrainConfig`], a progress bar (or one line per step when
+//! not on a terminal), and the run's summary. The training itself is the `train` library's.
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use train::{Sink, StepMetrics};
+
+use crate::flags::TrainFlags;
+use crate::output::seconds;
+
+mod default_run;
+
+/// `hotspa train`; `bare` when no flag was given at all (the embedded default run).
+pub fn run(flags: TrainFlags, bare: bool) -> Result<()> {
+    if bare {
+        return default_run::default_run(flags);
+    }
+    train(&flags).map(|_| ())
+}
+
+/// Trains as `flags` say, with progress on stderr and a summary at the end.
+pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
+    let cfg = flags.config()?;
+    let mut progress = Progress::new(cfg.steps);
+    let out = train::run(&cfg, &mut progress)?;
+    progress.bar.finish_and_clear();
+    let Some(_) = &out.weights else {
+        // Another MPI rank than 0: rank 0 reports.
+        return Ok(out);
+    };
+    eprintln!(
+        "done: {} steps in {:.2} s, {:.0} tokens/s; peak activation+gradient bytes per rank: {:?}",
+        out.steps.len(),
+        out.seconds,
+        out.tokens_per_s(),
+        out.peak_bytes
+    );
+    // The simulated time per step, after the first (warm-up).
+    let timed: Vec<(f64, f64)> = out
+        .steps
+        .iter()
+        .filter(|m| m.step > out.start_step as u64 + 1)
+        .filter_map(|m| {
+            m.simulated
+                .as_ref()
+                .map(|s| (m.seconds, s.simulated_seconds))
+        })
+        .collect();
+    if let (Some(c), false) = (&cfg.simulate, timed.is_empty()) {
+        let k = timed.len() as f64;
+        eprintln!(
+            "simulated on {}: {} per step (steps after the first; measured here {:.4} s, with the clocks' own messages)",
+            c.name,
+            seconds(timed.iter().map(|t| t.1).sum::<f64>() / k),
+            timed.iter().map(|t| t.0).sum::<f64>() / k
+        );
+    }
+    if runtime::profile::enabled() {
+        eprintln!(
+            "time per op kind (HOTSPA_PROFILE=1; every op waited for):\n{}",
+            runtime::profile::report()
+        );
+    }
+    if let Some(p) = &cfg.save {
+        eprintln!("weights written to {}", p.display());
+    }
+    if let Some(p) = &cfg.metrics {
+        eprintln!("metrics written to {}", p.display());
+    }
+    Ok(out)
+}
+
+/// The progress bar on a terminal, one line per step otherwise.
+struct Progress {
+    bar: ProgressBar,
+    steps: usize,
+}
+
+impl Progress {
+    fn new(steps: usize) -> Self {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Self { bar, steps }
+    }
+}
+
+impl Sink for Progress {
+    fn notice(&mut self, text: &str) {
+        if text.starts_with("resuming from") {
+            if let Some(step) = text.rsplit(' ').next().and_then(|s| s.parse().ok()) {
+                self.bar.set_position(step);
+            }
+        }
+        self.bar.suspend(|| eprintln!("{text}"));
+    }
+    fn step(&mut self, m: &StepMetrics) -> train::Result<()> {
+        if !self.bar.is_hidden() {
+            self.bar.set_message(format!(
+                "loss {:.4}  {:.0} tokens/s{}",
+                m.loss,
+                m.tokens_per_s,
+                hot_note(m)
+            ));
+            self.bar.set_position(m.step);
+            return Ok(());
+        }
+        // Not a terminal (a log, CI): one line per step instead of the bar.
+        eprintln!(
+            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s{}",
+            m.step,
+            self.steps,
+            m.loss,
+            m.grad_norm,
+            m.lr,
+            m.tokens_per_s,
+            hot_note(m)
+        );
+        Ok(())
+    }
+    fn checkpoint(&mut self, _: u64, dir: &std::path::Path) {
+        self.bar
+            .suspend(|| eprintln!("checkpoint written to {}", dir.display()));
+    }
+}
+
+/// The hot-switching part of a step line: time per strategy and in switches, bytes switched;
+/// the simulated time.
+fn hot_note(m: &StepMetrics) -> String {
+    let sim = m.simulated.as_ref().map_or(String::new(), |s| {
+        format!("  simulated {}", seconds(s.simulated_seconds))
+    });
+    let Some(h) = &m.hot else {
+        return sim;
+    };
+    let parts: Vec<String> = h
+        .strategy_seconds
+        .iter()
+        .map(|(k, s)| format!("{k} {s:.3}s"))
+        .collect();
+    format!(
+        "  [{}; switch {:.3}s {:.1} MB]{sim}",
+        parts.join(", "),
+        h.switch_seconds,
+        h.switch_bytes as f64 / 1e6
+    )
+}

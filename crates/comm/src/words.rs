@@ -1,0 +1,65 @@
+//! Integers over a communicator that moves `f32`: every `u64` travels as its exact bits, two
+//! `f32` words each (a communicator copies values, it never computes on a point-to-point message),
+//! and reductions of integers are done on the host after an all-gather, never in `f32`.
+//!
+//! ```
+//! use comm::{words, Communicator, ThreadComm, CommError};
+//!
+//! let max = ThreadComm::run(3, |c| -> Result<u64, CommError> {
+//!     words::all_max(&c, (1u64 << 40) + c.rank().0 as u64)
+//! })?;
+//! assert_eq!(max, vec![(1u64 << 40) + 2; 3]);
+//! let w = words::encode(&[u64::MAX, 7]);
+//! assert_eq!(words::decode(&w)?, vec![u64::MAX, 7]);
+//! # Ok::<(), CommError>(())
+//! ```
+
+use crate::communicator::{Communicator, Rank};
+use crate::error::{CommError, Result};
+
+/// `values` as two `f32` words each (the high and the low 32 bits, bit for bit).
+pub fn encode(values: &[u64]) -> Vec<f32> {
+    values
+        .iter()
+        .flat_map(|&v| [f32::from_bits((v >> 32) as u32), f32::from_bits(v as u32)])
+        .collect()
+}
+
+/// The inverse of [`encode`]; an odd number of words is an error.
+pub fn decode(words: &[f32]) -> Result<Vec<u64>> {
+    if !words.len().is_multiple_of(2) {
+        return Err(CommError::InvalidGroup(format!(
+            "{} words cannot hold whole 64-bit integers",
+            words.len()
+        )));
+    }
+    Ok(words
+        .chunks(2)
+        .map(|w| (u64::from(w[0].to_bits()) << 32) | u64::from(w[1].to_bits()))
+        .collect())
+}
+
+/// Sends `values` to `peer` with `tag`.
+pub fn send(c: &dyn Communicator, values: &[u64], peer: Rank, tag: u32) -> Result<()> {
+    c.send(&encode(values), peer, tag)
+}
+
+/// Receives exactly `n` integers from `peer` with `tag`.
+pub fn recv(c: &dyn Communicator, n: usize, peer: Rank, tag: u32) -> Result<Vec<u64>> {
+    let mut buf = vec![0.0f32; 2 * n];
+    c.recv(&mut buf, peer, tag)?;
+    decode(&buf)
+}
+
+/// Every member's `value`, in rank order.
+pub fn all_gather(c: &dyn Communicator, value: u64) -> Result<Vec<u64>> {
+    let n = c.size();
+    let mut all = vec![0.0f32; 2 * n];
+    c.all_gather(&encode(&[value]), &mut all, &vec![2; n])?;
+    decode(&all)
+}
+
+/// The largest of every member's `value`, exactly.
+pub fn all_max(c: &dyn Communicator, value: u64) -> Result<u64> {
+    Ok(all_gather(c, value)?.into_iter().max().unwrap_or(value))
+}

@@ -1,0 +1,390 @@
+//! The typed configuration of a training run: what the CLI's flags build, or a program by hand.
+
+use std::path::PathBuf;
+
+use data::Packing;
+use graph::{Schedule, Strategy};
+use kernels::{AdamW, GemmPrecision};
+use model::{LlamaConfig, Weights};
+use planner::{Cluster, Plan};
+
+use crate::error::{Result, TrainError};
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// Random from the run's seed (N(0, 0.02), norms 1).
+    Random,
+    /// A safetensors file with HF names (f32, bf16 or f16).
+    File(PathBuf),
+    /// Weights already in memory.
+    Weights(std::sync::Arc<Weights>),
+}
+
+/// The training data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// A JSONL file (`input_ids` or `text` per line) or a directory of text files.
+    Path(PathBuf),
+    /// Text files, one document each, in this order.
+    Files(Vec<PathBuf>),
+    /// Token sequences in memory (each document is cut to `max_len` like a file's).
+    Sequences(Vec<Vec<u32>>),
+}
+
+/// How text becomes token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tokenizer {
+    /// One token per UTF-8 byte (vocabulary 256).
+    Bytes,
+    /// A Hugging Face `tokenizer.json`.
+    File(PathBuf),
+}
+
+/// Where the ranks compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend, the cores divided between the ranks of a process.
+    Cpu,
+    /// The CUDA backend (rank r on GPU r mod the GPU count), GEMMs in this precision.
+    Cuda(GemmPrecision),
+}
+
+/// Which parallel strategies a step runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StrategySpec {
+    /// One strategy for every sequence.
+    Fixed(Strategy),
+    /// Hot switching: each sequence trains under the strategy of the first bucket whose length
+    /// bound holds it; the plan's instantiation strategy holds the weights and the optimizer.
+    Hot(Plan),
+    /// The planner chooses every step's buckets and strategies by the cost model of this
+    /// (calibrated) cluster; the instantiation strategy is chosen on the run's first batch.
+    Auto(Box<Cluster>),
+}
+
+/// The learning rate over the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    /// The rate after warm-up.
+    pub peak: f64,
+    /// Steps of linear warm-up from `peak / warmup` to `peak`.
+    pub warmup: usize,
+    /// What follows the warm-up.
+    pub decay: Decay,
+}
+
+/// The learning rate after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decay {
+    /// `peak` to the end.
+    Constant,
+    /// Cosine from `peak` to `min_lr` over the steps after warm-up.
+    Cosine {
+        /// The final rate.
+        min_lr: f64,
+    },
+}
+
+impl LrSchedule {
+    /// The rate of `step` (0-based) of a run of `steps`.
+    pub fn at(&self, step: usize, steps: usize) -> f64 {
+        if self.warmup > 0 && step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        match self.decay {
+            Decay::Constant => self.peak,
+            Decay::Cosine { min_lr } => {
+                let span = steps.saturating_sub(self.warmup).max(1) as f64;
+                let progress = ((step - self.warmup.min(step)) as f64 / span).min(1.0);
+                min_lr
+                    + 0.5 * (self.peak - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// Checkpoints during the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpointing {
+    /// The directory of step folders and `latest`.
+    pub dir: PathBuf,
+    /// Every this many steps (and at the end); `None`: at the end only.
+    pub every: Option<usize>,
+}
+
+/// Everything a training run needs. [`TrainConfig::new`] gives the CLI's defaults.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: LlamaConfig,
+    /// Where the model's config was read (recorded in checkpoints).
+    pub model_path: Option<PathBuf>,
+    /// The initial weights.
+    pub init: Init,
+    /// The training data.
+    pub data: DataSource,
+    /// How `text` records and text files are tokenized.
+    pub tokenizer: Tokenizer,
+    /// Documents longer than this are cut into pieces (default: `max_position_embeddings`).
+    pub max_len: Option<usize>,
+    /// Thread ranks in this process; under `mpirun` the MPI world size (0: whatever MPI says,
+    /// or 1 without MPI).
+    pub devices: usize,
+    /// Where the ranks compute.
+    pub device: Device,
+    /// Devices per node, for the switch planner (under `mpirun`, MPI's placement).
+    pub devices_per_node: Option<usize>,
+    /// The strategies.
+    pub strategy: StrategySpec,
+    /// Token budget of a micro-batch: one value, or one per bucket of a hot schedule.
+    pub micro_batch_tokens: Vec<usize>,
+    /// The pipeline schedule.
+    pub pipeline_schedule: Schedule,
+    /// Sequences per global batch.
+    pub global_batch: usize,
+    /// Optimizer steps of the whole run (a resumed run continues to this count).
+    pub steps: usize,
+    /// The learning rate.
+    pub lr: LrSchedule,
+    /// AdamW's β1, β2, ε and weight decay (its `lr` is replaced by the schedule's).
+    pub adamw: AdamW,
+    /// Clip the global gradient norm to this (`f64::INFINITY`: no clipping).
+    pub grad_clip: f64,
+    /// Seed of the initialisation and of the shuffle.
+    pub seed: u64,
+    /// Shuffle the data reproducibly from the seed (else file order).
+    pub shuffle: bool,
+    /// Write the final weights here (f32 safetensors, HF names).
+    pub save: Option<PathBuf>,
+    /// Write one JSON object per step here.
+    pub metrics: Option<PathBuf>,
+    /// Checkpoints.
+    pub checkpoint: Option<Checkpointing>,
+    /// Continue from this checkpoint directory (its `latest`, or a step folder).
+    pub resume: Option<PathBuf>,
+    /// Also time the run as on this cluster (the simulator's clock); the training is unchanged.
+    pub simulate: Option<Cluster>,
+}
+
+impl TrainConfig {
+    /// A run of `model` on `data` with the CLI's defaults: one device, `dp1`, 10 steps of 8
+    /// sequences, micro-batches of 4096 tokens, 1F1B, AdamW (lr 3e-4 constant, β 0.9/0.95,
+    /// ε 1e-8, decay 0.1), clipping at 1, seed 0, shuffled, random initial weights.
+    pub fn new(model: LlamaConfig, data: DataSource) -> Self {
+        Self {
+            model,
+            model_path: None,
+            init: Init::Random,
+            data,
+            tokenizer: Tokenizer::Bytes,
+            max_len: None,
+            devices: 1,
+            device: Device::Cpu,
+            devices_per_node: None,
+            strategy: StrategySpec::Fixed(Strategy::single()),
+            micro_batch_tokens: vec![4096],
+            pipeline_schedule: Schedule::OneFOneB,
+            global_batch: 8,
+            steps: 10,
+            lr: LrSchedule {
+                peak: 3e-4,
+                warmup: 0,
+                decay: Decay::Constant,
+            },
+            adamw: AdamW {
+                lr: 3e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            grad_clip: 1.0,
+            seed: 0,
+            shuffle: true,
+            save: None,
+            metrics: None,
+            checkpoint: None,
+            resume: None,
+            simulate: None,
+        }
+    }
+
+    /// The longest piece a document is cut into.
+    pub fn max_len(&self) -> usize {
+        self.max_len.unwrap_or(self.model.max_position_embeddings)
+    }
+
+    /// The shuffle seed the dataset takes.
+    pub fn shuffle_seed(&self) -> Option<u64> {
+        self.shuffle.then_some(self.seed)
+    }
+
+    /// How a strategy's sequences are packed: in batch order, round-robin over its DP
+    /// replicas, micro-batches of at most `budget` tokens. The runtime packs and the cost model
+    /// estimates with this one policy.
+    pub fn packing(budget: usize) -> Packing {
+        Packing::InOrder { budget }
+    }
+
+    /// The budget of bucket `i`'s micro-batches.
+    pub fn budget(&self, i: usize) -> usize {
+        match self.micro_batch_tokens.as_slice() {
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Checks what can be checked without reading any file: counts at least 1, the strategies
+    /// against the device count and the model, the budgets against the buckets.
+    pub fn check(&self) -> Result<()> {
+        if self.global_batch == 0 {
+            return Err(TrainError::setting("global_batch", "must be at least 1"));
+        }
+        if self.steps == 0 {
+            return Err(TrainError::setting("steps", "must be at least 1"));
+        }
+        if self.devices == 0 {
+            return Err(TrainError::setting("devices", "must be at least 1"));
+        }
+        if self.micro_batch_tokens.is_empty() || self.micro_batch_tokens.contains(&0) {
+            return Err(TrainError::setting(
+                "micro_batch_tokens",
+                "every budget must be at least 1 token",
+            ));
+        }
+        if let Some(c) = &self.checkpoint {
+            if c.every == Some(0) {
+                return Err(TrainError::setting(
+                    "checkpoint_every",
+                    "must be at least 1",
+                ));
+            }
+        }
+        let layers = self.model.num_hidden_layers;
+        match &self.strategy {
+            StrategySpec::Fixed(s) => {
+                check_devices(s, self.devices)?;
+                s.stage_layers(layers)?;
+                if self.micro_batch_tokens.len() != 1 {
+                    return Err(TrainError::setting(
+                        "micro_batch_tokens",
+                        "takes one value without a hot-switching schedule",
+                    ));
+                }
+            }
+            StrategySpec::Hot(plan) => {
+                for s in plan.strategies() {
+                    check_devices(s, self.devices)?;
+                    s.stage_layers(layers)?;
+                }
+                let n = plan.buckets.len();
+                if !(self.micro_batch_tokens.len() == 1 || self.micro_batch_tokens.len() == n) {
+                    return Err(TrainError::setting(
+                        "micro_batch_tokens",
+                        format!(
+                            "{} values for {n} strategies (give one, or one per strategy)",
+                            self.micro_batch_tokens.len()
+                        ),
+                    ));
+                }
+            }
+            StrategySpec::Auto(cluster) => {
+                if cluster.devices() != self.devices {
+                    return Err(TrainError::setting(
+                        "profile",
+                        format!(
+                            "the calibration is for {} devices, the run has {} (run `hotspa profile --devices {}`)",
+                            cluster.devices(),
+                            self.devices,
+                            self.devices
+                        ),
+                    ));
+                }
+                if self.micro_batch_tokens.len() != 1 {
+                    return Err(TrainError::setting(
+                        "micro_batch_tokens",
+                        "takes one value with automatic planning",
+                    ));
+                }
+            }
+        }
+        if let Some(c) = &self.simulate {
+            if c.devices() < self.devices {
+                return Err(TrainError::setting(
+                    "sim_cluster",
+                    format!(
+                        "{} has {} devices, fewer than the run's {}",
+                        c.name,
+                        c.devices(),
+                        self.devices
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's settings as recorded in checkpoints.
+    pub fn record(&self, inst: &Strategy) -> serde_json::Value {
+        let (lr_schedule, min_lr) = match self.lr.decay {
+            Decay::Constant => ("constant", 0.0),
+            Decay::Cosine { min_lr } => ("cosine", min_lr),
+        };
+        let data = match &self.data {
+            DataSource::Path(p) => serde_json::json!(p),
+            DataSource::Files(f) => serde_json::json!(format!("{} files", f.len())),
+            DataSource::Sequences(s) => serde_json::json!(format!("{} sequences", s.len())),
+        };
+        let init = match &self.init {
+            Init::Random => serde_json::Value::Null,
+            Init::File(p) => serde_json::json!(p),
+            Init::Weights(_) => serde_json::json!("(in memory)"),
+        };
+        serde_json::json!({
+            "strategy": inst.to_string(), "devices": self.devices,
+            "global_batch": self.global_batch, "steps": self.steps,
+            "micro_batch_tokens": self.micro_batch_tokens, "max_len": self.max_len,
+            "lr": self.lr.peak, "lr_schedule": lr_schedule, "warmup": self.lr.warmup,
+            "min_lr": min_lr, "beta1": self.adamw.beta1, "beta2": self.adamw.beta2,
+            "eps": self.adamw.eps, "weight_decay": self.adamw.weight_decay,
+            "grad_clip": self.grad_clip, "seed": self.seed,
+            "shuffle": if self.shuffle { "on" } else { "off" },
+            "data": data, "model": self.model_path, "init": init,
+        })
+    }
+}
+
+fn check_devices(s: &Strategy, devices: usize) -> Result<()> {
+    if s.devices() != devices {
+        return Err(TrainError::setting(
+            "strategy",
+            format!("{s} runs on {} devices, the run has {devices}", s.devices()),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_up_then_cosine_to_the_floor() {
+        let s = LrSchedule {
+            peak: 1.0,
+            warmup: 4,
+            decay: Decay::Cosine { min_lr: 0.1 },
+        };
+        assert_eq!(s.at(0, 14), 0.25);
+        assert_eq!(s.at(3, 14), 1.0);
+        assert_eq!(s.at(4, 14), 1.0);
+        assert!((s.at(9, 14) - 0.55).abs() < 1e-12);
+        assert!((s.at(14, 14) - 0.1).abs() < 1e-12);
+        let c = LrSchedule {
+            decay: Decay::Constant,
+            ..s
+        };
+        assert_eq!(c.at(13, 14), 1.0);
+    }
+}

@@ -1,0 +1,59 @@
+//! The hotspa trainer as a library (DESIGN §4 `train`): a typed [`TrainConfig`], the rank loop
+//! over thread ranks or MPI processes, the step runners behind the [`StepRunner`] seam (one
+//! strategy, a hot-switching schedule, or the planner's choice every step), the gradient
+//! agreement between DP replicas behind [`runtime::GradientAgreement`], pieces gathered on rank
+//! 0, checkpoints, and [`StepMetrics`] sent to [`Sink`]s.
+//!
+//! Train a tiny LLaMA on two thread devices, short sequences under DP, long ones under TP,
+//! switching inside every step:
+//!
+//! ```
+//! use std::path::Path;
+//! use train::{DataSource, StrategySpec, TrainConfig};
+//!
+//! let model = model::LlamaConfig::from_json(
+//!     r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22,
+//!         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
+//!     Path::new("config.json"),
+//! )?;
+//! let seqs: Vec<Vec<u32>> = (0..16u32)
+//!     .map(|i| (0..3 + (i % 4) * 7).map(|j| (i * 7 + j * j) % 40).collect())
+//!     .collect();
+//! let mut cfg = TrainConfig::new(model, DataSource::Sequences(seqs));
+//! cfg.devices = 2;
+//! cfg.strategy = StrategySpec::Hot(planner::Plan::parse("dp2:8,tp2:max", 2)?);
+//! cfg.steps = 3;
+//! let out = train::run(&cfg, &mut train::NoSink)?;
+//! assert_eq!(out.inst.to_string(), "tp2"); // the least model state per device
+//! let last = &out.steps[2];
+//! assert!(last.loss < out.steps[0].loss);
+//! assert!(last.hot.as_ref().unwrap().switch_bytes > 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod config;
+mod error;
+pub mod gather;
+mod hot;
+mod metrics;
+mod planning;
+mod profile;
+mod rank;
+mod run;
+mod runner;
+
+pub use config::{
+    Checkpointing, DataSource, Decay, Device, Init, LrSchedule, StrategySpec, Tokenizer,
+    TrainConfig,
+};
+pub use error::{Result, TrainError};
+pub use hot::{HotRank, HotSetup, HotStep};
+pub use metrics::{
+    read_metrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics, SimulatedMetrics,
+    SimulatedPhases, Sink, StepMetrics,
+};
+pub use planning::{batch_lengths, cost_model, plan_of, planner};
+pub use profile::{profile, Profile, CURVE_INPUT_DIM};
+pub use rank::PLAN_CACHE;
+pub use run::{load_data, run, TrainOutcome};
+pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};

@@ -1,0 +1,230 @@
+//! What a run reports: one [`StepMetrics`] per step, sent to [`Sink`]s (a JSONL file, a line
+//! per step on any writer, the CLI's progress bar).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// One optimizer step, as rank 0 saw it. Serialised as one JSON object per line; the optional
+/// parts add their fields at the top level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based step.
+    pub step: u64,
+    /// Loss of the global batch (mean over its predicted tokens).
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The step's learning rate.
+    pub lr: f64,
+    /// Tokens of the global batch.
+    pub tokens: u64,
+    /// Wall seconds of the step.
+    pub seconds: f64,
+    /// `tokens / seconds`.
+    pub tokens_per_s: f64,
+    /// The most activation and gradient bytes any rank held at once during the step.
+    pub peak_bytes: u64,
+    /// With automatic planning: the step's plan.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanMetrics>,
+    /// With hot switching: time per strategy and in switches.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub hot: Option<HotMetrics>,
+    /// With the simulator's clock: the step's time on the simulated cluster.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<SimulatedMetrics>,
+}
+
+/// The planner's choice for a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanMetrics {
+    /// The plan, e.g. `dp4:128,tp4:max (weights in tp4)`.
+    pub plan: String,
+    /// Seconds spent planning the step.
+    pub planning_seconds: f64,
+    /// The cost model's estimate of the step.
+    pub predicted_seconds: f64,
+}
+
+/// Hot switching in a step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HotMetrics {
+    /// Seconds spent training under each strategy (switches excluded), by strategy.
+    pub strategy_seconds: BTreeMap<String, f64>,
+    /// Seconds spent switching parameters and gradients.
+    pub switch_seconds: f64,
+    /// Bytes the switches moved (all ranks together).
+    pub switch_bytes: u64,
+}
+
+/// The simulated cluster's time of a step, by phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimulatedMetrics {
+    /// The whole step.
+    pub simulated_seconds: f64,
+    /// By phase.
+    pub simulated: SimulatedPhases,
+}
+
+/// Simulated seconds by what they were spent on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SimulatedPhases {
+    /// GEMMs and attention.
+    pub compute: f64,
+    /// Memory-bound kernels.
+    pub elementwise: f64,
+    /// The optimizer update.
+    pub optimizer: f64,
+    /// Moving bytes over links.
+    pub transfer: f64,
+    /// Waiting for other ranks.
+    pub wait: f64,
+}
+
+/// Where a run's reports go. Every method has a default that ignores the report.
+pub trait Sink {
+    /// A line about the run's setup or progress ("resuming from … at step 40").
+    fn notice(&mut self, text: &str) {
+        let _ = text;
+    }
+    /// A step's metrics (world rank 0 only).
+    fn step(&mut self, metrics: &StepMetrics) -> Result<()> {
+        let _ = metrics;
+        Ok(())
+    }
+    /// A checkpoint was written to `dir` after `step` steps.
+    fn checkpoint(&mut self, step: u64, dir: &Path) {
+        let _ = (step, dir);
+    }
+}
+
+/// Ignores everything.
+pub struct NoSink;
+
+impl Sink for NoSink {}
+
+/// One JSON object per step on a writer (a file, stdout).
+pub struct JsonLines<W: Write> {
+    out: W,
+    what: PathBuf,
+}
+
+impl JsonLines<std::io::BufWriter<std::fs::File>> {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::File::create(path).map_err(TrainError::io(path))?;
+        Ok(Self {
+            out: std::io::BufWriter::new(file),
+            what: path.to_path_buf(),
+        })
+    }
+}
+
+impl JsonLines<std::io::Stdout> {
+    /// Lines on standard output.
+    pub fn stdout() -> Self {
+        Self {
+            out: std::io::stdout(),
+            what: PathBuf::from("(stdout)"),
+        }
+    }
+}
+
+impl<W: Write> Sink for JsonLines<W> {
+    fn step(&mut self, metrics: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(metrics).map_err(|e| TrainError::Io {
+            path: self.what.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        writeln!(self.out, "{line}")
+            .and_then(|_| self.out.flush())
+            .map_err(TrainError::io(&self.what))
+    }
+}
+
+/// Sends every report to each of several sinks.
+pub struct Fanout<'a>(pub Vec<&'a mut dyn Sink>);
+
+impl Sink for Fanout<'_> {
+    fn notice(&mut self, text: &str) {
+        for s in &mut self.0 {
+            s.notice(text);
+        }
+    }
+    fn step(&mut self, metrics: &StepMetrics) -> Result<()> {
+        for s in &mut self.0 {
+            s.step(metrics)?;
+        }
+        Ok(())
+    }
+    fn checkpoint(&mut self, step: u64, dir: &Path) {
+        for s in &mut self.0 {
+            s.checkpoint(step, dir);
+        }
+    }
+}
+
+/// Every step of a metrics file, in order.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                TrainError::setting(
+                    "metrics",
+                    format!(
+                        "{}:{}: not a metrics line of hotspa train: {e}",
+                        path.display(),
+                        i + 1
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_round_trips_with_its_optional_parts_flat() {
+        let mut m = StepMetrics {
+            step: 3,
+            loss: 5.25,
+            grad_norm: 0.5,
+            lr: 1e-3,
+            tokens: 100,
+            seconds: 0.25,
+            tokens_per_s: 400.0,
+            peak_bytes: (1 << 40) + 3,
+            plan: None,
+            hot: None,
+            simulated: None,
+        };
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(
+            !line.contains("switch_seconds") && !line.contains("null"),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), m);
+        m.hot = Some(HotMetrics {
+            strategy_seconds: [("dp4".to_string(), 0.1)].into(),
+            switch_seconds: 0.05,
+            switch_bytes: 4096,
+        });
+        let line = serde_json::to_string(&m).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["switch_bytes"], 4096);
+        assert_eq!(v["strategy_seconds"]["dp4"], 0.1);
+        assert_eq!(v["peak_bytes"], (1u64 << 40) + 3);
+        assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), m);
+    }
+}

@@ -1,0 +1,42 @@
+//! What the planner needs of a run: its cost model (packing as the runtime packs), the plan a
+//! configuration runs, and the lengths of every step's global batch.
+
+use planner::{Cluster, CostModel, Plan, Planner};
+
+use crate::config::{StrategySpec, TrainConfig};
+use crate::error::Result;
+
+/// The cost model of `cfg`'s model on `cluster`, estimating the packing the runtime runs.
+pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
+    let mut cost = CostModel::new(cluster, cfg.model.clone());
+    cost.packing = TrainConfig::packing(cfg.budget(0));
+    cost
+}
+
+/// A planner over [`cost_model`].
+pub fn planner(cfg: &TrainConfig, cluster: Cluster) -> Planner {
+    Planner::new(cost_model(cfg, cluster))
+}
+
+/// The plan `cfg` runs every step: its schedule, or one bucket of its strategy; `None` under
+/// automatic planning (a plan per step).
+pub fn plan_of(cfg: &TrainConfig) -> Option<Plan> {
+    match &cfg.strategy {
+        StrategySpec::Fixed(s) => Some(Plan::single(s.clone())),
+        StrategySpec::Hot(p) => Some(p.clone()),
+        StrategySpec::Auto(_) => None,
+    }
+}
+
+/// The lengths of every step's global batch, as the run draws them.
+pub fn batch_lengths(cfg: &TrainConfig) -> Result<Vec<Vec<usize>>> {
+    let data = crate::run::load_data(cfg)?;
+    Ok((0..cfg.steps)
+        .map(|s| {
+            data.batch(s, cfg.global_batch, cfg.shuffle_seed())
+                .iter()
+                .map(Vec::len)
+                .collect()
+        })
+        .collect())
+}

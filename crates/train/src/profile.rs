@@ -1,0 +1,624 @@
+//! Calibrating the cost model on this machine's CPU backend with `N` thread ranks running at
+//! once — GEMM rate against shape (peak, efficiency curve and a measured table), attention
+//! rate, memory bandwidth of elementwise kernels, AdamW, the thread communicator's α–β — and,
+//! with a model, its real training steps as DP replicas and a TP pass, which scale the model to
+//! what the kernel rates leave out (`hotspa profile` writes the result as a cluster file).
+
+use std::time::Instant;
+
+use comm::{CommError, Communicator, ReduceOp, ThreadComm};
+use kernels::{AttnShape, Backend, CpuBackend, GemmSpec};
+use planner::{Cluster, Efficiency, Link};
+
+use crate::error::TrainError;
+
+type Result<T, E = TrainError> = std::result::Result<T, E>;
+use crate::metrics::Sink;
+
+/// The probe's measurements: (step seconds with `--probe-tokens` and with one sequence per
+/// rank, optimizer seconds, parameters of a rank).
+type Probe = ([f64; 2], f64, usize);
+
+/// Tokens of the small probe step (one sequence): almost all of its time is the kernels'
+/// overhead, communication and the update, so it pins the overhead per kernel down.
+const SMALL: usize = 16;
+
+/// The probe's sequence length for micro-batches of `tokens`: 512, or the model's longest if
+/// shorter, and at most half of `tokens` (so that the smaller probe step is smaller).
+fn probe_len(cfg: &model::LlamaConfig, tokens: usize) -> usize {
+    cfg.max_position_embeddings
+        .clamp(2, 512)
+        .min(tokens / 2)
+        .max(1)
+}
+
+/// The probe's inputs for rank `rank` of `n` DP replicas: its graph, parameters and shared
+/// parameters, and one micro-batch of `tokens` tokens (sequences of `len`).
+type ProbeInputs = (graph::ExecGraph, model::RankParams, runtime::MicroBatch);
+
+fn probe_inputs(
+    cfg: &model::LlamaConfig,
+    n: usize,
+    rank: usize,
+    tokens: usize,
+    len: usize,
+) -> Result<ProbeInputs, CommError> {
+    let err = |e: String| CommError::Unavailable(format!("probe: {e}"));
+    let strategy = graph::Strategy::parse(&format!("dp{n}"), n).map_err(|e| err(e.to_string()))?;
+    let exec = model::rank_exec(cfg, &strategy, rank).map_err(|e| err(e.to_string()))?;
+    let weights = model::Weights::random(cfg, 1);
+    let rp = model::rank_params(cfg, &exec, &weights, 0).map_err(|e| err(e.to_string()))?;
+    let seqs: Vec<Vec<u32>> = (0..tokens.div_ceil(len))
+        .map(|k| {
+            (0..len)
+                .map(|i| ((i * 7 + k * 13) % cfg.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let mb =
+        runtime::MicroBatch::pack(&seqs, 1.0 / tokens as f32).map_err(|e| err(e.to_string()))?;
+    Ok((exec, rp, mb))
+}
+
+/// `steps` training steps of `cfg` as DP replicas over `world` on `be` (one micro-batch of
+/// `tokens` in sequences of `len` each, the gradient all-reduce and the optimizer update), after one to warm up: the
+/// slowest rank's seconds per step, its optimizer seconds, and the rank's parameters.
+fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
+    be: &B,
+    world: &dyn Communicator,
+    cfg: &model::LlamaConfig,
+    tokens: usize,
+    len: usize,
+    steps: usize,
+    mut each: impl FnMut(usize),
+) -> Result<(Vec<f64>, Vec<f64>, usize), CommError> {
+    let err = |e: String| CommError::Unavailable(format!("probe: {e}"));
+    let n = world.size();
+    let strategy = graph::Strategy::parse(&format!("dp{n}"), n).map_err(|e| err(e.to_string()))?;
+    let (exec, rp, mb) = probe_inputs(cfg, n, world.rank().0, tokens, len)?;
+    let numel: usize = rp.params.iter().map(Vec::len).sum();
+    let mut groups = runtime::RankGroups::new(world, &strategy).map_err(|e| err(e.to_string()))?;
+    let adamw = kernels::AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut opt = runtime::Optimizer::new(
+        be,
+        &exec,
+        &groups,
+        rp.params.clone(),
+        &rp.shared,
+        adamw,
+        1.0,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let slowest = |t: f64| -> Result<f64, CommError> {
+        let mut v = [t as f32];
+        world.all_reduce(&mut v, ReduceOp::Max)?;
+        Ok(f64::from(v[0]))
+    };
+    let mbs = [mb];
+    let (mut step_s, mut opt_s) = (Vec::new(), Vec::new());
+    for k in 0..=steps {
+        world.barrier()?;
+        each(k);
+        let t0 = Instant::now();
+        let out = runtime::pipeline_step(
+            be,
+            &exec,
+            &mut groups,
+            opt.params(),
+            &rp.shared,
+            &mbs,
+            graph::Schedule::OneFOneB,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let t1 = Instant::now();
+        opt.update(be, &mut groups, out.grads, 1e-4)
+            .map_err(|e| err(e.to_string()))?;
+        let (total, update) = (t0.elapsed().as_secs_f64(), t1.elapsed().as_secs_f64());
+        if k > 0 {
+            step_s.push(slowest(total)?);
+            opt_s.push(slowest(update)?);
+        }
+    }
+    Ok((step_s, opt_s, numel))
+}
+
+/// `cfg`'s forward and backward under TP over every rank (one micro-batch of `tokens`, as
+/// [`probe`]'s): `(measured seconds, the simulator's clock on `cluster`, the clock with every
+/// link's latency 1 ms longer)`, each the slowest rank's. The difference says how many
+/// messages the clock charges; what the measured time has beyond the clock is spent on them.
+fn tp_probe(
+    c: &dyn Communicator,
+    be: &CpuBackend,
+    share: &std::sync::Arc<sim::CoreShare>,
+    cluster: &Cluster,
+    cfg: &model::LlamaConfig,
+    tokens: usize,
+) -> Result<[f64; 3], CommError> {
+    let err = |e: String| CommError::Unavailable(format!("TP probe: {e}"));
+    let n = c.size();
+    let strategy = graph::Strategy::parse(&format!("tp{n}"), n).map_err(|e| err(e.to_string()))?;
+    let exec = model::rank_exec(cfg, &strategy, c.rank().0).map_err(|e| err(e.to_string()))?;
+    let weights = model::Weights::random(cfg, 1);
+    let (_, _, tp_rank) = strategy.coords(c.rank().0);
+    let rp = model::rank_params(cfg, &exec, &weights, tp_rank).map_err(|e| err(e.to_string()))?;
+    let (_, _, mb) = probe_inputs(cfg, n, 0, tokens, probe_len(cfg, tokens))?;
+    let mbs = [mb];
+    // One pass on `be` over `world`'s TP group.
+    fn pass<B: kernels::Backend<Buffer = Vec<f32>>>(
+        be: &B,
+        world: &dyn Communicator,
+        strategy: &graph::Strategy,
+        exec: &graph::ExecGraph,
+        rp: &model::RankParams,
+        mbs: &[runtime::MicroBatch],
+    ) -> Result<(), String> {
+        let mut groups = runtime::RankGroups::new(world, strategy).map_err(|e| e.to_string())?;
+        let schedule = graph::Schedule::OneFOneB;
+        runtime::pipeline_step(be, exec, &mut groups, &rp.params, &rp.shared, mbs, schedule)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    let slowest = |t: f64| -> Result<f64, CommError> {
+        let mut v = [t as f32];
+        c.all_reduce(&mut v, ReduceOp::Max)?;
+        Ok(f64::from(v[0]))
+    };
+    pass(be, c, &strategy, &exec, &rp, &mbs).map_err(err)?;
+    let mut measured = Vec::new();
+    for _ in 0..5 {
+        c.barrier()?;
+        let t0 = Instant::now();
+        pass(be, c, &strategy, &exec, &rp, &mbs).map_err(err)?;
+        measured.push(slowest(t0.elapsed().as_secs_f64())?);
+    }
+    measured.sort_by(f64::total_cmp);
+    let mut clocked = [0.0; 2];
+    for (i, extra_us) in [0.0, 1000.0].into_iter().enumerate() {
+        let mut cl = cluster.clone();
+        cl.same_node.latency_us += extra_us;
+        cl.cross_node.latency_us += extra_us;
+        let clock = sim::Clock::new();
+        let sb = sim::SimBackend::new(be.clone(), &cl, clock.clone()).sharing(share.clone());
+        let sc = sim::SimComm::over(c, &cl, clock.clone())?.sharing(share.clone());
+        pass(&sb, &sc, &strategy, &exec, &rp, &mbs).map_err(err)?;
+        clocked[i] = slowest(clock.now())?;
+    }
+    Ok([measured[2], clocked[0], clocked[1]])
+}
+
+/// Times training steps of `cfg` with every rank a DP replica, with micro-batches of
+/// `tokens` and of [`SMALL`] tokens: (step seconds of each, optimizer seconds, parameters), medians
+/// of 3.
+fn probe(
+    c: &dyn Communicator,
+    be: &CpuBackend,
+    cfg: &model::LlamaConfig,
+    tokens: usize,
+) -> Result<Probe, CommError> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let len = probe_len(cfg, tokens);
+    let (big, opt_s, numel) = dp_steps(be, c, cfg, tokens, len, 5, |_| {})?;
+    let (small, _, _) = dp_steps(be, c, cfg, SMALL, SMALL, 5, |_| {})?;
+    Ok(([median(big), median(small)], median(opt_s), numel))
+}
+
+/// `(scale, overhead per kernel)` with `measured[i] = rest + scale·scaled + overhead·kernels`
+/// for both rows `[scaled, rest, kernels]`; without a positive solution, no overhead and the
+/// scale of the first row.
+fn solve(rows: &[[f64; 3]; 2], measured: &[f64; 2]) -> (f64, f64) {
+    let [a1, r1, k1] = rows[0];
+    let [a2, r2, k2] = rows[1];
+    let (y1, y2) = (measured[0] - r1, measured[1] - r2);
+    let det = a1 * k2 - a2 * k1;
+    if det.abs() > 1e-12 {
+        let scale = (y1 * k2 - y2 * k1) / det;
+        let overhead = (a1 * y2 - a2 * y1) / det;
+        if scale > 0.1 && overhead >= 0.0 {
+            return (scale, overhead);
+        }
+    }
+    ((y1 / a1.max(1e-12)).max(0.1), 0.0)
+}
+
+/// The dims of the GEMM grid: every ascending triple of them is timed as a linear layer of
+/// (the largest) tokens, (the smallest) width and (the middle) input dim.
+const DIMS: [usize; 4] = [16, 64, 256, 1024];
+/// The input dim of the points the efficiency curve is fitted to.
+const K: usize = 256;
+
+/// Seconds per call of `f`, repeated for at least 60 ms (median of 5 such runs: ranks share
+/// the cores, so single runs are noisy).
+fn time(mut f: impl FnMut() -> Result<(), kernels::KernelError>) -> Result<f64, CommError> {
+    let err = |e: kernels::KernelError| CommError::Unavailable(e.to_string());
+    f().map_err(err)?;
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let (t0, mut n) = (Instant::now(), 0u32);
+        while t0.elapsed().as_secs_f64() < 0.06 {
+            f().map_err(err)?;
+            n += 1;
+        }
+        runs.push(t0.elapsed().as_secs_f64() / f64::from(n));
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[2])
+}
+
+/// What one rank measures while every rank does the same.
+struct Rates {
+    /// `([d0, d1, d2] ascending, FLOP/s)`.
+    gemm: Vec<([usize; 3], f64)>,
+    /// `(sequence length, FLOP/s)`.
+    attention: Vec<(usize, f64)>,
+    memory_gbps: f64,
+    /// AdamW updates per second.
+    adamw: f64,
+    /// All-reduce seconds of 1 Ki and 1 Mi floats.
+    all_reduce: (f64, f64),
+}
+
+fn measure(
+    c: &dyn Communicator,
+    be: &CpuBackend,
+    cfg: Option<&model::LlamaConfig>,
+) -> Result<Rates, CommError> {
+    let mut gemm = Vec::new();
+    // A linear layer's three GEMMs in training, as the executor calls them: forward
+    // y = x·wᵀ, dx = dy·w, dw = dyᵀ·x (x [m, k], w [n, k]).
+    // Each call takes the next of several buffer sets (32 MiB in all per rank), so that, as in
+    // training, the operands come from memory rather than a warm cache.
+    for (ia, &a) in DIMS.iter().enumerate() {
+        for (ib, &b) in DIMS.iter().enumerate().skip(ia) {
+            for &cc in &DIMS[ib..] {
+                let (m, n, k) = (cc, a, b);
+                let per_set = 4 * (2 * m * k + 2 * n * k + 2 * m * n);
+                let count = ((32usize << 20) / per_set).clamp(1, 64);
+                let mut sets: Vec<[Vec<f32>; 6]> = (0..count)
+                    .map(|_| {
+                        [
+                            vec![0.5f32; m * k],
+                            vec![0.25f32; n * k],
+                            vec![0.125f32; m * n],
+                            vec![0.0f32; m * n],
+                            vec![0.0f32; m * k],
+                            vec![0.0f32; n * k],
+                        ]
+                    })
+                    .collect();
+                let mut next = 0;
+                c.barrier()?;
+                let t = time(|| {
+                    let [x, w, dy, y, dx, dw] = &mut sets[next % count];
+                    next += 1;
+                    be.gemm(&GemmSpec::new(m, n, k).trans(false, true), x, w, y)?;
+                    be.gemm(&GemmSpec::new(m, k, n), dy, w, dx)?;
+                    be.gemm(&GemmSpec::new(n, k, m).trans(true, false), dy, x, dw)
+                })?;
+                gemm.push(([a, b, cc], 3.0 * 2.0 * (m * n * k) as f64 / t));
+            }
+        }
+    }
+    // Attention of one sequence, forward and backward, at lengths 64, 256 and 1024 (up to the
+    // model's longest): the model's heads (4 of 32 without one).
+    let (longest, shape) = match cfg {
+        Some(cfg) => (
+            cfg.max_position_embeddings.clamp(2, 1024),
+            AttnShape {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.kv_heads(),
+                head_dim: cfg.head_dim(),
+            },
+        ),
+        None => (
+            1024,
+            AttnShape {
+                heads: 4,
+                kv_heads: 4,
+                head_dim: 32,
+            },
+        ),
+    };
+    let mut lens: Vec<usize> = [64, 256, 1024]
+        .into_iter()
+        .filter(|&l| l < longest)
+        .collect();
+    lens.push(longest);
+    let mut attention = Vec::new();
+    for len in lens {
+        let (heads, hd) = (shape.heads, shape.head_dim);
+        let x = vec![0.1f32; len * heads * hd];
+        let kv = vec![0.1f32; len * shape.kv_heads * hd];
+        let (mut o, mut lse) = (vec![0.0f32; x.len()], vec![0.0f32; len * heads]);
+        let (mut dq, mut dk, mut dv) = (x.clone(), kv.clone(), kv.clone());
+        let cu = [0, len];
+        let scale = 1.0 / (hd as f32).sqrt();
+        c.barrier()?;
+        let t = time(|| {
+            be.attention_forward(&x, &kv, &kv, &cu, shape, scale, &mut o, &mut lse)?;
+            be.attention_backward(
+                &x, &x, &kv, &kv, &o, &lse, &cu, shape, scale, &mut dq, &mut dk, &mut dv,
+            )
+        })?;
+        // Causal: half the square; forward + backward ≈ 3 × forward of 4·L²·(heads·hd).
+        attention.push((len, 3.0 * 2.0 * (len * len * heads * hd) as f64 / t));
+    }
+    // Elementwise: y += a·x over 4 Mi floats reads two and writes one.
+    let n = 1 << 22;
+    let xs = vec![1.0f32; n];
+    let mut ys = vec![0.0f32; n];
+    c.barrier()?;
+    let t = time(|| be.axpy(0.5, &xs, &mut ys))?;
+    let memory_gbps = 3.0 * 4.0 * n as f64 / t / 1e9;
+    let cfg = kernels::AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let (mut p, g, mut m1, mut m2) = (
+        vec![0.1f32; n],
+        vec![0.01f32; n],
+        vec![0.0f32; n],
+        vec![0.0f32; n],
+    );
+    c.barrier()?;
+    let mut step = 0;
+    let t = time(|| {
+        step += 1;
+        be.adamw(&cfg, step, &mut p, &g, &mut m1, &mut m2)
+    })?;
+    let adamw = n as f64 / t;
+    let mut ar = [0.0f64; 2];
+    for (k, len) in [1usize << 10, 1 << 20].into_iter().enumerate() {
+        let mut buf = vec![1.0f32; len];
+        c.barrier()?;
+        let (t0, reps) = (Instant::now(), if k == 0 { 200 } else { 10 });
+        for _ in 0..reps {
+            c.all_reduce(&mut buf, ReduceOp::Sum)?;
+        }
+        let mut dt = [(t0.elapsed().as_secs_f64() / f64::from(reps)) as f32];
+        c.all_reduce(&mut dt, ReduceOp::Max)?;
+        ar[k] = f64::from(dt[0]);
+    }
+    Ok(Rates {
+        gemm,
+        attention,
+        memory_gbps,
+        adamw,
+        all_reduce: (ar[0], ar[1]),
+    })
+}
+
+/// Least squares in log space of `rate = peak · max · t/(t+ht) · w/(w+hw)` over a grid of
+/// half-points; returns `(max, half_tokens, half_width)` for `peak` the best rate seen.
+fn fit(gemm: &[(usize, usize, f64)], peak: f64) -> (f64, f64, f64) {
+    let grid: Vec<f64> = (0..12).map(|i| 2f64.powi(i)).collect();
+    let mut best = (f64::INFINITY, 1.0, 1.0, 1.0);
+    for &ht in &grid {
+        for &hw in &grid {
+            let shape = |t: f64, w: f64| t / (t + ht) * w / (w + hw);
+            let logs: Vec<f64> = gemm
+                .iter()
+                .map(|&(t, w, r)| (r / peak).ln() - shape(t as f64, w as f64).ln())
+                .collect();
+            let log_max = logs.iter().sum::<f64>() / logs.len() as f64;
+            let err: f64 = logs.iter().map(|l| (l - log_max).powi(2)).sum();
+            if err < best.0 {
+                best = (err, log_max.exp(), ht, hw);
+            }
+        }
+    }
+    (best.1, best.2, best.3)
+}
+
+/// What [`profile`] found: the cluster file's contents, and every GEMM shape's rate.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// This machine as a cluster of `devices` ranks.
+    pub cluster: Cluster,
+    /// Every timed linear layer: its dims `[width, input dim, tokens]` and FLOP/s per rank.
+    pub gemm: Vec<([usize; 3], f64)>,
+}
+
+/// The input dim at which the efficiency curve is fitted (for reports beside the table).
+pub const CURVE_INPUT_DIM: usize = K;
+
+/// Calibrates the cost model on this machine's CPU backend with `devices` thread ranks running
+/// at once; with a model, also times its training steps (micro-batches of `probe_tokens`) and
+/// its TP pass, and scales the model to them. Progress goes to `sink`.
+pub fn profile(
+    devices: usize,
+    cfg: Option<&model::LlamaConfig>,
+    probe_tokens: usize,
+    sink: &mut dyn Sink,
+) -> Result<Profile> {
+    let n = devices;
+    if n == 0 {
+        return Err(TrainError::setting("devices", "must be at least 1"));
+    }
+    sink.notice(&format!(
+        "profiling the CPU backend with {n} thread ranks at once…"
+    ));
+    let cfg = cfg.cloned();
+    let tokens = probe_tokens.max(2);
+    let cfg2 = cfg.clone();
+    let mut rates = ThreadComm::run(n, move |c| -> Result<(Rates, Option<Probe>), CommError> {
+        let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
+        let rates = measure(&c, &be, cfg2.as_ref())?;
+        let probed = match &cfg2 {
+            Some(cfg) => Some(probe(&c, &be, cfg, tokens)?),
+            None => None,
+        };
+        Ok((rates, probed))
+    })?;
+    // Rank 0 reports (every rank measured at once; the slowest is in the collective timings).
+    let (r, probed) = rates.swap_remove(0);
+    let r = &r;
+    let peak = r.gemm.iter().map(|g| g.1).fold(0.0, f64::max);
+    // The curve (tokens × width at input dim K) for reading; the table is what is used.
+    let curve: Vec<(usize, usize, f64)> = r
+        .gemm
+        .iter()
+        .filter(|(d, _)| d[1] == K)
+        .map(|&(d, rate)| (d[2], d[0], rate))
+        .collect();
+    let (max, half_tokens, half_width) = fit(&curve, peak);
+    // α–β of the ring all-reduce: t = 2(n−1)·α + 2(n−1)/n · bytes/β.
+    let (t_small, t_big) = r.all_reduce;
+    let k = 2.0 * (n.max(2) - 1) as f64;
+    let bytes = |len: f64| k / n.max(2) as f64 * len * 4.0;
+    let per_byte =
+        ((t_big - t_small) / (bytes((1 << 20) as f64) - bytes((1 << 10) as f64))).max(1e-12);
+    let alpha = ((t_small - per_byte * bytes((1 << 10) as f64)) / k).max(0.0);
+    let link = Link {
+        gbps: 1.0 / per_byte / 1e9,
+        latency_us: alpha * 1e6,
+    };
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(16.0, |kb| kb / (1u64 << 20) as f64);
+    // The asymptotic GEMM rate (large shapes) is the peak; efficiency 1 there.
+    let base = Cluster::new(
+        format!("this machine as {n} thread ranks"),
+        1,
+        n,
+        peak * max / 1e12,
+        mem_total / n as f64,
+        link,
+        link,
+    );
+    let cluster = Cluster {
+        efficiency: Efficiency {
+            max: 1.0,
+            half_tokens,
+            half_width,
+            attention: r.attention.last().map_or(0.0, |a| a.1) / (peak * max),
+        },
+        elem_bytes: 4.0,
+        memory_gbps: r.memory_gbps,
+        optimizer_gparams: r.adamw / 1e9,
+        shared_cores: std::thread::available_parallelism().map_or(1, |c| c.get()) as f64,
+        gemm_table: r
+            .gemm
+            .iter()
+            .map(|&(d, rate)| [d[0] as f64, d[1] as f64, d[2] as f64, rate / 1e12])
+            .collect(),
+        attention_table: r
+            .attention
+            .iter()
+            .map(|&(len, rate)| [len as f64, rate / 1e12])
+            .collect(),
+        ..base
+    };
+    let mut cluster = cluster;
+    if let (Some(cfg), Some((steps, opt_s, numel))) = (&cfg, probed) {
+        cluster.optimizer_gparams = numel as f64 / opt_s / 1e9;
+        let len = probe_len(cfg, tokens);
+        let sizes = [tokens.div_ceil(len) * len, SMALL];
+        // The simulator's clock: the same steps clocked at scale 1 and no overhead per kernel;
+        // the measured steps beyond their clocked communication and update are
+        // `scale × clocked compute + overhead × kernels`, solved over the two sizes. Then the
+        // TP probe, with them.
+        let (cl, cfg2) = (cluster.clone(), cfg.clone());
+        let share = sim::CoreShare::new(n, cluster.shared_cores);
+        let got = ThreadComm::run(n, move |c| -> Result<_, CommError> {
+            let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
+            let mut rows = [[0.0f64; 3]; 2];
+            for (row, &size) in rows.iter_mut().zip(&sizes) {
+                let clock = sim::Clock::new();
+                let sb = sim::SimBackend::with_scale(be.clone(), &cl, clock.clone(), 1.0)
+                    .sharing(share.clone());
+                let sc = sim::SimComm::over(&c, &cl, clock.clone())?.sharing(share.clone());
+                let mut at = sim::ClockReading::default();
+                dp_steps(&sb, &sc, &cfg2, size, len, 1, |k| {
+                    if k == 1 {
+                        at = clock.read();
+                    }
+                })?;
+                let d = clock.read().since(&at);
+                let scaled = d.phase(sim::Phase::Compute) + d.phase(sim::Phase::Elementwise);
+                let mut v = [scaled as f32, (d.now - scaled) as f32, d.kernels as f32];
+                c.all_reduce(&mut v, ReduceOp::Max)?;
+                *row = v.map(f64::from);
+            }
+            let (scale, overhead) = solve(&rows, &steps);
+            let mut cl = cl.clone();
+            cl.clock_scale = scale;
+            cl.kernel_overhead_us = overhead * 1e6;
+            let tp = if n >= 2 {
+                Some(tp_probe(&c, &be, &share, &cl, &cfg2, tokens))
+            } else {
+                None
+            };
+            Ok((cl, tp))
+        })?;
+        let (cl, tp) = &got[0];
+        cluster.clock_scale = cl.clock_scale;
+        cluster.kernel_overhead_us = cl.kernel_overhead_us;
+        // The cost model: the same overhead per kernel, its own scale on the larger step.
+        let cost = planner::CostModel::new(
+            Cluster {
+                compute_scale: 1.0,
+                kernel_overhead_us: 0.0,
+                ..cluster.clone()
+            },
+            cfg.clone(),
+        );
+        let s = graph::Strategy::parse(&format!("dp{n}"), n)?;
+        let b = cost.strategy(&s, &vec![len; n * sizes[0] / len], usize::MAX);
+        let overhead = cost.kernels(&s) * cluster.kernel_overhead_us * 1e-6;
+        let rest = b.dp_reduce + cost.optimizer(&s) + overhead;
+        cluster.compute_scale = ((steps[0] - rest) / (b.compute + b.elementwise)).max(0.1);
+        sink.notice(&format!(
+            "probe: DP steps of {} and {} tokens per rank {:.4} s and {:.4} s, of which the update {opt_s:.4} s for {numel} parameters: overhead {:.1} µs per kernel, compute scale {:.3} (the simulator's clock {:.3})",
+            sizes[0],
+            sizes[1],
+            steps[0],
+            steps[1],
+            cluster.kernel_overhead_us,
+            cluster.compute_scale,
+            cluster.clock_scale
+        ));
+        // Messages between ranks that compute cost more than between idle ones (a blocked
+        // thread waits for a core; a halted virtual CPU for its host): the latency of the
+        // links is what a TP pass measures beyond the clock's estimate, per message it sends.
+        match tp {
+            Some(Ok([measured, clocked, longer])) => {
+                let messages = (longer - clocked) / 1e-3;
+                let extra = if messages > 0.0 {
+                    ((measured - clocked) / messages).max(0.0)
+                } else {
+                    0.0
+                };
+                cluster.same_node.latency_us += extra * 1e6;
+                cluster.cross_node.latency_us += extra * 1e6;
+                sink.notice(&format!(
+                    "TP probe (tp{n}): {measured:.4} s measured, {clocked:.4} s by the clock with {messages:.0} messages on the slowest rank: latency under load {:.1} µs",
+                    cluster.same_node.latency_us
+                ));
+            }
+            Some(Err(e)) => sink.notice(&format!("TP probe skipped: {e}")),
+            None => {}
+        }
+    }
+    Ok(Profile {
+        cluster,
+        gemm: r.gemm.clone(),
+    })
+}

@@ -1,0 +1,249 @@
+//! One rank's training loop: its pieces of the weights and the optimizer, every step's
+//! gradients from the step runner, the update, metrics and checkpoints.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use comm::{words, Communicator};
+use data::Dataset;
+use graph::Strategy;
+use kernels::Backend;
+use model::{rank_exec, rank_params, Checkpoint, Held, RankParams, Weights};
+use planner::Planner;
+use runtime::{GradientAgreement, Optimizer, RankGroups};
+
+use crate::config::{StrategySpec, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::hot::{HotRank, HotSetup};
+use crate::metrics::{SimulatedMetrics, SimulatedPhases, StepMetrics};
+use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
+
+/// How many distinct plans' ranks automatic planning keeps.
+pub const PLAN_CACHE: usize = 8;
+
+/// What the rank threads tell the thread that reports and writes.
+pub(crate) enum Msg {
+    /// One step's metrics (world rank 0).
+    Step(StepMetrics),
+    /// Every rank's pieces of the weights and both moments after `step` steps (rank 0, which
+    /// collected them).
+    Checkpoint { step: u64, parts: Vec<RankPart> },
+}
+
+/// One rank's pieces of the weights and both moments, with what it holds.
+pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held);
+
+/// On world rank 0 at the end: every rank's final pieces with what it holds, and every rank's
+/// peak bytes.
+pub(crate) type Collected = (Vec<(Vec<Vec<f32>>, Held)>, Vec<usize>);
+
+/// Everything a rank needs, shared by the ranks of a process.
+pub(crate) struct Job {
+    pub cfg: Arc<TrainConfig>,
+    /// The instantiation strategy: the optimizer's layout.
+    pub inst: Strategy,
+    pub weights: Arc<Weights>,
+    pub data: Arc<Dataset>,
+    pub resumed: Option<Arc<Checkpoint>>,
+    pub start_step: usize,
+    /// With automatic planning.
+    pub planner: Option<Arc<Planner>>,
+    pub devices_per_node: usize,
+    pub agreement: Arc<dyn GradientAgreement>,
+    pub tx: Sender<Msg>,
+}
+
+impl Job {
+    /// The training loop of one rank on backend `be`; returns (on world rank 0) every rank's
+    /// final pieces and peak bytes. With a `clock` (the simulator's), each step's metrics add
+    /// its time.
+    pub fn run<B: Backend>(
+        &self,
+        be: &B,
+        world: &dyn Communicator,
+        clock: Option<&sim::Clock>,
+    ) -> Result<Option<Collected>> {
+        let cfg = &self.cfg;
+        let model = &cfg.model;
+        let me = world.rank().0;
+        let all_held = if me == 0 {
+            self.everyones_held(world.size())?
+        } else {
+            Vec::new()
+        };
+        let (_, _, tp_rank) = self.inst.coords(me);
+        let exec = rank_exec(model, &self.inst, me)?;
+        let mut groups = RankGroups::new(world, &self.inst)?.with_agreement(self.agreement.clone());
+        let RankParams { params, shared, .. } = rank_params(model, &exec, &self.weights, tp_rank)?;
+        let params = params
+            .iter()
+            .map(|p| be.upload(p))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut opt = Optimizer::new(
+            be,
+            &exec,
+            &groups,
+            params,
+            &shared,
+            cfg.adamw,
+            cfg.grad_clip,
+        )?;
+        if let Some(ck) = &self.resumed {
+            let m = rank_params(model, &exec, &ck.exp_avg, tp_rank)?.params;
+            let v = rank_params(model, &exec, &ck.exp_avg_sq, tp_rank)?.params;
+            opt.restore(be, &m, &v, ck.step)?;
+        }
+        let mut runner = self.runner::<B>(world, exec, shared)?;
+        let every = cfg
+            .checkpoint
+            .as_ref()
+            .map(|c| c.every.unwrap_or(cfg.steps));
+        let mut peak_all = 0usize;
+        for step in self.start_step..cfg.steps {
+            let t0 = Instant::now();
+            let clock0 = clock.map(sim::Clock::read);
+            let batch = self.data.batch(step, cfg.global_batch, cfg.shuffle_seed());
+            let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
+            let tokens: usize = batch.iter().map(Vec::len).sum();
+            let out = runner.gradients(StepInput {
+                backend: be,
+                world,
+                optimizer: &opt,
+                groups: &mut groups,
+                batch: &batch,
+                loss_scale: 1.0 / predicted as f32,
+            })?;
+            if !out.loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: step + 1,
+                    loss: out.loss,
+                });
+            }
+            let lr = cfg.lr.at(step, cfg.steps);
+            let t_opt = runtime::profile::enabled().then(Instant::now);
+            let norm = opt.update(be, &mut groups, out.grads, lr)?;
+            if let Some(t) = t_opt {
+                be.synchronize()?;
+                runtime::profile::record("optimizer (norm+AdamW)", t.elapsed().as_secs_f64());
+            }
+            let peak = words::all_max(world, out.peak_bytes as u64)?;
+            peak_all = peak_all.max(out.peak_bytes);
+            let simulated = match (clock, &clock0) {
+                (Some(c), Some(c0)) => {
+                    let d = c.read().since(c0);
+                    use sim::Phase::*;
+                    Some(SimulatedMetrics {
+                        simulated_seconds: d.now,
+                        simulated: SimulatedPhases {
+                            compute: d.phase(Compute),
+                            elementwise: d.phase(Elementwise),
+                            optimizer: d.phase(Optimizer),
+                            transfer: d.phase(Transfer),
+                            wait: d.phase(Wait),
+                        },
+                    })
+                }
+                _ => None,
+            };
+            if me == 0 {
+                let seconds = t0.elapsed().as_secs_f64();
+                let _ = self.tx.send(Msg::Step(StepMetrics {
+                    step: step as u64 + 1,
+                    loss: out.loss,
+                    grad_norm: norm,
+                    lr,
+                    tokens: tokens as u64,
+                    seconds,
+                    tokens_per_s: tokens as f64 / seconds,
+                    peak_bytes: peak,
+                    plan: out.plan,
+                    hot: out.hot,
+                    simulated,
+                }));
+            }
+            if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps) {
+                let mo = opt.state_host(be, &groups)?;
+                let sets = vec![opt.params_host(be, &groups)?, mo.exp_avg, mo.exp_avg_sq];
+                if let Some(all) = crate::gather::to_root(world, sets)? {
+                    let parts = all
+                        .into_iter()
+                        .zip(&all_held)
+                        .map(|(mut sets, h)| {
+                            let v = sets.pop().unwrap_or_default();
+                            let m = sets.pop().unwrap_or_default();
+                            let p = sets.pop().unwrap_or_default();
+                            ([p, m, v], h.clone())
+                        })
+                        .collect();
+                    let _ = self.tx.send(Msg::Checkpoint {
+                        step: step as u64 + 1,
+                        parts,
+                    });
+                }
+            }
+        }
+        // Every rank's peak, exactly: an all-gather of integers.
+        let peaks = words::all_gather(world, peak_all as u64)?;
+        let sets = vec![opt.params_host(be, &groups)?];
+        let Some(all) = crate::gather::to_root(world, sets)? else {
+            return Ok(None);
+        };
+        let pieces = all
+            .into_iter()
+            .zip(all_held)
+            .map(|(mut sets, h)| (sets.pop().unwrap_or_default(), h))
+            .collect();
+        Ok(Some((
+            pieces,
+            peaks.into_iter().map(|p| p as usize).collect(),
+        )))
+    }
+
+    /// What every rank holds (world rank 0 assembles checkpoints and the result from it).
+    fn everyones_held(&self, size: usize) -> Result<Vec<Held>> {
+        let mut by_stage: Vec<Option<Held>> = vec![None; self.inst.pp];
+        (0..size)
+            .map(|r| {
+                let stage = self.inst.coords(r).0;
+                if by_stage[stage].is_none() {
+                    let exec = rank_exec(&self.cfg.model, &self.inst, r)?;
+                    by_stage[stage] = Some(model::held(&self.cfg.model, &exec)?);
+                }
+                Ok(by_stage[stage].clone().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// The step runner of the run's strategy spec.
+    fn runner<B: Backend>(
+        &self,
+        world: &dyn Communicator,
+        exec: graph::ExecGraph,
+        shared: Vec<bool>,
+    ) -> Result<Box<dyn StepRunner<B>>> {
+        let cfg = &self.cfg;
+        let schedule = cfg.pipeline_schedule;
+        let setup = HotSetup {
+            cfg: cfg.model.clone(),
+            devices_per_node: self.devices_per_node,
+            agreement: self.agreement.clone(),
+            schedule,
+        };
+        Ok(match (&cfg.strategy, &self.planner) {
+            (StrategySpec::Hot(plan), _) => {
+                let budgets: Vec<usize> = (0..plan.buckets.len()).map(|i| cfg.budget(i)).collect();
+                let rank = HotRank::new(plan, &budgets, &setup, world)?;
+                Box::new(HotRunner::new(rank, schedule))
+            }
+            (StrategySpec::Auto(_), Some(planner)) => Box::new(PlannedRunner::new(
+                planner.clone(),
+                self.inst.clone(),
+                cfg.budget(0),
+                setup,
+                PLAN_CACHE,
+            )),
+            _ => Box::new(StaticRunner::new(exec, shared, cfg.budget(0), schedule)),
+        })
+    }
+}
