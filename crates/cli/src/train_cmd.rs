@@ -88,12 +88,10 @@ impl Progress {
 }
 
 impl Sink for Progress {
+    fn start(&mut self, step: usize, _: usize) {
+        self.bar.set_position(step as u64);
+    }
     fn notice(&mut self, text: &str) {
-        if text.starts_with("resuming from") {
-            if let Some(step) = text.rsplit(' ').next().and_then(|s| s.parse().ok()) {
-                self.bar.set_position(step);
-            }
-        }
         self.bar.suspend(|| eprintln!("{text}"));
     }
     fn step(&mut self, m: &StepMetrics) -> train::Result<()> {

@@ -88,6 +88,10 @@ pub struct SimulatedPhases {
 
 /// Where a run's reports go. Every method has a default that ignores the report.
 pub trait Sink {
+    /// The run begins at `step` (0, or a resumed checkpoint's) of `steps` (world rank 0 only).
+    fn start(&mut self, step: usize, steps: usize) {
+        let _ = (step, steps);
+    }
     /// A line about the run's setup or progress ("resuming from … at step 40").
     fn notice(&mut self, text: &str) {
         let _ = text;
@@ -151,6 +155,11 @@ impl<W: Write> Sink for JsonLines<W> {
 pub struct Fanout<'a>(pub Vec<&'a mut dyn Sink>);
 
 impl Sink for Fanout<'_> {
+    fn start(&mut self, step: usize, steps: usize) {
+        for s in &mut self.0 {
+            s.start(step, steps);
+        }
+    }
     fn notice(&mut self, text: &str) {
         for s in &mut self.0 {
             s.notice(text);

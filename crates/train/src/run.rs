@@ -76,6 +76,9 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         sinks.push(f);
     }
     let mut sink = Fanout(sinks);
+    if root {
+        sink.start(p.start_step, p.cfg.steps);
+    }
     if let Some(save) = &p.cfg.save {
         create_parent(save)?;
     }
