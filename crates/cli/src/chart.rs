@@ -6,18 +6,36 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 
-/// `(step, loss, tokens_per_s)` of every line.
+/// `(step, loss, tokens_per_s)` of every line. A last line cut short (a killed run was writing
+/// it) is left out with a warning; a malformed line elsewhere is an error naming it.
 pub fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
-    for (i, line) in text
+    let lines: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        .collect();
+    let complete = !text.is_empty() && text.ends_with('\n');
+    for (k, &(i, line)) in lines.iter().enumerate() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if k + 1 == lines.len() && !complete => {
+                eprintln!(
+                    "warning: {}:{}: the last line is cut short (a killed run?); plotting the {} before it",
+                    path.display(),
+                    i + 1,
+                    rows.len()
+                );
+                break;
+            }
+            Err(e) => bail!(
+                "{}:{}: not a metrics line of hotspa train ({e})",
+                path.display(),
+                i + 1
+            ),
+        };
         let get = |k: &str| {
             v[k].as_f64()
                 .with_context(|| format!("{}:{}: no numeric \"{k}\"", path.display(), i + 1))

@@ -29,8 +29,8 @@ pub struct TrainFlags {
     pub tokenizer: Option<PathBuf>,
     /// Number of devices: thread ranks in this process (default 1), or, under `mpirun`, one rank
     /// per process (default and only allowed value: the MPI world size).
-    #[arg(long, default_value_t = 0, hide_default_value = true)]
-    pub devices: usize,
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// Where the ranks compute: cpu, or cuda (rank r on GPU r mod the GPU count; needs a build
     /// with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -76,7 +76,7 @@ pub struct TrainFlags {
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = 3e-4, allow_negative_numbers = true)]
     pub lr: f64,
     /// constant or cosine (linear warm-up, then cosine decay to --min-lr over the remaining steps).
     #[arg(long, default_value = "constant")]
@@ -85,22 +85,22 @@ pub struct TrainFlags {
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
     /// Final learning rate of the cosine schedule.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_lr: f64,
     /// AdamW β1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub beta1: f64,
     /// AdamW β2.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub beta2: f64,
     /// AdamW ε.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     pub eps: f64,
     /// Decoupled weight decay (tensors of rank ≥ 2 only).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (inf: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub grad_clip: f64,
     /// Seed of the initialisation and of the shuffle.
     #[arg(long, default_value_t = 0)]
@@ -120,6 +120,13 @@ pub struct TrainFlags {
     /// Checkpoint every N steps (default: at the end only).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Keep the last N step folders of the checkpoint directory (older ones are removed).
+    #[arg(long, default_value_t = train::KEEP_LAST)]
+    pub keep_last: usize,
+    /// Go ahead where a safety check refuses: start fresh in a checkpoint directory holding
+    /// another run's steps (they are deleted), resume although the data settings changed.
+    #[arg(long)]
+    pub force: bool,
     /// Resume from a checkpoint directory (its `latest`, or a step directory), under any strategy.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -132,18 +139,18 @@ impl TrainFlags {
     /// The device count: `--devices`, or under `mpirun` the MPI world size (a different
     /// `--devices` is an error).
     pub fn device_count(&self) -> Result<usize> {
+        if self.devices == Some(0) {
+            bail!("--devices 0 is out of range: must be at least 1");
+        }
         match comm::mpi::launch() {
-            Some((_, size)) if size > 1 => {
-                if self.devices != 0 && self.devices != size {
-                    bail!(
-                        "--devices {} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
-                         under mpirun every process is one rank; drop --devices or make them agree",
-                        self.devices
-                    );
-                }
-                Ok(size)
-            }
-            _ => Ok(self.devices.max(1)),
+            Some((_, size)) if size > 1 => match self.devices {
+                Some(d) if d != size => bail!(
+                    "--devices {d} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
+                     under mpirun every process is one rank; drop --devices or make them agree"
+                ),
+                _ => Ok(size),
+            },
+            _ => Ok(self.devices.unwrap_or(1)),
         }
     }
 
@@ -245,7 +252,9 @@ impl TrainFlags {
         cfg.checkpoint = self.checkpoint_dir.as_ref().map(|dir| Checkpointing {
             dir: dir.clone(),
             every: self.checkpoint_every,
+            keep_last: self.keep_last,
         });
+        cfg.force = self.force;
         cfg.resume = self.resume.clone();
         cfg.simulate = match &self.sim_cluster {
             Some(name) => {

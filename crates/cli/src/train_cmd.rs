@@ -1,6 +1,9 @@
 //! `hotspa train`: flags to a [`train::TrainConfig`], a progress bar (or one line per step when
 //! not on a terminal), and the run's summary. The training itself is the `train` library's.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use train::{Sink, StepMetrics};
@@ -10,6 +13,9 @@ use crate::output::seconds;
 
 mod default_run;
 
+/// The exit status after SIGINT or SIGTERM stopped a run (128 + SIGINT, as shells report it).
+pub const INTERRUPTED: i32 = 130;
+
 /// `hotspa train`; `bare` when no flag was given at all (the embedded default run).
 pub fn run(flags: TrainFlags, bare: bool) -> Result<()> {
     if bare {
@@ -18,12 +24,43 @@ pub fn run(flags: TrainFlags, bare: bool) -> Result<()> {
     train(&flags).map(|_| ())
 }
 
-/// Trains as `flags` say, with progress on stderr and a summary at the end.
+/// A flag that the first SIGINT or SIGTERM sets (the run stops after its current step); a
+/// second one ends the process at once with [`INTERRUPTED`].
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED, flag.clone())?;
+        signal_hook::flag::register(signal, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Trains as `flags` say, with progress on stderr and a summary at the end; exits with
+/// [`INTERRUPTED`] when a signal stopped the run (after its checkpoint and weights are written).
 pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
-    let cfg = flags.config()?;
+    let mut cfg = flags.config()?;
+    cfg.stop = Some(stop_on_signals()?);
     let mut progress = Progress::new(cfg.steps);
     let out = train::run(&cfg, &mut progress)?;
     progress.bar.finish_and_clear();
+    if let Some(step) = out.stopped_at {
+        if out.weights.is_some() {
+            eprintln!(
+                "stopped by a signal after step {step} of {}{}{}",
+                cfg.steps,
+                out.checkpoints.last().map_or(String::new(), |c| format!(
+                    "; checkpoint written to {}",
+                    c.display()
+                )),
+                cfg.save.as_ref().map_or(String::new(), |p| format!(
+                    "; weights written to {}",
+                    p.display()
+                ))
+            );
+        }
+        std::process::exit(INTERRUPTED);
+    }
     let Some(_) = &out.weights else {
         // Another MPI rank than 0: rank 0 reports.
         return Ok(out);

@@ -387,6 +387,22 @@ fn train_args(d: &str, devices: &str, strategy: &str, steps: &str) -> Vec<String
     args
 }
 
+/// `args` continuing from the checkpoint directory `ck` (a resumed run takes its weights from
+/// the checkpoint, so `--init` goes).
+fn resumed(args: Vec<String>, ck: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--init" {
+            it.next();
+        } else {
+            out.push(a);
+        }
+    }
+    out.extend(["--resume".to_string(), ck.to_string()]);
+    out
+}
+
 fn run_ok(args: &[String]) {
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let o = hotspa(&refs);
@@ -411,13 +427,8 @@ fn resume_reproduces_the_uninterrupted_run() {
     let mut b = train_args(d, "4", "dp2tp2", "3");
     b.extend(["--checkpoint-dir".into(), format!("{d}/ck")]);
     run_ok(&b);
-    let mut c = train_args(d, "4", "dp2tp2", "6");
-    c.extend([
-        "--resume".into(),
-        format!("{d}/ck"),
-        "--save".into(),
-        format!("{d}/c.safetensors"),
-    ]);
+    let mut c = resumed(train_args(d, "4", "dp2tp2", "6"), &format!("{d}/ck"));
+    c.extend(["--save".into(), format!("{d}/c.safetensors")]);
     run_ok(&c);
     let (wa, wc) = (
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
@@ -435,13 +446,8 @@ fn resume_reproduces_the_uninterrupted_run() {
         ("1", "dp1"),
         ("4", "dp4zero3"),
     ] {
-        let mut r = train_args(d, devices, strategy, "6");
-        r.extend([
-            "--resume".into(),
-            format!("{d}/ck"),
-            "--save".into(),
-            format!("{d}/r.safetensors"),
-        ]);
+        let mut r = resumed(train_args(d, devices, strategy, "6"), &format!("{d}/ck"));
+        r.extend(["--save".into(), format!("{d}/r.safetensors")]);
         run_ok(&r);
         let got = Weights::load(&cfg, &dir.path().join("r.safetensors")).unwrap();
         assert_weights_close(&got, &reference, 1e-5, &format!("resumed under {strategy}"));
@@ -454,13 +460,8 @@ fn resume_reproduces_the_uninterrupted_run() {
     let mut b = train_args(d, "4", schedule, "3");
     b.extend(["--checkpoint-dir".into(), format!("{d}/hck")]);
     run_ok(&b);
-    let mut c = train_args(d, "4", schedule, "6");
-    c.extend([
-        "--resume".into(),
-        format!("{d}/hck"),
-        "--save".into(),
-        format!("{d}/hc.safetensors"),
-    ]);
+    let mut c = resumed(train_args(d, "4", schedule, "6"), &format!("{d}/hck"));
+    c.extend(["--save".into(), format!("{d}/hc.safetensors")]);
     run_ok(&c);
     assert!(
         std::fs::read(dir.path().join("ha.safetensors")).unwrap()
@@ -482,8 +483,7 @@ fn corrupt_checkpoints_are_refused_naming_the_file() {
     let n = bytes.len();
     bytes[n - 3] ^= 0x40;
     std::fs::write(&file, bytes).unwrap();
-    let mut r = train_args(d, "1", "dp1", "4");
-    r.extend(["--resume".into(), format!("{d}/ck")]);
+    let r = resumed(train_args(d, "1", "dp1", "4"), &format!("{d}/ck"));
     let refs: Vec<&str> = r.iter().map(|s| s.as_str()).collect();
     let o = hotspa(&refs);
     assert!(!o.status.success());

@@ -121,12 +121,12 @@ pub fn backward(g: &mut Graph) -> Result<()> {
             OpKind::Rope {
                 heads,
                 head_dim,
-                theta,
+                rope,
             } => {
                 let kind = OpKind::RopeGrad {
                     heads,
                     head_dim,
-                    theta,
+                    rope,
                 };
                 pass.emit(kind, vec![d], &[i[0]]);
             }

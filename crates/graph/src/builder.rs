@@ -166,7 +166,7 @@ impl GraphBuilder {
         x: TensorId,
         heads: usize,
         head_dim: usize,
-        theta: f64,
+        rope: kernels::Rope,
         name: &str,
     ) -> Result<TensorId> {
         let xs = self.shape(x).to_vec();
@@ -181,7 +181,7 @@ impl GraphBuilder {
             OpKind::Rope {
                 heads,
                 head_dim,
-                theta,
+                rope,
             },
             vec![x],
             vec![(name.into(), xs)],

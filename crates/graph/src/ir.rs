@@ -119,8 +119,8 @@ pub enum OpKind {
         heads: usize,
         /// Head dimension.
         head_dim: usize,
-        /// RoPE base.
-        theta: f64,
+        /// The frequencies.
+        rope: kernels::Rope,
     },
     /// `[dy] → [dx]`: the transposed rotation.
     RopeGrad {
@@ -128,8 +128,8 @@ pub enum OpKind {
         heads: usize,
         /// Head dimension.
         head_dim: usize,
-        /// RoPE base.
-        theta: f64,
+        /// The frequencies.
+        rope: kernels::Rope,
     },
     /// `[q, k, v] → [o, lse]`: causal GQA attention within each packed sequence.
     Attention {

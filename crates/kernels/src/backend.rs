@@ -6,6 +6,7 @@ use crate::error::{KernelError, Result};
 use crate::matmul::{self, GemmSpec};
 pub use crate::ops::adamw::AdamW;
 pub use crate::ops::attention::AttnShape;
+pub use crate::ops::rope::{Rope, RopeScaling};
 use crate::ops::{adamw, attention, elementwise, embedding, loss, norm, rope, swiglu};
 
 /// Everything the runtime asks of a device. Buffers hold `f32` (master weights, activations and
@@ -86,7 +87,7 @@ pub trait Backend: Send + Sync {
         positions: &[u32],
         heads: usize,
         head_dim: usize,
-        theta: f64,
+        rope: &Rope,
         inverse: bool,
     ) -> Result<()>;
 
@@ -235,13 +236,19 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+        crate::error::try_zeros(len)
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+        let mut v = crate::error::try_zeros(0)?;
+        v.try_reserve_exact(data.len())
+            .map_err(|_| KernelError::OutOfMemory {
+                bytes: std::mem::size_of_val(data),
+            })?;
+        v.extend_from_slice(data);
+        Ok(v)
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+        self.upload(buf)
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
@@ -297,10 +304,10 @@ impl Backend for CpuBackend {
         positions: &[u32],
         heads: usize,
         head_dim: usize,
-        theta: f64,
+        rope: &Rope,
         inverse: bool,
     ) -> Result<()> {
-        rope::apply(x, positions, heads, head_dim, theta, inverse)
+        rope::apply(x, positions, heads, head_dim, rope, inverse)
     }
     fn attention_forward(
         &self,

@@ -276,14 +276,28 @@ fn norms_and_rope<B: Backend>(
             tol.f32,
         )?;
     }
+    let llama3 = crate::Rope {
+        theta: 500000.0,
+        scaling: crate::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        },
+    };
     for &(tokens, heads, hd) in &[(5usize, 3usize, 8usize), (70, 4, 64), (33, 2, 128)] {
         let x = rng.vec(tokens * heads * hd, 1.0);
         let pos: Vec<u32> = (0..tokens).map(|_| rng.below(4096) as u32).collect();
+        let rope = if hd == 64 {
+            llama3
+        } else {
+            crate::Rope::plain(10000.0)
+        };
         for inverse in [false, true] {
             let mut want = x.clone();
-            s.cpu.rope(&mut want, &pos, heads, hd, 10000.0, inverse)?;
+            s.cpu.rope(&mut want, &pos, heads, hd, &rope, inverse)?;
             let mut got = s.up(&x)?;
-            s.dev.rope(&mut got, &pos, heads, hd, 10000.0, inverse)?;
+            s.dev.rope(&mut got, &pos, heads, hd, &rope, inverse)?;
             // cos/sin of angles up to 4096 rad: f32 argument reduction differs by an ulp or two.
             s.check(
                 format!("rope {tokens}x{heads}x{hd} inverse={inverse}"),

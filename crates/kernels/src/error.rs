@@ -36,6 +36,24 @@ pub enum KernelError {
     /// The backend cannot run here (e.g. the CUDA backend on a machine without a GPU).
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// A buffer could not be allocated.
+    #[error("out of memory: a buffer of {bytes} bytes could not be allocated")]
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: usize,
+    },
+}
+
+/// A zero-filled `Vec` of `len` values, or [`KernelError::OutOfMemory`] where the allocator
+/// refuses (instead of aborting the process).
+pub fn try_zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| KernelError::OutOfMemory {
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+    v.resize(len, T::default());
+    Ok(v)
 }
 
 /// Result alias of the crate.

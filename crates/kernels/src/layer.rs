@@ -29,7 +29,7 @@
 //! # Ok::<(), kernels::KernelError>(())
 //! ```
 
-use crate::backend::{AdamW, AttnShape, Backend};
+use crate::backend::{AdamW, AttnShape, Backend, Rope};
 use crate::error::Result;
 use crate::matmul::GemmSpec;
 
@@ -168,12 +168,12 @@ impl<L: Layer> Backend for L {
         positions: &[u32],
         heads: usize,
         head_dim: usize,
-        theta: f64,
+        rope: &Rope,
         inverse: bool,
     ) -> Result<()> {
         let elems = 2 * self.len(x);
         self.kernel(Kernel::Elementwise { elems }, |i| {
-            i.rope(x, positions, heads, head_dim, theta, inverse)
+            i.rope(x, positions, heads, head_dim, rope, inverse)
         })
     }
     fn attention_forward(

@@ -27,9 +27,9 @@ pub mod matmul;
 pub mod ops;
 mod real;
 
-pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend};
+pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend, Rope, RopeScaling};
 pub use cuda::{CudaBackend, CudaBuffer, GemmPrecision};
-pub use error::{KernelError, Result};
+pub use error::{try_zeros, KernelError, Result};
 pub use layer::{Kernel, Layer};
 pub use matmul::GemmSpec;
 pub use real::Real;

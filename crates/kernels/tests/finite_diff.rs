@@ -87,11 +87,11 @@ proptest! {
         let w = randn(&mut rng, x.len());
         let f = |x: &[f64]| {
             let mut y = x.to_vec();
-            rope::apply(&mut y, &pos, heads, d, 10000.0, false).unwrap();
+            rope::apply(&mut y, &pos, heads, d, &rope::Rope::plain(10000.0), false).unwrap();
             dot(&y, &w)
         };
         let mut g = w.clone();
-        rope::apply(&mut g, &pos, heads, d, 10000.0, true).unwrap();
+        rope::apply(&mut g, &pos, heads, d, &rope::Rope::plain(10000.0), true).unwrap();
         check("rope.x", &x, &g, 200, f);
     }
 

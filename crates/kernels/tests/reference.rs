@@ -233,7 +233,7 @@ fn rope_is_hf_rotate_half() {
     let pos = [0u32, 1, 7, 0, 4095];
     let theta = 500000.0;
     let mut y = x.clone();
-    rope::apply(&mut y, &pos, heads, d, theta, false).unwrap();
+    rope::apply(&mut y, &pos, heads, d, &rope::Rope::plain(theta), false).unwrap();
     // HF: emb = cat(freqs, freqs); out = x*cos(emb) + rotate_half(x)*sin(emb),
     // rotate_half(x) = cat(-x[half:], x[:half]).
     for t in 0..tokens {
@@ -257,7 +257,15 @@ fn rope_is_hf_rotate_half() {
             }
         }
     }
-    assert!(rope::apply(&mut y, &pos, heads * 2, d / 2 + 1, theta, false).is_err());
+    assert!(rope::apply(
+        &mut y,
+        &pos,
+        heads * 2,
+        d / 2 + 1,
+        &rope::Rope::plain(theta),
+        false
+    )
+    .is_err());
 }
 
 #[test]

@@ -108,7 +108,7 @@ impl Checkpoint {
             .ok_or_else(|| corrupt("no \"step\"".into()))?;
         let saved_cfg: LlamaConfig = serde_json::from_value(state["config"].clone())
             .map_err(|e| corrupt(format!("bad \"config\": {e}")))?;
-        if &saved_cfg != cfg {
+        if !saved_cfg.same_model(cfg) {
             return Err(ModelError::Mismatch(format!(
                 "{} was written for another model config ({saved_cfg:?})",
                 step_dir.display()

@@ -86,14 +86,8 @@ pub fn build_stage_graph(
         let q = b.linear(n1, find(Role::QProj, at)?, &format!("{p}.self_attn.q"))?;
         let k = b.linear(n1, find(Role::KProj, at)?, &format!("{p}.self_attn.k"))?;
         let v = b.linear(n1, find(Role::VProj, at)?, &format!("{p}.self_attn.v"))?;
-        let q = b.rope(
-            q,
-            heads,
-            hd,
-            cfg.rope_theta,
-            &format!("{p}.self_attn.q_rot"),
-        )?;
-        let k = b.rope(k, kv, hd, cfg.rope_theta, &format!("{p}.self_attn.k_rot"))?;
+        let q = b.rope(q, heads, hd, cfg.rope(), &format!("{p}.self_attn.q_rot"))?;
+        let k = b.rope(k, kv, hd, cfg.rope(), &format!("{p}.self_attn.k_rot"))?;
         let a = b.attention(q, k, v, shape, &format!("{p}.self_attn.attn"))?;
         let o = b.linear(a, find(Role::OProj, at)?, &format!("{p}.self_attn.o"))?;
         x = b.add(x, o, &format!("{p}.attn_residual"))?;

@@ -34,6 +34,14 @@ pub enum ModelError {
     /// Config values are inconsistent (e.g. heads that do not divide the hidden size).
     #[error("invalid LLaMA config: {0}")]
     InvalidConfig(String),
+    /// Memory for the model could not be allocated.
+    #[error("out of memory: {what} need {bytes} bytes")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes asked for.
+        bytes: usize,
+    },
     /// A config feature the model does not implement.
     #[error("unsupported LLaMA config: {0}")]
     Unsupported(String),

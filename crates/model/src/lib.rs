@@ -30,7 +30,7 @@ mod shard;
 mod weights;
 
 pub use checkpoint::Checkpoint;
-pub use config::{LlamaConfig, PRESETS};
+pub use config::{LlamaConfig, RopeScalingConfig, TokenIds, HARMLESS, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
 pub use params::{param_specs, ParamSpec, Role};

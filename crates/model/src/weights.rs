@@ -48,12 +48,20 @@ impl Weights {
         Ok(Self { specs, data })
     }
 
-    /// Random weights from `seed`: normal with std [`INIT_STD`], norm weights 1.
+    /// Random weights from `seed`: normal with std `initializer_range` (HF's default
+    /// [`INIT_STD`]), norm weights 1. Aborts where
+    /// the allocator does; [`Weights::try_random`] returns an error instead.
     pub fn random(cfg: &LlamaConfig, seed: u64) -> Self {
         let specs = param_specs(cfg);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        // INIT_STD is a positive finite constant, so the distribution always exists.
-        let normal = Normal::new(0.0f32, INIT_STD as f32).expect("valid normal distribution");
+        // A validated config's initializer_range is positive and finite (INIT_STD otherwise), so
+        // the distribution exists.
+        let std = if cfg.initializer_range > 0.0 && cfg.initializer_range.is_finite() {
+            cfg.initializer_range
+        } else {
+            INIT_STD
+        };
+        let normal = Normal::new(0.0f32, std as f32).expect("valid normal distribution");
         let data = specs
             .iter()
             .map(|s| {
@@ -65,6 +73,22 @@ impl Weights {
             })
             .collect();
         Self { specs, data }
+    }
+
+    /// [`Weights::random`], or [`ModelError::OutOfMemory`] when the memory cannot be had.
+    pub fn try_random(cfg: &LlamaConfig, seed: u64) -> Result<Self> {
+        let specs = param_specs(cfg);
+        let total: usize = specs.iter().map(ParamSpec::numel).sum();
+        // Reserve the whole model once to learn whether it fits, then free it for the tensors.
+        let mut probe: Vec<f32> = Vec::new();
+        probe
+            .try_reserve_exact(total)
+            .map_err(|_| ModelError::OutOfMemory {
+                what: format!("{total} parameters of random weights"),
+                bytes: total.saturating_mul(4),
+            })?;
+        drop(probe);
+        Ok(Self::random(cfg, seed))
     }
 
     /// The catalogue, in [`param_specs`] order.

@@ -150,6 +150,66 @@ impl Cluster {
         }
     }
 
+    /// Checks every field: counts at least 1, rates and sizes positive and finite, latencies and
+    /// optional rates at least 0; the first fault is named with its range.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |field: &str, v: f64, range: &str| {
+            Err(crate::PlanError::Invalid(format!(
+                "cluster {}: {field} = {v} is out of range: must be {range}",
+                self.name
+            )))
+        };
+        for (field, v) in [
+            ("nodes", self.nodes),
+            ("devices_per_node", self.devices_per_node),
+        ] {
+            if v == 0 {
+                return bad(field, 0.0, "at least 1");
+            }
+        }
+        let e = &self.efficiency;
+        for (field, v) in [
+            ("peak_tflops", self.peak_tflops),
+            ("memory_gib", self.memory_gib),
+            ("elem_bytes", self.elem_bytes),
+            ("compute_scale", self.compute_scale),
+            ("efficiency.max", e.max),
+            ("efficiency.attention", e.attention),
+            ("same_node.gbps", self.same_node.gbps),
+            ("cross_node.gbps", self.cross_node.gbps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(field, v, "positive and finite");
+            }
+        }
+        for (field, v) in [
+            ("efficiency.half_tokens", e.half_tokens),
+            ("efficiency.half_width", e.half_width),
+            ("same_node.latency_us", self.same_node.latency_us),
+            ("cross_node.latency_us", self.cross_node.latency_us),
+            ("memory_gbps", self.memory_gbps),
+            ("optimizer_gparams", self.optimizer_gparams),
+            ("shared_cores", self.shared_cores),
+            ("clock_scale", self.clock_scale),
+            ("kernel_overhead_us", self.kernel_overhead_us),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, v, "at least 0 and finite");
+            }
+        }
+        let rows = self.gemm_table.iter().map(|r| r.as_slice());
+        for row in rows.chain(self.attention_table.iter().map(|r| r.as_slice())) {
+            if let Some(&v) = row.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return bad(
+                    "a gemm_table or attention_table entry",
+                    v,
+                    "positive and finite",
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Every device.
     pub fn devices(&self) -> usize {
         self.nodes * self.devices_per_node

@@ -352,6 +352,7 @@ impl<'a, B: Backend> Pass<'a, B> {
         while self.next < end {
             let i = self.next;
             let op = &graph.ops[i];
+            crate::progress::beat(op.kind.name());
             let mut outs: Vec<B::Buffer> = Vec::with_capacity(op.outputs.len());
             let mut sizes = Vec::with_capacity(op.outputs.len());
             for &t in &op.outputs {
@@ -539,12 +540,7 @@ impl<B: Backend> Ctx<'_, B> {
                 let (dx, dw) = outs.split_at_mut(1);
                 be.rms_norm_backward(ins[0], ins[1], ins[2], ins[3], &mut dx[0], &mut dw[0])?;
             }
-            OpKind::Rope {
-                head_dim, theta, ..
-            }
-            | OpKind::RopeGrad {
-                head_dim, theta, ..
-            } => {
+            OpKind::Rope { head_dim, rope, .. } | OpKind::RopeGrad { head_dim, rope, .. } => {
                 let x = dims(self, 0)?;
                 be.axpy(1.0, ins[0], &mut outs[0])?;
                 let inverse = matches!(kind, OpKind::RopeGrad { .. });
@@ -553,7 +549,7 @@ impl<B: Backend> Ctx<'_, B> {
                     &batch.positions,
                     x[1] / head_dim,
                     head_dim,
-                    theta,
+                    &rope,
                     inverse,
                 )?;
             }

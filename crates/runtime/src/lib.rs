@@ -34,6 +34,7 @@ mod optimizer;
 mod parallel;
 mod pipeline;
 pub mod profile;
+pub mod progress;
 mod tp;
 
 pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};

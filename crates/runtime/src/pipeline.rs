@@ -122,6 +122,10 @@ pub fn pipeline_step<B: Backend>(
         let mut passes: Vec<Option<Pass<'_, B>>> = (0..micro_batches.len()).map(|_| None).collect();
         let run = (|| -> Result<()> {
             for &slot in &slots {
+                crate::progress::beat(match slot {
+                    Slot::F(_) => "pipeline forward",
+                    Slot::B(_) => "pipeline backward",
+                });
                 match slot {
                     Slot::F(i) => {
                         let mb = &micro_batches[i];

@@ -62,12 +62,10 @@ pub fn cluster_or_file(name: &str) -> Result<Cluster> {
         path: name.into(),
         reason: e.to_string(),
     })?;
-    if c.nodes == 0 || c.devices_per_node == 0 || c.peak_tflops <= 0.0 || c.memory_gib <= 0.0 {
-        return Err(SimError::File {
-            path: name.into(),
-            reason: "nodes, devices_per_node, peak_tflops and memory_gib must be positive".into(),
-        });
-    }
+    c.validate().map_err(|e| SimError::File {
+        path: name.into(),
+        reason: e.to_string(),
+    })?;
     Ok(c)
 }
 

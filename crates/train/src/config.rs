@@ -1,6 +1,8 @@
 //! The typed configuration of a training run: what the CLI's flags build, or a program by hand.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use data::Packing;
 use graph::{Schedule, Strategy};
@@ -107,11 +109,16 @@ impl LrSchedule {
 /// Checkpoints during the run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpointing {
-    /// The directory of step folders and `latest`.
+    /// The directory of step folders and `latest`, owned by the run while it lives.
     pub dir: PathBuf,
     /// Every this many steps (and at the end); `None`: at the end only.
     pub every: Option<usize>,
+    /// Step folders kept (the oldest beyond them are removed).
+    pub keep_last: usize,
 }
+
+/// Step folders a run keeps unless told otherwise.
+pub const KEEP_LAST: usize = 3;
 
 /// Everything a training run needs. [`TrainConfig::new`] gives the CLI's defaults.
 #[derive(Debug, Clone)]
@@ -165,6 +172,14 @@ pub struct TrainConfig {
     pub resume: Option<PathBuf>,
     /// Also time the run as on this cluster (the simulator's clock); the training is unchanged.
     pub simulate: Option<Cluster>,
+    /// Go ahead where a safety check would refuse: start fresh in a checkpoint directory that
+    /// holds another run's steps (deleting them), resume under settings that change the data
+    /// order.
+    pub force: bool,
+    /// Set (e.g. by a signal handler) to stop after the current step: every rank agrees on the
+    /// step, a checkpoint and the final weights are written as configured, and the outcome says
+    /// the run stopped early.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl TrainConfig {
@@ -207,6 +222,8 @@ impl TrainConfig {
             checkpoint: None,
             resume: None,
             simulate: None,
+            force: false,
+            stop: None,
         }
     }
 
@@ -235,31 +252,79 @@ impl TrainConfig {
         }
     }
 
-    /// Checks what can be checked without reading any file: counts at least 1, the strategies
-    /// against the device count and the model, the budgets against the buckets.
+    /// Checks what can be checked without reading any file: every number finite and in its
+    /// range (the range in the message), the strategies against the device count and the
+    /// model, the budgets against the buckets, the simulated cluster.
     pub fn check(&self) -> Result<()> {
-        if self.global_batch == 0 {
-            return Err(TrainError::setting("global_batch", "must be at least 1"));
-        }
-        if self.steps == 0 {
-            return Err(TrainError::setting("steps", "must be at least 1"));
-        }
-        if self.devices == 0 {
-            return Err(TrainError::setting("devices", "must be at least 1"));
-        }
-        if self.micro_batch_tokens.is_empty() || self.micro_batch_tokens.contains(&0) {
-            return Err(TrainError::setting(
-                "micro_batch_tokens",
-                "every budget must be at least 1 token",
-            ));
-        }
-        if let Some(c) = &self.checkpoint {
-            if c.every == Some(0) {
+        fn at_least(setting: &'static str, v: usize, min: usize) -> Result<()> {
+            if v < min {
                 return Err(TrainError::setting(
-                    "checkpoint_every",
-                    "must be at least 1",
+                    setting,
+                    format!("{v} is out of range: must be at least {min}"),
                 ));
             }
+            Ok(())
+        }
+        fn real(setting: &'static str, v: f64, ok: bool, range: &str) -> Result<()> {
+            if !ok || v.is_nan() {
+                return Err(TrainError::setting(
+                    setting,
+                    format!("{v} is out of range: must be {range}"),
+                ));
+            }
+            Ok(())
+        }
+        at_least("global_batch", self.global_batch, 1)?;
+        at_least("steps", self.steps, 1)?;
+        at_least("devices", self.devices, 1)?;
+        if let Some(m) = self.max_len {
+            at_least("max_len", m, 2)?;
+        }
+        if self.micro_batch_tokens.is_empty() {
+            return Err(TrainError::setting(
+                "micro_batch_tokens",
+                "give at least one budget",
+            ));
+        }
+        for &b in &self.micro_batch_tokens {
+            at_least("micro_batch_tokens", b, 1)?;
+        }
+        let lr = self.lr.peak;
+        real("lr", lr, lr.is_finite() && lr > 0.0, "positive and finite")?;
+        if let Decay::Cosine { min_lr } = self.lr.decay {
+            real(
+                "min_lr",
+                min_lr,
+                min_lr.is_finite() && (0.0..=lr).contains(&min_lr),
+                &format!("between 0 and the peak learning rate {lr}"),
+            )?;
+        }
+        let a = &self.adamw;
+        real("beta1", a.beta1, (0.0..1.0).contains(&a.beta1), "in [0, 1)")?;
+        real("beta2", a.beta2, (0.0..1.0).contains(&a.beta2), "in [0, 1)")?;
+        real(
+            "eps",
+            a.eps,
+            a.eps.is_finite() && a.eps > 0.0,
+            "positive and finite",
+        )?;
+        real(
+            "weight_decay",
+            a.weight_decay,
+            a.weight_decay.is_finite() && a.weight_decay >= 0.0,
+            "at least 0 and finite",
+        )?;
+        real(
+            "grad_clip",
+            self.grad_clip,
+            self.grad_clip > 0.0,
+            "positive (inf: no clipping)",
+        )?;
+        if let Some(c) = &self.checkpoint {
+            if let Some(e) = c.every {
+                at_least("checkpoint_every", e, 1)?;
+            }
+            at_least("keep_last", c.keep_last, 1)?;
         }
         let layers = self.model.num_hidden_layers;
         match &self.strategy {
@@ -290,6 +355,9 @@ impl TrainConfig {
                 }
             }
             StrategySpec::Auto(cluster) => {
+                cluster
+                    .validate()
+                    .map_err(|e| TrainError::setting("profile", e.to_string()))?;
                 if cluster.devices() != self.devices {
                     return Err(TrainError::setting(
                         "profile",
@@ -310,6 +378,8 @@ impl TrainConfig {
             }
         }
         if let Some(c) = &self.simulate {
+            c.validate()
+                .map_err(|e| TrainError::setting("sim_cluster", e.to_string()))?;
             if c.devices() < self.devices {
                 return Err(TrainError::setting(
                     "sim_cluster",
@@ -351,6 +421,10 @@ impl TrainConfig {
             "grad_clip": self.grad_clip, "seed": self.seed,
             "shuffle": if self.shuffle { "on" } else { "off" },
             "data": data, "model": self.model_path, "init": init,
+            "tokenizer": match &self.tokenizer {
+                Tokenizer::Bytes => serde_json::json!("bytes"),
+                Tokenizer::File(p) => serde_json::json!(p),
+            },
         })
     }
 }

@@ -31,20 +31,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod checkpoints;
 mod config;
 mod error;
 pub mod gather;
 mod hot;
 mod metrics;
+pub mod outputs;
 mod planning;
+mod prepare;
 mod profile;
 mod rank;
+pub mod resources;
 mod run;
 mod runner;
+pub mod watchdog;
 
+pub use checkpoints::CheckpointDir;
 pub use config::{
     Checkpointing, DataSource, Decay, Device, Init, LrSchedule, StrategySpec, Tokenizer,
-    TrainConfig,
+    TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
 pub use hot::{HotRank, HotSetup, HotStep};

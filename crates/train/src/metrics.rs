@@ -129,6 +129,42 @@ impl JsonLines<std::io::BufWriter<std::fs::File>> {
     }
 }
 
+impl JsonLines<std::io::BufWriter<std::fs::File>> {
+    /// Continues `path` after a resume from step `step`: keeps its lines up to that step (a
+    /// partial last line of a killed run, and the steps after the checkpoint, are dropped),
+    /// then appends. Returns the sink and how many lines were dropped.
+    pub fn resume(path: &Path, step: u64) -> Result<(Self, usize)> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TrainError::io(path)(e)),
+        };
+        let mut kept = String::new();
+        let mut dropped = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<StepMetrics>(line) {
+                Ok(m) if m.step <= step => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+                _ => dropped += 1,
+            }
+        }
+        model::write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(TrainError::io(path))?;
+        Ok((
+            Self {
+                out: std::io::BufWriter::new(file),
+                what: path.to_path_buf(),
+            },
+            dropped,
+        ))
+    }
+}
+
 impl JsonLines<std::io::Stdout> {
     /// Lines on standard output.
     pub fn stdout() -> Self {

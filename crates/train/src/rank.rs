@@ -18,6 +18,7 @@ use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
 use crate::metrics::{SimulatedMetrics, SimulatedPhases, StepMetrics};
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
+use crate::watchdog::{Fault, Heartbeats};
 
 /// How many distinct plans' ranks automatic planning keeps.
 pub const PLAN_CACHE: usize = 8;
@@ -29,6 +30,10 @@ pub(crate) enum Msg {
     /// Every rank's pieces of the weights and both moments after `step` steps (rank 0, which
     /// collected them).
     Checkpoint { step: u64, parts: Vec<RankPart> },
+    /// The ranks agreed to stop early, after `step` steps (world rank 0).
+    Stopped { step: usize },
+    /// The ranks of this process are done (world rank 0's result, or the first error).
+    Finished(Result<Option<Collected>>),
 }
 
 /// One rank's pieces of the weights and both moments, with what it holds.
@@ -52,6 +57,8 @@ pub(crate) struct Job {
     pub devices_per_node: usize,
     pub agreement: Arc<dyn GradientAgreement>,
     pub tx: Sender<Msg>,
+    pub heartbeats: Arc<Heartbeats>,
+    pub fault: Option<Fault>,
 }
 
 impl Job {
@@ -101,6 +108,10 @@ impl Job {
             .map(|c| c.every.unwrap_or(cfg.steps));
         let mut peak_all = 0usize;
         for step in self.start_step..cfg.steps {
+            self.heartbeats.step(me, step + 1);
+            if let Some(f) = &self.fault {
+                f.at(me, step + 1);
+            }
             let t0 = Instant::now();
             let clock0 = clock.map(sim::Clock::read);
             let batch = self.data.batch(step, cfg.global_batch, cfg.shuffle_seed());
@@ -162,27 +173,27 @@ impl Job {
                     simulated,
                 }));
             }
-            if every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps) {
-                let mo = opt.state_host(be, &groups)?;
-                let sets = vec![opt.params_host(be, &groups)?, mo.exp_avg, mo.exp_avg_sq];
-                if let Some(all) = crate::gather::to_root(world, sets)? {
-                    let parts = all
-                        .into_iter()
-                        .zip(&all_held)
-                        .map(|(mut sets, h)| {
-                            let v = sets.pop().unwrap_or_default();
-                            let m = sets.pop().unwrap_or_default();
-                            let p = sets.pop().unwrap_or_default();
-                            ([p, m, v], h.clone())
-                        })
-                        .collect();
-                    let _ = self.tx.send(Msg::Checkpoint {
-                        step: step as u64 + 1,
-                        parts,
-                    });
+            let due = every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps);
+            // Asked to stop (a signal): every rank agrees on the step, whoever saw it first.
+            let stop = match &cfg.stop {
+                Some(flag) => {
+                    let mine = u64::from(flag.load(std::sync::atomic::Ordering::Relaxed));
+                    words::all_max(world, mine)? > 0 && step + 1 < cfg.steps
                 }
+                None => false,
+            };
+            if due || (stop && every.is_some()) {
+                self.heartbeats.beat(me, "checkpoint");
+                self.send_checkpoint(be, world, &opt, &groups, &all_held, step + 1)?;
+            }
+            if stop {
+                if me == 0 {
+                    let _ = self.tx.send(Msg::Stopped { step: step + 1 });
+                }
+                break;
             }
         }
+        self.heartbeats.beat(me, "collecting the weights");
         // Every rank's peak, exactly: an all-gather of integers.
         let peaks = words::all_gather(world, peak_all as u64)?;
         let sets = vec![opt.params_host(be, &groups)?];
@@ -198,6 +209,38 @@ impl Job {
             pieces,
             peaks.into_iter().map(|p| p as usize).collect(),
         )))
+    }
+
+    /// Sends every rank's pieces of the weights and both moments after `step` steps to world
+    /// rank 0, which passes them on to be written.
+    fn send_checkpoint<B: Backend>(
+        &self,
+        be: &B,
+        world: &dyn Communicator,
+        opt: &Optimizer<B>,
+        groups: &RankGroups,
+        all_held: &[Held],
+        step: usize,
+    ) -> Result<()> {
+        let mo = opt.state_host(be, groups)?;
+        let sets = vec![opt.params_host(be, groups)?, mo.exp_avg, mo.exp_avg_sq];
+        if let Some(all) = crate::gather::to_root(world, sets)? {
+            let parts = all
+                .into_iter()
+                .zip(all_held)
+                .map(|(mut sets, h)| {
+                    let v = sets.pop().unwrap_or_default();
+                    let m = sets.pop().unwrap_or_default();
+                    let p = sets.pop().unwrap_or_default();
+                    ([p, m, v], h.clone())
+                })
+                .collect();
+            let _ = self.tx.send(Msg::Checkpoint {
+                step: step as u64,
+                parts,
+            });
+        }
+        Ok(())
     }
 
     /// What every rank holds (world rank 0 assembles checkpoints and the result from it).

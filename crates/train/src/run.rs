@@ -1,23 +1,23 @@
-//! A whole run: everything checked and loaded before the first step, the ranks started (thread
-//! ranks in this process, or this process's rank under `mpirun`), their reports sent to the
-//! sinks, checkpoints and the final weights written.
+//! A whole run: prepared and checked ([`crate::prepare`]), the ranks started (thread ranks in
+//! this process, or this process's rank under `mpirun`), their reports sent to the sinks,
+//! checkpoints and the final weights written — and no rank able to hang it.
 
-use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use comm::{Communicator, ThreadComm};
-use data::{Dataset, TextTokenizer};
 use graph::Strategy;
 use kernels::{CpuBackend, CudaBackend};
 use model::{gather_weights, Checkpoint, Weights};
-use planner::Planner;
 use runtime::{ExactAllReduce, GradientAgreement};
 
-use crate::config::{DataSource, Device, Init, StrategySpec, Tokenizer, TrainConfig};
+use crate::config::{Device, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Fanout, JsonLines, Sink, StepMetrics};
+use crate::prepare::{prepare, Prepared};
 use crate::rank::{Collected, Job, Msg};
+use crate::watchdog::{Fault, Heartbeats};
 
 /// What a run did (complete on world rank 0; other MPI ranks get no weights or steps).
 #[derive(Debug)]
@@ -36,6 +36,8 @@ pub struct TrainOutcome {
     pub peak_bytes: Vec<usize>,
     /// Where checkpoints were written, in order.
     pub checkpoints: Vec<std::path::PathBuf>,
+    /// The run stopped early when asked to ([`TrainConfig::stop`]), after this many steps.
+    pub stopped_at: Option<usize>,
 }
 
 impl TrainOutcome {
@@ -46,29 +48,30 @@ impl TrainOutcome {
     }
 }
 
-/// Everything loaded and decided before the ranks start.
-struct Prepared {
-    cfg: Arc<TrainConfig>,
-    inst: Strategy,
-    data: Arc<Dataset>,
-    weights: Arc<Weights>,
-    resumed: Option<Arc<Checkpoint>>,
-    start_step: usize,
-    planner: Option<Arc<Planner>>,
-    devices_per_node: usize,
-    mpi: Option<Arc<comm::MpiComm>>,
-}
-
 /// Trains as `cfg` says, sending reports to `sink`. Under `mpirun` (more than one process)
 /// this process is one rank and the world size is the device count.
+///
+/// A rank that fails ends the run promptly; one that stops making progress (stuck in compute
+/// or I/O, or in communication past the timeout) ends it within the communication timeout plus
+/// a margin, naming it. Its thread cannot be killed: it is left behind, and a program that
+/// goes on after such an error should exit soon (the CLI does).
 pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
+    let fault = Fault::from_env()?;
     let p = prepare(cfg, sink)?;
-    let root = p.mpi.as_ref().is_none_or(|w| w.rank().0 == 0);
+    let root = p.root();
     let mut file = match (&p.cfg.metrics, root) {
-        (Some(path), true) => {
-            create_parent(path)?;
-            Some(JsonLines::create(path)?)
+        (Some(path), true) if p.start_step > 0 => {
+            let (f, dropped) = JsonLines::resume(path, p.start_step as u64)?;
+            if dropped > 0 {
+                sink.notice(&format!(
+                    "{}: {dropped} line(s) after step {} dropped (the resumed steps are trained again)",
+                    path.display(),
+                    p.start_step
+                ));
+            }
+            Some(f)
         }
+        (Some(path), true) => Some(JsonLines::create(path)?),
         _ => None,
     };
     let mut sinks: Vec<&mut dyn Sink> = vec![sink];
@@ -79,10 +82,10 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     if root {
         sink.start(p.start_step, p.cfg.steps);
     }
-    if let Some(save) = &p.cfg.save {
-        create_parent(save)?;
-    }
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    let first_rank = p.mpi.as_ref().map_or(0, |w| w.rank().0);
+    let ranks_here = if p.mpi.is_some() { 1 } else { p.cfg.devices };
+    let heartbeats = Heartbeats::new(first_rank, ranks_here);
     let job = Arc::new(Job {
         cfg: p.cfg.clone(),
         inst: p.inst.clone(),
@@ -93,76 +96,57 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         planner: p.planner.clone(),
         devices_per_node: p.devices_per_node,
         agreement: Arc::new(ExactAllReduce) as Arc<dyn GradientAgreement>,
-        tx,
+        tx: tx.clone(),
+        heartbeats: heartbeats.clone(),
+        fault,
     });
     let start = Instant::now();
-    let mpi = p.mpi.clone();
-    let device = p.cfg.device;
-    let devices = p.cfg.devices;
-    let simulate = p.cfg.simulate.clone().map(Arc::new);
-    let worker = std::thread::spawn(move || -> Result<Option<Collected>> {
-        // Thread ranks share this process's cores: the clock counts how many compute at once.
-        let share = match (&simulate, &mpi) {
-            (Some(c), None) if c.shared_cores > 0.0 => {
-                Some(sim::CoreShare::new(devices, c.shared_cores))
-            }
-            _ => None,
-        };
-        let one_rank = move |world: &dyn Communicator, ranks_here: usize| -> Result<_> {
-            let sim = simulate.as_ref().map(|c| (c.clone(), share.clone()));
-            match device {
-                Device::Cpu => run_clocked(
-                    &job,
-                    CpuBackend::for_ranks(ranks_here)?,
-                    world,
-                    sim.as_ref(),
-                ),
-                Device::Cuda(precision) => {
-                    let count = kernels::cuda::device_count()?;
-                    let gpu = CudaBackend::new(world.rank().0 % count, precision)?;
-                    run_clocked(&job, gpu, world, sim.as_ref())
-                }
-            }
-        };
-        match mpi {
-            Some(world) => {
-                // The ranks on this node share its cores.
-                let node = world.nodes()[world.rank().0];
-                let here = world.nodes().iter().filter(|&&n| n == node).count();
-                one_rank(world.as_ref(), here)
-            }
-            None => {
-                let mut all = ThreadComm::run(devices, move |world| one_rank(&world, devices))?;
-                Ok(all.swap_remove(0))
-            }
-        }
-    });
+    let worker = spawn_ranks(&p, job, tx);
     let mut steps = Vec::new();
     let mut checkpoints = Vec::new();
+    let mut stopped_at = None;
     let mut failure: Option<TrainError> = None;
-    for msg in rx {
-        if failure.is_some() {
-            continue;
-        }
-        let r = match msg {
-            Msg::Step(m) => {
-                let r = sink.step(&m);
+    let limit = crate::watchdog::limit();
+    let outcome = loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Msg::Finished(r)) => break r,
+            Ok(Msg::Step(m)) => {
+                if failure.is_none() {
+                    if let Err(e) = sink.step(&m) {
+                        failure = Some(e);
+                    }
+                }
                 steps.push(m);
-                r
             }
-            Msg::Checkpoint { step, parts } => write_checkpoint(&p, step, &parts).map(|at| {
-                sink.checkpoint(step, &at);
-                checkpoints.push(at);
-            }),
-        };
-        if let Err(e) = r {
-            failure = Some(e);
+            Ok(Msg::Checkpoint { step, parts }) => {
+                if failure.is_none() {
+                    match write_checkpoint(&p, step, &parts) {
+                        Ok(at) => {
+                            sink.checkpoint(step, &at);
+                            checkpoints.push(at);
+                        }
+                        Err(e) => failure = Some(e),
+                    }
+                }
+            }
+            Ok(Msg::Stopped { step }) => stopped_at = Some(step),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = heartbeats.check(limit) {
+                    break Err(e);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                break Err(TrainError::Rank {
+                    rank: first_rank,
+                    reason: "the rank threads ended without a result".into(),
+                })
+            }
         }
+    };
+    if outcome.is_ok() || heartbeats.check(limit).is_ok() {
+        // The worker has returned (or is about to); a stuck one is left behind.
+        let _ = worker.join();
     }
-    let outcome = worker.join().map_err(|_| TrainError::Rank {
-        rank: 0,
-        reason: "the training threads panicked".into(),
-    })?;
     let collected = match (outcome, &p.mpi) {
         (Ok(c), _) => c,
         (Err(e), Some(world)) => {
@@ -188,6 +172,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         seconds,
         peak_bytes: Vec::new(),
         checkpoints,
+        stopped_at,
     };
     // Only world rank 0 gets everything; it writes the results.
     let Some((per_rank, peaks)) = collected else {
@@ -200,6 +185,60 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     out.weights = Some(trained);
     out.peak_bytes = peaks;
     Ok(out)
+}
+
+/// Starts the ranks on a thread of their own, which sends [`Msg::Finished`] with their result
+/// when they are done (or when the communicator gave up on a failed or stuck one).
+fn spawn_ranks(
+    p: &Prepared,
+    job: Arc<Job>,
+    tx: std::sync::mpsc::Sender<Msg>,
+) -> std::thread::JoinHandle<()> {
+    let mpi = p.mpi.clone();
+    let device = p.cfg.device;
+    let devices = p.cfg.devices;
+    let simulate = p.cfg.simulate.clone().map(Arc::new);
+    std::thread::spawn(move || {
+        // Thread ranks share this process's cores: the clock counts how many compute at once.
+        let share = match (&simulate, &mpi) {
+            (Some(c), None) if c.shared_cores > 0.0 => {
+                Some(sim::CoreShare::new(devices, c.shared_cores))
+            }
+            _ => None,
+        };
+        let one_rank = move |world: &dyn Communicator, ranks_here: usize| -> Result<_> {
+            let me = world.rank().0;
+            job.heartbeats.watch_this_thread(me);
+            let sim = simulate.as_ref().map(|c| (c.clone(), share.clone()));
+            let r = match device {
+                Device::Cpu => run_clocked(
+                    &job,
+                    CpuBackend::for_ranks(ranks_here)?,
+                    world,
+                    sim.as_ref(),
+                ),
+                Device::Cuda(precision) => {
+                    let count = kernels::cuda::device_count()?;
+                    let gpu = CudaBackend::new(me % count, precision)?;
+                    run_clocked(&job, gpu, world, sim.as_ref())
+                }
+            };
+            job.heartbeats.done(me);
+            runtime::progress::set_hook(None);
+            r
+        };
+        let result = match mpi {
+            Some(world) => {
+                // The ranks on this node share its cores.
+                let node = world.nodes()[world.rank().0];
+                let here = world.nodes().iter().filter(|&&n| n == node).count();
+                one_rank(world.as_ref(), here)
+            }
+            None => ThreadComm::run(devices, move |world| one_rank(&world, devices))
+                .map(|mut all| all.swap_remove(0)),
+        };
+        let _ = tx.send(Msg::Finished(result));
+    })
 }
 
 /// One rank's loop on `be` and `world`, or, when simulating, on both wrapped in the
@@ -245,219 +284,11 @@ fn write_checkpoint(
         run: p.cfg.record(&p.inst),
     };
     let dir = p
-        .cfg
-        .checkpoint
+        .checkpoints
         .as_ref()
-        .map(|c| c.dir.clone())
         .ok_or_else(|| TrainError::setting("checkpoint_dir", "no checkpoint directory"))?;
-    Ok(ck.save(&dir, model)?)
+    dir.save(&ck, model)
 }
 
-fn create_parent(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    }
-    Ok(())
-}
-
-/// Resolves the world (MPI or threads), checks the configuration, loads the data, the weights
-/// and a resumed checkpoint, and decides the instantiation strategy.
-fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared> {
-    let mut cfg = cfg.clone();
-    if let Device::Cuda(precision) = cfg.device {
-        // Fail before any data is read when the backend cannot open.
-        let gpus = kernels::cuda::device_count()?;
-        sink.notice(&format!(
-            "cuda: {gpus} GPU(s); rank r runs on GPU r mod {gpus}; GEMMs in {precision}"
-        ));
-    }
-    // Under mpirun: one rank per process, the world size is the device count, and MPI says
-    // which ranks share a node.
-    let mpi = match comm::mpi::launch() {
-        Some((_, size)) if size > 1 => {
-            if cfg.devices != 0 && cfg.devices != 1 && cfg.devices != size {
-                return Err(TrainError::setting(
-                    "devices",
-                    format!(
-                        "{} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
-                         under mpirun every process is one rank; drop --devices or make them agree",
-                        cfg.devices
-                    ),
-                ));
-            }
-            cfg.devices = size;
-            let world = comm::MpiComm::init()?;
-            let per_node = mpi_devices_per_node(world.nodes())?;
-            if let Some(d) = cfg.devices_per_node.filter(|&d| d != per_node) {
-                return Err(TrainError::setting(
-                    "devices_per_node",
-                    format!("{d} conflicts with MPI's placement ({per_node} ranks per node)"),
-                ));
-            }
-            cfg.devices_per_node = Some(per_node);
-            Some(Arc::new(world))
-        }
-        _ => None,
-    };
-    let root = mpi.as_ref().is_none_or(|w| w.rank().0 == 0);
-    let mut quiet = crate::metrics::NoSink;
-    let sink: &mut dyn Sink = if root { sink } else { &mut quiet };
-    if cfg.devices == 0 {
-        cfg.devices = 1;
-    }
-    cfg.check()?;
-    let data = load_data(&cfg)?;
-    let (inst, planner) = match &cfg.strategy {
-        StrategySpec::Fixed(s) => (s.clone(), None),
-        StrategySpec::Hot(plan) => {
-            let list: Vec<String> = plan
-                .buckets
-                .iter()
-                .map(|(e, s)| {
-                    let bound = if *e == usize::MAX {
-                        "any".to_string()
-                    } else {
-                        e.to_string()
-                    };
-                    format!("{s} (≤ {bound})")
-                })
-                .collect();
-            sink.notice(&format!(
-                "hot switching: {}; {} holds the weights and the optimizer (least model state per device)",
-                list.join(", "),
-                plan.inst
-            ));
-            if let Some((i, s)) = data
-                .sequences()
-                .iter()
-                .enumerate()
-                .find(|(_, s)| plan.bucket_of(s.len()).is_none())
-            {
-                return Err(TrainError::setting(
-                    "strategies",
-                    format!(
-                        "sequence {i} of the data has {} tokens, longer than every strategy takes \
-                         (the last bound is {}; end the list with `STRATEGY:max`, or cut with --max-len)",
-                        s.len(),
-                        plan.buckets.last().map_or(0, |b| b.0)
-                    ),
-                ));
-            }
-            (plan.inst.clone(), None)
-        }
-        StrategySpec::Auto(cluster) => {
-            let planner = crate::planning::planner(&cfg, (**cluster).clone());
-            // Planned on the run's first batch whatever step it resumes at, so that a resumed
-            // run keeps the optimizer in the same layout.
-            let first: Vec<usize> = data
-                .batch(0, cfg.global_batch, cfg.shuffle_seed())
-                .iter()
-                .map(Vec::len)
-                .collect();
-            let (plan, _) = planner.auto(&first)?;
-            sink.notice(&format!(
-                "automatic planning: {} holds the weights and the optimizer; each step's strategies \
-                 and bucket edges come from the cost model",
-                plan.inst
-            ));
-            (plan.inst, Some(Arc::new(planner)))
-        }
-    };
-    let resumed = match &cfg.resume {
-        Some(dir) => {
-            let ck = Checkpoint::load(dir, &cfg.model).map_err(|source| TrainError::Resume {
-                dir: dir.clone(),
-                source,
-            })?;
-            if ck.step as usize >= cfg.steps {
-                return Err(TrainError::setting(
-                    "resume",
-                    format!(
-                        "the checkpoint in {} is at step {}, not before the run's {} steps",
-                        dir.display(),
-                        ck.step,
-                        cfg.steps
-                    ),
-                ));
-            }
-            sink.notice(&format!(
-                "resuming from {} at step {}",
-                dir.display(),
-                ck.step
-            ));
-            Some(Arc::new(ck))
-        }
-        None => None,
-    };
-    let start_step = resumed.as_ref().map_or(0, |c| c.step as usize);
-    let weights = Arc::new(match (&resumed, &cfg.init) {
-        (Some(ck), _) => ck.weights.clone(),
-        (None, Init::File(p)) => Weights::load(&cfg.model, p)?,
-        (None, Init::Weights(w)) => (**w).clone(),
-        (None, Init::Random) => Weights::random(&cfg.model, cfg.seed),
-    });
-    sink.notice(&format!(
-        "hotspa train: {} parameters, {} sequences ({} too short, skipped), {} on {} {} devices{}, {} steps of {} sequences",
-        weights.numel(),
-        data.sequences().len(),
-        data.skipped(),
-        inst,
-        cfg.devices,
-        match cfg.device {
-            Device::Cpu => "cpu",
-            Device::Cuda(_) => "cuda",
-        },
-        if mpi.is_some() { " (one MPI process each)" } else { "" },
-        cfg.steps,
-        cfg.global_batch
-    ));
-    let devices_per_node = cfg.devices_per_node.unwrap_or(cfg.devices);
-    Ok(Prepared {
-        cfg: Arc::new(cfg),
-        inst,
-        data: Arc::new(data),
-        weights,
-        resumed,
-        start_step,
-        planner,
-        devices_per_node,
-        mpi,
-    })
-}
-
-/// The run's dataset: its files (or sequences) tokenized and cut to the run's `max_len`.
-pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
-    let max_len = cfg.max_len();
-    Ok(match &cfg.data {
-        DataSource::Files(files) => Dataset::from_text_files(files, max_len)?,
-        DataSource::Path(path) => {
-            let tokenizer = match &cfg.tokenizer {
-                Tokenizer::Bytes => TextTokenizer::Bytes,
-                Tokenizer::File(t) => TextTokenizer::from_file(t)?,
-            };
-            Dataset::load_with(path, cfg.model.vocab_size, max_len, &tokenizer)?
-        }
-        DataSource::Sequences(seqs) => {
-            Dataset::from_sequences(seqs, cfg.model.vocab_size, max_len)?
-        }
-    })
-}
-
-/// Nodes as the switch planner sees them: blocks of consecutive ranks of one size.
-fn mpi_devices_per_node(nodes: &[usize]) -> Result<usize> {
-    let Some(&first) = nodes.first() else {
-        return Ok(1);
-    };
-    let per = nodes.iter().filter(|&&n| n == first).count().max(1);
-    let blocks = nodes.iter().enumerate().all(|(r, &n)| n == r / per);
-    if !blocks || !nodes.len().is_multiple_of(per) {
-        return Err(TrainError::setting(
-            "devices_per_node",
-            format!(
-                "MPI placed the ranks on nodes as {nodes:?}; hotspa needs the same number of ranks \
-                 on every node, numbered node by node (mpirun's default --map-by slot, or --map-by ppr:N:node)"
-            ),
-        ));
-    }
-    Ok(per)
-}
+/// Re-export for [`crate::planning`].
+pub use crate::prepare::load_data;

@@ -78,7 +78,7 @@ pub(super) fn default_run(mut args: TrainFlags) -> Result<()> {
     std::fs::write(dir.join("config.json"), DEFAULT_CONFIG)?;
     args.model = Some(dir.clone());
     args.data_files = Some(files);
-    args.devices = 4;
+    args.devices = Some(4);
     args.strategy = Some("dp2tp2".into());
     args.steps = 300;
     args.global_batch = 16;

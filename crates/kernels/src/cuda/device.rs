@@ -466,7 +466,7 @@ impl Backend for CudaBackend {
         positions: &[u32],
         heads: usize,
         head_dim: usize,
-        theta: f64,
+        rope: &crate::Rope,
         inverse: bool,
     ) -> Result<()> {
         if !head_dim.is_multiple_of(2) {
@@ -477,7 +477,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.bind()?;
-        let freqs = crate::ops::rope::inv_freq::<f32>(head_dim, theta);
+        let freqs = rope.inv_freq::<f32>(head_dim);
         let d_pos = self.htod("rope", positions)?;
         let d_freq = self.htod("rope", &freqs)?;
         let (t, h, hd) = (positions.len() as i64, heads as i64, head_dim as i64);

@@ -110,7 +110,7 @@ impl Backend for CudaBackend {
         _: &[u32],
         _: usize,
         _: usize,
-        _: f64,
+        _: &crate::Rope,
         _: bool,
     ) -> Result<()> {
         match *self.0 {}

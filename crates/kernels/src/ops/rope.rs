@@ -4,11 +4,86 @@
 use crate::error::{check_len, invalid, Result};
 use crate::real::Real;
 
-/// HF's inverse frequencies `1 / theta^(2i/head_dim)`, `i < head_dim/2`.
+/// RoPE's frequencies as Hugging Face computes them (`rope_type` `default`, `linear` and
+/// `llama3` of `transformers.modeling_rope_utils`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    /// The base (`rope_theta`).
+    pub theta: f64,
+    /// How the frequencies are scaled for longer contexts.
+    pub scaling: RopeScaling,
+}
+
+/// The `rope_type`s implemented; their attention factor is 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `default`: `1 / theta^(2i/head_dim)`.
+    None,
+    /// `linear`: every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The scaling factor.
+        factor: f64,
+    },
+    /// `llama3`: wavelengths above `original_max_position_embeddings / low_freq_factor`
+    /// divided by `factor`, below `… / high_freq_factor` kept, smoothly interpolated between.
+    Llama3 {
+        /// `factor`.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl Rope {
+    /// Plain RoPE with base `theta`.
+    pub fn plain(theta: f64) -> Self {
+        Rope {
+            theta,
+            scaling: RopeScaling::None,
+        }
+    }
+
+    /// The inverse frequencies of the `head_dim / 2` rotation pairs.
+    pub fn inv_freq<T: Real>(&self, head_dim: usize) -> Vec<T> {
+        (0..head_dim / 2)
+            .map(|i| T::of(self.scaled(self.theta.powf((2 * i) as f64 / head_dim as f64).recip())))
+            .collect()
+    }
+
+    /// `inv_freq` after the scaling.
+    fn scaled(&self, f: f64) -> f64 {
+        match self.scaling {
+            RopeScaling::None => f,
+            RopeScaling::Linear { factor } => f / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                if wavelen > low_wavelen {
+                    f / factor
+                } else if wavelen < high_wavelen {
+                    f
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            }
+        }
+    }
+}
+
+/// HF's inverse frequencies `1 / theta^(2i/head_dim)`, `i < head_dim/2` (plain RoPE).
 pub fn inv_freq<T: Real>(head_dim: usize, theta: f64) -> Vec<T> {
-    (0..head_dim / 2)
-        .map(|i| T::one() / T::of(theta).powf(T::of((2 * i) as f64) / T::of(head_dim as f64)))
-        .collect()
+    Rope::plain(theta).inv_freq(head_dim)
 }
 
 /// Applies the rotation to `x` of shape `[tokens, heads, head_dim]` in place: for `j < half`,
@@ -19,7 +94,7 @@ pub fn apply<T: Real>(
     positions: &[u32],
     heads: usize,
     head_dim: usize,
-    theta: f64,
+    rope: &Rope,
     inverse: bool,
 ) -> Result<()> {
     if !head_dim.is_multiple_of(2) {
@@ -27,7 +102,7 @@ pub fn apply<T: Real>(
     }
     check_len("rope", "x", positions.len() * heads * head_dim, x.len())?;
     let half = head_dim / 2;
-    let freqs = inv_freq::<T>(head_dim, theta);
+    let freqs = rope.inv_freq::<T>(head_dim);
     let mut cos = vec![T::zero(); half];
     let mut sin = vec![T::zero(); half];
     for (t, &p) in positions.iter().enumerate() {

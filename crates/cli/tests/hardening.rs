@@ -1,0 +1,496 @@
+//! `hotspa train` against the mistakes and faults of a hostile but realistic user: nothing is
+//! lost, nothing hangs, nothing is silently accepted. One test per class of mistake.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+
+fn hotspa() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+}
+
+fn setup(dir: &Path) {
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let mut lines = String::new();
+    for i in 0..24u32 {
+        let n = [3usize, 9, 2, 30, 5, 14][i as usize % 6];
+        let ids: Vec<String> = (0..n as u32)
+            .map(|j| ((i * 7 + j * j + 3 * j) % 40).to_string())
+            .collect();
+        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
+    }
+    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+}
+
+/// `train --model D --data D/data.jsonl --global-batch 8` and `extra`.
+fn train(d: &Path, extra: &[&str]) -> Output {
+    let ds = d.to_str().unwrap();
+    let mut c = hotspa();
+    c.args([
+        "train",
+        "--model",
+        ds,
+        "--data",
+        &format!("{ds}/data.jsonl"),
+    ]);
+    if !extra.contains(&"--global-batch") {
+        c.args(["--global-batch", "8", "--micro-batch-tokens", "32"]);
+    }
+    c.args(extra).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The run failed before its first step, with `needle` in the message.
+fn refused(o: &Output, needle: &str) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "succeeded, expected `{needle}`:\n{e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains(needle), "expected `{needle}` in:\n{e}");
+    assert!(
+        !e.contains("step     1/"),
+        "a step ran before the refusal:\n{e}"
+    );
+}
+
+#[test]
+fn outputs_are_checked_before_the_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    refused(&train(d, &["--save", &p(d)]), "save: ");
+    refused(&train(d, &["--save", "/dev/null"]), "is a character device");
+    assert!(!Path::new("/dev/null").is_file(), "/dev/null was replaced");
+    refused(
+        &train(d, &["--checkpoint-dir", &p(&file.join("ck"))]),
+        "cannot create the directory",
+    );
+    refused(
+        &train(d, &["--checkpoint-dir", &p(&file)]),
+        "is a file, not a directory",
+    );
+    refused(&train(d, &["--metrics", &p(d)]), "metrics: ");
+}
+
+#[test]
+fn checkpoint_directories_are_owned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let ck = d.join("ck");
+    let cks = ck.to_str().unwrap();
+    let m = d.join("m.jsonl");
+    let ms = m.to_str().unwrap();
+    // Retention: every step checkpointed, the last two kept.
+    let o = train(
+        d,
+        &[
+            "--steps",
+            "4",
+            "--checkpoint-dir",
+            cks,
+            "--checkpoint-every",
+            "1",
+            "--keep-last",
+            "2",
+            "--metrics",
+            ms,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut steps: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec!["step-00000003", "step-00000004"]);
+    // A new run into it is refused; forced, it starts over.
+    refused(
+        &train(d, &["--steps", "2", "--checkpoint-dir", cks]),
+        "already holds 2 checkpoint(s)",
+    );
+    // Resume appends to the metrics: the killed run's partial last line goes, the rest stays.
+    let mut text = std::fs::read_to_string(&m).unwrap();
+    text.push_str("{\"step\": 5, \"lo");
+    std::fs::write(&m, text).unwrap();
+    let o = train(
+        d,
+        &[
+            "--steps",
+            "6",
+            "--resume",
+            cks,
+            "--checkpoint-dir",
+            cks,
+            "--metrics",
+            ms,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<u64> = std::fs::read_to_string(&m)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // Settings that move the data position are refused on resume (unless forced); changed
+    // optimizer settings are listed.
+    let o = train(d, &["--steps", "8", "--resume", cks, "--seed", "9"]);
+    refused(&o, "seed: 0 → 9");
+    let o = train(d, &["--steps", "8", "--resume", cks, "--global-batch", "4"]);
+    refused(&o, "global_batch: 8 → 4");
+    let o = train(d, &["--steps", "8", "--resume", cks, "--lr", "1e-3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming with changed settings: steps: 6 → 8; lr: 0.0003 → 0.001"),
+        "{}",
+        stderr(&o)
+    );
+    let o = train(
+        d,
+        &["--steps", "8", "--resume", cks, "--seed", "9", "--force"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    refused(
+        &train(d, &["--steps", "8", "--resume", cks, "--init", ms]),
+        "drop --init",
+    );
+    // Two runs on one directory: the second is refused while the first lives.
+    let mut first = hotspa()
+        .args(["train", "--model", d.to_str().unwrap(), "--data"])
+        .arg(d.join("data.jsonl"))
+        .args(["--steps", "100000", "--checkpoint-dir"])
+        .arg(d.join("ck2"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with("step ") {
+            break;
+        }
+    }
+    let o = train(
+        d,
+        &[
+            "--steps",
+            "2",
+            "--checkpoint-dir",
+            d.join("ck2").to_str().unwrap(),
+            "--force",
+        ],
+    );
+    refused(&o, "is in use by another run");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+/// Spawns `train` with `extra` and `env`, returns (seconds to exit, output).
+fn timed(d: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Duration, Output) {
+    let t = Instant::now();
+    let ds = d.to_str().unwrap();
+    let mut c = hotspa();
+    c.args([
+        "train",
+        "--model",
+        ds,
+        "--data",
+        &format!("{ds}/data.jsonl"),
+    ])
+    .args(["--global-batch", "8", "--micro-batch-tokens", "32"])
+    .args(extra);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (t.elapsed(), o)
+}
+
+#[test]
+fn a_frozen_rank_ends_the_run_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    // Rank 2 of 4 freezes at step 2: the others time out (2 s) and the process ends.
+    let env = [
+        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
+        ("HOTSPA_FAULT", "freeze:2:2"),
+    ];
+    let (t, o) = timed(
+        d,
+        &["--devices", "4", "--strategy", "dp2tp2", "--steps", "5"],
+        &env,
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(t < Duration::from_secs(30), "took {t:?}: {e}");
+    assert!(e.contains("rank 2"), "{e}");
+    // Alone (nobody to time out waiting for it): the watchdog names it after the timeout plus
+    // a margin (2 · 2 + 10 s).
+    let env = [
+        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
+        ("HOTSPA_FAULT", "freeze:0:2"),
+    ];
+    let (t, o) = timed(d, &["--steps", "5"], &env);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(t < Duration::from_secs(30), "took {t:?}: {e}");
+    assert!(
+        e.contains("rank 0: made no progress for") && e.contains("step 2"),
+        "{e}"
+    );
+    // A panicking rank ends it at once.
+    let env = [("HOTSPA_FAULT", "panic:1:2")];
+    let (t, o) = timed(d, &["--devices", "2", "--steps", "5"], &env);
+    assert!(
+        !o.status.success() && t < Duration::from_secs(20),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_after_the_step_and_keeps_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let ck = d.join("ck");
+    let save = d.join("w.safetensors");
+    let mut child = hotspa()
+        .args(["train", "--model", d.to_str().unwrap(), "--data"])
+        .arg(d.join("data.jsonl"))
+        .args(["--steps", "100000", "--devices", "2", "--checkpoint-dir"])
+        .arg(&ck)
+        .arg("--save")
+        .arg(&save)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with("step     3/") {
+            break;
+        }
+    }
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let last = rest
+        .iter()
+        .find(|l| l.starts_with("stopped by a signal"))
+        .unwrap();
+    let latest = std::fs::read_to_string(ck.join("latest")).unwrap();
+    assert!(last.contains(&latest), "{last} / {latest}");
+    assert!(save.is_file(), "{rest:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty());
+    // A second signal ends the run at once, whatever it was doing.
+    let mut child = hotspa()
+        .args(["train", "--model", d.to_str().unwrap(), "--data"])
+        .arg(d.join("data.jsonl"))
+        .args(["--steps", "100000"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with("step ") {
+            break;
+        }
+    }
+    for _ in 0..2 {
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}
+
+#[test]
+fn resources_are_checked_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let big = d.join("7b");
+    std::fs::create_dir_all(&big).unwrap();
+    std::fs::write(
+        big.join("config.json"),
+        r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32}"#,
+    )
+    .unwrap();
+    let o = hotspa()
+        .args(["train", "--model", big.to_str().unwrap(), "--data"])
+        .arg(d.join("data.jsonl"))
+        .output()
+        .unwrap();
+    refused(&o, "GiB available");
+    refused(&train(d, &["--devices", "1000"]), "1000 thread ranks");
+    refused(
+        &train(d, &["--global-batch", "1000000000"]),
+        "GiB available",
+    );
+}
+
+#[test]
+fn numbers_are_refused_by_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for (args, needle) in [
+        (
+            &["--grad-clip=-1"][..],
+            "grad_clip: -1 is out of range: must be positive",
+        ),
+        (&["--grad-clip", "0"], "grad_clip: 0 is out of range"),
+        (
+            &["--lr=-3e-3"],
+            "lr: -0.003 is out of range: must be positive and finite",
+        ),
+        (&["--lr", "-1"], "lr: -1 is out of range"),
+        (&["--lr", "nan"], "lr: NaN is out of range"),
+        (
+            &["--beta1", "2"],
+            "beta1: 2 is out of range: must be in [0, 1)",
+        ),
+        (&["--eps", "0"], "eps: 0 is out of range"),
+        (
+            &["--max-len", "0"],
+            "max_len: 0 is out of range: must be at least 2",
+        ),
+        (&["--devices", "0"], "--devices 0 is out of range"),
+        (
+            &["--micro-batch-tokens", "0"],
+            "micro_batch_tokens: 0 is out of range",
+        ),
+        (
+            &["--lr-schedule", "cosine", "--min-lr", "1"],
+            "min_lr: 1 is out of range",
+        ),
+    ] {
+        refused(&train(d, args), needle);
+    }
+    // A cluster file with a negative bandwidth is refused by name.
+    let bad = toml_cluster().replace("gbps = 400.0", "gbps = -400.0");
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
+    let o = hotspa()
+        .args(["simulate", "--cluster"])
+        .arg(d.join("bad.toml"))
+        .args(["--gpus", "8", "--model", "llama2-7b"])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("same_node.gbps = -400 is out of range"),
+        "{e}"
+    );
+}
+
+fn toml_cluster() -> String {
+    "name = \"x\"\nnodes = 1\ndevices_per_node = 8\npeak_tflops = 312.0\nmemory_gib = 80.0\n\
+     [efficiency]\nmax = 0.6\nhalf_tokens = 256.0\nhalf_width = 256.0\nattention = 0.45\n\
+     [same_node]\ngbps = 400.0\nlatency_us = 5.0\n[cross_node]\ngbps = 200.0\nlatency_us = 10.0\n"
+        .into()
+}
+
+#[test]
+fn inputs_that_mean_something_else_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for (field, needle) in [
+        (
+            r#""architectures": ["MistralForCausalLM"]"#,
+            "architectures [\"MistralForCausalLM\"]: hotspa trains LlamaForCausalLM only",
+        ),
+        (r#""model_type": "gpt2""#, "model_type \"gpt2\""),
+        (r#""sliding_window": 4096"#, "field(s) sliding_window"),
+        (
+            r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+            "rope_type \"yarn\"",
+        ),
+        (r#""attention_dropout": 0.1"#, "attention_dropout 0.1"),
+    ] {
+        let other = d.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(
+            other.join("config.json"),
+            CONFIG.replace("\"vocab_size\"", &format!("{field}, \"vocab_size\"")),
+        )
+        .unwrap();
+        let o = hotspa()
+            .args(["train", "--model", other.to_str().unwrap(), "--data"])
+            .arg(d.join("data.jsonl"))
+            .output()
+            .unwrap();
+        refused(&o, needle);
+    }
+}
+
+#[test]
+fn a_metrics_file_cut_short_plots_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = d.join("m.jsonl");
+    std::fs::write(
+        &m,
+        "{\"step\": 1, \"loss\": 5.0, \"tokens\": 10, \"seconds\": 1.0}\n\
+         {\"step\": 2, \"loss\": 4.0, \"tokens\": 10, \"seconds\": 1.0}\n{\"step\": 3, \"lo",
+    )
+    .unwrap();
+    let o = hotspa()
+        .arg("plot")
+        .arg(&m)
+        .arg("-o")
+        .arg(d.join("p.svg"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the last line is cut short"),
+        "{}",
+        stderr(&o)
+    );
+    // Garbage in the middle is an error naming the line.
+    std::fs::write(&m, "{\"step\": 1, \"loss\": 5.0, \"tokens_per_s\": 1}\nxx\n{\"step\": 2, \"loss\": 5.0, \"tokens_per_s\": 1}\n").unwrap();
+    let o = hotspa()
+        .arg("plot")
+        .arg(&m)
+        .arg("-o")
+        .arg(d.join("p.svg"))
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("m.jsonl:2: not a metrics line"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,375 @@
+//! Everything checked and loaded before the first step, in one place: the world (MPI or
+//! threads), every number and strategy, every output path, the checkpoint directory's lock, the
+//! data, a resumed checkpoint and whether its settings still mean the same, the memory the run
+//! needs, and only then the weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use comm::Communicator;
+use data::{Dataset, TextTokenizer};
+use graph::Strategy;
+use model::{Checkpoint, Weights};
+use planner::Planner;
+
+use crate::checkpoints::CheckpointDir;
+use crate::config::{DataSource, Device, Init, StrategySpec, Tokenizer, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::metrics::Sink;
+
+/// Everything loaded and decided before the ranks start.
+pub(crate) struct Prepared {
+    pub cfg: Arc<TrainConfig>,
+    pub inst: Strategy,
+    pub data: Arc<Dataset>,
+    pub weights: Arc<Weights>,
+    pub resumed: Option<Arc<Checkpoint>>,
+    pub start_step: usize,
+    pub planner: Option<Arc<Planner>>,
+    pub devices_per_node: usize,
+    pub mpi: Option<Arc<comm::MpiComm>>,
+    /// World rank 0's hold on the checkpoint directory.
+    pub checkpoints: Option<CheckpointDir>,
+}
+
+impl Prepared {
+    /// Whether this process reports and writes (world rank 0).
+    pub fn root(&self) -> bool {
+        self.mpi.as_ref().is_none_or(|w| w.rank().0 == 0)
+    }
+}
+
+/// The run's dataset: its files (or sequences) tokenized and cut to the run's `max_len`.
+pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
+    let max_len = cfg.max_len();
+    Ok(match &cfg.data {
+        DataSource::Files(files) => Dataset::from_text_files(files, max_len)?,
+        DataSource::Path(path) => {
+            let tokenizer = match &cfg.tokenizer {
+                Tokenizer::Bytes => TextTokenizer::Bytes,
+                Tokenizer::File(t) => TextTokenizer::from_file(t)?,
+            };
+            Dataset::load_with(path, cfg.model.vocab_size, max_len, &tokenizer)?
+        }
+        DataSource::Sequences(seqs) => {
+            Dataset::from_sequences(seqs, cfg.model.vocab_size, max_len)?
+        }
+    })
+}
+
+/// Settings whose change makes a checkpoint's data position mean something else.
+const DATA_POSITION: [&str; 6] = [
+    "data",
+    "tokenizer",
+    "global_batch",
+    "max_len",
+    "seed",
+    "shuffle",
+];
+/// Settings a resumed run may change, reported when it does.
+const REPORTED: [&str; 12] = [
+    "steps",
+    "lr",
+    "lr_schedule",
+    "warmup",
+    "min_lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "grad_clip",
+    "strategy",
+    "devices",
+];
+
+/// `key: saved → now` for each of `keys` whose value differs (keys the checkpoint lacks are
+/// not compared: older checkpoints).
+fn changed(keys: &[&str], saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    keys.iter()
+        .filter(|k| saved.get(**k).is_some() && saved[**k] != now[**k])
+        .map(|k| format!("{k}: {} → {}", saved[*k], now[*k]))
+        .collect()
+}
+
+/// The directory a `--resume` path names (the path itself, or a step folder's parent).
+fn checkpoint_home(resume: &Path) -> PathBuf {
+    if resume.join("state.json").is_file() {
+        resume.parent().unwrap_or(resume).to_path_buf()
+    } else {
+        resume.to_path_buf()
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Resolves the world, checks everything, loads the data, the weights and a resumed
+/// checkpoint, and decides the instantiation strategy.
+pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared> {
+    let mut cfg = cfg.clone();
+    if let Device::Cuda(precision) = cfg.device {
+        // Fail before any data is read when the backend cannot open.
+        let gpus = kernels::cuda::device_count()?;
+        sink.notice(&format!(
+            "cuda: {gpus} GPU(s); rank r runs on GPU r mod {gpus}; GEMMs in {precision}"
+        ));
+    }
+    let mpi = mpi_world(&mut cfg)?;
+    let root = mpi.as_ref().is_none_or(|w| w.rank().0 == 0);
+    let mut quiet = crate::metrics::NoSink;
+    let sink: &mut dyn Sink = if root { sink } else { &mut quiet };
+    cfg.check()?;
+    if mpi.is_none() {
+        crate::resources::check_threads(cfg.devices, kernels::available_cores())?;
+    }
+    if cfg.resume.is_some() && !matches!(cfg.init, Init::Random) {
+        return Err(TrainError::setting(
+            "init",
+            "a resumed run continues from the checkpoint's weights; drop --init (or --resume)",
+        ));
+    }
+    // Every output path, before anything is read or computed (rank 0 writes them all).
+    let mut checkpoints = None;
+    if root {
+        if let Some(p) = &cfg.save {
+            crate::outputs::check_file("save", p)?;
+        }
+        if let Some(p) = &cfg.metrics {
+            crate::outputs::check_file("metrics", p)?;
+        }
+        if let Some(c) = &cfg.checkpoint {
+            let resuming = cfg
+                .resume
+                .as_ref()
+                .is_some_and(|r| same_dir(&checkpoint_home(r), &c.dir));
+            checkpoints = Some(CheckpointDir::open(
+                &c.dir,
+                c.keep_last,
+                resuming,
+                cfg.force,
+            )?);
+        }
+    }
+    let data = load_data(&cfg)?;
+    let (inst, planner, strategies) = decide(&cfg, &data, sink)?;
+    let resumed = match &cfg.resume {
+        Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, sink)?)),
+        None => None,
+    };
+    let start_step = resumed.as_ref().map_or(0, |c| c.step as usize);
+    let ranks_here = if mpi.is_some() { 1 } else { cfg.devices };
+    let strategy_refs: Vec<&Strategy> = strategies.iter().collect();
+    let need =
+        crate::resources::memory_need(&cfg, &inst, &strategy_refs, ranks_here, resumed.is_some())?;
+    crate::resources::check_memory(&need, crate::resources::available_memory())?;
+    let weights = Arc::new(match (&resumed, &cfg.init) {
+        (Some(ck), _) => ck.weights.clone(),
+        (None, Init::File(p)) => Weights::load(&cfg.model, p)?,
+        (None, Init::Weights(w)) => (**w).clone(),
+        (None, Init::Random) => Weights::try_random(&cfg.model, cfg.seed)?,
+    });
+    sink.notice(&format!(
+        "hotspa train: {} parameters, {} sequences ({} too short, skipped), {} on {} {} devices{}, {} steps of {} sequences",
+        weights.numel(),
+        data.sequences().len(),
+        data.skipped(),
+        inst,
+        cfg.devices,
+        match cfg.device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        },
+        if mpi.is_some() { " (one MPI process each)" } else { "" },
+        cfg.steps,
+        cfg.global_batch
+    ));
+    let devices_per_node = cfg.devices_per_node.unwrap_or(cfg.devices);
+    Ok(Prepared {
+        cfg: Arc::new(cfg),
+        inst,
+        data: Arc::new(data),
+        weights,
+        resumed,
+        start_step,
+        planner,
+        devices_per_node,
+        mpi,
+        checkpoints,
+    })
+}
+
+/// Under `mpirun` (more than one process): the MPI world, whose size is the device count and
+/// whose placement says which ranks share a node.
+fn mpi_world(cfg: &mut TrainConfig) -> Result<Option<Arc<comm::MpiComm>>> {
+    let Some((_, size)) = comm::mpi::launch().filter(|&(_, size)| size > 1) else {
+        return Ok(None);
+    };
+    if cfg.devices != 1 && cfg.devices != size {
+        return Err(TrainError::setting(
+            "devices",
+            format!(
+                "{} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
+                 under mpirun every process is one rank; drop --devices or make them agree",
+                cfg.devices
+            ),
+        ));
+    }
+    cfg.devices = size;
+    let world = comm::MpiComm::init()?;
+    let per_node = mpi_devices_per_node(world.nodes())?;
+    if let Some(d) = cfg.devices_per_node.filter(|&d| d != per_node) {
+        return Err(TrainError::setting(
+            "devices_per_node",
+            format!("{d} conflicts with MPI's placement ({per_node} ranks per node)"),
+        ));
+    }
+    cfg.devices_per_node = Some(per_node);
+    Ok(Some(Arc::new(world)))
+}
+
+/// The instantiation strategy, the planner of automatic planning, and every strategy the run
+/// may use; checks that every sequence has a strategy.
+fn decide(
+    cfg: &TrainConfig,
+    data: &Dataset,
+    sink: &mut dyn Sink,
+) -> Result<(Strategy, Option<Arc<Planner>>, Vec<Strategy>)> {
+    Ok(match &cfg.strategy {
+        StrategySpec::Fixed(s) => (s.clone(), None, vec![s.clone()]),
+        StrategySpec::Hot(plan) => {
+            let list: Vec<String> = plan
+                .buckets
+                .iter()
+                .map(|(e, s)| {
+                    let bound = if *e == usize::MAX {
+                        "any".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    format!("{s} (≤ {bound})")
+                })
+                .collect();
+            sink.notice(&format!(
+                "hot switching: {}; {} holds the weights and the optimizer (least model state per device)",
+                list.join(", "),
+                plan.inst
+            ));
+            if let Some((i, s)) = data
+                .sequences()
+                .iter()
+                .enumerate()
+                .find(|(_, s)| plan.bucket_of(s.len()).is_none())
+            {
+                return Err(TrainError::setting(
+                    "strategies",
+                    format!(
+                        "sequence {i} of the data has {} tokens, longer than every strategy takes \
+                         (the last bound is {}; end the list with `STRATEGY:max`, or cut with --max-len)",
+                        s.len(),
+                        plan.buckets.last().map_or(0, |b| b.0)
+                    ),
+                ));
+            }
+            let all = plan.strategies().into_iter().cloned().collect();
+            (plan.inst.clone(), None, all)
+        }
+        StrategySpec::Auto(cluster) => {
+            let planner = crate::planning::planner(cfg, (**cluster).clone());
+            // Planned on the run's first batch whatever step it resumes at, so that a resumed
+            // run keeps the optimizer in the same layout.
+            let first: Vec<usize> = data
+                .batch(0, cfg.global_batch, cfg.shuffle_seed())
+                .iter()
+                .map(Vec::len)
+                .collect();
+            let (plan, _) = planner.auto(&first)?;
+            sink.notice(&format!(
+                "automatic planning: {} holds the weights and the optimizer; each step's strategies \
+                 and bucket edges come from the cost model",
+                plan.inst
+            ));
+            let all = plan.strategies().into_iter().cloned().collect();
+            (plan.inst.clone(), Some(Arc::new(planner)), all)
+        }
+    })
+}
+
+/// Loads (and verifies) the checkpoint in `dir`, refusing one whose settings give its data
+/// position another meaning (unless forced) and reporting changed optimizer settings.
+fn resume(
+    cfg: &TrainConfig,
+    dir: &Path,
+    inst: &Strategy,
+    sink: &mut dyn Sink,
+) -> Result<Checkpoint> {
+    let ck = Checkpoint::load(dir, &cfg.model).map_err(|source| TrainError::Resume {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    if ck.step as usize >= cfg.steps {
+        return Err(TrainError::setting(
+            "resume",
+            format!(
+                "the checkpoint in {} is at step {}, not before the run's {} steps",
+                dir.display(),
+                ck.step,
+                cfg.steps
+            ),
+        ));
+    }
+    let now = cfg.record(inst);
+    let breaking = changed(&DATA_POSITION, &ck.run, &now);
+    if !breaking.is_empty() {
+        if !cfg.force {
+            return Err(TrainError::setting(
+                "resume",
+                format!(
+                    "the checkpoint in {} was written by a run whose data position means something \
+                     else now ({}); resume with the same settings, or pass --force to continue anyway",
+                    dir.display(),
+                    breaking.join("; ")
+                ),
+            ));
+        }
+        sink.notice(&format!(
+            "--force: resuming although the data position changed meaning ({})",
+            breaking.join("; ")
+        ));
+    }
+    let other = changed(&REPORTED, &ck.run, &now);
+    if !other.is_empty() {
+        sink.notice(&format!(
+            "resuming with changed settings: {}",
+            other.join("; ")
+        ));
+    }
+    sink.notice(&format!(
+        "resuming from {} at step {}",
+        dir.display(),
+        ck.step
+    ));
+    Ok(ck)
+}
+
+/// Nodes as the switch planner sees them: blocks of consecutive ranks of one size.
+fn mpi_devices_per_node(nodes: &[usize]) -> Result<usize> {
+    let Some(&first) = nodes.first() else {
+        return Ok(1);
+    };
+    let per = nodes.iter().filter(|&&n| n == first).count().max(1);
+    let blocks = nodes.iter().enumerate().all(|(r, &n)| n == r / per);
+    if !blocks || !nodes.len().is_multiple_of(per) {
+        return Err(TrainError::setting(
+            "devices_per_node",
+            format!(
+                "MPI placed the ranks on nodes as {nodes:?}; hotspa needs the same number of ranks \
+                 on every node, numbered node by node (mpirun's default --map-by slot, or --map-by ppr:N:node)"
+            ),
+        ));
+    }
+    Ok(per)
+}
