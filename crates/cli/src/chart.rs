@@ -1,14 +1,29 @@
-//! Loss and tokens/s per step from a metrics file, drawn as SVG or PNG (`hotspa plot`, and the
-//! default training run's `plot.svg`).
+//! Metrics files drawn as SVG or PNG (`hotspa plot`, and the default training run's
+//! `plot.svg`): loss (and held-out loss), tokens/s, and time per step — with hot switching the
+//! seconds per strategy and in switches, with the simulator's clock the simulated seconds.
+//! Several files overlay, one colour per run.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 
-/// `(step, loss, tokens_per_s)` of every line. A last line cut short (a killed run was writing
-/// it) is left out with a warning; a malformed line elsewhere is an error naming it.
-pub fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
+/// One step of a metrics file, as much as the plot uses.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    step: f64,
+    loss: f64,
+    tokens_per_s: f64,
+    seconds: Option<f64>,
+    eval_loss: Option<f64>,
+    switch_seconds: Option<f64>,
+    strategy_seconds: Vec<(String, f64)>,
+    simulated_seconds: Option<f64>,
+}
+
+/// Every line of a metrics file. A last line cut short (a killed run was writing it) is left
+/// out with a warning; a malformed line elsewhere is an error naming it.
+pub fn read(path: &Path) -> Result<Vec<Row>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
@@ -41,11 +56,29 @@ pub fn read(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
                 .with_context(|| format!("{}:{}: no numeric \"{k}\"", path.display(), i + 1))
         };
         let (step, loss) = (get("step")?, get("loss")?);
-        let tps = match v.get("tokens_per_s").and_then(|x| x.as_f64()) {
+        let tokens_per_s = match v.get("tokens_per_s").and_then(|x| x.as_f64()) {
             Some(t) => t,
             None => get("tokens")? / get("seconds")?.max(1e-12),
         };
-        rows.push((step, loss, tps));
+        let mut strategy_seconds: Vec<(String, f64)> = v["strategy_seconds"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, s)| Some((k.clone(), s.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        strategy_seconds.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.push(Row {
+            step,
+            loss,
+            tokens_per_s,
+            seconds: v["seconds"].as_f64(),
+            eval_loss: v["eval_loss"].as_f64(),
+            switch_seconds: v["switch_seconds"].as_f64(),
+            strategy_seconds,
+            simulated_seconds: v["simulated_seconds"].as_f64(),
+        });
     }
     if rows.is_empty() {
         bail!("{}: no metrics", path.display());
@@ -78,18 +111,124 @@ fn register_font() -> Result<()> {
     .map_err(anyhow::Error::msg)
 }
 
-/// Draws `rows` into `out`, an .svg or .png file.
-pub fn draw(rows: &[(f64, f64, f64)], out: &Path) -> Result<()> {
+/// A named line of one panel.
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(200, 30, 30),
+    RGBColor(30, 80, 200),
+    RGBColor(30, 150, 60),
+    RGBColor(160, 60, 180),
+    RGBColor(230, 130, 0),
+    RGBColor(90, 90, 90),
+];
+
+/// The panels of `runs` (name, rows): loss, tokens/s, seconds per step.
+fn panels(runs: &[(String, Vec<Row>)]) -> Vec<(&'static str, Vec<Series>)> {
+    let one = runs.len() == 1;
+    let label = |run: &str, what: &str| {
+        if one {
+            what.to_string()
+        } else {
+            format!("{run}: {what}")
+        }
+    };
+    let (mut loss, mut speed, mut time, mut simulated) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (r, (name, rows)) in runs.iter().enumerate() {
+        let base = COLORS[r % COLORS.len()];
+        let other = |k: usize| {
+            if one {
+                COLORS[(r + k) % COLORS.len()]
+            } else {
+                base
+            }
+        };
+        let pick = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
+            rows.iter().filter_map(|x| Some((x.step, f(x)?))).collect()
+        };
+        loss.push(Series {
+            name: label(name, "loss"),
+            points: pick(&|x| Some(x.loss)),
+            color: base,
+        });
+        let eval = pick(&|x| x.eval_loss);
+        if !eval.is_empty() {
+            loss.push(Series {
+                name: label(name, "held-out loss"),
+                points: eval,
+                color: other(1),
+            });
+        }
+        speed.push(Series {
+            name: label(name, "tokens/s"),
+            points: pick(&|x| Some(x.tokens_per_s)),
+            color: base,
+        });
+        let mut add_time = |what: String, points: Vec<(f64, f64)>, k: usize| {
+            if !points.is_empty() {
+                time.push(Series {
+                    name: label(name, &what),
+                    points,
+                    color: other(k),
+                });
+            }
+        };
+        add_time("step (measured)".into(), pick(&|x| x.seconds), 0);
+        add_time("switches".into(), pick(&|x| x.switch_seconds), 1);
+        let sim = pick(&|x| x.simulated_seconds);
+        if !sim.is_empty() {
+            simulated.push(Series {
+                name: label(name, "step on the simulated cluster"),
+                points: sim,
+                color: base,
+            });
+        }
+        let mut strategies: Vec<String> = rows
+            .iter()
+            .flat_map(|x| x.strategy_seconds.iter().map(|(s, _)| s.clone()))
+            .collect();
+        strategies.sort();
+        strategies.dedup();
+        for (k, s) in strategies.into_iter().enumerate() {
+            let pts = pick(&|x| {
+                x.strategy_seconds
+                    .iter()
+                    .find(|(n, _)| *n == s)
+                    .map(|(_, v)| *v)
+            });
+            add_time(format!("under {s}"), pts, 3 + k);
+        }
+    }
+    let mut out = vec![
+        ("loss", loss),
+        ("tokens/s", speed),
+        ("seconds per step", time),
+    ];
+    if !simulated.is_empty() {
+        out.push(("seconds per step on the simulated cluster", simulated));
+    }
+    out
+}
+
+/// Draws the runs (name, rows) into `out`, an .svg or .png file.
+pub fn draw(runs: &[(String, Vec<Row>)], out: &Path) -> Result<()> {
     register_font()?;
+    let panels = panels(runs);
+    let height = 300 * panels.len() as u32;
     match out.extension().and_then(|e| e.to_str()) {
         Some("svg") => draw_on(
-            SVGBackend::new(out, (900, 600)).into_drawing_area(),
-            rows,
+            SVGBackend::new(out, (900, height)).into_drawing_area(),
+            &panels,
             out,
         ),
         Some("png") => draw_on(
-            BitMapBackend::new(out, (900, 600)).into_drawing_area(),
-            rows,
+            BitMapBackend::new(out, (900, height)).into_drawing_area(),
+            &panels,
             out,
         ),
         _ => bail!("{}: write a .svg or .png file", out.display()),
@@ -98,18 +237,17 @@ pub fn draw(rows: &[(f64, f64, f64)], out: &Path) -> Result<()> {
 
 fn draw_on<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
-    rows: &[(f64, f64, f64)],
+    panels: &[(&str, Vec<Series>)],
     out: &Path,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (top, bottom) = root.split_vertically(300);
-    let loss: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, r.1)).collect();
-    let speed: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, r.2)).collect();
-    panel(&top, "loss", &loss, RED)?;
-    panel(&bottom, "tokens/s", &speed, BLUE)?;
+    let areas = root.split_evenly((panels.len(), 1));
+    for (area, (name, series)) in areas.iter().zip(panels) {
+        panel(area, name, series)?;
+    }
     root.present()
         .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     Ok(())
@@ -118,15 +256,16 @@ where
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     name: &str,
-    points: &[(f64, f64)],
-    color: RGBColor,
+    series: &[Series],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let lo = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = all.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.05).max(1e-6);
     let mut chart = ChartBuilder::on(area)
         .caption(name, ("sans-serif", 18))
@@ -140,13 +279,27 @@ where
         .x_desc("step")
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .draw_series(LineSeries::new(points.iter().copied(), &color))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for s in series {
+        let color = s.color;
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), &color))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     Ok(())
 }
 
 /// Plots a metrics file (used by the default training run).
 pub fn plot_file(metrics: &Path, out: &Path) -> Result<()> {
-    draw(&read(metrics)?, out)
+    draw(&[(String::new(), read(metrics)?)], out)
 }

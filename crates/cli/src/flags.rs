@@ -15,18 +15,27 @@ use train::{
 
 #[derive(ClapArgs, Clone)]
 pub struct TrainFlags {
-    /// An HF `config.json`, or the directory holding it.
+    /// An HF `config.json`, or a model folder (its `config.json`; its weights and tokenizer are
+    /// used unless --init and --tokenizer say otherwise).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Initial weights (safetensors, HF names; f32, bf16 or f16). Default: random from --seed.
+    /// Initial weights: a safetensors file or model folder (HF names; f32, bf16 or f16; one
+    /// file or sharded), or `random` (from --seed). Default: the --model folder's weights if it
+    /// has any, else random.
     #[arg(long)]
-    pub init: Option<PathBuf>,
+    pub init: Option<String>,
     /// Training data: a JSONL file (`input_ids` or `text` per line) or a directory of text files.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// An HF tokenizer.json for `text` records and text files (default: one token per byte).
+    /// An HF tokenizer.json (or a folder holding one) for `text` records, text files and
+    /// Parquet text, special tokens added as HF's tokenizer(text) adds them; or `bytes` (one
+    /// token per byte). Default: the --model folder's tokenizer.json if it has one, else bytes.
     #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<String>,
+    /// Append the end-of-sequence id (the config's eos_token_id, else the tokenizer's eos_token)
+    /// after every text document.
+    #[arg(long)]
+    pub append_eos: bool,
     /// Number of devices: thread ranks in this process (default 1), or, under `mpirun`, one rank
     /// per process (default and only allowed value: the MPI world size).
     #[arg(long)]
@@ -108,9 +117,15 @@ pub struct TrainFlags {
     /// on: shuffle reproducibly from --seed; off: file order.
     #[arg(long, default_value = "on")]
     pub shuffle: String,
-    /// Write the final weights (f32 safetensors, HF names).
+    /// Write the final model: an HF model folder (config.json, weights sharded above 5 GiB,
+    /// generation_config.json, the tokenizer's files), or one f32 file for a path ending in
+    /// .safetensors. Checked before the first step: a non-empty folder needs --force.
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// The saved weights' dtype: bf16, f16 or f32 (default: the initial weights' dtype, f32 for
+    /// random ones).
+    #[arg(long)]
+    pub save_dtype: Option<String>,
     /// Write one JSON object per step.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -127,15 +142,32 @@ pub struct TrainFlags {
     /// another run's steps (they are deleted), resume although the data settings changed.
     #[arg(long)]
     pub force: bool,
+    /// Held-out data (read like --data): its loss and perplexity every --eval-every steps and
+    /// after the last, in the metrics, the step line and the plot.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (default: after the last step only).
+    #[arg(long, requires = "eval_data")]
+    pub eval_every: Option<usize>,
     /// Resume from a checkpoint directory (its `latest`, or a step directory), under any strategy.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// The default run's corpus (the project's own files); not a flag.
+    /// The default run's corpus (the paragraphs of the project's own files); not a flag.
     #[arg(skip)]
     pub data_files: Option<Vec<PathBuf>>,
 }
 
 impl TrainFlags {
+    /// Every flag at its default (what `hotspa train` with no flag but the required ones gets).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            flags: TrainFlags,
+        }
+        <Wrap as clap::Parser>::parse_from(["hotspa"]).flags
+    }
+
     /// The device count: `--devices`, or under `mpirun` the MPI world size (a different
     /// `--devices` is an error).
     pub fn device_count(&self) -> Result<usize> {
@@ -171,7 +203,7 @@ impl TrainFlags {
         }
         let model = LlamaConfig::load(&model_path)?;
         let data = match (&self.data_files, &self.data) {
-            (Some(files), _) => DataSource::Files(files.clone()),
+            (Some(files), _) => DataSource::Paragraphs(files.clone()),
             (None, Some(p)) => DataSource::Path(p.clone()),
             (None, None) => bail!("no training data"),
         };
@@ -239,15 +271,33 @@ impl TrainFlags {
             "off" => false,
             other => bail!("--shuffle {other}: use on or off"),
         };
-        cfg.init = match &self.init {
-            Some(p) => Init::File(p.clone()),
-            None => Init::Random,
+        let folder = cfg
+            .model_path
+            .clone()
+            .filter(|p| p.is_dir() && self.data_files.is_none());
+        cfg.init = match (self.init.as_deref(), &folder) {
+            (Some("random"), _) => Init::Random,
+            (Some(p), _) => Init::File(PathBuf::from(p)),
+            // A resumed run takes the checkpoint's weights.
+            (None, Some(dir)) if model::has_weights(dir) && self.resume.is_none() => {
+                Init::File(dir.clone())
+            }
+            (None, _) => Init::Random,
         };
-        cfg.tokenizer = match &self.tokenizer {
-            Some(p) => Tokenizer::File(p.clone()),
-            None => Tokenizer::Bytes,
+        cfg.tokenizer = match (self.tokenizer.as_deref(), &folder) {
+            (Some("bytes"), _) => Tokenizer::Bytes,
+            (Some(p), _) => Tokenizer::File(PathBuf::from(p)),
+            (None, Some(dir)) if dir.join("tokenizer.json").is_file() => {
+                Tokenizer::File(dir.join("tokenizer.json"))
+            }
+            (None, _) => Tokenizer::Bytes,
         };
+        cfg.append_eos = self.append_eos;
         cfg.save = self.save.clone();
+        cfg.save_dtype = match &self.save_dtype {
+            Some(d) => Some(d.parse::<model::Dtype>().map_err(anyhow::Error::msg)?),
+            None => None,
+        };
         cfg.metrics = self.metrics.clone();
         cfg.checkpoint = self.checkpoint_dir.as_ref().map(|dir| Checkpointing {
             dir: dir.clone(),
@@ -256,6 +306,10 @@ impl TrainFlags {
         });
         cfg.force = self.force;
         cfg.resume = self.resume.clone();
+        cfg.eval = self.eval_data.as_ref().map(|d| train::Evaluating {
+            data: DataSource::Path(d.clone()),
+            every: self.eval_every,
+        });
         cfg.simulate = match &self.sim_cluster {
             Some(name) => {
                 let c = sim::presets::cluster_or_file(name)

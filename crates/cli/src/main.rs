@@ -3,6 +3,8 @@
 // Command modules (one per subcommand; none imports another)…
 mod bench;
 mod conformance_cmd;
+mod eval_cmd;
+mod generate_cmd;
 mod graph_cmd;
 mod plan_cmd;
 mod plot_cmd;
@@ -43,6 +45,10 @@ enum Command {
     Graph(graph_cmd::Args),
     /// Train a LLaMA model on thread devices (or MPI processes) under a parallel strategy.
     Train(Box<flags::TrainFlags>),
+    /// A model's loss and perplexity on held-out data.
+    Eval(eval_cmd::Args),
+    /// Continue a prompt with a model (CPU, KV cache; greedy or sampled), streaming the text.
+    Generate(generate_cmd::Args),
     /// The switch plan between two strategies' parameter layouts, against its lower bound.
     SwitchPlan(switch_cmd::Args),
     /// Plot loss and tokens/s per step from a metrics file (SVG).
@@ -80,6 +86,8 @@ fn dispatch() -> Result<()> {
         // `hotspa train` alone runs the embedded default.
         Command::Train(args) => train_cmd::run(*args, std::env::args().count() == 2),
         Command::Plot(args) => plot_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
+        Command::Generate(args) => generate_cmd::run(args),
         Command::SwitchPlan(args) => switch_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),

@@ -1,4 +1,5 @@
-//! `hotspa plot`: loss and tokens/s per step from a metrics file, as SVG or PNG.
+//! `hotspa plot`: loss, tokens/s and time per step from one or more metrics files, as SVG or PNG
+//! (several files overlay, one colour per run).
 
 use std::path::PathBuf;
 
@@ -7,16 +8,29 @@ use clap::Args as ClapArgs;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// A metrics file written by `hotspa train --metrics`.
-    metrics: PathBuf,
+    /// Metrics files written by `hotspa train --metrics` (several overlay).
+    #[arg(required = true)]
+    metrics: Vec<PathBuf>,
     /// Output file (.svg or .png).
     #[arg(short = 'o', long)]
     output: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let rows = crate::chart::read(&args.metrics)?;
-    crate::chart::draw(&rows, &args.output)?;
-    eprintln!("{} steps plotted to {}", rows.len(), args.output.display());
+    let mut runs = Vec::with_capacity(args.metrics.len());
+    for m in &args.metrics {
+        let name = m
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        runs.push((name, crate::chart::read(m)?));
+    }
+    crate::chart::draw(&runs, &args.output)?;
+    let steps: usize = runs.iter().map(|r| r.1.len()).sum();
+    eprintln!(
+        "{} run(s), {steps} steps plotted to {}",
+        runs.len(),
+        args.output.display()
+    );
     Ok(())
 }

@@ -72,6 +72,29 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
         out.tokens_per_s(),
         out.peak_bytes
     );
+    // Hot switching: where the time went, over the whole run.
+    let mut per: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    let (mut switch_s, mut switch_b) = (0.0, 0u64);
+    for h in out.steps.iter().filter_map(|m| m.hot.as_ref()) {
+        for (s, t) in &h.strategy_seconds {
+            let e = per.entry(s.as_str()).or_default();
+            e.0 += t;
+            e.1 += 1;
+        }
+        switch_s += h.switch_seconds;
+        switch_b += h.switch_bytes;
+    }
+    if !per.is_empty() {
+        let parts: Vec<String> = per
+            .iter()
+            .map(|(s, (t, n))| format!("{s} {t:.1} s in {n} steps"))
+            .collect();
+        eprintln!(
+            "strategies: {}; switches {switch_s:.1} s, {:.1} MB moved",
+            parts.join(", "),
+            switch_b as f64 / 1e6
+        );
+    }
     // The simulated time per step, after the first (warm-up).
     let timed: Vec<(f64, f64)> = out
         .steps
@@ -132,6 +155,13 @@ impl Sink for Progress {
         self.bar.suspend(|| eprintln!("{text}"));
     }
     fn step(&mut self, m: &StepMetrics) -> train::Result<()> {
+        if let Some(e) = &m.eval {
+            let line = format!(
+                "step {:>5}: held-out loss {:.4}, perplexity {:.2}",
+                m.step, e.eval_loss, e.eval_perplexity
+            );
+            self.bar.suspend(|| eprintln!("{line}"));
+        }
         if !self.bar.is_hidden() {
             self.bar.set_message(format!(
                 "loss {:.4}  {:.0} tokens/s{}",

@@ -91,7 +91,7 @@ fn an_hf_tokenizer_json_tokenizes_text_records() {
                       "unk_token": "[UNK]"}}"#,
     )
     .unwrap();
-    let t = data::TextTokenizer::from_file(&tok).unwrap();
+    let t = data::TextTokenizer::from_path(&tok).unwrap();
     assert_eq!(t.vocab_size(), 4);
     let path = dir.path().join("d.jsonl");
     std::fs::write(&path, "{\"text\": \"hello world again foo\"}\n").unwrap();
@@ -105,7 +105,7 @@ fn an_hf_tokenizer_json_tokenizes_text_records() {
         "{e}"
     );
     std::fs::write(&tok, "{not a tokenizer").unwrap();
-    let e = data::TextTokenizer::from_file(&tok)
+    let e = data::TextTokenizer::from_path(&tok)
         .err()
         .unwrap()
         .to_string();

@@ -1,6 +1,8 @@
 //! Training checkpoints: a directory per step holding the weights (HF names, f32 safetensors),
 //! the AdamW moments (same names and shapes), and `state.json` (step, the run's settings, the
-//! model config and the SHA-256 of every file). Written atomically as a whole: the step directory
+//! model config and the SHA-256 of every file). A step folder is also an HF model folder
+//! (`config.json`, `generation_config.json`, the tokenizer's files when one was used), so
+//! `from_pretrained` loads it. Written atomically as a whole: the step directory
 //! is assembled under a temporary name and renamed, and only then does `latest` (written by temp
 //! + rename) point at it, so a crash at any moment leaves the previous checkpoint loadable.
 
@@ -41,6 +43,17 @@ fn sha256(path: &Path) -> Result<String> {
 impl Checkpoint {
     /// Writes `dir/step-NNNNNNNN/` and points `dir/latest` at it. Returns the step directory.
     pub fn save(&self, dir: &Path, cfg: &LlamaConfig) -> Result<PathBuf> {
+        self.save_with(dir, cfg, &[])
+    }
+
+    /// [`Checkpoint::save`], the step folder also an HF model folder (`config.json`,
+    /// `generation_config.json`, f32 weights) carrying `extra_files` (the tokenizer's).
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        cfg: &LlamaConfig,
+        extra_files: &[PathBuf],
+    ) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         // Leftovers of interrupted writes are never pointed at; remove them.
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -54,7 +67,12 @@ impl Checkpoint {
         let name = format!("step-{:08}", self.step);
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        self.weights.save(&tmp.join(FILES[0]))?;
+        let opts = crate::folder::SaveOptions {
+            dtype: crate::folder::Dtype::F32,
+            shard_bytes: usize::MAX,
+            extra_files: extra_files.to_vec(),
+        };
+        crate::folder::write_folder_files(&tmp, cfg, &self.weights, &opts)?;
         self.exp_avg.save(&tmp.join(FILES[1]))?;
         self.exp_avg_sq.save(&tmp.join(FILES[2]))?;
         let mut sums = serde_json::Map::new();

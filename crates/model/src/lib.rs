@@ -25,6 +25,8 @@ mod checkpoint;
 mod config;
 mod decoder;
 mod error;
+pub mod folder;
+pub mod generate;
 mod params;
 mod shard;
 mod weights;
@@ -33,6 +35,8 @@ pub use checkpoint::Checkpoint;
 pub use config::{LlamaConfig, RopeScalingConfig, TokenIds, HARMLESS, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
+pub use folder::{has_weights, load_weights, save_folder, Dtype, SaveOptions};
+pub use generate::{generate, Generator, Sampling};
 pub use params::{param_specs, ParamSpec, Role};
 pub use shard::{
     gather_weights, held, placements, rank_exec, rank_params, switch_tensors, Held, RankParams,

@@ -1,13 +1,12 @@
 //! Model weights in memory (fp32, HF names), random initialisation, and safetensors I/O.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use half::{bf16, f16};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::LlamaConfig;
 use crate::error::{io, ModelError, Result};
@@ -192,85 +191,13 @@ impl Weights {
         write_atomic(path, &out)
     }
 
-    /// Reads a safetensors file for `cfg`. f32, bf16 and f16 tensors are accepted; every name
-    /// the config needs must be present with its shape, and unknown names are refused (a
-    /// `rotary_emb.inv_freq` buffer, and `lm_head.weight` under tied embeddings, are ignored as
-    /// HF does). Truncated or corrupt files are refused naming the file.
+    /// Reads a safetensors file (or a model folder: see [`crate::load_weights`]) for `cfg`.
+    /// f32, bf16 and f16 tensors are accepted; every name the config needs must be present with
+    /// its shape, and unknown names are refused (a `rotary_emb.inv_freq` buffer, and
+    /// `lm_head.weight` under tied embeddings, are ignored as HF does). Truncated or corrupt
+    /// files are refused naming the file.
     pub fn load(cfg: &LlamaConfig, path: &Path) -> Result<Self> {
-        let buf = std::fs::read(path).map_err(io(path))?;
-        let st = SafeTensors::deserialize(&buf).map_err(|e| ModelError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let specs = param_specs(cfg);
-        let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        let unexpected: Vec<String> = st
-            .names()
-            .into_iter()
-            .filter(|n| !wanted.contains(*n))
-            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
-            .filter(|n| !(cfg.tie_word_embeddings && *n == "lm_head.weight"))
-            .map(str::to_string)
-            .collect();
-        if !unexpected.is_empty() {
-            let mut names = unexpected;
-            names.sort();
-            return Err(ModelError::UnexpectedTensors {
-                path: path.to_path_buf(),
-                names,
-            });
-        }
-        let missing: Vec<String> = specs
-            .iter()
-            .filter(|s| st.tensor(&s.name).is_err())
-            .map(|s| s.name.clone())
-            .collect();
-        if !missing.is_empty() {
-            return Err(ModelError::MissingTensors {
-                path: path.to_path_buf(),
-                names: missing,
-            });
-        }
-        let mut data = Vec::with_capacity(specs.len());
-        for s in &specs {
-            let bad = |reason: String| ModelError::BadTensor {
-                path: path.to_path_buf(),
-                name: s.name.clone(),
-                reason,
-            };
-            let t = st.tensor(&s.name).map_err(|e| bad(e.to_string()))?;
-            if t.shape() != s.shape.as_slice() {
-                return Err(bad(format!(
-                    "shape {:?}, the config needs {:?}",
-                    t.shape(),
-                    s.shape
-                )));
-            }
-            let raw = t.data();
-            let values: Vec<f32> = match t.dtype() {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => raw
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => raw
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => return Err(bad(format!("dtype {other:?} (f32, bf16 or f16 expected)"))),
-            };
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!(
-                    "value {} at index {i} is not finite",
-                    values[i]
-                )));
-            }
-            data.push(values);
-        }
-        Ok(Self { specs, data })
+        crate::folder::load_weights(cfg, path).map(|(w, _)| w)
     }
 }
 

@@ -124,7 +124,17 @@ impl CheckpointDir {
     /// Writes `ck` (atomically, `latest` moved last) and then removes the oldest step folders
     /// beyond the last `keep_last`.
     pub fn save(&self, ck: &Checkpoint, cfg: &LlamaConfig) -> Result<PathBuf> {
-        let at = ck.save(&self.dir, cfg)?;
+        self.save_with(ck, cfg, &[])
+    }
+
+    /// [`CheckpointDir::save`], the step folder carrying `extra_files` (the tokenizer's).
+    pub fn save_with(
+        &self,
+        ck: &Checkpoint,
+        cfg: &LlamaConfig,
+        extra_files: &[PathBuf],
+    ) -> Result<PathBuf> {
+        let at = ck.save_with(&self.dir, cfg, extra_files)?;
         let keep = latest(&self.dir);
         let all = steps(&self.dir);
         let excess = all.len().saturating_sub(self.keep_last);

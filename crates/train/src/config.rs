@@ -17,7 +17,8 @@ use crate::error::{Result, TrainError};
 pub enum Init {
     /// Random from the run's seed (N(0, 0.02), norms 1).
     Random,
-    /// A safetensors file with HF names (f32, bf16 or f16).
+    /// A safetensors file with HF names, or a model folder (one `model.safetensors` or a sharded
+    /// `model.safetensors.index.json`); f32, bf16 or f16.
     File(PathBuf),
     /// Weights already in memory.
     Weights(std::sync::Arc<Weights>),
@@ -30,6 +31,8 @@ pub enum DataSource {
     Path(PathBuf),
     /// Text files, one document each, in this order.
     Files(Vec<PathBuf>),
+    /// Text files split at blank lines, every paragraph a document.
+    Paragraphs(Vec<PathBuf>),
     /// Token sequences in memory (each document is cut to `max_len` like a file's).
     Sequences(Vec<Vec<u32>>),
 }
@@ -39,7 +42,8 @@ pub enum DataSource {
 pub enum Tokenizer {
     /// One token per UTF-8 byte (vocabulary 256).
     Bytes,
-    /// A Hugging Face `tokenizer.json`.
+    /// A Hugging Face `tokenizer.json`, or a folder holding one (special tokens added as HF's
+    /// `tokenizer(text)` adds them).
     File(PathBuf),
 }
 
@@ -117,6 +121,15 @@ pub struct Checkpointing {
     pub keep_last: usize,
 }
 
+/// Held-out evaluation during a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluating {
+    /// The held-out data (read like the training data).
+    pub data: DataSource,
+    /// Every this many steps (and after the last); `None`: after the last only.
+    pub every: Option<usize>,
+}
+
 /// Step folders a run keeps unless told otherwise.
 pub const KEEP_LAST: usize = 3;
 
@@ -133,6 +146,9 @@ pub struct TrainConfig {
     pub data: DataSource,
     /// How `text` records and text files are tokenized.
     pub tokenizer: Tokenizer,
+    /// Append the end-of-sequence id (the model config's `eos_token_id`, else the tokenizer's
+    /// `eos_token`) after every text document.
+    pub append_eos: bool,
     /// Documents longer than this are cut into pieces (default: `max_position_embeddings`).
     pub max_len: Option<usize>,
     /// Thread ranks in this process; under `mpirun` the MPI world size (0: whatever MPI says,
@@ -162,12 +178,18 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Shuffle the data reproducibly from the seed (else file order).
     pub shuffle: bool,
-    /// Write the final weights here (f32 safetensors, HF names).
+    /// Write the final weights here: an HF model folder (`config.json`, weights sharded above
+    /// 5 GiB, `generation_config.json`, the tokenizer's files), or, for a path ending in
+    /// `.safetensors`, that one file.
     pub save: Option<PathBuf>,
+    /// The dtype of the saved weights (`None`: the initial weights' dtype, f32 for random ones).
+    pub save_dtype: Option<model::Dtype>,
     /// Write one JSON object per step here.
     pub metrics: Option<PathBuf>,
     /// Checkpoints.
     pub checkpoint: Option<Checkpointing>,
+    /// Held-out loss and perplexity during the run.
+    pub eval: Option<Evaluating>,
     /// Continue from this checkpoint directory (its `latest`, or a step folder).
     pub resume: Option<PathBuf>,
     /// Also time the run as on this cluster (the simulator's clock); the training is unchanged.
@@ -193,6 +215,7 @@ impl TrainConfig {
             init: Init::Random,
             data,
             tokenizer: Tokenizer::Bytes,
+            append_eos: false,
             max_len: None,
             devices: 1,
             device: Device::Cpu,
@@ -218,8 +241,10 @@ impl TrainConfig {
             seed: 0,
             shuffle: true,
             save: None,
+            save_dtype: None,
             metrics: None,
             checkpoint: None,
+            eval: None,
             resume: None,
             simulate: None,
             force: false,
@@ -320,6 +345,9 @@ impl TrainConfig {
             self.grad_clip > 0.0,
             "positive (inf: no clipping)",
         )?;
+        if let Some(e) = self.eval.as_ref().and_then(|e| e.every) {
+            at_least("eval_every", e, 1)?;
+        }
         if let Some(c) = &self.checkpoint {
             if let Some(e) = c.every {
                 at_least("checkpoint_every", e, 1)?;
@@ -404,6 +432,9 @@ impl TrainConfig {
         let data = match &self.data {
             DataSource::Path(p) => serde_json::json!(p),
             DataSource::Files(f) => serde_json::json!(format!("{} files", f.len())),
+            DataSource::Paragraphs(f) => {
+                serde_json::json!(format!("paragraphs of {} files", f.len()))
+            }
             DataSource::Sequences(s) => serde_json::json!(format!("{} sequences", s.len())),
         };
         let init = match &self.init {
@@ -425,6 +456,7 @@ impl TrainConfig {
                 Tokenizer::Bytes => serde_json::json!("bytes"),
                 Tokenizer::File(p) => serde_json::json!(p),
             },
+            "append_eos": self.append_eos,
         })
     }
 }

@@ -34,6 +34,7 @@
 mod checkpoints;
 mod config;
 mod error;
+mod eval;
 pub mod gather;
 mod hot;
 mod metrics;
@@ -49,14 +50,15 @@ pub mod watchdog;
 
 pub use checkpoints::CheckpointDir;
 pub use config::{
-    Checkpointing, DataSource, Decay, Device, Init, LrSchedule, StrategySpec, Tokenizer,
-    TrainConfig, KEEP_LAST,
+    Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule, StrategySpec,
+    Tokenizer, TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
+pub use eval::{evaluate, Evaluation};
 pub use hot::{HotRank, HotSetup, HotStep};
 pub use metrics::{
-    read_metrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics, SimulatedMetrics,
-    SimulatedPhases, Sink, StepMetrics,
+    read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics,
+    SimulatedMetrics, SimulatedPhases, Sink, StepMetrics,
 };
 pub use planning::{batch_lengths, cost_model, plan_of, planner};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};

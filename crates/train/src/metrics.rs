@@ -38,6 +38,18 @@ pub struct StepMetrics {
     /// With the simulator's clock: the step's time on the simulated cluster.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub simulated: Option<SimulatedMetrics>,
+    /// At an evaluation step: the held-out loss after the update.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalMetrics>,
+}
+
+/// The held-out loss after a step's update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Mean loss per predicted token of the held-out data.
+    pub eval_loss: f64,
+    /// `exp(eval_loss)`.
+    pub eval_perplexity: f64,
 }
 
 /// The planner's choice for a step.
@@ -253,6 +265,7 @@ mod tests {
             plan: None,
             hot: None,
             simulated: None,
+            eval: None,
         };
         let line = serde_json::to_string(&m).unwrap();
         assert!(

@@ -102,6 +102,48 @@ pub fn check_file(setting: &'static str, path: &Path) -> Result<()> {
     writable_dir(setting, dir)
 }
 
+/// Checks that a model folder can be written at `dir`: missing or empty (anything else only
+/// with `force`, and then replaced), its parent made and writable.
+pub fn check_folder(setting: &'static str, dir: &Path, force: bool) -> Result<()> {
+    match kind(dir) {
+        Kind::Missing => {}
+        Kind::Dir => {
+            let empty = std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty && !force {
+                return Err(TrainError::setting(
+                    setting,
+                    format!(
+                        "{} exists and is not empty; choose a new folder, or pass --force to replace it",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        Kind::File => {
+            return Err(TrainError::setting(
+                setting,
+                format!(
+                    "{} is a file; a model folder is written there (name a .safetensors file for one file)",
+                    dir.display()
+                ),
+            ))
+        }
+        Kind::Special(what) => {
+            return Err(TrainError::setting(
+                setting,
+                format!("{} is {what}; hotspa writes only regular files", dir.display()),
+            ))
+        }
+    }
+    let parent = dir
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    writable_dir(setting, parent)
+}
+
 /// Checks that `dir` is (or can be made) a writable directory, and makes it.
 pub fn check_dir(setting: &'static str, dir: &Path) -> Result<()> {
     writable_dir(setting, dir)

@@ -30,6 +30,14 @@ pub(crate) struct Prepared {
     pub mpi: Option<Arc<comm::MpiComm>>,
     /// World rank 0's hold on the checkpoint directory.
     pub checkpoints: Option<CheckpointDir>,
+    /// The dtype the final weights are saved in.
+    pub save_dtype: model::Dtype,
+    /// The tokenizer's files, which saved model folders carry.
+    pub tokenizer_files: Vec<PathBuf>,
+    /// The held-out data of `--eval-data`.
+    pub eval_data: Option<Arc<Dataset>>,
+    /// A line saying what the run trains (model, data, strategy, devices, steps).
+    pub summary: String,
 }
 
 impl Prepared {
@@ -39,21 +47,64 @@ impl Prepared {
     }
 }
 
+/// The run's tokenizer: bytes or an HF `tokenizer.json` (its vocabulary checked against the
+/// model's), appending the end-of-sequence id after every document when asked.
+pub fn tokenizer(cfg: &TrainConfig) -> Result<TextTokenizer> {
+    let t = match &cfg.tokenizer {
+        Tokenizer::Bytes => TextTokenizer::bytes(),
+        Tokenizer::File(p) => {
+            let t = TextTokenizer::from_path(p)?;
+            if t.vocab_size() > cfg.model.vocab_size {
+                return Err(TrainError::setting(
+                    "tokenizer",
+                    format!(
+                        "{} has {} ids but the model's vocabulary is {}; use the model's own tokenizer",
+                        t.source().unwrap_or(p).display(),
+                        t.vocab_size(),
+                        cfg.model.vocab_size
+                    ),
+                ));
+            }
+            t
+        }
+    };
+    if !cfg.append_eos {
+        return Ok(t);
+    }
+    let eos = cfg
+        .model
+        .eos_token_id
+        .as_ref()
+        .and_then(|e| e.ids().first().copied())
+        .or_else(|| t.eos_id())
+        .ok_or_else(|| {
+            TrainError::setting(
+                "append_eos",
+                "no end-of-sequence id: the model config has no eos_token_id and the tokenizer \
+                 names no eos_token",
+            )
+        })?;
+    Ok(t.with_eos(eos))
+}
+
 /// The run's dataset: its files (or sequences) tokenized and cut to the run's `max_len`.
 pub fn load_data(cfg: &TrainConfig) -> Result<Dataset> {
+    load(cfg, &cfg.data)
+}
+
+/// `source` read as the run reads its data (the held-out set of `eval_data` too).
+pub fn load(cfg: &TrainConfig, source: &DataSource) -> Result<Dataset> {
     let max_len = cfg.max_len();
-    Ok(match &cfg.data {
-        DataSource::Files(files) => Dataset::from_text_files(files, max_len)?,
-        DataSource::Path(path) => {
-            let tokenizer = match &cfg.tokenizer {
-                Tokenizer::Bytes => TextTokenizer::Bytes,
-                Tokenizer::File(t) => TextTokenizer::from_file(t)?,
-            };
-            Dataset::load_with(path, cfg.model.vocab_size, max_len, &tokenizer)?
+    let vocab = cfg.model.vocab_size;
+    Ok(match source {
+        DataSource::Files(files) => {
+            Dataset::from_text_files(files, vocab, max_len, &tokenizer(cfg)?)?
         }
-        DataSource::Sequences(seqs) => {
-            Dataset::from_sequences(seqs, cfg.model.vocab_size, max_len)?
+        DataSource::Paragraphs(files) => {
+            Dataset::from_paragraphs(files, vocab, max_len, &tokenizer(cfg)?)?
         }
+        DataSource::Path(path) => Dataset::load_with(path, vocab, max_len, &tokenizer(cfg)?)?,
+        DataSource::Sequences(seqs) => Dataset::from_sequences(seqs, vocab, max_len)?,
     })
 }
 
@@ -136,7 +187,11 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let mut checkpoints = None;
     if root {
         if let Some(p) = &cfg.save {
-            crate::outputs::check_file("save", p)?;
+            if is_single_file(p) {
+                crate::outputs::check_file("save", p)?;
+            } else {
+                crate::outputs::check_folder("save", p, cfg.force)?;
+            }
         }
         if let Some(p) = &cfg.metrics {
             crate::outputs::check_file("metrics", p)?;
@@ -155,6 +210,10 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         }
     }
     let data = load_data(&cfg)?;
+    let eval_data = match &cfg.eval {
+        Some(e) => Some(Arc::new(load(&cfg, &e.data)?)),
+        None => None,
+    };
     let (inst, planner, strategies) = decide(&cfg, &data, sink)?;
     let resumed = match &cfg.resume {
         Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, sink)?)),
@@ -166,13 +225,26 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let need =
         crate::resources::memory_need(&cfg, &inst, &strategy_refs, ranks_here, resumed.is_some())?;
     crate::resources::check_memory(&need, crate::resources::available_memory())?;
-    let weights = Arc::new(match (&resumed, &cfg.init) {
-        (Some(ck), _) => ck.weights.clone(),
-        (None, Init::File(p)) => Weights::load(&cfg.model, p)?,
-        (None, Init::Weights(w)) => (**w).clone(),
-        (None, Init::Random) => Weights::try_random(&cfg.model, cfg.seed)?,
-    });
-    sink.notice(&format!(
+    let (weights, dtype) = match (&resumed, &cfg.init) {
+        (Some(ck), _) => (ck.weights.clone(), model::Dtype::F32),
+        (None, Init::File(p)) => {
+            let (w, d) = model::load_weights(&cfg.model, p)?;
+            sink.notice(&format!("initial weights from {} ({d})", p.display()));
+            (w, d)
+        }
+        (None, Init::Weights(w)) => ((**w).clone(), model::Dtype::F32),
+        (None, Init::Random) => (
+            Weights::try_random(&cfg.model, cfg.seed)?,
+            model::Dtype::F32,
+        ),
+    };
+    let weights = Arc::new(weights);
+    let save_dtype = cfg.save_dtype.unwrap_or(dtype);
+    let tokenizer_files = match &cfg.tokenizer {
+        Tokenizer::File(_) => tokenizer(&cfg)?.files(),
+        Tokenizer::Bytes => Vec::new(),
+    };
+    let summary = format!(
         "hotspa train: {} parameters, {} sequences ({} too short, skipped), {} on {} {} devices{}, {} steps of {} sequences",
         weights.numel(),
         data.sequences().len(),
@@ -186,7 +258,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         if mpi.is_some() { " (one MPI process each)" } else { "" },
         cfg.steps,
         cfg.global_batch
-    ));
+    );
     let devices_per_node = cfg.devices_per_node.unwrap_or(cfg.devices);
     Ok(Prepared {
         cfg: Arc::new(cfg),
@@ -199,7 +271,16 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         devices_per_node,
         mpi,
         checkpoints,
+        save_dtype,
+        tokenizer_files,
+        eval_data,
+        summary,
     })
+}
+
+/// Whether `--save` names one safetensors file rather than a model folder.
+pub fn is_single_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
 }
 
 /// Under `mpirun` (more than one process): the MPI world, whose size is the device count and

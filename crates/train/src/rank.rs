@@ -16,7 +16,7 @@ use runtime::{GradientAgreement, Optimizer, RankGroups};
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
-use crate::metrics::{SimulatedMetrics, SimulatedPhases, StepMetrics};
+use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics};
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
 use crate::watchdog::{Fault, Heartbeats};
 
@@ -59,6 +59,8 @@ pub(crate) struct Job {
     pub tx: Sender<Msg>,
     pub heartbeats: Arc<Heartbeats>,
     pub fault: Option<Fault>,
+    /// Held-out data to evaluate on.
+    pub eval_data: Option<Arc<Dataset>>,
 }
 
 impl Job {
@@ -101,6 +103,17 @@ impl Job {
             let v = rank_params(model, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
         }
+        // Evaluation runs on the optimizer's weights, under its strategy.
+        let mut eval_runner = match &self.eval_data {
+            Some(_) => Some(StaticRunner::new(
+                rank_exec(model, &self.inst, me)?,
+                shared.clone(),
+                cfg.budget(0),
+                cfg.pipeline_schedule,
+            )),
+            None => None,
+        };
+        let eval_every = cfg.eval.as_ref().map(|e| e.every.unwrap_or(cfg.steps));
         let mut runner = self.runner::<B>(world, exec, shared)?;
         let every = cfg
             .checkpoint
@@ -157,8 +170,29 @@ impl Job {
                 }
                 _ => None,
             };
+            let seconds = t0.elapsed().as_secs_f64();
+            let eval_due = eval_every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps);
+            let eval = match (&mut eval_runner, &self.eval_data) {
+                (Some(r), Some(data)) if eval_due => {
+                    self.heartbeats.beat(me, "evaluation");
+                    let (sum, n) = crate::eval::loss_sum::<B>(
+                        r,
+                        be,
+                        world,
+                        &opt,
+                        &mut groups,
+                        data,
+                        cfg.global_batch,
+                    )?;
+                    let e = crate::eval::evaluation(sum, n, data.sequences().len());
+                    Some(EvalMetrics {
+                        eval_loss: e.loss,
+                        eval_perplexity: e.perplexity,
+                    })
+                }
+                _ => None,
+            };
             if me == 0 {
-                let seconds = t0.elapsed().as_secs_f64();
                 let _ = self.tx.send(Msg::Step(StepMetrics {
                     step: step as u64 + 1,
                     loss: out.loss,
@@ -171,6 +205,7 @@ impl Job {
                     plan: out.plan,
                     hot: out.hot,
                     simulated,
+                    eval,
                 }));
             }
             let due = every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps);

@@ -59,6 +59,9 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     let fault = Fault::from_env()?;
     let p = prepare(cfg, sink)?;
     let root = p.root();
+    if root {
+        sink.notice(&p.summary);
+    }
     let mut file = match (&p.cfg.metrics, root) {
         (Some(path), true) if p.start_step > 0 => {
             let (f, dropped) = JsonLines::resume(path, p.start_step as u64)?;
@@ -99,6 +102,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         tx: tx.clone(),
         heartbeats: heartbeats.clone(),
         fault,
+        eval_data: p.eval_data.clone(),
     });
     let start = Instant::now();
     let worker = spawn_ranks(&p, job, tx);
@@ -180,7 +184,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     };
     let trained = gather_weights(&p.cfg.model, &p.inst, &per_rank)?;
     if let Some(path) = &p.cfg.save {
-        trained.save(path)?;
+        save(&p, path, &trained)?;
     }
     out.weights = Some(trained);
     out.peak_bytes = peaks;
@@ -264,6 +268,29 @@ fn run_clocked<B: kernels::Backend>(
     }
 }
 
+/// Writes the final weights: one safetensors file, or an HF model folder (replacing an
+/// existing one only when forced: the check before the first step allowed it).
+fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
+    if crate::prepare::is_single_file(path) {
+        if p.save_dtype != model::Dtype::F32 {
+            return Err(TrainError::setting(
+                "save_dtype",
+                "a single .safetensors file is written in f32; save a model folder for bf16 or f16",
+            ));
+        }
+        return Ok(weights.save(path)?);
+    }
+    if path.is_dir() && p.cfg.force {
+        std::fs::remove_dir_all(path).map_err(TrainError::io(path))?;
+    }
+    let opts = model::SaveOptions {
+        dtype: p.save_dtype,
+        shard_bytes: model::folder::SHARD_BYTES,
+        extra_files: p.tokenizer_files.clone(),
+    };
+    Ok(model::save_folder(path, &p.cfg.model, weights, &opts)?)
+}
+
 fn write_checkpoint(
     p: &Prepared,
     step: u64,
@@ -287,7 +314,7 @@ fn write_checkpoint(
         .checkpoints
         .as_ref()
         .ok_or_else(|| TrainError::setting("checkpoint_dir", "no checkpoint directory"))?;
-    dir.save(&ck, model)
+    dir.save_with(&ck, model, &p.tokenizer_files)
 }
 
 /// Re-export for [`crate::planning`].

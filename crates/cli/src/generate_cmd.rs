@@ -1,0 +1,128 @@
+//! `hotspa generate`: continue a prompt with a model on the CPU (a KV cache), greedy or
+//! sampled, printing the text as it comes.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use data::TextTokenizer;
+use model::{LlamaConfig, Sampling};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// A model folder (config.json, weights, tokenizer), e.g. a run's `model/` or a checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Weights (default: the model folder's).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// A tokenizer.json or `bytes` (default: the model folder's tokenizer.json, else bytes).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0: greedy (the most likely token each time); above 0, sample with this temperature.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probability reaches p (1: all).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = LlamaConfig::load(&args.model)?;
+    let from = args.init.clone().unwrap_or_else(|| args.model.clone());
+    if args.init.is_none() && !model::has_weights(&args.model) {
+        bail!(
+            "{} holds no weights (model.safetensors or an index); pass --init FILE|FOLDER",
+            args.model.display()
+        );
+    }
+    let (weights, _) = model::load_weights(&cfg, &from)?;
+    let folder_tok = args.model.join("tokenizer.json");
+    let tokenizer = match args.tokenizer.as_deref() {
+        Some("bytes") => TextTokenizer::bytes(),
+        Some(p) => TextTokenizer::from_path(std::path::Path::new(p))?,
+        None if folder_tok.is_file() => TextTokenizer::from_path(&folder_tok)?,
+        None => TextTokenizer::bytes(),
+    };
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        bail!(
+            "the tokenizer has {} ids but the model's vocabulary is {}",
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    let prompt = tokenizer.encode(&args.prompt).map_err(anyhow::Error::msg)?;
+    let stop: Vec<u32> = if args.ignore_eos {
+        Vec::new()
+    } else {
+        cfg.eos_token_id
+            .as_ref()
+            .map(|e| e.ids())
+            .or_else(|| tokenizer.eos_id().map(|e| vec![e]))
+            .unwrap_or_default()
+    };
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    out.flush()?;
+    // Decode everything so far and print what is new: multi-byte characters and merged pieces
+    // come out whole.
+    let mut ids: Vec<u32> = Vec::new();
+    let mut shown = String::new();
+    let mut failed: Option<std::io::Error> = None;
+    model::generate(
+        &cfg,
+        &weights,
+        &prompt,
+        args.max_new_tokens,
+        &sampling,
+        &stop,
+        &mut |t| {
+            if stop.contains(&t) {
+                return false;
+            }
+            ids.push(t);
+            let text = tokenizer.decode(&ids);
+            let new = text
+                .strip_prefix(shown.as_str())
+                .unwrap_or(&text)
+                .to_string();
+            // Hold back a trailing replacement character: the rest of its bytes may follow.
+            if !new.ends_with('\u{FFFD}') {
+                if let Err(e) = write!(out, "{new}").and_then(|_| out.flush()) {
+                    failed = Some(e);
+                    return false;
+                }
+                shown = text;
+            }
+            true
+        },
+    )
+    .context("generating")?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    writeln!(out)?;
+    Ok(())
+}

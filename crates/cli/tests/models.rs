@@ -1,0 +1,293 @@
+//! Real models and data in and out, as a user runs them: a model folder saved by transformers
+//! (`crates/model/tests/golden/`), its tokenizer and weights used by default, `hotspa eval`
+//! giving transformers' loss, a saved folder read back, generation, held-out evaluation during
+//! a run, and every flag changing what runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/golden")
+}
+
+fn hotspa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> (String, String) {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    (String::from_utf8_lossy(&o.stdout).into_owned(), err)
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.lines().last().unwrap()).unwrap()
+}
+
+/// The fixed batch of the goldens as JSONL `input_ids` records.
+fn batch_jsonl(dir: &Path) -> PathBuf {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("golden.json")).unwrap())
+            .unwrap();
+    let mut text = String::new();
+    for seq in g["batch"].as_array().unwrap() {
+        text += &serde_json::json!({ "input_ids": seq }).to_string();
+        text.push('\n');
+    }
+    let p = dir.join("batch.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn texts(dir: &Path) -> PathBuf {
+    let mut text = String::new();
+    for t in [
+        "hot switching moves the weights between strategies inside one step",
+        "Short sequences train under DP, long ones under TP.",
+        "the loss is the sum over every sequence and position",
+        "parallelism hot switching: inside one training step",
+    ] {
+        text += &serde_json::json!({ "text": t }).to_string();
+        text.push('\n');
+    }
+    let p = dir.join("texts.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn eval_gives_transformers_loss_under_any_strategy() {
+    let d = tempfile::tempdir().unwrap();
+    let data = batch_jsonl(d.path());
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("golden.json")).unwrap())
+            .unwrap();
+    for name in ["tiny", "llama3", "sharded"] {
+        let want = g["models"][name]["loss"].as_f64().unwrap();
+        for (devices, strategy) in [("1", "dp1"), ("4", "dp2tp2"), ("2", "pp2")] {
+            let model = golden().join(name);
+            let (out, err) = ok(hotspa(&[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--devices",
+                devices,
+                "--strategy",
+                strategy,
+                "--json",
+            ]));
+            let got = json(&out)["loss"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{name} {strategy}: {got} vs {want}\n{err}"
+            );
+        }
+    }
+    // A folder without weights, and random weights, are refused.
+    let bare = d.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(golden().join("tiny/config.json"), bare.join("config.json")).unwrap();
+    let o = hotspa(&[
+        "eval",
+        "--model",
+        bare.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds no weights"));
+}
+
+#[test]
+fn a_model_folder_brings_its_weights_and_tokenizer_and_a_run_saves_one() {
+    let d = tempfile::tempdir().unwrap();
+    let data = texts(d.path());
+    let tiny = golden().join("tiny");
+    let out = d.path().join("out");
+    let m = d.path().join("m.jsonl");
+    let held = batch_jsonl(d.path());
+    let (_, err) = ok(hotspa(&[
+        "train",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--global-batch",
+        "2",
+        "--save",
+        out.to_str().unwrap(),
+        "--save-dtype",
+        "bf16",
+        "--metrics",
+        m.to_str().unwrap(),
+        "--eval-data",
+        held.to_str().unwrap(),
+        "--eval-every",
+        "2",
+    ]));
+    assert!(
+        err.contains(&format!("initial weights from {} (f32)", tiny.display())),
+        "{err}"
+    );
+    assert!(err.contains("held-out loss"), "{err}");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    assert_eq!(cfg["rope_parameters"]["rope_type"], "default");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&m)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<u64> = lines
+        .iter()
+        .filter(|v| v.get("eval_loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![2, 4]);
+    // The saved folder is a model folder: eval reads it (bf16 weights, its tokenizer).
+    let (o, _) = ok(hotspa(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(json(&o)["loss"].as_f64().unwrap().is_finite());
+    // Saving into it again is refused before training, and so is a too-small vocabulary.
+    let o = hotspa(&[
+        "train",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--save",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists and is not empty"));
+}
+
+/// `hotspa train` on the golden folder with `extra`: the first step's tokens and loss.
+fn first_step(d: &Path, extra: &[&str]) -> (u64, f64, String) {
+    let data = texts(d);
+    let tiny = golden().join("tiny");
+    let m = d.join(format!(
+        "m{}.jsonl",
+        extra.join("_").replace(['-', '/', '.'], "")
+    ));
+    let mut args = vec![
+        "train",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--global-batch",
+        "4",
+        "--shuffle",
+        "off",
+        "--metrics",
+        m.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let (_, err) = ok(hotspa(&args));
+    let v = json(&std::fs::read_to_string(&m).unwrap());
+    (
+        v["tokens"].as_u64().unwrap(),
+        v["loss"].as_f64().unwrap(),
+        err,
+    )
+}
+
+#[test]
+fn every_model_and_data_flag_changes_what_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let (tokens, loss, _) = first_step(d.path(), &[]);
+    // --append-eos: one more token per document.
+    let (t, _, _) = first_step(d.path(), &["--append-eos"]);
+    assert_eq!(t, tokens + 4);
+    // --init random: other weights, another loss.
+    let (_, l, err) = first_step(d.path(), &["--init", "random"]);
+    assert!(
+        (l - loss).abs() > 1e-3 && !err.contains("initial weights"),
+        "{l} {loss}"
+    );
+    // --tokenizer bytes: byte ids (refused here: the model's vocabulary is 96).
+    let o = hotspa(&[
+        "train",
+        "--model",
+        golden().join("tiny").to_str().unwrap(),
+        "--data",
+        texts(d.path()).to_str().unwrap(),
+        "--tokenizer",
+        "bytes",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("text is byte-tokenized (256 ids) but the model's vocabulary is 96"));
+    // --tokenizer PATH: the same tokenizer given explicitly gives the same tokens.
+    let tok = golden().join("tokenizer/tokenizer.json");
+    let (t, l, _) = first_step(d.path(), &["--tokenizer", tok.to_str().unwrap()]);
+    assert_eq!((t, l), (tokens, loss));
+    // --init FOLDER: another model's weights.
+    let (_, l, _) = first_step(
+        d.path(),
+        &["--init", golden().join("theta500k").to_str().unwrap()],
+    );
+    assert!((l - loss).abs() > 1e-3);
+}
+
+#[test]
+fn generate_continues_a_prompt_reproducibly() {
+    let tiny = golden().join("tiny");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--prompt",
+            "hot switching",
+            "--max-new-tokens",
+            "6",
+        ];
+        args.extend(extra);
+        ok(hotspa(&args)).0
+    };
+    let greedy = run(&[]);
+    assert!(greedy.starts_with("hot switching"), "{greedy}");
+    assert_eq!(greedy, run(&[]));
+    let a = run(&["--temperature", "1.0", "--seed", "1"]);
+    assert_eq!(a, run(&["--temperature", "1.0", "--seed", "1"]));
+    assert_ne!(
+        a,
+        run(&["--temperature", "1.0", "--seed", "2", "--top-k", "50"])
+    );
+    let o = hotspa(&[
+        "generate",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--temperature",
+        "-1",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("temperature -1 is out of range"));
+}

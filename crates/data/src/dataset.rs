@@ -1,0 +1,275 @@
+//! A dataset of token sequences from any of the formats users bring, cut to a maximum length,
+//! and its global batches in file order or a reproducible shuffle.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::tokenizer::TextTokenizer;
+use crate::{DataError, Result};
+
+/// Token sequences ready for batching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    seqs: Vec<Vec<u32>>,
+    skipped: usize,
+}
+
+impl Dataset {
+    /// Reads `path`: a directory of text files (one document each), a Megatron-LM indexed
+    /// dataset (`PREFIX.idx`/`PREFIX.bin`, named by either or the prefix), a `.parquet` file
+    /// (a `text` or `input_ids` column), or a JSONL file (`input_ids` or `text` per line). Ids
+    /// must be below `vocab`; documents longer than `max_len` are cut into consecutive pieces of
+    /// `max_len`.
+    pub fn load(path: &Path, vocab: usize, max_len: usize) -> Result<Self> {
+        Self::load_with(path, vocab, max_len, &TextTokenizer::bytes())
+    }
+
+    /// Like [`Dataset::load`], tokenizing `text` records and text files with `tokenizer`.
+    pub fn load_with(
+        path: &Path,
+        vocab: usize,
+        max_len: usize,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Self> {
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut docs: Vec<Vec<u32>> = Vec::new();
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            for f in files {
+                docs.push(text_file(&f, vocab, tokenizer)?);
+            }
+        } else if let Some((idx, bin)) = crate::megatron::files(path) {
+            docs = crate::megatron::read(&idx, &bin, vocab)?;
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            docs = crate::parquet_file::read(path, vocab, tokenizer)?;
+        } else {
+            let text = std::fs::read_to_string(path).map_err(io)?;
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                docs.push(parse_line(path, i + 1, line, vocab, tokenizer)?);
+            }
+        }
+        Self::from_docs(docs, max_len, path)
+    }
+
+    /// Text files, one document each, in the order given, tokenized by `tokenizer`.
+    pub fn from_text_files(
+        files: &[PathBuf],
+        vocab: usize,
+        max_len: usize,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Self> {
+        let mut docs = Vec::with_capacity(files.len());
+        for f in files {
+            docs.push(text_file(f, vocab, tokenizer)?);
+        }
+        Self::from_docs(docs, max_len, Path::new("(file list)"))
+    }
+
+    /// Text files split at blank lines (`\n\n`), every paragraph a document, tokenized by
+    /// `tokenizer`: a corpus of short and long documents from the same files.
+    pub fn from_paragraphs(
+        files: &[PathBuf],
+        vocab: usize,
+        max_len: usize,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Self> {
+        let mut docs = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(f).map_err(|source| DataError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            let bad = |reason: String| DataError::Line {
+                path: f.to_path_buf(),
+                line: 0,
+                reason,
+            };
+            for para in bytes
+                .split_inclusive(|&b| b == b'\n')
+                .collect::<Vec<_>>()
+                .split(|l| *l == b"\n")
+            {
+                let text: Vec<u8> = para.concat();
+                if text.is_empty() {
+                    continue;
+                }
+                let ids = tokenizer.encode_bytes(&text).map_err(bad)?;
+                if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+                    return Err(bad(out_of_vocab(tokenizer, id, vocab)));
+                }
+                docs.push(ids);
+            }
+        }
+        Self::from_docs(docs, max_len, Path::new("(paragraphs of a file list)"))
+    }
+
+    /// Token sequences given in memory, one document each, checked against `vocab` and cut
+    /// like a file's.
+    pub fn from_sequences(docs: &[Vec<u32>], vocab: usize, max_len: usize) -> Result<Self> {
+        let origin = Path::new("(sequences in memory)");
+        for (i, d) in docs.iter().enumerate() {
+            if let Some(k) = d.iter().position(|&id| id as usize >= vocab) {
+                return Err(DataError::Line {
+                    path: origin.to_path_buf(),
+                    line: i + 1,
+                    reason: format!("token {k} = {} is outside the vocabulary of {vocab}", d[k]),
+                });
+            }
+        }
+        Self::from_docs(docs.to_vec(), max_len, origin)
+    }
+
+    fn from_docs(docs: Vec<Vec<u32>>, max_len: usize, origin: &Path) -> Result<Self> {
+        let max_len = max_len.max(2);
+        let mut seqs = Vec::new();
+        let mut skipped = 0;
+        for d in docs {
+            for piece in d.chunks(max_len) {
+                if piece.len() < 2 {
+                    skipped += 1;
+                } else {
+                    seqs.push(piece.to_vec());
+                }
+            }
+        }
+        if seqs.is_empty() {
+            return Err(DataError::Empty {
+                path: origin.to_path_buf(),
+                skipped,
+            });
+        }
+        Ok(Self { seqs, skipped })
+    }
+
+    /// The sequences, in file order.
+    pub fn sequences(&self) -> &[Vec<u32>] {
+        &self.seqs
+    }
+
+    /// Pieces skipped for being shorter than 2 tokens.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// The `size` records of global batch `step`: records `step·size …` of the order, wrapping at
+    /// the end. The order is the file order, or (with `shuffle_seed`) a permutation drawn from it
+    /// anew for every pass over the data.
+    pub fn batch(&self, step: usize, size: usize, shuffle_seed: Option<u64>) -> Vec<Vec<u32>> {
+        let n = self.seqs.len();
+        // One permutation per pass over the data that the batch touches (at most a few).
+        let mut order: Option<(usize, Vec<usize>)> = None;
+        (step * size..(step + 1) * size)
+            .map(|r| {
+                let (epoch, pos) = (r / n, r % n);
+                let idx = match shuffle_seed {
+                    None => pos,
+                    Some(seed) => {
+                        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                            order = Some((epoch, permutation(n, seed, epoch as u64)));
+                        }
+                        order.as_ref().map_or(pos, |(_, o)| o[pos])
+                    }
+                };
+                self.seqs[idx].clone()
+            })
+            .collect()
+    }
+}
+
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+fn parse_line(
+    path: &Path,
+    line: usize,
+    text: &str,
+    vocab: usize,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<u32>> {
+    let bad = |reason: String| DataError::Line {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    if let Some(ids) = v.get("input_ids") {
+        let arr = ids
+            .as_array()
+            .ok_or_else(|| bad("\"input_ids\" is not an array".into()))?;
+        arr.iter()
+            .enumerate()
+            .map(|(k, x)| {
+                let id = x.as_u64().ok_or_else(|| {
+                    bad(format!(
+                        "input_ids[{k}] = {x} is not a non-negative integer"
+                    ))
+                })?;
+                if id as usize >= vocab {
+                    return Err(bad(format!(
+                        "input_ids[{k}] = {id} is outside the vocabulary of {vocab}"
+                    )));
+                }
+                Ok(id as u32)
+            })
+            .collect()
+    } else if let Some(t) = v.get("text") {
+        let t = t
+            .as_str()
+            .ok_or_else(|| bad("\"text\" is not a string".into()))?;
+        let ids = tokenizer.encode(t).map_err(bad)?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(bad(out_of_vocab(tokenizer, id, vocab)));
+        }
+        Ok(ids)
+    } else {
+        Err(bad(
+            "the object has neither \"input_ids\" nor \"text\"".into()
+        ))
+    }
+}
+
+/// Why token `id` of `tokenizer` cannot be used with a vocabulary of `vocab`.
+fn out_of_vocab(tokenizer: &TextTokenizer, id: u32, vocab: usize) -> String {
+    if tokenizer.is_bytes() {
+        format!("text is byte-tokenized (256 ids) but the model's vocabulary is {vocab}")
+    } else {
+        format!("token id {id} of the tokenizer is outside the model's vocabulary of {vocab}")
+    }
+}
+
+/// A text file as one document.
+fn text_file(f: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(f).map_err(|source| DataError::Io {
+        path: f.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: String| DataError::Line {
+        path: f.to_path_buf(),
+        line: 0,
+        reason,
+    };
+    let ids = tokenizer.encode_bytes(&bytes).map_err(bad)?;
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(bad(out_of_vocab(tokenizer, id, vocab)));
+    }
+    Ok(ids)
+}

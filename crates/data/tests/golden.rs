@@ -1,0 +1,108 @@
+//! The data formats users already have, against the tools that make them (files and scripts in
+//! `tests/golden/` and `crates/model/tests/golden/`): a `tokenizer.json` trained by
+//! `tokenizers` gives exactly the ids HF's `tokenizer(text)` gives (special tokens included);
+//! Megatron-LM's `preprocess_data.py` output reads as Megatron's own reader reads it; Parquet
+//! files written by pyarrow read by column.
+
+use std::path::{Path, PathBuf};
+
+use data::{Dataset, TextTokenizer};
+
+fn here() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn model_golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/golden")
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_tokenizers_tokenizer_gives_hfs_ids_with_special_tokens() {
+    let g = json(&model_golden().join("golden.json"));
+    let t = TextTokenizer::from_path(&model_golden().join("tokenizer")).unwrap();
+    assert_eq!(
+        t.vocab_size() as u64,
+        g["tokenizer"]["vocab_size"].as_u64().unwrap()
+    );
+    assert_eq!(t.eos_id(), Some(2));
+    for (text, ids) in g["tokenizer"]["texts"].as_object().unwrap() {
+        let want: Vec<u32> = serde_json::from_value(ids.clone()).unwrap();
+        assert_eq!(t.encode(text).unwrap(), want, "{text}");
+        assert_eq!(want[0], 1, "<s> first, as LLaMA's post-processor adds it");
+    }
+    // With an end-of-sequence id after every document.
+    let e = TextTokenizer::from_path(&model_golden().join("tiny"))
+        .unwrap()
+        .with_eos(2);
+    assert_eq!(e.encode("a").unwrap(), vec![1, 47, 2]);
+    assert_eq!(t.decode(&t.encode("a").unwrap()), "a");
+    // A missing or unreadable tokenizer is an error naming it.
+    let err = TextTokenizer::from_path(Path::new("/nonexistent/tok")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/tok: tokenizer: no such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn megatron_indexed_datasets_read_as_megatron_reads_them() {
+    let want: Vec<Vec<u32>> =
+        serde_json::from_value(json(&here().join("expected.json"))["megatron"].clone()).unwrap();
+    for name in [
+        "megatron/docs_text_document",
+        "megatron/docs_text_document.idx",
+        "megatron/docs_text_document.bin",
+    ] {
+        let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
+        assert_eq!(ds.sequences(), want.as_slice(), "{name}");
+    }
+    // The same documents as JSONL text through the same tokenizer, EOS appended (what
+    // --append-eod did there).
+    let t = TextTokenizer::from_path(&model_golden().join("tokenizer"))
+        .unwrap()
+        .with_eos(2);
+    let ds = Dataset::load_with(&here().join("docs.jsonl"), 96, 1000, &t).unwrap();
+    assert_eq!(ds.sequences(), want.as_slice());
+    // A vocabulary too small, and a truncated index, are refused naming the file.
+    let e = Dataset::load(&here().join("megatron/docs_text_document"), 50, 1000).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("outside the model's vocabulary of 50"),
+        "{e}"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let idx = std::fs::read(here().join("megatron/docs_text_document.idx")).unwrap();
+    std::fs::write(d.path().join("x.idx"), &idx[..40]).unwrap();
+    std::fs::copy(
+        here().join("megatron/docs_text_document.bin"),
+        d.path().join("x.bin"),
+    )
+    .unwrap();
+    let e = Dataset::load(&d.path().join("x"), 96, 1000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x.idx: not a valid Megatron indexed dataset: truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn parquet_files_read_by_column() {
+    let g = json(&here().join("expected.json"));
+    let want: Vec<Vec<u32>> = serde_json::from_value(g["megatron"].clone()).unwrap();
+    let ds = Dataset::load(&here().join("ids.parquet"), 96, 1000).unwrap();
+    assert_eq!(ds.sequences(), want.as_slice());
+    let t = TextTokenizer::from_path(&model_golden().join("tokenizer"))
+        .unwrap()
+        .with_eos(2);
+    let ds = Dataset::load_with(&here().join("docs.parquet"), 96, 1000, &t).unwrap();
+    assert_eq!(ds.sequences(), want.as_slice());
+    let e = Dataset::load(&here().join("docs.jsonl"), 96, 1000).unwrap_err();
+    assert!(e.to_string().contains("text is byte-tokenized"), "{e}");
+}
