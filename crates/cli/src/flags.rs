@@ -71,6 +71,27 @@ pub struct TrainFlags {
     /// Pipeline schedule: 1f1b or gpipe.
     #[arg(long, default_value = "1f1b")]
     pub pipeline_schedule: String,
+    /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
+    /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
+    /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
+    /// matrix). Lossy: the loss curve changes (see --error-feedback).
+    #[arg(long, default_value = "none")]
+    pub grad_compression: String,
+    /// on: every rank adds back what its codec left out the step before (EF-SGD; the residuals
+    /// go into checkpoints); off: what a codec drops is lost.
+    #[arg(long, default_value = "on")]
+    pub error_feedback: String,
+    /// Keep the gradient exchange inside a node exact and compress only what crosses nodes
+    /// (nodes: --devices-per-node, or MPI's placement).
+    #[arg(long)]
+    pub compress_cross_node_only: bool,
+    /// The all-reduce of exact gradient sums: ring, rhd (recursive halving–doubling), tree
+    /// (double binary tree), hier (reduce-scatter in a node, all-reduce across, all-gather in),
+    /// or auto (the cheapest by the α–β model, per bucket size and node layout, on the
+    /// --sim-cluster or --profile cluster, else nominal links of this machine). Each adds in
+    /// its own fixed order: only ring is bitwise the default run.
+    #[arg(long, default_value = "ring")]
+    pub allreduce: String,
     /// Sequences per global batch.
     #[arg(long, default_value_t = 8)]
     pub global_batch: usize,
@@ -152,6 +173,10 @@ pub struct TrainFlags {
     /// Resume from a checkpoint directory (its `latest`, or a step directory), under any strategy.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// The embedded default run (what `hotspa train` alone does), changed by the other flags
+    /// given here, e.g. `--default-run --grad-compression bf16 --steps 50`.
+    #[arg(long)]
+    pub default_run: bool,
     /// The default run's corpus (the paragraphs of the project's own files); not a flag.
     #[arg(skip)]
     pub data_files: Option<Vec<PathBuf>>,
@@ -240,6 +265,19 @@ impl TrainFlags {
                     .unwrap_or_else(|| format!("dp{devices}"));
                 StrategySpec::Fixed(Strategy::parse(&spec, devices)?)
             }
+        };
+        cfg.exchange = planner::exchange::Exchange {
+            codec: self
+                .grad_compression
+                .parse()
+                .context("--grad-compression")?,
+            error_feedback: match self.error_feedback.as_str() {
+                "on" => true,
+                "off" => false,
+                other => bail!("--error-feedback {other}: use on or off"),
+            },
+            cross_node_only: self.compress_cross_node_only,
+            algorithm: self.allreduce.parse().context("--allreduce")?,
         };
         cfg.micro_batch_tokens = self.micro_batch_tokens.clone();
         cfg.pipeline_schedule = self.pipeline_schedule.parse::<Schedule>()?;

@@ -18,7 +18,8 @@ mod flags;
 mod output;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -78,13 +79,24 @@ fn main() -> Result<()> {
 }
 
 fn dispatch() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The flags given on the command line (the default run changes only the others).
+    let given: Vec<String> = matches
+        .subcommand_matches("train")
+        .map(|m| {
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Graph(args) => graph_cmd::run(args),
-        // `hotspa train` alone runs the embedded default.
-        Command::Train(args) => train_cmd::run(*args, std::env::args().count() == 2),
+        // `hotspa train` alone (or with --default-run) runs the embedded default.
+        Command::Train(args) => train_cmd::run(*args, &given),
         Command::Plot(args) => plot_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Generate(args) => generate_cmd::run(args),

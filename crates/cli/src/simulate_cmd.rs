@@ -3,6 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
+use comm::allreduce::Algorithm;
+use planner::exchange::{AlgorithmChoice, Exchange};
 use serde::Serialize;
 use sim::{Report, Scenario};
 
@@ -36,6 +38,69 @@ pub struct Args {
     /// One JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
+    /// The DP gradient codec the plans are costed with (as `train --grad-compression`); with
+    /// any of these four flags, a table of every codec and algorithm for the static strategy's
+    /// gradients follows, saying which pay on this cluster.
+    #[arg(long, default_value = "none")]
+    grad_compression: String,
+    /// on or off (as `train --error-feedback`; changes bytes and time not at all, the loss
+    /// the simulator does not model).
+    #[arg(long, default_value = "on")]
+    error_feedback: String,
+    /// Compress only across nodes (as `train --compress-cross-node-only`).
+    #[arg(long)]
+    compress_cross_node_only: bool,
+    /// The all-reduce algorithm (as `train --allreduce`).
+    #[arg(long, default_value = "ring")]
+    allreduce: String,
+}
+
+/// The codecs and algorithms the exchange table compares.
+const TABLE_CODECS: [&str; 8] = [
+    "none",
+    "bf16",
+    "fp16",
+    "int8",
+    "sign",
+    "topk:0.01",
+    "randk:0.01",
+    "powersgd:4",
+];
+
+fn exchange_table(r: &sim::ExchangeReport, chosen: &str) {
+    println!(
+        "\ngradient exchange of the static strategy {} ({:.0} M values per member, {} members, {} per node):",
+        r.strategy,
+        r.values / 1e6,
+        r.members,
+        r.per_node
+    );
+    println!(
+        "{:<30} {:>7} {:>9} {:>9} {:>11} {:>11} {:>8}",
+        "exchange", "algo", "dp s", "step s", "GB in node", "GB across", "vs ring"
+    );
+    let base = r.rows.first().map_or(1.0, |x| x.step_seconds);
+    for row in &r.rows {
+        println!(
+            "{:<30} {:>7} {:>9.3} {:>9.3} {:>11.2} {:>11.2} {:>7.3}×{}",
+            row.exchange,
+            row.algorithm,
+            row.cost.seconds,
+            row.step_seconds,
+            row.cost.intra_bytes / 1e9,
+            row.cost.inter_bytes / 1e9,
+            base / row.step_seconds,
+            if row.exchange == chosen {
+                "  ← chosen"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "(bytes: all members together; step: the static strategy with that exchange; a codec's \
+         effect on the loss is not modelled — see the README's measured table)"
+    );
 }
 
 #[derive(Serialize)]
@@ -134,7 +199,25 @@ pub fn run(args: Args) -> Result<()> {
     }
     let cluster = sim::presets::cluster_or_file(&args.cluster)
         .with_context(|| format!("--cluster {}", args.cluster))?;
-    let r = sim::simulate(&Scenario {
+    let exchange = Exchange {
+        codec: args
+            .grad_compression
+            .parse()
+            .context("--grad-compression")?,
+        error_feedback: match args.error_feedback.as_str() {
+            "on" => true,
+            "off" => false,
+            other => anyhow::bail!("--error-feedback {other}: use on or off"),
+        },
+        cross_node_only: args.compress_cross_node_only,
+        algorithm: args.allreduce.parse().context("--allreduce")?,
+    };
+    if exchange.cross_node_only && matches!(exchange.codec, comm::codec::Codec::PowerSgd(_)) {
+        anyhow::bail!(
+            "--compress-cross-node-only with PowerSGD is not implemented (train refuses it too)"
+        );
+    }
+    let scenario = Scenario {
         cluster,
         gpus: args.gpus,
         model: args.model,
@@ -142,6 +225,57 @@ pub fn run(args: Args) -> Result<()> {
         max_len: args.max_len,
         global_batch: args.global_batch,
         seed: args.seed,
-    })?;
-    crate::output::emit(args.json, &r, one)
+        exchange,
+    };
+    let r = sim::simulate(&scenario)?;
+    if exchange == Exchange::default() {
+        return crate::output::emit(args.json, &r, one);
+    }
+    // Every codec with the chosen algorithm, every exact algorithm, and the chosen exchange.
+    let mut candidates: Vec<Exchange> = Algorithm::ALL
+        .iter()
+        .map(|&a| Exchange {
+            algorithm: AlgorithmChoice::Fixed(a),
+            ..Exchange::default()
+        })
+        .collect();
+    candidates.push(Exchange {
+        algorithm: AlgorithmChoice::Auto,
+        ..Exchange::default()
+    });
+    for c in TABLE_CODECS.iter().skip(1) {
+        let codec: comm::codec::Codec = c.parse()?;
+        // PowerSGD across nodes only is not implemented (train refuses it).
+        let crosses: &[bool] = if matches!(codec, comm::codec::Codec::PowerSgd(_)) {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        for &cross in crosses {
+            candidates.push(Exchange {
+                codec,
+                cross_node_only: cross,
+                ..exchange
+            });
+        }
+    }
+    if !candidates.contains(&exchange) {
+        candidates.push(exchange);
+    }
+    let table = sim::exchanges(&scenario, &candidates)?;
+    #[derive(Serialize)]
+    struct Both<'a> {
+        #[serde(flatten)]
+        report: &'a Report,
+        exchanges: &'a sim::ExchangeReport,
+    }
+    let both = Both {
+        report: &r,
+        exchanges: &table,
+    };
+    let chosen = exchange.to_string();
+    crate::output::emit(args.json, &both, |b| {
+        one(b.report);
+        exchange_table(b.exchanges, &chosen);
+    })
 }

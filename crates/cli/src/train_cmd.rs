@@ -16,10 +16,16 @@ mod default_run;
 /// The exit status after SIGINT or SIGTERM stopped a run (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: i32 = 130;
 
-/// `hotspa train`; `bare` when no flag was given at all (the embedded default run).
-pub fn run(flags: TrainFlags, bare: bool) -> Result<()> {
-    if bare {
-        return default_run::default_run(flags);
+/// `hotspa train`; `given` names the flags on the command line. With none at all, or with
+/// `--default-run`, the embedded default run (changed by the flags given).
+pub fn run(flags: TrainFlags, given: &[String]) -> Result<()> {
+    if given.is_empty() || flags.default_run {
+        if flags.model.is_some() || flags.data.is_some() {
+            anyhow::bail!(
+                "--default-run trains the embedded model on this project's files: drop --model and --data"
+            );
+        }
+        return default_run::default_run(flags, given);
     }
     train(&flags).map(|_| ())
 }
@@ -93,6 +99,28 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
             "strategies: {}; switches {switch_s:.1} s, {:.1} MB moved",
             parts.join(", "),
             switch_b as f64 / 1e6
+        );
+    }
+    // Bytes on the wire per step, by link class.
+    let wired: Vec<&train::WireMetrics> =
+        out.steps.iter().filter_map(|m| m.wire.as_ref()).collect();
+    if !wired.is_empty() {
+        let k = wired.len() as f64;
+        let intra = wired
+            .iter()
+            .map(|w| w.wire_intra_node_bytes as f64)
+            .sum::<f64>()
+            / k;
+        let inter = wired
+            .iter()
+            .map(|w| w.wire_inter_node_bytes as f64)
+            .sum::<f64>()
+            / k;
+        eprintln!(
+            "on the wire: {:.2} MB per step inside nodes, {:.2} MB across nodes (all ranks; gradient exchange: {})",
+            intra / 1e6,
+            inter / 1e6,
+            cfg.exchange
         );
     }
     // The simulated time per step, after the first (warm-up).

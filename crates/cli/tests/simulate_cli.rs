@@ -58,12 +58,97 @@ fn bad_settings_are_clear_errors() {
         ),
         (vec!["--dataset", "wiki"], "unknown dataset `wiki`"),
         (vec!["--model", "gpt-5"], "unknown model `gpt-5`"),
+        (vec!["--grad-compression", "zip"], "gradient codec `zip`"),
+        (vec!["--allreduce", "star"], "all-reduce algorithm `star`"),
+        (
+            vec![
+                "--grad-compression",
+                "powersgd:2",
+                "--compress-cross-node-only",
+            ],
+            "not implemented",
+        ),
     ] {
         let out = hotspa(&[&["simulate"][..], &args].concat());
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+/// On commodity Ethernet the DP exchange dominates a static step: the table of codecs and
+/// algorithms shows which pay (sign, top-k, PowerSGD, the hierarchy), and the chosen exchange
+/// changes the plans' estimates.
+#[test]
+fn the_exchange_table_says_when_compression_pays() {
+    let args = [
+        "simulate",
+        "--cluster",
+        "eth8x8",
+        "--gpus",
+        "16",
+        "--model",
+        "llama2-7b",
+        "--max-len",
+        "4096",
+        "--global-batch",
+        "64",
+        "--json",
+    ];
+    let exact = hotspa(&args);
+    assert!(
+        exact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exact.stderr)
+    );
+    let exact: serde_json::Value = serde_json::from_slice(&exact.stdout).unwrap();
+    assert!(
+        exact.get("exchanges").is_none(),
+        "no table without an exchange flag"
+    );
+    let out = hotspa(
+        &[
+            &args[..],
+            &["--grad-compression", "sign", "--allreduce", "auto"],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fixed = |v: &serde_json::Value| v["fixed"]["seconds"].as_f64().unwrap();
+    assert!(
+        fixed(&v) < fixed(&exact),
+        "sign did not speed up the static strategy"
+    );
+    let rows = v["exchanges"]["rows"].as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["exchange"] == name)
+            .unwrap_or_else(|| panic!("no row {name}: {rows:?}"))
+    };
+    let step = |name: &str| row(name)["step_seconds"].as_f64().unwrap();
+    let across = |name: &str| row(name)["cost"]["inter_bytes"].as_f64().unwrap();
+    assert!(step("none, hier") < step("none, ring"));
+    assert!(step("sign, auto") < step("none, ring"));
+    assert!(across("sign across nodes, auto") < 0.2 * across("none, ring"));
+    assert!(across("powersgd:4, auto") < 0.01 * across("none, ring"));
+    // The table as text.
+    let text = hotspa(
+        &args[..args.len() - 1]
+            .iter()
+            .copied()
+            .chain(["--grad-compression", "int8"])
+            .collect::<Vec<_>>(),
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("gradient exchange of the static strategy") && text.contains("← chosen"),
+        "{text}"
+    );
 }
 
 #[test]

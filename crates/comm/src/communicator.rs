@@ -67,6 +67,12 @@ pub trait Communicator: Send {
     fn size(&self) -> usize;
     /// The members' ranks in the world communicator, in group order.
     fn world_ranks(&self) -> Vec<Rank>;
+    /// The node of every member, in group order: members with the same number share a machine
+    /// (numbers count nodes of the world, not of the group). Threads of one process all share
+    /// one; MPI says where its processes run.
+    fn member_nodes(&self) -> Vec<usize> {
+        vec![0; self.size()]
+    }
     /// How long a blocking call waits for a peer.
     fn timeout(&self) -> Duration;
     /// Changes the timeout of this handle.

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::communicator::{offsets, Communicator, P2p, Rank, ReduceOp};
+use crate::allreduce::{self, Algorithm, Hierarchy};
+use crate::codec::{self, Codec};
+use crate::communicator::{chunk_counts, offsets, Communicator, P2p, Rank, ReduceOp};
 use crate::error::CommError;
 
 /// A check: a name and a function run on every rank.
@@ -61,6 +63,22 @@ pub const CHECKS: &[Check] = &[
     Check {
         name: "barrier",
         run: barrier,
+    },
+    Check {
+        name: "all_reduce_algorithms",
+        run: all_reduce_algorithms,
+    },
+    Check {
+        name: "all_reduce_algorithms_sub_group",
+        run: all_reduce_algorithms_sub_group,
+    },
+    Check {
+        name: "hierarchical_all_reduce",
+        run: hierarchical_all_reduce,
+    },
+    Check {
+        name: "compressed_all_reduce",
+        run: compressed_all_reduce,
     },
     Check {
         name: "missing_rank_times_out",
@@ -323,6 +341,151 @@ fn barrier(c: &mut dyn Communicator) -> Result<(), String> {
         c.barrier().map_err(err)?;
     }
     Ok(())
+}
+
+/// Every algorithm of [`crate::allreduce`] (the hierarchical one over the members' real nodes)
+/// sums and maxes exactly, uneven lengths included, on `c`.
+fn algorithms_on(c: &dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    let hier = Hierarchy::new(c, &c.member_nodes()).ok();
+    for algo in Algorithm::ALL {
+        for len in [0, 1, 7, 3 * p + 1, 1000] {
+            for op in [ReduceOp::Sum, ReduceOp::Max] {
+                let mut buf: Vec<f32> = (0..len).map(|i| value(me, i)).collect();
+                match (&hier, algo) {
+                    (Some(h), Algorithm::Hierarchical) => {
+                        h.all_reduce(&mut buf, op, Algorithm::Ring)
+                    }
+                    _ => allreduce::all_reduce(c, &mut buf, op, algo),
+                }
+                .map_err(err)?;
+                let want: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let v = (0..p).map(|r| value(r, i));
+                        match op {
+                            ReduceOp::Sum => v.sum(),
+                            ReduceOp::Max => v.fold(f32::MIN, f32::max),
+                        }
+                    })
+                    .collect();
+                expect_eq(&format!("{algo} {op:?} of {len}"), &buf, &want)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn all_reduce_algorithms(c: &mut dyn Communicator) -> Result<(), String> {
+    algorithms_on(c)?;
+    c.barrier().map_err(err)
+}
+
+fn all_reduce_algorithms_sub_group(c: &mut dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    // Even and odd ranks, in reverse order (group ranks differ from the parent's).
+    let members: Vec<Rank> = (0..p).rev().filter(|r| r % 2 == me % 2).map(Rank).collect();
+    let sub = c.sub_group(&members).map_err(err)?;
+    algorithms_on(sub.as_ref())?;
+    c.barrier().map_err(err)
+}
+
+/// The two-level all-reduce over made-up node layouts: consecutive pairs, and (on 4 or more
+/// ranks) the even and the odd ranks as two nodes; an unequal layout is refused.
+fn hierarchical_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    let mut layouts: Vec<Vec<usize>> = vec![vec![0; p], (0..p).collect()];
+    if p % 2 == 0 {
+        layouts.push((0..p).map(|r| r / 2).collect());
+    }
+    if p >= 4 && p % 2 == 0 {
+        layouts.push((0..p).map(|r| r % 2).collect());
+    }
+    for nodes in layouts {
+        let h = Hierarchy::new(c, &nodes).map_err(err)?;
+        for len in [0, 1, 5, 2 * p + 3, 999] {
+            for across in [
+                Algorithm::Ring,
+                Algorithm::HalvingDoubling,
+                Algorithm::DoubleTree,
+            ] {
+                let mut buf: Vec<f32> = (0..len).map(|i| value(me, i)).collect();
+                h.all_reduce(&mut buf, ReduceOp::Sum, across).map_err(err)?;
+                let want: Vec<f32> = (0..len)
+                    .map(|i| (0..p).map(|r| value(r, i)).sum())
+                    .collect();
+                expect_eq(
+                    &format!("nodes {nodes:?}, {across} across, {len}"),
+                    &buf,
+                    &want,
+                )?;
+            }
+        }
+    }
+    if p >= 3 {
+        let uneven: Vec<usize> = (0..p).map(|r| usize::from(r == 0)).collect();
+        if Hierarchy::new(c, &uneven).is_ok() {
+            return Err(format!("nodes {uneven:?} (unequal) were accepted"));
+        }
+    }
+    c.barrier().map_err(err)
+}
+
+/// Every codec's all-reduce leaves bitwise the same values on every member (checked against
+/// member 0's by broadcast), and the lossless-enough ones land near the exact sum.
+fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    let len = 700;
+    let grad = |r: usize| -> Vec<f32> { (0..len).map(|i| value(r, i) / 64.0).collect() };
+    let exact: Vec<f32> = (0..len).map(|i| (0..p).map(|r| grad(r)[i]).sum()).collect();
+    for codec in [
+        Codec::Bf16,
+        Codec::Fp16,
+        Codec::Int8,
+        Codec::Sign,
+        Codec::TopK(0.05),
+        Codec::RandK(0.05),
+    ] {
+        let mut buf = grad(me);
+        let mut worker = vec![0.0; len];
+        let mut server = vec![0.0; chunk_counts(len, p)[me]];
+        match codec {
+            Codec::TopK(_) => codec::all_reduce_top_k(c, &mut buf, codec, Some(&mut worker)),
+            Codec::RandK(_) => codec::all_reduce_random_k(
+                c,
+                &mut buf,
+                codec,
+                11,
+                Some(&mut worker),
+                Algorithm::Ring,
+            ),
+            _ => codec::all_reduce_dense(c, &mut buf, codec, Some(&mut worker), Some(&mut server)),
+        }
+        .map_err(err)?;
+        let mut first = buf.clone();
+        c.broadcast(&mut first, Rank(0)).map_err(err)?;
+        if first
+            .iter()
+            .zip(&buf)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(format!(
+                "{codec}: this member's result differs from member 0's"
+            ));
+        }
+        // bf16 and fp16 keep 8 and 11 bits; the values are multiples of 1/64 below 1.
+        let tol = match codec {
+            Codec::Bf16 => 2f32.powi(-8) * 2.0 * p as f32,
+            Codec::Fp16 => 2f32.powi(-11) * 2.0 * p as f32,
+            _ => f32::INFINITY,
+        };
+        if let Some(i) = (0..len).find(|&i| (buf[i] - exact[i]).abs() > tol) {
+            return Err(format!(
+                "{codec}: value {i} is {} for an exact {}",
+                buf[i], exact[i]
+            ));
+        }
+    }
+    c.barrier().map_err(err)
 }
 
 fn missing_rank_times_out(c: &mut dyn Communicator) -> Result<(), String> {

@@ -68,6 +68,16 @@ pub enum CommError {
     /// The backend is not available in this build or on this machine.
     #[error("communicator unavailable: {0}")]
     Unavailable(String),
+    /// A name of an algorithm or codec (e.g. from a flag) that is not one.
+    #[error("{what} `{input}`: {expected}")]
+    Parse {
+        /// What was being parsed, e.g. `gradient codec`.
+        what: &'static str,
+        /// The text given.
+        input: String,
+        /// What is accepted.
+        expected: String,
+    },
 }
 
 /// Result alias of the crate.

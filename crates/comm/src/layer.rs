@@ -69,6 +69,8 @@ pub enum CollectiveCall<'a> {
     Broadcast {
         /// Values broadcast.
         len: usize,
+        /// The member they come from.
+        root: Rank,
     },
     /// `barrier`.
     Barrier,
@@ -80,7 +82,7 @@ impl CollectiveCall<'_> {
     /// buffer.
     pub fn payload(&self) -> usize {
         match *self {
-            CollectiveCall::AllReduce { len } | CollectiveCall::Broadcast { len } => len,
+            CollectiveCall::AllReduce { len } | CollectiveCall::Broadcast { len, .. } => len,
             CollectiveCall::AllGather { counts } | CollectiveCall::ReduceScatter { counts } => {
                 counts.iter().sum()
             }
@@ -112,6 +114,10 @@ pub trait Layer: Send + Sized + 'static {
         let _ = call;
         run(self.inner())
     }
+    /// See [`Communicator::member_nodes`].
+    fn on_member_nodes(&self) -> Vec<usize> {
+        self.inner().member_nodes()
+    }
     /// See [`Communicator::send`].
     fn on_send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
         self.inner().send(data, peer, tag)
@@ -135,6 +141,9 @@ impl<L: Layer> Communicator for L {
     }
     fn world_ranks(&self) -> Vec<Rank> {
         self.inner().world_ranks()
+    }
+    fn member_nodes(&self) -> Vec<usize> {
+        Layer::on_member_nodes(self)
     }
     fn timeout(&self) -> Duration {
         self.inner().timeout()
@@ -181,7 +190,10 @@ impl<L: Layer> Communicator for L {
         })
     }
     fn broadcast(&self, buf: &mut [f32], root: Rank) -> Result<()> {
-        let call = CollectiveCall::Broadcast { len: buf.len() };
+        let call = CollectiveCall::Broadcast {
+            len: buf.len(),
+            root,
+        };
         Layer::on_collective(self, call, &mut |c| c.broadcast(buf, root))
     }
     fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {

@@ -16,6 +16,8 @@
 //! ```
 
 mod algorithms;
+pub mod allreduce;
+pub mod codec;
 mod communicator;
 pub mod conformance;
 mod counting;
@@ -25,6 +27,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod tags;
 mod thread;
+pub mod wire;
 pub mod words;
 
 pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};

@@ -21,6 +21,12 @@ pub const GATHER_HEADER: u32 = 0;
 pub const GATHER_DATA: u32 = 1;
 /// Free for tests and tools (never used by the training code).
 pub const SCRATCH: u32 = 2;
+/// The exchanges of the all-reduce algorithms in [`crate::allreduce`] (reduction phase).
+pub const ALLREDUCE: u32 = 3;
+/// Their broadcast phase (the double tree's way down).
+pub const ALLREDUCE_DOWN: u32 = 4;
+/// Sparse and compressed gradient exchanges.
+pub const COMPRESSED: u32 = 5;
 
 /// The first tag of the pipeline's activations and their gradients.
 const PIPELINE_BASE: u32 = 16;

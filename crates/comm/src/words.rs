@@ -59,6 +59,23 @@ pub fn all_gather(c: &dyn Communicator, value: u64) -> Result<Vec<u64>> {
     decode(&all)
 }
 
+/// The sums over the members of each of `values` (every member passes as many), exactly
+/// (wrapping on overflow).
+pub fn all_sum(c: &dyn Communicator, values: &[u64]) -> Result<Vec<u64>> {
+    let n = c.size();
+    let k = values.len();
+    let mut all = vec![0.0f32; 2 * k * n];
+    c.all_gather(&encode(values), &mut all, &vec![2 * k; n])?;
+    let every = decode(&all)?;
+    Ok((0..k)
+        .map(|i| {
+            (0..n)
+                .map(|r| every[r * k + i])
+                .fold(0u64, u64::wrapping_add)
+        })
+        .collect())
+}
+
 /// The largest of every member's `value`, exactly.
 pub fn all_max(c: &dyn Communicator, value: u64) -> Result<u64> {
     Ok(all_gather(c, value)?.into_iter().max().unwrap_or(value))

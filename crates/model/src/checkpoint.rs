@@ -1,13 +1,16 @@
 //! Training checkpoints: a directory per step holding the weights (HF names, f32 safetensors),
-//! the AdamW moments (same names and shapes), and `state.json` (step, the run's settings, the
-//! model config and the SHA-256 of every file). A step folder is also an HF model folder
+//! the AdamW moments (same names and shapes), other per-run state as named vectors
+//! (`run_state.safetensors`, e.g. error-feedback residuals; only when there is some), and
+//! `state.json` (step, the run's settings, the model config and the SHA-256 of every file). A step folder is also an HF model folder
 //! (`config.json`, `generation_config.json`, the tokenizer's files when one was used), so
 //! `from_pretrained` loads it. Written atomically as a whole: the step directory
 //! is assembled under a temporary name and renamed, and only then does `latest` (written by temp
 //! + rename) point at it, so a crash at any moment leaves the previous checkpoint loadable.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::config::LlamaConfig;
@@ -27,6 +30,58 @@ pub struct Checkpoint {
     pub exp_avg_sq: Weights,
     /// The run's settings (free-form JSON, kept for the record and for checks on resume).
     pub run: serde_json::Value,
+    /// Other state a resumed run needs, as named `f32` vectors (e.g. each rank's
+    /// error-feedback residuals); empty for most runs.
+    pub state: BTreeMap<String, Vec<f32>>,
+}
+
+/// The file of [`Checkpoint::state`].
+const STATE_FILE: &str = "run_state.safetensors";
+
+fn save_state(state: &BTreeMap<String, Vec<f32>>, path: &Path) -> Result<()> {
+    let bytes: Vec<(&String, Vec<u8>)> = state
+        .iter()
+        .map(|(n, v)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, b) in &bytes {
+        let view = TensorView::new(StDtype::F32, vec![b.len() / 4], b)
+            .map_err(|e| ModelError::Mismatch(format!("{name}: {e}")))?;
+        views.push(((*name).clone(), view));
+    }
+    let out = safetensors::serialize(views, None::<HashMap<String, String>>).map_err(|e| {
+        ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    write_atomic(path, &out)
+}
+
+fn load_state(path: &Path) -> Result<BTreeMap<String, Vec<f32>>> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let corrupt = |reason: String| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != StDtype::F32 || view.shape().len() != 1 {
+            return Err(corrupt(format!(
+                "{name}: {:?} of shape {:?}, expected a vector of f32",
+                view.dtype(),
+                view.shape()
+            )));
+        }
+        let v = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, v);
+    }
+    Ok(out)
 }
 
 const FILES: [&str; 3] = [
@@ -75,8 +130,13 @@ impl Checkpoint {
         crate::folder::write_folder_files(&tmp, cfg, &self.weights, &opts)?;
         self.exp_avg.save(&tmp.join(FILES[1]))?;
         self.exp_avg_sq.save(&tmp.join(FILES[2]))?;
+        let mut files = FILES.to_vec();
+        if !self.state.is_empty() {
+            save_state(&self.state, &tmp.join(STATE_FILE))?;
+            files.push(STATE_FILE);
+        }
         let mut sums = serde_json::Map::new();
-        for f in FILES {
+        for f in files {
             sums.insert(
                 f.to_string(),
                 serde_json::Value::String(sha256(&tmp.join(f))?),
@@ -132,7 +192,15 @@ impl Checkpoint {
                 step_dir.display()
             )));
         }
-        for f in FILES {
+        let mut files = FILES.to_vec();
+        if state["sha256"].get(STATE_FILE).is_some() {
+            files.push(STATE_FILE);
+        } else if step_dir.join(STATE_FILE).exists() {
+            return Err(corrupt(format!(
+                "{STATE_FILE} is there but state.json lists no checksum for it"
+            )));
+        }
+        for f in files {
             let want = state["sha256"][f]
                 .as_str()
                 .ok_or_else(|| corrupt(format!("no checksum for {f}")))?;
@@ -151,6 +219,11 @@ impl Checkpoint {
             exp_avg: Weights::load(cfg, &step_dir.join(FILES[1]))?,
             exp_avg_sq: Weights::load(cfg, &step_dir.join(FILES[2]))?,
             run: state["run"].clone(),
+            state: if state["sha256"].get(STATE_FILE).is_some() {
+                load_state(&step_dir.join(STATE_FILE))?
+            } else {
+                BTreeMap::new()
+            },
         })
     }
 }

@@ -111,6 +111,7 @@ proptest! {
             exp_avg: w.clone(),
             exp_avg_sq: w,
             run: serde_json::json!({"seed": 1}),
+            state: [("rank0/x".to_string(), vec![1.0, 2.0])].into(),
         };
         let at = ck.save(dir.path(), &cfg()).unwrap();
         let state = at.join("state.json");

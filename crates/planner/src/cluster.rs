@@ -50,8 +50,13 @@ pub struct Cluster {
     pub memory_gib: f64,
     /// Links between devices of one node.
     pub same_node: Link,
-    /// Links between nodes (per device).
+    /// Links between nodes (per device: a node's share when all its devices send at once).
     pub cross_node: Link,
+    /// What one stream between nodes can reach, GB/s, where a node has fewer NICs than devices
+    /// (e.g. one 25 Gb/s Ethernet port: 3.125); 0: one NIC per device, so a stream gets
+    /// `cross_node.gbps`. A node's total is `cross_node.gbps × devices_per_node` either way.
+    #[serde(default)]
+    pub nic_gbps: f64,
     /// Bytes per element of activations, gradients and messages: 2 (bf16, the presets) or 4
     /// (f32, this project's CPU runtime).
     #[serde(default = "bf16_bytes")]
@@ -138,6 +143,7 @@ impl Cluster {
             memory_gib,
             same_node,
             cross_node,
+            nic_gbps: 0.0,
             elem_bytes: bf16_bytes(),
             memory_gbps: 0.0,
             optimizer_gparams: 0.0,
@@ -188,6 +194,7 @@ impl Cluster {
             ("same_node.latency_us", self.same_node.latency_us),
             ("cross_node.latency_us", self.cross_node.latency_us),
             ("memory_gbps", self.memory_gbps),
+            ("nic_gbps", self.nic_gbps),
             ("optimizer_gparams", self.optimizer_gparams),
             ("shared_cores", self.shared_cores),
             ("clock_scale", self.clock_scale),

@@ -12,6 +12,7 @@ use model::LlamaConfig;
 use serde::Serialize;
 
 use crate::cluster::Cluster;
+use crate::exchange::{Exchange, ExchangeCost, GroupShape};
 
 /// Elementwise traffic per token per layer, in elements, forward and backward: RMSNorms and
 /// residual adds with their gradients on the whole stream (`× hidden`; split over TP only
@@ -141,6 +142,8 @@ pub struct CostModel {
     pub cfg: LlamaConfig,
     /// How sequences are packed.
     pub packing: Packing,
+    /// How DP replicas exchange gradients (default: exact, by the ring).
+    pub exchange: Exchange,
     /// Kernel calls of a micro-batch by `(tp, sp)`, counted once.
     kernels: Arc<Mutex<HashMap<(usize, bool), f64>>>,
 }
@@ -153,6 +156,7 @@ impl CostModel {
             cluster,
             cfg,
             packing: Packing::InOrder { budget: 0 },
+            exchange: Exchange::default(),
             kernels: Default::default(),
         };
         // Training FLOPs of a sequence: 6·l·(GEMM parameters) + 6·l²·(attention width)·layers.
@@ -279,7 +283,8 @@ impl CostModel {
         (left / self.activation_bytes_per_token(s)).floor() as usize
     }
 
-    /// All-reduce of `bytes` over `n` devices spanning `span` consecutive devices (ring).
+    /// Ring all-reduce of `bytes` over `n` devices spanning `span` consecutive devices (the TP
+    /// collectives).
     fn all_reduce(&self, bytes: f64, n: usize, span: usize) -> f64 {
         if n <= 1 {
             return 0.0;
@@ -288,6 +293,60 @@ impl CostModel {
         self.cluster
             .link(span)
             .seconds(2.0 * k / n as f64 * bytes, 2.0 * k)
+    }
+
+    /// Where the DP groups of `s` sit: TP innermost, node-contiguous.
+    pub fn dp_shape(&self, s: &Strategy) -> GroupShape {
+        let per = self.cluster.devices_per_node.max(1);
+        if s.tp <= per {
+            GroupShape {
+                members: s.dp,
+                per_node: (per / s.tp).clamp(1, s.dp.max(1)),
+                groups_per_node: s.tp,
+            }
+        } else {
+            GroupShape {
+                members: s.dp,
+                per_node: 1,
+                groups_per_node: per,
+            }
+        }
+    }
+
+    /// The weight matrices of one pipeline stage's TP piece, `(rows, cols)`, for codecs that
+    /// compress matrices (norm weights are vectors, sent exactly).
+    pub fn matrices(&self, s: &Strategy) -> Vec<(f64, f64)> {
+        let c = &self.cfg;
+        let tp = s.tp.max(1);
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim();
+        let kv = c.kv_heads() * c.head_dim();
+        let layer = [
+            (q / tp, h),
+            (kv / tp, h),
+            (kv / tp, h),
+            (h, q / tp),
+            (i / tp, h),
+            (i / tp, h),
+            (h, i / tp),
+        ];
+        let layers = c.num_hidden_layers.div_ceil(s.pp.max(1));
+        let mut out: Vec<(f64, f64)> = (0..layers)
+            .flat_map(|_| layer.iter().map(|&(r, k)| (r as f64, k as f64)))
+            .collect();
+        let embed = (c.vocab_size.div_ceil(tp) as f64, h as f64);
+        out.push(embed);
+        if !c.tie_word_embeddings {
+            out.push(embed);
+        }
+        out
+    }
+
+    /// The DP gradient exchange of `s` by [`CostModel::exchange`].
+    pub fn dp_exchange(&self, s: &Strategy) -> ExchangeCost {
+        let values = self.params() / (s.tp * s.pp) as f64;
+        self.exchange
+            .cost(&self.cluster, values, &self.matrices(s), self.dp_shape(s))
     }
 
     /// Seconds of every linear layer's forward and two backward GEMMs for a micro-batch of
@@ -418,8 +477,7 @@ impl CostModel {
             .map(|v| self.replica(s, v, cap))
             .max_by(|a, b| a.total().total_cmp(&b.total()))
             .unwrap_or_default();
-        let grads = self.params() / (s.tp * s.pp) as f64 * self.cluster.elem_bytes;
-        out.dp_reduce = self.all_reduce(grads, s.dp, s.dp * s.tp);
+        out.dp_reduce = self.dp_exchange(s).seconds;
         out
     }
 }

@@ -30,6 +30,7 @@
 mod cluster;
 mod cost;
 mod error;
+pub mod exchange;
 mod memory;
 mod plan;
 

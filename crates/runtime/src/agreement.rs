@@ -19,6 +19,10 @@ pub struct BucketKey<'a> {
     pub strategy: &'a Strategy,
     /// The bucket (ZeRO ≤ 1) or the parameter (ZeRO-2/3) in the exec graph's order.
     pub index: usize,
+    /// The shapes of this rank's pieces of the parameters whose gradients the reduction
+    /// carries, concatenated in this order (their volumes add up to its length): a low-rank
+    /// codec compresses each matrix on its own.
+    pub shapes: &'a [Vec<usize>],
 }
 
 /// How DP replicas agree on gradients.
@@ -40,6 +44,24 @@ pub trait GradientAgreement: Send + Sync {
         out: &mut [f32],
         counts: &[usize],
     ) -> Result<()>;
+    /// What world rank `rank` keeps between steps (e.g. error-feedback residuals) as named
+    /// vectors, for checkpoints; sorted by name.
+    fn state(&self, rank: usize) -> Vec<(String, Vec<f32>)> {
+        let _ = rank;
+        Vec::new()
+    }
+    /// Gives world rank `rank` back what [`GradientAgreement::state`] returned. One that keeps
+    /// no state refuses a non-empty one.
+    fn restore(&self, rank: usize, state: Vec<(String, Vec<f32>)>) -> Result<()> {
+        match state.first() {
+            None => Ok(()),
+            Some((name, _)) => Err(crate::RuntimeError::Agreement(format!(
+                "{} keeps no state between steps, but rank {rank} was given `{name}` and {} more",
+                self.name(),
+                state.len() - 1
+            ))),
+        }
+    }
 }
 
 /// The exact sum by the communicator's own all-reduce and reduce-scatter.

@@ -23,6 +23,10 @@ pub enum RuntimeError {
     /// Parameters bound to the graph do not match it.
     #[error("bad parameter binding: {0}")]
     Binding(String),
+    /// The gradient agreement's state does not fit the gradients (e.g. an error-feedback
+    /// residual restored for another model).
+    #[error("gradient agreement: {0}")]
+    Agreement(String),
 }
 
 /// Result alias of the crate.

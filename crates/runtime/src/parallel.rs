@@ -73,18 +73,24 @@ impl RankGroups {
 pub(crate) fn reduce_scatter_over_dp<B: Backend>(
     backend: &B,
     groups: &RankGroups,
-    strategy: &Strategy,
+    exec: &ExecGraph,
     grads: &mut [B::Buffer],
 ) -> Result<()> {
+    let strategy = &exec.strategy;
     let dp = groups.dp.size();
     if dp == 1 {
         return Ok(());
     }
+    let shapes = crate::pipeline::param_shapes(exec, groups.tp.rank())?;
     for (index, g) in grads.iter_mut().enumerate() {
         let host = backend.download(g)?;
         let counts = comm::chunk_counts(host.len(), dp);
         let mut mine = vec![0.0; counts[groups.dp.rank().0]];
-        let key = BucketKey { strategy, index };
+        let key = BucketKey {
+            strategy,
+            index,
+            shapes: shapes.get(index..index + 1).unwrap_or(&[]),
+        };
         groups
             .agreement
             .reduce_scatter(groups.dp.as_ref(), key, &host, &mut mine, &counts)?;

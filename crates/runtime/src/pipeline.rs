@@ -79,6 +79,11 @@ pub fn pipeline_step<B: Backend>(
     } else {
         Vec::new()
     };
+    let shapes = param_shapes(exec, tp_rank)?;
+    let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets
+        .iter()
+        .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
+        .collect();
     if g.inputs.len() > tags::PIPELINE_INPUTS || g.output_grads.len() > tags::PIPELINE_INPUTS {
         return Err(RuntimeError::Binding(format!(
             "a stage exchanges {} inputs and {} output gradients per micro-batch, at most {} each",
@@ -104,9 +109,14 @@ pub fn pipeline_step<B: Backend>(
         let worker = if bucketed {
             let comm: &mut Box<dyn Communicator> = dp_grads;
             let agreement = agreement.clone();
+            let bucket_shapes = &bucket_shapes;
             Some(scope.spawn(move || {
                 for (index, mut b) in rx.into_iter().enumerate() {
-                    let key = BucketKey { strategy, index };
+                    let key = BucketKey {
+                        strategy,
+                        index,
+                        shapes: bucket_shapes.get(index).map_or(&[][..], |s| &s[..]),
+                    };
                     let r = agreement.all_reduce(comm.as_ref(), key, &mut b).map(|_| b);
                     let failed = r.is_err();
                     if rtx.send(r).is_err() || failed {
@@ -265,7 +275,7 @@ pub fn pipeline_step<B: Backend>(
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
     if exec.strategy.zero >= Zero::Gradients {
-        reduce_scatter_over_dp(backend, groups, &exec.strategy, &mut grads)?;
+        reduce_scatter_over_dp(backend, groups, exec, &mut grads)?;
     }
     if groups.dp.size() > 1 {
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
@@ -275,6 +285,18 @@ pub fn pipeline_step<B: Backend>(
         grads,
         peak_bytes,
     })
+}
+
+/// The shape of this TP rank's piece of every parameter, in binding order.
+pub(crate) fn param_shapes(exec: &ExecGraph, tp_rank: usize) -> Result<Vec<Vec<usize>>> {
+    exec.graph
+        .params
+        .iter()
+        .map(|&p| {
+            let shape = exec.graph.info(p).resolve(0);
+            Ok(exec.states[p.0].piece(tp_rank, &shape)?.region.shape())
+        })
+        .collect()
 }
 
 fn local_len(

@@ -19,6 +19,7 @@
 //!     max_len: 8192,
 //!     global_batch: 64,
 //!     seed: 1,
+//!     exchange: Default::default(),
 //! };
 //! let r = sim::simulate(&s)?;
 //! assert!(r.auto.seconds <= r.fixed.seconds);
@@ -33,6 +34,7 @@ pub mod presets;
 
 use graph::{Strategy, Zero};
 use model::LlamaConfig;
+use planner::exchange::{Exchange, ExchangeCost};
 use planner::{CostModel, Estimate, Plan, Planner};
 use serde::Serialize;
 
@@ -57,6 +59,8 @@ pub struct Scenario {
     pub global_batch: usize,
     /// Seed of the sampled lengths.
     pub seed: u64,
+    /// How DP replicas exchange gradients.
+    pub exchange: Exchange,
 }
 
 /// The three plans of one setting.
@@ -171,13 +175,95 @@ pub fn simulate(s: &Scenario) -> Result<Report> {
             s.cluster.devices()
         )));
     }
-    let cfg = LlamaConfig::preset_or_load(&s.model).map_err(|_| SimError::UnknownPreset {
+    report(&planner_of(s, model_of(s)?), s)
+}
+
+fn planner_of(s: &Scenario, cfg: LlamaConfig) -> Planner {
+    let mut cost = CostModel::new(s.cluster.take(s.gpus), cfg);
+    cost.exchange = s.exchange;
+    Planner::new(cost)
+}
+
+fn model_of(s: &Scenario) -> Result<LlamaConfig> {
+    LlamaConfig::preset_or_load(&s.model).map_err(|_| SimError::UnknownPreset {
         what: "model",
         name: s.model.clone(),
         known: "llama2-7b, llama2-13b, llama-32b".into(),
-    })?;
-    let planner = Planner::new(CostModel::new(s.cluster.take(s.gpus), cfg));
-    report(&planner, s)
+    })
+}
+
+/// One way of exchanging the gradients of the static strategy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangeRow {
+    /// The exchange, e.g. `int8, auto`.
+    pub exchange: String,
+    /// How it moves the data: the all-reduce algorithm of an exact sum (what `auto` chose for
+    /// the whole gradient), random-k's values and PowerSGD's factors; `a2a+ag` (a dense codec's
+    /// all-to-all and all-gather), `ag` (top-k's all-gather), `2-level` (exact in nodes, the
+    /// codec across).
+    pub algorithm: String,
+    /// Its cost per step.
+    pub cost: ExchangeCost,
+    /// The static strategy's step with this exchange, seconds.
+    pub step_seconds: f64,
+}
+
+/// The gradient exchange of a setting's best static strategy, several ways.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangeReport {
+    /// The static strategy.
+    pub strategy: String,
+    /// Gradient values one DP member exchanges per step.
+    pub values: f64,
+    /// DP members, and how many share a node.
+    pub members: usize,
+    /// Members of one DP group on a node.
+    pub per_node: usize,
+    /// One row per exchange, in the order given.
+    pub rows: Vec<ExchangeRow>,
+}
+
+/// Each of `exchanges` for the gradients of the best static strategy of `s` (chosen under
+/// `s.exchange`): when a codec or an algorithm pays on this cluster.
+pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport> {
+    let planner = planner_of(s, model_of(s)?);
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let (plan, fixed) = planner.best_static(&lens)?;
+    let strategy = plan.inst;
+    let base = fixed.seconds - fixed.breakdown.dp_reduce;
+    let values = planner.cost.params() / (strategy.tp * strategy.pp) as f64;
+    let shape = planner.cost.dp_shape(&strategy);
+    let rows = exchanges
+        .iter()
+        .map(|e| {
+            let mut cost = planner.cost.clone();
+            cost.exchange = *e;
+            let c = cost.dp_exchange(&strategy);
+            use comm::codec::Codec;
+            let exact = e
+                .algorithm_for(&cost.cluster, values * cost.cluster.elem_bytes, shape)
+                .to_string();
+            let algorithm = match e.codec {
+                _ if e.cross_node_only && e.codec != Codec::None => "2-level".to_string(),
+                Codec::None | Codec::RandK(_) | Codec::PowerSgd(_) => exact,
+                Codec::TopK(_) => "ag".to_string(),
+                _ => "a2a+ag".to_string(),
+            };
+            ExchangeRow {
+                exchange: e.to_string(),
+                algorithm,
+                cost: c,
+                step_seconds: base + c.seconds,
+            }
+        })
+        .collect();
+    Ok(ExchangeReport {
+        strategy: strategy.to_string(),
+        values,
+        members: shape.members,
+        per_node: shape.per_node,
+        rows,
+    })
 }
 
 /// Runs one setting with a planner that may be shared between settings of one model and
@@ -233,6 +319,7 @@ pub fn paper_grid(global_batch: usize, seed: u64) -> Result<Vec<Report>> {
                         max_len,
                         global_batch,
                         seed,
+                        exchange: Exchange::default(),
                     },
                 )?);
             }

@@ -214,7 +214,7 @@ impl Layer for SimComm {
                 (away(send).max(away(recv)) as f64, n - 1)
             }
             // Pipelined along a chain: the bytes once, a latency per hop.
-            CollectiveCall::Broadcast { len } => (len as f64, n - 1),
+            CollectiveCall::Broadcast { len, .. } => (len as f64, n - 1),
             CollectiveCall::Barrier => (0.0, 2 * (n - 1)),
         };
         self.timed_collective(volume, steps, |c| run(c))

@@ -9,13 +9,16 @@ use rand_distr::{Distribution, LogNormal};
 use crate::error::{Result, SimError};
 
 /// The cluster presets.
-pub const CLUSTERS: [&str; 2] = ["a800x32", "h100x8"];
+pub const CLUSTERS: [&str; 3] = ["a800x32", "h100x8", "eth8x8"];
 
 /// The dataset presets.
 pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
 
 /// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s,
-/// 200 GB/s between nodes) or `h100x8` (one node of 8 H100-80G, NVLink 900 GB/s).
+/// 200 GB/s between nodes), `h100x8` (one node of 8 H100-80G, NVLink 900 GB/s) or `eth8x8`
+/// (commodity Ethernet: 8 nodes × 8 A100-80G, NVLink 300 GB/s inside a node, one 25 Gb/s port
+/// per node — 3.125 GB/s for one stream, 0.39 GB/s per device when all eight send — and 30 µs
+/// TCP latency).
 pub fn cluster(name: &str) -> Result<Cluster> {
     let link = |gbps: f64, latency_us: f64| Link { gbps, latency_us };
     match name {
@@ -37,6 +40,18 @@ pub fn cluster(name: &str) -> Result<Cluster> {
             link(900.0, 3.0),
             link(400.0, 8.0),
         )),
+        "eth8x8" => Ok(Cluster {
+            nic_gbps: 25.0 / 8.0,
+            ..Cluster::new(
+                name,
+                8,
+                8,
+                312.0,
+                80.0,
+                link(300.0, 5.0),
+                link(25.0 / 8.0 / 8.0, 30.0),
+            )
+        }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",
             name: other.into(),

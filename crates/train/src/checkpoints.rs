@@ -171,6 +171,7 @@ mod tests {
             exp_avg: w.clone(),
             exp_avg_sq: w,
             run: serde_json::json!({}),
+            state: [("rank0/dp2/0/worker".to_string(), vec![0.5; 3])].into(),
         }
     }
 
@@ -189,6 +190,19 @@ mod tests {
         let kept: Vec<u64> = steps(&dir).iter().map(|s| s.0).collect();
         assert_eq!(kept, vec![20, 30]);
         assert_eq!(latest(&dir).as_deref(), Some("step-00000030"));
+        // What the run keeps besides weights and moments comes back, checksummed.
+        let back = Checkpoint::load(&dir, &cfg()).unwrap();
+        assert_eq!(back, ck(30));
+        let extra = dir.join("step-00000030").join("run_state.safetensors");
+        let mut bytes = std::fs::read(&extra).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&extra, bytes).unwrap();
+        let e = Checkpoint::load(&dir, &cfg()).unwrap_err().to_string();
+        assert!(
+            e.contains("run_state.safetensors") && e.contains("checksum"),
+            "{e}"
+        );
         drop(run);
         // A half-written folder of a killed run is cleaned; a fresh run is refused, a resumed
         // one welcome, a forced one starts from nothing.

@@ -8,6 +8,7 @@ use data::Packing;
 use graph::{Schedule, Strategy};
 use kernels::{AdamW, GemmPrecision};
 use model::{LlamaConfig, Weights};
+use planner::exchange::Exchange;
 use planner::{Cluster, Plan};
 
 use crate::error::{Result, TrainError};
@@ -194,6 +195,9 @@ pub struct TrainConfig {
     pub resume: Option<PathBuf>,
     /// Also time the run as on this cluster (the simulator's clock); the training is unchanged.
     pub simulate: Option<Cluster>,
+    /// How DP replicas exchange gradients: exact by the ring (the default), another all-reduce
+    /// algorithm, or a codec with error feedback.
+    pub exchange: Exchange,
     /// Go ahead where a safety check would refuse: start fresh in a checkpoint directory that
     /// holds another run's steps (deleting them), resume under settings that change the data
     /// order.
@@ -247,6 +251,7 @@ impl TrainConfig {
             eval: None,
             resume: None,
             simulate: None,
+            exchange: Exchange::default(),
             force: false,
             stop: None,
         }
@@ -298,6 +303,27 @@ impl TrainConfig {
                 ));
             }
             Ok(())
+        }
+        if self.exchange.cross_node_only
+            && matches!(self.exchange.codec, comm::codec::Codec::PowerSgd(_))
+        {
+            return Err(TrainError::setting(
+                "compress_cross_node_only",
+                "PowerSGD compresses whole matrices, and the exchange across nodes carries one \
+                 member's slice of the bucket: not implemented together; drop one of them",
+            ));
+        }
+        if let Some(d) = self.devices_per_node {
+            at_least("devices_per_node", d, 1)?;
+            if !self.devices.is_multiple_of(d) && self.devices > 1 {
+                return Err(TrainError::setting(
+                    "devices_per_node",
+                    format!(
+                        "{d} does not divide the {} devices: every node holds as many",
+                        self.devices
+                    ),
+                ));
+            }
         }
         at_least("global_batch", self.global_batch, 1)?;
         at_least("steps", self.steps, 1)?;
@@ -457,6 +483,10 @@ impl TrainConfig {
                 Tokenizer::File(p) => serde_json::json!(p),
             },
             "append_eos": self.append_eos,
+            "grad_compression": self.exchange.codec.to_string(),
+            "error_feedback": self.exchange.error_feedback,
+            "compress_cross_node_only": self.exchange.cross_node_only,
+            "allreduce": self.exchange.algorithm.to_string(),
         })
     }
 }

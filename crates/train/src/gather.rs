@@ -68,10 +68,55 @@ pub fn to_root(world: &dyn Communicator, sets: Sets) -> Result<Option<Vec<Sets>>
     Ok(Some(all))
 }
 
+/// Named vectors as one set: the names (their UTF-8 bytes, one value each, `\n` between) first,
+/// then the vectors.
+pub fn named_to_set(named: Vec<(String, Vec<f32>)>) -> Vec<Vec<f32>> {
+    let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    let header = names.join("\n").bytes().map(f32::from).collect();
+    let mut set = vec![header];
+    set.extend(named.into_iter().map(|(_, v)| v));
+    set
+}
+
+/// The inverse of [`named_to_set`].
+pub fn set_to_named(mut set: Vec<Vec<f32>>) -> Result<Vec<(String, Vec<f32>)>> {
+    if set.is_empty() {
+        return Ok(Vec::new());
+    }
+    let header = set.remove(0);
+    let bytes: Vec<u8> = header.iter().map(|&b| b as u8).collect();
+    let text = String::from_utf8(bytes).map_err(|e| TrainError::Rank {
+        rank: 0,
+        reason: format!("sent state names that are not UTF-8: {e}"),
+    })?;
+    let names: Vec<String> = if text.is_empty() {
+        Vec::new()
+    } else {
+        text.split('\n').map(str::to_string).collect()
+    };
+    if names.len() != set.len() {
+        return Err(TrainError::Rank {
+            rank: 0,
+            reason: format!("sent {} state names for {} vectors", names.len(), set.len()),
+        });
+    }
+    Ok(names.into_iter().zip(set).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use comm::{CommError, ThreadComm};
+
+    #[test]
+    fn named_vectors_travel_as_a_set() {
+        let named = vec![
+            ("a/0/worker".to_string(), vec![1.0, -2.0]),
+            ("b".to_string(), vec![]),
+        ];
+        assert_eq!(set_to_named(named_to_set(named.clone())).unwrap(), named);
+        assert!(set_to_named(named_to_set(Vec::new())).unwrap().is_empty());
+    }
 
     #[test]
     fn rank_zero_gets_every_ranks_sets_in_order() {

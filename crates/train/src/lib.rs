@@ -35,11 +35,13 @@ mod checkpoints;
 mod config;
 mod error;
 mod eval;
+pub mod exchange;
 pub mod gather;
 mod hot;
 mod metrics;
 pub mod outputs;
 mod planning;
+mod powersgd;
 mod prepare;
 mod profile;
 mod rank;
@@ -58,7 +60,7 @@ pub use eval::{evaluate, Evaluation};
 pub use hot::{HotRank, HotSetup, HotStep};
 pub use metrics::{
     read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics,
-    SimulatedMetrics, SimulatedPhases, Sink, StepMetrics,
+    SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics,
 };
 pub use planning::{batch_lengths, cost_model, plan_of, planner};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};

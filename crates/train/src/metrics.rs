@@ -41,6 +41,19 @@ pub struct StepMetrics {
     /// At an evaluation step: the held-out loss after the update.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalMetrics>,
+    /// Bytes the ranks sent during the step, by link class (absent in files of older runs).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireMetrics>,
+}
+
+/// Bytes on the wire in a step: every rank's sends (gradient exchange, TP and pipeline
+/// traffic, switches, the step's bookkeeping), to ranks on its own node and to other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WireMetrics {
+    /// To ranks on the sender's node.
+    pub wire_intra_node_bytes: u64,
+    /// To ranks on other nodes.
+    pub wire_inter_node_bytes: u64,
 }
 
 /// The held-out loss after a step's update.
@@ -266,6 +279,7 @@ mod tests {
             hot: None,
             simulated: None,
             eval: None,
+            wire: None,
         };
         let line = serde_json::to_string(&m).unwrap();
         assert!(
@@ -283,6 +297,16 @@ mod tests {
         assert_eq!(v["switch_bytes"], 4096);
         assert_eq!(v["strategy_seconds"]["dp4"], 0.1);
         assert_eq!(v["peak_bytes"], (1u64 << 40) + 3);
+        assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), m);
+        m.wire = Some(WireMetrics {
+            wire_intra_node_bytes: 10,
+            wire_inter_node_bytes: 1 << 41,
+        });
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(
+            line.contains(r#""wire_inter_node_bytes":2199023255552"#),
+            "{line}"
+        );
         assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), m);
     }
 }

@@ -6,10 +6,13 @@ use planner::{Cluster, CostModel, Plan, Planner};
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::Result;
 
-/// The cost model of `cfg`'s model on `cluster`, estimating the packing the runtime runs.
+/// The cost model of `cfg`'s model on `cluster`, estimating the packing the runtime runs and
+/// the gradient exchange the run uses (the planner weighs strategies with it; it never picks a
+/// codec the user did not ask for).
 pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
     let mut cost = CostModel::new(cluster, cfg.model.clone());
     cost.packing = TrainConfig::packing(cfg.budget(0));
+    cost.exchange = cfg.exchange;
     cost
 }
 

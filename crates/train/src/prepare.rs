@@ -118,7 +118,11 @@ const DATA_POSITION: [&str; 6] = [
     "shuffle",
 ];
 /// Settings a resumed run may change, reported when it does.
-const REPORTED: [&str; 12] = [
+const REPORTED: [&str; 16] = [
+    "grad_compression",
+    "error_feedback",
+    "compress_cross_node_only",
+    "allreduce",
     "steps",
     "lr",
     "lr_schedule",
@@ -215,10 +219,24 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         None => None,
     };
     let (inst, planner, strategies) = decide(&cfg, &data, sink)?;
+    exchange_notices(&cfg, &strategies, planner.is_some(), sink);
     let resumed = match &cfg.resume {
         Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, sink)?)),
         None => None,
     };
+    if let Some(ck) = &resumed {
+        let e = &cfg.exchange;
+        let kept = ck.state.len();
+        if kept > 0 && (e.codec == comm::codec::Codec::None || !e.error_feedback) {
+            sink.notice(&format!(
+                "the checkpoint holds {kept} vectors of gradient-exchange state (error-feedback \
+                 residuals, warm starts) that --grad-compression {} --error-feedback {} does not \
+                 use",
+                e.codec,
+                if e.error_feedback { "on" } else { "off" }
+            ));
+        }
+    }
     let start_step = resumed.as_ref().map_or(0, |c| c.step as usize);
     let ranks_here = if mpi.is_some() { 1 } else { cfg.devices };
     let strategy_refs: Vec<&Strategy> = strategies.iter().collect();
@@ -259,7 +277,14 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         cfg.steps,
         cfg.global_batch
     );
-    let devices_per_node = cfg.devices_per_node.unwrap_or(cfg.devices);
+    // Thread ranks sit on one node unless told otherwise (or simulated on a cluster's nodes).
+    let devices_per_node = cfg
+        .devices_per_node
+        .or(cfg
+            .simulate
+            .as_ref()
+            .map(|c| c.devices_per_node.min(cfg.devices)))
+        .unwrap_or(cfg.devices);
     Ok(Prepared {
         cfg: Arc::new(cfg),
         inst,
@@ -276,6 +301,61 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         eval_data,
         summary,
     })
+}
+
+/// Says where a gradient-exchange setting changes nothing in this run (no strategy with DP,
+/// every rank on one node, ...), so that no flag is taken silently.
+fn exchange_notices(
+    cfg: &TrainConfig,
+    strategies: &[Strategy],
+    planned: bool,
+    sink: &mut dyn Sink,
+) {
+    use comm::codec::Codec;
+    use planner::exchange::AlgorithmChoice;
+    let e = &cfg.exchange;
+    let default = planner::exchange::Exchange::default();
+    if *e == default {
+        return;
+    }
+    let with_dp: Vec<&Strategy> = strategies.iter().filter(|s| s.dp > 1).collect();
+    if with_dp.is_empty() && !planned {
+        sink.notice(&format!(
+            "gradient exchange {e}: no strategy of this run has DP > 1, so no gradients are \
+             exchanged and it changes nothing"
+        ));
+        return;
+    }
+    if e.codec == Codec::None && !e.error_feedback {
+        sink.notice("--error-feedback off: there is no codec (--grad-compression none), nothing to feed back");
+    }
+    let one_node = cfg.devices_per_node.unwrap_or(cfg.devices) >= cfg.devices
+        && cfg
+            .simulate
+            .as_ref()
+            .is_none_or(|c| c.devices_per_node >= cfg.devices);
+    if e.cross_node_only && one_node {
+        sink.notice(
+            "--compress-cross-node-only: every rank is on one node (see --devices-per-node), so \
+             the exchange stays exact",
+        );
+    }
+    if e.algorithm == AlgorithmChoice::Fixed(comm::allreduce::Algorithm::Hierarchical) && one_node {
+        sink.notice("--allreduce hier: every rank is on one node, so it runs as the ring");
+    }
+    if with_dp.iter().any(|s| s.zero >= graph::Zero::Gradients) {
+        sink.notice(&format!(
+            "ZeRO-2/3 reduce-scatters each gradient: by the ring whatever --allreduce says{}",
+            if (e.codec.is_dense() && !e.cross_node_only) || e.codec == Codec::None {
+                String::new()
+            } else {
+                format!(
+                    ", and {} reduces the whole gradient before this rank keeps its slice",
+                    e.codec
+                )
+            }
+        ));
+    }
 }
 
 /// Whether `--save` names one safetensors file rather than a model folder.

@@ -5,6 +5,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use comm::wire::{Wire, WireMeter};
 use comm::{words, Communicator};
 use data::Dataset;
 use graph::Strategy;
@@ -16,7 +17,7 @@ use runtime::{GradientAgreement, Optimizer, RankGroups};
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
-use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics};
+use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics, WireMetrics};
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
 use crate::watchdog::{Fault, Heartbeats};
 
@@ -36,8 +37,9 @@ pub(crate) enum Msg {
     Finished(Result<Option<Collected>>),
 }
 
-/// One rank's pieces of the weights and both moments, with what it holds.
-pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held);
+/// One rank's pieces of the weights and both moments, with what it holds, and what its
+/// gradient agreement keeps between steps.
+pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held, Vec<(String, Vec<f32>)>);
 
 /// On world rank 0 at the end: every rank's final pieces with what it holds, and every rank's
 /// peak bytes.
@@ -75,6 +77,13 @@ impl Job {
     ) -> Result<Option<Collected>> {
         let cfg = &self.cfg;
         let model = &cfg.model;
+        // Every byte this rank sends, by link class (nodes of `devices_per_node` ranks).
+        let meter = Arc::new(WireMeter::default());
+        let per = self.devices_per_node.max(1);
+        let nodes = Arc::new((0..world.size()).map(|r| r / per).collect::<Vec<_>>());
+        let all: Vec<comm::Rank> = (0..world.size()).map(comm::Rank).collect();
+        let wired = Wire::new(world.sub_group(&all)?, nodes, meter.clone());
+        let world: &dyn Communicator = &wired;
         let me = world.rank().0;
         let all_held = if me == 0 {
             self.everyones_held(world.size())?
@@ -102,6 +111,13 @@ impl Job {
             let m = rank_params(model, &exec, &ck.exp_avg, tp_rank)?.params;
             let v = rank_params(model, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
+            let prefix = format!("rank{me}/");
+            let kept = ck
+                .state
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
+                .collect();
+            self.agreement.restore(me, kept)?;
         }
         // Evaluation runs on the optimizer's weights, under its strategy.
         let mut eval_runner = match &self.eval_data {
@@ -152,6 +168,8 @@ impl Job {
                 runtime::profile::record("optimizer (norm+AdamW)", t.elapsed().as_secs_f64());
             }
             let peak = words::all_max(world, out.peak_bytes as u64)?;
+            let sent = meter.take();
+            let wire = words::all_sum(world, &[sent.intra_node, sent.inter_node])?;
             peak_all = peak_all.max(out.peak_bytes);
             let simulated = match (clock, &clock0) {
                 (Some(c), Some(c0)) => {
@@ -206,6 +224,10 @@ impl Job {
                     hot: out.hot,
                     simulated,
                     eval,
+                    wire: Some(WireMetrics {
+                        wire_intra_node_bytes: wire[0],
+                        wire_inter_node_bytes: wire[1],
+                    }),
                 }));
             }
             let due = every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps);
@@ -258,18 +280,25 @@ impl Job {
         step: usize,
     ) -> Result<()> {
         let mo = opt.state_host(be, groups)?;
-        let sets = vec![opt.params_host(be, groups)?, mo.exp_avg, mo.exp_avg_sq];
+        let kept = crate::gather::named_to_set(self.agreement.state(world.rank().0));
+        let sets = vec![
+            opt.params_host(be, groups)?,
+            mo.exp_avg,
+            mo.exp_avg_sq,
+            kept,
+        ];
         if let Some(all) = crate::gather::to_root(world, sets)? {
             let parts = all
                 .into_iter()
                 .zip(all_held)
                 .map(|(mut sets, h)| {
+                    let kept = crate::gather::set_to_named(sets.pop().unwrap_or_default())?;
                     let v = sets.pop().unwrap_or_default();
                     let m = sets.pop().unwrap_or_default();
                     let p = sets.pop().unwrap_or_default();
-                    ([p, m, v], h.clone())
+                    Ok(([p, m, v], h.clone(), kept))
                 })
-                .collect();
+                .collect::<Result<Vec<_>>>()?;
             let _ = self.tx.send(Msg::Checkpoint {
                 step: step as u64,
                 parts,

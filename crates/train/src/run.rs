@@ -10,7 +10,7 @@ use comm::{Communicator, ThreadComm};
 use graph::Strategy;
 use kernels::{CpuBackend, CudaBackend};
 use model::{gather_weights, Checkpoint, Weights};
-use runtime::{ExactAllReduce, GradientAgreement};
+use runtime::GradientAgreement;
 
 use crate::config::{Device, TrainConfig};
 use crate::error::{Result, TrainError};
@@ -98,7 +98,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         start_step: p.start_step,
         planner: p.planner.clone(),
         devices_per_node: p.devices_per_node,
-        agreement: Arc::new(ExactAllReduce) as Arc<dyn GradientAgreement>,
+        agreement: agreement(&p),
         tx: tx.clone(),
         heartbeats: heartbeats.clone(),
         fault,
@@ -193,6 +193,20 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
 
 /// Starts the ranks on a thread of their own, which sends [`Msg::Finished`] with their result
 /// when they are done (or when the communicator gave up on a failed or stuck one).
+/// The gradient agreement of the run: its exchange, `auto` weighing algorithms on the simulated
+/// cluster, else the planner's, else nominal links of this machine.
+fn agreement(p: &Prepared) -> Arc<dyn GradientAgreement> {
+    let cluster = p.cfg.simulate.clone().or_else(|| match &p.cfg.strategy {
+        crate::StrategySpec::Auto(c) => Some((**c).clone()),
+        _ => None,
+    });
+    Arc::new(crate::exchange::Agreement::new(
+        p.cfg.exchange,
+        cluster,
+        p.devices_per_node,
+    ))
+}
+
 fn spawn_ranks(
     p: &Prepared,
     job: Arc<Job>,
@@ -299,9 +313,17 @@ fn write_checkpoint(
     let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
         parts
             .iter()
-            .map(|(sets, h)| (sets[i].clone(), h.clone()))
+            .map(|(sets, h, _)| (sets[i].clone(), h.clone()))
             .collect()
     };
+    let state = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(r, (_, _, kept))| {
+            kept.iter()
+                .map(move |(name, v)| (format!("rank{r}/{name}"), v.clone()))
+        })
+        .collect();
     let model = &p.cfg.model;
     let ck = Checkpoint {
         step,
@@ -309,6 +331,7 @@ fn write_checkpoint(
         exp_avg: gather_weights(model, &p.inst, &pick(1))?,
         exp_avg_sq: gather_weights(model, &p.inst, &pick(2))?,
         run: p.cfg.record(&p.inst),
+        state,
     };
     let dir = p
         .checkpoints

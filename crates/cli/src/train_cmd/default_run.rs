@@ -62,7 +62,7 @@ fn project_files() -> Vec<PathBuf> {
 /// paragraphs of this project's own sources through the byte tokenizer, hot switching between
 /// DP4 (short paragraphs) and DP2×TP2, timed as on the HotSPa paper's cluster too; everything is
 /// written under `runs/default-<unix time>/`, the model as an HF folder.
-pub(super) fn default_run(mut args: TrainFlags) -> Result<()> {
+pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> {
     let files = project_files();
     if files.len() < 5 {
         bail!(
@@ -79,35 +79,68 @@ pub(super) fn default_run(mut args: TrainFlags) -> Result<()> {
     std::fs::write(dir.join("config.json"), DEFAULT_CONFIG)?;
     args.model = Some(dir.clone());
     args.data_files = Some(files);
-    args.devices = Some(4);
-    // Paragraphs of 64 bytes or less (a tenth of them) under DP4, which sends no activations;
-    // the rest under DP2×TP2, which holds the optimizer (half the model state per device).
-    args.strategies = Some("dp4:64,dp2tp2:max".into());
-    // What the same steps would take on the HotSPa paper's cluster.
-    args.sim_cluster = Some("a800x32".into());
-    args.steps = 300;
-    args.global_batch = 16;
-    args.max_len = Some(256);
-    args.lr = 2e-3;
-    args.lr_schedule = "cosine".into();
-    args.warmup = 10;
-    args.min_lr = 2e-4;
-    args.checkpoint_dir = Some(dir.join("checkpoints"));
-    args.checkpoint_every = Some(50);
-    args.metrics = Some(dir.join("metrics.jsonl"));
-    args.save = Some(dir.join("model"));
+    // Each setting of the default run, unless the command line gave that flag.
+    let mine = |flag: &str| !given.iter().any(|g| g == flag);
+    if mine("devices") {
+        args.devices = Some(4);
+    }
+    if mine("strategies") && mine("strategy") {
+        // Paragraphs of 64 bytes or less (a tenth of them) under DP4, which sends no
+        // activations; the rest under DP2×TP2, which holds the optimizer (half the model state
+        // per device).
+        args.strategies = Some("dp4:64,dp2tp2:max".into());
+    }
+    if mine("sim_cluster") {
+        // What the same steps would take on the HotSPa paper's cluster.
+        args.sim_cluster = Some("a800x32".into());
+    }
+    if mine("steps") {
+        args.steps = 300;
+    }
+    if mine("global_batch") {
+        args.global_batch = 16;
+    }
+    if mine("max_len") {
+        args.max_len = Some(256);
+    }
+    if mine("lr") {
+        args.lr = 2e-3;
+    }
+    if mine("lr_schedule") {
+        args.lr_schedule = "cosine".into();
+    }
+    if mine("warmup") {
+        args.warmup = 10;
+    }
+    if mine("min_lr") {
+        args.min_lr = 2e-4;
+    }
+    if mine("checkpoint_dir") {
+        args.checkpoint_dir = Some(dir.join("checkpoints"));
+        if mine("checkpoint_every") {
+            args.checkpoint_every = Some(50);
+        }
+    }
+    if mine("metrics") {
+        args.metrics = Some(dir.join("metrics.jsonl"));
+    }
+    if mine("save") {
+        args.save = Some(dir.join("model"));
+    }
     eprintln!(
         "default run: a small LLaMA trained on this project's own files, written to {}",
         dir.display()
     );
     super::train(&args)?;
-    let plot = dir.join("plot.svg");
-    crate::chart::plot_file(&dir.join("metrics.jsonl"), &plot)?;
+    if let Some(metrics) = &args.metrics {
+        crate::chart::plot_file(metrics, &dir.join("plot.svg"))?;
+    }
+    let model = args.save.clone().unwrap_or_else(|| dir.join("model"));
     eprintln!(
         "run written to {}: config.json, model/ (an HF model folder), checkpoints/, metrics.jsonl, plot.svg\n\
-         continue a prompt with it: hotspa generate --model {}/model --prompt \"fn main\"",
+         continue a prompt with it: hotspa generate --model {} --prompt \"fn main\"",
         dir.display(),
-        dir.display()
+        model.display()
     );
     Ok(())
 }

@@ -570,6 +570,13 @@ impl Communicator for MpiComm {
         self.members.iter().map(|&r| Rank(r)).collect()
     }
 
+    fn member_nodes(&self) -> Vec<usize> {
+        self.members
+            .iter()
+            .map(|&r| self.process.nodes[r])
+            .collect()
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
     }

@@ -1,0 +1,306 @@
+//! The gradient exchange flags as a user runs them: `--grad-compression none` is bitwise the
+//! default, every other setting changes what runs (and says so in the wire bytes), the exact
+//! algorithms land within f32 rounding of the ring, residuals survive a checkpoint bitwise, and
+//! bad values are refused by name.
+
+use std::path::Path;
+use std::process::Command;
+
+use model::{LlamaConfig, Weights};
+
+const CONFIG: &str = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+
+fn setup(dir: &Path) {
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let mut lines = String::new();
+    for i in 0..32u32 {
+        let n = [5usize, 9, 12, 30, 7, 14][i as usize % 6];
+        let ids: Vec<String> = (0..n as u32)
+            .map(|j| ((i * 7 + j * j + 3 * j) % 64).to_string())
+            .collect();
+        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
+    }
+    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+    let cfg = LlamaConfig::load(dir).unwrap();
+    Weights::random(&cfg, 3)
+        .save(&dir.join("init.safetensors"))
+        .unwrap();
+}
+
+struct Run {
+    weights: Weights,
+    metrics: Vec<serde_json::Value>,
+    stderr: String,
+}
+
+/// Trains 4 steps of DP4 with `extra` flags; the saved weights and the metrics.
+fn train(dir: &Path, name: &str, extra: &[&str]) -> Run {
+    let d = dir.to_str().unwrap();
+    let save = dir.join(format!("{name}.safetensors"));
+    let metrics = dir.join(format!("{name}.jsonl"));
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        d,
+        "--init",
+        &format!("{d}/init.safetensors"),
+        "--data",
+        &format!("{d}/data.jsonl"),
+        "--devices",
+        "4",
+        "--strategy",
+        "dp4",
+        "--global-batch",
+        "8",
+        "--steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--save",
+        save.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    if extra.contains(&"--resume") {
+        // A resumed run starts from the checkpoint's weights.
+        args.drain(3..5);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{name}: {stderr}");
+    let metrics = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    Run {
+        weights: Weights::load(&LlamaConfig::load(dir).unwrap(), &save).unwrap(),
+        metrics,
+        stderr,
+    }
+}
+
+fn wire(r: &Run, key: &str) -> u64 {
+    r.metrics.iter().map(|m| m[key].as_u64().unwrap()).sum()
+}
+
+fn refused(dir: &Path, extra: &[&str]) -> String {
+    let d = dir.to_str().unwrap();
+    let mut args = vec![
+        "train",
+        "--model",
+        d,
+        "--data",
+        &format!("{d}/data.jsonl"),
+        "--devices",
+        "4",
+        "--steps",
+        "1",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(&args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{extra:?} was accepted");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let plain = train(d, "plain", &[]);
+    let none = train(
+        d,
+        "none",
+        &["--grad-compression", "none", "--allreduce", "ring"],
+    );
+    assert!(
+        none.weights == plain.weights,
+        "--grad-compression none is not bitwise the default"
+    );
+    let losses = |r: &Run| -> Vec<f64> {
+        r.metrics
+            .iter()
+            .map(|m| m["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&none), losses(&plain));
+    let exact_bytes = wire(&plain, "wire_intra_node_bytes");
+    assert!(exact_bytes > 0);
+    assert_eq!(
+        wire(&plain, "wire_inter_node_bytes"),
+        0,
+        "one node: nothing crosses"
+    );
+
+    // Exact algorithms: another order of the same additions, within f32 rounding of the ring;
+    // rhd and tree are not the ring bit for bit (so they ran).
+    for algo in ["rhd", "tree", "auto"] {
+        let r = train(d, algo, &["--allreduce", algo]);
+        let (name, worst) = r.weights.worst_difference(&plain.weights);
+        assert!(
+            worst < 1e-5,
+            "--allreduce {algo}: {name} differs by {worst:e}"
+        );
+        if algo != "auto" {
+            assert!(
+                r.weights != plain.weights,
+                "--allreduce {algo} ran the ring"
+            );
+        }
+    }
+    // Two nodes of two: the hierarchy sends across nodes only the cross-node phase.
+    let ring2 = train(d, "ring2", &["--devices-per-node", "2"]);
+    let hier2 = train(
+        d,
+        "hier2",
+        &["--devices-per-node", "2", "--allreduce", "hier"],
+    );
+    assert!(wire(&ring2, "wire_inter_node_bytes") > 0);
+    let (name, worst) = hier2.weights.worst_difference(&plain.weights);
+    assert!(worst < 1e-5, "hier: {name} differs by {worst:e}");
+    assert!(
+        wire(&hier2, "wire_inter_node_bytes") < wire(&ring2, "wire_inter_node_bytes"),
+        "hier {} vs ring {} bytes across nodes",
+        wire(&hier2, "wire_inter_node_bytes"),
+        wire(&ring2, "wire_inter_node_bytes")
+    );
+
+    // Codecs: lossy (not bitwise), close for bf16 (AdamW turns tiny gradient differences into
+    // lr-sized steps, so the losses are compared, not the weights), fewer bytes on the wire.
+    let bf16 = train(d, "bf16", &["--grad-compression", "bf16"]);
+    assert!(bf16.weights != plain.weights, "bf16 is exact");
+    for (a, b) in losses(&bf16).iter().zip(losses(&plain)) {
+        assert!((a - b).abs() < 0.01 * b, "bf16 loss {a} vs exact {b}");
+    }
+    let int8 = train(d, "int8", &["--grad-compression", "int8"]);
+    let int8_off = train(
+        d,
+        "int8off",
+        &["--grad-compression", "int8", "--error-feedback", "off"],
+    );
+    assert!(
+        int8.weights != int8_off.weights,
+        "--error-feedback changed nothing"
+    );
+    for (r, name) in [(&bf16, "bf16"), (&int8, "int8")] {
+        assert!(
+            wire(r, "wire_intra_node_bytes") < exact_bytes,
+            "{name} sent {} bytes, exact {exact_bytes}",
+            wire(r, "wire_intra_node_bytes")
+        );
+    }
+    for codec in ["sign", "topk:0.05", "randk:0.1", "powersgd:2", "fp16"] {
+        let r = train(d, codec, &["--grad-compression", codec]);
+        assert!(r.weights != plain.weights, "{codec} changed nothing");
+        assert!(r
+            .metrics
+            .iter()
+            .all(|m| m["loss"].as_f64().unwrap().is_finite()));
+    }
+    // Only across nodes: two nodes of two, exact inside; fewer bytes cross than flat int8.
+    let flat = train(
+        d,
+        "flat",
+        &["--devices-per-node", "2", "--grad-compression", "int8"],
+    );
+    let cross = train(
+        d,
+        "cross",
+        &[
+            "--devices-per-node",
+            "2",
+            "--grad-compression",
+            "int8",
+            "--compress-cross-node-only",
+        ],
+    );
+    assert!(
+        cross.weights != flat.weights,
+        "cross-node-only changed nothing"
+    );
+    assert!(wire(&cross, "wire_inter_node_bytes") < wire(&flat, "wire_inter_node_bytes"));
+    // On one node, cross-node-only compresses nothing, and says so.
+    let one = train(
+        d,
+        "one",
+        &["--grad-compression", "int8", "--compress-cross-node-only"],
+    );
+    assert!(one.weights == plain.weights, "one node: not exact");
+    assert!(
+        one.stderr.contains("every rank is on one node"),
+        "{}",
+        one.stderr
+    );
+}
+
+#[test]
+fn residuals_survive_a_checkpoint_and_resume_is_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let codec = ["--grad-compression", "int8"];
+    let whole = train(d, "whole", &codec);
+    let ck = d.join("ck");
+    let ck = ck.to_str().unwrap();
+    let mut first = codec.to_vec();
+    first.extend(["--checkpoint-dir", ck, "--checkpoint-every", "2"]);
+    train(d, "first", &first);
+    let step2 = format!("{ck}/step-00000002");
+    assert!(Path::new(&step2).join("run_state.safetensors").is_file());
+    let mut resumed = codec.to_vec();
+    resumed.extend(["--resume", &step2]);
+    let second = train(d, "second", &resumed);
+    assert!(
+        second.weights == whole.weights,
+        "resuming lost the residuals"
+    );
+    // Resuming without compression reports what the checkpoint's state is not used for.
+    let exact = train(d, "exact", &["--resume", &step2]);
+    assert!(
+        exact.stderr.contains("gradient-exchange state")
+            && exact.stderr.contains("grad_compression"),
+        "{}",
+        exact.stderr
+    );
+}
+
+#[test]
+fn bad_exchange_settings_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for (flags, says) in [
+        (vec!["--grad-compression", "topk:2"], "topk:2"),
+        (vec!["--grad-compression", "int4"], "int4"),
+        (vec!["--allreduce", "fast"], "fast"),
+        (vec!["--error-feedback", "maybe"], "--error-feedback maybe"),
+        (
+            vec![
+                "--grad-compression",
+                "powersgd:2",
+                "--compress-cross-node-only",
+            ],
+            "compress_cross_node_only",
+        ),
+        (vec!["--devices-per-node", "3"], "devices_per_node"),
+    ] {
+        let e = refused(d, &flags);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
+}

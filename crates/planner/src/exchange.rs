@@ -1,0 +1,627 @@
+//! The DP gradient exchange as the cost model sees it: which codec (with or without error
+//! feedback, everywhere or only across nodes) and which all-reduce algorithm, and what that
+//! costs on a cluster — bytes on each link class, α–β seconds of each algorithm's steps, and the
+//! codec's own encode and decode passes over memory.
+//!
+//! The α–β model of each algorithm follows its steps as [`comm::allreduce`] and
+//! [`comm::codec`] run them, over node-contiguous members: a step lasts its slowest link's
+//! latency plus its bytes over that link's bandwidth, and a link between nodes is one node's
+//! NIC (`cross_node.gbps × devices_per_node`) shared by the streams that cross it at once — one
+//! per concurrent group for a ring (only the node's boundary member sends out), every member of
+//! every concurrent group for halving–doubling, the trees' crossing edges and the hierarchical
+//! algorithm's inter-node phase.
+//!
+//! ```
+//! use planner::exchange::{AlgorithmChoice, Exchange, GroupShape};
+//! use comm::allreduce::Algorithm;
+//!
+//! let cluster = planner::Cluster::new(
+//!     "eth",
+//!     8,
+//!     8,
+//!     312.0,
+//!     80.0,
+//!     planner::Link { gbps: 300.0, latency_us: 5.0 },
+//!     planner::Link { gbps: 25.0 / 8.0 / 8.0, latency_us: 30.0 },
+//! );
+//! // DP over 64 devices, 8 per node: hierarchical beats a flat ring, a big message pays to
+//! // compress, and `auto` finds the faster algorithm.
+//! let shape = GroupShape { members: 64, per_node: 8, groups_per_node: 1 };
+//! let bytes = 4.0 * 100e6;
+//! let exact = |a| Exchange { algorithm: AlgorithmChoice::Fixed(a), ..Exchange::default() };
+//! let ring = exact(Algorithm::Ring).cost(&cluster, bytes / 4.0, &[], shape);
+//! let hier = exact(Algorithm::Hierarchical).cost(&cluster, bytes / 4.0, &[], shape);
+//! assert!(hier.seconds < ring.seconds);
+//! let int8 = Exchange { codec: comm::codec::Codec::Int8, ..exact(Algorithm::Ring) };
+//! assert!(int8.cost(&cluster, bytes / 4.0, &[], shape).seconds < ring.seconds);
+//! let auto = Exchange { algorithm: AlgorithmChoice::Auto, ..Exchange::default() };
+//! assert!(auto.cost(&cluster, bytes / 4.0, &[], shape).seconds <= hier.seconds);
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use comm::allreduce::Algorithm;
+use comm::codec::{Codec, CHUNK};
+use serde::Serialize;
+
+use crate::cluster::{Cluster, Link};
+
+/// Device memory bandwidth the codecs' passes are timed at where the cluster does not say
+/// (`memory_gbps = 0`, the GPU presets): an A800's HBM2e, GB/s.
+pub const DEFAULT_MEMORY_GBPS: f64 = 1500.0;
+
+/// Memory passes over the gradient (each reading or writing its `f32` values once) of a codec's
+/// encode and decode: a dense codec encodes and decodes twice (the reduce-scatter and the
+/// all-gather), top-k's selection is a few passes of a quickselect, PowerSGD reads the matrix
+/// three times (`MQ`, `MᵀP`, the residual).
+fn codec_passes(codec: Codec) -> f64 {
+    match codec {
+        Codec::None => 0.0,
+        Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => 6.0,
+        Codec::TopK(_) => 8.0,
+        Codec::RandK(_) => 3.0,
+        Codec::PowerSgd(_) => 4.0,
+    }
+}
+
+/// `auto` or one algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlgorithmChoice {
+    /// The cheapest by the α–β model, per message size and group shape.
+    Auto,
+    /// Always this one.
+    Fixed(Algorithm),
+}
+
+impl fmt::Display for AlgorithmChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AlgorithmChoice::Auto => f.write_str("auto"),
+            AlgorithmChoice::Fixed(a) => a.fmt(f),
+        }
+    }
+}
+
+impl FromStr for AlgorithmChoice {
+    type Err = comm::CommError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(AlgorithmChoice::Auto),
+            other => {
+                other
+                    .parse()
+                    .map(AlgorithmChoice::Fixed)
+                    .map_err(|_| comm::CommError::Parse {
+                        what: "all-reduce algorithm",
+                        input: other.into(),
+                        expected: "use auto, ring, rhd, tree or hier".into(),
+                    })
+            }
+        }
+    }
+}
+
+/// How DP replicas exchange gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exchange {
+    /// The codec ([`Codec::None`]: exact).
+    pub codec: Codec,
+    /// Whether each member adds back what its codec left out last time.
+    pub error_feedback: bool,
+    /// Exact inside a node, the codec only on what crosses nodes.
+    pub cross_node_only: bool,
+    /// The all-reduce algorithm of exact sums (and of random-k's values and PowerSGD's factors).
+    pub algorithm: AlgorithmChoice,
+}
+
+impl Default for Exchange {
+    /// Exact, by the ring: what hotspa always did.
+    fn default() -> Self {
+        Exchange {
+            codec: Codec::None,
+            error_feedback: true,
+            cross_node_only: false,
+            algorithm: AlgorithmChoice::Fixed(Algorithm::Ring),
+        }
+    }
+}
+
+impl fmt::Display for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.codec)?;
+        if self.codec != Codec::None {
+            if !self.error_feedback {
+                f.write_str(" (no feedback)")?;
+            }
+            if self.cross_node_only {
+                f.write_str(" across nodes")?;
+            }
+        }
+        write!(f, ", {}", self.algorithm)
+    }
+}
+
+/// Where the members of a DP group sit: `members` in all, `per_node` of them on each node they
+/// use (node-contiguous), and `groups_per_node` such groups exchanging at the same time on one
+/// node (e.g. one per TP rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupShape {
+    /// Members.
+    pub members: usize,
+    /// Members on one node.
+    pub per_node: usize,
+    /// Groups of this shape that share a node's links.
+    pub groups_per_node: usize,
+}
+
+impl GroupShape {
+    fn nodes(&self) -> usize {
+        self.members.div_ceil(self.per_node.max(1))
+    }
+    fn node(&self, member: usize) -> usize {
+        member / self.per_node.max(1)
+    }
+}
+
+/// What one exchange of a group costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ExchangeCost {
+    /// Seconds, communication and codec together.
+    pub seconds: f64,
+    /// Of which the codec's encode and decode.
+    pub codec_seconds: f64,
+    /// Bytes all members send to members on their own node.
+    pub intra_bytes: f64,
+    /// Bytes all members send across nodes.
+    pub inter_bytes: f64,
+}
+
+impl ExchangeCost {
+    fn then(mut self, o: ExchangeCost) -> Self {
+        self.seconds += o.seconds;
+        self.codec_seconds += o.codec_seconds;
+        self.intra_bytes += o.intra_bytes;
+        self.inter_bytes += o.inter_bytes;
+        self
+    }
+}
+
+/// The link between nodes as `streams` concurrent senders of one node see it: the node's total
+/// shared among them, at most what one stream reaches ([`Cluster::nic_gbps`]).
+fn nic(cluster: &Cluster, streams: usize) -> Link {
+    let total = cluster.cross_node.gbps * cluster.devices_per_node as f64;
+    let stream = if cluster.nic_gbps > 0.0 {
+        cluster.nic_gbps
+    } else {
+        cluster.cross_node.gbps
+    };
+    Link {
+        gbps: (total / streams.max(1) as f64).min(stream),
+        latency_us: cluster.cross_node.latency_us,
+    }
+}
+
+/// One step in which every listed sender moves `bytes` to a peer: the slowest link's time.
+struct Steps<'a> {
+    cluster: &'a Cluster,
+    shape: GroupShape,
+    cost: ExchangeCost,
+}
+
+impl<'a> Steps<'a> {
+    fn new(cluster: &'a Cluster, shape: GroupShape) -> Self {
+        Steps {
+            cluster,
+            shape,
+            cost: ExchangeCost::default(),
+        }
+    }
+
+    /// Every `(from, to)` pair sends `bytes` at once; `crossing_streams` senders of a node share
+    /// its NIC.
+    fn step(&mut self, pairs: &[(usize, usize)], bytes: f64, crossing_streams: usize) -> f64 {
+        let mut worst = 0.0f64;
+        for &(a, b) in pairs {
+            let cross = self.shape.node(a) != self.shape.node(b);
+            let link = if cross {
+                self.cost.inter_bytes += bytes;
+                nic(self.cluster, crossing_streams)
+            } else {
+                self.cost.intra_bytes += bytes;
+                self.cluster.same_node
+            };
+            worst = worst.max(link.seconds(bytes, 1.0));
+        }
+        self.cost.seconds += worst;
+        worst
+    }
+
+    fn ring(&mut self, chunk: f64, steps: usize) {
+        let n = self.shape.members;
+        let pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, (i + 1) % n)).collect();
+        for _ in 0..steps {
+            self.step(&pairs, chunk, self.shape.groups_per_node);
+        }
+    }
+}
+
+/// Seconds and bytes of an exact all-reduce of `bytes` by `algo` over `shape`.
+fn exact(cluster: &Cluster, bytes: f64, algo: Algorithm, shape: GroupShape) -> ExchangeCost {
+    let n = shape.members;
+    if n <= 1 {
+        return ExchangeCost::default();
+    }
+    let all_cross = shape.per_node * shape.groups_per_node;
+    let mut s = Steps::new(cluster, shape);
+    match algo {
+        Algorithm::Ring => s.ring(bytes / n as f64, 2 * (n - 1)),
+        Algorithm::HalvingDoubling => {
+            let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+            let extra = n - p;
+            let real = |v: usize| if v < extra { 2 * v + 1 } else { v + extra };
+            let fold: Vec<(usize, usize)> = (0..extra).map(|i| (2 * i, 2 * i + 1)).collect();
+            if extra > 0 {
+                s.step(&fold, bytes, all_cross);
+            }
+            let mut d = p / 2;
+            let mut size = bytes / 2.0;
+            let mut rounds = Vec::new();
+            while d >= 1 {
+                let pairs: Vec<(usize, usize)> = (0..p).map(|v| (real(v), real(v ^ d))).collect();
+                rounds.push((pairs, size));
+                d /= 2;
+                size /= 2.0;
+            }
+            for (pairs, size) in rounds.iter().chain(rounds.iter().rev()) {
+                s.step(pairs, *size, all_cross);
+            }
+            if extra > 0 {
+                let back: Vec<(usize, usize)> = fold.iter().map(|&(a, b)| (b, a)).collect();
+                s.step(&back, bytes, all_cross);
+            }
+        }
+        Algorithm::DoubleTree => {
+            // Two trees, one after the other, each reducing up then broadcasting down half the
+            // buffer level by level; a parent takes its two children's halves in turn.
+            let depth = usize::BITS - n.leading_zeros();
+            for tree in 0..2 {
+                let rank = |pos: usize| if tree == 0 { pos } else { n - 1 - pos };
+                for _phase in 0..2 {
+                    for level in 1..depth as usize {
+                        let first = (1usize << level) - 1;
+                        let last = ((1usize << (level + 1)) - 1).min(n);
+                        let pairs: Vec<(usize, usize)> = (first..last)
+                            .map(|pos| (rank(pos), rank((pos - 1) / 2)))
+                            .collect();
+                        if !pairs.is_empty() {
+                            // A parent serves its two children one after the other.
+                            let one = s.step(&pairs, bytes / 2.0, all_cross);
+                            s.cost.seconds += one;
+                        }
+                    }
+                }
+            }
+        }
+        Algorithm::Hierarchical => {
+            let g = shape.per_node.min(n);
+            let m = shape.nodes();
+            if g <= 1 || m <= 1 {
+                return exact(cluster, bytes, Algorithm::Ring, shape);
+            }
+            let local = GroupShape {
+                members: g,
+                per_node: g,
+                groups_per_node: shape.groups_per_node,
+            };
+            let across = GroupShape {
+                members: m,
+                per_node: 1,
+                groups_per_node: g * shape.groups_per_node,
+            };
+            let half = |c: ExchangeCost| ExchangeCost {
+                seconds: c.seconds / 2.0,
+                codec_seconds: 0.0,
+                intra_bytes: c.intra_bytes / 2.0 * m as f64,
+                inter_bytes: c.inter_bytes / 2.0 * m as f64,
+            };
+            let rs = half(exact(cluster, bytes, Algorithm::Ring, local));
+            let mut mid = exact(cluster, bytes / g as f64, Algorithm::Ring, across);
+            mid.intra_bytes *= g as f64;
+            mid.inter_bytes *= g as f64;
+            return rs.then(mid).then(rs);
+        }
+    }
+    s.cost
+}
+
+/// The matrices a codec like PowerSGD sees: `(rows, cols)` of each, and the values of the
+/// tensors it sends exactly.
+pub type Matrices<'a> = &'a [(f64, f64)];
+
+impl Exchange {
+    /// The algorithm this exchange runs for an exact all-reduce of `bytes` over `shape`.
+    pub fn algorithm_for(&self, cluster: &Cluster, bytes: f64, shape: GroupShape) -> Algorithm {
+        match self.algorithm {
+            AlgorithmChoice::Fixed(a) => a,
+            AlgorithmChoice::Auto => Algorithm::ALL
+                .into_iter()
+                .map(|a| (a, exact(cluster, bytes, a, shape).seconds))
+                .min_by(|x, y| x.1.total_cmp(&y.1))
+                .map_or(Algorithm::Ring, |(a, _)| a),
+        }
+    }
+
+    /// One exchange of `values` gradient values (`matrices` of them in matrices, for PowerSGD;
+    /// empty: one square matrix) over `shape`.
+    pub fn cost(
+        &self,
+        cluster: &Cluster,
+        values: f64,
+        matrices: Matrices<'_>,
+        shape: GroupShape,
+    ) -> ExchangeCost {
+        if shape.members <= 1 || values <= 0.0 {
+            return ExchangeCost::default();
+        }
+        let elem = cluster.elem_bytes;
+        if self.codec == Codec::None {
+            let bytes = values * elem;
+            return exact(
+                cluster,
+                bytes,
+                self.algorithm_for(cluster, bytes, shape),
+                shape,
+            );
+        }
+        let g = shape.per_node.min(shape.members);
+        if self.cross_node_only && g > 1 {
+            let m = shape.nodes();
+            let local = GroupShape {
+                members: g,
+                per_node: g,
+                groups_per_node: shape.groups_per_node,
+            };
+            // Exact reduce-scatter and all-gather inside the node (each half a ring), the codec
+            // on each member's 1/g chunk across nodes, g groups at once.
+            let ring = exact(cluster, values * elem, Algorithm::Ring, local);
+            let half = ExchangeCost {
+                seconds: ring.seconds / 2.0,
+                codec_seconds: 0.0,
+                intra_bytes: ring.intra_bytes / 2.0 * m as f64,
+                inter_bytes: 0.0,
+            };
+            if m <= 1 {
+                return half.then(half);
+            }
+            let across = GroupShape {
+                members: m,
+                per_node: 1,
+                groups_per_node: g * shape.groups_per_node,
+            };
+            let mut mid = Exchange {
+                cross_node_only: false,
+                ..*self
+            }
+            .cost(cluster, values / g as f64, matrices, across);
+            mid.intra_bytes *= g as f64;
+            mid.inter_bytes *= g as f64;
+            return half.then(mid).then(half);
+        }
+        let n = shape.members;
+        let memory = if cluster.memory_gbps > 0.0 {
+            cluster.memory_gbps
+        } else {
+            DEFAULT_MEMORY_GBPS
+        };
+        let codec_seconds = codec_passes(self.codec) * values * 4.0 / (memory * 1e9);
+        let mut s = Steps::new(cluster, shape);
+        let comm = match self.codec {
+            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => {
+                let per_value = self.codec.encoded_words(CHUNK) as f64 * 4.0 / CHUNK as f64;
+                let wire = values * per_value.min(elem);
+                // All-to-all: every member sends each peer its chunk at once.
+                let pairs: Vec<(usize, usize)> = (0..n)
+                    .flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b)))
+                    .collect();
+                let crossing = (n - g) * shape.groups_per_node * g;
+                s.step(&pairs, wire / n as f64, crossing.max(1));
+                s.cost.seconds += (n - 2) as f64
+                    * cluster
+                        .cross_node
+                        .latency_us
+                        .max(cluster.same_node.latency_us)
+                    * 1e-6;
+                // Ring all-gather of the compressed sums.
+                s.ring(wire / n as f64, n - 1);
+                s.cost
+            }
+            Codec::TopK(_) => {
+                // Ring all-gather of every member's (index, value) pairs.
+                let k = self.codec.keep(values as usize) as f64;
+                s.ring(8.0 * k, n - 1);
+                s.cost
+            }
+            Codec::RandK(_) => {
+                let k = self.codec.keep(values as usize) as f64;
+                let bytes = 4.0 * k;
+                exact(
+                    cluster,
+                    bytes,
+                    self.algorithm_for(cluster, bytes, shape),
+                    shape,
+                )
+            }
+            Codec::PowerSgd(r) => {
+                let r = r as f64;
+                let square = [(values.sqrt(), values.sqrt())];
+                let mats = if matrices.is_empty() {
+                    &square[..]
+                } else {
+                    matrices
+                };
+                let (mut p, mut q, mut plain) = (0.0, 0.0, values);
+                for &(rows, cols) in mats {
+                    if (rows + cols) * r < rows * cols {
+                        p += rows * r;
+                        q += cols * r;
+                        plain -= rows * cols;
+                    }
+                }
+                let first = 4.0 * (p + plain.max(0.0));
+                let second = 4.0 * q;
+                exact(
+                    cluster,
+                    first,
+                    self.algorithm_for(cluster, first, shape),
+                    shape,
+                )
+                .then(exact(
+                    cluster,
+                    second,
+                    self.algorithm_for(cluster, second, shape),
+                    shape,
+                ))
+            }
+            Codec::None => ExchangeCost::default(),
+        };
+        ExchangeCost {
+            seconds: comm.seconds + codec_seconds,
+            codec_seconds,
+            ..comm
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(cross_gbps: f64) -> Cluster {
+        Cluster::new(
+            "t",
+            4,
+            8,
+            100.0,
+            80.0,
+            Link {
+                gbps: 200.0,
+                latency_us: 5.0,
+            },
+            Link {
+                gbps: cross_gbps,
+                latency_us: 20.0,
+            },
+        )
+    }
+
+    fn fixed(a: Algorithm) -> Exchange {
+        Exchange {
+            algorithm: AlgorithmChoice::Fixed(a),
+            ..Exchange::default()
+        }
+    }
+
+    #[test]
+    fn the_ring_is_bandwidth_optimal_and_latency_bound() {
+        let c = cluster(25.0);
+        let one_node = GroupShape {
+            members: 8,
+            per_node: 8,
+            groups_per_node: 1,
+        };
+        // Big message inside a node: ring = 2(n−1)/n·S/B + 2(n−1)α.
+        let s = 1e9;
+        let ring = fixed(Algorithm::Ring).cost(&c, s / 2.0, &[], one_node);
+        let want = 2.0 * 7.0 / 8.0 * s / 200e9 + 14.0 * 5e-6;
+        assert!(
+            (ring.seconds / want - 1.0).abs() < 1e-9,
+            "{} vs {want}",
+            ring.seconds
+        );
+        assert_eq!(ring.inter_bytes, 0.0);
+        assert!((ring.intra_bytes - 8.0 * 2.0 * 7.0 / 8.0 * s).abs() < 1.0);
+        // Halving–doubling moves the same bytes in 2·log2(n) steps.
+        let rhd = fixed(Algorithm::HalvingDoubling).cost(&c, s / 2.0, &[], one_node);
+        assert!((rhd.intra_bytes - ring.intra_bytes).abs() < 1.0);
+        let small = |a| fixed(a).cost(&c, 16.0, &[], one_node).seconds;
+        assert!(small(Algorithm::HalvingDoubling) < small(Algorithm::Ring));
+        // Auto picks the cheapest for each size.
+        let auto = Exchange {
+            algorithm: AlgorithmChoice::Auto,
+            ..Exchange::default()
+        };
+        for v in [16.0, 1e4, 1e8] {
+            let best = Algorithm::ALL
+                .into_iter()
+                .map(|a| fixed(a).cost(&c, v, &[], one_node).seconds)
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(auto.cost(&c, v, &[], one_node).seconds, best);
+        }
+    }
+
+    #[test]
+    fn across_slow_nodes_the_hierarchy_and_the_codecs_pay() {
+        // One 25 Gb/s port per node.
+        let c = Cluster {
+            nic_gbps: 25.0 / 8.0,
+            ..cluster(25.0 / 8.0 / 8.0)
+        };
+        let shape = GroupShape {
+            members: 32,
+            per_node: 8,
+            groups_per_node: 1,
+        };
+        let v = 25e6;
+        let ring = fixed(Algorithm::Ring).cost(&c, v, &[], shape);
+        let hier = fixed(Algorithm::Hierarchical).cost(&c, v, &[], shape);
+        assert!(hier.seconds < ring.seconds);
+        // Fewer bytes cross nodes (2(m−1)/m·S per node instead of 2(n−1)/n·S) in fewer steps.
+        let s = v * c.elem_bytes;
+        assert!((ring.inter_bytes - 4.0 * 2.0 * 31.0 / 32.0 * s).abs() < 1.0);
+        assert!(
+            (hier.inter_bytes - 4.0 * 2.0 * 3.0 / 4.0 * s).abs() < 1.0,
+            "{hier:?}"
+        );
+        let with = |codec| {
+            Exchange {
+                codec,
+                ..fixed(Algorithm::Ring)
+            }
+            .cost(&c, v, &[], shape)
+        };
+        let (bf16, int8, sign) = (with(Codec::Bf16), with(Codec::Int8), with(Codec::Sign));
+        // elem_bytes 2 (bf16 gradients): bf16 saves nothing, int8 halves what a member sends,
+        // sign sends ~1/14.
+        let total = |c: &ExchangeCost| c.intra_bytes + c.inter_bytes;
+        assert!(total(&int8) < 0.6 * total(&ring));
+        assert!(total(&sign) < 0.1 * total(&ring));
+        assert!(bf16.seconds >= ring.seconds * 0.99);
+        // But a flat compressed all-to-all sends 3/4 of every member's chunks off its node,
+        // where the ring sends one member's: across nodes int8 loses, only sign still wins.
+        assert!(int8.inter_bytes > ring.inter_bytes && int8.seconds > ring.seconds);
+        assert!(sign.seconds < ring.seconds);
+        // Compressing only across nodes keeps the fast links exact and still cuts the slow ones.
+        let cross = Exchange {
+            codec: Codec::Int8,
+            cross_node_only: true,
+            ..fixed(Algorithm::Ring)
+        }
+        .cost(&c, v, &[], shape);
+        assert!(cross.inter_bytes < 0.6 * hier.inter_bytes);
+        assert!(cross.seconds < hier.seconds);
+        // Top-k's all-gather grows with the members (31 × 1% × 8 bytes a value); PowerSGD's
+        // factors are a sliver.
+        assert!(with(Codec::TopK(0.01)).inter_bytes < ring.inter_bytes);
+        assert!(with(Codec::PowerSgd(4)).inter_bytes < 0.05 * ring.inter_bytes);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in ["auto", "ring", "rhd", "tree", "hier"] {
+            assert_eq!(s.parse::<AlgorithmChoice>().unwrap().to_string(), s);
+        }
+        let e = "fast".parse::<AlgorithmChoice>().unwrap_err().to_string();
+        assert!(e.contains("fast") && e.contains("auto, ring"), "{e}");
+    }
+}

@@ -1,0 +1,479 @@
+//! How DP replicas agree on gradients in a run: the [`runtime::GradientAgreement`] that carries
+//! a [`planner::exchange::Exchange`] — an exact sum by the chosen all-reduce algorithm, or a
+//! codec from [`comm::codec`] with error feedback (per member, per strategy and bucket), on the
+//! whole group or only across nodes.
+//!
+//! State kept between steps (residuals, PowerSGD's warm start, random-k's draw counters) lives
+//! here per world rank, named `strategy/bucket/kind`, and goes into checkpoints, so a resumed run
+//! continues bitwise.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use comm::{codec::Codec, Communicator, ThreadComm};
+//! use graph::Strategy;
+//! use planner::exchange::Exchange;
+//! use runtime::{BucketKey, GradientAgreement};
+//! use train::exchange::Agreement;
+//!
+//! let bf16 = Exchange { codec: Codec::Bf16, ..Exchange::default() };
+//! let a = Arc::new(Agreement::new(bf16, None, 1));
+//! let a2 = a.clone();
+//! let s = Strategy::parse("dp2", 2)?;
+//! let out = ThreadComm::run(2, move |c| -> runtime::Result<Vec<f32>> {
+//!     let mut g = vec![0.1 * (c.rank().0 as f32 + 1.0); 4];
+//!     let key = BucketKey { strategy: &s, index: 0, shapes: &[vec![4]] };
+//!     a2.all_reduce(&c, key, &mut g)?;
+//!     Ok(g)
+//! })?;
+//! assert_eq!(out[0], out[1]);
+//! assert!((out[0][0] - 0.3).abs() < 2e-3);
+//! // Each member keeps what bf16 left out, to add next time.
+//! assert!(a.state(0).iter().any(|(name, _)| name == "dp2/0/worker"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use comm::allreduce::{self, Algorithm, Hierarchy};
+use comm::codec::{self, Codec};
+use comm::{chunk_counts, words, Communicator, ReduceOp};
+use planner::exchange::{Exchange, GroupShape};
+use planner::{Cluster, Link};
+use runtime::{BucketKey, GradientAgreement, Result, RuntimeError};
+
+use crate::powersgd::{self, PowerSgdState};
+
+/// The links `auto` assumes for a run with no cluster to go by (threads or processes on this
+/// machine, TCP between machines): nominal, not measured.
+pub fn nominal_cluster(devices: usize, devices_per_node: usize) -> Cluster {
+    let per = devices_per_node.max(1);
+    Cluster::new(
+        "this machine (nominal links)",
+        devices.div_ceil(per).max(1),
+        per,
+        1.0,
+        1.0,
+        Link {
+            gbps: 10.0,
+            latency_us: 5.0,
+        },
+        Link {
+            gbps: 1.0,
+            latency_us: 50.0,
+        },
+    )
+}
+
+/// One member's state: named vectors.
+#[derive(Default)]
+struct Kept(BTreeMap<String, Vec<f32>>);
+
+impl Kept {
+    /// The vector `name` of `len` values (zeros the first time), taken out; put it back.
+    fn take(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        match self.0.remove(name) {
+            None => Ok(vec![0.0; len]),
+            Some(v) if v.len() == len => Ok(v),
+            Some(v) => Err(RuntimeError::Agreement(format!(
+                "`{name}` holds {} values, the gradients it belongs to {len} (a checkpoint of \
+                 another model or strategy layout?)",
+                v.len()
+            ))),
+        }
+    }
+
+    fn put(&mut self, name: String, v: Vec<f32>) {
+        self.0.insert(name, v);
+    }
+}
+
+/// Gradient agreement by an [`Exchange`]; one for all ranks of a process.
+pub struct Agreement {
+    exchange: Exchange,
+    cluster: Cluster,
+    devices_per_node: usize,
+    kept: Mutex<HashMap<usize, Kept>>,
+}
+
+impl Agreement {
+    /// Agreement by `exchange`; `auto` weighs algorithms on `cluster` (default: the nominal
+    /// links of this machine) with `devices_per_node` devices on a node.
+    pub fn new(exchange: Exchange, cluster: Option<Cluster>, devices_per_node: usize) -> Self {
+        let cluster =
+            cluster.unwrap_or_else(|| nominal_cluster(devices_per_node, devices_per_node));
+        Self {
+            exchange,
+            cluster,
+            devices_per_node: devices_per_node.max(1),
+            kept: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The exchange it carries.
+    pub fn exchange(&self) -> &Exchange {
+        &self.exchange
+    }
+
+    fn shape(&self, nodes: &[usize]) -> GroupShape {
+        let per_node = nodes.iter().filter(|&&n| n == nodes[0]).count().max(1);
+        GroupShape {
+            members: nodes.len(),
+            per_node,
+            groups_per_node: (self.devices_per_node / per_node).max(1),
+        }
+    }
+
+    /// Runs `f` on world rank `rank`'s state (taken out of the shared map while `f` runs, so
+    /// that no lock is held across a collective).
+    fn with_kept<T>(&self, rank: usize, f: impl FnOnce(&mut Kept) -> Result<T>) -> Result<T> {
+        let mut mine = {
+            let mut all = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            all.remove(&rank).unwrap_or_default()
+        };
+        let out = f(&mut mine);
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rank, mine);
+        out
+    }
+
+    /// The exact sum by the chosen algorithm.
+    fn exact(&self, c: &dyn Communicator, buf: &mut [f32], nodes: &[usize]) -> Result<()> {
+        let bytes = (buf.len() * 4) as f64;
+        match self
+            .exchange
+            .algorithm_for(&self.cluster, bytes, self.shape(nodes))
+        {
+            Algorithm::Ring => c.all_reduce(buf, ReduceOp::Sum)?,
+            Algorithm::Hierarchical => {
+                Hierarchy::new(c, nodes)?.all_reduce(buf, ReduceOp::Sum, Algorithm::Ring)?
+            }
+            a => allreduce::all_reduce(c, buf, ReduceOp::Sum, a)?,
+        }
+        Ok(())
+    }
+
+    /// The codec's all-reduce of `buf` over `c`; `prefix` names the state (`strategy/bucket/`).
+    fn compressed(
+        &self,
+        c: &dyn Communicator,
+        buf: &mut [f32],
+        shapes: &[Vec<usize>],
+        prefix: &str,
+        kept: &mut Kept,
+    ) -> Result<()> {
+        let feedback = self.exchange.error_feedback;
+        let len = buf.len();
+        let codec = self.exchange.codec;
+        let name = |kind: &str| format!("{prefix}{kind}");
+        let mut worker = if feedback {
+            Some(kept.take(&name("worker"), len)?)
+        } else {
+            None
+        };
+        let nodes = c.member_nodes();
+        let algo = |bytes: usize| {
+            self.exchange
+                .algorithm_for(&self.cluster, bytes as f64, self.shape(&nodes))
+        };
+        match codec {
+            Codec::None => self.exact(c, buf, &nodes)?,
+            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => {
+                let chunk = chunk_counts(len, c.size())[c.rank().0];
+                let mut server = if feedback {
+                    Some(kept.take(&name("server"), chunk)?)
+                } else {
+                    None
+                };
+                codec::all_reduce_dense(
+                    c,
+                    buf,
+                    codec,
+                    worker.as_deref_mut(),
+                    server.as_deref_mut(),
+                )?;
+                if let Some(s) = server {
+                    kept.put(name("server"), s);
+                }
+            }
+            Codec::TopK(_) => codec::all_reduce_top_k(c, buf, codec, worker.as_deref_mut())?,
+            Codec::RandK(_) => {
+                let draws = name("draws");
+                let n = kept.take(&draws, 2)?;
+                let count = words::decode(&n)?.first().copied().unwrap_or(0);
+                let seed = fnv(&draws) ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let k = codec.keep(len);
+                codec::all_reduce_random_k(
+                    c,
+                    buf,
+                    codec,
+                    seed,
+                    worker.as_deref_mut(),
+                    algo(4 * k),
+                )?;
+                kept.put(draws, words::encode(&[count + 1]));
+            }
+            Codec::PowerSgd(r) => {
+                let qname = name("q");
+                let mut q = kept.0.remove(&qname).unwrap_or_default();
+                let seed = fnv(&qname);
+                powersgd::all_reduce(
+                    c,
+                    buf,
+                    shapes,
+                    r,
+                    PowerSgdState {
+                        q: &mut q,
+                        residual: worker.as_deref_mut(),
+                        seed,
+                    },
+                    &algo,
+                )?;
+                kept.put(qname, q);
+            }
+        }
+        if let Some(w) = worker {
+            kept.put(name("worker"), w);
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a of a name: seeds that every member derives alike.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl GradientAgreement for Agreement {
+    fn name(&self) -> String {
+        format!("gradient exchange {}", self.exchange)
+    }
+
+    fn all_reduce(
+        &self,
+        dp: &dyn Communicator,
+        key: BucketKey<'_>,
+        flat: &mut [f32],
+    ) -> Result<()> {
+        if dp.size() <= 1 {
+            return Ok(());
+        }
+        let nodes = dp.member_nodes();
+        if self.exchange.codec == Codec::None {
+            return self.exact(dp, flat, &nodes);
+        }
+        let me = dp.world_ranks()[dp.rank().0].0;
+        let prefix = format!("{}/{}/", key.strategy, key.index);
+        let per_node = self.shape(&nodes).per_node;
+        let spans_nodes = nodes.iter().any(|&n| n != nodes[0]);
+        if self.exchange.cross_node_only && (!spans_nodes || per_node > 1) {
+            if !spans_nodes {
+                return self.exact(dp, flat, &nodes);
+            }
+            // Exact inside the node, the codec across nodes on this member's chunk.
+            let h = Hierarchy::new(dp, &nodes)?;
+            let counts = chunk_counts(flat.len(), h.intra.size());
+            let mut chunk = vec![0.0; counts[h.intra.rank().0]];
+            h.intra
+                .reduce_scatter(flat, &mut chunk, &counts, ReduceOp::Sum)?;
+            let prefix = format!("{prefix}across/");
+            self.with_kept(me, |k| {
+                self.compressed(h.inter.as_ref(), &mut chunk, &[], &prefix, k)
+            })?;
+            h.intra.all_gather(&chunk, flat, &counts)?;
+            return Ok(());
+        }
+        self.with_kept(me, |k| self.compressed(dp, flat, key.shapes, &prefix, k))
+    }
+
+    fn reduce_scatter(
+        &self,
+        dp: &dyn Communicator,
+        key: BucketKey<'_>,
+        grad: &[f32],
+        out: &mut [f32],
+        counts: &[usize],
+    ) -> Result<()> {
+        let me = dp.rank().0;
+        if dp.size() <= 1 {
+            out.copy_from_slice(grad);
+            return Ok(());
+        }
+        let codec = self.exchange.codec;
+        if codec == Codec::None {
+            return Ok(dp.reduce_scatter(grad, out, counts, ReduceOp::Sum)?);
+        }
+        let mut work = grad.to_vec();
+        if codec.is_dense() && !self.exchange.cross_node_only {
+            let world = dp.world_ranks()[me].0;
+            let name = format!("{}/{}/worker", key.strategy, key.index);
+            let feedback = self.exchange.error_feedback;
+            let sum = self.with_kept(world, |k| {
+                let mut worker = if feedback {
+                    Some(k.take(&name, work.len())?)
+                } else {
+                    None
+                };
+                let s = codec::reduce_scatter_dense(
+                    dp,
+                    &mut work,
+                    counts,
+                    codec,
+                    worker.as_deref_mut(),
+                )?;
+                if let Some(w) = worker {
+                    k.put(name.clone(), w);
+                }
+                Ok(s)
+            })?;
+            out.copy_from_slice(&sum);
+            return Ok(());
+        }
+        // The other codecs reduce the whole tensor and keep this member's chunk.
+        self.all_reduce(dp, key, &mut work)?;
+        let start: usize = counts[..me].iter().sum();
+        out.copy_from_slice(&work[start..start + counts[me]]);
+        Ok(())
+    }
+
+    fn state(&self, rank: usize) -> Vec<(String, Vec<f32>)> {
+        let all = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&rank)
+            .map(|k| k.0.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn restore(&self, rank: usize, state: Vec<(String, Vec<f32>)>) -> Result<()> {
+        let mut all = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(rank, Kept(state.into_iter().collect()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comm::ThreadComm;
+    use graph::Strategy;
+    use std::sync::Arc;
+
+    /// A gradient with a steady part of mixed magnitudes (what a lossy codec keeps dropping or
+    /// distorting the same way every step) and a little noise.
+    fn grad(rank: usize, step: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let scale = if i % 5 == 0 { 10.0 } else { 1.0 };
+                let steady = ((i * 37 % 17) as f32 - 8.0) * 1e-3 * scale;
+                let noise = (((i * 31 + rank * 7 + step * 3) % 41) as f32 - 20.0) * 2.5e-5;
+                steady + noise
+            })
+            .collect()
+    }
+
+    /// `steps` all-reduces of bucket 0 under `exchange` on `n` ranks; every rank's results.
+    fn run(exchange: Exchange, n: usize, steps: usize, len: usize) -> Vec<Vec<Vec<f32>>> {
+        let a = Arc::new(Agreement::new(exchange, None, 2));
+        ThreadComm::run(n, move |c| -> Result<Vec<Vec<f32>>> {
+            let s = Strategy::parse(&format!("dp{n}"), n)
+                .map_err(|e| RuntimeError::Binding(e.to_string()))?;
+            let shapes = vec![vec![len / 8, 8]];
+            let mut out = Vec::new();
+            for step in 0..steps {
+                let mut g = grad(c.rank().0, step, len);
+                let key = BucketKey {
+                    strategy: &s,
+                    index: 0,
+                    shapes: &shapes,
+                };
+                a.all_reduce(&c, key, &mut g)?;
+                out.push(g);
+            }
+            Ok(out)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_exact_ring_is_the_communicators_all_reduce_bit_for_bit() {
+        let got = run(Exchange::default(), 4, 2, 96);
+        let want = ThreadComm::run(4, |c| -> Result<Vec<Vec<f32>>> {
+            let mut out = Vec::new();
+            for step in 0..2 {
+                let mut g = grad(c.rank().0, step, 96);
+                c.all_reduce(&mut g, ReduceOp::Sum)?;
+                out.push(g);
+            }
+            Ok(out)
+        })
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn with_feedback_the_running_sum_of_what_arrived_tracks_the_exact_one() {
+        // Over many steps, error feedback makes the accumulated compressed sums differ from the
+        // accumulated exact sums by only the last residuals; without it, the gap grows with
+        // every step (mean over the values).
+        let (n, steps, len) = (3, 40, 128);
+        let exact: Vec<f32> = (0..len)
+            .map(|i| {
+                (0..steps)
+                    .map(|s| (0..n).map(|r| grad(r, s, len)[i]).sum::<f32>())
+                    .sum()
+            })
+            .collect();
+        let gap = |exchange: Exchange| -> f32 {
+            let out = run(exchange, n, steps, len);
+            (0..len)
+                .map(|i| (out[0].iter().map(|g| g[i]).sum::<f32>() - exact[i]).abs())
+                .sum::<f32>()
+                / len as f32
+        };
+        for codec in [
+            Codec::Sign,
+            Codec::TopK(0.05),
+            Codec::RandK(0.1),
+            Codec::PowerSgd(1),
+        ] {
+            let with = gap(Exchange {
+                codec,
+                ..Exchange::default()
+            });
+            let without = gap(Exchange {
+                codec,
+                error_feedback: false,
+                ..Exchange::default()
+            });
+            assert!(
+                with < 0.5 * without,
+                "{codec}: with feedback {with}, without {without}"
+            );
+        }
+    }
+
+    #[test]
+    fn state_survives_a_round_trip_and_a_wrong_size_is_refused() {
+        let a = Agreement::new(
+            Exchange {
+                codec: Codec::Int8,
+                ..Exchange::default()
+            },
+            None,
+            1,
+        );
+        a.restore(3, vec![("dp2/0/worker".into(), vec![1.0, 2.0])])
+            .unwrap();
+        assert_eq!(
+            a.state(3),
+            vec![("dp2/0/worker".to_string(), vec![1.0, 2.0])]
+        );
+        let mut k = Kept::default();
+        k.put("x".into(), vec![0.0; 3]);
+        let e = k.take("x", 4).unwrap_err().to_string();
+        assert!(e.contains("`x` holds 3 values") && e.contains("4"), "{e}");
+    }
+}
