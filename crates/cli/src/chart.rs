@@ -19,6 +19,8 @@ pub struct Row {
     switch_seconds: Option<f64>,
     strategy_seconds: Vec<(String, f64)>,
     simulated_seconds: Option<f64>,
+    /// Bytes every rank sent in the step inside nodes and across nodes.
+    wire: Option<(f64, f64)>,
 }
 
 /// Every line of a metrics file. A last line cut short (a killed run was writing it) is left
@@ -78,6 +80,9 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
             switch_seconds: v["switch_seconds"].as_f64(),
             strategy_seconds,
             simulated_seconds: v["simulated_seconds"].as_f64(),
+            wire: v["wire_intra_node_bytes"]
+                .as_f64()
+                .zip(v["wire_inter_node_bytes"].as_f64()),
         });
     }
     if rows.is_empty() {
@@ -127,8 +132,27 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(90, 90, 90),
 ];
 
-/// The panels of `runs` (name, rows): loss, tokens/s, seconds per step.
-fn panels(runs: &[(String, Vec<Row>)]) -> Vec<(&'static str, Vec<Series>)> {
+/// One panel: its title, what its x axis counts, its lines.
+struct Panel {
+    title: &'static str,
+    x: &'static str,
+    series: Vec<Series>,
+}
+
+/// Running sums of `f` over the rows (None from the first row that lacks it).
+fn cumulative(rows: &[Row], f: impl Fn(&Row) -> Option<f64>) -> Vec<Option<f64>> {
+    let mut total = Some(0.0);
+    rows.iter()
+        .map(|r| {
+            total = total.zip(f(r)).map(|(t, x)| t + x);
+            total
+        })
+        .collect()
+}
+
+/// The panels of `runs` (name, rows): loss against step, against measured seconds and against
+/// simulated seconds (when the runs have them), tokens/s, seconds per step, bytes on the wire.
+fn panels(runs: &[(String, Vec<Row>)]) -> Vec<Panel> {
     let one = runs.len() == 1;
     let label = |run: &str, what: &str| {
         if one {
@@ -139,6 +163,7 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<(&'static str, Vec<Series>)> {
     };
     let (mut loss, mut speed, mut time, mut simulated) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut loss_wall, mut loss_sim, mut wire) = (Vec::new(), Vec::new(), Vec::new());
     for (r, (name, rows)) in runs.iter().enumerate() {
         let base = COLORS[r % COLORS.len()];
         let other = |k: usize| {
@@ -156,6 +181,42 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<(&'static str, Vec<Series>)> {
             points: pick(&|x| Some(x.loss)),
             color: base,
         });
+        let against = |clock: Vec<Option<f64>>| -> Vec<(f64, f64)> {
+            clock
+                .iter()
+                .zip(rows)
+                .filter_map(|(t, r)| Some(((*t)?, r.loss)))
+                .collect()
+        };
+        let wall = against(cumulative(rows, |r| r.seconds));
+        if !wall.is_empty() {
+            loss_wall.push(Series {
+                name: label(name, "loss"),
+                points: wall,
+                color: base,
+            });
+        }
+        let sim_clock = against(cumulative(rows, |r| r.simulated_seconds));
+        if !sim_clock.is_empty() {
+            loss_sim.push(Series {
+                name: label(name, "loss"),
+                points: sim_clock,
+                color: base,
+            });
+        }
+        for (k, (what, part)) in [("MB inside nodes", 0usize), ("MB across nodes", 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let pts = pick(&|x| x.wire.map(|w| [w.0, w.1][part] / 1e6));
+            if !pts.is_empty() {
+                wire.push(Series {
+                    name: label(name, what),
+                    points: pts,
+                    color: other(k),
+                });
+            }
+        }
         let eval = pick(&|x| x.eval_loss);
         if !eval.is_empty() {
             loss.push(Series {
@@ -204,13 +265,33 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<(&'static str, Vec<Series>)> {
             add_time(format!("under {s}"), pts, 3 + k);
         }
     }
-    let mut out = vec![
-        ("loss", loss),
-        ("tokens/s", speed),
-        ("seconds per step", time),
-    ];
+    let panel = |title, x, series| Panel { title, x, series };
+    let mut out = vec![panel("loss", "step", loss)];
+    if !loss_wall.is_empty() {
+        out.push(panel("loss against time", "measured seconds", loss_wall));
+    }
+    if !loss_sim.is_empty() {
+        out.push(panel(
+            "loss against time on the simulated cluster",
+            "simulated seconds",
+            loss_sim,
+        ));
+    }
+    out.push(panel("tokens/s", "step", speed));
+    out.push(panel("seconds per step", "step", time));
     if !simulated.is_empty() {
-        out.push(("seconds per step on the simulated cluster", simulated));
+        out.push(panel(
+            "seconds per step on the simulated cluster",
+            "step",
+            simulated,
+        ));
+    }
+    if !wire.is_empty() {
+        out.push(panel(
+            "bytes on the wire per step (all ranks)",
+            "step",
+            wire,
+        ));
     }
     out
 }
@@ -237,7 +318,7 @@ pub fn draw(runs: &[(String, Vec<Row>)], out: &Path) -> Result<()> {
 
 fn draw_on<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
-    panels: &[(&str, Vec<Series>)],
+    panels: &[Panel],
     out: &Path,
 ) -> Result<()>
 where
@@ -245,8 +326,8 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let areas = root.split_evenly((panels.len(), 1));
-    for (area, (name, series)) in areas.iter().zip(panels) {
-        panel(area, name, series)?;
+    for (area, p) in areas.iter().zip(panels) {
+        panel(area, p)?;
     }
     root.present()
         .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
@@ -255,20 +336,20 @@ where
 
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
-    name: &str,
-    series: &[Series],
+    p: &Panel,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
+    let series = &p.series;
     let all = series.iter().flat_map(|s| s.points.iter());
-    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let x_max = all.clone().map(|p| p.0).fold(1e-9, f64::max);
     let lo = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = all.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.05).max(1e-6);
     let mut chart = ChartBuilder::on(area)
-        .caption(name, ("sans-serif", 18))
+        .caption(p.title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -276,7 +357,7 @@ where
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(p.x)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for s in series {

@@ -92,6 +92,18 @@ pub struct TrainFlags {
     /// its own fixed order: only ring is bitwise the default run.
     #[arg(long, default_value = "ring")]
     pub allreduce: String,
+    /// How the DP replicas stay in step: bsp (the gradient exchange every step), local:H (each
+    /// replica runs its own AdamW on its share of every batch; the weights are averaged every H
+    /// steps and after the last) or diloco:H (the same, with an outer SGD step with Nesterov
+    /// momentum on the averaged change every H steps). Needs --strategy with DP and no ZeRO.
+    #[arg(long, default_value = "bsp")]
+    pub sync: String,
+    /// DiLoCo's outer learning rate [default: 0.7].
+    #[arg(long)]
+    pub outer_lr: Option<f64>,
+    /// DiLoCo's outer Nesterov momentum [default: 0.9].
+    #[arg(long, allow_negative_numbers = true)]
+    pub outer_momentum: Option<f64>,
     /// Sequences per global batch.
     #[arg(long, default_value_t = 8)]
     pub global_batch: usize,
@@ -279,6 +291,7 @@ impl TrainFlags {
             cross_node_only: self.compress_cross_node_only,
             algorithm: self.allreduce.parse().context("--allreduce")?,
         };
+        cfg.sync = train::SyncMode::parse(&self.sync, self.outer_lr, self.outer_momentum)?;
         cfg.micro_batch_tokens = self.micro_batch_tokens.clone();
         cfg.pipeline_schedule = self.pipeline_schedule.parse::<Schedule>()?;
         cfg.global_batch = self.global_batch;

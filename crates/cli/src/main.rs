@@ -52,7 +52,8 @@ enum Command {
     Generate(generate_cmd::Args),
     /// The switch plan between two strategies' parameter layouts, against its lower bound.
     SwitchPlan(switch_cmd::Args),
-    /// Plot loss and tokens/s per step from a metrics file (SVG).
+    /// Plot loss (against step and time), tokens/s, time and wire bytes per step from one or
+    /// more metrics files, overlaid (SVG or PNG).
     Plot(plot_cmd::Args),
     /// Estimate a cluster setting by the cost model: the best static strategy, the HotSPa
     /// paper's hand-picked plan and the automatic plan (or `--paper`: the paper's grid).

@@ -10,7 +10,7 @@ use sim::{Report, Scenario};
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// A cluster preset (a800x32, h100x8) or a TOML file with its fields.
+    /// A cluster preset (a800x32, h100x8, eth8x8) or a TOML file with its fields.
     #[arg(long, default_value = "a800x32")]
     cluster: String,
     /// Devices used (the cluster's first ones, node by node).
@@ -53,6 +53,11 @@ pub struct Args {
     /// The all-reduce algorithm (as `train --allreduce`).
     #[arg(long, default_value = "ring")]
     allreduce: String,
+    /// Instead: one synchronisation of --model's fp32 gradients by parameter server, ring,
+    /// hierarchical all-reduce and in-network aggregation on a fat-tree (1:1 and 4:1), BCube
+    /// and one NVLink node, over TCP, RDMA and NVLink (the survey's Table 4 by the α–β model).
+    #[arg(long)]
+    sync_table: bool,
 }
 
 /// The codecs and algorithms the exchange table compares.
@@ -162,7 +167,53 @@ fn one(r: &Report) {
     );
 }
 
+/// `--sync-table`: the survey's comparison for one model's gradients.
+fn sync_table(args: &Args) -> Result<()> {
+    let cfg = model::LlamaConfig::preset_or_load(&args.model)
+        .with_context(|| format!("--model {}", args.model))?;
+    let params: usize = model::param_specs(&cfg).iter().map(|p| p.numel()).sum();
+    // The whole gradient at once, and one bucket of the size the runtime reduces at a time.
+    let tables = vec![
+        sim::topology::sync_table(4.0 * params as f64),
+        sim::topology::sync_table(4.0 * 1024.0 * 1024.0),
+    ];
+    crate::output::emit(args.json, &tables, |tables| {
+        for (k, t) in tables.iter().enumerate() {
+            if k == 0 {
+                println!(
+                    "one synchronisation of {}'s fp32 gradients ({:.1} GB per worker), seconds by the α–β model",
+                    args.model,
+                    t.bytes / 1e9
+                );
+            } else {
+                println!("\none 4 MiB bucket (what the runtime reduces at a time), milliseconds");
+            }
+            print!("{:<40}", "architecture");
+            for (c, w) in t.columns.iter().zip(&t.workers) {
+                print!(" {:>24}", format!("{c} ({w})"));
+            }
+            println!();
+            for r in &t.rows {
+                print!("{:<40}", r.architecture);
+                for s in &r.seconds {
+                    let s = s.map(|s| if k == 0 { s } else { s * 1e3 });
+                    print!(" {:>24}", s.map_or("-".into(), |s| format!("{s:.3}")));
+                }
+                println!();
+            }
+        }
+        println!(
+            "(fat-tree 8 racks × 8 servers, BCube(8,1) 64 servers with 2 NICs, 100 Gb/s NICs; \
+             TCP α 30 µs at 70% of line rate, RDMA α 3 µs at 95%, NVLink α 2 µs at 300 GB/s; \
+             pushes and pulls pipelined, links full duplex; formulas in crates/sim/src/topology.rs)"
+        );
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
+    if args.sync_table {
+        return sync_table(&args);
+    }
     if args.paper {
         let rows = sim::paper_grid(args.global_batch, args.seed)?;
         let grid = Grid {

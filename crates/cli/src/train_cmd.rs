@@ -117,10 +117,13 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
             .sum::<f64>()
             / k;
         eprintln!(
-            "on the wire: {:.2} MB per step inside nodes, {:.2} MB across nodes (all ranks; gradient exchange: {})",
+            "on the wire: {:.2} MB per step inside nodes, {:.2} MB across nodes (all ranks; {})",
             intra / 1e6,
             inter / 1e6,
-            cfg.exchange
+            match cfg.sync {
+                train::SyncMode::Bsp => format!("gradient exchange: {}", cfg.exchange),
+                s => format!("no gradient exchange; weights synchronised by {s}"),
+            }
         );
     }
     // The simulated time per step, after the first (warm-up).

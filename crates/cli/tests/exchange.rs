@@ -8,11 +8,10 @@ use std::process::Command;
 
 use model::{LlamaConfig, Weights};
 
-const CONFIG: &str = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+mod common;
 
 fn setup(dir: &Path) {
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    std::fs::write(dir.join("config.json"), common::SMALL_CONFIG).unwrap();
     let mut lines = String::new();
     for i in 0..32u32 {
         let n = [5usize, 9, 12, 30, 7, 14][i as usize % 6];

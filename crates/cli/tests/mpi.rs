@@ -117,6 +117,8 @@ fn four_processes_train_bitwise_like_four_threads() {
             "--grad-compression",
             "topk:0.1",
         ],
+        // Periodic averaging: DiLoCo's replicas across TP groups.
+        vec!["--strategy", "dp2tp2", "--steps", "5", "--sync", "diloco:2"],
     ]
     .iter()
     .enumerate()

@@ -243,3 +243,61 @@ fn profile_then_plan_a_training_run_and_compare() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("the profile is for 2 devices"));
 }
+
+#[test]
+fn the_sync_table_compares_architectures_on_topologies() {
+    let out = hotspa(&["simulate", "--sync-table", "--model", "llama2-7b", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = v.as_array().unwrap();
+    assert_eq!(tables.len(), 2);
+    // llama2-7b: 6.74 G parameters, fp32.
+    let bytes = tables[0]["bytes"].as_f64().unwrap();
+    assert!((bytes / 4.0 - 6.74e9).abs() < 0.01e9, "{bytes}");
+    let columns: Vec<&str> = tables[0]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    for want in [
+        "fat-tree 8×8 1:1, TCP",
+        "fat-tree 8×8 4:1, RDMA",
+        "BCube(8,1), RDMA",
+        "NVLink",
+    ] {
+        assert!(
+            columns.iter().any(|c| c.contains(want)),
+            "{want}: {columns:?}"
+        );
+    }
+    let row = |t: &serde_json::Value, name: &str| -> Vec<f64> {
+        t["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["architecture"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name}"))["seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_f64().unwrap())
+            .collect()
+    };
+    // The whole gradient: in-network aggregation is fastest everywhere; a bucket over TCP:
+    // the ring's 126 latencies lose to the co-located parameter server's 2.
+    let (ina, ring) = (row(&tables[0], "in-network"), row(&tables[0], "ring"));
+    assert!(ina.iter().zip(&ring).all(|(a, r)| a < r));
+    let (ps, ring) = (
+        row(&tables[1], "parameter server (64"),
+        row(&tables[1], "ring"),
+    );
+    assert!(ps[0] < ring[0] / 2.0, "{ps:?} vs {ring:?}");
+    let text = hotspa(&["simulate", "--sync-table"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("hierarchical all-reduce") && text.contains("4 MiB bucket"));
+}

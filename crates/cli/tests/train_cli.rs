@@ -553,6 +553,39 @@ fn plot_draws_svg_and_png() {
     let o = hotspa(&["plot", m.to_str().unwrap(), "-o", png.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    // Several runs overlay, loss against measured and simulated time, and the wire bytes.
+    let m2 = dir.path().join("int8.jsonl");
+    let lines: String = (1..=5)
+        .map(|s| {
+            format!(
+                "{{\"step\": {s}, \"loss\": {}, \"tokens\": 100, \"seconds\": 0.25, \
+                 \"simulated_seconds\": 2.0, \"wire_intra_node_bytes\": 3000000, \
+                 \"wire_inter_node_bytes\": 1000000}}\n",
+                6.0 - s as f64 * 0.4
+            )
+        })
+        .collect();
+    std::fs::write(&m2, lines).unwrap();
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        m2.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for want in [
+        "m: loss",
+        "int8: loss",
+        "loss against time",
+        "measured seconds",
+        "loss against time on the simulated cluster",
+        "bytes on the wire per step",
+        "int8: MB across nodes",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the overlay");
+    }
     let o = hotspa(&[
         "plot",
         m.to_str().unwrap(),

@@ -146,6 +146,35 @@ impl<B: Backend> Optimizer<B> {
         Ok(out)
     }
 
+    /// Replaces the parameters with `host` (whole local pieces, as [`Optimizer::params_host`]
+    /// gives them): periodic averaging (local SGD, DiLoCo) sets the replicas' common weights.
+    /// Not under ZeRO-3, whose parameters are chunks over DP.
+    pub fn set_params_host(&mut self, backend: &B, host: &[Vec<f32>]) -> Result<()> {
+        if self.zero >= Zero::Parameters {
+            return Err(RuntimeError::Binding(
+                "parameters cannot be replaced whole under ZeRO-3".into(),
+            ));
+        }
+        if host.len() != self.lens.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} parameters given for {}",
+                host.len(),
+                self.lens.len()
+            )));
+        }
+        for (k, h) in host.iter().enumerate() {
+            if h.len() != self.lens[k] {
+                return Err(RuntimeError::Binding(format!(
+                    "parameter {k} given {} values, expected {}",
+                    h.len(),
+                    self.lens[k]
+                )));
+            }
+            self.params[k] = backend.upload(h)?;
+        }
+        Ok(())
+    }
+
     /// The AdamW moments as whole local pieces (gathered over DP under ZeRO) and the step count,
     /// for a checkpoint.
     pub fn state_host(&self, backend: &B, groups: &RankGroups) -> Result<Moments> {

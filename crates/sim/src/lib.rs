@@ -31,6 +31,7 @@ mod clock;
 mod error;
 mod network;
 pub mod presets;
+pub mod topology;
 
 use graph::{Strategy, Zero};
 use model::LlamaConfig;

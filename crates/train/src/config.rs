@@ -198,6 +198,9 @@ pub struct TrainConfig {
     /// How DP replicas exchange gradients: exact by the ring (the default), another all-reduce
     /// algorithm, or a codec with error feedback.
     pub exchange: Exchange,
+    /// How the DP replicas stay in step: the gradient exchange every step (BSP), or periodic
+    /// averaging of the weights (local SGD, DiLoCo).
+    pub sync: crate::sync::SyncMode,
     /// Go ahead where a safety check would refuse: start fresh in a checkpoint directory that
     /// holds another run's steps (deleting them), resume under settings that change the data
     /// order.
@@ -252,6 +255,7 @@ impl TrainConfig {
             resume: None,
             simulate: None,
             exchange: Exchange::default(),
+            sync: crate::sync::SyncMode::Bsp,
             force: false,
             stop: None,
         }
@@ -313,6 +317,7 @@ impl TrainConfig {
                  member's slice of the bucket: not implemented together; drop one of them",
             ));
         }
+        self.check_sync()?;
         if let Some(d) = self.devices_per_node {
             at_least("devices_per_node", d, 1)?;
             if !self.devices.is_multiple_of(d) && self.devices > 1 {
@@ -487,7 +492,62 @@ impl TrainConfig {
             "error_feedback": self.exchange.error_feedback,
             "compress_cross_node_only": self.exchange.cross_node_only,
             "allreduce": self.exchange.algorithm.to_string(),
+            "sync": self.sync.to_string(),
         })
+    }
+}
+
+impl TrainConfig {
+    /// Periodic averaging runs one strategy with DP replicas that hold whole optimizer states,
+    /// exchanges no gradients, and checkpoints and evaluates where the replicas are one.
+    fn check_sync(&self) -> Result<()> {
+        let Some(h) = self.sync.every() else {
+            return Ok(());
+        };
+        let refuse =
+            |why: String| Err(TrainError::setting("sync", format!("{}: {why}", self.sync)));
+        let s =
+            match &self.strategy {
+                StrategySpec::Fixed(s) => s,
+                _ => return refuse(
+                    "periodic averaging runs one strategy (--strategy), not a hot-switching or \
+                     planned schedule"
+                        .into(),
+                ),
+            };
+        if s.dp < 2 {
+            return refuse(format!("{s} has no DP replicas to average"));
+        }
+        if s.zero != graph::Zero::Off {
+            return refuse(format!(
+                "{s} shards the optimizer over the DP replicas, which differ between \
+                 synchronisations; drop the zero suffix"
+            ));
+        }
+        if self.exchange != Exchange::default() {
+            return refuse(format!(
+                "no gradients are exchanged between synchronisations, so --grad-compression {} / \
+                 --allreduce {} would do nothing",
+                self.exchange.codec, self.exchange.algorithm
+            ));
+        }
+        if let Some(e) = self.checkpoint.as_ref().and_then(|c| c.every) {
+            if !e.is_multiple_of(h) {
+                return refuse(format!(
+                    "checkpoints are written where the replicas are one: --checkpoint-every {e} \
+                     must be a multiple of {h}"
+                ));
+            }
+        }
+        if let Some(e) = self.eval.as_ref().and_then(|c| c.every) {
+            if !e.is_multiple_of(h) {
+                return refuse(format!(
+                    "evaluation runs where the replicas are one: --eval-every {e} must be a \
+                     multiple of {h}"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -48,6 +48,7 @@ mod rank;
 pub mod resources;
 mod run;
 mod runner;
+mod sync;
 pub mod watchdog;
 
 pub use checkpoints::CheckpointDir;
@@ -67,3 +68,4 @@ pub use profile::{profile, Profile, CURVE_INPUT_DIM};
 pub use rank::PLAN_CACHE;
 pub use run::{load_data, run, TrainOutcome};
 pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};
+pub use sync::{SyncMode, OUTER_LR, OUTER_MOMENTUM};

@@ -118,7 +118,8 @@ const DATA_POSITION: [&str; 6] = [
     "shuffle",
 ];
 /// Settings a resumed run may change, reported when it does.
-const REPORTED: [&str; 16] = [
+const REPORTED: [&str; 17] = [
+    "sync",
     "grad_compression",
     "error_feedback",
     "compress_cross_node_only",

@@ -19,6 +19,7 @@ use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
 use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics, WireMetrics};
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
+use crate::sync::{Replicas, STATE_PREFIX};
 use crate::watchdog::{Fault, Heartbeats};
 
 /// How many distinct plans' ranks automatic planning keeps.
@@ -107,17 +108,46 @@ impl Job {
             cfg.adamw,
             cfg.grad_clip,
         )?;
+        // Periodic averaging: between synchronisations a replica's gradients are its own (its
+        // DP groups are itself alone); `replicas` averages over the real DP group, and
+        // `dp_groups` keeps another copy of it for evaluation.
+        let mut replicas = None;
+        let mut dp_groups = None;
+        if cfg.sync.every().is_some() {
+            let dp: Vec<comm::Rank> = self
+                .inst
+                .group(me, graph::MeshAxis::Dp)
+                .into_iter()
+                .map(comm::Rank)
+                .collect();
+            let alone = [comm::Rank(me)];
+            let real_dp = std::mem::replace(&mut groups.dp, world.sub_group(&alone)?);
+            let real_grads = std::mem::replace(&mut groups.dp_grads, world.sub_group(&alone)?);
+            dp_groups = Some((real_dp, real_grads));
+            replicas = Some(Replicas::new(
+                cfg.sync,
+                world.sub_group(&dp)?,
+                opt.params_host(be, &groups)?,
+            ));
+        }
         if let Some(ck) = &self.resumed {
             let m = rank_params(model, &exec, &ck.exp_avg, tp_rank)?.params;
             let v = rank_params(model, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
             let prefix = format!("rank{me}/");
-            let kept = ck
-                .state
-                .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
-                .collect();
+            let (mut kept, mut synced) = (Vec::new(), Vec::new());
+            for (k, v) in &ck.state {
+                if let Some(k) = k.strip_prefix(&prefix) {
+                    match k.strip_prefix(STATE_PREFIX) {
+                        Some(s) => synced.push((s.to_string(), v.clone())),
+                        None => kept.push((k.to_string(), v.clone())),
+                    }
+                }
+            }
             self.agreement.restore(me, kept)?;
+            if let Some(r) = &mut replicas {
+                r.restore(be, &mut opt, synced)?;
+            }
         }
         // Evaluation runs on the optimizer's weights, under its strategy.
         let mut eval_runner = match &self.eval_data {
@@ -146,14 +176,23 @@ impl Job {
             let batch = self.data.batch(step, cfg.global_batch, cfg.shuffle_seed());
             let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
             let tokens: usize = batch.iter().map(Vec::len).sum();
-            let out = runner.gradients(StepInput {
+            // A replica of periodic averaging takes the mean over its own share's tokens.
+            let own = match &replicas {
+                Some(_) => self.own_predicted(&batch, me),
+                None => predicted,
+            };
+            let mut out = runner.gradients(StepInput {
                 backend: be,
                 world,
                 optimizer: &opt,
                 groups: &mut groups,
                 batch: &batch,
-                loss_scale: 1.0 / predicted as f32,
+                loss_scale: 1.0 / own.max(1) as f32,
             })?;
+            if let Some(r) = &replicas {
+                // The loss of the global batch: the replicas' means weighted by their tokens.
+                out.loss = r.weighted_loss(out.loss, own, predicted)?;
+            }
             if !out.loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     step: step + 1,
@@ -163,6 +202,13 @@ impl Job {
             let lr = cfg.lr.at(step, cfg.steps);
             let t_opt = runtime::profile::enabled().then(Instant::now);
             let norm = opt.update(be, &mut groups, out.grads, lr)?;
+            let mut synced = false;
+            if let Some(r) = &mut replicas {
+                if r.due(step + 1, cfg.steps) {
+                    r.synchronise(be, &mut opt, &groups)?;
+                    synced = true;
+                }
+            }
             if let Some(t) = t_opt {
                 be.synchronize()?;
                 runtime::profile::record("optimizer (norm+AdamW)", t.elapsed().as_secs_f64());
@@ -193,7 +239,13 @@ impl Job {
             let eval = match (&mut eval_runner, &self.eval_data) {
                 (Some(r), Some(data)) if eval_due => {
                     self.heartbeats.beat(me, "evaluation");
-                    let (sum, n) = crate::eval::loss_sum::<B>(
+                    // Periodic averaging evaluates at synchronisations (the configuration
+                    // checks it), over the real DP groups.
+                    if let Some((dp, grads)) = &mut dp_groups {
+                        std::mem::swap(&mut groups.dp, dp);
+                        std::mem::swap(&mut groups.dp_grads, grads);
+                    }
+                    let sum = crate::eval::loss_sum::<B>(
                         r,
                         be,
                         world,
@@ -201,7 +253,12 @@ impl Job {
                         &mut groups,
                         data,
                         cfg.global_batch,
-                    )?;
+                    );
+                    if let Some((dp, grads)) = &mut dp_groups {
+                        std::mem::swap(&mut groups.dp, dp);
+                        std::mem::swap(&mut groups.dp_grads, grads);
+                    }
+                    let (sum, n) = sum?;
                     let e = crate::eval::evaluation(sum, n, data.sequences().len());
                     Some(EvalMetrics {
                         eval_loss: e.loss,
@@ -239,9 +296,19 @@ impl Job {
                 }
                 None => false,
             };
+            if stop && !synced {
+                // Stopping between synchronisations: the replicas become one first.
+                if let Some(r) = &mut replicas {
+                    r.synchronise(be, &mut opt, &groups)?;
+                }
+            }
             if due || (stop && every.is_some()) {
                 self.heartbeats.beat(me, "checkpoint");
-                self.send_checkpoint(be, world, &opt, &groups, &all_held, step + 1)?;
+                let synced_state = match &replicas {
+                    Some(r) => r.state(be, &opt, &groups)?,
+                    None => Vec::new(),
+                };
+                self.send_checkpoint(be, world, &opt, &groups, &all_held, step + 1, synced_state)?;
             }
             if stop {
                 if me == 0 {
@@ -270,6 +337,7 @@ impl Job {
 
     /// Sends every rank's pieces of the weights and both moments after `step` steps to world
     /// rank 0, which passes them on to be written.
+    #[allow(clippy::too_many_arguments)] // what a checkpoint is made of, each once
     fn send_checkpoint<B: Backend>(
         &self,
         be: &B,
@@ -278,9 +346,16 @@ impl Job {
         groups: &RankGroups,
         all_held: &[Held],
         step: usize,
+        synced: Vec<(String, Vec<f32>)>,
     ) -> Result<()> {
         let mo = opt.state_host(be, groups)?;
-        let kept = crate::gather::named_to_set(self.agreement.state(world.rank().0));
+        let mut kept = self.agreement.state(world.rank().0);
+        kept.extend(
+            synced
+                .into_iter()
+                .map(|(k, v)| (format!("{STATE_PREFIX}{k}"), v)),
+        );
+        let kept = crate::gather::named_to_set(kept);
         let sets = vec![
             opt.params_host(be, groups)?,
             mo.exp_avg,
@@ -305,6 +380,17 @@ impl Job {
             });
         }
         Ok(())
+    }
+
+    /// The tokens this rank's DP replica predicts of `batch` (its share as the runtime deals).
+    fn own_predicted(&self, batch: &[Vec<u32>], me: usize) -> usize {
+        let (_, dp_rank, _) = self.inst.coords(me);
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let dealt = TrainConfig::packing(self.cfg.budget(0)).deal(&lens, self.inst.dp);
+        dealt
+            .get(dp_rank)
+            .map(|mine| mine.iter().map(|&k| lens[k].saturating_sub(1)).sum())
+            .unwrap_or(0)
     }
 
     /// What every rank holds (world rank 0 assembles checkpoints and the result from it).

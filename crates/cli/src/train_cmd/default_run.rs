@@ -118,7 +118,13 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
     if mine("checkpoint_dir") {
         args.checkpoint_dir = Some(dir.join("checkpoints"));
         if mine("checkpoint_every") {
-            args.checkpoint_every = Some(50);
+            // Every 50 steps, or the next multiple of the averaging period (checkpoints are
+            // written where the replicas are one).
+            let period = train::SyncMode::parse(&args.sync, args.outer_lr, args.outer_momentum)
+                .ok()
+                .and_then(|m| m.every())
+                .unwrap_or(1);
+            args.checkpoint_every = Some(50usize.div_ceil(period) * period);
         }
     }
     if mine("metrics") {

@@ -1,0 +1,190 @@
+//! Why error feedback exists, as a user would see it: training with top-k at 1% ends far worse
+//! without the residual than with it, and with it close to the exact run; bf16 with error
+//! feedback stays within rounding distance of the exact run.
+//!
+//! The optimizer is AdamW with β1 = 0, ε = 1 and no weight decay: for gradients far below 1 in
+//! magnitude (every coordinate here) its update `lr·g/(√v + ε)` is plain SGD's `lr·g` to within
+//! |g|. Error feedback is a theory of SGD-type updates (Karimireddy et al. 2019, "Error Feedback
+//! Fixes SignSGD and other Gradient Compression Schemes"); under AdamW's per-coordinate scaling
+//! the README reports that it does not help top-k at 1% on the default corpus.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+/// 256 documents of 8-32 tokens (see `common::affine_docs`).
+fn setup(dir: &Path) {
+    common::affine_docs(dir, 256, |i| [8, 12, 16, 24, 32][i % 5], |i| i / 5);
+}
+
+/// The mean loss of the last 10 of 100 steps of DP4 with `extra` flags.
+fn final_loss(dir: &Path, name: &str, optimizer: &[&str], extra: &[&str]) -> f64 {
+    let d = dir.to_str().unwrap();
+    let metrics = dir.join(format!("{name}.jsonl"));
+    let data = format!("{d}/data.jsonl");
+    let mut args = vec![
+        "train",
+        "--model",
+        d,
+        "--data",
+        &data,
+        "--devices",
+        "4",
+        "--strategy",
+        "dp4",
+        "--global-batch",
+        "16",
+        "--steps",
+        "100",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
+    args.extend(optimizer);
+    args.extend(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let losses: Vec<f64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 100, "{name}");
+    let loss = losses[90..].iter().sum::<f64>() / 10.0;
+    eprintln!("{name}: mean loss of steps 91-100 = {loss:.4}");
+    loss
+}
+
+/// SGD at lr 1 (with the default clipping of the global gradient norm to 1).
+const SGD: [&str; 8] = [
+    "--lr",
+    "1",
+    "--beta1",
+    "0",
+    "--eps",
+    "1",
+    "--weight-decay",
+    "0",
+];
+
+#[test]
+fn top_k_at_one_percent_trains_only_with_error_feedback() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let exact = final_loss(d, "exact", &SGD, &[]);
+    let with = final_loss(d, "topk-ef", &SGD, &["--grad-compression", "topk:0.01"]);
+    let without = final_loss(
+        d,
+        "topk-no-ef",
+        &SGD,
+        &["--grad-compression", "topk:0.01", "--error-feedback", "off"],
+    );
+    // Measured over --seed 0-5: exact 0.505-0.549, with feedback 0.463-0.520, without
+    // 1.184-1.266. Without feedback the 99% of each gradient that is not sent is lost for good,
+    // so the run learns far slower; with it every coordinate arrives, late.
+    assert!(
+        without > with + 0.5,
+        "without error feedback {without:.4} is not clearly worse than with it {with:.4}"
+    );
+    // Close: EF-SGD converges at SGD's rate plus a term of order 1/(δ²T) for a compressor
+    // keeping a fraction δ (Karimireddy et al.); at δ = 1% and T = 100 that term is still
+    // visible, so the bound is 20% of the loss (0.1), against the 100%+ that is lost without
+    // feedback. Measured |with - exact| over seeds 0-5: 0.006-0.083.
+    assert!(
+        (with - exact).abs() <= 0.1,
+        "top-k 1% with error feedback {with:.4} is not within 0.1 of the exact run {exact:.4}"
+    );
+}
+
+#[test]
+fn bf16_with_error_feedback_stays_within_rounding_distance_of_the_exact_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let adamw = ["--lr", "1e-2"];
+    let exact = final_loss(d, "exact", &adamw, &[]);
+    let reordered = final_loss(d, "rhd", &adamw, &["--allreduce", "rhd"]);
+    let bf16 = final_loss(d, "bf16", &adamw, &["--grad-compression", "bf16"]);
+    // bf16 rounds each gradient to 8 bits of mantissa (relative error ≤ 2^-9); error feedback
+    // carries the rounding into the next step, so what has arrived differs from the exact sum
+    // by one step's rounding, never more, and the run stays on an exact run's course. Bound: 3%
+    // of the loss, a third of the exact run's own spread over --seed 0-3 (0.169-0.185, 9%).
+    // Measured over seeds 0-3: bf16 with feedback lands 0.7-2.3% below the exact run; two exact
+    // runs that differ only in the order of f32 additions (ring vs halving-doubling) agree to
+    // 4 digits here.
+    let bound = 0.03 * exact;
+    eprintln!(
+        "reordering moved the loss by {:.4}, bf16 by {:.4}, bound {bound:.4}",
+        (reordered - exact).abs(),
+        (bf16 - exact).abs()
+    );
+    assert!(
+        (bf16 - exact).abs() <= bound,
+        "bf16 with error feedback {bf16:.4} is not within {bound:.4} of the exact run {exact:.4}"
+    );
+}
+
+/// The mean loss of steps 281-300 of the default run (`hotspa train --default-run`) with `extra`.
+fn default_run_loss(name: &str, extra: &[&str]) -> f64 {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = tmp.path().join(format!("{name}.jsonl"));
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(["train", "--default-run", "--metrics"])
+        .arg(&metrics)
+        .args(extra)
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{name}: {err}");
+    if let Some(dir) = err
+        .lines()
+        .find_map(|l| l.strip_prefix("run written to "))
+        .and_then(|l| l.split(':').next())
+    {
+        std::fs::remove_dir_all(root.join(dir)).ok();
+    }
+    let losses: Vec<f64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 300, "{name}");
+    let loss = losses[280..].iter().sum::<f64>() / 20.0;
+    eprintln!("{name}: mean loss of steps 281-300 = {loss:.4}");
+    loss
+}
+
+/// The issue's criterion on the default corpus: 300 steps of the default run, bf16 with error
+/// feedback against the exact exchange. Bound: 5% of the loss. On this run the exact exchange
+/// itself moves by 3.2% when only the order of its f32 additions changes (`--allreduce rhd`:
+/// 1.814 against the ring's 1.757, mean of steps 281-300), so no bound tighter than that spread
+/// can tell bf16 from an exact run; measured: bf16 with feedback 1.748, 0.5% from the ring.
+/// About 15 minutes in release:
+/// `cargo test --release -p hotspa --test error_feedback -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn default_run_with_bf16_and_error_feedback_ends_near_the_exact_run() {
+    let exact = default_run_loss("exact", &[]);
+    let bf16 = default_run_loss("bf16", &["--grad-compression", "bf16"]);
+    assert!(
+        (bf16 - exact).abs() <= 0.05 * exact,
+        "bf16 with error feedback {bf16:.4} is not within 5% of the exact run {exact:.4}"
+    );
+}

@@ -1,0 +1,319 @@
+//! `--sync` as a user runs it: local SGD every step is the BSP run (for SGD, on equal shares),
+//! averaging less often changes the run and sends fewer bytes, DiLoCo's outer step is an outer
+//! step (with lr 1 and no momentum it is plain averaging), checkpoints keep every replica's
+//! moments and the outer momentum (resume is bitwise), and what cannot work is refused by name.
+
+use std::path::Path;
+use std::process::Command;
+
+use model::{LlamaConfig, Weights};
+
+mod common;
+
+/// 64 documents of 16 tokens (every replica's share has the same token count, so a replica's
+/// mean gradient is the global mean's share times the replica count), and initial weights.
+fn setup(dir: &Path) {
+    common::affine_docs(dir, 64, |_| 16, |i| i);
+    Weights::random(&LlamaConfig::load(dir).unwrap(), 3)
+        .save(&dir.join("init.safetensors"))
+        .unwrap();
+}
+
+/// AdamW with β1 = 0, ε = 1e6, lr = 1e6 · 0.5 and no decay or clipping is SGD at 0.5 to f32
+/// precision (the update `lr·g/(√v + ε)` differs from `0.5·g` by the factor `1/(1 + √v/ε)`).
+const SGD: [&str; 10] = [
+    "--lr",
+    "5e5",
+    "--eps",
+    "1e6",
+    "--beta1",
+    "0",
+    "--weight-decay",
+    "0",
+    "--grad-clip",
+    "inf",
+];
+
+struct Run {
+    weights: Weights,
+    metrics: Vec<serde_json::Value>,
+}
+
+fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// `steps` steps of DP4 from the fixed initial weights with `extra` flags.
+fn train(dir: &Path, name: &str, steps: usize, extra: &[&str]) -> Run {
+    let steps = steps.to_string();
+    let save = format!("{name}.safetensors");
+    let metrics = format!("{name}.jsonl");
+    let mut args = vec![
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--devices",
+        "4",
+        "--strategy",
+        "dp4",
+        "--global-batch",
+        "16",
+        "--steps",
+        &steps,
+        "--save",
+        &save,
+        "--metrics",
+        &metrics,
+    ];
+    if !extra.contains(&"--resume") {
+        args.extend(["--init", "init.safetensors"]);
+    }
+    args.extend(extra);
+    let o = hotspa(dir, &args);
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Run {
+        weights: Weights::load(&LlamaConfig::load(dir).unwrap(), &dir.join(&save)).unwrap(),
+        metrics: std::fs::read_to_string(dir.join(&metrics))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    }
+}
+
+fn max_diff(a: &Weights, b: &Weights) -> f32 {
+    a.tensors()
+        .iter()
+        .zip(b.tensors())
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn wire(r: &Run) -> u64 {
+    r.metrics
+        .iter()
+        .map(|m| m["wire_intra_node_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+fn with<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    a.iter().chain(b).copied().collect()
+}
+
+#[test]
+fn local_sgd_every_step_is_bsp_and_less_often_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let init = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join("init.safetensors")).unwrap();
+    let bsp = train(d, "bsp", 3, &SGD);
+    let local1 = train(d, "local1", 3, &with(&SGD, &["--sync", "local:1"]));
+    let moved = max_diff(&bsp.weights, &init);
+    assert!(moved > 1e-2, "SGD hardly moved the weights ({moved})");
+    let diff = max_diff(&local1.weights, &bsp.weights);
+    assert!(diff < 1e-5, "local:1 differs from BSP by {diff}");
+    // The reported loss is the global batch's.
+    for (a, b) in local1.metrics.iter().zip(&bsp.metrics) {
+        let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+    }
+    let local3 = train(d, "local3", 3, &with(&SGD, &["--sync", "local:3"]));
+    let diff = max_diff(&local3.weights, &bsp.weights);
+    assert!(
+        diff > 1e-4,
+        "local:3 is BSP ({diff}): the replicas never ran apart"
+    );
+}
+
+#[test]
+fn averaging_every_h_steps_sends_h_times_fewer_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let bsp = train(d, "bsp", 10, &[]);
+    let local = train(d, "local", 10, &["--sync", "local:5"]);
+    let (b, l) = (wire(&bsp), wire(&local));
+    // Two averagings of the weights (one all-reduce each) against ten of the gradients, plus
+    // a few bytes per step for the loss and the norms.
+    assert!(
+        (l as f64) < b as f64 / 4.0,
+        "local:5 sent {l} bytes, BSP {b}"
+    );
+    let synced: Vec<u64> = local
+        .metrics
+        .iter()
+        .map(|m| m["wire_intra_node_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(
+        synced[4] > 100 * synced[3] && synced[9] > 100 * synced[8],
+        "the bytes are not at steps 5 and 10: {synced:?}"
+    );
+}
+
+#[test]
+fn diloco_takes_an_outer_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let local = train(d, "local", 6, &["--sync", "local:3"]);
+    let plain = train(
+        d,
+        "plain",
+        6,
+        &[
+            "--sync",
+            "diloco:3",
+            "--outer-lr",
+            "1",
+            "--outer-momentum",
+            "0",
+        ],
+    );
+    let diff = max_diff(&plain.weights, &local.weights);
+    assert!(
+        diff < 1e-6,
+        "DiLoCo with outer lr 1 and no momentum is not averaging ({diff})"
+    );
+    let diloco = train(d, "diloco", 6, &["--sync", "diloco:3"]);
+    let lr = train(d, "lr", 6, &["--sync", "diloco:3", "--outer-lr", "0.5"]);
+    let mu = train(
+        d,
+        "mu",
+        6,
+        &["--sync", "diloco:3", "--outer-momentum", "0.5"],
+    );
+    for (name, r) in [
+        ("diloco", &diloco),
+        ("--outer-lr", &lr),
+        ("--outer-momentum", &mu),
+    ] {
+        let diff = max_diff(&r.weights, &local.weights);
+        assert!(diff > 1e-5, "{name} changed nothing ({diff})");
+    }
+    assert!(max_diff(&lr.weights, &diloco.weights) > 1e-5);
+    assert!(max_diff(&mu.weights, &diloco.weights) > 1e-5);
+}
+
+#[test]
+fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for mode in ["local:2", "diloco:2"] {
+        let whole = train(d, "whole", 6, &["--sync", mode]);
+        train(
+            d,
+            "first",
+            4,
+            &[
+                "--sync",
+                mode,
+                "--checkpoint-dir",
+                "ck",
+                "--checkpoint-every",
+                "2",
+                "--force",
+            ],
+        );
+        let resumed = train(
+            d,
+            "resumed",
+            6,
+            &["--sync", mode, "--resume", "ck/step-00000004"],
+        );
+        let diff = max_diff(&resumed.weights, &whole.weights);
+        assert!(diff == 0.0, "{mode}: resuming differs by {diff}");
+        std::fs::remove_dir_all(d.join("ck")).unwrap();
+    }
+    // A BSP checkpoint continues under DiLoCo (its outer momentum starts at zero); the changed
+    // setting is reported.
+    train(d, "bsp", 2, &["--checkpoint-dir", "ck", "--force"]);
+    let o = hotspa(
+        d,
+        &[
+            "train",
+            "--model",
+            ".",
+            "--data",
+            "data.jsonl",
+            "--devices",
+            "4",
+            "--strategy",
+            "dp4",
+            "--global-batch",
+            "16",
+            "--steps",
+            "4",
+            "--sync",
+            "diloco:2",
+            "--resume",
+            "ck",
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("sync"), "{e}");
+}
+
+#[test]
+fn what_periodic_averaging_cannot_do_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let base = [
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--devices",
+        "4",
+        "--steps",
+        "4",
+    ];
+    for (extra, says) in [
+        (vec!["--sync", "ssp:2"], "parameter server"),
+        (vec!["--sync", "local:0"], "at least 1"),
+        (vec!["--sync", "local:2", "--outer-lr", "0.5"], "outer_lr"),
+        (vec!["--sync", "local:2", "--strategy", "dp4zero1"], "zero"),
+        (
+            vec!["--sync", "local:2", "--strategy", "tp4"],
+            "no DP replicas",
+        ),
+        (
+            vec!["--sync", "local:2", "--strategies", "dp4:8,dp2tp2:max"],
+            "one strategy",
+        ),
+        (
+            vec!["--sync", "local:2", "--grad-compression", "int8"],
+            "--grad-compression int8",
+        ),
+        (
+            vec![
+                "--sync",
+                "local:2",
+                "--checkpoint-dir",
+                "ck",
+                "--checkpoint-every",
+                "3",
+            ],
+            "multiple of 2",
+        ),
+    ] {
+        let o = hotspa(d, &with(&base, &extra));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(e.contains(says), "{extra:?}: {e}");
+    }
+}
