@@ -172,11 +172,10 @@ fn default_run_loss(name: &str, extra: &[&str]) -> f64 {
 }
 
 /// The criterion on the default corpus: 300 steps of the default run, bf16 with error
-/// feedback against the exact exchange. Bound: 5% of the loss. On this run the exact exchange
-/// itself moves by 3.2% when only the order of its f32 additions changes (`--allreduce rhd`:
-/// 1.814 against the ring's 1.757, mean of steps 281-300), so no bound tighter than that spread
-/// can tell bf16 from an exact run; measured: bf16 with feedback 1.748, 0.5% from the ring.
-/// About 15 minutes in release:
+/// feedback against the exact exchange, under the same 3% bound as above. Measured (mean of
+/// steps 281-300; the corpus is this repository, so it moves with every commit): exact 1.780,
+/// bf16 1.756 (1.3%), and the exact exchange with its additions reordered (`--allreduce rhd`)
+/// 1.781; on an earlier corpus 1.757 against 1.748 (0.5%). About 15 minutes in release:
 /// `cargo test --release -p hotspa --test error_feedback -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -184,7 +183,7 @@ fn default_run_with_bf16_and_error_feedback_ends_near_the_exact_run() {
     let exact = default_run_loss("exact", &[]);
     let bf16 = default_run_loss("bf16", &["--grad-compression", "bf16"]);
     assert!(
-        (bf16 - exact).abs() <= 0.05 * exact,
-        "bf16 with error feedback {bf16:.4} is not within 5% of the exact run {exact:.4}"
+        (bf16 - exact).abs() <= 0.03 * exact,
+        "bf16 with error feedback {bf16:.4} is not within 3% of the exact run {exact:.4}"
     );
 }
