@@ -92,12 +92,49 @@ pub struct TrainFlags {
     /// its own fixed order: only ring is bitwise the default run.
     #[arg(long, default_value = "ring")]
     pub allreduce: String,
-    /// How the DP replicas stay in step: bsp (the gradient exchange every step), local:H (each
-    /// replica runs its own AdamW on its share of every batch; the weights are averaged every H
-    /// steps and after the last) or diloco:H (the same, with an outer SGD step with Nesterov
-    /// momentum on the averaged change every H steps). Needs --strategy with DP and no ZeRO.
+    /// How the DP replicas stay in step: bsp (the gradient exchange every step, or with
+    /// --ps-servers the servers' summed update), ssp:S (parameter server, no worker more than S
+    /// steps ahead of the slowest), asp (parameter server, every push applied on arrival),
+    /// local:H (each replica runs its own AdamW on its share of every batch; the weights are
+    /// averaged every H steps and after the last) or diloco:H (the same, with an outer SGD step
+    /// with Nesterov momentum on the averaged change every H steps). Needs --strategy with DP
+    /// and no ZeRO.
     #[arg(long, default_value = "bsp")]
     pub sync: String,
+    /// Parameter servers: K more ranks (ranks 0..K, the --devices workers after them) that hold
+    /// the parameters and AdamW state in shards; workers push gradients and pull parameters.
+    /// ssp:S and asp take 1 when not given.
+    #[arg(long)]
+    pub ps_servers: Option<usize>,
+    /// Where the parameter servers run: dedicated (nodes of their own) or colocated (on the
+    /// workers' nodes); it decides which bytes cross nodes.
+    #[arg(long, default_value = "dedicated")]
+    pub ps_placement: String,
+    /// Federated averaging (--sync fedavg): clients the data is split over [default: one per
+    /// device].
+    #[arg(long)]
+    pub fed_clients: Option<usize>,
+    /// Fraction of the clients sampled each round [default: 1].
+    #[arg(long)]
+    pub fed_fraction: Option<f64>,
+    /// Local AdamW steps per client and round [default: 5].
+    #[arg(long)]
+    pub fed_local_steps: Option<usize>,
+    /// Sequences per local step [default: 8].
+    #[arg(long)]
+    pub fed_batch: Option<usize>,
+    /// How the data is split over the clients: iid (a seeded shuffle) or by-source (whole files,
+    /// or documents of one file, in order: non-IID) [default: iid].
+    #[arg(long)]
+    pub fed_shards: Option<String>,
+    /// Federated Dropout: the fraction of every layer's FFN units each client drops for its
+    /// sub-model [default: 0].
+    #[arg(long)]
+    pub fed_dropout: Option<f64>,
+    /// Slow worker R's compute FACTOR times (R:FACTOR, repeatable): after its gradients it
+    /// waits (FACTOR − 1) times as long as they took, as a straggler.
+    #[arg(long)]
+    pub slow_rank: Vec<String>,
     /// DiLoCo's outer learning rate [default: 0.7].
     #[arg(long)]
     pub outer_lr: Option<f64>,
@@ -211,14 +248,23 @@ impl TrainFlags {
         if self.devices == Some(0) {
             bail!("--devices 0 is out of range: must be at least 1");
         }
+        // The parameter servers are processes of the MPI world too (ssp:S and asp take one
+        // when not given).
+        let servers = self
+            .ps_servers
+            .unwrap_or_else(|| usize::from(self.sync.starts_with("ssp") || self.sync == "asp"));
         match comm::mpi::launch() {
-            Some((_, size)) if size > 1 => match self.devices {
-                Some(d) if d != size => bail!(
-                    "--devices {d} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
-                     under mpirun every process is one rank; drop --devices or make them agree"
-                ),
-                _ => Ok(size),
-            },
+            Some((_, world)) if world > 1 => {
+                let size = world.saturating_sub(servers).max(1);
+                match self.devices {
+                    Some(d) if d != size => bail!(
+                        "--devices {d} conflicts with the MPI world of {world} processes \
+                         (mpirun -np {world}, {servers} of them parameter servers): under mpirun \
+                         every process is one rank; drop --devices or make them agree"
+                    ),
+                    _ => Ok(size),
+                }
+            }
             _ => Ok(self.devices.unwrap_or(1)),
         }
     }
@@ -292,6 +338,34 @@ impl TrainFlags {
             algorithm: self.allreduce.parse().context("--allreduce")?,
         };
         cfg.sync = train::SyncMode::parse(&self.sync, self.outer_lr, self.outer_momentum)?;
+        let placement = train::Placement::parse(&self.ps_placement)?;
+        let servers = match (self.ps_servers, cfg.sync) {
+            (Some(k), _) => Some(k),
+            (None, train::SyncMode::Ssp { .. } | train::SyncMode::Asp) => Some(1),
+            (None, _) => None,
+        };
+        if servers.is_none() && placement != train::Placement::default() {
+            bail!("--ps-placement {placement}: there are no parameter servers (--ps-servers)");
+        }
+        cfg.ps = servers.map(|servers| train::ParamServers { servers, placement });
+        let d = train::Federated::default();
+        cfg.fed = train::Federated {
+            clients: self.fed_clients.unwrap_or(d.clients),
+            fraction: self.fed_fraction.unwrap_or(d.fraction),
+            local_steps: self.fed_local_steps.unwrap_or(d.local_steps),
+            batch: self.fed_batch.unwrap_or(d.batch),
+            sharding: match self.fed_shards.as_deref() {
+                None | Some("iid") => train::Sharding::Iid,
+                Some("by-source") => train::Sharding::BySource,
+                Some(other) => bail!("--fed-shards {other}: use iid or by-source"),
+            },
+            dropout: self.fed_dropout.unwrap_or(d.dropout),
+        };
+        cfg.slow_ranks = self
+            .slow_rank
+            .iter()
+            .map(|s| train::SlowRank::parse(s))
+            .collect::<Result<_, _>>()?;
         cfg.micro_batch_tokens = self.micro_batch_tokens.clone();
         cfg.pipeline_schedule = self.pipeline_schedule.parse::<Schedule>()?;
         cfg.global_batch = self.global_batch;

@@ -78,6 +78,34 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
         out.tokens_per_s(),
         out.peak_bytes
     );
+    // Federated averaging: clients and bytes per round.
+    let rounds: Vec<&train::FedMetrics> = out.steps.iter().filter_map(|m| m.fed.as_ref()).collect();
+    if !rounds.is_empty() {
+        let k = rounds.len() as f64;
+        let mean =
+            |f: fn(&train::FedMetrics) -> u64| rounds.iter().map(|r| f(r) as f64).sum::<f64>() / k;
+        eprintln!(
+            "federated: {:.1} clients per round; per round {:.2} MB up (the clients' updates), {:.2} MB down",
+            mean(|r| r.fed_clients),
+            mean(|r| r.fed_up_bytes) / 1e6,
+            mean(|r| r.fed_down_bytes) / 1e6
+        );
+    }
+    // The parameter server: who trained how much, on how stale parameters.
+    if !out.worker_steps.is_empty() {
+        let workers = out.worker_steps.iter().map(|s| s.worker).max().unwrap_or(0) + 1;
+        let mut shares = vec![0usize; workers];
+        for s in &out.worker_steps {
+            shares[s.worker] += 1;
+        }
+        let stale: Vec<u64> = out.worker_steps.iter().map(|s| s.staleness).collect();
+        eprintln!(
+            "parameter server: shares trained per worker {shares:?}; staleness (updates between \
+             a worker's pull and its push) mean {:.1}, max {}",
+            stale.iter().sum::<u64>() as f64 / stale.len() as f64,
+            stale.iter().max().unwrap_or(&0)
+        );
+    }
     // Hot switching: where the time went, over the whole run.
     let mut per: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
     let (mut switch_s, mut switch_b) = (0.0, 0u64);
@@ -120,9 +148,13 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
             "on the wire: {:.2} MB per step inside nodes, {:.2} MB across nodes (all ranks; {})",
             intra / 1e6,
             inter / 1e6,
-            match cfg.sync {
-                train::SyncMode::Bsp => format!("gradient exchange: {}", cfg.exchange),
-                s => format!("no gradient exchange; weights synchronised by {s}"),
+            match (cfg.sync, cfg.ps) {
+                (s, Some(ps)) => format!(
+                    "pushes to and replies from {} parameter server(s), {}, {s}",
+                    ps.servers, ps.placement
+                ),
+                (train::SyncMode::Bsp, None) => format!("gradient exchange: {}", cfg.exchange),
+                (s, None) => format!("no gradient exchange; weights synchronised by {s}"),
             }
         );
     }

@@ -119,6 +119,23 @@ fn four_processes_train_bitwise_like_four_threads() {
         ],
         // Periodic averaging: DiLoCo's replicas across TP groups.
         vec!["--strategy", "dp2tp2", "--steps", "5", "--sync", "diloco:2"],
+        // Federated averaging: sampled clients with sub-models, their average an all-reduce.
+        vec![
+            "--strategy",
+            "dp4",
+            "--steps",
+            "2",
+            "--sync",
+            "fedavg",
+            "--fed-clients",
+            "6",
+            "--fed-fraction",
+            "0.5",
+            "--fed-dropout",
+            "0.25",
+            "--fed-local-steps",
+            "2",
+        ],
     ]
     .iter()
     .enumerate()
@@ -194,6 +211,66 @@ fn four_processes_train_bitwise_like_four_threads() {
             }
         }
     }
+}
+
+/// The parameter server's ranks are processes too: BSP on 2 servers and 3 workers is bitwise
+/// the thread run (servers add the pushes in worker order), and ASP, whose servers take
+/// pushes from whichever worker comes first (`recv_any` over MPI), trains every step.
+#[test]
+fn the_parameter_server_runs_as_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = ["--strategy", "dp3", "--steps", "3", "--ps-servers", "2"];
+    let mut args = train_args(dir.path(), "threads.safetensors", &ps);
+    args.extend(["--devices".into(), "3".into()]);
+    let o = Command::new(hotspa())
+        .args(&args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(5)
+        .arg(hotspa())
+        .args(train_args(dir.path(), "mpi.safetensors", &ps))
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("2 parameter server(s)"), "{out}");
+    let (a, b) = (
+        std::fs::read(dir.path().join("threads.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("mpi.safetensors")).unwrap(),
+    );
+    assert!(
+        a == b,
+        "BSP on the parameter server: MPI weights differ from threads"
+    );
+    let metrics = dir.path().join("asp.jsonl");
+    let m = metrics.display().to_string();
+    let asp = [
+        "--strategy",
+        "dp3",
+        "--steps",
+        "4",
+        "--sync",
+        "asp",
+        "--ps-servers",
+        "2",
+        "--metrics",
+        &m,
+    ];
+    let o = mpirun(5)
+        .arg(hotspa())
+        .args(train_args(dir.path(), "asp.safetensors", &asp))
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    assert!(
+        lines.lines().all(|l| l.contains("\"ps_updates\":3")),
+        "{lines}"
+    );
 }
 
 #[test]

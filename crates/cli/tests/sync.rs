@@ -283,7 +283,27 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
         "4",
     ];
     for (extra, says) in [
-        (vec!["--sync", "ssp:2"], "parameter server"),
+        (
+            vec!["--sync", "gossip"],
+            "use bsp, ssp:S, asp, local:H, diloco:H or fedavg",
+        ),
+        (
+            vec!["--sync", "asp", "--strategy", "dp2tp2"],
+            "whole replicas",
+        ),
+        (vec!["--ps-servers", "1", "--sync", "local:2"], "averages"),
+        (vec!["--ps-servers", "0"], "at least 1"),
+        (
+            vec!["--ps-servers", "1", "--checkpoint-dir", "ck"],
+            "checkpointing under the parameter server is not built",
+        ),
+        (
+            vec!["--ps-servers", "1", "--grad-compression", "int8"],
+            "not compressed",
+        ),
+        (vec!["--ps-placement", "colocated"], "no parameter servers"),
+        (vec!["--slow-rank", "9:2"], "not a worker"),
+        (vec!["--slow-rank", "1:0.5"], "at least 1"),
         (vec!["--sync", "local:0"], "at least 1"),
         (vec!["--sync", "local:2", "--outer-lr", "0.5"], "outer_lr"),
         (vec!["--sync", "local:2", "--strategy", "dp4zero1"], "zero"),
@@ -316,4 +336,142 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
         assert!(!o.status.success(), "{extra:?} was accepted");
         assert!(e.contains(says), "{extra:?}: {e}");
     }
+}
+
+/// `--ps-servers` moves the update to the servers (the same weights under BSP, the bytes of
+/// pushes and replies on the wire), `--ps-placement` decides which of them cross nodes, and
+/// `--slow-rank` makes a straggler whose pushes land on parameters many updates newer.
+#[test]
+fn parameter_server_flags_change_what_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let nodes = ["--devices-per-node", "2"];
+    let all_reduce = train(d, "allreduce", 3, &nodes);
+    let dedicated = train(d, "ps", 3, &with(&nodes, &["--ps-servers", "2"]));
+    let colocated = train(
+        d,
+        "ps_colocated",
+        3,
+        &with(
+            &nodes,
+            &["--ps-servers", "2", "--ps-placement", "colocated"],
+        ),
+    );
+    assert!(max_diff(&dedicated.weights, &all_reduce.weights) <= 1e-5);
+    assert!(max_diff(&colocated.weights, &dedicated.weights) == 0.0);
+    let sum =
+        |r: &Run, key: &str| -> u64 { r.metrics.iter().map(|m| m[key].as_u64().unwrap()).sum() };
+    assert!(all_reduce.metrics[0].get("ps_updates").is_none());
+    assert_eq!(dedicated.metrics[0]["ps_updates"], 4);
+    // Dedicated servers are on nodes of their own: every byte crosses; co-located ones share
+    // a node with half the workers.
+    assert_eq!(sum(&dedicated, "wire_intra_node_bytes"), 0);
+    let total = sum(&dedicated, "wire_inter_node_bytes");
+    assert_eq!(
+        total,
+        sum(&dedicated, "ps_push_bytes") + sum(&dedicated, "ps_pull_bytes")
+    );
+    assert_eq!(sum(&colocated, "wire_inter_node_bytes") * 2, total);
+    // A 20× straggler under ASP trains far fewer shares than the others, and its pushes meet
+    // parameters that moved on.
+    let o = hotspa(
+        d,
+        &[
+            "train",
+            "--model",
+            ".",
+            "--data",
+            "data.jsonl",
+            "--devices",
+            "4",
+            "--steps",
+            "8",
+            "--global-batch",
+            "16",
+            "--sync",
+            "asp",
+            "--slow-rank",
+            "3:20",
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("parameter server: shares trained per worker"))
+        .unwrap_or_else(|| panic!("{e}"));
+    let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
+    let shares: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+    assert_eq!(shares.iter().sum::<usize>(), 32, "{line}");
+    // (Threads on two busy cores do not share the work evenly among the fast workers either.)
+    assert!(
+        shares[3] <= shares[..3].iter().copied().min().unwrap(),
+        "{line}"
+    );
+    assert!(
+        4 * shares[3] <= shares[..3].iter().copied().max().unwrap(),
+        "{line}"
+    );
+}
+
+/// A worker whose step fails (`HOTSPA_FAULT=panic:RANK:STEP`) under ASP leaves: the servers
+/// keep the parameters, another worker trains its share, and the run ends well and says so;
+/// under BSP on the parameter server the same fault ends the run, naming the rank.
+#[test]
+fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let run = |sync: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hotspa"))
+            .args([
+                "train",
+                "--model",
+                ".",
+                "--data",
+                "data.jsonl",
+                "--devices",
+                "4",
+                "--steps",
+                "6",
+                "--global-batch",
+                "16",
+                "--sync",
+                sync,
+                "--ps-servers",
+                "1",
+                "--save",
+                &format!("{sync}.safetensors"),
+            ])
+            .current_dir(d)
+            .env("RUST_BACKTRACE", "0")
+            // World rank 2: worker 1 (the server is rank 0).
+            .env("HOTSPA_FAULT", "panic:2:3")
+            .output()
+            .unwrap()
+    };
+    for sync in ["asp", "ssp:1"] {
+        let o = run(sync);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{sync}: {e}");
+        assert!(
+            e.contains("worker 1 (rank 2) left the run at its step 3"),
+            "{sync}: {e}"
+        );
+        let line = e
+            .lines()
+            .find(|l| l.starts_with("parameter server: shares trained per worker"))
+            .unwrap_or_else(|| panic!("{e}"));
+        // Every share was trained, worker 1's after it left by the others.
+        let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
+        let shares: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+        assert_eq!(shares.iter().sum::<usize>(), 24, "{sync}: {line}");
+        assert_eq!(shares[1], 2, "{sync}: {line}");
+        assert!(d.join(format!("{sync}.safetensors")).exists());
+    }
+    let o = run("bsp");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "BSP went on without a worker: {e}");
+    assert!(e.contains("rank 2 panics at step 3"), "{e}");
 }

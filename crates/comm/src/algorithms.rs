@@ -29,6 +29,9 @@ pub(crate) trait Transport {
     /// Waits for the next message from world rank `src` on `channel`; `what` names the
     /// operation for errors.
     fn take(&self, src: usize, channel: Channel, what: &dyn Fn() -> String) -> Result<Vec<f32>>;
+    /// Waits for the next message on `channel` from any member: the sender's world rank and
+    /// the message.
+    fn take_any(&self, channel: Channel, what: &dyn Fn() -> String) -> Result<(usize, Vec<f32>)>;
     /// Enters the next collective: its channel and sequence number.
     fn enter(&self) -> (Channel, u64);
     /// Hands a received buffer back for reuse.
@@ -227,6 +230,21 @@ pub(crate) fn send<T: Transport + ?Sized>(t: &T, data: &[f32], peer: Rank, tag: 
     t.post(w, Channel::User(tag), data)
 }
 
+pub(crate) fn recv_any<T: Transport + ?Sized>(t: &T, buf: &mut [f32], tag: u32) -> Result<Rank> {
+    let (w, m) = t.take_any(Channel::User(tag), &|| {
+        format!("recv from any rank (tag {tag})")
+    })?;
+    check_len("recv_any", "buf", m.len(), buf.len())?;
+    buf.copy_from_slice(&m);
+    t.recycle(m);
+    let r = t
+        .members()
+        .iter()
+        .position(|&x| x == w)
+        .unwrap_or(usize::MAX);
+    Ok(Rank(r))
+}
+
 pub(crate) fn recv<T: Transport + ?Sized>(
     t: &T,
     buf: &mut [f32],
@@ -326,6 +344,10 @@ macro_rules! collectives_over_transport {
 
         fn recv(&self, buf: &mut [f32], peer: crate::Rank, tag: u32) -> crate::Result<()> {
             crate::algorithms::recv(self, buf, peer, tag)
+        }
+
+        fn recv_any(&self, buf: &mut [f32], tag: u32) -> crate::Result<crate::Rank> {
+            crate::algorithms::recv_any(self, buf, tag)
         }
 
         fn batch(&self, ops: &mut [crate::P2p<'_>]) -> crate::Result<()> {

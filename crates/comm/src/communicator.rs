@@ -110,6 +110,14 @@ pub trait Communicator: Send {
     fn send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()>;
     /// Receives exactly `buf.len()` values from `peer` with `tag`.
     fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()>;
+    /// Receives exactly `buf.len()` values with `tag` from whichever member sent first, and
+    /// says who (a parameter server's loop). Messages of one sender still arrive in order.
+    fn recv_any(&self, buf: &mut [f32], tag: u32) -> Result<Rank> {
+        let _ = (buf, tag);
+        Err(CommError::Unavailable(
+            "this communicator cannot receive from any rank (recv_any)".into(),
+        ))
+    }
     /// Runs a group of sends and receives that progress together: no deadlock whatever order
     /// they were posted in on each rank.
     fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()>;

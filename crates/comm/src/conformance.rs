@@ -53,6 +53,10 @@ pub const CHECKS: &[Check] = &[
         run: send_recv_tags,
     },
     Check {
+        name: "recv_from_any",
+        run: recv_from_any,
+    },
+    Check {
         name: "batch_adversarial_orders",
         run: batch_adversarial_orders,
     },
@@ -234,6 +238,41 @@ fn send_recv_tags(c: &mut dyn Communicator) -> Result<(), String> {
         &ra,
         &(0..5).map(|i| value(prev, i)).collect::<Vec<_>>(),
     )?;
+    c.barrier().map_err(err)
+}
+
+/// Every rank but 0 sends two messages to rank 0, which takes them from whoever sent first:
+/// it must see each sender twice, its two messages in order, and name the sender right. A
+/// communicator without `recv_any` (NCCL) says so, and rank 0 then takes them in rank order.
+fn recv_from_any(c: &mut dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    if me != 0 {
+        for k in 0..2 {
+            let m: Vec<f32> = (0..4).map(|i| value(me + 10 * k, i)).collect();
+            c.send(&m, Rank(0), 7).map_err(err)?;
+        }
+        return c.barrier().map_err(err);
+    }
+    let mut seen = vec![0usize; p];
+    for _ in 0..2 * (p - 1) {
+        let mut buf = vec![0.0; 4];
+        let from = match c.recv_any(&mut buf, 7) {
+            Ok(r) => r.0,
+            Err(CommError::Unavailable(_)) => {
+                let r = 1 + seen[1..].iter().position(|&n| n < 2).unwrap_or(0);
+                c.recv(&mut buf, Rank(r), 7).map_err(err)?;
+                r
+            }
+            Err(e) => return Err(err(e)),
+        };
+        if from == 0 || from >= p {
+            return Err(format!("recv_any named rank {from} of {p}"));
+        }
+        let k = seen[from];
+        let want: Vec<f32> = (0..4).map(|i| value(from + 10 * k, i)).collect();
+        expect_eq(&format!("message {k} of rank {from}"), &buf, &want)?;
+        seen[from] += 1;
+    }
     c.barrier().map_err(err)
 }
 

@@ -123,6 +123,10 @@ impl Layer for Counting {
         self.record(CommKind::Recv, buf.len());
         self.inner.recv(buf, peer, tag)
     }
+    fn on_recv_any(&self, buf: &mut [f32], tag: u32) -> Result<Rank> {
+        self.record(CommKind::Recv, buf.len());
+        self.inner.recv_any(buf, tag)
+    }
     fn on_batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
         let sent = ops
             .iter()

@@ -126,6 +126,10 @@ pub trait Layer: Send + Sized + 'static {
     fn on_recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
         self.inner().recv(buf, peer, tag)
     }
+    /// See [`Communicator::recv_any`].
+    fn on_recv_any(&self, buf: &mut [f32], tag: u32) -> Result<Rank> {
+        self.inner().recv_any(buf, tag)
+    }
     /// See [`Communicator::batch`].
     fn on_batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
         self.inner().batch(ops)
@@ -201,6 +205,9 @@ impl<L: Layer> Communicator for L {
     }
     fn recv(&self, buf: &mut [f32], peer: Rank, tag: u32) -> Result<()> {
         Layer::on_recv(self, buf, peer, tag)
+    }
+    fn recv_any(&self, buf: &mut [f32], tag: u32) -> Result<Rank> {
+        Layer::on_recv_any(self, buf, tag)
     }
     fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()> {
         Layer::on_batch(self, ops)

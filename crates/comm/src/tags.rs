@@ -27,6 +27,10 @@ pub const ALLREDUCE: u32 = 3;
 pub const ALLREDUCE_DOWN: u32 = 4;
 /// Sparse and compressed gradient exchanges.
 pub const COMPRESSED: u32 = 5;
+/// Gradients a worker pushes to a parameter server (and its "done").
+pub const PS_PUSH: u32 = 6;
+/// Parameters a server sends a worker in reply.
+pub const PS_PARAMS: u32 = 7;
 
 /// The first tag of the pipeline's activations and their gradients.
 const PIPELINE_BASE: u32 = 16;

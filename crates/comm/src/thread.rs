@@ -3,7 +3,7 @@
 //! first and cannot deadlock. The collectives are `algorithms`' rings over the mailboxes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,8 @@ pub struct ThreadComm {
     seq: AtomicU64,
     subgroups: Mutex<HashMap<Vec<usize>, u64>>,
     timeout: Duration,
+    /// The member `take_any` looks at first.
+    turn: AtomicUsize,
 }
 
 impl ThreadComm {
@@ -136,6 +138,7 @@ impl ThreadComm {
                 me,
                 seq: AtomicU64::new(0),
                 subgroups: Mutex::new(HashMap::new()),
+                turn: AtomicUsize::new(0),
                 timeout,
             })
             .collect()
@@ -343,6 +346,56 @@ impl Transport for ThreadComm {
         }
     }
 
+    /// Waits for the next message on `channel` from any member, taking senders in turn
+    /// (round-robin from the last one served) so that none starves.
+    fn take_any(&self, channel: Channel, op: &dyn Fn() -> String) -> Result<(usize, Vec<f32>)> {
+        let me = self.members[self.me];
+        let n = self.members.len();
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let mut st = self.world.lock();
+        loop {
+            let first = self.turn.load(Ordering::Relaxed);
+            for i in 0..n {
+                let j = (first + i) % n;
+                let key = Key {
+                    group: self.group,
+                    src: self.members[j],
+                    dst: me,
+                    channel,
+                };
+                if let Some(m) = st.boxes.get_mut(&key).and_then(|q| q.pop_front()) {
+                    self.turn.store(j + 1, Ordering::Relaxed);
+                    return Ok((self.members[j], m));
+                }
+            }
+            if let Some((failed, reason)) = &st.failed {
+                if *failed != me {
+                    return Err(CommError::PeerFailed {
+                        rank: Rank(me),
+                        failed: Rank(*failed),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    rank: Rank(me),
+                    op: op(),
+                    waited: now - start,
+                    detail: "no rank sent anything".into(),
+                });
+            }
+            st = self
+                .world
+                .cond
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     /// Enters the next collective: returns its channel and records the arrival.
     fn enter(&self) -> (Channel, u64) {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
@@ -408,6 +461,7 @@ impl Communicator for ThreadComm {
             me,
             seq: AtomicU64::new(0),
             subgroups: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
             timeout: self.timeout,
         }))
     }

@@ -13,6 +13,8 @@ use crate::{DataError, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     seqs: Vec<Vec<u32>>,
+    /// Every sequence's source (see [`Dataset::sources`]).
+    sources: Vec<u32>,
     skipped: usize,
 }
 
@@ -87,7 +89,8 @@ impl Dataset {
         tokenizer: &TextTokenizer,
     ) -> Result<Self> {
         let mut docs = Vec::new();
-        for f in files {
+        let mut sources = Vec::new();
+        for (file, f) in files.iter().enumerate() {
             let bytes = std::fs::read(f).map_err(|source| DataError::Io {
                 path: f.clone(),
                 source,
@@ -111,9 +114,15 @@ impl Dataset {
                     return Err(bad(out_of_vocab(tokenizer, id, vocab)));
                 }
                 docs.push(ids);
+                sources.push(file as u32);
             }
         }
-        Self::from_docs(docs, max_len, Path::new("(paragraphs of a file list)"))
+        Self::from_sourced_docs(
+            docs,
+            sources,
+            max_len,
+            Path::new("(paragraphs of a file list)"),
+        )
     }
 
     /// Token sequences given in memory, one document each, checked against `vocab` and cut
@@ -132,16 +141,29 @@ impl Dataset {
         Self::from_docs(docs.to_vec(), max_len, origin)
     }
 
+    /// Documents, each its own source.
     fn from_docs(docs: Vec<Vec<u32>>, max_len: usize, origin: &Path) -> Result<Self> {
+        let sources = (0..docs.len() as u32).collect();
+        Self::from_sourced_docs(docs, sources, max_len, origin)
+    }
+
+    fn from_sourced_docs(
+        docs: Vec<Vec<u32>>,
+        doc_sources: Vec<u32>,
+        max_len: usize,
+        origin: &Path,
+    ) -> Result<Self> {
         let max_len = max_len.max(2);
         let mut seqs = Vec::new();
+        let mut sources = Vec::new();
         let mut skipped = 0;
-        for d in docs {
+        for (d, src) in docs.into_iter().zip(doc_sources) {
             for piece in d.chunks(max_len) {
                 if piece.len() < 2 {
                     skipped += 1;
                 } else {
                     seqs.push(piece.to_vec());
+                    sources.push(src);
                 }
             }
         }
@@ -151,7 +173,18 @@ impl Dataset {
                 skipped,
             });
         }
-        Ok(Self { seqs, skipped })
+        Ok(Self {
+            seqs,
+            sources,
+            skipped,
+        })
+    }
+
+    /// Where every sequence came from, as a number that orders the sources: its file (a
+    /// directory of text files, a file list, paragraphs of files) or its document (a JSONL,
+    /// Parquet or Megatron file, sequences in memory). Pieces of one long document share it.
+    pub fn sources(&self) -> &[u32] {
+        &self.sources
     }
 
     /// The sequences, in file order.
@@ -272,4 +305,28 @@ fn text_file(f: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<u3
         return Err(bad(out_of_vocab(tokenizer, id, vocab)));
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sequence_knows_its_file_or_document() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "abcdefghij").unwrap();
+        std::fs::write(dir.path().join("b.txt"), "xyz").unwrap();
+        // A directory: a file is a source; its pieces share it.
+        let d = Dataset::load(dir.path(), 256, 4).unwrap();
+        assert_eq!(d.sequences().len(), 4);
+        assert_eq!(d.sources(), &[0, 0, 0, 1]);
+        // Paragraphs: their file.
+        std::fs::write(dir.path().join("a.txt"), "ab\n\ncd\n\nef").unwrap();
+        let files = [dir.path().join("a.txt"), dir.path().join("b.txt")];
+        let p = Dataset::from_paragraphs(&files, 256, 64, &TextTokenizer::bytes()).unwrap();
+        assert_eq!(p.sources(), &[0, 0, 0, 1]);
+        // One file of documents: each document.
+        let s = Dataset::from_sequences(&[vec![1, 2, 3, 4, 5], vec![6, 7]], 10, 2).unwrap();
+        assert_eq!(s.sources(), &[0, 0, 1]);
+    }
 }

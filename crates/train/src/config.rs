@@ -201,6 +201,14 @@ pub struct TrainConfig {
     /// How the DP replicas stay in step: the gradient exchange every step (BSP), or periodic
     /// averaging of the weights (local SGD, DiLoCo).
     pub sync: crate::sync::SyncMode,
+    /// Parameter servers (`None`: the replicas exchange gradients by all-reduce). The world is
+    /// then `devices` workers followed by the servers.
+    pub ps: Option<crate::ps::ParamServers>,
+    /// Ranks whose compute is slowed, as stragglers.
+    pub slow_ranks: Vec<crate::ps::SlowRank>,
+    /// Federated training's clients, rounds and sub-models (under `sync` fedavg; otherwise
+    /// they must stay at their defaults).
+    pub fed: crate::fed::Federated,
     /// Go ahead where a safety check would refuse: start fresh in a checkpoint directory that
     /// holds another run's steps (deleting them), resume under settings that change the data
     /// order.
@@ -256,6 +264,9 @@ impl TrainConfig {
             simulate: None,
             exchange: Exchange::default(),
             sync: crate::sync::SyncMode::Bsp,
+            ps: None,
+            slow_ranks: Vec::new(),
+            fed: crate::fed::Federated::default(),
             force: false,
             stop: None,
         }
@@ -318,6 +329,35 @@ impl TrainConfig {
             ));
         }
         self.check_sync()?;
+        crate::ps::check(self)?;
+        if self.sync == crate::sync::SyncMode::FedAvg {
+            if self.ps.is_some() {
+                return Err(TrainError::setting(
+                    "ps_servers",
+                    "fedavg averages the clients by all-reduce; drop --ps-servers",
+                ));
+            }
+            self.fed.check(self)?;
+        } else if self.fed != crate::fed::Federated::default() {
+            return Err(TrainError::setting(
+                "fed_clients",
+                format!(
+                    "the federated settings (--fed-…) apply to --sync fedavg only; --sync is {}",
+                    self.sync
+                ),
+            ));
+        }
+        for s in &self.slow_ranks {
+            if s.rank >= self.devices {
+                return Err(TrainError::setting(
+                    "slow_rank",
+                    format!(
+                        "rank {} is not a worker of {} devices",
+                        s.rank, self.devices
+                    ),
+                ));
+            }
+        }
         if let Some(d) = self.devices_per_node {
             at_least("devices_per_node", d, 1)?;
             if !self.devices.is_multiple_of(d) && self.devices > 1 {
@@ -493,11 +533,18 @@ impl TrainConfig {
             "compress_cross_node_only": self.exchange.cross_node_only,
             "allreduce": self.exchange.algorithm.to_string(),
             "sync": self.sync.to_string(),
+            "ps_servers": self.ps.map(|p| p.servers),
+            "fed": (self.sync == crate::sync::SyncMode::FedAvg).then(|| format!("{:?}", self.fed)),
         })
     }
 }
 
 impl TrainConfig {
+    /// Every rank of the run: the devices, and the parameter servers after them.
+    pub fn world_size(&self) -> usize {
+        self.devices + self.ps.map_or(0, |p| p.servers)
+    }
+
     /// Periodic averaging runs one strategy with DP replicas that hold whole optimizer states,
     /// exchanges no gradients, and checkpoints and evaluates where the replicas are one.
     fn check_sync(&self) -> Result<()> {

@@ -36,6 +36,7 @@ mod config;
 mod error;
 mod eval;
 pub mod exchange;
+mod fed;
 pub mod gather;
 mod hot;
 mod metrics;
@@ -44,6 +45,7 @@ mod planning;
 mod powersgd;
 mod prepare;
 mod profile;
+mod ps;
 mod rank;
 pub mod resources;
 mod run;
@@ -58,13 +60,15 @@ pub use config::{
 };
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};
+pub use fed::{FedMetrics, Federated, Sharding};
 pub use hot::{HotRank, HotSetup, HotStep};
 pub use metrics::{
-    read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics,
+    read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics, PsMetrics,
     SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics,
 };
 pub use planning::{batch_lengths, cost_model, plan_of, planner};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};
+pub use ps::{ParamServers, Placement, SlowRank, WorkerStep};
 pub use rank::PLAN_CACHE;
 pub use run::{load_data, run, TrainOutcome};
 pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};

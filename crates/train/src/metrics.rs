@@ -44,6 +44,25 @@ pub struct StepMetrics {
     /// Bytes the ranks sent during the step, by link class (absent in files of older runs).
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub wire: Option<WireMetrics>,
+    /// Under the parameter server: the step's updates and messages.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub ps: Option<PsMetrics>,
+    /// Under federated averaging: the round's clients and bytes up and down.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub fed: Option<crate::fed::FedMetrics>,
+}
+
+/// A step under the parameter server (under ASP and SSP: `W` updates, one per worker share).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PsMetrics {
+    /// Updates the servers applied.
+    pub ps_updates: u64,
+    /// Bytes the workers pushed (gradients and headers).
+    pub ps_push_bytes: u64,
+    /// Bytes the servers sent back (parameters and headers).
+    pub ps_pull_bytes: u64,
+    /// The most updates of other workers that landed between a worker's pull and its push.
+    pub ps_max_staleness: u64,
 }
 
 /// Bytes on the wire in a step: every rank's sends (gradient exchange, TP and pipeline
@@ -280,6 +299,8 @@ mod tests {
             simulated: None,
             eval: None,
             wire: None,
+            ps: None,
+            fed: None,
         };
         let line = serde_json::to_string(&m).unwrap();
         assert!(

@@ -180,7 +180,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let sink: &mut dyn Sink = if root { sink } else { &mut quiet };
     cfg.check()?;
     if mpi.is_none() {
-        crate::resources::check_threads(cfg.devices, kernels::available_cores())?;
+        crate::resources::check_threads(cfg.world_size(), kernels::available_cores())?;
     }
     if cfg.resume.is_some() && !matches!(cfg.init, Init::Random) {
         return Err(TrainError::setting(
@@ -278,6 +278,16 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         cfg.steps,
         cfg.global_batch
     );
+    let summary = match cfg.ps {
+        Some(ps) => format!(
+            "{summary}; {} parameter server(s) ({}) as the first ranks (0..{}), workers after them, {}",
+            ps.servers,
+            ps.placement,
+            ps.servers - 1,
+            cfg.sync
+        ),
+        None => summary,
+    };
     // Thread ranks sit on one node unless told otherwise (or simulated on a cluster's nodes).
     let devices_per_node = cfg
         .devices_per_node
@@ -367,22 +377,34 @@ pub fn is_single_file(path: &Path) -> bool {
 /// Under `mpirun` (more than one process): the MPI world, whose size is the device count and
 /// whose placement says which ranks share a node.
 fn mpi_world(cfg: &mut TrainConfig) -> Result<Option<Arc<comm::MpiComm>>> {
-    let Some((_, size)) = comm::mpi::launch().filter(|&(_, size)| size > 1) else {
+    let Some((_, world_size)) = comm::mpi::launch().filter(|&(_, size)| size > 1) else {
         return Ok(None);
     };
+    // The parameter servers are ranks too: the first `servers` of the world.
+    let servers = cfg.ps.map_or(0, |p| p.servers);
+    let size = world_size.saturating_sub(servers);
+    if size == 0 {
+        return Err(TrainError::setting(
+            "ps_servers",
+            format!(
+                "{servers} servers leave no workers in the MPI world of {world_size} processes"
+            ),
+        ));
+    }
     if cfg.devices != 1 && cfg.devices != size {
         return Err(TrainError::setting(
             "devices",
             format!(
-                "{} conflicts with the MPI world of {size} processes (mpirun -np {size}): \
-                 under mpirun every process is one rank; drop --devices or make them agree",
+                "{} conflicts with the MPI world of {world_size} processes (mpirun -np \
+                 {world_size}, {servers} of them parameter servers): under mpirun every process \
+                 is one rank; drop --devices or make them agree",
                 cfg.devices
             ),
         ));
     }
     cfg.devices = size;
     let world = comm::MpiComm::init()?;
-    let per_node = mpi_devices_per_node(world.nodes())?;
+    let per_node = mpi_devices_per_node(&world.nodes()[servers..])?;
     if let Some(d) = cfg.devices_per_node.filter(|&d| d != per_node) {
         return Err(TrainError::setting(
             "devices_per_node",

@@ -28,10 +28,21 @@ pub const PLAN_CACHE: usize = 8;
 /// What the rank threads tell the thread that reports and writes.
 pub(crate) enum Msg {
     /// One step's metrics (world rank 0).
-    Step(StepMetrics),
+    Step(Box<StepMetrics>),
     /// Every rank's pieces of the weights and both moments after `step` steps (rank 0, which
     /// collected them).
     Checkpoint { step: u64, parts: Vec<RankPart> },
+    /// A worker's step under the parameter server.
+    WorkerStep(crate::ps::WorkerStep),
+    /// Something the run should tell the user (world rank 0's process).
+    Notice(String),
+    /// A worker under ASP or SSP left the run after its step failed.
+    WorkerLost {
+        worker: usize,
+        rank: usize,
+        step: usize,
+        reason: String,
+    },
     /// The ranks agreed to stop early, after `step` steps (world rank 0).
     Stopped { step: usize },
     /// The ranks of this process are done (world rank 0's result, or the first error).
@@ -181,6 +192,7 @@ impl Job {
                 Some(_) => self.own_predicted(&batch, me),
                 None => predicted,
             };
+            let t_grads = Instant::now();
             let mut out = runner.gradients(StepInput {
                 backend: be,
                 world,
@@ -189,6 +201,7 @@ impl Job {
                 batch: &batch,
                 loss_scale: 1.0 / own.max(1) as f32,
             })?;
+            crate::ps::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
             if let Some(r) = &replicas {
                 // The loss of the global batch: the replicas' means weighted by their tokens.
                 out.loss = r.weighted_loss(out.loss, own, predicted)?;
@@ -268,7 +281,7 @@ impl Job {
                 _ => None,
             };
             if me == 0 {
-                let _ = self.tx.send(Msg::Step(StepMetrics {
+                let _ = self.tx.send(Msg::Step(Box::new(StepMetrics {
                     step: step as u64 + 1,
                     loss: out.loss,
                     grad_norm: norm,
@@ -285,7 +298,9 @@ impl Job {
                         wire_intra_node_bytes: wire[0],
                         wire_inter_node_bytes: wire[1],
                     }),
-                }));
+                    ps: None,
+                    fed: None,
+                })));
             }
             let due = every.is_some_and(|e| (step + 1) % e == 0 || step + 1 == cfg.steps);
             // Asked to stop (a signal): every rank agrees on the step, whoever saw it first.

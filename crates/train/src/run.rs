@@ -38,6 +38,11 @@ pub struct TrainOutcome {
     pub checkpoints: Vec<std::path::PathBuf>,
     /// The run stopped early when asked to ([`TrainConfig::stop`]), after this many steps.
     pub stopped_at: Option<usize>,
+    /// Under the parameter server: every worker step this process saw, in the order they
+    /// were reported (thread ranks: every worker's).
+    pub worker_steps: Vec<crate::ps::WorkerStep>,
+    /// Under ASP or SSP: the workers of this process that left after a failed step.
+    pub lost_workers: Vec<usize>,
 }
 
 impl TrainOutcome {
@@ -87,7 +92,11 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     }
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let first_rank = p.mpi.as_ref().map_or(0, |w| w.rank().0);
-    let ranks_here = if p.mpi.is_some() { 1 } else { p.cfg.devices };
+    let ranks_here = if p.mpi.is_some() {
+        1
+    } else {
+        p.cfg.world_size()
+    };
     let heartbeats = Heartbeats::new(first_rank, ranks_here);
     let job = Arc::new(Job {
         cfg: p.cfg.clone(),
@@ -109,6 +118,8 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     let mut steps = Vec::new();
     let mut checkpoints = Vec::new();
     let mut stopped_at = None;
+    let mut worker_steps = Vec::new();
+    let mut lost_workers = Vec::new();
     let mut failure: Option<TrainError> = None;
     let limit = crate::watchdog::limit();
     let outcome = loop {
@@ -120,7 +131,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
                         failure = Some(e);
                     }
                 }
-                steps.push(m);
+                steps.push(*m);
             }
             Ok(Msg::Checkpoint { step, parts }) => {
                 if failure.is_none() {
@@ -134,6 +145,25 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
                 }
             }
             Ok(Msg::Stopped { step }) => stopped_at = Some(step),
+            Ok(Msg::WorkerStep(s)) => worker_steps.push(s),
+            Ok(Msg::Notice(n)) => sink.notice(&n),
+            Ok(Msg::WorkerLost {
+                worker,
+                rank,
+                step,
+                reason,
+            }) => {
+                let say = format!(
+                    "worker {worker} (rank {rank}) left the run at its step {step}: {reason}; the \
+                     parameter servers keep the parameters and give its share to another worker"
+                );
+                if root {
+                    sink.notice(&say);
+                } else {
+                    eprintln!("{say}");
+                }
+                lost_workers.push(worker);
+            }
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = heartbeats.check(limit) {
                     break Err(e);
@@ -177,6 +207,8 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         peak_bytes: Vec::new(),
         checkpoints,
         stopped_at,
+        worker_steps,
+        lost_workers,
     };
     // Only world rank 0 gets everything; it writes the results.
     let Some((per_rank, peaks)) = collected else {
@@ -214,7 +246,8 @@ fn spawn_ranks(
 ) -> std::thread::JoinHandle<()> {
     let mpi = p.mpi.clone();
     let device = p.cfg.device;
-    let devices = p.cfg.devices;
+    let devices = p.cfg.world_size();
+    let servers = p.cfg.ps.map_or(0, |ps| ps.servers);
     let simulate = p.cfg.simulate.clone().map(Arc::new);
     std::thread::spawn(move || {
         // Thread ranks share this process's cores: the clock counts how many compute at once.
@@ -227,6 +260,13 @@ fn spawn_ranks(
         let one_rank = move |world: &dyn Communicator, ranks_here: usize| -> Result<_> {
             let me = world.rank().0;
             job.heartbeats.watch_this_thread(me);
+            if me < servers {
+                // A parameter server: no backend, its shard on the host.
+                let r = crate::ps::serve(&job, world);
+                job.heartbeats.done(me);
+                runtime::progress::set_hook(None);
+                return r;
+            }
             let sim = simulate.as_ref().map(|c| (c.clone(), share.clone()));
             let r = match device {
                 Device::Cpu => run_clocked(
@@ -268,6 +308,8 @@ fn run_clocked<B: kernels::Backend>(
     sim: Option<&(Arc<planner::Cluster>, Option<Arc<sim::CoreShare>>)>,
 ) -> Result<Option<Collected>> {
     match sim {
+        None if job.cfg.ps.is_some() => job.work(&be, world),
+        None if job.cfg.sync == crate::SyncMode::FedAvg => job.federate(&be, world),
         None => job.run(&be, world, None),
         Some((cluster, share)) => {
             let clock = sim::Clock::new();

@@ -28,6 +28,16 @@ pub enum SyncMode {
         /// Steps between averagings.
         every: usize,
     },
+    /// Stale-synchronous on the parameter server: no worker more than `staleness` steps ahead
+    /// of the slowest.
+    Ssp {
+        /// The bound `s`.
+        staleness: usize,
+    },
+    /// Asynchronous on the parameter server: every push applied on arrival, no barrier.
+    Asp,
+    /// Federated averaging over client shards ([`crate::Federated`] says how).
+    FedAvg,
     /// DiLoCo: every `every` steps an outer SGD step with Nesterov momentum on the averaged
     /// change of the weights.
     DiLoCo {
@@ -46,9 +56,8 @@ pub const OUTER_LR: f64 = 0.7;
 pub const OUTER_MOMENTUM: f64 = 0.9;
 
 impl SyncMode {
-    /// `bsp`, `local:H` or `diloco:H`, with DiLoCo's outer learning rate and momentum (which
-    /// only DiLoCo takes). The consistency models of the parameter-server issue (`ssp:S`,
-    /// `asp`) and federated training (`fedavg`) are refused as not built yet.
+    /// `bsp`, `ssp:S`, `asp`, `local:H`, `diloco:H` or `fedavg`, with DiLoCo's outer learning
+    /// rate and momentum (which only DiLoCo takes).
     pub fn parse(s: &str, outer_lr: Option<f64>, outer_momentum: Option<f64>) -> Result<Self> {
         let bad = |why: String| TrainError::setting("sync", format!("{s:?}: {why}"));
         let every = |h: &str| -> Result<usize> {
@@ -58,22 +67,27 @@ impl SyncMode {
             }
         };
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
-        let mode =
-            match (kind, arg) {
-                ("bsp", "") => SyncMode::Bsp,
-                ("local", h) => SyncMode::Local { every: every(h)? },
-                ("diloco", h) => SyncMode::DiLoCo {
-                    every: every(h)?,
-                    outer_lr: outer_lr.unwrap_or(OUTER_LR),
-                    outer_momentum: outer_momentum.unwrap_or(OUTER_MOMENTUM),
-                },
-                ("ssp" | "asp" | "fedavg", _) => return Err(bad(
-                    "stale-synchronous, asynchronous and federated training need the parameter \
-                     server, which is not built yet; bsp, local:H and diloco:H run"
-                        .into(),
-                )),
-                _ => return Err(bad("use bsp, local:H or diloco:H".into())),
-            };
+        let mode = match (kind, arg) {
+            ("bsp", "") => SyncMode::Bsp,
+            ("local", h) => SyncMode::Local { every: every(h)? },
+            ("diloco", h) => SyncMode::DiLoCo {
+                every: every(h)?,
+                outer_lr: outer_lr.unwrap_or(OUTER_LR),
+                outer_momentum: outer_momentum.unwrap_or(OUTER_MOMENTUM),
+            },
+            ("ssp", h) => SyncMode::Ssp {
+                staleness: h.parse::<usize>().map_err(|_| {
+                    bad(format!("{h:?} is not a staleness bound (a step count ≥ 0)"))
+                })?,
+            },
+            ("asp", "") => SyncMode::Asp,
+            ("fedavg", "") => SyncMode::FedAvg,
+            _ => {
+                return Err(bad(
+                    "use bsp, ssp:S, asp, local:H, diloco:H or fedavg".into()
+                ))
+            }
+        };
         if !matches!(mode, SyncMode::DiLoCo { .. }) {
             for (flag, given) in [
                 ("outer_lr", outer_lr.is_some()),
@@ -112,7 +126,7 @@ impl SyncMode {
     /// Steps between synchronisations (`None`: every step by the gradient exchange).
     pub fn every(&self) -> Option<usize> {
         match *self {
-            SyncMode::Bsp => None,
+            SyncMode::Bsp | SyncMode::Ssp { .. } | SyncMode::Asp | SyncMode::FedAvg => None,
             SyncMode::Local { every } | SyncMode::DiLoCo { every, .. } => Some(every),
         }
     }
@@ -122,6 +136,9 @@ impl fmt::Display for SyncMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             SyncMode::Bsp => f.write_str("bsp"),
+            SyncMode::Ssp { staleness } => write!(f, "ssp:{staleness}"),
+            SyncMode::Asp => f.write_str("asp"),
+            SyncMode::FedAvg => f.write_str("fedavg"),
             SyncMode::Local { every } => write!(f, "local:{every}"),
             SyncMode::DiLoCo {
                 every,
@@ -306,6 +323,11 @@ mod tests {
     fn sync_modes_parse_and_refuse_by_name() {
         assert_eq!(SyncMode::parse("bsp", None, None).unwrap(), SyncMode::Bsp);
         assert_eq!(
+            SyncMode::parse("ssp:0", None, None).unwrap(),
+            SyncMode::Ssp { staleness: 0 }
+        );
+        assert_eq!(SyncMode::parse("asp", None, None).unwrap(), SyncMode::Asp);
+        assert_eq!(
             SyncMode::parse("local:5", None, None).unwrap(),
             SyncMode::Local { every: 5 }
         );
@@ -318,12 +340,17 @@ mod tests {
             }
         );
         for (s, lr, mu, says) in [
-            ("ssp:3", None, None, "parameter server"),
-            ("asp", None, None, "parameter server"),
-            ("fedavg", None, None, "parameter server"),
+            ("ssp", None, None, "staleness bound"),
+            ("asp:2", None, None, "use bsp, ssp:S, asp"),
+            ("fedavg:2", None, None, "use bsp, ssp:S, asp"),
             ("local:0", None, None, "at least 1"),
             ("local", None, None, "at least 1"),
-            ("gossip", None, None, "use bsp, local:H or diloco:H"),
+            (
+                "gossip",
+                None,
+                None,
+                "use bsp, ssp:S, asp, local:H, diloco:H or fedavg",
+            ),
             ("local:4", Some(0.7), None, "outer_lr"),
             ("bsp", None, Some(0.9), "outer_momentum"),
             ("diloco:4", Some(-1.0), None, "outer_lr"),

@@ -50,6 +50,11 @@ impl Heartbeats {
         self.slots.get(rank.checked_sub(self.first_rank)?)
     }
 
+    /// Seconds since the run began.
+    pub fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
     /// World rank `rank` starts `what`.
     pub fn beat(&self, rank: usize, what: &'static str) {
         if let Some(s) = self.slot(rank) {

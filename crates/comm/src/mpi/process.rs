@@ -396,6 +396,19 @@ impl MpiComm {
         what: &dyn Fn() -> String,
     ) -> Result<Vec<f32>> {
         let source = self.group_rank(src);
+        Ok(self.take_from(source, src, tag, channel, what)?.1)
+    }
+
+    /// Receives the next message with `tag` from group rank `source` (or `MPI_ANY_SOURCE`;
+    /// `src` names the awaited world rank in errors): the sender's world rank and the values.
+    fn take_from(
+        &self,
+        source: c_int,
+        src: usize,
+        tag: c_int,
+        channel: Channel,
+        what: &dyn Fn() -> String,
+    ) -> Result<(usize, Vec<f32>)> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let mut spins = 0u32;
@@ -467,7 +480,11 @@ impl MpiComm {
                         return Err(mpi_err("MPI_Test", rc));
                     }
                     if done != 0 {
-                        return Ok(buf);
+                        let from = usize::try_from(status.MPI_SOURCE)
+                            .ok()
+                            .and_then(|g| self.members.get(g).copied())
+                            .unwrap_or(src);
+                        return Ok((from, buf));
                     }
                     if Instant::now() >= deadline {
                         // MPI may still write into it: never free it.
@@ -532,6 +549,13 @@ impl Transport for MpiComm {
 
     fn take(&self, src: usize, channel: Channel, what: &dyn Fn() -> String) -> Result<Vec<f32>> {
         self.take_tag(src, Self::tag(channel)?, channel, what)
+    }
+
+    fn take_any(&self, channel: Channel, what: &dyn Fn() -> String) -> Result<(usize, Vec<f32>)> {
+        // SAFETY: reading an MPI constant.
+        let any = unsafe { ffi::RSMPI_ANY_SOURCE };
+        let me = self.members[self.me];
+        self.take_from(any, me, Self::tag(channel)?, channel, what)
     }
 
     fn enter(&self) -> (Channel, u64) {

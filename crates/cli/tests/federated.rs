@@ -1,0 +1,336 @@
+//! `--sync fedavg` as a user runs it: one round is the clients' own training averaged with
+//! weights by their tokens (checked against separate single-device runs on each client's
+//! files), non-IID shards converge, every flag changes what runs, and what cannot work is
+//! refused by name.
+
+use std::path::Path;
+use std::process::Command;
+
+use model::{LlamaConfig, Weights};
+
+mod common;
+
+fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: std::process::Output, what: &str) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{what}: {e}");
+    e
+}
+
+fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(name))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn load(dir: &Path, name: &str) -> Weights {
+    Weights::load(&LlamaConfig::load(dir).unwrap(), &dir.join(name)).unwrap()
+}
+
+/// Two text files of different lengths (byte tokens), in `a/` and `b/` alone and both in `ab/`.
+fn two_files(d: &Path) {
+    std::fs::write(
+        d.join("config.json"),
+        common::SMALL_CONFIG.replace("64", "128"),
+    )
+    .unwrap();
+    let a: String = (0..300)
+        .map(|i| (b'a' + (i * 7 % 26) as u8) as char)
+        .collect();
+    let b: String = (0..170)
+        .map(|i| (b'A' + (i * 5 % 26) as u8) as char)
+        .collect();
+    for (dir, files) in [
+        ("a", vec![("1.txt", &a)]),
+        ("b", vec![("2.txt", &b)]),
+        ("ab", vec![("1.txt", &a), ("2.txt", &b)]),
+    ] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+        for (f, text) in files {
+            std::fs::write(d.join(dir).join(f), text).unwrap();
+        }
+    }
+    Weights::random(&LlamaConfig::load(d).unwrap(), 4)
+        .save(&d.join("init.safetensors"))
+        .unwrap();
+}
+
+const COMMON: [&str; 10] = [
+    "train",
+    "--model",
+    ".",
+    "--init",
+    "init.safetensors",
+    "--max-len",
+    "32",
+    "--shuffle",
+    "off",
+    "--lr",
+];
+
+/// One round of two clients (one per file, `--fed-shards by-source`), three local steps of two
+/// sequences each, is the token-weighted mean of two single-device runs of three steps on each
+/// file alone — computed by independent runs, not by the code under test.
+#[test]
+fn a_round_is_the_token_weighted_mean_of_the_clients_own_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    two_files(d);
+    let mut fed: Vec<&str> = COMMON.to_vec();
+    fed.extend([
+        "3e-3",
+        "--data",
+        "ab",
+        "--devices",
+        "2",
+        "--sync",
+        "fedavg",
+        "--fed-shards",
+        "by-source",
+        "--fed-local-steps",
+        "3",
+        "--fed-batch",
+        "2",
+        "--steps",
+        "1",
+        "--save",
+        "fed.safetensors",
+        "--metrics",
+        "fed.jsonl",
+    ]);
+    ok(hotspa(d, &fed), "fedavg");
+    let mut own = Vec::new();
+    for client in ["a", "b"] {
+        let save = format!("{client}.safetensors");
+        let m = format!("{client}.jsonl");
+        let mut args: Vec<&str> = COMMON.to_vec();
+        args.extend([
+            "3e-3",
+            "--data",
+            client,
+            "--global-batch",
+            "2",
+            "--steps",
+            "3",
+            "--save",
+            &save,
+            "--metrics",
+            &m,
+        ]);
+        ok(hotspa(d, &args), client);
+        // Predicted tokens: every sequence's length less one.
+        let n: f64 = metrics(d, &m)
+            .iter()
+            .map(|s| s["tokens"].as_f64().unwrap() - 2.0)
+            .sum();
+        own.push((load(d, &save), n));
+    }
+    let (na, nb) = (own[0].1, own[1].1);
+    assert!(na != nb, "the test needs clients of different token counts");
+    let got = load(d, "fed.safetensors");
+    let mut worst = 0.0f64;
+    for ((g, a), b) in got
+        .tensors()
+        .iter()
+        .zip(own[0].0.tensors())
+        .zip(own[1].0.tensors())
+    {
+        for ((&g, &a), &b) in g.iter().zip(a).zip(b) {
+            let want = (na * a as f64 + nb * b as f64) / (na + nb);
+            worst = worst.max((g as f64 - want).abs());
+        }
+    }
+    assert!(
+        worst <= 1e-5,
+        "FedAvg differs from the weighted mean by {worst:e}"
+    );
+    let m = metrics(d, "fed.jsonl");
+    assert_eq!(m[0]["fed_clients"], 2);
+    // Two clients each sent and received the whole model.
+    let model_bytes = 4 * got.numel() as u64;
+    assert_eq!(m[0]["fed_up_bytes"].as_u64().unwrap(), 2 * model_bytes);
+    assert_eq!(m[0]["fed_down_bytes"].as_u64().unwrap(), 2 * model_bytes);
+}
+
+fn eval_loss(d: &Path, weights: &str) -> f64 {
+    let o = hotspa(
+        d,
+        &[
+            "eval",
+            "--model",
+            ".",
+            "--init",
+            weights,
+            "--data",
+            "data.jsonl",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "eval: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // "data.jsonl: loss 4.151091, perplexity …"
+    let at = out.find("loss ").unwrap_or_else(|| panic!("{out}"));
+    out[at + 5..]
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Non-IID shards (each client owns a block of documents whose recurrence multiplier is its
+/// own) converge: the averaged model's held-out loss on all the data falls well below the
+/// initial one; every flag changes the run; what cannot work is refused.
+#[test]
+fn non_iid_clients_converge_and_every_flag_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 96 documents; the multiplier changes every 32, so contiguous blocks differ.
+    common::affine_docs(d, 96, |_| 16, |i| i / 32);
+    Weights::random(&LlamaConfig::load(d).unwrap(), 3)
+        .save(&d.join("init.safetensors"))
+        .unwrap();
+    let run = |name: &str, extra: &[&str]| -> (Weights, Vec<serde_json::Value>) {
+        let save = format!("{name}.safetensors");
+        let m = format!("{name}.jsonl");
+        let mut args = vec![
+            "train",
+            "--model",
+            ".",
+            "--init",
+            "init.safetensors",
+            "--data",
+            "data.jsonl",
+            "--devices",
+            "2",
+            "--sync",
+            "fedavg",
+            "--lr",
+            "3e-3",
+            "--save",
+            &save,
+            "--metrics",
+            &m,
+        ];
+        args.extend(extra);
+        if !extra.contains(&"--fed-clients") {
+            args.extend(["--fed-clients", "6"]);
+        }
+        ok(hotspa(d, &args), name);
+        (load(d, &save), metrics(d, &m))
+    };
+    let (_, base) = run("noniid", &["--fed-shards", "by-source", "--steps", "15"]);
+    let before = eval_loss(d, "init.safetensors");
+    let after = eval_loss(d, "noniid.safetensors");
+    assert!(
+        after < before - 1.0,
+        "non-IID FedAvg: held-out loss {before} -> {after}"
+    );
+    assert_eq!(base.len(), 15);
+    assert!(base.iter().all(|m| m["fed_clients"] == 6));
+    // Every flag changes what runs (3 rounds each).
+    let short = ["--steps", "3"];
+    let with =
+        |x: &[&'static str]| -> Vec<&'static str> { short.iter().chain(x).copied().collect() };
+    let (iid, iid_m) = run("iid", &with(&[]));
+    let (by, _) = run("by", &with(&["--fed-shards", "by-source"]));
+    assert_ne!(iid.tensors(), by.tensors(), "--fed-shards did nothing");
+    let (_, half) = run("half", &with(&["--fed-fraction", "0.5"]));
+    assert!(half.iter().all(|m| m["fed_clients"] == 3));
+    let (_, local) = run("local", &with(&["--fed-local-steps", "2"]));
+    assert!(local[0]["tokens"].as_u64().unwrap() * 5 == iid_m[0]["tokens"].as_u64().unwrap() * 2);
+    let (_, batch) = run("batch", &with(&["--fed-batch", "4"]));
+    assert!(batch[0]["tokens"].as_u64().unwrap() * 2 == iid_m[0]["tokens"].as_u64().unwrap());
+    let (clients, _) = run("clients", &with(&["--fed-clients", "3"]));
+    assert_ne!(
+        clients.tensors(),
+        iid.tensors(),
+        "--fed-clients did nothing"
+    );
+    let (dropped, dropped_m) = run("dropout", &with(&["--fed-dropout", "0.5"]));
+    assert_ne!(
+        dropped.tensors(),
+        iid.tensors(),
+        "--fed-dropout did nothing"
+    );
+    let up = |m: &[serde_json::Value]| m[0]["fed_up_bytes"].as_u64().unwrap();
+    assert!(up(&dropped_m) < up(&iid_m), "dropped units are not sent");
+    let (int8, int8_m) = run("int8", &with(&["--grad-compression", "int8"]));
+    assert_ne!(int8.tensors(), iid.tensors());
+    assert!(
+        up(&int8_m) * 3 < up(&iid_m),
+        "int8 uploads {} of {}",
+        up(&int8_m),
+        up(&iid_m)
+    );
+    let (_, topk_m) = run("topk", &with(&["--grad-compression", "topk:0.01"]));
+    assert!(up(&topk_m) * 40 < up(&iid_m));
+    // Refused by name.
+    let base = [
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--devices",
+        "2",
+        "--steps",
+        "2",
+    ];
+    for (extra, says) in [
+        (vec!["--fed-clients", "4"], "apply to --sync fedavg only"),
+        (
+            vec!["--sync", "fedavg", "--strategy", "tp2"],
+            "whole replicas",
+        ),
+        (
+            vec!["--sync", "fedavg", "--grad-compression", "powersgd:2"],
+            "PowerSGD",
+        ),
+        (
+            vec!["--sync", "fedavg", "--fed-fraction", "0"],
+            "fed_fraction",
+        ),
+        (
+            vec!["--sync", "fedavg", "--fed-dropout", "1"],
+            "fed_dropout",
+        ),
+        (
+            vec!["--sync", "fedavg", "--fed-shards", "zipf"],
+            "iid or by-source",
+        ),
+        (
+            vec!["--sync", "fedavg", "--fed-clients", "500"],
+            "gets no data",
+        ),
+        (
+            vec!["--sync", "fedavg", "--ps-servers", "1"],
+            "drop --ps-servers",
+        ),
+        (
+            vec!["--sync", "fedavg", "--allreduce", "rhd"],
+            "do not apply",
+        ),
+    ] {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(&extra);
+        let o = hotspa(d, &args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(e.contains(says), "{extra:?}: {e}");
+    }
+}

@@ -1,0 +1,502 @@
+//! Federated averaging (`--sync fedavg`, McMahan et al. 2017): the data is split into client
+//! shards (IID, or non-IID by source: each client owns whole files or documents), every round a
+//! sampled fraction of the clients start from the global model, take local AdamW steps on
+//! their own shard, and send their model back (optionally through a codec); the new global
+//! model is the clients' models averaged with weights by the tokens they trained on. With
+//! Federated Dropout (Caldas et al. 2018) each client trains a sub-model with a fraction of
+//! every layer's FFN units removed, sends only what it kept, and a unit's new value averages
+//! the clients that trained it.
+//!
+//! The ranks simulate the clients: a round's sampled clients are dealt round-robin to the
+//! ranks, each a whole replica on one device, and the average is an all-reduce — what a
+//! central server would compute. Rank 0 reports every round.
+
+use std::time::Instant;
+
+use comm::codec::Codec;
+use comm::{Communicator, Rank, ReduceOp};
+use graph::{ExecGraph, Strategy};
+use kernels::Backend;
+use model::{rank_exec, rank_params};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use runtime::{pipeline_step, Optimizer, RankGroups};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::metrics::StepMetrics;
+use crate::rank::{Collected, Job, Msg};
+
+/// How the data is split over the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharding {
+    /// A seeded shuffle of the sequences dealt round-robin.
+    #[default]
+    Iid,
+    /// Whole sources (files, or documents of one file) in order, in contiguous blocks: each
+    /// client sees only its own files.
+    BySource,
+}
+
+/// Federated training's settings (used under `--sync fedavg`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Federated {
+    /// Clients the data is split over.
+    pub clients: usize,
+    /// The fraction of clients sampled each round (at least one is).
+    pub fraction: f64,
+    /// Local AdamW steps per client and round.
+    pub local_steps: usize,
+    /// Sequences per local step.
+    pub batch: usize,
+    /// How the data is split.
+    pub sharding: Sharding,
+    /// The fraction of every layer's FFN units a client drops (Federated Dropout; 0: none).
+    pub dropout: f64,
+}
+
+impl Default for Federated {
+    fn default() -> Self {
+        Federated {
+            clients: 0,
+            fraction: 1.0,
+            local_steps: 5,
+            batch: 8,
+            sharding: Sharding::Iid,
+            dropout: 0.0,
+        }
+    }
+}
+
+/// One round as rank 0 reports it (flattened into the step's metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FedMetrics {
+    /// Clients that trained this round.
+    pub fed_clients: u64,
+    /// Bytes the clients uploaded (their updates, after the codec and Federated Dropout).
+    pub fed_up_bytes: u64,
+    /// Bytes the server sent them (the global model, or the sub-model each keeps).
+    pub fed_down_bytes: u64,
+}
+
+impl Federated {
+    /// Checks the settings against the run (`clients` 0 means one per device).
+    pub(crate) fn check(&self, cfg: &TrainConfig) -> Result<()> {
+        let bad = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return bad(
+                "fed_fraction",
+                format!("{} is out of range: must be in (0, 1]", self.fraction),
+            );
+        }
+        if self.local_steps == 0 || self.batch == 0 {
+            return bad(
+                "fed_local_steps",
+                "local steps and the local batch must be at least 1".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(
+                "fed_dropout",
+                format!("{} is out of range: must be in [0, 1)", self.dropout),
+            );
+        }
+        let e = &cfg.exchange;
+        if e.algorithm != planner::exchange::Exchange::default().algorithm || e.cross_node_only {
+            return bad(
+                "allreduce",
+                "under --sync fedavg the clients' uploads go to the server as they are: \
+                 --allreduce and --compress-cross-node-only do not apply"
+                    .into(),
+            );
+        }
+        if matches!(e.codec, Codec::PowerSgd(_)) {
+            return bad(
+                "grad_compression",
+                "PowerSGD needs warm starts that federated clients do not keep; use bf16, fp16, \
+                 int8, sign, topk:F or randk:F for the uplink"
+                    .into(),
+            );
+        }
+        let s = match &cfg.strategy {
+            crate::StrategySpec::Fixed(s) => s,
+            _ => return bad("sync", "fedavg runs one strategy (--strategy dpN)".into()),
+        };
+        if s.tp != 1 || s.pp != 1 || s.zero != graph::Zero::Off || s.dp != cfg.devices {
+            return bad(
+                "sync",
+                format!(
+                    "{s}: federated clients are whole replicas — use --strategy dp{}",
+                    cfg.devices
+                ),
+            );
+        }
+        for (setting, given) in [
+            ("checkpoint_dir", cfg.checkpoint.is_some()),
+            ("resume", cfg.resume.is_some()),
+            ("eval_data", cfg.eval.is_some()),
+            ("sim_cluster", cfg.simulate.is_some()),
+        ] {
+            if given {
+                return bad(
+                    setting,
+                    "not built under --sync fedavg; evaluate the saved model with `hotspa eval`"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The clients' shards: sequence indices of `sources` (one per sequence) split over `clients`.
+pub(crate) fn shards(
+    sources: &[u32],
+    clients: usize,
+    sharding: Sharding,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let n = sources.len();
+    let mut out = vec![Vec::new(); clients];
+    match sharding {
+        Sharding::Iid => {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xFEDA_0001));
+            for (i, k) in order.into_iter().enumerate() {
+                out[i % clients].push(k);
+            }
+        }
+        Sharding::BySource => {
+            let mut distinct: Vec<u32> = sources.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let m = distinct.len();
+            for (k, s) in sources.iter().enumerate() {
+                let rank = distinct.binary_search(s).unwrap_or(0);
+                out[rank * clients / m.max(1)].push(k);
+            }
+        }
+    }
+    out
+}
+
+/// The clients sampled in `round`: `max(1, round(fraction · clients))` of them, ascending.
+pub(crate) fn sample(clients: usize, fraction: f64, seed: u64, round: usize) -> Vec<usize> {
+    let m = ((fraction * clients as f64).round() as usize).clamp(1, clients);
+    let mut all: Vec<usize> = (0..clients).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ (round as u64).wrapping_mul(0x9E37_79B9));
+    all.shuffle(&mut rng);
+    let mut picked = all[..m].to_vec();
+    picked.sort_unstable();
+    picked
+}
+
+/// Per parameter of `exec`, the FFN units' rows: `Some(units)` for the FFN weights (stored
+/// `[intermediate, hidden]`, unit `u` being row `u`), with the layer index.
+fn ffn_rows(exec: &ExecGraph, intermediate: usize) -> Result<Vec<Option<usize>>> {
+    let g = &exec.graph;
+    g.params
+        .iter()
+        .map(|&p| {
+            let info = g.info(p);
+            let is_ffn = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+                .iter()
+                .any(|n| info.name.contains(n));
+            if !is_ffn {
+                return Ok(None);
+            }
+            if info.shape.first() != Some(&graph::Dim::Fixed(intermediate)) {
+                return Err(TrainError::setting(
+                    "fed_dropout",
+                    format!(
+                        "{} is stored as {:?}, not [intermediate, hidden]",
+                        info.name, info.shape
+                    ),
+                ));
+            }
+            let layer = info
+                .name
+                .split('.')
+                .find_map(|t| t.parse::<usize>().ok())
+                .unwrap_or(0);
+            Ok(Some(layer))
+        })
+        .collect()
+}
+
+/// Which of `units` FFN units of `layer` client `client` keeps in `round`.
+fn kept_units(
+    units: usize,
+    dropout: f64,
+    seed: u64,
+    round: usize,
+    client: usize,
+    layer: usize,
+) -> Vec<bool> {
+    let keep = (((1.0 - dropout) * units as f64).round() as usize).clamp(1, units);
+    let mut order: Vec<usize> = (0..units).collect();
+    let key = seed ^ ((round as u64) << 40) ^ ((client as u64) << 20) ^ layer as u64;
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(key ^ 0xD209));
+    let mut kept = vec![false; units];
+    for &u in &order[..keep] {
+        kept[u] = true;
+    }
+    kept
+}
+
+impl Job {
+    /// Rank `world.rank()`'s part of federated training; rank 0 returns the final weights.
+    pub(crate) fn federate<B: Backend>(
+        &self,
+        be: &B,
+        world: &dyn Communicator,
+    ) -> Result<Option<Collected>> {
+        let cfg = &self.cfg;
+        let fed = cfg.fed;
+        let me = world.rank().0;
+        let w = world.size();
+        let clients = if fed.clients == 0 { w } else { fed.clients };
+        let alone = world.sub_group(&[Rank(me)])?;
+        let single = Strategy::single();
+        let exec = rank_exec(&cfg.model, &single, 0)?;
+        let mut groups = RankGroups::new(alone.as_ref(), &single)?;
+        let rp = rank_params(&cfg.model, &exec, &self.weights, 0)?;
+        let mut global = rp.params.clone();
+        let shared = rp.shared.clone();
+        let held = model::held(&cfg.model, &exec)?;
+        let params = rp
+            .params
+            .iter()
+            .map(|p| be.upload(p))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        drop(rp);
+        let mut opt = Optimizer::new(
+            be,
+            &exec,
+            &groups,
+            params,
+            &shared,
+            cfg.adamw,
+            cfg.grad_clip,
+        )?;
+        let zeros: Vec<Vec<f32>> = global.iter().map(|p| vec![0.0; p.len()]).collect();
+        let rows = ffn_rows(&exec, cfg.model.intermediate_size)?;
+        let hidden = cfg.model.hidden_size;
+        let parts = shards(self.data.sources(), clients, fed.sharding, cfg.seed);
+        if let Some(c) = parts.iter().position(Vec::is_empty) {
+            return Err(TrainError::setting(
+                "fed_clients",
+                format!(
+                    "client {c} of {clients} gets no data ({} sequences from {} sources, split {:?}); \
+                     use fewer clients",
+                    self.data.sequences().len(),
+                    {
+                        let mut s = self.data.sources().to_vec();
+                        s.sort_unstable();
+                        s.dedup();
+                        s.len()
+                    },
+                    fed.sharding
+                ),
+            ));
+        }
+        let packing = TrainConfig::packing(cfg.budget(0));
+        let seqs = self.data.sequences();
+        let mut peak_all = 0u64;
+        for round in 0..cfg.steps {
+            self.heartbeats.step(me, round + 1);
+            let t0 = Instant::now();
+            let lr = cfg.lr.at(round, cfg.steps);
+            let sampled = sample(clients, fed.fraction, cfg.seed, round);
+            // Σ tokens · client model (kept elements), Σ tokens per element, and the stats:
+            // [Σ loss · predicted, Σ predicted, Σ tokens, up bytes, down bytes, Σ norm · predicted].
+            let mut acc: Vec<Vec<f32>> = zeros.clone();
+            let mut weight: Vec<Vec<f32>> = zeros.clone();
+            let mut stats = [0.0f64; 6];
+            let mut peak = 0usize;
+            for (slot, &c) in sampled.iter().enumerate() {
+                if slot % w != me {
+                    continue;
+                }
+                // The client's (sub-)model: the global one with its dropped units zeroed.
+                let masks: Vec<Option<Vec<bool>>> = rows
+                    .iter()
+                    .map(|r| {
+                        r.filter(|_| fed.dropout > 0.0).map(|layer| {
+                            kept_units(
+                                cfg.model.intermediate_size,
+                                fed.dropout,
+                                cfg.seed,
+                                round,
+                                c,
+                                layer,
+                            )
+                        })
+                    })
+                    .collect();
+                let mut start = global.clone();
+                for (p, m) in start.iter_mut().zip(&masks) {
+                    if let Some(m) = m {
+                        for (u, row) in p.chunks_mut(hidden).enumerate() {
+                            if !m[u] {
+                                row.fill(0.0);
+                            }
+                        }
+                    }
+                }
+                opt.set_params_host(be, &start)?;
+                opt.restore(be, &zeros, &zeros, 0)?;
+                let shard = &parts[c];
+                let mut trained = 0usize;
+                for e in 0..fed.local_steps {
+                    let at = (round * fed.local_steps + e) * fed.batch;
+                    let batch: Vec<Vec<u32>> = (0..fed.batch)
+                        .map(|i| seqs[shard[(at + i) % shard.len()]].clone())
+                        .collect();
+                    let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
+                    let mbs = runtime::micro_batches(
+                        &batch,
+                        &packing,
+                        1,
+                        0,
+                        1.0 / predicted.max(1) as f32,
+                    )?;
+                    let out = pipeline_step(
+                        be,
+                        &exec,
+                        &mut groups,
+                        opt.params(),
+                        &shared,
+                        &mbs,
+                        cfg.pipeline_schedule,
+                    )?;
+                    if !out.loss.is_finite() {
+                        return Err(TrainError::NonFiniteLoss {
+                            step: round + 1,
+                            loss: out.loss,
+                        });
+                    }
+                    stats[0] += out.loss as f64 * predicted as f64;
+                    stats[1] += predicted as f64;
+                    stats[2] += batch.iter().map(Vec::len).sum::<usize>() as f64;
+                    trained += predicted;
+                    peak = peak.max(out.peak_bytes);
+                    let norm = opt.update(be, &mut groups, out.grads, lr)?;
+                    stats[5] += norm * predicted as f64;
+                }
+                let model = opt.params_host(be, &groups)?;
+                let n = trained as f32;
+                for (k, (p, start_p)) in model.iter().zip(&start).enumerate() {
+                    let kept = |i: usize| masks[k].as_ref().is_none_or(|m| m[i / hidden]);
+                    let sent = (0..p.len()).filter(|&i| kept(i)).count();
+                    // The upload: the client's change, through the codec.
+                    let delta: Vec<f32> = p.iter().zip(start_p).map(|(a, b)| a - b).collect();
+                    let (delta, words) = uplink(cfg.exchange.codec, &delta, cfg.seed, round, c, k);
+                    stats[3] += 4.0
+                        * if masks[k].is_some() {
+                            words as f64 * sent as f64 / p.len().max(1) as f64
+                        } else {
+                            words as f64
+                        };
+                    stats[4] += 4.0 * sent as f64;
+                    for (i, d) in delta.iter().enumerate() {
+                        if kept(i) {
+                            acc[k][i] += n * (start_p[i] + d);
+                            weight[k][i] += n;
+                        }
+                    }
+                }
+            }
+            // The server's average: every rank's sums added.
+            for (a, wt) in acc.iter_mut().zip(weight.iter_mut()) {
+                world.all_reduce(a, ReduceOp::Sum)?;
+                world.all_reduce(wt, ReduceOp::Sum)?;
+            }
+            let mut s32: Vec<f32> = stats.iter().map(|&x| x as f32).collect();
+            world.all_reduce(&mut s32, ReduceOp::Sum)?;
+            for ((g, a), wt) in global.iter_mut().zip(&acc).zip(&weight) {
+                for ((x, &sum), &n) in g.iter_mut().zip(a).zip(wt) {
+                    if n > 0.0 {
+                        *x = sum / n;
+                    }
+                }
+            }
+            peak_all = peak_all.max(peak as u64);
+            let peak = comm::words::all_max(world, peak as u64)?;
+            if me == 0 {
+                let seconds = t0.elapsed().as_secs_f64();
+                let tokens = s32[2] as u64;
+                let _ = self.tx.send(Msg::Step(Box::new(StepMetrics {
+                    step: round as u64 + 1,
+                    loss: (s32[0] / s32[1].max(1.0)),
+                    // The clients' local steps' norms, weighted by their tokens.
+                    grad_norm: (s32[5] / s32[1].max(1.0)) as f64,
+                    lr,
+                    tokens,
+                    seconds,
+                    tokens_per_s: tokens as f64 / seconds.max(1e-12),
+                    peak_bytes: peak,
+                    plan: None,
+                    hot: None,
+                    simulated: None,
+                    eval: None,
+                    wire: None,
+                    ps: None,
+                    fed: Some(FedMetrics {
+                        fed_clients: sampled.len() as u64,
+                        fed_up_bytes: s32[3] as u64,
+                        fed_down_bytes: s32[4] as u64,
+                    }),
+                })));
+            }
+        }
+        let peaks = comm::words::all_gather(world, peak_all)?;
+        if me != 0 {
+            return Ok(None);
+        }
+        let mut per_rank = vec![(global, held.clone())];
+        per_rank.extend((1..w).map(|_| (Vec::new(), held.clone())));
+        Ok(Some((
+            per_rank,
+            peaks.into_iter().map(|p| p as usize).collect(),
+        )))
+    }
+}
+
+/// A client's change `delta` of parameter `k` as the server decodes it, and the words sent.
+fn uplink(
+    codec: Codec,
+    delta: &[f32],
+    seed: u64,
+    round: usize,
+    client: usize,
+    k: usize,
+) -> (Vec<f32>, usize) {
+    match codec {
+        Codec::None => (delta.to_vec(), delta.len()),
+        c if c.is_dense() => (c.round_trip(delta), c.encoded_words(delta.len())),
+        Codec::TopK(_) => {
+            let mut out = vec![0.0; delta.len()];
+            let keep = codec.keep(delta.len());
+            for i in comm::codec::top_k(delta, keep) {
+                out[i as usize] = delta[i as usize];
+            }
+            // An index and a value each.
+            (out, 2 * keep)
+        }
+        Codec::RandK(_) => {
+            let mut out = vec![0.0; delta.len()];
+            let keep = codec.keep(delta.len());
+            let s = seed ^ ((round as u64) << 32) ^ ((client as u64) << 16) ^ k as u64;
+            // The kept values as they are (as the gradient codec sends them); the seed
+            // travels instead of the indices.
+            for i in comm::codec::random_k(delta.len(), keep, s) {
+                out[i as usize] = delta[i as usize];
+            }
+            (out, keep)
+        }
+        _ => (delta.to_vec(), delta.len()),
+    }
+}
