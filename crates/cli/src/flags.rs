@@ -96,9 +96,11 @@ pub struct TrainFlags {
     /// --ps-servers the servers' summed update), ssp:S (parameter server, no worker more than S
     /// steps ahead of the slowest), asp (parameter server, every push applied on arrival),
     /// local:H (each replica runs its own AdamW on its share of every batch; the weights are
-    /// averaged every H steps and after the last) or diloco:H (the same, with an outer SGD step
-    /// with Nesterov momentum on the averaged change every H steps). Needs --strategy with DP
-    /// and no ZeRO.
+    /// averaged every H steps and after the last), gossip:H (the same, each replica averaging
+    /// with its two ring neighbours only; with everyone at the end, checkpoints and
+    /// evaluations), diloco:H (as local:H, with an outer SGD step with Nesterov momentum on the
+    /// averaged change every H steps) or fedavg (federated clients, --fed-*). Needs --strategy
+    /// with DP and no ZeRO.
     #[arg(long, default_value = "bsp")]
     pub sync: String,
     /// Parameter servers: K more ranks (ranks 0..K, the --devices workers after them) that hold

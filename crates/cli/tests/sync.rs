@@ -284,8 +284,8 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
     ];
     for (extra, says) in [
         (
-            vec!["--sync", "gossip"],
-            "use bsp, ssp:S, asp, local:H, diloco:H or fedavg",
+            vec!["--sync", "ring:2"],
+            "use bsp, ssp:S, asp, local:H, gossip:H, diloco:H or fedavg",
         ),
         (
             vec!["--sync", "asp", "--strategy", "dp2tp2"],
@@ -298,8 +298,8 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
             "checkpointing under the parameter server is not built",
         ),
         (
-            vec!["--ps-servers", "1", "--grad-compression", "int8"],
-            "not compressed",
+            vec!["--ps-servers", "1", "--grad-compression", "powersgd:2"],
+            "PowerSGD's factors need all-reduces",
         ),
         (vec!["--ps-placement", "colocated"], "no parameter servers"),
         (vec!["--slow-rank", "9:2"], "not a worker"),
@@ -373,6 +373,29 @@ fn parameter_server_flags_change_what_runs() {
         sum(&dedicated, "ps_push_bytes") + sum(&dedicated, "ps_pull_bytes")
     );
     assert_eq!(sum(&colocated, "wire_inter_node_bytes") * 2, total);
+    // Pushes through a codec: int8 sends about a quarter of the bytes, and the update changes
+    // (error feedback keeps it close).
+    let int8 = train(
+        d,
+        "ps_int8",
+        3,
+        &with(&nodes, &["--ps-servers", "2", "--grad-compression", "int8"]),
+    );
+    let pushed = |r: &Run| sum(r, "ps_push_bytes") as f64;
+    let ratio = pushed(&int8) / pushed(&dedicated);
+    assert!(
+        (0.24..0.3).contains(&ratio),
+        "int8 pushes {ratio} of the exact bytes"
+    );
+    assert_eq!(
+        sum(&int8, "ps_pull_bytes"),
+        sum(&dedicated, "ps_pull_bytes")
+    );
+    let moved = max_diff(&int8.weights, &dedicated.weights);
+    assert!(
+        moved > 0.0 && moved < 1e-2,
+        "int8 pushes moved the weights by {moved}"
+    );
     // A 20× straggler under ASP trains far fewer shares than the others, and its pushes meet
     // parameters that moved on.
     let o = hotspa(
@@ -474,4 +497,56 @@ fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "BSP went on without a worker: {e}");
     assert!(e.contains("rank 2 panics at step 3"), "{e}");
+}
+
+/// Gossip on a ring: with two replicas a neighbour is everyone, so `gossip:H` is `local:H` to
+/// the bit; with four each averages with two of three others, which is not the global average
+/// (the run differs) — and the saved model is every replica's average all the same.
+#[test]
+fn gossip_averages_with_the_ring_neighbours() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let two = |sync: &str| -> Weights {
+        let save = format!("two_{sync}.safetensors").replace(':', "_");
+        let o = hotspa(
+            d,
+            &[
+                "train",
+                "--model",
+                ".",
+                "--data",
+                "data.jsonl",
+                "--init",
+                "init.safetensors",
+                "--devices",
+                "2",
+                "--strategy",
+                "dp2",
+                "--global-batch",
+                "8",
+                "--steps",
+                "6",
+                "--sync",
+                sync,
+                "--save",
+                &save,
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(&save)).unwrap()
+    };
+    assert!(max_diff(&two("gossip:2"), &two("local:2")) == 0.0);
+    let local = train(d, "local4", 6, &["--sync", "local:2"]);
+    let gossip = train(d, "gossip4", 6, &["--sync", "gossip:2"]);
+    let moved = max_diff(&gossip.weights, &local.weights);
+    assert!(moved > 1e-6 && moved < 1e-2, "gossip vs local SGD: {moved}");
+    // Each gossip round sends every replica's weights to two neighbours: more than a ring
+    // all-reduce's 2(W−1)/W of them.
+    assert!(
+        wire(&gossip) > wire(&local),
+        "{} vs {}",
+        wire(&gossip),
+        wire(&local)
+    );
 }

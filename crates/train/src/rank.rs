@@ -218,8 +218,12 @@ impl Job {
             let mut synced = false;
             if let Some(r) = &mut replicas {
                 if r.due(step + 1, cfg.steps) {
-                    r.synchronise(be, &mut opt, &groups)?;
-                    synced = true;
+                    // Gossip makes the replicas one only where one model is read.
+                    let at = |e: Option<usize>| e.is_some_and(|e| (step + 1) % e == 0);
+                    let everyone = step + 1 == cfg.steps || at(every) || at(eval_every);
+                    r.synchronise(be, &mut opt, &groups, everyone)?;
+                    // The replicas are one now (gossip: only when everyone averaged).
+                    synced = everyone || !matches!(cfg.sync, crate::SyncMode::Gossip { .. });
                 }
             }
             if let Some(t) = t_opt {
@@ -314,7 +318,7 @@ impl Job {
             if stop && !synced {
                 // Stopping between synchronisations: the replicas become one first.
                 if let Some(r) = &mut replicas {
-                    r.synchronise(be, &mut opt, &groups)?;
+                    r.synchronise(be, &mut opt, &groups, true)?;
                 }
             }
             if due || (stop && every.is_some()) {

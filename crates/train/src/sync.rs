@@ -38,6 +38,12 @@ pub enum SyncMode {
     Asp,
     /// Federated averaging over client shards ([`crate::Federated`] says how).
     FedAvg,
+    /// Gossip: every `every` steps each replica averages its weights with its two neighbours
+    /// on a ring of the DP group (and with everyone at the end, at checkpoints and evaluations).
+    Gossip {
+        /// Steps between gossip rounds.
+        every: usize,
+    },
     /// DiLoCo: every `every` steps an outer SGD step with Nesterov momentum on the averaged
     /// change of the weights.
     DiLoCo {
@@ -70,6 +76,7 @@ impl SyncMode {
         let mode = match (kind, arg) {
             ("bsp", "") => SyncMode::Bsp,
             ("local", h) => SyncMode::Local { every: every(h)? },
+            ("gossip", h) => SyncMode::Gossip { every: every(h)? },
             ("diloco", h) => SyncMode::DiLoCo {
                 every: every(h)?,
                 outer_lr: outer_lr.unwrap_or(OUTER_LR),
@@ -84,7 +91,7 @@ impl SyncMode {
             ("fedavg", "") => SyncMode::FedAvg,
             _ => {
                 return Err(bad(
-                    "use bsp, ssp:S, asp, local:H, diloco:H or fedavg".into()
+                    "use bsp, ssp:S, asp, local:H, gossip:H, diloco:H or fedavg".into(),
                 ))
             }
         };
@@ -127,7 +134,9 @@ impl SyncMode {
     pub fn every(&self) -> Option<usize> {
         match *self {
             SyncMode::Bsp | SyncMode::Ssp { .. } | SyncMode::Asp | SyncMode::FedAvg => None,
-            SyncMode::Local { every } | SyncMode::DiLoCo { every, .. } => Some(every),
+            SyncMode::Local { every }
+            | SyncMode::Gossip { every }
+            | SyncMode::DiLoCo { every, .. } => Some(every),
         }
     }
 }
@@ -140,6 +149,7 @@ impl fmt::Display for SyncMode {
             SyncMode::Asp => f.write_str("asp"),
             SyncMode::FedAvg => f.write_str("fedavg"),
             SyncMode::Local { every } => write!(f, "local:{every}"),
+            SyncMode::Gossip { every } => write!(f, "gossip:{every}"),
             SyncMode::DiLoCo {
                 every,
                 outer_lr,
@@ -201,15 +211,22 @@ impl Replicas {
 
     /// The replicas' weights made one: averaged (local SGD), or the outer step from the last
     /// synchronisation's weights along the averaged change (DiLoCo, PyTorch's SGD with
-    /// Nesterov: `b ← μ b + Δ`, `θ ← θ − η (Δ + μ b)`).
+    /// Nesterov: `b ← μ b + Δ`, `θ ← θ − η (Δ + μ b)`). Gossip averages with the ring
+    /// neighbours only, unless `everyone` (the end, a checkpoint, an evaluation, a stop).
     pub fn synchronise<B: Backend>(
         &mut self,
         be: &B,
         opt: &mut Optimizer<B>,
         groups: &RankGroups,
+        everyone: bool,
     ) -> Result<()> {
         let n = self.group.size() as f32;
         let mut weights = opt.params_host(be, groups)?;
+        if matches!(self.mode, SyncMode::Gossip { .. }) && !everyone {
+            self.gossip(&mut weights)?;
+            opt.set_params_host(be, &weights)?;
+            return Ok(());
+        }
         for (k, w) in weights.iter_mut().enumerate() {
             self.group.all_reduce(w, ReduceOp::Sum)?;
             w.iter_mut().for_each(|x| *x /= n);
@@ -231,6 +248,46 @@ impl Replicas {
         }
         opt.set_params_host(be, &weights)?;
         self.anchor = weights;
+        Ok(())
+    }
+
+    /// Every tensor of `weights` averaged with the two ring neighbours' (the distinct members
+    /// among left, self and right: with two replicas, both).
+    fn gossip(&self, weights: &mut [Vec<f32>]) -> Result<()> {
+        let (me, p) = (self.group.rank().0, self.group.size());
+        let (left, right) = ((me + p - 1) % p, (me + 1) % p);
+        let mut peers = vec![left];
+        if right != left {
+            peers.push(right);
+        }
+        peers.retain(|&r| r != me);
+        let share = 1.0 / (peers.len() + 1) as f32;
+        for w in weights.iter_mut() {
+            let mut got: Vec<Vec<f32>> = peers.iter().map(|_| vec![0.0; w.len()]).collect();
+            {
+                let mut ops: Vec<comm::P2p<'_>> = peers
+                    .iter()
+                    .map(|&r| comm::P2p::Send {
+                        peer: comm::Rank(r),
+                        data: w.as_slice(),
+                    })
+                    .collect();
+                ops.extend(
+                    peers
+                        .iter()
+                        .zip(got.iter_mut())
+                        .map(|(&r, buf)| comm::P2p::Recv {
+                            peer: comm::Rank(r),
+                            buf: buf.as_mut_slice(),
+                        }),
+                );
+                self.group.batch(&mut ops)?;
+            }
+            for (i, x) in w.iter_mut().enumerate() {
+                let sum: f32 = *x + got.iter().map(|g| g[i]).sum::<f32>();
+                *x = sum * share;
+            }
+        }
         Ok(())
     }
 
@@ -345,12 +402,7 @@ mod tests {
             ("fedavg:2", None, None, "use bsp, ssp:S, asp"),
             ("local:0", None, None, "at least 1"),
             ("local", None, None, "at least 1"),
-            (
-                "gossip",
-                None,
-                None,
-                "use bsp, ssp:S, asp, local:H, diloco:H or fedavg",
-            ),
+            ("gossip", None, None, "at least 1"),
             ("local:4", Some(0.7), None, "outer_lr"),
             ("bsp", None, Some(0.9), "outer_momentum"),
             ("diloco:4", Some(-1.0), None, "outer_lr"),

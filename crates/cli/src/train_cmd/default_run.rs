@@ -84,13 +84,19 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
     if mine("devices") {
         args.devices = Some(4);
     }
-    if mine("strategies") && mine("strategy") {
+    // The parameter server and federated averaging run whole replicas, without the simulated
+    // clock or checkpoints (not built there).
+    let replicas_only = args.ps_servers.is_some()
+        || matches!(args.sync.split(':').next(), Some("ssp" | "asp" | "fedavg"));
+    if replicas_only && mine("strategies") && mine("strategy") {
+        args.strategy = Some(format!("dp{}", args.devices.unwrap_or(4)));
+    } else if mine("strategies") && mine("strategy") {
         // Paragraphs of 64 bytes or less (a tenth of them) under DP4, which sends no
         // activations; the rest under DP2×TP2, which holds the optimizer (half the model state
         // per device).
         args.strategies = Some("dp4:64,dp2tp2:max".into());
     }
-    if mine("sim_cluster") {
+    if mine("sim_cluster") && !replicas_only {
         // What the same steps would take on the HotSPa paper's cluster.
         args.sim_cluster = Some("a800x32".into());
     }
@@ -115,7 +121,7 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
     if mine("min_lr") {
         args.min_lr = 2e-4;
     }
-    if mine("checkpoint_dir") {
+    if mine("checkpoint_dir") && !replicas_only {
         args.checkpoint_dir = Some(dir.join("checkpoints"));
         if mine("checkpoint_every") {
             // Every 50 steps, or the next multiple of the averaging period (checkpoints are
@@ -142,10 +148,22 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
         crate::chart::plot_file(metrics, &dir.join("plot.svg"))?;
     }
     let model = args.save.clone().unwrap_or_else(|| dir.join("model"));
+    // What is in the run's folder (the flags may have sent parts elsewhere or turned them off).
+    let written: Vec<&str> = [
+        ("config.json", true),
+        ("model/ (an HF model folder)", dir.join("model").is_dir()),
+        ("checkpoints/", dir.join("checkpoints").is_dir()),
+        ("metrics.jsonl", dir.join("metrics.jsonl").is_file()),
+        ("plot.svg", dir.join("plot.svg").is_file()),
+    ]
+    .into_iter()
+    .filter_map(|(name, there)| there.then_some(name))
+    .collect();
     eprintln!(
-        "run written to {}: config.json, model/ (an HF model folder), checkpoints/, metrics.jsonl, plot.svg\n\
+        "run written to {}: {}\n\
          continue a prompt with it: hotspa generate --model {} --prompt \"fn main\"",
         dir.display(),
+        written.join(", "),
         model.display()
     );
     Ok(())

@@ -20,6 +20,7 @@
 //! BSP steps, and a fast worker takes more shares than a slow one. Server 0 reports a step's
 //! metrics every `W` updates and, at the end, gathers the servers' shards into the weights.
 
+mod push;
 mod server;
 mod worker;
 
@@ -253,11 +254,21 @@ pub(crate) fn check(cfg: &crate::TrainConfig) -> Result<()> {
             ),
         );
     }
-    if cfg.exchange != planner::exchange::Exchange::default() {
+    let e = &cfg.exchange;
+    let exact = planner::exchange::Exchange::default();
+    if e.algorithm != exact.algorithm || e.cross_node_only {
         return refuse(
             "ps_servers",
-            "pushes to the parameter server are not compressed (not built); drop \
-             --grad-compression / --allreduce"
+            "pushes go to the servers, not through an all-reduce: --allreduce and \
+             --compress-cross-node-only do not apply"
+                .into(),
+        );
+    }
+    if matches!(e.codec, comm::codec::Codec::PowerSgd(_)) {
+        return refuse(
+            "ps_servers",
+            "PowerSGD's factors need all-reduces between the workers; pushes to the parameter \
+             server take bf16, fp16, int8, sign, topk:F or randk:F"
                 .into(),
         );
     }

@@ -9,7 +9,9 @@ use graph::Strategy;
 use kernels::ops::adamw;
 use model::{rank_exec, rank_params};
 
-use super::{unword, word, Layout, KIND_DONE, KIND_LOST, NO_SHARE, PUSH_HEADER, REPLY_HEADER};
+use super::{
+    push, unword, word, Layout, KIND_DONE, KIND_LOST, NO_SHARE, PUSH_HEADER, REPLY_HEADER,
+};
 use crate::error::{Result, TrainError};
 use crate::metrics::{PsMetrics, StepMetrics, WireMetrics};
 use crate::ps::Placement;
@@ -96,7 +98,13 @@ pub(crate) fn serve(job: &Job, world: &dyn Communicator) -> Result<Option<Collec
         updates: 0,
     };
     drop(rp);
-    let bytes = Bytes::of(&layout, ps.placement, w, job.devices_per_node);
+    let bytes = Bytes::of(
+        &layout,
+        ps.placement,
+        w,
+        job.devices_per_node,
+        cfg.exchange.codec,
+    );
     let mut reporter = Reporter {
         job,
         me,
@@ -168,7 +176,9 @@ fn bsp(
     let cfg = &job.cfg;
     let (me, k, w) = (world.rank().0, layout.shards.len(), cfg.devices);
     let n = shard.params.len();
-    let mut buf = vec![0.0f32; PUSH_HEADER + n];
+    let codec = cfg.exchange.codec;
+    let mut buf = vec![0.0f32; PUSH_HEADER + push::payload_len(codec, n)];
+    let mut g = vec![0.0f32; n];
     for t in 0..cfg.steps {
         job.heartbeats.step(me, t + 1);
         let mut sum = vec![0.0f32; n];
@@ -181,9 +191,9 @@ fn bsp(
             }
             *p = true;
             reporter.take(i, &buf, 0);
-            sum.iter_mut()
-                .zip(&buf[PUSH_HEADER..])
-                .for_each(|(a, b)| *a += b);
+            let share = unword(buf[1]) as usize;
+            push::decode(codec, &buf[PUSH_HEADER..], cfg.seed, share, me, &mut g)?;
+            sum.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
         }
         if pushed.iter().any(|p| !p) {
             // A worker was asked to stop: the others get "no more" instead of parameters.
@@ -237,7 +247,9 @@ fn asynchronous(
     let (me, k, w) = (world.rank().0, layout.shards.len(), cfg.devices);
     let total = cfg.steps * w;
     let n = shard.params.len();
-    let mut buf = vec![0.0f32; PUSH_HEADER + n];
+    let codec = cfg.exchange.codec;
+    let mut buf = vec![0.0f32; PUSH_HEADER + push::payload_len(codec, n)];
+    let mut g = vec![0.0f32; n];
     let mut clocks = vec![0usize; w];
     let mut done = vec![false; w];
     let mut next_share = w;
@@ -279,12 +291,12 @@ fn asynchronous(
                 });
             }
             let coef = adamw::clip_coef(norm, cfg.grad_clip) as f32;
-            let g = &mut buf[PUSH_HEADER..];
+            push::decode(codec, &buf[PUSH_HEADER..], cfg.seed, share, me, &mut g)?;
             if coef != 1.0 {
                 g.iter_mut().for_each(|x| *x *= coef);
             }
             let lr = cfg.lr.at(share / w, cfg.steps);
-            shard.apply(job, layout, g, lr)?;
+            shard.apply(job, layout, &g, lr)?;
             clocks[i] += 1;
             let staleness = shard.updates - pulled[i] - 1;
             reporter.take(i, &buf, staleness);
@@ -354,7 +366,13 @@ struct Bytes {
 }
 
 impl Bytes {
-    fn of(layout: &Layout, placement: Placement, w: usize, per_node: usize) -> Self {
+    fn of(
+        layout: &Layout,
+        placement: Placement,
+        w: usize,
+        per_node: usize,
+        codec: comm::codec::Codec,
+    ) -> Self {
         let per = per_node.max(1);
         let k = layout.shards.len();
         let worker_node = |i: usize| i / per;
@@ -368,7 +386,7 @@ impl Bytes {
         for i in 0..w {
             let (mut intra, mut inter) = (0u64, 0u64);
             for (s, r) in layout.shards.iter().enumerate() {
-                let push = 4 * (PUSH_HEADER + r.len()) as u64;
+                let push = 4 * (PUSH_HEADER + push::payload_len(codec, r.len())) as u64;
                 let back = 4 * (REPLY_HEADER + r.len()) as u64;
                 push_total += push;
                 reply_total += back;

@@ -10,9 +10,11 @@ use kernels::Backend;
 use model::{rank_exec, rank_params};
 use runtime::{pipeline_step, Optimizer, RankGroups};
 
+use comm::codec::Codec;
+
 use super::{
-    unword, word, Layout, SlowRank, WorkerStep, KIND_DONE, KIND_GRADIENT, KIND_LOST, NO_SHARE,
-    PUSH_HEADER, REPLY_HEADER,
+    push, unword, word, Layout, SlowRank, WorkerStep, KIND_DONE, KIND_GRADIENT, KIND_LOST,
+    NO_SHARE, PUSH_HEADER, REPLY_HEADER,
 };
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
@@ -68,6 +70,18 @@ impl Job {
         let shared = rp.shared.clone();
         drop(rp);
         let packing = TrainConfig::packing(cfg.budget(0));
+        // Pushes through the codec, with this worker's error-feedback residual per slice.
+        let codec = cfg.exchange.codec;
+        let payload: Vec<usize> = layout
+            .shards
+            .iter()
+            .map(|r| push::payload_len(codec, r.len()))
+            .collect();
+        let mut residuals: Vec<Vec<f32>> = if cfg.exchange.error_feedback && codec != Codec::None {
+            layout.shards.iter().map(|r| vec![0.0; r.len()]).collect()
+        } else {
+            Vec::new()
+        };
         let mut share = Some(i);
         let mut version = 0u64;
         let mut local = 0usize;
@@ -155,9 +169,17 @@ impl Job {
                 word((peak >> 32) as u32),
             ];
             for (s, r) in layout.shards.iter().enumerate() {
-                let mut msg = Vec::with_capacity(PUSH_HEADER + r.len());
+                let mut msg = Vec::with_capacity(PUSH_HEADER + payload[s]);
                 msg.extend_from_slice(&header);
-                msg.extend_from_slice(&flat[r.clone()]);
+                push::encode(
+                    codec,
+                    &flat[r.clone()],
+                    residuals.get_mut(s),
+                    cfg.seed,
+                    j,
+                    s,
+                    &mut msg,
+                );
                 world.send(&msg, Rank(s), tags::PS_PUSH)?;
             }
             self.heartbeats.beat(me, "waiting for the servers");
@@ -205,9 +227,9 @@ impl Job {
         if !bsp || asked_to_stop {
             // The servers hear that this worker is done.
             let mut msg = Vec::new();
-            for (s, r) in layout.shards.iter().enumerate() {
+            for (s, len) in payload.iter().enumerate() {
                 msg.clear();
-                msg.resize(PUSH_HEADER + r.len(), 0.0);
+                msg.resize(PUSH_HEADER + len, 0.0);
                 msg[0] = word(KIND_DONE);
                 world.send(&msg, Rank(s), tags::PS_PUSH)?;
             }
@@ -238,7 +260,8 @@ impl Job {
     ) -> Result<Option<Collected>> {
         let me = world.rank().0;
         for (s, r) in layout.shards.iter().enumerate() {
-            let mut msg = vec![0.0f32; PUSH_HEADER + r.len()];
+            let len = push::payload_len(self.cfg.exchange.codec, r.len());
+            let mut msg = vec![0.0f32; PUSH_HEADER + len];
             msg[0] = word(KIND_LOST);
             msg[1] = word(share as u32);
             world.send(&msg, Rank(s), tags::PS_PUSH)?;
