@@ -427,11 +427,8 @@ fn parameter_server_flags_change_what_runs() {
     let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
     let shares: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
     assert_eq!(shares.iter().sum::<usize>(), 32, "{line}");
-    // (Threads on two busy cores do not share the work evenly among the fast workers either.)
-    assert!(
-        shares[3] <= shares[..3].iter().copied().min().unwrap(),
-        "{line}"
-    );
+    // (Threads on two busy cores do not share the work evenly among the fast workers either:
+    // one of them may be starved, so only the busiest is the measure.)
     assert!(
         4 * shares[3] <= shares[..3].iter().copied().max().unwrap(),
         "{line}"
