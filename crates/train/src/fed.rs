@@ -14,19 +14,18 @@
 use std::time::Instant;
 
 use comm::codec::Codec;
-use comm::{Communicator, Rank, ReduceOp};
-use graph::{ExecGraph, Strategy};
+use comm::{Communicator, ReduceOp};
+use graph::ExecGraph;
 use kernels::Backend;
-use model::{rank_exec, rank_params};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use runtime::{pipeline_step, Optimizer, RankGroups};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::metrics::StepMetrics;
 use crate::rank::{Collected, Job, Msg};
+use crate::replica::{whole_model, Replica};
 
 /// How the data is split over the clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -258,31 +257,9 @@ impl Job {
         let me = world.rank().0;
         let w = world.size();
         let clients = if fed.clients == 0 { w } else { fed.clients };
-        let alone = world.sub_group(&[Rank(me)])?;
-        let single = Strategy::single();
-        let exec = rank_exec(&cfg.model, &single, 0)?;
-        let mut groups = RankGroups::new(alone.as_ref(), &single)?;
-        let rp = rank_params(&cfg.model, &exec, &self.weights, 0)?;
-        let mut global = rp.params.clone();
-        let shared = rp.shared.clone();
-        let held = model::held(&cfg.model, &exec)?;
-        let params = rp
-            .params
-            .iter()
-            .map(|p| be.upload(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        drop(rp);
-        let mut opt = Optimizer::new(
-            be,
-            &exec,
-            &groups,
-            params,
-            &shared,
-            cfg.adamw,
-            cfg.grad_clip,
-        )?;
+        let (mut replica, mut global) = Replica::new(self, be, world)?;
         let zeros: Vec<Vec<f32>> = global.iter().map(|p| vec![0.0; p.len()]).collect();
-        let rows = ffn_rows(&exec, cfg.model.intermediate_size)?;
+        let rows = ffn_rows(&replica.exec, cfg.model.intermediate_size)?;
         let hidden = cfg.model.hidden_size;
         let parts = shards(self.data.sources(), clients, fed.sharding, cfg.seed);
         if let Some(c) = parts.iter().position(Vec::is_empty) {
@@ -346,8 +323,8 @@ impl Job {
                         }
                     }
                 }
-                opt.set_params_host(be, &start)?;
-                opt.restore(be, &zeros, &zeros, 0)?;
+                replica.opt.set_params_host(be, &start)?;
+                replica.opt.restore(be, &zeros, &zeros, 0)?;
                 let shard = &parts[c];
                 let mut trained = 0usize;
                 for e in 0..fed.local_steps {
@@ -356,20 +333,13 @@ impl Job {
                         .map(|i| seqs[shard[(at + i) % shard.len()]].clone())
                         .collect();
                     let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
-                    let mbs = runtime::micro_batches(
+                    let out = replica.gradients(
+                        be,
                         &batch,
                         &packing,
                         1,
                         0,
                         1.0 / predicted.max(1) as f32,
-                    )?;
-                    let out = pipeline_step(
-                        be,
-                        &exec,
-                        &mut groups,
-                        opt.params(),
-                        &shared,
-                        &mbs,
                         cfg.pipeline_schedule,
                     )?;
                     if !out.loss.is_finite() {
@@ -383,10 +353,10 @@ impl Job {
                     stats[2] += batch.iter().map(Vec::len).sum::<usize>() as f64;
                     trained += predicted;
                     peak = peak.max(out.peak_bytes);
-                    let norm = opt.update(be, &mut groups, out.grads, lr)?;
+                    let norm = replica.opt.update(be, &mut replica.groups, out.grads, lr)?;
                     stats[5] += norm * predicted as f64;
                 }
-                let model = opt.params_host(be, &groups)?;
+                let model = replica.opt.params_host(be, &replica.groups)?;
                 let n = trained as f32;
                 for (k, (p, start_p)) in model.iter().zip(&start).enumerate() {
                     let kept = |i: usize| masks[k].as_ref().is_none_or(|m| m[i / hidden]);
@@ -456,12 +426,8 @@ impl Job {
         if me != 0 {
             return Ok(None);
         }
-        let mut per_rank = vec![(global, held.clone())];
-        per_rank.extend((1..w).map(|_| (Vec::new(), held.clone())));
-        Ok(Some((
-            per_rank,
-            peaks.into_iter().map(|p| p as usize).collect(),
-        )))
+        let peaks = peaks.into_iter().map(|p| p as usize).collect();
+        Ok(Some(whole_model(global, &replica.held, w, peaks)))
     }
 }
 

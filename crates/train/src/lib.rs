@@ -47,6 +47,7 @@ mod prepare;
 mod profile;
 mod ps;
 mod rank;
+mod replica;
 pub mod resources;
 mod run;
 mod runner;

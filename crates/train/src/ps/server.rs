@@ -16,6 +16,7 @@ use crate::error::{Result, TrainError};
 use crate::metrics::{PsMetrics, StepMetrics, WireMetrics};
 use crate::ps::Placement;
 use crate::rank::{Collected, Job, Msg};
+use crate::replica::{split, whole_model};
 use crate::sync::SyncMode;
 
 /// One server's shard and its optimizer state.
@@ -148,18 +149,14 @@ pub(crate) fn serve(job: &Job, world: &dyn Communicator) -> Result<Option<Collec
     if me != 0 {
         return Ok(None);
     }
-    let mut pieces = Vec::with_capacity(layout.lens.len());
-    let mut at = 0;
-    for &len in &layout.lens {
-        pieces.push(all[at..at + len].to_vec());
-        at += len;
-    }
     let held = model::held(&cfg.model, &exec)?;
-    // Every worker holds the whole model: the first one's pieces say it all.
-    let mut per_rank = vec![(pieces, held.clone())];
-    per_rank.extend((1..w).map(|_| (Vec::new(), held.clone())));
     let peaks = reporter.peaks.iter().map(|&p| p as usize).collect();
-    Ok(Some((per_rank, peaks)))
+    Ok(Some(whole_model(
+        split(&all, &layout.lens),
+        &held,
+        w,
+        peaks,
+    )))
 }
 
 /// BSP: every step, every worker's push (taken in worker order, so the sum is the same

@@ -5,10 +5,8 @@
 use std::time::Instant;
 
 use comm::{tags, Communicator, Rank};
-use graph::{ExecGraph, Strategy};
+use graph::ExecGraph;
 use kernels::Backend;
-use model::{rank_exec, rank_params};
-use runtime::{pipeline_step, Optimizer, RankGroups};
 
 use comm::codec::Codec;
 
@@ -19,6 +17,7 @@ use super::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::rank::{Collected, Job, Msg};
+use crate::replica::{split, Replica};
 use crate::sync::SyncMode;
 
 /// The servers' layout of `exec`'s parameters (`params`, in its order) over `servers`.
@@ -45,30 +44,10 @@ impl Job {
         let me = world.rank().0;
         let i = me - k;
         let bsp = cfg.sync == SyncMode::Bsp;
-        // A whole replica: the single-device graph over a group of itself.
-        let alone = world.sub_group(&[Rank(me)])?;
-        let single = Strategy::single();
-        let exec = rank_exec(&cfg.model, &single, 0)?;
-        let mut groups = RankGroups::new(alone.as_ref(), &single)?;
-        let rp = rank_params(&cfg.model, &exec, &self.weights, 0)?;
-        let layout = layout_of(&exec, &rp.params, k);
-        let params = rp
-            .params
-            .iter()
-            .map(|p| be.upload(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut opt = Optimizer::new(
-            be,
-            &exec,
-            &groups,
-            params,
-            &rp.shared,
-            cfg.adamw,
-            cfg.grad_clip,
-        )?;
-        let mut flat = rp.params.concat();
-        let shared = rp.shared.clone();
-        drop(rp);
+        let (mut replica, params) = Replica::new(self, be, world)?;
+        let layout = layout_of(&replica.exec, &params, k);
+        let mut flat = params.concat();
+        drop(params);
         let packing = TrainConfig::packing(cfg.budget(0));
         // Pushes through the codec, with this worker's error-feedback residual per slice.
         let codec = cfg.exchange.codec;
@@ -113,14 +92,13 @@ impl Job {
                     f.at(me, local);
                 }
                 let t0 = Instant::now();
-                let mbs = runtime::micro_batches(&batch, &packing, w, part, scale)?;
-                let out = pipeline_step(
+                let out = replica.gradients(
                     be,
-                    &exec,
-                    &mut groups,
-                    opt.params(),
-                    &shared,
-                    &mbs,
+                    &batch,
+                    &packing,
+                    w,
+                    part,
+                    scale,
                     cfg.pipeline_schedule,
                 )?;
                 let mut at = 0;
@@ -194,13 +172,9 @@ impl Job {
                 }
                 flat[r.clone()].copy_from_slice(&buf[REPLY_HEADER..]);
             }
-            let mut pieces = Vec::with_capacity(layout.lens.len());
-            let mut at = 0;
-            for &len in &layout.lens {
-                pieces.push(flat[at..at + len].to_vec());
-                at += len;
-            }
-            opt.set_params_host(be, &pieces)?;
+            replica
+                .opt
+                .set_params_host(be, &split(&flat, &layout.lens))?;
             let _ = self.tx.send(Msg::WorkerStep(WorkerStep {
                 worker: i,
                 step: local,
