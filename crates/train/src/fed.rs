@@ -118,34 +118,7 @@ impl Federated {
                     .into(),
             );
         }
-        let s = match &cfg.strategy {
-            crate::StrategySpec::Fixed(s) => s,
-            _ => return bad("sync", "fedavg runs one strategy (--strategy dpN)".into()),
-        };
-        if s.tp != 1 || s.pp != 1 || s.zero != graph::Zero::Off || s.dp != cfg.devices {
-            return bad(
-                "sync",
-                format!(
-                    "{s}: federated clients are whole replicas — use --strategy dp{}",
-                    cfg.devices
-                ),
-            );
-        }
-        for (setting, given) in [
-            ("checkpoint_dir", cfg.checkpoint.is_some()),
-            ("resume", cfg.resume.is_some()),
-            ("eval_data", cfg.eval.is_some()),
-            ("sim_cluster", cfg.simulate.is_some()),
-        ] {
-            if given {
-                return bad(
-                    setting,
-                    "not built under --sync fedavg; evaluate the saved model with `hotspa eval`"
-                        .into(),
-                );
-            }
-        }
-        Ok(())
+        crate::replica::check_whole_replicas(cfg, "sync", "federated clients", "--sync fedavg")
     }
 }
 

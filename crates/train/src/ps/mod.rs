@@ -233,27 +233,12 @@ pub(crate) fn check(cfg: &crate::TrainConfig) -> Result<()> {
             ),
         );
     }
-    let s = match &cfg.strategy {
-        crate::StrategySpec::Fixed(s) => s,
-        _ => {
-            return refuse(
-                "ps_servers",
-                "the parameter server runs one data-parallel strategy (--strategy dpN), not a \
-                 hot-switching or planned schedule"
-                    .into(),
-            )
-        }
-    };
-    if s.tp != 1 || s.pp != 1 || s.zero != graph::Zero::Off || s.dp != cfg.devices {
-        return refuse(
-            "ps_servers",
-            format!(
-                "{s}: the parameter server's workers are whole replicas — use --strategy dp{} \
-                 (no TP, PP or ZeRO)",
-                cfg.devices
-            ),
-        );
-    }
+    crate::replica::check_whole_replicas(
+        cfg,
+        "ps_servers",
+        "the parameter server's workers",
+        "the parameter server",
+    )?;
     let e = &cfg.exchange;
     let exact = planner::exchange::Exchange::default();
     if e.algorithm != exact.algorithm || e.cross_node_only {
@@ -271,27 +256,6 @@ pub(crate) fn check(cfg: &crate::TrainConfig) -> Result<()> {
              server take bf16, fp16, int8, sign, topk:F or randk:F"
                 .into(),
         );
-    }
-    let not_built = |setting: &'static str, what: &str| {
-        refuse(
-            setting,
-            format!(
-                "{what} under the parameter server is not built (the optimizer state lives on \
-                 the servers); drop it or --ps-servers"
-            ),
-        )
-    };
-    if cfg.checkpoint.is_some() {
-        return not_built("checkpoint_dir", "checkpointing");
-    }
-    if cfg.resume.is_some() {
-        return not_built("resume", "resuming");
-    }
-    if cfg.eval.is_some() {
-        return not_built("eval_data", "evaluation during the run");
-    }
-    if cfg.simulate.is_some() {
-        return not_built("sim_cluster", "the simulated clock");
     }
     Ok(())
 }
