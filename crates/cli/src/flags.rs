@@ -51,7 +51,7 @@ pub struct TrainFlags {
     /// says which ranks share a node.
     #[arg(long)]
     pub devices_per_node: Option<usize>,
-    /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1 (default: dp over every device).
+    /// Parallel strategy, e.g. dp4, tp4, dp2tp2, tp2pp2, dp2zero1, dp2cp2 (context parallelism, ring attention), cp4ulysses (Ulysses) (default: dp over every device).
     #[arg(long, conflicts_with = "strategies")]
     pub strategy: Option<String>,
     /// Hot switching: `STRATEGY:MAXLEN,…` (MAXLEN ascending, the last may be `max`), e.g.

@@ -78,6 +78,44 @@ fn comm_per_rank(
     Ok(())
 }
 
+/// What every attention op exchanges over its CP group, and the bytes per rank at `tokens`.
+fn context_exchange(cfg: &LlamaConfig, strategy: &Strategy, tokens: usize) {
+    let cp = strategy.cp;
+    let heads = cfg.num_attention_heads / strategy.tp;
+    let kv = (cfg.kv_heads() / strategy.tp).max(1);
+    let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+    let n = tokens.div_ceil(cp);
+    let x = strategy.cp_exchange;
+    let (fwd, bwd) = x.bytes_per_rank(cp, n, heads, kv, head_dim);
+    println!(
+        "# context parallelism cp{cp} ({x}) over CP groups such as ranks {:?}: every sequence \
+         cut in {} chunks, rank r of a group holding chunks r and {}−r",
+        strategy.group(0, graph::MeshAxis::Cp),
+        2 * cp,
+        2 * cp - 1
+    );
+    let how = match x {
+        graph::CpExchange::Ring => format!(
+            "K,V -> ring ({} hop(s), softmax merged per block)@cp; backward K,V,dK,dV -> ring \
+             ({} hop(s)) + dK,dV home@cp",
+            cp - 1,
+            cp - 1
+        ),
+        graph::CpExchange::Ulysses => "Q,K,V [S(0)×{cp}] -> all-to-all -> heads [S(1)×{cp}]@cp, \
+             whole-sequence attention, O,lse -> all-to-all back@cp; backward the same for \
+             dO,Q,O,lse,K,V and dQ,dK,dV"
+            .replace("{cp}", &cp.to_string()),
+    };
+    println!(
+        "#   every attention ({} layers): {how}",
+        cfg.num_hidden_layers
+    );
+    println!(
+        "#   per rank at T = {tokens} ({n} tokens each, {heads} heads, {kv} kv heads × \
+         {head_dim}): forward {fwd} B, backward {bwd} B per layer"
+    );
+}
+
 pub fn run(args: Args) -> Result<()> {
     let cfg = LlamaConfig::load(&args.model)?;
     if args.strategy.contains(',') {
@@ -119,9 +157,21 @@ pub fn run(args: Args) -> Result<()> {
             );
             g = exec.graph;
         }
+        if strategy.cp > 1 {
+            context_exchange(&cfg, &strategy, args.tokens);
+        }
         println!(
             "# DP replicas ({}) all-reduce every gradient after the last micro-batch",
-            strategy.dp
+            if strategy.cp > 1 {
+                format!(
+                    "dp{} × cp{} = {}",
+                    strategy.dp,
+                    strategy.cp,
+                    strategy.replicas()
+                )
+            } else {
+                strategy.dp.to_string()
+            }
         );
     }
     let params: usize = g.params.iter().map(|&p| g.info(p).numel(0)).sum();

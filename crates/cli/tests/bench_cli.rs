@@ -56,6 +56,49 @@ fn bench_attention_json() {
     assert!(v["rows"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `--cp N` adds ring and Ulysses over N thread ranks; Ulysses only where the heads divide.
+#[test]
+fn bench_attention_cp_times_ring_and_ulysses() {
+    let run = |heads: &str, kv: &str| {
+        json(&[
+            "bench",
+            "attention",
+            "--tokens",
+            "100",
+            "--heads",
+            heads,
+            "--kv-heads",
+            kv,
+            "--seconds",
+            "0.01",
+            "--cp",
+            "2",
+            "--json",
+        ])
+    };
+    let v = run("4", "2");
+    assert_eq!(v["cp"], 2);
+    assert!(v["rows"][0]["ring_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["rows"][0]["ulysses_ms"].as_f64().unwrap() > 0.0);
+    let v = run("6", "3");
+    assert!(v["rows"][0]["ring_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["rows"][0]["ulysses_ms"].is_null(), "{v}");
+    // Without --cp, no context-parallel timing.
+    let v = json(&[
+        "bench",
+        "attention",
+        "--tokens",
+        "64",
+        "--seconds",
+        "0.01",
+        "--json",
+    ]);
+    assert!(
+        v["cp"].is_null() && v["rows"][0]["ring_ms"].is_null(),
+        "{v}"
+    );
+}
+
 #[test]
 fn bench_comm_json_and_unknown_backend() {
     let v = json(&[

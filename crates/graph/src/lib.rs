@@ -36,4 +36,4 @@ pub use error::{GraphError, Result};
 pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout, WeightLayout};
 pub use parallel::{lower, normalize, param_state, CommPoint, ExecGraph, SharedComm};
 pub use schedule::{Schedule, Slot};
-pub use strategy::{MeshAxis, Strategy, Zero};
+pub use strategy::{CpExchange, MeshAxis, Strategy, Zero};

@@ -582,7 +582,7 @@ pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
         at: 0,
         forward: logical.num_forward_ops(),
         gathered: HashMap::new(),
-        zero3: strategy.zero >= crate::Zero::Parameters && strategy.dp > 1,
+        zero3: strategy.zero >= crate::Zero::Parameters && strategy.replicas() > 1,
         origin: HashMap::new(),
         points: Vec::new(),
     };

@@ -140,8 +140,8 @@ pub fn rank_exec(
 /// Where every parameter lives under `strategy` on the world's devices (rank r = device r):
 /// `(name, stored shape, distribution)` in the order of [`param_specs`] (row-parallel weights
 /// transposed, as the training graph stores them: see [`crate::ParamSpec::storage`]). A parameter of stage `p` is
-/// replicated over its stage's DP replicas and laid out over each replica's TP group as the
-/// exec graph has it: the distribution is `[D×dp] ++ TP axes` over ranks `p·dp·tp ..`.
+/// replicated over its stage's `dp · cp` replicas and laid out over each replica's TP group as
+/// the exec graph has it: the distribution is `[D×dp·cp] ++ TP axes` over ranks `p·dp·cp·tp ..`.
 /// Fails for a tied embedding split across pipeline stages (two groups at once).
 pub fn placements(
     cfg: &LlamaConfig,
@@ -149,7 +149,7 @@ pub fn placements(
 ) -> Result<Vec<(String, Vec<usize>, dstate::Distribution)>> {
     let specs = param_specs(cfg);
     let mut found: Vec<Option<dstate::Distribution>> = vec![None; specs.len()];
-    let per_stage = strategy.dp * strategy.tp;
+    let per_stage = strategy.replicas() * strategy.tp;
     let graph_err = |e: GraphError| ModelError::Mismatch(e.to_string());
     let state_err = |e: dstate::DStateError| ModelError::Mismatch(e.to_string());
     for stage in 0..strategy.pp {
@@ -161,8 +161,8 @@ pub fn placements(
                 ModelError::Mismatch(format!("the graph's parameter {name} is not in the config"))
             })?;
             let mut axes = Vec::new();
-            if strategy.dp > 1 {
-                axes.push(dstate::Axis::dup(strategy.dp));
+            if strategy.replicas() > 1 {
+                axes.push(dstate::Axis::dup(strategy.replicas()));
             }
             axes.extend(exec.states[p.0].axes().iter().copied());
             let dist =

@@ -99,7 +99,7 @@ impl Memory {
 /// its DP. A static strategy is its own `inst`. The one formula for model state: the cost model
 /// bounds micro-batches with it and [`instantiation`] chooses the strategy that holds the weights.
 pub fn state_bytes_per_param(elem_bytes: f64, s: &Strategy, inst: &Strategy) -> f64 {
-    let dp = s.dp as f64;
+    let dp = s.replicas() as f64;
     let w = if s.zero >= Zero::Parameters {
         elem_bytes / dp
     } else {
@@ -112,7 +112,7 @@ pub fn state_bytes_per_param(elem_bytes: f64, s: &Strategy, inst: &Strategy) -> 
     };
     let master = (inst.tp * inst.pp) as f64
         * if inst.zero >= Zero::Optimizer {
-            inst.dp as f64
+            inst.replicas() as f64
         } else {
             1.0
         };

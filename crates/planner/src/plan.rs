@@ -216,6 +216,13 @@ impl Planner {
             if g.is_empty() {
                 continue;
             }
+            if s.cp > 1 {
+                return Err(PlanError::Invalid(format!(
+                    "{s}: the cost model does not estimate context parallelism yet (the \
+                     planner's CP search is not built); train it with --strategy or \
+                     --strategies"
+                )));
+            }
             let cap = self.cost.capacity(s, &plan.inst);
             let longest = g.iter().copied().max().unwrap_or(0);
             if longest > cap {
@@ -267,6 +274,8 @@ impl Planner {
                     let dp = n / (tp * pp);
                     let s = Strategy {
                         dp,
+                        cp: 1,
+                        cp_exchange: graph::CpExchange::Ring,
                         tp,
                         pp,
                         sp: tp > 1,
@@ -532,6 +541,17 @@ mod tests {
         };
         let err = p.evaluate(&plan, &[2000]).unwrap_err().to_string();
         assert!(err.contains("beyond every bucket"), "{err}");
+    }
+
+    #[test]
+    fn context_parallel_plans_are_refused_until_the_model_estimates_them() {
+        let p = planner(8);
+        let plan = Plan::parse("dp8zero1:4096,dp2cp4:max", 8).unwrap();
+        let err = p.evaluate(&plan, &[100, 8000]).unwrap_err().to_string();
+        assert!(
+            err.contains("dp2cp4: the cost model does not estimate"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Micro-batches: variable-length sequences packed into one token stream.
 
+use std::sync::Arc;
+
 use data::Packing;
 
+use crate::context::CpSplit;
 use crate::error::{Result, RuntimeError};
 
 /// The micro-batches DP replica `replica` of `replicas` trains of `seqs` (a strategy's share of
@@ -29,6 +32,26 @@ pub fn micro_batches(
         .collect()
 }
 
+/// The micro-batches world rank `rank` trains of `seqs` under `strategy`: those of its data
+/// replica ([`micro_batches`] over `strategy.dp`), and under context parallelism its CP rank's
+/// part of each ([`MicroBatch::context_part`]).
+pub fn rank_micro_batches(
+    seqs: &[Vec<u32>],
+    packing: &Packing,
+    strategy: &graph::Strategy,
+    rank: usize,
+    loss_scale: f32,
+) -> Result<Vec<MicroBatch>> {
+    let (replica, cp_rank) = strategy.data_coords(rank);
+    let mbs = micro_batches(seqs, packing, strategy.dp, replica, loss_scale)?;
+    if strategy.cp == 1 {
+        return Ok(mbs);
+    }
+    mbs.iter()
+        .map(|m| m.context_part(strategy.cp, cp_rank))
+        .collect()
+}
+
 /// Packed sequences with everything the kernels read from the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MicroBatch {
@@ -44,6 +67,10 @@ pub struct MicroBatch {
     pub cu_seqlens: Vec<usize>,
     /// Multiplies the loss sum: `1 / (predicted tokens of the whole global batch)` (DESIGN §3).
     pub loss_scale: f32,
+    /// Under context parallelism: how the whole micro-batch is split over the CP group and
+    /// which rank of it this part belongs to (the other fields then hold this rank's tokens,
+    /// `cu_seqlens` their boundaries per sequence; attention runs the group's exchange).
+    pub context: Option<(Arc<CpSplit>, usize)>,
 }
 
 impl MicroBatch {
@@ -56,6 +83,7 @@ impl MicroBatch {
             positions: Vec::new(),
             cu_seqlens: vec![0],
             loss_scale,
+            context: None,
         };
         for (i, s) in sequences.iter().enumerate() {
             if s.len() < 2 {
@@ -84,7 +112,40 @@ impl MicroBatch {
             positions: Vec::new(),
             cu_seqlens: vec![0],
             loss_scale: 0.0,
+            context: None,
         }
+    }
+
+    /// Rank `rank`'s part of this micro-batch under the load-balanced split over a CP group of
+    /// `cp` ranks ([`CpSplit::balanced`]): its tokens with their targets, mask and positions in
+    /// their sequences.
+    pub fn context_part(&self, cp: usize, rank: usize) -> Result<Self> {
+        if self.context.is_some() {
+            return Err(RuntimeError::Batch(
+                "this micro-batch is already one rank's part of a CP split".into(),
+            ));
+        }
+        let split = CpSplit::balanced(&self.cu_seqlens, cp)?;
+        let rows = split.global_rows(rank);
+        let mut cu = vec![0];
+        let mut seq = None;
+        for c in split.chunks(rank) {
+            if seq == Some(c.seq) {
+                *cu.last_mut().unwrap_or(&mut 0) += c.len;
+            } else {
+                cu.push(cu.last().copied().unwrap_or(0) + c.len);
+                seq = Some(c.seq);
+            }
+        }
+        Ok(MicroBatch {
+            ids: rows.iter().map(|&r| self.ids[r]).collect(),
+            targets: rows.iter().map(|&r| self.targets[r]).collect(),
+            mask: rows.iter().map(|&r| self.mask[r]).collect(),
+            positions: rows.iter().map(|&r| self.positions[r]).collect(),
+            cu_seqlens: cu,
+            loss_scale: self.loss_scale,
+            context: Some((Arc::new(split), rank)),
+        })
     }
 
     /// Packed token count `T`.

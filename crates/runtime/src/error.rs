@@ -23,6 +23,10 @@ pub enum RuntimeError {
     /// Parameters bound to the graph do not match it.
     #[error("bad parameter binding: {0}")]
     Binding(String),
+    /// Context parallelism cannot split or exchange this (a head count Ulysses cannot divide,
+    /// buffers that do not fit the split).
+    #[error("context parallelism: {0}")]
+    Context(String),
     /// The gradient agreement's state does not fit the gradients (e.g. an error-feedback
     /// residual restored for another model).
     #[error("gradient agreement: {0}")]

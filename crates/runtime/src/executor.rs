@@ -3,7 +3,7 @@
 //! an exec graph: local shapes from each tensor's piece, comm ops as collectives, vocab-parallel
 //! embedding and cross-entropy.
 
-use comm::ReduceOp;
+use comm::{Communicator, ReduceOp};
 use dstate::DState;
 use graph::{ExecGraph, Graph, OpKind, TensorId, WeightLayout};
 use kernels::{Backend, GemmSpec};
@@ -455,6 +455,20 @@ fn local_piece(
     }
 }
 
+/// The CP group a micro-batch split over one needs, checked to be the group of its part.
+fn cp_group(tp: Option<&TpGroup>, rank: usize) -> Result<(&dyn Communicator, graph::CpExchange)> {
+    let (comm, exchange) = tp.and_then(TpGroup::cp).ok_or_else(|| {
+        RuntimeError::Binding("a micro-batch split over a CP group, run without one".into())
+    })?;
+    if comm.rank().0 != rank {
+        return Err(RuntimeError::Binding(format!(
+            "CP rank {}'s attention got the part of CP rank {rank}",
+            comm.rank().0
+        )));
+    }
+    Ok((comm, exchange))
+}
+
 struct Ctx<'a, B: Backend> {
     backend: &'a B,
     graph: &'a Graph,
@@ -560,6 +574,22 @@ impl<B: Backend> Ctx<'_, B> {
                     head_dim: shape.head_dim,
                 };
                 let (o, lse) = outs.split_at_mut(1);
+                if let Some((split, rank)) = &batch.context {
+                    let (comm, exchange) = cp_group(tp.as_deref(), *rank)?;
+                    let (out, l) = crate::context::attention_forward(
+                        comm,
+                        exchange,
+                        split,
+                        &be.download(ins[0])?,
+                        &be.download(ins[1])?,
+                        &be.download(ins[2])?,
+                        local,
+                        scale,
+                    )?;
+                    o[0] = be.upload(&out)?;
+                    lse[0] = be.upload(&l)?;
+                    return Ok(());
+                }
                 be.attention_forward(
                     ins[0],
                     ins[1],
@@ -579,6 +609,21 @@ impl<B: Backend> Ctx<'_, B> {
                 };
                 let (dq, rest) = outs.split_at_mut(1);
                 let (dk, dv) = rest.split_at_mut(1);
+                if let Some((split, rank)) = &batch.context {
+                    let (comm, exchange) = cp_group(tp.as_deref(), *rank)?;
+                    let host: Vec<Vec<f32>> = ins[..6]
+                        .iter()
+                        .map(|b| be.download(b))
+                        .collect::<kernels::Result<_>>()?;
+                    let (gq, gk, gv) = crate::context::attention_backward(
+                        comm, exchange, split, &host[0], &host[1], &host[2], &host[3], &host[4],
+                        &host[5], local, scale,
+                    )?;
+                    dq[0] = be.upload(&gq)?;
+                    dk[0] = be.upload(&gk)?;
+                    dv[0] = be.upload(&gv)?;
+                    return Ok(());
+                }
                 be.attention_backward(
                     ins[0],
                     ins[1],

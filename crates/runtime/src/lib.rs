@@ -28,6 +28,7 @@
 
 mod agreement;
 mod batch;
+pub mod context;
 mod error;
 mod executor;
 mod optimizer;
@@ -38,7 +39,7 @@ pub mod progress;
 mod tp;
 
 pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};
-pub use batch::{micro_batches, MicroBatch};
+pub use batch::{micro_batches, rank_micro_batches, MicroBatch};
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
 pub use optimizer::{Moments, Optimizer};

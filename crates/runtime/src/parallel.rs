@@ -16,7 +16,8 @@ use crate::tp::TpGroup;
 pub struct RankGroups {
     /// The TP group (with sub-groups for multi-axis DStates).
     pub tp: TpGroup,
-    /// The DP group: ranks holding the same pieces for different data.
+    /// The DP group: ranks holding the same pieces for different data (under context
+    /// parallelism also for different tokens of the same data: `dp · cp` ranks).
     pub dp: Box<dyn Communicator>,
     /// The pipeline: one rank per stage, group rank = stage index.
     pub pp: Box<dyn Communicator>,
@@ -49,6 +50,9 @@ impl RankGroups {
         let dp_grads = world.sub_group(&ranks(MeshAxis::Dp))?;
         if strategy.zero >= Zero::Parameters {
             tp = tp.with_dp(world.sub_group(&ranks(MeshAxis::Dp))?);
+        }
+        if strategy.cp > 1 {
+            tp = tp.with_cp(world.sub_group(&ranks(MeshAxis::Cp))?, strategy.cp_exchange);
         }
         Ok(Self {
             tp,

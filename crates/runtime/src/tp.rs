@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use comm::{Communicator, Rank, ReduceOp};
 use dstate::{extract, insert, Collective, DState, Region};
+use graph::CpExchange;
 
 use crate::error::{Result, RuntimeError};
 
@@ -13,6 +14,9 @@ pub struct TpGroup {
     subs: HashMap<Vec<usize>, Box<dyn Communicator>>,
     /// A handle on the DP group for ZeRO-3 parameter gathers.
     dp: Option<Box<dyn Communicator>>,
+    /// The CP group, whose ranks split the micro-batches' tokens, and how its attention
+    /// exchanges keys and values.
+    cp: Option<(Box<dyn Communicator>, CpExchange)>,
 }
 
 impl TpGroup {
@@ -22,7 +26,19 @@ impl TpGroup {
             comm,
             subs: HashMap::new(),
             dp: None,
+            cp: None,
         }
+    }
+
+    /// Adds the CP group that attention's exchange runs on.
+    pub fn with_cp(mut self, cp: Box<dyn Communicator>, exchange: CpExchange) -> Self {
+        self.cp = Some((cp, exchange));
+        self
+    }
+
+    /// The CP group and its exchange (`None` without context parallelism).
+    pub fn cp(&self) -> Option<(&dyn Communicator, CpExchange)> {
+        self.cp.as_ref().map(|(c, x)| (c.as_ref(), *x))
     }
 
     /// Adds the DP group handle ZeRO-3 parameter gathers run on.

@@ -125,6 +125,8 @@ fn paper_table(model: &str, gpus: usize) -> Option<([Dims; 3], [Dims; 4])> {
 fn strategy([dp, tp, pp]: [usize; 3]) -> Strategy {
     Strategy {
         dp,
+        cp: 1,
+        cp_exchange: graph::CpExchange::Ring,
         tp,
         pp,
         sp: tp > 1,

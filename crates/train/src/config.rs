@@ -428,7 +428,7 @@ impl TrainConfig {
         let layers = self.model.num_hidden_layers;
         match &self.strategy {
             StrategySpec::Fixed(s) => {
-                check_devices(s, self.devices)?;
+                self.check_strategy(s)?;
                 s.stage_layers(layers)?;
                 if self.micro_batch_tokens.len() != 1 {
                     return Err(TrainError::setting(
@@ -439,7 +439,7 @@ impl TrainConfig {
             }
             StrategySpec::Hot(plan) => {
                 for s in plan.strategies() {
-                    check_devices(s, self.devices)?;
+                    self.check_strategy(s)?;
                     s.stage_layers(layers)?;
                 }
                 let n = plan.buckets.len();
@@ -565,6 +565,12 @@ impl TrainConfig {
         if s.dp < 2 {
             return refuse(format!("{s} has no DP replicas to average"));
         }
+        if s.cp > 1 {
+            return refuse(format!(
+                "{s}: the ranks of a CP group hold parts of one replica's gradients; periodic \
+                 averaging over context-parallel strategies is not built"
+            ));
+        }
         if s.zero != graph::Zero::Off {
             return refuse(format!(
                 "{s} shards the optimizer over the DP replicas, which differ between \
@@ -598,14 +604,38 @@ impl TrainConfig {
     }
 }
 
-fn check_devices(s: &Strategy, devices: usize) -> Result<()> {
-    if s.devices() != devices {
-        return Err(TrainError::setting(
-            "strategy",
-            format!("{s} runs on {} devices, the run has {devices}", s.devices()),
-        ));
+impl TrainConfig {
+    /// A strategy of this run: its device count, and what context parallelism does not do yet.
+    fn check_strategy(&self, s: &Strategy) -> Result<()> {
+        let devices = self.devices;
+        if s.devices() != devices {
+            return Err(TrainError::setting(
+                "strategy",
+                format!("{s} runs on {} devices, the run has {devices}", s.devices()),
+            ));
+        }
+        if s.cp > 1 {
+            if let Device::Cuda(_) = self.device {
+                return Err(TrainError::setting(
+                    "strategy",
+                    format!(
+                        "{s}: context parallelism's attention exchange runs on the host (CPU \
+                         kernels); it is not built for --device cuda yet"
+                    ),
+                ));
+            }
+            if self.simulate.is_some() {
+                return Err(TrainError::setting(
+                    "sim_cluster",
+                    format!(
+                        "{s}: the simulated clock does not time context parallelism's attention \
+                         exchange yet"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

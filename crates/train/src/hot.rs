@@ -359,7 +359,7 @@ impl HotRank {
                     .iter()
                     .map(|x| {
                         if s.zero >= Zero::Parameters {
-                            be.upload(&x[dstate::chunk(0..x.len(), s.dp, d)])
+                            be.upload(&x[dstate::chunk(0..x.len(), s.replicas(), d)])
                         } else {
                             be.upload(x)
                         }
@@ -370,10 +370,9 @@ impl HotRank {
                 Some(bufs)
             };
             let m = &mut self.members[i];
-            let (_, dp_rank, _) = m.strategy.coords(me);
             let seqs: Vec<Vec<u32>> = buckets[b].iter().map(|&k| batch[k].clone()).collect();
             let packing = TrainConfig::packing(self.budgets[b]);
-            let mbs = runtime::micro_batches(&seqs, &packing, m.strategy.dp, dp_rank, scale)?;
+            let mbs = runtime::rank_micro_batches(&seqs, &packing, &m.strategy, me, scale)?;
             let bound: &[B::Buffer] = match &device {
                 Some(b) => b,
                 None => opt.params(),
@@ -401,7 +400,7 @@ impl HotRank {
                     let len = dist
                         .piece_of(DeviceId(me), shape)?
                         .map_or(0, |p| p.region.volume());
-                    let counts = comm::chunk_counts(len, m.strategy.dp);
+                    let counts = comm::chunk_counts(len, m.strategy.replicas());
                     let mut whole = vec![0.0; len];
                     g.dp.all_gather(gr, &mut whole, &counts)?;
                     *gr = whole;
@@ -448,7 +447,7 @@ impl HotRank {
             .iter()
             .map(|g| {
                 if s.zero >= Zero::Gradients {
-                    be.upload(&g[dstate::chunk(0..g.len(), s.dp, d)])
+                    be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])
                 } else {
                     be.upload(g)
                 }

@@ -329,7 +329,7 @@ fn exchange_notices(
     if *e == default {
         return;
     }
-    let with_dp: Vec<&Strategy> = strategies.iter().filter(|s| s.dp > 1).collect();
+    let with_dp: Vec<&Strategy> = strategies.iter().filter(|s| s.replicas() > 1).collect();
     if with_dp.is_empty() && !planned {
         sink.notice(&format!(
             "gradient exchange {e}: no strategy of this run has DP > 1, so no gradients are \

@@ -403,7 +403,7 @@ impl Job {
 
     /// The tokens this rank's DP replica predicts of `batch` (its share as the runtime deals).
     fn own_predicted(&self, batch: &[Vec<u32>], me: usize) -> usize {
-        let (_, dp_rank, _) = self.inst.coords(me);
+        let (dp_rank, _) = self.inst.data_coords(me);
         let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
         let dealt = TrainConfig::packing(self.cfg.budget(0)).deal(&lens, self.inst.dp);
         dealt

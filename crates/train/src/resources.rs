@@ -88,6 +88,9 @@ pub fn memory_need(
     };
     let mut activations = 0.0f64;
     for (i, s) in strategies.iter().enumerate() {
+        // A CP rank holds its part of the micro-batch, about 1/cp of it for long sequences but
+        // up to all of it for many short ones (a sequence's 2·cp chunks round up): the whole
+        // micro-batch bounds it.
         let tokens = budget_tokens(i);
         // The first stage holds the most under 1F1B: `pp` passes in flight.
         let exec = model::rank_exec(&cfg.model, s, 0)?;

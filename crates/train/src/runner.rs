@@ -111,9 +111,9 @@ impl StaticRunner {
 impl<B: Backend> StepRunner<B> for StaticRunner {
     fn gradients(&mut self, input: StepInput<'_, B>) -> Result<StepGradients<B>> {
         let s = &self.exec.strategy;
-        let (_, dp_rank, _) = s.coords(input.world.rank().0);
         let packing = TrainConfig::packing(self.budget);
-        let mbs = runtime::micro_batches(input.batch, &packing, s.dp, dp_rank, input.loss_scale)?;
+        let me = input.world.rank().0;
+        let mbs = runtime::rank_micro_batches(input.batch, &packing, s, me, input.loss_scale)?;
         let out = pipeline_step(
             input.backend,
             &self.exec,

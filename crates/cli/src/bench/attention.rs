@@ -1,6 +1,11 @@
 //! `hotspa bench attention`.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comm::{Communicator, ThreadComm};
+use runtime::context::{attention_backward, attention_forward, CpExchange, CpSplit};
+use runtime::RuntimeError;
 
 use anyhow::Result;
 use clap::Args as ClapArgs;
@@ -39,6 +44,10 @@ pub struct Args {
     /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
     #[arg(long)]
     pub(super) vs_torch: bool,
+    /// Also time context-parallel attention over this many thread ranks (the tokens split
+    /// front-and-back over them): ring and Ulysses, forward+backward, beside the single rank.
+    #[arg(long)]
+    pub(super) cp: Option<usize>,
 }
 
 impl Args {
@@ -67,6 +76,10 @@ struct Row {
     tokens_per_s: f64,
     gflops: f64,
     over_peak: f64,
+    /// Forward+backward with `--cp`: ring attention, the slowest rank.
+    ring_ms: Option<f64>,
+    /// The same with Ulysses (`None` when the heads do not divide).
+    ulysses_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +90,7 @@ struct Report {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    cp: Option<usize>,
     rows: Vec<Row>,
 }
 
@@ -85,6 +99,9 @@ pub fn run(args: Args) -> Result<()> {
         "cpu" => {}
         "cuda" => return super::cuda::attention(&args),
         other => anyhow::bail!("--backend {other}: use cpu or cuda"),
+    }
+    if let Some(cp) = args.cp {
+        anyhow::ensure!(cp >= 1, "--cp {cp}: give at least one rank");
     }
     let machine = Machine::detect(None);
     let threads = args.threads.unwrap_or(machine.cores).max(1);
@@ -113,6 +130,17 @@ pub fn run(args: Args) -> Result<()> {
             )?)
         })?;
         let total = fwd.as_secs_f64() + bwd.as_secs_f64();
+        let (mut ring_ms, mut ulysses_ms) = (None, None);
+        if let Some(cp) = args.cp {
+            let data = Arc::new([q.clone(), k.clone(), v.clone(), dout.clone()]);
+            let time = |x| cp_seconds(cp, x, t, shape, &data, total, args.seconds);
+            ring_ms = Some(time(CpExchange::Ring)? * 1e3);
+            if shape.heads.is_multiple_of(cp)
+                && (shape.kv_heads.is_multiple_of(cp) || cp.is_multiple_of(shape.kv_heads))
+            {
+                ulysses_ms = Some(time(CpExchange::Ulysses)? * 1e3);
+            }
+        }
         let gflops = causal_flops(t, shape) / total / 1e9;
         rows.push(Row {
             tokens: t,
@@ -121,6 +149,8 @@ pub fn run(args: Args) -> Result<()> {
             tokens_per_s: t as f64 / total,
             gflops,
             over_peak: gflops / machine.peak_gflops,
+            ring_ms,
+            ulysses_ms,
         });
     }
     let report = Report {
@@ -130,6 +160,7 @@ pub fn run(args: Args) -> Result<()> {
         heads: shape.heads,
         kv_heads: shape.kv_heads,
         head_dim: shape.head_dim,
+        cp: args.cp,
         rows,
     };
     emit(args.json, &report, |r| {
@@ -152,5 +183,82 @@ pub fn run(args: Args) -> Result<()> {
                 100.0 * x.over_peak
             );
         }
+        if let Some(cp) = r.cp {
+            println!(
+                "context parallelism over {cp} thread ranks (each sequence in 2×{cp} chunks, rank r \
+                 holding chunks r and {}−r), fwd+bwd of the slowest rank:",
+                2 * cp - 1
+            );
+            println!(
+                "{:>8} {:>12} {:>10} {:>9} {:>12} {:>9}",
+                "tokens", "1 rank ms", "ring ms", "vs 1", "ulysses ms", "vs 1"
+            );
+            let o = |x: Option<f64>, base: f64| {
+                x.map_or(("-".into(), "-".into()), |v| {
+                    (format!("{v:.1}"), format!("{:.2}×", v / base))
+                })
+            };
+            for x in &r.rows {
+                let base = x.forward_ms + x.backward_ms;
+                let (rm, rr) = o(x.ring_ms, base);
+                let (um, ur) = o(x.ulysses_ms, base);
+                println!(
+                    "{:>8} {:>12.1} {:>10} {:>9} {:>12} {:>9}",
+                    x.tokens, base, rm, rr, um, ur
+                );
+            }
+            println!(
+                "(vs 1: time over the single-rank kernel's on the same tokens and cores; the ranks \
+                 share this machine's {} cores)",
+                r.machine.cores
+            );
+        }
     })
+}
+
+/// Seconds of one forward+backward of context-parallel attention over `cp` thread ranks: the
+/// slowest rank's mean over enough repetitions to fill about `seconds` (`single` is the
+/// single-rank time, to size the repetitions).
+fn cp_seconds(
+    cp: usize,
+    exchange: CpExchange,
+    t: usize,
+    shape: AttnShape,
+    data: &Arc<[Vec<f32>; 4]>,
+    single: f64,
+    seconds: f64,
+) -> Result<f64> {
+    let reps = ((seconds / single.max(1e-6)) as usize).clamp(1, 200);
+    let data = data.clone();
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let times = ThreadComm::run(cp, move |c| -> Result<f64, RuntimeError> {
+        let me = c.rank().0;
+        let split = CpSplit::balanced(&[0, t], cp)?;
+        let (qrow, krow) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
+        let [q, k, v, dout] = &*data;
+        let (q, k, v, dout) = (
+            split.take(me, q, qrow),
+            split.take(me, k, krow),
+            split.take(me, v, krow),
+            split.take(me, dout, qrow),
+        );
+        let once = || -> Result<(), RuntimeError> {
+            let (out, lse) = attention_forward(&c, exchange, &split, &q, &k, &v, shape, scale)?;
+            attention_backward(
+                &c, exchange, &split, &dout, &q, &k, &v, &out, &lse, shape, scale,
+            )?;
+            Ok(())
+        };
+        once()?;
+        c.barrier()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            once()?;
+        }
+        Ok(start.elapsed().as_secs_f64() / reps as f64)
+    })?;
+    Ok(times.into_iter().fold(0.0, f64::max))
 }

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_spans;
 pub mod elementwise;
 pub mod embedding;
 pub mod loss;

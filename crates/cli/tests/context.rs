@@ -1,0 +1,151 @@
+//! Context parallelism as a user runs it: `--strategy dp2cp2` and a hot schedule with a CP
+//! strategy save the single-device weights, `hotspa graph` prints the exchange, and what is not
+//! built for CP strategies is refused by name.
+
+use std::path::Path;
+use std::process::Command;
+
+use model::{LlamaConfig, Weights};
+
+mod common;
+
+fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// 24 documents of 5 to 120 tokens (long-tailed) and initial weights.
+fn setup(dir: &Path) {
+    common::affine_docs(dir, 24, |i| [5, 9, 120, 17, 3, 60][i % 6], |i| i);
+    Weights::random(&LlamaConfig::load(dir).unwrap(), 3)
+        .save(&dir.join("init.safetensors"))
+        .unwrap();
+}
+
+/// Three steps under `how` (strategy flags), the saved weights.
+fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> Weights {
+    let save = format!("{name}.safetensors");
+    let mut args = vec![
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--init",
+        "init.safetensors",
+        "--devices",
+        devices,
+        "--global-batch",
+        "8",
+        "--steps",
+        "3",
+        "--save",
+        &save,
+    ];
+    args.extend(how);
+    let o = hotspa(dir, &args);
+    assert!(
+        o.status.success(),
+        "{how:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Weights::load(&LlamaConfig::load(dir).unwrap(), &dir.join(&save)).unwrap()
+}
+
+#[test]
+fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let one = train(d, "one", "1", &["--strategy", "dp1"]);
+    for (name, how) in [
+        ("dp2cp2", ["--strategy", "dp2cp2"]),
+        ("cp4ulysses", ["--strategy", "cp4ulysses"]),
+        ("hot", ["--strategies", "dp4:16,tp2cp2:max"]),
+    ] {
+        let got = train(d, name, "4", &how);
+        let (tensor, worst) = got.worst_difference(&one);
+        assert!(worst <= 1e-5, "{name}: {tensor} differs by {worst:e}");
+    }
+}
+
+#[test]
+fn graph_prints_the_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for (spec, devices, needle) in [
+        ("dp2cp2", "4", "K,V -> ring (1 hop(s)"),
+        ("cp4ulysses", "4", "all-to-all -> heads [S(1)×4]@cp"),
+    ] {
+        let o = hotspa(
+            d,
+            &[
+                "graph",
+                "--model",
+                ".",
+                "--strategy",
+                spec,
+                "--devices",
+                devices,
+            ],
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains(needle), "{spec}: {out}");
+        assert!(out.contains("# DP replicas (dp"), "{spec}: {out}");
+    }
+}
+
+#[test]
+fn what_is_not_built_for_cp_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let base = [
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--devices",
+        "4",
+        "--global-batch",
+        "8",
+        "--steps",
+        "1",
+    ];
+    for (extra, needle) in [
+        (
+            vec!["--strategy", "dp2cp2", "--sync", "local:2"],
+            "periodic averaging over context-parallel strategies is not built",
+        ),
+        (
+            vec!["--strategy", "cp2"],
+            "dp1 × cp2 × tp1 × pp1 = 2 devices, but there are 4",
+        ),
+        (vec!["--strategy", "cp4ulysses5"], "takes no degree"),
+        (vec!["--strategy", "dp4ring"], "need cp > 1"),
+        (
+            vec!["--strategy", "cp4", "--sim-cluster", "a800x32"],
+            "does not time context parallelism",
+        ),
+        (vec!["--strategy", "cp2tp2ulysses"], ""),
+    ] {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(&extra);
+        let o = hotspa(d, &args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        if needle.is_empty() {
+            // tp2cp2ulysses: 2 heads per TP rank over a CP group of 2 divide; it runs.
+            assert!(o.status.success(), "{extra:?}: {e}");
+            continue;
+        }
+        assert!(!o.status.success(), "{extra:?} ran");
+        assert!(e.contains(needle), "{extra:?}: {e}");
+    }
+}

@@ -1,0 +1,650 @@
+//! Context parallelism's attention: a packed batch's tokens split over the ranks of a CP group
+//! ([`CpSplit`], balanced for causal attention), and the two ways the ranks' queries meet every
+//! earlier key ([`CpExchange`]):
+//!
+//! - **ring** — each rank's keys and values travel around the ring, `cp − 1` hops; every rank
+//!   merges the softmax of its queries against each block as it passes (log-sum-exp weights, so
+//!   no rank ever holds more than two blocks), and the backward sends the blocks around again
+//!   with their `dK`/`dV` accumulating, one last hop taking those home;
+//! - **Ulysses** — an all-to-all turns the token split into a head split (every rank holds all
+//!   tokens of `heads / cp` query heads and the kv heads they read, a kv head going to every rank
+//!   that needs it when there are fewer kv heads than ranks), the whole-sequence kernel runs, and
+//!   an all-to-all turns it back (in the backward the kv heads' gradients from the ranks that
+//!   shared them are added).
+//!
+//! Buffers are this rank's rows in the kernels' layouts: `q`, `out` `[local tokens, heads,
+//! head_dim]`, `k`, `v` `[local tokens, kv_heads, head_dim]`, `lse` `[heads, local tokens]`.
+
+use comm::{chunk_counts, Communicator, P2p, Rank};
+use kernels::ops::attention;
+use kernels::ops::attention_spans::{self as spans, Grads, Span};
+use kernels::AttnShape;
+
+pub use graph::CpExchange;
+
+use crate::error::{Result, RuntimeError};
+
+/// A run of one sequence's tokens on one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// The sequence (index in `cu_seqlens`).
+    pub seq: usize,
+    /// Row of the first token in the packed batch.
+    pub global: usize,
+    /// Position of the first token in its sequence.
+    pub pos: usize,
+    /// Tokens.
+    pub len: usize,
+    /// Row of the first token in the rank's local buffers.
+    pub local: usize,
+}
+
+/// Which tokens of a packed batch each rank of a CP group holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpSplit {
+    cu_seqlens: Vec<usize>,
+    /// Per rank, its chunks in local order.
+    chunks: Vec<Vec<Chunk>>,
+}
+
+impl CpSplit {
+    /// The load-balanced split for causal attention: every sequence is cut into `2·cp` chunks as
+    /// even as possible, and rank `r` takes chunks `r` and `2·cp − 1 − r` (one from the front,
+    /// one from the back, so every rank sees about as many (query, key) pairs). A rank's tokens
+    /// are its chunks of sequence 0, then of sequence 1, and so on. Sequences shorter than
+    /// `2·cp` leave some chunks empty.
+    pub fn balanced(cu_seqlens: &[usize], cp: usize) -> Result<Self> {
+        if cp == 0 {
+            return Err(RuntimeError::Context("a CP group of 0 ranks".into()));
+        }
+        if cu_seqlens.first() != Some(&0) || cu_seqlens.windows(2).any(|w| w[1] < w[0]) {
+            return Err(RuntimeError::Context(format!(
+                "cu_seqlens must start at 0 and never decrease, got {cu_seqlens:?}"
+            )));
+        }
+        let mut chunks = vec![Vec::new(); cp];
+        let mut fill = vec![0usize; cp];
+        for (seq, w) in cu_seqlens.windows(2).enumerate() {
+            let counts = chunk_counts(w[1] - w[0], 2 * cp);
+            let starts: Vec<usize> = counts
+                .iter()
+                .scan(0, |acc, &c| {
+                    let s = *acc;
+                    *acc += c;
+                    Some(s)
+                })
+                .collect();
+            for r in 0..cp {
+                for c in [r, 2 * cp - 1 - r] {
+                    if counts[c] == 0 {
+                        continue;
+                    }
+                    chunks[r].push(Chunk {
+                        seq,
+                        global: w[0] + starts[c],
+                        pos: starts[c],
+                        len: counts[c],
+                        local: fill[r],
+                    });
+                    fill[r] += counts[c];
+                }
+            }
+        }
+        Ok(Self {
+            cu_seqlens: cu_seqlens.to_vec(),
+            chunks,
+        })
+    }
+
+    /// Ranks of the group.
+    pub fn cp(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Tokens of the whole batch.
+    pub fn tokens(&self) -> usize {
+        self.cu_seqlens.last().copied().unwrap_or(0)
+    }
+
+    /// The packed batch's sequence boundaries.
+    pub fn cu_seqlens(&self) -> &[usize] {
+        &self.cu_seqlens
+    }
+
+    /// Rank `rank`'s chunks in local order.
+    pub fn chunks(&self, rank: usize) -> &[Chunk] {
+        &self.chunks[rank]
+    }
+
+    /// Tokens rank `rank` holds.
+    pub fn local_tokens(&self, rank: usize) -> usize {
+        self.chunks[rank].iter().map(|c| c.len).sum()
+    }
+
+    /// The packed-batch row of every local token of `rank`, in local order.
+    pub fn global_rows(&self, rank: usize) -> Vec<usize> {
+        self.chunks[rank]
+            .iter()
+            .flat_map(|c| c.global..c.global + c.len)
+            .collect()
+    }
+
+    /// Every local token's position in its sequence (what RoPE rotates it by).
+    pub fn positions(&self, rank: usize) -> Vec<usize> {
+        self.chunks[rank]
+            .iter()
+            .flat_map(|c| c.pos..c.pos + c.len)
+            .collect()
+    }
+
+    /// Rank `rank`'s rows of a `[tokens, row]` buffer of the whole batch.
+    pub fn take(&self, rank: usize, full: &[f32], row: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.local_tokens(rank) * row);
+        for c in &self.chunks[rank] {
+            out.extend_from_slice(&full[c.global * row..(c.global + c.len) * row]);
+        }
+        out
+    }
+
+    /// Writes rank `rank`'s rows back into a `[tokens, row]` buffer of the whole batch.
+    pub fn put(&self, rank: usize, local: &[f32], row: usize, full: &mut [f32]) {
+        for c in &self.chunks[rank] {
+            full[c.global * row..(c.global + c.len) * row]
+                .copy_from_slice(&local[c.local * row..(c.local + c.len) * row]);
+        }
+    }
+
+    /// The spans between `q_rank`'s queries and `k_rank`'s keys (both in their local rows) that
+    /// the causal mask lets anything through.
+    pub fn spans(&self, q_rank: usize, k_rank: usize) -> Vec<Span> {
+        let mut out = Vec::new();
+        for a in &self.chunks[q_rank] {
+            for b in self.chunks[k_rank].iter().filter(|b| b.seq == a.seq) {
+                let s = Span {
+                    q_start: a.local,
+                    q_len: a.len,
+                    q_pos: a.pos,
+                    k_start: b.local,
+                    k_len: b.len,
+                    k_pos: b.pos,
+                };
+                if s.visible() {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+
+    /// (Query, key) pairs each rank computes: how even the split is.
+    pub fn pairs_per_rank(&self) -> Vec<usize> {
+        (0..self.cp())
+            .map(|r| {
+                (0..self.cp())
+                    .flat_map(|o| self.spans(r, o))
+                    .map(|s| s.pairs())
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+fn check_group(comm: &dyn Communicator, split: &CpSplit) -> Result<usize> {
+    if comm.size() != split.cp() {
+        return Err(RuntimeError::Context(format!(
+            "the split is over {} ranks, the CP group has {}",
+            split.cp(),
+            comm.size()
+        )));
+    }
+    Ok(comm.rank().0)
+}
+
+/// The attention output and log-sum-exp of this rank's queries over every earlier key of their
+/// sequences, wherever those keys are.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    comm: &dyn Communicator,
+    exchange: CpExchange,
+    split: &CpSplit,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let me = check_group(comm, split)?;
+    let n = split.local_tokens(me);
+    check_rows("q", q, n, shape.heads * shape.head_dim)?;
+    check_rows("k", k, n, shape.kv_heads * shape.head_dim)?;
+    check_rows("v", v, n, shape.kv_heads * shape.head_dim)?;
+    match exchange {
+        CpExchange::Ring => ring_forward(comm, split, me, q, k, v, shape, scale),
+        CpExchange::Ulysses => ulysses_forward(comm, split, me, q, k, v, shape, scale),
+    }
+}
+
+/// The gradients of [`attention_forward`] with respect to this rank's `q`, `k`, `v`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    comm: &dyn Communicator,
+    exchange: CpExchange,
+    split: &CpSplit,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let me = check_group(comm, split)?;
+    let n = split.local_tokens(me);
+    let qrow = shape.heads * shape.head_dim;
+    check_rows("dout", dout, n, qrow)?;
+    check_rows("q", q, n, qrow)?;
+    check_rows("out", out, n, qrow)?;
+    check_rows("lse", lse, n, shape.heads)?;
+    check_rows("k", k, n, shape.kv_heads * shape.head_dim)?;
+    check_rows("v", v, n, shape.kv_heads * shape.head_dim)?;
+    let saved = Saved {
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+    };
+    match exchange {
+        CpExchange::Ring => ring_backward(comm, split, me, &saved, shape, scale),
+        CpExchange::Ulysses => ulysses_backward(comm, split, me, &saved, shape, scale),
+    }
+}
+
+fn check_rows(what: &str, buf: &[f32], rows: usize, row: usize) -> Result<()> {
+    if buf.len() != rows * row {
+        return Err(RuntimeError::Context(format!(
+            "{what} holds {} values, this rank's {rows} tokens need {}",
+            buf.len(),
+            rows * row
+        )));
+    }
+    Ok(())
+}
+
+struct Saved<'a> {
+    dout: &'a [f32],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    out: &'a [f32],
+    lse: &'a [f32],
+}
+
+/// Sends `send` to the next rank of the ring and receives the previous rank's into `recv`.
+fn shift(comm: &dyn Communicator, me: usize, send: &[f32], recv: &mut [f32]) -> Result<()> {
+    let cp = comm.size();
+    let mut ops = [
+        P2p::Send {
+            peer: Rank((me + 1) % cp),
+            data: send,
+        },
+        P2p::Recv {
+            peer: Rank((me + cp - 1) % cp),
+            buf: recv,
+        },
+    ];
+    comm.batch(&mut ops)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ring_forward(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let cp = split.cp();
+    let kv_row = shape.kv_heads * shape.head_dim;
+    let mut out = vec![0.0; q.len()];
+    let mut lse = vec![f32::NEG_INFINITY; shape.heads * split.local_tokens(me)];
+    // The block in hand: the keys then the values of its owner's tokens.
+    let mut block = [k, v].concat();
+    for step in 0..cp {
+        let owner = (me + cp - step) % cp;
+        let half = split.local_tokens(owner) * kv_row;
+        let (bk, bv) = block.split_at(half);
+        spans::forward(
+            q,
+            bk,
+            bv,
+            &split.spans(me, owner),
+            shape,
+            scale,
+            &mut out,
+            &mut lse,
+        )?;
+        if step + 1 < cp {
+            let next = (owner + cp - 1) % cp;
+            let mut incoming = vec![0.0; 2 * split.local_tokens(next) * kv_row];
+            shift(comm, me, &block, &mut incoming)?;
+            block = incoming;
+        }
+    }
+    Ok((out, lse))
+}
+
+fn ring_backward(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    x: &Saved<'_>,
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let cp = split.cp();
+    let kv_row = shape.kv_heads * shape.head_dim;
+    let delta = spans::delta(x.dout, x.out, shape)?;
+    let mut dq = vec![0.0; x.q.len()];
+    // The block in hand: keys, values, and the dK, dV gathered for them so far.
+    let mut block = [x.k, x.v, &vec![0.0; 2 * x.k.len()]].concat();
+    for step in 0..cp {
+        let owner = (me + cp - step) % cp;
+        let quarter = split.local_tokens(owner) * kv_row;
+        let (kv, grads) = block.split_at_mut(2 * quarter);
+        let (bk, bv) = kv.split_at(quarter);
+        let (dk, dv) = grads.split_at_mut(quarter);
+        let g = Grads {
+            dout: x.dout,
+            q: x.q,
+            k: bk,
+            v: bv,
+            lse: x.lse,
+            delta: &delta,
+        };
+        spans::backward(&g, &split.spans(me, owner), shape, scale, &mut dq, dk, dv)?;
+        if step + 1 < cp {
+            let next = (owner + cp - 1) % cp;
+            let mut incoming = vec![0.0; 4 * split.local_tokens(next) * kv_row];
+            shift(comm, me, &block, &mut incoming)?;
+            block = incoming;
+        }
+    }
+    // The block in hand belongs to the next rank; its dK, dV go home, ours come from behind.
+    let n = x.k.len();
+    let grads = if cp > 1 {
+        let owner = (me + 1) % cp;
+        let quarter = split.local_tokens(owner) * kv_row;
+        let mut mine = vec![0.0; 2 * n];
+        shift(comm, me, &block[2 * quarter..], &mut mine)?;
+        mine
+    } else {
+        block.split_off(2 * n)
+    };
+    let (dk, dv) = grads.split_at(n);
+    Ok((dq, dk.to_vec(), dv.to_vec()))
+}
+
+/// Who holds which heads under Ulysses: query heads `r·hc..(r+1)·hc` and kv heads
+/// `kv[r].0..kv[r].1` on rank `r`.
+struct HeadSplit {
+    hc: usize,
+    kv: Vec<(usize, usize)>,
+}
+
+impl HeadSplit {
+    fn new(shape: AttnShape, cp: usize) -> Result<Self> {
+        let (h, g) = (shape.heads, shape.kv_heads);
+        if !h.is_multiple_of(cp) || !(g.is_multiple_of(cp) || cp.is_multiple_of(g)) {
+            return Err(RuntimeError::Context(format!(
+                "Ulysses over {cp} ranks needs the {h} query heads to divide by {cp} and the \
+                 {g} kv heads to divide by {cp} or {cp} by them; use ring attention"
+            )));
+        }
+        let hc = h / cp;
+        let rep = h / g;
+        let kv = (0..cp)
+            .map(|r| (r * hc / rep, ((r + 1) * hc - 1) / rep + 1))
+            .collect();
+        Ok(Self { hc, kv })
+    }
+
+    fn shape(&self, r: usize, head_dim: usize) -> AttnShape {
+        AttnShape {
+            heads: self.hc,
+            kv_heads: self.kv[r].1 - self.kv[r].0,
+            head_dim,
+        }
+    }
+}
+
+/// All-to-all from this rank's tokens × every head to every token × the heads `ranges[me]`:
+/// `local` is `[local tokens, heads, d]`; the result `[tokens, ranges[me] heads, d]` in packed
+/// batch order.
+fn to_heads(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    local: &[f32],
+    heads: usize,
+    d: usize,
+    ranges: &[(usize, usize)],
+) -> Result<Vec<f32>> {
+    let cp = split.cp();
+    let n = split.local_tokens(me);
+    let mut send = Vec::new();
+    let mut send_counts = Vec::with_capacity(cp);
+    for &(a, b) in ranges {
+        for t in 0..n {
+            send.extend_from_slice(&local[(t * heads + a) * d..(t * heads + b) * d]);
+        }
+        send_counts.push(n * (b - a) * d);
+    }
+    let (a, b) = ranges[me];
+    let w = (b - a) * d;
+    let recv_counts: Vec<usize> = (0..cp).map(|r| split.local_tokens(r) * w).collect();
+    let mut recv = vec![0.0; recv_counts.iter().sum()];
+    comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
+    let mut full = vec![0.0; split.tokens() * w];
+    let mut off = 0;
+    for (r, count) in recv_counts.iter().enumerate() {
+        split.put(r, &recv[off..off + count], w, &mut full);
+        off += count;
+    }
+    Ok(full)
+}
+
+/// The way back: `full` is `[tokens, ranges[me] heads, d]`; returns this rank's
+/// `[local tokens, heads, d]`, adding what several ranks send for the same head.
+fn to_tokens(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    full: &[f32],
+    heads: usize,
+    d: usize,
+    ranges: &[(usize, usize)],
+) -> Result<Vec<f32>> {
+    let cp = split.cp();
+    let (a, b) = ranges[me];
+    let w = (b - a) * d;
+    let mut send = Vec::with_capacity(full.len());
+    let mut send_counts = Vec::with_capacity(cp);
+    for r in 0..cp {
+        let part = split.take(r, full, w);
+        send_counts.push(part.len());
+        send.extend(part);
+    }
+    let n = split.local_tokens(me);
+    let recv_counts: Vec<usize> = ranges.iter().map(|&(a, b)| n * (b - a) * d).collect();
+    let mut recv = vec![0.0; recv_counts.iter().sum()];
+    comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
+    let mut local = vec![0.0; n * heads * d];
+    let mut off = 0;
+    for &(a, b) in ranges {
+        let w = (b - a) * d;
+        for t in 0..n {
+            let src = &recv[off + t * w..off + (t + 1) * w];
+            for (x, y) in local[(t * heads + a) * d..(t * heads + b) * d]
+                .iter_mut()
+                .zip(src)
+            {
+                *x += y;
+            }
+        }
+        off += n * w;
+    }
+    Ok(local)
+}
+
+/// `[heads, tokens]` ↔ `[tokens, heads]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ulysses_forward(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let hs = HeadSplit::new(shape, split.cp())?;
+    let d = shape.head_dim;
+    let qr: Vec<(usize, usize)> = (0..split.cp())
+        .map(|r| (r * hs.hc, (r + 1) * hs.hc))
+        .collect();
+    let fq = to_heads(comm, split, me, q, shape.heads, d, &qr)?;
+    let fk = to_heads(comm, split, me, k, shape.kv_heads, d, &hs.kv)?;
+    let fv = to_heads(comm, split, me, v, shape.kv_heads, d, &hs.kv)?;
+    let mine = hs.shape(me, d);
+    let t = split.tokens();
+    let (mut fo, mut fl) = (vec![0.0; fq.len()], vec![0.0; hs.hc * t]);
+    attention::forward(
+        &fq,
+        &fk,
+        &fv,
+        split.cu_seqlens(),
+        mine,
+        scale,
+        &mut fo,
+        &mut fl,
+    )?;
+    let out = to_tokens(comm, split, me, &fo, shape.heads, d, &qr)?;
+    let lse = to_tokens(
+        comm,
+        split,
+        me,
+        &transpose(&fl, hs.hc, t),
+        shape.heads,
+        1,
+        &qr,
+    )?;
+    let n = split.local_tokens(me);
+    Ok((out, transpose(&lse, n, shape.heads)))
+}
+
+fn ulysses_backward(
+    comm: &dyn Communicator,
+    split: &CpSplit,
+    me: usize,
+    x: &Saved<'_>,
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let hs = HeadSplit::new(shape, split.cp())?;
+    let d = shape.head_dim;
+    let (h, g) = (shape.heads, shape.kv_heads);
+    let qr: Vec<(usize, usize)> = (0..split.cp())
+        .map(|r| (r * hs.hc, (r + 1) * hs.hc))
+        .collect();
+    let n = split.local_tokens(me);
+    let fdo = to_heads(comm, split, me, x.dout, h, d, &qr)?;
+    let fq = to_heads(comm, split, me, x.q, h, d, &qr)?;
+    let fo = to_heads(comm, split, me, x.out, h, d, &qr)?;
+    let fl = to_heads(comm, split, me, &transpose(x.lse, h, n), h, 1, &qr)?;
+    let fk = to_heads(comm, split, me, x.k, g, d, &hs.kv)?;
+    let fv = to_heads(comm, split, me, x.v, g, d, &hs.kv)?;
+    let t = split.tokens();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; fq.len()],
+        vec![0.0; fk.len()],
+        vec![0.0; fv.len()],
+    );
+    attention::backward(
+        &fdo,
+        &fq,
+        &fk,
+        &fv,
+        &fo,
+        &transpose(&fl, t, hs.hc),
+        split.cu_seqlens(),
+        hs.shape(me, d),
+        scale,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )?;
+    Ok((
+        to_tokens(comm, split, me, &dq, h, d, &qr)?,
+        to_tokens(comm, split, me, &dk, g, d, &hs.kv)?,
+        to_tokens(comm, split, me, &dv, g, d, &hs.kv)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_balanced_split_covers_every_token_once_and_evens_the_pairs() {
+        let cu = [0, 1, 9, 1009, 1013];
+        for cp in 1..=4 {
+            let s = CpSplit::balanced(&cu, cp).unwrap();
+            let mut rows: Vec<usize> = (0..cp).flat_map(|r| s.global_rows(r)).collect();
+            rows.sort();
+            assert_eq!(rows, (0..1013).collect::<Vec<_>>());
+            let pairs = s.pairs_per_rank();
+            let total: usize = [1usize, 8, 1000, 4].iter().map(|l| l * (l + 1) / 2).sum();
+            assert_eq!(pairs.iter().sum::<usize>(), total);
+            // Front and back chunks: the busiest rank within 1% of the mean (the long sequence
+            // dominates); a contiguous split would give rank cp−1 about (2cp−1)/cp of it.
+            let max = *pairs.iter().max().unwrap() as f64;
+            assert!(max <= 1.01 * total as f64 / cp as f64, "cp {cp}: {pairs:?}");
+        }
+        assert_eq!(
+            CpSplit::balanced(&[0, 10], 2).unwrap().positions(0),
+            vec![0, 1, 2, 9] // chunks of 3, 3, 3, 1 (DState chunking)
+        );
+    }
+
+    #[test]
+    fn ulysses_refuses_heads_it_cannot_split() {
+        let shape = |heads, kv_heads| AttnShape {
+            heads,
+            kv_heads,
+            head_dim: 4,
+        };
+        assert!(HeadSplit::new(shape(8, 2), 4).is_ok());
+        assert!(HeadSplit::new(shape(8, 1), 4).is_ok());
+        let e = HeadSplit::new(shape(6, 3), 2).err().unwrap().to_string();
+        assert!(e.contains("3 kv heads") && e.contains("ring"), "{e}");
+        assert!(HeadSplit::new(shape(6, 6), 4).is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! Context-parallel attention on thread ranks against the single-rank kernel: ring and Ulysses,
+//! 2–4 ranks, MHA and GQA (with fewer kv heads than ranks), on a long-tailed packed batch.
+
+use std::sync::Arc;
+
+use comm::{Communicator, ThreadComm};
+use kernels::ops::attention;
+use kernels::AttnShape;
+use runtime::context::{attention_backward, attention_forward, CpExchange, CpSplit};
+use runtime::RuntimeError;
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+struct Case {
+    cu: Vec<usize>,
+    shape: AttnShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+struct Whole {
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+const SCALE: f32 = 0.35;
+
+impl Case {
+    fn new(lengths: &[usize], heads: usize, kv_heads: usize) -> Self {
+        let mut cu = vec![0];
+        for l in lengths {
+            cu.push(cu.last().unwrap() + l);
+        }
+        let t = *cu.last().unwrap();
+        let shape = AttnShape {
+            heads,
+            kv_heads,
+            head_dim: 16,
+        };
+        let (qn, kn) = (t * heads * 16, t * kv_heads * 16);
+        Self {
+            cu,
+            shape,
+            q: rand(qn, 1),
+            k: rand(kn, 2),
+            v: rand(kn, 3),
+            dout: rand(qn, 4),
+        }
+    }
+
+    fn whole(&self) -> Whole {
+        let t = *self.cu.last().unwrap();
+        let mut w = Whole {
+            out: vec![0.0; self.q.len()],
+            lse: vec![0.0; self.shape.heads * t],
+            dq: vec![0.0; self.q.len()],
+            dk: vec![0.0; self.k.len()],
+            dv: vec![0.0; self.k.len()],
+        };
+        attention::forward(
+            &self.q, &self.k, &self.v, &self.cu, self.shape, SCALE, &mut w.out, &mut w.lse,
+        )
+        .unwrap();
+        attention::backward(
+            &self.dout, &self.q, &self.k, &self.v, &w.out, &w.lse, &self.cu, self.shape, SCALE,
+            &mut w.dq, &mut w.dk, &mut w.dv,
+        )
+        .unwrap();
+        w
+    }
+
+    /// Every rank's forward and backward; the results put back in packed-batch order.
+    fn split_run(self: &Arc<Self>, cp: usize, exchange: CpExchange) -> Result<Whole, RuntimeError> {
+        let case = self.clone();
+        let per_rank = ThreadComm::run(cp, move |c| {
+            let me = c.rank().0;
+            let split = CpSplit::balanced(&case.cu, cp)?;
+            let sh = case.shape;
+            let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+            let q = split.take(me, &case.q, qrow);
+            let k = split.take(me, &case.k, krow);
+            let v = split.take(me, &case.v, krow);
+            let dout = split.take(me, &case.dout, qrow);
+            let (out, lse) = attention_forward(&c, exchange, &split, &q, &k, &v, sh, SCALE)?;
+            let (dq, dk, dv) = attention_backward(
+                &c, exchange, &split, &dout, &q, &k, &v, &out, &lse, sh, SCALE,
+            )?;
+            Ok::<_, RuntimeError>((out, lse, dq, dk, dv))
+        })?;
+        let split = CpSplit::balanced(&self.cu, cp)?;
+        let t = split.tokens();
+        let sh = self.shape;
+        let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+        let mut w = Whole {
+            out: vec![f32::NAN; self.q.len()],
+            lse: vec![f32::NAN; sh.heads * t],
+            dq: vec![f32::NAN; self.q.len()],
+            dk: vec![f32::NAN; self.k.len()],
+            dv: vec![f32::NAN; self.k.len()],
+        };
+        for (r, (out, lse, dq, dk, dv)) in per_rank.into_iter().enumerate() {
+            split.put(r, &out, qrow, &mut w.out);
+            split.put(r, &dq, qrow, &mut w.dq);
+            split.put(r, &dk, krow, &mut w.dk);
+            split.put(r, &dv, krow, &mut w.dv);
+            let n = split.local_tokens(r);
+            for (i, &row) in split.global_rows(r).iter().enumerate() {
+                for h in 0..sh.heads {
+                    w.lse[h * t + row] = lse[h * n + i];
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Sequences from 1 token (shorter than the 2·cp chunks) to 300, the long one first.
+const LENGTHS: [usize; 6] = [300, 3, 1, 57, 129, 8];
+
+#[test]
+fn ring_and_ulysses_give_the_single_rank_attention_and_gradients() {
+    for (heads, kv_heads) in [(4, 4), (4, 2), (8, 2), (4, 1)] {
+        let case = Arc::new(Case::new(&LENGTHS, heads, kv_heads));
+        let whole = case.whole();
+        for cp in [1, 2, 3, 4] {
+            for exchange in [CpExchange::Ring, CpExchange::Ulysses] {
+                if exchange == CpExchange::Ulysses && heads % cp != 0 {
+                    continue;
+                }
+                let got = case.split_run(cp, exchange).unwrap();
+                let what = format!("{exchange} cp{cp} heads {heads}/{kv_heads}");
+                for (name, a, b) in [
+                    ("out", &got.out, &whole.out),
+                    ("lse", &got.lse, &whole.lse),
+                    ("dq", &got.dq, &whole.dq),
+                    ("dk", &got.dk, &whole.dk),
+                    ("dv", &got.dv, &whole.dv),
+                ] {
+                    let d = max_diff(a, b);
+                    assert!(d <= 1e-5, "{what}: {name} differs by {d}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ulysses_refuses_what_it_cannot_split_and_names_ring() {
+    let case = Arc::new(Case::new(&[20, 7], 6, 3));
+    let e = case
+        .split_run(2, CpExchange::Ulysses)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("Ulysses over 2 ranks") && e.contains("ring"),
+        "{e}"
+    );
+    // Ring attention takes any head layout.
+    let got = case.split_run(2, CpExchange::Ring).unwrap();
+    assert!(max_diff(&got.out, &case.whole().out) <= 1e-5);
+}
+
+/// The bytes each rank sends (counted through `comm::Counting`, all-to-alls without the part a
+/// rank keeps) are what `CpExchange::bytes_per_rank` says, for a sequence the split cuts evenly.
+#[test]
+fn the_exchanges_send_the_bytes_the_strategy_model_says() {
+    use comm::{CommKind, Counting};
+    for (heads, kv_heads, cp) in [(4, 2, 2), (8, 2, 4), (4, 4, 4), (8, 8, 2)] {
+        let case = Arc::new(Case::new(&[16 * cp], heads, kv_heads));
+        for exchange in [CpExchange::Ring, CpExchange::Ulysses] {
+            let case = case.clone();
+            let sent = ThreadComm::run(cp, move |c| {
+                let me = c.rank().0;
+                let counting = Counting::new(Box::new(c));
+                let split = CpSplit::balanced(&case.cu, cp)?;
+                let sh = case.shape;
+                let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+                let q = split.take(me, &case.q, qrow);
+                let k = split.take(me, &case.k, krow);
+                let v = split.take(me, &case.v, krow);
+                let dout = split.take(me, &case.dout, qrow);
+                let bytes = |log: &[comm::CommRecord]| -> usize {
+                    log.iter()
+                        .map(|r| match r.kind {
+                            CommKind::AllToAll => r.bytes * (cp - 1) / cp,
+                            _ => r.bytes,
+                        })
+                        .sum()
+                };
+                let (out, lse) =
+                    attention_forward(&counting, exchange, &split, &q, &k, &v, sh, SCALE)?;
+                let fwd = bytes(&counting.records());
+                attention_backward(
+                    &counting, exchange, &split, &dout, &q, &k, &v, &out, &lse, sh, SCALE,
+                )?;
+                let both = bytes(&counting.records());
+                Ok::<_, RuntimeError>((fwd, both - fwd))
+            })
+            .unwrap();
+            let want = exchange.bytes_per_rank(cp, 16, heads, kv_heads, 16);
+            for (r, got) in sent.iter().enumerate() {
+                assert_eq!(
+                    *got, want,
+                    "{exchange} cp{cp} heads {heads}/{kv_heads}: rank {r}"
+                );
+            }
+        }
+    }
+}

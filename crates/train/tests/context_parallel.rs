@@ -1,0 +1,111 @@
+//! Context parallelism through the library on thread ranks: CP strategies (ring and Ulysses,
+//! with DP, TP and PP beside them) and hot schedules switching between a DP and a CP strategy
+//! end three AdamW steps with the single-device weights, on long-tailed packed batches.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use model::{LlamaConfig, Weights};
+use planner::Plan;
+use train::{DataSource, Init, NoSink, StrategySpec, TrainConfig, TrainOutcome};
+
+const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+
+/// 24 sequences, long-tailed: lengths cycle 3, 9, 2, 70, 5, 14, 160, 6 (2-token ones included:
+/// shorter than the 2·cp chunks a CP group cuts them in).
+fn sequences() -> Vec<Vec<u32>> {
+    (0..24u32)
+        .map(|i| {
+            let n = [3u32, 9, 2, 70, 5, 14, 160, 6][i as usize % 8];
+            (0..n).map(|j| (i * 7 + j * j + 3 * j) % 40).collect()
+        })
+        .collect()
+}
+
+fn config(devices: usize, strategy: StrategySpec) -> TrainConfig {
+    let model = LlamaConfig::from_json(CONFIG, Path::new("config.json")).unwrap();
+    let init = Arc::new(Weights::random(&model, 3));
+    let mut cfg = TrainConfig::new(model, DataSource::Sequences(sequences()));
+    cfg.init = Init::Weights(init);
+    cfg.devices = devices;
+    cfg.strategy = strategy;
+    cfg.global_batch = 8;
+    cfg.micro_batch_tokens = vec![200];
+    cfg.steps = 3;
+    cfg.lr.peak = 3e-3;
+    cfg.shuffle = false;
+    cfg
+}
+
+fn run(cfg: &TrainConfig) -> TrainOutcome {
+    train::run(cfg, &mut NoSink).unwrap_or_else(|e| panic!("{:?}: {e}", cfg.strategy))
+}
+
+fn check(out: &TrainOutcome, reference: &TrainOutcome, what: &str) {
+    let (got, want) = (
+        out.weights.as_ref().unwrap(),
+        reference.weights.as_ref().unwrap(),
+    );
+    let (name, worst) = got.worst_difference(want);
+    assert!(worst <= 1e-5, "{what}: {name} differs by {worst:e}");
+    assert_eq!(out.steps.len(), reference.steps.len());
+    for (a, b) in out.steps.iter().zip(&reference.steps) {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5,
+            "{what}: loss {} vs {}",
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-5 * b.grad_norm.max(1.0),
+            "{what}: gradient norm {} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+        assert_eq!(a.tokens, b.tokens, "{what}");
+    }
+}
+
+fn single() -> TrainOutcome {
+    run(&config(1, StrategySpec::Fixed(graph::Strategy::single())))
+}
+
+#[test]
+fn cp_strategies_end_with_the_single_device_weights() {
+    let reference = single();
+    for (spec, n) in [
+        ("cp2", 2),
+        ("cp4", 4),
+        ("dp2cp2", 4),
+        ("tp2cp2", 4),
+        ("cp2pp2", 4),
+        ("cp2ulysses", 2),
+        ("cp4ulysses", 4),
+        ("dp2cp2ulysses", 4),
+        ("tp2cp2ulysses", 4),
+        ("cp2pp2ulysses", 4),
+        ("cp4zero2", 4),
+    ] {
+        let s = graph::Strategy::parse(spec, n).unwrap();
+        check(&run(&config(n, StrategySpec::Fixed(s))), &reference, spec);
+    }
+}
+
+#[test]
+fn hot_schedules_switch_between_dp_and_cp_inside_a_step() {
+    let reference = single();
+    for schedule in [
+        "dp4:10,cp4:max",
+        "dp4:20,dp2cp2ulysses:max",
+        "cp2tp2:10,dp4zero1:max",
+    ] {
+        let plan = Plan::parse(schedule, 4).unwrap();
+        let out = run(&config(4, StrategySpec::Hot(plan)));
+        check(&out, &reference, schedule);
+        for m in &out.steps {
+            let hot = m.hot.as_ref().expect("hot switching reports its switches");
+            assert_eq!(hot.strategy_seconds.len(), 2, "{schedule}: step {}", m.step);
+        }
+    }
+}
