@@ -60,6 +60,11 @@ pub struct TrainFlags {
     /// planner chooses every step's strategies and bucket edges (needs --profile).
     #[arg(long)]
     pub strategies: Option<String>,
+    /// Activation recomputation for every strategy that does not say its own (`tp4+full`):
+    /// none, selective (attention's output and log-sum-exp recomputed from the kept Q, K, V) or
+    /// full (each decoder layer's input kept, the layer recomputed before its backward).
+    #[arg(long)]
+    pub recompute: Option<String>,
     /// With `--strategies auto`: the cost model's calibration (`hotspa profile --devices N`).
     #[arg(long)]
     pub profile: Option<PathBuf>,
@@ -306,6 +311,21 @@ impl TrainFlags {
             ),
             other => bail!("--device {other}: use cpu or cuda"),
         };
+        let recompute =
+            match self.recompute.as_deref() {
+                None => None,
+                Some(m) => Some(graph::Recompute::parse(m).ok_or_else(|| {
+                    anyhow::anyhow!("--recompute {m}: use none, selective or full")
+                })?),
+            };
+        // A strategy without its own `+mode` takes --recompute's.
+        let with_mode = |s: &str| match recompute {
+            Some(m) if !s.contains('+') => format!("{s}+{m}"),
+            _ => s.to_string(),
+        };
+        if recompute.is_some() && self.strategies.as_deref() == Some("auto") {
+            bail!("--recompute with --strategies auto: the planner does not choose recomputation yet; give the strategies");
+        }
         cfg.strategy = match (self.strategies.as_deref(), &self.profile) {
             (Some("auto"), Some(p)) => {
                 let cluster = sim::presets::cluster_or_file(&p.display().to_string())
@@ -315,15 +335,24 @@ impl TrainFlags {
             (Some("auto"), None) => bail!(
                 "--strategies auto needs --profile FILE (write one with `hotspa profile --devices {devices}`)"
             ),
-            (Some(spec), _) => StrategySpec::Hot(
-                planner::Plan::parse(spec, devices).context("--strategies")?,
-            ),
+            (Some(spec), _) => {
+                let spec: Vec<String> = spec
+                    .split(',')
+                    .map(|part| match part.split_once(':') {
+                        Some((s, m)) => format!("{}:{m}", with_mode(s)),
+                        None => part.to_string(),
+                    })
+                    .collect();
+                StrategySpec::Hot(
+                    planner::Plan::parse(&spec.join(","), devices).context("--strategies")?,
+                )
+            }
             (None, _) => {
                 let spec = self
                     .strategy
                     .clone()
                     .unwrap_or_else(|| format!("dp{devices}"));
-                StrategySpec::Fixed(Strategy::parse(&spec, devices)?)
+                StrategySpec::Fixed(Strategy::parse(&with_mode(&spec), devices)?)
             }
         };
         cfg.exchange = planner::exchange::Exchange {

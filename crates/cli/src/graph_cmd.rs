@@ -199,6 +199,12 @@ fn shared_view(cfg: &LlamaConfig, args: &Args) -> Result<()> {
         if s.pp > 1 {
             bail!("strategy {s}: the shared view compares strategies without pipeline stages");
         }
+        if s.recompute != graph::Recompute::None {
+            bail!(
+                "strategy {s}: the shared view compares strategies on one logical graph, which \
+                 recomputation rewrites per strategy; print {s} alone"
+            );
+        }
         execs.push(graph::lower(&g, &s)?);
     }
     let shared = graph::SharedComm::new(&g, &execs);

@@ -1,6 +1,7 @@
-//! Context parallelism as a user runs it: `--strategy dp2cp2` and a hot schedule with a CP
-//! strategy save the single-device weights, `hotspa graph` prints the exchange, and what is not
-//! built for CP strategies is refused by name.
+//! Context parallelism and recomputation as a user runs them: `--strategy dp2cp2` and a hot
+//! schedule with a CP strategy save the single-device weights, `--recompute` lowers the peak
+//! bytes and changes nothing else, `hotspa graph` prints the exchange, and what is not built for
+//! them is refused by name.
 
 use std::path::Path;
 use std::process::Command;
@@ -99,6 +100,38 @@ fn graph_prints_the_exchange() {
         assert!(out.contains(needle), "{spec}: {out}");
         assert!(out.contains("# DP replicas (dp"), "{spec}: {out}");
     }
+    // Recomputation shows as the forward ops cloned into the backward.
+    let o = hotspa(
+        d,
+        &[
+            "graph",
+            "--model",
+            ".",
+            "--strategy",
+            "tp2+full",
+            "--devices",
+            "2",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("recompute(model.layers.1.mlp.act)"), "{out}");
+    let o = hotspa(
+        d,
+        &[
+            "graph",
+            "--model",
+            ".",
+            "--strategy",
+            "tp2+full,tp2",
+            "--devices",
+            "2",
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("print tp2+full alone"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -147,5 +180,96 @@ fn what_is_not_built_for_cp_is_refused_by_name() {
         }
         assert!(!o.status.success(), "{extra:?} ran");
         assert!(e.contains(needle), "{extra:?}: {e}");
+    }
+}
+
+/// The peak bytes per rank a run reports.
+fn peaks(stderr: &str) -> Vec<usize> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("peak activation+gradient bytes per rank"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
+    list.split(", ").map(|x| x.parse().unwrap()).collect()
+}
+
+#[test]
+fn recompute_lowers_the_peak_and_keeps_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let run = |name: &str, extra: &[&str]| {
+        let save = format!("{name}.safetensors");
+        let mut args = vec![
+            "train",
+            "--model",
+            ".",
+            "--data",
+            "data.jsonl",
+            "--init",
+            "init.safetensors",
+            "--devices",
+            "2",
+            "--global-batch",
+            "8",
+            "--steps",
+            "2",
+            "--save",
+            &save,
+        ];
+        args.extend(extra);
+        let o = hotspa(d, &args);
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{extra:?}: {e}");
+        let w = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(&save)).unwrap();
+        (peaks(&e), w, e)
+    };
+    let (none, w0, _) = run("none", &["--strategy", "cp2"]);
+    let (sel, w1, _) = run("sel", &["--strategy", "cp2", "--recompute", "selective"]);
+    let (full, w2, _) = run("full", &["--strategy", "cp2", "--recompute", "full"]);
+    assert!(
+        full[0] < sel[0] && sel[0] < none[0],
+        "{none:?} {sel:?} {full:?}"
+    );
+    assert_eq!(w0.worst_difference(&w1).1, 0.0);
+    assert_eq!(w0.worst_difference(&w2).1, 0.0);
+    // A strategy's own mode wins over --recompute; the others take the flag's.
+    let (_, _, e) = run(
+        "hot",
+        &[
+            "--strategies",
+            "dp2:16,cp2+selective:max",
+            "--recompute",
+            "full",
+        ],
+    );
+    assert!(e.contains("dp2+full") && e.contains("cp2+selective"), "{e}");
+    for (extra, needle) in [
+        (
+            vec!["--strategy", "dp2", "--recompute", "half"],
+            "--recompute half: use none",
+        ),
+        (
+            vec!["--strategy", "dp2+partial"],
+            "`+partial`: recomputation is",
+        ),
+        (
+            vec!["--strategies", "auto", "--recompute", "full"],
+            "the planner does not choose recomputation yet",
+        ),
+    ] {
+        let mut args = vec![
+            "train",
+            "--model",
+            ".",
+            "--data",
+            "data.jsonl",
+            "--devices",
+            "2",
+        ];
+        args.extend(&extra);
+        let o = hotspa(d, &args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(needle), "{extra:?}: {e}");
     }
 }

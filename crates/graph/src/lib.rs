@@ -27,6 +27,7 @@ mod error;
 mod ir;
 mod parallel;
 mod print;
+mod recompute;
 mod schedule;
 mod strategy;
 
@@ -35,5 +36,6 @@ pub use builder::GraphBuilder;
 pub use error::{GraphError, Result};
 pub use ir::{Dim, Graph, Op, OpKind, TensorId, TensorInfo, TensorKind, TpLayout, WeightLayout};
 pub use parallel::{lower, normalize, param_state, CommPoint, ExecGraph, SharedComm};
+pub use recompute::{recompute, Recompute};
 pub use schedule::{Schedule, Slot};
 pub use strategy::{CpExchange, MeshAxis, Strategy, Zero};

@@ -555,6 +555,14 @@ fn partial_over_splits(s: &DState) -> DState {
 
 /// Lowers a differentiated logical graph to `strategy`'s exec graph.
 pub fn lower(logical: &Graph, strategy: &Strategy) -> Result<ExecGraph> {
+    // Recomputation rewrites the backward (if there is one) before anything is placed.
+    let recomputed;
+    let logical = if strategy.recompute != crate::Recompute::None && logical.forward_ops.is_some() {
+        recomputed = crate::recompute::recompute(logical, strategy.recompute)?;
+        &recomputed
+    } else {
+        logical
+    };
     if strategy.pp > 1 && logical.inputs.is_empty() && logical.outputs.is_empty() {
         return Err(GraphError::Strategy {
             spec: strategy.to_string(),

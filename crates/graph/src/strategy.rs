@@ -11,6 +11,7 @@ use std::fmt;
 use std::ops::Range;
 
 use crate::error::{GraphError, Result};
+use crate::recompute::Recompute;
 
 /// A parallel strategy over `dp · cp · tp · pp` devices.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,6 +30,8 @@ pub struct Strategy {
     pub sp: bool,
     /// What ZeRO shards over the DP group.
     pub zero: Zero,
+    /// What the backward recomputes instead of keeping (`+selective`, `+full`).
+    pub recompute: Recompute,
 }
 
 /// The ZeRO stage of a strategy: what is sharded over its DP group. Stages are ordered, so
@@ -143,7 +146,18 @@ impl Strategy {
             spec: spec.to_string(),
             reason,
         };
-        let s = spec.trim().to_ascii_lowercase();
+        let lower = spec.trim().to_ascii_lowercase();
+        let (s, recompute) = match lower.split_once('+') {
+            None => (lower.as_str(), Recompute::None),
+            Some((body, mode)) => (
+                body,
+                Recompute::parse(mode).ok_or_else(|| {
+                    err(format!(
+                        "`+{mode}`: recomputation is `+none`, `+selective` or `+full`"
+                    ))
+                })?,
+            ),
+        };
         if s.is_empty() {
             return Err(err(
                 "empty; write e.g. dp2tp2, tp4sp, tp2pp2, dp4zero1".into()
@@ -152,7 +166,7 @@ impl Strategy {
         let (mut dp, mut tp, mut pp, mut cp, mut sp, mut zero) =
             (None, None, None, None, false, None);
         let mut exchange: Option<CpExchange> = None;
-        let mut rest = s.as_str();
+        let mut rest = s;
         while !rest.is_empty() {
             let key = ["zero", "dp", "tp", "pp", "sp", "cp", "ring", "ulysses"]
                 .into_iter()
@@ -253,6 +267,7 @@ impl Strategy {
             pp,
             sp,
             zero,
+            recompute,
         })
     }
 
@@ -266,6 +281,7 @@ impl Strategy {
             pp: 1,
             sp: false,
             zero: Zero::Off,
+            recompute: Recompute::None,
         }
     }
 
@@ -367,6 +383,9 @@ impl fmt::Display for Strategy {
         if self.zero > Zero::Off {
             s += &format!("zero{}", self.zero.stage());
         }
+        if self.recompute != Recompute::None {
+            s += &format!("+{}", self.recompute);
+        }
         f.write_str(&s)
     }
 }
@@ -389,6 +408,9 @@ mod tests {
             ("tp2cp2ring", 4, "cp2tp2"),
             ("ulyssescp4", 4, "cp4ulysses"),
             ("cp2pp2", 4, "cp2pp2"),
+            ("dp2tp2+full", 4, "dp2tp2+full"),
+            ("cp4ulysses+Selective", 4, "cp4ulysses+selective"),
+            ("tp4+none", 4, "tp4"),
         ] {
             assert_eq!(
                 Strategy::parse(spec, n).unwrap().to_string(),
@@ -414,6 +436,7 @@ mod tests {
             ("dp2zero4", "stages are 1, 2 and 3"),
             ("fsdp2", "unexpected `fsdp2`"),
             ("dp2ring", "need cp > 1"),
+            ("dp2+half", "`+half`: recomputation is"),
             ("cp2ring2", "takes no degree"),
             ("cp2ringulysses", "give one of"),
             ("", "empty"),

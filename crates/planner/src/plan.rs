@@ -216,11 +216,11 @@ impl Planner {
             if g.is_empty() {
                 continue;
             }
-            if s.cp > 1 {
+            if s.cp > 1 || s.recompute != graph::Recompute::None {
                 return Err(PlanError::Invalid(format!(
-                    "{s}: the cost model does not estimate context parallelism yet (the \
-                     planner's CP search is not built); train it with --strategy or \
-                     --strategies"
+                    "{s}: the cost model does not estimate context parallelism or \
+                     recomputation yet (the planner's search over them is not built); train it \
+                     with --strategy or --strategies"
                 )));
             }
             let cap = self.cost.capacity(s, &plan.inst);
@@ -276,6 +276,7 @@ impl Planner {
                         dp,
                         cp: 1,
                         cp_exchange: graph::CpExchange::Ring,
+                        recompute: graph::Recompute::None,
                         tp,
                         pp,
                         sp: tp > 1,

@@ -127,6 +127,7 @@ fn strategy([dp, tp, pp]: [usize; 3]) -> Strategy {
         dp,
         cp: 1,
         cp_exchange: graph::CpExchange::Ring,
+        recompute: graph::Recompute::None,
         tp,
         pp,
         sp: tp > 1,

@@ -1,5 +1,6 @@
-//! Context parallelism through the library on thread ranks: CP strategies (ring and Ulysses,
-//! with DP, TP and PP beside them) and hot schedules switching between a DP and a CP strategy
+//! Context parallelism and activation recomputation through the library on thread ranks: CP
+//! strategies (ring and Ulysses, with DP, TP and PP beside them), each without and with
+//! selective and full recomputation, and hot schedules switching between a DP and a CP strategy
 //! end three AdamW steps with the single-device weights, on long-tailed packed batches.
 
 use std::path::Path;
@@ -88,7 +89,21 @@ fn cp_strategies_end_with_the_single_device_weights() {
         ("cp4zero2", 4),
     ] {
         let s = graph::Strategy::parse(spec, n).unwrap();
-        check(&run(&config(n, StrategySpec::Fixed(s))), &reference, spec);
+        let plain = run(&config(n, StrategySpec::Fixed(s)));
+        check(&plain, &reference, spec);
+        // Recomputation runs the same kernels on the same inputs: bitwise the same run.
+        for mode in ["selective", "full"] {
+            let with = format!("{spec}+{mode}");
+            let s = graph::Strategy::parse(&with, n).unwrap();
+            let out = run(&config(n, StrategySpec::Fixed(s)));
+            check(&out, &reference, &with);
+            let (tensor, worst) = out
+                .weights
+                .as_ref()
+                .unwrap()
+                .worst_difference(plain.weights.as_ref().unwrap());
+            assert_eq!(worst, 0.0, "{with}: {tensor} differs from {spec}'s");
+        }
     }
 }
 
@@ -99,6 +114,8 @@ fn hot_schedules_switch_between_dp_and_cp_inside_a_step() {
         "dp4:10,cp4:max",
         "dp4:20,dp2cp2ulysses:max",
         "cp2tp2:10,dp4zero1:max",
+        "dp4+selective:10,cp4+full:max",
+        "tp2pp2+full:10,dp2cp2ulysses+selective:max",
     ] {
         let plan = Plan::parse(schedule, 4).unwrap();
         let out = run(&config(4, StrategySpec::Hot(plan)));
