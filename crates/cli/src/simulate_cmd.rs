@@ -35,6 +35,11 @@ pub struct Args {
     /// {commoncrawl, github} on a800x32) as one table.
     #[arg(long)]
     paper: bool,
+    /// Also search context parallelism (CP 2–8, ring or Ulysses) and activation recomputation:
+    /// the best static strategy and the automatic plan with them, beside those without (always
+    /// on with --paper).
+    #[arg(long)]
+    context: bool,
     /// One JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
@@ -131,11 +136,18 @@ fn one(r: &Report) {
         "{:<8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7}  plan",
         "", "step s", "compute", "tp", "bubble", "pp", "dp", "switch", "tokens/s", "GiB"
     );
-    let rows: [(&str, Option<&planner::Estimate>); 3] = [
+    let rows: Vec<(&str, Option<&planner::Estimate>)> = [
         ("static", Some(&r.fixed)),
         ("paper", r.paper.as_ref()),
         ("auto", Some(&r.auto)),
-    ];
+    ]
+    .into_iter()
+    .chain(
+        r.context
+            .iter()
+            .flat_map(|c| [("static+cp", Some(&c.fixed)), ("auto+cp", Some(&c.auto))]),
+    )
+    .collect();
     for (name, e) in rows {
         let Some(e) = e else {
             println!("{name:<8} (no hand-picked plan for this setting, or it does not fit)");
@@ -165,6 +177,12 @@ fn one(r: &Report) {
             .unwrap_or_default(),
         r.planning_seconds
     );
+    if let Some(c) = &r.context {
+        println!(
+            "with CP and recomputation searched: auto+cp {:.2}× static+cp, {:.2}× auto; planned in {:.2} s",
+            c.speedup_over_static, c.speedup_over_plain, c.planning_seconds
+        );
+    }
 }
 
 /// `--sync-table`: the survey's comparison for one model's gradients.
@@ -215,7 +233,7 @@ pub fn run(args: Args) -> Result<()> {
         return sync_table(&args);
     }
     if args.paper {
-        let rows = sim::paper_grid(args.global_batch, args.seed)?;
+        let rows = sim::paper_grid(args.global_batch, args.seed, true)?;
         let grid = Grid {
             global_batch: args.global_batch,
             rows,
@@ -226,12 +244,14 @@ pub fn run(args: Args) -> Result<()> {
                 g.global_batch
             );
             println!(
-                "{:<14} {:>6} {:<12} {:>8} {:>8} {:>8} {:>10} {:>10}  auto plan",
-                "setting", "max", "dataset", "static", "paper", "auto", "vs static", "vs paper"
+                "{:<14} {:>6} {:<12} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>8} {:>10} {:>8}  auto plan | auto+cp plan",
+                "setting", "max", "dataset", "static", "paper", "auto", "vs static", "vs paper",
+                "static+cp", "auto+cp", "vs st+cp", "vs auto"
             );
             for r in &g.rows {
+                let c = r.context.as_ref();
                 println!(
-                    "{:<14} {:>6} {:<12} {:>8.2} {:>8} {:>8.2} {:>9.2}× {:>10}  {}",
+                    "{:<14} {:>6} {:<12} {:>8.2} {:>8} {:>8.2} {:>9.2}× {:>10} {:>10} {:>8} {:>10} {:>8}  {} | {}",
                     r.setting,
                     r.max_len,
                     r.dataset,
@@ -243,9 +263,19 @@ pub fn run(args: Args) -> Result<()> {
                     r.speedup_over_static,
                     r.speedup_over_paper
                         .map_or("-".into(), |x| format!("{x:.2}×")),
-                    r.auto.plan
+                    c.map_or("-".into(), |c| format!("{:.2}", c.fixed.seconds)),
+                    c.map_or("-".into(), |c| format!("{:.2}", c.auto.seconds)),
+                    c.map_or("-".into(), |c| format!("{:.2}×", c.speedup_over_static)),
+                    c.map_or("-".into(), |c| format!("{:.2}×", c.speedup_over_plain)),
+                    r.auto.plan,
+                    c.map_or("-".into(), |c| c.auto.plan.clone())
                 );
             }
+            println!(
+                "(+cp: context parallelism 2–8 by ring or Ulysses and selective or full \
+                 recomputation in the search; \"vs st+cp\" = static+cp / auto+cp, \"vs auto\" = \
+                 auto / auto+cp)"
+            );
         });
     }
     let cluster = sim::presets::cluster_or_file(&args.cluster)
@@ -278,7 +308,11 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         exchange,
     };
-    let r = sim::simulate(&scenario)?;
+    let r = if args.context {
+        sim::simulate_with_context(&scenario)?
+    } else {
+        sim::simulate(&scenario)?
+    };
     if exchange == Exchange::default() {
         return crate::output::emit(args.json, &r, one);
     }

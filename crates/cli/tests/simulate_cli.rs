@@ -48,6 +48,44 @@ fn one_setting_as_json_and_as_a_table() {
     }
 }
 
+/// `--context` adds the static strategy and the plan with CP and recomputation searched; the
+/// flag changes what is printed, and the plan with the larger search is never slower.
+#[test]
+fn context_adds_the_cp_and_recomputation_plans() {
+    let args = [
+        "simulate",
+        "--gpus",
+        "8",
+        "--max-len",
+        "32768",
+        "--global-batch",
+        "48",
+        "--dataset",
+        "github",
+    ];
+    let out = hotspa(&[&args[..], &["--json"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["context"].is_null(), "{v}");
+    let out = hotspa(&[&args[..], &["--json", "--context"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (auto, cp) = (
+        v["auto"]["seconds"].as_f64().unwrap(),
+        v["context"]["auto"]["seconds"].as_f64().unwrap(),
+    );
+    assert!(cp > 0.0 && cp <= auto + 1e-9, "{v}");
+    let out = hotspa(&[&args[..], &["--context"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("auto+cp") && text.contains("with CP and recomputation searched"),
+        "{text}"
+    );
+}
+
 #[test]
 fn bad_settings_are_clear_errors() {
     for (args, want) in [

@@ -25,6 +25,9 @@ const OPTIMIZER_ELEMENTS: f64 = 7.0;
 /// Activation bytes per token per layer per hidden unit under TP with SP and FlashAttention
 /// (Korthikanti et al., "Reducing Activation Recomputation", without the `5as/h` score term).
 pub const ACT_BYTES_PER_TOKEN_HIDDEN: f64 = 34.0;
+/// What the count of a micro-batch's kernel calls depends on: TP degree, SP, recomputation.
+type KernelKey = (usize, bool, graph::Recompute);
+
 /// The share of device memory the model may use (the rest: allocator, workspace, NCCL).
 pub const USABLE_MEMORY: f64 = 0.9;
 
@@ -33,7 +36,7 @@ pub const USABLE_MEMORY: f64 = 0.9;
 pub struct Breakdown {
     /// GEMMs and attention.
     pub compute: f64,
-    /// TP/SP collectives.
+    /// TP/SP collectives and context parallelism's attention exchange (both inside the layers).
     pub tp_comm: f64,
     /// Pipeline bubbles (1F1B fill and drain).
     pub bubble: f64,
@@ -144,8 +147,8 @@ pub struct CostModel {
     pub packing: Packing,
     /// How DP replicas exchange gradients (default: exact, by the ring).
     pub exchange: Exchange,
-    /// Kernel calls of a micro-batch by `(tp, sp)`, counted once.
-    kernels: Arc<Mutex<HashMap<(usize, bool), f64>>>,
+    /// Kernel calls of a micro-batch by `(tp, sp, recompute)`, counted once.
+    kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
 
 impl CostModel {
@@ -175,7 +178,7 @@ impl CostModel {
     /// of `s`'s TP group: the ops of its exec graph other than communication (0 where the model
     /// cannot be lowered for `s`).
     pub fn kernels(&self, s: &Strategy) -> f64 {
-        let key = (s.tp, s.sp);
+        let key = (s.tp, s.sp, s.recompute);
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         *cache.entry(key).or_insert_with(|| {
             let whole = Strategy {
@@ -256,12 +259,21 @@ impl CostModel {
 
     /// Activation bytes per token of a micro-batch on the busiest device (the first stage under
     /// 1F1B holds `pp` micro-batches of `layers/pp` layers: all layers' worth), plus the logits.
+    /// Recomputation keeps less: `selective` drops attention's output (2 bytes per value, as the
+    /// constant counts), `full` keeps each layer's input (the same) and one layer's activations
+    /// while it is recomputed. A CP rank holds `1/cp` of the micro-batch's tokens.
     pub fn activation_bytes_per_token(&self, s: &Strategy) -> f64 {
         let c = &self.cfg;
         let tp = s.tp as f64;
         let layers = c.num_hidden_layers as f64;
-        ACT_BYTES_PER_TOKEN_HIDDEN * c.hidden_size as f64 * layers / tp
-            + 8.0 * c.vocab_size as f64 / tp
+        let h = c.hidden_size as f64;
+        let per_layer = ACT_BYTES_PER_TOKEN_HIDDEN * h / tp;
+        let kept = match s.recompute {
+            graph::Recompute::None => layers * per_layer,
+            graph::Recompute::Selective => layers * (per_layer - 2.0 * h / tp),
+            graph::Recompute::Full => layers * 2.0 * h / tp + per_layer,
+        };
+        (kept + 8.0 * c.vocab_size as f64 / tp) / s.cp as f64
     }
 
     /// Memory per device under `s` (master weights in `inst`) with micro-batches of `tokens`.
@@ -298,15 +310,16 @@ impl CostModel {
     /// Where the DP groups of `s` sit: TP innermost, node-contiguous.
     pub fn dp_shape(&self, s: &Strategy) -> GroupShape {
         let per = self.cluster.devices_per_node.max(1);
+        let members = s.replicas();
         if s.tp <= per {
             GroupShape {
-                members: s.dp,
-                per_node: (per / s.tp).clamp(1, s.dp.max(1)),
+                members,
+                per_node: (per / s.tp).clamp(1, members.max(1)),
                 groups_per_node: s.tp,
             }
         } else {
             GroupShape {
-                members: s.dp,
+                members,
                 per_node: 1,
                 groups_per_node: per,
             }
@@ -353,6 +366,12 @@ impl CostModel {
     /// `tokens` on one rank of `s`'s TP group (column-parallel layers split their outputs, row-
     /// parallel ones their inputs; the LM head its vocabulary), unscaled.
     pub fn linear_seconds(&self, s: &Strategy, tokens: usize) -> f64 {
+        let (layers, head) = self.linear_parts(s, tokens);
+        layers + head
+    }
+
+    /// [`CostModel::linear_seconds`] as (every decoder layer's, the LM head's).
+    fn linear_parts(&self, s: &Strategy, tokens: usize) -> (f64, f64) {
         let c = &self.cfg;
         let tp = s.tp;
         let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -361,7 +380,39 @@ impl CostModel {
         let g = |n: usize, k: usize| 3.0 * self.cluster.gemm_seconds(tokens, n, k, 1);
         let layer =
             g(q / tp, h) + 2.0 * g(kv / tp, h) + g(h, q / tp) + 2.0 * g(i / tp, h) + g(h, i / tp);
-        c.num_hidden_layers as f64 * layer + g(c.vocab_size.div_ceil(tp), h)
+        (
+            c.num_hidden_layers as f64 * layer,
+            g(c.vocab_size.div_ceil(tp), h),
+        )
+    }
+
+    /// Seconds of one layer's context-parallel attention exchange for a micro-batch of
+    /// `tokens` under `s`, forward and backward (no overlap with the attention's compute, as
+    /// the runtime runs it): the bytes of [`graph::CpExchange::bytes_per_rank`] at the
+    /// cluster's element size over the links the CP group spans, one latency per hop or per
+    /// peer of each all-to-all.
+    pub fn cp_exchange_seconds(&self, s: &Strategy, tokens: f64) -> (f64, f64) {
+        if s.cp <= 1 {
+            return (0.0, 0.0);
+        }
+        let c = &self.cfg;
+        let heads = c.num_attention_heads / s.tp;
+        let kv = (c.kv_heads() / s.tp).max(1);
+        let n = (tokens / s.cp as f64).ceil() as usize;
+        let (fwd, bwd) = s
+            .cp_exchange
+            .bytes_per_rank(s.cp, n, heads, kv, c.head_dim());
+        let scale = self.cluster.elem_bytes / 4.0;
+        let k = (s.cp - 1) as f64;
+        let (mf, mb) = match s.cp_exchange {
+            graph::CpExchange::Ring => (k, k + 1.0),
+            graph::CpExchange::Ulysses => (5.0 * k, 9.0 * k),
+        };
+        let link = self.cluster.link(s.cp * s.tp);
+        (
+            link.seconds(fwd as f64 * scale, mf),
+            link.seconds(bwd as f64 * scale, mb),
+        )
     }
 
     /// One micro-batch of `lens` through every layer on one TP group: (compute, TP comm,
@@ -386,25 +437,50 @@ impl CostModel {
         }
         let c = &self.cfg;
         let tp = s.tp as f64;
+        let layers = c.num_hidden_layers as f64;
+        // A CP rank computes its 1/cp of the tokens, and (balanced) of attention's pairs.
+        let cp = s.cp as f64;
         let width = c.num_attention_heads * c.head_dim() / s.tp;
-        let attention: f64 = c.num_hidden_layers as f64
+        let attention: f64 = layers
             * lens
                 .iter()
                 .map(|&l| self.cluster.attention_seconds(l, width))
-                .sum::<f64>();
-        let compute = self.linear_seconds(s, tokens as usize) + attention;
+                .sum::<f64>()
+            / cp;
+        let (layer_linear, head) = self.linear_parts(s, (tokens / cp).ceil() as usize);
+        // Recomputation runs the forward again (a third of a GEMM's or attention's forward and
+        // backward): full every layer's, selective attention's.
+        let (again, forward_comm) = match s.recompute {
+            graph::Recompute::None => (0.0, 0.0),
+            graph::Recompute::Selective => (attention / 3.0, 0.0),
+            graph::Recompute::Full => ((layer_linear + attention) / 3.0, 0.5),
+        };
+        let compute = layer_linear + head + attention + again;
         // Per layer, forward and backward: 2 all-gathers + 2 reduce-scatters each way under
-        // SP (the volume of 4 all-reduces of the activations).
+        // SP (the volume of 4 all-reduces of the activations); full recomputation repeats the
+        // forward's half.
         let eb = self.cluster.elem_bytes;
-        let act = tokens * c.hidden_size as f64 * eb;
-        let tp_comm = 4.0 * c.num_hidden_layers as f64 * self.all_reduce(act, s.tp, s.tp);
+        let act = tokens / cp * c.hidden_size as f64 * eb;
+        let (cp_fwd, cp_bwd) = self.cp_exchange_seconds(s, tokens);
+        let cp_again = if s.recompute == graph::Recompute::None {
+            0.0
+        } else {
+            cp_fwd
+        };
+        let tp_comm = 4.0 * (1.0 + forward_comm) * layers * self.all_reduce(act, s.tp, s.tp)
+            + layers * (cp_fwd + cp_bwd + cp_again);
         let elementwise = if self.cluster.memory_gbps > 0.0 {
             let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
             let stream = ELEMENTWISE_STREAM * h / if s.sp { tp } else { 1.0 };
             let split = (ELEMENTWISE_HEADS * h + ELEMENTWISE_PER_INTERMEDIATE * i) / tp;
-            let per_token =
-                c.num_hidden_layers as f64 * (stream + split) + 3.0 * c.vocab_size as f64 / tp;
-            tokens * per_token * eb / (self.cluster.memory_gbps * 1e9)
+            let again = if s.recompute == graph::Recompute::Full {
+                4.0 / 3.0
+            } else {
+                1.0
+            };
+            let per_token = c.num_hidden_layers as f64 * (stream + split) * again
+                + 3.0 * c.vocab_size as f64 / tp;
+            tokens / cp * per_token * eb / (self.cluster.memory_gbps * 1e9)
         } else {
             0.0
         };
@@ -428,7 +504,7 @@ impl CostModel {
         let pp = s.pp as f64;
         let mut out = Breakdown::default();
         let mut longest_stage = 0.0f64;
-        let boundary = self.cluster.link(s.dp * s.tp + 1);
+        let boundary = self.cluster.link(s.replicas() * s.tp + 1);
         for (tokens, lens) in &bins {
             let (compute, tp_comm, elementwise) = self.micro_batch(s, lens);
             out.compute += compute / pp;
@@ -437,7 +513,7 @@ impl CostModel {
             longest_stage = longest_stage.max((compute + tp_comm + elementwise) / pp);
             if s.pp > 1 {
                 let bytes = *tokens as f64 * self.cfg.hidden_size as f64 * self.cluster.elem_bytes;
-                out.pp_comm += 2.0 * boundary.seconds(bytes / s.tp as f64, 1.0);
+                out.pp_comm += 2.0 * boundary.seconds(bytes / (s.tp * s.cp) as f64, 1.0);
             }
         }
         if !bins.is_empty() {

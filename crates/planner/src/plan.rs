@@ -144,6 +144,9 @@ pub struct Estimate {
 pub struct Planner {
     /// The cost model.
     pub cost: CostModel,
+    /// Whether the candidates include context parallelism (CP degree, ring or Ulysses) and
+    /// activation recomputation (default: no, HotSPa's DP × TP × PP space).
+    pub context: bool,
     switches: Mutex<HashMap<(String, String), f64>>,
 }
 
@@ -152,6 +155,7 @@ impl Planner {
     pub fn new(cost: CostModel) -> Self {
         Self {
             cost,
+            context: false,
             switches: Mutex::new(HashMap::new()),
         }
     }
@@ -216,13 +220,6 @@ impl Planner {
             if g.is_empty() {
                 continue;
             }
-            if s.cp > 1 || s.recompute != graph::Recompute::None {
-                return Err(PlanError::Invalid(format!(
-                    "{s}: the cost model does not estimate context parallelism or \
-                     recomputation yet (the planner's search over them is not built); train it \
-                     with --strategy or --strategies"
-                )));
-            }
             let cap = self.cost.capacity(s, &plan.inst);
             let longest = g.iter().copied().max().unwrap_or(0);
             if longest > cap {
@@ -271,25 +268,84 @@ impl Planner {
                     if !n.is_multiple_of(tp * pp) || !c.num_hidden_layers.is_multiple_of(pp) {
                         continue;
                     }
-                    let dp = n / (tp * pp);
-                    let s = Strategy {
-                        dp,
-                        cp: 1,
-                        cp_exchange: graph::CpExchange::Ring,
-                        recompute: graph::Recompute::None,
-                        tp,
-                        pp,
-                        sp: tp > 1,
-                        zero: if dp > 1 { Zero::Optimizer } else { Zero::Off },
-                    };
-                    if self.cost.capacity(&s, &s) >= min_tokens {
-                        out.push(s);
+                    for s in self.variants(n, tp, pp) {
+                        if self.cost.capacity(&s, &s) >= min_tokens {
+                            out.push(s);
+                        }
                     }
                 }
             }
             tp *= 2;
         }
         out
+    }
+
+    /// The strategies on `n` devices with TP `tp` and PP `pp`: DP over the rest, ZeRO-1 where
+    /// there are replicas; with [`Planner::context`] also every CP degree (a power of two up to
+    /// 8) under the ring and, where the heads divide, Ulysses, each without and with selective
+    /// and full recomputation.
+    fn variants(&self, n: usize, tp: usize, pp: usize) -> Vec<Strategy> {
+        let c = &self.cost.cfg;
+        let make = |cp: usize, cp_exchange, recompute| {
+            let dp = n / (tp * pp * cp);
+            Strategy {
+                dp,
+                cp,
+                cp_exchange,
+                recompute,
+                tp,
+                pp,
+                sp: tp > 1,
+                zero: if dp * cp > 1 {
+                    Zero::Optimizer
+                } else {
+                    Zero::Off
+                },
+            }
+        };
+        let ring = graph::CpExchange::Ring;
+        if !self.context {
+            return vec![make(1, ring, graph::Recompute::None)];
+        }
+        let (heads, kv) = (c.num_attention_heads / tp, (c.kv_heads() / tp).max(1));
+        let mut out = Vec::new();
+        let mut cp = 1;
+        while cp <= 8 && (n / (tp * pp)).is_multiple_of(cp) {
+            let mut exchanges = vec![ring];
+            let ulysses =
+                heads.is_multiple_of(cp) && (kv.is_multiple_of(cp) || cp.is_multiple_of(kv));
+            if cp > 1 && ulysses {
+                exchanges.push(graph::CpExchange::Ulysses);
+            }
+            for x in exchanges {
+                for r in [
+                    graph::Recompute::None,
+                    graph::Recompute::Selective,
+                    graph::Recompute::Full,
+                ] {
+                    out.push(make(cp, x, r));
+                }
+            }
+            cp *= 2;
+        }
+        out
+    }
+
+    /// Whether `s` recomputes while the same strategy recomputing less (selective, or nothing)
+    /// already holds sequences of `top` tokens.
+    fn lighter_fits(&self, s: &Strategy, inst: &Strategy, top: usize) -> bool {
+        let lighter: &[graph::Recompute] = match s.recompute {
+            graph::Recompute::None => &[],
+            graph::Recompute::Selective => &[graph::Recompute::None],
+            graph::Recompute::Full => &[graph::Recompute::None, graph::Recompute::Selective],
+        };
+        lighter.iter().any(|&r| {
+            let t = Strategy {
+                recompute: r,
+                ..s.clone()
+            };
+            self.cost.capacity(&t, inst) >= top
+        })
     }
 
     /// The fastest single strategy for the batch (what a static system runs).
@@ -350,6 +406,12 @@ impl Planner {
         edges.sort_unstable();
         edges.dedup();
         let mut cands = self.candidates(1);
+        // A strategy with CP or recomputation holds the weights exactly as the same strategy
+        // with DP in place of CP and without recomputation (the same replicas, the same state
+        // bytes and placements), so those are the only instantiations worth trying.
+        if inst.is_none() {
+            cands.retain(|c| c.cp == 1 && c.recompute == graph::Recompute::None);
+        }
         if let Some(i) = inst {
             cands.retain(|c| c == i);
             if cands.is_empty() {
@@ -395,6 +457,10 @@ impl Planner {
                                         None
                                     } else if g.is_empty() {
                                         Some(0.0)
+                                    } else if self.lighter_fits(s, inst, top) {
+                                        // Recomputing only costs time where less of it holds
+                                        // the bucket.
+                                        None
                                     } else if cap >= top {
                                         Some(self.cost.strategy(s, g, cap).total())
                                     } else {
@@ -545,14 +611,33 @@ mod tests {
     }
 
     #[test]
-    fn context_parallel_plans_are_refused_until_the_model_estimates_them() {
+    fn context_parallelism_and_recomputation_trade_time_for_memory() {
         let p = planner(8);
-        let plan = Plan::parse("dp8zero1:4096,dp2cp4:max", 8).unwrap();
-        let err = p.evaluate(&plan, &[100, 8000]).unwrap_err().to_string();
-        assert!(
-            err.contains("dp2cp4: the cost model does not estimate"),
-            "{err}"
-        );
+        let (dp8, cp8) = (s("dp8zero1", 8), s("cp8zero1", 8));
+        // Splitting every sequence over 8 ranks holds 8× the tokens of one micro-batch.
+        let ratio = p.cost.capacity(&cp8, &cp8) as f64 / p.cost.capacity(&dp8, &dp8) as f64;
+        assert!(ratio > 7.0, "{ratio}");
+        // Recomputation holds more and costs more compute: full more than selective.
+        let (sel, full) = (s("dp8zero1+selective", 8), s("dp8zero1+full", 8));
+        let cap = |x: &Strategy| p.cost.capacity(x, x);
+        assert!(cap(&full) > cap(&sel) && cap(&sel) > cap(&dp8));
+        let time = |x: &Strategy| p.cost.micro_batch(x, &[4096]).0;
+        assert!(time(&full) > time(&sel) && time(&sel) > time(&dp8));
+        // The CP exchange costs time the DP run does not pay; Ulysses and the ring differ.
+        let (ring, uly) = (s("dp2cp4zero1", 8), s("dp2cp4ulysseszero1", 8));
+        let comm = |x: &Strategy| p.cost.micro_batch(x, &[32768]).1;
+        assert!(comm(&ring) > 0.0 && comm(&uly) > 0.0 && comm(&ring) != comm(&uly));
+        // With context parallelism in the search, the candidates include CP and recomputation.
+        let mut q = planner(8);
+        assert!(q.candidates(1).iter().all(|c| c.cp == 1));
+        q.context = true;
+        let all = q.candidates(1);
+        assert!(all
+            .iter()
+            .any(|c| c.cp == 8 && c.recompute == graph::Recompute::Full));
+        assert!(all
+            .iter()
+            .any(|c| c.cp_exchange == graph::CpExchange::Ulysses));
     }
 
     #[test]

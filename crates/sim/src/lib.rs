@@ -88,6 +88,24 @@ pub struct Report {
     pub speedup_over_static: f64,
     /// (b) / (c).
     pub speedup_over_paper: Option<f64>,
+    /// (a) and (c) again with context parallelism and recomputation in the search, when asked.
+    pub context: Option<ContextPlans>,
+}
+
+/// The best static strategy and the automatic plan when the candidates also vary the CP degree,
+/// ring or Ulysses, and recomputation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextPlans {
+    /// The best static strategy (which may use CP and recomputation).
+    pub fixed: Estimate,
+    /// The automatic plan.
+    pub auto: Estimate,
+    /// Planning time of the automatic plan, seconds.
+    pub planning_seconds: f64,
+    /// `fixed / auto`: per-length strategies over the best single one, both with CP.
+    pub speedup_over_static: f64,
+    /// The plain (c) over this automatic plan: what CP and recomputation add.
+    pub speedup_over_plain: f64,
 }
 
 /// `[dp, tp, pp]`.
@@ -171,6 +189,11 @@ pub fn paper_plans(model: &str, gpus: usize, max_len: usize) -> Vec<Plan> {
 
 /// Runs one setting.
 pub fn simulate(s: &Scenario) -> Result<Report> {
+    check_gpus(s)?;
+    report(&planner_of(s, model_of(s)?), s)
+}
+
+fn check_gpus(s: &Scenario) -> Result<()> {
     if s.gpus == 0 || s.gpus > s.cluster.devices() {
         return Err(SimError::Invalid(format!(
             "--gpus {}: the cluster {} has {} devices",
@@ -179,7 +202,33 @@ pub fn simulate(s: &Scenario) -> Result<Report> {
             s.cluster.devices()
         )));
     }
-    report(&planner_of(s, model_of(s)?), s)
+    Ok(())
+}
+
+/// [`simulate`] with the [`ContextPlans`] too.
+pub fn simulate_with_context(s: &Scenario) -> Result<Report> {
+    check_gpus(s)?;
+    let cfg = model_of(s)?;
+    let mut ctx = planner_of(s, cfg.clone());
+    ctx.context = true;
+    report_with_context(&planner_of(s, cfg), &ctx, s)
+}
+
+/// [`report`], adding the plans `ctx` (a planner with [`Planner::context`]) finds.
+pub fn report_with_context(planner: &Planner, ctx: &Planner, s: &Scenario) -> Result<Report> {
+    let mut r = report(planner, s)?;
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let (_, fixed) = ctx.best_static(&lens)?;
+    let t0 = std::time::Instant::now();
+    let (_, auto) = ctx.auto(&lens)?;
+    r.context = Some(ContextPlans {
+        speedup_over_static: fixed.seconds / auto.seconds,
+        speedup_over_plain: r.auto.seconds / auto.seconds,
+        planning_seconds: t0.elapsed().as_secs_f64(),
+        fixed,
+        auto,
+    });
+    Ok(r)
 }
 
 fn planner_of(s: &Scenario, cfg: LlamaConfig) -> Planner {
@@ -293,12 +342,14 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         paper,
         auto,
         planning_seconds,
+        context: None,
     })
 }
 
 /// The paper's grid: {7B/8, 7B/16, 13B/8, 13B/16, 32B/32} × {4K, 8K, 16K, 32K} ×
-/// {commoncrawl, github} on `a800x32`, `global_batch` sequences per step.
-pub fn paper_grid(global_batch: usize, seed: u64) -> Result<Vec<Report>> {
+/// {commoncrawl, github} on `a800x32`, `global_batch` sequences per step; with `context` each
+/// setting also gets its [`ContextPlans`].
+pub fn paper_grid(global_batch: usize, seed: u64, context: bool) -> Result<Vec<Report>> {
     let cluster = presets::cluster("a800x32")?;
     let mut out = Vec::new();
     for (model, gpus) in [
@@ -310,22 +361,26 @@ pub fn paper_grid(global_batch: usize, seed: u64) -> Result<Vec<Report>> {
     ] {
         let cfg = LlamaConfig::preset(model)
             .ok_or_else(|| SimError::Invalid(format!("no preset {model}")))?;
-        let planner = Planner::new(CostModel::new(cluster.take(gpus), cfg));
+        let planner = Planner::new(CostModel::new(cluster.take(gpus), cfg.clone()));
+        let mut ctx = Planner::new(CostModel::new(cluster.take(gpus), cfg));
+        ctx.context = true;
         for max_len in [4096, 8192, 16384, 32768] {
             for dataset in presets::DATASETS {
-                out.push(report(
-                    &planner,
-                    &Scenario {
-                        cluster: cluster.clone(),
-                        gpus,
-                        model: model.into(),
-                        dataset: dataset.into(),
-                        max_len,
-                        global_batch,
-                        seed,
-                        exchange: Exchange::default(),
-                    },
-                )?);
+                let scenario = Scenario {
+                    cluster: cluster.clone(),
+                    gpus,
+                    model: model.into(),
+                    dataset: dataset.into(),
+                    max_len,
+                    global_batch,
+                    seed,
+                    exchange: Exchange::default(),
+                };
+                out.push(if context {
+                    report_with_context(&planner, &ctx, &scenario)?
+                } else {
+                    report(&planner, &scenario)?
+                });
             }
         }
     }
@@ -406,9 +461,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// With CP and recomputation searched, the plans are never slower than without (the search
+    /// space only grows) and the static strategy and the plan both fit.
+    #[test]
+    fn searching_context_parallelism_never_loses() {
+        let s = Scenario {
+            cluster: presets::cluster("a800x32").unwrap(),
+            gpus: 8,
+            model: "llama2-7b".into(),
+            dataset: "github".into(),
+            max_len: 32768,
+            global_batch: 96,
+            seed: 2,
+            exchange: Exchange::default(),
+        };
+        let r = simulate_with_context(&s).unwrap();
+        let c = r.context.as_ref().unwrap();
+        assert!(c.fixed.seconds <= r.fixed.seconds + 1e-9, "{r:?}");
+        assert!(c.auto.seconds <= r.auto.seconds + 1e-9, "{r:?}");
+        assert!(c.auto.seconds <= c.fixed.seconds + 1e-9, "{r:?}");
+    }
+
     #[test]
     fn the_automatic_plan_is_never_slower_than_the_papers_in_the_grid() {
-        for r in paper_grid(96, 2).unwrap() {
+        for r in paper_grid(96, 2, false).unwrap() {
             assert!(r.auto.seconds <= r.fixed.seconds + 1e-9, "{r:?}");
             if let Some(p) = &r.paper {
                 assert!(
