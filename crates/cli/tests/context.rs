@@ -4,20 +4,12 @@
 //! them is refused by name.
 
 use std::path::Path;
-use std::process::Command;
 
 use model::{LlamaConfig, Weights};
 
 mod common;
 
-fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
+use common::hotspa;
 
 /// 24 documents of 5 to 120 tokens (long-tailed) and initial weights.
 fn setup(dir: &Path) {
@@ -27,8 +19,8 @@ fn setup(dir: &Path) {
         .unwrap();
 }
 
-/// Three steps under `how` (strategy flags), the saved weights.
-fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> Weights {
+/// Three steps under `how` (strategy flags): the saved weights and what the run printed.
+fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, String) {
     let save = format!("{name}.safetensors");
     let mut args = vec![
         "train",
@@ -49,12 +41,10 @@ fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> Weights {
     ];
     args.extend(how);
     let o = hotspa(dir, &args);
-    assert!(
-        o.status.success(),
-        "{how:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Weights::load(&LlamaConfig::load(dir).unwrap(), &dir.join(&save)).unwrap()
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{how:?}: {e}");
+    let w = Weights::load(&LlamaConfig::load(dir).unwrap(), &dir.join(&save)).unwrap();
+    (w, e)
 }
 
 #[test]
@@ -62,13 +52,13 @@ fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
-    let one = train(d, "one", "1", &["--strategy", "dp1"]);
+    let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     for (name, how) in [
         ("dp2cp2", ["--strategy", "dp2cp2"]),
         ("cp4ulysses", ["--strategy", "cp4ulysses"]),
         ("hot", ["--strategies", "dp4:16,tp2cp2:max"]),
     ] {
-        let got = train(d, name, "4", &how);
+        let (got, _) = train(d, name, "4", &how);
         let (tensor, worst) = got.worst_difference(&one);
         assert!(worst <= 1e-5, "{name}: {tensor} differs by {worst:e}");
     }
@@ -198,30 +188,8 @@ fn recompute_lowers_the_peak_and_keeps_the_weights() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
-    let run = |name: &str, extra: &[&str]| {
-        let save = format!("{name}.safetensors");
-        let mut args = vec![
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
-            "--init",
-            "init.safetensors",
-            "--devices",
-            "2",
-            "--global-batch",
-            "8",
-            "--steps",
-            "2",
-            "--save",
-            &save,
-        ];
-        args.extend(extra);
-        let o = hotspa(d, &args);
-        let e = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(o.status.success(), "{extra:?}: {e}");
-        let w = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(&save)).unwrap();
+    let run = |name: &str, how: &[&str]| {
+        let (w, e) = train(d, name, "2", how);
         (peaks(&e), w, e)
     };
     let (none, w0, _) = run("none", &["--strategy", "cp2"]);

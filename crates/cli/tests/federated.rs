@@ -4,20 +4,12 @@
 //! refused by name.
 
 use std::path::Path;
-use std::process::Command;
 
 use model::{LlamaConfig, Weights};
 
 mod common;
 
-fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
+use common::hotspa;
 
 fn ok(o: std::process::Output, what: &str) -> String {
     let e = String::from_utf8_lossy(&o.stderr).to_string();

@@ -10,6 +10,8 @@ use model::{LlamaConfig, Weights};
 
 mod common;
 
+use common::hotspa;
+
 /// 64 documents of 16 tokens (every replica's share has the same token count, so a replica's
 /// mean gradient is the global mean's share times the replica count), and initial weights.
 fn setup(dir: &Path) {
@@ -37,15 +39,6 @@ const SGD: [&str; 10] = [
 struct Run {
     weights: Weights,
     metrics: Vec<serde_json::Value>,
-}
-
-fn hotspa(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
 }
 
 /// `steps` steps of DP4 from the fixed initial weights with `extra` flags.

@@ -3,40 +3,16 @@
 //! selective and full recomputation, and hot schedules switching between a DP and a CP strategy
 //! end three AdamW steps with the single-device weights, on long-tailed packed batches.
 
-use std::path::Path;
-use std::sync::Arc;
-
-use model::{LlamaConfig, Weights};
 use planner::Plan;
-use train::{DataSource, Init, NoSink, StrategySpec, TrainConfig, TrainOutcome};
+use train::{NoSink, StrategySpec, TrainConfig, TrainOutcome};
 
-const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+mod common;
 
 /// 24 sequences, long-tailed: lengths cycle 3, 9, 2, 70, 5, 14, 160, 6 (2-token ones included:
 /// shorter than the 2·cp chunks a CP group cuts them in).
-fn sequences() -> Vec<Vec<u32>> {
-    (0..24u32)
-        .map(|i| {
-            let n = [3u32, 9, 2, 70, 5, 14, 160, 6][i as usize % 8];
-            (0..n).map(|j| (i * 7 + j * j + 3 * j) % 40).collect()
-        })
-        .collect()
-}
-
 fn config(devices: usize, strategy: StrategySpec) -> TrainConfig {
-    let model = LlamaConfig::from_json(CONFIG, Path::new("config.json")).unwrap();
-    let init = Arc::new(Weights::random(&model, 3));
-    let mut cfg = TrainConfig::new(model, DataSource::Sequences(sequences()));
-    cfg.init = Init::Weights(init);
-    cfg.devices = devices;
-    cfg.strategy = strategy;
-    cfg.global_batch = 8;
-    cfg.micro_batch_tokens = vec![200];
-    cfg.steps = 3;
-    cfg.lr.peak = 3e-3;
-    cfg.shuffle = false;
-    cfg
+    let seqs = common::sequences(24, &[3, 9, 2, 70, 5, 14, 160, 6]);
+    common::config(devices, strategy, seqs, 200)
 }
 
 fn run(cfg: &TrainConfig) -> TrainOutcome {

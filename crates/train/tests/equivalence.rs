@@ -3,40 +3,23 @@
 //! the gradient that reaches the optimizer is the gradient of the global batch's loss, whatever
 //! the strategies, bucketing and switches).
 
-use std::path::Path;
 use std::sync::Arc;
 
-use model::{LlamaConfig, Weights};
+use model::Weights;
 use planner::{Cluster, Efficiency, Link, Plan};
-use train::{DataSource, Init, NoSink, StrategySpec, TrainConfig, TrainOutcome};
+use train::{NoSink, StrategySpec, TrainConfig, TrainOutcome};
 
-const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+mod common;
 
 /// 24 sequences whose lengths cycle 3, 9, 2, 30, 5, 14 (the 2-token ones are kept: one
 /// prediction each).
-fn sequences() -> Vec<Vec<u32>> {
-    (0..24u32)
-        .map(|i| {
-            let n = [3u32, 9, 2, 30, 5, 14][i as usize % 6];
-            (0..n).map(|j| (i * 7 + j * j + 3 * j) % 40).collect()
-        })
-        .collect()
-}
-
 fn config(devices: usize, strategy: StrategySpec) -> TrainConfig {
-    let model = LlamaConfig::from_json(CONFIG, Path::new("config.json")).unwrap();
-    let init = Arc::new(Weights::random(&model, 3));
-    let mut cfg = TrainConfig::new(model, DataSource::Sequences(sequences()));
-    cfg.init = Init::Weights(init);
-    cfg.devices = devices;
-    cfg.strategy = strategy;
-    cfg.global_batch = 8;
-    cfg.micro_batch_tokens = vec![32];
-    cfg.steps = 3;
-    cfg.lr.peak = 3e-3;
-    cfg.shuffle = false;
-    cfg
+    common::config(
+        devices,
+        strategy,
+        common::sequences(24, &[3, 9, 2, 30, 5, 14]),
+        32,
+    )
 }
 
 fn run(cfg: &TrainConfig) -> TrainOutcome {

@@ -2,41 +2,20 @@
 //! worker within its staleness bound of the slowest (an ASP run with the same straggler does
 //! not), and ASP gets through the same samples sooner than BSP when one worker is slow.
 
-use std::path::Path;
-use std::sync::Arc;
-
-use model::{LlamaConfig, Weights};
+use model::Weights;
 use train::{
-    DataSource, Init, NoSink, ParamServers, Placement, SlowRank, StrategySpec, SyncMode,
-    TrainConfig, TrainOutcome, WorkerStep,
+    NoSink, ParamServers, Placement, SlowRank, StrategySpec, SyncMode, TrainConfig, TrainOutcome,
+    WorkerStep,
 };
 
-const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+mod common;
 
-/// 64 sequences whose lengths cycle 3, 9, 2, 30, 5, 14.
-fn sequences() -> Vec<Vec<u32>> {
-    (0..64u32)
-        .map(|i| {
-            let n = [3u32, 9, 2, 30, 5, 14][i as usize % 6];
-            (0..n).map(|j| (i * 7 + j * j + 3 * j) % 40).collect()
-        })
-        .collect()
-}
-
+/// 64 sequences whose lengths cycle 3, 9, 2, 30, 5, 14, dp over every worker.
 fn config(workers: usize, servers: Option<usize>, sync: SyncMode) -> TrainConfig {
-    let model = LlamaConfig::from_json(CONFIG, Path::new("config.json")).unwrap();
-    let init = Arc::new(Weights::random(&model, 3));
-    let mut cfg = TrainConfig::new(model, DataSource::Sequences(sequences()));
-    cfg.init = Init::Weights(init);
-    cfg.devices = workers;
-    cfg.strategy =
+    let strategy =
         StrategySpec::Fixed(graph::Strategy::parse(&format!("dp{workers}"), workers).unwrap());
-    cfg.global_batch = 8;
-    cfg.micro_batch_tokens = vec![32];
-    cfg.steps = 3;
-    cfg.lr.peak = 3e-3;
-    cfg.shuffle = false;
+    let seqs = common::sequences(64, &[3, 9, 2, 30, 5, 14]);
+    let mut cfg = common::config(workers, strategy, seqs, 32);
     cfg.sync = sync;
     cfg.ps = servers.map(|servers| ParamServers {
         servers,

@@ -3,6 +3,17 @@
 #![allow(dead_code)] // each test file uses its part
 
 use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `hotspa ARGS` in `dir` (backtraces off, so errors read as a user sees them).
+pub fn hotspa(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
 
 /// A 2-layer LLaMA of width 32 over 64 token ids (GQA, untied embeddings).
 pub const SMALL_CONFIG: &str = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
