@@ -197,3 +197,51 @@ fn graph_prints_exec_graphs_and_refuses_what_is_not_built() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("2 pipeline stages but only 1 layers"), "{err}");
 }
+
+/// `bench step --backend cpu`: the default 3.4 M model's step with tokens/s against this
+/// machine's peak and the time of every op kind; micro-batches change the calls per op.
+#[test]
+fn bench_step_on_the_cpu_breaks_the_step_down_by_op() {
+    let run = |micro: &str| {
+        json(&[
+            "bench",
+            "step",
+            "--backend",
+            "cpu",
+            "--sequences",
+            "2",
+            "--seq-len",
+            "48",
+            "--steps",
+            "3",
+            "--micro-batch",
+            micro,
+            "--json",
+        ])
+    };
+    let v = run("2");
+    // 2 × 512·256 (embedding, head) + 4 × (4·256² + 3·256·688 + 2·256) + 256.
+    assert_eq!(v["params"], 3_426_560, "{v}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["peak_gflops"], v["machine"]["peak_gflops"], "{v}");
+    let calls = |v: &serde_json::Value, op: &str| {
+        v["profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["op"] == op)
+            .unwrap_or_else(|| panic!("no {op} in {v}"))["calls"]
+            .as_u64()
+            .unwrap()
+    };
+    let share: f64 = v["profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["share"].as_f64().unwrap())
+        .sum();
+    assert!(share > 0.0 && share <= 1.0 + 1e-9, "{share}");
+    // One micro-batch of two sequences per step, then two of one: twice the embedding calls.
+    let one = calls(&v, "Embedding");
+    assert_eq!(calls(&run("1"), "Embedding"), 2 * one);
+}

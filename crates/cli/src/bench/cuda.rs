@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args as ClapArgs;
 use kernels::{Backend, CudaBackend, GemmPrecision, GemmSpec};
 use serde::Serialize;
 use serde_json::Value;
@@ -16,10 +15,9 @@ use super::emit;
 
 const TORCH_GEMM: &str = include_str!("torch/gemm.py");
 const TORCH_ATTENTION: &str = include_str!("torch/attention.py");
-const TORCH_STEP: &str = include_str!("torch/step.py");
 
 /// Runs one of the PyTorch scripts with a JSON argument and parses its last stdout line.
-fn torch(name: &str, script: &str, arg: &Value) -> Result<Value> {
+pub(super) fn torch(name: &str, script: &str, arg: &Value) -> Result<Value> {
     let dir = tempfile_dir()?;
     let path = dir.join(name);
     std::fs::write(&path, script)?;
@@ -42,7 +40,7 @@ fn torch(name: &str, script: &str, arg: &Value) -> Result<Value> {
     serde_json::from_str(last).with_context(|| format!("PyTorch printed {last:?}"))
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
+pub(super) fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "hotspa-bench-{}-{}",
         std::process::id(),
@@ -77,7 +75,7 @@ fn gpu_median(
     Ok(times[times.len() / 2])
 }
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -294,149 +292,5 @@ pub fn attention(args: &super::attention::Args) -> Result<()> {
             );
         }
         println!("(vs: our time over PyTorch's; above 1 is slower)");
-    })
-}
-
-/// `hotspa bench step`.
-#[derive(ClapArgs)]
-pub struct StepArgs {
-    /// cuda (cpu works too, for a small --model).
-    #[arg(long, default_value = "cuda")]
-    backend: String,
-    /// An HF config.json; default: a 1.1 B LLaMA (TinyLlama's shape: hidden 2048, FFN 5632,
-    /// 22 layers, 32 heads, 4 kv heads, vocab 32000).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 8)]
-    sequences: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 2048)]
-    seq_len: usize,
-    /// Sequences per micro-batch (gradient accumulation over the rest).
-    #[arg(long, default_value_t = 4)]
-    micro_batch: usize,
-    /// Steps (the first two are warm-up).
-    #[arg(long, default_value_t = 6)]
-    steps: usize,
-    /// Dense bf16 peak of the GPU for the MFU, in TFLOP/s (default: 989 for H100/H200 SXM).
-    #[arg(long)]
-    peak_tflops: Option<f64>,
-    /// The same model and batch in PyTorch eager (Hugging Face transformers), side by side.
-    #[arg(long)]
-    vs_torch: bool,
-    /// One JSON object on stdout instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-const LLAMA_1B: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
- "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
- "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
- "max_position_embeddings": 2048, "tie_word_embeddings": false}"#;
-
-pub fn step(args: StepArgs) -> Result<()> {
-    let dir = tempfile_dir()?;
-    let cfg_path = match &args.model {
-        Some(p) => p.clone(),
-        None => {
-            let mut v: Value = serde_json::from_str(LLAMA_1B)?;
-            v["max_position_embeddings"] = args.seq_len.max(2048).into();
-            let p = dir.join("config.json");
-            std::fs::write(&p, v.to_string())?;
-            p
-        }
-    };
-    let cfg = model::LlamaConfig::load(&cfg_path)?;
-    let raw: Value = serde_json::from_str(&std::fs::read_to_string(if cfg_path.is_dir() {
-        cfg_path.join("config.json")
-    } else {
-        cfg_path.clone()
-    })?)?;
-    // Random token sequences.
-    let seqs: Vec<Vec<u32>> = (0..args.sequences)
-        .map(|s| {
-            rand_vec(args.seq_len, 100 + s as u64)
-                .iter()
-                .map(|x| ((x + 1.0) * 0.5 * (cfg.vocab_size as f32 - 1.0)) as u32)
-                .collect()
-        })
-        .collect();
-    let mut run = train::TrainConfig::new(cfg.clone(), train::DataSource::Sequences(seqs));
-    run.device = match args.backend.as_str() {
-        "cpu" => train::Device::Cpu,
-        "cuda" => train::Device::Cuda(kernels::GemmPrecision::Bf16),
-        other => anyhow::bail!("--backend {other}: use cuda or cpu"),
-    };
-    run.global_batch = args.sequences;
-    run.micro_batch_tokens = vec![args.micro_batch * args.seq_len];
-    run.steps = args.steps;
-    run.max_len = Some(args.seq_len);
-    run.shuffle = false;
-    let out = train::run(&run, &mut crate::output::Notices)?;
-    let lines = out.steps;
-    let mut secs: Vec<f64> = lines.iter().skip(2).map(|m| m.seconds).collect();
-    if secs.is_empty() {
-        secs = lines.iter().map(|m| m.seconds).collect();
-    }
-    secs.sort_by(f64::total_cmp);
-    let sec = secs.get(secs.len() / 2).copied().unwrap_or(f64::NAN);
-    let peak_bytes = lines.last().map_or(0, |m| m.peak_bytes);
-    let tokens = (args.sequences * args.seq_len) as f64;
-    // Model FLOPs: 6·N per token for the matrices (embedding lookup excluded) plus causal
-    // attention 6·L·hidden·T per token.
-    let n: usize = model::param_specs(&cfg)
-        .iter()
-        .filter(|s| s.name != "model.embed_tokens.weight" || cfg.tie_word_embeddings)
-        .map(|s| s.shape.iter().product::<usize>())
-        .sum();
-    let flops = tokens
-        * (6.0 * n as f64 + 6.0 * (cfg.num_hidden_layers * cfg.hidden_size * args.seq_len) as f64);
-    let peak = args.peak_tflops.unwrap_or(989.0) * 1e12;
-    let ours_mfu = flops / sec / peak;
-    let mut torch_res = None;
-    if args.vs_torch {
-        let arg = serde_json::json!({"config": raw, "sequences": args.sequences, "seq_len": args.seq_len,
-            "micro_batch": args.micro_batch, "steps": args.steps});
-        torch_res = Some(torch("step.py", TORCH_STEP, &arg)?);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let torch_sec = torch_res.as_ref().and_then(|t| t["seconds"].as_f64());
-    let report = serde_json::json!({
-        "bench": "step", "backend": args.backend, "params": model::param_specs(&cfg).iter().map(|s| s.shape.iter().product::<usize>()).sum::<usize>(),
-        "tokens": tokens, "seconds": sec, "tokens_per_s": tokens / sec, "mfu": ours_mfu,
-        "peak_bytes_per_rank": peak_bytes,
-        "torch": torch_res, "torch_mfu": torch_sec.map(|s| flops / s / peak),
-    });
-    emit(args.json, &report, |r| {
-        println!(
-            "training step, {} parameters, {} sequences × {} tokens ({} per micro-batch), median of steps 3..{}",
-            r["params"], args.sequences, args.seq_len, args.micro_batch, args.steps
-        );
-        println!(
-            "{:>28} {:>10} {:>12} {:>8}",
-            "", "s/step", "tokens/s", "MFU"
-        );
-        println!(
-            "{:>28} {:>10.3} {:>12.0} {:>7.1}%",
-            format!("hotspa ({})", args.backend),
-            sec,
-            tokens / sec,
-            100.0 * ours_mfu
-        );
-        if let Some(ts) = torch_sec {
-            println!(
-                "{:>28} {:>10.3} {:>12.0} {:>7.1}%",
-                format!(
-                    "PyTorch {} eager",
-                    r["torch"]["torch"].as_str().unwrap_or("?")
-                ),
-                ts,
-                tokens / ts,
-                100.0 * flops / ts / peak
-            );
-            println!("hotspa / PyTorch tokens/s: {:.2}", ts / sec);
-        }
-        println!("(MFU against {:.0} TFLOP/s dense bf16)", peak / 1e12);
     })
 }
