@@ -36,9 +36,14 @@ pub(crate) trait Transport {
     fn enter(&self) -> (Channel, u64);
     /// Hands a received buffer back for reuse.
     fn recycle(&self, _buf: Vec<f32>) {}
-    /// A scratch copy of `data` (possibly a reused buffer).
-    fn scratch(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
+    /// The largest message a ring step sends at once: a longer chunk goes in pieces of this
+    /// many elements, pipelined (unlimited by default).
+    fn pipeline_elems(&self) -> usize {
+        usize::MAX
+    }
+    /// A scratch buffer of `n` elements with arbitrary contents (possibly a reused buffer).
+    fn scratch_len(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
     }
 
     /// Describes the `seq`-th collective `name` for errors.
@@ -69,14 +74,76 @@ fn prev<T: Transport + ?Sized>(t: &T) -> usize {
     m[(t.me() + m.len() - 1) % m.len()]
 }
 
-/// Ring reduce-scatter over `buf` split by `counts`: on return, chunk `me` of `buf` holds the
-/// reduced values (the other chunks hold partial sums).
+/// Messages of at most `piece` elements covering `range` (one empty message for an empty range).
+fn pieces(
+    range: std::ops::Range<usize>,
+    piece: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let piece = piece.max(1);
+    let n = (range.end - range.start).div_ceil(piece).max(1);
+    (0..n).map(move |k| {
+        let a = (range.start + k * piece).min(range.end);
+        a..(a + piece).min(range.end)
+    })
+}
+
+/// One ring step, pipelined: `send` goes to the next member in pieces of at most
+/// [`Transport::pipeline_elems`], and each piece of the `recv_len` elements from the previous
+/// member is handed to `land` (its range within those elements, the values) as it arrives, one
+/// piece ahead of the sends. Small pieces stay in the cache between the sender's copy and the
+/// receiver's use, and the two overlap.
+fn ring_step<T: Transport + ?Sized>(
+    t: &T,
+    ch: Channel,
+    send: &[f32],
+    recv_len: usize,
+    name: &'static str,
+    what: &dyn Fn() -> String,
+    mut land: impl FnMut(std::ops::Range<usize>, &[f32]),
+) -> Result<()> {
+    let piece = t.pipeline_elems();
+    let mut out = pieces(0..send.len(), piece);
+    if let Some(r) = out.next() {
+        t.post(next(t), ch, &send[r])?;
+    }
+    for r in pieces(0..recv_len, piece) {
+        if let Some(s) = out.next() {
+            t.post(next(t), ch, &send[s])?;
+        }
+        let m = t.take(prev(t), ch, what)?;
+        check_len(name, "ring message", r.end - r.start, m.len())?;
+        land(r, &m);
+        t.recycle(m);
+    }
+    for s in out {
+        t.post(next(t), ch, &send[s])?;
+    }
+    Ok(())
+}
+
+/// Chunk `a` of `buf` to read and chunk `b` to write (`a` and `b` do not overlap).
+fn read_and_write(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if a.start >= b.end {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    } else {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    }
+}
+
+/// Ring reduce-scatter in place over `buf` split by `counts`: on return, chunk `me` of `buf`
+/// holds the reduced values (the other chunks hold partial sums).
 fn ring_reduce_scatter<T: Transport + ?Sized>(
     t: &T,
     buf: &mut [f32],
     counts: &[usize],
     op: ReduceOp,
-    name: &str,
+    name: &'static str,
 ) -> Result<()> {
     let (p, me) = (t.members().len(), t.me());
     let (ch, seq) = t.enter();
@@ -85,16 +152,10 @@ fn ring_reduce_scatter<T: Transport + ?Sized>(
     for s in 0..p.saturating_sub(1) {
         let send = (me + 2 * p - s - 1) % p;
         let recv = (me + 2 * p - s - 2) % p;
-        t.post(next(t), ch, &buf[off[send]..off[send + 1]])?;
-        let m = t.take(prev(t), ch, &what)?;
-        check_len(
-            "reduce_scatter",
-            "ring message",
-            off[recv + 1] - off[recv],
-            m.len(),
-        )?;
-        op.apply(&mut buf[off[recv]..off[recv + 1]], &m);
-        t.recycle(m);
+        let (out, dst) = read_and_write(buf, off[send]..off[send + 1], off[recv]..off[recv + 1]);
+        ring_step(t, ch, out, dst.len(), name, &what, |r, m| {
+            op.apply(&mut dst[r], m)
+        })?;
     }
     Ok(())
 }
@@ -104,7 +165,7 @@ fn ring_all_gather<T: Transport + ?Sized>(
     t: &T,
     buf: &mut [f32],
     counts: &[usize],
-    name: &str,
+    name: &'static str,
 ) -> Result<()> {
     let (p, me) = (t.members().len(), t.me());
     let (ch, seq) = t.enter();
@@ -113,16 +174,10 @@ fn ring_all_gather<T: Transport + ?Sized>(
     for s in 0..p.saturating_sub(1) {
         let send = (me + p - s) % p;
         let recv = (me + 2 * p - s - 1) % p;
-        t.post(next(t), ch, &buf[off[send]..off[send + 1]])?;
-        let m = t.take(prev(t), ch, &what)?;
-        check_len(
-            "all_gather",
-            "ring message",
-            off[recv + 1] - off[recv],
-            m.len(),
-        )?;
-        buf[off[recv]..off[recv + 1]].copy_from_slice(&m);
-        t.recycle(m);
+        let (out, dst) = read_and_write(buf, off[send]..off[send + 1], off[recv]..off[recv + 1]);
+        ring_step(t, ch, out, dst.len(), name, &what, |r, m| {
+            dst[r].copy_from_slice(m)
+        })?;
     }
     Ok(())
 }
@@ -167,11 +222,44 @@ pub(crate) fn reduce_scatter<T: Transport + ?Sized>(
     check_len("reduce_scatter", "counts", p, counts.len())?;
     check_len("reduce_scatter", "send", counts.iter().sum(), send.len())?;
     check_len("reduce_scatter", "recv", counts[me], recv.len())?;
-    let mut work = t.scratch(send);
-    ring_reduce_scatter(t, &mut work, counts, op, "reduce_scatter")?;
+    // The same ring as `ring_reduce_scatter`, out of place: each step's partial sums go to a
+    // chunk-sized buffer (two, alternating), the last step's straight into `recv`, so that
+    // nothing copies the whole of `send`.
     let off = offsets(counts);
-    recv.copy_from_slice(&work[off[me]..off[me + 1]]);
-    t.recycle(work);
+    let (ch, seq) = t.enter();
+    let what = || t.describe("reduce_scatter", seq);
+    if p == 1 {
+        recv.copy_from_slice(send);
+        return Ok(());
+    }
+    let widest = counts.iter().copied().max().unwrap_or(0);
+    let (mut a, mut b) = if p > 2 {
+        (t.scratch_len(widest), t.scratch_len(widest))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    for s in 0..p - 1 {
+        let sent = (me + 2 * p - s - 1) % p;
+        let got = (me + 2 * p - s - 2) % p;
+        let out: &[f32] = if s == 0 {
+            &send[off[sent]..off[sent + 1]]
+        } else {
+            &a[..counts[sent]]
+        };
+        let own = &send[off[got]..off[got + 1]];
+        let dst: &mut [f32] = if s == p - 2 {
+            &mut *recv
+        } else {
+            &mut b[..counts[got]]
+        };
+        ring_step(t, ch, out, own.len(), "reduce_scatter", &what, |r, m| {
+            dst[r.clone()].copy_from_slice(&own[r.clone()]);
+            op.apply(&mut dst[r], m)
+        })?;
+        std::mem::swap(&mut a, &mut b);
+    }
+    t.recycle(a);
+    t.recycle(b);
     Ok(())
 }
 

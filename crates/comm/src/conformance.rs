@@ -132,7 +132,8 @@ fn identity(c: &mut dyn Communicator) -> Result<(), String> {
 
 fn all_reduce_sum(c: &mut dyn Communicator) -> Result<(), String> {
     let (me, p) = (c.rank().0, c.size());
-    for len in [0, 1, 7, 3 * p + 1, 1000] {
+    // 200,003 elements: the thread ring's chunks go in several pipelined pieces.
+    for len in [0, 1, 7, 3 * p + 1, 1000, 200_003] {
         let mut buf: Vec<f32> = (0..len).map(|i| value(me, i)).collect();
         c.all_reduce(&mut buf, ReduceOp::Sum).map_err(err)?;
         let want: Vec<f32> = (0..len)
@@ -166,14 +167,35 @@ fn all_gather_uneven(c: &mut dyn Communicator) -> Result<(), String> {
 }
 
 fn reduce_scatter_uneven(c: &mut dyn Communicator) -> Result<(), String> {
-    let (me, p) = (c.rank().0, c.size());
-    let counts: Vec<usize> = (0..p).map(|j| (j * 2 + 3) % 4).collect();
+    let p = c.size();
+    reduce_scatter_counts(c, &(0..p).map(|j| (j * 2 + 3) % 4).collect::<Vec<_>>())?;
+    // Chunks of several pipelined pieces each, of different lengths.
+    reduce_scatter_counts(
+        c,
+        &(0..p)
+            .map(|j| 70_000 + 60_000 * (j % 3))
+            .collect::<Vec<_>>(),
+    )?;
+    let counts: Vec<usize> = (0..p).map(|j| 70_000 + 60_000 * (j % 3)).collect();
+    let me = c.rank().0;
+    let send: Vec<f32> = (0..counts[me]).map(|i| value(me, i)).collect();
+    let mut recv = vec![f32::NAN; counts.iter().sum()];
+    c.all_gather(&send, &mut recv, &counts).map_err(err)?;
+    let want: Vec<f32> = (0..p)
+        .flat_map(|j| (0..counts[j]).map(move |i| value(j, i)))
+        .collect();
+    expect_eq("gathered in pieces", &recv, &want)
+}
+
+fn reduce_scatter_counts(c: &mut dyn Communicator, counts: &[usize]) -> Result<(), String> {
+    let me = c.rank().0;
+    let p = c.size();
     let total: usize = counts.iter().sum();
     let send: Vec<f32> = (0..total).map(|i| value(me, i)).collect();
     let mut recv = vec![f32::NAN; counts[me]];
-    c.reduce_scatter(&send, &mut recv, &counts, ReduceOp::Sum)
+    c.reduce_scatter(&send, &mut recv, counts, ReduceOp::Sum)
         .map_err(err)?;
-    let off = offsets(&counts);
+    let off = offsets(counts);
     let want: Vec<f32> = (off[me]..off[me + 1])
         .map(|i| (0..p).map(|r| value(r, i)).sum())
         .collect();
@@ -388,7 +410,8 @@ fn algorithms_on(c: &dyn Communicator) -> Result<(), String> {
     let (me, p) = (c.rank().0, c.size());
     let hier = Hierarchy::new(c, &c.member_nodes()).ok();
     for algo in Algorithm::ALL {
-        for len in [0, 1, 7, 3 * p + 1, 1000] {
+        // 200,003 elements: the thread ring's chunks go in several pipelined pieces.
+        for len in [0, 1, 7, 3 * p + 1, 1000, 200_003] {
             for op in [ReduceOp::Sum, ReduceOp::Max] {
                 let mut buf: Vec<f32> = (0..len).map(|i| value(me, i)).collect();
                 match (&hier, algo) {

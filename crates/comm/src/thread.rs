@@ -50,6 +50,10 @@ struct World {
     pool: Mutex<Vec<Vec<f32>>>,
 }
 
+/// A ring step's largest message (256 KiB): pieces this size stay in the cache between the
+/// sender's copy into a pooled buffer and the receiver's use of it.
+const PIPELINE_ELEMS: usize = 64 * 1024;
+
 /// Buffers kept for reuse at most.
 const POOL_LIMIT: usize = 64;
 
@@ -61,23 +65,34 @@ impl World {
     }
 
     fn buffer(&self, data: &[f32]) -> Vec<f32> {
-        if data.is_empty() {
+        let mut v = self.buffer_len(0, data.len());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// A pooled buffer of `len` elements with arbitrary contents (the smallest that holds
+    /// `capacity`, or a new one).
+    fn buffer_len(&self, len: usize, capacity: usize) -> Vec<f32> {
+        if capacity == 0 {
             return Vec::new();
         }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let best = pool
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.capacity() >= data.len())
+            .filter(|(_, v)| v.capacity() >= capacity)
             .min_by_key(|(_, v)| v.capacity())
             .map(|(i, _)| i);
         let mut v = match best {
             Some(i) => pool.swap_remove(i),
-            None => Vec::with_capacity(data.len()),
+            None => Vec::with_capacity(capacity),
         };
         drop(pool);
-        v.clear();
-        v.extend_from_slice(data);
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
         v
     }
 
@@ -410,8 +425,12 @@ impl Transport for ThreadComm {
         self.world.recycle(buf);
     }
 
-    fn scratch(&self, data: &[f32]) -> Vec<f32> {
-        self.world.buffer(data)
+    fn scratch_len(&self, n: usize) -> Vec<f32> {
+        self.world.buffer_len(n, n)
+    }
+
+    fn pipeline_elems(&self) -> usize {
+        PIPELINE_ELEMS
     }
 }
 

@@ -124,7 +124,7 @@ pub fn run(args: Args) -> Result<()> {
     for &mib in &args.sizes_mib {
         let bytes = mib << 20;
         let elems = bytes / 4;
-        let iters = ((256usize << 20) / bytes.max(1)).clamp(3, 30);
+        let iters = ((1usize << 30) / bytes.max(1)).clamp(9, 30);
         for op in OPS {
             let t = measure(op, elems, iters)?;
             let algbw = bytes as f64 / t / 1e9;
