@@ -123,6 +123,30 @@ pub trait Communicator: Send {
     fn batch(&self, ops: &mut [P2p<'_>]) -> Result<()>;
     /// Returns once every member has called it.
     fn barrier(&self) -> Result<()>;
+
+    /// A one-sided exchange between members that share an address space (MPI's window with
+    /// fences): every member exposes `slices`, `read` then runs once on each member with every
+    /// member's exposed slices (it copies what it needs straight out of them), and no member
+    /// returns — and so frees or writes its slices — before every member has finished reading.
+    /// `read` must not communicate. Returns `Ok(false)`, running nothing, where the members do
+    /// not share memory (MPI processes, and wrapping communicators that account for traffic):
+    /// the caller then sends messages instead. A collective: every member calls it in turn.
+    fn window(&self, slices: &[&[f32]], read: &mut dyn FnMut(&Exposed<'_>)) -> Result<bool> {
+        let _ = (slices, read);
+        Ok(false)
+    }
+}
+
+/// Every member's slices exposed in a [`Communicator::window`], readable while `read` runs.
+pub struct Exposed<'a> {
+    pub(crate) members: Vec<Vec<&'a [f32]>>,
+}
+
+impl<'a> Exposed<'a> {
+    /// Slice `index` exposed by `member` (a rank of the group), if it exposed that many.
+    pub fn get(&self, member: Rank, index: usize) -> Option<&'a [f32]> {
+        self.members.get(member.0)?.get(index).copied()
+    }
 }
 
 /// A sub-group's members as world ranks and this member's index in it, from `members` (ranks

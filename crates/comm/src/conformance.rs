@@ -85,6 +85,10 @@ pub const CHECKS: &[Check] = &[
         run: compressed_all_reduce,
     },
     Check {
+        name: "window_reads_every_member",
+        run: window_reads_every_member,
+    },
+    Check {
         name: "missing_rank_times_out",
         run: missing_rank_times_out,
     },
@@ -200,6 +204,53 @@ fn reduce_scatter_counts(c: &mut dyn Communicator, counts: &[usize]) -> Result<(
         .map(|i| (0..p).map(|r| value(r, i)).sum())
         .collect();
     expect_eq("scattered", &recv, &want)
+}
+
+/// Each member exposes two slices; where the communicator shares memory, each reads the
+/// slices of every member and checks them; where it does not, `read` must not run.
+fn window_reads_every_member(c: &mut dyn Communicator) -> Result<(), String> {
+    let (me, p) = (c.rank().0, c.size());
+    let first: Vec<f32> = (0..me + 3).map(|i| value(me, i)).collect();
+    let second: Vec<f32> = (0..2 * me).map(|i| value(me + 100, i)).collect();
+    let mut seen: Vec<Vec<f32>> = Vec::new();
+    let mut calls = 0;
+    let shared = c
+        .window(&[&first, &second], &mut |exposed| {
+            calls += 1;
+            for j in 0..p {
+                for k in 0..2 {
+                    seen.push(
+                        exposed
+                            .get(Rank(j), k)
+                            .map(<[f32]>::to_vec)
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            seen.push(vec![exposed.get(Rank(0), 2).map_or(0.0, |_| 1.0)]);
+        })
+        .map_err(err)?;
+    if !shared {
+        return if calls == 0 {
+            Ok(())
+        } else {
+            Err("window said no shared memory but ran read".into())
+        };
+    }
+    if calls != 1 {
+        return Err(format!("read ran {calls} times"));
+    }
+    for j in 0..p {
+        let want0: Vec<f32> = (0..j + 3).map(|i| value(j, i)).collect();
+        let want1: Vec<f32> = (0..2 * j).map(|i| value(j + 100, i)).collect();
+        expect_eq(&format!("rank {j}'s first slice"), &seen[2 * j], &want0)?;
+        expect_eq(
+            &format!("rank {j}'s second slice"),
+            &seen[2 * j + 1],
+            &want1,
+        )?;
+    }
+    expect_eq("a slice nobody exposed", &seen[2 * p], &[0.0])
 }
 
 fn a2a_count(from: usize, to: usize) -> usize {

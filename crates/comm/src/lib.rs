@@ -30,7 +30,7 @@ mod thread;
 pub mod wire;
 pub mod words;
 
-pub use communicator::{chunk_counts, Communicator, P2p, Rank, ReduceOp};
+pub use communicator::{chunk_counts, Communicator, Exposed, P2p, Rank, ReduceOp};
 pub use counting::{CommKind, CommRecord, Counting};
 pub use error::{CommError, Result};
 pub use layer::{CollectiveCall, Layer};

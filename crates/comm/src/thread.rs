@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod window;
+
 use crate::algorithms::{self, Channel, Transport};
 use crate::communicator::{sub_group_members, Communicator, Rank};
 use crate::error::{CommError, Result};
@@ -36,6 +38,8 @@ struct State {
     arrivals: HashMap<(u64, usize), u64>,
     /// The first rank that failed, with its error.
     failed: Option<(usize, String)>,
+    /// Open windows, per (group, collective sequence number).
+    windows: HashMap<(u64, u64), window::Window>,
     /// Interned sub-group ids: (parent, members, n-th creation) → id.
     groups: HashMap<(u64, Vec<usize>, u64), u64>,
 }
@@ -486,4 +490,8 @@ impl Communicator for ThreadComm {
     }
 
     algorithms::collectives_over_transport!();
+
+    fn window(&self, slices: &[&[f32]], read: &mut dyn FnMut(&crate::Exposed<'_>)) -> Result<bool> {
+        self.window_impl(slices, read)
+    }
 }

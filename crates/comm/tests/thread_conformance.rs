@@ -125,3 +125,56 @@ fn length_mismatches_are_clear_errors() {
     let e = c.send(&[1.0], Rank(5), 0).unwrap_err();
     assert_eq!(e.to_string(), "send: rank 5 is not in a group of 1");
 }
+
+#[test]
+fn a_window_a_rank_never_enters_times_out_naming_it() {
+    let start = Instant::now();
+    let err = ThreadComm::run_with_timeout(
+        3,
+        Duration::from_millis(500),
+        |c| -> Result<(), CommError> {
+            if c.rank() == Rank(2) {
+                std::thread::sleep(Duration::from_secs(30));
+                return Ok(());
+            }
+            let mine = vec![c.rank().0 as f32; 4];
+            c.window(&[&mine], &mut |_| {})?;
+            Ok(())
+        },
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("window") && msg.contains("rank(s) 2 did not expose"),
+        "{msg}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_panic_while_reading_a_window_is_reported_and_frees_the_others() {
+    let start = Instant::now();
+    let err = ThreadComm::run(3, |c| -> Result<(), CommError> {
+        let mine = vec![c.rank().0 as f32; 1 << 16];
+        let me = c.rank();
+        c.window(&[&mine], &mut |exposed| {
+            let peer = exposed.get(Rank((me.0 + 1) % 3), 0).unwrap_or(&[]);
+            assert!(me != Rank(1), "rank 1 cannot read {} values", peer.len());
+        })?;
+        c.barrier()
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "rank 1 panicked: rank 1 cannot read 65536 values"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}

@@ -97,6 +97,22 @@ pub fn copy_region<T: Copy>(
     dst_shape: &[usize],
     to: &Region,
 ) -> Result<()> {
+    copy_region_with(src, src_shape, from, dst, dst_shape, to, |d, s| {
+        d.copy_from_slice(s)
+    })
+}
+
+/// [`copy_region`] with the copy of each contiguous run done by `copy(dst run, src run)` (equal
+/// lengths): a caller may stream large copies past the cache.
+pub fn copy_region_with<T: Copy>(
+    src: &[T],
+    src_shape: &[usize],
+    from: &Region,
+    dst: &mut [T],
+    dst_shape: &[usize],
+    to: &Region,
+    mut copy: impl FnMut(&mut [T], &[T]),
+) -> Result<()> {
     check_len("source tensor", src_shape.iter().product(), src.len())?;
     check_len("destination tensor", dst_shape.iter().product(), dst.len())?;
     if from.shape() != to.shape() {
@@ -121,7 +137,10 @@ pub fn copy_region<T: Copy>(
             let (s, sl, m) = runs[k];
             let at = l + done - sl; // position inside source run k
             let take = (m - at).min(n - done);
-            dst[f + done..f + done + take].copy_from_slice(&src[s + at..s + at + take]);
+            copy(
+                &mut dst[f + done..f + done + take],
+                &src[s + at..s + at + take],
+            );
             done += take;
             if at + take == m {
                 k += 1;

@@ -35,7 +35,9 @@ mod transition;
 
 pub use error::{DStateError, Result};
 pub use group::{DeviceGroup, DeviceId};
-pub use layout::{assemble, copy_region, distribute, extract, extract_into, insert, runs};
+pub use layout::{
+    assemble, copy_region, copy_region_with, distribute, extract, extract_into, insert, runs,
+};
 pub use region::{chunk, Region};
 pub use reshard::{intersect, Holder, Slice};
 pub use state::{Axis, DState, Distribution, Piece, Placement};

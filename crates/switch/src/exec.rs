@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use comm::{Communicator, P2p, Rank};
-use dstate::{copy_region, extract, extract_into, insert, DeviceId, Distribution, Region};
+use comm::{Communicator, Exposed, P2p, Rank};
+use dstate::{copy_region_with, extract, extract_into, insert, DeviceId, Distribution, Region};
 
 use crate::error::{Result, SwitchError};
 use crate::plan::{Plan, TensorSwitch};
@@ -125,20 +125,35 @@ pub fn execute_into(
         let (have, data) = src[c.tensor].as_ref().ok_or_else(missing)?;
         let (want, dst) = out[c.tensor].as_mut().ok_or_else(missing)?;
         let (hs, ws) = (have.shape(), want.shape());
-        copy_region(
+        copy_region_with(
             data,
             &hs,
             &relative(&c.region, have),
             dst,
             &ws,
             &relative(&c.region, want),
+            crate::stream::copy,
         )
         .map_err(|e| SwitchError::State {
             tensor: name.clone(),
             source: e,
         })?;
     }
-    // One fused buffer per peer, in plan order on both sides.
+    crate::stream::fence();
+    // Ranks that share memory (threads) copy straight out of the senders' pieces: one copy per
+    // value moved, no message buffers.
+    let exposed: Vec<&[f32]> = src
+        .iter()
+        .map(|p| p.as_ref().map_or(&[][..], |(_, v)| v.as_slice()))
+        .collect();
+    let mut failure = None;
+    let shared = comm.window(&exposed, &mut |peers| {
+        failure = copy_from_peers(plan, me, peers, out).err();
+    })?;
+    if shared {
+        return failure.map_or(Ok(()), Err);
+    }
+    // Otherwise one fused buffer per peer, in plan order on both sides.
     let mut sends: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut recv_len: BTreeMap<usize, usize> = BTreeMap::new();
     for t in &plan.transfers {
@@ -189,5 +204,57 @@ pub fn execute_into(
         write(out, t.tensor, &t.region, &buf[*off..*off + n])?;
         *off += n;
     }
+    Ok(())
+}
+
+/// Copies every region `me` receives straight from its sender's exposed source piece into `out`.
+fn copy_from_peers(plan: &Plan, me: DeviceId, peers: &Exposed<'_>, out: &mut Pieces) -> Result<()> {
+    for t in plan.transfers.iter().filter(|t| t.to == me) {
+        let tensor = &plan.tensors[t.tensor];
+        let state = |source| SwitchError::State {
+            tensor: tensor.name.clone(),
+            source,
+        };
+        let have = tensor
+            .src
+            .piece_of(t.from, &tensor.shape)
+            .map_err(state)?
+            .ok_or_else(|| {
+                SwitchError::Pieces(format!(
+                    "device {} must send part of {} but holds none of it",
+                    t.from, tensor.name
+                ))
+            })?
+            .region;
+        let data = peers
+            .get(Rank(t.from.0), t.tensor)
+            .filter(|d| d.len() == have.volume())
+            .ok_or_else(|| {
+                SwitchError::Pieces(format!(
+                    "device {} exposes no piece of {} of {} values",
+                    t.from,
+                    tensor.name,
+                    have.volume()
+                ))
+            })?;
+        let (want, dst) = out[t.tensor].as_mut().ok_or_else(|| {
+            SwitchError::Pieces(format!(
+                "device {me} receives part of {} but holds no destination piece of it",
+                tensor.name
+            ))
+        })?;
+        let ws = want.shape();
+        copy_region_with(
+            data,
+            &have.shape(),
+            &relative(&t.region, &have),
+            dst,
+            &ws,
+            &relative(&t.region, want),
+            crate::stream::copy,
+        )
+        .map_err(state)?;
+    }
+    crate::stream::fence();
     Ok(())
 }

@@ -40,6 +40,7 @@ mod error;
 mod exec;
 mod flow;
 mod plan;
+mod stream;
 mod topology;
 
 pub use cache::PlanCache;

@@ -76,3 +76,30 @@ pub fn memcpy_gbps(bytes: usize) -> f64 {
     }
     bytes as f64 / best / 1e9
 }
+
+/// The machine's memcpy bandwidth in GB/s with every core copying at once (each its own
+/// `bytes / cores` buffers): what all thread devices together can copy, at best.
+pub fn memcpy_all_cores_gbps(bytes: usize) -> f64 {
+    let cores = kernels::available_cores().max(1);
+    let n = bytes / 4 / cores;
+    let mut pairs: Vec<(Vec<f32>, Vec<f32>)> = (0..cores)
+        .map(|c| ((0..n).map(|i| (i + c) as f32).collect(), vec![0f32; n]))
+        .collect();
+    let mut best = f64::MAX;
+    for round in 0..6 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for (src, dst) in pairs.iter_mut() {
+                s.spawn(move || {
+                    dst.copy_from_slice(src);
+                    std::hint::black_box(&dst);
+                });
+            }
+        });
+        // The first round faults the destination pages in.
+        if round > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    (n * cores * 4) as f64 / best / 1e9
+}
