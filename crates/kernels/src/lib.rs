@@ -26,6 +26,7 @@ mod layer;
 pub mod matmul;
 pub mod ops;
 mod real;
+pub mod simd;
 
 pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend, Rope, RopeScaling};
 pub use cuda::{CudaBackend, CudaBuffer, GemmPrecision};

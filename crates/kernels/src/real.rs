@@ -30,6 +30,34 @@ pub trait Real:
     fn of(x: f64) -> Self;
     /// Converts to `f64`.
     fn to_f64_(self) -> f64;
+    /// `x ← eˣ` over a slice (vectorised for `f32`, [`crate::simd`]; `f64` is the reference).
+    fn exp_in_place(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
+    }
+    /// SwiGLU's forward, elementwise: `out = g·σ(g)·up`.
+    fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let s = Self::one() / (Self::one() + (-g).exp());
+            *o = g * s * u;
+        }
+    }
+    /// SwiGLU's backward, elementwise (lengths checked by the caller).
+    fn swiglu_grad(
+        dout: &[Self],
+        gate: &[Self],
+        up: &[Self],
+        dgate: &mut [Self],
+        dup: &mut [Self],
+    ) {
+        for i in 0..gate.len() {
+            let g = gate[i];
+            let s = Self::one() / (Self::one() + (-g).exp());
+            dup[i] = dout[i] * g * s;
+            dgate[i] = dout[i] * up[i] * s * (Self::one() + g * (Self::one() - s));
+        }
+    }
 }
 
 impl Real for f32 {
@@ -38,6 +66,21 @@ impl Real for f32 {
     }
     fn to_f64_(self) -> f64 {
         self as f64
+    }
+    fn exp_in_place(xs: &mut [Self]) {
+        crate::simd::exp_in_place(xs)
+    }
+    fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
+        crate::simd::swiglu(gate, up, out)
+    }
+    fn swiglu_grad(
+        dout: &[Self],
+        gate: &[Self],
+        up: &[Self],
+        dgate: &mut [Self],
+        dup: &mut [Self],
+    ) {
+        crate::simd::swiglu_grad(dout, gate, up, dgate, dup)
     }
 }
 

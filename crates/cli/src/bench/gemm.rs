@@ -152,8 +152,10 @@ pub fn run(args: Args) -> Result<()> {
     emit(args.json, &report, |r| {
         let m = &r.machine;
         println!(
-            "GEMM f32 on {} ({} threads); peak {:.0} GFLOP/s = {} cores × {:.2} GHz × {} FMA units × {} lanes × 2",
-            m.cpu, r.threads, m.peak_gflops, m.cores, m.ghz, m.fma_units, m.f32_lanes
+            "GEMM f32 on {} ({} threads); {}",
+            m.cpu,
+            r.threads,
+            m.peak_text()
         );
         println!(
             "{:>22} {:>12} {:>12} {:>10} {:>10}",

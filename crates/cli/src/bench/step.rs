@@ -39,7 +39,7 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 6)]
     steps: usize,
     /// The peak the share is of, in TFLOP/s. Default on cuda: 989 (H100/H200 SXM dense bf16);
-    /// on cpu: this machine's f32 peak by `hotspa bench gemm`'s formula.
+    /// on cpu: this machine's f32 peak as `hotspa bench gemm` finds it (formula or timed FMAs).
     #[arg(long)]
     peak_tflops: Option<f64>,
     /// On cpu, the clock the peak assumes, in GHz (default: /proc/cpuinfo's).
@@ -213,15 +213,11 @@ pub fn step(args: StepArgs) -> Result<()> {
         }
         println!(
             "(FLOPs: 6·N·tokens, N every matrix but the embedding lookup, plus causal attention's \
-             6·layers·hidden·seq_len per token; peak {:.0} GFLOP/s{})",
-            peak / 1e9,
+             6·layers·hidden·seq_len per token; {})",
             match &machine {
-                Some(m) if args.peak_tflops.is_none() => format!(
-                    ": {} cores × {:.2} GHz × {} FMA units × {} f32 lanes × 2",
-                    m.cores, m.ghz, m.fma_units, m.f32_lanes
-                ),
-                _ if cpu => " (--peak-tflops)".into(),
-                _ => " dense bf16".into(),
+                Some(m) if args.peak_tflops.is_none() => m.peak_text(),
+                _ if cpu => format!("peak {:.0} GFLOP/s (--peak-tflops)", peak / 1e9),
+                _ => format!("peak {:.0} GFLOP/s dense bf16", peak / 1e9),
             }
         );
         if cpu {

@@ -213,14 +213,14 @@ fn forward_task<T: Real>(
                     .fold(T::neg_infinity(), |a, &b| a.max(b));
                 let m_new = m[r].max(bmax);
                 let alpha = (m[r] - m_new).exp();
+                for s in &mut srow[..visible] {
+                    *s -= m_new;
+                }
+                T::exp_in_place(&mut srow[..visible]);
+                srow[visible..].fill(T::zero());
                 let mut sum = T::zero();
-                for (c, s) in srow.iter_mut().enumerate() {
-                    *s = if c < visible {
-                        (*s - m_new).exp()
-                    } else {
-                        T::zero()
-                    };
-                    sum += *s;
+                for &s in &srow[..visible] {
+                    sum += s;
                 }
                 l[r] = l[r] * alpha + sum;
                 m[r] = m_new;
@@ -422,14 +422,12 @@ fn backward_task<T: Real>(
                 for r in 0..br {
                     let l = x.lse[h * q_tokens + span.q_start + i0 + r];
                     let visible = span.visible_in(i0 + r, j0, bc);
-                    for c in 0..bc {
-                        let e = &mut p[r * bc + c];
-                        *e = if c < visible {
-                            (*e - l).exp()
-                        } else {
-                            T::zero()
-                        };
+                    let row = &mut p[r * bc..(r + 1) * bc];
+                    for e in &mut row[..visible] {
+                        *e -= l;
                     }
+                    T::exp_in_place(&mut row[..visible]);
+                    row[visible..].fill(T::zero());
                 }
                 // dV_j += Pᵀ dO_i
                 matmul(

@@ -3,17 +3,11 @@
 use crate::error::{check_len, Result};
 use crate::real::Real;
 
-fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
-}
-
 /// Forward, elementwise.
 pub fn forward<T: Real>(gate: &[T], up: &[T], out: &mut [T]) -> Result<()> {
     check_len("swiglu", "up", gate.len(), up.len())?;
     check_len("swiglu", "out", gate.len(), out.len())?;
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g * sigmoid(g) * u;
-    }
+    T::swiglu(gate, up, out);
     Ok(())
 }
 
@@ -30,11 +24,6 @@ pub fn backward<T: Real>(
     check_len("swiglu_backward", "up", n, up.len())?;
     check_len("swiglu_backward", "dgate", n, dgate.len())?;
     check_len("swiglu_backward", "dup", n, dup.len())?;
-    for i in 0..n {
-        let g = gate[i];
-        let s = sigmoid(g);
-        dup[i] = dout[i] * g * s;
-        dgate[i] = dout[i] * up[i] * s * (T::one() + g * (T::one() - s));
-    }
+    T::swiglu_grad(dout, gate, up, dgate, dup);
     Ok(())
 }
