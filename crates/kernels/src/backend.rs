@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::error::{KernelError, Result};
 use crate::matmul::{self, GemmSpec};
 pub use crate::ops::adamw::AdamW;
@@ -222,6 +224,14 @@ impl CpuBackend {
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+
+    /// Rows per parallel piece of a row-wise op over `total` elements in rows of `row`, or
+    /// `None` to run it on the calling thread (one thread, or too little work). Each piece is
+    /// whole rows, and every row's values are computed exactly as by one thread.
+    fn piece_rows(&self, total: usize, row: usize) -> Option<usize> {
+        const PIECE: usize = 1 << 14;
+        (self.threads > 1 && row > 0 && total >= 2 * PIECE).then(|| (PIECE / row).max(1))
+    }
 }
 
 /// The number of cores this process may use.
@@ -285,7 +295,18 @@ impl Backend for CpuBackend {
         y: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
-        norm::forward(x, weight, eps, y, rstd)
+        let dim = weight.len();
+        match self.piece_rows(x.len(), dim) {
+            Some(r) if x.len() == y.len() && dim > 0 && rstd.len() * dim == x.len() => {
+                self.run(|| {
+                    x.par_chunks(r * dim)
+                        .zip(y.par_chunks_mut(r * dim))
+                        .zip(rstd.par_chunks_mut(r))
+                        .try_for_each(|((x, y), rstd)| norm::forward(x, weight, eps, y, rstd))
+                })
+            }
+            _ => norm::forward(x, weight, eps, y, rstd),
+        }
     }
     fn rms_norm_backward(
         &self,
@@ -307,7 +328,15 @@ impl Backend for CpuBackend {
         rope: &Rope,
         inverse: bool,
     ) -> Result<()> {
-        rope::apply(x, positions, heads, head_dim, rope, inverse)
+        let row = heads * head_dim;
+        match self.piece_rows(x.len(), row) {
+            Some(r) if positions.len() * row == x.len() => self.run(|| {
+                x.par_chunks_mut(r * row)
+                    .zip(positions.par_chunks(r))
+                    .try_for_each(|(x, p)| rope::apply(x, p, heads, head_dim, rope, inverse))
+            }),
+            _ => rope::apply(x, positions, heads, head_dim, rope, inverse),
+        }
     }
     fn attention_forward(
         &self,
@@ -344,7 +373,15 @@ impl Backend for CpuBackend {
         })
     }
     fn swiglu_forward(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        swiglu::forward(gate, up, out)
+        match self.piece_rows(out.len(), 1) {
+            Some(n) if gate.len() == out.len() && up.len() == out.len() => self.run(|| {
+                out.par_chunks_mut(n)
+                    .zip(gate.par_chunks(n))
+                    .zip(up.par_chunks(n))
+                    .try_for_each(|((o, g), u)| swiglu::forward(g, u, o))
+            }),
+            _ => swiglu::forward(gate, up, out),
+        }
     }
     fn swiglu_backward(
         &self,
@@ -354,7 +391,21 @@ impl Backend for CpuBackend {
         dgate: &mut Vec<f32>,
         dup: &mut Vec<f32>,
     ) -> Result<()> {
-        swiglu::backward(dout, gate, up, dgate, dup)
+        let n = gate.len();
+        match self.piece_rows(n, 1) {
+            Some(c) if [dout.len(), up.len(), dgate.len(), dup.len()] == [n; 4] => self.run(|| {
+                dgate
+                    .par_chunks_mut(c)
+                    .zip(dup.par_chunks_mut(c))
+                    .zip(
+                        dout.par_chunks(c)
+                            .zip(gate.par_chunks(c))
+                            .zip(up.par_chunks(c)),
+                    )
+                    .try_for_each(|((dg, du), ((d, g), u))| swiglu::backward(d, g, u, dg, du))
+            }),
+            _ => swiglu::backward(dout, gate, up, dgate, dup),
+        }
     }
     fn cross_entropy_forward(
         &self,
@@ -376,13 +427,56 @@ impl Backend for CpuBackend {
         scale: f32,
         dlogits: &mut Vec<f32>,
     ) -> Result<()> {
-        loss::backward(logits, vocab, targets, mask, lse, scale, dlogits)
+        let rows = targets.len();
+        match self.piece_rows(logits.len(), vocab) {
+            Some(r)
+                if logits.len() == rows * vocab
+                    && dlogits.len() == logits.len()
+                    && mask.len() == rows
+                    && lse.len() == rows
+                    && targets
+                        .iter()
+                        .zip(mask)
+                        .all(|(&t, &m)| !m || (t as usize) < vocab) =>
+            {
+                self.run(|| {
+                    dlogits
+                        .par_chunks_mut(r * vocab)
+                        .zip(logits.par_chunks(r * vocab))
+                        .zip(
+                            targets
+                                .par_chunks(r)
+                                .zip(mask.par_chunks(r))
+                                .zip(lse.par_chunks(r)),
+                        )
+                        .try_for_each(|((d, l), ((t, m), s))| {
+                            loss::backward(l, vocab, t, m, s, scale, d)
+                        })
+                })
+            }
+            _ => loss::backward(logits, vocab, targets, mask, lse, scale, dlogits),
+        }
     }
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        elementwise::add(a, b, out)
+        match self.piece_rows(out.len(), 1) {
+            Some(n) if a.len() == out.len() && b.len() == out.len() => self.run(|| {
+                out.par_chunks_mut(n)
+                    .zip(a.par_chunks(n))
+                    .zip(b.par_chunks(n))
+                    .try_for_each(|((o, a), b)| elementwise::add(a, b, o))
+            }),
+            _ => elementwise::add(a, b, out),
+        }
     }
     fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
-        elementwise::axpy(alpha, x, y)
+        match self.piece_rows(y.len(), 1) {
+            Some(n) if x.len() == y.len() => self.run(|| {
+                y.par_chunks_mut(n)
+                    .zip(x.par_chunks(n))
+                    .try_for_each(|(y, x)| elementwise::axpy(alpha, x, y))
+            }),
+            _ => elementwise::axpy(alpha, x, y),
+        }
     }
     fn scale(&self, alpha: f32, x: &mut Vec<f32>) -> Result<()> {
         elementwise::scale(alpha, x);
@@ -404,6 +498,16 @@ impl Backend for CpuBackend {
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) -> Result<()> {
-        adamw::step(cfg, step, param, grad, m, v)
+        let n = param.len();
+        match self.piece_rows(n, 1) {
+            Some(c) if [grad.len(), m.len(), v.len()] == [n; 3] => self.run(|| {
+                param
+                    .par_chunks_mut(c)
+                    .zip(m.par_chunks_mut(c))
+                    .zip(v.par_chunks_mut(c).zip(grad.par_chunks(c)))
+                    .try_for_each(|((p, m), (v, g))| adamw::step(cfg, step, p, g, m, v))
+            }),
+            _ => adamw::step(cfg, step, param, grad, m, v),
+        }
     }
 }

@@ -68,7 +68,11 @@ pub fn backward<T: Real>(
             continue;
         }
         for (o, &v) in d.iter_mut().zip(&logits[r * vocab..(r + 1) * vocab]) {
-            *o = scale * (v - lse[r]).exp();
+            *o = v - lse[r];
+        }
+        T::exp_in_place(d);
+        for o in d.iter_mut() {
+            *o *= scale;
         }
         let t = targets[r] as usize;
         if t >= vocab {

@@ -1,0 +1,100 @@
+//! The CPU backend's row-wise ops split over its pool's threads give, bit for bit, what one
+//! thread gives (inputs large enough to be split, odd row widths, ragged last pieces).
+
+use kernels::{AdamW, Backend, CpuBackend, Rope};
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
+        })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Every op's outputs on `be`.
+fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
+    let (rows, dim) = (1201, 96);
+    let n = rows * dim;
+    let (a, b) = (rand(n, 1), rand(n, 2));
+    let mut out = vec![0.0; n];
+    be.add(&a, &b, &mut out).unwrap();
+    let mut y = b.clone();
+    be.axpy(0.37, &a, &mut y).unwrap();
+    let mut sw = vec![0.0; n];
+    be.swiglu_forward(&a, &b, &mut sw).unwrap();
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    be.swiglu_backward(&out, &a, &b, &mut dg, &mut du).unwrap();
+    let w = rand(dim, 3);
+    let (mut norm, mut rstd) = (vec![0.0; n], vec![0.0; rows]);
+    be.rms_norm_forward(&a, &w, 1e-5, &mut norm, &mut rstd)
+        .unwrap();
+    let positions: Vec<u32> = (0..rows as u32).map(|t| t % 300).collect();
+    let mut roped = a.clone();
+    be.rope(&mut roped, &positions, 3, 32, &Rope::plain(10000.0), false)
+        .unwrap();
+    let targets: Vec<u32> = (0..rows as u32).map(|t| (t * 7) % dim as u32).collect();
+    let mask: Vec<bool> = (0..rows).map(|t| t % 5 != 0).collect();
+    let mut lse = vec![0.0; rows];
+    be.cross_entropy_forward(&a, dim, &targets, &mask, &mut lse)
+        .unwrap();
+    let mut dlogits = vec![0.0; n];
+    be.cross_entropy_backward(&a, dim, &targets, &mask, &lse, 0.01, &mut dlogits)
+        .unwrap();
+    let cfg = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let (mut p, mut m, mut v) = (a.clone(), b.clone(), b.iter().map(|x| x * x).collect());
+    be.adamw(&cfg, 3, &mut p, &out, &mut m, &mut v).unwrap();
+    vec![out, y, sw, dg, du, norm, rstd, roped, dlogits, p, m, v]
+}
+
+#[test]
+fn split_over_threads_equals_one_thread_bit_for_bit() {
+    let one = outputs(&CpuBackend::new(1).unwrap());
+    let three = outputs(&CpuBackend::new(3).unwrap());
+    let names = [
+        "add",
+        "axpy",
+        "swiglu",
+        "dgate",
+        "dup",
+        "rms_norm",
+        "rstd",
+        "rope",
+        "dlogits",
+        "param",
+        "exp_avg",
+        "exp_avg_sq",
+    ];
+    for ((a, b), name) in one.iter().zip(&three).zip(names) {
+        assert_eq!(bits(a), bits(b), "{name}");
+    }
+}
+
+#[test]
+fn a_bad_target_is_named_by_its_row_whatever_the_threads() {
+    let be = CpuBackend::new(2).unwrap();
+    let (rows, vocab) = (1000, 64);
+    let logits = rand(rows * vocab, 4);
+    let mut targets = vec![1u32; rows];
+    targets[777] = 64;
+    let mask = vec![true; rows];
+    let lse = vec![0.0; rows];
+    let mut d = vec![0.0; rows * vocab];
+    let e = be
+        .cross_entropy_backward(&logits, vocab, &targets, &mask, &lse, 1.0, &mut d)
+        .unwrap_err();
+    assert!(e.to_string().contains("row 777"), "{e}");
+}
