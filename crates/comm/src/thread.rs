@@ -110,6 +110,15 @@ impl World {
         }
     }
 
+    /// Waits on the world's condition for at most `timeout` (a poisoned lock stays usable, as
+    /// in [`World::lock`]).
+    fn wait<'a>(&self, st: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        self.cond
+            .wait_timeout(st, timeout)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0)
+    }
+
     fn fail(&self, rank: usize, reason: String) {
         let mut st = self.lock();
         if st.failed.is_none() {
@@ -117,6 +126,18 @@ impl World {
         }
         drop(st);
         self.cond.notify_all();
+    }
+}
+
+/// `PeerFailed` for world rank `me` when another rank has failed.
+fn peer_failure(st: &State, me: usize) -> Option<CommError> {
+    match &st.failed {
+        Some((failed, reason)) if *failed != me => Some(CommError::PeerFailed {
+            rank: Rank(me),
+            failed: Rank(*failed),
+            reason: reason.clone(),
+        }),
+        _ => None,
     }
 }
 
@@ -314,14 +335,8 @@ impl Transport for ThreadComm {
             if let Some(m) = st.boxes.get_mut(&key).and_then(|q| q.pop_front()) {
                 return Ok(m);
             }
-            if let Some((failed, reason)) = &st.failed {
-                if *failed != me {
-                    return Err(CommError::PeerFailed {
-                        rank: Rank(me),
-                        failed: Rank(*failed),
-                        reason: reason.clone(),
-                    });
-                }
+            if let Some(e) = peer_failure(&st, me) {
+                return Err(e);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -356,12 +371,7 @@ impl Transport for ThreadComm {
                     detail,
                 });
             }
-            st = self
-                .world
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.world.wait(st, deadline - now);
         }
     }
 
@@ -388,14 +398,8 @@ impl Transport for ThreadComm {
                     return Ok((self.members[j], m));
                 }
             }
-            if let Some((failed, reason)) = &st.failed {
-                if *failed != me {
-                    return Err(CommError::PeerFailed {
-                        rank: Rank(me),
-                        failed: Rank(*failed),
-                        reason: reason.clone(),
-                    });
-                }
+            if let Some(e) = peer_failure(&st, me) {
+                return Err(e);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -406,12 +410,7 @@ impl Transport for ThreadComm {
                     detail: "no rank sent anything".into(),
                 });
             }
-            st = self
-                .world
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.world.wait(st, deadline - now);
         }
     }
 

@@ -12,7 +12,7 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use super::{State, ThreadComm};
+use super::{peer_failure, State, ThreadComm};
 use crate::communicator::{Exposed, Rank};
 use crate::error::{CommError, Result};
 
@@ -144,14 +144,8 @@ impl ThreadComm {
             if w.abandoned {
                 return Err(self.abandoned_error(key.1));
             }
-            if let Some((failed, reason)) = &st.failed {
-                if *failed != me {
-                    return Err(CommError::PeerFailed {
-                        rank: Rank(me),
-                        failed: Rank(*failed),
-                        reason: reason.clone(),
-                    });
-                }
+            if let Some(e) = peer_failure(&st, me) {
+                return Err(e);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -176,12 +170,7 @@ impl ThreadComm {
                     detail: format!("rank(s) {} did not {what}", missing.join(", ")),
                 });
             }
-            st = self
-                .world
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.world.wait(st, deadline - now);
         }
     }
 
