@@ -26,7 +26,8 @@ pub(super) struct Window {
     done: usize,
     /// Members that have returned.
     left: usize,
-    /// A member gave up (timeout, failure): nobody starts reading any more.
+    /// A member gave up (timeout, failure): nobody starts reading any more. (The others learn
+    /// the cause from the world's failure, recorded when its rank ends.)
     abandoned: bool,
 }
 
@@ -63,13 +64,21 @@ impl ThreadComm {
         }) {
             Ok(()) => {
                 let mut st = self.world.lock();
-                match st.windows.get_mut(&key) {
+                let open = match st.windows.get_mut(&key) {
                     Some(w) if !w.abandoned => {
                         w.readers += 1;
-                        Ok(w.exposed.iter().flatten().cloned().collect::<Vec<_>>())
+                        Some(w.exposed.iter().flatten().cloned().collect::<Vec<_>>())
                     }
-                    _ => Err(self.abandoned_error(seq)),
-                }
+                    _ => None,
+                };
+                drop(st);
+                // Given up by another member: wait for its rank's failure to be recorded (or
+                // this member's deadline), so that the error reported first is the cause.
+                open.ok_or_else(|| {
+                    self.wait_window(key, start, "stay in the window", |_| false)
+                        .err()
+                        .unwrap_or_else(|| self.abandoned_error(seq))
+                })
             }
             Err(e) => Err(e),
         };
@@ -108,13 +117,14 @@ impl ThreadComm {
         }
         self.world.cond.notify_all();
         let closed = self.wait_window(key, start, "finish reading", |w| w.done == n);
-        self.leave_window(key, closed.is_err() || outcome.is_err());
+        self.leave_window(key, outcome.is_err() || closed.is_err());
         match outcome {
             Err(panic) => resume_unwind(panic),
             Ok(()) => closed.map(|()| true),
         }
     }
 
+    /// The error of a member whose window is gone (every other member left it).
     fn abandoned_error(&self, seq: u64) -> CommError {
         CommError::Unavailable(format!(
             "window #{seq} on world ranks {:?}: another rank gave it up",
@@ -122,8 +132,8 @@ impl ThreadComm {
         ))
     }
 
-    /// Waits until `ready` holds of the window, failing on a peer's failure, an abandoned
-    /// window, or the timeout (naming the members that have not done `what`).
+    /// Waits until `ready` holds of the window, failing on a peer's failure or the timeout
+    /// (naming the members that have not done `what`).
     fn wait_window(
         &self,
         key: (u64, u64),
@@ -141,9 +151,10 @@ impl ThreadComm {
             if ready(w) {
                 return Ok(());
             }
-            if w.abandoned {
-                return Err(self.abandoned_error(key.1));
-            }
+            // A member that gave up does not end the wait by itself: the world's failure (when
+            // its rank ends with the error) or this member's own deadline does, so that the
+            // error reported first is the cause. (Nobody *starts* reading an abandoned window:
+            // that check is under the lock where a reader registers.)
             if let Some(e) = peer_failure(&st, me) {
                 return Err(e);
             }
