@@ -36,6 +36,20 @@ pub trait Real:
             *x = x.exp();
         }
     }
+    /// The largest value of a slice (−∞ when empty, NaNs skipped).
+    fn max_of(xs: &[Self]) -> Self {
+        xs.iter().fold(Self::neg_infinity(), |a, &b| a.max(b))
+    }
+    /// `x ← e^(x − shift)` over a slice, returning the sum of the new values (vectorised in
+    /// lanes for `f32`, [`crate::simd::exp_sum`]).
+    fn exp_sum(xs: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::zero();
+        for x in xs {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
     /// SwiGLU's forward, elementwise: `out = g·σ(g)·up`.
     fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -69,6 +83,12 @@ impl Real for f32 {
     }
     fn exp_in_place(xs: &mut [Self]) {
         crate::simd::exp_in_place(xs)
+    }
+    fn max_of(xs: &[Self]) -> Self {
+        crate::simd::max(xs)
+    }
+    fn exp_sum(xs: &mut [Self], shift: Self) -> Self {
+        crate::simd::exp_sum(xs, shift)
     }
     fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
         crate::simd::swiglu(gate, up, out)

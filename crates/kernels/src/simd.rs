@@ -10,15 +10,18 @@
 /// Runs `$body` (an `#[inline(always)]` function call) compiled with AVX-512F+FMA, AVX2+FMA or
 /// nothing extra, whichever the CPU has.
 macro_rules! widest {
-    (($($arg:ident: $ty:ty),*), $body:expr) => {{
+    (($($arg:ident: $ty:ty),*), $body:expr) => {
+        widest!(($($arg: $ty),*) -> (), $body)
+    };
+    (($($arg:ident: $ty:ty),*) -> $ret:ty, $body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f,fma")]
-            unsafe fn avx512($($arg: $ty),*) {
+            unsafe fn avx512($($arg: $ty),*) -> $ret {
                 $body
             }
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) {
+            unsafe fn avx2($($arg: $ty),*) -> $ret {
                 $body
             }
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -86,6 +89,76 @@ pub fn exp_in_place(xs: &mut [f32]) {
     widest!((xs: &mut [f32]), exp_body(xs))
 }
 
+/// Accumulator lanes of the reductions below: value `i` of a slice goes to lane `i % LANES`,
+/// and the lanes are combined in one fixed tree, so the result is the same on every vector
+/// width (and for every caller that hands over the same slice).
+pub const LANES: usize = 16;
+
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    // Compare-and-select rather than `f32::max`, so that it vectorises; NaNs are skipped as
+    // `f32::max` skips them (a NaN never compares greater).
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] = f(acc[l], acc[l + w]);
+        }
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn max_body(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = larger(acc[l], c[l]);
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        acc[l] = larger(acc[l], x);
+    }
+    fold_lanes(acc, larger)
+}
+
+/// The largest value of a slice (−∞ for an empty one; NaNs skipped, as `f32::max` does).
+pub fn max(xs: &[f32]) -> f32 {
+    widest!((xs: &[f32]) -> f32, max_body(xs))
+}
+
+#[inline(always)]
+fn exp_sum_body(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp1(c[l] - shift);
+            acc[l] += c[l];
+        }
+    }
+    for (l, x) in chunks.into_remainder().iter_mut().enumerate() {
+        *x = exp1(*x - shift);
+        acc[l] += *x;
+    }
+    fold_lanes(acc, |a, b| a + b)
+}
+
+/// `x ← e^(x − shift)` over a slice, returning the sum of the new values (in [`LANES`] lanes).
+pub fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
+    widest!((xs: &mut [f32], shift: f32) -> f32, exp_sum_body(xs, shift))
+}
+
 #[inline(always)]
 fn silu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -150,6 +223,26 @@ mod tests {
     }
 
     #[test]
+    fn reductions_in_lanes() {
+        // Sums within rounding of the f64 sum, for every length around the lane count.
+        for n in 0..70 {
+            let xs: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let mut v = xs.clone();
+            let got = exp_sum(&mut v, 1.0) as f64;
+            let want: f64 = xs.iter().map(|&x| (x as f64 - 1.0).exp()).sum();
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1.0),
+                "{n}: {got} vs {want}"
+            );
+            let m = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(max(&xs), m, "{n}");
+        }
+        assert_eq!(max(&[f32::NAN, 1.0, f32::NAN]), 1.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert!(exp_sum(&mut [0.0, f32::NAN], 0.0).is_nan());
+    }
+
+    #[test]
     fn exp_edges() {
         assert!(exp1(f32::NAN).is_nan());
         assert_eq!(exp1(f32::INFINITY), f32::INFINITY);
@@ -168,6 +261,18 @@ mod tests {
         for (x, y) in xs.iter().zip(&v) {
             assert_eq!(y.to_bits(), exp1(*x).to_bits(), "exp({x})");
         }
+        let mut v = xs.clone();
+        let sum = exp_sum(&mut v, 3.5);
+        let mut lanes = [0.0f32; LANES];
+        for (i, (x, y)) in xs.iter().zip(&v).enumerate() {
+            assert_eq!(y.to_bits(), exp1(*x - 3.5).to_bits(), "exp({x} - 3.5)");
+            lanes[i % LANES] += y;
+        }
+        assert_eq!(sum.to_bits(), fold_lanes(lanes, |a, b| a + b).to_bits());
+        assert_eq!(
+            max(&xs),
+            xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        );
         let up: Vec<f32> = xs.iter().map(|x| 0.5 - x * 0.01).collect();
         let mut out = vec![0.0; xs.len()];
         swiglu(&xs, &up, &mut out);

@@ -15,6 +15,10 @@
 use rayon::prelude::*;
 
 use super::attention::{AttnShape, BLOCK};
+
+/// Query rows per GEMM: several key-block tiles tall, so that each GEMM call does more work
+/// (the head dimension, the GEMMs' inner size, is small).
+const Q_BLOCK: usize = 4 * BLOCK;
 use crate::error::{check_len, invalid, Result};
 use crate::matmul::{matmul, MatMut, MatRef};
 use crate::real::Real;
@@ -46,6 +50,11 @@ impl Span {
     /// Keys visible to query row `i` among key rows `j0..j0 + bc` (a prefix of them).
     fn visible_in(&self, i: usize, j0: usize, bc: usize) -> usize {
         (self.q_pos + i + 1).saturating_sub(self.k_pos + j0).min(bc)
+    }
+
+    /// The first query row that sees key row `j` (`q_len` or more when none does).
+    fn first_row_seeing(&self, j: usize) -> usize {
+        (self.k_pos + j).saturating_sub(self.q_pos)
     }
 
     /// Number of (query, key) pairs the mask lets through.
@@ -162,21 +171,23 @@ fn forward_task<T: Real>(
     let (len, klen) = (span.q_len, span.k_len);
     let mut o = vec![T::zero(); len * d];
     let mut lse = vec![T::neg_infinity(); len];
-    let mut tile = vec![T::zero(); BLOCK * BLOCK];
-    let mut m = [T::zero(); BLOCK];
-    let mut l = [T::zero(); BLOCK];
-    for i0 in (0..len).step_by(BLOCK) {
-        let br = BLOCK.min(len - i0);
+    let mut tile = vec![T::zero(); Q_BLOCK * BLOCK];
+    let mut m = [T::zero(); Q_BLOCK];
+    let mut l = [T::zero(); Q_BLOCK];
+    for i0 in (0..len).step_by(Q_BLOCK) {
+        let br = Q_BLOCK.min(len - i0);
         m[..br].fill(T::neg_infinity());
         l[..br].fill(T::zero());
         for j0 in (0..klen).step_by(BLOCK) {
-            // Blocks wholly after the last row's position add nothing (nor do later ones).
-            if span.visible_in(i0 + br - 1, j0, 1) == 0 {
+            // Rows before `first` see none of this key block; when no row does, no later
+            // block is seen either.
+            let first = span.first_row_seeing(j0).max(i0);
+            if first >= i0 + br {
                 break;
             }
-            let bc = BLOCK.min(klen - j0);
+            let (bc, rows) = (BLOCK.min(klen - j0), i0 + br - first);
             matmul(
-                br,
+                rows,
                 bc,
                 d,
                 MatMut {
@@ -187,7 +198,7 @@ fn forward_task<T: Real>(
                 },
                 MatRef {
                     data: q,
-                    offset: (span.q_start + i0) * qrs + h * d,
+                    offset: (span.q_start + first) * qrs + h * d,
                     rs: qrs,
                     cs: 1,
                 },
@@ -201,40 +212,27 @@ fn forward_task<T: Real>(
                 T::zero(),
                 1,
             )?;
-            for r in 0..br {
-                let visible = span.visible_in(i0 + r, j0, bc);
-                let srow = &mut tile[r * bc..(r + 1) * bc];
-                if visible == 0 {
-                    srow.fill(T::zero());
-                    continue;
-                }
-                let bmax = srow[..visible]
-                    .iter()
-                    .fold(T::neg_infinity(), |a, &b| a.max(b));
-                let m_new = m[r].max(bmax);
-                let alpha = (m[r] - m_new).exp();
-                for s in &mut srow[..visible] {
-                    *s -= m_new;
-                }
-                T::exp_in_place(&mut srow[..visible]);
-                srow[visible..].fill(T::zero());
-                let mut sum = T::zero();
-                for &s in &srow[..visible] {
-                    sum += s;
-                }
-                l[r] = l[r] * alpha + sum;
-                m[r] = m_new;
-                for x in &mut o[(i0 + r) * d..(i0 + r + 1) * d] {
+            for (r, srow) in tile.chunks_exact_mut(bc).take(rows).enumerate() {
+                let (i, a) = (first + r, first + r - i0);
+                // Masked scores as −∞: their exponentials are 0, which leaves the sum as it
+                // is, and whole rows keep the vector loops free of scalar remainders.
+                srow[span.visible_in(i, j0, bc)..].fill(T::neg_infinity());
+                let m_new = m[a].max(T::max_of(srow));
+                let alpha = (m[a] - m_new).exp();
+                let sum = T::exp_sum(srow, m_new);
+                l[a] = l[a] * alpha + sum;
+                m[a] = m_new;
+                for x in &mut o[i * d..(i + 1) * d] {
                     *x *= alpha;
                 }
             }
             matmul(
-                br,
+                rows,
                 d,
                 bc,
                 MatMut {
                     data: &mut o,
-                    offset: i0 * d,
+                    offset: first * d,
                     rs: d,
                     cs: 1,
                 },
@@ -255,15 +253,15 @@ fn forward_task<T: Real>(
                 1,
             )?;
         }
-        for r in 0..br {
-            if l[r] == T::zero() {
+        for a in 0..br {
+            if l[a] == T::zero() {
                 continue;
             }
-            let inv = l[r].recip();
-            for x in &mut o[(i0 + r) * d..(i0 + r + 1) * d] {
+            let inv = l[a].recip();
+            for x in &mut o[(i0 + a) * d..(i0 + a + 1) * d] {
                 *x *= inv;
             }
-            lse[i0 + r] = m[r] + l[r].ln();
+            lse[i0 + a] = m[a] + l[a].ln();
         }
     }
     Ok((o, lse))
@@ -389,22 +387,21 @@ fn backward_task<T: Real>(
     let mut dq = vec![T::zero(); rep * len * d];
     let mut dk = vec![T::zero(); klen * d];
     let mut dv = vec![T::zero(); klen * d];
-    let mut p = vec![T::zero(); BLOCK * BLOCK];
-    let mut ds = vec![T::zero(); BLOCK * BLOCK];
+    let mut p = vec![T::zero(); Q_BLOCK * BLOCK];
+    let mut ds = vec![T::zero(); Q_BLOCK * BLOCK];
     for j0 in (0..klen).step_by(BLOCK) {
         let bc = BLOCK.min(klen - j0);
         let kj = (span.k_start + j0) * krs + g * d;
+        // Only rows from `first` on see this key block.
+        let first = span.first_row_seeing(j0);
         for hh in 0..rep {
             let h = g * rep + hh;
-            for i0 in (0..len).step_by(BLOCK) {
-                let br = BLOCK.min(len - i0);
-                if span.visible_in(i0 + br - 1, j0, 1) == 0 {
-                    continue;
-                }
+            for i0 in (first..len).step_by(Q_BLOCK) {
+                let rows = Q_BLOCK.min(len - i0);
                 let qi = (span.q_start + i0) * qrs + h * d;
                 // P = exp(scale·Q Kᵀ − lse), masked.
                 matmul(
-                    br,
+                    rows,
                     bc,
                     d,
                     MatMut {
@@ -419,21 +416,22 @@ fn backward_task<T: Real>(
                     T::zero(),
                     1,
                 )?;
-                for r in 0..br {
+                for (r, row) in p.chunks_exact_mut(bc).take(rows).enumerate() {
                     let l = x.lse[h * q_tokens + span.q_start + i0 + r];
                     let visible = span.visible_in(i0 + r, j0, bc);
-                    let row = &mut p[r * bc..(r + 1) * bc];
-                    for e in &mut row[..visible] {
-                        *e -= l;
+                    if visible == 0 {
+                        // (Its lse may be −∞ when no span reaches it: no −∞ − −∞ here.)
+                        row.fill(T::zero());
+                        continue;
                     }
-                    T::exp_in_place(&mut row[..visible]);
-                    row[visible..].fill(T::zero());
+                    row[visible..].fill(T::neg_infinity());
+                    T::exp_sum(row, l);
                 }
                 // dV_j += Pᵀ dO_i
                 matmul(
                     bc,
                     d,
-                    br,
+                    rows,
                     MatMut {
                         data: &mut dv,
                         offset: j0 * d,
@@ -448,7 +446,7 @@ fn backward_task<T: Real>(
                 )?;
                 // dP = dO_i V_jᵀ, then dS = P ∘ (dP − delta).
                 matmul(
-                    br,
+                    rows,
                     bc,
                     d,
                     MatMut {
@@ -463,15 +461,15 @@ fn backward_task<T: Real>(
                     T::zero(),
                     1,
                 )?;
-                for r in 0..br {
-                    let dl = x.delta[h * q_tokens + span.q_start + i0 + r];
-                    for c in 0..bc {
-                        ds[r * bc + c] = p[r * bc + c] * (ds[r * bc + c] - dl);
+                let dl = &x.delta[h * q_tokens + span.q_start + i0..][..rows];
+                for ((srow, prow), &dl) in ds.chunks_exact_mut(bc).zip(p.chunks_exact(bc)).zip(dl) {
+                    for (s, &p) in srow.iter_mut().zip(prow) {
+                        *s = p * (*s - dl);
                     }
                 }
                 // dQ_i += scale · dS K_j ; dK_j += scale · dSᵀ Q_i
                 matmul(
-                    br,
+                    rows,
                     d,
                     bc,
                     MatMut {
@@ -489,7 +487,7 @@ fn backward_task<T: Real>(
                 matmul(
                     bc,
                     d,
-                    br,
+                    rows,
                     MatMut {
                         data: &mut dk,
                         offset: j0 * d,
@@ -534,7 +532,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 8,
         };
-        let len = 150;
+        let len = 340;
         let (qn, kn) = (len * shape.heads * 8, len * shape.kv_heads * 8);
         let (q, k, v, dout) = (rand(qn, 1), rand(kn, 2), rand(kn, 3), rand(qn, 4));
         let scale = 0.3;
@@ -547,7 +545,8 @@ mod tests {
         )
         .unwrap();
 
-        let cuts = [0, 7, 70, 71, 139, 150];
+        // Pieces shorter and longer than the kernel's query chunk (256 rows).
+        let cuts = [0, 7, 70, 71, 339, 340];
         let mut spans = Vec::new();
         for a in cuts.windows(2) {
             for b in cuts.windows(2).rev() {
