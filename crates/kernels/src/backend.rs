@@ -10,6 +10,7 @@ pub use crate::ops::adamw::AdamW;
 pub use crate::ops::attention::AttnShape;
 pub use crate::ops::rope::{Rope, RopeScaling};
 use crate::ops::{adamw, attention, elementwise, embedding, loss, norm, rope, swiglu};
+use crate::pool::Shelf;
 
 /// Everything the runtime asks of a device. Buffers hold `f32` (master weights, activations and
 /// gradients); lower-precision storage is a cast at the edges. Integer inputs (token ids,
@@ -22,6 +23,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
     /// A zero-filled buffer.
     fn zeros(&self, len: usize) -> Result<Self::Buffer>;
+    /// Hands back a buffer its holder no longer needs, so that a later [`Backend::zeros`] may
+    /// reuse its memory (the CPU backend keeps it on a shelf; the default frees it).
+    fn recycle(&self, buf: Self::Buffer) {
+        drop(buf);
+    }
     /// Copies host values to a new buffer.
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
     /// Copies a buffer back to the host.
@@ -192,6 +198,7 @@ pub trait Backend: Send + Sync {
 pub struct CpuBackend {
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
+    shelf: Arc<Shelf>,
 }
 
 impl CpuBackend {
@@ -208,6 +215,7 @@ impl CpuBackend {
         Ok(Self {
             threads,
             pool: Arc::new(pool),
+            shelf: Arc::default(),
         })
     }
 
@@ -246,7 +254,13 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        crate::error::try_zeros(len)
+        match self.shelf.take_zeroed(len) {
+            Some(v) => Ok(v),
+            None => crate::error::try_zeros(len),
+        }
+    }
+    fn recycle(&self, buf: Vec<f32>) {
+        self.shelf.give(buf);
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         let mut v = crate::error::try_zeros(0)?;

@@ -25,6 +25,7 @@ mod error;
 mod layer;
 pub mod matmul;
 pub mod ops;
+mod pool;
 mod real;
 pub mod simd;
 

@@ -417,7 +417,11 @@ impl<'a, B: Backend> Pass<'a, B> {
                 if dead && !self.keep[t.0] {
                     if let Slot::Owned(_, bytes) = self.slots[t.0] {
                         self.live -= bytes;
-                        self.slots[t.0] = Slot::Empty;
+                        if let Slot::Owned(buf, _) =
+                            std::mem::replace(&mut self.slots[t.0], Slot::Empty)
+                        {
+                            be.recycle(buf);
+                        }
                     }
                 }
             }
