@@ -23,6 +23,13 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
     /// A zero-filled buffer.
     fn zeros(&self, len: usize) -> Result<Self::Buffer>;
+    /// A buffer of `len` values whose contents are unspecified, for an output its op writes in
+    /// full (the CPU backend hands back a shelved buffer without clearing it; in debug builds
+    /// it fills it with NaN, so that an op that does not write every value shows in every
+    /// test). The default is [`Backend::zeros`].
+    fn scratch(&self, len: usize) -> Result<Self::Buffer> {
+        self.zeros(len)
+    }
     /// Hands back a buffer its holder no longer needs, so that a later [`Backend::zeros`] may
     /// reuse its memory (the CPU backend keeps it on a shelf; the default frees it).
     fn recycle(&self, buf: Self::Buffer) {
@@ -258,6 +265,16 @@ impl Backend for CpuBackend {
             Some(v) => Ok(v),
             None => crate::error::try_zeros(len),
         }
+    }
+    fn scratch(&self, len: usize) -> Result<Vec<f32>> {
+        let mut v = match self.shelf.take_unfilled(len) {
+            Some(v) => v,
+            None => crate::error::try_zeros(len)?,
+        };
+        if cfg!(debug_assertions) {
+            v.fill(f32::NAN);
+        }
+        Ok(v)
     }
     fn recycle(&self, buf: Vec<f32>) {
         self.shelf.give(buf);

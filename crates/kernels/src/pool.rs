@@ -32,10 +32,25 @@ impl Shelf {
     /// A zero-filled buffer of `len` values from the shelf — one whose capacity is between
     /// `len` and twice that — or `None`.
     pub(crate) fn take_zeroed(&self, len: usize) -> Option<Vec<f32>> {
+        let mut v = self.take(len)?;
+        v.clear();
+        v.resize(len, 0.0);
+        Some(v)
+    }
+
+    /// Like [`Self::take_zeroed`], but the values are whatever the buffer held before (values
+    /// past its old length are zeros): for an output its op writes in full.
+    pub(crate) fn take_unfilled(&self, len: usize) -> Option<Vec<f32>> {
+        let mut v = self.take(len)?;
+        v.resize(len, 0.0);
+        Some(v)
+    }
+
+    fn take(&self, len: usize) -> Option<Vec<f32>> {
         if len == 0 {
             return None;
         }
-        let mut v = {
+        let v = {
             let mut s = self.stock();
             let (&cap, list) = s
                 .by_capacity
@@ -48,8 +63,6 @@ impl Shelf {
             s.bytes -= cap * std::mem::size_of::<f32>();
             v
         };
-        v.clear();
-        v.resize(len, 0.0);
         Some(v)
     }
 
@@ -92,6 +105,9 @@ mod tests {
         assert!(w.iter().all(|&x| x == 0.0));
         assert_eq!(shelf.bytes(), 0);
         assert!(shelf.take_zeroed(600).is_none(), "taken once only");
+        shelf.give(vec![7.0f32; 1000]);
+        let w = shelf.take_unfilled(800).expect("on the shelf");
+        assert!(w.len() == 800 && w.iter().all(|&x| x == 7.0));
     }
 
     #[test]
