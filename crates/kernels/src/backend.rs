@@ -348,7 +348,32 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         dweight: &mut Vec<f32>,
     ) -> Result<()> {
-        norm::backward(dy, x, weight, rstd, dx, dweight)
+        let (dim, rows) = (weight.len(), rstd.len());
+        let fits = dim > 0
+            && dy.len() == rows * dim
+            && x.len() == rows * dim
+            && dx.len() == rows * dim
+            && dweight.len() == dim;
+        if !fits || self.piece_rows(dy.len(), dim).is_none() {
+            return norm::backward(dy, x, weight, rstd, dx, dweight);
+        }
+        // The groups over the threads; their weight gradients added in group order, as
+        // `norm::backward` adds them.
+        let g = norm::GROUP_ROWS * dim;
+        let parts: Vec<Vec<f32>> = self.run(|| {
+            dy.par_chunks(g)
+                .zip(x.par_chunks(g))
+                .zip(rstd.par_chunks(norm::GROUP_ROWS))
+                .zip(dx.par_chunks_mut(g))
+                .map(|(((dy, x), rstd), dx)| norm::group_backward(dy, x, weight, rstd, dx))
+                .collect()
+        });
+        for part in parts {
+            for (w, p) in dweight.iter_mut().zip(part) {
+                *w += p;
+            }
+        }
+        Ok(())
     }
     fn rope(
         &self,
@@ -446,7 +471,20 @@ impl Backend for CpuBackend {
         mask: &[bool],
         lse: &mut Vec<f32>,
     ) -> Result<f32> {
-        loss::forward(logits, vocab, targets, mask, lse)
+        let rows = targets.len();
+        match self.piece_rows(logits.len(), vocab) {
+            Some(r) if logits.len() == rows * vocab && mask.len() == rows && lse.len() == rows => {
+                // Rows' log-sum-exps over the threads; the total in row order on this one, so
+                // the loss does not depend on the thread count.
+                self.run(|| {
+                    lse.par_chunks_mut(r)
+                        .zip(logits.par_chunks(r * vocab))
+                        .for_each(|(l, x)| loss::log_sum_exp(x, vocab, l))
+                });
+                loss::masked_total(logits, vocab, targets, mask, lse)
+            }
+            _ => loss::forward(logits, vocab, targets, mask, lse),
+        }
     }
     fn cross_entropy_backward(
         &self,

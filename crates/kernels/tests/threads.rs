@@ -40,10 +40,14 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
     let mut roped = a.clone();
     be.rope(&mut roped, &positions, 3, 32, &Rope::plain(10000.0), false)
         .unwrap();
+    let (mut ndx, mut ndw) = (vec![0.0; n], w.clone());
+    be.rms_norm_backward(&b, &a, &w, &rstd, &mut ndx, &mut ndw)
+        .unwrap();
     let targets: Vec<u32> = (0..rows as u32).map(|t| (t * 7) % dim as u32).collect();
     let mask: Vec<bool> = (0..rows).map(|t| t % 5 != 0).collect();
     let mut lse = vec![0.0; rows];
-    be.cross_entropy_forward(&a, dim, &targets, &mask, &mut lse)
+    let loss = be
+        .cross_entropy_forward(&a, dim, &targets, &mask, &mut lse)
         .unwrap();
     let mut dlogits = vec![0.0; n];
     be.cross_entropy_backward(&a, dim, &targets, &mask, &lse, 0.01, &mut dlogits)
@@ -57,7 +61,24 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
     };
     let (mut p, mut m, mut v) = (a.clone(), b.clone(), b.iter().map(|x| x * x).collect());
     be.adamw(&cfg, 3, &mut p, &out, &mut m, &mut v).unwrap();
-    vec![out, y, sw, dg, du, norm, rstd, roped, dlogits, p, m, v]
+    vec![
+        out,
+        y,
+        sw,
+        dg,
+        du,
+        norm,
+        rstd,
+        ndx,
+        ndw,
+        roped,
+        lse,
+        vec![loss],
+        dlogits,
+        p,
+        m,
+        v,
+    ]
 }
 
 #[test]
@@ -72,12 +93,17 @@ fn split_over_threads_equals_one_thread_bit_for_bit() {
         "dup",
         "rms_norm",
         "rstd",
+        "rms_norm dx",
+        "rms_norm dweight",
         "rope",
+        "lse",
+        "loss",
         "dlogits",
         "param",
         "exp_avg",
         "exp_avg_sq",
     ];
+    assert_eq!(one.len(), names.len());
     for ((a, b), name) in one.iter().zip(&three).zip(names) {
         assert_eq!(bits(a), bits(b), "{name}");
     }

@@ -16,21 +16,41 @@ pub fn forward<T: Real>(
     check_len("cross_entropy", "logits", rows * vocab, logits.len())?;
     check_len("cross_entropy", "mask", rows, mask.len())?;
     check_len("cross_entropy", "lse", rows, lse.len())?;
+    log_sum_exp(logits, vocab, lse);
+    masked_total(logits, vocab, targets, mask, lse)
+}
+
+/// Every row's log-sum-exp (`lse.len()` rows of `vocab` logits; lengths checked by the
+/// caller). Rows are independent, so any split of them gives the same values.
+pub fn log_sum_exp<T: Real>(logits: &[T], vocab: usize, lse: &mut [T]) {
+    let mut tmp = vec![T::zero(); vocab];
+    for (row, l) in logits.chunks_exact(vocab).zip(lse.iter_mut()) {
+        let max = T::max_of(row);
+        tmp.copy_from_slice(row);
+        *l = max + T::exp_sum(&mut tmp, max).ln();
+    }
+}
+
+/// `Σ lse − logits[row, target]` over the masked rows, in row order, from [`log_sum_exp`]'s
+/// values (lengths checked by the caller).
+pub fn masked_total<T: Real>(
+    logits: &[T],
+    vocab: usize,
+    targets: &[u32],
+    mask: &[bool],
+    lse: &[T],
+) -> Result<T> {
     let mut total = T::zero();
-    for r in 0..rows {
-        let row = &logits[r * vocab..(r + 1) * vocab];
-        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let sum: T = row.iter().map(|&v| (v - max).exp()).sum();
-        lse[r] = max + sum.ln();
-        if mask[r] {
-            let t = targets[r] as usize;
+    for (r, ((&t, &m), &l)) in targets.iter().zip(mask).zip(lse).enumerate() {
+        if m {
+            let t = t as usize;
             if t >= vocab {
                 return Err(invalid(
                     "cross_entropy",
                     format!("row {r}: target {t} is outside the vocabulary of {vocab}"),
                 ));
             }
-            total += lse[r] - row[t];
+            total += l - logits[r * vocab + t];
         }
     }
     Ok(total)

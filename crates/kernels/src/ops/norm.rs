@@ -29,7 +29,13 @@ pub fn forward<T: Real>(
     Ok(())
 }
 
-/// Backward: writes `dx` and accumulates `dweight += Σ_rows dy · x̂`.
+/// Rows whose weight gradient is summed on its own before it is added to `dweight` (in row
+/// order): the unit the CPU backend spreads over its threads, fixed so that the result does not
+/// depend on the thread count.
+pub const GROUP_ROWS: usize = 64;
+
+/// Backward: writes `dx` and accumulates `dweight += Σ_rows dy · x̂`, the rows summed in groups
+/// of [`GROUP_ROWS`].
 pub fn backward<T: Real>(
     dy: &[T],
     x: &[T],
@@ -44,22 +50,54 @@ pub fn backward<T: Real>(
     check_len("rms_norm_backward", "x", rows * dim, x.len())?;
     check_len("rms_norm_backward", "dx", rows * dim, dx.len())?;
     check_len("rms_norm_backward", "dweight", dim, dweight.len())?;
-    let n = T::of(dim as f64);
-    for r in 0..rows {
-        let s = rstd[r];
-        let xr = &x[r * dim..(r + 1) * dim];
-        let dyr = &dy[r * dim..(r + 1) * dim];
-        // dot = mean(dx̂ · x̂) with dx̂ = dy · w.
-        let mut dot = T::zero();
-        for j in 0..dim {
-            let xhat = xr[j] * s;
-            dweight[j] += dyr[j] * xhat;
-            dot += dyr[j] * weight[j] * xhat;
-        }
-        dot = dot / n;
-        for j in 0..dim {
-            dx[r * dim + j] = s * (dyr[j] * weight[j] - xr[j] * s * dot);
+    if dim == 0 {
+        return Ok(());
+    }
+    let g = GROUP_ROWS * dim;
+    for (((dy, x), rstd), dx) in dy
+        .chunks(g)
+        .zip(x.chunks(g))
+        .zip(rstd.chunks(GROUP_ROWS))
+        .zip(dx.chunks_mut(g))
+    {
+        let part = group_backward(dy, x, weight, rstd, dx);
+        for (w, p) in dweight.iter_mut().zip(part) {
+            *w += p;
         }
     }
     Ok(())
+}
+
+/// [`backward`] of one group of rows (lengths checked by the caller): writes its `dx` and
+/// returns its share of the weight gradient.
+pub fn group_backward<T: Real>(
+    dy: &[T],
+    x: &[T],
+    weight: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+) -> Vec<T> {
+    const LANES: usize = 16;
+    let dim = weight.len();
+    let n = T::of(dim as f64);
+    let mut part = vec![T::zero(); dim];
+    for (((xr, dyr), dxr), &s) in x
+        .chunks_exact(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+        .zip(rstd)
+    {
+        // dot = mean(dx̂ · x̂) with dx̂ = dy · w, summed in lanes (so that it vectorises).
+        let mut acc = [T::zero(); LANES];
+        for (j, ((&d, &w), &xv)) in dyr.iter().zip(weight).zip(xr).enumerate() {
+            let xhat = xv * s;
+            part[j] += d * xhat;
+            acc[j % LANES] += d * w * xhat;
+        }
+        let dot = acc.iter().fold(T::zero(), |a, &b| a + b) / n;
+        for (((o, &d), &w), &xv) in dxr.iter_mut().zip(dyr).zip(weight).zip(xr) {
+            *o = s * (d * w - xv * s * dot);
+        }
+    }
+    part
 }
