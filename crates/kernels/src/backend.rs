@@ -368,10 +368,8 @@ impl Backend for CpuBackend {
                 .map(|(((dy, x), rstd), dx)| norm::group_backward(dy, x, weight, rstd, dx))
                 .collect()
         });
-        for part in parts {
-            for (w, p) in dweight.iter_mut().zip(part) {
-                *w += p;
-            }
+        for part in &parts {
+            norm::add_part(dweight, part);
         }
         Ok(())
     }

@@ -68,6 +68,26 @@ impl Rng {
     }
 }
 
+/// A deterministic stream of 64-bit values from `seed` (xorshift64; any seed, 0 included):
+/// test and benchmark inputs that are the same on every machine.
+pub fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    })
+}
+
+/// `n` values in `[-1, 1)` on a grid of 2⁻²³ from [`xorshift`]`(seed)`.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    xorshift(seed)
+        .take(n)
+        .map(|x| (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+        .collect()
+}
+
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;

@@ -4,14 +4,9 @@
 use kernels::{AdamW, Backend, CpuBackend, Rope};
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-        })
+    kernels::conformance::xorshift(seed)
+        .take(n)
+        .map(|x| ((x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32)
         .collect()
 }
 

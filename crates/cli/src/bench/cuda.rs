@@ -75,17 +75,7 @@ fn gpu_median(
     Ok(times[times.len() / 2])
 }
 
-pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
-}
+pub(super) use kernels::conformance::uniform as rand_vec;
 
 #[derive(Serialize)]
 struct GemmRow {

@@ -512,14 +512,9 @@ mod tests {
     use crate::ops::attention;
 
     fn rand(n: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
+        crate::conformance::xorshift(seed)
+            .take(n)
+            .map(|x| (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
             .collect()
     }
 

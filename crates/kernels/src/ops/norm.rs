@@ -60,12 +60,16 @@ pub fn backward<T: Real>(
         .zip(rstd.chunks(GROUP_ROWS))
         .zip(dx.chunks_mut(g))
     {
-        let part = group_backward(dy, x, weight, rstd, dx);
-        for (w, p) in dweight.iter_mut().zip(part) {
-            *w += p;
-        }
+        add_part(dweight, &group_backward(dy, x, weight, rstd, dx));
     }
     Ok(())
+}
+
+/// `dweight += part`: a group's share of the weight gradient, added in group order.
+pub fn add_part<T: Real>(dweight: &mut [T], part: &[T]) {
+    for (w, &p) in dweight.iter_mut().zip(part) {
+        *w += p;
+    }
 }
 
 /// [`backward`] of one group of rows (lengths checked by the caller): writes its `dx` and
