@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::error::{KernelError, Result};
+use crate::error::{check_len, KernelError, Result};
 use crate::matmul::{self, GemmSpec};
 pub use crate::ops::adamw::AdamW;
 pub use crate::ops::attention::AttnShape;
@@ -180,6 +180,13 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Self::Buffer, b: &Self::Buffer, out: &mut Self::Buffer) -> Result<()>;
     /// `y += alpha · x`.
     fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()>;
+    /// `dst = src`, of equal lengths. The default replaces `dst` by zeros and adds `src`
+    /// ([`Backend::zeros`], [`Backend::axpy`]); the CPU backend copies over its threads.
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()> {
+        let old = std::mem::replace(dst, self.zeros(self.len(dst))?);
+        self.recycle(old);
+        self.axpy(1.0, src, dst)
+    }
     /// `x *= alpha`.
     fn scale(&self, alpha: f32, x: &mut Self::Buffer) -> Result<()>;
     /// `Σ x²` in f64.
@@ -544,6 +551,18 @@ impl Backend for CpuBackend {
             }),
             _ => elementwise::axpy(alpha, x, y),
         }
+    }
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        check_len("copy", "dst", src.len(), dst.len())?;
+        match self.piece_rows(dst.len(), 1) {
+            Some(n) => self.run(|| {
+                dst.par_chunks_mut(n)
+                    .zip(src.par_chunks(n))
+                    .for_each(|(d, s)| d.copy_from_slice(s))
+            }),
+            None => dst.copy_from_slice(src),
+        }
+        Ok(())
     }
     fn scale(&self, alpha: f32, x: &mut Vec<f32>) -> Result<()> {
         elementwise::scale(alpha, x);

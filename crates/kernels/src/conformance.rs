@@ -222,6 +222,9 @@ fn pointwise<B: Backend>(
     let mut got = s.up(&b)?;
     s.dev.axpy(-0.7, &da, &mut got)?;
     s.check("axpy".into(), &got, &want, tol.f32)?;
+    let mut got = s.up(&b)?;
+    s.dev.copy(&da, &mut got)?;
+    s.check("copy (bitwise)".into(), &got, &a, 0.0)?;
     let mut want = a.clone();
     s.cpu.scale(1.3, &mut want)?;
     let mut got = s.up(&a)?;

@@ -88,6 +88,12 @@ impl<L: Layer> Backend for L {
     fn zeros(&self, len: usize) -> Result<Self::Buffer> {
         self.inner().zeros(len)
     }
+    fn scratch(&self, len: usize) -> Result<Self::Buffer> {
+        self.inner().scratch(len)
+    }
+    fn recycle(&self, buf: Self::Buffer) {
+        self.inner().recycle(buf)
+    }
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer> {
         self.inner().upload(data)
     }
@@ -281,6 +287,10 @@ impl<L: Layer> Backend for L {
     fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()> {
         let elems = 3 * self.len(x);
         self.kernel(Kernel::Elementwise { elems }, |i| i.axpy(alpha, x, y))
+    }
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()> {
+        let elems = 2 * self.len(src);
+        self.kernel(Kernel::Elementwise { elems }, |i| i.copy(src, dst))
     }
     fn scale(&self, alpha: f32, x: &mut Self::Buffer) -> Result<()> {
         let elems = 2 * self.len(x);

@@ -40,8 +40,9 @@ pub trait Real:
     fn max_of(xs: &[Self]) -> Self {
         xs.iter().fold(Self::neg_infinity(), |a, &b| a.max(b))
     }
-    /// `x ← e^(x − shift)` over a slice, returning the sum of the new values (vectorised in
-    /// lanes for `f32`, [`crate::simd::exp_sum`]).
+    /// `x ← e^(x − shift)` over a slice, returning the sum of the new values, for a softmax's
+    /// shift (at or above the slice's maximum). Vectorised in lanes for `f32`
+    /// ([`crate::simd::exp_sum`], which gives 0 where the exponential would be subnormal).
     fn exp_sum(xs: &mut [Self], shift: Self) -> Self {
         let mut sum = Self::zero();
         for x in xs {
@@ -49,6 +50,53 @@ pub trait Real:
             sum += *x;
         }
         sum
+    }
+    /// One tile of attention's online softmax: for every row `r` of `tile` (`visible.len()`
+    /// rows of `bc` scores, at least one visible), masks the scores from `visible[r]` on,
+    /// folds the row into the running maximum `m[r]` and sum `l[r]`, rescales row `r` of the
+    /// unnormalised output `o` (rows of `d`), and leaves the row's exponentials in `tile`.
+    #[allow(clippy::too_many_arguments)]
+    fn online_softmax(
+        tile: &mut [Self],
+        bc: usize,
+        visible: &[usize],
+        m: &mut [Self],
+        l: &mut [Self],
+        o: &mut [Self],
+        d: usize,
+    ) {
+        for (r, row) in tile.chunks_exact_mut(bc).take(visible.len()).enumerate() {
+            row[visible[r]..].fill(Self::neg_infinity());
+            let m_new = m[r].max(Self::max_of(row));
+            let alpha = (m[r] - m_new).exp();
+            l[r] = l[r] * alpha + Self::exp_sum(row, m_new);
+            m[r] = m_new;
+            for x in &mut o[r * d..(r + 1) * d] {
+                *x *= alpha;
+            }
+        }
+    }
+    /// Attention backward's probabilities: row `r` of `p` (rows of `bc` scores) becomes
+    /// `e^(p − lse[r])` for its first `visible[r]` scores and 0 after (all 0 when none is
+    /// visible: its `lse` may be −∞ when no key reached it).
+    fn softmax_probs(p: &mut [Self], bc: usize, visible: &[usize], lse: &[Self]) {
+        for (r, row) in p.chunks_exact_mut(bc).take(visible.len()).enumerate() {
+            if visible[r] == 0 {
+                row.fill(Self::zero());
+                continue;
+            }
+            row[visible[r]..].fill(Self::neg_infinity());
+            Self::exp_sum(row, lse[r]);
+        }
+    }
+    /// The softmax's backward, row by row: `ds ← p ∘ (ds − delta[r])` (rows of `bc`,
+    /// `delta.len()` of them).
+    fn softmax_grad(ds: &mut [Self], p: &[Self], bc: usize, delta: &[Self]) {
+        for ((srow, prow), &dl) in ds.chunks_exact_mut(bc).zip(p.chunks_exact(bc)).zip(delta) {
+            for (s, &p) in srow.iter_mut().zip(prow) {
+                *s = p * (*s - dl);
+            }
+        }
     }
     /// SwiGLU's forward, elementwise: `out = g·σ(g)·up`.
     fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
@@ -92,6 +140,23 @@ impl Real for f32 {
     }
     fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
         crate::simd::swiglu(gate, up, out)
+    }
+    fn online_softmax(
+        tile: &mut [Self],
+        bc: usize,
+        visible: &[usize],
+        m: &mut [Self],
+        l: &mut [Self],
+        o: &mut [Self],
+        d: usize,
+    ) {
+        crate::simd::online_softmax(tile, bc, visible, m, l, o, d)
+    }
+    fn softmax_probs(p: &mut [Self], bc: usize, visible: &[usize], lse: &[Self]) {
+        crate::simd::softmax_probs(p, bc, visible, lse)
+    }
+    fn softmax_grad(ds: &mut [Self], p: &[Self], bc: usize, delta: &[Self]) {
+        crate::simd::softmax_grad(ds, p, bc, delta)
     }
     fn swiglu_grad(
         dout: &[Self],

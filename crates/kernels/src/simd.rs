@@ -1,11 +1,14 @@
 //! Elementwise loops compiled for the widest vector unit this CPU has (AVX-512, AVX2, or the
-//! x86-64 baseline), picked at run time. Every version computes the same values — plain
-//! multiplies and adds, no fused multiply-add contraction — so a result does not depend on the
-//! machine it ran on.
+//! x86-64 baseline), picked at run time. Every version computes the same values: the only
+//! fused multiply-adds are explicit `mul_add`s, which round once whether the CPU has FMA
+//! units (AVX2 and AVX-512 here) or the baseline calls `fmaf` (exact, but slow); nothing else
+//! is contracted. So a result does not depend on the machine it ran on.
 //!
-//! `exp` here is Cephes' `expf` (Cody–Waite reduction, a degree-7 polynomial), written so that
-//! it vectorises: within 2 ulp of the correctly rounded value over the whole f32 range, `NaN` in
-//! gives `NaN`, below ≈ −103.97 it gives 0 (subnormals on the way), above ≈ 88.72 infinity.
+//! `exp` here is Cephes' `expf` (Cody–Waite reduction, a degree-7 polynomial, evaluated with
+//! fused multiply-adds), written so that it vectorises: within 2 ulp of the correctly rounded
+//! value over the whole f32 range, `NaN` in gives `NaN`, below ≈ −103.97 it gives 0
+//! (subnormals on the way), above ≈ 88.72 infinity. The softmax's version ([`exp_sum`]) scales
+//! by 2ⁿ once instead of twice and gives 0 where `exp` would be subnormal.
 
 /// Runs `$body` (an `#[inline(always)]` function call) compiled with AVX-512F+FMA, AVX2+FMA or
 /// nothing extra, whichever the CPU has.
@@ -41,36 +44,69 @@ macro_rules! widest {
     }};
 }
 
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// Above this `eˣ` is infinite.
+const HI: f32 = 88.722_84;
+/// Below this `eˣ` is 0 (in round-to-nearest).
+const LO: f32 = -103.972_08;
+/// Below this `eˣ` is subnormal (`ln 2⁻¹²⁶`, rounded up); [`exp_softmax1`] gives 0 there.
+const NORMAL: f32 = -87.33;
+
+/// `e^r` for the reduced argument `|r| ≤ ln2/2`, and the integer `n` of `x = n·ln2 + r`, for
+/// `x` already clamped to a finite range. `n` is found without a (scalar, saturating) cast:
+/// |n| < 2²², so n + 1.5·2²³ holds it exactly in its low mantissa bits.
+#[inline(always)]
+fn reduced(xc: f32) -> (f32, i32) {
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let n = xc.mul_add(LOG2E, 0.5).floor();
+    let r = (-n).mul_add(C2, (-n).mul_add(C1, xc));
+    let mut p = 1.987_569_2e-4_f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 0.166_666_65);
+    p = p.mul_add(r, 0.5);
+    let p = (p * r).mul_add(r, r) + 1.0;
+    let n = ((n + 12_582_912.0).to_bits() as i32).wrapping_sub(0x4B40_0000);
+    (p, n)
+}
+
+/// `2ⁿ` for `−126 ≤ n ≤ 127` (a normal number).
+#[inline(always)]
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
 /// `eˣ` of one value; see the module docs.
 #[inline(always)]
 pub fn exp1(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const HI: f32 = 88.722_84;
-    const LO: f32 = -103.972_08;
-    let xc = x.clamp(LO, HI);
-    let n = (xc * LOG2E + 0.5).floor();
-    let r = xc - n * C1 - n * C2;
-    let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
-    // 2ⁿ in two halves, so that neither overflows nor underflows on its own.
-    // n as an integer without a (scalar, saturating) cast: |n| < 2²², so n + 1.5·2²³ holds it
-    // exactly in its low mantissa bits. (A NaN makes garbage here, and NaN of `p` below.)
-    let n = ((n + 12_582_912.0).to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let (p, n) = reduced(x.clamp(LO, HI));
+    // 2ⁿ in two halves, so that neither overflows nor underflows on its own. (A NaN makes
+    // garbage of n, and NaN of `p`.)
     let n1 = n >> 1;
-    let n2 = n - n1;
-    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
-    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
-    let y = p * s1 * s2;
+    let y = p * pow2(n1) * pow2(n - n1);
     if x > HI {
         f32::INFINITY
     } else if x < LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `eˣ` for a softmax's arguments (`x − max ≤ 0`): [`exp1`]'s value wherever that is a normal
+/// number, 0 below [`NORMAL`] (≈ −87.33, where `exp1` is subnormal: below 2⁻¹²⁶, such a term
+/// cannot move a sum that holds e⁰ = 1), infinity above ≈ 88.37 (where `exp1` still rounds to
+/// finite values up to 88.72). One scaling by 2ⁿ instead of two.
+#[inline(always)]
+pub fn exp_softmax1(x: f32) -> f32 {
+    const TOP: f32 = 88.37;
+    let (p, n) = reduced(x.clamp(NORMAL, TOP));
+    let y = p * pow2(n);
+    if x > TOP {
+        f32::INFINITY
+    } else if x < NORMAL {
         0.0
     } else {
         y
@@ -143,20 +179,102 @@ fn exp_sum_body(xs: &mut [f32], shift: f32) -> f32 {
     let mut chunks = xs.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            c[l] = exp1(c[l] - shift);
+            c[l] = exp_softmax1(c[l] - shift);
             acc[l] += c[l];
         }
     }
     for (l, x) in chunks.into_remainder().iter_mut().enumerate() {
-        *x = exp1(*x - shift);
+        *x = exp_softmax1(*x - shift);
         acc[l] += *x;
     }
     fold_lanes(acc, |a, b| a + b)
 }
 
-/// `x ← e^(x − shift)` over a slice, returning the sum of the new values (in [`LANES`] lanes).
+/// `x ← e^(x − shift)` over a slice by [`exp_softmax1`] (for a shift at or above the
+/// slice's maximum), returning the sum of the new values (in [`LANES`] lanes).
 pub fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
     widest!((xs: &mut [f32], shift: f32) -> f32, exp_sum_body(xs, shift))
+}
+
+#[inline(always)]
+fn online_softmax_body(
+    tile: &mut [f32],
+    bc: usize,
+    visible: &[usize],
+    m: &mut [f32],
+    l: &mut [f32],
+    o: &mut [f32],
+    d: usize,
+) {
+    for (r, row) in tile.chunks_exact_mut(bc).take(visible.len()).enumerate() {
+        row[visible[r]..].fill(f32::NEG_INFINITY);
+        let m_new = larger(m[r], max_body(row));
+        let alpha = exp_softmax1(m[r] - m_new);
+        l[r] = l[r] * alpha + exp_sum_body(row, m_new);
+        m[r] = m_new;
+        // (Multiplying by 1 changes nothing: skipping it gives the same bits.)
+        if alpha != 1.0 {
+            for x in &mut o[r * d..(r + 1) * d] {
+                *x *= alpha;
+            }
+        }
+    }
+}
+
+/// [`crate::Real::online_softmax`] for `f32`: the row's maximum, exponentials and sum as in
+/// [`max`] and [`exp_sum`], the rescaling factor by [`exp_softmax1`].
+pub fn online_softmax(
+    tile: &mut [f32],
+    bc: usize,
+    visible: &[usize],
+    m: &mut [f32],
+    l: &mut [f32],
+    o: &mut [f32],
+    d: usize,
+) {
+    widest!(
+        (tile: &mut [f32], bc: usize, visible: &[usize], m: &mut [f32], l: &mut [f32], o: &mut [f32], d: usize),
+        online_softmax_body(tile, bc, visible, m, l, o, d)
+    )
+}
+
+#[inline(always)]
+fn softmax_probs_body(p: &mut [f32], bc: usize, visible: &[usize], lse: &[f32]) {
+    for (r, row) in p.chunks_exact_mut(bc).take(visible.len()).enumerate() {
+        if visible[r] == 0 {
+            row.fill(0.0);
+            continue;
+        }
+        row[visible[r]..].fill(f32::NEG_INFINITY);
+        for x in row.iter_mut() {
+            *x = exp_softmax1(*x - lse[r]);
+        }
+    }
+}
+
+/// [`crate::Real::softmax_probs`] for `f32`, by [`exp_softmax1`].
+pub fn softmax_probs(p: &mut [f32], bc: usize, visible: &[usize], lse: &[f32]) {
+    widest!(
+        (p: &mut [f32], bc: usize, visible: &[usize], lse: &[f32]),
+        softmax_probs_body(p, bc, visible, lse)
+    )
+}
+
+#[inline(always)]
+fn softmax_grad_body(ds: &mut [f32], p: &[f32], bc: usize, delta: &[f32]) {
+    for ((srow, prow), &dl) in ds.chunks_exact_mut(bc).zip(p.chunks_exact(bc)).zip(delta) {
+        for (s, &p) in srow.iter_mut().zip(prow) {
+            *s = p * (*s - dl);
+        }
+    }
+}
+
+/// [`crate::Real::softmax_grad`] for `f32`.
+pub fn softmax_grad(ds: &mut [f32], p: &[f32], bc: usize, delta: &[f32]) {
+    widest!(
+        (ds: &mut [f32], p: &[f32], bc: usize, delta: &[f32]),
+        softmax_grad_body(ds, p, bc, delta)
+    )
 }
 
 #[inline(always)]
@@ -242,6 +360,83 @@ mod tests {
         assert!(exp_sum(&mut [0.0, f32::NAN], 0.0).is_nan());
     }
 
+    /// Attention's softmax tiles: every version gives the scalar body's bits, and the values
+    /// are the generic f64 path's (`Real`'s defaults) within f32 rounding.
+    #[test]
+    fn softmax_tiles_match_the_f64_path() {
+        use crate::Real;
+        let (bc, d) = (20, 3);
+        let visible = [20, 3, 1, 17, 9];
+        let rows = visible.len();
+        let tile: Vec<f32> = (0..rows * bc)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.4)
+            .collect();
+        let o: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let m0: Vec<f32> = vec![f32::NEG_INFINITY, 0.5, 9.0, -1.0, 2.0];
+        let l0: Vec<f32> = vec![0.0, 1.5, 2.0, 0.5, 3.0];
+        let f64s = |x: &[f32]| x.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let close = |a: &[f32], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .all(|(&x, &y)| (x as f64 - y).abs() <= 1e-6 * y.abs().max(1.0))
+        };
+        let (mut t, mut m, mut l, mut oo) = (tile.clone(), m0.clone(), l0.clone(), o.clone());
+        online_softmax(&mut t, bc, &visible, &mut m, &mut l, &mut oo, d);
+        let (mut t2, mut m2, mut l2, mut o2) = (tile.clone(), m0.clone(), l0.clone(), o.clone());
+        online_softmax_body(&mut t2, bc, &visible, &mut m2, &mut l2, &mut o2, d);
+        assert_eq!((&t, &m, &l, &oo), (&t2, &m2, &l2, &o2));
+        let (mut t3, mut m3, mut l3, mut o3) = (f64s(&tile), f64s(&m0), f64s(&l0), f64s(&o));
+        f64::online_softmax(&mut t3, bc, &visible, &mut m3, &mut l3, &mut o3, d);
+        assert!(close(&t, &t3) && close(&m, &m3) && close(&l, &l3) && close(&oo, &o3));
+        // Masked scores' exponentials are 0.
+        assert!(t[bc + 3..2 * bc].iter().all(|&x| x == 0.0));
+
+        let visible = [20, 0, 1, 17, 9];
+        let lse = [3.0f32, f32::NEG_INFINITY, 4.0, 2.5, 1.0];
+        let mut p = tile.clone();
+        softmax_probs(&mut p, bc, &visible, &lse);
+        let mut p2 = tile.clone();
+        softmax_probs_body(&mut p2, bc, &visible, &lse);
+        assert_eq!(p, p2);
+        let mut p3 = f64s(&tile);
+        f64::softmax_probs(&mut p3, bc, &visible, &f64s(&lse));
+        assert!(close(&p, &p3));
+        assert!(p[bc..2 * bc].iter().all(|&x| x == 0.0));
+
+        let delta = [0.5f32, -1.0, 2.0, 0.0, 1.5];
+        let mut ds = tile.clone();
+        softmax_grad(&mut ds, &p, bc, &delta);
+        let mut ds2 = tile.clone();
+        softmax_grad_body(&mut ds2, &p, bc, &delta);
+        assert_eq!(ds, ds2);
+        let mut ds3 = f64s(&tile);
+        f64::softmax_grad(&mut ds3, &f64s(&p), bc, &f64s(&delta));
+        assert!(close(&ds, &ds3));
+    }
+
+    /// The softmax's exp is `exp1` where that is normal, and 0 or ∞ where the test says.
+    #[test]
+    fn softmax_exp_is_exp_where_normal() {
+        let mut x = -110.0f32;
+        while x < 90.0 {
+            let (got, full) = (exp_softmax1(x), exp1(x));
+            if (NORMAL..=88.37).contains(&x) {
+                assert_eq!(got.to_bits(), full.to_bits(), "{x}");
+            } else if x < NORMAL {
+                assert!(
+                    got == 0.0 && full < f32::MIN_POSITIVE * 1.01,
+                    "{x}: {got} {full}"
+                );
+            } else {
+                assert!(got == f32::INFINITY && full > 2.3e38, "{x}: {got} {full}");
+            }
+            x += 0.000_917;
+        }
+        assert_eq!(exp_softmax1(f32::NEG_INFINITY), 0.0);
+        assert!(exp_softmax1(f32::NAN).is_nan());
+        assert_eq!(exp_softmax1(0.0), 1.0);
+    }
+
     #[test]
     fn exp_edges() {
         assert!(exp1(f32::NAN).is_nan());
@@ -265,7 +460,11 @@ mod tests {
         let sum = exp_sum(&mut v, 3.5);
         let mut lanes = [0.0f32; LANES];
         for (i, (x, y)) in xs.iter().zip(&v).enumerate() {
-            assert_eq!(y.to_bits(), exp1(*x - 3.5).to_bits(), "exp({x} - 3.5)");
+            assert_eq!(
+                y.to_bits(),
+                exp_softmax1(*x - 3.5).to_bits(),
+                "exp({x} - 3.5)"
+            );
             lanes[i % LANES] += y;
         }
         assert_eq!(sum.to_bits(), fold_lanes(lanes, |a, b| a + b).to_bits());

@@ -231,12 +231,29 @@ fn rope_is_hf_rotate_half() {
     let mut rng = StdRng::seed_from_u64(3);
     let (tokens, heads, d) = (5, 2, 8);
     let x = randn(&mut rng, tokens * heads * d);
-    let pos = [0u32, 1, 7, 0, 4095];
     let theta = 500000.0;
+    // Sparse positions (angles one by one) and packed sequences' dense ones (from a table).
+    for pos in [[0u32, 1, 7, 0, 4095], [0, 1, 2, 0, 1]] {
+        rope_matches_hf(&x, &pos, heads, d, theta);
+    }
     let mut y = x.clone();
-    rope::apply(&mut y, &pos, heads, d, &rope::Rope::plain(theta), false).unwrap();
-    // HF: emb = cat(freqs, freqs); out = x*cos(emb) + rotate_half(x)*sin(emb),
-    // rotate_half(x) = cat(-x[half:], x[:half]).
+    assert!(rope::apply(
+        &mut y,
+        &[0u32, 1, 7, 0, 4095],
+        heads * 2,
+        d / 2 + 1,
+        &rope::Rope::plain(theta),
+        false
+    )
+    .is_err());
+}
+
+/// HF: emb = cat(freqs, freqs); out = x*cos(emb) + rotate_half(x)*sin(emb),
+/// rotate_half(x) = cat(-x[half:], x[:half]).
+fn rope_matches_hf(x: &[f64], pos: &[u32], heads: usize, d: usize, theta: f64) {
+    let tokens = pos.len();
+    let mut y = x.to_vec();
+    rope::apply(&mut y, pos, heads, d, &rope::Rope::plain(theta), false).unwrap();
     for t in 0..tokens {
         for h in 0..heads {
             let v = &x[(t * heads + h) * d..(t * heads + h + 1) * d];
@@ -258,15 +275,6 @@ fn rope_is_hf_rotate_half() {
             }
         }
     }
-    assert!(rope::apply(
-        &mut y,
-        &pos,
-        heads * 2,
-        d / 2 + 1,
-        &rope::Rope::plain(theta),
-        false
-    )
-    .is_err());
 }
 
 #[test]

@@ -450,6 +450,8 @@ fn writes_every_output(kind: OpKind) -> bool {
             | OpKind::RmsNorm { .. }
             | OpKind::Attention { .. }
             | OpKind::AttentionGrad { .. }
+            | OpKind::Rope { .. }
+            | OpKind::RopeGrad { .. }
             | OpKind::SwiGlu
             | OpKind::SwiGluGrad
             | OpKind::Add
@@ -586,7 +588,7 @@ impl<B: Backend> Ctx<'_, B> {
             }
             OpKind::Rope { head_dim, rope, .. } | OpKind::RopeGrad { head_dim, rope, .. } => {
                 let x = dims(self, 0)?;
-                be.axpy(1.0, ins[0], &mut outs[0])?;
+                be.copy(ins[0], &mut outs[0])?;
                 let inverse = matches!(kind, OpKind::RopeGrad { .. });
                 be.rope(
                     &mut outs[0],

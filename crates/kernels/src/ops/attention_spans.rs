@@ -174,6 +174,7 @@ fn forward_task<T: Real>(
     let mut tile = vec![T::zero(); Q_BLOCK * BLOCK];
     let mut m = [T::zero(); Q_BLOCK];
     let mut l = [T::zero(); Q_BLOCK];
+    let mut visible = [0; Q_BLOCK];
     for i0 in (0..len).step_by(Q_BLOCK) {
         let br = Q_BLOCK.min(len - i0);
         m[..br].fill(T::neg_infinity());
@@ -212,20 +213,21 @@ fn forward_task<T: Real>(
                 T::zero(),
                 1,
             )?;
-            for (r, srow) in tile.chunks_exact_mut(bc).take(rows).enumerate() {
-                let (i, a) = (first + r, first + r - i0);
-                // Masked scores as −∞: their exponentials are 0, which leaves the sum as it
-                // is, and whole rows keep the vector loops free of scalar remainders.
-                srow[span.visible_in(i, j0, bc)..].fill(T::neg_infinity());
-                let m_new = m[a].max(T::max_of(srow));
-                let alpha = (m[a] - m_new).exp();
-                let sum = T::exp_sum(srow, m_new);
-                l[a] = l[a] * alpha + sum;
-                m[a] = m_new;
-                for x in &mut o[i * d..(i + 1) * d] {
-                    *x *= alpha;
-                }
+            // Masked scores as −∞: their exponentials are 0, which leaves the sum as it is,
+            // and whole rows keep the vector loops free of scalar remainders.
+            for (r, v) in visible[..rows].iter_mut().enumerate() {
+                *v = span.visible_in(first + r, j0, bc);
             }
+            let a = first - i0;
+            T::online_softmax(
+                &mut tile,
+                bc,
+                &visible[..rows],
+                &mut m[a..a + rows],
+                &mut l[a..a + rows],
+                &mut o[first * d..(first + rows) * d],
+                d,
+            );
             matmul(
                 rows,
                 d,
@@ -389,6 +391,7 @@ fn backward_task<T: Real>(
     let mut dv = vec![T::zero(); klen * d];
     let mut p = vec![T::zero(); Q_BLOCK * BLOCK];
     let mut ds = vec![T::zero(); Q_BLOCK * BLOCK];
+    let mut visible = [0; Q_BLOCK];
     for j0 in (0..klen).step_by(BLOCK) {
         let bc = BLOCK.min(klen - j0);
         let kj = (span.k_start + j0) * krs + g * d;
@@ -416,17 +419,11 @@ fn backward_task<T: Real>(
                     T::zero(),
                     1,
                 )?;
-                for (r, row) in p.chunks_exact_mut(bc).take(rows).enumerate() {
-                    let l = x.lse[h * q_tokens + span.q_start + i0 + r];
-                    let visible = span.visible_in(i0 + r, j0, bc);
-                    if visible == 0 {
-                        // (Its lse may be −∞ when no span reaches it: no −∞ − −∞ here.)
-                        row.fill(T::zero());
-                        continue;
-                    }
-                    row[visible..].fill(T::neg_infinity());
-                    T::exp_sum(row, l);
+                for (r, v) in visible[..rows].iter_mut().enumerate() {
+                    *v = span.visible_in(i0 + r, j0, bc);
                 }
+                let lse = &x.lse[h * q_tokens + span.q_start + i0..][..rows];
+                T::softmax_probs(&mut p, bc, &visible[..rows], lse);
                 // dV_j += Pᵀ dO_i
                 matmul(
                     bc,
@@ -462,11 +459,7 @@ fn backward_task<T: Real>(
                     1,
                 )?;
                 let dl = &x.delta[h * q_tokens + span.q_start + i0..][..rows];
-                for ((srow, prow), &dl) in ds.chunks_exact_mut(bc).zip(p.chunks_exact(bc)).zip(dl) {
-                    for (s, &p) in srow.iter_mut().zip(prow) {
-                        *s = p * (*s - dl);
-                    }
-                }
+                T::softmax_grad(&mut ds, &p, bc, dl);
                 // dQ_i += scale · dS K_j ; dK_j += scale · dSᵀ Q_i
                 matmul(
                     rows,

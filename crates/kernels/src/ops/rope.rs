@@ -103,20 +103,50 @@ pub fn apply<T: Real>(
     check_len("rope", "x", positions.len() * heads * head_dim, x.len())?;
     let half = head_dim / 2;
     let freqs = rope.inv_freq::<T>(head_dim);
-    let mut cos = vec![T::zero(); half];
-    let mut sin = vec![T::zero(); half];
-    for (t, &p) in positions.iter().enumerate() {
+    let angles = |p: u32, cos: &mut [T], sin: &mut [T]| {
         for j in 0..half {
             let angle = T::of(p as f64) * freqs[j];
             cos[j] = angle.cos();
             sin[j] = if inverse { -angle.sin() } else { angle.sin() };
         }
+    };
+    // Packed sequences repeat positions 0, 1, …: when positions are dense enough, every angle
+    // is taken once from a table of positions 0..=max (the same values as one by one).
+    let table_len = positions.iter().max().map_or(0, |&m| m as usize + 1);
+    let table = (table_len <= positions.len()).then(|| {
+        let (mut cos, mut sin) = (
+            vec![T::zero(); table_len * half],
+            vec![T::zero(); table_len * half],
+        );
+        for (p, (c, s)) in cos
+            .chunks_exact_mut(half)
+            .zip(sin.chunks_exact_mut(half))
+            .enumerate()
+        {
+            angles(p as u32, c, s);
+        }
+        (cos, sin)
+    });
+    let mut cos = vec![T::zero(); half];
+    let mut sin = vec![T::zero(); half];
+    for (t, &p) in positions.iter().enumerate() {
+        let (cos, sin) = match &table {
+            Some((c, s)) => {
+                let r = p as usize * half..(p as usize + 1) * half;
+                (&c[r.clone()], &s[r])
+            }
+            None => {
+                angles(p, &mut cos, &mut sin);
+                (&cos[..], &sin[..])
+            }
+        };
         for h in 0..heads {
             let v = &mut x[(t * heads + h) * head_dim..(t * heads + h + 1) * head_dim];
+            let (lo, hi) = v.split_at_mut(half);
             for j in 0..half {
-                let (a, b) = (v[j], v[j + half]);
-                v[j] = a * cos[j] - b * sin[j];
-                v[j + half] = b * cos[j] + a * sin[j];
+                let (a, b) = (lo[j], hi[j]);
+                lo[j] = a * cos[j] - b * sin[j];
+                hi[j] = b * cos[j] + a * sin[j];
             }
         }
     }
