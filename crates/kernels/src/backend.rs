@@ -391,11 +391,17 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let row = heads * head_dim;
         match self.piece_rows(x.len(), row) {
-            Some(r) if positions.len() * row == x.len() => self.run(|| {
-                x.par_chunks_mut(r * row)
-                    .zip(positions.par_chunks(r))
-                    .try_for_each(|(x, p)| rope::apply(x, p, heads, head_dim, rope, inverse))
-            }),
+            Some(r) if positions.len() * row == x.len() => {
+                // One table of angles for every piece.
+                let table = rope::Angles::dense(positions, head_dim, rope, inverse);
+                self.run(|| {
+                    x.par_chunks_mut(r * row)
+                        .zip(positions.par_chunks(r))
+                        .try_for_each(|(x, p)| {
+                            rope::apply_with(x, p, heads, head_dim, rope, inverse, table.as_ref())
+                        })
+                })
+            }
             _ => rope::apply(x, positions, heads, head_dim, rope, inverse),
         }
     }

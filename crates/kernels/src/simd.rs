@@ -196,6 +196,15 @@ pub fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
     widest!((xs: &mut [f32], shift: f32) -> f32, exp_sum_body(xs, shift))
 }
 
+/// The visible prefix of a row of `bc` scores rounded up to whole [`LANES`] (at most `bc`):
+/// the part that goes through `exp`. The masked scores past it would give exponentials of 0,
+/// which are written directly, and, in whole lanes, add nothing to any lane's sum: the same
+/// bits as running the whole row.
+#[inline(always)]
+fn whole_lanes(visible: usize, bc: usize) -> usize {
+    visible.next_multiple_of(LANES).min(bc)
+}
+
 #[inline(always)]
 fn online_softmax_body(
     tile: &mut [f32],
@@ -207,10 +216,16 @@ fn online_softmax_body(
     d: usize,
 ) {
     for (r, row) in tile.chunks_exact_mut(bc).take(visible.len()).enumerate() {
-        row[visible[r]..].fill(f32::NEG_INFINITY);
-        let m_new = larger(m[r], max_body(row));
-        let alpha = exp_softmax1(m[r] - m_new);
-        l[r] = l[r] * alpha + exp_sum_body(row, m_new);
+        let (live, dead) = row.split_at_mut(whole_lanes(visible[r], bc));
+        live[visible[r]..].fill(f32::NEG_INFINITY);
+        dead.fill(0.0);
+        let m_new = larger(m[r], max_body(live));
+        let alpha = if m_new == m[r] {
+            1.0
+        } else {
+            exp_softmax1(m[r] - m_new)
+        };
+        l[r] = l[r] * alpha + exp_sum_body(live, m_new);
         m[r] = m_new;
         // (Multiplying by 1 changes nothing: skipping it gives the same bits.)
         if alpha != 1.0 {
@@ -245,8 +260,10 @@ fn softmax_probs_body(p: &mut [f32], bc: usize, visible: &[usize], lse: &[f32]) 
             row.fill(0.0);
             continue;
         }
-        row[visible[r]..].fill(f32::NEG_INFINITY);
-        for x in row.iter_mut() {
+        let (live, dead) = row.split_at_mut(whole_lanes(visible[r], bc));
+        live[visible[r]..].fill(f32::NEG_INFINITY);
+        dead.fill(0.0);
+        for x in live.iter_mut() {
             *x = exp_softmax1(*x - lse[r]);
         }
     }
@@ -391,6 +408,35 @@ mod tests {
         // Masked scores' exponentials are 0.
         assert!(t[bc + 3..2 * bc].iter().all(|&x| x == 0.0));
 
+        // Exponentiating only whole lanes of the visible prefix gives what the whole masked
+        // row gives, bit for bit.
+        let bc = 64;
+        let visible = [64, 1, 15, 16, 17, 40];
+        let tile: Vec<f32> = (0..visible.len() * bc)
+            .map(|i| ((i * 31 % 29) as f32 - 14.0) * 0.3)
+            .collect();
+        let (mut t, mut m, mut l) = (tile.clone(), [0.5f32; 6], [1.0f32; 6]);
+        let mut oo = vec![1.0f32; 6 * d];
+        online_softmax(&mut t, bc, &visible, &mut m, &mut l, &mut oo, d);
+        let mut p = tile.clone();
+        softmax_probs(&mut p, bc, &visible, &[2.0; 6]);
+        for (r, &v) in visible.iter().enumerate() {
+            let mut row = tile[r * bc..(r + 1) * bc].to_vec();
+            row[v..].fill(f32::NEG_INFINITY);
+            let m_new = max(&row).max(0.5);
+            let mut probs = row.clone();
+            exp_sum(&mut probs, 2.0);
+            assert_eq!(&p[r * bc..(r + 1) * bc], &probs[..], "row {r}");
+            let sum = exp_sum(&mut row, m_new);
+            assert_eq!(&t[r * bc..(r + 1) * bc], &row[..], "row {r}");
+            let alpha = exp_softmax1(0.5 - m_new);
+            assert_eq!((m[r], l[r]), (m_new, alpha + sum), "row {r}");
+        }
+
+        let bc = 20;
+        let tile: Vec<f32> = (0..5 * bc)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.4)
+            .collect();
         let visible = [20, 0, 1, 17, 9];
         let lse = [3.0f32, f32::NEG_INFINITY, 4.0, 2.5, 1.0];
         let mut p = tile.clone();

@@ -35,6 +35,20 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
     let mut roped = a.clone();
     be.rope(&mut roped, &positions, 3, 32, &Rope::plain(10000.0), false)
         .unwrap();
+    // Positions too sparse for a table of angles: each token's are computed on its own.
+    let sparse: Vec<u32> = (0..rows as u32).map(|t| t * 37).collect();
+    let mut roped_sparse = a.clone();
+    be.rope(
+        &mut roped_sparse,
+        &sparse,
+        3,
+        32,
+        &Rope::plain(10000.0),
+        true,
+    )
+    .unwrap();
+    let mut copied = b.clone();
+    be.copy(&a, &mut copied).unwrap();
     let (mut ndx, mut ndw) = (vec![0.0; n], w.clone());
     be.rms_norm_backward(&b, &a, &w, &rstd, &mut ndx, &mut ndw)
         .unwrap();
@@ -67,6 +81,8 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
         ndx,
         ndw,
         roped,
+        roped_sparse,
+        copied,
         lse,
         vec![loss],
         dlogits,
@@ -91,6 +107,8 @@ fn split_over_threads_equals_one_thread_bit_for_bit() {
         "rms_norm dx",
         "rms_norm dweight",
         "rope",
+        "rope (sparse positions, inverse)",
+        "copy",
         "lse",
         "loss",
         "dlogits",

@@ -86,6 +86,45 @@ pub fn inv_freq<T: Real>(head_dim: usize, theta: f64) -> Vec<T> {
     Rope::plain(theta).inv_freq(head_dim)
 }
 
+/// The cosines and sines of every rotation pair for positions `0..len` (the sines negated for
+/// the inverse): packed sequences repeat positions 0, 1, …, so one table serves every token.
+pub struct Angles<T> {
+    half: usize,
+    cos: Vec<T>,
+    sin: Vec<T>,
+}
+
+impl<T: Real> Angles<T> {
+    /// The table for `positions` when they are dense (the largest below their count), so that
+    /// it costs no more angles than going token by token; `None` otherwise.
+    pub fn dense(positions: &[u32], head_dim: usize, rope: &Rope, inverse: bool) -> Option<Self> {
+        let len = positions.iter().max().map_or(0, |&m| m as usize + 1);
+        if len > positions.len() {
+            return None;
+        }
+        let half = head_dim / 2;
+        let freqs = rope.inv_freq::<T>(head_dim);
+        let (mut cos, mut sin) = (vec![T::zero(); len * half], vec![T::zero(); len * half]);
+        for (p, (c, s)) in cos
+            .chunks_exact_mut(half)
+            .zip(sin.chunks_exact_mut(half))
+            .enumerate()
+        {
+            angles(&freqs, p as u32, inverse, c, s);
+        }
+        Some(Angles { half, cos, sin })
+    }
+}
+
+/// The angles `p · inv_freq[j]` of position `p`, as `cos` and `sin` (negated for the inverse).
+fn angles<T: Real>(freqs: &[T], p: u32, inverse: bool, cos: &mut [T], sin: &mut [T]) {
+    for (j, &f) in freqs.iter().enumerate() {
+        let angle = T::of(p as f64) * f;
+        cos[j] = angle.cos();
+        sin[j] = if inverse { -angle.sin() } else { angle.sin() };
+    }
+}
+
 /// Applies the rotation to `x` of shape `[tokens, heads, head_dim]` in place: for `j < half`,
 /// `x[j] ← x[j]·cos − x[j+half]·sin` and `x[j+half] ← x[j+half]·cos + x[j]·sin`, with angle
 /// `positions[t] · inv_freq[j]`. `inverse` applies the transpose (the backward pass).
@@ -97,46 +136,44 @@ pub fn apply<T: Real>(
     rope: &Rope,
     inverse: bool,
 ) -> Result<()> {
+    let table = Angles::dense(positions, head_dim, rope, inverse);
+    apply_with(x, positions, heads, head_dim, rope, inverse, table.as_ref())
+}
+
+/// [`apply`] with the angles taken from `table` (made by [`Angles::dense`] for the same
+/// `head_dim`, `rope` and `inverse`, for positions that include these) where given; the same
+/// values either way.
+pub fn apply_with<T: Real>(
+    x: &mut [T],
+    positions: &[u32],
+    heads: usize,
+    head_dim: usize,
+    rope: &Rope,
+    inverse: bool,
+    table: Option<&Angles<T>>,
+) -> Result<()> {
     if !head_dim.is_multiple_of(2) {
         return Err(invalid("rope", format!("head_dim {head_dim} must be even")));
     }
     check_len("rope", "x", positions.len() * heads * head_dim, x.len())?;
     let half = head_dim / 2;
-    let freqs = rope.inv_freq::<T>(head_dim);
-    let angles = |p: u32, cos: &mut [T], sin: &mut [T]| {
-        for j in 0..half {
-            let angle = T::of(p as f64) * freqs[j];
-            cos[j] = angle.cos();
-            sin[j] = if inverse { -angle.sin() } else { angle.sin() };
-        }
-    };
-    // Packed sequences repeat positions 0, 1, …: when positions are dense enough, every angle
-    // is taken once from a table of positions 0..=max (the same values as one by one).
-    let table_len = positions.iter().max().map_or(0, |&m| m as usize + 1);
-    let table = (table_len <= positions.len()).then(|| {
-        let (mut cos, mut sin) = (
-            vec![T::zero(); table_len * half],
-            vec![T::zero(); table_len * half],
-        );
-        for (p, (c, s)) in cos
-            .chunks_exact_mut(half)
-            .zip(sin.chunks_exact_mut(half))
-            .enumerate()
-        {
-            angles(p as u32, c, s);
-        }
-        (cos, sin)
+    let table = table.filter(|t| {
+        t.half == half
+            && positions
+                .iter()
+                .all(|&p| (p as usize + 1) * half <= t.cos.len())
     });
+    let freqs = rope.inv_freq::<T>(head_dim);
     let mut cos = vec![T::zero(); half];
     let mut sin = vec![T::zero(); half];
     for (t, &p) in positions.iter().enumerate() {
-        let (cos, sin) = match &table {
-            Some((c, s)) => {
+        let (cos, sin) = match table {
+            Some(a) => {
                 let r = p as usize * half..(p as usize + 1) * half;
-                (&c[r.clone()], &s[r])
+                (&a.cos[r.clone()], &a.sin[r])
             }
             None => {
-                angles(p, &mut cos, &mut sin);
+                angles(&freqs, p, inverse, &mut cos, &mut sin);
                 (&cos[..], &sin[..])
             }
         };
