@@ -96,7 +96,7 @@ pub fn exp1(x: f32) -> f32 {
 }
 
 /// `eˣ` for a softmax's arguments (`x − max ≤ 0`): [`exp1`]'s value wherever that is a normal
-/// number, 0 below [`NORMAL`] (≈ −87.33, where `exp1` is subnormal: below 2⁻¹²⁶, such a term
+/// number, 0 below `NORMAL` (≈ −87.33, where `exp1` is subnormal: below 2⁻¹²⁶, such a term
 /// cannot move a sum that holds e⁰ = 1), infinity above ≈ 88.37 (where `exp1` still rounds to
 /// finite values up to 88.72). One scaling by 2ⁿ instead of two.
 #[inline(always)]

@@ -9,8 +9,8 @@
 //!
 //! Layouts as in [`super::attention`]: `q`, `out`, `dq`, `dout` `[q_tokens, heads, head_dim]`;
 //! `k`, `v`, `dk`, `dv` `[k_tokens, kv_heads, head_dim]`; `lse`, `delta` `[heads, q_tokens]`.
-//! Tiles are [`BLOCK`] rows by `BLOCK` columns and go through the same GEMM as the whole-sequence
-//! kernel.
+//! Tiles are `Q_BLOCK` query rows by `FWD_KEYS` key columns in the forward and `Q_BLOCK` by
+//! [`BLOCK`] in the backward, and go through the same GEMM as the whole-sequence kernel.
 
 use rayon::prelude::*;
 
@@ -19,6 +19,9 @@ use super::attention::{AttnShape, BLOCK};
 /// Query rows per GEMM: several key-block tiles tall, so that each GEMM call does more work
 /// (the head dimension, the GEMMs' inner size, is small).
 const Q_BLOCK: usize = 4 * BLOCK;
+/// Key columns per forward tile: longer rows spread the softmax's per-row work (the row's
+/// reductions, the output rescale) over more scores.
+const FWD_KEYS: usize = 2 * BLOCK;
 use crate::error::{check_len, invalid, Result};
 use crate::matmul::{matmul, MatMut, MatRef};
 use crate::real::Real;
@@ -171,7 +174,7 @@ fn forward_task<T: Real>(
     let (len, klen) = (span.q_len, span.k_len);
     let mut o = vec![T::zero(); len * d];
     let mut lse = vec![T::neg_infinity(); len];
-    let mut tile = vec![T::zero(); Q_BLOCK * BLOCK];
+    let mut tile = vec![T::zero(); Q_BLOCK * FWD_KEYS];
     let mut m = [T::zero(); Q_BLOCK];
     let mut l = [T::zero(); Q_BLOCK];
     let mut visible = [0; Q_BLOCK];
@@ -179,14 +182,14 @@ fn forward_task<T: Real>(
         let br = Q_BLOCK.min(len - i0);
         m[..br].fill(T::neg_infinity());
         l[..br].fill(T::zero());
-        for j0 in (0..klen).step_by(BLOCK) {
+        for j0 in (0..klen).step_by(FWD_KEYS) {
             // Rows before `first` see none of this key block; when no row does, no later
             // block is seen either.
             let first = span.first_row_seeing(j0).max(i0);
             if first >= i0 + br {
                 break;
             }
-            let (bc, rows) = (BLOCK.min(klen - j0), i0 + br - first);
+            let (bc, rows) = (FWD_KEYS.min(klen - j0), i0 + br - first);
             matmul(
                 rows,
                 bc,
