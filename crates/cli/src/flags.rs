@@ -68,6 +68,11 @@ pub struct TrainFlags {
     /// With `--strategies auto`: the cost model's calibration (`hotspa profile --devices N`).
     #[arg(long)]
     pub profile: Option<PathBuf>,
+    /// With `--strategies auto`: the planner also searches context parallelism (CP 2–8, ring
+    /// or Ulysses) and activation recomputation (selective, full) for every bucket, as
+    /// `hotspa simulate --context` does; without it, DP × TP × PP only.
+    #[arg(long)]
+    pub plan_context: bool,
     /// Also time the run as the simulator would on this cluster (a preset such as a800x32, or
     /// a cluster file such as a `hotspa profile` output): every kernel and message still runs
     /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
@@ -93,7 +98,8 @@ pub struct TrainFlags {
     /// The all-reduce of exact gradient sums: ring, rhd (recursive halving–doubling), tree
     /// (double binary tree), hier (reduce-scatter in a node, all-reduce across, all-gather in),
     /// or auto (the cheapest by the α–β model, per bucket size and node layout, on the
-    /// --sim-cluster or --profile cluster, else nominal links of this machine). Each adds in
+    /// --sim-cluster cluster, else with --strategies auto the --profile one, else nominal
+    /// links of this machine). Each adds in
     /// its own fixed order: only ring is bitwise the default run.
     #[arg(long, default_value = "ring")]
     pub allreduce: String,
@@ -324,13 +330,22 @@ impl TrainFlags {
             _ => s.to_string(),
         };
         if recompute.is_some() && self.strategies.as_deref() == Some("auto") {
-            bail!("--recompute with --strategies auto: the planner does not choose recomputation yet; give the strategies");
+            bail!(
+                "--recompute with --strategies auto: the planner chooses recomputation itself \
+                 with --plan-context (per bucket); drop --recompute, or give the strategies"
+            );
+        }
+        if self.plan_context && self.strategies.as_deref() != Some("auto") {
+            bail!("--plan-context widens the search of --strategies auto; it does nothing to a given strategy");
         }
         cfg.strategy = match (self.strategies.as_deref(), &self.profile) {
             (Some("auto"), Some(p)) => {
                 let cluster = sim::presets::cluster_or_file(&p.display().to_string())
                     .with_context(|| format!("--profile {}", p.display()))?;
-                StrategySpec::Auto(Box::new(cluster))
+                StrategySpec::Auto(Box::new(train::AutoPlanning {
+                    cluster,
+                    context: self.plan_context,
+                }))
             }
             (Some("auto"), None) => bail!(
                 "--strategies auto needs --profile FILE (write one with `hotspa profile --devices {devices}`)"

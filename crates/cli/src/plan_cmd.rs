@@ -18,6 +18,11 @@ pub struct PlanArgs {
     /// A `--metrics` file of the same run: predicted against measured step seconds.
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// The best static strategy and the automatic plan beside the run's also search context
+    /// parallelism and recomputation (what `hotspa train --strategies auto --plan-context`
+    /// plans).
+    #[arg(long)]
+    context: bool,
     /// One JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
@@ -64,7 +69,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let plan = train::plan_of(&cfg)
         .context("hotspa plan estimates a given strategy or schedule, not --strategies auto")?;
     let steps = train::batch_lengths(&cfg)?;
-    let planner = Planner::new(train::cost_model(&cfg, cluster));
+    let mut planner = Planner::new(train::cost_model(&cfg, cluster));
     let measured: Vec<f64> = match &args.compare {
         Some(p) => train::read_metrics(p)?.iter().map(|m| m.seconds).collect(),
         None => Vec::new(),
@@ -90,6 +95,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let all: Vec<usize> = steps.concat();
     // Chosen for all the batches at once, estimated step by step as the run's plan is.
+    planner.context = args.context;
     let (bs_plan, _) = planner.best_static(&all)?;
     let t0 = std::time::Instant::now();
     let (auto_plan, _) = planner.auto(&all)?;

@@ -45,6 +45,14 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 /// Trains as `flags` say, with progress on stderr and a summary at the end; exits with
 /// [`INTERRUPTED`] when a signal stopped the run (after its checkpoint and weights are written).
 pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
+    // (`hotspa plan` shares these flags and reads --profile with any strategy.)
+    if flags.profile.is_some() && flags.strategies.as_deref() != Some("auto") {
+        anyhow::bail!(
+            "--profile is the planner's calibration for --strategies auto (and `hotspa plan`); \
+             with a given strategy it would change nothing: drop it (--sim-cluster FILE times a \
+             run on a profile's cluster)"
+        );
+    }
     let mut cfg = flags.config()?;
     cfg.stop = Some(stop_on_signals()?);
     let mut progress = Progress::new(cfg.steps);

@@ -64,6 +64,100 @@ fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
     }
 }
 
+/// A calibration of 4 devices so short of memory that no DP × TP × PP strategy holds the
+/// 120-token documents (the roomiest about 98 tokens), while recomputing or CP ones do.
+const TIGHT_PROFILE: &str = "name = \"tight\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
+    memory_gib = 0.00017\nelem_bytes = 4\nmemory_gbps = 10.0\n[efficiency]\nmax = 1.0\n\
+    half_tokens = 32\nhalf_width = 32\nattention = 0.2\n[same_node]\ngbps = 5.0\nlatency_us = 20.0\n\
+    [cross_node]\ngbps = 5.0\nlatency_us = 20.0\n";
+
+#[test]
+fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    std::fs::write(d.join("tight.toml"), TIGHT_PROFILE).unwrap();
+    let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
+    let auto = ["--strategies", "auto", "--profile", "tight.toml"];
+    // Without the flag: refused before the first step, naming the way out.
+    let mut args = vec![
+        "train",
+        "--model",
+        ".",
+        "--data",
+        "data.jsonl",
+        "--devices",
+        "4",
+    ];
+    args.extend(auto);
+    let o = hotspa(d, &args);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("120 tokens fits no strategy")
+            && e.contains("--plan-context"),
+        "{e}"
+    );
+    let mut how = auto.to_vec();
+    how.extend(["--plan-context", "--metrics", "m.jsonl"]);
+    let (got, _) = train(d, "auto", "4", &how);
+    let (tensor, worst) = got.worst_difference(&one);
+    assert!(
+        worst <= 1e-5,
+        "auto with --plan-context: {tensor} differs by {worst:e}"
+    );
+    let metrics = std::fs::read_to_string(d.join("m.jsonl")).unwrap();
+    let plans: Vec<String> = metrics
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["plan"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(plans.len(), 3);
+    // The batches with a 120-token document (the first two) train it recomputing or with CP.
+    let long_bucket = |p: &str| {
+        let buckets = p.split(" (weights").next().unwrap_or_default();
+        let last = buckets.rsplit(',').next().unwrap_or_default();
+        last.contains('+') || last.contains("cp")
+    };
+    for p in &plans[..2] {
+        assert!(long_bucket(p), "{p}");
+    }
+    // `hotspa plan --context` sets the same search's plan beside a given strategy's; without
+    // it the automatic plan finds no strategy for the batches.
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--model",
+            ".",
+            "--data",
+            "data.jsonl",
+            "--devices",
+            "4",
+            "--global-batch",
+            "8",
+            "--steps",
+            "3",
+            "--strategy",
+            "tp4+full",
+            "--profile",
+            "tight.toml",
+            "--json",
+        ];
+        args.extend(extra);
+        hotspa(d, &args)
+    };
+    let o = plan(&[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("not searched"), "{e}");
+    let o = plan(&["--context"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let auto = v["auto"].as_str().unwrap();
+    assert!(long_bucket(auto), "{auto}");
+}
+
 #[test]
 fn graph_prints_the_exchange() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,6 +251,26 @@ fn what_is_not_built_for_cp_is_refused_by_name() {
             vec!["--strategy", "cp4", "--sim-cluster", "a800x32"],
             "does not time context parallelism",
         ),
+        (
+            vec!["--strategy", "dp4", "--plan-context"],
+            "--plan-context widens the search of --strategies auto",
+        ),
+        (
+            vec!["--strategy", "dp4", "--profile", "a800x32"],
+            "--profile is the planner's calibration for --strategies auto",
+        ),
+        (
+            vec![
+                "--strategies",
+                "auto",
+                "--profile",
+                "a800x32",
+                "--plan-context",
+                "--sim-cluster",
+                "a800x32",
+            ],
+            "does not time context parallelism",
+        ),
         (vec!["--strategy", "cp2tp2ulysses"], ""),
     ] {
         let mut args: Vec<&str> = base.to_vec();
@@ -223,7 +337,7 @@ fn recompute_lowers_the_peak_and_keeps_the_weights() {
         ),
         (
             vec!["--strategies", "auto", "--recompute", "full"],
-            "the planner does not choose recomputation yet",
+            "the planner chooses recomputation itself",
         ),
     ] {
         let mut args = vec![

@@ -365,6 +365,7 @@ impl Planner {
         best.ok_or_else(|| PlanError::TooLong {
             len: longest,
             longest: self.longest_any(),
+            context: self.context,
         })
     }
 
@@ -424,6 +425,7 @@ impl Planner {
             return Err(PlanError::TooLong {
                 len: longest,
                 longest: 0,
+                context: self.context,
             });
         }
         let mut sorted = lens.to_vec();
@@ -525,6 +527,7 @@ impl Planner {
         best.ok_or_else(|| PlanError::TooLong {
             len: longest,
             longest: self.longest_any(),
+            context: self.context,
         })
     }
 }

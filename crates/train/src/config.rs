@@ -65,9 +65,30 @@ pub enum StrategySpec {
     /// Hot switching: each sequence trains under the strategy of the first bucket whose length
     /// bound holds it; the plan's instantiation strategy holds the weights and the optimizer.
     Hot(Plan),
-    /// The planner chooses every step's buckets and strategies by the cost model of this
+    /// The planner chooses every step's buckets and strategies by the cost model of a
     /// (calibrated) cluster; the instantiation strategy is chosen on the run's first batch.
-    Auto(Box<Cluster>),
+    Auto(Box<AutoPlanning>),
+}
+
+/// What automatic planning plans with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoPlanning {
+    /// The cluster the cost model describes (this machine's calibration, or a preset).
+    pub cluster: Cluster,
+    /// Whether the search also covers context parallelism (CP 2–8, ring or Ulysses) and
+    /// activation recomputation per bucket ([`planner::Planner::context`]); otherwise it is
+    /// HotSPa's DP × TP × PP space.
+    pub context: bool,
+}
+
+impl AutoPlanning {
+    /// Planning over `cluster`'s DP × TP × PP strategies.
+    pub fn new(cluster: Cluster) -> Self {
+        Self {
+            cluster,
+            context: false,
+        }
+    }
 }
 
 /// The learning rate over the run.
@@ -453,7 +474,25 @@ impl TrainConfig {
                     ));
                 }
             }
-            StrategySpec::Auto(cluster) => {
+            StrategySpec::Auto(auto) => {
+                let cluster = &auto.cluster;
+                if auto.context {
+                    // The strategies are chosen step by step, so what CP does not do yet is
+                    // refused for the whole run.
+                    let why = if let Device::Cuda(_) = self.device {
+                        Some(("plan_context", "context parallelism's attention exchange runs on the host (CPU kernels); it is not built for --device cuda yet"))
+                    } else if self.simulate.is_some() {
+                        Some(("sim_cluster", "the simulated clock does not time context parallelism's attention exchange yet"))
+                    } else {
+                        None
+                    };
+                    if let Some((key, why)) = why {
+                        return Err(TrainError::setting(
+                            key,
+                            format!("automatic planning with context parallelism in its search: {why}; drop --plan-context"),
+                        ));
+                    }
+                }
                 cluster
                     .validate()
                     .map_err(|e| TrainError::setting("profile", e.to_string()))?;

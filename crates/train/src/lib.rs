@@ -56,8 +56,8 @@ pub mod watchdog;
 
 pub use checkpoints::CheckpointDir;
 pub use config::{
-    Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule, StrategySpec,
-    Tokenizer, TrainConfig, KEEP_LAST,
+    AutoPlanning, Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule,
+    StrategySpec, Tokenizer, TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, Evaluation};

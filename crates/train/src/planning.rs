@@ -16,9 +16,12 @@ pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
     cost
 }
 
-/// A planner over [`cost_model`].
+/// A planner over [`cost_model`], searching context parallelism and recomputation when `cfg`'s
+/// automatic planning asks for them ([`crate::AutoPlanning::context`]).
 pub fn planner(cfg: &TrainConfig, cluster: Cluster) -> Planner {
-    Planner::new(cost_model(cfg, cluster))
+    let mut planner = Planner::new(cost_model(cfg, cluster));
+    planner.context = matches!(&cfg.strategy, StrategySpec::Auto(a) if a.context);
+    planner
 }
 
 /// The plan `cfg` runs every step: its schedule, or one bucket of its strategy; `None` under

@@ -461,8 +461,8 @@ fn decide(
             let all = plan.strategies().into_iter().cloned().collect();
             (plan.inst.clone(), None, all)
         }
-        StrategySpec::Auto(cluster) => {
-            let planner = crate::planning::planner(cfg, (**cluster).clone());
+        StrategySpec::Auto(auto) => {
+            let planner = crate::planning::planner(cfg, auto.cluster.clone());
             // Planned on the run's first batch whatever step it resumes at, so that a resumed
             // run keeps the optimizer in the same layout.
             let first: Vec<usize> = data
@@ -470,7 +470,13 @@ fn decide(
                 .iter()
                 .map(Vec::len)
                 .collect();
-            let (plan, _) = planner.auto(&first)?;
+            let (plan, _) = planner.auto(&first).map_err(|e| match e {
+                planner::PlanError::TooLong { context: false, .. } => TrainError::setting(
+                    "plan_context",
+                    format!("{e}: add --plan-context to search them, or cut with --max-len"),
+                ),
+                e => e.into(),
+            })?;
             sink.notice(&format!(
                 "automatic planning: {} holds the weights and the optimizer; each step's strategies \
                  and bucket edges come from the cost model",

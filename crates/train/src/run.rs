@@ -229,7 +229,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
 /// cluster, else the planner's, else nominal links of this machine.
 fn agreement(p: &Prepared) -> Arc<dyn GradientAgreement> {
     let cluster = p.cfg.simulate.clone().or_else(|| match &p.cfg.strategy {
-        crate::StrategySpec::Auto(c) => Some((**c).clone()),
+        crate::StrategySpec::Auto(a) => Some(a.cluster.clone()),
         _ => None,
     });
     Arc::new(crate::exchange::Agreement::new(

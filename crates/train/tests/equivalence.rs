@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use model::Weights;
 use planner::{Cluster, Efficiency, Link, Plan};
-use train::{NoSink, StrategySpec, TrainConfig, TrainOutcome};
+use train::{AutoPlanning, NoSink, StrategySpec, TrainConfig, TrainOutcome};
 
 mod common;
 
@@ -124,7 +124,10 @@ fn small_cluster() -> Cluster {
 #[test]
 fn planned_steps_end_with_the_single_device_weights() {
     let reference = single();
-    let out = run(&config(4, StrategySpec::Auto(Box::new(small_cluster()))));
+    let out = run(&config(
+        4,
+        StrategySpec::Auto(Box::new(AutoPlanning::new(small_cluster()))),
+    ));
     assert_close(weights(&out), weights(&reference), 1e-5, "auto");
     for m in &out.steps {
         let plan = m.plan.as_ref().expect("planned steps report their plan");
@@ -140,7 +143,10 @@ fn the_plan_cache_keeps_the_last_plans_only() {
     use comm::{CommError, ThreadComm};
     use train::{PlannedRunner, StepInput, StepRunner};
     // Batches of different shapes give different plans; a cache of two keeps the last two.
-    let cfg = config(4, StrategySpec::Auto(Box::new(small_cluster())));
+    let cfg = config(
+        4,
+        StrategySpec::Auto(Box::new(AutoPlanning::new(small_cluster()))),
+    );
     let planner = Arc::new(train::planner(&cfg, small_cluster()));
     let lens0: Vec<usize> = (0..8).map(|i| [3, 9, 2, 30][i % 4]).collect();
     let (plan, _) = planner.auto(&lens0).unwrap();
@@ -219,4 +225,50 @@ fn the_plan_cache_keeps_the_last_plans_only() {
         distinct.len() >= 2,
         "the batches should plan differently: {seen:?}"
     );
+}
+
+/// With context parallelism and recomputation in the search ([`train::AutoPlanning::context`])
+/// the planner trains batches that no DP × TP × PP strategy holds — a 60-token sequence on 8
+/// devices whose memory gives the roomiest of those (tp4pp2) about 46 tokens — and the weights
+/// still end as the single device's. Without it the run is refused before the first step.
+#[test]
+fn planning_with_context_parallelism_trains_what_no_plain_strategy_holds() {
+    let seqs = common::sequences(24, &[3, 9, 2, 60, 5, 14]);
+    let cfg = |devices, strategy| common::config(devices, strategy, seqs.clone(), 64);
+    let reference = run(&cfg(
+        1,
+        StrategySpec::Fixed(graph::Strategy::parse("dp1", 1).unwrap()),
+    ));
+    let mut cluster = small_cluster();
+    cluster.nodes = 2;
+    cluster.memory_gib = 0.00003;
+    let plain = cfg(
+        8,
+        StrategySpec::Auto(Box::new(AutoPlanning::new(cluster.clone()))),
+    );
+    let e = train::run(&plain, &mut NoSink).unwrap_err().to_string();
+    assert!(
+        e.contains("sequence of 60 tokens") && e.contains("--plan-context"),
+        "{e}"
+    );
+    let out = run(&cfg(
+        8,
+        StrategySpec::Auto(Box::new(AutoPlanning {
+            cluster,
+            context: true,
+        })),
+    ));
+    assert_close(weights(&out), weights(&reference), 1e-5, "auto with CP");
+    assert_eq!(out.steps.len(), 3);
+    for m in &out.steps {
+        let plan = &m
+            .plan
+            .as_ref()
+            .expect("planned steps report their plan")
+            .plan;
+        // Every batch has a 60-token sequence: a CP or recomputing strategy takes it.
+        let buckets = plan.split(" (weights").next().unwrap_or_default();
+        let bucket = buckets.rsplit(',').next().unwrap_or_default();
+        assert!(bucket.contains("cp") || bucket.contains('+'), "{plan}");
+    }
 }
