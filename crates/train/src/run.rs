@@ -382,5 +382,5 @@ fn write_checkpoint(
     dir.save_with(&ck, model, &p.tokenizer_files)
 }
 
-/// Re-export for [`crate::planning`].
+/// Re-export: the data a run trains on (the planning helpers read it too).
 pub use crate::prepare::load_data;
