@@ -137,6 +137,22 @@ pub trait Backend: Send + Sync {
         dv: &mut Self::Buffer,
     ) -> Result<()>;
 
+    /// Runs `work`, causal attention its caller computes on the host outside this backend's
+    /// kernels (context parallelism's blocks, [`crate::ops::attention_spans`]), so that a
+    /// wrapping backend can account for it as it does for [`Backend::attention_forward`]:
+    /// `spans` holds, per block, its sequence's length and the (query, key) pairs it computes.
+    /// The default just runs it.
+    fn host_attention(
+        &self,
+        spans: &[HostSpan],
+        shape: AttnShape,
+        backward: bool,
+        work: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let _ = (spans, shape, backward);
+        work()
+    }
+
     /// See [`swiglu::forward`].
     fn swiglu_forward(
         &self,
@@ -204,6 +220,15 @@ pub trait Backend: Send + Sync {
         m: &mut Self::Buffer,
         v: &mut Self::Buffer,
     ) -> Result<()>;
+}
+
+/// One block of attention computed on the host ([`Backend::host_attention`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSpan {
+    /// Tokens of the sequence the block belongs to.
+    pub seq_len: usize,
+    /// (Query, key) pairs the block computes (at most `seq_len·(seq_len + 1)/2`).
+    pub pairs: usize,
 }
 
 /// The CPU backend: f32 on host memory, GEMM from the `gemm` crate, everything else ours, run on

@@ -29,7 +29,7 @@
 //! # Ok::<(), kernels::KernelError>(())
 //! ```
 
-use crate::backend::{AdamW, AttnShape, Backend, Rope};
+use crate::backend::{AdamW, AttnShape, Backend, HostSpan, Rope};
 use crate::error::Result;
 use crate::matmul::GemmSpec;
 
@@ -42,6 +42,16 @@ pub enum Kernel<'a> {
     Attention {
         /// Cumulative sequence lengths.
         cu_seqlens: &'a [usize],
+        /// Heads and head dim.
+        shape: AttnShape,
+        /// The backward (twice the forward's work).
+        backward: bool,
+    },
+    /// Causal attention between blocks of sequences computed on the host by the caller
+    /// ([`Backend::host_attention`]), forward or backward.
+    HostAttention {
+        /// Per block, its sequence's length and its (query, key) pairs.
+        spans: &'a [HostSpan],
         /// Heads and head dim.
         shape: AttnShape,
         /// The backward (twice the forward's work).
@@ -303,6 +313,20 @@ impl<L: Layer> Backend for L {
     fn round_bf16(&self, x: &mut Self::Buffer) -> Result<()> {
         let elems = 2 * self.len(x);
         self.kernel(Kernel::Elementwise { elems }, |i| i.round_bf16(x))
+    }
+    fn host_attention(
+        &self,
+        spans: &[HostSpan],
+        shape: AttnShape,
+        backward: bool,
+        work: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let kernel = Kernel::HostAttention {
+            spans,
+            shape,
+            backward,
+        };
+        self.kernel(kernel, |_| work())
     }
     fn adamw(
         &self,

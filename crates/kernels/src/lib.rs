@@ -29,7 +29,9 @@ mod pool;
 mod real;
 pub mod simd;
 
-pub use backend::{available_cores, AdamW, AttnShape, Backend, CpuBackend, Rope, RopeScaling};
+pub use backend::{
+    available_cores, AdamW, AttnShape, Backend, CpuBackend, HostSpan, Rope, RopeScaling,
+};
 pub use cuda::{CudaBackend, CudaBuffer, GemmPrecision};
 pub use error::{try_zeros, KernelError, Result};
 pub use layer::{Kernel, Layer};

@@ -14,11 +14,14 @@
 //!
 //! Buffers are this rank's rows in the kernels' layouts: `q`, `out` `[local tokens, heads,
 //! head_dim]`, `k`, `v` `[local tokens, kv_heads, head_dim]`, `lse` `[heads, local tokens]`.
+//! The attention is computed on the host; each block of it goes through a [`HostAttention`]
+//! (the executor passes its backend, so that the simulator's clock charges it block by block,
+//! between the hops, as it runs).
 
 use comm::{chunk_counts, Communicator, P2p, Rank};
 use kernels::ops::attention;
 use kernels::ops::attention_spans::{self as spans, Grads, Span};
-use kernels::AttnShape;
+use kernels::{AttnShape, Backend, HostSpan};
 
 pub use graph::CpExchange;
 
@@ -157,23 +160,54 @@ impl CpSplit {
     /// The spans between `q_rank`'s queries and `k_rank`'s keys (both in their local rows) that
     /// the causal mask lets anything through.
     pub fn spans(&self, q_rank: usize, k_rank: usize) -> Vec<Span> {
-        let mut out = Vec::new();
-        for a in &self.chunks[q_rank] {
-            for b in self.chunks[k_rank].iter().filter(|b| b.seq == a.seq) {
-                let s = Span {
-                    q_start: a.local,
-                    q_len: a.len,
-                    q_pos: a.pos,
-                    k_start: b.local,
-                    k_len: b.len,
-                    k_pos: b.pos,
-                };
-                if s.visible() {
-                    out.push(s);
-                }
-            }
-        }
-        out
+        self.spans_of_sequences(q_rank, k_rank)
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// [`CpSplit::spans`] as the work they are: each its sequence's length and its pairs.
+    pub fn host_spans(&self, q_rank: usize, k_rank: usize) -> Vec<HostSpan> {
+        self.spans_of_sequences(q_rank, k_rank)
+            .map(|(seq, s)| HostSpan {
+                seq_len: self.cu_seqlens[seq + 1] - self.cu_seqlens[seq],
+                pairs: s.pairs(),
+            })
+            .collect()
+    }
+
+    /// Every sequence's whole causal attention, as [`HostSpan`]s (Ulysses' kernel).
+    fn whole_sequences(&self) -> Vec<HostSpan> {
+        self.cu_seqlens
+            .windows(2)
+            .map(|w| HostSpan {
+                seq_len: w[1] - w[0],
+                pairs: (w[1] - w[0]) * (w[1] - w[0] + 1) / 2,
+            })
+            .collect()
+    }
+
+    fn spans_of_sequences(
+        &self,
+        q_rank: usize,
+        k_rank: usize,
+    ) -> impl Iterator<Item = (usize, Span)> + '_ {
+        self.chunks[q_rank].iter().flat_map(move |a| {
+            self.chunks[k_rank]
+                .iter()
+                .filter(move |b| b.seq == a.seq)
+                .map(move |b| {
+                    let s = Span {
+                        q_start: a.local,
+                        q_len: a.len,
+                        q_pos: a.pos,
+                        k_start: b.local,
+                        k_len: b.len,
+                        k_pos: b.pos,
+                    };
+                    (a.seq, s)
+                })
+                .filter(|(_, s)| s.visible())
+        })
     }
 
     /// (Query, key) pairs each rank computes: how even the split is.
@@ -186,6 +220,47 @@ impl CpSplit {
                     .sum()
             })
             .collect()
+    }
+}
+
+/// Runs the blocks of attention a CP rank computes on the host, and accounts for them: a
+/// backend's [`Backend::host_attention`] (the simulator's clock charges them), or
+/// [`Unaccounted`].
+pub trait HostAttention {
+    /// Runs `work`, the attention of `spans` under `shape` (forward or backward).
+    fn run(
+        &self,
+        spans: &[HostSpan],
+        shape: AttnShape,
+        backward: bool,
+        work: &mut dyn FnMut() -> kernels::Result<()>,
+    ) -> kernels::Result<()>;
+}
+
+impl<B: Backend> HostAttention for B {
+    fn run(
+        &self,
+        spans: &[HostSpan],
+        shape: AttnShape,
+        backward: bool,
+        work: &mut dyn FnMut() -> kernels::Result<()>,
+    ) -> kernels::Result<()> {
+        self.host_attention(spans, shape, backward, work)
+    }
+}
+
+/// Runs the blocks and accounts for nothing ([`attention_forward`], [`attention_backward`]).
+pub struct Unaccounted;
+
+impl HostAttention for Unaccounted {
+    fn run(
+        &self,
+        _: &[HostSpan],
+        _: AttnShape,
+        _: bool,
+        work: &mut dyn FnMut() -> kernels::Result<()>,
+    ) -> kernels::Result<()> {
+        work()
     }
 }
 
@@ -213,20 +288,76 @@ pub fn attention_forward(
     shape: AttnShape,
     scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    attention_forward_on(&Unaccounted, comm, exchange, split, q, k, v, shape, scale)
+}
+
+/// [`attention_forward`] with each block of attention run through `host`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_on(
+    host: &dyn HostAttention,
+    comm: &dyn Communicator,
+    exchange: CpExchange,
+    split: &CpSplit,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let me = check_group(comm, split)?;
     let n = split.local_tokens(me);
     check_rows("q", q, n, shape.heads * shape.head_dim)?;
     check_rows("k", k, n, shape.kv_heads * shape.head_dim)?;
     check_rows("v", v, n, shape.kv_heads * shape.head_dim)?;
+    let x = Inputs { q, k, v };
     match exchange {
-        CpExchange::Ring => ring_forward(comm, split, me, q, k, v, shape, scale),
-        CpExchange::Ulysses => ulysses_forward(comm, split, me, q, k, v, shape, scale),
+        CpExchange::Ring => ring_forward(host, comm, split, me, &x, shape, scale),
+        CpExchange::Ulysses => ulysses_forward(host, comm, split, me, &x, shape, scale),
     }
+}
+
+/// This rank's queries, keys and values.
+struct Inputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
 }
 
 /// The gradients of [`attention_forward`] with respect to this rank's `q`, `k`, `v`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    comm: &dyn Communicator,
+    exchange: CpExchange,
+    split: &CpSplit,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    shape: AttnShape,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    attention_backward_on(
+        &Unaccounted,
+        comm,
+        exchange,
+        split,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        shape,
+        scale,
+    )
+}
+
+/// [`attention_backward`] with each block of attention run through `host`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_on(
+    host: &dyn HostAttention,
     comm: &dyn Communicator,
     exchange: CpExchange,
     split: &CpSplit,
@@ -257,8 +388,8 @@ pub fn attention_backward(
         lse,
     };
     match exchange {
-        CpExchange::Ring => ring_backward(comm, split, me, &saved, shape, scale),
-        CpExchange::Ulysses => ulysses_backward(comm, split, me, &saved, shape, scale),
+        CpExchange::Ring => ring_backward(host, comm, split, me, &saved, shape, scale),
+        CpExchange::Ulysses => ulysses_backward(host, comm, split, me, &saved, shape, scale),
     }
 }
 
@@ -299,17 +430,16 @@ fn shift(comm: &dyn Communicator, me: usize, send: &[f32], recv: &mut [f32]) -> 
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn ring_forward(
+    host: &dyn HostAttention,
     comm: &dyn Communicator,
     split: &CpSplit,
     me: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: &Inputs<'_>,
     shape: AttnShape,
     scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (q, k, v) = (x.q, x.k, x.v);
     let cp = split.cp();
     let kv_row = shape.kv_heads * shape.head_dim;
     let mut out = vec![0.0; q.len()];
@@ -320,16 +450,18 @@ fn ring_forward(
         let owner = (me + cp - step) % cp;
         let half = split.local_tokens(owner) * kv_row;
         let (bk, bv) = block.split_at(half);
-        spans::forward(
-            q,
-            bk,
-            bv,
-            &split.spans(me, owner),
-            shape,
-            scale,
-            &mut out,
-            &mut lse,
-        )?;
+        host.run(&split.host_spans(me, owner), shape, false, &mut || {
+            spans::forward(
+                q,
+                bk,
+                bv,
+                &split.spans(me, owner),
+                shape,
+                scale,
+                &mut out,
+                &mut lse,
+            )
+        })?;
         if step + 1 < cp {
             let next = (owner + cp - 1) % cp;
             let mut incoming = vec![0.0; 2 * split.local_tokens(next) * kv_row];
@@ -341,6 +473,7 @@ fn ring_forward(
 }
 
 fn ring_backward(
+    host: &dyn HostAttention,
     comm: &dyn Communicator,
     split: &CpSplit,
     me: usize,
@@ -368,7 +501,9 @@ fn ring_backward(
             lse: x.lse,
             delta: &delta,
         };
-        spans::backward(&g, &split.spans(me, owner), shape, scale, &mut dq, dk, dv)?;
+        host.run(&split.host_spans(me, owner), shape, true, &mut || {
+            spans::backward(&g, &split.spans(me, owner), shape, scale, &mut dq, dk, dv)
+        })?;
         if step + 1 < cp {
             let next = (owner + cp - 1) % cp;
             let mut incoming = vec![0.0; 4 * split.local_tokens(next) * kv_row];
@@ -514,17 +649,16 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 fn ulysses_forward(
+    host: &dyn HostAttention,
     comm: &dyn Communicator,
     split: &CpSplit,
     me: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: &Inputs<'_>,
     shape: AttnShape,
     scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (q, k, v) = (x.q, x.k, x.v);
     let hs = HeadSplit::new(shape, split.cp())?;
     let d = shape.head_dim;
     let qr: Vec<(usize, usize)> = (0..split.cp())
@@ -536,16 +670,18 @@ fn ulysses_forward(
     let mine = hs.shape(me, d);
     let t = split.tokens();
     let (mut fo, mut fl) = (vec![0.0; fq.len()], vec![0.0; hs.hc * t]);
-    attention::forward(
-        &fq,
-        &fk,
-        &fv,
-        split.cu_seqlens(),
-        mine,
-        scale,
-        &mut fo,
-        &mut fl,
-    )?;
+    host.run(&split.whole_sequences(), mine, false, &mut || {
+        attention::forward(
+            &fq,
+            &fk,
+            &fv,
+            split.cu_seqlens(),
+            mine,
+            scale,
+            &mut fo,
+            &mut fl,
+        )
+    })?;
     let out = to_tokens(comm, split, me, &fo, shape.heads, d, &qr)?;
     let lse = to_tokens(
         comm,
@@ -561,6 +697,7 @@ fn ulysses_forward(
 }
 
 fn ulysses_backward(
+    host: &dyn HostAttention,
     comm: &dyn Communicator,
     split: &CpSplit,
     me: usize,
@@ -587,20 +724,23 @@ fn ulysses_backward(
         vec![0.0; fk.len()],
         vec![0.0; fv.len()],
     );
-    attention::backward(
-        &fdo,
-        &fq,
-        &fk,
-        &fv,
-        &fo,
-        &transpose(&fl, t, hs.hc),
-        split.cu_seqlens(),
-        hs.shape(me, d),
-        scale,
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )?;
+    let lse = transpose(&fl, t, hs.hc);
+    host.run(&split.whole_sequences(), hs.shape(me, d), true, &mut || {
+        attention::backward(
+            &fdo,
+            &fq,
+            &fk,
+            &fv,
+            &fo,
+            &lse,
+            split.cu_seqlens(),
+            hs.shape(me, d),
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+    })?;
     Ok((
         to_tokens(comm, split, me, &dq, h, d, &qr)?,
         to_tokens(comm, split, me, &dk, g, d, &hs.kv)?,

@@ -608,7 +608,8 @@ impl<B: Backend> Ctx<'_, B> {
                 let (o, lse) = outs.split_at_mut(1);
                 if let Some((split, rank)) = &batch.context {
                     let (comm, exchange) = cp_group(tp.as_deref(), *rank)?;
-                    let (out, l) = crate::context::attention_forward(
+                    let (out, l) = crate::context::attention_forward_on(
+                        be,
                         comm,
                         exchange,
                         split,
@@ -647,9 +648,9 @@ impl<B: Backend> Ctx<'_, B> {
                         .iter()
                         .map(|b| be.download(b))
                         .collect::<kernels::Result<_>>()?;
-                    let (gq, gk, gv) = crate::context::attention_backward(
-                        comm, exchange, split, &host[0], &host[1], &host[2], &host[3], &host[4],
-                        &host[5], local, scale,
+                    let (gq, gk, gv) = crate::context::attention_backward_on(
+                        be, comm, exchange, split, &host[0], &host[1], &host[2], &host[3],
+                        &host[4], &host[5], local, scale,
                     )?;
                     dq[0] = be.upload(&gq)?;
                     dk[0] = be.upload(&gk)?;

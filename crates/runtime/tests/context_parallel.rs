@@ -227,3 +227,88 @@ fn the_exchanges_send_the_bytes_the_strategy_model_says() {
         }
     }
 }
+
+/// Tallies the blocks of host attention it runs: (query, key) pairs × query heads, forward
+/// and backward apart.
+#[derive(Default)]
+struct Tally(std::sync::Mutex<[usize; 2]>);
+
+impl runtime::context::HostAttention for Tally {
+    fn run(
+        &self,
+        spans: &[kernels::HostSpan],
+        shape: AttnShape,
+        backward: bool,
+        work: &mut dyn FnMut() -> kernels::Result<()>,
+    ) -> kernels::Result<()> {
+        let pairs: usize = spans.iter().map(|s| s.pairs).sum();
+        self.0.lock().unwrap()[usize::from(backward)] += pairs * shape.heads;
+        work()
+    }
+}
+
+/// Every rank's blocks go through its `HostAttention` (what the simulator's clock charges):
+/// over the group, every causal pair of every query head once in the forward and once in the
+/// backward, by ring and by Ulysses; and the results are the unaccounted run's, bit for bit.
+#[test]
+fn every_block_of_attention_is_accounted_once() {
+    use runtime::context::{attention_backward_on, attention_forward_on};
+    let case = Arc::new(Case::new(&[37, 5, 120, 1, 64], 4, 2));
+    let causal: usize = case
+        .cu
+        .windows(2)
+        .map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2)
+        .sum();
+    for (cp, exchange) in [
+        (2, CpExchange::Ring),
+        (4, CpExchange::Ring),
+        (2, CpExchange::Ulysses),
+    ] {
+        let plain = case.split_run(cp, exchange).unwrap();
+        let c2 = case.clone();
+        let per_rank = ThreadComm::run(cp, move |c| {
+            let me = c.rank().0;
+            let split = CpSplit::balanced(&c2.cu, cp)?;
+            let sh = c2.shape;
+            let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+            let q = split.take(me, &c2.q, qrow);
+            let k = split.take(me, &c2.k, krow);
+            let v = split.take(me, &c2.v, krow);
+            let dout = split.take(me, &c2.dout, qrow);
+            let tally = Tally::default();
+            let (out, lse) =
+                attention_forward_on(&tally, &c, exchange, &split, &q, &k, &v, sh, SCALE)?;
+            let (dq, _, _) = attention_backward_on(
+                &tally, &c, exchange, &split, &dout, &q, &k, &v, &out, &lse, sh, SCALE,
+            )?;
+            let mut whole_out = vec![0.0; c2.q.len()];
+            split.put(me, &out, qrow, &mut whole_out);
+            let mut whole_dq = vec![0.0; c2.q.len()];
+            split.put(me, &dq, qrow, &mut whole_dq);
+            let counted = *tally.0.lock().unwrap();
+            Ok::<_, RuntimeError>((counted, split.global_rows(me), whole_out, whole_dq))
+        })
+        .unwrap();
+        let (mut fwd, mut bwd) = (0, 0);
+        let qrow = case.shape.heads * case.shape.head_dim;
+        for ([f, b], rows, out, dq) in per_rank {
+            fwd += f;
+            bwd += b;
+            for r in rows {
+                let at = r * qrow..(r + 1) * qrow;
+                assert_eq!(out[at.clone()], plain.out[at.clone()], "{exchange:?}");
+                assert_eq!(dq[at.clone()], plain.dq[at], "{exchange:?}");
+            }
+        }
+        assert_eq!(
+            fwd,
+            causal * case.shape.heads,
+            "cp{cp} {exchange:?} forward"
+        );
+        assert_eq!(
+            bwd,
+            causal * case.shape.heads,
+            "cp{cp} {exchange:?} backward"
+        );
+    }
+}

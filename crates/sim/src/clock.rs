@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
-use kernels::{AttnShape, Backend, GemmSpec, Kernel, Layer, Result};
+use kernels::{AttnShape, Backend, GemmSpec, HostSpan, Kernel, Layer, Result};
 use planner::Cluster;
 
 /// What the clock's time went to.
@@ -251,6 +251,24 @@ impl Rates {
         self.scale * both * if backward { 2.0 / 3.0 } else { 1.0 / 3.0 }
     }
 
+    /// Blocks of attention computed on the host (context parallelism): each block its share of
+    /// its sequence's causal pairs of the whole sequence's time, so that the blocks of one
+    /// sequence, wherever they run, add up to [`Rates::attention`] of it.
+    fn host_attention(&self, spans: &[HostSpan], shape: AttnShape, backward: bool) -> f64 {
+        let width = shape.heads * shape.head_dim;
+        let both: f64 = spans
+            .iter()
+            .map(|s| {
+                let whole = s.seq_len * (s.seq_len + 1) / 2;
+                if whole == 0 {
+                    return 0.0;
+                }
+                self.cluster.attention_seconds(s.seq_len, width) * s.pairs as f64 / whole as f64
+            })
+            .sum();
+        self.scale * both * if backward { 2.0 / 3.0 } else { 1.0 / 3.0 }
+    }
+
     /// An elementwise kernel touching `elems` four-byte values (0 where the cluster leaves
     /// elementwise kernels out).
     fn elementwise(&self, elems: usize) -> f64 {
@@ -357,6 +375,14 @@ impl<B: Backend> Layer for SimBackend<B> {
                 Phase::Compute,
                 self.rates.attention(cu_seqlens, shape, backward),
             ),
+            Kernel::HostAttention {
+                spans,
+                shape,
+                backward,
+            } => (
+                Phase::Compute,
+                self.rates.host_attention(spans, shape, backward),
+            ),
             Kernel::Elementwise { elems } => (Phase::Elementwise, self.rates.elementwise(elems)),
             Kernel::AdamW { params } => (Phase::Optimizer, self.rates.adamw(params)),
         };
@@ -439,5 +465,47 @@ mod tests {
         assert!((two - 2.0 * one).abs() < 1e-18);
         assert!((long - 4.0 * one).abs() < 1e-18);
         assert!((r.attention(&[0, 100], shape, true) - 2.0 * one).abs() < 1e-18);
+        // Blocks of a sequence computed on the host (context parallelism) add up to the whole:
+        // the 100 tokens in two halves are three blocks of 1275, 2500 and 1275 causal pairs.
+        let block = |pairs| HostSpan {
+            seq_len: 100,
+            pairs,
+        };
+        let parts: f64 = [1275, 2500, 1275]
+            .map(|p| r.host_attention(&[block(p)], shape, false))
+            .iter()
+            .sum();
+        assert!((parts - one).abs() < 1e-18, "{parts} vs {one}");
+        let whole = r.host_attention(&[block(5050)], shape, true);
+        assert!((whole - 2.0 * one).abs() < 1e-18);
+    }
+
+    #[test]
+    fn host_attention_runs_its_work_and_advances_the_clock() {
+        let c = cluster();
+        let clock = Clock::default();
+        let be = SimBackend::with_scale(CpuBackend::new(1).unwrap(), &c, clock.clone(), 1.0);
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let spans = [HostSpan {
+            seq_len: 64,
+            pairs: 2080,
+        }];
+        let mut ran = 0;
+        be.host_attention(&spans, shape, false, &mut || {
+            ran += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ran, 1);
+        let want = c.attention_seconds(64, 32) / 3.0 + c.kernel_overhead_us * 1e-6;
+        assert!(
+            (clock.now() - want).abs() < 1e-15,
+            "{} vs {want}",
+            clock.now()
+        );
     }
 }

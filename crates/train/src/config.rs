@@ -479,17 +479,12 @@ impl TrainConfig {
                 if auto.context {
                     // The strategies are chosen step by step, so what CP does not do yet is
                     // refused for the whole run.
-                    let why = if let Device::Cuda(_) = self.device {
-                        Some(("plan_context", "context parallelism's attention exchange runs on the host (CPU kernels); it is not built for --device cuda yet"))
-                    } else if self.simulate.is_some() {
-                        Some(("sim_cluster", "the simulated clock does not time context parallelism's attention exchange yet"))
-                    } else {
-                        None
-                    };
-                    if let Some((key, why)) = why {
+                    if let Device::Cuda(_) = self.device {
                         return Err(TrainError::setting(
-                            key,
-                            format!("automatic planning with context parallelism in its search: {why}; drop --plan-context"),
+                            "plan_context",
+                            "automatic planning with context parallelism in its search: CP's \
+                             attention exchange runs on the host (CPU kernels); it is not built \
+                             for --device cuda yet; drop --plan-context",
                         ));
                     }
                 }
@@ -660,15 +655,6 @@ impl TrainConfig {
                     format!(
                         "{s}: context parallelism's attention exchange runs on the host (CPU \
                          kernels); it is not built for --device cuda yet"
-                    ),
-                ));
-            }
-            if self.simulate.is_some() {
-                return Err(TrainError::setting(
-                    "sim_cluster",
-                    format!(
-                        "{s}: the simulated clock does not time context parallelism's attention \
-                         exchange yet"
                     ),
                 ));
             }
