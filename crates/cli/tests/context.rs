@@ -294,10 +294,6 @@ fn what_is_not_built_for_cp_is_refused_by_name() {
     ];
     for (extra, needle) in [
         (
-            vec!["--strategy", "dp2cp2", "--sync", "local:2"],
-            "periodic averaging over context-parallel strategies is not built",
-        ),
-        (
             vec!["--strategy", "cp2"],
             "dp1 × cp2 × tp1 × pp1 = 2 devices, but there are 4",
         ),

@@ -599,12 +599,6 @@ impl TrainConfig {
         if s.dp < 2 {
             return refuse(format!("{s} has no DP replicas to average"));
         }
-        if s.cp > 1 {
-            return refuse(format!(
-                "{s}: the ranks of a CP group hold parts of one replica's gradients; periodic \
-                 averaging over context-parallel strategies is not built"
-            ));
-        }
         if s.zero != graph::Zero::Off {
             return refuse(format!(
                 "{s} shards the optimizer over the DP replicas, which differ between \

@@ -119,21 +119,29 @@ impl Job {
             cfg.adamw,
             cfg.grad_clip,
         )?;
-        // Periodic averaging: between synchronisations a replica's gradients are its own (its
-        // DP groups are itself alone); `replicas` averages over the real DP group, and
-        // `dp_groups` keeps another copy of it for evaluation.
+        // Periodic averaging: between synchronisations a data replica's gradients are its own
+        // (its DP groups are its CP group: itself alone without CP, else the ranks that share
+        // its tokens); `replicas` averages over the ranks holding the same piece in the other
+        // data replicas, and `dp_groups` keeps the real DP group for evaluation.
         let mut replicas = None;
         let mut dp_groups = None;
         if cfg.sync.every().is_some() {
+            let (_, my_cp) = self.inst.data_coords(me);
             let dp: Vec<comm::Rank> = self
                 .inst
                 .group(me, graph::MeshAxis::Dp)
                 .into_iter()
+                .filter(|&r| self.inst.data_coords(r).1 == my_cp)
                 .map(comm::Rank)
                 .collect();
-            let alone = [comm::Rank(me)];
-            let real_dp = std::mem::replace(&mut groups.dp, world.sub_group(&alone)?);
-            let real_grads = std::mem::replace(&mut groups.dp_grads, world.sub_group(&alone)?);
+            let own: Vec<comm::Rank> = self
+                .inst
+                .group(me, graph::MeshAxis::Cp)
+                .into_iter()
+                .map(comm::Rank)
+                .collect();
+            let real_dp = std::mem::replace(&mut groups.dp, world.sub_group(&own)?);
+            let real_grads = std::mem::replace(&mut groups.dp_grads, world.sub_group(&own)?);
             dp_groups = Some((real_dp, real_grads));
             replicas = Some(Replicas::new(
                 cfg.sync,
