@@ -43,6 +43,17 @@ struct Run {
 
 /// `steps` steps of DP4 from the fixed initial weights with `extra` flags.
 fn train(dir: &Path, name: &str, steps: usize, extra: &[&str]) -> Run {
+    train_on(dir, name, steps, ("4", "dp4"), extra)
+}
+
+/// [`train`] on `devices` devices under `strategy`.
+fn train_on(
+    dir: &Path,
+    name: &str,
+    steps: usize,
+    (devices, strategy): (&str, &str),
+    extra: &[&str],
+) -> Run {
     let steps = steps.to_string();
     let save = format!("{name}.safetensors");
     let metrics = format!("{name}.jsonl");
@@ -53,9 +64,9 @@ fn train(dir: &Path, name: &str, steps: usize, extra: &[&str]) -> Run {
         "--data",
         "data.jsonl",
         "--devices",
-        "4",
+        devices,
         "--strategy",
-        "dp4",
+        strategy,
         "--global-batch",
         "16",
         "--steps",
@@ -272,46 +283,13 @@ fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
     let d = dir.path();
     setup(d);
     let run = |name: &str, devices: &str, strategy: &str, sync: &str| {
-        let save = format!("{name}.safetensors");
-        let metrics = format!("{name}.jsonl");
-        let mut args = vec![
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
-            "--init",
-            "init.safetensors",
-            "--devices",
-            devices,
-            "--strategy",
-            strategy,
-            "--global-batch",
-            "16",
-            "--steps",
-            "4",
-            "--sync",
-            sync,
-            "--save",
-            &save,
-            "--metrics",
-            &metrics,
-        ];
-        args.extend(SGD);
-        let o = hotspa(d, &args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Run {
-            weights: Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(&save)).unwrap(),
-            metrics: std::fs::read_to_string(d.join(&metrics))
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-        }
+        train_on(
+            d,
+            name,
+            4,
+            (devices, strategy),
+            &with(&SGD, &["--sync", sync]),
+        )
     };
     let init = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join("init.safetensors")).unwrap();
     for sync in ["local:1", "local:3", "diloco:2", "gossip:2"] {
