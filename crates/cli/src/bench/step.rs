@@ -111,6 +111,8 @@ pub fn step(args: StepArgs) -> Result<()> {
     run.steps = args.steps;
     run.max_len = Some(seq_len);
     run.shuffle = false;
+    // The peak's FMAs are timed before the steps and again after them (the median of both).
+    let mut machine = cpu.then(|| Machine::detect(args.ghz));
     if cpu {
         // Every op's time by kind (the CPU has nothing to wait for, so this costs nothing).
         runtime::profile::enable();
@@ -135,7 +137,9 @@ pub fn step(args: StepArgs) -> Result<()> {
         .sum();
     let flops = tokens
         * (6.0 * n as f64 + 6.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq_len) as f64);
-    let machine = cpu.then(|| Machine::detect(args.ghz));
+    if let Some(m) = machine.as_mut() {
+        m.time_fmas();
+    }
     let peak = match (args.peak_tflops, &machine) {
         (Some(t), _) => t * 1e12,
         (None, Some(m)) => m.peak_gflops * 1e9,
