@@ -4,7 +4,7 @@
 use planner::{Cluster, CostModel, Plan, Planner};
 
 use crate::config::{StrategySpec, TrainConfig};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
 /// The cost model of `cfg`'s model on `cluster`, estimating the packing the runtime runs and
 /// the gradient exchange the run uses (the planner weighs strategies with it; it never picks a
@@ -22,6 +22,18 @@ pub fn planner(cfg: &TrainConfig, cluster: Cluster) -> Planner {
     let mut planner = Planner::new(cost_model(cfg, cluster));
     planner.context = matches!(&cfg.strategy, StrategySpec::Auto(a) if a.context);
     planner
+}
+
+/// A planner's error as the run reports it: a sequence no searched strategy holds names the
+/// setting that widens the search (on any step, not only the first batch's).
+pub(crate) fn plan_error(e: planner::PlanError) -> TrainError {
+    match e {
+        planner::PlanError::TooLong { context: false, .. } => TrainError::setting(
+            "plan_context",
+            format!("{e}: add --plan-context to search them, or cut with --max-len"),
+        ),
+        e => e.into(),
+    }
 }
 
 /// The plan `cfg` runs every step: its schedule, or one bucket of its strategy; `None` under

@@ -470,13 +470,7 @@ fn decide(
                 .iter()
                 .map(Vec::len)
                 .collect();
-            let (plan, _) = planner.auto(&first).map_err(|e| match e {
-                planner::PlanError::TooLong { context: false, .. } => TrainError::setting(
-                    "plan_context",
-                    format!("{e}: add --plan-context to search them, or cut with --max-len"),
-                ),
-                e => e.into(),
-            })?;
+            let (plan, _) = planner.auto(&first).map_err(crate::planning::plan_error)?;
             sink.notice(&format!(
                 "automatic planning: {} holds the weights and the optimizer; each step's strategies \
                  and bucket edges come from the cost model",

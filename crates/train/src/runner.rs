@@ -219,7 +219,10 @@ impl<B: Backend> StepRunner<B> for PlannedRunner {
     fn gradients(&mut self, input: StepInput<'_, B>) -> Result<StepGradients<B>> {
         let t = Instant::now();
         let lens: Vec<usize> = input.batch.iter().map(Vec::len).collect();
-        let (plan, est) = self.planner.auto_with(&lens, Some(&self.inst))?;
+        let (plan, est) = self
+            .planner
+            .auto_with(&lens, Some(&self.inst))
+            .map_err(crate::planning::plan_error)?;
         let planning_seconds = t.elapsed().as_secs_f64();
         let schedule = self.setup.schedule;
         let rank = self.rank_for(&plan, input.world)?;

@@ -251,6 +251,19 @@ fn planning_with_context_parallelism_trains_what_no_plain_strategy_holds() {
         e.contains("sequence of 60 tokens") && e.contains("--plan-context"),
         "{e}"
     );
+    // The same where the first batch fits and a later one does not: the step that meets the
+    // sequence names the flag too (all ranks fail alike, none hangs).
+    let later = common::config(
+        8,
+        StrategySpec::Auto(Box::new(AutoPlanning::new(cluster.clone()))),
+        common::sequences(24, &[3, 9, 2, 5, 14, 3, 9, 2, 60, 5, 14, 3, 9, 2, 5, 3]),
+        64,
+    );
+    let e = train::run(&later, &mut NoSink).unwrap_err().to_string();
+    assert!(
+        e.contains("sequence of 60 tokens") && e.contains("--plan-context"),
+        "{e}"
+    );
     let out = run(&cfg(
         8,
         StrategySpec::Auto(Box::new(AutoPlanning {
