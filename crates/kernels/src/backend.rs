@@ -312,6 +312,11 @@ impl Backend for CpuBackend {
         self.shelf.give(buf);
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        // A shelved buffer where one fits: its pages are mapped already.
+        if let Some(mut v) = self.shelf.take_unfilled(data.len()) {
+            v.copy_from_slice(data);
+            return Ok(v);
+        }
         let mut v = crate::error::try_zeros(0)?;
         v.try_reserve_exact(data.len())
             .map_err(|_| KernelError::OutOfMemory {

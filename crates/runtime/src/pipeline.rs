@@ -256,7 +256,8 @@ pub fn pipeline_step<B: Backend>(
             let mut off = 0;
             for &k in bucket {
                 let n = backend.len(&grads[k]);
-                grads[k] = backend.upload(&flat[off..off + n])?;
+                let summed = backend.upload(&flat[off..off + n])?;
+                backend.recycle(std::mem::replace(&mut grads[k], summed));
                 off += n;
             }
         }
@@ -366,10 +367,18 @@ impl<'a> BucketFeeder<'a> {
             if !b.iter().all(|&m| self.pending[m].is_some()) {
                 break;
             }
-            let mut flat = Vec::new();
-            for &m in b {
-                flat.extend(self.pending[m].take().unwrap_or_default());
-            }
+            // One allocation of the bucket's size (growing it value by value would copy it
+            // again at every doubling); a one-parameter bucket is its gradient as it came.
+            let flat = if let [m] = b[..] {
+                self.pending[m].take().unwrap_or_default()
+            } else {
+                let len = b.iter().flat_map(|&m| &self.pending[m]).map(Vec::len).sum();
+                let mut flat = Vec::with_capacity(len);
+                for &m in b {
+                    flat.extend(self.pending[m].take().unwrap_or_default());
+                }
+                flat
+            };
             tx.send(flat).map_err(|_| {
                 RuntimeError::Binding("the gradient-reduction thread stopped early".into())
             })?;
