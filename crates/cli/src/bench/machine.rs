@@ -234,8 +234,8 @@ pub fn memcpy_all_cores_gbps(bytes: usize) -> f64 {
 mod tests {
     use super::*;
 
-    /// One impossible round (a mis-timed burst) or one starved round moves the peak not at
-    /// all: the median is of the rounds in the middle.
+    /// One round far above the rest or one starved round moves the peak not at all: the
+    /// median is of the rounds in the middle.
     #[test]
     fn outlying_rounds_do_not_move_the_peak() {
         let rounds = [196.0, 350.0, 198.0, 101.0, 197.0, 199.0, 195.0];
