@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::fields;
 use crate::tokenizer::TextTokenizer;
 use crate::{DataError, Result};
 
@@ -244,7 +245,7 @@ fn parse_line(
     };
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-    if let Some(ids) = v.get("input_ids") {
+    let ids = if let Some(ids) = v.get("input_ids") {
         let arr = ids
             .as_array()
             .ok_or_else(|| bad("\"input_ids\" is not an array".into()))?;
@@ -263,7 +264,7 @@ fn parse_line(
                 }
                 Ok(id as u32)
             })
-            .collect()
+            .collect::<Result<Vec<u32>>>()?
     } else if let Some(t) = v.get("text") {
         let t = t
             .as_str()
@@ -272,12 +273,30 @@ fn parse_line(
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(bad(out_of_vocab(tokenizer, id, vocab)));
         }
-        Ok(ids)
+        ids
     } else {
-        Err(bad(
+        return Err(bad(
             "the object has neither \"input_ids\" nor \"text\"".into()
-        ))
+        ));
+    };
+    for name in fields::CHECKED_FIELDS {
+        let Some(field) = v.get(name).filter(|f| !f.is_null()) else {
+            continue;
+        };
+        let values = field
+            .as_array()
+            .ok_or_else(|| bad(format!("`{name}` is not an array")))?
+            .iter()
+            .enumerate()
+            .map(|(k, x)| {
+                x.as_i64()
+                    .map(i128::from)
+                    .ok_or_else(|| bad(format!("`{name}[{k}]` = {x} is not an integer")))
+            })
+            .collect::<Result<Vec<i128>>>()?;
+        fields::check(name, &values, &ids).map_err(bad)?;
     }
+    Ok(ids)
 }
 
 /// Why token `id` of `tokenizer` cannot be used with a vocabulary of `vocab`.

@@ -5,6 +5,8 @@
 //! byte tokenizer or an HF `tokenizer.json` ([`TextTokenizer`], special tokens as HF adds them).
 //! Global batches are taken in file order (wrapping) or in an order shuffled reproducibly from a
 //! seed. [`Packing`] is the one policy that deals a batch to DP replicas and micro-batches.
+//! A record's `labels`, `attention_mask`, `loss_mask` and `position_ids` are checked against its
+//! tokens ([`fields`]): accepted where they say what hotspa trains anyway, refused otherwise.
 //!
 //! ```
 //! let dir = tempfile::tempdir().unwrap();
@@ -18,6 +20,7 @@
 //! ```
 
 mod dataset;
+pub mod fields;
 mod megatron;
 pub mod packing;
 mod parquet_file;

@@ -1,11 +1,13 @@
 //! Parquet files with a `text` column (strings, tokenized) or an `input_ids` column (lists of
-//! integers), one document per row, read with the `parquet` crate.
+//! integers), one document per row, read with the `parquet` crate; the columns of
+//! [`fields::CHECKED_FIELDS`] are checked against each row's tokens.
 
 use std::path::Path;
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 
+use crate::fields;
 use crate::tokenizer::TextTokenizer;
 use crate::{DataError, Result};
 
@@ -52,20 +54,11 @@ pub fn read(path: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<
             ("text", Field::Str(s)) => tokenizer.encode(&s).map_err(line)?,
             ("input_ids", Field::ListInternal(list)) => {
                 let mut ids = Vec::with_capacity(list.len());
-                for (k, f) in list.elements().iter().enumerate() {
-                    let v: i128 = match f {
-                        Field::Byte(x) => i128::from(*x),
-                        Field::Short(x) => i128::from(*x),
-                        Field::Int(x) => i128::from(*x),
-                        Field::Long(x) => i128::from(*x),
-                        Field::UByte(x) => i128::from(*x),
-                        Field::UShort(x) => i128::from(*x),
-                        Field::UInt(x) => i128::from(*x),
-                        Field::ULong(x) => i128::from(*x),
-                        other => {
-                            return Err(line(format!("input_ids[{k}] = {other} is not an integer")))
-                        }
-                    };
+                for (k, v) in int_list("input_ids", &list)
+                    .map_err(line)?
+                    .into_iter()
+                    .enumerate()
+                {
                     ids.push(
                         u32::try_from(v)
                             .map_err(|_| line(format!("input_ids[{k}] = {v} is not a token id")))?,
@@ -86,7 +79,37 @@ pub fn read(path: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<
                 ids[k]
             )));
         }
+        for (name, field) in row.get_column_iter() {
+            if !fields::CHECKED_FIELDS.contains(&name.as_str()) {
+                continue;
+            }
+            let values = match field {
+                Field::Null => continue,
+                Field::ListInternal(list) => int_list(name, list).map_err(line)?,
+                other => return Err(line(format!("`{name}` is {other}, not a list of integers"))),
+            };
+            fields::check(name, &values, &ids).map_err(line)?;
+        }
         docs.push(ids);
     }
     Ok(docs)
+}
+
+/// The integers of a list column's value (`name` for the message).
+fn int_list(name: &str, list: &parquet::record::List) -> std::result::Result<Vec<i128>, String> {
+    list.elements()
+        .iter()
+        .enumerate()
+        .map(|(k, f)| match f {
+            Field::Byte(x) => Ok(i128::from(*x)),
+            Field::Short(x) => Ok(i128::from(*x)),
+            Field::Int(x) => Ok(i128::from(*x)),
+            Field::Long(x) => Ok(i128::from(*x)),
+            Field::UByte(x) => Ok(i128::from(*x)),
+            Field::UShort(x) => Ok(i128::from(*x)),
+            Field::UInt(x) => Ok(i128::from(*x)),
+            Field::ULong(x) => Ok(i128::from(*x)),
+            other => Err(format!("{name}[{k}] = {other} is not an integer")),
+        })
+        .collect()
 }

@@ -106,3 +106,35 @@ fn parquet_files_read_by_column() {
     let e = Dataset::load(&here().join("docs.jsonl"), 96, 1000).unwrap_err();
     assert!(e.to_string().contains("text is byte-tokenized"), "{e}");
 }
+
+/// Tokenized datasets as HF `datasets` writes them (`make_hf_fields.py`): the columns beside
+/// `input_ids` that would change what trains are accepted where they say what hotspa trains
+/// anyway and refused by name where they do not (padding, a masked prompt), never ignored.
+#[test]
+fn hf_tokenized_datasets_train_as_they_are_and_padding_or_masked_labels_are_refused() {
+    let t = TextTokenizer::from_path(&model_golden().join("tokenizer")).unwrap();
+    let texts: Vec<String> =
+        serde_json::from_value(json(&here().join("expected.json"))["texts"].clone()).unwrap();
+    let want: Vec<Vec<u32>> = texts.iter().map(|s| t.encode(s).unwrap()).collect();
+    // text, input_ids, attention_mask of ones, labels copied by the LM collator.
+    for name in ["hf_tokenized.jsonl", "hf_tokenized.parquet"] {
+        let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
+        assert_eq!(ds.sequences(), want.as_slice(), "{name}");
+    }
+    for name in ["hf_padded.jsonl", "hf_padded.parquet"] {
+        let e = Dataset::load(&here().join(name), 96, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(name) && e.contains("`attention_mask[2]` = 0 (padding)"),
+            "{e}"
+        );
+    }
+    let e = Dataset::load(&here().join("hf_sft.jsonl"), 96, 1000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hf_sft.jsonl:1: `labels[0]` = -100 differs") && e.contains("masked prompt"),
+        "{e}"
+    );
+}
