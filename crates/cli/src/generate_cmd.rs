@@ -44,6 +44,19 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    // The flags, by their names, before anything is loaded or printed.
+    sampling.check().map_err(|e| match e {
+        model::ModelError::InvalidGeneration { setting, reason } => {
+            anyhow::anyhow!("--{} {reason}", setting.replace('_', "-"))
+        }
+        e => e.into(),
+    })?;
     let cfg = LlamaConfig::load(&args.model)?;
     let from = args.init.clone().unwrap_or_else(|| args.model.clone());
     if args.init.is_none() && !model::has_weights(&args.model) {
@@ -68,6 +81,20 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let prompt = tokenizer.encode(&args.prompt).map_err(anyhow::Error::msg)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty after tokenizing: give at least one token of text");
+    }
+    let last = prompt.len() + args.max_new_tokens;
+    if last > cfg.max_position_embeddings {
+        eprintln!(
+            "note: the prompt ({} tokens) and up to {} new ones reach position {last}, beyond \
+             the model's max_position_embeddings ({}): RoPE goes on past it as in transformers, \
+             but the model was not made for those positions",
+            prompt.len(),
+            args.max_new_tokens,
+            cfg.max_position_embeddings
+        );
+    }
     let stop: Vec<u32> = if args.ignore_eos {
         Vec::new()
     } else {
@@ -76,12 +103,6 @@ pub fn run(args: Args) -> Result<()> {
             .map(|e| e.ids())
             .or_else(|| tokenizer.eos_id().map(|e| vec![e]))
             .unwrap_or_default()
-    };
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
     };
     let mut out = std::io::stdout().lock();
     write!(out, "{}", args.prompt)?;

@@ -289,5 +289,45 @@ fn generate_continues_a_prompt_reproducibly() {
         "--temperature",
         "-1",
     ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("temperature -1 is out of range"));
+    // Out-of-range flags are refused by their names before anything is printed.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--temperature -1 is out of range"), "{err}");
+    assert!(o.stdout.is_empty() && !o.status.success());
+    let o = hotspa(&[
+        "generate",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--top-p 0 is out of range: must be in (0, 1]"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+    // Past max_position_embeddings (64 here): generated, with a note saying so.
+    let note = "beyond the model's max_position_embeddings (64)";
+    assert!(!String::from_utf8_lossy(&ok_err(&["--max-new-tokens", "6"], "hot")).contains(note));
+    let long = "hot switching ".repeat(8);
+    assert!(String::from_utf8_lossy(&ok_err(&["--max-new-tokens", "6"], &long)).contains(note));
+}
+
+/// `hotspa generate` on the tiny model with `extra`, continuing `prompt`: its stderr (the run
+/// must succeed).
+fn ok_err(extra: &[&str], prompt: &str) -> Vec<u8> {
+    let tiny = golden().join("tiny");
+    let mut args = vec![
+        "generate",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        prompt,
+    ];
+    args.extend(extra);
+    let o = hotspa(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stderr
 }

@@ -35,6 +35,15 @@ pub enum ModelError {
     #[error("invalid LLaMA config: {0}")]
     InvalidConfig(String),
     /// Memory for the model could not be allocated.
+    /// A generation request is out of range: a sampling setting (`setting`, e.g. `top_p`) or
+    /// an empty prompt.
+    #[error("invalid generation request: {setting} {reason}")]
+    InvalidGeneration {
+        /// The setting, as named in [`crate::Sampling`] (or `prompt`).
+        setting: &'static str,
+        /// What is wrong, with the value.
+        reason: String,
+    },
     #[error("out of memory: {what} need {bytes} bytes")]
     OutOfMemory {
         /// What was being allocated.

@@ -33,19 +33,19 @@ impl Sampling {
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::InvalidConfig(m));
+    /// Whether every setting is in range: a finite temperature of at least 0, `top_p` in (0, 1].
+    pub fn check(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!(
-                "temperature {} is out of range: must be at least 0",
-                self.temperature
-            ));
+            return Err(ModelError::InvalidGeneration {
+                setting: "temperature",
+                reason: format!("{} is out of range: must be at least 0", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!(
-                "top_p {} is out of range: must be in (0, 1]",
-                self.top_p
-            ));
+            return Err(ModelError::InvalidGeneration {
+                setting: "top_p",
+                reason: format!("{} is out of range: must be in (0, 1]", self.top_p),
+            });
         }
         Ok(())
     }
@@ -300,9 +300,10 @@ pub fn generate(
 ) -> Result<Vec<u32>> {
     sampling.check()?;
     if prompt.is_empty() {
-        return Err(ModelError::InvalidConfig(
-            "the prompt is empty: give at least one token".into(),
-        ));
+        return Err(ModelError::InvalidGeneration {
+            setting: "prompt",
+            reason: "is empty: give at least one token".into(),
+        });
     }
     let mut g = Generator::new(cfg, weights)?;
     let mut logits = Vec::new();
