@@ -494,3 +494,37 @@ fn a_metrics_file_cut_short_plots_with_a_warning() {
         stderr(&o)
     );
 }
+
+/// Data that trains past what the model was made for is said before the first step: sequences
+/// beyond `max_position_embeddings` (a larger `--max-len`), a global batch larger than the
+/// dataset (steps repeat sequences); neither is said when it does not happen.
+#[test]
+fn positions_past_the_config_and_a_batch_larger_than_the_data_are_said() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let config = CONFIG.replace(
+        "\"vocab_size\"",
+        "\"max_position_embeddings\": 16, \"vocab_size\"",
+    );
+    std::fs::write(d.path().join("config.json"), config).unwrap();
+    let plain = train(d.path(), &["--steps", "1"]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(!stderr(&plain).contains("max_position_embeddings"));
+    assert!(!stderr(&plain).contains("larger than the dataset"));
+    // The longest record has 30 tokens; max_position_embeddings is 16.
+    let long = train(d.path(), &["--steps", "1", "--max-len", "64"]);
+    assert!(long.status.success(), "{}", stderr(&long));
+    assert!(
+        stderr(&long).contains(
+            "--max-len 64: sequences of up to 30 tokens train at positions past the model's \
+             max_position_embeddings (16)"
+        ),
+        "{}",
+        stderr(&long)
+    );
+    let big = train(d.path(), &["--steps", "1", "--global-batch", "100"]);
+    assert!(big.status.success(), "{}", stderr(&big));
+    assert!(
+        stderr(&big).contains("the global batch (100) is larger than the dataset (28 sequences)")
+    );
+}

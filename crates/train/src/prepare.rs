@@ -108,6 +108,30 @@ pub fn load(cfg: &TrainConfig, source: &DataSource) -> Result<Dataset> {
     })
 }
 
+/// What the run's data does that the user may not expect, said before the first step:
+/// sequences reaching past `max_position_embeddings` (allowed by a larger `--max-len`), and a
+/// global batch larger than the dataset (every step then repeats sequences).
+fn data_notices(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sink) {
+    let longest = data.sequences().iter().map(Vec::len).max().unwrap_or(0);
+    let limit = cfg.model.max_position_embeddings;
+    if longest > limit {
+        sink.notice(&format!(
+            "--max-len {}: sequences of up to {longest} tokens train at positions past the \
+             model's max_position_embeddings ({limit}); RoPE goes on past it as in transformers, \
+             but raise max_position_embeddings in config.json if the model is meant for them",
+            cfg.max_len()
+        ));
+    }
+    let n = data.sequences().len();
+    if cfg.global_batch > n {
+        sink.notice(&format!(
+            "the global batch ({}) is larger than the dataset ({n} sequences): every step \
+             trains some sequences more than once",
+            cfg.global_batch
+        ));
+    }
+}
+
 /// Settings whose change makes a checkpoint's data position mean something else.
 const DATA_POSITION: [&str; 6] = [
     "data",
@@ -215,6 +239,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         }
     }
     let data = load_data(&cfg)?;
+    data_notices(&cfg, &data, sink);
     let eval_data = match &cfg.eval {
         Some(e) => Some(Arc::new(load(&cfg, &e.data)?)),
         None => None,
