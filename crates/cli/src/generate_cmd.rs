@@ -1,5 +1,6 @@
 //! `hotspa generate`: continue a prompt with a model on the CPU (a KV cache), greedy or
-//! sampled, printing the text as it comes.
+//! sampled as the flags or the model folder's `generation_config.json` say, printing the text
+//! as it comes.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use data::TextTokenizer;
+use model::generation_config::GenerationConfig;
 use model::{LlamaConfig, Sampling};
 
 #[derive(ClapArgs)]
@@ -23,18 +25,28 @@ pub struct Args {
     /// A tokenizer.json or `bytes` (default: the model folder's tokenizer.json, else bytes).
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Most new tokens.
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    /// 0: greedy (the most likely token each time); above 0, sample with this temperature.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    temperature: f64,
-    /// Sample among the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample among the most likely tokens whose probability reaches p (1: all).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    top_p: f64,
+    /// Most new tokens (default: the generation config's `max_new_tokens`, or its `max_length`
+    /// less the prompt, else 128).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0: greedy (the most likely token each time); above 0, sample with this temperature
+    /// (default: as the generation config says; greedy without one).
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f64>,
+    /// Sample among the k most likely tokens only, 0: all (default: the generation config's,
+    /// else transformers' 50).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probability reaches p, 1: all (default: the
+    /// generation config's, else 1).
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    /// Whose defaults for sampling, stopping and length: `auto` (the model folder's
+    /// generation_config.json when it has one, as transformers' generate() reads it; else
+    /// transformers' defaults), `none` (transformers' defaults), or a generation_config.json
+    /// (or a folder holding one).
+    #[arg(long, default_value = "auto")]
+    generation_config: String,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -44,10 +56,32 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let gen = match args.generation_config.as_str() {
+        "none" => GenerationConfig::default(),
+        "auto" => GenerationConfig::load(&args.model)?.unwrap_or_default(),
+        p => {
+            let p = std::path::Path::new(p);
+            if p.is_dir() {
+                GenerationConfig::load(p)?.with_context(|| {
+                    format!(
+                        "--generation-config {}: no generation_config.json there",
+                        p.display()
+                    )
+                })?
+            } else {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("--generation-config {}", p.display()))?;
+                GenerationConfig::from_json(&text, p)?
+            }
+        }
+    };
+    // A flag overrides the generation config; greedy unless one of them asks to sample.
     let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
+        temperature: args
+            .temperature
+            .unwrap_or(if gen.do_sample { gen.temperature } else { 0.0 }),
+        top_k: args.top_k.unwrap_or(gen.top_k),
+        top_p: args.top_p.unwrap_or(gen.top_p),
         seed: args.seed,
     };
     // The flags, by their names, before anything is loaded or printed.
@@ -84,23 +118,28 @@ pub fn run(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt is empty after tokenizing: give at least one token of text");
     }
-    let last = prompt.len() + args.max_new_tokens;
+    let max_new = args
+        .max_new_tokens
+        .or(gen.max_new_tokens)
+        .or(gen.max_length.map(|m| m.saturating_sub(prompt.len())))
+        .unwrap_or(128);
+    let last = prompt.len() + max_new;
     if last > cfg.max_position_embeddings {
         eprintln!(
             "note: the prompt ({} tokens) and up to {} new ones reach position {last}, beyond \
              the model's max_position_embeddings ({}): RoPE goes on past it as in transformers, \
              but the model was not made for those positions",
             prompt.len(),
-            args.max_new_tokens,
+            max_new,
             cfg.max_position_embeddings
         );
     }
     let stop: Vec<u32> = if args.ignore_eos {
         Vec::new()
     } else {
-        cfg.eos_token_id
-            .as_ref()
-            .map(|e| e.ids())
+        gen.eos
+            .clone()
+            .or_else(|| cfg.eos_token_id.as_ref().map(|e| e.ids()))
             .or_else(|| tokenizer.eos_id().map(|e| vec![e]))
             .unwrap_or_default()
     };
@@ -116,7 +155,7 @@ pub fn run(args: Args) -> Result<()> {
         &cfg,
         &weights,
         &prompt,
-        args.max_new_tokens,
+        max_new,
         &sampling,
         &stop,
         &mut |t| {

@@ -331,3 +331,103 @@ fn ok_err(extra: &[&str], prompt: &str) -> Vec<u8> {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     o.stderr
 }
+
+/// `hotspa generate --model MODEL --prompt "hot switching"` and `extra`: stdout (must succeed).
+fn continued(model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hot switching",
+    ];
+    args.extend(extra);
+    ok(hotspa(&args)).0
+}
+
+/// The model folder's generation_config.json gives the defaults transformers' generate() takes
+/// from it (sampling, its settings, stop ids, length); a flag overrides it, `none` drops it,
+/// and a field that would change the tokens without being implemented is refused by name.
+#[test]
+fn generate_follows_the_model_folders_generation_config() {
+    let tiny = golden().join("tiny");
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    for f in std::fs::read_dir(&tiny).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, m.join(f.file_name().unwrap())).unwrap();
+    }
+    let six = ["--max-new-tokens", "6"];
+    let greedy = continued(&tiny, &six);
+    let set = |json: &str| std::fs::write(m.join("generation_config.json"), json).unwrap();
+    set(r#"{"do_sample": true, "temperature": 1.0, "top_k": 0, "eos_token_id": 2}"#);
+    let sampled = continued(&m, &["--max-new-tokens", "6", "--seed", "3"]);
+    assert_eq!(
+        sampled,
+        continued(
+            &tiny,
+            &[
+                "--max-new-tokens",
+                "6",
+                "--seed",
+                "3",
+                "--temperature",
+                "1",
+                "--top-k",
+                "0"
+            ]
+        )
+    );
+    assert_ne!(sampled, greedy);
+    // The same file given by path, for a folder without one of its own.
+    let file = d.path().join("sample.json");
+    std::fs::copy(m.join("generation_config.json"), &file).unwrap();
+    let by_path = [
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+        "--generation-config",
+        file.to_str().unwrap(),
+    ];
+    assert_eq!(continued(&tiny, &by_path), sampled);
+    assert_eq!(
+        continued(&m, &["--max-new-tokens", "6", "--temperature", "0"]),
+        greedy
+    );
+    assert_eq!(
+        continued(
+            &m,
+            &["--max-new-tokens", "6", "--generation-config", "none"]
+        ),
+        greedy
+    );
+    // Its length, and its stop ids (here every id: nothing new is printed).
+    set(r#"{"max_new_tokens": 2}"#);
+    assert_eq!(
+        continued(&m, &[]),
+        continued(&tiny, &["--max-new-tokens", "2"])
+    );
+    let all: Vec<String> = (0..96).map(|i| i.to_string()).collect();
+    set(&format!(r#"{{"eos_token_id": [{}]}}"#, all.join(", ")));
+    assert_eq!(continued(&m, &six).trim_end(), "hot switching");
+    // A repetition penalty is not implemented: refused, unless the file is set aside.
+    set(r#"{"repetition_penalty": 1.1}"#);
+    let o = hotspa(&["generate", "--model", m.to_str().unwrap(), "--prompt", "x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(
+                "generation_config.json: `repetition_penalty` = 1.1 changes the generated tokens"
+            ),
+        "{err}"
+    );
+    assert_eq!(
+        continued(
+            &m,
+            &["--max-new-tokens", "6", "--generation-config", "none"]
+        ),
+        greedy
+    );
+}

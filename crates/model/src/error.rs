@@ -34,7 +34,6 @@ pub enum ModelError {
     /// Config values are inconsistent (e.g. heads that do not divide the hidden size).
     #[error("invalid LLaMA config: {0}")]
     InvalidConfig(String),
-    /// Memory for the model could not be allocated.
     /// A generation request is out of range: a sampling setting (`setting`, e.g. `top_p`) or
     /// an empty prompt.
     #[error("invalid generation request: {setting} {reason}")]
@@ -44,6 +43,15 @@ pub enum ModelError {
         /// What is wrong, with the value.
         reason: String,
     },
+    /// A `generation_config.json` is malformed or asks for what `generate` does not do.
+    #[error("{path}: {reason}")]
+    GenerationConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        reason: String,
+    },
+    /// Memory for the model could not be allocated.
     #[error("out of memory: {what} need {bytes} bytes")]
     OutOfMemory {
         /// What was being allocated.

@@ -27,6 +27,7 @@ mod decoder;
 mod error;
 pub mod folder;
 pub mod generate;
+pub mod generation_config;
 mod params;
 mod shard;
 mod weights;
