@@ -45,7 +45,8 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    args.model = crate::output::model_folder(&args.model);
     let flags = TrainFlags {
         model: Some(args.model.clone()),
         data: Some(args.data.clone()),

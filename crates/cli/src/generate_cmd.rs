@@ -55,7 +55,8 @@ pub struct Args {
     ignore_eos: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    args.model = crate::output::model_folder(&args.model);
     let gen = match args.generation_config.as_str() {
         "none" => GenerationConfig::default(),
         "auto" => GenerationConfig::load(&args.model)?.unwrap_or_default(),

@@ -33,3 +33,19 @@ impl train::Sink for Notices {
         eprintln!("{text}");
     }
 }
+
+/// The model folder `--model PATH` names: `PATH` itself, or, for a checkpoint directory (or its
+/// `latest` file), the step folder `latest` points at — said on stderr.
+pub fn model_folder(path: &std::path::Path) -> std::path::PathBuf {
+    match model::Checkpoint::latest_step(path) {
+        Some(step) => {
+            eprintln!(
+                "{}: the checkpoint's latest step, {}",
+                path.display(),
+                step.display()
+            );
+            step
+        }
+        None => path.to_path_buf(),
+    }
+}

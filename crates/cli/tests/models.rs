@@ -431,3 +431,61 @@ fn generate_follows_the_model_folders_generation_config() {
         greedy
     );
 }
+
+/// A model folder's generation_config.json travels with the weights into the saved folder and
+/// the checkpoints, as transformers' save_pretrained keeps it (not rebuilt from config.json,
+/// which would drop its sampling settings and stop ids).
+#[test]
+fn a_saved_folder_keeps_the_generation_config_and_a_checkpoint_reads_as_its_latest_step() {
+    let d = tempfile::tempdir().unwrap();
+    let data = texts(d.path());
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for f in std::fs::read_dir(golden().join("tiny")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+    }
+    let gen =
+        r#"{"bos_token_id": 1, "do_sample": true, "eos_token_id": [2, 5], "temperature": 0.7}"#;
+    std::fs::write(src.join("generation_config.json"), gen).unwrap();
+    let (out, ck) = (d.path().join("out"), d.path().join("ck"));
+    ok(hotspa(&[
+        "train",
+        "--model",
+        src.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--global-batch",
+        "2",
+        "--save",
+        out.to_str().unwrap(),
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--checkpoint-every",
+        "2",
+    ]));
+    for dir in [out, ck.join("step-00000002")] {
+        let kept = std::fs::read_to_string(dir.join("generation_config.json")).unwrap();
+        assert_eq!(kept, gen, "{}", dir.display());
+    }
+    // The checkpoint directory, or its `latest`, stands for its latest step folder.
+    let step = ck.join("step-00000002");
+    let eval = |model: &Path| {
+        ok(hotspa(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ]))
+    };
+    let (want, _) = eval(&step);
+    for model in [ck.clone(), ck.join("latest")] {
+        let (got, err) = eval(&model);
+        assert_eq!(got, want);
+        assert!(err.contains("the checkpoint's latest step"), "{err}");
+    }
+}

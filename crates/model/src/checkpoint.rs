@@ -163,6 +163,22 @@ impl Checkpoint {
         Ok(final_dir)
     }
 
+    /// The step folder a checkpoint directory's `latest` names, for `path` being that
+    /// directory (it has a `latest` file and no `config.json`) or its `latest` file itself;
+    /// `None` for anything else (a model folder, a step folder, a missing path).
+    pub fn latest_step(path: &Path) -> Option<PathBuf> {
+        let (dir, latest) = if path.is_dir() && !path.join("config.json").exists() {
+            (path.to_path_buf(), path.join("latest"))
+        } else if path.file_name().is_some_and(|n| n == "latest") && path.is_file() {
+            (path.parent()?.to_path_buf(), path.to_path_buf())
+        } else {
+            return None;
+        };
+        let name = std::fs::read_to_string(latest).ok()?;
+        let step = dir.join(name.trim());
+        step.join("config.json").is_file().then_some(step)
+    }
+
     /// Loads the checkpoint `dir/latest` points at (or `dir` itself when it is a step directory),
     /// verifying every file's checksum and that the model config matches `cfg`.
     pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {

@@ -32,7 +32,8 @@ pub(crate) struct Prepared {
     pub checkpoints: Option<CheckpointDir>,
     /// The dtype the final weights are saved in.
     pub save_dtype: model::Dtype,
-    /// The tokenizer's files, which saved model folders carry.
+    /// The files saved model folders and checkpoints carry: the tokenizer's, and the model
+    /// folder's `generation_config.json`.
     pub tokenizer_files: Vec<PathBuf>,
     /// The held-out data of `--eval-data`.
     pub eval_data: Option<Arc<Dataset>>,
@@ -108,9 +109,8 @@ pub fn load(cfg: &TrainConfig, source: &DataSource) -> Result<Dataset> {
     })
 }
 
-/// What the run's data does that the user may not expect, said before the first step:
-/// sequences reaching past `max_position_embeddings` (allowed by a larger `--max-len`), and a
-/// global batch larger than the dataset (every step then repeats sequences).
+/// Sequences reaching past `max_position_embeddings` (allowed by a larger `--max-len`), said
+/// before the data are used (by a run or an evaluation).
 fn data_notices(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sink) {
     let longest = data.sequences().iter().map(Vec::len).max().unwrap_or(0);
     let limit = cfg.model.max_position_embeddings;
@@ -122,6 +122,11 @@ fn data_notices(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sink) {
             cfg.max_len()
         ));
     }
+}
+
+/// A global batch larger than the dataset (every step then repeats sequences), said before a
+/// run's first step.
+pub(crate) fn batch_notice(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sink) {
     let n = data.sequences().len();
     if cfg.global_batch > n {
         sink.notice(&format!(
@@ -284,10 +289,27 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     };
     let weights = Arc::new(weights);
     let save_dtype = cfg.save_dtype.unwrap_or(dtype);
-    let tokenizer_files = match &cfg.tokenizer {
+    let mut tokenizer_files = match &cfg.tokenizer {
         Tokenizer::File(_) => tokenizer(&cfg)?.files(),
         Tokenizer::Bytes => Vec::new(),
     };
+    // The model folder's generation settings travel with the weights, as transformers'
+    // save_pretrained keeps them (the written folder's own file holds only its token ids).
+    if let Some(g) = cfg
+        .model_path
+        .as_ref()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent().map(Path::to_path_buf).unwrap_or_default()
+            }
+        })
+        .map(|d| d.join("generation_config.json"))
+        .filter(|g| g.is_file())
+    {
+        tokenizer_files.push(g);
+    }
     let summary = format!(
         "hotspa train: {} parameters, {} sequences ({} too short, skipped), {} on {} {} devices{}, {} steps of {} sequences",
         weights.numel(),

@@ -65,6 +65,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     let p = prepare(cfg, sink)?;
     let root = p.root();
     if root {
+        crate::prepare::batch_notice(&p.cfg, &p.data, sink);
         sink.notice(&p.summary);
     }
     let mut file = match (&p.cfg.metrics, root) {
