@@ -57,6 +57,8 @@ impl Dataset {
             docs = crate::parquet_file::read(path, vocab, tokenizer)?;
         } else {
             let text = std::fs::read_to_string(path).map_err(io)?;
+            // A byte-order mark (Windows editors write one) is encoding, not data.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;

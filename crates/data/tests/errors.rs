@@ -114,3 +114,13 @@ fn an_hf_tokenizer_json_tokenizes_text_records() {
         "{e}"
     );
 }
+
+/// A JSONL file as a Windows editor saves it (a byte-order mark, CRLF line ends) reads as the
+/// same records.
+#[test]
+fn a_byte_order_mark_and_crlf_line_ends_read_as_the_same_records() {
+    let plain = load("{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [4, 5]}\n").unwrap();
+    let windows =
+        load("\u{feff}{\"input_ids\": [1, 2, 3]}\r\n{\"input_ids\": [4, 5]}\r\n").unwrap();
+    assert_eq!(windows.sequences(), plain.sequences());
+}
