@@ -67,8 +67,14 @@ impl TextTokenizer {
         if !file.is_file() {
             return Err(bad("no such file".into()));
         }
-        let t = tokenizers::Tokenizer::from_file(&file)
+        let mut t = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| bad(format!("not a usable tokenizer.json: {e}")))?;
+        // A tokenizer.json saved with truncation or padding on keeps them, and the tokenizers
+        // library applies them to every encode; transformers' `tokenizer(text)` turns both off
+        // unless asked, so documents are neither cut nor padded here either.
+        t.with_truncation(None)
+            .map_err(|e| bad(format!("turning truncation off: {e}")))?;
+        t.with_padding(None);
         Ok(Self {
             kind: Kind::Hf(Box::new(t)),
             source: Some(file),

@@ -138,3 +138,24 @@ fn hf_tokenized_datasets_train_as_they_are_and_padding_or_masked_labels_are_refu
         "{e}"
     );
 }
+
+/// A tokenizer.json saved with truncation (8) and padding (12) on gives what transformers'
+/// `tokenizer(text)` gives with it — whole, unpadded documents (`make_tokenizer_settings.py`);
+/// the tokenizers library as saved would cut and pad every one.
+#[test]
+fn a_tokenizer_saved_with_truncation_and_padding_encodes_as_transformers_does() {
+    let dir = here().join("tokenizer_settings");
+    let g = json(&dir.join("expected.json"));
+    let want: Vec<Vec<u32>> = serde_json::from_value(g["transformers"].clone()).unwrap();
+    let as_saved: Vec<Vec<u32>> = serde_json::from_value(g["tokenizers_as_saved"].clone()).unwrap();
+    assert!(
+        as_saved.iter().all(|ids| ids.len() == 12),
+        "the file does pad"
+    );
+    let t = TextTokenizer::from_path(&dir).unwrap();
+    let texts: Vec<String> =
+        serde_json::from_value(json(&here().join("expected.json"))["texts"].clone()).unwrap();
+    let got: Vec<Vec<u32>> = texts.iter().map(|s| t.encode(s).unwrap()).collect();
+    assert_eq!(got, want);
+    assert_ne!(got, as_saved);
+}
