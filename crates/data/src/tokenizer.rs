@@ -7,6 +7,85 @@ use std::path::{Path, PathBuf};
 
 use crate::{DataError, Result};
 
+/// The `tokenizer_class` of the `tokenizer_config.json` beside `file`, if it names one.
+fn tokenizer_class(file: &Path) -> std::result::Result<Option<String>, String> {
+    let Some(cfg) = tokenizer_config(file)? else {
+        return Ok(None);
+    };
+    Ok(cfg
+        .get("tokenizer_class")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string))
+}
+
+/// The `tokenizer_config.json` beside `file`, if there is one.
+fn tokenizer_config(file: &Path) -> std::result::Result<Option<serde_json::Value>, String> {
+    let Some(path) = file.parent().map(|d| d.join("tokenizer_config.json")) else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: malformed JSON: {e}", path.display()))
+}
+
+/// `tokenizer.json`'s text as transformers 5's `LlamaTokenizer` uses it: its vocabulary,
+/// merges, added tokens and post-processor, in the class's own pipeline — no normalizer, a
+/// Metaspace pre-tokenizer (`▁`, not split) prepending `▁` to the first piece (`legacy` false,
+/// the default), to every piece (`legacy` true) or never (`add_prefix_space` false), BPE with
+/// byte fallback, fused unknowns and no unknown token, and the matching decoder.
+fn llama_pipeline(text: &str, file: &Path) -> std::result::Result<String, String> {
+    use serde_json::{json, Value};
+    let cfg = tokenizer_config(file)?.unwrap_or(Value::Null);
+    let flag = |k: &str, default: bool| cfg.get(k).and_then(Value::as_bool).unwrap_or(default);
+    let prefix = flag("add_prefix_space", true);
+    let scheme = match (prefix, flag("legacy", false)) {
+        (false, _) => "never",
+        (true, true) => "always",
+        (true, false) => "first",
+    };
+    let mut v: Value =
+        serde_json::from_str(text).map_err(|e| format!("not a usable tokenizer.json: {e}"))?;
+    let model = v
+        .get_mut("model")
+        .and_then(Value::as_object_mut)
+        .ok_or("not a usable tokenizer.json: no model")?;
+    if model.get("type").and_then(Value::as_str) != Some("BPE") {
+        return Err(format!(
+            "tokenizer_class LlamaTokenizer needs a BPE model (transformers builds one from the \
+             vocabulary and merges); this one is {}",
+            model.get("type").unwrap_or(&Value::Null)
+        ));
+    }
+    for (k, x) in [
+        ("dropout", Value::Null),
+        ("unk_token", Value::Null),
+        ("continuing_subword_prefix", Value::Null),
+        ("end_of_word_suffix", Value::Null),
+        ("fuse_unk", Value::Bool(true)),
+        ("byte_fallback", Value::Bool(true)),
+        ("ignore_merges", Value::Bool(false)),
+    ] {
+        model.insert(k.into(), x);
+    }
+    v["normalizer"] = Value::Null;
+    v["pre_tokenizer"] =
+        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false});
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    v["decoder"] = json!({"type": "Sequence", "decoders": decoders});
+    Ok(v.to_string())
+}
+
 /// The byte tokenizer: every UTF-8 byte is a token id (vocabulary 256).
 pub fn byte_tokens(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()
@@ -67,7 +146,23 @@ impl TextTokenizer {
         if !file.is_file() {
             return Err(bad("no such file".into()));
         }
-        let mut t = tokenizers::Tokenizer::from_file(&file)
+        let text = std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?;
+        let text = match tokenizer_class(&file).map_err(&bad)?.as_deref() {
+            None | Some("TokenizersBackend" | "PreTrainedTokenizerFast") => text,
+            Some("LlamaTokenizer" | "LlamaTokenizerFast") => {
+                llama_pipeline(&text, &file).map_err(&bad)?
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "tokenizer_config.json names tokenizer_class `{other}`, which transformers \
+                     builds from its own definition rather than from tokenizer.json; hotspa \
+                     reproduces LlamaTokenizer and tokenizer.json as it is \
+                     (PreTrainedTokenizerFast): set tokenizer_class to one of those if that is \
+                     the tokenization meant"
+                )))
+            }
+        };
+        let mut t = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text)
             .map_err(|e| bad(format!("not a usable tokenizer.json: {e}")))?;
         // A tokenizer.json saved with truncation or padding on keeps them, and the tokenizers
         // library applies them to every encode; transformers' `tokenizer(text)` turns both off

@@ -159,3 +159,40 @@ fn a_tokenizer_saved_with_truncation_and_padding_encodes_as_transformers_does() 
     assert_eq!(got, want);
     assert_ne!(got, as_saved);
 }
+
+/// A tokenizer_config.json naming `LlamaTokenizer` (or its `Fast` alias) makes transformers 5
+/// tokenize with the class's own pipeline over tokenizer.json's vocabulary and merges
+/// (`make_llama_class.py`): the same ids here for every `legacy` / `add_prefix_space` setting,
+/// including text that starts with a space or follows a special token, where the file's own
+/// pipeline differs; another class transformers rebuilds is refused by name.
+#[test]
+fn a_llama_tokenizer_class_tokenizes_as_transformers_builds_it() {
+    let dir = here().join("llama_class");
+    let g = json(&dir.join("expected.json"));
+    let texts: Vec<String> = serde_json::from_value(g["texts"].clone()).unwrap();
+    let raw: Vec<Vec<u32>> = serde_json::from_value(g["tokenizers_as_saved"].clone()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("tokenizer.json"), d.path().join("tokenizer.json")).unwrap();
+    let mut differs = 0;
+    for (case, want) in g["cases"].as_object().unwrap() {
+        std::fs::copy(
+            dir.join(format!("{case}.tokenizer_config.json")),
+            d.path().join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let t = TextTokenizer::from_path(d.path()).unwrap();
+        let want: Vec<Vec<u32>> = serde_json::from_value(want["ids"].clone()).unwrap();
+        for ((text, want), raw) in texts.iter().zip(&want).zip(&raw) {
+            assert_eq!(&t.encode(text).unwrap(), want, "{case}: {text:?}");
+            differs += usize::from(want != raw);
+        }
+    }
+    assert!(differs > 0, "the cases do tell the class from the file");
+    std::fs::write(
+        d.path().join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "GPT2Tokenizer"}"#,
+    )
+    .unwrap();
+    let e = TextTokenizer::from_path(d.path()).unwrap_err().to_string();
+    assert!(e.contains("tokenizer_class `GPT2Tokenizer`"), "{e}");
+}
