@@ -453,6 +453,12 @@ impl TrainFlags {
             (None, Some(dir)) if model::has_weights(dir) && self.resume.is_none() => {
                 Init::File(dir.clone())
             }
+            // Weights in a format not read here are never traded for random ones silently.
+            (None, Some(dir)) if self.resume.is_none() => match model::folder::foreign_weights(dir)
+            {
+                Some(file) => bail!("{}", model::folder::foreign_weights_reason(dir, &file)),
+                None => Init::Random,
+            },
             (None, _) => Init::Random,
         };
         cfg.tokenizer = match (self.tokenizer.as_deref(), &folder) {

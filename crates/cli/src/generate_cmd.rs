@@ -94,6 +94,12 @@ pub fn run(mut args: Args) -> Result<()> {
     })?;
     let cfg = LlamaConfig::load(&args.model)?;
     let from = args.init.clone().unwrap_or_else(|| args.model.clone());
+    if let (None, Some(file)) = (&args.init, model::folder::foreign_weights(&args.model)) {
+        bail!(
+            "{}",
+            model::folder::foreign_weights_reason(&args.model, &file)
+        );
+    }
     if args.init.is_none() && !model::has_weights(&args.model) {
         bail!(
             "{} holds no weights (model.safetensors or an index); pass --init FILE|FOLDER",

@@ -228,7 +228,9 @@ fn every_model_and_data_flag_changes_what_runs() {
     // --init random: other weights, another loss.
     let (_, l, err) = first_step(d.path(), &["--init", "random"]);
     assert!(
-        (l - loss).abs() > 1e-3 && !err.contains("initial weights"),
+        (l - loss).abs() > 1e-3
+            && err.contains("initial weights: random")
+            && !err.contains("initial weights from"),
         "{l} {loss}"
     );
     // --tokenizer bytes: byte ids (refused here: the model's vocabulary is 96).
@@ -488,4 +490,44 @@ fn a_saved_folder_keeps_the_generation_config_and_a_checkpoint_reads_as_its_late
         assert_eq!(got, want);
         assert!(err.contains("the checkpoint's latest step"), "{err}");
     }
+}
+
+/// A model folder whose weights are a PyTorch pickle (or TensorFlow, Flax) is refused by train,
+/// eval and generate, naming the file and how to convert it — never trained from random weights
+/// in its place; random weights are said whenever they are used.
+#[test]
+fn weights_in_another_format_are_refused_and_random_weights_said() {
+    let d = tempfile::tempdir().unwrap();
+    let data = texts(d.path());
+    let m = d.path().join("pt");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(golden().join("tiny").join(f), m.join(f)).unwrap();
+    }
+    std::fs::write(m.join("pytorch_model.bin"), b"not read").unwrap();
+    let (ms, ds) = (m.to_str().unwrap(), data.to_str().unwrap());
+    for args in [
+        vec!["train", "--model", ms, "--data", ds, "--steps", "1"],
+        vec!["eval", "--model", ms, "--data", ds],
+        vec!["generate", "--model", ms, "--prompt", "x"],
+        vec![
+            "train", "--model", ms, "--data", ds, "--steps", "1", "--init", ms,
+        ],
+    ] {
+        let o = hotspa(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains("holds pytorch_model.bin but no model.safetensors")
+                && err.contains("save_pretrained"),
+            "{args:?}: {err}"
+        );
+    }
+    let (_, err) = ok(hotspa(&[
+        "train", "--model", ms, "--data", ds, "--steps", "1", "--init", "random",
+    ]));
+    assert!(
+        err.contains("initial weights: random (normal with std 0.02"),
+        "{err}"
+    );
 }

@@ -51,6 +51,15 @@ pub enum ModelError {
         /// What is wrong, naming the field.
         reason: String,
     },
+    /// A model folder holds weights in a format not read here (`file`: a PyTorch pickle, a
+    /// TensorFlow or Flax file) and no safetensors.
+    #[error("{}", crate::folder::foreign_weights_reason(.dir, .file))]
+    ForeignWeights {
+        /// The folder.
+        dir: PathBuf,
+        /// The weight file it holds.
+        file: PathBuf,
+    },
     /// Memory for the model could not be allocated.
     #[error("out of memory: {what} need {bytes} bytes")]
     OutOfMemory {

@@ -99,6 +99,43 @@ pub fn has_weights(dir: &Path) -> bool {
     dir.is_dir() && (dir.join(SINGLE).is_file() || dir.join(INDEX).is_file())
 }
 
+/// Weight files of other formats that a model folder may hold instead of safetensors, which
+/// hotspa does not read: PyTorch pickles (transformers' `pytorch_model.bin`, sharded or not;
+/// Meta's original `consolidated.*.pth`), TensorFlow and Flax weights.
+pub const FOREIGN_WEIGHTS: [&str; 5] = [
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "consolidated.00.pth",
+    "tf_model.h5",
+    "flax_model.msgpack",
+];
+
+/// The first of [`FOREIGN_WEIGHTS`] in `dir` when it holds no safetensors weights.
+pub fn foreign_weights(dir: &Path) -> Option<PathBuf> {
+    if has_weights(dir) {
+        return None;
+    }
+    FOREIGN_WEIGHTS
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
+/// Why `dir`'s weights cannot be read, for a folder holding [`foreign_weights`] `file`.
+pub fn foreign_weights_reason(dir: &Path, file: &Path) -> String {
+    format!(
+        "{} holds {} but no model.safetensors: hotspa reads safetensors only (a pickle can run \
+         code); convert it with transformers — \
+         `AutoModelForCausalLM.from_pretrained(\"{dir}\").save_pretrained(OUT)` writes \
+         model.safetensors — or pass --init random to start from random weights on purpose",
+        dir.display(),
+        file.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        dir = dir.display()
+    )
+}
+
 /// Tensors by name, as f32.
 type Tensors = HashMap<String, Vec<f32>>;
 
@@ -207,6 +244,12 @@ pub fn load_weights(cfg: &LlamaConfig, path: &Path) -> Result<(Weights, Dtype)> 
     let tied = cfg.tie_word_embeddings;
     let ignorable =
         move |n: &str| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
+    if let Some(file) = foreign_weights(path) {
+        return Err(ModelError::ForeignWeights {
+            dir: path.to_path_buf(),
+            file,
+        });
+    }
     // Which file holds which names.
     let plan: Vec<(PathBuf, BTreeSet<String>)> = if path.is_dir() {
         if path.join(INDEX).is_file() {

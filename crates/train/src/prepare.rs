@@ -130,9 +130,10 @@ pub(crate) fn batch_notice(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sin
     let n = data.sequences().len();
     if cfg.global_batch > n {
         sink.notice(&format!(
-            "the global batch ({}) is larger than the dataset ({n} sequences): every step \
+            "the global batch ({}) is larger than the dataset ({n} sequence{}): every step \
              trains some sequences more than once",
-            cfg.global_batch
+            cfg.global_batch,
+            if n == 1 { "" } else { "s" }
         ));
     }
 }
@@ -282,10 +283,16 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
             (w, d)
         }
         (None, Init::Weights(w)) => ((**w).clone(), model::Dtype::F32),
-        (None, Init::Random) => (
-            Weights::try_random(&cfg.model, cfg.seed)?,
-            model::Dtype::F32,
-        ),
+        (None, Init::Random) => {
+            sink.notice(&format!(
+                "initial weights: random (normal with std {} from seed {}; norms 1)",
+                cfg.model.initializer_range, cfg.seed
+            ));
+            (
+                Weights::try_random(&cfg.model, cfg.seed)?,
+                model::Dtype::F32,
+            )
+        }
     };
     let weights = Arc::new(weights);
     let save_dtype = cfg.save_dtype.unwrap_or(dtype);
