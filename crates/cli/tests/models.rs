@@ -282,69 +282,53 @@ fn generate_continues_a_prompt_reproducibly() {
         a,
         run(&["--temperature", "1.0", "--seed", "2", "--top-k", "50"])
     );
-    let o = hotspa(&[
-        "generate",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--temperature",
-        "-1",
-    ]);
     // Out-of-range flags are refused by their names before anything is printed.
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--temperature -1 is out of range"), "{err}");
-    assert!(o.stdout.is_empty() && !o.status.success());
-    let o = hotspa(&[
-        "generate",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--top-p",
-        "0",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("--top-p 0 is out of range: must be in (0, 1]"),
-        "{err}"
-    );
-    assert!(o.stdout.is_empty());
+    for (flag, value, needle) in [
+        ("--temperature", "-1", "--temperature -1 is out of range"),
+        (
+            "--top-p",
+            "0",
+            "--top-p 0 is out of range: must be in (0, 1]",
+        ),
+    ] {
+        let o = hotspa(&[
+            "generate",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--prompt",
+            "x",
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{err}");
+        assert!(o.stdout.is_empty() && !o.status.success());
+    }
     // Past max_position_embeddings (64 here): generated, with a note saying so.
     let note = "beyond the model's max_position_embeddings (64)";
-    assert!(!String::from_utf8_lossy(&ok_err(&["--max-new-tokens", "6"], "hot")).contains(note));
+    let six = ["--max-new-tokens", "6"];
+    assert!(!generated(&tiny, "hot", &six).1.contains(note));
     let long = "hot switching ".repeat(8);
-    assert!(String::from_utf8_lossy(&ok_err(&["--max-new-tokens", "6"], &long)).contains(note));
+    assert!(generated(&tiny, &long, &six).1.contains(note));
 }
 
-/// `hotspa generate` on the tiny model with `extra`, continuing `prompt`: its stderr (the run
-/// must succeed).
-fn ok_err(extra: &[&str], prompt: &str) -> Vec<u8> {
-    let tiny = golden().join("tiny");
-    let mut args = vec![
-        "generate",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--prompt",
-        prompt,
-    ];
-    args.extend(extra);
-    let o = hotspa(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o.stderr
-}
-
-/// `hotspa generate --model MODEL --prompt "hot switching"` and `extra`: stdout (must succeed).
-fn continued(model: &Path, extra: &[&str]) -> String {
+/// `hotspa generate --model MODEL --prompt PROMPT` and `extra`: stdout and stderr (it must
+/// succeed).
+fn generated(model: &Path, prompt: &str, extra: &[&str]) -> (String, String) {
     let mut args = vec![
         "generate",
         "--model",
         model.to_str().unwrap(),
         "--prompt",
-        "hot switching",
+        prompt,
     ];
     args.extend(extra);
-    ok(hotspa(&args)).0
+    ok(hotspa(&args))
+}
+
+/// [`generated`]'s text for the prompt "hot switching".
+fn continued(model: &Path, extra: &[&str]) -> String {
+    generated(model, "hot switching", extra).0
 }
 
 /// The model folder's generation_config.json gives the defaults transformers' generate() takes
