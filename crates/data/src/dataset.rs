@@ -56,14 +56,40 @@ impl Dataset {
         } else if path.extension().is_some_and(|e| e == "parquet") {
             docs = crate::parquet_file::read(path, vocab, tokenizer)?;
         } else {
-            let text = std::fs::read_to_string(path).map_err(io)?;
+            let bytes = std::fs::read(path).map_err(io)?;
+            if let Some(kind) = compressed(&bytes) {
+                return Err(DataError::Format {
+                    path: path.to_path_buf(),
+                    format: "JSON Lines file",
+                    reason: format!("it is {kind}-compressed; decompress it first"),
+                });
+            }
+            let text = String::from_utf8(bytes).map_err(|e| DataError::Format {
+                path: path.to_path_buf(),
+                format: "JSON Lines file",
+                reason: format!("not UTF-8 text ({e})"),
+            })?;
             // A byte-order mark (Windows editors write one) is encoding, not data.
             let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
+            if text.trim_start().starts_with('[') {
+                // One JSON array of records, which HF `datasets` reads as JSON too.
+                let records: Vec<serde_json::Value> =
+                    serde_json::from_str(text).map_err(|e| DataError::Line {
+                        path: path.to_path_buf(),
+                        line: e.line(),
+                        reason: format!("malformed JSON array of records: {e}"),
+                    })?;
+                for (k, r) in records.into_iter().enumerate() {
+                    let at = format!("record {} of the array", k + 1);
+                    docs.push(parse_record(path, 1, &at, r, vocab, tokenizer)?);
                 }
-                docs.push(parse_line(path, i + 1, line, vocab, tokenizer)?);
+            } else {
+                for (i, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    docs.push(parse_line(path, i + 1, line, vocab, tokenizer)?);
+                }
             }
         }
         Self::from_docs(docs, max_len, path)
@@ -247,6 +273,53 @@ fn parse_line(
     };
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    parse_record(path, line, "", v, vocab, tokenizer)
+}
+
+/// The compression a file's first bytes say it has, if any.
+fn compressed(bytes: &[u8]) -> Option<&'static str> {
+    const MAGIC: [(&[u8], &str); 4] = [
+        (&[0x1f, 0x8b], "gzip"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd"),
+        (b"BZh", "bzip2"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz"),
+    ];
+    MAGIC
+        .iter()
+        .find(|(m, _)| bytes.starts_with(m))
+        .map(|(_, k)| *k)
+}
+
+/// One record (a JSON object) as token ids; `at` says where it is beside `line` (e.g. its place
+/// in a JSON array).
+fn parse_record(
+    path: &Path,
+    line: usize,
+    at: &str,
+    v: serde_json::Value,
+    vocab: usize,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<u32>> {
+    let bad = |reason: String| DataError::Line {
+        path: path.to_path_buf(),
+        line,
+        reason: if at.is_empty() {
+            reason
+        } else {
+            format!("{at}: {reason}")
+        },
+    };
+    if !v.is_object() {
+        return Err(bad(format!(
+            "a record must be a JSON object with \"input_ids\" or \"text\", not {}",
+            match &v {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                _ => "that",
+            }
+        )));
+    }
     let ids = if let Some(ids) = v.get("input_ids") {
         let arr = ids
             .as_array()

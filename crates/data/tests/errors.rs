@@ -124,3 +124,31 @@ fn a_byte_order_mark_and_crlf_line_ends_read_as_the_same_records() {
         load("\u{feff}{\"input_ids\": [1, 2, 3]}\r\n{\"input_ids\": [4, 5]}\r\n").unwrap();
     assert_eq!(windows.sequences(), plain.sequences());
 }
+
+/// A compressed file is named as such, and a record that is not an object is refused as one,
+/// where the reader would otherwise say "not UTF-8" or "neither input_ids nor text".
+#[test]
+fn compressed_files_and_records_that_are_not_objects_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = dir.path().join("d.jsonl.gz");
+    std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0, 0, 0]).unwrap();
+    let e = Dataset::load(&gz, 50, 8).unwrap_err().to_string();
+    assert!(
+        e.contains("d.jsonl.gz: not a valid JSON Lines file: it is gzip-compressed"),
+        "{e}"
+    );
+    let e = load("{\"input_ids\": [1, 2]}\n[1, 2, 3]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.jsonl:2: a record must be a JSON object"),
+        "{e}"
+    );
+    let e = load("[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 70]}]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.jsonl:1: record 2 of the array: input_ids[1] = 70 is outside"),
+        "{e}"
+    );
+}

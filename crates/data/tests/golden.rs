@@ -117,7 +117,11 @@ fn hf_tokenized_datasets_train_as_they_are_and_padding_or_masked_labels_are_refu
         serde_json::from_value(json(&here().join("expected.json"))["texts"].clone()).unwrap();
     let want: Vec<Vec<u32>> = texts.iter().map(|s| t.encode(s).unwrap()).collect();
     // text, input_ids, attention_mask of ones, labels copied by the LM collator.
-    for name in ["hf_tokenized.jsonl", "hf_tokenized.parquet"] {
+    for name in [
+        "hf_tokenized.jsonl",
+        "hf_tokenized.parquet",
+        "hf_tokenized_array.json",
+    ] {
         let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
         assert_eq!(ds.sequences(), want.as_slice(), "{name}");
     }

@@ -3,7 +3,7 @@ which extra columns hotspa accepts (they say what it trains anyway) and which it
 
     /opt/hfenv/bin/python crates/data/tests/golden/make_hf_fields.py   # datasets, transformers
 
-- hf_tokenized.{jsonl,parquet}: docs.jsonl mapped through the golden tokenizer
+- hf_tokenized.{jsonl,parquet} (and _array.json: one JSON array, to_json(lines=False)): docs.jsonl mapped through the golden tokenizer
   (text, input_ids, attention_mask of ones), then `labels` copied from input_ids as
   DataCollatorForLanguageModeling(mlm=False) makes them: accepted.
 - hf_padded.{jsonl,parquet}: the same texts padded to 24 tokens (attention_mask 0 on the pad):
@@ -27,6 +27,7 @@ plain = plain.map(
     lambda r: {"labels": collate([{"input_ids": r["input_ids"]}])["labels"][0].tolist()}
 )
 plain.to_json(os.path.join(here, "hf_tokenized.jsonl"))
+plain.to_json(os.path.join(here, "hf_tokenized_array.json"), lines=False)
 plain.to_parquet(os.path.join(here, "hf_tokenized.parquet"))
 
 padded = texts.map(
