@@ -42,13 +42,29 @@ impl Dataset {
         };
         let mut docs: Vec<Vec<u32>> = Vec::new();
         if path.is_dir() {
+            // Hidden files (`.DS_Store`, editor swap files) are not documents.
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(io)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file())
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
                 .collect();
             files.sort();
             for f in files {
+                if let Some(ext) = structured(&f) {
+                    return Err(DataError::Format {
+                        path: f.clone(),
+                        format: "text document",
+                        reason: format!(
+                            "a --data folder is read as text files, one document each, and a \
+                             .{ext} file is not one (its syntax would train as text); pass the \
+                             file itself, or move it out of the folder"
+                        ),
+                    });
+                }
                 docs.push(text_file(&f, vocab, tokenizer)?);
             }
         } else if let Some((idx, bin)) = crate::megatron::files(path) {
@@ -274,6 +290,27 @@ fn parse_line(
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
     parse_record(path, line, "", v, vocab, tokenizer)
+}
+
+/// The extension of a file that holds records or weights rather than a text document.
+fn structured(f: &Path) -> Option<String> {
+    const KINDS: [&str; 13] = [
+        "jsonl",
+        "json",
+        "parquet",
+        "idx",
+        "bin",
+        "safetensors",
+        "gz",
+        "zst",
+        "bz2",
+        "xz",
+        "zip",
+        "tar",
+        "arrow",
+    ];
+    let ext = f.extension()?.to_string_lossy().to_lowercase();
+    KINDS.contains(&ext.as_str()).then_some(ext)
 }
 
 /// The compression a file's first bytes say it has, if any.

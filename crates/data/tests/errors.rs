@@ -152,3 +152,20 @@ fn compressed_files_and_records_that_are_not_objects_are_named() {
         "{e}"
     );
 }
+
+/// A `--data` folder is text files, one document each: a JSONL (or Parquet, …) file in it is
+/// refused rather than trained as text, and hidden files are not documents.
+#[test]
+fn a_folder_refuses_record_files_and_skips_hidden_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.txt"), "hello there").unwrap();
+    std::fs::write(dir.path().join(".DS_Store"), [0u8, 1, 2, 3]).unwrap();
+    let d = Dataset::load(dir.path(), 256, 64).unwrap();
+    assert_eq!(d.sequences(), &[data::byte_tokens("hello there")]);
+    std::fs::write(dir.path().join("train.jsonl"), "{\"input_ids\": [1, 2]}\n").unwrap();
+    let e = Dataset::load(dir.path(), 256, 64).unwrap_err().to_string();
+    assert!(
+        e.contains("train.jsonl: not a valid text document: a --data folder is read as text files"),
+        "{e}"
+    );
+}
