@@ -140,11 +140,13 @@ pub fn step(args: StepArgs) -> Result<()> {
     if let Some(m) = machine.as_mut() {
         m.time_fmas();
     }
-    let peak = match (args.peak_tflops, &machine) {
-        (Some(t), _) => t * 1e12,
-        (None, Some(m)) => m.peak_gflops * 1e9,
-        (None, None) => 989e12,
+    // In GFLOP/s as the machine reports it (so the report's two figures are the same number).
+    let peak_gflops = match (args.peak_tflops, &machine) {
+        (Some(t), _) => t * 1e3,
+        (None, Some(m)) => m.peak_gflops,
+        (None, None) => 989e3,
     };
+    let peak = peak_gflops * 1e9;
     let ours_mfu = flops / sec / peak;
     // FLOPs per step of the op kinds with a clear count: each of a linear layer's three GEMMs
     // is 2·N·tokens; attention's forward 2·T²·hidden per layer and sequence (the causal half of
@@ -180,7 +182,7 @@ pub fn step(args: StepArgs) -> Result<()> {
     let report = serde_json::json!({
         "bench": "step", "backend": args.backend, "params": model::param_specs(&cfg).iter().map(|s| s.shape.iter().product::<usize>()).sum::<usize>(),
         "tokens": tokens, "seconds": sec, "tokens_per_s": tokens / sec, "gflops": flops / sec / 1e9,
-        "mfu": ours_mfu, "peak_gflops": peak / 1e9, "machine": machine,
+        "mfu": ours_mfu, "peak_gflops": peak_gflops, "machine": machine,
         "peak_bytes_per_rank": peak_bytes, "profile": profile, "all_steps_seconds": all_steps,
         "torch": torch_res, "torch_mfu": torch_sec.map(|s| flops / s / peak),
     });
