@@ -300,20 +300,64 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<Panel> {
 pub fn draw(runs: &[(String, Vec<Row>)], out: &Path) -> Result<()> {
     register_font()?;
     let panels = panels(runs);
-    let height = 300 * panels.len() as u32;
-    match out.extension().and_then(|e| e.to_str()) {
-        Some("svg") => draw_on(
-            SVGBackend::new(out, (900, height)).into_drawing_area(),
-            &panels,
-            out,
-        ),
-        Some("png") => draw_on(
-            BitMapBackend::new(out, (900, height)).into_drawing_area(),
-            &panels,
-            out,
-        ),
+    let (width, height) = (900u32, 300 * panels.len() as u32);
+    // Drawn in memory, marked as hotspa's (so that `plot --force` knows its own), and written
+    // atomically.
+    let bytes = match out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => {
+            let mut svg = String::new();
+            draw_on(
+                SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area(),
+                &panels,
+                out,
+            )?;
+            format!("{SVG_MARK}\n{svg}").into_bytes()
+        }
+        Some("png") => {
+            let mut rgb = vec![0u8; (width * height * 3) as usize];
+            draw_on(
+                BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area(),
+                &panels,
+                out,
+            )?;
+            let mut png = Vec::new();
+            let mut enc = png::Encoder::new(&mut png, width, height);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.add_text_chunk("Software".into(), PNG_MARK.into())?;
+            let mut w = enc.write_header()?;
+            w.write_image_data(&rgb)?;
+            w.finish()?;
+            png
+        }
         _ => bail!("{}: write a .svg or .png file", out.display()),
+    };
+    model::write_atomic(out, &bytes)?;
+    Ok(())
+}
+
+/// The first line of every SVG plot hotspa draws.
+const SVG_MARK: &str = "<!-- drawn by hotspa plot -->";
+/// The `Software` text of every PNG plot hotspa draws.
+const PNG_MARK: &str = "hotspa plot";
+
+/// Whether `path` is a plot hotspa drew (an SVG starting with its mark, a PNG whose `Software`
+/// text names it).
+pub fn drawn_by_hotspa(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    if bytes.starts_with(SVG_MARK.as_bytes()) {
+        return true;
     }
+    let Ok(reader) = png::Decoder::new(std::io::Cursor::new(bytes)).read_info() else {
+        return false;
+    };
+    reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .any(|t| t.keyword == "Software" && t.text == PNG_MARK)
 }
 
 fn draw_on<DB: DrawingBackend>(

@@ -285,10 +285,17 @@ impl TrainFlags {
     /// The run these flags describe: the model's config read, the strategies parsed, presets
     /// and cluster files loaded.
     pub fn config(&self) -> Result<TrainConfig> {
-        let (Some(model_path), true) = (
-            self.model.clone(),
-            self.data.is_some() || self.data_files.is_some(),
-        ) else {
+        // A resumed run's model is the checkpoint's own (its step folder is a model folder).
+        let model = match (&self.model, &self.resume) {
+            (Some(m), _) => Some(m.clone()),
+            (None, Some(r)) => Some(
+                model::Checkpoint::step_dir(r)
+                    .with_context(|| format!("--resume {}", r.display()))?,
+            ),
+            (None, None) => None,
+        };
+        let (Some(model_path), true) = (model, self.data.is_some() || self.data_files.is_some())
+        else {
             bail!(
                 "pass --model <config.json|dir> and --data <file.jsonl|dir> \
                  (or run `hotspa train` with no arguments at all for the embedded default run)"

@@ -106,7 +106,8 @@ pub fn run(mut args: Args) -> Result<()> {
             args.model.display()
         );
     }
-    let (weights, _) = model::load_weights(&cfg, &from)?;
+    let (weights, _, checked) = model::load_weights_checked(&cfg, &from)?;
+    eprintln!("weights from {}: {checked}", from.display());
     let folder_tok = args.model.join("tokenizer.json");
     let tokenizer = match args.tokenizer.as_deref() {
         Some("bytes") => TextTokenizer::bytes(),

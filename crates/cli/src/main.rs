@@ -66,17 +66,34 @@ enum Command {
     Plan(Box<plan_cmd::PlanArgs>),
 }
 
-fn main() -> Result<()> {
-    let result = dispatch();
-    if let (Err(e), Some((rank, size))) = (&result, comm::mpi::launch()) {
-        if size > 1 && rank != 0 {
-            // Under mpirun every rank meets the same argument and configuration errors: one
-            // line each from the others, the whole error from rank 0.
-            eprintln!("Error (MPI rank {rank} of {size}): {e}");
-            std::process::exit(1);
+/// The error and every cause on one line, joined by `: ` (a cause whose text the message
+/// already holds is not repeated).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg = format!("{msg}: {c}");
         }
     }
-    result
+    msg
+}
+
+fn main() {
+    let Err(e) = dispatch() else {
+        return;
+    };
+    let e = one_line(&e);
+    match comm::mpi::launch() {
+        // Under mpirun every rank meets the same argument and configuration errors: one line
+        // each from the others, the whole error from rank 0.
+        Some((rank, size)) if size > 1 && rank != 0 => {
+            eprintln!("Error (MPI rank {rank} of {size}): {e}")
+        }
+        // The reason on the first line: the context and every cause, joined by `: `.
+        _ => eprintln!("Error: {e}"),
+    }
+    std::process::exit(1);
 }
 
 fn dispatch() -> Result<()> {

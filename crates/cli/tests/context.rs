@@ -38,6 +38,8 @@ fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, Strin
         "3",
         "--save",
         &save,
+        // Calls of one test write the same name in turn.
+        "--force",
     ];
     args.extend(how);
     let o = hotspa(dir, &args);

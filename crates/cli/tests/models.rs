@@ -134,7 +134,10 @@ fn a_model_folder_brings_its_weights_and_tokenizer_and_a_run_saves_one() {
         "2",
     ]));
     assert!(
-        err.contains(&format!("initial weights from {} (f32)", tiny.display())),
+        err.contains(&format!(
+            "initial weights from {} (f32; no checksums to verify",
+            tiny.display()
+        )),
         "{err}"
     );
     assert!(err.contains("held-out loss"), "{err}");
@@ -182,7 +185,11 @@ fn a_model_folder_brings_its_weights_and_tokenizer_and_a_run_saves_one() {
         "--save",
         out.to_str().unwrap(),
     ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("exists and is not empty"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("holds another run's model") && e.contains("--force"),
+        "{e}"
+    );
 }
 
 /// `hotspa train` on the golden folder with `extra`: the first step's tokens and loss.

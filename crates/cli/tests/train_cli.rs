@@ -192,6 +192,8 @@ fn train_with(
             d.join(out).to_str().unwrap(),
             "--metrics",
             d.join(format!("{out}.jsonl")).to_str().unwrap(),
+            // Each output may replace the one an earlier call of this test wrote.
+            "--force",
         ]
         .map(String::from),
     );
@@ -448,7 +450,11 @@ fn resume_reproduces_the_uninterrupted_run() {
         ("4", "dp4zero3"),
     ] {
         let mut r = resumed(train_args(d, devices, strategy, "6"), &format!("{d}/ck"));
-        r.extend(["--save".into(), format!("{d}/r.safetensors")]);
+        r.extend([
+            "--save".into(),
+            format!("{d}/r.safetensors"),
+            "--force".into(),
+        ]);
         run_ok(&r);
         let got = Weights::load(&cfg, &dir.path().join("r.safetensors")).unwrap();
         assert_weights_close(&got, &reference, 1e-5, &format!("resumed under {strategy}"));
@@ -567,12 +573,47 @@ fn plot_draws_svg_and_png() {
         })
         .collect();
     std::fs::write(&m2, lines).unwrap();
+    // The earlier plot is replaced only when asked; a file of anyone else's, or the metrics
+    // file itself, never.
+    let o = hotspa(&["plot", m.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pass --force"));
+    let mine = dir.path().join("mine.svg");
+    std::fs::write(&mine, "<svg>the user's drawing</svg>").unwrap();
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        "-o",
+        mine.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a plot hotspa drew"));
+    assert_eq!(
+        std::fs::read_to_string(&mine).unwrap(),
+        "<svg>the user's drawing</svg>"
+    );
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        "-o",
+        m.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is the metrics file"));
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = hotspa(&[
         "plot",
         m.to_str().unwrap(),
         m2.to_str().unwrap(),
         "-o",
         svg.to_str().unwrap(),
+        "--force",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
@@ -595,7 +636,13 @@ fn plot_draws_svg_and_png() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("write a .svg or .png file"));
     std::fs::write(&m, "{\"step\": 1}\n").unwrap();
-    let o = hotspa(&["plot", m.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    let o = hotspa(&[
+        "plot",
+        m.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+        "--force",
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("m.jsonl:1: no numeric \"loss\""));
 }
 

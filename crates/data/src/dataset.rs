@@ -20,6 +20,21 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// The SHA-256 of the token sequences, in order (each as its length and its ids, little
+    /// endian): the same for the same training data whatever file, path or format it came
+    /// from, different when the data, the tokenizer or the cutting changes it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for s in &self.seqs {
+            h.update((s.len() as u64).to_le_bytes());
+            for t in s {
+                h.update(t.to_le_bytes());
+            }
+        }
+        format!("{:x}", h.finalize())
+    }
+
     /// Reads `path`: a directory of text files (one document each), a Megatron-LM indexed
     /// dataset (`PREFIX.idx`/`PREFIX.bin`, named by either or the prefix), a `.parquet` file
     /// (a `text` or `input_ids` column), or a JSONL file (`input_ids` or `text` per line). Ids

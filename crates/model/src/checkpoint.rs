@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
-use sha2::{Digest, Sha256};
-
 use crate::config::LlamaConfig;
 use crate::error::{io, ModelError, Result};
+use crate::folder::CarriedFile;
+use crate::manifest::{remove_owned, remove_temporary_dir, sha256_file, Removal};
 use crate::weights::{write_atomic, Weights};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 /// Everything needed to continue a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,11 +90,6 @@ const FILES: [&str; 3] = [
     "exp_avg_sq.safetensors",
 ];
 
-fn sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
-}
-
 impl Checkpoint {
     /// Writes `dir/step-NNNNNNNN/` and points `dir/latest` at it. Returns the step directory.
     pub fn save(&self, dir: &Path, cfg: &LlamaConfig) -> Result<PathBuf> {
@@ -102,23 +97,17 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::save`], the step folder also an HF model folder (`config.json`,
-    /// `generation_config.json`, f32 weights) carrying `extra_files` (the tokenizer's).
+    /// `generation_config.json`, f32 weights) carrying `extra_files` (the tokenizer's). Every
+    /// file of the step folder is listed with its SHA-256 in `state.json`.
     pub fn save_with(
         &self,
         dir: &Path,
         cfg: &LlamaConfig,
-        extra_files: &[PathBuf],
+        extra_files: &[CarriedFile],
     ) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         // Leftovers of interrupted writes are never pointed at; remove them.
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".step-") && name.contains(".tmp-") {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        remove_interrupted(dir);
         let name = format!("step-{:08}", self.step);
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
@@ -127,20 +116,18 @@ impl Checkpoint {
             shard_bytes: usize::MAX,
             extra_files: extra_files.to_vec(),
         };
-        crate::folder::write_folder_files(&tmp, cfg, &self.weights, &opts)?;
+        let mut files = crate::folder::write_folder_files(&tmp, cfg, &self.weights, &opts)?;
         self.exp_avg.save(&tmp.join(FILES[1]))?;
         self.exp_avg_sq.save(&tmp.join(FILES[2]))?;
-        let mut files = FILES.to_vec();
+        files.extend([FILES[1].to_string(), FILES[2].to_string()]);
         if !self.state.is_empty() {
             save_state(&self.state, &tmp.join(STATE_FILE))?;
-            files.push(STATE_FILE);
+            files.push(STATE_FILE.to_string());
         }
         let mut sums = serde_json::Map::new();
         for f in files {
-            sums.insert(
-                f.to_string(),
-                serde_json::Value::String(sha256(&tmp.join(f))?),
-            );
+            let sum = sha256_file(&tmp.join(&f))?;
+            sums.insert(f, serde_json::Value::String(sum));
         }
         let state = serde_json::json!({
             "step": self.step,
@@ -152,8 +139,25 @@ impl Checkpoint {
             .map_err(|e| ModelError::Mismatch(e.to_string()))?;
         write_atomic(&tmp.join("state.json"), text.as_bytes())?;
         let final_dir = dir.join(&name);
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        // A step folder of the same step (a run resumed before it) is replaced only when it
+        // is wholly hotspa's.
+        match remove_owned(&final_dir)? {
+            Removal::Removed => {}
+            other => {
+                let _ = remove_temporary_dir(&tmp);
+                return Err(ModelError::NotOwned {
+                    path: final_dir.clone(),
+                    reason: format!(
+                        "{} exists and cannot be replaced ({}); move it away",
+                        final_dir.display(),
+                        match other {
+                            Removal::Foreign(f) =>
+                                format!("it holds files hotspa did not write: {}", f.join(", ")),
+                            _ => "it is not a checkpoint hotspa wrote".into(),
+                        }
+                    ),
+                });
+            }
         }
         std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
         if let Ok(d) = std::fs::File::open(dir) {
@@ -179,19 +183,31 @@ impl Checkpoint {
         step.join("config.json").is_file().then_some(step)
     }
 
+    /// The step folder `dir` names: itself when it holds `state.json`, else the one its
+    /// `latest` file points at.
+    pub fn step_dir(dir: &Path) -> Result<PathBuf> {
+        if dir.join("state.json").exists() {
+            return Ok(dir.to_path_buf());
+        }
+        let latest = dir.join("latest");
+        let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
+        let name = name.trim();
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(ModelError::CheckpointState {
+                path: latest,
+                reason: format!("does not name a step folder of this directory: {name:?}"),
+            });
+        }
+        Ok(dir.join(name))
+    }
+
     /// Loads the checkpoint `dir/latest` points at (or `dir` itself when it is a step directory),
     /// verifying every file's checksum and that the model config matches `cfg`.
     pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
-        let step_dir = if dir.join("state.json").exists() {
-            dir.to_path_buf()
-        } else {
-            let latest = dir.join("latest");
-            let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
-            dir.join(name.trim())
-        };
+        let step_dir = Self::step_dir(dir)?;
         let state_path = step_dir.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let corrupt = |reason: String| ModelError::Corrupt {
+        let corrupt = |reason: String| ModelError::CheckpointState {
             path: state_path.clone(),
             reason,
         };
@@ -216,19 +232,17 @@ impl Checkpoint {
                 "{STATE_FILE} is there but state.json lists no checksum for it"
             )));
         }
-        for f in files {
-            let want = state["sha256"][f]
-                .as_str()
-                .ok_or_else(|| corrupt(format!("no checksum for {f}")))?;
-            let path = step_dir.join(f);
-            let got = sha256(&path)?;
-            if got != want {
-                return Err(ModelError::Corrupt {
-                    path,
-                    reason: format!("checksum mismatch: state.json says {want}, the file is {got}"),
-                });
+        for f in &files {
+            if state["sha256"][f].as_str().is_none() {
+                return Err(corrupt(format!("no checksum for {f}")));
             }
         }
+        // Every file the step lists (the config and tokenizer's too, where a newer run listed
+        // them), checked before any is parsed.
+        let manifest = crate::manifest::Manifest::read(&step_dir)?
+            .ok_or_else(|| corrupt("no checksums".into()))?;
+        let listed: Vec<String> = manifest.files.keys().cloned().collect();
+        manifest.verify(&step_dir, &listed)?;
         Ok(Self {
             step,
             weights: Weights::load(cfg, &step_dir.join(FILES[0]))?,
@@ -241,5 +255,16 @@ impl Checkpoint {
                 BTreeMap::new()
             },
         })
+    }
+}
+
+/// Removes what interrupted checkpoint writes left in `dir` (`.step-N.tmp-PID` folders of
+/// hotspa's files); one holding anything else is left in place.
+pub fn remove_interrupted(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && crate::manifest::is_temporary(&name) {
+            let _ = remove_temporary_dir(&e.path());
+        }
     }
 }

@@ -319,10 +319,14 @@ impl LlamaConfig {
 
     /// Whether `other` describes the same computation (token ids aside).
     pub fn same_model(&self, other: &LlamaConfig) -> bool {
+        // Defaults written out (`head_dim`, `num_key_value_heads`: config.json files that
+        // hotspa writes state them) are the same model as left implicit.
         let strip = |c: &LlamaConfig| LlamaConfig {
             bos_token_id: None,
             eos_token_id: None,
             pad_token_id: None,
+            head_dim: Some(c.head_dim()),
+            num_key_value_heads: Some(c.kv_heads()),
             ..c.clone()
         };
         strip(self) == strip(other)

@@ -71,6 +71,44 @@ pub enum ModelError {
     /// A config feature the model does not implement.
     #[error("unsupported LLaMA config: {0}")]
     Unsupported(String),
+    /// A folder's manifest (`hotspa-manifest.json`, a checkpoint's `state.json`) is malformed.
+    #[error("{path}: malformed manifest: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint's `state.json` is malformed (not JSON, or a field missing or of the wrong
+    /// type).
+    #[error("{path}: malformed checkpoint state: {reason}")]
+    CheckpointState {
+        /// The `state.json`.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file differs from the SHA-256 its folder's manifest lists: it changed or was corrupted
+    /// after hotspa wrote it.
+    #[error("{path}: checksum mismatch: {} says {want}, the file is {got} (the file changed or was corrupted after it was written)", manifest.display())]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The manifest that lists it.
+        manifest: PathBuf,
+        /// The SHA-256 listed.
+        want: String,
+        /// The file's SHA-256.
+        got: String,
+    },
+    /// A save would replace a file or folder hotspa did not write.
+    #[error("{reason}")]
+    NotOwned {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why it is not hotspa's to replace.
+        reason: String,
+    },
     /// A weights file is malformed or truncated.
     #[error("{path}: not a valid safetensors file: {reason}")]
     Corrupt {

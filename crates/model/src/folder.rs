@@ -235,7 +235,19 @@ fn read_file(
 /// they were stored in (f32 where tensors differ). Every name the config needs must be present
 /// with its shape; unknown names are refused (a `rotary_emb.inv_freq` buffer, and
 /// `lm_head.weight` under tied embeddings, are ignored as HF does).
+///
+/// A folder hotspa wrote (a saved model's `hotspa-manifest.json`, a checkpoint step's
+/// `state.json`) has every file read checked against its SHA-256 first; see
+/// [`load_weights_checked`] for what was verified.
 pub fn load_weights(cfg: &LlamaConfig, path: &Path) -> Result<(Weights, Dtype)> {
+    load_weights_checked(cfg, path).map(|(w, d, _)| (w, d))
+}
+
+/// [`load_weights`], saying which files were verified against a manifest.
+pub fn load_weights_checked(
+    cfg: &LlamaConfig,
+    path: &Path,
+) -> Result<(Weights, Dtype, crate::manifest::Checksums)> {
     let specs = param_specs(cfg);
     let shapes: HashMap<String, Vec<usize>> = specs
         .iter()
@@ -301,6 +313,26 @@ pub fn load_weights(cfg: &LlamaConfig, path: &Path) -> Result<(Weights, Dtype)> 
     } else {
         vec![(path.to_path_buf(), shapes.keys().cloned().collect())]
     };
+    // Everything read, checked against the folder's manifest before it is parsed.
+    let folder = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let mut read: Vec<String> = plan
+        .iter()
+        .filter_map(|(f, _)| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if path.is_dir() {
+        read.push("config.json".into());
+        if path.join(INDEX).is_file() {
+            read.push(INDEX.into());
+        }
+    }
+    let checksums = crate::manifest::verify_folder(&folder, &read)?;
     let mut values: HashMap<String, Vec<f32>> = HashMap::new();
     let mut dtype: Option<Dtype> = None;
     for (file, names) in &plan {
@@ -328,7 +360,36 @@ pub fn load_weights(cfg: &LlamaConfig, path: &Path) -> Result<(Weights, Dtype)> 
         .iter()
         .map(|s| values.remove(&s.name).unwrap_or_default())
         .collect();
-    Ok((Weights::new(cfg, data)?, dtype.unwrap_or(Dtype::F32)))
+    Ok((
+        Weights::new(cfg, data)?,
+        dtype.unwrap_or(Dtype::F32),
+        checksums,
+    ))
+}
+
+/// A file a saved folder carries as it is (a tokenizer's, a `generation_config.json`), read
+/// once when a run starts: later saves do not depend on the original staying in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedFile {
+    /// Its name in the saved folder.
+    pub name: String,
+    /// Its bytes.
+    pub bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl CarriedFile {
+    /// Reads `path` (its file name is the name it is saved under).
+    pub fn read(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| ModelError::Mismatch(format!("{} is not a file", path.display())))?;
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        Ok(Self {
+            name,
+            bytes: std::sync::Arc::new(bytes),
+        })
+    }
 }
 
 /// How [`save_folder`] writes.
@@ -338,8 +399,8 @@ pub struct SaveOptions {
     pub dtype: Dtype,
     /// Weights beyond this many bytes are split over several files with an index.
     pub shard_bytes: usize,
-    /// Files copied into the folder as they are (the tokenizer's).
-    pub extra_files: Vec<PathBuf>,
+    /// Files written into the folder as they are (the tokenizer's).
+    pub extra_files: Vec<CarriedFile>,
 }
 
 impl Default for SaveOptions {
@@ -400,8 +461,8 @@ fn json_bytes(v: &serde_json::Value) -> Result<Vec<u8>> {
 
 /// Writes the files of an HF model folder into `dir` (which exists): `config.json`,
 /// `generation_config.json`, the weights (one `model.safetensors`, or shards of at most
-/// `opts.shard_bytes` with `model.safetensors.index.json`) and `opts.extra_files`. Returns the
-/// weight files written.
+/// `opts.shard_bytes` with `model.safetensors.index.json`) and `opts.extra_files`. Returns
+/// every file written, by name.
 pub fn write_folder_files(
     dir: &Path,
     cfg: &LlamaConfig,
@@ -446,7 +507,10 @@ pub fn write_folder_files(
         }
     }
     let n = shards.len();
-    let mut files = Vec::with_capacity(n);
+    let mut files = vec![
+        "config.json".to_string(),
+        "generation_config.json".to_string(),
+    ];
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
         let name = if n == 1 {
@@ -466,11 +530,7 @@ pub fn write_folder_files(
             views.push((s.name.clone(), view));
             weight_map.insert(s.name.clone(), name.clone().into());
         }
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let out = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Corrupt {
-            path: dir.join(&name),
-            reason: e.to_string(),
-        })?;
+        let out = crate::weights::serialize(views, &dir.join(&name))?;
         write_atomic(&dir.join(&name), &out)?;
         files.push(name);
     }
@@ -481,25 +541,66 @@ pub fn write_folder_files(
             "weight_map": weight_map,
         });
         write_atomic(&dir.join(INDEX), &json_bytes(&index)?)?;
+        files.push(INDEX.to_string());
     }
     for f in &opts.extra_files {
-        let name = f.file_name().ok_or_else(|| {
-            ModelError::Mismatch(format!("{} is not a file to copy", f.display()))
-        })?;
-        let bytes = std::fs::read(f).map_err(io(f))?;
-        write_atomic(&dir.join(name), &bytes)?;
+        if files.contains(&f.name) {
+            // The folder's own file (e.g. generation_config.json) is replaced by the carried one.
+            files.retain(|n| n != &f.name);
+        }
+        write_atomic(&dir.join(&f.name), &f.bytes)?;
+        files.push(f.name.clone());
     }
     Ok(files)
 }
 
-/// Writes an HF model folder at `dir` (missing, or an empty directory), atomically: the files
-/// are assembled in a temporary folder beside it and renamed into place.
+/// Why `dir` (an existing, non-empty folder) may not be replaced by a save, or `None` when
+/// every entry in it is hotspa's (listed in its manifest).
+pub fn not_replaceable(dir: &Path) -> Result<Option<String>> {
+    Ok(match crate::manifest::Manifest::read(dir)? {
+        None => Some(format!(
+            "{} was not written by hotspa (it has no {}): hotspa replaces only its own outputs",
+            dir.display(),
+            crate::manifest::MANIFEST
+        )),
+        Some(m) => {
+            let foreign = m.foreign_entries(dir)?;
+            (!foreign.is_empty()).then(|| {
+                format!(
+                    "{} holds file(s) hotspa did not write ({}): hotspa replaces only its own outputs",
+                    dir.display(),
+                    foreign.join(", ")
+                )
+            })
+        }
+    })
+}
+
+/// Writes an HF model folder at `dir`, atomically: the files are assembled in a temporary
+/// folder beside it, a [`MANIFEST`](crate::manifest::MANIFEST) with every file's SHA-256
+/// written last, and the folder renamed into place. `dir` may be missing or empty, or a folder
+/// hotspa wrote before (every entry listed in its manifest): that one is moved aside and removed
+/// file by file once the new folder is in place. Anything else is refused before a byte is written.
 pub fn save_folder(
     dir: &Path,
     cfg: &LlamaConfig,
     weights: &Weights,
     opts: &SaveOptions,
 ) -> Result<()> {
+    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(io(dir))?.next().is_some();
+    if occupied {
+        if let Some(why) = not_replaceable(dir)? {
+            return Err(ModelError::NotOwned {
+                path: dir.to_path_buf(),
+                reason: why,
+            });
+        }
+    } else if dir.exists() && !dir.is_dir() {
+        return Err(ModelError::NotOwned {
+            path: dir.to_path_buf(),
+            reason: format!("{} is a file, not a model folder", dir.display()),
+        });
+    }
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -510,22 +611,70 @@ pub fn save_folder(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    if tmp.exists() {
+        crate::manifest::remove_temporary_dir(&tmp)?;
+    }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let result = (|| {
-        write_folder_files(&tmp, cfg, weights, opts)?;
-        if dir.is_dir() {
-            // An empty directory (checked by the caller) gives way to the finished folder.
+        let files = write_folder_files(&tmp, cfg, weights, opts)?;
+        crate::manifest::Manifest::of(&tmp, &files)?.write(&tmp)?;
+        if occupied {
+            std::fs::rename(dir, &old).map_err(io(dir))?;
+        } else if dir.is_dir() {
+            // An empty directory gives way to the finished folder.
             std::fs::remove_dir(dir).map_err(io(dir))?;
         }
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            if occupied {
+                // Put the previous folder back.
+                let _ = std::fs::rename(&old, dir);
+            }
+            return Err(io(dir)(e));
+        }
         if let Ok(d) = std::fs::File::open(parent) {
             let _ = d.sync_all();
         }
         Ok(())
     })();
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = crate::manifest::remove_temporary_dir(&tmp);
+        return result;
     }
-    result
+    if occupied {
+        match crate::manifest::remove_owned(&old)? {
+            crate::manifest::Removal::Removed => {}
+            other => {
+                return Err(ModelError::NotOwned {
+                    path: old.clone(),
+                    reason: format!(
+                        "the model was saved to {}, but the folder it replaced changed during the                          run ({other:?}); it was moved to {} and left there",
+                        dir.display(),
+                        old.display()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `writer` a safetensors file's metadata names (`hotspa …` for files hotspa wrote), read
+/// from its header alone; `None` for a file that is not safetensors or names no writer.
+pub fn safetensors_writer(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?
+        .get("writer")?
+        .as_str()
+        .map(str::to_string)
 }

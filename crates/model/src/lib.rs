@@ -28,16 +28,20 @@ mod error;
 pub mod folder;
 pub mod generate;
 pub mod generation_config;
+pub mod manifest;
 mod params;
 mod shard;
 mod weights;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{remove_interrupted, Checkpoint};
 pub use config::{LlamaConfig, RopeScalingConfig, TokenIds, HARMLESS, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
-pub use folder::{has_weights, load_weights, save_folder, Dtype, SaveOptions};
+pub use folder::{
+    has_weights, load_weights, load_weights_checked, save_folder, CarriedFile, Dtype, SaveOptions,
+};
 pub use generate::{generate, Generator, Sampling};
+pub use manifest::Checksums;
 pub use params::{param_specs, ParamSpec, Role};
 pub use shard::{
     gather_weights, held, placements, rank_exec, rank_params, switch_tensors, Held, RankParams,

@@ -183,11 +183,7 @@ impl Weights {
                 .map_err(|e| ModelError::Mismatch(format!("{}: {e}", s.name)))?;
             views.push((s.name.clone(), view));
         }
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let out = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let out = serialize(views, path)?;
         write_atomic(path, &out)
     }
 
@@ -199,6 +195,42 @@ impl Weights {
     pub fn load(cfg: &LlamaConfig, path: &Path) -> Result<Self> {
         crate::folder::load_weights(cfg, path).map(|(w, _)| w)
     }
+}
+
+/// The safetensors bytes of `views` with the metadata of every weights file hotspa writes: HF's
+/// `format: pt`, and `writer`, by which a later `--force` recognises a file as hotspa's own.
+/// The header's keys are sorted, so the same weights give the same bytes (the metadata map's
+/// own order is random).
+pub(crate) fn serialize(views: Vec<(String, TensorView<'_>)>, path: &Path) -> Result<Vec<u8>> {
+    let corrupt = |reason: String| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "writer".to_string(),
+            format!("hotspa {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]);
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(e.to_string()))?;
+    // 8 bytes of header length, the header (JSON, padded with spaces), the data.
+    let n = u64::from_le_bytes(
+        out[..8]
+            .try_into()
+            .map_err(|_| corrupt("no header".into()))?,
+    ) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&out[8..8 + n]).map_err(|e| corrupt(e.to_string()))?;
+    let mut sorted = serde_json::to_vec(&header).map_err(|e| corrupt(e.to_string()))?;
+    while sorted.len() % 8 != 0 {
+        sorted.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + sorted.len() + out.len() - 8 - n);
+    bytes.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&sorted);
+    bytes.extend_from_slice(&out[8 + n..]);
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of

@@ -98,7 +98,9 @@ fn saved_folders_read_back_in_every_dtype_and_shard_size() {
         let opts = SaveOptions {
             dtype,
             shard_bytes,
-            extra_files: vec![dir.join("tokenizer/tokenizer.json")],
+            extra_files: vec![
+                model::CarriedFile::read(&dir.join("tokenizer/tokenizer.json")).unwrap(),
+            ],
         };
         save_folder(&at, &cfg, &w, &opts).unwrap();
         assert_eq!(
@@ -122,12 +124,35 @@ fn saved_folders_read_back_in_every_dtype_and_shard_size() {
         let want = g["models"]["tiny"]["loss"].as_f64().unwrap();
         assert!((l - want).abs() < if dtype == Dtype::F32 { 1e-5 } else { 1e-2 });
     }
-    // A folder is not written over: save_folder replaces only a missing or empty directory.
+    // A folder is not written over unless hotspa wrote all of it: save_folder replaces only a
+    // missing or empty directory, or one whose every entry its manifest lists.
     let busy = out.path().join("busy");
     std::fs::create_dir_all(&busy).unwrap();
     std::fs::write(busy.join("x"), b"1").unwrap();
-    assert!(save_folder(&busy, &cfg, &w, &SaveOptions::default()).is_err());
+    let e = save_folder(&busy, &cfg, &w, &SaveOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("was not written by hotspa"), "{e}");
     assert!(busy.join("x").is_file());
+    let ours = out.path().join("ours");
+    save_folder(&ours, &cfg, &w, &SaveOptions::default()).unwrap();
+    save_folder(&ours, &cfg, &w, &SaveOptions::default()).unwrap();
+    std::fs::write(ours.join("notes.txt"), b"mine").unwrap();
+    let e = save_folder(&ours, &cfg, &w, &SaveOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("did not write (notes.txt)"), "{e}");
+    assert_eq!(std::fs::read(ours.join("notes.txt")).unwrap(), b"mine");
+    // A saved folder's weights are verified against its manifest when loaded.
+    std::fs::remove_file(ours.join("notes.txt")).unwrap();
+    let (_, _, checked) = model::load_weights_checked(&cfg, &ours).unwrap();
+    assert!(
+        matches!(checked, model::Checksums::Verified { files: 2, .. }),
+        "{checked:?}"
+    );
+    let st = ours.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x40;
+    std::fs::write(&st, bytes).unwrap();
+    let e = load_weights(&cfg, &ours).unwrap_err().to_string();
+    assert!(e.contains("checksum mismatch"), "{e}");
 }
 
 #[test]

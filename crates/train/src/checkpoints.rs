@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use model::{Checkpoint, LlamaConfig};
+use model::manifest::remove_owned;
+use model::{CarriedFile, Checkpoint, LlamaConfig};
 
 use crate::error::{Result, TrainError};
 
@@ -35,6 +36,25 @@ fn steps(dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect();
     out.sort();
     out
+}
+
+/// Why the step folder `p` cannot be removed file by file (it holds files hotspa did not write,
+/// or has no checksums), or `None`.
+fn not_removable(p: &Path) -> Result<Option<String>> {
+    let Some(m) = model::manifest::Manifest::read(p)? else {
+        return Ok(Some(format!(
+            "{} has no state.json: not a checkpoint hotspa wrote, left in place",
+            p.display()
+        )));
+    };
+    let foreign = m.foreign_entries(p)?;
+    Ok((!foreign.is_empty()).then(|| {
+        format!(
+            "{} holds file(s) hotspa did not write ({}); move them away first",
+            p.display(),
+            foreign.join(", ")
+        )
+    }))
 }
 
 /// What `dir/latest` names, if anything.
@@ -79,12 +99,7 @@ impl CheckpointDir {
         // Who holds it, for the message above (the lock itself is what counts).
         let _ = std::fs::write(&path, format!("process {}\n", std::process::id()));
         // Leftovers of interrupted writes are never pointed at.
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".step-") && name.contains(".tmp-") {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        model::remove_interrupted(dir);
         let existing = steps(dir);
         if !resuming && (!existing.is_empty() || latest(dir).is_some()) {
             if !force {
@@ -101,8 +116,18 @@ impl CheckpointDir {
                     ),
                 ));
             }
+            // Every step folder must be wholly hotspa's before any is touched; then each goes
+            // file by file.
+            for (_, p) in &existing {
+                if let Some(why) = not_removable(p)? {
+                    return Err(TrainError::setting(
+                        "checkpoint_dir",
+                        format!("--force: {why}"),
+                    ));
+                }
+            }
             for (_, p) in existing {
-                std::fs::remove_dir_all(&p).map_err(TrainError::io(&p))?;
+                remove_owned(&p)?;
             }
             let l = dir.join("latest");
             if l.exists() {
@@ -122,31 +147,42 @@ impl CheckpointDir {
     }
 
     /// Writes `ck` (atomically, `latest` moved last) and then removes the oldest step folders
-    /// beyond the last `keep_last`.
+    /// beyond the last `keep_last`, file by file (one holding files hotspa did not write is
+    /// kept whole).
     pub fn save(&self, ck: &Checkpoint, cfg: &LlamaConfig) -> Result<PathBuf> {
-        self.save_with(ck, cfg, &[])
+        self.save_with(ck, cfg, &[]).map(|(at, _)| at)
     }
 
     /// [`CheckpointDir::save`], the step folder carrying `extra_files` (the tokenizer's).
+    /// Returns the step folder and a notice for each old step folder that was kept because it
+    /// holds files hotspa did not write.
     pub fn save_with(
         &self,
         ck: &Checkpoint,
         cfg: &LlamaConfig,
-        extra_files: &[PathBuf],
-    ) -> Result<PathBuf> {
+        extra_files: &[CarriedFile],
+    ) -> Result<(PathBuf, Vec<String>)> {
         let at = ck.save_with(&self.dir, cfg, extra_files)?;
         let keep = latest(&self.dir);
         let all = steps(&self.dir);
         let excess = all.len().saturating_sub(self.keep_last);
+        let mut notices = Vec::new();
         for (_, p) in all.into_iter().take(excess) {
             let is_latest = keep
                 .as_deref()
                 .is_some_and(|k| p.file_name().is_some_and(|n| n == k));
-            if !is_latest {
-                let _ = std::fs::remove_dir_all(&p);
+            if is_latest {
+                continue;
+            }
+            match not_removable(&p) {
+                Ok(None) => {
+                    remove_owned(&p)?;
+                }
+                Ok(Some(why)) => notices.push(format!("--keep-last: {why}; kept")),
+                Err(e) => notices.push(format!("--keep-last: {}: {e}; kept", p.display())),
             }
         }
-        Ok(at)
+        Ok((at, notices))
     }
 }
 

@@ -528,8 +528,9 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The run's settings as recorded in checkpoints.
-    pub fn record(&self, inst: &Strategy) -> serde_json::Value {
+    /// The run's settings as recorded in checkpoints, with the training data's fingerprint
+    /// ([`data::Dataset::fingerprint`]: what a resumed run's data must still be).
+    pub fn record(&self, inst: &Strategy, data_sha256: &str) -> serde_json::Value {
         let (lr_schedule, min_lr) = match self.lr.decay {
             Decay::Constant => ("constant", 0.0),
             Decay::Cosine { min_lr } => ("cosine", min_lr),
@@ -556,7 +557,7 @@ impl TrainConfig {
             "eps": self.adamw.eps, "weight_decay": self.adamw.weight_decay,
             "grad_clip": self.grad_clip, "seed": self.seed,
             "shuffle": if self.shuffle { "on" } else { "off" },
-            "data": data, "model": self.model_path, "init": init,
+            "data": data, "data_sha256": data_sha256, "model": self.model_path, "init": init,
             "tokenizer": match &self.tokenizer {
                 Tokenizer::Bytes => serde_json::json!("bytes"),
                 Tokenizer::File(p) => serde_json::json!(p),

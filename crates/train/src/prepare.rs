@@ -3,7 +3,7 @@
 //! data, a resumed checkpoint and whether its settings still mean the same, the memory the run
 //! needs, and only then the weights.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use comm::Communicator;
@@ -33,8 +33,12 @@ pub(crate) struct Prepared {
     /// The dtype the final weights are saved in.
     pub save_dtype: model::Dtype,
     /// The files saved model folders and checkpoints carry: the tokenizer's, and the model
-    /// folder's `generation_config.json`.
-    pub tokenizer_files: Vec<PathBuf>,
+    /// folder's `generation_config.json` (read once, here).
+    pub tokenizer_files: Vec<model::CarriedFile>,
+    /// The training data's fingerprint, recorded in checkpoints.
+    pub data_sha256: String,
+    /// World rank 0's locks on `--save` and `--metrics`, held until the run ends.
+    pub _outputs: crate::outputs::Claimed,
     /// The held-out data of `--eval-data`.
     pub eval_data: Option<Arc<Dataset>>,
     /// A line saying what the run trains (model, data, strategy, devices, steps).
@@ -138,8 +142,12 @@ pub(crate) fn batch_notice(cfg: &TrainConfig, data: &Dataset, sink: &mut dyn Sin
     }
 }
 
-/// Settings whose change makes a checkpoint's data position mean something else.
-const DATA_POSITION: [&str; 6] = [
+/// Settings whose change makes a checkpoint's data position mean something else: the data's
+/// content (its token sequences' fingerprint, whatever path or tokenizer file they came from)
+/// and how batches are drawn from it.
+const DATA_POSITION: [&str; 4] = ["data_sha256", "global_batch", "seed", "shuffle"];
+/// The same for checkpoints written before the fingerprint (by path and settings).
+const DATA_POSITION_BY_PATH: [&str; 6] = [
     "data",
     "tokenizer",
     "global_batch",
@@ -177,22 +185,6 @@ fn changed(keys: &[&str], saved: &serde_json::Value, now: &serde_json::Value) ->
         .collect()
 }
 
-/// The directory a `--resume` path names (the path itself, or a step folder's parent).
-fn checkpoint_home(resume: &Path) -> PathBuf {
-    if resume.join("state.json").is_file() {
-        resume.parent().unwrap_or(resume).to_path_buf()
-    } else {
-        resume.to_path_buf()
-    }
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
 /// Resolves the world, checks everything, loads the data, the weights and a resumed
 /// checkpoint, and decides the instantiation strategy.
 pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared> {
@@ -218,24 +210,18 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
             "a resumed run continues from the checkpoint's weights; drop --init (or --resume)",
         ));
     }
-    // Every output path, before anything is read or computed (rank 0 writes them all).
+    // Every output path, before anything is read or computed (rank 0 writes them all): where
+    // each lies against the inputs and the others, what is there already, and a lock on each.
     let mut checkpoints = None;
+    let mut claimed = crate::outputs::Claimed::default();
     if root {
-        if let Some(p) = &cfg.save {
-            if is_single_file(p) {
-                crate::outputs::check_file("save", p)?;
-            } else {
-                crate::outputs::check_folder("save", p, cfg.force)?;
-            }
-        }
-        if let Some(p) = &cfg.metrics {
-            crate::outputs::check_file("metrics", p)?;
-        }
+        claimed = crate::outputs::claim(&cfg, cfg.resume.is_some())?;
         if let Some(c) = &cfg.checkpoint {
+            use crate::outputs::{checkpoint_home, resolve};
             let resuming = cfg
                 .resume
                 .as_ref()
-                .is_some_and(|r| same_dir(&checkpoint_home(r), &c.dir));
+                .is_some_and(|r| resolve(&checkpoint_home(r)) == resolve(&c.dir));
             checkpoints = Some(CheckpointDir::open(
                 &c.dir,
                 c.keep_last,
@@ -245,6 +231,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         }
     }
     let data = load_data(&cfg)?;
+    let data_sha256 = data.fingerprint();
     data_notices(&cfg, &data, sink);
     let eval_data = match &cfg.eval {
         Some(e) => Some(Arc::new(load(&cfg, &e.data)?)),
@@ -253,7 +240,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let (inst, planner, strategies) = decide(&cfg, &data, sink)?;
     exchange_notices(&cfg, &strategies, planner.is_some(), sink);
     let resumed = match &cfg.resume {
-        Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, sink)?)),
+        Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, &data_sha256, sink)?)),
         None => None,
     };
     if let Some(ck) = &resumed {
@@ -278,8 +265,11 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let (weights, dtype) = match (&resumed, &cfg.init) {
         (Some(ck), _) => (ck.weights.clone(), model::Dtype::F32),
         (None, Init::File(p)) => {
-            let (w, d) = model::load_weights(&cfg.model, p)?;
-            sink.notice(&format!("initial weights from {} ({d})", p.display()));
+            let (w, d, checked) = model::load_weights_checked(&cfg.model, p)?;
+            sink.notice(&format!(
+                "initial weights from {} ({d}; {checked})",
+                p.display()
+            ));
             (w, d)
         }
         (None, Init::Weights(w)) => ((**w).clone(), model::Dtype::F32),
@@ -317,6 +307,10 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     {
         tokenizer_files.push(g);
     }
+    let tokenizer_files = tokenizer_files
+        .iter()
+        .map(|f| model::CarriedFile::read(f))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let summary = format!(
         "hotspa train: {} parameters, {} sequences ({} too short, skipped), {} on {} {} devices{}, {} steps of {} sequences",
         weights.numel(),
@@ -363,6 +357,8 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         checkpoints,
         save_dtype,
         tokenizer_files,
+        data_sha256,
+        _outputs: claimed,
         eval_data,
         summary,
     })
@@ -542,6 +538,7 @@ fn resume(
     cfg: &TrainConfig,
     dir: &Path,
     inst: &Strategy,
+    data_sha256: &str,
     sink: &mut dyn Sink,
 ) -> Result<Checkpoint> {
     let ck = Checkpoint::load(dir, &cfg.model).map_err(|source| TrainError::Resume {
@@ -559,8 +556,13 @@ fn resume(
             ),
         ));
     }
-    let now = cfg.record(inst);
-    let breaking = changed(&DATA_POSITION, &ck.run, &now);
+    let now = cfg.record(inst, data_sha256);
+    let keys: &[&str] = if ck.run.get("data_sha256").is_some() {
+        &DATA_POSITION
+    } else {
+        &DATA_POSITION_BY_PATH
+    };
+    let breaking = changed(keys, &ck.run, &now);
     if !breaking.is_empty() {
         if !cfg.force {
             return Err(TrainError::setting(

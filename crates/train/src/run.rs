@@ -137,7 +137,10 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
             Ok(Msg::Checkpoint { step, parts }) => {
                 if failure.is_none() {
                     match write_checkpoint(&p, step, &parts) {
-                        Ok(at) => {
+                        Ok((at, notices)) => {
+                            for n in &notices {
+                                sink.notice(n);
+                            }
                             sink.checkpoint(step, &at);
                             checkpoints.push(at);
                         }
@@ -326,7 +329,8 @@ fn run_clocked<B: kernels::Backend>(
 }
 
 /// Writes the final weights: one safetensors file, or an HF model folder (replacing an
-/// existing one only when forced: the check before the first step allowed it).
+/// existing one of hotspa's only when forced: the check before the first step allowed it, and
+/// `save_folder` checks again).
 fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
     if crate::prepare::is_single_file(path) {
         if p.save_dtype != model::Dtype::F32 {
@@ -336,9 +340,6 @@ fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
             ));
         }
         return Ok(weights.save(path)?);
-    }
-    if path.is_dir() && p.cfg.force {
-        std::fs::remove_dir_all(path).map_err(TrainError::io(path))?;
     }
     let opts = model::SaveOptions {
         dtype: p.save_dtype,
@@ -352,7 +353,7 @@ fn write_checkpoint(
     p: &Prepared,
     step: u64,
     parts: &[crate::rank::RankPart],
-) -> Result<std::path::PathBuf> {
+) -> Result<(std::path::PathBuf, Vec<String>)> {
     let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
         parts
             .iter()
@@ -373,7 +374,7 @@ fn write_checkpoint(
         weights: gather_weights(model, &p.inst, &pick(0))?,
         exp_avg: gather_weights(model, &p.inst, &pick(1))?,
         exp_avg_sq: gather_weights(model, &p.inst, &pick(2))?,
-        run: p.cfg.record(&p.inst),
+        run: p.cfg.record(&p.inst, &p.data_sha256),
         state,
     };
     let dir = p

@@ -74,8 +74,18 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let dir = PathBuf::from(format!("runs/default-{stamp}"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A folder of its own, never one that exists (two runs in the same second get `-2`, …).
+    std::fs::create_dir_all("runs").context("creating runs/")?;
+    let mut dir = PathBuf::from(format!("runs/default-{stamp}"));
+    for n in 2.. {
+        match std::fs::create_dir(&dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
+                dir = PathBuf::from(format!("runs/default-{stamp}-{n}"));
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
     std::fs::write(dir.join("config.json"), DEFAULT_CONFIG)?;
     args.model = Some(dir.clone());
     args.data_files = Some(files);
