@@ -352,12 +352,132 @@ fn resources_are_checked_before_allocating() {
         .arg(d.join("data.jsonl"))
         .output()
         .unwrap();
-    refused(&o, "GiB available");
+    refused(&o, "is available by the machine's available memory");
     refused(&train(d, &["--devices", "1000"]), "1000 thread ranks");
     refused(
         &train(d, &["--global-batch", "1000000000"]),
-        "GiB available",
+        "is available by",
     );
+    // A 134 M model (2.5 GiB of weights, gradients and moments) under `ulimit -v 2 GB`: refused
+    // naming the limit, not aborted by the allocator.
+    let mid = d.join("134m");
+    std::fs::create_dir_all(&mid).unwrap();
+    std::fs::write(
+        mid.join("config.json"),
+        r#"{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 512}"#,
+    )
+    .unwrap();
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 2000000 && exec {} train --model {} --data {}",
+            env!("CARGO_BIN_EXE_hotspa"),
+            mid.display(),
+            d.join("data.jsonl").display()
+        ))
+        .output()
+        .unwrap();
+    refused(&o, "is available by RLIMIT_AS (ulimit -v)");
+}
+
+/// The same model inside a memory cgroup (v1 or v2) limited to 1.5 GB: refused naming the
+/// cgroup's limit. Needs a writable cgroup hierarchy (root on a machine that has one); says so
+/// and skips otherwise.
+#[test]
+fn a_memory_cgroups_limit_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    std::fs::write(
+        d.join("134m.json"),
+        r#"{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 512}"#,
+    )
+    .unwrap();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let candidates = [
+        own.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| (format!("/sys/fs/cgroup{p}"), "memory.max")),
+        own.lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .map(|p| (format!("/sys/fs/cgroup/memory{p}"), "memory.limit_in_bytes")),
+    ];
+    let name = format!("hotspa-test-{}", std::process::id());
+    let made = candidates.into_iter().flatten().find_map(|(parent, file)| {
+        let cg = Path::new(&parent).join(&name);
+        std::fs::create_dir(&cg).ok()?;
+        // A real cgroup comes with its control files (not a plain directory on a tmpfs).
+        if !cg.join(file).exists() || std::fs::write(cg.join(file), "1500000000").is_err() {
+            let _ = std::fs::remove_dir(&cg);
+            return None;
+        }
+        Some(cg)
+    });
+    let Some(cg) = made else {
+        eprintln!("skipped: no writable memory cgroup here (needs root and a cgroup hierarchy)");
+        return;
+    };
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} train --model {} --data {}",
+            cg.display(),
+            env!("CARGO_BIN_EXE_hotspa"),
+            d.join("134m.json").display(),
+            d.join("data.jsonl").display()
+        ))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cg);
+    refused(&o, "is available by the memory cgroup's limit");
+}
+
+/// A disk too small for the final weights or a checkpoint: refused before the first step with
+/// the figures. Needs to mount a 1 MiB tmpfs (root); says so and skips otherwise.
+#[test]
+fn a_disk_too_small_for_the_outputs_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let small = d.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    // 0.5 M parameters: 2 MiB of f32 weights.
+    std::fs::write(
+        d.join("half-m.json"),
+        r#"{"vocab_size": 40, "hidden_size": 128, "intermediate_size": 344,
+            "num_hidden_layers": 4, "num_attention_heads": 4}"#,
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        hotspa()
+            .arg("train")
+            .arg("--model")
+            .arg(d.join("half-m.json"))
+            .arg("--data")
+            .arg(d.join("data.jsonl"))
+            .args(["--steps", "1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let save = small.join("w.safetensors");
+    let o = run(&["--save", save.to_str().unwrap()]);
+    let ck = small.join("ck");
+    let o2 = run(&["--checkpoint-dir", ck.to_str().unwrap()]);
+    let _ = Command::new("umount").arg(&small).status();
+    refused(&o, "save: the disk holding it has 1.00 MiB free");
+    refused(&o2, "checkpoint_dir: the disk holding it has");
 }
 
 #[test]

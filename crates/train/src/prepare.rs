@@ -216,6 +216,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let mut claimed = crate::outputs::Claimed::default();
     if root {
         claimed = crate::outputs::claim(&cfg, cfg.resume.is_some())?;
+        crate::resources::check_disk(&crate::resources::disk_need(&cfg))?;
         if let Some(c) = &cfg.checkpoint {
             use crate::outputs::{checkpoint_home, resolve};
             let resuming = cfg

@@ -332,6 +332,7 @@ fn run_clocked<B: kernels::Backend>(
 /// existing one of hotspa's only when forced: the check before the first step allowed it, and
 /// `save_folder` checks again).
 fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
+    recheck_disk(p, "save")?;
     if crate::prepare::is_single_file(path) {
         if p.save_dtype != model::Dtype::F32 {
             return Err(TrainError::setting(
@@ -349,11 +350,22 @@ fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
     Ok(model::save_folder(path, &p.cfg.model, weights, &opts)?)
 }
 
+/// The disk check of before the first step, again for one output before it is written (the
+/// disk may have filled since).
+fn recheck_disk(p: &Prepared, setting: &str) -> Result<()> {
+    let need: Vec<_> = crate::resources::disk_need(&p.cfg)
+        .into_iter()
+        .filter(|n| n.0 == setting)
+        .collect();
+    crate::resources::check_disk(&need)
+}
+
 fn write_checkpoint(
     p: &Prepared,
     step: u64,
     parts: &[crate::rank::RankPart],
 ) -> Result<(std::path::PathBuf, Vec<String>)> {
+    recheck_disk(p, "checkpoint_dir")?;
     let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
         parts
             .iter()
