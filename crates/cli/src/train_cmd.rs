@@ -30,15 +30,38 @@ pub fn run(flags: TrainFlags, given: &[String]) -> Result<()> {
     train(&flags).map(|_| ())
 }
 
-/// A flag that the first SIGINT or SIGTERM sets (the run stops after its current step); a
-/// second one ends the process at once with [`INTERRUPTED`].
+/// A flag that the first SIGINT or SIGTERM sets (the run stops after its current step, or gives
+/// up on a rank that does not get there: `train::watchdog::stop_grace`); a second one ends the
+/// process at once with [`INTERRUPTED`]. Both are said on stderr.
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Registered first, so it sees the flag as the previous signal left it.
-        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED, flag.clone())?;
-        signal_hook::flag::register(signal, flag.clone())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let set = flag.clone();
+    std::thread::Builder::new()
+        .name("hotspa-signals".into())
+        .spawn(move || {
+            for (i, signal) in signals.forever().enumerate() {
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                if i == 0 {
+                    set.store(true, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!(
+                        "\n{name}: stopping after the current step (checkpoint and --save as \
+                         configured); a second signal exits at once"
+                    );
+                } else {
+                    eprintln!(
+                        "\n{name} again: exiting at once; nothing more is saved (the last \
+                         checkpoint stays loadable)"
+                    );
+                    std::process::exit(INTERRUPTED);
+                }
+            }
+        })?;
     Ok(flag)
 }
 
@@ -56,7 +79,14 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
     let mut cfg = flags.config()?;
     cfg.stop = Some(stop_on_signals()?);
     let mut progress = Progress::new(cfg.steps);
-    let out = train::run(&cfg, &mut progress)?;
+    let out = match train::run(&cfg, &mut progress) {
+        Err(e @ train::TrainError::Interrupted { .. }) => {
+            progress.bar.finish_and_clear();
+            eprintln!("{e}");
+            std::process::exit(INTERRUPTED);
+        }
+        r => r?,
+    };
     progress.bar.finish_and_clear();
     if let Some(step) = out.stopped_at {
         if out.weights.is_some() {

@@ -340,8 +340,9 @@ pub(crate) fn recv<T: Transport + ?Sized>(
     tag: u32,
 ) -> Result<()> {
     let w = t.world_rank_of(peer, "recv")?;
+    // Every message names world ranks.
     let m = t.take(w, Channel::User(tag), &|| {
-        format!("recv from rank {peer} (tag {tag})")
+        format!("recv from rank {w} (tag {tag})")
     })?;
     check_len("recv", "buf", m.len(), buf.len())?;
     buf.copy_from_slice(&m);
@@ -359,10 +360,7 @@ pub(crate) fn batch<T: Transport + ?Sized>(t: &T, ops: &mut [P2p<'_>]) -> Result
     for op in ops.iter_mut() {
         if let P2p::Recv { peer, buf } = op {
             let w = t.world_rank_of(*peer, "batch recv")?;
-            let peer = *peer;
-            let m = t.take(w, Channel::Batch, &|| {
-                format!("batched recv from rank {peer}")
-            })?;
+            let m = t.take(w, Channel::Batch, &|| format!("batched recv from rank {w}"))?;
             check_len("batch", "recv buf", m.len(), buf.len())?;
             buf.copy_from_slice(&m);
             t.recycle(m);

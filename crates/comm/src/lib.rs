@@ -36,4 +36,4 @@ pub use error::{CommError, Result};
 pub use layer::{CollectiveCall, Layer};
 pub use mpi::MpiComm;
 pub use nccl::NcclComm;
-pub use thread::{default_timeout, ThreadComm};
+pub use thread::{default_timeout, timeout_from_env, ThreadComm, AFTER_FAILURE, DEFAULT_TIMEOUT};

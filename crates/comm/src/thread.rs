@@ -13,14 +13,38 @@ use crate::algorithms::{self, Channel, Transport};
 use crate::communicator::{sub_group_members, Communicator, Rank};
 use crate::error::{CommError, Result};
 
-/// Default timeout of every blocking call, overridable with `HOTSPA_COMM_TIMEOUT_SECS`.
+/// How long [`ThreadComm::run`] waits for the other ranks after one failed: those waiting on
+/// it fail at once (they are woken), so only a rank stuck elsewhere is still running then.
+pub const AFTER_FAILURE: Duration = Duration::from_secs(3);
+
+/// The timeout of every blocking call when `HOTSPA_COMM_TIMEOUT_SECS` is not set.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The timeout of every blocking call: `HOTSPA_COMM_TIMEOUT_SECS` (seconds, positive and
+/// finite, fractions allowed), else [`DEFAULT_TIMEOUT`]. An invalid value is an error naming
+/// it (see [`timeout_from_env`]); here, where no error can be returned, it falls back to the
+/// default — callers that start a run check it first.
 pub fn default_timeout() -> Duration {
-    std::env::var("HOTSPA_COMM_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(120))
+    timeout_from_env().unwrap_or(DEFAULT_TIMEOUT)
+}
+
+/// `HOTSPA_COMM_TIMEOUT_SECS` read and checked: unset is [`DEFAULT_TIMEOUT`]; anything but a
+/// positive finite number of seconds (`0`, `-1`, `abc`, `inf`) is refused by name.
+pub fn timeout_from_env() -> Result<Duration> {
+    match std::env::var("HOTSPA_COMM_TIMEOUT_SECS") {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| CommError::Parse {
+                what: "HOTSPA_COMM_TIMEOUT_SECS",
+                input: s.clone(),
+                expected: "give a positive, finite number of seconds (e.g. 120)".into(),
+            }),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,9 +211,10 @@ impl ThreadComm {
     /// Runs `f` on `n` thread ranks and returns their results in rank order.
     ///
     /// When a rank returns an error or panics, the others' blocking calls fail promptly, and the
-    /// error of the rank that failed *first* is returned. Ranks that still have not finished one
-    /// timeout after the first failure are left behind (detached), so a hung rank cannot hang
-    /// the caller.
+    /// error of the rank that failed *first* is returned. Ranks that still have not finished
+    /// [`AFTER_FAILURE`] after the first failure are left behind (detached), so a hung rank
+    /// cannot hang the caller: a frozen rank ends the run one timeout (the others' wait for it)
+    /// plus that grace after it froze.
     pub fn run<T, E, F>(n: usize, f: F) -> std::result::Result<Vec<T>, E>
     where
         T: Send + 'static,
@@ -260,7 +285,7 @@ impl ThreadComm {
             };
             let Some((rank, out)) = msg else { break };
             if out.is_err() && deadline.is_none() {
-                deadline = Some(Instant::now() + timeout);
+                deadline = Some(Instant::now() + AFTER_FAILURE.min(timeout));
             }
             results[rank] = Some(out);
             received += 1;
@@ -282,7 +307,7 @@ impl ThreadComm {
                     return Err(E::from(CommError::Timeout {
                         rank: Rank(rank),
                         op: "run".into(),
-                        waited: timeout,
+                        waited: AFTER_FAILURE.min(timeout),
                         detail: format!("rank {rank} did not finish after another rank failed"),
                     }))
                 }

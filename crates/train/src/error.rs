@@ -40,6 +40,19 @@ pub enum TrainError {
         /// What happened.
         reason: String,
     },
+    /// A signal asked the run to stop, but a rank did not reach the end of its step in time:
+    /// its state cannot be collected, so nothing beyond the last checkpoint was saved.
+    #[error(
+        "stopped by a signal, but {stuck}; the ranks' state cannot be collected, so nothing was \
+         saved after {}",
+        last_checkpoint.as_ref().map_or("the start (no checkpoint was written)".to_string(), |c| format!("the last checkpoint, {}", c.display()))
+    )]
+    Interrupted {
+        /// Which rank did not get there, for how long, and where it was.
+        stuck: String,
+        /// The last checkpoint written, if any.
+        last_checkpoint: Option<PathBuf>,
+    },
     /// The checkpoint to resume from cannot be used.
     #[error("resuming from {}: {source}", dir.display())]
     Resume {

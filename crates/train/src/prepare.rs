@@ -189,6 +189,8 @@ fn changed(keys: &[&str], saved: &serde_json::Value, now: &serde_json::Value) ->
 /// checkpoint, and decides the instantiation strategy.
 pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared> {
     let mut cfg = cfg.clone();
+    // Every blocking call's limit, checked before it is relied on.
+    comm::timeout_from_env()?;
     if let Device::Cuda(precision) = cfg.device {
         // Fail before any data is read when the backend cannot open.
         let gpus = kernels::cuda::device_count()?;

@@ -123,10 +123,39 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     let mut lost_workers = Vec::new();
     let mut failure: Option<TrainError> = None;
     let limit = crate::watchdog::limit();
+    // A signal's stop: when asked, and the last report from the ranks since.
+    let mut stop_waiting: Option<Instant> = None;
+    let mut longest_step = 0.0f64;
     let outcome = loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
+        let got = rx.recv_timeout(Duration::from_secs(1));
+        let asked = p
+            .cfg
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        if asked && (stop_waiting.is_none() || got.is_ok()) {
+            stop_waiting = Some(Instant::now());
+        }
+        if let Some(since) = stop_waiting {
+            if got.is_err() && since.elapsed() > crate::watchdog::stop_grace(longest_step) {
+                let stuck = heartbeats.most_silent().map_or_else(
+                    || "the ranks did not report".to_string(),
+                    |(r, s, step, what)| {
+                        format!(
+                            "rank {r} has made no progress for {s:.0} s (step {step}, in {what})"
+                        )
+                    },
+                );
+                break Err(TrainError::Interrupted {
+                    stuck,
+                    last_checkpoint: checkpoints.last().cloned(),
+                });
+            }
+        }
+        match got {
             Ok(Msg::Finished(r)) => break r,
             Ok(Msg::Step(m)) => {
+                longest_step = longest_step.max(m.seconds);
                 if failure.is_none() {
                     if let Err(e) = sink.step(&m) {
                         failure = Some(e);
@@ -181,7 +210,8 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
             }
         }
     };
-    if outcome.is_ok() || heartbeats.check(limit).is_ok() {
+    let gave_up = matches!(outcome, Err(TrainError::Interrupted { .. }));
+    if outcome.is_ok() || (!gave_up && heartbeats.check(limit).is_ok()) {
         // The worker has returned (or is about to); a stuck one is left behind.
         let _ = worker.join();
     }

@@ -85,6 +85,26 @@ impl Heartbeats {
         runtime::progress::set_hook(Some(Arc::new(move |what| me.beat(rank, what))));
     }
 
+    /// The rank silent the longest: (world rank, seconds, step, what it was doing).
+    pub fn most_silent(&self) -> Option<(usize, f64, u64, &'static str)> {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.at_ms.load(Ordering::Relaxed) != u64::MAX)
+            .map(|(i, s)| {
+                let silent = now.saturating_sub(s.at_ms.load(Ordering::Relaxed));
+                let what = *s.what.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    self.first_rank + i,
+                    silent as f64 / 1e3,
+                    s.step.load(Ordering::Relaxed),
+                    what,
+                )
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
     /// The first rank silent for longer than `limit`, as an error naming it and where it is.
     pub fn check(&self, limit: Duration) -> Result<(), TrainError> {
         let now = self.start.elapsed().as_millis() as u64;
@@ -112,13 +132,23 @@ impl Heartbeats {
     }
 }
 
-/// How long a rank may be silent: the communication timeout plus a margin of as much again and
-/// 10 s — long enough that a rank waiting on a dead or stopped peer reports it first (with the
-/// communicator's own diagnosis, e.g. MPI's census of who never arrived), short enough that a
-/// rank stuck outside communication ends the run in bounded time.
+/// How long a rank may be silent: the communication timeout plus [`MARGIN`] — long enough that
+/// a rank waiting on a dead or stopped peer reports it first (with the communicator's own
+/// diagnosis, e.g. MPI's census of who never arrived: the waiting ranks give up at the timeout,
+/// and the run ends [`comm::AFTER_FAILURE`] later), short enough that a rank stuck
+/// outside communication ends the run in bounded time.
 pub fn limit() -> Duration {
-    let t = comm::default_timeout();
-    2 * t + Duration::from_secs(10)
+    comm::default_timeout() + MARGIN
+}
+
+/// What [`limit`] adds to the communication timeout.
+pub const MARGIN: Duration = Duration::from_secs(10);
+
+/// How long a run asked to stop (a signal) waits for the ranks' next report before it gives
+/// up on them: three times the longest step so far and 10 s, at most [`limit`]. Every report
+/// (a step's end, a checkpoint's pieces) starts the wait again.
+pub fn stop_grace(longest_step: f64) -> Duration {
+    (Duration::from_secs_f64(3.0 * longest_step.max(0.0)) + Duration::from_secs(10)).min(limit())
 }
 
 /// A fault to inject (`HOTSPA_FAULT`).
