@@ -44,9 +44,10 @@ pub struct TrainFlags {
     /// with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// GEMM operand precision on cuda: bf16 (fp32 master weights, f32 accumulation) or f32.
-    #[arg(long, default_value = "bf16")]
-    pub gemm_precision: String,
+    /// GEMM operand precision on cuda: bf16 (fp32 master weights, f32 accumulation) or f32
+    /// [default: bf16]. Only with --device cuda.
+    #[arg(long)]
+    pub gemm_precision: Option<String>,
     /// Nodes are groups of this many devices (used by the switch planner); under `mpirun` MPI
     /// says which ranks share a node.
     #[arg(long)]
@@ -78,9 +79,10 @@ pub struct TrainFlags {
     /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
     #[arg(long)]
     pub sim_cluster: Option<String>,
-    /// Pipeline schedule: 1f1b or gpipe.
-    #[arg(long, default_value = "1f1b")]
-    pub pipeline_schedule: String,
+    /// Pipeline schedule: 1f1b or gpipe [default: 1f1b]. Only where a strategy has pipeline
+    /// stages (or the planner may choose them).
+    #[arg(long)]
+    pub pipeline_schedule: Option<String>,
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
@@ -128,7 +130,7 @@ pub struct TrainFlags {
     #[arg(long)]
     pub fed_clients: Option<usize>,
     /// Fraction of the clients sampled each round [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub fed_fraction: Option<f64>,
     /// Local AdamW steps per client and round [default: 5].
     #[arg(long)]
@@ -142,17 +144,17 @@ pub struct TrainFlags {
     pub fed_shards: Option<String>,
     /// Federated Dropout: the fraction of every layer's FFN units each client drops for its
     /// sub-model [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub fed_dropout: Option<f64>,
     /// Slow worker R's compute FACTOR times (R:FACTOR, repeatable): after its gradients it
     /// waits (FACTOR − 1) times as long as they took, as a straggler.
     #[arg(long)]
     pub slow_rank: Vec<String>,
     /// DiLoCo's outer learning rate [default: 0.7].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub outer_lr: Option<f64>,
     /// DiLoCo's outer Nesterov momentum [default: 0.9].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub outer_momentum: Option<f64>,
     /// Sequences per global batch.
     #[arg(long, default_value_t = 8)]
@@ -168,7 +170,7 @@ pub struct TrainFlags {
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-4, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 3e-4, allow_hyphen_values = true)]
     pub lr: f64,
     /// constant or cosine (linear warm-up, then cosine decay to --min-lr over the remaining steps).
     #[arg(long, default_value = "constant")]
@@ -176,23 +178,23 @@ pub struct TrainFlags {
     /// Warm-up steps.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
-    /// Final learning rate of the cosine schedule.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub min_lr: f64,
+    /// Final learning rate of the cosine schedule [default: 0]. Only with --lr-schedule cosine.
+    #[arg(long, allow_hyphen_values = true)]
+    pub min_lr: Option<f64>,
     /// AdamW β1.
-    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
     pub beta1: f64,
     /// AdamW β2.
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.95, allow_hyphen_values = true)]
     pub beta2: f64,
     /// AdamW ε.
-    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1e-8, allow_hyphen_values = true)]
     pub eps: f64,
     /// Decoupled weight decay (tensors of rank ≥ 2 only).
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (inf: no clipping).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub grad_clip: f64,
     /// Seed of the initialisation and of the shuffle.
     #[arg(long, default_value_t = 0)]
@@ -218,9 +220,10 @@ pub struct TrainFlags {
     /// Checkpoint every N steps (default: at the end only).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// Keep the last N step folders of the checkpoint directory (older ones are removed).
-    #[arg(long, default_value_t = train::KEEP_LAST)]
-    pub keep_last: usize,
+    /// Keep the last N step folders of the checkpoint directory (older ones are removed)
+    /// [default: 3]. Only with --checkpoint-dir.
+    #[arg(long)]
+    pub keep_last: Option<usize>,
     /// Go ahead where a safety check refuses: start fresh in a checkpoint directory holding
     /// another run's steps (they are deleted), resume although the data settings changed.
     #[arg(long)]
@@ -282,6 +285,51 @@ impl TrainFlags {
         }
     }
 
+    /// Flags that would change nothing here, refused by name (a flag is never taken silently).
+    fn check_meaningful(&self) -> Result<()> {
+        let needs = [
+            (
+                self.checkpoint_every.is_some(),
+                "--checkpoint-every",
+                "--checkpoint-dir",
+                self.checkpoint_dir.is_some(),
+            ),
+            (
+                self.keep_last.is_some(),
+                "--keep-last",
+                "--checkpoint-dir",
+                self.checkpoint_dir.is_some(),
+            ),
+            (
+                self.save_dtype.is_some(),
+                "--save-dtype",
+                "--save",
+                self.save.is_some(),
+            ),
+            (
+                self.gemm_precision.is_some(),
+                "--gemm-precision",
+                "--device cuda",
+                self.device == "cuda",
+            ),
+            (
+                self.min_lr.is_some(),
+                "--min-lr",
+                "--lr-schedule cosine",
+                self.lr_schedule == "cosine",
+            ),
+        ];
+        for (given, flag, parent, present) in needs {
+            if given && !present {
+                bail!("{flag} applies only with {parent}: without it the flag changes nothing");
+            }
+        }
+        if self.fed_clients == Some(0) {
+            bail!("--fed-clients 0 is out of range: must be at least 1 (leave it out for one client per device)");
+        }
+        Ok(())
+    }
+
     /// The run these flags describe: the model's config read, the strategies parsed, presets
     /// and cluster files loaded.
     pub fn config(&self) -> Result<TrainConfig> {
@@ -301,9 +349,7 @@ impl TrainFlags {
                  (or run `hotspa train` with no arguments at all for the embedded default run)"
             );
         };
-        if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
-            bail!("--checkpoint-every needs --checkpoint-dir");
-        }
+        self.check_meaningful()?;
         let model = LlamaConfig::load(&model_path)?;
         let data = match (&self.data_files, &self.data) {
             (Some(files), _) => DataSource::Paragraphs(files.clone()),
@@ -319,6 +365,8 @@ impl TrainFlags {
             "cpu" => Device::Cpu,
             "cuda" => Device::Cuda(
                 self.gemm_precision
+                    .as_deref()
+                    .unwrap_or("bf16")
                     .parse::<GemmPrecision>()
                     .map_err(anyhow::Error::msg)?,
             ),
@@ -377,6 +425,20 @@ impl TrainFlags {
                 StrategySpec::Fixed(Strategy::parse(&with_mode(&spec), devices)?)
             }
         };
+        if let Some(sched) = &self.pipeline_schedule {
+            let pipelined = match &cfg.strategy {
+                StrategySpec::Fixed(s) => s.pp > 1,
+                StrategySpec::Hot(plan) => plan.strategies().iter().any(|s| s.pp > 1),
+                // The planner may choose pipeline stages.
+                StrategySpec::Auto(_) => true,
+            };
+            if !pipelined {
+                bail!(
+                    "--pipeline-schedule {sched} applies only to strategies with pipeline stages \
+                     (ppN, N > 1): no strategy of this run has them, so it changes nothing"
+                );
+            }
+        }
         cfg.exchange = planner::exchange::Exchange {
             codec: self
                 .grad_compression
@@ -420,7 +482,11 @@ impl TrainFlags {
             .map(|s| train::SlowRank::parse(s))
             .collect::<Result<_, _>>()?;
         cfg.micro_batch_tokens = self.micro_batch_tokens.clone();
-        cfg.pipeline_schedule = self.pipeline_schedule.parse::<Schedule>()?;
+        cfg.pipeline_schedule = self
+            .pipeline_schedule
+            .as_deref()
+            .unwrap_or("1f1b")
+            .parse::<Schedule>()?;
         cfg.global_batch = self.global_batch;
         cfg.steps = self.steps;
         cfg.max_len = self.max_len;
@@ -430,7 +496,7 @@ impl TrainFlags {
             decay: match self.lr_schedule.as_str() {
                 "constant" => Decay::Constant,
                 "cosine" => Decay::Cosine {
-                    min_lr: self.min_lr,
+                    min_lr: self.min_lr.unwrap_or(0.0),
                 },
                 other => bail!("--lr-schedule {other}: use constant or cosine"),
             },
@@ -486,7 +552,7 @@ impl TrainFlags {
         cfg.checkpoint = self.checkpoint_dir.as_ref().map(|dir| Checkpointing {
             dir: dir.clone(),
             every: self.checkpoint_every,
-            keep_last: self.keep_last,
+            keep_last: self.keep_last.unwrap_or(train::KEEP_LAST),
         });
         cfg.force = self.force;
         cfg.resume = self.resume.clone();

@@ -31,7 +31,7 @@ pub struct Args {
     max_new_tokens: Option<usize>,
     /// 0: greedy (the most likely token each time); above 0, sample with this temperature
     /// (default: as the generation config says; greedy without one).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     temperature: Option<f64>,
     /// Sample among the k most likely tokens only, 0: all (default: the generation config's,
     /// else transformers' 50).
@@ -39,7 +39,7 @@ pub struct Args {
     top_k: Option<usize>,
     /// Sample among the most likely tokens whose probability reaches p, 1: all (default: the
     /// generation config's, else 1).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     top_p: Option<f64>,
     /// Whose defaults for sampling, stopping and length: `auto` (the model folder's
     /// generation_config.json when it has one, as transformers' generate() reads it; else
@@ -53,6 +53,11 @@ pub struct Args {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Let the prompt and the new tokens run past the model's max_position_embeddings (RoPE
+    /// goes on as in transformers, but the model was not made for those positions); without
+    /// it the new tokens stop there.
+    #[arg(long)]
+    past_max_positions: bool,
 }
 
 pub fn run(mut args: Args) -> Result<()> {
@@ -126,20 +131,46 @@ pub fn run(mut args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt is empty after tokenizing: give at least one token of text");
     }
-    let max_new = args
+    let limit = cfg.max_position_embeddings;
+    let wanted = args
         .max_new_tokens
         .or(gen.max_new_tokens)
         .or(gen.max_length.map(|m| m.saturating_sub(prompt.len())))
         .unwrap_or(128);
+    let room = limit.saturating_sub(prompt.len());
+    let max_new = if args.past_max_positions || wanted <= room {
+        wanted
+    } else if args.max_new_tokens.is_some() {
+        bail!(
+            "--max-new-tokens {wanted}: the prompt ({} tokens) and {wanted} new ones reach position \
+             {}, past the model's max_position_embeddings ({limit}); ask for at most {room}, or \
+             pass --past-max-positions to go on past it",
+            prompt.len(),
+            prompt.len() + wanted
+        );
+    } else {
+        if room == 0 {
+            bail!(
+                "the prompt ({} tokens) already fills the model's max_position_embeddings \
+                 ({limit}); shorten it, or pass --past-max-positions",
+                prompt.len()
+            );
+        }
+        eprintln!(
+            "note: at most {room} new tokens: the prompt ({} tokens) and {wanted} new ones would \
+             pass the model's max_position_embeddings ({limit}); --past-max-positions goes on",
+            prompt.len()
+        );
+        room
+    };
     let last = prompt.len() + max_new;
-    if last > cfg.max_position_embeddings {
+    if last > limit {
         eprintln!(
             "note: the prompt ({} tokens) and up to {} new ones reach position {last}, beyond \
-             the model's max_position_embeddings ({}): RoPE goes on past it as in transformers, \
-             but the model was not made for those positions",
+             the model's max_position_embeddings ({limit}): RoPE goes on past it as in \
+             transformers, but the model was not made for those positions",
             prompt.len(),
             max_new,
-            cfg.max_position_embeddings
         );
     }
     let stop: Vec<u32> = if args.ignore_eos {
@@ -151,6 +182,13 @@ pub fn run(mut args: Args) -> Result<()> {
             .or_else(|| tokenizer.eos_id().map(|e| vec![e]))
             .unwrap_or_default()
     };
+    if let Some(bad) = stop.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!(
+            "the end-of-sequence id {bad} (of the generation config) is outside the model's \
+             vocabulary of {}: it could never be generated, so generation would not stop there",
+            cfg.vocab_size
+        );
+    }
     let mut out = std::io::stdout().lock();
     write!(out, "{}", args.prompt)?;
     out.flush()?;
@@ -183,6 +221,12 @@ pub fn run(mut args: Args) -> Result<()> {
                     return false;
                 }
                 shown = text;
+                // After a line, decoding starts afresh (as transformers' TextStreamer): the
+                // text so far is never decoded again, so streaming stays linear.
+                if shown.ends_with('\n') {
+                    ids.clear();
+                    shown.clear();
+                }
             }
             true
         },

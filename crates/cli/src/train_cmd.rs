@@ -35,33 +35,40 @@ pub fn run(flags: TrainFlags, given: &[String]) -> Result<()> {
 /// process at once with [`INTERRUPTED`]. Both are said on stderr.
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let flag = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    let set = flag.clone();
-    std::thread::Builder::new()
-        .name("hotspa-signals".into())
-        .spawn(move || {
-            for (i, signal) in signals.forever().enumerate() {
-                let name = if signal == SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
+    // Counted in the handler itself: two signals in quick succession are two.
+    let count = Arc::new(AtomicUsize::new(0));
+    for (signal, first, again) in [
+        (
+            SIGINT,
+            &b"\nSIGINT: stopping after the current step (checkpoint and --save as configured); a second signal exits at once\n"[..],
+            &b"\nSIGINT again: exiting at once; nothing more is saved (the last checkpoint stays loadable)\n"[..],
+        ),
+        (
+            SIGTERM,
+            &b"\nSIGTERM: stopping after the current step (checkpoint and --save as configured); a second signal exits at once\n"[..],
+            &b"\nSIGTERM again: exiting at once; nothing more is saved (the last checkpoint stays loadable)\n"[..],
+        ),
+    ] {
+        let (flag, count) = (flag.clone(), count.clone());
+        // SAFETY: the handler only touches atomics, write(2) and _exit(2), all
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                let say = |m: &[u8]| {
+                    libc::write(2, m.as_ptr().cast(), m.len());
                 };
-                if i == 0 {
-                    set.store(true, std::sync::atomic::Ordering::SeqCst);
-                    eprintln!(
-                        "\n{name}: stopping after the current step (checkpoint and --save as \
-                         configured); a second signal exits at once"
-                    );
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    flag.store(true, Ordering::SeqCst);
+                    say(first);
                 } else {
-                    eprintln!(
-                        "\n{name} again: exiting at once; nothing more is saved (the last \
-                         checkpoint stays loadable)"
-                    );
-                    std::process::exit(INTERRUPTED);
+                    say(again);
+                    signal_hook::low_level::exit(INTERRUPTED);
                 }
-            }
-        })?;
+            })?;
+        }
+    }
     Ok(flag)
 }
 

@@ -312,28 +312,42 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty());
-    // A second signal ends the run at once, whatever it was doing.
+    // A second signal ends the run at once, whatever it was doing (here: waiting for a rank
+    // frozen at step 3, so the first cannot finish the step).
     let mut child = hotspa()
         .args(["train", "--model", d.to_str().unwrap(), "--data"])
         .arg(d.join("data.jsonl"))
-        .args(["--steps", "100000"])
+        .args(["--steps", "100000", "--devices", "2"])
+        .env("HOTSPA_FAULT", "freeze:1:3")
+        .env("HOTSPA_COMM_TIMEOUT_SECS", "600")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     while let Some(Ok(l)) = lines.next() {
-        if l.starts_with("step ") {
+        if l.starts_with("step     2/") {
             break;
         }
     }
-    for _ in 0..2 {
+    let t = Instant::now();
+    // (Two signals sent before the first is delivered are one: the second follows the first's
+    // message.)
+    let int = || {
         Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status()
-            .unwrap();
+            .unwrap()
+    };
+    int();
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with("SIGINT: stopping") {
+            break;
+        }
     }
+    int();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(
         rest.iter()
             .any(|l| l.contains("SIGINT again: exiting at once")),
@@ -581,6 +595,135 @@ fn numbers_are_refused_by_range() {
     ] {
         refused(&train(d, args), needle);
     }
+}
+
+/// Settings that parse and are in range but cannot train, or change nothing, each refused by
+/// name before the first step.
+#[test]
+fn settings_that_cannot_train_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for (args, needle) in [
+        (
+            &["--weight-decay", "1e9"][..],
+            "weight_decay: 1000000000 × --lr 0.0003 = 300000 ≥ 1",
+        ),
+        (
+            &["--lr", "1e30"],
+            "is out of range: AdamW moves every weight",
+        ),
+        (&["--lr", "2"], "lr: 2 is out of range"),
+        // A negative number after a space is a number.
+        (&["--lr", "-1e-3"], "lr: -0.001 is out of range"),
+        (
+            &["--weight-decay", "-1e-2"],
+            "weight_decay: -0.01 is out of range",
+        ),
+        (
+            &["--min-lr", "-1"],
+            "--min-lr applies only with --lr-schedule cosine",
+        ),
+        (
+            &["--lr-schedule", "cosine", "--min-lr", "-1"],
+            "min_lr: -1 is out of range",
+        ),
+        (
+            &["--warmup", "1000", "--steps", "2"],
+            "warmup: 1000 steps of warm-up in a run of 2",
+        ),
+        (
+            &["--devices", "2", "--sync", "fedavg", "--fed-clients", "0"],
+            "--fed-clients 0 is out of range",
+        ),
+        (
+            &["--devices", "2", "--sync", "fedavg", "--fed-batch", "0"],
+            "fed_batch: 0 is out of range",
+        ),
+        (
+            &[
+                "--devices",
+                "2",
+                "--ps-servers",
+                "1",
+                "--slow-rank",
+                "1:2",
+                "--slow-rank",
+                "1:3",
+            ],
+            "slow_rank: rank 1 is given twice",
+        ),
+        (
+            &["--keep-last", "2"],
+            "--keep-last applies only with --checkpoint-dir",
+        ),
+        (
+            &["--save-dtype", "bf16"],
+            "--save-dtype applies only with --save",
+        ),
+        (
+            &["--gemm-precision", "f32"],
+            "--gemm-precision applies only with --device cuda",
+        ),
+        (
+            &["--devices", "2", "--pipeline-schedule", "gpipe"],
+            "--pipeline-schedule gpipe applies only to strategies with pipeline stages",
+        ),
+        (
+            &["--devices", "2", "--strategies", "dp2:0,tp2:max"],
+            "`dp2:0`: a bucket of sequences up to 0 tokens stays empty",
+        ),
+    ] {
+        refused(&train(d, args), needle);
+    }
+    // The flag a refusal names works where it applies.
+    let o = train(
+        d,
+        &[
+            "--devices",
+            "2",
+            "--strategy",
+            "pp2",
+            "--pipeline-schedule",
+            "gpipe",
+            "--steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A model config that cannot be: no positions, an end-of-sequence id outside the vocabulary.
+    for (field, needle) in [
+        (
+            r#""max_position_embeddings": 0"#,
+            "max_position_embeddings must be positive",
+        ),
+        (
+            r#""eos_token_id": 999"#,
+            "eos_token_id 999 is outside the vocabulary (vocab_size 40)",
+        ),
+        (
+            r#""bos_token_id": 40"#,
+            "bos_token_id 40 is outside the vocabulary",
+        ),
+    ] {
+        let bad = CONFIG.replacen('{', &format!("{{{field}, "), 1);
+        std::fs::write(d.join("bad.json"), bad).unwrap();
+        let o = hotspa()
+            .args(["train", "--model"])
+            .arg(d.join("bad.json"))
+            .arg("--data")
+            .arg(d.join("data.jsonl"))
+            .output()
+            .unwrap();
+        refused(&o, needle);
+    }
+}
+
+#[test]
+fn cluster_files_and_timeouts_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
     // A cluster file with a negative bandwidth is refused by name.
     let bad = toml_cluster().replace("gbps = 400.0", "gbps = -400.0");
     std::fs::write(d.join("bad.toml"), bad).unwrap();
@@ -622,9 +765,12 @@ fn inputs_that_mean_something_else_are_refused() {
     for (field, needle) in [
         (
             r#""architectures": ["MistralForCausalLM"]"#,
-            "architectures [\"MistralForCausalLM\"]: hotspa trains LlamaForCausalLM only",
+            "architectures [\"MistralForCausalLM\"]: not a LLaMA-family model",
         ),
-        (r#""model_type": "gpt2""#, "model_type \"gpt2\""),
+        (
+            r#""model_type": "gpt2""#,
+            "model_type \"gpt2\": not a LLaMA-family model",
+        ),
         (r#""sliding_window": 4096"#, "field(s) sliding_window"),
         (
             r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
@@ -646,6 +792,101 @@ fn inputs_that_mean_something_else_are_refused() {
             .unwrap();
         refused(&o, needle);
     }
+    // A GPT-2 config (none of LLaMA's fields) is named as another model first, not as fields
+    // missing.
+    let gpt2 = d.join("gpt2");
+    std::fs::create_dir_all(&gpt2).unwrap();
+    std::fs::write(
+        gpt2.join("config.json"),
+        r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768,
+            "n_layer": 12, "n_head": 12, "vocab_size": 50257}"#,
+    )
+    .unwrap();
+    let o = hotspa()
+        .args(["train", "--model", gpt2.to_str().unwrap(), "--data"])
+        .arg(d.join("data.jsonl"))
+        .output()
+        .unwrap();
+    refused(&o, "model_type \"gpt2\": not a LLaMA-family model");
+}
+
+/// What a file is, named by what it is: one text file as `--data` trains as text (JSON Lines
+/// is still told by its content), a Megatron half without the other is named, a broken
+/// checkpoint `state.json` is a JSON fault.
+#[test]
+fn inputs_are_read_as_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    std::fs::write(
+        d.join("notes.txt"),
+        "a plain text file, trained on as one document ".repeat(20),
+    )
+    .unwrap();
+    std::fs::write(d.join("bytes.json"), CONFIG.replace("40", "256")).unwrap();
+    let o = hotspa()
+        .args(["train", "--model"])
+        .arg(d.join("bytes.json"))
+        .arg("--data")
+        .arg(d.join("notes.txt"))
+        .args(["--steps", "1", "--max-len", "64"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("15 sequences"), "{}", stderr(&o));
+    // JSON Lines under another name is still JSON Lines.
+    std::fs::copy(d.join("data.jsonl"), d.join("data.txt")).unwrap();
+    let o = train(d, &["--steps", "1"]);
+    let by_name = stderr(&o);
+    let o = hotspa()
+        .args(["train", "--model", d.to_str().unwrap(), "--data"])
+        .arg(d.join("data.txt"))
+        .args([
+            "--global-batch",
+            "8",
+            "--micro-batch-tokens",
+            "32",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = |e: &str| {
+        e.lines()
+            .find(|l| l.starts_with("step     1/"))
+            .map(|l| l[..30].to_string())
+    };
+    assert_eq!(line(&stderr(&o)), line(&by_name));
+    // Half a Megatron dataset.
+    std::fs::write(d.join("corpus.idx"), b"MMIDIDX\x00\x00").unwrap();
+    let o = hotspa()
+        .args(["train", "--model", d.to_str().unwrap(), "--data"])
+        .arg(d.join("corpus.idx"))
+        .output()
+        .unwrap();
+    refused(&o, "its other half");
+    assert!(
+        stderr(&o).contains("corpus.bin, is missing"),
+        "{}",
+        stderr(&o)
+    );
+    // A checkpoint whose state.json is broken JSON: a JSON fault, not a safetensors one.
+    let ck = d.join("ck");
+    assert!(train(
+        d,
+        &["--steps", "1", "--checkpoint-dir", ck.to_str().unwrap()]
+    )
+    .status
+    .success());
+    std::fs::write(ck.join("step-00000001/state.json"), "{\"step\": 1, \"sha").unwrap();
+    let o = train(d, &["--steps", "2", "--resume", ck.to_str().unwrap()]);
+    refused(&o, "malformed");
+    assert!(
+        stderr(&o).contains("state.json: malformed") && !stderr(&o).contains("safetensors"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

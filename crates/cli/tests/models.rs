@@ -311,9 +311,9 @@ fn generate_continues_a_prompt_reproducibly() {
         assert!(err.contains(needle), "{err}");
         assert!(o.stdout.is_empty() && !o.status.success());
     }
-    // Past max_position_embeddings (64 here): generated, with a note saying so.
+    // Past max_position_embeddings (64 here): only when asked, with a note saying so.
     let note = "beyond the model's max_position_embeddings (64)";
-    let six = ["--max-new-tokens", "6"];
+    let six = ["--max-new-tokens", "6", "--past-max-positions"];
     assert!(!generated(&tiny, "hot", &six).1.contains(note));
     let long = "hot switching ".repeat(8);
     assert!(generated(&tiny, &long, &six).1.contains(note));
@@ -519,6 +519,69 @@ fn weights_in_another_format_are_refused_and_random_weights_said() {
     ]));
     assert!(
         err.contains("initial weights: random (normal with std 0.02"),
+        "{err}"
+    );
+}
+
+/// New tokens stop at the model's max_position_embeddings (64 here) unless asked to go on: a
+/// default budget is cut there with a note, an explicit one past it is refused, and
+/// `--past-max-positions` goes on. A stop id outside the vocabulary is refused.
+#[test]
+fn generation_stays_within_the_models_positions() {
+    let tiny = golden().join("tiny");
+    let d = tempfile::tempdir().unwrap();
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hot switching",
+        ];
+        args.extend(extra);
+        hotspa(&args)
+    };
+    let o = run(&tiny, &["--max-new-tokens", "100000000000"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("past the model's max_position_embeddings (64)")
+            && err.contains("--past-max-positions"),
+        "{err}"
+    );
+    let o = run(&tiny, &["--ignore-eos"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("note: at most"), "{err}");
+    let o = run(
+        &tiny,
+        &[
+            "--ignore-eos",
+            "--max-new-tokens",
+            "70",
+            "--past-max-positions",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("beyond the model's max_position_embeddings"),
+        "{err}"
+    );
+    // A stop id the model cannot produce.
+    let m = d.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    for f in std::fs::read_dir(&tiny).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, m.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        m.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 500]}"#,
+    )
+    .unwrap();
+    let o = run(&m, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("end-of-sequence id 500") && err.contains("outside"),
         "{err}"
     );
 }

@@ -84,6 +84,16 @@ impl Dataset {
             }
         } else if let Some((idx, bin)) = crate::megatron::files(path) {
             docs = crate::megatron::read(&idx, &bin, vocab)?;
+        } else if let Some(missing) = crate::megatron::missing_half(path) {
+            return Err(DataError::Format {
+                path: path.to_path_buf(),
+                format: "Megatron indexed dataset",
+                reason: format!(
+                    "its other half, {}, is missing: a Megatron dataset is a PREFIX.idx and a \
+                     PREFIX.bin side by side (preprocess_data.py writes both)",
+                    missing.display()
+                ),
+            });
         } else if path.extension().is_some_and(|e| e == "parquet") {
             docs = crate::parquet_file::read(path, vocab, tokenizer)?;
         } else {
@@ -102,7 +112,11 @@ impl Dataset {
             })?;
             // A byte-order mark (Windows editors write one) is encoding, not data.
             let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            if text.trim_start().starts_with('[') {
+            if !json_by_name_or_content(path, text) {
+                // Neither named nor looking like JSON: one text document, as one file of a
+                // folder would be.
+                docs.push(text_file(path, vocab, tokenizer)?);
+            } else if text.trim_start().starts_with('[') {
                 // One JSON array of records, which HF `datasets` reads as JSON too.
                 let records: Vec<serde_json::Value> =
                     serde_json::from_str(text).map_err(|e| DataError::Line {
@@ -436,6 +450,26 @@ fn out_of_vocab(tokenizer: &TextTokenizer, id: u32, vocab: usize) -> String {
 }
 
 /// A text file as one document.
+/// Whether a single `--data` file is read as JSON (Lines, or one array of records): by its
+/// name (`.jsonl`, `.json`, `.ndjson`), else by its content — its first non-blank line a JSON
+/// object, or the whole text a JSON array. Anything else is a text document.
+fn json_by_name_or_content(path: &Path, text: &str) -> bool {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if matches!(ext.as_str(), "jsonl" | "json" | "ndjson") {
+        return true;
+    }
+    let t = text.trim_start();
+    if t.starts_with('[') {
+        return serde_json::from_str::<Vec<serde_json::Value>>(t).is_ok();
+    }
+    t.lines().next().is_some_and(|l| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).is_ok()
+    })
+}
+
 fn text_file(f: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
     let bytes = std::fs::read(f).map_err(|source| DataError::Io {
         path: f.to_path_buf(),

@@ -23,6 +23,26 @@ pub fn files(path: &Path) -> Option<(PathBuf, PathBuf)> {
     (idx.is_file() && bin.is_file()).then_some((idx, bin))
 }
 
+/// For a path naming one half of a Megatron dataset (`PREFIX.idx` or `PREFIX.bin`, or a
+/// `PREFIX` of which one half exists) whose other half is missing: the missing file.
+pub fn missing_half(path: &Path) -> Option<PathBuf> {
+    let s = path.to_string_lossy();
+    let prefix = s
+        .strip_suffix(".idx")
+        .or_else(|| s.strip_suffix(".bin"))
+        .unwrap_or(&s)
+        .to_string();
+    let (idx, bin) = (
+        PathBuf::from(format!("{prefix}.idx")),
+        PathBuf::from(format!("{prefix}.bin")),
+    );
+    match (idx.is_file(), bin.is_file()) {
+        (true, false) => Some(bin),
+        (false, true) => Some(idx),
+        _ => None,
+    }
+}
+
 /// A little-endian reader over the index that names the index in its errors.
 struct Cursor<'a> {
     bytes: &'a [u8],

@@ -223,6 +223,30 @@ impl LlamaConfig {
             path: origin.to_path_buf(),
             reason: "the top level is not a JSON object".into(),
         })?;
+        // What kind of model it is comes first: a GPT-2 or Mistral config is another model, not
+        // a LLaMA config with fields missing.
+        let unsupported = |m: String| ModelError::Unsupported(format!("{}: {m}", origin.display()));
+        if let Some(t) = obj.get("model_type").filter(|v| !v.is_null()) {
+            if t != "llama" {
+                return Err(unsupported(format!(
+                    "model_type {t}: not a LLaMA-family model; hotspa trains LlamaForCausalLM \
+                     (model_type \"llama\") only"
+                )));
+            }
+        }
+        if let Some(a) = obj.get("architectures").filter(|v| !v.is_null()) {
+            let names: Vec<&str> = a
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            if names.is_empty() || names.iter().any(|n| *n != "LlamaForCausalLM") {
+                return Err(unsupported(format!(
+                    "architectures {a}: not a LLaMA-family model; hotspa trains LlamaForCausalLM only"
+                )));
+            }
+        }
         let missing: Vec<String> = REQUIRED
             .iter()
             .filter(|f| obj.get(**f).is_none_or(|v| v.is_null()))
@@ -234,7 +258,6 @@ impl LlamaConfig {
                 fields: missing,
             });
         }
-        let unsupported = |m: String| ModelError::Unsupported(format!("{}: {m}", origin.display()));
         let mut unknown: Vec<&str> = obj
             .keys()
             .map(String::as_str)
@@ -248,19 +271,6 @@ impl LlamaConfig {
                 unknown.join(", ")
             )));
         }
-        if let Some(a) = obj.get("architectures").filter(|v| !v.is_null()) {
-            let names: Vec<&str> = a
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str())
-                .collect();
-            if names.is_empty() || names.iter().any(|n| *n != "LlamaForCausalLM") {
-                return Err(unsupported(format!(
-                    "architectures {a}: hotspa trains LlamaForCausalLM only"
-                )));
-            }
-        }
         let refuse = |key: &str, ok: &dyn Fn(&serde_json::Value) -> bool, want: &str| match obj
             .get(key)
             .filter(|v| !v.is_null())
@@ -268,7 +278,6 @@ impl LlamaConfig {
             Some(v) if !ok(v) => Err(unsupported(format!("{key} {v} ({want} is implemented)"))),
             _ => Ok(()),
         };
-        refuse("model_type", &|v| v == "llama", "\"llama\"")?;
         refuse("hidden_act", &|v| v == "silu", "silu/SwiGLU")?;
         refuse("attention_bias", &|v| v == false, "no bias")?;
         refuse("mlp_bias", &|v| v == false, "no bias")?;
@@ -376,6 +385,26 @@ impl LlamaConfig {
                 "head_dim {} must be positive and even for RoPE",
                 self.head_dim()
             ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        let ids = [
+            ("bos_token_id", self.bos_token_id.map(|b| vec![b])),
+            ("eos_token_id", self.eos_token_id.as_ref().map(|e| e.ids())),
+            ("pad_token_id", self.pad_token_id.map(|p| vec![p])),
+        ];
+        for (name, ids) in ids {
+            if let Some(id) = ids
+                .into_iter()
+                .flatten()
+                .find(|&i| i as usize >= self.vocab_size)
+            {
+                return bad(format!(
+                    "{name} {id} is outside the vocabulary (vocab_size {})",
+                    self.vocab_size
+                ));
+            }
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return bad(format!(

@@ -229,6 +229,93 @@ impl<'a> Generator<'a> {
         Ok(matvec(self.lm_head, &n, c.vocab_size))
     }
 
+    /// Feeds the whole of `tokens` at once from an empty cache — the prompt's prefill: every
+    /// layer over all its positions as training runs it (GEMMs, blockwise causal attention),
+    /// the keys and values kept in the cache; returns the logits of the token after the last.
+    /// With tokens already in the cache it feeds them one at a time instead.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        use kernels::{AttnShape, Backend, GemmSpec};
+        if self.len > 0 || tokens.len() < 2 {
+            let mut logits = Vec::new();
+            for &t in tokens {
+                logits = self.step(t)?;
+            }
+            return Ok(logits);
+        }
+        let c = self.cfg;
+        let (h, hd, heads, kv, inter) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.intermediate_size,
+        );
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Mismatch(format!(
+                "token {t} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let n = tokens.len();
+        let be = kernels::CpuBackend::new(kernels::available_cores())
+            .map_err(|e| ModelError::Mismatch(e.to_string()))?;
+        let k_err = |e: kernels::KernelError| ModelError::Mismatch(e.to_string());
+        // `C[n, out] = X[n, inn] · Wᵀ` for `W` `[out, inn]`.
+        let linear = |x: &Vec<f32>, w: &[f32], out: usize| -> Result<Vec<f32>> {
+            let mut y = vec![0.0f32; n * out];
+            let spec = GemmSpec {
+                trans_b: true,
+                ..GemmSpec::new(n, out, w.len() / out)
+            };
+            be.gemm(&spec, x, &w.to_vec(), &mut y).map_err(k_err)?;
+            Ok(y)
+        };
+        let norm = |x: &Vec<f32>, w: &[f32]| -> Result<Vec<f32>> {
+            let (mut y, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; n]);
+            be.rms_norm_forward(x, &w.to_vec(), c.rms_norm_eps, &mut y, &mut rstd)
+                .map_err(k_err)?;
+            Ok(y)
+        };
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let rope = c.rope();
+        let shape = AttnShape {
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+        };
+        let mut x = vec![0.0f32; n * h];
+        be.embedding_forward(&self.embed.to_vec(), h, 0, tokens, &mut x)
+            .map_err(k_err)?;
+        for (l, w) in self.layers.iter().enumerate() {
+            let n1 = norm(&x, w.input_norm)?;
+            let mut q = linear(&n1, w.q, heads * hd)?;
+            let mut k = linear(&n1, w.k, kv * hd)?;
+            let v = linear(&n1, w.v, kv * hd)?;
+            be.rope(&mut q, &positions, heads, hd, &rope, false)
+                .map_err(k_err)?;
+            be.rope(&mut k, &positions, kv, hd, &rope, false)
+                .map_err(k_err)?;
+            let (mut attn, mut lse) = (vec![0.0f32; n * heads * hd], vec![0.0f32; heads * n]);
+            let scale = 1.0 / (hd as f32).sqrt();
+            be.attention_forward(&q, &k, &v, &[0, n], shape, scale, &mut attn, &mut lse)
+                .map_err(k_err)?;
+            self.keys[l] = k;
+            self.values[l] = v;
+            let o = linear(&attn, w.o, h)?;
+            be.axpy(1.0, &o, &mut x).map_err(k_err)?;
+            let n2 = norm(&x, w.post_norm)?;
+            let gate = linear(&n2, w.gate, inter)?;
+            let up = linear(&n2, w.up, inter)?;
+            let mut act = vec![0.0f32; n * inter];
+            be.swiglu_forward(&gate, &up, &mut act).map_err(k_err)?;
+            let d = linear(&act, w.down, h)?;
+            be.axpy(1.0, &d, &mut x).map_err(k_err)?;
+        }
+        self.len = n;
+        let last = rms_norm(&x[(n - 1) * h..], self.norm, c.rms_norm_eps);
+        Ok(matvec(self.lm_head, &last, c.vocab_size))
+    }
+
     /// Positions in the cache.
     pub fn len(&self) -> usize {
         self.len
@@ -306,10 +393,7 @@ pub fn generate(
         });
     }
     let mut g = Generator::new(cfg, weights)?;
-    let mut logits = Vec::new();
-    for &t in prompt {
-        logits = g.step(t)?;
-    }
+    let mut logits = g.prefill(prompt)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
     let mut out = Vec::new();
     while out.len() < max_new {

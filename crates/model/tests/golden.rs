@@ -204,6 +204,22 @@ fn generation_with_a_kv_cache_matches_transformers() {
             );
         }
     }
+    // The prompt's prefill in one pass: the last position's logits as transformers', and the
+    // cache it leaves goes on as transformers' forward does.
+    let close = |got: &[f32], row: &[f64], at: usize| {
+        for (a, b) in got.iter().zip(row) {
+            assert!(
+                (f64::from(*a) - b).abs() < 1e-4,
+                "prefill, position {at}: {a} vs {b}"
+            );
+        }
+    };
+    for cut in [2, seq.len() / 2, seq.len() - 1] {
+        let mut dec = model::Generator::new(&cfg, &w).unwrap();
+        close(&dec.prefill(&seq[..cut]).unwrap(), &want[cut - 1], cut);
+        assert_eq!(dec.len(), cut);
+        close(&dec.step(seq[cut]).unwrap(), &want[cut], cut + 1);
+    }
     // Greedy continuation: transformers' generate(do_sample=False).
     let prompt: Vec<u32> = serde_json::from_value(gen["prompt"].clone()).unwrap();
     let greedy: Vec<u32> = serde_json::from_value(gen["greedy"].clone()).unwrap();

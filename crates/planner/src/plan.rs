@@ -69,6 +69,12 @@ impl Plan {
                     .parse::<usize>()
                     .map_err(|_| bad(format!("`{n}` is neither a length nor `max`")))?,
             };
+            if max < 2 {
+                return Err(bad(format!(
+                    "`{part}`: a bucket of sequences up to {max} tokens stays empty (every \
+                     sequence has at least 2 tokens)"
+                )));
+            }
             if let Some(&(prev, _)) = buckets.last() {
                 if prev == usize::MAX {
                     return Err(bad("only the last strategy may be `max`".into()));

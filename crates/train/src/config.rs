@@ -152,6 +152,9 @@ pub struct Evaluating {
     pub every: Option<usize>,
 }
 
+/// The largest learning rate a run takes.
+pub const MAX_LR: f64 = 1.0;
+
 /// Step folders a run keeps unless told otherwise.
 pub const KEEP_LAST: usize = 3;
 
@@ -368,7 +371,13 @@ impl TrainConfig {
                 ),
             ));
         }
-        for s in &self.slow_ranks {
+        for (i, s) in self.slow_ranks.iter().enumerate() {
+            if self.slow_ranks[..i].iter().any(|o| o.rank == s.rank) {
+                return Err(TrainError::setting(
+                    "slow_rank",
+                    format!("rank {} is given twice; give each slow rank once", s.rank),
+                ));
+            }
             if s.rank >= self.devices {
                 return Err(TrainError::setting(
                     "slow_rank",
@@ -408,6 +417,30 @@ impl TrainConfig {
         }
         let lr = self.lr.peak;
         real("lr", lr, lr.is_finite() && lr > 0.0, "positive and finite")?;
+        // AdamW moves a weight by lr·m̂/(√v̂ + ε) a step: about lr where ε is small against the
+        // gradients, about (lr/ε)·g where it is large (AdamW as SGD). Past 1 by both, no model
+        // survives its first steps.
+        let eps = self.adamw.eps;
+        if lr > MAX_LR && lr / eps > MAX_LR {
+            return Err(TrainError::setting(
+                "lr",
+                format!(
+                    "{lr} is out of range: AdamW moves every weight by about lr per step (or by \
+                     (lr/eps)·gradient when --eps is large), and with --eps {eps} both exceed \
+                     {MAX_LR}; no model survives that"
+                ),
+            ));
+        }
+        if self.lr.warmup > self.steps {
+            return Err(TrainError::setting(
+                "warmup",
+                format!(
+                    "{} steps of warm-up in a run of {}: the run would end before the rate \
+                     reaches --lr; shorten the warm-up or add steps",
+                    self.lr.warmup, self.steps
+                ),
+            ));
+        }
         if let Decay::Cosine { min_lr } = self.lr.decay {
             real(
                 "min_lr",
@@ -431,6 +464,17 @@ impl TrainConfig {
             a.weight_decay.is_finite() && a.weight_decay >= 0.0,
             "at least 0 and finite",
         )?;
+        if a.weight_decay * lr >= 1.0 {
+            return Err(TrainError::setting(
+                "weight_decay",
+                format!(
+                    "{} × --lr {lr} = {} ≥ 1: decoupled weight decay multiplies every matrix by \
+                     1 − lr·weight_decay each step, which zeroes or flips it; lower one of them",
+                    a.weight_decay,
+                    a.weight_decay * lr
+                ),
+            ));
+        }
         real(
             "grad_clip",
             self.grad_clip,

@@ -89,11 +89,14 @@ impl Federated {
                 format!("{} is out of range: must be in (0, 1]", self.fraction),
             );
         }
-        if self.local_steps == 0 || self.batch == 0 {
+        if self.local_steps == 0 {
             return bad(
                 "fed_local_steps",
-                "local steps and the local batch must be at least 1".into(),
+                "0 is out of range: must be at least 1".into(),
             );
+        }
+        if self.batch == 0 {
+            return bad("fed_batch", "0 is out of range: must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(

@@ -129,7 +129,7 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
         args.warmup = 10;
     }
     if mine("min_lr") {
-        args.min_lr = 2e-4;
+        args.min_lr = Some(2e-4);
     }
     if mine("checkpoint_dir") && !replicas_only {
         args.checkpoint_dir = Some(dir.join("checkpoints"));
