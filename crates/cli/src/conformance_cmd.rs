@@ -64,9 +64,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         "nccl" => {
             // The communicator suite on one NCCL rank per GPU of this process's machine is not
-            // possible in one process (NCCL wants one rank per GPU): this runs a world of one,
-            // or of HOTSPA_WORLD_SIZE processes started with HOTSPA_RANK / HOTSPA_NCCL_ADDR.
-            let mut c: Box<dyn comm::Communicator> = if std::env::var("HOTSPA_WORLD_SIZE").is_ok() {
+            // possible in one process (NCCL wants one rank per GPU): this runs a world of one;
+            // under mpirun, the MPI world (the unique id travels over MPI); or HOTSPA_WORLD_SIZE
+            // processes started with HOTSPA_RANK, HOTSPA_NCCL_ADDR and HOTSPA_NCCL_SECRET.
+            let mpi = comm::mpi::launch().is_some_and(|(_, size)| size > 1);
+            let mut c: Box<dyn comm::Communicator> = if mpi {
+                let world = comm::MpiComm::init()?;
+                Box::new(comm::NcclComm::from_world(&world)?)
+            } else if std::env::var("HOTSPA_WORLD_SIZE").is_ok() {
                 Box::new(comm::NcclComm::from_env()?)
             } else {
                 Box::new(comm::NcclComm::single(0)?)

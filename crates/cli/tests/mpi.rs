@@ -438,3 +438,140 @@ fn checkpoints_move_between_mpi_and_threads() {
         );
     }
 }
+
+/// A check that fails on rank 0 only (an output only rank 0 writes) stops every rank at once
+/// with rank 0's reason — not after the communication timeout, blaming rank 0.
+#[test]
+fn a_check_failing_on_one_rank_stops_every_rank_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_file = dir.path().join("a-folder");
+    std::fs::create_dir_all(&not_a_file).unwrap();
+    let mut args = train_args(dir.path(), "w.safetensors", &["--steps", "2"]);
+    args.extend(["--metrics".into(), not_a_file.display().to_string()]);
+    let t = Instant::now();
+    let o = mpirun(4).arg(hotspa()).args(&args).output().unwrap();
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "{:?}: {out}",
+        t.elapsed()
+    );
+    assert!(out.contains("is a directory; give a file name"), "{out}");
+    assert!(
+        out.contains("rank 0: stopped every MPI rank before the first step"),
+        "{out}"
+    );
+    assert!(!out.contains("dead or stopped"), "{out}");
+}
+
+/// Ranks launched with different settings (here one rank's --lr, through a wrapper) stop
+/// before the first step naming the setting and the ranks, instead of training an
+/// inconsistent model.
+#[test]
+fn ranks_with_different_settings_stop_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = train_args(dir.path(), "w.safetensors", &["--steps", "2"]);
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then exec {h} {a} --lr 1e-3; else exec {h} {a}; fi",
+        h = hotspa(),
+        a = quoted.join(" ")
+    );
+    let o = mpirun(2).args(["sh", "-c", &script]).output().unwrap();
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("launched with different settings")
+            && out.contains("lr: 0.0003 on rank(s) [0], 0.001 on rank(s) [1]"),
+        "{out}"
+    );
+    assert!(!dir.path().join("w.safetensors").exists());
+}
+
+/// SIGTERM to mpirun reaches the ranks as SIGTERM and, 1 s later by default, SIGKILL: a run
+/// that needs longer to save says so when it starts; launched with a longer window, the signal
+/// leaves a checkpoint and the run says where.
+#[test]
+fn a_signal_through_mpirun_leaves_a_checkpoint_within_the_kill_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut args = train_args(dir.path(), "w.safetensors", &["--strategy", "dp2"]);
+    args.extend([
+        "--steps".into(),
+        "100000".into(),
+        "--checkpoint-dir".into(),
+        ck.display().to_string(),
+    ]);
+    let child = mpirun(2)
+        .args(["--mca", "odls_base_sigkill_timeout", "10"])
+        .arg(hotspa())
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let marker = ck.display().to_string();
+    let start = Instant::now();
+    while pid_of_rank(&marker, 1).is_none() || start.elapsed() < Duration::from_secs(3) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = text(&o);
+    assert!(ck.join("latest").is_file(), "no checkpoint:\n{out}");
+    assert!(out.contains("stopped by a signal after step"), "{out}");
+    assert!(out.contains("checkpoint written to"), "{out}");
+    // The default window (1 s) is said to be too short for a checkpoint of a bigger model.
+    let big = dir.path().join("big.json");
+    std::fs::write(
+        &big,
+        r#"{"vocab_size": 256, "hidden_size": 1024, "intermediate_size": 2816,
+            "num_hidden_layers": 8, "num_attention_heads": 8}"#,
+    )
+    .unwrap();
+    let mut child = mpirun(2)
+        .arg(hotspa())
+        .args([
+            "train",
+            "--model",
+            big.to_str().unwrap(),
+            "--data",
+            "crates/kernels/src",
+            "--steps",
+            "1",
+            "--global-batch",
+            "2",
+            "--max-len",
+            "32",
+            "--checkpoint-dir",
+            dir.path().join("ck2").to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Said before the first step; the run is not needed past it.
+    use std::io::BufRead;
+    let said = std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("odls_base_sigkill_timeout"));
+    let _ = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let said = said.unwrap_or_default();
+    assert!(
+        said.contains("a signal leaves the ranks 1 s before Open MPI kills them"),
+        "{said}"
+    );
+}

@@ -710,7 +710,7 @@ fn default_run_trains_on_the_project_with_a_falling_loss() {
 /// conventions, gradients by the `autograd` package, AdamW and clipping from PyTorch's
 /// documentation, float64; `tests/reference/llama_autograd.py`) ends with the same weights, to
 /// 1e-5 (the issue asks 1e-4; measured ≤ 7e-7; 1e-5 also catches a missing weight decay).
-/// Needs python3 with numpy, autograd and safetensors, which `.ci/run` installs.
+/// Needs python3 with numpy, autograd and safetensors, which `scripts/test.sh` installs.
 #[test]
 fn matches_an_independent_autograd_implementation() {
     let dir = tempfile::tempdir().unwrap();
@@ -729,7 +729,7 @@ fn matches_an_independent_autograd_implementation() {
         .args(["8", "3", "3e-3", "0.9", "0.95", "1e-8", "0.1", "1.0"])
         .output()
         .expect(
-            "python3 must be installed (.ci/run installs it with numpy, autograd, safetensors)",
+            "python3 with numpy, autograd and safetensors must be on PATH (scripts/test.sh makes one under target/test-venv)",
         );
     assert!(
         o.status.success(),

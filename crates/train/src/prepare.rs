@@ -202,6 +202,70 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
     let root = mpi.as_ref().is_none_or(|w| w.rank().0 == 0);
     let mut quiet = crate::metrics::NoSink;
     let sink: &mut dyn Sink = if root { sink } else { &mut quiet };
+    let local = checked(cfg, mpi.clone(), root, sink);
+    match &mpi {
+        None => local,
+        // Every rank's verdict and settings, shared before any rank starts.
+        Some(world) => crate::agreement::agree(world.as_ref(), local, settings),
+    }
+}
+
+/// What every MPI rank must share: the run's record without its paths, the model config, the
+/// strategies, and the initial weights and held-out data by content.
+fn settings(p: &Prepared) -> serde_json::Value {
+    let c = &p.cfg;
+    crate::agreement::comparable(
+        c.record(&p.inst, &p.data_sha256),
+        &[
+            (
+                "model_config",
+                serde_json::to_value(&c.model).unwrap_or_default(),
+            ),
+            ("strategies", format!("{:?}", c.strategy).into()),
+            (
+                "pipeline_schedule",
+                format!("{:?}", c.pipeline_schedule).into(),
+            ),
+            (
+                "initial_weights",
+                crate::agreement::weights_fingerprint(&p.weights).into(),
+            ),
+            ("start_step", p.start_step.into()),
+            (
+                "eval_data",
+                p.eval_data
+                    .as_ref()
+                    .map(|d| d.fingerprint())
+                    .unwrap_or_default()
+                    .into(),
+            ),
+            ("slow_ranks", format!("{:?}", c.slow_ranks).into()),
+            (
+                "sim_cluster",
+                c.simulate
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default()
+                    .into(),
+            ),
+            ("devices_per_node", p.devices_per_node.into()),
+            (
+                "checkpoint_every",
+                c.checkpoint.as_ref().and_then(|k| k.every).into(),
+            ),
+            ("eval_every", c.eval.as_ref().and_then(|e| e.every).into()),
+            ("exchange", format!("{:?}", c.exchange).into()),
+        ],
+    )
+}
+
+/// Everything of [`prepare`] after the world is known: each check and load of this rank.
+fn checked(
+    cfg: TrainConfig,
+    mpi: Option<Arc<comm::MpiComm>>,
+    root: bool,
+    sink: &mut dyn Sink,
+) -> Result<Prepared> {
     cfg.check()?;
     if mpi.is_none() {
         crate::resources::check_threads(cfg.world_size(), kernels::available_cores())?;
@@ -260,6 +324,11 @@ pub(crate) fn prepare(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Prepared
         }
     }
     let start_step = resumed.as_ref().map_or(0, |c| c.step as usize);
+    if root && mpi.is_some() {
+        if let Some(n) = sigkill_notice(&cfg) {
+            sink.notice(&n);
+        }
+    }
     let ranks_here = if mpi.is_some() { 1 } else { cfg.devices };
     let strategy_refs: Vec<&Strategy> = strategies.iter().collect();
     let need =
@@ -596,6 +665,34 @@ fn resume(
         ck.step
     ));
     Ok(ck)
+}
+
+/// Under Open MPI's `mpirun`, a signal to mpirun reaches the ranks as SIGTERM and is followed by
+/// SIGKILL `odls_base_sigkill_timeout` seconds later (1 by default): what a run can save in that
+/// window. Said when a checkpoint (and the step before it) would not fit.
+fn sigkill_notice(cfg: &TrainConfig) -> Option<String> {
+    std::env::var("OMPI_COMM_WORLD_SIZE").ok()?;
+    let window: f64 = std::env::var("OMPI_MCA_odls_base_sigkill_timeout")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1.0);
+    // A checkpoint: weights and both moments gathered on rank 0 and written (at ~200 MB/s), plus
+    // the step in flight (unknown before the first; a second at least).
+    let params: f64 = model::param_specs(&cfg.model)
+        .iter()
+        .map(|s| s.numel() as f64)
+        .sum();
+    let need = 1.0 + 12.0 * params / 200e6;
+    (cfg.checkpoint.is_some() && window < need).then(|| {
+        format!(
+            "under mpirun a signal leaves the ranks {window} s before Open MPI kills them \
+             (odls_base_sigkill_timeout), and finishing a step and writing a checkpoint of this \
+             model takes about {need:.0} s or more: launch with `mpirun --mca \
+             odls_base_sigkill_timeout {}` (or longer than a step) for a signal to leave a \
+             checkpoint",
+            (4.0 * need).ceil().max(30.0)
+        )
+    })
 }
 
 /// Nodes as the switch planner sees them: blocks of consecutive ranks of one size.

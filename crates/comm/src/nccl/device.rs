@@ -195,6 +195,13 @@ pub struct NcclComm {
     timeout: Duration,
 }
 
+/// GPUs on this machine (at least 1 for the `rank mod` count).
+fn gpu_count() -> Result<usize> {
+    Ok(CudaContext::device_count()
+        .map_err(cu("device count"))?
+        .max(1) as usize)
+}
+
 impl NcclComm {
     /// Joins the world `size` of NCCL `id` as `rank`, on GPU `device`.
     pub fn init(id: [u8; ID_BYTES], rank: usize, size: usize, device: usize) -> Result<Self> {
@@ -207,9 +214,10 @@ impl NcclComm {
         Self::init(unique_id()?, 0, 1, device)
     }
 
-    /// The world from the environment: `HOTSPA_RANK`, `HOTSPA_WORLD_SIZE`, and
-    /// `HOTSPA_NCCL_ADDR` (host:port where rank 0 hands out the unique id over TCP); GPU
-    /// `rank mod` the GPU count.
+    /// The world from the environment: `HOTSPA_RANK`, `HOTSPA_WORLD_SIZE`, `HOTSPA_NCCL_ADDR`
+    /// (host:port where rank 0 hands out the unique id over TCP) and `HOTSPA_NCCL_SECRET` (the
+    /// job's secret every rank proves first; refused without it: see
+    /// [`rendezvous`](super::rendezvous)); GPU `rank mod` the GPU count.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| {
             std::env::var(k)
@@ -220,19 +228,25 @@ impl NcclComm {
                 })
         };
         let (rank, size) = (var("HOTSPA_RANK")?, var("HOTSPA_WORLD_SIZE")?);
+        let secret = super::rendezvous::secret_from_env()?;
         let addr = std::env::var("HOTSPA_NCCL_ADDR").unwrap_or_else(|_| "127.0.0.1:29517".into());
         let timeout = crate::default_timeout();
         let id = if rank == 0 {
             let id = unique_id()?;
-            super::rendezvous::serve(&addr, size, &id, timeout)?;
+            super::rendezvous::serve(&addr, size, &id, &secret, timeout)?;
             id
         } else {
-            super::rendezvous::fetch(&addr, rank, timeout)?
+            super::rendezvous::fetch(&addr, rank, &secret, timeout)?
         };
-        let gpus = CudaContext::device_count()
-            .map_err(cu("device count"))?
-            .max(1) as usize;
-        Self::init(id, rank, size, rank % gpus)
+        Self::init(id, rank, size, rank % gpu_count()?)
+    }
+
+    /// The world of `world` (e.g. the MPI world under `mpirun`): rank 0's unique id reaches
+    /// every member over it, no socket opened; GPU `rank mod` the GPU count.
+    pub fn from_world(world: &dyn Communicator) -> Result<Self> {
+        let (rank, size) = (world.rank().0, world.size());
+        let id = super::rendezvous::share_id(world, (rank == 0).then(unique_id).transpose()?)?;
+        Self::init(id, rank, size, rank % gpu_count()?)
     }
 
     fn init_with(

@@ -1,7 +1,8 @@
 //! NCCL (DESIGN §4: "NCCL behind a feature"). With the cargo feature `nccl`, [`NcclComm`]
 //! implements [`Communicator`](crate::Communicator) over NCCL, loaded at run time
-//! (`libnccl.so.2`, or `$HOTSPA_NCCL_LIBRARY`); the unique id travels over the TCP
-//! [`rendezvous`] (or any other channel the caller has, e.g. MPI). Without the feature the type
+//! (`libnccl.so.2`, or `$HOTSPA_NCCL_LIBRARY`); the unique id travels over the MPI world under
+//! `mpirun` ([`NcclComm::from_world`]), else over the TCP [`rendezvous`], where a rank must
+//! prove the job's secret (`HOTSPA_NCCL_SECRET`) first. Without the feature the type
 //! exists and every constructor returns [`CommError::Unavailable`](crate::CommError).
 
 pub mod rendezvous;
@@ -51,6 +52,10 @@ mod stub {
         }
         /// Always an error in this build.
         pub fn from_env() -> Result<Self> {
+            Err(unavailable())
+        }
+        /// Always an error in this build.
+        pub fn from_world(_world: &dyn crate::Communicator) -> Result<Self> {
             Err(unavailable())
         }
     }
