@@ -48,6 +48,8 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 pkgs=()
+# (A machine with Rust has a C linker; the -sys crates need it too.)
+command -v cc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
 command -v mpirun >/dev/null 2>&1 || pkgs+=(openmpi-bin)
 dpkg -s libopenmpi-dev >/dev/null 2>&1 || pkgs+=(libopenmpi-dev)
 dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)

@@ -241,6 +241,20 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
     // Named at the timeout, ended a few seconds later (not at twice the timeout).
     assert!(t < Duration::from_secs(12), "took {t:?}: {e}");
     assert!(e.contains("rank 2"), "{e}");
+    // Down a pipeline the first to give up waits on a rank that itself waits: the frozen one
+    // (the last stage) is the one named, in world ranks.
+    let env = [
+        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
+        ("HOTSPA_FAULT", "freeze:3:2"),
+    ];
+    let (t, o) = timed(
+        d,
+        &["--devices", "4", "--strategy", "pp2dp2", "--steps", "5"],
+        &env,
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success() && t < Duration::from_secs(12), "{t:?}: {e}");
+    assert!(e.contains("Error: rank 3: made no progress"), "{e}");
     // Alone (nobody to time out waiting for it): the watchdog names it after the timeout plus
     // a margin (2 + 10 s).
     let env = [

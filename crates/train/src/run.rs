@@ -226,7 +226,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
             );
             world.abort(1)
         }
-        (Err(e), None) => return Err(e),
+        (Err(e), None) => return Err(blame_the_stuck(e, &heartbeats)),
     };
     if let Some(e) = failure {
         return Err(e);
@@ -255,6 +255,33 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     out.weights = Some(trained);
     out.peak_bytes = peaks;
     Ok(out)
+}
+
+/// A communication timeout names the rank that gave up and the peer it waited for, which may
+/// itself be waiting (a pipeline's chain): where another rank has been silent for at least the
+/// timeout — the one that stopped first — the error names that one.
+fn blame_the_stuck(e: TrainError, heartbeats: &Heartbeats) -> TrainError {
+    let timeout = comm::default_timeout().as_secs_f64();
+    // The timeout, directly or as the runtime's.
+    let gave_up = match &e {
+        TrainError::Comm(comm::CommError::Timeout { rank, .. })
+        | TrainError::Runtime(runtime::RuntimeError::Comm(comm::CommError::Timeout {
+            rank, ..
+        })) => Some(rank.0),
+        _ => None,
+    };
+    match (gave_up, heartbeats.most_silent()) {
+        (Some(rank), Some((r, silent, step, what))) if r != rank && silent >= timeout => {
+            TrainError::Rank {
+                rank: r,
+                reason: format!(
+                    "made no progress for {silent:.0} s (step {step}, in {what}): the others \
+                     gave up waiting (the first to: {e})"
+                ),
+            }
+        }
+        _ => e,
+    }
 }
 
 /// Starts the ranks on a thread of their own, which sends [`Msg::Finished`] with their result
