@@ -33,7 +33,7 @@ apt_install() {
   if ! command -v apt-get >/dev/null 2>&1; then
     missing+=("with your package manager: $* (the Debian names)"); return
   fi
-  $sudo apt-get update -q && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+  $sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
 }
 
 if ! command -v cargo >/dev/null 2>&1; then
