@@ -54,8 +54,9 @@ command -v mpirun >/dev/null 2>&1 || pkgs+=(openmpi-bin)
 dpkg -s libopenmpi-dev >/dev/null 2>&1 || pkgs+=(libopenmpi-dev)
 dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || pkgs+=(fonts-dejavu-core)
-command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
-if command -v python3 >/dev/null 2>&1 && ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
+if ! command -v python3 >/dev/null 2>&1; then
+  pkgs+=(python3 python3-venv)
+elif ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
   pkgs+=(python3-venv)
 fi
 [ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
@@ -63,10 +64,14 @@ fi
 # The Python side in its own environment (a distribution's python3 refuses pip installs into
 # itself); the tests find it first on PATH.
 venv=target/test-venv
-if [ ! -x "$venv/bin/python3" ] && command -v python3 >/dev/null 2>&1; then
-  if [ "$install" = 1 ]; then missing+=("python3 -m venv $venv"); else python3 -m venv "$venv"; fi
+if [ ! -x "$venv/bin/pip" ] && command -v python3 >/dev/null 2>&1; then
+  if [ "$install" = 1 ]; then missing+=("python3 -m venv $venv"); else
+    # (A half-made environment of an earlier try, this script's own, is made again.)
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+  fi
 fi
-if [ -x "$venv/bin/python3" ]; then
+if [ -x "$venv/bin/pip" ]; then
   if ! "$venv/bin/python3" -c "import numpy, autograd, safetensors, nvidia.cu13" >/dev/null 2>&1; then
     if [ "$install" = 1 ]; then
       missing+=("$venv/bin/pip install numpy autograd safetensors nvidia-cuda-nvrtc==13.0.*")

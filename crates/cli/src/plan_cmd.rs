@@ -53,7 +53,49 @@ struct Report {
     planning_s: f64,
 }
 
+/// `hotspa plan --sim-cluster C`: the run timed by the cost model and by the simulator's clock
+/// (the same run, every kernel and message) on cluster `C`, step by step.
+fn against_the_clock(args: &PlanArgs) -> Result<()> {
+    let mut flags = args.train.clone();
+    let name = flags.sim_cluster.take().unwrap_or_default();
+    let cfg = flags.config()?;
+    let devices = cfg.devices;
+    let cluster =
+        sim::presets::cluster_or_file(&name).with_context(|| format!("--sim-cluster {name}"))?;
+    let rows = train::clock_against_model(&cfg, &cluster)?;
+    crate::output::emit(args.json, &rows, |rows| {
+        println!(
+            "{} on {} ({devices} devices): the cost model against the simulator's clock",
+            train::plan_of(&cfg)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            cluster.take(devices).name
+        );
+        println!(
+            "{:>5} {:>12} {:>12} {:>7}",
+            "step", "model s", "clock s", "ratio"
+        );
+        for r in rows {
+            println!(
+                "{:>5} {:>12.6} {:>12.6} {:>7.3}",
+                r.step,
+                r.predicted_s,
+                r.clocked_s,
+                r.predicted_s / r.clocked_s
+            );
+        }
+    })
+}
+
 pub fn run(args: PlanArgs) -> Result<()> {
+    if args.train.sim_cluster.is_some() {
+        anyhow::ensure!(
+            args.compare.is_none() && !args.context,
+            "--sim-cluster compares the cost model with the simulator's clock on that cluster; \
+             --compare and --context belong to the estimate against --profile"
+        );
+        return against_the_clock(&args);
+    }
     let devices = args.train.device_count()?;
     let profile = args.train.profile.as_ref().with_context(|| {
         format!("pass --profile FILE (write one with `hotspa profile --devices {devices}`)")

@@ -253,7 +253,10 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
         &env,
     );
     let e = stderr(&o);
-    assert!(!o.status.success() && t < Duration::from_secs(12), "{t:?}: {e}");
+    assert!(
+        !o.status.success() && t < Duration::from_secs(12),
+        "{t:?}: {e}"
+    );
     assert!(e.contains("Error: rank 3: made no progress"), "{e}");
     // Alone (nobody to time out waiting for it): the watchdog names it after the timeout plus
     // a margin (2 + 10 s).

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use data::Packing;
-use graph::{Strategy, Zero};
+use graph::{Schedule, Strategy, Zero};
 use model::LlamaConfig;
 use serde::Serialize;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Link};
 use crate::exchange::{Exchange, ExchangeCost, GroupShape};
+use crate::timeline::{self, Pass};
 
 /// Elementwise traffic per token per layer, in elements, forward and backward: RMSNorms and
 /// residual adds with their gradients on the whole stream (`× hidden`; split over TP only
@@ -51,6 +52,10 @@ pub struct Breakdown {
     pub elementwise: f64,
     /// The optimizer update, where the cluster models it.
     pub optimizer: f64,
+    /// The step's small collectives (the loss, the gradient norm, the metrics), and under
+    /// ZeRO-1/2 the updated pieces' all-gather over DP.
+    #[serde(default)]
+    pub sync: f64,
 }
 
 impl Breakdown {
@@ -64,6 +69,7 @@ impl Breakdown {
             + self.switch
             + self.elementwise
             + self.optimizer
+            + self.sync
     }
 
     /// Component-wise sum.
@@ -76,6 +82,7 @@ impl Breakdown {
         self.switch += o.switch;
         self.elementwise += o.elementwise;
         self.optimizer += o.optimizer;
+        self.sync += o.sync;
     }
 }
 
@@ -147,6 +154,11 @@ pub struct CostModel {
     pub packing: Packing,
     /// How DP replicas exchange gradients (default: exact, by the ring).
     pub exchange: Exchange,
+    /// The pipeline schedule.
+    pub schedule: Schedule,
+    /// Elements a DP gradient bucket reaches before the next begins (the runtime's 4 MiB of
+    /// f32).
+    pub bucket_elems: usize,
     /// Kernel calls of a micro-batch by `(tp, sp, recompute)`, counted once.
     kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
@@ -160,6 +172,8 @@ impl CostModel {
             cfg,
             packing: Packing::InOrder { budget: 0 },
             exchange: Exchange::default(),
+            schedule: Schedule::OneFOneB,
+            bucket_elems: 1 << 20,
             kernels: Default::default(),
         };
         // Training FLOPs of a sequence: 6·l·(GEMM parameters) + 6·l²·(attention width)·layers.
@@ -197,22 +211,48 @@ impl CostModel {
         })
     }
 
-    /// Seconds of the optimizer update on `inst`'s pieces (0 where the cluster leaves it out).
+    /// Seconds of the optimizer update on `inst`'s pieces (0 where the cluster leaves it out):
+    /// the gradient norm's pass over them, clipping's scaling, AdamW, each a kernel per tensor.
     pub fn optimizer(&self, inst: &Strategy) -> f64 {
         let c = &self.cluster;
         let per = self.params() / (inst.tp * inst.pp) as f64;
         let per = if inst.zero >= Zero::Optimizer {
-            per / inst.dp as f64
+            per / inst.replicas() as f64
         } else {
             per
         };
-        if c.optimizer_gparams > 0.0 {
+        let adamw = if c.optimizer_gparams > 0.0 {
             per / (c.optimizer_gparams * 1e9)
         } else if c.memory_gbps > 0.0 {
             per * OPTIMIZER_ELEMENTS * 4.0 / (c.memory_gbps * 1e9)
         } else {
             0.0
-        }
+        };
+        // The norm reads every gradient, clipping reads and writes them (f32).
+        let norm = if c.memory_gbps > 0.0 {
+            per * 3.0 * 4.0 / (c.memory_gbps * 1e9)
+        } else {
+            0.0
+        };
+        let tensors = (0..inst.pp.max(1))
+            .map(|k| self.stage_tensors(inst, k).len())
+            .max()
+            .unwrap_or(0) as f64;
+        adamw + norm + 3.0 * tensors * c.kernel_overhead_us * 1e-6
+    }
+
+    /// Seconds to add one micro-batch's gradients of stage `stage` to the step's sum (f32, a
+    /// kernel per tensor): what every micro-batch after a replica's first costs.
+    fn accumulate(&self, s: &Strategy, stage: usize) -> f64 {
+        let c = &self.cluster;
+        let tensors = self.stage_tensors(s, stage);
+        let values: f64 = tensors.iter().map(|t| t.len as f64).sum();
+        let bytes = if c.memory_gbps > 0.0 {
+            3.0 * 4.0 * values / (c.memory_gbps * 1e9)
+        } else {
+            0.0
+        };
+        c.compute_scale * bytes + tensors.len() as f64 * c.kernel_overhead_us * 1e-6
     }
 
     /// Parameters of the decoder layers' matrices (per layer).
@@ -487,73 +527,458 @@ impl CostModel {
         (compute, tp_comm, elementwise)
     }
 
-    /// One DP replica of `s` running `seqs` (packed by the model's [`Packing`] into
-    /// micro-batches of at most `cap` tokens) through its 1F1B pipeline.
-    pub fn replica(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
-        let cap = cap.max(1);
-        let all: Vec<usize> = (0..seqs.len()).collect();
-        let bins: Vec<(usize, Vec<usize>)> = self
-            .packing
-            .micro_batches(seqs, &all, cap)
-            .into_iter()
-            .map(|mb| {
-                let lens: Vec<usize> = mb.iter().map(|&k| seqs[k]).collect();
-                (lens.iter().sum(), lens)
-            })
-            .collect();
-        let pp = s.pp as f64;
-        let mut out = Breakdown::default();
-        let mut longest_stage = 0.0f64;
-        let boundary = self.cluster.link(s.replicas() * s.tp + 1);
-        for (tokens, lens) in &bins {
-            let (compute, tp_comm, elementwise) = self.micro_batch(s, lens);
-            out.compute += compute / pp;
-            out.tp_comm += tp_comm / pp;
-            out.elementwise += elementwise / pp;
-            longest_stage = longest_stage.max((compute + tp_comm + elementwise) / pp);
-            if s.pp > 1 {
-                let bytes = *tokens as f64 * self.cfg.hidden_size as f64 * self.cluster.elem_bytes;
-                out.pp_comm += 2.0 * boundary.seconds(bytes / (s.tp * s.cp) as f64, 1.0);
+    /// The passes of one micro-batch of `lens` on pipeline stage `stage` of `s`: (forward,
+    /// backward), each with its compute (GEMMs a third forward and two thirds backward, the
+    /// same for attention; what recomputation runs again in the backward), TP/SP collectives
+    /// (two per layer each way, the embedding's on the first stage, the head's and the
+    /// vocabulary-parallel loss's on the last), context parallelism's exchange, elementwise
+    /// kernels and the kernels' overhead (by the stage's share of the layers), and ZeRO-3's
+    /// parameter all-gathers (before each use, forward and backward). Compute and elementwise
+    /// time are scaled by the cluster's `compute_scale`.
+    pub fn stage_passes(&self, s: &Strategy, lens: &[usize], stage: usize) -> (Pass, Pass) {
+        let c = &self.cfg;
+        let layers_all = c.num_hidden_layers.max(1);
+        let range = s
+            .stage_layers(layers_all)
+            .ok()
+            .and_then(|r| r.get(stage).cloned())
+            .unwrap_or(0..layers_all);
+        let mine = range.len() as f64;
+        let share = mine / layers_all as f64;
+        let first = stage == 0;
+        let last = stage + 1 == s.pp.max(1);
+        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
+        let k = self.cluster.compute_scale;
+        let mut fwd = Pass::default();
+        let mut bwd = Pass::default();
+        if tokens > 0.0 {
+            let cp = s.cp as f64;
+            let width = c.num_attention_heads * c.head_dim() / s.tp;
+            let attention: f64 = lens
+                .iter()
+                .map(|&l| self.cluster.attention_seconds(l, width))
+                .sum::<f64>()
+                / cp;
+            let (layer_linear, head) = self.linear_parts(s, (tokens / cp).ceil() as usize);
+            let per_layer_linear = layer_linear / layers_all as f64;
+            let layer = per_layer_linear + attention;
+            let again = match s.recompute {
+                graph::Recompute::None => 0.0,
+                graph::Recompute::Selective => attention / 3.0,
+                graph::Recompute::Full => layer / 3.0,
+            };
+            fwd.compute = k * mine * layer / 3.0;
+            bwd.compute = k * mine * (2.0 * layer / 3.0 + again);
+            if last {
+                fwd.compute += k * head / 3.0;
+                bwd.compute += k * 2.0 * head / 3.0;
             }
+            // TP: two collectives of the activations per layer each way (all-reduces, or SP's
+            // all-gather and reduce-scatter: the same volume and steps), the forward's again
+            // under full recomputation; the embedding's partial sums forward on the first
+            // stage, the head's input gradient backward on the last, and the loss's three
+            // collectives of a value per token.
+            let eb = self.cluster.elem_bytes;
+            let act = tokens / cp * c.hidden_size as f64 * eb;
+            let ar = self.all_reduce(act, s.tp, s.tp);
+            let small = self.all_reduce(tokens / cp * 4.0, s.tp, s.tp);
+            let (cp_fwd, cp_bwd) = self.cp_exchange_seconds(s, tokens);
+            let redo = s.recompute == graph::Recompute::Full;
+            fwd.tp_comm = mine * (2.0 * ar + cp_fwd);
+            bwd.tp_comm = mine
+                * (2.0 * ar
+                    + cp_bwd
+                    + if s.recompute != graph::Recompute::None {
+                        cp_fwd
+                    } else {
+                        0.0
+                    }
+                    + if redo { 2.0 * ar } else { 0.0 });
+            if first {
+                fwd.tp_comm += ar;
+            }
+            if last {
+                fwd.tp_comm += 3.0 * small;
+                bwd.tp_comm += ar;
+            }
+            if s.sp {
+                // Norms run on sequence shards: each norm weight's gradient is summed over TP.
+                let norms = 2.0 * mine + if last { 1.0 } else { 0.0 };
+                bwd.tp_comm += norms * self.all_reduce(c.hidden_size as f64 * 4.0, s.tp, s.tp);
+            }
+            let elementwise = if self.cluster.memory_gbps > 0.0 {
+                let tp = s.tp as f64;
+                let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+                let stream = ELEMENTWISE_STREAM * h / if s.sp { tp } else { 1.0 };
+                let split = (ELEMENTWISE_HEADS * h + ELEMENTWISE_PER_INTERMEDIATE * i) / tp;
+                let again = if redo { 4.0 / 3.0 } else { 1.0 };
+                let per_token = mine * (stream + split) * again
+                    + if last {
+                        3.0 * c.vocab_size as f64 / tp
+                    } else {
+                        0.0
+                    };
+                k * tokens / cp * per_token * eb / (self.cluster.memory_gbps * 1e9)
+            } else {
+                0.0
+            };
+            fwd.elementwise = elementwise / 3.0;
+            bwd.elementwise = 2.0 * elementwise / 3.0;
         }
-        if !bins.is_empty() {
-            out.bubble = (pp - 1.0) * longest_stage;
-            // On shared cores the ranks of idle stages lend their cores to the busy ones: with
-            // `m` micro-batches a stage is busy `m / (m + pp − 1)` of the time.
-            let c = &self.cluster;
-            let n = c.devices() as f64;
-            if s.pp > 1 && c.shared_cores > 0.0 && n > c.shared_cores {
-                let m = bins.len() as f64;
-                let busy = m / (m + pp - 1.0);
-                let speedup = (1.0 / busy).min(n / c.shared_cores).max(1.0);
-                out.compute /= speedup;
-                out.tp_comm /= speedup;
-                out.elementwise /= speedup;
-                out.bubble /= speedup;
+        // Every kernel call's overhead, empty micro-batches (ZeRO-3 pads with them) included.
+        if self.cluster.kernel_overhead_us > 0.0 && (tokens > 0.0 || s.zero >= Zero::Parameters) {
+            let calls = self.kernels(s) * share * self.cluster.kernel_overhead_us * 1e-6;
+            fwd.elementwise += calls / 3.0;
+            bwd.elementwise += 2.0 * calls / 3.0;
+        }
+        if s.zero >= Zero::Parameters && s.replicas() > 1 {
+            let link = self.dp_link(s, stage);
+            let n = s.replicas();
+            let gathers: f64 = self
+                .stage_tensors(s, stage)
+                .iter()
+                .map(|t| self.ring_chunks(t.len as f64, n, link))
+                .sum();
+            fwd.gathers = gathers;
+            bwd.gathers = gathers;
+        }
+        (fwd, bwd)
+    }
+
+    /// A ring all-gather or reduce-scatter of `len` elements (in `n` chunks) over `link`: every
+    /// member passes on `n − 1` chunks of the largest size, in `n − 1` messages.
+    fn ring_chunks(&self, len: f64, n: usize, link: Link) -> f64 {
+        if n <= 1 {
+            return 0.0;
+        }
+        let chunk = (len / n as f64).ceil();
+        link.seconds(
+            (n - 1) as f64 * chunk * self.cluster.elem_bytes,
+            (n - 1) as f64,
+        )
+    }
+
+    /// The node of a device (`devices_per_node` consecutive devices share one).
+    fn node(&self, rank: usize) -> usize {
+        rank / self.cluster.devices_per_node.max(1)
+    }
+
+    /// The link a group of ranks uses: cross-node when they are on more than one node (as the
+    /// simulator's clock prices a collective).
+    fn group_link(&self, ranks: &[usize]) -> Link {
+        let first = ranks.first().map_or(0, |&r| self.node(r));
+        if ranks.iter().all(|&r| self.node(r) == first) {
+            self.cluster.same_node
+        } else {
+            self.cluster.cross_node
+        }
+    }
+
+    /// The DP group's link of `s`'s pipeline stage `stage` (the replicas of one parameter piece).
+    fn dp_link(&self, s: &Strategy, stage: usize) -> Link {
+        let rank = s.rank_of(stage, 0, 0);
+        self.group_link(&s.group(rank, graph::MeshAxis::Dp))
+    }
+
+    /// The link between stage `stage` and `stage + 1` of replica `replica`: cross-node when any
+    /// of its TP or CP members sends to a peer on another node (the stage waits for the last of
+    /// them).
+    fn hop_link(&self, s: &Strategy, replica: usize, stage: usize) -> Link {
+        let crosses = (0..s.cp).any(|cp| {
+            (0..s.tp).any(|tp| {
+                let a = s.rank_of(stage, replica * s.cp + cp, tp);
+                let b = s.rank_of(stage + 1, replica * s.cp + cp, tp);
+                self.node(a) != self.node(b)
+            })
+        });
+        if crosses {
+            self.cluster.cross_node
+        } else {
+            self.cluster.same_node
+        }
+    }
+
+    /// The parameter tensors of `s`'s stage `stage` on one TP rank, in the order their
+    /// gradients become final in the backward (the head's first, the embedding's last), each
+    /// with its matrix shape where it is one.
+    pub fn stage_tensors(&self, s: &Strategy, stage: usize) -> Vec<Tensor> {
+        let c = &self.cfg;
+        let tp = s.tp.max(1);
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim() / tp;
+        let kv = (c.kv_heads() * c.head_dim()).div_ceil(tp).max(c.head_dim());
+        let v = c.vocab_size.div_ceil(tp);
+        let m = |r: usize, k: usize| Tensor {
+            len: r * k,
+            matrix: Some((r, k)),
+        };
+        let vector = |n: usize| Tensor {
+            len: n,
+            matrix: None,
+        };
+        let layers = c.num_hidden_layers.max(1);
+        let range = s
+            .stage_layers(layers)
+            .ok()
+            .and_then(|r| r.get(stage).cloned())
+            .unwrap_or(0..layers);
+        let last = stage + 1 == s.pp.max(1);
+        let mut out = Vec::new();
+        if last {
+            if !c.tie_word_embeddings || s.pp > 1 {
+                out.push(m(v, h));
             }
+            out.push(vector(h));
+        }
+        for _ in range {
+            // A layer's backward: the MLP first, then attention.
+            out.extend([m(h, i / tp), m(i / tp, h), m(i / tp, h), vector(h)]);
+            out.extend([m(h, q), m(kv, h), m(kv, h), m(q, h), vector(h)]);
+        }
+        if stage == 0 {
+            out.push(m(v, h));
         }
         out
     }
 
-    /// `s` running `seqs` in micro-batches of at most `cap` tokens: sequences dealt to the DP
-    /// replicas by the model's [`Packing`], the slowest replica, and the gradient reduction
-    /// over DP.
+    /// `s` running `seqs` in micro-batches of at most `cap` tokens, as the runtime runs it:
+    /// sequences dealt to the DP replicas by the model's [`Packing`], each replica's micro-batches
+    /// through its pipeline in the schedule's order (every stage boundary over the link it
+    /// crosses), the DP reduction in buckets on its own thread from the last backward on
+    /// (ZeRO-2/3: a reduce-scatter per tensor afterwards), the slowest of them all. The parts
+    /// are those of the stage that ends last.
     pub fn strategy(&self, s: &Strategy, seqs: &[usize], cap: usize) -> Breakdown {
         if seqs.is_empty() {
             return Breakdown::default();
         }
-        let replicas: Vec<Vec<usize>> = self
+        let cap = cap.max(1);
+        let p = s.pp.max(1);
+        let replicas: Vec<Vec<Vec<usize>>> = self
             .packing
             .deal(seqs, s.dp)
             .into_iter()
-            .map(|r| r.into_iter().map(|k| seqs[k]).collect())
+            .map(|mine| {
+                self.packing
+                    .micro_batches(seqs, &mine, cap)
+                    .into_iter()
+                    .map(|mb| mb.iter().map(|&k| seqs[k]).collect())
+                    .collect()
+            })
             .collect();
-        let mut out = replicas
+        // ZeRO-3 runs as many micro-batches on every replica as on the busiest.
+        let most = replicas.iter().map(Vec::len).max().unwrap_or(0);
+        let eb = self.cluster.elem_bytes;
+        let zero3 = s.zero >= Zero::Parameters && s.replicas() > 1;
+        // Every replica's passes (stage × micro-batch) and stage boundaries.
+        let mut passes = Vec::with_capacity(replicas.len());
+        let mut hops = Vec::with_capacity(replicas.len());
+        for (d, mbs) in replicas.iter().enumerate() {
+            let mut mbs = mbs.clone();
+            if zero3 {
+                mbs.resize(most, Vec::new());
+            }
+            let (mut fwd, mut bwd) = (vec![Vec::new(); p], vec![Vec::new(); p]);
+            for (k, (f, b)) in fwd.iter_mut().zip(bwd.iter_mut()).enumerate() {
+                let sum = self.accumulate(s, k);
+                for (i, lens) in mbs.iter().enumerate() {
+                    let (pf, mut pb) = self.stage_passes(s, lens, k);
+                    if i > 0 {
+                        pb.elementwise += sum;
+                    }
+                    f.push(pf);
+                    b.push(pb);
+                }
+            }
+            // A stage boundary's message: each TP (and CP) member's piece of the activations.
+            let hop: Vec<Vec<timeline::Hop>> = (0..p.saturating_sub(1))
+                .map(|k| {
+                    let link = self.hop_link(s, d, k);
+                    mbs.iter()
+                        .map(|lens| {
+                            let tokens: f64 =
+                                lens.iter().map(|&l| l as f64).sum::<f64>() / s.cp as f64;
+                            let piece = if s.sp { s.tp as f64 } else { 1.0 };
+                            let bytes = tokens * self.cfg.hidden_size as f64 * eb / piece;
+                            timeline::Hop {
+                                seconds: link.seconds(bytes, 1.0),
+                                busy: bytes / (link.gbps * 1e9),
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            passes.push((fwd, bwd));
+            hops.push(hop);
+        }
+        if zero3 {
+            // ZeRO-3 gathers every parameter over DP before each use: the replicas run each
+            // micro-batch's passes in step, as slow as the slowest.
+            let slowest = |side: usize, k: usize, i: usize| {
+                passes
+                    .iter()
+                    .map(|r| if side == 0 { r.0[k][i] } else { r.1[k][i] })
+                    .max_by(|a, b| a.total().total_cmp(&b.total()))
+                    .unwrap_or_default()
+            };
+            let lockstep = |side: usize| -> Vec<Vec<Pass>> {
+                (0..p)
+                    .map(|k| (0..most).map(|i| slowest(side, k, i)).collect())
+                    .collect()
+            };
+            let (f, b) = (lockstep(0), lockstep(1));
+            for r in &mut passes {
+                *r = (f.clone(), b.clone());
+            }
+        }
+        let mut runs = Vec::with_capacity(replicas.len());
+        let mut idle = Vec::with_capacity(replicas.len());
+        for ((fwd, bwd), hop) in passes.iter().zip(&hops) {
+            let no_hop: Vec<Vec<timeline::Hop>> = hop
+                .iter()
+                .map(|h| vec![timeline::Hop::default(); h.len()])
+                .collect();
+            idle.push(timeline::pipeline(self.schedule, fwd, bwd, &no_hop).makespan());
+            runs.push(timeline::pipeline(self.schedule, fwd, bwd, hop));
+        }
+        let pipe_end = runs.iter().map(|r| r.makespan()).fold(0.0, f64::max);
+        // The DP reduction of every stage's gradients.
+        let n = s.replicas();
+        let mut side_end = 0.0f64;
+        let mut after = 0.0f64;
+        if n > 1 {
+            for k in 0..p {
+                let tensors = self.stage_tensors(s, k);
+                let link = self.dp_link(s, k);
+                if s.zero >= Zero::Gradients {
+                    // A reduce-scatter per tensor after the pipeline.
+                    let rs: f64 = tensors
+                        .iter()
+                        .map(|t| self.ring_chunks(t.len as f64, n, link))
+                        .sum();
+                    after = after.max(rs);
+                    continue;
+                }
+                let shape = self.dp_shape(s);
+                let total: f64 = tensors.iter().map(|t| t.len as f64).sum();
+                let mut ready = Vec::new();
+                let mut seconds = Vec::new();
+                let (mut size, mut done) = (0usize, 0.0f64);
+                let mut mats: Vec<(f64, f64)> = Vec::new();
+                let flush = |size: usize,
+                             done: f64,
+                             mats: &mut Vec<(f64, f64)>,
+                             ready: &mut Vec<f64>,
+                             seconds: &mut Vec<f64>| {
+                    let frac = done / total.max(1.0);
+                    let at = runs
+                        .iter()
+                        .filter_map(|r| r.last_backward[k])
+                        .map(|(a, b)| a + frac * (b - a))
+                        .fold(0.0, f64::max);
+                    ready.push(at);
+                    seconds.push(
+                        self.exchange
+                            .cost(&self.cluster, size as f64, mats, shape)
+                            .seconds,
+                    );
+                    mats.clear();
+                };
+                for t in &tensors {
+                    if size >= self.bucket_elems {
+                        flush(size, done, &mut mats, &mut ready, &mut seconds);
+                        size = 0;
+                    }
+                    size += t.len;
+                    done += t.len as f64;
+                    if let Some((r, c)) = t.matrix {
+                        mats.push((r as f64, c as f64));
+                    }
+                }
+                if size > 0 {
+                    flush(size, done, &mut mats, &mut ready, &mut seconds);
+                }
+                side_end = side_end.max(timeline::buckets(&ready, &seconds));
+            }
+        }
+        // The stage that ends last, and its replica, give the parts.
+        let (crit, stage) = runs
             .iter()
-            .map(|v| self.replica(s, v, cap))
-            .max_by(|a, b| a.total().total_cmp(&b.total()))
-            .unwrap_or_default();
-        out.dp_reduce = self.dp_exchange(s).seconds;
+            .enumerate()
+            .flat_map(|(d, r)| r.end.iter().enumerate().map(move |(k, &e)| (d, k, e)))
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .map_or((0, 0), |(d, k, _)| (d, k));
+        let work = runs[crit].work[stage];
+        let mut out = Breakdown {
+            compute: work.compute,
+            tp_comm: work.tp_comm,
+            elementwise: work.elementwise,
+            dp_reduce: work.gathers + (side_end - pipe_end).max(0.0) + after,
+            pp_comm: (pipe_end - idle[crit]).max(0.0),
+            bubble: (idle[crit] - work.total()).max(0.0),
+            ..Breakdown::default()
+        };
+        // On shared cores the ranks of idle stages lend their cores to the busy ones: with
+        // `m` micro-batches a stage is busy `m / (m + pp − 1)` of the time.
+        let c = &self.cluster;
+        let devices = c.devices() as f64;
+        if s.pp > 1 && c.shared_cores > 0.0 && devices > c.shared_cores {
+            let m = replicas[crit].len() as f64;
+            let busy = m / (m + p as f64 - 1.0);
+            let speedup = (1.0 / busy).min(devices / c.shared_cores).max(1.0);
+            out.compute /= speedup;
+            out.tp_comm /= speedup;
+            out.elementwise /= speedup;
+            out.bubble /= speedup;
+        }
         out
     }
+
+    /// What a step adds once, whatever its strategies, on the optimizer's `inst` over `world`
+    /// devices: the loss's collectives over PP and DP, the gradient norm's over TP, PP and DP,
+    /// the metrics' over the world (three), and under ZeRO-1/2 the all-gather of each updated
+    /// piece over DP.
+    pub fn step_sync(&self, inst: &Strategy, world: usize) -> f64 {
+        let scalar = |ranks: Vec<usize>| -> f64 {
+            let n = ranks.len();
+            if n <= 1 {
+                return 0.0;
+            }
+            self.group_link(&ranks)
+                .seconds(2.0 * 4.0, 2.0 * (n - 1) as f64)
+        };
+        let g = |axis| inst.group(0, axis);
+        let all: Vec<usize> = (0..world).collect();
+        let world_gather = if world > 1 {
+            self.group_link(&all)
+                .seconds((world - 1) as f64 * 8.0, (world - 1) as f64)
+        } else {
+            0.0
+        };
+        let mut t = 2.0 * scalar(g(graph::MeshAxis::Pp))
+            + 2.0 * scalar(g(graph::MeshAxis::Dp))
+            + scalar(g(graph::MeshAxis::Tp))
+            + 3.0 * world_gather;
+        let n = inst.replicas();
+        if n > 1 && inst.zero > Zero::Off && inst.zero < Zero::Parameters {
+            t += (0..inst.pp.max(1))
+                .map(|k| {
+                    let link = self.dp_link(inst, k);
+                    self.stage_tensors(inst, k)
+                        .iter()
+                        .map(|x| self.ring_chunks(x.len as f64, n, link))
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max);
+        }
+        t
+    }
+}
+
+/// One parameter tensor of a stage on one TP rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tensor {
+    /// Elements.
+    pub len: usize,
+    /// `(rows, cols)` where it is a matrix.
+    pub matrix: Option<(usize, usize)>,
 }

@@ -246,6 +246,107 @@ impl<'a> Steps<'a> {
     }
 }
 
+/// Two binary trees over the members, as `comm`'s double tree runs them: the first half of the
+/// buffer on the tree over members in order, the second on the same tree over members in
+/// reverse; every member reduces up (its children's halves in turn, then to its parent) on one
+/// tree and then the other, then broadcasts down the same way. Its messages ordered as the
+/// runtime's (sends buffered; the messages through a member's link of one class leave, and
+/// arrive, one after another): (seconds, bytes inside nodes, bytes across).
+fn double_tree(cluster: &Cluster, bytes: f64, shape: GroupShape) -> (f64, f64, f64) {
+    #[derive(Clone, Copy)]
+    enum Op {
+        Send(usize),
+        Recv(usize),
+    }
+    let n = shape.members;
+    let half = bytes / 2.0;
+    let rank_of = |tree: usize, pos: usize| if tree == 0 { pos } else { n - 1 - pos };
+    let links = |pos: usize| -> (Option<usize>, Vec<usize>) {
+        let parent = (pos > 0).then(|| (pos - 1) / 2);
+        let children = [2 * pos + 1, 2 * pos + 2]
+            .into_iter()
+            .filter(|&c| c < n)
+            .collect();
+        (parent, children)
+    };
+    // Each member's program: up on both trees, then down on both.
+    let programs: Vec<Vec<Op>> = (0..n)
+        .map(|me| {
+            let mut ops = Vec::new();
+            for tree in 0..2 {
+                let pos = if tree == 0 { me } else { n - 1 - me };
+                let (parent, children) = links(pos);
+                ops.extend(children.iter().map(|&c| Op::Recv(rank_of(tree, c))));
+                ops.extend(parent.map(|p| Op::Send(rank_of(tree, p))));
+            }
+            for tree in 0..2 {
+                let pos = if tree == 0 { me } else { n - 1 - me };
+                let (parent, children) = links(pos);
+                ops.extend(parent.map(|p| Op::Recv(rank_of(tree, p))));
+                ops.extend(children.iter().map(|&c| Op::Send(rank_of(tree, c))));
+            }
+            ops
+        })
+        .collect();
+    let link = |a: usize, b: usize| {
+        if shape.node(a) != shape.node(b) {
+            cluster.cross_node
+        } else {
+            cluster.same_node
+        }
+    };
+    let class = |a: usize, b: usize| usize::from(shape.node(a) != shape.node(b));
+    let mut clock = vec![0.0f64; n];
+    let mut next = vec![0usize; n];
+    let mut egress = vec![[0.0f64; 2]; n];
+    let mut ingress = vec![[0.0f64; 2]; n];
+    // Messages in flight from (sender, receiver): when each is whole, in order.
+    let mut flight: std::collections::HashMap<(usize, usize), std::collections::VecDeque<f64>> =
+        Default::default();
+    let (mut intra, mut inter) = (0.0, 0.0);
+    loop {
+        let mut moved = false;
+        for me in 0..n {
+            while let Some(&op) = programs[me].get(next[me]) {
+                match op {
+                    Op::Send(to) => {
+                        let l = link(me, to);
+                        let busy = half / (l.gbps * 1e9);
+                        let c = class(me, to);
+                        let leave = clock[me].max(egress[me][c]);
+                        egress[me][c] = leave + busy;
+                        let whole = leave + busy + l.latency_us * 1e-6;
+                        flight.entry((me, to)).or_default().push_back(whole);
+                        if c == 1 {
+                            inter += half;
+                        } else {
+                            intra += half;
+                        }
+                    }
+                    Op::Recv(from) => {
+                        let Some(whole) = flight.get_mut(&(from, me)).and_then(|q| q.pop_front())
+                        else {
+                            break;
+                        };
+                        let l = link(from, me);
+                        let busy = half / (l.gbps * 1e9);
+                        let c = class(from, me);
+                        let arrived = (whole - busy).max(ingress[me][c]) + busy;
+                        ingress[me][c] = arrived;
+                        clock[me] = clock[me].max(arrived);
+                    }
+                }
+                next[me] += 1;
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    (clock.iter().copied().fold(0.0, f64::max), intra, inter)
+}
+
 /// Seconds and bytes of an exact all-reduce of `bytes` by `algo` over `shape`.
 fn exact(cluster: &Cluster, bytes: f64, algo: Algorithm, shape: GroupShape) -> ExchangeCost {
     let n = shape.members;
@@ -282,26 +383,10 @@ fn exact(cluster: &Cluster, bytes: f64, algo: Algorithm, shape: GroupShape) -> E
             }
         }
         Algorithm::DoubleTree => {
-            // Two trees, one after the other, each reducing up then broadcasting down half the
-            // buffer level by level; a parent takes its two children's halves in turn.
-            let depth = usize::BITS - n.leading_zeros();
-            for tree in 0..2 {
-                let rank = |pos: usize| if tree == 0 { pos } else { n - 1 - pos };
-                for _phase in 0..2 {
-                    for level in 1..depth as usize {
-                        let first = (1usize << level) - 1;
-                        let last = ((1usize << (level + 1)) - 1).min(n);
-                        let pairs: Vec<(usize, usize)> = (first..last)
-                            .map(|pos| (rank(pos), rank((pos - 1) / 2)))
-                            .collect();
-                        if !pairs.is_empty() {
-                            // A parent serves its two children one after the other.
-                            let one = s.step(&pairs, bytes / 2.0, all_cross);
-                            s.cost.seconds += one;
-                        }
-                    }
-                }
-            }
+            let (seconds, intra, inter) = double_tree(cluster, bytes, shape);
+            s.cost.seconds += seconds;
+            s.cost.intra_bytes += intra;
+            s.cost.inter_bytes += inter;
         }
         Algorithm::Hierarchical => {
             let g = shape.per_node.min(n);
@@ -420,18 +505,22 @@ impl Exchange {
             Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => {
                 let per_value = self.codec.encoded_words(CHUNK) as f64 * 4.0 / CHUNK as f64;
                 let wire = values * per_value.min(elem);
-                // All-to-all: every member sends each peer its chunk at once.
-                let pairs: Vec<(usize, usize)> = (0..n)
-                    .flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b)))
-                    .collect();
-                let crossing = (n - g) * shape.groups_per_node * g;
-                s.step(&pairs, wire / n as f64, crossing.max(1));
-                s.cost.seconds += (n - 2) as f64
-                    * cluster
-                        .cross_node
-                        .latency_us
-                        .max(cluster.same_node.latency_us)
-                    * 1e-6;
+                // All-to-all: every member sends each of the n − 1 others its chunk, those for
+                // its own node over the node's links and those for other nodes over its share
+                // of the node's NIC, at once; a message (and a latency) per peer.
+                let chunk = wire / n as f64;
+                let (intra, cross) = ((g - 1) as f64 * chunk, (n - g) as f64 * chunk);
+                let out = nic(cluster, g * shape.groups_per_node);
+                let latency = if n > g {
+                    cluster.cross_node.latency_us
+                } else {
+                    cluster.same_node.latency_us
+                };
+                s.cost.seconds += (intra / (cluster.same_node.gbps * 1e9))
+                    .max(cross / (out.gbps * 1e9))
+                    + (n - 1) as f64 * latency * 1e-6;
+                s.cost.intra_bytes += n as f64 * intra;
+                s.cost.inter_bytes += n as f64 * cross;
                 // Ring all-gather of the compressed sums.
                 s.ring(wire / n as f64, n - 1);
                 s.cost

@@ -33,11 +33,13 @@ mod error;
 pub mod exchange;
 mod memory;
 mod plan;
+pub mod route;
+pub mod timeline;
 
 pub use cluster::{Cluster, Efficiency, Link};
 pub use cost::{
-    instantiation, state_bytes_per_param, Breakdown, CostModel, Memory, ACT_BYTES_PER_TOKEN_HIDDEN,
-    USABLE_MEMORY,
+    instantiation, state_bytes_per_param, Breakdown, CostModel, Memory, Tensor,
+    ACT_BYTES_PER_TOKEN_HIDDEN, USABLE_MEMORY,
 };
 pub use error::{PlanError, Result};
 pub use memory::{pass_memory, stage_peak, PassMemory};

@@ -153,7 +153,7 @@ pub struct Planner {
     /// Whether the candidates include context parallelism (CP degree, ring or Ulysses) and
     /// activation recomputation (default: no, HotSPa's DP × TP × PP space).
     pub context: bool,
-    switches: Mutex<HashMap<(String, String), f64>>,
+    switches: Mutex<HashMap<(String, String), (f64, usize)>>,
 }
 
 impl Planner {
@@ -170,8 +170,14 @@ impl Planner {
     /// planner's exact plan: per link class the most any device sends or receives over its
     /// bandwidth, plus one latency per message; the classes run concurrently.
     pub fn switch_seconds(&self, a: &Strategy, b: &Strategy) -> Result<f64> {
+        Ok(self.switch_plan(a, b)?.0)
+    }
+
+    /// A switch's seconds (as [`Planner::switch_seconds`]) and the elements it moves, from the
+    /// switch planner's exact plan, cached.
+    fn switch_plan(&self, a: &Strategy, b: &Strategy) -> Result<(f64, usize)> {
         if a == b {
-            return Ok(0.0);
+            return Ok((0.0, 0));
         }
         let key = (a.to_string(), b.to_string());
         if let Some(&t) = self
@@ -205,11 +211,12 @@ impl Planner {
                 }
             })
             .fold(0.0, f64::max);
+        let out = (t, p.moved());
         self.switches
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, t);
-        Ok(t)
+            .insert(key, out);
+        Ok(out)
     }
 
     /// The estimate of `plan` on the global batch `lens`.
@@ -240,13 +247,37 @@ impl Planner {
                 used.push(s);
             }
         }
+        // The switches the runtime makes: the order and gradient route with the fewest
+        // elements (members: the instantiation strategy first, then the buckets' strategies).
+        let mut members: Vec<&Strategy> = vec![&plan.inst];
         for s in used {
-            if *s != plan.inst {
-                // Parameters in, gradients back.
-                total.switch += 2.0 * self.switch_seconds(&plan.inst, s)?;
+            if !members.contains(&s) {
+                members.push(s);
             }
         }
+        let todo: Vec<usize> = (0..groups.len())
+            .filter(|&b| !groups[b].is_empty())
+            .collect();
+        let member_of = |b: usize| {
+            members
+                .iter()
+                .position(|m| **m == plan.buckets[b].1)
+                .unwrap_or(0)
+        };
+        let mut moved = vec![vec![0usize; members.len()]; members.len()];
+        for (a, x) in members.iter().enumerate() {
+            for (b, y) in members.iter().enumerate() {
+                if a != b {
+                    moved[a][b] = self.switch_plan(x, y)?.1;
+                }
+            }
+        }
+        let r = crate::route::route(&todo, &member_of, 0, &|a, b| moved[a][b]);
+        for (a, b) in r.switches {
+            total.switch += self.switch_seconds(members[a], members[b])?;
+        }
         total.optimizer = self.cost.optimizer(&plan.inst);
+        total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
         let seconds = total.total();
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
         Ok(Estimate {

@@ -309,16 +309,23 @@ impl<B: Backend> Optimizer<B> {
                 )?;
                 continue;
             }
-            // ZeRO-1/2: update this rank's chunk, then all-gather the piece over DP (host).
+            // ZeRO-1/2: update this rank's chunk on the device (its moments are chunk-sized),
+            // then all-gather the piece over DP (host).
             let mut p = backend.download(&self.params[k])?;
             let range = self.chunks[k].clone();
             let gh = backend.download(g)?;
             let gh = if sharded { &gh[..] } else { &gh[range.clone()] };
-            let mut mh = backend.download(&self.m[k])?;
-            let mut vh = backend.download(&self.v[k])?;
-            adamw::step(&cfg, self.step, &mut p[range.clone()], gh, &mut mh, &mut vh)?;
-            self.m[k] = backend.upload(&mh)?;
-            self.v[k] = backend.upload(&vh)?;
+            let mut pc = backend.upload(&p[range.clone()])?;
+            let gc = backend.upload(gh)?;
+            backend.adamw(
+                &cfg,
+                self.step,
+                &mut pc,
+                &gc,
+                &mut self.m[k],
+                &mut self.v[k],
+            )?;
+            p[range.clone()].copy_from_slice(&backend.download(&pc)?);
             let counts = chunk_counts(self.lens[k], dp);
             let mine = p[range].to_vec();
             groups.dp.all_gather(&mine, &mut p, &counts)?;

@@ -80,6 +80,10 @@ struct Inner {
     side_group: Mutex<Vec<usize>>,
     /// Kernels run.
     kernels: AtomicU64,
+    /// When this rank's links are free for the next point-to-point message leaving (and
+    /// arriving), by class: [same node, cross node].
+    egress: [AtomicU64; 2],
+    ingress: [AtomicU64; 2],
     owner: ThreadId,
 }
 
@@ -90,6 +94,8 @@ impl Default for Clock {
             side_end: AtomicU64::new(0f64.to_bits()),
             side_group: Mutex::new(Vec::new()),
             kernels: AtomicU64::new(0),
+            egress: Default::default(),
+            ingress: Default::default(),
             owner: std::thread::current().id(),
         }))
     }
@@ -142,6 +148,26 @@ impl Clock {
         if t > now {
             self.advance(Phase::Wait, t - now);
         }
+    }
+
+    /// A message leaving this rank over a link of class `cross` at `t` that keeps it busy for
+    /// `secs`: when it starts to leave (after the messages before it).
+    pub(crate) fn egress(&self, cross: bool, t: f64, secs: f64) -> f64 {
+        Self::queue(&self.0.egress[usize::from(cross)], t, secs) - secs
+    }
+
+    /// A message arriving at this rank over a link of class `cross`, whole at `t` if the link
+    /// were free, taking `secs` of it: when it is in (after the messages before it).
+    pub(crate) fn ingress(&self, cross: bool, t: f64, secs: f64) -> f64 {
+        Self::queue(&self.0.ingress[usize::from(cross)], t - secs, secs)
+    }
+
+    /// Starts `secs` of work at the later of `t` and `free`; moves `free` to its end.
+    fn queue(free: &AtomicU64, t: f64, secs: f64) -> f64 {
+        let start = f64::from_bits(free.load(Ordering::Relaxed)).max(t);
+        let end = start + secs;
+        free.store(end.to_bits(), Ordering::Relaxed);
+        end
     }
 
     /// Whether the calling thread is the rank's own (the main timeline's).

@@ -153,8 +153,7 @@ impl SimComm {
     /// `steps` messages.
     fn timed_collective(
         &self,
-        volume: f64,
-        steps: usize,
+        secs: f64,
         f: impl FnOnce(&dyn Communicator) -> Result<()>,
     ) -> Result<()> {
         let (main, t0) = self.begin();
@@ -166,11 +165,46 @@ impl SimComm {
         self.wait_in(|c| c.all_gather(&split(t0), &mut all, &vec![2; n]))?;
         let start = all.chunks(2).map(join).fold(t0, f64::max);
         self.wait_in(f)?;
-        let secs = self
-            .group_link()
-            .seconds(volume * self.cluster.elem_bytes, steps as f64);
         self.finish(main, t0, start + secs, secs);
         Ok(())
+    }
+
+    /// A ring algorithm's time: `volume` elements through every member's link in `steps`
+    /// messages, over the group's link (its slowest).
+    fn ring_seconds(&self, volume: f64, steps: usize) -> f64 {
+        self.group_link()
+            .seconds(volume * self.cluster.elem_bytes, steps as f64)
+    }
+
+    /// An all-to-all's time for this member: what it sends to (and takes from) members of its
+    /// own node and of other nodes moves over the two link classes at once, one message to
+    /// each peer.
+    fn all_to_all_seconds(&self, send: &[usize], recv: &[usize]) -> f64 {
+        let me = self.rank().0;
+        let (mut same, mut cross) = ((0usize, 0usize), (0usize, 0usize));
+        for j in (0..self.size()).filter(|&j| j != me) {
+            let (s, r) = (
+                send.get(j).copied().unwrap_or(0),
+                recv.get(j).copied().unwrap_or(0),
+            );
+            let slot = if self.crosses(Rank(j)) {
+                &mut cross
+            } else {
+                &mut same
+            };
+            slot.0 += s;
+            slot.1 += r;
+        }
+        let peers = self.size().saturating_sub(1) as f64;
+        let latency = if cross != (0, 0) {
+            self.cluster.cross_node.latency_us
+        } else {
+            self.cluster.same_node.latency_us
+        };
+        let bytes = |(s, r): (usize, usize)| self.bytes(s.max(r));
+        (bytes(same) / (self.cluster.same_node.gbps * 1e9))
+            .max(bytes(cross) / (self.cluster.cross_node.gbps * 1e9))
+            + peers * latency * 1e-6
     }
 }
 
@@ -195,35 +229,33 @@ impl Layer for SimComm {
         run: &mut dyn FnMut(&dyn Communicator) -> Result<()>,
     ) -> Result<()> {
         let n = self.size().max(1);
-        let (volume, steps) = match call {
+        let secs = match call {
             CollectiveCall::AllReduce { len } => {
-                (2.0 * (n - 1) as f64 / n as f64 * len as f64, 2 * (n - 1))
+                self.ring_seconds(2.0 * (n - 1) as f64 / n as f64 * len as f64, 2 * (n - 1))
             }
             CollectiveCall::AllGather { counts } | CollectiveCall::ReduceScatter { counts } => {
-                self.ring_of_chunks(counts)
+                let (volume, steps) = self.ring_of_chunks(counts);
+                self.ring_seconds(volume, steps)
             }
-            CollectiveCall::AllToAll { send, recv } => {
-                let me = self.rank().0;
-                let away = |c: &[usize]| -> usize {
-                    c.iter()
-                        .enumerate()
-                        .filter(|&(j, _)| j != me)
-                        .map(|(_, &x)| x)
-                        .sum()
-                };
-                (away(send).max(away(recv)) as f64, n - 1)
-            }
+            CollectiveCall::AllToAll { send, recv } => self.all_to_all_seconds(send, recv),
             // Pipelined along a chain: the bytes once, a latency per hop.
-            CollectiveCall::Broadcast { len, .. } => (len as f64, n - 1),
-            CollectiveCall::Barrier => (0.0, 2 * (n - 1)),
+            CollectiveCall::Broadcast { len, .. } => self.ring_seconds(len as f64, n - 1),
+            CollectiveCall::Barrier => self.ring_seconds(0.0, 2 * (n - 1)),
         };
-        self.timed_collective(volume, steps, |c| run(c))
+        self.timed_collective(secs, |c| run(c))
     }
     fn on_send(&self, data: &[f32], peer: Rank, tag: u32) -> Result<()> {
         let (main, t0) = self.begin();
+        // Buffered: the sender goes on at once, but its messages leave one after another
+        // through its link; the stamp is when this one starts to leave.
+        let link = self.peer_link(peer);
+        let depart = self.clock.egress(
+            self.crosses(peer),
+            t0,
+            self.bytes(data.len()) / (link.gbps * 1e9),
+        );
         self.inner.send(data, peer, tag)?;
-        self.inner.send(&split(t0), peer, tag)?;
-        // Buffered: the sender goes on at once.
+        self.inner.send(&split(depart), peer, tag)?;
         self.finish(main, t0, t0, 0.0);
         Ok(())
     }
@@ -234,8 +266,15 @@ impl Layer for SimComm {
             c.recv(buf, peer, tag)?;
             c.recv(&mut sent, peer, tag)
         })?;
-        let secs = self.peer_link(peer).seconds(self.bytes(buf.len()), 1.0);
-        let end = t0.max(join(&sent) + secs);
+        let link = self.peer_link(peer);
+        let secs = link.seconds(self.bytes(buf.len()), 1.0);
+        // Messages arriving together come in one after another through this member's link.
+        let arrived = self.clock.ingress(
+            self.crosses(peer),
+            join(&sent) + secs,
+            self.bytes(buf.len()) / (link.gbps * 1e9),
+        );
+        let end = t0.max(arrived);
         self.finish(main, t0, end, secs);
         Ok(())
     }
@@ -247,7 +286,8 @@ impl Layer for SimComm {
         // (peer, elements) of each receive, in posting order.
         let mut received = Vec::with_capacity(recvs);
         let (mut sent_elems, mut recv_elems) = (0usize, 0usize);
-        let mut crosses = false;
+        // Elements by link class: [same node, cross node].
+        let (mut sent_by, mut recv_by) = ([0usize; 2], [0usize; 2]);
         {
             let mut slots = stamps.iter_mut();
             let mut all: Vec<P2p<'_>> = Vec::with_capacity(2 * ops.len());
@@ -255,7 +295,7 @@ impl Layer for SimComm {
                 match op {
                     P2p::Send { peer, data } => {
                         sent_elems += data.len();
-                        crosses |= self.crosses(*peer);
+                        sent_by[usize::from(self.crosses(*peer))] += data.len();
                         all.push(P2p::Send { peer: *peer, data });
                         all.push(P2p::Send {
                             peer: *peer,
@@ -264,7 +304,7 @@ impl Layer for SimComm {
                     }
                     P2p::Recv { peer, buf } => {
                         recv_elems += buf.len();
-                        crosses |= self.crosses(*peer);
+                        recv_by[usize::from(self.crosses(*peer))] += buf.len();
                         received.push((*peer, buf.len()));
                         all.push(P2p::Recv { peer: *peer, buf });
                         if let Some(slot) = slots.next() {
@@ -278,14 +318,24 @@ impl Layer for SimComm {
             }
             self.wait_in(|c| c.batch(&mut all))?;
         }
-        // Done when this member has pushed and taken its bytes through its link, and every
+        // Done when this member has pushed and taken its bytes through its links (the bytes
+        // for its own node and for other nodes at once, each over its class), and every
         // message has arrived from its sender.
-        let link = if crosses {
-            self.cluster.cross_node
-        } else {
-            self.cluster.same_node
-        };
-        let own = link.seconds(self.bytes(sent_elems.max(recv_elems)), 1.0);
+        let own = [false, true]
+            .iter()
+            .map(|&cross| {
+                let (s, r) = (sent_by[usize::from(cross)], recv_by[usize::from(cross)]);
+                if s + r == 0 {
+                    return 0.0;
+                }
+                let link = if cross {
+                    self.cluster.cross_node
+                } else {
+                    self.cluster.same_node
+                };
+                link.seconds(self.bytes(s.max(r)), 1.0)
+            })
+            .fold(0.0, f64::max);
         let arrivals = received
             .iter()
             .zip(&stamps)

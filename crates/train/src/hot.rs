@@ -237,39 +237,10 @@ impl HotRank {
     /// to the instantiation layout after each bucket (`chain = false`), or the running sum
     /// travels from strategy to strategy and goes back once (`chain = true`).
     pub fn order(&self, todo: &[usize]) -> (Vec<usize>, bool) {
-        let inst = self.inst;
-        let m = |b: usize| self.member_of[b];
-        let params = |o: &[usize]| -> usize {
-            (0..o.len())
-                .map(|k| {
-                    std::iter::once(inst)
-                        .chain(o[..k].iter().map(|&b| m(b)))
-                        .map(|l| self.moved(l, m(o[k])))
-                        .min()
-                        .unwrap_or(0)
-                })
-                .sum()
-        };
-        let star = |o: &[usize]| -> usize { o.iter().map(|&b| self.moved(m(b), inst)).sum() };
-        let chain = |o: &[usize]| -> usize {
-            o.windows(2)
-                .map(|w| self.moved(m(w[0]), m(w[1])))
-                .sum::<usize>()
-                + self.moved(m(o[o.len() - 1]), inst)
-        };
-        let mut best = (todo.to_vec(), false);
-        let mut best_cost = usize::MAX;
-        let mut cur = todo.to_vec();
-        permute(&mut cur, 0, &mut |o| {
-            let p = params(o);
-            for (c, is_chain) in [(p + star(o), false), (p + chain(o), true)] {
-                if c < best_cost {
-                    best_cost = c;
-                    best = (o.to_vec(), is_chain);
-                }
-            }
+        let r = planner::route::route(todo, &|b| self.member_of[b], self.inst, &|a, b| {
+            self.moved(a, b)
         });
-        best
+        (r.order, r.chain)
     }
 
     /// Switches `host` (member `from`'s layout, its exec order) to member `to`'s layout; adds
@@ -461,31 +432,4 @@ impl HotRank {
 fn plan_cache() -> &'static switch::PlanCache {
     static CACHE: std::sync::OnceLock<switch::PlanCache> = std::sync::OnceLock::new();
     CACHE.get_or_init(switch::PlanCache::new)
-}
-
-/// Calls `f` with every permutation of `v[k..]` (recursive swaps; `v` is restored).
-fn permute(v: &mut Vec<usize>, k: usize, f: &mut dyn FnMut(&[usize])) {
-    if k + 1 >= v.len() {
-        f(v);
-        return;
-    }
-    for i in k..v.len() {
-        v.swap(k, i);
-        permute(v, k + 1, f);
-        v.swap(k, i);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permutations_are_all_visited() {
-        let mut seen = Vec::new();
-        permute(&mut vec![0, 1, 2], 0, &mut |o| seen.push(o.to_vec()));
-        seen.sort();
-        seen.dedup();
-        assert_eq!(seen.len(), 6);
-    }
 }

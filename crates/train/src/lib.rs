@@ -68,7 +68,7 @@ pub use metrics::{
     read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics, PsMetrics,
     SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics,
 };
-pub use planning::{batch_lengths, cost_model, plan_of, planner};
+pub use planning::{batch_lengths, clock_against_model, cost_model, plan_of, planner, ClockedStep};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};
 pub use ps::{ParamServers, Placement, SlowRank, WorkerStep};
 pub use rank::PLAN_CACHE;

@@ -107,16 +107,19 @@ pub struct HotMetrics {
 }
 
 /// The simulated cluster's time of a step, by phase.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimulatedMetrics {
     /// The whole step.
     pub simulated_seconds: f64,
+    /// Kernels world rank 0 ran in the step.
+    #[serde(default)]
+    pub simulated_kernels: u64,
     /// By phase.
     pub simulated: SimulatedPhases,
 }
 
 /// Simulated seconds by what they were spent on.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimulatedPhases {
     /// GEMMs and attention.
     pub compute: f64,

@@ -248,6 +248,7 @@ impl Job {
                     use sim::Phase::*;
                     Some(SimulatedMetrics {
                         simulated_seconds: d.now,
+                        simulated_kernels: d.kernels,
                         simulated: SimulatedPhases {
                             compute: d.phase(Compute),
                             elementwise: d.phase(Elementwise),
