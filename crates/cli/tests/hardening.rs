@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
 
@@ -308,10 +310,7 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
         }
     }
     let t = Instant::now();
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    assert!(common::signal(child.id(), libc::SIGINT));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{rest:?}");
@@ -349,12 +348,7 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
     let t = Instant::now();
     // (Two signals sent before the first is delivered are one: the second follows the first's
     // message.)
-    let int = || {
-        Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap()
-    };
+    let int = || assert!(common::signal(child.id(), libc::SIGINT));
     int();
     while let Some(Ok(l)) = lines.next() {
         if l.starts_with("SIGINT: stopping") {
@@ -407,10 +401,7 @@ fn a_signal_ends_a_run_whose_rank_is_stuck() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    assert!(common::signal(child.id(), libc::SIGTERM));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{rest:?}");

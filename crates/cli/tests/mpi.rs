@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn hotspa() -> &'static str {
     env!("CARGO_BIN_EXE_hotspa")
 }
@@ -320,7 +322,7 @@ fn pid_of_rank(marker: &str, rank: usize) -> Option<u32> {
 
 /// Starts a long 4-process run, sends `signal` to rank 2 once training is under way, and
 /// returns how long the job took to end after that and its output.
-fn fault(signal: &str) -> (Duration, Output) {
+fn fault(signal: i32) -> (Duration, Output) {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.jsonl");
     let mut args = train_args(dir.path(), "never.safetensors", &["--strategy", "dp2tp2"]);
@@ -355,22 +357,18 @@ fn fault(signal: &str) -> (Duration, Output) {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let k = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(k.success());
+    assert!(common::signal(pid, signal));
     let t0 = Instant::now();
     let out = child.wait_with_output().unwrap();
     let took = t0.elapsed();
     // A stopped process is killed by mpirun's abort; make sure nothing is left either way.
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let _ = common::signal(pid, libc::SIGKILL);
     (took, out)
 }
 
 #[test]
 fn a_killed_process_ends_the_job_naming_its_rank() {
-    let (took, out) = fault("-KILL");
+    let (took, out) = fault(libc::SIGKILL);
     let text = text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
@@ -382,7 +380,7 @@ fn a_killed_process_ends_the_job_naming_its_rank() {
 
 #[test]
 fn a_stopped_process_is_named_by_the_others_within_the_timeout() {
-    let (took, out) = fault("-STOP");
+    let (took, out) = fault(libc::SIGSTOP);
     let text = text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
@@ -521,10 +519,7 @@ fn a_signal_through_mpirun_leaves_a_checkpoint_within_the_kill_window() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    assert!(common::signal(pid, libc::SIGTERM));
     let o = child.wait_with_output().unwrap();
     let out = text(&o);
     assert!(ck.join("latest").is_file(), "no checkpoint:\n{out}");
@@ -565,9 +560,7 @@ fn a_signal_through_mpirun_leaves_a_checkpoint_within_the_kill_window() {
         .lines()
         .map_while(Result::ok)
         .find(|l| l.contains("odls_base_sigkill_timeout"));
-    let _ = Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
+    let _ = common::signal(child.id(), libc::SIGKILL);
     let _ = child.wait();
     let said = said.unwrap_or_default();
     assert!(

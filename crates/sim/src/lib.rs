@@ -27,6 +27,7 @@
 //! # Ok::<(), sim::SimError>(())
 //! ```
 
+pub mod baselines;
 mod clock;
 mod error;
 mod network;
@@ -90,6 +91,21 @@ pub struct Report {
     pub speedup_over_paper: Option<f64>,
     /// (a) and (c) again with context parallelism and recomputation in the search, when asked.
     pub context: Option<ContextPlans>,
+    /// Megatron-LM and DeepSpeed as the paper ran them ([`baselines`]), when they hold a
+    /// sample of the context length.
+    pub baselines: Vec<baselines::BaselineEstimate>,
+}
+
+impl Report {
+    /// A baseline's seconds over the automatic plan's (and over the paper's plan's), for
+    /// `system`.
+    pub fn speedup_over(&self, system: baselines::Baseline) -> Option<(f64, Option<f64>)> {
+        let b = self.baselines.iter().find(|b| b.system == system)?;
+        Some((
+            b.estimate.seconds / self.auto.seconds,
+            self.paper.as_ref().map(|p| b.estimate.seconds / p.seconds),
+        ))
+    }
 }
 
 /// The best static strategy and the automatic plan when the candidates also vary the CP degree,
@@ -343,6 +359,13 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         auto,
         planning_seconds,
         context: None,
+        baselines: [
+            baselines::Baseline::MegatronLm,
+            baselines::Baseline::DeepSpeed,
+        ]
+        .into_iter()
+        .filter_map(|b| baselines::baseline(b, &planner.cost, &lens, s.max_len).ok())
+        .collect(),
     })
 }
 

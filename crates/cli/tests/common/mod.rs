@@ -42,3 +42,10 @@ pub fn affine_docs(
     }
     std::fs::write(dir.join("data.jsonl"), lines).unwrap();
 }
+
+/// Sends `signal` (e.g. `libc::SIGINT`) to process `pid`, as `kill` would (without needing the
+/// `kill` program, which a minimal system lacks); whether it was delivered.
+pub fn signal(pid: u32, signal: i32) -> bool {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}
