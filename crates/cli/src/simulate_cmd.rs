@@ -58,6 +58,15 @@ pub struct Args {
     /// The all-reduce algorithm (as `train --allreduce`).
     #[arg(long, default_value = "ring")]
     allreduce: String,
+    /// Estimate this one strategy (as `train --strategy`, e.g. dp16zero3+full) on the batch
+    /// instead of searching: its step, tokens/s per GPU, model TFLOP/s per GPU and MFU — what
+    /// published training throughputs are checked against (docs/cost-model.md).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// With --strategy: micro-batches of at most this many tokens, in batch order (default: as
+    /// many as memory holds).
+    #[arg(long, requires = "strategy")]
+    micro_batch_tokens: Option<usize>,
     /// Instead: one synchronisation of --model's fp32 gradients by parameter server, ring,
     /// hierarchical all-reduce and in-network aggregation on a fat-tree (1:1 and 4:1), BCube
     /// and one NVLink node, over TCP, RDMA and NVLink (the survey's Table 4 by the α–β model).
@@ -365,6 +374,26 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         exchange,
     };
+    if let Some(spec) = &args.strategy {
+        let e = sim::one_strategy(&scenario, spec, args.micro_batch_tokens)?;
+        return crate::output::emit(args.json, &e, |e| {
+            println!(
+                "{} on {} devices of {}: {} per step, {:.0} tokens/s per GPU, {:.0} model TFLOP/s per GPU, MFU {:.1} %",
+                e.strategy,
+                e.gpus,
+                e.cluster,
+                crate::output::seconds(e.estimate.seconds),
+                e.tokens_per_s_per_gpu,
+                e.model_tflops_per_gpu,
+                100.0 * e.mfu
+            );
+            let b = &e.estimate.breakdown;
+            println!(
+                "  compute {:.3} s, tp {:.3}, bubble {:.3}, pp {:.3}, dp {:.3}, elementwise {:.3}, optimizer {:.3}, sync {:.3}",
+                b.compute, b.tp_comm, b.bubble, b.pp_comm, b.dp_reduce, b.elementwise, b.optimizer, b.sync
+            );
+        });
+    }
     let r = if args.context {
         sim::simulate_with_context(&scenario)?
     } else {

@@ -380,3 +380,95 @@ fn plan_sets_the_cost_model_beside_the_clock() {
         assert!((ratio - 1.0).abs() < 0.15, "{r}");
     }
 }
+
+/// `--strategy` estimates one strategy and reports the figures published runs give: the
+/// throughput is the batch's tokens over the step, MFU the model FLOPs (counted here from the
+/// config, independently of the cost model) over the peak; `--micro-batch-tokens` changes the
+/// packing and so the step; a strategy that cannot hold the batch's longest sequence is refused.
+#[test]
+fn one_strategy_reports_throughput_and_mfu() {
+    let dir = tempfile::tempdir().unwrap();
+    let lens = dir.path().join("lens.txt");
+    std::fs::write(&lens, "4096\n").unwrap();
+    let lens = lens.to_str().unwrap();
+    let base = [
+        "simulate",
+        "--cluster",
+        "a800x32",
+        "--gpus",
+        "8",
+        "--model",
+        "llama2-7b",
+        "--dataset",
+        lens,
+        "--max-len",
+        "4096",
+        "--global-batch",
+        "32",
+        "--json",
+    ];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = hotspa(&[&base[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = run(&["--strategy", "dp8zero1"]);
+    let seconds = v["estimate"]["seconds"].as_f64().unwrap();
+    let tps = v["tokens_per_s_per_gpu"].as_f64().unwrap();
+    let tokens = 32.0 * 4096.0;
+    assert!(((tps * 8.0 * seconds) / tokens - 1.0).abs() < 1e-9, "{v}");
+    // LLaMA-2 7B: 6·N per token for the GEMMs (N without the embedding, with the LM head) and
+    // causal attention's 6·L·h per token per layer (forward 2·2·L·h/2, backward twice that).
+    let (h, layers, inter, vocab) = (4096.0, 32.0, 11008.0, 32000.0);
+    let n = layers * (4.0 * h * h + 3.0 * h * inter) + h * vocab;
+    let flops = tokens * (6.0 * n + 6.0 * 4096.0 * h * layers);
+    let tflops = flops / seconds / 8.0 / 1e12;
+    let got = v["model_tflops_per_gpu"].as_f64().unwrap();
+    assert!((got / tflops - 1.0).abs() < 0.02, "{got} vs {tflops}");
+    let mfu = v["mfu"].as_f64().unwrap();
+    assert!(mfu > 0.2 && mfu < 1.0, "{mfu}");
+    assert!(
+        (mfu * 312.0 / got - 1.0).abs() < 1e-9,
+        "A800's bf16 peak is 312 TFLOP/s"
+    );
+    // One sequence per micro-batch instead of as many as memory holds: a different step.
+    let one = run(&["--strategy", "dp8zero1", "--micro-batch-tokens", "4096"]);
+    assert_ne!(one["estimate"]["seconds"], v["estimate"]["seconds"]);
+    // The table form says the same figures.
+    let out = hotspa(&[&base[..base.len() - 1], &["--strategy", "tp8"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tokens/s per GPU") && text.contains("MFU"),
+        "{text}"
+    );
+    // A 64 K-token sequence of LLaMA-2 7B does not fit one A800's memory under DP.
+    let long = dir.path().join("long.txt");
+    std::fs::write(&long, "65536\n").unwrap();
+    let out = hotspa(&[
+        "simulate",
+        "--cluster",
+        "a800x32",
+        "--gpus",
+        "8",
+        "--model",
+        "llama2-7b",
+        "--dataset",
+        long.to_str().unwrap(),
+        "--max-len",
+        "65536",
+        "--global-batch",
+        "8",
+        "--strategy",
+        "dp8zero1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds at most"), "{err}");
+    // --micro-batch-tokens without --strategy is refused by clap.
+    let out = hotspa(&[&base[..], &["--micro-batch-tokens", "4096"]].concat());
+    assert!(!out.status.success());
+}

@@ -203,6 +203,67 @@ pub fn paper_plans(model: &str, gpus: usize, max_len: usize) -> Vec<Plan> {
     ]
 }
 
+/// One strategy's estimate of a setting, with the figures published training runs report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyEstimate {
+    /// The strategy.
+    pub strategy: String,
+    /// The cluster.
+    pub cluster: String,
+    /// Devices.
+    pub gpus: usize,
+    /// The estimate of a step.
+    pub estimate: Estimate,
+    /// Tokens per second per device.
+    pub tokens_per_s_per_gpu: f64,
+    /// Model FLOPs (the GEMMs' `6·N` per token and causal attention's) per second per device,
+    /// in TFLOP/s; recomputation not counted.
+    pub model_tflops_per_gpu: f64,
+    /// `model_tflops_per_gpu` over the device's dense peak.
+    pub mfu: f64,
+}
+
+/// `spec` (a strategy over `s.gpus` devices) on the setting's batch, micro-batches of at most
+/// `micro_batch_tokens` (default: as many as memory holds): its estimate, refused by name where
+/// it does not hold the longest sequence.
+pub fn one_strategy(
+    s: &Scenario,
+    spec: &str,
+    micro_batch_tokens: Option<usize>,
+) -> Result<StrategyEstimate> {
+    check_gpus(s)?;
+    let mut planner = planner_of(s, model_of(s)?);
+    if let Some(budget) = micro_batch_tokens {
+        planner.cost.packing = data::Packing::InOrder { budget };
+    }
+    let strategy =
+        Strategy::parse(spec, s.gpus).map_err(|e| SimError::Invalid(format!("--strategy {e}")))?;
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let cap = planner.cost.capacity(&strategy, &strategy);
+    if cap < longest {
+        return Err(SimError::Invalid(format!(
+            "{strategy} holds at most {cap} tokens per micro-batch on {} (memory), the batch has a sequence of {longest}",
+            s.cluster.name
+        )));
+    }
+    let estimate = planner
+        .evaluate(&Plan::single(strategy.clone()), &lens)
+        .map_err(|e| SimError::Invalid(e.to_string()))?;
+    let (gemm, attention) = planner.cost.flops(&lens);
+    let per_gpu = |x: f64| x / estimate.seconds / s.gpus as f64;
+    let tflops = per_gpu(gemm + attention) / 1e12;
+    Ok(StrategyEstimate {
+        strategy: strategy.to_string(),
+        cluster: s.cluster.name.clone(),
+        gpus: s.gpus,
+        tokens_per_s_per_gpu: per_gpu(lens.iter().sum::<usize>() as f64),
+        model_tflops_per_gpu: tflops,
+        mfu: tflops / s.cluster.peak_tflops,
+        estimate,
+    })
+}
+
 /// Runs one setting.
 pub fn simulate(s: &Scenario) -> Result<Report> {
     check_gpus(s)?;
