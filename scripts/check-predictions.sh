@@ -10,6 +10,8 @@
 #
 # Writes profiles and metrics under ${OUT:-/tmp/hotspa-check} and prints one table.
 set -euo pipefail
+# A run that fails says why instead of leaving an empty table.
+trap 'echo "check-predictions: a command failed (line $LINENO); run it by hand to see why" >&2' ERR
 cd "$(dirname "$0")/.."
 N=${1:-4}
 STEPS=${2:-8}
@@ -46,13 +48,13 @@ for model in m256 tiny; do
         read -r -a flags <<<"$run"
         runs=()
         for _ in $(seq "$RUNS"); do
-            "$BIN" train "${common[@]}" "${flags[@]}" --metrics "$OUT/plain.jsonl" >/dev/null 2>&1
+            "$BIN" train "${common[@]}" "${flags[@]}" --metrics "$OUT/plain.jsonl" --force >/dev/null 2>&1
             runs+=("$(mean "$OUT/plain.jsonl" seconds)")
         done
         planned=$("$BIN" plan "${common[@]}" "${flags[@]}" --profile "$OUT/profile-$model.toml" \
             --compare "$OUT/plain.jsonl" 2>/dev/null | sed -n 's/.*mean predicted \([0-9.]*\) s.*/\1/p')
         "$BIN" train "${common[@]}" "${flags[@]}" --sim-cluster "$OUT/profile-$model.toml" \
-            --metrics "$OUT/sim.jsonl" >/dev/null 2>&1
+            --metrics "$OUT/sim.jsonl" --force >/dev/null 2>&1
         simulated=$(mean "$OUT/sim.jsonl" simulated_seconds)
         list=$(IFS=,; echo "${runs[*]}")
         python3 -c "

@@ -173,7 +173,7 @@ fn the_exchange_table_says_when_compression_pays() {
     // The best static strategy keeps one DP member per node (TP inside): the hierarchy has
     // nothing to gather inside a node, and compressing what crosses pays.
     assert!(step("none, hier") <= step("none, ring"));
-    assert!(step("sign, auto") < 0.6 * step("none, ring"));
+    assert!(step("sign, auto") < 0.75 * step("none, ring"));
     assert!(across("sign, auto") < 0.2 * across("none, ring"));
     assert!(across("sign across nodes, auto") < 0.2 * across("none, ring"));
     assert!(across("powersgd:4, auto") < 0.02 * across("none, ring"));

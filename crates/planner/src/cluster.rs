@@ -236,14 +236,17 @@ impl Cluster {
     /// The fraction of peak of a GEMM over `tokens` rows with `width` weight columns per device.
     pub fn gemm_efficiency(&self, tokens: f64, width: f64) -> f64 {
         let e = &self.efficiency;
-        e.max * tokens / (tokens + e.half_tokens) * width / (width + e.half_width)
+        let saturate = |x: f64, half: f64| if half > 0.0 { x / (x + half) } else { 1.0 };
+        e.max * saturate(tokens, e.half_tokens) * saturate(width, e.half_width)
     }
 
     /// Seconds of `batch` GEMMs of `m × n × k` (2·m·n·k FLOPs each), unscaled: from the measured
     /// [`Cluster::gemm_table`] where there is one (by the dims in ascending order, interpolated
     /// in log space, clamped at its edges), else by the efficiency curve with the largest dim as
     /// the tokens and the smallest as the width (a linear layer's roles whenever its micro-batch
-    /// has more tokens than the layer is wide, in its forward and both backward GEMMs alike).
+    /// has more tokens than the layer is wide, in its forward and both backward GEMMs alike),
+    /// and where `memory_gbps` is given never faster than moving its operands and result once
+    /// (the roofline).
     pub fn gemm_seconds(&self, m: usize, n: usize, k: usize, batch: usize) -> f64 {
         let mut d = [m as f64, n as f64, k as f64];
         d.sort_by(f64::total_cmp);
@@ -251,11 +254,21 @@ impl Cluster {
             return 0.0;
         }
         let flops = 2.0 * d[0] * d[1] * d[2] * batch as f64;
-        let rate = match self.table_rate(d) {
-            Some(r) => r,
-            None => self.peak_tflops * 1e12 * self.gemm_efficiency(d[2], d[0]),
-        };
-        flops / rate
+        match self.table_rate(d) {
+            Some(rate) => flops / rate,
+            None => {
+                let compute = flops / (self.peak_tflops * 1e12 * self.gemm_efficiency(d[2], d[0]));
+                // The roofline: a GEMM reads its two operands and writes its result once at
+                // least, so it takes no less than their bytes at the memory's bandwidth.
+                let memory = if self.memory_gbps > 0.0 {
+                    let bytes = (d[0] * d[1] + d[1] * d[2] + d[0] * d[2]) * self.elem_bytes;
+                    bytes * batch as f64 / (self.memory_gbps * 1e9)
+                } else {
+                    0.0
+                };
+                compute.max(memory)
+            }
+        }
     }
 
     /// Seconds of causal attention's forward and backward over one sequence of `len` tokens

@@ -48,7 +48,7 @@ use serde::Serialize;
 use crate::cluster::{Cluster, Link};
 
 /// Device memory bandwidth the codecs' passes are timed at where the cluster does not say
-/// (`memory_gbps = 0`, the GPU presets): an A800's HBM2e, GB/s.
+/// (`memory_gbps = 0`): an A800's HBM2e as the codecs see it, GB/s.
 pub const DEFAULT_MEMORY_GBPS: f64 = 1500.0;
 
 /// Memory passes over the gradient (each reading or writing its `f32` values once) of a codec's

@@ -442,9 +442,14 @@ mod tests {
         sim.gemm(&spec, &a, &b, &mut c1).unwrap();
         cpu.gemm(&spec, &a, &b, &mut c2).unwrap();
         assert_eq!(c1, c2);
-        // 2·m·n·k FLOPs at the efficiency of 64 tokens × 16 wide.
-        let want =
+        // 2·m·n·k FLOPs at the efficiency of 64 tokens × 16 wide, or the operands' and the
+        // result's bytes at the memory's bandwidth, whichever is longer (the roofline; this
+        // small GEMM is the latter).
+        let compute =
             2.0 * (m * n * k) as f64 / (c.peak_tflops * 1e12 * c.gemm_efficiency(64.0, 16.0));
+        let memory = ((m * k + k * n + m * n) as f64 * c.elem_bytes) / (c.memory_gbps * 1e9);
+        assert!(memory > compute);
+        let want = compute.max(memory);
         let got = clock.read();
         assert!(
             (got.now - want).abs() < 1e-15 * want.max(1.0),

@@ -74,6 +74,8 @@ pub struct Report {
     pub dataset: String,
     /// Longest length.
     pub max_len: usize,
+    /// Sequences in the batch.
+    pub sequences: usize,
     /// Tokens in the batch.
     pub tokens: usize,
     /// (a) the best static strategy.
@@ -89,6 +91,9 @@ pub struct Report {
     pub speedup_over_static: f64,
     /// (b) / (c).
     pub speedup_over_paper: Option<f64>,
+    /// The longest single switch of (b) (between its instantiation strategy and a bucket's,
+    /// or two buckets'), seconds: the paper reports one hot switch under 1 s for 32B on 32 GPUs.
+    pub paper_longest_switch: Option<f64>,
     /// (a) and (c) again with context parallelism and recomputation in the search, when asked.
     pub context: Option<ContextPlans>,
     /// Megatron-LM and DeepSpeed as the paper ran them ([`baselines`]), when they hold a
@@ -405,16 +410,23 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
     let (_, auto) = planner.auto(&lens)?;
     let planning_seconds = t0.elapsed().as_secs_f64();
     let paper = paper_plans(&s.model, s.gpus, s.max_len)
-        .iter()
-        .filter_map(|p| planner.evaluate(p, &lens).ok())
-        .min_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        .into_iter()
+        .filter_map(|p| planner.evaluate(&p, &lens).ok().map(|e| (p, e)))
+        .min_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+    let paper_longest_switch = match &paper {
+        Some((p, _)) => Some(longest_switch(planner, p)?),
+        None => None,
+    };
+    let paper = paper.map(|(_, e)| e);
     Ok(Report {
         setting: format!("{}/{}", s.model, s.gpus),
         dataset: s.dataset.clone(),
         max_len: s.max_len,
+        sequences: lens.len(),
         tokens: lens.iter().sum(),
         speedup_over_static: fixed.seconds / auto.seconds,
         speedup_over_paper: paper.as_ref().map(|p| p.seconds / auto.seconds),
+        paper_longest_switch,
         fixed,
         paper,
         auto,
@@ -428,6 +440,24 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         .filter_map(|b| baselines::baseline(b, &planner.cost, &lens, s.max_len).ok())
         .collect(),
     })
+}
+
+/// The longest single switch between any two of `plan`'s layouts (its instantiation strategy's
+/// and its buckets'), seconds.
+pub fn longest_switch(planner: &Planner, plan: &Plan) -> Result<f64> {
+    let layouts: Vec<&Strategy> = std::iter::once(&plan.inst)
+        .chain(plan.buckets.iter().map(|(_, s)| s))
+        .collect();
+    let mut longest = 0.0f64;
+    for a in &layouts {
+        for b in &layouts {
+            let t = planner
+                .switch_seconds(a, b)
+                .map_err(|e| SimError::Invalid(e.to_string()))?;
+            longest = longest.max(t);
+        }
+    }
+    Ok(longest)
 }
 
 /// The paper's grid: {7B/8, 7B/16, 13B/8, 13B/16, 32B/32} × {4K, 8K, 16K, 32K} ×
@@ -471,9 +501,63 @@ pub fn paper_grid(global_batch: usize, seed: u64, context: bool) -> Result<Vec<R
     Ok(out)
 }
 
+/// The global batches of [`batch_sweep`].
+pub const SWEPT_BATCHES: [usize; 4] = [128, 256, 512, 1024];
+
+/// The paper's claim that the gain grows with the global batch (fewer pipeline bubbles in the
+/// long buckets), checked on its largest setting: LLaMA 32B on 32 GPUs, CommonCrawl at 32K, for
+/// each of [`SWEPT_BATCHES`].
+pub fn batch_sweep(seed: u64) -> Result<Vec<Report>> {
+    let cluster = presets::cluster("a800x32")?;
+    let cfg = LlamaConfig::preset("llama-32b")
+        .ok_or_else(|| SimError::Invalid("no preset llama-32b".into()))?;
+    let planner = Planner::new(CostModel::new(cluster.take(32), cfg));
+    SWEPT_BATCHES
+        .iter()
+        .map(|&global_batch| {
+            report(
+                &planner,
+                &Scenario {
+                    cluster: cluster.clone(),
+                    gpus: 32,
+                    model: "llama-32b".into(),
+                    dataset: "commoncrawl".into(),
+                    max_len: 32768,
+                    global_batch,
+                    seed,
+                    exchange: Exchange::default(),
+                },
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_switch_is_the_slowest_pair_of_layouts() {
+        let cluster = presets::cluster("a800x32").unwrap();
+        let cfg = LlamaConfig::preset("llama2-7b").unwrap();
+        let planner = Planner::new(CostModel::new(cluster.take(8), cfg));
+        let dp = Strategy::parse("dp8zero1", 8).unwrap();
+        let tp = Strategy::parse("dp2tp4sp", 8).unwrap();
+        assert_eq!(
+            longest_switch(&planner, &Plan::single(dp.clone())).unwrap(),
+            0.0
+        );
+        let plan = Plan {
+            buckets: vec![(4096, dp.clone()), (8192, tp.clone())],
+            inst: dp.clone(),
+        };
+        let want = planner
+            .switch_seconds(&dp, &tp)
+            .unwrap()
+            .max(planner.switch_seconds(&tp, &dp).unwrap());
+        assert!(want > 0.0);
+        assert_eq!(longest_switch(&planner, &plan).unwrap(), want);
+    }
 
     #[test]
     fn paper_plans_drop_the_top_buckets_below_32k() {

@@ -14,43 +14,97 @@ pub const CLUSTERS: [&str; 3] = ["a800x32", "h100x8", "eth8x8"];
 /// The dataset presets.
 pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
 
-/// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s,
-/// 200 GB/s between nodes), `h100x8` (one node of 8 H100-80G, NVLink 900 GB/s) or `eth8x8`
-/// (commodity Ethernet: 8 nodes × 8 A100-80G, NVLink 300 GB/s inside a node, one 25 Gb/s port
-/// per node — 3.125 GB/s for one stream, 0.39 GB/s per device when all eight send — and 30 µs
-/// TCP latency).
+/// The device figures the presets take from published component measurements
+/// (docs/cost-model.md §3 has each source): the dense BF16 peak (datasheet), the best GEMM rate
+/// measured over shapes (MAMF: S. Bekman, *Machine Learning Engineering*,
+/// compute/accelerator/README.md, "Maximum Achievable Matmul FLOPS comparison table", BF16:
+/// A100 SXM 271.2 of 312 TFLOP/s, H100 SXM 794.5 of 989), the HBM bandwidth (datasheet; every
+/// GEMM is at least its operands' bytes, elementwise kernels and the optimizer are their bytes),
+/// and NCCL's bus bandwidth on NVLink: the line rate less NCCL's protocol overhead of about 20 %
+/// (S. Jeaugey, NVIDIA, nccl-tests issue 212: "450GB/s is the line rate. With the protocol
+/// overhead (~20%) NCCL can get an effective NVLink bandwidth of 370GB/s" on H100).
+/// Attention stays at the assumed 45 % of peak: no per-length measurement was at hand.
+pub struct Device {
+    /// Dense BF16 peak, TFLOP/s.
+    pub peak_tflops: f64,
+    /// MAMF over the peak.
+    pub gemm_max: f64,
+    /// HBM bandwidth, GB/s.
+    pub hbm_gbps: f64,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// NVLink bandwidth per direction (line rate), GB/s.
+    pub nvlink_gbps: f64,
+}
+
+/// NCCL's share of an NVLink's line rate: 370 of 450 GB/s on H100 (the quote above).
+pub const NCCL_NVLINK_SHARE: f64 = 370.0 / 450.0;
+
+/// A100-SXM4-80GB: 312 TFLOP/s, MAMF 271.2, HBM2e 2,039 GB/s, NVLink 3 600 GB/s bidirectional.
+pub const A100: Device = Device {
+    peak_tflops: 312.0,
+    gemm_max: 271.2 / 312.0,
+    hbm_gbps: 2039.0,
+    memory_gib: 80.0,
+    nvlink_gbps: 300.0,
+};
+
+/// A800-SXM4-80GB: an A100 whose NVLink is cut to 400 GB/s bidirectional.
+pub const A800: Device = Device {
+    nvlink_gbps: 200.0,
+    ..A100
+};
+
+/// H100-SXM5-80GB: 989 TFLOP/s, MAMF 794.5, HBM3 3,350 GB/s, NVLink 4 900 GB/s bidirectional.
+pub const H100: Device = Device {
+    peak_tflops: 989.0,
+    gemm_max: 794.5 / 989.0,
+    hbm_gbps: 3350.0,
+    memory_gib: 80.0,
+    nvlink_gbps: 450.0,
+};
+
+impl Device {
+    /// `nodes × per_node` of these devices, NVLink inside a node at NCCL's share of its line
+    /// rate, `cross` between nodes (per device), GEMMs at the MAMF with the roofline of the HBM.
+    pub fn cluster(&self, name: &str, nodes: usize, per_node: usize, cross: Link) -> Cluster {
+        Cluster {
+            efficiency: planner::Efficiency {
+                max: self.gemm_max,
+                half_tokens: 0.0,
+                half_width: 0.0,
+                attention: planner::Efficiency::GPU.attention,
+            },
+            memory_gbps: self.hbm_gbps,
+            ..Cluster::new(
+                name,
+                nodes,
+                per_node,
+                self.peak_tflops,
+                self.memory_gib,
+                Link {
+                    gbps: self.nvlink_gbps * NCCL_NVLINK_SHARE,
+                    latency_us: 5.0,
+                },
+                cross,
+            )
+        }
+    }
+}
+
+/// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s
+/// bidirectional, InfiniBand 200 GB/s per node — 25 GB/s per device), `h100x8` (one node of 8
+/// H100-80G; 400 Gb/s per device to other nodes) or `eth8x8` (commodity Ethernet: 8 nodes × 8
+/// A100-80G, one 25 Gb/s port per node — 3.125 GB/s for one stream, 0.39 GB/s per device when
+/// all eight send — and 30 µs TCP latency). Device figures: [`Device`].
 pub fn cluster(name: &str) -> Result<Cluster> {
     let link = |gbps: f64, latency_us: f64| Link { gbps, latency_us };
     match name {
-        "a800x32" => Ok(Cluster::new(
-            name,
-            4,
-            8,
-            312.0,
-            80.0,
-            link(400.0, 5.0),
-            link(200.0, 10.0),
-        )),
-        "h100x8" => Ok(Cluster::new(
-            name,
-            1,
-            8,
-            989.0,
-            80.0,
-            link(900.0, 3.0),
-            link(400.0, 8.0),
-        )),
+        "a800x32" => Ok(A800.cluster(name, 4, 8, link(200.0 / 8.0, 10.0))),
+        "h100x8" => Ok(H100.cluster(name, 1, 8, link(50.0, 8.0))),
         "eth8x8" => Ok(Cluster {
             nic_gbps: 25.0 / 8.0,
-            ..Cluster::new(
-                name,
-                8,
-                8,
-                312.0,
-                80.0,
-                link(300.0, 5.0),
-                link(25.0 / 8.0 / 8.0, 30.0),
-            )
+            ..A100.cluster(name, 8, 8, link(25.0 / 8.0 / 8.0, 30.0))
         }),
         other => Err(SimError::UnknownPreset {
             what: "cluster",
