@@ -118,7 +118,7 @@ fn exchange_table(r: &sim::ExchangeReport, chosen: &str) {
     }
     println!(
         "(bytes: all members together; step: the static strategy with that exchange; a codec's \
-         effect on the loss is not modelled — see the README's measured table)"
+         effect on the loss is not modelled — see docs/communication.md's measured table)"
     );
 }
 

@@ -6,7 +6,7 @@
 //! magnitude (every coordinate here) its update `lr·g/(√v + ε)` is plain SGD's `lr·g` to within
 //! |g|. Error feedback is a theory of SGD-type updates (Karimireddy et al. 2019, "Error Feedback
 //! Fixes SignSGD and other Gradient Compression Schemes"); under AdamW's per-coordinate scaling
-//! the README reports that it does not help top-k at 1% on the default corpus.
+//! docs/communication.md reports that it does not help top-k at 1% on the default corpus.
 
 use std::path::Path;
 use std::process::Command;

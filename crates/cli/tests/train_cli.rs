@@ -658,7 +658,7 @@ fn the_default_run_needs_the_repository() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("run it from the repository root"));
 }
 
-/// The embedded default run, as the README's quick start runs it (about 3 minutes):
+/// The embedded default run, as the README's quick start runs it (docs/training.md) (about 3 minutes):
 /// `cargo test --release -p hotspa --test train_cli -- --ignored default_run`.
 #[test]
 #[ignore]
