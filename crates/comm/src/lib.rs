@@ -14,6 +14,7 @@
 //! assert!(sums.iter().all(|b| b == &vec![6.0; 3]));
 //! # Ok::<(), CommError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod algorithms;
 pub mod allreduce;

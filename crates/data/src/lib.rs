@@ -18,6 +18,8 @@
 //! assert_eq!(ds.batch(1, 2, None), vec![vec![104, 105], vec![1, 2, 3]]); // wraps around
 //! # Ok::<(), data::DataError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod dataset;
 pub mod fields;

@@ -24,6 +24,8 @@
 //! assert_eq!(slices.iter().map(|s| s.volume()).sum::<usize>(), 160);
 //! # Ok::<(), dstate::DStateError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod error;
 mod group;

@@ -20,6 +20,8 @@
 //! assert!(g.to_string().contains("= cross_entropy_grad("));
 //! # Ok::<(), graph::GraphError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod autodiff;
 mod builder;

@@ -15,7 +15,7 @@
 //! assert_eq!(cpu.download(&c)?, vec![4.0, 2.0, 10.0, 5.0]);
 //! # Ok::<(), kernels::KernelError>(())
 //! ```
-
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![allow(clippy::ptr_arg)]
 
 mod backend;

@@ -20,6 +20,8 @@
 //! assert_eq!(w.numel(), 64 * 16 + 2 * (16 * 16 * 2 + 8 * 16 * 2 + 3 * 40 * 16 + 2 * 16) + 16);
 //! # Ok::<(), model::ModelError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod checkpoint;
 mod config;

@@ -26,6 +26,8 @@
 //! assert!(!plan.buckets.is_empty());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod cluster;
 mod cost;

@@ -25,6 +25,8 @@
 //! assert!((out.loss - 5f32.ln()).abs() < 1e-6); // uniform over 5 tokens
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 mod agreement;
 mod batch;

@@ -26,6 +26,8 @@
 //! assert!(r.paper.as_ref().is_some_and(|p| r.auto.seconds <= p.seconds));
 //! # Ok::<(), sim::SimError>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![forbid(unsafe_code)]
 
 pub mod baselines;
 mod clock;

@@ -30,6 +30,7 @@
 //! assert!(last.hot.as_ref().unwrap().switch_bytes > 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod agreement;
 mod checkpoints;
