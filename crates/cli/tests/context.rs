@@ -14,20 +14,13 @@ use common::hotspa;
 /// 24 documents of 5 to 120 tokens (long-tailed) and initial weights.
 fn setup(dir: &Path) {
     common::affine_docs(dir, 24, |i| [5, 9, 120, 17, 3, 60][i % 6], |i| i);
-    Weights::random(&LlamaConfig::load(dir).unwrap(), 3)
-        .save(&dir.join("init.safetensors"))
-        .unwrap();
+    common::init_weights(dir);
 }
 
 /// Three steps under `how` (strategy flags): the saved weights and what the run printed.
 fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, String) {
     let save = format!("{name}.safetensors");
-    let mut args = vec![
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
+    let mut args = common::train_args(&[
         "--init",
         "init.safetensors",
         "--devices",
@@ -40,7 +33,7 @@ fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, Strin
         &save,
         // Calls of one test write the same name in turn.
         "--force",
-    ];
+    ]);
     args.extend(how);
     let o = hotspa(dir, &args);
     let e = String::from_utf8_lossy(&o.stderr).to_string();
@@ -51,9 +44,8 @@ fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, Strin
 
 #[test]
 fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     for (name, how) in [
         ("dp2cp2", ["--strategy", "dp2cp2"]),
@@ -75,22 +67,13 @@ const TIGHT_PROFILE: &str = "name = \"tight\"\nnodes = 1\ndevices_per_node = 4\n
 
 #[test]
 fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     std::fs::write(d.join("tight.toml"), TIGHT_PROFILE).unwrap();
     let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     let auto = ["--strategies", "auto", "--profile", "tight.toml"];
     // Without the flag: refused before the first step, naming the way out.
-    let mut args = vec![
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
-        "--devices",
-        "4",
-    ];
+    let mut args = common::train_args(&["--devices", "4"]);
     args.extend(auto);
     let o = hotspa(d, &args);
     let e = String::from_utf8_lossy(&o.stderr);
@@ -166,9 +149,8 @@ fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
 /// step could account for; the weights are the unclocked run's, bit for bit.
 #[test]
 fn the_simulated_clock_times_cp_attention() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let fast = TIGHT_PROFILE.replace("memory_gib = 0.00017", "memory_gib = 1.0");
     std::fs::write(d.join("fast.toml"), &fast).unwrap();
     std::fs::write(
@@ -218,9 +200,8 @@ fn the_simulated_clock_times_cp_attention() {
 
 #[test]
 fn graph_prints_the_exchange() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for (spec, devices, needle) in [
         ("dp2cp2", "4", "K,V -> ring (1 hop(s)"),
         ("cp4ulysses", "4", "all-to-all -> heads [S(1)×4]@cp"),
@@ -278,22 +259,9 @@ fn graph_prints_the_exchange() {
 
 #[test]
 fn what_is_not_built_for_cp_is_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
-    let base = [
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
-        "--devices",
-        "4",
-        "--global-batch",
-        "8",
-        "--steps",
-        "1",
-    ];
+    let base = common::train_args(&["--devices", "4", "--global-batch", "8", "--steps", "1"]);
     for (extra, needle) in [
         (
             vec!["--strategy", "cp2"],
@@ -337,9 +305,8 @@ fn peaks(stderr: &str) -> Vec<usize> {
 
 #[test]
 fn recompute_lowers_the_peak_and_keeps_the_weights() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let run = |name: &str, how: &[&str]| {
         let (w, e) = train(d, name, "2", how);
         (peaks(&e), w, e)
@@ -378,15 +345,7 @@ fn recompute_lowers_the_peak_and_keeps_the_weights() {
             "the planner chooses recomputation itself",
         ),
     ] {
-        let mut args = vec![
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
-            "--devices",
-            "2",
-        ];
+        let mut args = common::train_args(&["--devices", "2"]);
         args.extend(&extra);
         let o = hotspa(d, &args);
         let e = String::from_utf8_lossy(&o.stderr);

@@ -79,9 +79,8 @@ const SGD: [&str; 8] = [
 
 #[test]
 fn top_k_at_one_percent_trains_only_with_error_feedback() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let exact = final_loss(d, "exact", &SGD, &[]);
     let with = final_loss(d, "topk-ef", &SGD, &["--grad-compression", "topk:0.01"]);
     let without = final_loss(
@@ -109,9 +108,8 @@ fn top_k_at_one_percent_trains_only_with_error_feedback() {
 
 #[test]
 fn bf16_with_error_feedback_stays_within_rounding_distance_of_the_exact_run() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let adamw = ["--lr", "1e-2"];
     let exact = final_loss(d, "exact", &adamw, &[]);
     let reordered = final_loss(d, "rhd", &adamw, &["--allreduce", "rhd"]);

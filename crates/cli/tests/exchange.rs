@@ -11,20 +11,8 @@ use model::{LlamaConfig, Weights};
 mod common;
 
 fn setup(dir: &Path) {
-    std::fs::write(dir.join("config.json"), common::SMALL_CONFIG).unwrap();
-    let mut lines = String::new();
-    for i in 0..32u32 {
-        let n = [5usize, 9, 12, 30, 7, 14][i as usize % 6];
-        let ids: Vec<String> = (0..n as u32)
-            .map(|j| ((i * 7 + j * j + 3 * j) % 64).to_string())
-            .collect();
-        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
-    }
-    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
-    let cfg = LlamaConfig::load(dir).unwrap();
-    Weights::random(&cfg, 3)
-        .save(&dir.join("init.safetensors"))
-        .unwrap();
+    common::mixed_docs(dir, common::SMALL_CONFIG, 32, &[5, 9, 12, 30, 7, 14], 64);
+    common::init_weights(dir);
 }
 
 struct Run {
@@ -119,9 +107,8 @@ fn refused(dir: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let plain = train(d, "plain", &[]);
     let none = train(
         d,
@@ -250,9 +237,8 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
 
 #[test]
 fn residuals_survive_a_checkpoint_and_resume_is_bitwise() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let codec = ["--grad-compression", "int8"];
     let whole = train(d, "whole", &codec);
     let ck = d.join("ck");
@@ -281,9 +267,8 @@ fn residuals_survive_a_checkpoint_and_resume_is_bitwise() {
 
 #[test]
 fn bad_exchange_settings_are_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for (flags, says) in [
         (vec!["--grad-compression", "topk:2"], "topk:2"),
         (vec!["--grad-compression", "int4"], "int4"),

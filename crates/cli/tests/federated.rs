@@ -272,17 +272,7 @@ fn non_iid_clients_converge_and_every_flag_counts() {
     let (_, topk_m) = run("topk", &with(&["--grad-compression", "topk:0.01"]));
     assert!(up(&topk_m) * 40 < up(&iid_m));
     // Refused by name.
-    let base = [
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
-        "--devices",
-        "2",
-        "--steps",
-        "2",
-    ];
+    let base = common::train_args(&["--devices", "2", "--steps", "2"]);
     for (extra, says) in [
         (vec!["--fed-clients", "4"], "apply to --sync fedavg only"),
         (

@@ -16,16 +16,7 @@ fn hotspa() -> Command {
 }
 
 fn setup(dir: &Path) {
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    let mut lines = String::new();
-    for i in 0..24u32 {
-        let n = [3usize, 9, 2, 30, 5, 14][i as usize % 6];
-        let ids: Vec<String> = (0..n as u32)
-            .map(|j| ((i * 7 + j * j + 3 * j) % 40).to_string())
-            .collect();
-        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
-    }
-    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+    common::mixed_docs(dir, CONFIG, 24, &[3, 9, 2, 30, 5, 14], 40);
 }
 
 /// `train --model D --data D/data.jsonl --global-batch 8` and `extra`.
@@ -63,9 +54,8 @@ fn refused(o: &Output, needle: &str) {
 
 #[test]
 fn outputs_are_checked_before_the_first_step() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let file = d.join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let p = |x: &Path| x.to_str().unwrap().to_string();
@@ -85,9 +75,8 @@ fn outputs_are_checked_before_the_first_step() {
 
 #[test]
 fn checkpoint_directories_are_owned() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let ck = d.join("ck");
     let cks = ck.to_str().unwrap();
     let m = d.join("m.jsonl");
@@ -225,9 +214,8 @@ fn timed(d: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Duration, Output) {
 
 #[test]
 fn a_frozen_rank_ends_the_run_in_bounded_time() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     // Rank 2 of 4 freezes at step 2: the others time out (2 s) and the process ends.
     let env = [
         ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
@@ -288,9 +276,8 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_after_the_step_and_keeps_the_work() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let ck = d.join("ck");
     let save = d.join("w.safetensors");
     let mut child = hotspa()
@@ -372,9 +359,8 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
 #[cfg(unix)]
 #[test]
 fn a_signal_ends_a_run_whose_rank_is_stuck() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let mut child = hotspa()
         .args(["train", "--model", d.to_str().unwrap(), "--data"])
         .arg(d.join("data.jsonl"))
@@ -421,9 +407,8 @@ fn a_signal_ends_a_run_whose_rank_is_stuck() {
 
 #[test]
 fn resources_are_checked_before_allocating() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let big = d.join("7b");
     std::fs::create_dir_all(&big).unwrap();
     std::fs::write(
@@ -471,9 +456,8 @@ fn resources_are_checked_before_allocating() {
 /// and skips otherwise.
 #[test]
 fn a_memory_cgroups_limit_is_honoured() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     std::fs::write(
         d.join("134m.json"),
         r#"{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
@@ -523,9 +507,8 @@ fn a_memory_cgroups_limit_is_honoured() {
 /// the figures. Needs to mount a 1 MiB tmpfs (root); says so and skips otherwise.
 #[test]
 fn a_disk_too_small_for_the_outputs_is_refused_up_front() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let small = d.join("small");
     std::fs::create_dir_all(&small).unwrap();
     let mounted = Command::new("mount")
@@ -567,9 +550,8 @@ fn a_disk_too_small_for_the_outputs_is_refused_up_front() {
 
 #[test]
 fn numbers_are_refused_by_range() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for (args, needle) in [
         (
             &["--grad-clip=-1"][..],
@@ -609,9 +591,8 @@ fn numbers_are_refused_by_range() {
 /// name before the first step.
 #[test]
 fn settings_that_cannot_train_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for (args, needle) in [
         (
             &["--weight-decay", "1e9"][..],
@@ -729,9 +710,8 @@ fn settings_that_cannot_train_are_refused() {
 
 #[test]
 fn cluster_files_and_timeouts_are_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     // A cluster file with a negative bandwidth is refused by name.
     let bad = toml_cluster().replace("gbps = 400.0", "gbps = -400.0");
     std::fs::write(d.join("bad.toml"), bad).unwrap();
@@ -767,9 +747,8 @@ fn toml_cluster() -> String {
 
 #[test]
 fn inputs_that_mean_something_else_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for (field, needle) in [
         (
             r#""architectures": ["MistralForCausalLM"]"#,
@@ -823,9 +802,8 @@ fn inputs_that_mean_something_else_are_refused() {
 /// checkpoint `state.json` is a JSON fault.
 #[test]
 fn inputs_are_read_as_what_they_are() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     std::fs::write(
         d.join("notes.txt"),
         "a plain text file, trained on as one document ".repeat(20),

@@ -58,9 +58,8 @@ fn ok(o: &Output) {
 
 #[test]
 fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let data = std::fs::read(d.join("x/d.jsonl")).unwrap();
     // The folder holding the training data, forced: the data stays.
     refused(
@@ -155,9 +154,8 @@ fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
 
 #[test]
 fn force_replaces_only_hotspas_own_outputs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     // A file of the user's is never overwritten, forced or not.
     std::fs::write(d.join("notes.jsonl"), "my notes\n").unwrap();
     refused(
@@ -209,9 +207,8 @@ fn force_replaces_only_hotspas_own_outputs() {
 
 #[test]
 fn an_output_in_use_by_another_run_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let mut long = Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args([
             "train",
@@ -254,9 +251,8 @@ fn an_output_in_use_by_another_run_is_refused() {
 
 #[test]
 fn every_load_of_a_checkpoint_is_verified() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     ok(&train(d, &["--checkpoint-dir", "ck", "--save", "out"]));
     let step = d.join("ck/step-00000002");
     // Intact: every command says what it verified.

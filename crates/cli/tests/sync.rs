@@ -16,9 +16,7 @@ use common::hotspa;
 /// mean gradient is the global mean's share times the replica count), and initial weights.
 fn setup(dir: &Path) {
     common::affine_docs(dir, 64, |_| 16, |i| i);
-    Weights::random(&LlamaConfig::load(dir).unwrap(), 3)
-        .save(&dir.join("init.safetensors"))
-        .unwrap();
+    common::init_weights(dir);
 }
 
 /// AdamW with β1 = 0, ε = 1e6, lr = 1e6 · 0.5 and no decay or clipping is SGD at 0.5 to f32
@@ -57,12 +55,7 @@ fn train_on(
     let steps = steps.to_string();
     let save = format!("{name}.safetensors");
     let metrics = format!("{name}.jsonl");
-    let mut args = vec![
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
+    let mut args = common::train_args(&[
         "--devices",
         devices,
         "--strategy",
@@ -77,7 +70,7 @@ fn train_on(
         &metrics,
         // Runs of one test may write a name an earlier one wrote.
         "--force",
-    ];
+    ]);
     if !extra.contains(&"--resume") {
         args.extend(["--init", "init.safetensors"]);
     }
@@ -119,9 +112,8 @@ fn with<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn local_sgd_every_step_is_bsp_and_less_often_is_not() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let init = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join("init.safetensors")).unwrap();
     let bsp = train(d, "bsp", 3, &SGD);
     let local1 = train(d, "local1", 3, &with(&SGD, &["--sync", "local:1"]));
@@ -144,9 +136,8 @@ fn local_sgd_every_step_is_bsp_and_less_often_is_not() {
 
 #[test]
 fn averaging_every_h_steps_sends_h_times_fewer_bytes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let bsp = train(d, "bsp", 10, &[]);
     let local = train(d, "local", 10, &["--sync", "local:5"]);
     let (b, l) = (wire(&bsp), wire(&local));
@@ -169,9 +160,8 @@ fn averaging_every_h_steps_sends_h_times_fewer_bytes() {
 
 #[test]
 fn diloco_takes_an_outer_step() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let local = train(d, "local", 6, &["--sync", "local:3"]);
     let plain = train(
         d,
@@ -213,9 +203,8 @@ fn diloco_takes_an_outer_step() {
 
 #[test]
 fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     for mode in ["local:2", "diloco:2"] {
         let whole = train(d, "whole", 6, &["--sync", mode]);
         train(
@@ -246,12 +235,7 @@ fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
     train(d, "bsp", 2, &["--checkpoint-dir", "ck"]);
     let o = hotspa(
         d,
-        &[
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
+        &common::train_args(&[
             "--devices",
             "4",
             "--strategy",
@@ -264,7 +248,7 @@ fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
             "diloco:2",
             "--resume",
             "ck",
-        ],
+        ]),
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
@@ -280,9 +264,8 @@ fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
 /// near-zero gradient entries, summed in another order over the CP ranks, into ~1e-5.)
 #[test]
 fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let run = |name: &str, devices: &str, strategy: &str, sync: &str| {
         train_on(
             d,
@@ -314,19 +297,7 @@ fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
     assert!(apart > 1e-4, "local:3 is BSP ({apart})");
     let o = hotspa(
         d,
-        &[
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
-            "--devices",
-            "4",
-            "--strategy",
-            "cp4",
-            "--sync",
-            "local:2",
-        ],
+        &common::train_args(&["--devices", "4", "--strategy", "cp4", "--sync", "local:2"]),
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("no DP replicas"), "{e}");
@@ -334,20 +305,9 @@ fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
 
 #[test]
 fn what_periodic_averaging_cannot_do_is_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
-    let base = [
-        "train",
-        "--model",
-        ".",
-        "--data",
-        "data.jsonl",
-        "--devices",
-        "4",
-        "--steps",
-        "4",
-    ];
+    let base = common::train_args(&["--devices", "4", "--steps", "4"]);
     for (extra, says) in [
         (
             vec!["--sync", "ring:2"],
@@ -409,9 +369,8 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
 /// `--slow-rank` makes a straggler whose pushes land on parameters many updates newer.
 #[test]
 fn parameter_server_flags_change_what_runs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let nodes = ["--devices-per-node", "2"];
     let all_reduce = train(d, "allreduce", 3, &nodes);
     let dedicated = train(d, "ps", 3, &with(&nodes, &["--ps-servers", "2"]));
@@ -466,12 +425,7 @@ fn parameter_server_flags_change_what_runs() {
     // parameters that moved on.
     let o = hotspa(
         d,
-        &[
-            "train",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
+        &common::train_args(&[
             "--devices",
             "4",
             "--steps",
@@ -482,7 +436,7 @@ fn parameter_server_flags_change_what_runs() {
             "asp",
             "--slow-rank",
             "3:20",
-        ],
+        ]),
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
@@ -506,17 +460,11 @@ fn parameter_server_flags_change_what_runs() {
 /// under BSP on the parameter server the same fault ends the run, naming the rank.
 #[test]
 fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let run = |sync: &str| {
         Command::new(env!("CARGO_BIN_EXE_hotspa"))
-            .args([
-                "train",
-                "--model",
-                ".",
-                "--data",
-                "data.jsonl",
+            .args(common::train_args(&[
                 "--devices",
                 "4",
                 "--steps",
@@ -529,7 +477,7 @@ fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
                 "1",
                 "--save",
                 &format!("{sync}.safetensors"),
-            ])
+            ]))
             .current_dir(d)
             .env("RUST_BACKTRACE", "0")
             // World rank 2: worker 1 (the server is rank 0), at its first step: the only one
@@ -568,19 +516,13 @@ fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
 /// (the run differs) — and the saved model is every replica's average all the same.
 #[test]
 fn gossip_averages_with_the_ring_neighbours() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::Scratch::new(setup);
     let d = dir.path();
-    setup(d);
     let two = |sync: &str| -> Weights {
         let save = format!("two_{sync}.safetensors").replace(':', "_");
         let o = hotspa(
             d,
-            &[
-                "train",
-                "--model",
-                ".",
-                "--data",
-                "data.jsonl",
+            &common::train_args(&[
                 "--init",
                 "init.safetensors",
                 "--devices",
@@ -595,7 +537,7 @@ fn gossip_averages_with_the_ring_neighbours() {
                 sync,
                 "--save",
                 &save,
-            ],
+            ]),
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         Weights::load(&LlamaConfig::load(d).unwrap(), &d.join(&save)).unwrap()

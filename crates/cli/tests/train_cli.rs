@@ -6,6 +6,8 @@ use std::process::Command;
 
 use model::{LlamaConfig, Weights};
 
+mod common;
+
 fn hotspa(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(args)
@@ -17,20 +19,8 @@ const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size
     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
 
 fn setup(dir: &Path) {
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    let mut lines = String::new();
-    for i in 0..24u32 {
-        let n = [3usize, 9, 2, 30, 5, 14][i as usize % 6];
-        let ids: Vec<String> = (0..n as u32)
-            .map(|j| ((i * 7 + j * j + 3 * j) % 40).to_string())
-            .collect();
-        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
-    }
-    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
-    let cfg = LlamaConfig::load(dir).unwrap();
-    Weights::random(&cfg, 3)
-        .save(&dir.join("init.safetensors"))
-        .unwrap();
+    common::mixed_docs(dir, CONFIG, 24, &[3, 9, 2, 30, 5, 14], 40);
+    common::init_weights(dir);
 }
 
 fn train(dir: &Path, devices: &str, strategy: &str, out: &str) -> Weights {

@@ -174,6 +174,21 @@ pub(crate) fn sub_group_members(
     Ok((world, index))
 }
 
+/// How many times each member list has been made a sub-group under one parent: the n-th
+/// creation of the same list gets the same id on every member, without communication.
+#[derive(Default)]
+pub(crate) struct SubGroups(std::sync::Mutex<std::collections::HashMap<Vec<usize>, u64>>);
+
+impl SubGroups {
+    /// Counts one more creation of `world_members`; its number, from 1.
+    pub(crate) fn next(&self, world_members: &[usize]) -> u64 {
+        let mut subs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c = subs.entry(world_members.to_vec()).or_insert(0);
+        *c += 1;
+        *c
+    }
+}
+
 /// The prefix sums of `counts` (`offsets[j]..offsets[j+1]` is rank `j`'s part).
 pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
     let mut o = Vec::with_capacity(counts.len() + 1);

@@ -173,7 +173,7 @@ pub struct ThreadComm {
     members: Arc<Vec<usize>>,
     me: usize,
     seq: AtomicU64,
-    subgroups: Mutex<HashMap<Vec<usize>, u64>>,
+    subgroups: crate::communicator::SubGroups,
     timeout: Duration,
     /// The member `take_any` looks at first.
     turn: AtomicUsize,
@@ -201,7 +201,7 @@ impl ThreadComm {
                 members: members.clone(),
                 me,
                 seq: AtomicU64::new(0),
-                subgroups: Mutex::new(HashMap::new()),
+                subgroups: Default::default(),
                 turn: AtomicUsize::new(0),
                 timeout,
             })
@@ -487,12 +487,7 @@ impl Communicator for ThreadComm {
         let (world_members, me) = sub_group_members(&self.members, self.me, members)?;
         // The n-th creation of the same member list under this parent gets the same id on every
         // member, without communication.
-        let nth = {
-            let mut subs = self.subgroups.lock().unwrap_or_else(|p| p.into_inner());
-            let c = subs.entry(world_members.clone()).or_insert(0);
-            *c += 1;
-            *c
-        };
+        let nth = self.subgroups.next(&world_members);
         let group = {
             let mut st = self.world.lock();
             let next = st.groups.len() as u64 + 1;
@@ -507,7 +502,7 @@ impl Communicator for ThreadComm {
             members: Arc::new(world_members),
             me,
             seq: AtomicU64::new(0),
-            subgroups: Mutex::new(HashMap::new()),
+            subgroups: Default::default(),
             turn: AtomicUsize::new(0),
             timeout: self.timeout,
         }))

@@ -8,34 +8,30 @@ use crate::{DataError, Result};
 
 const MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
 
-/// `PREFIX.idx` and `PREFIX.bin` of a path that names either file or the prefix, if both exist.
-pub fn files(path: &Path) -> Option<(PathBuf, PathBuf)> {
+/// `PREFIX.idx` and `PREFIX.bin` of a path that names either file or the prefix.
+fn halves(path: &Path) -> (PathBuf, PathBuf) {
     let s = path.to_string_lossy();
     let prefix = s
         .strip_suffix(".idx")
         .or_else(|| s.strip_suffix(".bin"))
         .unwrap_or(&s)
         .to_string();
-    let (idx, bin) = (
+    (
         PathBuf::from(format!("{prefix}.idx")),
         PathBuf::from(format!("{prefix}.bin")),
-    );
+    )
+}
+
+/// `PREFIX.idx` and `PREFIX.bin` of a path that names either file or the prefix, if both exist.
+pub fn files(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (idx, bin) = halves(path);
     (idx.is_file() && bin.is_file()).then_some((idx, bin))
 }
 
 /// For a path naming one half of a Megatron dataset (`PREFIX.idx` or `PREFIX.bin`, or a
 /// `PREFIX` of which one half exists) whose other half is missing: the missing file.
 pub fn missing_half(path: &Path) -> Option<PathBuf> {
-    let s = path.to_string_lossy();
-    let prefix = s
-        .strip_suffix(".idx")
-        .or_else(|| s.strip_suffix(".bin"))
-        .unwrap_or(&s)
-        .to_string();
-    let (idx, bin) = (
-        PathBuf::from(format!("{prefix}.idx")),
-        PathBuf::from(format!("{prefix}.bin")),
-    );
+    let (idx, bin) = halves(path);
     match (idx.is_file(), bin.is_file()) {
         (true, false) => Some(bin),
         (false, true) => Some(idx),

@@ -249,7 +249,7 @@ impl<B: Backend> HostAttention for B {
     }
 }
 
-/// Runs the blocks and accounts for nothing ([`attention_forward`], [`attention_backward`]).
+/// Runs the blocks and accounts for nothing (what [`CpAttention::new`] starts with).
 pub struct Unaccounted;
 
 impl HostAttention for Unaccounted {
@@ -275,44 +275,100 @@ fn check_group(comm: &dyn Communicator, split: &CpSplit) -> Result<usize> {
     Ok(comm.rank().0)
 }
 
-/// The attention output and log-sum-exp of this rank's queries over every earlier key of their
-/// sequences, wherever those keys are.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    comm: &dyn Communicator,
+/// Causal attention over a CP group: this rank's queries attend to every earlier key of their
+/// sequences, wherever those keys are, by the group's `exchange`; each host-side block of
+/// attention runs through `host` (a backend that accounts for it, or [`Unaccounted`]).
+///
+/// ```
+/// use comm::{Communicator, ThreadComm};
+/// use kernels::AttnShape;
+/// use runtime::context::{CpAttention, CpExchange, CpSplit};
+///
+/// let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4 };
+/// let lse = ThreadComm::run(2, move |comm| {
+///     let split = CpSplit::balanced(&[0, 6], 2)?; // one sequence of 6 tokens over 2 ranks
+///     let n = split.local_tokens(comm.rank().0);
+///     let (q, kv) = (vec![0.5f32; n * 8], vec![0.25f32; n * 4]);
+///     let attn = CpAttention::new(&comm, CpExchange::Ring, &split, shape, 0.5);
+///     let (out, lse) = attn.forward(&q, &kv, &kv)?;
+///     assert_eq!(out.len(), n * 8);
+///     Ok::<_, runtime::RuntimeError>(lse)
+/// })?;
+/// assert_eq!(lse.len(), 2);
+/// # Ok::<(), runtime::RuntimeError>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct CpAttention<'a> {
+    host: &'a dyn HostAttention,
+    comm: &'a dyn Communicator,
     exchange: CpExchange,
-    split: &CpSplit,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    split: &'a CpSplit,
     shape: AttnShape,
     scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    attention_forward_on(&Unaccounted, comm, exchange, split, q, k, v, shape, scale)
 }
 
-/// [`attention_forward`] with each block of attention run through `host`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward_on(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    exchange: CpExchange,
-    split: &CpSplit,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let me = check_group(comm, split)?;
-    let n = split.local_tokens(me);
-    check_rows("q", q, n, shape.heads * shape.head_dim)?;
-    check_rows("k", k, n, shape.kv_heads * shape.head_dim)?;
-    check_rows("v", v, n, shape.kv_heads * shape.head_dim)?;
-    let x = Inputs { q, k, v };
-    match exchange {
-        CpExchange::Ring => ring_forward(host, comm, split, me, &x, shape, scale),
-        CpExchange::Ulysses => ulysses_forward(host, comm, split, me, &x, shape, scale),
+impl<'a> CpAttention<'a> {
+    /// Attention of `shape` (this rank's heads) scaled by `scale`, over `comm` (the CP group, as
+    /// many ranks as `split` has parts) by `exchange`; host-side blocks accounted for by nobody.
+    pub fn new(
+        comm: &'a dyn Communicator,
+        exchange: CpExchange,
+        split: &'a CpSplit,
+        shape: AttnShape,
+        scale: f32,
+    ) -> Self {
+        CpAttention {
+            host: &Unaccounted,
+            comm,
+            exchange,
+            split,
+            shape,
+            scale,
+        }
+    }
+
+    /// The same attention with each host-side block run through `host`.
+    pub fn through(self, host: &'a dyn HostAttention) -> Self {
+        CpAttention { host, ..self }
+    }
+
+    /// This rank's index in the group and its token count, checked against the split.
+    fn me(&self) -> Result<(usize, usize)> {
+        let me = check_group(self.comm, self.split)?;
+        Ok((me, self.split.local_tokens(me)))
+    }
+
+    /// The attention output and log-sum-exp of this rank's queries (`q`, `k`, `v`: this rank's
+    /// tokens, row-major by head).
+    pub fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (me, n) = self.me()?;
+        let sh = self.shape;
+        check_rows("q", q, n, sh.heads * sh.head_dim)?;
+        check_rows("k", k, n, sh.kv_heads * sh.head_dim)?;
+        check_rows("v", v, n, sh.kv_heads * sh.head_dim)?;
+        let x = Inputs { q, k, v };
+        match self.exchange {
+            CpExchange::Ring => self.ring_forward(me, &x),
+            CpExchange::Ulysses => self.ulysses_forward(me, &x),
+        }
+    }
+
+    /// The gradients of [`CpAttention::forward`] with respect to this rank's `q`, `k`, `v`, from
+    /// the output's gradient and what the forward saw and gave.
+    pub fn backward(&self, saved: &Saved) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (me, n) = self.me()?;
+        let sh = self.shape;
+        let qrow = sh.heads * sh.head_dim;
+        check_rows("dout", saved.dout, n, qrow)?;
+        check_rows("q", saved.q, n, qrow)?;
+        check_rows("out", saved.out, n, qrow)?;
+        check_rows("lse", saved.lse, n, sh.heads)?;
+        check_rows("k", saved.k, n, sh.kv_heads * sh.head_dim)?;
+        check_rows("v", saved.v, n, sh.kv_heads * sh.head_dim)?;
+        match self.exchange {
+            CpExchange::Ring => self.ring_backward(me, saved),
+            CpExchange::Ulysses => self.ulysses_backward(me, saved),
+        }
     }
 }
 
@@ -321,76 +377,6 @@ struct Inputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-}
-
-/// The gradients of [`attention_forward`] with respect to this rank's `q`, `k`, `v`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    comm: &dyn Communicator,
-    exchange: CpExchange,
-    split: &CpSplit,
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    attention_backward_on(
-        &Unaccounted,
-        comm,
-        exchange,
-        split,
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        shape,
-        scale,
-    )
-}
-
-/// [`attention_backward`] with each block of attention run through `host`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_on(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    exchange: CpExchange,
-    split: &CpSplit,
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let me = check_group(comm, split)?;
-    let n = split.local_tokens(me);
-    let qrow = shape.heads * shape.head_dim;
-    check_rows("dout", dout, n, qrow)?;
-    check_rows("q", q, n, qrow)?;
-    check_rows("out", out, n, qrow)?;
-    check_rows("lse", lse, n, shape.heads)?;
-    check_rows("k", k, n, shape.kv_heads * shape.head_dim)?;
-    check_rows("v", v, n, shape.kv_heads * shape.head_dim)?;
-    let saved = Saved {
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-    };
-    match exchange {
-        CpExchange::Ring => ring_backward(host, comm, split, me, &saved, shape, scale),
-        CpExchange::Ulysses => ulysses_backward(host, comm, split, me, &saved, shape, scale),
-    }
 }
 
 fn check_rows(what: &str, buf: &[f32], rows: usize, row: usize) -> Result<()> {
@@ -404,13 +390,22 @@ fn check_rows(what: &str, buf: &[f32], rows: usize, row: usize) -> Result<()> {
     Ok(())
 }
 
-struct Saved<'a> {
-    dout: &'a [f32],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    out: &'a [f32],
-    lse: &'a [f32],
+/// What [`CpAttention::backward`] needs: the output's gradient, the forward's inputs and what
+/// it gave, all this rank's tokens.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    /// The gradient of the output.
+    pub dout: &'a [f32],
+    /// The queries.
+    pub q: &'a [f32],
+    /// The keys.
+    pub k: &'a [f32],
+    /// The values.
+    pub v: &'a [f32],
+    /// The forward's output.
+    pub out: &'a [f32],
+    /// The forward's log-sum-exp.
+    pub lse: &'a [f32],
 }
 
 /// Sends `send` to the next rank of the ring and receives the previous rank's into `recv`.
@@ -430,100 +425,92 @@ fn shift(comm: &dyn Communicator, me: usize, send: &[f32], recv: &mut [f32]) -> 
     Ok(())
 }
 
-fn ring_forward(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    split: &CpSplit,
-    me: usize,
-    x: &Inputs<'_>,
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (q, k, v) = (x.q, x.k, x.v);
-    let cp = split.cp();
-    let kv_row = shape.kv_heads * shape.head_dim;
-    let mut out = vec![0.0; q.len()];
-    let mut lse = vec![f32::NEG_INFINITY; shape.heads * split.local_tokens(me)];
-    // The block in hand: the keys then the values of its owner's tokens.
-    let mut block = [k, v].concat();
-    for step in 0..cp {
-        let owner = (me + cp - step) % cp;
-        let half = split.local_tokens(owner) * kv_row;
-        let (bk, bv) = block.split_at(half);
-        host.run(&split.host_spans(me, owner), shape, false, &mut || {
-            spans::forward(
-                q,
-                bk,
-                bv,
-                &split.spans(me, owner),
-                shape,
-                scale,
-                &mut out,
-                &mut lse,
-            )
-        })?;
-        if step + 1 < cp {
-            let next = (owner + cp - 1) % cp;
-            let mut incoming = vec![0.0; 2 * split.local_tokens(next) * kv_row];
-            shift(comm, me, &block, &mut incoming)?;
-            block = incoming;
+impl CpAttention<'_> {
+    fn ring_forward(&self, me: usize, x: &Inputs<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (host, comm, split, shape, scale) =
+            (self.host, self.comm, self.split, self.shape, self.scale);
+        let (q, k, v) = (x.q, x.k, x.v);
+        let cp = split.cp();
+        let kv_row = shape.kv_heads * shape.head_dim;
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![f32::NEG_INFINITY; shape.heads * split.local_tokens(me)];
+        // The block in hand: the keys then the values of its owner's tokens.
+        let mut block = [k, v].concat();
+        for step in 0..cp {
+            let owner = (me + cp - step) % cp;
+            let half = split.local_tokens(owner) * kv_row;
+            let (bk, bv) = block.split_at(half);
+            host.run(&split.host_spans(me, owner), shape, false, &mut || {
+                spans::forward(
+                    q,
+                    bk,
+                    bv,
+                    &split.spans(me, owner),
+                    shape,
+                    scale,
+                    &mut out,
+                    &mut lse,
+                )
+            })?;
+            if step + 1 < cp {
+                let next = (owner + cp - 1) % cp;
+                let mut incoming = vec![0.0; 2 * split.local_tokens(next) * kv_row];
+                shift(comm, me, &block, &mut incoming)?;
+                block = incoming;
+            }
         }
+        Ok((out, lse))
     }
-    Ok((out, lse))
 }
 
-fn ring_backward(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    split: &CpSplit,
-    me: usize,
-    x: &Saved<'_>,
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let cp = split.cp();
-    let kv_row = shape.kv_heads * shape.head_dim;
-    let delta = spans::delta(x.dout, x.out, shape)?;
-    let mut dq = vec![0.0; x.q.len()];
-    // The block in hand: keys, values, and the dK, dV gathered for them so far.
-    let mut block = [x.k, x.v, &vec![0.0; 2 * x.k.len()]].concat();
-    for step in 0..cp {
-        let owner = (me + cp - step) % cp;
-        let quarter = split.local_tokens(owner) * kv_row;
-        let (kv, grads) = block.split_at_mut(2 * quarter);
-        let (bk, bv) = kv.split_at(quarter);
-        let (dk, dv) = grads.split_at_mut(quarter);
-        let g = Grads {
-            dout: x.dout,
-            q: x.q,
-            k: bk,
-            v: bv,
-            lse: x.lse,
-            delta: &delta,
-        };
-        host.run(&split.host_spans(me, owner), shape, true, &mut || {
-            spans::backward(&g, &split.spans(me, owner), shape, scale, &mut dq, dk, dv)
-        })?;
-        if step + 1 < cp {
-            let next = (owner + cp - 1) % cp;
-            let mut incoming = vec![0.0; 4 * split.local_tokens(next) * kv_row];
-            shift(comm, me, &block, &mut incoming)?;
-            block = incoming;
+impl CpAttention<'_> {
+    fn ring_backward(&self, me: usize, x: &Saved<'_>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (host, comm, split, shape, scale) =
+            (self.host, self.comm, self.split, self.shape, self.scale);
+        let cp = split.cp();
+        let kv_row = shape.kv_heads * shape.head_dim;
+        let delta = spans::delta(x.dout, x.out, shape)?;
+        let mut dq = vec![0.0; x.q.len()];
+        // The block in hand: keys, values, and the dK, dV gathered for them so far.
+        let mut block = [x.k, x.v, &vec![0.0; 2 * x.k.len()]].concat();
+        for step in 0..cp {
+            let owner = (me + cp - step) % cp;
+            let quarter = split.local_tokens(owner) * kv_row;
+            let (kv, grads) = block.split_at_mut(2 * quarter);
+            let (bk, bv) = kv.split_at(quarter);
+            let (dk, dv) = grads.split_at_mut(quarter);
+            let g = Grads {
+                dout: x.dout,
+                q: x.q,
+                k: bk,
+                v: bv,
+                lse: x.lse,
+                delta: &delta,
+            };
+            host.run(&split.host_spans(me, owner), shape, true, &mut || {
+                spans::backward(&g, &split.spans(me, owner), shape, scale, &mut dq, dk, dv)
+            })?;
+            if step + 1 < cp {
+                let next = (owner + cp - 1) % cp;
+                let mut incoming = vec![0.0; 4 * split.local_tokens(next) * kv_row];
+                shift(comm, me, &block, &mut incoming)?;
+                block = incoming;
+            }
         }
+        // The block in hand belongs to the next rank; its dK, dV go home, ours come from behind.
+        let n = x.k.len();
+        let grads = if cp > 1 {
+            let owner = (me + 1) % cp;
+            let quarter = split.local_tokens(owner) * kv_row;
+            let mut mine = vec![0.0; 2 * n];
+            shift(comm, me, &block[2 * quarter..], &mut mine)?;
+            mine
+        } else {
+            block.split_off(2 * n)
+        };
+        let (dk, dv) = grads.split_at(n);
+        Ok((dq, dk.to_vec(), dv.to_vec()))
     }
-    // The block in hand belongs to the next rank; its dK, dV go home, ours come from behind.
-    let n = x.k.len();
-    let grads = if cp > 1 {
-        let owner = (me + 1) % cp;
-        let quarter = split.local_tokens(owner) * kv_row;
-        let mut mine = vec![0.0; 2 * n];
-        shift(comm, me, &block[2 * quarter..], &mut mine)?;
-        mine
-    } else {
-        block.split_off(2 * n)
-    };
-    let (dk, dv) = grads.split_at(n);
-    Ok((dq, dk.to_vec(), dv.to_vec()))
 }
 
 /// Who holds which heads under Ulysses: query heads `r·hc..(r+1)·hc` and kv heads
@@ -649,103 +636,95 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn ulysses_forward(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    split: &CpSplit,
-    me: usize,
-    x: &Inputs<'_>,
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (q, k, v) = (x.q, x.k, x.v);
-    let hs = HeadSplit::new(shape, split.cp())?;
-    let d = shape.head_dim;
-    let qr: Vec<(usize, usize)> = (0..split.cp())
-        .map(|r| (r * hs.hc, (r + 1) * hs.hc))
-        .collect();
-    let fq = to_heads(comm, split, me, q, shape.heads, d, &qr)?;
-    let fk = to_heads(comm, split, me, k, shape.kv_heads, d, &hs.kv)?;
-    let fv = to_heads(comm, split, me, v, shape.kv_heads, d, &hs.kv)?;
-    let mine = hs.shape(me, d);
-    let t = split.tokens();
-    let (mut fo, mut fl) = (vec![0.0; fq.len()], vec![0.0; hs.hc * t]);
-    host.run(&split.whole_sequences(), mine, false, &mut || {
-        attention::forward(
-            &fq,
-            &fk,
-            &fv,
-            split.cu_seqlens(),
-            mine,
-            scale,
-            &mut fo,
-            &mut fl,
-        )
-    })?;
-    let out = to_tokens(comm, split, me, &fo, shape.heads, d, &qr)?;
-    let lse = to_tokens(
-        comm,
-        split,
-        me,
-        &transpose(&fl, hs.hc, t),
-        shape.heads,
-        1,
-        &qr,
-    )?;
-    let n = split.local_tokens(me);
-    Ok((out, transpose(&lse, n, shape.heads)))
+impl CpAttention<'_> {
+    fn ulysses_forward(&self, me: usize, x: &Inputs<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (host, comm, split, shape, scale) =
+            (self.host, self.comm, self.split, self.shape, self.scale);
+        let (q, k, v) = (x.q, x.k, x.v);
+        let hs = HeadSplit::new(shape, split.cp())?;
+        let d = shape.head_dim;
+        let qr: Vec<(usize, usize)> = (0..split.cp())
+            .map(|r| (r * hs.hc, (r + 1) * hs.hc))
+            .collect();
+        let fq = to_heads(comm, split, me, q, shape.heads, d, &qr)?;
+        let fk = to_heads(comm, split, me, k, shape.kv_heads, d, &hs.kv)?;
+        let fv = to_heads(comm, split, me, v, shape.kv_heads, d, &hs.kv)?;
+        let mine = hs.shape(me, d);
+        let t = split.tokens();
+        let (mut fo, mut fl) = (vec![0.0; fq.len()], vec![0.0; hs.hc * t]);
+        host.run(&split.whole_sequences(), mine, false, &mut || {
+            attention::forward(
+                &fq,
+                &fk,
+                &fv,
+                split.cu_seqlens(),
+                mine,
+                scale,
+                &mut fo,
+                &mut fl,
+            )
+        })?;
+        let out = to_tokens(comm, split, me, &fo, shape.heads, d, &qr)?;
+        let lse = to_tokens(
+            comm,
+            split,
+            me,
+            &transpose(&fl, hs.hc, t),
+            shape.heads,
+            1,
+            &qr,
+        )?;
+        let n = split.local_tokens(me);
+        Ok((out, transpose(&lse, n, shape.heads)))
+    }
 }
 
-fn ulysses_backward(
-    host: &dyn HostAttention,
-    comm: &dyn Communicator,
-    split: &CpSplit,
-    me: usize,
-    x: &Saved<'_>,
-    shape: AttnShape,
-    scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let hs = HeadSplit::new(shape, split.cp())?;
-    let d = shape.head_dim;
-    let (h, g) = (shape.heads, shape.kv_heads);
-    let qr: Vec<(usize, usize)> = (0..split.cp())
-        .map(|r| (r * hs.hc, (r + 1) * hs.hc))
-        .collect();
-    let n = split.local_tokens(me);
-    let fdo = to_heads(comm, split, me, x.dout, h, d, &qr)?;
-    let fq = to_heads(comm, split, me, x.q, h, d, &qr)?;
-    let fo = to_heads(comm, split, me, x.out, h, d, &qr)?;
-    let fl = to_heads(comm, split, me, &transpose(x.lse, h, n), h, 1, &qr)?;
-    let fk = to_heads(comm, split, me, x.k, g, d, &hs.kv)?;
-    let fv = to_heads(comm, split, me, x.v, g, d, &hs.kv)?;
-    let t = split.tokens();
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; fq.len()],
-        vec![0.0; fk.len()],
-        vec![0.0; fv.len()],
-    );
-    let lse = transpose(&fl, t, hs.hc);
-    host.run(&split.whole_sequences(), hs.shape(me, d), true, &mut || {
-        attention::backward(
-            &fdo,
-            &fq,
-            &fk,
-            &fv,
-            &fo,
-            &lse,
-            split.cu_seqlens(),
-            hs.shape(me, d),
-            scale,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        )
-    })?;
-    Ok((
-        to_tokens(comm, split, me, &dq, h, d, &qr)?,
-        to_tokens(comm, split, me, &dk, g, d, &hs.kv)?,
-        to_tokens(comm, split, me, &dv, g, d, &hs.kv)?,
-    ))
+impl CpAttention<'_> {
+    fn ulysses_backward(&self, me: usize, x: &Saved<'_>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (host, comm, split, shape, scale) =
+            (self.host, self.comm, self.split, self.shape, self.scale);
+        let hs = HeadSplit::new(shape, split.cp())?;
+        let d = shape.head_dim;
+        let (h, g) = (shape.heads, shape.kv_heads);
+        let qr: Vec<(usize, usize)> = (0..split.cp())
+            .map(|r| (r * hs.hc, (r + 1) * hs.hc))
+            .collect();
+        let n = split.local_tokens(me);
+        let fdo = to_heads(comm, split, me, x.dout, h, d, &qr)?;
+        let fq = to_heads(comm, split, me, x.q, h, d, &qr)?;
+        let fo = to_heads(comm, split, me, x.out, h, d, &qr)?;
+        let fl = to_heads(comm, split, me, &transpose(x.lse, h, n), h, 1, &qr)?;
+        let fk = to_heads(comm, split, me, x.k, g, d, &hs.kv)?;
+        let fv = to_heads(comm, split, me, x.v, g, d, &hs.kv)?;
+        let t = split.tokens();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; fq.len()],
+            vec![0.0; fk.len()],
+            vec![0.0; fv.len()],
+        );
+        let lse = transpose(&fl, t, hs.hc);
+        host.run(&split.whole_sequences(), hs.shape(me, d), true, &mut || {
+            attention::backward(
+                &fdo,
+                &fq,
+                &fk,
+                &fv,
+                &fo,
+                &lse,
+                split.cu_seqlens(),
+                hs.shape(me, d),
+                scale,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )
+        })?;
+        Ok((
+            to_tokens(comm, split, me, &dq, h, d, &qr)?,
+            to_tokens(comm, split, me, &dk, g, d, &hs.kv)?,
+            to_tokens(comm, split, me, &dv, g, d, &hs.kv)?,
+        ))
+    }
 }
 
 #[cfg(test)]

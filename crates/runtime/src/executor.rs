@@ -608,17 +608,14 @@ impl<B: Backend> Ctx<'_, B> {
                 let (o, lse) = outs.split_at_mut(1);
                 if let Some((split, rank)) = &batch.context {
                     let (comm, exchange) = cp_group(tp.as_deref(), *rank)?;
-                    let (out, l) = crate::context::attention_forward_on(
-                        be,
-                        comm,
-                        exchange,
-                        split,
-                        &be.download(ins[0])?,
-                        &be.download(ins[1])?,
-                        &be.download(ins[2])?,
-                        local,
-                        scale,
-                    )?;
+                    let (out, l) =
+                        crate::context::CpAttention::new(comm, exchange, split, local, scale)
+                            .through(be)
+                            .forward(
+                                &be.download(ins[0])?,
+                                &be.download(ins[1])?,
+                                &be.download(ins[2])?,
+                            )?;
                     o[0] = be.upload(&out)?;
                     lse[0] = be.upload(&l)?;
                     return Ok(());
@@ -648,10 +645,18 @@ impl<B: Backend> Ctx<'_, B> {
                         .iter()
                         .map(|b| be.download(b))
                         .collect::<kernels::Result<_>>()?;
-                    let (gq, gk, gv) = crate::context::attention_backward_on(
-                        be, comm, exchange, split, &host[0], &host[1], &host[2], &host[3],
-                        &host[4], &host[5], local, scale,
-                    )?;
+                    let saved = crate::context::Saved {
+                        dout: &host[0],
+                        q: &host[1],
+                        k: &host[2],
+                        v: &host[3],
+                        out: &host[4],
+                        lse: &host[5],
+                    };
+                    let (gq, gk, gv) =
+                        crate::context::CpAttention::new(comm, exchange, split, local, scale)
+                            .through(be)
+                            .backward(&saved)?;
                     dq[0] = be.upload(&gq)?;
                     dk[0] = be.upload(&gk)?;
                     dv[0] = be.upload(&gv)?;

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use comm::{Communicator, ThreadComm};
 use kernels::ops::attention;
 use kernels::AttnShape;
-use runtime::context::{
-    attention_backward, attention_backward_on, attention_forward, attention_forward_on, CpExchange,
-    CpSplit,
-};
+use runtime::context::{CpAttention, CpExchange, CpSplit, Saved};
 use runtime::RuntimeError;
 
 use kernels::conformance::uniform as rand;
@@ -94,11 +91,16 @@ impl Case {
             let v = split.take(me, &case.v, krow);
             let dout = split.take(me, &case.dout, qrow);
             let tally = Tally::default();
-            let (out, lse) =
-                attention_forward_on(&tally, &c, exchange, &split, &q, &k, &v, sh, SCALE)?;
-            let (dq, dk, dv) = attention_backward_on(
-                &tally, &c, exchange, &split, &dout, &q, &k, &v, &out, &lse, sh, SCALE,
-            )?;
+            let attn = CpAttention::new(&c, exchange, &split, sh, SCALE).through(&tally);
+            let (out, lse) = attn.forward(&q, &k, &v)?;
+            let (dq, dk, dv) = attn.backward(&Saved {
+                dout: &dout,
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+            })?;
             let counted = *tally
                 .0
                 .lock()
@@ -223,12 +225,17 @@ fn the_exchanges_send_the_bytes_the_strategy_model_says() {
                         })
                         .sum()
                 };
-                let (out, lse) =
-                    attention_forward(&counting, exchange, &split, &q, &k, &v, sh, SCALE)?;
+                let attn = CpAttention::new(&counting, exchange, &split, sh, SCALE);
+                let (out, lse) = attn.forward(&q, &k, &v)?;
                 let fwd = bytes(&counting.records());
-                attention_backward(
-                    &counting, exchange, &split, &dout, &q, &k, &v, &out, &lse, sh, SCALE,
-                )?;
+                attn.backward(&Saved {
+                    dout: &dout,
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &out,
+                    lse: &lse,
+                })?;
                 let both = bytes(&counting.records());
                 Ok::<_, RuntimeError>((fwd, both - fwd))
             })

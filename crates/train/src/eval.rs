@@ -7,7 +7,7 @@ use std::sync::Arc;
 use comm::{Communicator, ThreadComm};
 use data::Dataset;
 use kernels::{Backend, CpuBackend, CudaBackend};
-use model::{rank_exec, rank_params, RankParams};
+use model::{rank_exec, RankParams};
 use runtime::{Optimizer, RankGroups};
 use serde::Serialize;
 
@@ -114,20 +114,8 @@ fn rank_eval<B: Backend>(
     let (_, _, tp_rank) = p.inst.coords(me);
     let exec = rank_exec(&cfg.model, &p.inst, me)?;
     let mut groups = RankGroups::new(world, &p.inst)?;
-    let RankParams { params, shared, .. } = rank_params(&cfg.model, &exec, &p.weights, tp_rank)?;
-    let params = params
-        .iter()
-        .map(|x| be.upload(x))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let opt = Optimizer::new(
-        be,
-        &exec,
-        &groups,
-        params,
-        &shared,
-        cfg.adamw,
-        cfg.grad_clip,
-    )?;
+    let (opt, RankParams { shared, .. }) =
+        crate::optim::start(cfg, be, &exec, &groups, &p.weights, tp_rank)?;
     let mut runner = StaticRunner::new(exec, shared, cfg.budget(0), cfg.pipeline_schedule);
     loss_sum::<B>(
         &mut runner,

@@ -384,17 +384,12 @@ impl Job {
                     seconds,
                     tokens_per_s: tokens as f64 / seconds.max(1e-12),
                     peak_bytes: peak,
-                    plan: None,
-                    hot: None,
-                    simulated: None,
-                    eval: None,
-                    wire: None,
-                    ps: None,
                     fed: Some(FedMetrics {
                         fed_clients: sampled.len() as u64,
                         fed_up_bytes: s32[3] as u64,
                         fed_down_bytes: s32[4] as u64,
                     }),
+                    ..Default::default()
                 })));
             }
         }

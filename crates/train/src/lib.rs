@@ -42,6 +42,7 @@ mod fed;
 pub mod gather;
 mod hot;
 mod metrics;
+mod optim;
 pub mod outputs;
 mod planning;
 mod powersgd;

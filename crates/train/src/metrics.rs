@@ -11,7 +11,7 @@ use crate::error::{Result, TrainError};
 
 /// One optimizer step, as rank 0 saw it. Serialised as one JSON object per line; the optional
 /// parts add their fields at the top level.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// 1-based step.
     pub step: u64,
@@ -297,13 +297,7 @@ mod tests {
             seconds: 0.25,
             tokens_per_s: 400.0,
             peak_bytes: (1 << 40) + 3,
-            plan: None,
-            hot: None,
-            simulated: None,
-            eval: None,
-            wire: None,
-            ps: None,
-            fed: None,
+            ..Default::default()
         };
         let line = serde_json::to_string(&m).unwrap();
         assert!(

@@ -105,20 +105,8 @@ impl Job {
         let (_, _, tp_rank) = self.inst.coords(me);
         let exec = rank_exec(model, &self.inst, me)?;
         let mut groups = RankGroups::new(world, &self.inst)?.with_agreement(self.agreement.clone());
-        let RankParams { params, shared, .. } = rank_params(model, &exec, &self.weights, tp_rank)?;
-        let params = params
-            .iter()
-            .map(|p| be.upload(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut opt = Optimizer::new(
-            be,
-            &exec,
-            &groups,
-            params,
-            &shared,
-            cfg.adamw,
-            cfg.grad_clip,
-        )?;
+        let (mut opt, RankParams { shared, .. }) =
+            crate::optim::start(cfg, be, &exec, &groups, &self.weights, tp_rank)?;
         // Periodic averaging: between synchronisations a data replica's gradients are its own
         // (its DP groups are its CP group: itself alone without CP, else the ranks that share
         // its tokens); `replicas` averages over the ranks holding the same piece in the other

@@ -7,7 +7,7 @@ use comm::{Communicator, Rank};
 use data::Packing;
 use graph::{ExecGraph, Schedule, Strategy};
 use kernels::Backend;
-use model::{rank_exec, rank_params, Held};
+use model::{rank_exec, Held};
 use runtime::{pipeline_step, Optimizer, RankGroups, StepGradients};
 
 use crate::error::{Result, TrainError};
@@ -33,21 +33,7 @@ impl<B: Backend> Replica<B> {
         let single = Strategy::single();
         let exec = rank_exec(&cfg.model, &single, 0)?;
         let groups = RankGroups::new(alone.as_ref(), &single)?;
-        let rp = rank_params(&cfg.model, &exec, &job.weights, 0)?;
-        let params = rp
-            .params
-            .iter()
-            .map(|p| be.upload(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let opt = Optimizer::new(
-            be,
-            &exec,
-            &groups,
-            params,
-            &rp.shared,
-            cfg.adamw,
-            cfg.grad_clip,
-        )?;
+        let (opt, rp) = crate::optim::start(cfg, be, &exec, &groups, &job.weights, 0)?;
         let held = model::held(&cfg.model, &exec)?;
         let replica = Replica {
             exec,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comm::{Communicator, ThreadComm};
-use runtime::context::{attention_backward, attention_forward, CpExchange, CpSplit};
+use runtime::context::{CpAttention, CpExchange, CpSplit, Saved};
 use runtime::RuntimeError;
 
 use anyhow::Result;
@@ -17,6 +17,8 @@ use super::{emit, time_median};
 
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    pub(super) measure: super::Measure,
     /// Sequence lengths (one sequence each).
     #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192])]
     pub(super) tokens: Vec<usize>,
@@ -29,21 +31,6 @@ pub struct Args {
     /// Head dimension.
     #[arg(long, default_value_t = 64)]
     pub(super) head_dim: usize,
-    /// Threads (default: every core).
-    #[arg(long)]
-    pub(super) threads: Option<usize>,
-    /// Seconds spent on each measurement (at least one run each).
-    #[arg(long, default_value_t = 1.0)]
-    pub(super) seconds: f64,
-    /// One JSON object on stdout instead of a table.
-    #[arg(long)]
-    pub(super) json: bool,
-    /// cpu, or cuda (a build with `--features cuda` on a GPU machine).
-    #[arg(long, default_value = "cpu")]
-    pub(super) backend: String,
-    /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
-    #[arg(long)]
-    pub(super) vs_torch: bool,
     /// Also time context-parallel attention over this many thread ranks (the tokens split
     /// front-and-back over them): ring and Ulysses, forward+backward, beside the single rank.
     #[arg(long)]
@@ -95,7 +82,7 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.backend.as_str() {
+    match args.measure.backend.as_str() {
         "cpu" => {}
         "cuda" => return super::cuda::attention(&args),
         other => anyhow::bail!("--backend {other}: use cpu or cuda"),
@@ -104,10 +91,10 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::ensure!(cp >= 1, "--cp {cp}: give at least one rank");
     }
     let machine = Machine::detect(None);
-    let threads = args.threads.unwrap_or(machine.cores).max(1);
+    let threads = args.measure.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;
     let (shape, scale) = args.shape();
-    let budget = Duration::from_secs_f64(args.seconds);
+    let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
         let qn = t * shape.heads * shape.head_dim;
@@ -133,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         let (mut ring_ms, mut ulysses_ms) = (None, None);
         if let Some(cp) = args.cp {
             let data = Arc::new([q.clone(), k.clone(), v.clone(), dout.clone()]);
-            let time = |x| cp_seconds(cp, x, t, shape, &data, total, args.seconds);
+            let time = |x| cp_seconds(cp, x, t, shape, &data, total, args.measure.seconds);
             ring_ms = Some(time(CpExchange::Ring)? * 1e3);
             if shape.heads.is_multiple_of(cp)
                 && (shape.kv_heads.is_multiple_of(cp) || cp.is_multiple_of(shape.kv_heads))
@@ -163,7 +150,7 @@ pub fn run(args: Args) -> Result<()> {
         cp: args.cp,
         rows,
     };
-    emit(args.json, &report, |r| {
+    emit(args.measure.json, &report, |r| {
         println!(
             "causal attention fwd+bwd, {} heads ({} kv) × {} dims, {} threads on {} (peak {:.0} GFLOP/s)",
             r.heads, r.kv_heads, r.head_dim, r.threads, r.machine.cpu, r.machine.peak_gflops
@@ -246,10 +233,16 @@ fn cp_seconds(
             split.take(me, dout, qrow),
         );
         let once = || -> Result<(), RuntimeError> {
-            let (out, lse) = attention_forward(&c, exchange, &split, &q, &k, &v, shape, scale)?;
-            attention_backward(
-                &c, exchange, &split, &dout, &q, &k, &v, &out, &lse, shape, scale,
-            )?;
+            let attn = CpAttention::new(&c, exchange, &split, shape, scale);
+            let (out, lse) = attn.forward(&q, &k, &v)?;
+            attn.backward(&Saved {
+                dout: &dout,
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+            })?;
             Ok(())
         };
         once()?;

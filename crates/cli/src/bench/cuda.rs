@@ -108,7 +108,7 @@ pub fn gemm(args: &super::gemm::Args) -> Result<()> {
             shapes.push((m, n, k, false));
         }
     }
-    let budget = Duration::from_secs_f64(args.seconds);
+    let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &(m, n, k, tb) in &shapes {
         let spec = GemmSpec::new(m, n, k).trans(false, tb);
@@ -134,7 +134,7 @@ pub fn gemm(args: &super::gemm::Args) -> Result<()> {
         });
     }
     let mut torch_version = None;
-    if args.vs_torch {
+    if args.measure.vs_torch {
         let arg = serde_json::to_value(&shapes)?;
         let t = torch("gemm.py", TORCH_GEMM, &arg)?;
         torch_version = t["torch"].as_str().map(String::from);
@@ -150,7 +150,7 @@ pub fn gemm(args: &super::gemm::Args) -> Result<()> {
         }
     }
     let report = serde_json::json!({"bench": "gemm", "backend": bf.name(), "torch": torch_version, "rows": rows});
-    emit(args.json, &report, |_| {
+    emit(args.measure.json, &report, |_| {
         println!("GEMM on {}; ours = f32 buffers cast to bf16 + cublasGemmStridedBatchedEx (f32 out), or f32 (no TF32)", bf.name());
         if let Some(v) = &torch_version {
             println!("PyTorch {v}: bf16 = a@b on bf16 tensors; cast = f32 → bf16 casts + matmul + .float() (the same work as ours)");
@@ -197,7 +197,7 @@ struct AttnRow {
 pub fn attention(args: &super::attention::Args) -> Result<()> {
     let gpu = CudaBackend::new(0, GemmPrecision::Bf16)?;
     let (shape, scale) = args.shape();
-    let budget = Duration::from_secs_f64(args.seconds);
+    let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
         let qn = t * shape.heads * shape.head_dim;
@@ -229,7 +229,7 @@ pub fn attention(args: &super::attention::Args) -> Result<()> {
         });
     }
     let mut torch_version = None;
-    if args.vs_torch {
+    if args.measure.vs_torch {
         let arg = serde_json::json!({"tokens": args.tokens, "heads": shape.heads,
             "kv_heads": shape.kv_heads, "head_dim": shape.head_dim});
         let t = torch("attention.py", TORCH_ATTENTION, &arg)?;
@@ -244,7 +244,7 @@ pub fn attention(args: &super::attention::Args) -> Result<()> {
     }
     let report = serde_json::json!({"bench": "attention", "backend": gpu.name(), "heads": shape.heads,
         "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "torch": torch_version, "rows": rows});
-    emit(args.json, &report, |_| {
+    emit(args.measure.json, &report, |_| {
         println!(
             "causal attention, one sequence, {} heads ({} kv) × {} dims on {}; ours f32 (FA-2 tiles, CUDA cores)",
             shape.heads, shape.kv_heads, shape.head_dim, gpu.name()

@@ -12,27 +12,14 @@ use super::{emit, time_median};
 
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    pub(super) measure: super::Measure,
     /// Shapes as MxNxK, comma-separated (default: square 256…2048 and LLaMA-like projections).
     #[arg(long, value_delimiter = ',')]
     pub(super) shapes: Vec<String>,
-    /// Threads (default: every core).
-    #[arg(long)]
-    pub(super) threads: Option<usize>,
     /// Override the clock used for the theoretical peak, in GHz.
     #[arg(long)]
     pub(super) ghz: Option<f64>,
-    /// Seconds spent on each measurement.
-    #[arg(long, default_value_t = 1.0)]
-    pub(super) seconds: f64,
-    /// One JSON object on stdout instead of a table.
-    #[arg(long)]
-    pub(super) json: bool,
-    /// cpu, or cuda (a build with `--features cuda` on a GPU machine).
-    #[arg(long, default_value = "cpu")]
-    pub(super) backend: String,
-    /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
-    #[arg(long)]
-    pub(super) vs_torch: bool,
 }
 
 #[derive(Serialize)]
@@ -68,13 +55,13 @@ pub(super) fn parse(shape: &str) -> Result<(usize, usize, usize)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.backend.as_str() {
+    match args.measure.backend.as_str() {
         "cpu" => {}
         "cuda" => return super::cuda::gemm(&args),
         other => anyhow::bail!("--backend {other}: use cpu or cuda"),
     }
     let machine = Machine::detect(args.ghz);
-    let threads = args.threads.unwrap_or(machine.cores).max(1);
+    let threads = args.measure.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;
     let mut shapes: Vec<(usize, usize, usize, bool)> = Vec::new();
     if args.shapes.is_empty() {
@@ -91,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
             shapes.push((m, n, k, false));
         }
     }
-    let budget = Duration::from_secs_f64(args.seconds);
+    let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for (m, n, k, tb) in shapes {
         let spec = GemmSpec::new(m, n, k).trans(false, tb);
@@ -149,7 +136,7 @@ pub fn run(args: Args) -> Result<()> {
         threads,
         rows,
     };
-    emit(args.json, &report, |r| {
+    emit(args.measure.json, &report, |r| {
         let m = &r.machine;
         println!(
             "GEMM f32 on {} ({} threads); {}",

@@ -64,3 +64,23 @@ pub fn time_median(
     times.sort();
     Ok(times[times.len() / 2])
 }
+
+/// The flags every kernel bench shares.
+#[derive(clap::Args, Debug, Clone)]
+pub(super) struct Measure {
+    /// Threads (default: every core).
+    #[arg(long)]
+    pub(super) threads: Option<usize>,
+    /// Seconds spent on each measurement (at least one run each).
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) seconds: f64,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// cpu, or cuda (a build with `--features cuda` on a GPU machine).
+    #[arg(long, default_value = "cpu")]
+    pub(super) backend: String,
+    /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
+    #[arg(long)]
+    pub(super) vs_torch: bool,
+}

@@ -49,3 +49,52 @@ pub fn signal(pid: u32, signal: i32) -> bool {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
+
+/// Writes `config` as `config.json` and `docs` documents as `data.jsonl` into `dir`: document
+/// `i` has `lens[i % lens.len()]` tokens, token `j` being `(7i + j² + 3j) mod vocab` (mixed, not
+/// learnable: for tests of what runs rather than of what is learnt).
+pub fn mixed_docs(dir: &Path, config: &str, docs: u32, lens: &[u32], vocab: u32) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let mut lines = String::new();
+    for i in 0..docs {
+        let n = lens[i as usize % lens.len()];
+        let ids: Vec<String> = (0..n)
+            .map(|j| ((i * 7 + j * j + 3 * j) % vocab).to_string())
+            .collect();
+        lines += &format!("{{\"input_ids\": [{}]}}\n", ids.join(", "));
+    }
+    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+}
+
+/// Random weights (seed 3) for the config in `dir`, as `init.safetensors` (`--init`).
+pub fn init_weights(dir: &Path) {
+    let cfg = model::LlamaConfig::load(dir).unwrap();
+    model::Weights::random(&cfg, 3)
+        .save(&dir.join("init.safetensors"))
+        .unwrap();
+}
+
+/// A scratch folder prepared by `setup`, removed when dropped.
+pub struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    /// A new folder, `setup` run on it.
+    pub fn new(setup: impl FnOnce(&Path)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        setup(dir.path());
+        Scratch(dir)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// `train --model . --data data.jsonl` (run in the folder `mixed_docs` or `affine_docs` wrote)
+/// followed by `extra`.
+pub fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--model", ".", "--data", "data.jsonl"];
+    args.extend_from_slice(extra);
+    args
+}

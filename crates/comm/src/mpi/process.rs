@@ -116,7 +116,7 @@ pub struct MpiComm {
     me: usize,
     seq: AtomicU64,
     pending: Mutex<Vec<Pending>>,
-    subgroups: Mutex<HashMap<Vec<usize>, u64>>,
+    subgroups: crate::communicator::SubGroups,
     timeout: Duration,
 }
 
@@ -189,7 +189,7 @@ impl MpiComm {
             me: rank,
             seq: AtomicU64::new(0),
             pending: Mutex::new(Vec::new()),
-            subgroups: Mutex::new(HashMap::new()),
+            subgroups: Default::default(),
             timeout: default_timeout(),
         })
     }
@@ -611,12 +611,7 @@ impl Communicator for MpiComm {
 
     fn sub_group(&self, members: &[Rank]) -> Result<Box<dyn Communicator>> {
         let (world_members, me) = sub_group_members(&self.members, self.me, members)?;
-        let nth = {
-            let mut subs = self.subgroups.lock().unwrap_or_else(|p| p.into_inner());
-            let c = subs.entry(world_members.clone()).or_insert(0);
-            *c += 1;
-            *c
-        };
+        let nth = self.subgroups.next(&world_members);
         let mut h = DefaultHasher::new();
         (self.id, &world_members, nth).hash(&mut h);
         let id = h.finish();
@@ -643,7 +638,7 @@ impl Communicator for MpiComm {
             me,
             seq: AtomicU64::new(0),
             pending: Mutex::new(Vec::new()),
-            subgroups: Mutex::new(HashMap::new()),
+            subgroups: Default::default(),
             timeout: self.timeout,
         }))
     }

@@ -465,10 +465,6 @@ impl Reporter<'_> {
             seconds,
             tokens_per_s: wd.tokens as f64 / seconds.max(1e-12),
             peak_bytes: wd.peak,
-            plan: None,
-            hot: None,
-            simulated: None,
-            eval: None,
             // The window's updates, each a push and a reply per server, at the mean worker's
             // split between its node and others.
             wire: Some(WireMetrics {
@@ -481,7 +477,7 @@ impl Reporter<'_> {
                 ps_pull_bytes: self.bytes.reply_total * updates,
                 ps_max_staleness: wd.staleness,
             }),
-            fed: None,
+            ..Default::default()
         })));
     }
 }
