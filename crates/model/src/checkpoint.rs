@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use crate::config::LlamaConfig;
 use crate::error::{io, ModelError, Result};
+use crate::files::write_atomic;
 use crate::folder::CarriedFile;
 use crate::manifest::{remove_owned, remove_temporary_dir, sha256_file, Removal};
-use crate::weights::{write_atomic, Weights};
+use crate::weights::Weights;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 /// Everything needed to continue a run.

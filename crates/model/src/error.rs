@@ -53,7 +53,7 @@ pub enum ModelError {
     },
     /// A model folder holds weights in a format not read here (`file`: a PyTorch pickle, a
     /// TensorFlow or Flax file) and no safetensors.
-    #[error("{}", crate::folder::foreign_weights_reason(.dir, .file))]
+    #[error("{}", foreign_weights_reason(.dir, .file))]
     ForeignWeights {
         /// The folder.
         dir: PathBuf,
@@ -156,4 +156,19 @@ pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Model
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Why `dir`'s weights cannot be read, for a folder holding [`crate::folder::foreign_weights`] `file`.
+pub fn foreign_weights_reason(dir: &std::path::Path, file: &std::path::Path) -> String {
+    format!(
+        "{} holds {} but no model.safetensors: hotspa reads safetensors only (a pickle can run \
+         code); convert it with transformers — \
+         `AutoModelForCausalLM.from_pretrained(\"{dir}\").save_pretrained(OUT)` writes \
+         model.safetensors — or pass --init random to start from random weights on purpose",
+        dir.display(),
+        file.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        dir = dir.display()
+    )
 }

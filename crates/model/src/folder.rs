@@ -11,8 +11,9 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::config::LlamaConfig;
 use crate::error::{io, ModelError, Result};
+use crate::files::write_atomic;
 use crate::params::param_specs;
-use crate::weights::{write_atomic, Weights};
+use crate::weights::Weights;
 
 /// The element type weights are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,19 +122,17 @@ pub fn foreign_weights(dir: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Why `dir`'s weights cannot be read, for a folder holding [`foreign_weights`] `file`.
-pub fn foreign_weights_reason(dir: &Path, file: &Path) -> String {
-    format!(
-        "{} holds {} but no model.safetensors: hotspa reads safetensors only (a pickle can run \
-         code); convert it with transformers — \
-         `AutoModelForCausalLM.from_pretrained(\"{dir}\").save_pretrained(OUT)` writes \
-         model.safetensors — or pass --init random to start from random weights on purpose",
-        dir.display(),
-        file.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        dir = dir.display()
-    )
+pub use crate::error::foreign_weights_reason;
+
+impl Weights {
+    /// Reads a safetensors file (or a model folder: see [`crate::load_weights`]) for `cfg`.
+    /// f32, bf16 and f16 tensors are accepted; every name the config needs must be present with
+    /// its shape, and unknown names are refused (a `rotary_emb.inv_freq` buffer, and
+    /// `lm_head.weight` under tied embeddings, are ignored as HF does). Truncated or corrupt
+    /// files are refused naming the file.
+    pub fn load(cfg: &LlamaConfig, path: &Path) -> Result<Self> {
+        crate::folder::load_weights(cfg, path).map(|(w, _)| w)
+    }
 }
 
 /// Tensors by name, as f32.
@@ -530,7 +529,7 @@ pub fn write_folder_files(
             views.push((s.name.clone(), view));
             weight_map.insert(s.name.clone(), name.clone().into());
         }
-        let out = crate::weights::serialize(views, &dir.join(&name))?;
+        let out = crate::files::serialize(views, &dir.join(&name))?;
         write_atomic(&dir.join(&name), &out)?;
         files.push(name);
     }

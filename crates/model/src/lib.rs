@@ -27,6 +27,7 @@ mod checkpoint;
 mod config;
 mod decoder;
 mod error;
+mod files;
 pub mod folder;
 pub mod generate;
 pub mod generation_config;
@@ -39,6 +40,7 @@ pub use checkpoint::{remove_interrupted, Checkpoint};
 pub use config::{LlamaConfig, RopeScalingConfig, TokenIds, HARMLESS, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
+pub use files::write_atomic;
 pub use folder::{
     has_weights, load_weights, load_weights_checked, save_folder, CarriedFile, Dtype, SaveOptions,
 };
@@ -48,4 +50,4 @@ pub use params::{param_specs, ParamSpec, Role};
 pub use shard::{
     gather_weights, held, placements, rank_exec, rank_params, switch_tensors, Held, RankParams,
 };
-pub use weights::{write_atomic, Weights, INIT_STD};
+pub use weights::{Weights, INIT_STD};

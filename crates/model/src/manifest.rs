@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::{io, ModelError, Result};
-use crate::weights::write_atomic;
+use crate::files::write_atomic;
 
 /// The manifest file of a model folder hotspa wrote.
 pub const MANIFEST: &str = "hotspa-manifest.json";

@@ -1,15 +1,14 @@
 //! Model weights in memory (fp32, HF names), random initialisation, and safetensors I/O.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::config::LlamaConfig;
-use crate::error::{io, ModelError, Result};
+use crate::error::{ModelError, Result};
+use crate::files::{serialize, write_atomic};
 use crate::params::{param_specs, ParamSpec};
 
 /// Standard deviation of the random initialisation (HF's `initializer_range` default).
@@ -179,85 +178,11 @@ impl Weights {
             .collect();
         let mut views = Vec::with_capacity(self.specs.len());
         for (s, b) in self.specs.iter().zip(&bytes) {
-            let view = TensorView::new(Dtype::F32, s.shape.clone(), b)
+            let view = TensorView::new(StDtype::F32, s.shape.clone(), b)
                 .map_err(|e| ModelError::Mismatch(format!("{}: {e}", s.name)))?;
             views.push((s.name.clone(), view));
         }
         let out = serialize(views, path)?;
         write_atomic(path, &out)
     }
-
-    /// Reads a safetensors file (or a model folder: see [`crate::load_weights`]) for `cfg`.
-    /// f32, bf16 and f16 tensors are accepted; every name the config needs must be present with
-    /// its shape, and unknown names are refused (a `rotary_emb.inv_freq` buffer, and
-    /// `lm_head.weight` under tied embeddings, are ignored as HF does). Truncated or corrupt
-    /// files are refused naming the file.
-    pub fn load(cfg: &LlamaConfig, path: &Path) -> Result<Self> {
-        crate::folder::load_weights(cfg, path).map(|(w, _)| w)
-    }
-}
-
-/// The safetensors bytes of `views` with the metadata of every weights file hotspa writes: HF's
-/// `format: pt`, and `writer`, by which a later `--force` recognises a file as hotspa's own.
-/// The header's keys are sorted, so the same weights give the same bytes (the metadata map's
-/// own order is random).
-pub(crate) fn serialize(views: Vec<(String, TensorView<'_>)>, path: &Path) -> Result<Vec<u8>> {
-    let corrupt = |reason: String| ModelError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (
-            "writer".to_string(),
-            format!("hotspa {}", env!("CARGO_PKG_VERSION")),
-        ),
-    ]);
-    let out = safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(e.to_string()))?;
-    // 8 bytes of header length, the header (JSON, padded with spaces), the data.
-    let n = u64::from_le_bytes(
-        out[..8]
-            .try_into()
-            .map_err(|_| corrupt("no header".into()))?,
-    ) as usize;
-    let header: serde_json::Value =
-        serde_json::from_slice(&out[8..8 + n]).map_err(|e| corrupt(e.to_string()))?;
-    let mut sorted = serde_json::to_vec(&header).map_err(|e| corrupt(e.to_string()))?;
-    while sorted.len() % 8 != 0 {
-        sorted.push(b' ');
-    }
-    let mut bytes = Vec::with_capacity(8 + sorted.len() + out.len() - 8 - n);
-    bytes.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&sorted);
-    bytes.extend_from_slice(&out[8 + n..]);
-    Ok(bytes)
-}
-
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
-/// the directory. A crash leaves either the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            // Best effort: some filesystems refuse to fsync a directory.
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

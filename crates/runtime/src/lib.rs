@@ -38,6 +38,7 @@ mod parallel;
 mod pipeline;
 pub mod profile;
 pub mod progress;
+mod reducer;
 mod tp;
 
 pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};
@@ -45,6 +46,6 @@ pub use batch::{micro_batches, rank_micro_batches, MicroBatch};
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
 pub use optimizer::{Moments, Optimizer};
-pub use parallel::{step_gradients, RankGroups, StepGradients};
-pub use pipeline::pipeline_step;
+pub use parallel::{RankGroups, StepGradients};
+pub use pipeline::{pipeline_step, step_gradients};
 pub use tp::TpGroup;

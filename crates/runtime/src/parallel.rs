@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use comm::{Communicator, Rank};
-use graph::{ExecGraph, MeshAxis, Strategy, Zero};
+use graph::{MeshAxis, Strategy, Zero};
 use kernels::Backend;
 
-use crate::agreement::{BucketKey, ExactAllReduce, GradientAgreement};
-use crate::batch::MicroBatch;
+use crate::agreement::{ExactAllReduce, GradientAgreement};
 use crate::error::{Result, RuntimeError};
 use crate::tp::TpGroup;
 
@@ -71,38 +70,6 @@ impl RankGroups {
     }
 }
 
-/// ZeRO-2/3: sums every gradient over DP by a reduce-scatter that leaves this rank its flat
-/// `1/dp` chunk of each local piece (the gradients of ZeRO ≤ 1 are reduced in buckets while the
-/// backward runs).
-pub(crate) fn reduce_scatter_over_dp<B: Backend>(
-    backend: &B,
-    groups: &RankGroups,
-    exec: &ExecGraph,
-    grads: &mut [B::Buffer],
-) -> Result<()> {
-    let strategy = &exec.strategy;
-    let dp = groups.dp.size();
-    if dp == 1 {
-        return Ok(());
-    }
-    let shapes = crate::pipeline::param_shapes(exec, groups.tp.rank())?;
-    for (index, g) in grads.iter_mut().enumerate() {
-        let host = backend.download(g)?;
-        let counts = comm::chunk_counts(host.len(), dp);
-        let mut mine = vec![0.0; counts[groups.dp.rank().0]];
-        let key = BucketKey {
-            strategy,
-            index,
-            shapes: shapes.get(index..index + 1).unwrap_or(&[]),
-        };
-        groups
-            .agreement
-            .reduce_scatter(groups.dp.as_ref(), key, &host, &mut mine, &counts)?;
-        *g = backend.upload(&mine)?;
-    }
-    Ok(())
-}
-
 /// What a rank holds after its share of a step.
 pub struct StepGradients<B: Backend> {
     /// The loss of the whole global batch (summed over DP).
@@ -112,27 +79,4 @@ pub struct StepGradients<B: Backend> {
     /// The most activation and gradient bytes alive at once on this rank, over every micro-batch
     /// in flight (a pipeline schedule keeps several); accumulated gradients not counted.
     pub peak_bytes: usize,
-}
-
-/// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
-/// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.
-/// This rank's gradient pieces equal the single-device
-/// gradient of the whole global batch restricted to this rank's pieces.
-pub fn step_gradients<B: Backend>(
-    backend: &B,
-    exec: &ExecGraph,
-    groups: &mut RankGroups,
-    params: &[B::Buffer],
-    micro_batches: &[MicroBatch],
-) -> Result<StepGradients<B>> {
-    let shared = vec![false; params.len()];
-    crate::pipeline::pipeline_step(
-        backend,
-        exec,
-        groups,
-        params,
-        &shared,
-        micro_batches,
-        graph::Schedule::OneFOneB,
-    )
 }

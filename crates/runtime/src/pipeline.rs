@@ -7,11 +7,37 @@ use comm::{tags, Communicator, Rank, ReduceOp};
 use graph::{ExecGraph, Schedule, Slot, Zero};
 use kernels::Backend;
 
-use crate::agreement::BucketKey;
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::executor::Pass;
-use crate::parallel::{reduce_scatter_over_dp, RankGroups, StepGradients};
+use crate::parallel::{RankGroups, StepGradients};
+use crate::reducer::{
+    param_shapes, plan_buckets, reduce_buckets, reduce_scatter_over_dp, sum_tied,
+    unflatten_buckets, BucketFeeder,
+};
+
+/// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
+/// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.
+/// This rank's gradient pieces equal the single-device
+/// gradient of the whole global batch restricted to this rank's pieces.
+pub fn step_gradients<B: Backend>(
+    backend: &B,
+    exec: &ExecGraph,
+    groups: &mut RankGroups,
+    params: &[B::Buffer],
+    micro_batches: &[MicroBatch],
+) -> Result<StepGradients<B>> {
+    let shared = vec![false; params.len()];
+    pipeline_step(
+        backend,
+        exec,
+        groups,
+        params,
+        &shared,
+        micro_batches,
+        graph::Schedule::OneFOneB,
+    )
+}
 
 /// Runs this rank's stage over the micro-batches of its DP replica under `schedule`, then sums
 /// the gradients of `shared` parameters (a tied embedding held by the first and the last stage)
@@ -111,18 +137,14 @@ pub fn pipeline_step<B: Backend>(
             let agreement = agreement.clone();
             let bucket_shapes = &bucket_shapes;
             Some(scope.spawn(move || {
-                for (index, mut b) in rx.into_iter().enumerate() {
-                    let key = BucketKey {
-                        strategy,
-                        index,
-                        shapes: bucket_shapes.get(index).map_or(&[][..], |s| &s[..]),
-                    };
-                    let r = agreement.all_reduce(comm.as_ref(), key, &mut b).map(|_| b);
-                    let failed = r.is_err();
-                    if rtx.send(r).is_err() || failed {
-                        break;
-                    }
-                }
+                reduce_buckets(
+                    comm.as_ref(),
+                    agreement.as_ref(),
+                    strategy,
+                    bucket_shapes,
+                    rx,
+                    rtx,
+                )
             }))
         } else {
             drop((rx, rtx));
@@ -252,25 +274,9 @@ pub fn pipeline_step<B: Backend>(
             .collect::<std::result::Result<_, _>>()?,
     };
     if bucketed {
-        for (bucket, flat) in buckets.iter().zip(&reduced) {
-            let mut off = 0;
-            for &k in bucket {
-                let n = backend.len(&grads[k]);
-                let summed = backend.upload(&flat[off..off + n])?;
-                backend.recycle(std::mem::replace(&mut grads[k], summed));
-                off += n;
-            }
-        }
+        unflatten_buckets(backend, &buckets, &reduced, &mut grads)?;
     }
-    // Tied weights: the first and the last stage each hold a copy and half the gradient.
-    if stages > 1 && shared.iter().any(|&s| s) && (stage == 0 || stage + 1 == stages) {
-        let pair = groups.pp.sub_group(&[Rank(0), Rank(stages - 1)])?;
-        for (gr, _) in grads.iter_mut().zip(shared).filter(|(_, &s)| s) {
-            let mut host = backend.download(gr)?;
-            pair.all_reduce(&mut host, ReduceOp::Sum)?;
-            *gr = backend.upload(&host)?;
-        }
-    }
+    sum_tied(backend, groups, shared, &mut grads)?;
     let mut l = [loss];
     if stages > 1 {
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
@@ -288,18 +294,6 @@ pub fn pipeline_step<B: Backend>(
     })
 }
 
-/// The shape of this TP rank's piece of every parameter, in binding order.
-pub(crate) fn param_shapes(exec: &ExecGraph, tp_rank: usize) -> Result<Vec<Vec<usize>>> {
-    exec.graph
-        .params
-        .iter()
-        .map(|&p| {
-            let shape = exec.graph.info(p).resolve(0);
-            Ok(exec.states[p.0].piece(tp_rank, &shape)?.region.shape())
-        })
-        .collect()
-}
-
 fn local_len(
     exec: &ExecGraph,
     x: graph::TensorId,
@@ -308,82 +302,4 @@ fn local_len(
 ) -> Result<usize> {
     let shape = exec.graph.info(x).resolve(mb.tokens());
     Ok(exec.states[x.0].piece(tp_rank, &shape)?.region.volume())
-}
-
-/// Parameter indices grouped into buckets of about `bucket_bytes`, in the order their gradients
-/// become final in the backward (the order of the ops producing them), identical on every DP
-/// rank.
-fn plan_buckets(exec: &ExecGraph, lens: Vec<usize>, bucket_bytes: usize) -> Vec<Vec<usize>> {
-    let g = &exec.graph;
-    let mut order: Vec<(usize, usize)> = g
-        .grads
-        .iter()
-        .enumerate()
-        .map(|(k, &(_, gt))| {
-            let at = g
-                .ops
-                .iter()
-                .position(|o| o.outputs.contains(&gt))
-                .unwrap_or(usize::MAX);
-            (at, k)
-        })
-        .collect();
-    order.sort();
-    let limit = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
-    let mut buckets: Vec<Vec<usize>> = Vec::new();
-    let mut size = 0;
-    for (_, k) in order {
-        if buckets.is_empty() || size >= limit {
-            buckets.push(Vec::new());
-            size = 0;
-        }
-        size += lens[k];
-        if let Some(b) = buckets.last_mut() {
-            b.push(k);
-        }
-    }
-    buckets
-}
-
-/// Collects final gradients and sends each bucket, flattened, once all its members are in.
-struct BucketFeeder<'a> {
-    buckets: &'a [Vec<usize>],
-    pending: Vec<Option<Vec<f32>>>,
-    next: usize,
-}
-
-impl<'a> BucketFeeder<'a> {
-    fn new(buckets: &'a [Vec<usize>], params: usize) -> Self {
-        Self {
-            buckets,
-            pending: vec![None; params],
-            next: 0,
-        }
-    }
-
-    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
-        self.pending[k] = Some(grad);
-        while let Some(b) = self.buckets.get(self.next) {
-            if !b.iter().all(|&m| self.pending[m].is_some()) {
-                break;
-            }
-            // One allocation of the bucket's size (growing it value by value would copy it
-            // again at every doubling); a one-parameter bucket is its gradient as it came.
-            let flat = if let [m] = b[..] {
-                self.pending[m].take().unwrap_or_default()
-            } else {
-                let len = b.iter().flat_map(|&m| &self.pending[m]).map(Vec::len).sum();
-                let mut flat = Vec::with_capacity(len);
-                for &m in b {
-                    flat.extend(self.pending[m].take().unwrap_or_default());
-                }
-                flat
-            };
-            tx.send(flat).map_err(|_| {
-                RuntimeError::Binding("the gradient-reduction thread stopped early".into())
-            })?;
-            self.next += 1;
-        }
-        Ok(())
-    }
 }

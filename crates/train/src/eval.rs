@@ -1,74 +1,18 @@
-//! Held-out loss and perplexity: the loss over every predicted token of a dataset, under any
-//! strategy and device count (`hotspa eval`, and `--eval-data` every `--eval-every` steps of a
-//! run, on the weights the optimizer holds).
+//! `hotspa eval`: the held-out loss and perplexity of a model under any strategy and device
+//! count.
 
 use std::sync::Arc;
 
 use comm::{Communicator, ThreadComm};
-use data::Dataset;
 use kernels::{Backend, CpuBackend, CudaBackend};
 use model::{rank_exec, RankParams};
-use runtime::{Optimizer, RankGroups};
-use serde::Serialize;
+use runtime::RankGroups;
 
 use crate::config::{Device, TrainConfig};
 use crate::error::Result;
+use crate::loss::{evaluation, loss_sum, Evaluation};
 use crate::metrics::Sink;
-use crate::runner::{StaticRunner, StepInput, StepRunner};
-
-/// The loss of a dataset: the mean next-token cross-entropy over every predicted token.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Evaluation {
-    /// Mean loss per predicted token.
-    pub loss: f64,
-    /// `exp(loss)`.
-    pub perplexity: f64,
-    /// Tokens predicted (every position but the last of each sequence).
-    pub predicted_tokens: u64,
-    /// Sequences (documents cut to `max_len`).
-    pub sequences: usize,
-}
-
-impl Evaluation {
-    fn from_sum(sum: f64, predicted: u64, sequences: usize) -> Self {
-        let loss = sum / predicted.max(1) as f64;
-        Evaluation {
-            loss,
-            perplexity: loss.exp(),
-            predicted_tokens: predicted,
-            sequences,
-        }
-    }
-}
-
-/// Runs every sequence of `data` in order, `batch` at a time, through `runner` on the
-/// optimizer's current weights: (loss summed over every predicted token, predicted tokens).
-/// Every rank of the strategy calls it with the same data.
-pub(crate) fn loss_sum<B: Backend>(
-    runner: &mut dyn StepRunner<B>,
-    backend: &B,
-    world: &dyn Communicator,
-    optimizer: &Optimizer<B>,
-    groups: &mut RankGroups,
-    data: &Dataset,
-    batch: usize,
-) -> Result<(f64, u64)> {
-    let (mut sum, mut predicted) = (0.0f64, 0u64);
-    for chunk in data.sequences().chunks(batch.max(1)) {
-        // The loss scale 1 makes the step's loss the sum over its predicted tokens.
-        let out = runner.gradients(StepInput {
-            backend,
-            world,
-            optimizer,
-            groups,
-            batch: chunk,
-            loss_scale: 1.0,
-        })?;
-        sum += f64::from(out.loss);
-        predicted += chunk.iter().map(|s| s.len() as u64 - 1).sum::<u64>();
-    }
-    Ok((sum, predicted))
-}
+use crate::runner::StaticRunner;
 
 /// Evaluates the initial weights of `cfg` (`init`, e.g. a model folder) on `cfg.data` under
 /// its strategy (a hot-switching or planned run's instantiation strategy) on thread ranks or,
@@ -101,7 +45,7 @@ pub fn evaluate(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<Evaluation> {
             ThreadComm::run(n, move |world| one_rank(&world, n))?.swap_remove(0)
         }
     };
-    Ok(Evaluation::from_sum(sum, predicted, sequences))
+    Ok(evaluation(sum, predicted, sequences))
 }
 
 fn rank_eval<B: Backend>(
@@ -126,9 +70,4 @@ fn rank_eval<B: Backend>(
         &p.data,
         cfg.global_batch,
     )
-}
-
-/// [`Evaluation`] from a loss sum over `predicted` tokens of `sequences` sequences.
-pub(crate) fn evaluation(sum: f64, predicted: u64, sequences: usize) -> Evaluation {
-    Evaluation::from_sum(sum, predicted, sequences)
 }

@@ -19,111 +19,13 @@ use graph::ExecGraph;
 use kernels::Backend;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::metrics::StepMetrics;
-use crate::rank::{Collected, Job, Msg};
+use crate::job::{Collected, Job, Msg};
+use crate::metrics::{FedMetrics, StepMetrics};
 use crate::replica::{whole_model, Replica};
-
-/// How the data is split over the clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Sharding {
-    /// A seeded shuffle of the sequences dealt round-robin.
-    #[default]
-    Iid,
-    /// Whole sources (files, or documents of one file) in order, in contiguous blocks: each
-    /// client sees only its own files.
-    BySource,
-}
-
-/// Federated training's settings (used under `--sync fedavg`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Federated {
-    /// Clients the data is split over.
-    pub clients: usize,
-    /// The fraction of clients sampled each round (at least one is).
-    pub fraction: f64,
-    /// Local AdamW steps per client and round.
-    pub local_steps: usize,
-    /// Sequences per local step.
-    pub batch: usize,
-    /// How the data is split.
-    pub sharding: Sharding,
-    /// The fraction of every layer's FFN units a client drops (Federated Dropout; 0: none).
-    pub dropout: f64,
-}
-
-impl Default for Federated {
-    fn default() -> Self {
-        Federated {
-            clients: 0,
-            fraction: 1.0,
-            local_steps: 5,
-            batch: 8,
-            sharding: Sharding::Iid,
-            dropout: 0.0,
-        }
-    }
-}
-
-/// One round as rank 0 reports it (flattened into the step's metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct FedMetrics {
-    /// Clients that trained this round.
-    pub fed_clients: u64,
-    /// Bytes the clients uploaded (their updates, after the codec and Federated Dropout).
-    pub fed_up_bytes: u64,
-    /// Bytes the server sent them (the global model, or the sub-model each keeps).
-    pub fed_down_bytes: u64,
-}
-
-impl Federated {
-    /// Checks the settings against the run (`clients` 0 means one per device).
-    pub(crate) fn check(&self, cfg: &TrainConfig) -> Result<()> {
-        let bad = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
-        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
-            return bad(
-                "fed_fraction",
-                format!("{} is out of range: must be in (0, 1]", self.fraction),
-            );
-        }
-        if self.local_steps == 0 {
-            return bad(
-                "fed_local_steps",
-                "0 is out of range: must be at least 1".into(),
-            );
-        }
-        if self.batch == 0 {
-            return bad("fed_batch", "0 is out of range: must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return bad(
-                "fed_dropout",
-                format!("{} is out of range: must be in [0, 1)", self.dropout),
-            );
-        }
-        let e = &cfg.exchange;
-        if e.algorithm != planner::exchange::Exchange::default().algorithm || e.cross_node_only {
-            return bad(
-                "allreduce",
-                "under --sync fedavg the clients' uploads go to the server as they are: \
-                 --allreduce and --compress-cross-node-only do not apply"
-                    .into(),
-            );
-        }
-        if matches!(e.codec, Codec::PowerSgd(_)) {
-            return bad(
-                "grad_compression",
-                "PowerSGD needs warm starts that federated clients do not keep; use bf16, fp16, \
-                 int8, sign, topk:F or randk:F for the uplink"
-                    .into(),
-            );
-        }
-        crate::replica::check_whole_replicas(cfg, "sync", "federated clients", "--sync fedavg")
-    }
-}
+use crate::settings::Sharding;
 
 /// The clients' shards: sequence indices of `sources` (one per sequence) split over `clients`.
 pub(crate) fn shards(

@@ -34,6 +34,7 @@
 
 pub mod agreement;
 mod checkpoints;
+mod clocked;
 mod config;
 mod error;
 mod eval;
@@ -41,6 +42,9 @@ pub mod exchange;
 mod fed;
 pub mod gather;
 mod hot;
+mod inputs;
+mod job;
+mod loss;
 mod metrics;
 mod optim;
 pub mod outputs;
@@ -54,26 +58,29 @@ mod replica;
 pub mod resources;
 mod run;
 mod runner;
+mod settings;
 mod sync;
 pub mod watchdog;
 
 pub use checkpoints::CheckpointDir;
+pub use clocked::{clock_against_model, ClockedStep};
 pub use config::{
     AutoPlanning, Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule,
     StrategySpec, Tokenizer, TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
-pub use eval::{evaluate, Evaluation};
-pub use fed::{FedMetrics, Federated, Sharding};
+pub use eval::evaluate;
 pub use hot::{HotRank, HotSetup, HotStep};
+pub use inputs::load_data;
+pub use loss::Evaluation;
 pub use metrics::{
-    read_metrics, EvalMetrics, Fanout, HotMetrics, JsonLines, NoSink, PlanMetrics, PsMetrics,
-    SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics,
+    read_metrics, EvalMetrics, Fanout, FedMetrics, HotMetrics, JsonLines, NoSink, PlanMetrics,
+    PsMetrics, SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics, WorkerStep,
 };
-pub use planning::{batch_lengths, clock_against_model, cost_model, plan_of, planner, ClockedStep};
+pub use planning::{batch_lengths, cost_model, plan_of, planner};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};
-pub use ps::{ParamServers, Placement, SlowRank, WorkerStep};
 pub use rank::PLAN_CACHE;
-pub use run::{load_data, run, TrainOutcome};
+pub use run::{run, TrainOutcome};
 pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};
+pub use settings::{Federated, ParamServers, Placement, Sharding, SlowRank};
 pub use sync::{SyncMode, OUTER_LR, OUTER_MOMENTUM};

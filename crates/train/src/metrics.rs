@@ -49,7 +49,7 @@ pub struct StepMetrics {
     pub ps: Option<PsMetrics>,
     /// Under federated averaging: the round's clients and bytes up and down.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
-    pub fed: Option<crate::fed::FedMetrics>,
+    pub fed: Option<FedMetrics>,
 }
 
 /// A step under the parameter server (under ASP and SSP: `W` updates, one per worker share).
@@ -327,4 +327,36 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), m);
     }
+}
+
+/// One round as rank 0 reports it (flattened into the step's metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FedMetrics {
+    /// Clients that trained this round.
+    pub fed_clients: u64,
+    /// Bytes the clients uploaded (their updates, after the codec and Federated Dropout).
+    pub fed_up_bytes: u64,
+    /// Bytes the server sent them (the global model, or the sub-model each keeps).
+    pub fed_down_bytes: u64,
+}
+
+/// One worker step under the parameter server, as the worker saw it (thread ranks report
+/// every worker's; under MPI a process reports its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStep {
+    /// The worker (world rank).
+    pub worker: usize,
+    /// Its own step count, from 1.
+    pub step: usize,
+    /// The share of the data it trained: DP part `share mod W` of global batch `share / W`.
+    pub share: usize,
+    /// Seconds from the run's start when it began computing (after its parameters arrived).
+    pub started_s: f64,
+    /// When it had its gradients and began pushing them.
+    pub finished_s: f64,
+    /// Its loss: the mean over its share's tokens (BSP: its part of the global batch's mean).
+    pub loss: f32,
+    /// Updates of other workers that server 0 applied between this worker's pull and its push
+    /// (0 under BSP).
+    pub staleness: u64,
 }

@@ -568,7 +568,7 @@ pub fn claim(cfg: &TrainConfig, resuming_metrics: bool) -> Result<Claimed> {
         let real = resolve(p);
         writable_dir("save", parent_of(&real))?;
         locks.push(OutputLock::take("save", &real)?);
-        if crate::prepare::is_single_file(p) {
+        if is_single_file(p) {
             check_file("save", &real, cfg.force, false)?;
         } else {
             check_folder("save", &real, cfg.force)?;
@@ -581,6 +581,11 @@ pub fn claim(cfg: &TrainConfig, resuming_metrics: bool) -> Result<Claimed> {
         check_file("metrics", &real, cfg.force, resuming_metrics)?;
     }
     Ok(Claimed { locks })
+}
+
+/// Whether `--save` names one safetensors file rather than a model folder.
+pub fn is_single_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
 }
 
 #[cfg(test)]

@@ -1,81 +1,25 @@
 //! One rank's training loop: its pieces of the weights and the optimizer, every step's
 //! gradients from the step runner, the update, metrics and checkpoints.
 
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
 use comm::wire::{Wire, WireMeter};
 use comm::{words, Communicator};
-use data::Dataset;
-use graph::Strategy;
 use kernels::Backend;
-use model::{rank_exec, rank_params, Checkpoint, Held, RankParams, Weights};
-use planner::Planner;
-use runtime::{GradientAgreement, Optimizer, RankGroups};
+use model::{rank_exec, rank_params, Held, RankParams};
+use runtime::{Optimizer, RankGroups};
 
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
+use crate::job::{Collected, Job, Msg};
 use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics, WireMetrics};
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
 use crate::sync::{Replicas, STATE_PREFIX};
-use crate::watchdog::{Fault, Heartbeats};
 
 /// How many distinct plans' ranks automatic planning keeps.
 pub const PLAN_CACHE: usize = 8;
-
-/// What the rank threads tell the thread that reports and writes.
-pub(crate) enum Msg {
-    /// One step's metrics (world rank 0).
-    Step(Box<StepMetrics>),
-    /// Every rank's pieces of the weights and both moments after `step` steps (rank 0, which
-    /// collected them).
-    Checkpoint { step: u64, parts: Vec<RankPart> },
-    /// A worker's step under the parameter server.
-    WorkerStep(crate::ps::WorkerStep),
-    /// Something the run should tell the user (world rank 0's process).
-    Notice(String),
-    /// A worker under ASP or SSP left the run after its step failed.
-    WorkerLost {
-        worker: usize,
-        rank: usize,
-        step: usize,
-        reason: String,
-    },
-    /// The ranks agreed to stop early, after `step` steps (world rank 0).
-    Stopped { step: usize },
-    /// The ranks of this process are done (world rank 0's result, or the first error).
-    Finished(Result<Option<Collected>>),
-}
-
-/// One rank's pieces of the weights and both moments, with what it holds, and what its
-/// gradient agreement keeps between steps.
-pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held, Vec<(String, Vec<f32>)>);
-
-/// On world rank 0 at the end: every rank's final pieces with what it holds, and every rank's
-/// peak bytes.
-pub(crate) type Collected = (Vec<(Vec<Vec<f32>>, Held)>, Vec<usize>);
-
-/// Everything a rank needs, shared by the ranks of a process.
-pub(crate) struct Job {
-    pub cfg: Arc<TrainConfig>,
-    /// The instantiation strategy: the optimizer's layout.
-    pub inst: Strategy,
-    pub weights: Arc<Weights>,
-    pub data: Arc<Dataset>,
-    pub resumed: Option<Arc<Checkpoint>>,
-    pub start_step: usize,
-    /// With automatic planning.
-    pub planner: Option<Arc<Planner>>,
-    pub devices_per_node: usize,
-    pub agreement: Arc<dyn GradientAgreement>,
-    pub tx: Sender<Msg>,
-    pub heartbeats: Arc<Heartbeats>,
-    pub fault: Option<Fault>,
-    /// Held-out data to evaluate on.
-    pub eval_data: Option<Arc<Dataset>>,
-}
 
 impl Job {
     /// The training loop of one rank on backend `be`; returns (on world rank 0) every rank's
@@ -197,7 +141,7 @@ impl Job {
                 batch: &batch,
                 loss_scale: 1.0 / own.max(1) as f32,
             })?;
-            crate::ps::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
+            crate::settings::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
             if let Some(r) = &replicas {
                 // The loss of the global batch: the replicas' means weighted by their tokens.
                 out.loss = r.weighted_loss(out.loss, own, predicted)?;
@@ -259,7 +203,7 @@ impl Job {
                         std::mem::swap(&mut groups.dp, dp);
                         std::mem::swap(&mut groups.dp_grads, grads);
                     }
-                    let sum = crate::eval::loss_sum::<B>(
+                    let sum = crate::loss::loss_sum::<B>(
                         r,
                         be,
                         world,
@@ -273,7 +217,7 @@ impl Job {
                         std::mem::swap(&mut groups.dp_grads, grads);
                     }
                     let (sum, n) = sum?;
-                    let e = crate::eval::evaluation(sum, n, data.sequences().len());
+                    let e = crate::loss::evaluation(sum, n, data.sequences().len());
                     Some(EvalMetrics {
                         eval_loss: e.loss,
                         eval_perplexity: e.perplexity,

@@ -10,8 +10,8 @@ use kernels::Backend;
 use model::{rank_exec, Held};
 use runtime::{pipeline_step, Optimizer, RankGroups, StepGradients};
 
-use crate::error::{Result, TrainError};
-use crate::rank::{Collected, Job};
+use crate::error::Result;
+use crate::job::{Collected, Job};
 
 /// One device holding the whole model.
 pub(crate) struct Replica<B: Backend> {
@@ -93,53 +93,4 @@ pub(crate) fn whole_model(
     let mut per_rank = vec![(pieces, held.clone())];
     per_rank.extend((1..replicas).map(|_| (Vec::new(), held.clone())));
     (per_rank, peaks)
-}
-
-/// What a run of whole replicas needs (the parameter server's workers, federated clients):
-/// one strategy of pure data parallelism over the devices, and none of what is not built for
-/// them. `setting` names the refusing setting, `who` the replicas, `under` the mode.
-pub(crate) fn check_whole_replicas(
-    cfg: &crate::TrainConfig,
-    setting: &'static str,
-    who: &str,
-    under: &str,
-) -> Result<()> {
-    let s = match &cfg.strategy {
-        crate::StrategySpec::Fixed(s) => s,
-        _ => {
-            return Err(TrainError::setting(
-                setting,
-                format!(
-                    "{under} runs one data-parallel strategy (--strategy dpN), not a \
-                     hot-switching or planned schedule"
-                ),
-            ))
-        }
-    };
-    if s.tp != 1 || s.pp != 1 || s.zero != graph::Zero::Off || s.dp != cfg.devices {
-        return Err(TrainError::setting(
-            setting,
-            format!(
-                "{s}: {who} are whole replicas — use --strategy dp{} (no TP, PP or ZeRO)",
-                cfg.devices
-            ),
-        ));
-    }
-    for (name, what, given) in [
-        ("checkpoint_dir", "checkpointing", cfg.checkpoint.is_some()),
-        ("resume", "resuming", cfg.resume.is_some()),
-        ("eval_data", "evaluation during the run", cfg.eval.is_some()),
-        ("sim_cluster", "the simulated clock", cfg.simulate.is_some()),
-    ] {
-        if given {
-            return Err(TrainError::setting(
-                name,
-                format!(
-                    "{what} under {under} is not built; drop it (evaluate the saved model with \
-                     `hotspa eval`)"
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -14,9 +14,9 @@ use runtime::GradientAgreement;
 
 use crate::config::{Device, TrainConfig};
 use crate::error::{Result, TrainError};
+use crate::job::{Collected, Job, Msg};
 use crate::metrics::{Fanout, JsonLines, Sink, StepMetrics};
 use crate::prepare::{prepare, Prepared};
-use crate::rank::{Collected, Job, Msg};
 use crate::watchdog::{Fault, Heartbeats};
 
 /// What a run did (complete on world rank 0; other MPI ranks get no weights or steps).
@@ -40,7 +40,7 @@ pub struct TrainOutcome {
     pub stopped_at: Option<usize>,
     /// Under the parameter server: every worker step this process saw, in the order they
     /// were reported (thread ranks: every worker's).
-    pub worker_steps: Vec<crate::ps::WorkerStep>,
+    pub worker_steps: Vec<crate::metrics::WorkerStep>,
     /// Under ASP or SSP: the workers of this process that left after a failed step.
     pub lost_workers: Vec<usize>,
 }
@@ -390,7 +390,7 @@ fn run_clocked<B: kernels::Backend>(
 /// `save_folder` checks again).
 fn save(p: &Prepared, path: &std::path::Path, weights: &Weights) -> Result<()> {
     recheck_disk(p, "save")?;
-    if crate::prepare::is_single_file(path) {
+    if crate::outputs::is_single_file(path) {
         if p.save_dtype != model::Dtype::F32 {
             return Err(TrainError::setting(
                 "save_dtype",
@@ -420,7 +420,7 @@ fn recheck_disk(p: &Prepared, setting: &str) -> Result<()> {
 fn write_checkpoint(
     p: &Prepared,
     step: u64,
-    parts: &[crate::rank::RankPart],
+    parts: &[crate::job::RankPart],
 ) -> Result<(std::path::PathBuf, Vec<String>)> {
     recheck_disk(p, "checkpoint_dir")?;
     let pick = |i: usize| -> Vec<(Vec<Vec<f32>>, model::Held)> {
@@ -452,6 +452,3 @@ fn write_checkpoint(
         .ok_or_else(|| TrainError::setting("checkpoint_dir", "no checkpoint directory"))?;
     dir.save_with(&ck, model, &p.tokenizer_files)
 }
-
-/// Re-export: the data a run trains on (the planning helpers read it too).
-pub use crate::prepare::load_data;

@@ -82,11 +82,6 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.measure.backend.as_str() {
-        "cpu" => {}
-        "cuda" => return super::cuda::attention(&args),
-        other => anyhow::bail!("--backend {other}: use cpu or cuda"),
-    }
     if let Some(cp) = args.cp {
         anyhow::ensure!(cp >= 1, "--cp {cp}: give at least one rank");
     }

@@ -55,11 +55,6 @@ pub(super) fn parse(shape: &str) -> Result<(usize, usize, usize)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.measure.backend.as_str() {
-        "cpu" => {}
-        "cuda" => return super::cuda::gemm(&args),
-        other => anyhow::bail!("--backend {other}: use cpu or cuda"),
-    }
     let machine = Machine::detect(args.ghz);
     let threads = args.measure.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;

@@ -35,9 +35,15 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Gemm(a) => gemm::run(a),
+        BenchCommand::Gemm(a) => match a.measure.on()? {
+            On::Cpu => gemm::run(a),
+            On::Cuda => cuda::gemm(&a),
+        },
         BenchCommand::Comm(a) => comm::run(a),
-        BenchCommand::Attention(a) => attention::run(a),
+        BenchCommand::Attention(a) => match a.measure.on()? {
+            On::Cpu => attention::run(a),
+            On::Cuda => cuda::attention(&a),
+        },
         BenchCommand::Step(a) => step::step(a),
         BenchCommand::Switch(a) => switch::run(a),
     }
@@ -83,4 +89,21 @@ pub(super) struct Measure {
     /// With --backend cuda: PyTorch on the same shapes, side by side (runs `python3`).
     #[arg(long)]
     pub(super) vs_torch: bool,
+}
+
+/// Where a kernel bench runs.
+enum On {
+    Cpu,
+    Cuda,
+}
+
+impl Measure {
+    /// `--backend`, checked.
+    fn on(&self) -> Result<On> {
+        match self.backend.as_str() {
+            "cpu" => Ok(On::Cpu),
+            "cuda" => Ok(On::Cuda),
+            other => anyhow::bail!("--backend {other}: use cpu or cuda"),
+        }
+    }
 }

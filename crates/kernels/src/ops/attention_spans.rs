@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::attention::{AttnShape, BLOCK};
+use super::attention_shape::{AttnShape, BLOCK};
 
 /// Query rows per GEMM: several key-block tiles tall, so that each GEMM call does more work
 /// (the head dimension, the GEMMs' inner size, is small).

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+mod attention_shape;
 pub mod attention_spans;
 pub mod elementwise;
 pub mod embedding;

@@ -13,10 +13,10 @@ use super::{
     push, unword, word, Layout, KIND_DONE, KIND_LOST, NO_SHARE, PUSH_HEADER, REPLY_HEADER,
 };
 use crate::error::{Result, TrainError};
+use crate::job::{Collected, Job, Msg};
 use crate::metrics::{PsMetrics, StepMetrics, WireMetrics};
-use crate::ps::Placement;
-use crate::rank::{Collected, Job, Msg};
 use crate::replica::{split, whole_model};
+use crate::settings::Placement;
 use crate::sync::SyncMode;
 
 /// One server's shard and its optimizer state.

@@ -11,13 +11,15 @@ use kernels::Backend;
 use comm::codec::Codec;
 
 use super::{
-    push, unword, word, Layout, SlowRank, WorkerStep, KIND_DONE, KIND_GRADIENT, KIND_LOST,
-    NO_SHARE, PUSH_HEADER, REPLY_HEADER,
+    push, unword, word, Layout, KIND_DONE, KIND_GRADIENT, KIND_LOST, NO_SHARE, PUSH_HEADER,
+    REPLY_HEADER,
 };
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::rank::{Collected, Job, Msg};
+use crate::job::{Collected, Job, Msg};
+use crate::metrics::WorkerStep;
 use crate::replica::{split, Replica};
+use crate::settings::SlowRank;
 use crate::sync::SyncMode;
 
 /// The servers' layout of `exec`'s parameters (`params`, in its order) over `servers`.

@@ -1,5 +1,7 @@
 //! The typed configuration of a training run: what the CLI's flags build, or a program by hand.
 
+mod checks;
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -227,12 +229,12 @@ pub struct TrainConfig {
     pub sync: crate::sync::SyncMode,
     /// Parameter servers (`None`: the replicas exchange gradients by all-reduce). The world is
     /// then `devices` workers followed by the servers.
-    pub ps: Option<crate::ps::ParamServers>,
+    pub ps: Option<crate::settings::ParamServers>,
     /// Ranks whose compute is slowed, as stragglers.
-    pub slow_ranks: Vec<crate::ps::SlowRank>,
+    pub slow_ranks: Vec<crate::settings::SlowRank>,
     /// Federated training's clients, rounds and sub-models (under `sync` fedavg; otherwise
     /// they must stay at their defaults).
-    pub fed: crate::fed::Federated,
+    pub fed: crate::settings::Federated,
     /// Go ahead where a safety check would refuse: start fresh in a checkpoint directory that
     /// holds another run's steps (deleting them), resume under settings that change the data
     /// order.
@@ -290,7 +292,7 @@ impl TrainConfig {
             sync: crate::sync::SyncMode::Bsp,
             ps: None,
             slow_ranks: Vec::new(),
-            fed: crate::fed::Federated::default(),
+            fed: crate::settings::Federated::default(),
             force: false,
             stop: None,
         }
@@ -353,7 +355,7 @@ impl TrainConfig {
             ));
         }
         self.check_sync()?;
-        crate::ps::check(self)?;
+        checks::check_ps(self)?;
         if self.sync == crate::sync::SyncMode::FedAvg {
             if self.ps.is_some() {
                 return Err(TrainError::setting(
@@ -362,7 +364,7 @@ impl TrainConfig {
                 ));
             }
             self.fed.check(self)?;
-        } else if self.fed != crate::fed::Federated::default() {
+        } else if self.fed != crate::settings::Federated::default() {
             return Err(TrainError::setting(
                 "fed_clients",
                 format!(

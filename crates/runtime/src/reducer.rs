@@ -1,0 +1,203 @@
+//! The gradients' reduction over data parallelism, as a step ends: buckets of about
+//! `bucket_bytes` all-reduced on a thread of their own while the last backward still runs (the
+//! DDP scheme), a reduce-scatter per tensor under ZeRO-2/3, and the tied embedding's two halves
+//! summed across the first and the last stage.
+
+use std::sync::mpsc;
+
+use comm::{Communicator, Rank, ReduceOp};
+use graph::{ExecGraph, Strategy};
+use kernels::Backend;
+
+use crate::agreement::{BucketKey, GradientAgreement};
+use crate::error::{Result, RuntimeError};
+use crate::parallel::RankGroups;
+
+/// The shape of this TP rank's piece of every parameter, in binding order.
+pub(crate) fn param_shapes(exec: &ExecGraph, tp_rank: usize) -> Result<Vec<Vec<usize>>> {
+    exec.graph
+        .params
+        .iter()
+        .map(|&p| {
+            let shape = exec.graph.info(p).resolve(0);
+            Ok(exec.states[p.0].piece(tp_rank, &shape)?.region.shape())
+        })
+        .collect()
+}
+
+/// ZeRO-2/3: sums every gradient over DP by a reduce-scatter that leaves this rank its flat
+/// `1/dp` chunk of each local piece (the gradients of ZeRO ≤ 1 are reduced in buckets while the
+/// backward runs).
+pub(crate) fn reduce_scatter_over_dp<B: Backend>(
+    backend: &B,
+    groups: &RankGroups,
+    exec: &ExecGraph,
+    grads: &mut [B::Buffer],
+) -> Result<()> {
+    let strategy = &exec.strategy;
+    let dp = groups.dp.size();
+    if dp == 1 {
+        return Ok(());
+    }
+    let shapes = param_shapes(exec, groups.tp.rank())?;
+    for (index, g) in grads.iter_mut().enumerate() {
+        let host = backend.download(g)?;
+        let counts = comm::chunk_counts(host.len(), dp);
+        let mut mine = vec![0.0; counts[groups.dp.rank().0]];
+        let key = BucketKey {
+            strategy,
+            index,
+            shapes: shapes.get(index..index + 1).unwrap_or(&[]),
+        };
+        groups
+            .agreement
+            .reduce_scatter(groups.dp.as_ref(), key, &host, &mut mine, &counts)?;
+        *g = backend.upload(&mine)?;
+    }
+    Ok(())
+}
+
+/// The reduction thread's loop: every flat bucket from `rx` agreed over `comm` by `agreement`,
+/// each result sent back on `rtx`; it ends when `rx` closes or a reduction fails.
+pub(crate) fn reduce_buckets(
+    comm: &dyn Communicator,
+    agreement: &dyn GradientAgreement,
+    strategy: &Strategy,
+    bucket_shapes: &[Vec<Vec<usize>>],
+    rx: mpsc::Receiver<Vec<f32>>,
+    rtx: mpsc::Sender<Result<Vec<f32>>>,
+) {
+    for (index, mut b) in rx.into_iter().enumerate() {
+        let key = BucketKey {
+            strategy,
+            index,
+            shapes: bucket_shapes.get(index).map_or(&[][..], |s| &s[..]),
+        };
+        let r = agreement.all_reduce(comm, key, &mut b).map(|_| b);
+        let failed = r.is_err();
+        if rtx.send(r).is_err() || failed {
+            break;
+        }
+    }
+}
+
+/// Every reduced flat bucket cut back into the gradients of its members.
+pub(crate) fn unflatten_buckets<B: Backend>(
+    backend: &B,
+    buckets: &[Vec<usize>],
+    reduced: &[Vec<f32>],
+    grads: &mut [B::Buffer],
+) -> Result<()> {
+    for (bucket, flat) in buckets.iter().zip(reduced) {
+        let mut off = 0;
+        for &k in bucket {
+            let n = backend.len(&grads[k]);
+            let summed = backend.upload(&flat[off..off + n])?;
+            backend.recycle(std::mem::replace(&mut grads[k], summed));
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+/// Tied weights: the first and the last stage each hold a copy of a `shared` parameter and
+/// half its gradient; both get the sum.
+pub(crate) fn sum_tied<B: Backend>(
+    backend: &B,
+    groups: &RankGroups,
+    shared: &[bool],
+    grads: &mut [B::Buffer],
+) -> Result<()> {
+    let (stages, stage) = (groups.pp.size(), groups.pp.rank().0);
+    if stages > 1 && shared.iter().any(|&s| s) && (stage == 0 || stage + 1 == stages) {
+        let pair = groups.pp.sub_group(&[Rank(0), Rank(stages - 1)])?;
+        for (gr, _) in grads.iter_mut().zip(shared).filter(|(_, &s)| s) {
+            let mut host = backend.download(gr)?;
+            pair.all_reduce(&mut host, ReduceOp::Sum)?;
+            *gr = backend.upload(&host)?;
+        }
+    }
+    Ok(())
+}
+
+/// Parameter indices grouped into buckets of about `bucket_bytes`, in the order their gradients
+/// become final in the backward (the order of the ops producing them), identical on every DP
+/// rank.
+pub(crate) fn plan_buckets(
+    exec: &ExecGraph,
+    lens: Vec<usize>,
+    bucket_bytes: usize,
+) -> Vec<Vec<usize>> {
+    let g = &exec.graph;
+    let mut order: Vec<(usize, usize)> = g
+        .grads
+        .iter()
+        .enumerate()
+        .map(|(k, &(_, gt))| {
+            let at = g
+                .ops
+                .iter()
+                .position(|o| o.outputs.contains(&gt))
+                .unwrap_or(usize::MAX);
+            (at, k)
+        })
+        .collect();
+    order.sort();
+    let limit = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0;
+    for (_, k) in order {
+        if buckets.is_empty() || size >= limit {
+            buckets.push(Vec::new());
+            size = 0;
+        }
+        size += lens[k];
+        if let Some(b) = buckets.last_mut() {
+            b.push(k);
+        }
+    }
+    buckets
+}
+
+/// Collects final gradients and sends each bucket, flattened, once all its members are in.
+pub(crate) struct BucketFeeder<'a> {
+    buckets: &'a [Vec<usize>],
+    pending: Vec<Option<Vec<f32>>>,
+    next: usize,
+}
+
+impl<'a> BucketFeeder<'a> {
+    pub fn new(buckets: &'a [Vec<usize>], params: usize) -> Self {
+        Self {
+            buckets,
+            pending: vec![None; params],
+            next: 0,
+        }
+    }
+
+    pub fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
+        self.pending[k] = Some(grad);
+        while let Some(b) = self.buckets.get(self.next) {
+            if !b.iter().all(|&m| self.pending[m].is_some()) {
+                break;
+            }
+            // One allocation of the bucket's size (growing it value by value would copy it
+            // again at every doubling); a one-parameter bucket is its gradient as it came.
+            let flat = if let [m] = b[..] {
+                self.pending[m].take().unwrap_or_default()
+            } else {
+                let len = b.iter().flat_map(|&m| &self.pending[m]).map(Vec::len).sum();
+                let mut flat = Vec::with_capacity(len);
+                for &m in b {
+                    flat.extend(self.pending[m].take().unwrap_or_default());
+                }
+                flat
+            };
+            tx.send(flat).map_err(|_| {
+                RuntimeError::Binding("the gradient-reduction thread stopped early".into())
+            })?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! The checks of the synchronisation models' settings against the whole run: the parameter
+//! server, federated averaging, and the whole replicas both train.
+
+use comm::codec::Codec;
+
+use crate::config::{StrategySpec, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::settings::Federated;
+use crate::sync::SyncMode;
+
+impl Federated {
+    /// Checks the settings against the run (`clients` 0 means one per device).
+    pub(crate) fn check(&self, cfg: &TrainConfig) -> Result<()> {
+        let bad = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return bad(
+                "fed_fraction",
+                format!("{} is out of range: must be in (0, 1]", self.fraction),
+            );
+        }
+        if self.local_steps == 0 {
+            return bad(
+                "fed_local_steps",
+                "0 is out of range: must be at least 1".into(),
+            );
+        }
+        if self.batch == 0 {
+            return bad("fed_batch", "0 is out of range: must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(
+                "fed_dropout",
+                format!("{} is out of range: must be in [0, 1)", self.dropout),
+            );
+        }
+        let e = &cfg.exchange;
+        if e.algorithm != planner::exchange::Exchange::default().algorithm || e.cross_node_only {
+            return bad(
+                "allreduce",
+                "under --sync fedavg the clients' uploads go to the server as they are: \
+                 --allreduce and --compress-cross-node-only do not apply"
+                    .into(),
+            );
+        }
+        if matches!(e.codec, Codec::PowerSgd(_)) {
+            return bad(
+                "grad_compression",
+                "PowerSGD needs warm starts that federated clients do not keep; use bf16, fp16, \
+                 int8, sign, topk:F or randk:F for the uplink"
+                    .into(),
+            );
+        }
+        check_whole_replicas(cfg, "sync", "federated clients", "--sync fedavg")
+    }
+}
+
+/// The consistency models that run on the parameter server, and the checks of a run that
+/// uses it.
+pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
+    let needs = matches!(cfg.sync, SyncMode::Ssp { .. } | SyncMode::Asp);
+    let Some(ps) = cfg.ps else {
+        if needs {
+            return Err(TrainError::setting(
+                "sync",
+                format!(
+                    "{} runs on the parameter server: give --ps-servers K",
+                    cfg.sync
+                ),
+            ));
+        }
+        return Ok(());
+    };
+    let refuse = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+    if ps.servers == 0 {
+        return refuse("ps_servers", "0 is out of range: must be at least 1".into());
+    }
+    if cfg.sync.every().is_some() {
+        return refuse(
+            "sync",
+            format!(
+                "{} averages the replicas' weights by all-reduce; the parameter server runs \
+                 bsp, ssp:S or asp",
+                cfg.sync
+            ),
+        );
+    }
+    check_whole_replicas(
+        cfg,
+        "ps_servers",
+        "the parameter server's workers",
+        "the parameter server",
+    )?;
+    let e = &cfg.exchange;
+    let exact = planner::exchange::Exchange::default();
+    if e.algorithm != exact.algorithm || e.cross_node_only {
+        return refuse(
+            "ps_servers",
+            "pushes go to the servers, not through an all-reduce: --allreduce and \
+             --compress-cross-node-only do not apply"
+                .into(),
+        );
+    }
+    if matches!(e.codec, comm::codec::Codec::PowerSgd(_)) {
+        return refuse(
+            "ps_servers",
+            "PowerSGD's factors need all-reduces between the workers; pushes to the parameter \
+             server take bf16, fp16, int8, sign, topk:F or randk:F"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// What a run of whole replicas needs (the parameter server's workers, federated clients):
+/// one strategy of pure data parallelism over the devices, and none of what is not built for
+/// them. `setting` names the refusing setting, `who` the replicas, `under` the mode.
+pub(crate) fn check_whole_replicas(
+    cfg: &TrainConfig,
+    setting: &'static str,
+    who: &str,
+    under: &str,
+) -> Result<()> {
+    let s = match &cfg.strategy {
+        StrategySpec::Fixed(s) => s,
+        _ => {
+            return Err(TrainError::setting(
+                setting,
+                format!(
+                    "{under} runs one data-parallel strategy (--strategy dpN), not a \
+                     hot-switching or planned schedule"
+                ),
+            ))
+        }
+    };
+    if s.tp != 1 || s.pp != 1 || s.zero != graph::Zero::Off || s.dp != cfg.devices {
+        return Err(TrainError::setting(
+            setting,
+            format!(
+                "{s}: {who} are whole replicas — use --strategy dp{} (no TP, PP or ZeRO)",
+                cfg.devices
+            ),
+        ));
+    }
+    for (name, what, given) in [
+        ("checkpoint_dir", "checkpointing", cfg.checkpoint.is_some()),
+        ("resume", "resuming", cfg.resume.is_some()),
+        ("eval_data", "evaluation during the run", cfg.eval.is_some()),
+        ("sim_cluster", "the simulated clock", cfg.simulate.is_some()),
+    ] {
+        if given {
+            return Err(TrainError::setting(
+                name,
+                format!(
+                    "{what} under {under} is not built; drop it (evaluate the saved model with \
+                     `hotspa eval`)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
