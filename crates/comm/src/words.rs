@@ -1,6 +1,7 @@
-//! Integers over a communicator that moves `f32`: every `u64` travels as its exact bits, two
-//! `f32` words each (a communicator copies values, it never computes on a point-to-point message),
-//! and reductions of integers are done on the host after an all-gather, never in `f32`.
+//! Integers and `f64` over a communicator that moves `f32`: every `u64` (or `f64`) travels as its
+//! exact bits, two `f32` words each (a communicator copies values, it never computes on a
+//! point-to-point message or an all-gather), and reductions of them are done on the host after
+//! an all-gather, never in `f32`.
 //!
 //! ```
 //! use comm::{words, Communicator, ThreadComm, CommError};
@@ -39,6 +40,28 @@ pub fn decode(words: &[f32]) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// `t`'s bits as two `f32` words.
+pub fn encode_f64(t: f64) -> [f32; 2] {
+    let v = t.to_bits();
+    [f32::from_bits((v >> 32) as u32), f32::from_bits(v as u32)]
+}
+
+/// The `f64` of [`encode_f64`]'s words (the first two of `w`; 0 if there are fewer).
+pub fn decode_f64(w: &[f32]) -> f64 {
+    match w {
+        [hi, lo, ..] => f64::from_bits((u64::from(hi.to_bits()) << 32) | u64::from(lo.to_bits())),
+        _ => 0.0,
+    }
+}
+
+/// Every member's `value`, in rank order, bit for bit.
+pub fn all_gather_f64(c: &dyn Communicator, value: f64) -> Result<Vec<f64>> {
+    let n = c.size();
+    let mut all = vec![0.0f32; 2 * n];
+    c.all_gather(&encode_f64(value), &mut all, &vec![2; n])?;
+    Ok(all.chunks(2).map(decode_f64).collect())
+}
+
 /// Sends `values` to `peer` with `tag`.
 pub fn send(c: &dyn Communicator, values: &[u64], peer: Rank, tag: u32) -> Result<()> {
     c.send(&encode(values), peer, tag)
@@ -74,6 +97,11 @@ pub fn all_sum(c: &dyn Communicator, values: &[u64]) -> Result<Vec<u64>> {
                 .fold(0u64, u64::wrapping_add)
         })
         .collect())
+}
+
+/// The largest of every member's `value` (NaN loses), exactly.
+pub fn all_max_f64(c: &dyn Communicator, value: f64) -> Result<f64> {
+    Ok(all_gather_f64(c, value)?.into_iter().fold(value, f64::max))
 }
 
 /// The largest of every member's `value`, exactly.

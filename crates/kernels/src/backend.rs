@@ -41,6 +41,22 @@ pub trait Backend: Send + Sync {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
     /// Number of values in a buffer.
     fn len(&self, buf: &Self::Buffer) -> usize;
+    /// The buffer's values in place where buffers are host memory (the CPU backend), so that
+    /// communication reads them without a copy; `None` on a device (the default).
+    fn host_slice<'a>(&self, buf: &'a Self::Buffer) -> Option<&'a [f32]> {
+        let _ = buf;
+        None
+    }
+    /// As [`Backend::host_slice`], for writing (a collective reducing in place).
+    fn host_slice_mut<'a>(&self, buf: &'a mut Self::Buffer) -> Option<&'a mut [f32]> {
+        let _ = buf;
+        None
+    }
+    /// Host values, received or computed by communication, as a buffer: taken over without a
+    /// copy where buffers are host memory; uploaded otherwise (the default).
+    fn adopt(&self, host: Vec<f32>) -> Result<Self::Buffer> {
+        self.upload(&host)
+    }
     /// Waits until every queued kernel has finished (a no-op where kernels run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -330,6 +346,15 @@ impl Backend for CpuBackend {
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
+    }
+    fn host_slice<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
+        Some(buf)
+    }
+    fn host_slice_mut<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
+        Some(buf)
+    }
+    fn adopt(&self, host: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(host)
     }
     fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
         let t = self.threads;

@@ -113,6 +113,15 @@ impl<L: Layer> Backend for L {
     fn len(&self, buf: &Self::Buffer) -> usize {
         self.inner().len(buf)
     }
+    fn host_slice<'a>(&self, buf: &'a Self::Buffer) -> Option<&'a [f32]> {
+        self.inner().host_slice(buf)
+    }
+    fn host_slice_mut<'a>(&self, buf: &'a mut Self::Buffer) -> Option<&'a mut [f32]> {
+        self.inner().host_slice_mut(buf)
+    }
+    fn adopt(&self, host: Vec<f32>) -> Result<Self::Buffer> {
+        self.inner().adopt(host)
+    }
     fn synchronize(&self) -> Result<()> {
         self.inner().synchronize()
     }

@@ -247,12 +247,12 @@ impl<'a, B: Backend> Pass<'a, B> {
     }
 
     /// This rank's pieces of the graph's outputs, copied to the host (a stage sends them on).
-    pub fn outputs(&self) -> Result<Vec<Vec<f32>>> {
+    pub fn outputs(&self) -> Result<Vec<std::borrow::Cow<'_, [f32]>>> {
         self.graph
             .outputs
             .iter()
             .map(|&o| match &self.slots[o.0] {
-                Slot::Owned(b, _) => Ok(self.backend.download(b)?),
+                Slot::Owned(b, _) => crate::host::view(self.backend, b),
                 _ => Err(RuntimeError::Binding(format!(
                     "output {} was not computed",
                     self.graph.info(o).name
@@ -456,6 +456,8 @@ fn writes_every_output(kind: OpKind) -> bool {
             | OpKind::SwiGluGrad
             | OpKind::Add
             | OpKind::CrossEntropyGrad
+            | OpKind::Comm { .. }
+            | OpKind::GatherParam
     )
 }
 
@@ -612,12 +614,12 @@ impl<B: Backend> Ctx<'_, B> {
                         crate::context::CpAttention::new(comm, exchange, split, local, scale)
                             .through(be)
                             .forward(
-                                &be.download(ins[0])?,
-                                &be.download(ins[1])?,
-                                &be.download(ins[2])?,
+                                &crate::host::view(be, ins[0])?,
+                                &crate::host::view(be, ins[1])?,
+                                &crate::host::view(be, ins[2])?,
                             )?;
-                    o[0] = be.upload(&out)?;
-                    lse[0] = be.upload(&l)?;
+                    o[0] = crate::host::adopt(be, out)?;
+                    lse[0] = crate::host::adopt(be, l)?;
                     return Ok(());
                 }
                 be.attention_forward(
@@ -641,10 +643,10 @@ impl<B: Backend> Ctx<'_, B> {
                 let (dk, dv) = rest.split_at_mut(1);
                 if let Some((split, rank)) = &batch.context {
                     let (comm, exchange) = cp_group(tp.as_deref(), *rank)?;
-                    let host: Vec<Vec<f32>> = ins[..6]
+                    let host = ins[..6]
                         .iter()
-                        .map(|b| be.download(b))
-                        .collect::<kernels::Result<_>>()?;
+                        .map(|b| crate::host::view(be, b))
+                        .collect::<Result<Vec<_>>>()?;
                     let saved = crate::context::Saved {
                         dout: &host[0],
                         q: &host[1],
@@ -657,9 +659,9 @@ impl<B: Backend> Ctx<'_, B> {
                         crate::context::CpAttention::new(comm, exchange, split, local, scale)
                             .through(be)
                             .backward(&saved)?;
-                    dq[0] = be.upload(&gq)?;
-                    dk[0] = be.upload(&gk)?;
-                    dv[0] = be.upload(&gv)?;
+                    dq[0] = crate::host::adopt(be, gq)?;
+                    dk[0] = crate::host::adopt(be, gk)?;
+                    dv[0] = crate::host::adopt(be, gv)?;
                     return Ok(());
                 }
                 be.attention_backward(
@@ -698,12 +700,12 @@ impl<B: Backend> Ctx<'_, B> {
                     loss[0] = be.upload(&[sum * batch.loss_scale])?;
                 } else {
                     let (l, s) = self.parallel_cross_entropy(
-                        &be.download(ins[0])?,
+                        &crate::host::view(be, ins[0])?,
                         &logits,
                         tp.as_deref_mut(),
                     )?;
                     loss[0] = be.upload(&[l])?;
-                    lse[0] = be.upload(&s)?;
+                    lse[0] = crate::host::adopt(be, s)?;
                 }
             }
             OpKind::CrossEntropyGrad => {
@@ -721,20 +723,19 @@ impl<B: Backend> Ctx<'_, B> {
                     )?;
                 } else {
                     let d = self.parallel_cross_entropy_grad(
-                        &be.download(ins[0])?,
-                        &be.download(ins[1])?,
+                        &crate::host::view(be, ins[0])?,
+                        &crate::host::view(be, ins[1])?,
                         &logits,
                     );
-                    outs[0] = be.upload(&d)?;
+                    outs[0] = crate::host::adopt(be, d)?;
                 }
             }
             OpKind::GatherParam => {
                 let tp = tp.as_deref().ok_or_else(|| {
                     RuntimeError::Binding("a ZeRO-3 gather in a graph run without groups".into())
                 })?;
-                let len: usize = self.local(out_ids[0])?.shape.iter().product();
-                let full = tp.gather_param(&be.download(ins[0])?, len)?;
-                outs[0] = be.upload(&full)?;
+                let shard = crate::host::view(be, ins[0])?;
+                crate::host::in_place(be, &mut outs[0], |o| tp.gather_param(&shard, o))?;
             }
             OpKind::Comm { collective, axis } => {
                 let states = self.states.ok_or_else(|| {
@@ -745,8 +746,10 @@ impl<B: Backend> Ctx<'_, B> {
                 })?;
                 let shape = self.graph.info(in_ids[0]).resolve(batch.tokens());
                 let (from, to) = (&states[in_ids[0].0], &states[out_ids[0].0]);
-                let out = tp.apply(collective, axis, from, to, &shape, be.download(ins[0])?)?;
-                outs[0] = be.upload(&out)?;
+                let local = crate::host::view(be, ins[0])?;
+                crate::host::in_place(be, &mut outs[0], |o| {
+                    tp.apply(collective, axis, from, to, &shape, &local, o)
+                })?;
             }
         }
         Ok(())

@@ -33,6 +33,7 @@ mod batch;
 pub mod context;
 mod error;
 mod executor;
+pub mod host;
 mod optimizer;
 mod parallel;
 mod pipeline;

@@ -75,13 +75,12 @@ pub fn pipeline_step<B: Backend>(
     // micro-batches as the busiest one (the others run empty ones).
     let padded: Vec<MicroBatch>;
     let micro_batches = if exec.strategy.zero >= Zero::Parameters && groups.dp.size() > 1 {
-        let mut n = [micro_batches.len() as f32];
-        groups.dp.all_reduce(&mut n, ReduceOp::Max)?;
+        let n = comm::words::all_max(groups.dp.as_ref(), micro_batches.len() as u64)?;
         padded = micro_batches
             .iter()
             .cloned()
             .chain(std::iter::repeat_with(MicroBatch::empty))
-            .take(n[0] as usize)
+            .take(n as usize)
             .collect();
         &padded[..]
     } else {
@@ -165,7 +164,7 @@ pub fn pipeline_step<B: Backend>(
                         for (k, &x) in g.inputs.iter().enumerate() {
                             let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
                             pp.recv(&mut buf, Rank(stage - 1), tags::pipeline(i, false, k))?;
-                            inputs.push(backend.upload(&buf)?);
+                            inputs.push(crate::host::adopt(backend, buf)?);
                         }
                         let mut pass = Pass::new(
                             backend,
@@ -194,14 +193,17 @@ pub fn pipeline_step<B: Backend>(
                         for (k, &x) in g.output_grads.iter().enumerate() {
                             let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
                             pp.recv(&mut buf, Rank(stage + 1), tags::pipeline(i, true, k))?;
-                            seeds.push(backend.upload(&buf)?);
+                            seeds.push(crate::host::adopt(backend, buf)?);
                         }
                         if bucketed && Some(i) == last_backward {
                             let acc = grads.as_ref();
                             pass.backward_with(Some(&mut *tp), seeds, &mut |k, gbuf| {
                                 let mut host = backend.download(gbuf)?;
                                 if let Some(acc) = acc {
-                                    for (h, a) in host.iter_mut().zip(backend.download(&acc[k])?) {
+                                    for (h, a) in host
+                                        .iter_mut()
+                                        .zip(crate::host::view(backend, &acc[k])?.iter())
+                                    {
                                         *h += a;
                                     }
                                 }
@@ -215,7 +217,7 @@ pub fn pipeline_step<B: Backend>(
                         let out = pass.finish()?;
                         for (k, gx) in out.input_grads.iter().enumerate() {
                             pp.send(
-                                &backend.download(gx)?,
+                                &crate::host::view(backend, gx)?,
                                 Rank(stage - 1),
                                 tags::pipeline(i, true, k),
                             )?;

@@ -41,7 +41,7 @@ pub(crate) fn reduce_scatter_over_dp<B: Backend>(
     }
     let shapes = param_shapes(exec, groups.tp.rank())?;
     for (index, g) in grads.iter_mut().enumerate() {
-        let host = backend.download(g)?;
+        let host = crate::host::view(backend, g)?;
         let counts = comm::chunk_counts(host.len(), dp);
         let mut mine = vec![0.0; counts[groups.dp.rank().0]];
         let key = BucketKey {
@@ -52,7 +52,9 @@ pub(crate) fn reduce_scatter_over_dp<B: Backend>(
         groups
             .agreement
             .reduce_scatter(groups.dp.as_ref(), key, &host, &mut mine, &counts)?;
-        *g = backend.upload(&mine)?;
+        drop(host);
+        let mine = crate::host::adopt(backend, mine)?;
+        backend.recycle(std::mem::replace(g, mine));
     }
     Ok(())
 }
@@ -112,9 +114,7 @@ pub(crate) fn sum_tied<B: Backend>(
     if stages > 1 && shared.iter().any(|&s| s) && (stage == 0 || stage + 1 == stages) {
         let pair = groups.pp.sub_group(&[Rank(0), Rank(stages - 1)])?;
         for (gr, _) in grads.iter_mut().zip(shared).filter(|(_, &s)| s) {
-            let mut host = backend.download(gr)?;
-            pair.all_reduce(&mut host, ReduceOp::Sum)?;
-            *gr = backend.upload(&host)?;
+            crate::host::in_place(backend, gr, |h| Ok(pair.all_reduce(h, ReduceOp::Sum)?))?;
         }
     }
     Ok(())

@@ -52,15 +52,14 @@ impl TpGroup {
         self.dp.as_ref().map_or((0, 1), |d| (d.rank().0, d.size()))
     }
 
-    /// ZeRO-3: all-gathers the flat chunks of a `len`-value piece over DP.
-    pub fn gather_param(&self, shard: &[f32], len: usize) -> Result<Vec<f32>> {
+    /// ZeRO-3: all-gathers the flat chunks of a piece over DP into `out` (the whole piece).
+    pub fn gather_param(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
         let dp = self.dp.as_ref().ok_or_else(|| {
             RuntimeError::Binding("a ZeRO-3 parameter gather without a DP group".into())
         })?;
-        let counts = comm::chunk_counts(len, dp.size());
-        let mut out = vec![0.0; len];
-        dp.all_gather(shard, &mut out, &counts)?;
-        Ok(out)
+        let counts = comm::chunk_counts(out.len(), dp.size());
+        dp.all_gather(shard, out, &counts)?;
+        Ok(())
     }
 
     /// This rank's index in the TP group.
@@ -97,8 +96,9 @@ impl TpGroup {
         Ok(self.subs[members].as_ref())
     }
 
-    /// Moves this rank's piece of a tensor of `shape` from `from` to `to` by `collective` along
-    /// `axis`; returns the new local piece.
+    /// Moves this rank's piece `local` of a tensor of `shape` from `from` to `to` by
+    /// `collective` along `axis`, writing every value of the new local piece `out`.
+    #[allow(clippy::too_many_arguments)] // a comm op (five fields) and its two buffers
     pub fn apply(
         &mut self,
         collective: Collective,
@@ -106,8 +106,9 @@ impl TpGroup {
         from: &DState,
         to: &DState,
         shape: &[usize],
-        local: Vec<f32>,
-    ) -> Result<Vec<f32>> {
+        local: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
         let me = self.rank();
         let members = self.members(from, axis)?;
         let pos = members.iter().position(|&m| m == me).unwrap_or(0);
@@ -122,12 +123,23 @@ impl TpGroup {
                 .map(|(a, b)| a.start - b.start..a.end - b.start)
                 .collect(),
         };
+        let want = mine_to.volume();
+        if out.len() != want {
+            return Err(RuntimeError::Binding(format!(
+                "a {collective:?} comm op writes {want} values into a buffer of {}",
+                out.len()
+            )));
+        }
         match collective {
-            Collective::Identity => Ok(local),
+            Collective::Identity => {
+                out.copy_from_slice(local);
+                Ok(())
+            }
             Collective::AllReduce => {
-                let mut buf = local;
-                self.sub(&members)?.all_reduce(&mut buf, ReduceOp::Sum)?;
-                Ok(buf)
+                // The output is a buffer of its own (the input may be read again): the values
+                // go into it, and the reduction runs there.
+                out.copy_from_slice(local);
+                Ok(self.sub(&members)?.all_reduce(out, ReduceOp::Sum)?)
             }
             Collective::AllGather { .. } => {
                 let regions: Vec<Region> = members
@@ -135,54 +147,99 @@ impl TpGroup {
                     .map(|&m| from.piece(m, shape).map(|p| p.region))
                     .collect::<std::result::Result<_, _>>()?;
                 let counts: Vec<usize> = regions.iter().map(|r| r.volume()).collect();
+                // Pieces along the leading dim land where they belong: gathered straight into
+                // the output; others are gathered, then placed.
+                let contiguous = stacked(&regions, &mine_to);
+                if contiguous {
+                    return Ok(self.sub(&members)?.all_gather(local, out, &counts)?);
+                }
                 let mut gathered = vec![0.0; counts.iter().sum()];
                 self.sub(&members)?
-                    .all_gather(&local, &mut gathered, &counts)?;
+                    .all_gather(local, &mut gathered, &counts)?;
                 let out_shape = mine_to.shape();
-                let mut out = vec![0.0; mine_to.volume()];
                 let mut off = 0;
                 for (r, n) in regions.iter().zip(&counts) {
                     insert(
-                        &mut out,
+                        out,
                         &out_shape,
                         &relative(r, &mine_to),
                         &gathered[off..off + n],
                     )?;
                     off += n;
                 }
-                Ok(out)
+                Ok(())
             }
             Collective::ReduceScatter { .. } => {
                 let regions: Vec<Region> = members
                     .iter()
                     .map(|&m| to.piece(m, shape).map(|p| p.region))
                     .collect::<std::result::Result<_, _>>()?;
-                let in_shape = mine_from.shape();
-                let mut send = Vec::with_capacity(local.len());
-                let mut counts = Vec::with_capacity(regions.len());
-                for r in &regions {
-                    let part = extract(&local, &in_shape, &relative(r, &mine_from))?;
-                    counts.push(part.len());
-                    send.extend(part);
+                let counts: Vec<usize> = regions.iter().map(|r| r.volume()).collect();
+                // Pieces along the leading dim are sent as they lie; others are laid out in
+                // member order first.
+                let laid_out;
+                let send: &[f32] = if stacked(&regions, &mine_from) {
+                    local
+                } else {
+                    let in_shape = mine_from.shape();
+                    let mut v = Vec::with_capacity(local.len());
+                    for r in &regions {
+                        v.extend(extract(local, &in_shape, &relative(r, &mine_from))?);
+                    }
+                    laid_out = v;
+                    &laid_out
+                };
+                if counts.get(pos) != Some(&out.len()) {
+                    return Err(RuntimeError::Binding(format!(
+                        "a reduce-scatter gives this rank {:?} values, its piece holds {}",
+                        counts.get(pos),
+                        out.len()
+                    )));
                 }
-                let mut out = vec![0.0; counts[pos]];
-                self.sub(&members)?
-                    .reduce_scatter(&send, &mut out, &counts, ReduceOp::Sum)?;
-                Ok(out)
+                Ok(self
+                    .sub(&members)?
+                    .reduce_scatter(send, out, &counts, ReduceOp::Sum)?)
             }
-            Collective::LocalSlice { .. } => Ok(extract(
-                &local,
-                &mine_from.shape(),
-                &relative(&mine_to, &mine_from),
-            )?),
-            Collective::LocalZero => Ok(if pos == 0 {
-                local
-            } else {
-                vec![0.0; local.len()]
-            }),
+            Collective::LocalSlice { .. } => {
+                let part = extract(local, &mine_from.shape(), &relative(&mine_to, &mine_from))?;
+                out.copy_from_slice(&part);
+                Ok(())
+            }
+            Collective::LocalZero => {
+                if pos == 0 {
+                    out.copy_from_slice(local);
+                } else {
+                    out.fill(0.0);
+                }
+                Ok(())
+            }
             Collective::AllToAll { .. } => Err(RuntimeError::Binding(
                 "all-to-all comm ops are not executed yet (no strategy needs them so far)".into(),
             )),
         }
     }
+}
+
+/// Whether `regions`, in order, tile `whole` along its leading dim (each spanning every other
+/// dim of it): their row-major values, one after another, are `whole`'s.
+fn stacked(regions: &[Region], whole: &Region) -> bool {
+    let rest_equal = |r: &Region| {
+        r.ranges
+            .iter()
+            .zip(&whole.ranges)
+            .skip(1)
+            .all(|(a, b)| a == b)
+    };
+    let (Some(first), Some(last)) = (regions.first(), regions.last()) else {
+        return false;
+    };
+    let lead = |r: &Region| r.ranges.first().cloned();
+    regions
+        .iter()
+        .all(|r| r.ranges.len() == whole.ranges.len() && rest_equal(r))
+        && lead(first).map(|a| a.start) == lead(whole).map(|a| a.start)
+        && lead(last).map(|a| a.end) == lead(whole).map(|a| a.end)
+        && regions
+            .windows(2)
+            .all(|w| lead(&w[0]).map(|a| a.end) == lead(&w[1]).map(|a| a.start))
 }

@@ -12,7 +12,7 @@ use crate::clock::{Clock, CoreShare, Phase};
 /// A [`Communicator`] that advances a [`Clock`] by the simulated cluster's links.
 ///
 /// Clocks travel with the data: before a collective the members gather their times (two `f32`
-/// per member, the time split into an exact high and low part) and after every point-to-point
+/// words per member holding the time's bits) and after every point-to-point
 /// message its sender's time follows on the same tag, so the inner communicator carries a few
 /// more small messages than the run itself.
 pub struct SimComm {
@@ -24,14 +24,13 @@ pub struct SimComm {
     share: Option<Arc<CoreShare>>,
 }
 
-/// A time as two `f32` whose sum is the time to ~1e-14 relative.
+/// A time as two `f32` words holding its bits (exact).
 fn split(t: f64) -> [f32; 2] {
-    let hi = t as f32;
-    [hi, (t - f64::from(hi)) as f32]
+    comm::words::encode_f64(t)
 }
 
 fn join(p: &[f32]) -> f64 {
-    p.iter().map(|&x| f64::from(x)).sum()
+    comm::words::decode_f64(p)
 }
 
 impl SimComm {
