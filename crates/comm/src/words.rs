@@ -99,6 +99,12 @@ pub fn all_sum(c: &dyn Communicator, values: &[u64]) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// The sum of every member's `value`, added in rank order on every member (so every member
+/// gets the same bits).
+pub fn all_sum_f64(c: &dyn Communicator, value: f64) -> Result<f64> {
+    Ok(all_gather_f64(c, value)?.into_iter().sum())
+}
+
 /// The largest of every member's `value` (NaN loses), exactly.
 pub fn all_max_f64(c: &dyn Communicator, value: f64) -> Result<f64> {
     Ok(all_gather_f64(c, value)?.into_iter().fold(value, f64::max))

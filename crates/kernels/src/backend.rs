@@ -57,6 +57,13 @@ pub trait Backend: Send + Sync {
     fn adopt(&self, host: Vec<f32>) -> Result<Self::Buffer> {
         self.upload(&host)
     }
+    /// A buffer its holder is done with, as host values: handed over without a copy where
+    /// buffers are host memory; downloaded (and the buffer recycled) otherwise.
+    fn release_to_host(&self, buf: Self::Buffer) -> Result<Vec<f32>> {
+        let host = self.download(&buf)?;
+        self.recycle(buf);
+        Ok(host)
+    }
     /// Waits until every queued kernel has finished (a no-op where kernels run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -355,6 +362,9 @@ impl Backend for CpuBackend {
     }
     fn adopt(&self, host: Vec<f32>) -> Result<Vec<f32>> {
         Ok(host)
+    }
+    fn release_to_host(&self, buf: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf)
     }
     fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
         let t = self.threads;

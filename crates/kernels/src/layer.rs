@@ -122,6 +122,9 @@ impl<L: Layer> Backend for L {
     fn adopt(&self, host: Vec<f32>) -> Result<Self::Buffer> {
         self.inner().adopt(host)
     }
+    fn release_to_host(&self, buf: Self::Buffer) -> Result<Vec<f32>> {
+        self.inner().release_to_host(buf)
+    }
     fn synchronize(&self) -> Result<()> {
         self.inner().synchronize()
     }

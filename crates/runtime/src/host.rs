@@ -46,6 +46,16 @@ pub fn adopt<B: Backend>(be: &B, host: Vec<f32>) -> Result<B::Buffer> {
     Ok(out)
 }
 
+/// A buffer its holder is done with, as host values to send or switch: handed over on a host
+/// backend, downloaded on a device.
+pub fn release_to_host<B: Backend>(be: &B, buf: B::Buffer) -> Result<Vec<f32>> {
+    let device = be.host_slice(&buf).is_none();
+    let t0 = clock().filter(|_| device);
+    let host = be.release_to_host(buf)?;
+    record(t0);
+    Ok(host)
+}
+
 /// Runs `f` on `buf`'s values in place (a collective reducing into it): directly on a host
 /// backend; on a device through a host copy written back.
 pub fn in_place<B: Backend, T>(

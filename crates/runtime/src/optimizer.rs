@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use comm::{chunk_counts, ReduceOp};
+use comm::chunk_counts;
 use graph::{ExecGraph, Zero};
 use kernels::ops::adamw;
 use kernels::{AdamW, Backend};
@@ -263,19 +263,18 @@ impl<B: Backend> Optimizer<B> {
         // Global norm: every element once. Sharded gradients are disjoint over DP; replicated
         // ones are counted by DP rank 0 only.
         let dp_counts = sharded || groups.dp.rank().0 == 0;
-        let mut sq = [0.0f32; 1];
         let mut total = 0.0f64;
         if dp_counts {
             for (k, gbuf) in grads.iter().enumerate() {
                 total += self.weight[k] * backend.sum_squares(gbuf)?;
             }
         }
-        // Summed in f64 on every rank, then over the groups in f32 (the collectives are f32).
-        sq[0] = total as f32;
-        groups.tp.comm().all_reduce(&mut sq, ReduceOp::Sum)?;
-        groups.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
-        groups.dp.all_reduce(&mut sq, ReduceOp::Sum)?;
-        let norm = (sq[0] as f64).sqrt();
+        // Summed in f64 on every rank and over the groups (exact words, added in rank order),
+        // rounded to f32 once at the end as on one device.
+        total = comm::words::all_sum_f64(groups.tp.comm(), total)?;
+        total = comm::words::all_sum_f64(groups.pp.as_ref(), total)?;
+        total = comm::words::all_sum_f64(groups.dp.as_ref(), total)?;
+        let norm = f64::from(total as f32).sqrt();
         if !norm.is_finite() {
             return Err(RuntimeError::Batch(format!(
                 "the gradient norm is {norm}: a loss or gradient is NaN or infinite; the step is skipped and the weights are unchanged"
@@ -310,26 +309,23 @@ impl<B: Backend> Optimizer<B> {
                 continue;
             }
             // ZeRO-1/2: update this rank's chunk on the device (its moments are chunk-sized),
-            // then all-gather the piece over DP (host).
-            let mut p = backend.download(&self.params[k])?;
+            // then all-gather the piece over DP into the parameter.
             let range = self.chunks[k].clone();
-            let gh = backend.download(g)?;
-            let gh = if sharded { &gh[..] } else { &gh[range.clone()] };
-            let mut pc = backend.upload(&p[range.clone()])?;
-            let gc = backend.upload(gh)?;
-            backend.adamw(
-                &cfg,
-                self.step,
-                &mut pc,
-                &gc,
-                &mut self.m[k],
-                &mut self.v[k],
-            )?;
-            p[range.clone()].copy_from_slice(&backend.download(&pc)?);
+            let mut pc =
+                backend.upload(&crate::host::view(backend, &self.params[k])?[range.clone()])?;
+            let whole_grad;
+            let gc: &B::Buffer = if sharded {
+                g
+            } else {
+                whole_grad = backend.upload(&crate::host::view(backend, g)?[range])?;
+                &whole_grad
+            };
+            backend.adamw(&cfg, self.step, &mut pc, gc, &mut self.m[k], &mut self.v[k])?;
             let counts = chunk_counts(self.lens[k], dp);
-            let mine = p[range].to_vec();
-            groups.dp.all_gather(&mine, &mut p, &counts)?;
-            self.params[k] = backend.upload(&p)?;
+            let mine = crate::host::view(backend, &pc)?;
+            crate::host::in_place(backend, &mut self.params[k], |p| {
+                Ok(groups.dp.all_gather(&mine, p, &counts)?)
+            })?;
         }
         Ok(norm)
     }

@@ -357,8 +357,8 @@ impl HotRank {
             out.peak_bytes = out.peak_bytes.max(res.peak_bytes);
             let mut grads: Vec<Vec<f32>> = res
                 .grads
-                .iter()
-                .map(|g| be.download(g))
+                .into_iter()
+                .map(|g| runtime::host::release_to_host(be, g))
                 .collect::<std::result::Result<_, _>>()?;
             if m.strategy.zero >= Zero::Gradients {
                 // Flat 1/dp chunks of the DP-summed pieces: gather the whole pieces to switch.
@@ -415,12 +415,12 @@ impl HotRank {
         let s = &self.members[inst].strategy;
         let (_, d, _) = s.coords(me);
         out.grads = a
-            .iter()
+            .into_iter()
             .map(|g| {
                 if s.zero >= Zero::Gradients {
-                    be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])
+                    Ok(be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])?)
                 } else {
-                    be.upload(g)
+                    runtime::host::adopt(be, g)
                 }
             })
             .collect::<std::result::Result<_, _>>()?;
