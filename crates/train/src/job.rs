@@ -14,6 +14,7 @@ use runtime::GradientAgreement;
 use crate::config::TrainConfig;
 use crate::error::Result;
 use crate::metrics::{StepMetrics, WorkerStep};
+use crate::rank_state::RankState;
 use crate::watchdog::{Fault, Heartbeats};
 
 /// What the rank threads tell the thread that reports and writes.
@@ -42,7 +43,7 @@ pub(crate) enum Msg {
 
 /// One rank's pieces of the weights and both moments, with what it holds, and what its
 /// gradient agreement keeps between steps.
-pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held, Vec<(String, Vec<f32>)>);
+pub(crate) type RankPart = ([Vec<Vec<f32>>; 3], Held, RankState);
 
 /// On world rank 0 at the end: every rank's final pieces with what it holds, and every rank's
 /// peak bytes.

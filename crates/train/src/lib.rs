@@ -54,6 +54,7 @@ mod prepare;
 mod profile;
 mod ps;
 mod rank;
+mod rank_state;
 mod replica;
 pub mod resources;
 mod run;

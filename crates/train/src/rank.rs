@@ -15,8 +15,9 @@ use crate::error::{Result, TrainError};
 use crate::hot::{HotRank, HotSetup};
 use crate::job::{Collected, Job, Msg};
 use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics, WireMetrics};
+use crate::rank_state::RankState;
 use crate::runner::{HotRunner, PlannedRunner, StaticRunner, StepInput, StepRunner};
-use crate::sync::{Replicas, STATE_PREFIX};
+use crate::sync::Replicas;
 
 /// How many distinct plans' ranks automatic planning keeps.
 pub const PLAN_CACHE: usize = 8;
@@ -85,19 +86,10 @@ impl Job {
             let m = rank_params(model, &exec, &ck.exp_avg, tp_rank)?.params;
             let v = rank_params(model, &exec, &ck.exp_avg_sq, tp_rank)?.params;
             opt.restore(be, &m, &v, ck.step)?;
-            let prefix = format!("rank{me}/");
-            let (mut kept, mut synced) = (Vec::new(), Vec::new());
-            for (k, v) in &ck.state {
-                if let Some(k) = k.strip_prefix(&prefix) {
-                    match k.strip_prefix(STATE_PREFIX) {
-                        Some(s) => synced.push((s.to_string(), v.clone())),
-                        None => kept.push((k.to_string(), v.clone())),
-                    }
-                }
-            }
-            self.agreement.restore(me, kept)?;
+            let state = RankState::of_rank(&ck.state, me);
+            self.agreement.restore(me, state.agreement)?;
             if let Some(r) = &mut replicas {
-                r.restore(be, &mut opt, synced)?;
+                r.restore(be, &mut opt, state.averaging)?;
             }
         }
         // Evaluation runs on the optimizer's weights, under its strategy.
@@ -309,13 +301,11 @@ impl Job {
         synced: Vec<(String, Vec<f32>)>,
     ) -> Result<()> {
         let mo = opt.state_host(be, groups)?;
-        let mut kept = self.agreement.state(world.rank().0);
-        kept.extend(
-            synced
-                .into_iter()
-                .map(|(k, v)| (format!("{STATE_PREFIX}{k}"), v)),
-        );
-        let kept = crate::gather::named_to_set(kept);
+        let kept = RankState {
+            agreement: self.agreement.state(world.rank().0),
+            averaging: synced,
+        };
+        let kept = crate::gather::named_to_set(kept.to_named());
         let sets = vec![
             opt.params_host(be, groups)?,
             mo.exp_avg,
@@ -327,7 +317,9 @@ impl Job {
                 .into_iter()
                 .zip(all_held)
                 .map(|(mut sets, h)| {
-                    let kept = crate::gather::set_to_named(sets.pop().unwrap_or_default())?;
+                    let kept = RankState::from_named(crate::gather::set_to_named(
+                        sets.pop().unwrap_or_default(),
+                    )?);
                     let v = sets.pop().unwrap_or_default();
                     let m = sets.pop().unwrap_or_default();
                     let p = sets.pop().unwrap_or_default();

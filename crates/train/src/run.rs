@@ -432,10 +432,7 @@ fn write_checkpoint(
     let state = parts
         .iter()
         .enumerate()
-        .flat_map(|(r, (_, _, kept))| {
-            kept.iter()
-                .map(move |(name, v)| (format!("rank{r}/{name}"), v.clone()))
-        })
+        .flat_map(|(r, (_, _, kept))| kept.entries(r))
         .collect();
     let model = &p.cfg.model;
     let ck = Checkpoint {

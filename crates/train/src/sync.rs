@@ -182,9 +182,6 @@ pub(crate) struct Replicas {
     momentum: Vec<Vec<f32>>,
 }
 
-/// The prefix of this module's entries in a checkpoint's per-rank state (after `rank{r}/`).
-pub(crate) const STATE_PREFIX: &str = "sync/";
-
 impl Replicas {
     /// Averaging over `group` (the DP replicas), starting from `weights` (the optimizer's
     /// parameters, the same on every replica).
