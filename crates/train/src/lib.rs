@@ -61,6 +61,7 @@ mod run;
 mod runner;
 mod settings;
 mod sync;
+mod trainer;
 pub mod watchdog;
 
 pub use checkpoints::CheckpointDir;
