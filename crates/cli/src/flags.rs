@@ -86,7 +86,9 @@ pub struct TrainFlags {
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
-    /// matrix). Lossy: the loss curve changes (see --error-feedback).
+    /// matrix), qsgd:S (QSGD: a norm per 256 values, each value a sign and one of S levels,
+    /// rounded stochastically and unbiased). Lossy: the loss curve changes (see
+    /// --error-feedback).
     #[arg(long, default_value = "none")]
     pub grad_compression: String,
     /// on: every rank adds back what its codec left out the step before (EF-SGD; the residuals
@@ -146,6 +148,17 @@ pub struct TrainFlags {
     /// sub-model [default: 0].
     #[arg(long, allow_hyphen_values = true)]
     pub fed_dropout: Option<f64>,
+    /// How the server weighs the clients' models: size (each client's data, McMahan's n_k) or
+    /// tokens (what each trained this round) [default: size].
+    #[arg(long)]
+    pub fed_weighting: Option<String>,
+    /// Epochs of its own shard each client trains per round (McMahan's E), instead of
+    /// --fed-local-steps.
+    #[arg(long)]
+    pub fed_epochs: Option<usize>,
+    /// The probability that a sampled client drops out of a round (sends nothing) [default: 0].
+    #[arg(long, allow_hyphen_values = true)]
+    pub fed_dropout_clients: Option<f64>,
     /// Slow worker R's compute FACTOR times (R:FACTOR, repeatable): after its gradients it
     /// waits (FACTOR − 1) times as long as they took, as a straggler.
     #[arg(long)]
@@ -475,7 +488,17 @@ impl TrainFlags {
                 Some(other) => bail!("--fed-shards {other}: use iid or by-source"),
             },
             dropout: self.fed_dropout.unwrap_or(d.dropout),
+            weighting: match self.fed_weighting.as_deref() {
+                None | Some("size") => train::FedWeighting::Size,
+                Some("tokens") => train::FedWeighting::Tokens,
+                Some(other) => bail!("--fed-weighting {other}: use size or tokens"),
+            },
+            epochs: self.fed_epochs,
+            client_dropout: self.fed_dropout_clients.unwrap_or(d.client_dropout),
         };
+        if self.fed_epochs.is_some() && self.fed_local_steps.is_some() {
+            bail!("--fed-epochs and --fed-local-steps both say how long a client trains; give one");
+        }
         cfg.slow_ranks = self
             .slow_rank
             .iter()

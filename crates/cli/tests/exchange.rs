@@ -191,7 +191,22 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
             wire(r, "wire_intra_node_bytes")
         );
     }
-    for codec in ["sign", "topk:0.05", "randk:0.1", "powersgd:2", "fp16"] {
+    // QSGD with 4 levels: 4 bits a value (8 to a word) and a norm per 256, below int8's bytes.
+    let qsgd = train(d, "qsgd", &["--grad-compression", "qsgd:4"]);
+    assert!(
+        wire(&qsgd, "wire_intra_node_bytes") < wire(&int8, "wire_intra_node_bytes"),
+        "qsgd:4 sent {} bytes, int8 {}",
+        wire(&qsgd, "wire_intra_node_bytes"),
+        wire(&int8, "wire_intra_node_bytes")
+    );
+    for codec in [
+        "sign",
+        "topk:0.05",
+        "randk:0.1",
+        "powersgd:2",
+        "fp16",
+        "qsgd:4",
+    ] {
         let r = train(d, codec, &["--grad-compression", codec]);
         assert!(r.weights != plain.weights, "{codec} changed nothing");
         assert!(r
@@ -272,6 +287,7 @@ fn bad_exchange_settings_are_refused_by_name() {
     for (flags, says) in [
         (vec!["--grad-compression", "topk:2"], "topk:2"),
         (vec!["--grad-compression", "int4"], "int4"),
+        (vec!["--grad-compression", "qsgd:0"], "qsgd:0"),
         (vec!["--allreduce", "fast"], "fast"),
         (vec!["--error-feedback", "maybe"], "--error-feedback maybe"),
         (

@@ -70,37 +70,68 @@ const COMMON: [&str; 10] = [
     "--lr",
 ];
 
+/// The predicted tokens of `data` cut to 32 tokens, as `hotspa eval` counts them.
+fn predicted_tokens(d: &Path, data: &str) -> f64 {
+    let o = hotspa(
+        d,
+        &[
+            "eval",
+            "--model",
+            ".",
+            "--init",
+            "init.safetensors",
+            "--data",
+            data,
+            "--max-len",
+            "32",
+            "--json",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    ok(o, "eval");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["predicted_tokens"].as_f64().unwrap()
+}
+
 /// One round of two clients (one per file, `--fed-shards by-source`), three local steps of two
-/// sequences each, is the token-weighted mean of two single-device runs of three steps on each
-/// file alone — computed by independent runs, not by the code under test.
+/// sequences each, is the mean of two single-device runs of three steps on each file alone,
+/// weighted by the tokens each trained (`--fed-weighting tokens`) or, by default, by the size
+/// of each client's data (McMahan's n_k, counted by `hotspa eval`) — computed by independent
+/// runs, not by the code under test.
 #[test]
-fn a_round_is_the_token_weighted_mean_of_the_clients_own_training() {
+fn a_round_is_the_weighted_mean_of_the_clients_own_training() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     two_files(d);
-    let mut fed: Vec<&str> = COMMON.to_vec();
-    fed.extend([
-        "3e-3",
-        "--data",
-        "ab",
-        "--devices",
-        "2",
-        "--sync",
-        "fedavg",
-        "--fed-shards",
-        "by-source",
-        "--fed-local-steps",
-        "3",
-        "--fed-batch",
-        "2",
-        "--steps",
-        "1",
-        "--save",
-        "fed.safetensors",
-        "--metrics",
-        "fed.jsonl",
-    ]);
-    ok(hotspa(d, &fed), "fedavg");
+    let fed_run = |name: &str, extra: &[&str]| {
+        let (save, m) = (format!("{name}.safetensors"), format!("{name}.jsonl"));
+        let mut fed: Vec<&str> = COMMON.to_vec();
+        fed.extend([
+            "3e-3",
+            "--data",
+            "ab",
+            "--devices",
+            "2",
+            "--sync",
+            "fedavg",
+            "--fed-shards",
+            "by-source",
+            "--fed-local-steps",
+            "3",
+            "--fed-batch",
+            "2",
+            "--steps",
+            "1",
+            "--save",
+            &save,
+            "--metrics",
+            &m,
+        ]);
+        fed.extend(extra);
+        ok(hotspa(d, &fed), name);
+    };
+    fed_run("fed", &["--fed-weighting", "tokens"]);
+    fed_run("sized", &[]);
     let mut own = Vec::new();
     for client in ["a", "b"] {
         let save = format!("{client}.safetensors");
@@ -129,22 +160,41 @@ fn a_round_is_the_token_weighted_mean_of_the_clients_own_training() {
     }
     let (na, nb) = (own[0].1, own[1].1);
     assert!(na != nb, "the test needs clients of different token counts");
-    let got = load(d, "fed.safetensors");
-    let mut worst = 0.0f64;
-    for ((g, a), b) in got
-        .tensors()
-        .iter()
-        .zip(own[0].0.tensors())
-        .zip(own[1].0.tensors())
-    {
-        for ((&g, &a), &b) in g.iter().zip(a).zip(b) {
-            let want = (na * a as f64 + nb * b as f64) / (na + nb);
-            worst = worst.max((g as f64 - want).abs());
+    let (sa, sb) = (predicted_tokens(d, "a"), predicted_tokens(d, "b"));
+    assert!(
+        (sa / sb - na / nb).abs() > 0.05,
+        "the test needs data sizes in another ratio than the tokens trained"
+    );
+    let worst_of = |got: &Weights, (wa, wb): (f64, f64)| {
+        let mut worst = 0.0f64;
+        for ((g, a), b) in got
+            .tensors()
+            .iter()
+            .zip(own[0].0.tensors())
+            .zip(own[1].0.tensors())
+        {
+            for ((&g, &a), &b) in g.iter().zip(a).zip(b) {
+                let want = (wa * a as f64 + wb * b as f64) / (wa + wb);
+                worst = worst.max((g as f64 - want).abs());
+            }
         }
-    }
+        worst
+    };
+    let got = load(d, "fed.safetensors");
+    let worst = worst_of(&got, (na, nb));
     assert!(
         worst <= 1e-5,
-        "FedAvg differs from the weighted mean by {worst:e}"
+        "FedAvg by tokens differs from the token-weighted mean by {worst:e}"
+    );
+    let sized = load(d, "sized.safetensors");
+    let worst = worst_of(&sized, (sa, sb));
+    assert!(
+        worst <= 1e-5,
+        "FedAvg by size differs from the size-weighted mean by {worst:e}"
+    );
+    assert!(
+        worst_of(&sized, (na, nb)) > 1e-4,
+        "--fed-weighting did nothing"
     );
     let m = metrics(d, "fed.jsonl");
     assert_eq!(m[0]["fed_clients"], 2);
@@ -253,6 +303,28 @@ fn non_iid_clients_converge_and_every_flag_counts() {
         iid.tensors(),
         "--fed-clients did nothing"
     );
+    // E epochs of each client's shard (16 documents of 16 tokens each, batches of 8): two
+    // steps an epoch, so the round trains E times each client's shard.
+    let (_, epochs) = run("epochs", &with(&["--fed-epochs", "3"]));
+    let shard_tokens = 16 * 16;
+    assert_eq!(epochs[0]["tokens"].as_u64().unwrap(), 6 * 3 * shard_tokens);
+    let (gone, gone_m) = run("gone", &["--fed-dropout-clients", "0.5", "--steps", "6"]);
+    assert!(gone_m
+        .iter()
+        .all(|m| m["fed_clients"].as_u64().unwrap() + m["fed_dropped"].as_u64().unwrap() == 6));
+    let dropped_total: u64 = gone_m
+        .iter()
+        .map(|m| m["fed_dropped"].as_u64().unwrap())
+        .sum();
+    assert!(
+        dropped_total > 0 && dropped_total < 36,
+        "{dropped_total} of 36 dropped out"
+    );
+    assert_ne!(
+        gone.tensors(),
+        iid.tensors(),
+        "--fed-dropout-clients did nothing"
+    );
     let (dropped, dropped_m) = run("dropout", &with(&["--fed-dropout", "0.5"]));
     assert_ne!(
         dropped.tensors(),
@@ -294,6 +366,26 @@ fn non_iid_clients_converge_and_every_flag_counts() {
         (
             vec!["--sync", "fedavg", "--fed-shards", "zipf"],
             "iid or by-source",
+        ),
+        (vec!["--sync", "fedavg", "--fed-epochs", "0"], "fed_epochs"),
+        (
+            vec!["--sync", "fedavg", "--fed-dropout-clients", "1"],
+            "fed_dropout_clients",
+        ),
+        (
+            vec!["--sync", "fedavg", "--fed-weighting", "equal"],
+            "size or tokens",
+        ),
+        (
+            vec![
+                "--sync",
+                "fedavg",
+                "--fed-epochs",
+                "1",
+                "--fed-local-steps",
+                "2",
+            ],
+            "give one",
         ),
         (
             vec!["--sync", "fedavg", "--fed-clients", "500"],

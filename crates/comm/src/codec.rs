@@ -51,6 +51,10 @@ pub enum Codec {
     RandK(f64),
     /// PowerSGD: each gradient matrix by a rank-`r` product `P Qᵀ` (vectors exact).
     PowerSgd(usize),
+    /// QSGD with `s` levels (Alistarh et al. 2017): per [`CHUNK`] values their L2 norm, and
+    /// each value as its sign and a level in `0..=s`, rounded stochastically so that the
+    /// decoded value equals the original in expectation; `1 + ⌈log₂(s + 1)⌉` bits a value.
+    Qsgd(u32),
 }
 
 impl fmt::Display for Codec {
@@ -64,12 +68,13 @@ impl fmt::Display for Codec {
             Codec::TopK(x) => write!(f, "topk:{x}"),
             Codec::RandK(x) => write!(f, "randk:{x}"),
             Codec::PowerSgd(r) => write!(f, "powersgd:{r}"),
+            Codec::Qsgd(levels) => write!(f, "qsgd:{levels}"),
         }
     }
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, randk:F (F a fraction in (0, 1], e.g. 0.01 or 1%) or powersgd:R (R ≥ 1)";
+    "use none, bf16, fp16, int8, sign, topk:F, randk:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1) or qsgd:S (S levels, 1 to 255)";
 
 impl FromStr for Codec {
     type Err = CommError;
@@ -105,6 +110,10 @@ impl FromStr for Codec {
                 Ok(r) if r >= 1 => Ok(Codec::PowerSgd(r)),
                 _ => Err(bad()),
             },
+            Some(("qsgd", v)) => match v.trim().parse::<u32>() {
+                Ok(levels) if (1..=255).contains(&levels) => Ok(Codec::Qsgd(levels)),
+                _ => Err(bad()),
+            },
             Some(_) => Err(bad()),
         }
     }
@@ -113,7 +122,10 @@ impl FromStr for Codec {
 impl Codec {
     /// Whether this codec encodes each value on its own ([`Codec::encode`] applies).
     pub fn is_dense(&self) -> bool {
-        matches!(self, Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign)
+        matches!(
+            self,
+            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign | Codec::Qsgd(_)
+        )
     }
 
     /// How many of `len` values a sparsifying codec keeps (at least one of a non-empty vector).
@@ -133,14 +145,24 @@ impl Codec {
             Codec::Bf16 | Codec::Fp16 => len.div_ceil(2),
             Codec::Int8 => chunks + chunked_words(len, 4),
             Codec::Sign => chunks + chunked_words(len, 32),
+            Codec::Qsgd(levels) => chunks + chunked_words(len, qsgd_per_word(*levels)),
             _ => len,
         }
     }
 
     /// Appends the payload of `x` to `out` (dense codecs; the others copy `x`). Non-finite
-    /// values stay non-finite after decoding, so an overflow is seen, not hidden.
+    /// values stay non-finite after decoding, so an overflow is seen, not hidden. QSGD's
+    /// rounding draws from a seed made of `x`'s bits alone ([`Codec::encode_salted`] adds one).
     pub fn encode(&self, x: &[f32], out: &mut Vec<f32>) {
+        self.encode_salted(x, out, 0)
+    }
+
+    /// [`Codec::encode`], QSGD's draws seeded by `salt` as well as by `x`'s bits (members and
+    /// chunks pass different salts, so their draws are independent; the same inputs give the
+    /// same payload on threads and under MPI).
+    pub fn encode_salted(&self, x: &[f32], out: &mut Vec<f32>, salt: u64) {
         match self {
+            Codec::Qsgd(levels) => qsgd_encode(*levels, x, out, salt),
             Codec::Bf16 => pack16(x, out, |v| bf16::from_f32(v).to_bits()),
             Codec::Fp16 => pack16(x, out, |v| {
                 let v = if v.is_finite() {
@@ -195,6 +217,7 @@ impl Codec {
         match self {
             Codec::Bf16 => unpack16(words, out, |b| bf16::from_bits(b).to_f32()),
             Codec::Fp16 => unpack16(words, out, |b| f16::from_bits(b).to_f32()),
+            Codec::Qsgd(levels) => qsgd_decode_add(*levels, words, out),
             Codec::Int8 | Codec::Sign => {
                 let per = if *self == Codec::Int8 { 4 } else { 32 };
                 let mut w = words.iter();
@@ -227,6 +250,77 @@ impl Codec {
         // The payload was made for this length.
         let _ = self.decode_add(&words, &mut out);
         out
+    }
+}
+
+/// Bits of one QSGD value with `levels` levels: its sign and its level in `0..=levels`.
+fn qsgd_bits(levels: u32) -> u32 {
+    1 + (32 - levels.leading_zeros())
+}
+
+/// QSGD values per 32-bit word (none straddles two).
+fn qsgd_per_word(levels: u32) -> usize {
+    (32 / qsgd_bits(levels)) as usize
+}
+
+/// SplitMix64: a stateless, well-mixed 64-bit hash.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn qsgd_encode(levels: u32, x: &[f32], out: &mut Vec<f32>, salt: u64) {
+    let (bits, per) = (qsgd_bits(levels), qsgd_per_word(levels));
+    let s = levels as f32;
+    for (ci, c) in x.chunks(CHUNK).enumerate() {
+        let norm = scale_of(c, |c| {
+            c.iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt() as f32
+        });
+        out.push(norm);
+        // The draws: a seed from the chunk's bits, its place and the salt; one draw a value.
+        let seed = c.iter().fold(splitmix(salt ^ ((ci as u64) << 1)), |h, v| {
+            splitmix(h ^ u64::from(v.to_bits()))
+        });
+        let inv = if norm > 0.0 && norm.is_finite() {
+            s / norm
+        } else {
+            0.0
+        };
+        for (wi, w) in c.chunks(per).enumerate() {
+            let mut word = 0u32;
+            for (i, &v) in w.iter().enumerate() {
+                let r = (v.abs() * inv).min(s);
+                let low = r.floor();
+                let u = (splitmix(seed ^ (wi * per + i) as u64) >> 40) as f32 / (1u64 << 24) as f32;
+                let level = (low as u32 + u32::from(u < r - low)).min(levels);
+                let code = u32::from(v.is_sign_negative()) | level << 1;
+                word |= code << (bits as usize * i);
+            }
+            out.push(f32::from_bits(word));
+        }
+    }
+}
+
+fn qsgd_decode_add(levels: u32, words: &[f32], out: &mut [f32]) {
+    let (bits, per) = (qsgd_bits(levels), qsgd_per_word(levels));
+    let mask = (1u32 << bits) - 1;
+    let mut w = words.iter();
+    for c in out.chunks_mut(CHUNK) {
+        let norm = w.next().copied().unwrap_or(0.0);
+        let unit = norm / levels as f32;
+        for part in c.chunks_mut(per) {
+            let word = w.next().map_or(0, |x| x.to_bits());
+            for (i, o) in part.iter_mut().enumerate() {
+                let code = word >> (bits as usize * i) & mask;
+                let v = (code >> 1) as f32 * unit;
+                *o += if code & 1 == 1 { -v } else { v };
+            }
+        }
     }
 }
 
@@ -307,6 +401,12 @@ pub fn random_k(n: usize, k: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Adds `residual` to `buf` (error feedback: what earlier rounds left out).
+/// The salt of member `me`'s payload `j` in a compressed collective (`j` = the members' count:
+/// its all-gathered chunk of the sum).
+fn salt(me: usize, j: usize) -> u64 {
+    ((me as u64) << 32) | j as u64
+}
+
 fn add_residual(buf: &mut [f32], residual: Option<&mut [f32]>) -> Result<()> {
     if let Some(r) = residual {
         crate::error::check_len("compressed all_reduce", "residual", buf.len(), r.len())?;
@@ -348,7 +448,7 @@ pub fn reduce_scatter_dense(
     let send_counts: Vec<usize> = counts.iter().map(|&k| codec.encoded_words(k)).collect();
     let mut send = Vec::with_capacity(send_counts.iter().sum());
     for j in 0..n {
-        codec.encode(&buf[off[j]..off[j + 1]], &mut send);
+        codec.encode_salted(&buf[off[j]..off[j + 1]], &mut send, salt(me, j));
     }
     if keep {
         if let Some(w) = worker {
@@ -401,10 +501,12 @@ pub fn all_reduce_dense(
         add_residual(&mut sum, Some(s))?;
     }
     let mut payload = Vec::with_capacity(codec.encoded_words(sum.len()));
-    codec.encode(&sum, &mut payload);
+    codec.encode_salted(&sum, &mut payload, salt(c.rank().0, n));
     if keep {
         if let Some(s) = server {
-            let back = codec.round_trip(&sum);
+            // What this payload leaves out (a stochastic codec's own draws).
+            let mut back = vec![0.0; sum.len()];
+            codec.decode_add(&payload, &mut back)?;
             for ((r, &e), d) in s.iter_mut().zip(&sum).zip(back) {
                 *r = e - d;
             }
@@ -514,6 +616,7 @@ mod tests {
             "topk:0.01",
             "randk:0.5",
             "powersgd:4",
+            "qsgd:15",
         ] {
             let c: Codec = s.parse().unwrap();
             assert_eq!(c.to_string(), s);
@@ -525,12 +628,89 @@ mod tests {
             "topk:1.5",
             "randk:x",
             "powersgd:0",
+            "qsgd:0",
+            "qsgd:256",
             "int4",
             "bf16:2",
         ] {
             let e = bad.parse::<Codec>().unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("powersgd:R"), "{e}");
         }
+    }
+
+    #[test]
+    fn qsgd_is_unbiased_within_its_variance_bound_and_its_bytes_are_its_formula() {
+        let x: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        for levels in [1u32, 4, 15, 255] {
+            let codec = Codec::Qsgd(levels);
+            // Sign plus ⌈log₂(s+1)⌉ bits a value, packed whole into 32-bit words, and one f32
+            // norm per chunk of 256.
+            let bits = 1 + (f64::from(levels) + 1.0).log2().ceil() as usize;
+            let per = 32 / bits;
+            assert_eq!(
+                codec.encoded_words(300),
+                2 + 256usize.div_ceil(per) + 44usize.div_ceil(per)
+            );
+            let draws = 4000;
+            let mut mean = vec![0.0f64; x.len()];
+            let mut sq_err = 0.0f64;
+            for salt in 0..draws {
+                let mut words = Vec::new();
+                codec.encode_salted(&x, &mut words, salt);
+                assert_eq!(words.len(), codec.encoded_words(x.len()));
+                let mut y = vec![0.0f32; x.len()];
+                codec.decode_add(&words, &mut y).unwrap();
+                for (i, (&a, &b)) in y.iter().zip(&x).enumerate() {
+                    mean[i] += f64::from(a) / draws as f64;
+                    sq_err += f64::from(a - b).powi(2) / draws as f64;
+                }
+            }
+            // Unbiased: each value's mean within five standard errors (a value's variance is at
+            // most (norm / s)² / 4).
+            for (c, chunk) in x.chunks(CHUNK).enumerate() {
+                let norm = chunk
+                    .iter()
+                    .map(|&v| f64::from(v).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let se = norm / f64::from(levels) / 2.0 / (draws as f64).sqrt();
+                for (i, &v) in chunk.iter().enumerate() {
+                    let m = mean[c * CHUNK + i];
+                    assert!(
+                        (m - f64::from(v)).abs() <= 5.0 * se + 1e-5,
+                        "s={levels}: {m} vs {v}"
+                    );
+                }
+            }
+            // QSGD's Lemma 3.1: E‖Q(v) − v‖² ≤ min(d/s², √d/s)·‖v‖², per chunk of d values.
+            let bound: f64 = x
+                .chunks(CHUNK)
+                .map(|c| {
+                    let d = c.len() as f64;
+                    let s = f64::from(levels);
+                    let n2 = c.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+                    (d / (s * s)).min(d.sqrt() / s) * n2
+                })
+                .sum();
+            assert!(sq_err <= bound * 1.05, "s={levels}: {sq_err} > {bound}");
+            assert!(sq_err > 0.0, "s={levels} rounds");
+        }
+        // The same input and salt give the same payload; another salt draws anew.
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        Codec::Qsgd(4).encode_salted(&x, &mut a, 1);
+        Codec::Qsgd(4).encode_salted(&x, &mut b, 1);
+        Codec::Qsgd(4).encode_salted(&x, &mut c, 2);
+        assert_eq!(
+            a.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|w| w.to_bits()).collect::<Vec<_>>()
+        );
+        assert_ne!(
+            a.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+            c.iter().map(|w| w.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(Codec::Qsgd(4).round_trip(&[1.0, f32::NAN])[0].is_nan());
     }
 
     #[test]
@@ -596,7 +776,13 @@ mod tests {
                 let out = ThreadComm::run(n, move |c| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
                     let me = c.rank().0;
                     let mut res = Vec::new();
-                    for codec in [Codec::Bf16, Codec::Fp16, Codec::Int8, Codec::Sign] {
+                    for codec in [
+                        Codec::Bf16,
+                        Codec::Fp16,
+                        Codec::Int8,
+                        Codec::Sign,
+                        Codec::Qsgd(4),
+                    ] {
                         let mut g = grad(me, len);
                         let mut w = vec![0.0; len];
                         let mut s = vec![0.0; chunk_counts(len, n)[me]];
@@ -625,7 +811,7 @@ mod tests {
                 let exact: Vec<f32> = (0..len)
                     .map(|i| (0..n).map(|r| grad(r, len)[i]).sum())
                     .collect();
-                for (k, name) in ["bf16", "fp16", "int8", "sign", "topk", "randk"]
+                for (k, name) in ["bf16", "fp16", "int8", "sign", "qsgd", "topk", "randk"]
                     .iter()
                     .enumerate()
                 {

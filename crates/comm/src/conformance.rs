@@ -547,6 +547,7 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
         Codec::Fp16,
         Codec::Int8,
         Codec::Sign,
+        Codec::Qsgd(8),
         Codec::TopK(0.05),
         Codec::RandK(0.05),
     ] {

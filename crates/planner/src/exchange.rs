@@ -59,6 +59,8 @@ fn codec_passes(codec: Codec) -> f64 {
     match codec {
         Codec::None => 0.0,
         Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => 6.0,
+        // Its norm is one more read, the draws are hashed from the values as they are read.
+        Codec::Qsgd(_) => 8.0,
         Codec::TopK(_) => 8.0,
         Codec::RandK(_) => 3.0,
         Codec::PowerSgd(_) => 4.0,
@@ -502,7 +504,7 @@ impl Exchange {
         let codec_seconds = codec_passes(self.codec) * values * 4.0 / (memory * 1e9);
         let mut s = Steps::new(cluster, shape);
         let comm = match self.codec {
-            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => {
+            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign | Codec::Qsgd(_) => {
                 let per_value = self.codec.encoded_words(CHUNK) as f64 * 4.0 / CHUNK as f64;
                 let wire = values * per_value.min(elem);
                 // All-to-all: every member sends each of the n − 1 others its chunk, those for

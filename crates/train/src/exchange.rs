@@ -180,7 +180,7 @@ impl Agreement {
         };
         match codec {
             Codec::None => self.exact(c, buf, &nodes)?,
-            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign => {
+            Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign | Codec::Qsgd(_) => {
                 let chunk = chunk_counts(len, c.size())[c.rank().0];
                 let mut server = if feedback {
                     Some(kept.take(&name("server"), chunk)?)

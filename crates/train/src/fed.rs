@@ -25,7 +25,7 @@ use crate::error::{Result, TrainError};
 use crate::job::{Collected, Job, Msg};
 use crate::metrics::{FedMetrics, StepMetrics};
 use crate::replica::{whole_model, Replica};
-use crate::settings::Sharding;
+use crate::settings::{FedWeighting, Sharding};
 
 /// The clients' shards: sequence indices of `sources` (one per sequence) split over `clients`.
 pub(crate) fn shards(
@@ -68,6 +68,31 @@ pub(crate) fn sample(clients: usize, fraction: f64, seed: u64, round: usize) -> 
     let mut picked = all[..m].to_vec();
     picked.sort_unstable();
     picked
+}
+
+/// Which of round `round`'s `sampled` clients report (each drops out with probability
+/// `dropout`, drawn from the seed).
+pub(crate) fn reporting(sampled: &[usize], dropout: f64, seed: u64, round: usize) -> Vec<bool> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ 0xD80F_0C11 ^ (round as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+    );
+    sampled
+        .iter()
+        .map(|_| rand::Rng::random::<f64>(&mut rng) >= dropout)
+        .collect()
+}
+
+/// The sequences (indices into `shard`) of local step `e` of a client training `epochs` epochs
+/// of its shard in batches of `batch`: a fresh seeded order each epoch, the last batch of an
+/// epoch shorter where the shard does not divide.
+fn epoch_batch(shard: &[usize], batch: usize, e: usize, key: u64) -> Vec<usize> {
+    let per_epoch = shard.len().div_ceil(batch);
+    let (epoch, b) = (e / per_epoch, e % per_epoch);
+    let mut order: Vec<usize> = shard.to_vec();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        key ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+    order[b * batch..((b + 1) * batch).min(order.len())].to_vec()
 }
 
 /// Per parameter of `exec`, the FFN units' rows: `Some(units)` for the FFN weights (stored
@@ -159,12 +184,19 @@ impl Job {
         }
         let packing = TrainConfig::packing(cfg.budget(0));
         let seqs = self.data.sequences();
+        // Every client's data size: the tokens its shard predicts.
+        let sizes: Vec<usize> = parts
+            .iter()
+            .map(|p| p.iter().map(|&k| seqs[k].len().saturating_sub(1)).sum())
+            .collect();
         let mut peak_all = 0u64;
+        let mut last_loss = 0.0f32;
         for round in 0..cfg.steps {
             self.heartbeats.step(me, round + 1);
             let t0 = Instant::now();
             let lr = cfg.lr.at(round, cfg.steps);
             let sampled = sample(clients, fed.fraction, cfg.seed, round);
+            let reports = reporting(&sampled, fed.client_dropout, cfg.seed, round);
             // Σ tokens · client model (kept elements), Σ tokens per element, and the stats:
             // [Σ loss · predicted, Σ predicted, Σ tokens, up bytes, down bytes, Σ norm · predicted].
             let mut acc: Vec<Vec<f32>> = zeros.clone();
@@ -172,7 +204,7 @@ impl Job {
             let mut stats = [0.0f64; 6];
             let mut peak = 0usize;
             for (slot, &c) in sampled.iter().enumerate() {
-                if slot % w != me {
+                if slot % w != me || !reports[slot] {
                     continue;
                 }
                 // The client's (sub-)model: the global one with its dropped units zeroed.
@@ -205,11 +237,24 @@ impl Job {
                 replica.opt.restore(be, &zeros, &zeros, 0)?;
                 let shard = &parts[c];
                 let mut trained = 0usize;
-                for e in 0..fed.local_steps {
-                    let at = (round * fed.local_steps + e) * fed.batch;
-                    let batch: Vec<Vec<u32>> = (0..fed.batch)
-                        .map(|i| seqs[shard[(at + i) % shard.len()]].clone())
-                        .collect();
+                let steps = match fed.epochs {
+                    Some(epochs) => epochs * shard.len().div_ceil(fed.batch),
+                    None => fed.local_steps,
+                };
+                let key = cfg.seed ^ ((round as u64) << 32) ^ ((c as u64) << 8) ^ 0xE90C;
+                for e in 0..steps {
+                    let batch: Vec<Vec<u32>> = match fed.epochs {
+                        Some(_) => epoch_batch(shard, fed.batch, e, key)
+                            .into_iter()
+                            .map(|k| seqs[k].clone())
+                            .collect(),
+                        None => {
+                            let at = (round * fed.local_steps + e) * fed.batch;
+                            (0..fed.batch)
+                                .map(|i| seqs[shard[(at + i) % shard.len()]].clone())
+                                .collect()
+                        }
+                    };
                     let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();
                     let out = replica.gradients(
                         be,
@@ -235,7 +280,12 @@ impl Job {
                     stats[5] += norm * predicted as f64;
                 }
                 let model = replica.opt.params_host(be, &replica.groups)?;
-                let n = trained as f32;
+                // The client's weight in the average: its data's size (McMahan's n_k) or what it
+                // trained this round.
+                let n = match fed.weighting {
+                    FedWeighting::Size => sizes[c] as f32,
+                    FedWeighting::Tokens => trained as f32,
+                };
                 for (k, (p, start_p)) in model.iter().zip(&start).enumerate() {
                     let kept = |i: usize| masks[k].as_ref().is_none_or(|m| m[i / hidden]);
                     let sent = (0..p.len()).filter(|&i| kept(i)).count();
@@ -271,6 +321,10 @@ impl Job {
                     }
                 }
             }
+            // A round nobody reported trains nothing and keeps the last round's loss.
+            if s32[1] > 0.0 {
+                last_loss = s32[0] / s32[1];
+            }
             peak_all = peak_all.max(peak as u64);
             let peak = comm::words::all_max(world, peak as u64)?;
             if me == 0 {
@@ -278,7 +332,7 @@ impl Job {
                 let tokens = s32[2] as u64;
                 let _ = self.tx.send(Msg::Step(Box::new(StepMetrics {
                     step: round as u64 + 1,
-                    loss: (s32[0] / s32[1].max(1.0)),
+                    loss: last_loss,
                     // The clients' local steps' norms, weighted by their tokens.
                     grad_norm: (s32[5] / s32[1].max(1.0)) as f64,
                     lr,
@@ -287,7 +341,8 @@ impl Job {
                     tokens_per_s: tokens as f64 / seconds.max(1e-12),
                     peak_bytes: peak,
                     fed: Some(FedMetrics {
-                        fed_clients: sampled.len() as u64,
+                        fed_clients: reports.iter().filter(|&&r| r).count() as u64,
+                        fed_dropped: reports.iter().filter(|&&r| !r).count() as u64,
                         fed_up_bytes: s32[3] as u64,
                         fed_down_bytes: s32[4] as u64,
                     }),
@@ -315,7 +370,16 @@ fn uplink(
 ) -> (Vec<f32>, usize) {
     match codec {
         Codec::None => (delta.to_vec(), delta.len()),
-        c if c.is_dense() => (c.round_trip(delta), c.encoded_words(delta.len())),
+        c if c.is_dense() => {
+            // QSGD's draws salted by the run's seed, the round, the client and the parameter.
+            let s = seed ^ ((round as u64) << 32) ^ ((client as u64) << 16) ^ k as u64;
+            let mut words = Vec::with_capacity(c.encoded_words(delta.len()));
+            c.encode_salted(delta, &mut words, s);
+            let mut out = vec![0.0; delta.len()];
+            // The payload was made for this length.
+            let _ = c.decode_add(&words, &mut out);
+            (out, words.len())
+        }
         Codec::TopK(_) => {
             let mut out = vec![0.0; delta.len()];
             let keep = codec.keep(delta.len());

@@ -332,8 +332,11 @@ mod tests {
 /// One round as rank 0 reports it (flattened into the step's metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FedMetrics {
-    /// Clients that trained this round.
+    /// Clients that trained and reported this round.
     pub fed_clients: u64,
+    /// Sampled clients that dropped out of this round (`--fed-dropout-clients`).
+    #[serde(default)]
+    pub fed_dropped: u64,
     /// Bytes the clients uploaded (their updates, after the codec and Federated Dropout).
     pub fed_up_bytes: u64,
     /// Bytes the server sent them (the global model, or the sub-model each keeps).

@@ -18,6 +18,17 @@ pub enum Sharding {
     BySource,
 }
 
+/// How the server weighs the clients' models in its average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FedWeighting {
+    /// By the size of each client's data (its shard's predicted tokens), as McMahan et al.
+    /// weigh by `n_k`.
+    #[default]
+    Size,
+    /// By the tokens each client trained this round.
+    Tokens,
+}
+
 /// Federated training's settings (used under `--sync fedavg`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Federated {
@@ -31,6 +42,14 @@ pub struct Federated {
     pub batch: usize,
     /// How the data is split.
     pub sharding: Sharding,
+    /// How the average weighs the clients.
+    pub weighting: FedWeighting,
+    /// Epochs of its own shard each client trains per round (McMahan's `E`), in batches of
+    /// `batch` in a fresh seeded order each epoch; `None`: `local_steps` steps.
+    pub epochs: Option<usize>,
+    /// The probability that a sampled client drops out of a round (trains nothing and sends
+    /// nothing; the server averages those that report).
+    pub client_dropout: f64,
     /// The fraction of every layer's FFN units a client drops (Federated Dropout; 0: none).
     pub dropout: f64,
 }
@@ -43,6 +62,9 @@ impl Default for Federated {
             local_steps: 5,
             batch: 8,
             sharding: Sharding::Iid,
+            weighting: FedWeighting::Size,
+            epochs: None,
+            client_dropout: 0.0,
             dropout: 0.0,
         }
     }

@@ -27,6 +27,15 @@ impl Federated {
         if self.batch == 0 {
             return bad("fed_batch", "0 is out of range: must be at least 1".into());
         }
+        if self.epochs == Some(0) {
+            return bad("fed_epochs", "0 is out of range: must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.client_dropout) {
+            return bad(
+                "fed_dropout_clients",
+                format!("{} is out of range: must be in [0, 1)", self.client_dropout),
+            );
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(
                 "fed_dropout",
@@ -46,7 +55,7 @@ impl Federated {
             return bad(
                 "grad_compression",
                 "PowerSGD needs warm starts that federated clients do not keep; use bf16, fp16, \
-                 int8, sign, topk:F or randk:F for the uplink"
+                 int8, sign, qsgd:S, topk:F or randk:F for the uplink"
                     .into(),
             );
         }
@@ -104,7 +113,7 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
         return refuse(
             "ps_servers",
             "PowerSGD's factors need all-reduces between the workers; pushes to the parameter \
-             server take bf16, fp16, int8, sign, topk:F or randk:F"
+             server take bf16, fp16, int8, sign, qsgd:S, topk:F or randk:F"
                 .into(),
         );
     }
