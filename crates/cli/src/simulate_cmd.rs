@@ -10,7 +10,8 @@ use sim::{Report, Scenario};
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// A cluster preset (a800x32, h100x8, eth8x8) or a TOML file with its fields.
+    /// A cluster preset (a800x32, h100x8, h100x128, h100x1024, eth8x8) or a TOML file with its
+    /// fields.
     #[arg(long, default_value = "a800x32")]
     cluster: String,
     /// Devices used (the cluster's first ones, node by node).

@@ -9,7 +9,7 @@ use rand_distr::{Distribution, LogNormal};
 use crate::error::{Result, SimError};
 
 /// The cluster presets.
-pub const CLUSTERS: [&str; 3] = ["a800x32", "h100x8", "eth8x8"];
+pub const CLUSTERS: [&str; 5] = ["a800x32", "h100x8", "h100x128", "h100x1024", "eth8x8"];
 
 /// The dataset presets.
 pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
@@ -94,7 +94,9 @@ impl Device {
 
 /// A preset by name: `a800x32` (HotSPa's testbed: 4 nodes × 8 A800-80G, NVLink 400 GB/s
 /// bidirectional, InfiniBand 200 GB/s per node — 25 GB/s per device), `h100x8` (one node of 8
-/// H100-80G; 400 Gb/s per device to other nodes) or `eth8x8` (commodity Ethernet: 8 nodes × 8
+/// H100-80G; 400 Gb/s per device to other nodes), `h100x128` and `h100x1024` (16 and 128 such
+/// nodes: one 400 Gb/s NIC per GPU, a non-blocking fabric assumed) or `eth8x8` (commodity
+/// Ethernet: 8 nodes × 8
 /// A100-80G, one 25 Gb/s port per node — 3.125 GB/s for one stream, 0.39 GB/s per device when
 /// all eight send — and 30 µs TCP latency). Device figures: [`Device`].
 pub fn cluster(name: &str) -> Result<Cluster> {
@@ -102,6 +104,8 @@ pub fn cluster(name: &str) -> Result<Cluster> {
     match name {
         "a800x32" => Ok(A800.cluster(name, 4, 8, link(200.0 / 8.0, 10.0))),
         "h100x8" => Ok(H100.cluster(name, 1, 8, link(50.0, 8.0))),
+        "h100x128" => Ok(H100.cluster(name, 16, 8, link(50.0, 8.0))),
+        "h100x1024" => Ok(H100.cluster(name, 128, 8, link(50.0, 8.0))),
         "eth8x8" => Ok(Cluster {
             nic_gbps: 25.0 / 8.0,
             ..A100.cluster(name, 8, 8, link(25.0 / 8.0 / 8.0, 30.0))
@@ -185,4 +189,35 @@ pub fn lengths(dataset: &str, n: usize, max_len: usize, seed: u64) -> Result<Vec
     let dist = LogNormal::new(median.ln(), sigma).map_err(|e| SimError::Invalid(e.to_string()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     Ok((0..n).map(|_| cut(dist.sample(&mut rng))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_known_by_name_and_the_h100_clusters_scale_by_nodes() {
+        for name in CLUSTERS {
+            assert_eq!(cluster(name).unwrap().name, name);
+        }
+        let (one, many, most) = (
+            cluster("h100x8").unwrap(),
+            cluster("h100x128").unwrap(),
+            cluster("h100x1024").unwrap(),
+        );
+        assert_eq!(
+            (many.nodes, many.devices(), most.devices()),
+            (16, 128, 1024)
+        );
+        // The same node and links, 400 Gb/s per GPU across nodes.
+        assert_eq!(many.cross_node.gbps, 50.0);
+        assert_eq!(
+            (many.same_node.gbps, many.peak_tflops, most.cross_node.gbps),
+            (one.same_node.gbps, one.peak_tflops, one.cross_node.gbps)
+        );
+        assert!(cluster("h100x16")
+            .unwrap_err()
+            .to_string()
+            .contains("h100x128"));
+    }
 }
