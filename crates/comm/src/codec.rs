@@ -244,8 +244,13 @@ impl Codec {
 
     /// `x` as it arrives after encoding and decoding.
     pub fn round_trip(&self, x: &[f32]) -> Vec<f32> {
+        self.round_trip_salted(x, 0)
+    }
+
+    /// [`Codec::round_trip`] with [`Codec::encode_salted`]'s salt.
+    pub fn round_trip_salted(&self, x: &[f32], salt: u64) -> Vec<f32> {
         let mut words = Vec::with_capacity(self.encoded_words(x.len()));
-        self.encode(x, &mut words);
+        self.encode_salted(x, &mut words, salt);
         let mut out = vec![0.0; x.len()];
         // The payload was made for this length.
         let _ = self.decode_add(&words, &mut out);

@@ -105,11 +105,6 @@ pub fn all_sum_f64(c: &dyn Communicator, value: f64) -> Result<f64> {
     Ok(all_gather_f64(c, value)?.into_iter().sum())
 }
 
-/// The largest of every member's `value` (NaN loses), exactly.
-pub fn all_max_f64(c: &dyn Communicator, value: f64) -> Result<f64> {
-    Ok(all_gather_f64(c, value)?.into_iter().fold(value, f64::max))
-}
-
 /// The largest of every member's `value`, exactly.
 pub fn all_max(c: &dyn Communicator, value: u64) -> Result<u64> {
     Ok(all_gather(c, value)?.into_iter().max().unwrap_or(value))

@@ -368,18 +368,12 @@ fn uplink(
     client: usize,
     k: usize,
 ) -> (Vec<f32>, usize) {
+    // Random draws (QSGD's rounding, random-k's positions) from the run's seed, the round, the
+    // client and the parameter.
+    let s = seed ^ ((round as u64) << 32) ^ ((client as u64) << 16) ^ k as u64;
     match codec {
         Codec::None => (delta.to_vec(), delta.len()),
-        c if c.is_dense() => {
-            // QSGD's draws salted by the run's seed, the round, the client and the parameter.
-            let s = seed ^ ((round as u64) << 32) ^ ((client as u64) << 16) ^ k as u64;
-            let mut words = Vec::with_capacity(c.encoded_words(delta.len()));
-            c.encode_salted(delta, &mut words, s);
-            let mut out = vec![0.0; delta.len()];
-            // The payload was made for this length.
-            let _ = c.decode_add(&words, &mut out);
-            (out, words.len())
-        }
+        c if c.is_dense() => (c.round_trip_salted(delta, s), c.encoded_words(delta.len())),
         Codec::TopK(_) => {
             let mut out = vec![0.0; delta.len()];
             let keep = codec.keep(delta.len());
@@ -392,7 +386,6 @@ fn uplink(
         Codec::RandK(_) => {
             let mut out = vec![0.0; delta.len()];
             let keep = codec.keep(delta.len());
-            let s = seed ^ ((round as u64) << 32) ^ ((client as u64) << 16) ^ k as u64;
             // The kept values as they are (as the gradient codec sends them); the seed
             // travels instead of the indices.
             for i in comm::codec::random_k(delta.len(), keep, s) {

@@ -46,6 +46,12 @@ impl Averaging {
     }
 }
 
+/// Whether a hook that runs every `every` steps runs after 0-based `step` of `steps` (and after
+/// the last).
+fn due(every: Option<usize>, step: usize, steps: usize) -> bool {
+    every.is_some_and(|e| (step + 1).is_multiple_of(e) || step + 1 == steps)
+}
+
 /// What one step did, for the hooks after it.
 pub(crate) struct StepDone {
     /// The 0-based step.
@@ -176,12 +182,6 @@ impl<'j, B: Backend> Trainer<'j, B> {
         })
     }
 
-    /// Whether a hook that runs every `every` steps runs after 0-based `step` (and after the
-    /// last).
-    fn due(&self, every: Option<usize>, step: usize) -> bool {
-        every.is_some_and(|e| (step + 1).is_multiple_of(e) || step + 1 == self.job.cfg.steps)
-    }
-
     /// Step `step` (0-based): the global batch's gradients, the update, and periodic averaging
     /// when it is due.
     pub fn step(&mut self, step: usize) -> Result<StepDone> {
@@ -298,8 +298,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
         let (Some((runner, every)), Some(data)) = (&mut self.eval, &job.eval_data) else {
             return Ok(());
         };
-        let last = done.step + 1 == job.cfg.steps;
-        if !((done.step + 1).is_multiple_of(*every) || last) {
+        if !due(Some(*every), done.step, job.cfg.steps) {
             return Ok(());
         }
         job.heartbeats.beat(self.me, "evaluation");
@@ -351,7 +350,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
     /// checkpoint directory.
     pub fn checkpoint(&mut self, done: &StepDone, stopping: bool) -> Result<()> {
         let every = self.checkpoint_every;
-        if !(self.due(every, done.step) || (stopping && every.is_some())) {
+        if !(due(every, done.step, self.job.cfg.steps) || (stopping && every.is_some())) {
             return Ok(());
         }
         let be = self.be;
