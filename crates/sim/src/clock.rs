@@ -295,13 +295,14 @@ impl Rates {
         self.scale * both * if backward { 2.0 / 3.0 } else { 1.0 / 3.0 }
     }
 
-    /// An elementwise kernel touching `elems` four-byte values (0 where the cluster leaves
-    /// elementwise kernels out).
+    /// An elementwise kernel touching `elems` values of the cluster's activation width
+    /// (`elem_bytes`: the bf16 of the GPU presets, as the cost model counts them, though this
+    /// runtime computes in f32; 0 where the cluster leaves elementwise kernels out).
     fn elementwise(&self, elems: usize) -> f64 {
         if self.cluster.memory_gbps <= 0.0 {
             return 0.0;
         }
-        self.scale * elems as f64 * 4.0 / (self.cluster.memory_gbps * 1e9)
+        self.scale * elems as f64 * self.cluster.elem_bytes / (self.cluster.memory_gbps * 1e9)
     }
 
     /// AdamW over `n` parameters.
@@ -456,13 +457,15 @@ mod tests {
             "{got:?} vs {want}"
         );
         assert_eq!(got.phase(Phase::Compute), got.now);
-        // Elementwise: bytes over bandwidth; AdamW: parameters over the optimizer rate.
+        // Elementwise: bytes (at the cluster's bf16 width) over bandwidth; AdamW: parameters
+        // over the optimizer rate.
         let x = vec![1.0f32; 1000];
         let mut y = vec![0.0f32; 1000];
         sim.axpy(2.0, &x, &mut y).unwrap();
         assert_eq!(y[0], 2.0);
         let e = clock.read().phase(Phase::Elementwise);
-        assert!((e - 3.0 * 4000.0 / 1e12).abs() < 1e-18, "{e}");
+        assert_eq!(c.elem_bytes, 2.0);
+        assert!((e - 3.0 * 2000.0 / 1e12).abs() < 1e-18, "{e}");
         let (mut p, g, mut m1, mut m2) = (x.clone(), x.clone(), y.clone(), y.clone());
         let cfg = AdamW {
             lr: 0.1,

@@ -23,7 +23,9 @@ pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
 /// and NCCL's bus bandwidth on NVLink: the line rate less NCCL's protocol overhead of about 20 %
 /// (S. Jeaugey, NVIDIA, nccl-tests issue 212: "450GB/s is the line rate. With the protocol
 /// overhead (~20%) NCCL can get an effective NVLink bandwidth of 370GB/s" on H100).
-/// Attention stays at the assumed 45 % of peak: no per-length measurement was at hand.
+/// Attention on H100 comes from FlashAttention-2's measured rate by sequence length
+/// ([`H100_FLASH_ATTENTION_2`]); on A100 it stays at the assumed 45 % of peak: no per-length
+/// measurement of it was at hand.
 pub struct Device {
     /// Dense BF16 peak, TFLOP/s.
     pub peak_tflops: f64,
@@ -35,6 +37,36 @@ pub struct Device {
     pub memory_gib: f64,
     /// NVLink bandwidth per direction (line rate), GB/s.
     pub nvlink_gbps: f64,
+    /// Measured attention rates by sequence length, `[length, forward, backward]` in TFLOP/s
+    /// as FlashAttention's papers count them (see [`H100_FLASH_ATTENTION_2`]); empty: the
+    /// assumed `Efficiency::GPU.attention` of peak.
+    pub attention: &'static [[f64; 3]],
+}
+
+/// FlashAttention-2 on H100 SXM5 80GB, BF16, head dim 128, by sequence length: `[length,
+/// forward TFLOP/s with the causal mask, backward TFLOP/s]`, read off Shah et al.,
+/// *FlashAttention-3* (arXiv 2407.08608, 2024), Fig. 4 (forward, causal) and Fig. 5 (backward;
+/// that figure's runs are without the mask, the only backward it gives for head dim 128). The
+/// paper counts `4·L²·d` forward FLOPs per head (half with the mask) and 2.5× that backward.
+/// FlashAttention-2 rather than -3: the stacks of the runs we check against (PyTorch SDPA,
+/// Megatron-LM's of 2023–24) ran it.
+pub const H100_FLASH_ATTENTION_2: [[f64; 3]; 6] = [
+    [512.0, 191.0, 214.0],
+    [1024.0, 260.0, 260.0],
+    [2048.0, 298.0, 291.0],
+    [4096.0, 319.0, 310.0],
+    [8192.0, 333.0, 318.0],
+    [16384.0, 335.0, 322.0],
+];
+
+/// `[length, TFLOP/s]` rows for [`Cluster::attention_table`] from `[length, forward, backward]`
+/// rows counted as FlashAttention's papers count them: the causal forward is `2·L²·d` FLOPs
+/// per head and its backward 2.5× that (`5·L²·d`, recomputing the scores), while the cost
+/// model counts `6·L²·d` (a backward of twice the forward), so the rate is `6 / (2/f + 5/b)`.
+pub fn attention_table(rows: &[[f64; 3]]) -> Vec<[f64; 2]> {
+    rows.iter()
+        .map(|&[len, fwd, bwd]| [len, 6.0 / (2.0 / fwd + 5.0 / bwd)])
+        .collect()
 }
 
 /// NCCL's share of an NVLink's line rate: 370 of 450 GB/s on H100 (the quote above).
@@ -47,6 +79,7 @@ pub const A100: Device = Device {
     hbm_gbps: 2039.0,
     memory_gib: 80.0,
     nvlink_gbps: 300.0,
+    attention: &[],
 };
 
 /// A800-SXM4-80GB: an A100 whose NVLink is cut to 400 GB/s bidirectional.
@@ -62,11 +95,13 @@ pub const H100: Device = Device {
     hbm_gbps: 3350.0,
     memory_gib: 80.0,
     nvlink_gbps: 450.0,
+    attention: &H100_FLASH_ATTENTION_2,
 };
 
 impl Device {
     /// `nodes × per_node` of these devices, NVLink inside a node at NCCL's share of its line
-    /// rate, `cross` between nodes (per device), GEMMs at the MAMF with the roofline of the HBM.
+    /// rate, `cross` between nodes (per device), GEMMs at the MAMF with the roofline of the HBM,
+    /// attention at its measured rates where there are some.
     pub fn cluster(&self, name: &str, nodes: usize, per_node: usize, cross: Link) -> Cluster {
         Cluster {
             efficiency: planner::Efficiency {
@@ -76,6 +111,7 @@ impl Device {
                 attention: planner::Efficiency::GPU.attention,
             },
             memory_gbps: self.hbm_gbps,
+            attention_table: attention_table(self.attention),
             ..Cluster::new(
                 name,
                 nodes,
@@ -219,5 +255,33 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("h100x128"));
+    }
+
+    #[test]
+    fn h100_attention_is_flash_attention_2_as_measured_and_the_cluster_files_agree() {
+        let t = attention_table(&H100_FLASH_ATTENTION_2);
+        // By hand at 1K, where forward and backward both ran at 260 TFLOP/s: 7 of the paper's
+        // FLOP units took the time the model's 6 take, so the model's rate is 6/7 of 260.
+        assert!((t[1][1] - 260.0 * 6.0 / 7.0).abs() < 1e-9);
+        let h100 = cluster("h100x8").unwrap();
+        assert_eq!(h100.attention_table, t);
+        // 8K tokens, one head of 128: (2/333 + 5/318)·L²·d seconds per 10¹² FLOP units.
+        let s = h100.attention_seconds(8192, 128);
+        let by_hand = (2.0 / 333.0 + 5.0 / 318.0) * 8192f64.powi(2) * 128.0 / 1e12;
+        assert!((s / by_hand - 1.0).abs() < 1e-12, "{s} vs {by_hand}");
+        // A100 has no measured curve: the assumed share of peak.
+        assert!(cluster("a800x32").unwrap().attention_table.is_empty());
+        // The H100/H200 cluster files carry the same table (to the printed 0.1 TFLOP/s).
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/validation/");
+        for file in ["h100-meta.toml", "h200x4.toml"] {
+            let c = cluster_or_file(&format!("{dir}{file}")).unwrap();
+            assert_eq!(c.attention_table.len(), t.len(), "{file}");
+            for (a, b) in c.attention_table.iter().zip(&t) {
+                assert!(
+                    a[0] == b[0] && (a[1] - b[1]).abs() < 0.05,
+                    "{file}: {a:?} vs {b:?}"
+                );
+            }
+        }
     }
 }

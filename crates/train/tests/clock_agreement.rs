@@ -48,6 +48,19 @@ fn cluster(cross_gbps: f64) -> Cluster {
     }
 }
 
+/// [`cluster`], with the element width a label's `bytes=N` names (bf16 activations and
+/// messages, as the GPU presets count them).
+fn cluster_for(label: &str, cross_gbps: f64) -> Cluster {
+    let mut c = cluster(cross_gbps);
+    if let Some(b) = label
+        .split_whitespace()
+        .find_map(|e| e.strip_prefix("bytes="))
+    {
+        c.elem_bytes = b.parse().unwrap();
+    }
+    c
+}
+
 /// A long-tailed batch: mostly short sequences, a few long ones.
 fn sequences() -> Vec<Vec<u32>> {
     let lens = [
@@ -92,14 +105,18 @@ fn variant(label: &str) -> TrainConfig {
             Some(("allreduce", a)) => cfg.exchange.algorithm = a.parse().unwrap(),
             Some(("schedule", x)) => cfg.pipeline_schedule = x.parse().unwrap(),
             Some(("mbt", x)) => cfg.micro_batch_tokens = vec![x.parse().unwrap()],
+            // The cluster's element width: read by `cluster_for`.
+            Some(("bytes", _)) => {}
             _ => panic!("{e}"),
         }
     }
     cfg
 }
 
-/// Every strategy family, schedule, codec and all-reduce algorithm, on 2 nodes × 4.
-const GRID: [&str; 38] = [
+/// Every strategy family, schedule, codec and all-reduce algorithm, on 2 nodes × 4; a few with
+/// bf16's two-byte elements, as the GPU presets count activations, messages and elementwise
+/// kernels.
+const GRID: [&str; 43] = [
     "dp8",
     "dp4tp2",
     "dp2tp4",
@@ -138,6 +155,11 @@ const GRID: [&str; 38] = [
     "dp4tp2 allreduce=tree",
     "dp8 mbt=64",
     "tp4pp2 mbt=64",
+    "dp8 bytes=2",
+    "dp2tp2pp2 bytes=2",
+    "dp4cp2 bytes=2",
+    "dp8zero3 bytes=2",
+    "dp8:64,dp2tp4:max bytes=2",
 ];
 
 /// Within 15 % on both clusters (cross-node links 50 and 0.05 GB/s: 1000× apart), every row
@@ -153,7 +175,7 @@ fn the_cost_model_agrees_with_the_clock_on_every_family() {
     for cross in [50.0, 0.05] {
         for label in &runs {
             let cfg = variant(label);
-            let rows = train::clock_against_model(&cfg, &cluster(cross)).unwrap();
+            let rows = train::clock_against_model(&cfg, &cluster_for(label, cross)).unwrap();
             let r = rows.last().unwrap();
             let ratio = r.predicted_s / r.clocked_s;
             println!(
