@@ -122,6 +122,9 @@ fn four_processes_train_bitwise_like_four_threads() {
         // Context parallelism: the ring's blocks and Ulysses' all-to-alls between processes.
         vec!["--strategy", "dp2cp2", "--steps", "3"],
         vec!["--strategies", "dp4:64,cp2tp2ulysses:max", "--steps", "3"],
+        // Concurrent groups, one of them switching, one with context parallelism.
+        vec!["--strategies", "dp2:64 | tp2:max", "--steps", "3"],
+        vec!["--strategies", "dp2:64,tp2:128 | cp2:max", "--steps", "3"],
         // Periodic averaging: DiLoCo's replicas across TP groups.
         vec!["--strategy", "dp2tp2", "--steps", "5", "--sync", "diloco:2"],
         // Federated averaging: sampled clients with sub-models, their average an all-reduce.

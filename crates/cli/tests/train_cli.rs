@@ -103,6 +103,11 @@ fn a_strategy_and_a_hot_schedule_save_the_single_device_weights() {
     let schedule = "dp4zero3:5,dp2tp2zero2:16,tp2pp2:max";
     let got = train(dir.path(), "4", schedule, "hot.safetensors");
     assert_weights_close(&got, &reference, 1e-5, schedule);
+    // Concurrent groups: two devices train the sequences up to 5 tokens under dp2 while the
+    // other two train the rest under tp2.
+    let concurrent = "dp2:5 | tp2:max";
+    let got = train(dir.path(), "4", concurrent, "concurrent.safetensors");
+    assert_weights_close(&got, &reference, 1e-5, concurrent);
     let metrics =
         std::fs::read_to_string(dir.path().join("hot.safetensors.metrics.jsonl")).unwrap();
     for line in metrics.lines() {

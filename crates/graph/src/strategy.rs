@@ -142,6 +142,28 @@ impl Strategy {
     /// Parses a spec such as `dp2tp2pp2`, `tp4sp`, `dp4zero1` (factors in any order, each at
     /// most once, missing degrees 1) and checks `dp·tp·pp = devices`, naming every factor.
     pub fn parse(spec: &str, devices: usize) -> Result<Self> {
+        let s = Self::parse_own(spec)?;
+        let (dp, tp, pp, cp) = (s.dp, s.tp, s.pp, s.cp);
+        if dp * cp * tp * pp != devices {
+            let cps = if cp > 1 {
+                format!(" × cp{cp}")
+            } else {
+                String::new()
+            };
+            return Err(GraphError::Strategy {
+                spec: spec.to_string(),
+                reason: format!(
+                    "dp{dp}{cps} × tp{tp} × pp{pp} = {} devices, but there are {devices}",
+                    dp * cp * tp * pp
+                ),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Parses a spec as [`Strategy::parse`] does, on as many devices as its degrees multiply
+    /// to (a concurrent group's strategy, whose devices are the group's).
+    pub fn parse_own(spec: &str) -> Result<Self> {
         let err = |reason: String| GraphError::Strategy {
             spec: spec.to_string(),
             reason,
@@ -247,17 +269,6 @@ impl Strategy {
             return Err(err(
                 "`ring`/`ulysses` choose the CP group's exchange and need cp > 1".into(),
             ));
-        }
-        if dp * cp * tp * pp != devices {
-            let cps = if cp > 1 {
-                format!(" × cp{cp}")
-            } else {
-                String::new()
-            };
-            return Err(err(format!(
-                "dp{dp}{cps} × tp{tp} × pp{pp} = {} devices, but there are {devices}",
-                dp * cp * tp * pp
-            )));
         }
         Ok(Self {
             dp,

@@ -198,7 +198,7 @@ pub fn paper_plans(model: &str, gpus: usize, max_len: usize) -> Vec<Plan> {
             .map(|(_, s)| s.clone())
             .max_by_key(|s| s.tp * s.pp)
             .unwrap_or_else(|| strategy(table[0]));
-        Plan { buckets, inst }
+        Plan::new(buckets, inst)
     };
     let mut t3: Vec<[usize; 3]> = three.to_vec();
     t3.reverse();
@@ -549,10 +549,7 @@ mod tests {
             longest_switch(&planner, &Plan::single(dp.clone())).unwrap(),
             0.0
         );
-        let plan = Plan {
-            buckets: vec![(4096, dp.clone()), (8192, tp.clone())],
-            inst: dp.clone(),
-        };
+        let plan = Plan::new(vec![(4096, dp.clone()), (8192, tp.clone())], dp.clone());
         let want = planner
             .switch_seconds(&dp, &tp)
             .unwrap()

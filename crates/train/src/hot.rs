@@ -41,17 +41,46 @@ pub struct HotSetup {
     pub schedule: Schedule,
 }
 
-/// One distinct strategy of the schedule, as this rank runs it.
+/// One distinct strategy of the schedule (with its first device), as this rank runs it.
 struct Member {
     strategy: Strategy,
-    exec: ExecGraph,
-    /// Its groups; `None` for the instantiation strategy, which runs on the optimizer's.
+    /// Its first device: 0 unless it runs on a concurrent group of the devices.
+    offset: usize,
+    /// Its exec graph on this rank; `None` where this rank is not among its devices.
+    exec: Option<ExecGraph>,
+    /// Its groups; `None` for the instantiation strategy, which runs on the optimizer's, and
+    /// where this rank is not among its devices.
     groups: Option<RankGroups>,
     shared: Vec<bool>,
-    /// Spec index of every exec-graph parameter.
+    /// Spec index of every exec-graph parameter (none where this rank is not among its
+    /// devices).
     spec_of: Vec<usize>,
-    /// Every spec's distribution under this strategy.
+    /// Every spec's distribution under this strategy, on world devices.
     placement: Vec<(Vec<usize>, Distribution)>,
+}
+
+impl Member {
+    /// This rank's index among the member's devices, if it is one of them.
+    fn local(&self, me: usize) -> Option<usize> {
+        (me >= self.offset && me < self.offset + self.strategy.devices()).then(|| me - self.offset)
+    }
+}
+
+/// `placements` moved onto devices `offset..`: a concurrent group's strategy.
+fn shifted(dist: Distribution, offset: usize) -> Result<Distribution> {
+    if offset == 0 {
+        return Ok(dist);
+    }
+    let devices = dist
+        .group()
+        .devices()
+        .iter()
+        .map(|d| DeviceId(d.0 + offset))
+        .collect();
+    Ok(Distribution::new(
+        dstate::DeviceGroup::new(devices)?,
+        dist.state().clone(),
+    )?)
 }
 
 /// What one step of hot switching gives the optimizer.
@@ -77,6 +106,8 @@ pub struct HotRank {
     /// Every bucket's micro-batch budget.
     budgets: Vec<usize>,
     me: usize,
+    /// Whether the strategies run on concurrent groups of the devices.
+    concurrent: bool,
     /// `plans[a][b]`: the switch from member `a`'s layout to `b`'s (`None` on the diagonal).
     plans: Vec<Vec<Option<Arc<switch::Plan>>>>,
 }
@@ -145,67 +176,121 @@ impl HotRank {
                 ),
             ));
         }
-        let distinct = plan.strategies();
+        let distinct = plan.members();
+        let concurrent = plan.is_concurrent();
         let specs = model::param_specs(cfg);
+        let mut names = Vec::new();
         let mut members = Vec::with_capacity(distinct.len());
-        for s in &distinct {
-            let exec = rank_exec(cfg, s, me)?;
-            let groups = if **s == plan.inst {
-                None
-            } else {
-                Some(RankGroups::new(world, s)?.with_agreement(setup.agreement.clone()))
+        for (s, offset) in &distinct {
+            let n = s.devices();
+            let local = (me >= *offset && me < offset + n).then(|| me - offset);
+            let exec = local.map(|l| rank_exec(cfg, s, l)).transpose()?;
+            let groups = match local {
+                Some(_) if !concurrent && *s == plan.inst => None,
+                Some(_) if *offset == 0 && n == world.size() => {
+                    if *s == plan.inst {
+                        None
+                    } else {
+                        Some(RankGroups::new(world, s)?.with_agreement(setup.agreement.clone()))
+                    }
+                }
+                Some(_) => {
+                    // A concurrent group: its own communicator, made by its members only.
+                    let ranks: Vec<comm::Rank> = (*offset..offset + n).map(comm::Rank).collect();
+                    let group = world.sub_group(&ranks)?;
+                    Some(
+                        RankGroups::new(group.as_ref(), s)?.with_agreement(setup.agreement.clone()),
+                    )
+                }
+                None => None,
             };
             let place = model::placements(cfg, s)?;
-            let spec_of = exec
-                .graph
-                .params
-                .iter()
-                .map(|&p| {
-                    let name = &exec.graph.info(p).name;
-                    specs.iter().position(|x| &x.name == name).ok_or_else(|| {
-                        TrainError::setting(
-                            "model",
-                            format!("{name} is not a parameter of the config"),
-                        )
-                    })
-                })
+            if names.is_empty() {
+                names = place.iter().map(|(name, _, _)| name.clone()).collect();
+            }
+            let placement = place
+                .into_iter()
+                .map(|(_, shape, d)| Ok((shape, shifted(d, *offset)?)))
                 .collect::<Result<Vec<_>>>()?;
-            let shared = exec
-                .graph
-                .params
-                .iter()
-                .map(|&p| {
-                    cfg.tie_word_embeddings
-                        && exec.graph.info(p).name == "model.embed_tokens.weight"
-                })
-                .collect();
+            let (spec_of, shared) = match &exec {
+                None => (Vec::new(), Vec::new()),
+                Some(e) => {
+                    let spec_of = e
+                        .graph
+                        .params
+                        .iter()
+                        .map(|&p| {
+                            let name = &e.graph.info(p).name;
+                            specs.iter().position(|x| &x.name == name).ok_or_else(|| {
+                                TrainError::setting(
+                                    "model",
+                                    format!("{name} is not a parameter of the config"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let shared = e
+                        .graph
+                        .params
+                        .iter()
+                        .map(|&p| {
+                            cfg.tie_word_embeddings
+                                && e.graph.info(p).name == "model.embed_tokens.weight"
+                        })
+                        .collect();
+                    (spec_of, shared)
+                }
+            };
             members.push(Member {
-                strategy: (*s).clone(),
+                strategy: s.clone(),
+                offset: *offset,
                 exec,
                 groups,
                 shared,
                 spec_of,
-                placement: place.into_iter().map(|(_, shape, d)| (shape, d)).collect(),
+                placement,
             });
         }
-        let index = |s: &Strategy| distinct.iter().position(|d| *d == s).unwrap_or(0);
-        let member_of = plan.buckets.iter().map(|(_, s)| index(s)).collect();
-        let inst = index(&plan.inst);
+        let index = |s: &Strategy, o: usize| {
+            distinct
+                .iter()
+                .position(|(d, x)| d == s && *x == o)
+                .unwrap_or(0)
+        };
+        let member_of = plan
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| index(s, plan.offset(i)))
+            .collect();
+        let inst = index(&plan.inst, 0);
         let topo = Topology::new(devices_per_node);
         let mut plans = Vec::new();
-        for a in &distinct {
+        for a in &members {
             let mut row = Vec::new();
-            for b in &distinct {
-                row.push(if a == b {
+            for b in &members {
+                row.push(if a.strategy == b.strategy && a.offset == b.offset {
                     None
                 } else {
                     // Every rank needs the same plans: the first to ask makes them.
-                    let key = format!("{cfg:?}|{a}|{b}|{devices_per_node}");
-                    Some(plan_cache().get_or_plan(&key, || {
-                        let ts = model::switch_tensors(cfg, a, b)
-                            .map_err(|e| switch::SwitchError::Pieces(e.to_string()))?;
-                        switch::plan(&ts, topo, Method::Exact)
-                    })?)
+                    let key = format!(
+                        "{cfg:?}|{}@{}|{}@{}|{devices_per_node}",
+                        a.strategy, a.offset, b.strategy, b.offset
+                    );
+                    let ts: Vec<switch::TensorSwitch> = names
+                        .iter()
+                        .zip(a.placement.iter().zip(&b.placement))
+                        .map(|(name, ((shape, src), (_, dst)))| switch::TensorSwitch {
+                            name: name.clone(),
+                            shape: shape.clone(),
+                            src: src.clone(),
+                            dst: dst.clone(),
+                        })
+                        .collect();
+                    Some(
+                        plan_cache()
+                            .get_or_plan(&key, || switch::plan(&ts, topo, Method::Exact))?,
+                    )
                 });
             }
             plans.push(row);
@@ -217,6 +302,7 @@ impl HotRank {
             inst,
             budgets: budgets.to_vec(),
             me,
+            concurrent,
             plans,
         })
     }
@@ -269,6 +355,96 @@ impl HotRank {
         from_pieces(&mut got, &self.members[to], self.me)
     }
 
+    /// Binds `moved` (member `i`'s whole local pieces) on the backend: under ZeRO-3 only this
+    /// rank's flat chunk of every piece.
+    fn upload<B: Backend>(&self, be: &B, i: usize, moved: &[Vec<f32>]) -> Result<Vec<B::Buffer>> {
+        let s = &self.members[i].strategy;
+        let local = self.members[i].local(self.me).unwrap_or(0);
+        let (_, d, _) = s.coords(local);
+        Ok(moved
+            .iter()
+            .map(|x| {
+                if s.zero >= Zero::Parameters {
+                    be.upload(&x[dstate::chunk(0..x.len(), s.replicas(), d)])
+                } else {
+                    be.upload(x)
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
+    /// Bucket `b`'s forward and backward under its member on this rank, the parameters
+    /// `bound`: its loss, its peak bytes and its gradients as whole local pieces (reduced over
+    /// the member's DP; gathered from their flat chunks under ZeRO-2/3).
+    #[allow(clippy::too_many_arguments)]
+    fn pass<B: Backend>(
+        &mut self,
+        be: &B,
+        groups: &mut RankGroups,
+        bound: &[B::Buffer],
+        seqs: &[Vec<u32>],
+        b: usize,
+        scale: f32,
+        schedule: Schedule,
+    ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+        let me = self.me;
+        let packing = TrainConfig::packing(self.budgets[b]);
+        let m = &mut self.members[self.member_of[b]];
+        let local = m.local(me).ok_or_else(|| TrainError::Rank {
+            rank: me,
+            reason: format!("asked to run {}, which is not on this device", m.strategy),
+        })?;
+        let mbs = runtime::rank_micro_batches(seqs, &packing, &m.strategy, local, scale)?;
+        let exec = m.exec.as_ref().ok_or_else(|| TrainError::Rank {
+            rank: me,
+            reason: format!("{} runs here but has no graph", m.strategy),
+        })?;
+        let g = match m.groups.as_mut() {
+            Some(g) => g,
+            None => &mut *groups,
+        };
+        let res = pipeline_step(be, exec, g, bound, &m.shared, &mbs, schedule)?;
+        let mut grads: Vec<Vec<f32>> = res
+            .grads
+            .into_iter()
+            .map(|g| runtime::host::release_to_host(be, g))
+            .collect::<std::result::Result<_, _>>()?;
+        if m.strategy.zero >= Zero::Gradients {
+            // Flat 1/dp chunks of the DP-summed pieces: gather the whole pieces to switch.
+            let g = match m.groups.as_ref() {
+                Some(g) => g,
+                None => &*groups,
+            };
+            for (j, gr) in grads.iter_mut().enumerate() {
+                let (shape, dist) = &m.placement[m.spec_of[j]];
+                let len = dist
+                    .piece_of(DeviceId(me), shape)?
+                    .map_or(0, |p| p.region.volume());
+                let counts = comm::chunk_counts(len, m.strategy.replicas());
+                let mut whole = vec![0.0; len];
+                g.dp.all_gather(gr, &mut whole, &counts)?;
+                *gr = whole;
+            }
+        }
+        Ok((res.loss, res.peak_bytes, grads))
+    }
+
+    /// The step's summed gradients `a` (the instantiation's whole local pieces) as the
+    /// optimizer takes them: its flat chunks under ZeRO-2/3.
+    fn to_optimizer<B: Backend>(&self, be: &B, a: Vec<Vec<f32>>) -> Result<Vec<B::Buffer>> {
+        let s = &self.members[self.inst].strategy;
+        let (_, d, _) = s.coords(self.me);
+        a.into_iter()
+            .map(|g| {
+                if s.zero >= Zero::Gradients {
+                    Ok(be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])?)
+                } else {
+                    Ok(runtime::host::adopt(be, g)?)
+                }
+            })
+            .collect()
+    }
+
     /// One step's gradients for the global `batch` (every rank passes the same batch), with the
     /// optimizer `opt` of the instantiation strategy and its `groups`.
     #[allow(clippy::too_many_arguments)]
@@ -283,14 +459,19 @@ impl HotRank {
         schedule: Schedule,
     ) -> Result<HotStep<B>> {
         let buckets = self.plan.bucket(batch.iter().map(Vec::len))?;
-        let me = self.me;
-        let inst = self.inst;
         let todo: Vec<usize> = (0..buckets.len())
             .filter(|&i| !buckets[i].is_empty())
             .collect();
         if todo.is_empty() {
             return Err(TrainError::setting("global_batch", "an empty global batch"));
         }
+        let seqs =
+            |b: usize| -> Vec<Vec<u32>> { buckets[b].iter().map(|&k| batch[k].clone()).collect() };
+        if self.concurrent {
+            return self.step_concurrent(be, world, opt, groups, &todo, &seqs, scale, schedule);
+        }
+        let me = self.me;
+        let inst = self.inst;
         let (order, chain) = self.order(&todo);
         let mut out = HotStep {
             loss: 0.0,
@@ -323,60 +504,18 @@ impl HotRank {
                     .unwrap_or(inst);
                 let h = hosts.get(&from).cloned().unwrap_or_default();
                 let moved = self.switch(world, h, from, i, &mut bytes)?;
-                // Under ZeRO-3 a rank binds only its flat chunk of every piece.
-                let s = &self.members[i].strategy;
-                let (_, d, _) = s.coords(me);
-                let bufs = moved
-                    .iter()
-                    .map(|x| {
-                        if s.zero >= Zero::Parameters {
-                            be.upload(&x[dstate::chunk(0..x.len(), s.replicas(), d)])
-                        } else {
-                            be.upload(x)
-                        }
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let bufs = self.upload(be, i, &moved)?;
                 hosts.insert(i, moved);
                 switching += ts.elapsed().as_secs_f64();
                 Some(bufs)
             };
-            let m = &mut self.members[i];
-            let seqs: Vec<Vec<u32>> = buckets[b].iter().map(|&k| batch[k].clone()).collect();
-            let packing = TrainConfig::packing(self.budgets[b]);
-            let mbs = runtime::rank_micro_batches(&seqs, &packing, &m.strategy, me, scale)?;
             let bound: &[B::Buffer] = match &device {
                 Some(b) => b,
                 None => opt.params(),
             };
-            let g = match m.groups.as_mut() {
-                Some(g) => g,
-                None => &mut *groups,
-            };
-            let res = pipeline_step(be, &m.exec, g, bound, &m.shared, &mbs, schedule)?;
-            out.loss += res.loss;
-            out.peak_bytes = out.peak_bytes.max(res.peak_bytes);
-            let mut grads: Vec<Vec<f32>> = res
-                .grads
-                .into_iter()
-                .map(|g| runtime::host::release_to_host(be, g))
-                .collect::<std::result::Result<_, _>>()?;
-            if m.strategy.zero >= Zero::Gradients {
-                // Flat 1/dp chunks of the DP-summed pieces: gather the whole pieces to switch.
-                let g = match m.groups.as_ref() {
-                    Some(g) => g,
-                    None => &*groups,
-                };
-                for (j, gr) in grads.iter_mut().enumerate() {
-                    let (shape, dist) = &m.placement[m.spec_of[j]];
-                    let len = dist
-                        .piece_of(DeviceId(me), shape)?
-                        .map_or(0, |p| p.region.volume());
-                    let counts = comm::chunk_counts(len, m.strategy.replicas());
-                    let mut whole = vec![0.0; len];
-                    g.dp.all_gather(gr, &mut whole, &counts)?;
-                    *gr = whole;
-                }
-            }
+            let (loss, peak, grads) = self.pass(be, groups, bound, &seqs(b), b, scale, schedule)?;
+            out.loss += loss;
+            out.peak_bytes = out.peak_bytes.max(peak);
             let ts = Instant::now();
             // Star: this strategy's gradients go home now. Chain: the running sum comes here.
             let (here, grads) = if chain {
@@ -388,11 +527,7 @@ impl HotRank {
                 None => (here, grads),
                 Some((l, a)) => {
                     let mut a = self.switch(world, a, l, here, &mut bytes)?;
-                    for (x, g) in a.iter_mut().zip(grads) {
-                        for (u, v) in x.iter_mut().zip(g) {
-                            *u += v;
-                        }
-                    }
+                    add(&mut a, grads);
                     (here, a)
                 }
             });
@@ -411,20 +546,109 @@ impl HotRank {
         let a = self.switch(world, a, l, inst, &mut bytes)?;
         out.metrics.switch_seconds += ts.elapsed().as_secs_f64();
         out.metrics.switch_bytes = bytes;
-        // The instantiation strategy's optimizer takes its flat chunks under ZeRO-2/3.
-        let s = &self.members[inst].strategy;
-        let (_, d, _) = s.coords(me);
-        out.grads = a
-            .into_iter()
-            .map(|g| {
-                if s.zero >= Zero::Gradients {
-                    Ok(be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])?)
-                } else {
-                    runtime::host::adopt(be, g)
-                }
-            })
-            .collect::<std::result::Result<_, _>>()?;
+        out.grads = self.to_optimizer(be, a)?;
         Ok(out)
+    }
+
+    /// A step of a concurrent plan, in three phases so that the groups compute at the same
+    /// time: every strategy a bucket needs gets the parameters from the instantiation's layout
+    /// (every rank takes part in every switch: the senders are wherever the pieces are), each
+    /// rank runs its group's buckets one after another, then every bucket's gradients switch
+    /// home and are summed there in bucket order (the same order on every rank and in every
+    /// run). The loss is each bucket's as its first device saw it, summed over the world.
+    #[allow(clippy::too_many_arguments)]
+    fn step_concurrent<B: Backend>(
+        &mut self,
+        be: &B,
+        world: &dyn Communicator,
+        opt: &Optimizer<B>,
+        groups: &mut RankGroups,
+        todo: &[usize],
+        seqs: &dyn Fn(usize) -> Vec<Vec<u32>>,
+        scale: f32,
+        schedule: Schedule,
+    ) -> Result<HotStep<B>> {
+        let (me, inst) = (self.me, self.inst);
+        let mut out = HotStep {
+            loss: 0.0,
+            grads: Vec::new(),
+            peak_bytes: 0,
+            metrics: HotMetrics::default(),
+        };
+        let mut bytes = 0u64;
+        let ts = Instant::now();
+        let home = opt.params_host(be, groups)?;
+        let mut bound: BTreeMap<usize, Vec<B::Buffer>> = BTreeMap::new();
+        let mut needed: Vec<usize> = Vec::new();
+        for &b in todo {
+            if !needed.contains(&self.member_of[b]) {
+                needed.push(self.member_of[b]);
+            }
+        }
+        for &i in &needed {
+            let moved = self.switch(world, home.clone(), inst, i, &mut bytes)?;
+            if self.members[i].local(me).is_some() {
+                bound.insert(i, self.upload(be, i, &moved)?);
+            }
+        }
+        drop(home);
+        out.metrics.switch_seconds += ts.elapsed().as_secs_f64();
+        let mut grads_of: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
+        let mut loss = 0.0f64;
+        let mut seconds: BTreeMap<usize, f64> = BTreeMap::new();
+        for &b in todo {
+            let i = self.member_of[b];
+            let Some(params) = bound.get(&i) else {
+                continue;
+            };
+            let t0 = Instant::now();
+            let (l, peak, grads) = self.pass(be, groups, params, &seqs(b), b, scale, schedule)?;
+            if self.members[i].local(me) == Some(0) {
+                loss += f64::from(l);
+                *seconds.entry(i).or_default() += t0.elapsed().as_secs_f64();
+            }
+            out.peak_bytes = out.peak_bytes.max(peak);
+            grads_of.insert(b, grads);
+        }
+        drop(bound);
+        // Every rank reports every group's seconds (as its first device clocked them), each
+        // strategy named with its first device: `tp2@2`.
+        for &i in &needed {
+            let m = &self.members[i];
+            let t = comm::words::all_sum_f64(world, seconds.get(&i).copied().unwrap_or(0.0))?;
+            *out.metrics
+                .strategy_seconds
+                .entry(format!("{}@{}", m.strategy, m.offset))
+                .or_default() += t;
+        }
+        let ts = Instant::now();
+        let mut acc: Option<Vec<Vec<f32>>> = None;
+        for &b in todo {
+            let grads = grads_of.remove(&b).unwrap_or_default();
+            let g = self.switch(world, grads, self.member_of[b], inst, &mut bytes)?;
+            match acc.as_mut() {
+                None => acc = Some(g),
+                Some(a) => add(a, g),
+            }
+        }
+        out.loss = comm::words::all_sum_f64(world, loss)? as f32;
+        out.metrics.switch_seconds += ts.elapsed().as_secs_f64();
+        out.metrics.switch_bytes = bytes;
+        let a = acc.ok_or_else(|| TrainError::Rank {
+            rank: me,
+            reason: "no strategy ran".into(),
+        })?;
+        out.grads = self.to_optimizer(be, a)?;
+        Ok(out)
+    }
+}
+
+/// `a += g`, piece by piece.
+fn add(a: &mut [Vec<f32>], g: Vec<Vec<f32>>) {
+    for (x, g) in a.iter_mut().zip(g) {
+        for (u, v) in x.iter_mut().zip(g) {
+            *u += v;
+        }
     }
 }
 

@@ -101,6 +101,48 @@ fn hot_switching_schedules_end_with_the_single_device_weights() {
     }
 }
 
+/// Concurrent groups (`|`): the devices split into groups training their share of each
+/// batch at the same time, each group's gradients switched home to the instantiation and
+/// summed there; the update is the single device's. The data's lengths are 2–30: the bounds
+/// below split every batch between the groups.
+#[test]
+fn concurrent_groups_end_with_the_single_device_weights() {
+    let reference = single();
+    for (schedule, inst) in [
+        ("dp2:5 | tp2:max", "dp2tp2"),
+        // A group switching between DP and TP beside one running context parallelism.
+        ("dp2:5,tp2:14 | cp2:max", "dp2tp2"),
+        // A pipeline in a group, groups of unequal size, and ZeRO-3 in a group.
+        ("dp2:3 | pp2:max", "dp2pp2"),
+        ("dp1:3 | dp3:max", "dp4"),
+        ("dp2zero3:9 | tp2:max", "dp4zero3"),
+    ] {
+        let plan = Plan::parse(schedule, 4).unwrap();
+        assert_eq!(plan.inst.to_string(), inst, "{schedule}");
+        let out = run(&config(4, StrategySpec::Hot(plan)));
+        assert_close(weights(&out), weights(&reference), 1e-5, schedule);
+        for (a, b) in out.steps.iter().zip(&reference.steps) {
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5,
+                "{schedule}: {} vs {}",
+                a.loss,
+                b.loss
+            );
+        }
+        for m in &out.steps {
+            let hot = m
+                .hot
+                .as_ref()
+                .expect("concurrent groups report their switches");
+            assert!(
+                hot.switch_bytes > 0,
+                "{schedule}: step {} switched nothing",
+                m.step
+            );
+        }
+    }
+}
+
 /// A calibration under which the planner must switch: so little memory that DP4 holds only
 /// ~20 tokens per micro-batch (the data has sequences of 30), TP4 ~120.
 fn small_cluster() -> Cluster {

@@ -505,8 +505,23 @@ impl TrainConfig {
                 }
             }
             StrategySpec::Hot(plan) => {
-                for s in plan.strategies() {
-                    self.check_strategy(s)?;
+                for (s, offset) in plan.members() {
+                    if plan.is_concurrent() && s != plan.inst {
+                        // A concurrent group's strategy runs on the group's devices.
+                        if offset + s.devices() > self.devices {
+                            return Err(TrainError::setting(
+                                "strategies",
+                                format!(
+                                    "{s} on devices {offset}.. needs {} devices, the run has {}",
+                                    offset + s.devices(),
+                                    self.devices
+                                ),
+                            ));
+                        }
+                        self.check_strategy_on(&s, s.devices())?;
+                    } else {
+                        self.check_strategy(&s)?;
+                    }
                     s.stage_layers(layers)?;
                 }
                 let n = plan.buckets.len();
@@ -682,7 +697,11 @@ impl TrainConfig {
 impl TrainConfig {
     /// A strategy of this run: its device count, and what context parallelism does not do yet.
     fn check_strategy(&self, s: &Strategy) -> Result<()> {
-        let devices = self.devices;
+        self.check_strategy_on(s, self.devices)
+    }
+
+    /// [`Self::check_strategy`] for a strategy that runs on `devices` of the run's devices.
+    fn check_strategy_on(&self, s: &Strategy, devices: usize) -> Result<()> {
         if s.devices() != devices {
             return Err(TrainError::setting(
                 "strategy",
