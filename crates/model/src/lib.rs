@@ -48,6 +48,7 @@ pub use generate::{generate, Generator, Sampling};
 pub use manifest::Checksums;
 pub use params::{param_specs, ParamSpec, Role};
 pub use shard::{
-    gather_weights, held, placements, rank_exec, rank_params, switch_tensors, Held, RankParams,
+    gather_weights, held, placements, placements_at, rank_exec, rank_params, switch_tensors,
+    switch_tensors_at, Held, RankParams,
 };
 pub use weights::{Weights, INIT_STD};

@@ -1,6 +1,6 @@
 //! Moving whole-model weights to and from the pieces each rank holds under a strategy.
 
-use dstate::DState;
+use dstate::{DState, Distribution};
 use graph::{ExecGraph, GraphError, Strategy};
 
 use crate::config::LlamaConfig;
@@ -185,6 +185,30 @@ pub fn placements(
         .collect()
 }
 
+/// [`placements`] of `s` running on devices `offset..offset + s.devices()` (a concurrent
+/// group's strategy).
+pub fn placements_at(
+    cfg: &LlamaConfig,
+    s: &Strategy,
+    offset: usize,
+) -> Result<Vec<(String, Vec<usize>, Distribution)>> {
+    let mut out = placements(cfg, s)?;
+    if offset > 0 {
+        for (name, _, d) in &mut out {
+            let devices = d
+                .group()
+                .devices()
+                .iter()
+                .map(|x| dstate::DeviceId(x.0 + offset))
+                .collect();
+            let bad = |e: dstate::DStateError| ModelError::Mismatch(format!("{name}: {e}"));
+            let group = dstate::DeviceGroup::new(devices).map_err(bad)?;
+            *d = Distribution::new(group, d.state().clone()).map_err(bad)?;
+        }
+    }
+    Ok(out)
+}
+
 /// The parameters' move from `from`'s layout to `to`'s: every parameter with its stored shape and
 /// both distributions ([`placements`]), ready for the switch planner.
 pub fn switch_tensors(
@@ -192,8 +216,17 @@ pub fn switch_tensors(
     from: &Strategy,
     to: &Strategy,
 ) -> Result<Vec<switch::TensorSwitch>> {
-    let a = placements(cfg, from)?;
-    let b = placements(cfg, to)?;
+    switch_tensors_at(cfg, (from, 0), (to, 0))
+}
+
+/// [`switch_tensors`] between strategies on devices from the given offsets ([`placements_at`]).
+pub fn switch_tensors_at(
+    cfg: &LlamaConfig,
+    (from, from_offset): (&Strategy, usize),
+    (to, to_offset): (&Strategy, usize),
+) -> Result<Vec<switch::TensorSwitch>> {
+    let a = placements_at(cfg, from, from_offset)?;
+    let b = placements_at(cfg, to, to_offset)?;
     Ok(a.into_iter()
         .zip(b)
         .map(|((name, shape, src), (_, _, dst))| switch::TensorSwitch {

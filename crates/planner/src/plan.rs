@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use graph::{Strategy, Zero};
 use serde::Serialize;
@@ -286,6 +286,15 @@ pub struct Estimate {
     pub sequences: Vec<usize>,
 }
 
+/// A switch as the planner prices it.
+#[derive(Debug, Default)]
+struct SwitchCost {
+    seconds: f64,
+    moved: usize,
+    /// Its fused messages: `(sender, receiver, elements, across nodes)`.
+    messages: Vec<(usize, usize, usize, bool)>,
+}
+
 /// The cost model with a cache of switch times.
 pub struct Planner {
     /// The cost model.
@@ -293,7 +302,7 @@ pub struct Planner {
     /// Whether the candidates include context parallelism (CP degree, ring or Ulysses) and
     /// activation recomputation (default: no, HotSPa's DP × TP × PP space).
     pub context: bool,
-    switches: Mutex<HashMap<(String, String), (f64, usize)>>,
+    switches: Mutex<HashMap<(String, String), Arc<SwitchCost>>>,
 }
 
 impl Planner {
@@ -316,27 +325,71 @@ impl Planner {
     /// A switch's seconds (as [`Planner::switch_seconds`]) and the elements it moves, from the
     /// switch planner's exact plan, cached.
     fn switch_plan(&self, a: &Strategy, b: &Strategy) -> Result<(f64, usize)> {
-        if a == b {
-            return Ok((0.0, 0));
+        self.switch_plan_at((a, 0), (b, 0))
+    }
+
+    /// [`Planner::switch_plan`] between strategies on devices from the given offsets (a
+    /// concurrent group's).
+    fn switch_plan_at(&self, a: (&Strategy, usize), b: (&Strategy, usize)) -> Result<(f64, usize)> {
+        let c = self.switch_cost(a, b)?;
+        Ok((c.seconds, c.moved))
+    }
+
+    /// A switch's load per device and link class, its messages per sending device, its
+    /// seconds ([`Planner::load_seconds`]) and the elements it moves, cached.
+    fn switch_cost(
+        &self,
+        (a, oa): (&Strategy, usize),
+        (b, ob): (&Strategy, usize),
+    ) -> Result<Arc<SwitchCost>> {
+        if a == b && oa == ob {
+            return Ok(Arc::new(SwitchCost::default()));
         }
-        let key = (a.to_string(), b.to_string());
-        if let Some(&t) = self
+        let key = (format!("{a}@{oa}"), format!("{b}@{ob}"));
+        if let Some(t) = self
             .switches
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            return Ok(t);
+            return Ok(t.clone());
         }
         let err = |e: String| PlanError::Switch(format!("{a} -> {b}: {e}"));
-        let tensors =
-            model::switch_tensors(&self.cost.cfg, a, b).map_err(|e| err(e.to_string()))?;
+        let tensors = model::switch_tensors_at(&self.cost.cfg, (a, oa), (b, ob))
+            .map_err(|e| err(e.to_string()))?;
         let c = &self.cost.cluster;
         let p = plan(&tensors, Topology::new(c.devices_per_node), Method::Exact)
             .map_err(|e| err(e.to_string()))?;
         let load = p.load();
-        let messages = p.messages() as f64 / a.devices().max(1) as f64;
-        let t = switch::LinkClass::ALL
+        let per_device = p.messages() as f64 / a.devices().max(1) as f64;
+        let mut pairs: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
+        for t in &p.transfers {
+            *pairs.entry((t.from.0, t.to.0)).or_default() += t.region.volume();
+        }
+        let messages = pairs
+            .into_iter()
+            .map(|((f, t), n)| {
+                let node = |d: usize| d / c.devices_per_node.max(1);
+                (f, t, n, node(f) != node(t))
+            })
+            .collect();
+        let out = Arc::new(SwitchCost {
+            seconds: self.load_seconds(&load, per_device),
+            moved: p.moved(),
+            messages,
+        });
+        self.switches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, out.clone());
+        Ok(out)
+    }
+
+    /// Seconds of a load of transfers: per link class the most any device sends or receives
+    /// over its bandwidth plus `messages` latencies; the classes run concurrently.
+    fn load_seconds(&self, load: &switch::Load, messages: f64) -> f64 {
+        let c = &self.cost.cluster;
+        switch::LinkClass::ALL
             .iter()
             .map(|&class| {
                 let link = match class {
@@ -350,22 +403,63 @@ impl Planner {
                     0.0
                 }
             })
-            .fold(0.0, f64::max);
-        let out = (t, p.moved());
-        self.switches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, out);
-        Ok(out)
+            .fold(0.0, f64::max)
+    }
+
+    /// Moves the devices' clocks `t` through `set`, switches run one after another as the
+    /// runtime runs them (one batched exchange per device and switch, as the simulator's clock
+    /// times it): a device involved in a switch is done when it has pushed and taken its bytes
+    /// through its links (each class at once) and every message for it has arrived — a
+    /// message leaves when its sender reaches the switch. Devices wait only for their own
+    /// messages, so switches whose devices differ overlap.
+    fn run_switches(&self, t: &mut [f64], set: &[Arc<SwitchCost>]) {
+        let c = &self.cost.cluster;
+        let link = |cross: bool| if cross { c.cross_node } else { c.same_node };
+        for sw in set {
+            let before = t.to_vec();
+            // Elements each device sends and receives per class: [same node, cross node].
+            let mut sent: HashMap<usize, [usize; 2]> = HashMap::new();
+            let mut recv: HashMap<usize, [usize; 2]> = HashMap::new();
+            let mut arrivals: HashMap<usize, f64> = HashMap::new();
+            for &(from, to, n, cross) in &sw.messages {
+                sent.entry(from).or_default()[usize::from(cross)] += n;
+                recv.entry(to).or_default()[usize::from(cross)] += n;
+                let at = before.get(from).copied().unwrap_or(0.0)
+                    + link(cross).seconds(n as f64 * c.elem_bytes, 1.0);
+                let a = arrivals.entry(to).or_insert(f64::NEG_INFINITY);
+                *a = a.max(at);
+            }
+            let devices: std::collections::BTreeSet<usize> =
+                sent.keys().chain(recv.keys()).copied().collect();
+            for d in devices {
+                let (s, r) = (
+                    sent.get(&d).copied().unwrap_or_default(),
+                    recv.get(&d).copied().unwrap_or_default(),
+                );
+                let own = [false, true]
+                    .iter()
+                    .map(|&cross| {
+                        let k = usize::from(cross);
+                        let n = s[k].max(r[k]);
+                        if n == 0 {
+                            0.0
+                        } else {
+                            link(cross).seconds(n as f64 * c.elem_bytes, 1.0)
+                        }
+                    })
+                    .fold(0.0, f64::max);
+                if let Some(slot) = t.get_mut(d) {
+                    let arrived = arrivals.get(&d).copied().unwrap_or(f64::NEG_INFINITY);
+                    *slot = (before[d] + own).max(arrived);
+                }
+            }
+        }
     }
 
     /// The estimate of `plan` on the global batch `lens`.
     pub fn evaluate(&self, plan: &Plan, lens: &[usize]) -> Result<Estimate> {
         if plan.is_concurrent() {
-            return Err(PlanError::Invalid(format!(
-                "{plan}: concurrent groups (`|`) are not in the cost model yet; they train \
-                 (exactly), and `--sim-cluster` clocks them"
-            )));
+            return self.evaluate_concurrent(plan, lens);
         }
         let groups: Vec<Vec<usize>> = plan
             .bucket(lens.iter().copied())?
@@ -422,6 +516,91 @@ impl Planner {
         for (a, b) in r.switches {
             total.switch += self.switch_seconds(members[a], members[b])?;
         }
+        total.optimizer = self.cost.optimizer(&plan.inst);
+        total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
+        let seconds = total.total();
+        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
+        Ok(Estimate {
+            plan: plan.to_string(),
+            breakdown: total,
+            seconds,
+            tokens_per_s: tokens / seconds,
+            memory_bytes: memory,
+            sequences: groups.iter().map(Vec::len).collect(),
+        })
+    }
+
+    /// The estimate of a concurrent plan, as the runtime runs its step: the parameters switch
+    /// from the instantiation's layout to every strategy with sequences; the groups run their
+    /// buckets at the same time (the slowest group's time and its breakdown); every bucket's
+    /// gradients switch home; then the update. Each device's clock runs through the switches
+    /// as the runtime's batched exchanges run them ([`Planner::run_switches`]): a device waits
+    /// only for its own messages, so a group's gradients may travel home while another group
+    /// still computes. A group's
+    /// strategy is priced as if its devices began a node (its links as on devices
+    /// `0..n`): a group that straddles nodes is priced optimistically.
+    fn evaluate_concurrent(&self, plan: &Plan, lens: &[usize]) -> Result<Estimate> {
+        let groups: Vec<Vec<usize>> = plan
+            .bucket(lens.iter().copied())?
+            .into_iter()
+            .map(|b| b.into_iter().map(|k| lens[k]).collect())
+            .collect();
+        let mut per_group: Vec<(usize, Breakdown)> = Vec::new();
+        let mut memory: f64 = 0.0;
+        let mut members: Vec<(&Strategy, usize)> = Vec::new();
+        let mut home = Vec::new();
+        for (b, ((_, s), g)) in plan.buckets.iter().zip(&groups).enumerate() {
+            if g.is_empty() {
+                continue;
+            }
+            let offset = plan.offset(b);
+            let cap = self.cost.capacity(s, &plan.inst);
+            let longest = g.iter().copied().max().unwrap_or(0);
+            if longest > cap {
+                return Err(PlanError::Invalid(format!(
+                    "{s} holds at most {cap} tokens per micro-batch, the bucket has a sequence of {longest}"
+                )));
+            }
+            let time = self.cost.strategy(s, g, cap);
+            match per_group.iter_mut().find(|(o, _)| *o == offset) {
+                Some((_, t)) => t.add(&time),
+                None => per_group.push((offset, time)),
+            }
+            let tokens = cap.min(g.iter().sum());
+            memory = memory.max(self.cost.memory(s, &plan.inst, tokens).total());
+            if !members.contains(&(s, offset)) {
+                members.push((s, offset));
+            }
+            home.push(self.switch_cost((s, offset), (&plan.inst, 0))?);
+        }
+        // Each device's clock through the step: the switches in, its group's buckets, the
+        // switches home.
+        let out = members
+            .iter()
+            .map(|&m| self.switch_cost((&plan.inst, 0), m))
+            .collect::<Result<Vec<_>>>()?;
+        let mut t = vec![0.0; plan.inst.devices()];
+        self.run_switches(&mut t, &out);
+        for (offset, time) in &per_group {
+            let n = plan
+                .buckets
+                .iter()
+                .enumerate()
+                .find(|&(b, _)| plan.offset(b) == *offset)
+                .map_or(0, |(_, (_, s))| s.devices());
+            for x in t.iter_mut().skip(*offset).take(n) {
+                *x += time.total();
+            }
+        }
+        self.run_switches(&mut t, &home);
+        let end = t.iter().copied().fold(0.0, f64::max);
+        let mut total = per_group
+            .into_iter()
+            .map(|(_, t)| t)
+            .max_by(|a, b| a.total().total_cmp(&b.total()))
+            .unwrap_or_default();
+        // The switches: what the step takes beyond the slowest group's own time.
+        total.switch = (end - total.total()).max(0.0);
         total.optimizer = self.cost.optimizer(&plan.inst);
         total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
         let seconds = total.total();
@@ -766,14 +945,18 @@ mod tests {
                 Ok(p) => assert!(says.is_empty() && p.is_concurrent(), "{spec}"),
             }
         }
-        // Not in the cost model yet: refused by name.
-        let err = planner(4)
-            .evaluate(&Plan::parse("dp2:64 | tp2:max", 4).unwrap(), &[10, 100])
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("not in the cost model yet"),
-            "{err}"
-        );
+        // Priced as the runtime runs it: the slower group's time, plus the switches.
+        let p = planner(4);
+        let lens = [10, 12, 9, 3000, 2500];
+        let both = p
+            .evaluate(&Plan::parse("dp2:64 | tp2:max", 4).unwrap(), &lens)
+            .unwrap();
+        let long = p
+            .evaluate(&Plan::parse("dp2:8 | tp2:max", 4).unwrap(), &[3000, 2500])
+            .unwrap();
+        assert!(both.seconds >= long.seconds - 1e-12, "{both:?} vs {long:?}");
+        assert!(both.breakdown.switch > 0.0);
+        assert_eq!(both.sequences, [3, 2]);
     }
 
     fn planner(gpus: usize) -> Planner {

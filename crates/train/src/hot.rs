@@ -66,23 +66,6 @@ impl Member {
     }
 }
 
-/// `placements` moved onto devices `offset..`: a concurrent group's strategy.
-fn shifted(dist: Distribution, offset: usize) -> Result<Distribution> {
-    if offset == 0 {
-        return Ok(dist);
-    }
-    let devices = dist
-        .group()
-        .devices()
-        .iter()
-        .map(|d| DeviceId(d.0 + offset))
-        .collect();
-    Ok(Distribution::new(
-        dstate::DeviceGroup::new(devices)?,
-        dist.state().clone(),
-    )?)
-}
-
 /// What one step of hot switching gives the optimizer.
 pub struct HotStep<B: Backend> {
     /// The global batch's loss.
@@ -179,7 +162,6 @@ impl HotRank {
         let distinct = plan.members();
         let concurrent = plan.is_concurrent();
         let specs = model::param_specs(cfg);
-        let mut names = Vec::new();
         let mut members = Vec::with_capacity(distinct.len());
         for (s, offset) in &distinct {
             let n = s.devices();
@@ -204,14 +186,10 @@ impl HotRank {
                 }
                 None => None,
             };
-            let place = model::placements(cfg, s)?;
-            if names.is_empty() {
-                names = place.iter().map(|(name, _, _)| name.clone()).collect();
-            }
-            let placement = place
+            let placement = model::placements_at(cfg, s, *offset)?
                 .into_iter()
-                .map(|(_, shape, d)| Ok((shape, shifted(d, *offset)?)))
-                .collect::<Result<Vec<_>>>()?;
+                .map(|(_, shape, d)| (shape, d))
+                .collect();
             let (spec_of, shared) = match &exec {
                 None => (Vec::new(), Vec::new()),
                 Some(e) => {
@@ -277,20 +255,15 @@ impl HotRank {
                         "{cfg:?}|{}@{}|{}@{}|{devices_per_node}",
                         a.strategy, a.offset, b.strategy, b.offset
                     );
-                    let ts: Vec<switch::TensorSwitch> = names
-                        .iter()
-                        .zip(a.placement.iter().zip(&b.placement))
-                        .map(|(name, ((shape, src), (_, dst)))| switch::TensorSwitch {
-                            name: name.clone(),
-                            shape: shape.clone(),
-                            src: src.clone(),
-                            dst: dst.clone(),
-                        })
-                        .collect();
-                    Some(
-                        plan_cache()
-                            .get_or_plan(&key, || switch::plan(&ts, topo, Method::Exact))?,
-                    )
+                    Some(plan_cache().get_or_plan(&key, || {
+                        let ts = model::switch_tensors_at(
+                            cfg,
+                            (&a.strategy, a.offset),
+                            (&b.strategy, b.offset),
+                        )
+                        .map_err(|e| switch::SwitchError::Pieces(e.to_string()))?;
+                        switch::plan(&ts, topo, Method::Exact)
+                    })?)
                 });
             }
             plans.push(row);

@@ -92,11 +92,14 @@ fn fixed(s: &str) -> StrategySpec {
 
 /// A run of the grid: a label and the change it makes to [`config`]'s run.
 fn variant(label: &str) -> TrainConfig {
-    let (spec, extra) = label.split_once(' ').unwrap_or((label, ""));
+    // The strategy or schedule (concurrent groups' `|` among its words), then `key=value`s.
+    let (extra, spec): (Vec<&str>, Vec<&str>) =
+        label.split_whitespace().partition(|w| w.contains('='));
+    let (spec, extra) = (spec.join(" "), extra.join(" "));
     let strategy = if spec.contains(':') {
-        StrategySpec::Hot(planner::Plan::parse(spec, 8).unwrap())
+        StrategySpec::Hot(planner::Plan::parse(&spec, 8).unwrap())
     } else {
-        fixed(spec)
+        fixed(&spec)
     };
     let mut cfg = config(strategy);
     for e in extra.split_whitespace() {
@@ -113,10 +116,11 @@ fn variant(label: &str) -> TrainConfig {
     cfg
 }
 
-/// Every strategy family, schedule, codec and all-reduce algorithm, on 2 nodes × 4; a few with
+/// Every strategy family, schedule (concurrent groups too), codec and all-reduce algorithm, on
+/// 2 nodes × 4; a few with
 /// bf16's two-byte elements, as the GPU presets count activations, messages and elementwise
 /// kernels.
-const GRID: [&str; 43] = [
+const GRID: [&str; 47] = [
     "dp8",
     "dp4tp2",
     "dp2tp4",
@@ -160,6 +164,11 @@ const GRID: [&str; 43] = [
     "dp4cp2 bytes=2",
     "dp8zero3 bytes=2",
     "dp8:64,dp2tp4:max bytes=2",
+    // Concurrent groups: a node each, a group switching beside a pipeline, CP, three groups.
+    "dp4:64 | dp2tp2:max",
+    "dp2tp2:40,tp4:200 | tp2pp2:max",
+    "dp4:100 | dp2cp2:max",
+    "dp2:30 | tp2:100 | dp2tp2:max",
 ];
 
 /// Within 15 % on both clusters (cross-node links 50 and 0.05 GB/s: 1000× apart), every row
