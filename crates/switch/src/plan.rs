@@ -305,7 +305,7 @@ pub fn plan(tensors: &[TensorSwitch], topology: Topology, method: Method) -> Res
 }
 
 /// Per link class, what every device sends and receives (elements).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Load {
     /// `send[class][device]`.
     pub send: [BTreeMap<DeviceId, usize>; 2],
@@ -314,20 +314,6 @@ pub struct Load {
 }
 
 impl Load {
-    /// Adds `other`'s transfers to this load, device by device.
-    pub fn add(&mut self, other: &Load) {
-        for (mine, theirs) in self
-            .send
-            .iter_mut()
-            .chain(self.recv.iter_mut())
-            .zip(other.send.iter().chain(other.recv.iter()))
-        {
-            for (d, v) in theirs {
-                *mine.entry(*d).or_default() += v;
-            }
-        }
-    }
-
     /// The most any device sends over `class`.
     pub fn max_send(&self, class: LinkClass) -> usize {
         self.send[class.index()]
