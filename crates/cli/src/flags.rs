@@ -83,6 +83,12 @@ pub struct TrainFlags {
     /// stages (or the planner may choose them).
     #[arg(long)]
     pub pipeline_schedule: Option<String>,
+    /// How each strategy deals its sequences to its DP replicas and packs its micro-batches:
+    /// balanced (longest first to the replica with the least work, `len + q·len²` with `q`
+    /// attention's FLOPs per squared token over the GEMMs' per token, then first-fit
+    /// decreasing) or in-order (batch order, round-robin). The cost model estimates the same.
+    #[arg(long, default_value = "balanced")]
+    pub packing: String,
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
@@ -510,6 +516,7 @@ impl TrainFlags {
             .as_deref()
             .unwrap_or("1f1b")
             .parse::<Schedule>()?;
+        cfg.packing = self.packing.parse()?;
         cfg.global_batch = self.global_batch;
         cfg.steps = self.steps;
         cfg.max_len = self.max_len;

@@ -411,6 +411,59 @@ fn run_ok(args: &[String]) {
     );
 }
 
+/// `--packing`: balanced (the default) deals each strategy's sequences by work, in-order
+/// round-robin in batch order; both train the same weights, but the replicas' shares differ.
+#[test]
+fn packing_deals_by_work_or_in_order_and_both_train_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let cfg = LlamaConfig::load(dir.path()).unwrap();
+    let mut peaks = Vec::new();
+    let mut weights = Vec::new();
+    for packing in ["balanced", "in-order"] {
+        let save = format!("{d}/{packing}.safetensors");
+        let mut args = train_args(d, "2", "dp2", "2");
+        args.extend([
+            "--packing".into(),
+            packing.into(),
+            "--save".into(),
+            save.clone(),
+        ]);
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = hotspa(&refs);
+        let out =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{packing}: {out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains("bytes per rank"))
+            .unwrap_or_else(|| panic!("{packing}: no peak line in {out}"))
+            .to_string();
+        peaks.push(
+            line.split("per rank:")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string(),
+        );
+        weights.push(Weights::load(&cfg, std::path::Path::new(&save)).unwrap());
+    }
+    // Lengths cycle 3, 9, 2, 30, 5, 14: in batch order one replica gets the long ones.
+    assert_ne!(
+        peaks[0], peaks[1],
+        "the two packings dealt alike: {peaks:?}"
+    );
+    assert_weights_close(&weights[0], &weights[1], 1e-5, "balanced vs in-order");
+    let mut args = train_args(d, "2", "dp2", "2");
+    args.extend(["--packing".into(), "sorted".into()]);
+    let bad = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("packing") && err.contains("in-order"),
+        "{err}"
+    );
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();

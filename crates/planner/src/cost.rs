@@ -163,6 +163,24 @@ pub struct CostModel {
     kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
 
+/// A layer's GEMM parameters: q, o, k, v and the three MLP projections.
+fn layer_matmul_params(c: &LlamaConfig) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let q = (c.num_attention_heads * c.head_dim()) as f64;
+    let kv = (c.kv_heads() * c.head_dim()) as f64;
+    h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i
+}
+
+/// A sequence's training work beyond its length, per squared token: its FLOPs are
+/// `6·l·(GEMM parameters) + 6·l²·(attention width)·layers`, so over `6·(GEMM parameters)` a
+/// sequence of `l` tokens is `l + quadratic_work · l²` (what [`Packing::Balanced`] balances).
+pub fn quadratic_work(c: &LlamaConfig) -> f64 {
+    let gemm =
+        c.num_hidden_layers as f64 * layer_matmul_params(c) + (c.vocab_size * c.hidden_size) as f64;
+    let attention = (c.num_attention_heads * c.head_dim() * c.num_hidden_layers) as f64;
+    attention / gemm
+}
+
 impl CostModel {
     /// A cost model for `cfg` on `cluster`, packing [`Packing::Balanced`] by each sequence's
     /// work (its GEMMs and attention) up to each strategy's capacity.
@@ -176,14 +194,9 @@ impl CostModel {
             bucket_elems: 1 << 20,
             kernels: Default::default(),
         };
-        // Training FLOPs of a sequence: 6·l·(GEMM parameters) + 6·l²·(attention width)·layers.
-        let c = &out.cfg;
-        let gemm = c.num_hidden_layers as f64 * out.layer_matmul_params()
-            + (c.vocab_size * c.hidden_size) as f64;
-        let attention = (c.num_attention_heads * c.head_dim() * c.num_hidden_layers) as f64;
         out.packing = Packing::Balanced {
             budget: usize::MAX,
-            quadratic: attention / gemm,
+            quadratic: quadratic_work(&out.cfg),
         };
         out
     }
@@ -257,11 +270,7 @@ impl CostModel {
 
     /// Parameters of the decoder layers' matrices (per layer).
     pub fn layer_matmul_params(&self) -> f64 {
-        let c = &self.cfg;
-        let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
-        let q = (c.num_attention_heads * c.head_dim()) as f64;
-        let kv = (c.kv_heads() * c.head_dim()) as f64;
-        h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i
+        layer_matmul_params(&self.cfg)
     }
 
     /// Every parameter.

@@ -40,7 +40,7 @@ pub mod timeline;
 
 pub use cluster::{Cluster, Efficiency, Link};
 pub use cost::{
-    instantiation, state_bytes_per_param, Breakdown, CostModel, Memory, Tensor,
+    instantiation, quadratic_work, state_bytes_per_param, Breakdown, CostModel, Memory, Tensor,
     ACT_BYTES_PER_TOKEN_HIDDEN, USABLE_MEMORY,
 };
 pub use error::{PlanError, Result};

@@ -60,7 +60,7 @@ fn rank_eval<B: Backend>(
     let mut groups = RankGroups::new(world, &p.inst)?;
     let (opt, RankParams { shared, .. }) =
         crate::optim::start(cfg, be, &exec, &groups, &p.weights, tp_rank)?;
-    let mut runner = StaticRunner::new(exec, shared, cfg.budget(0), cfg.pipeline_schedule);
+    let mut runner = StaticRunner::new(exec, shared, cfg.packing_of(0), cfg.pipeline_schedule);
     loss_sum::<B>(
         &mut runner,
         be,

@@ -20,7 +20,6 @@ use kernels::Backend;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::job::{Collected, Job, Msg};
 use crate::metrics::{FedMetrics, StepMetrics};
@@ -182,7 +181,7 @@ impl Job {
                 ),
             ));
         }
-        let packing = TrainConfig::packing(cfg.budget(0));
+        let packing = cfg.packing_of(0);
         let seqs = self.data.sequences();
         // Every client's data size: the tokens its shard predicts.
         let sizes: Vec<usize> = parts

@@ -24,9 +24,9 @@ use planner::Plan;
 use runtime::{pipeline_step, GradientAgreement, Optimizer, RankGroups};
 use switch::{execute, Method, Pieces, Topology};
 
-use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::metrics::HotMetrics;
+use data::Packing;
 
 /// What the hot-switching ranks of a run share.
 #[derive(Clone)]
@@ -86,8 +86,8 @@ pub struct HotRank {
     member_of: Vec<usize>,
     /// The member holding the weights and the optimizer.
     inst: usize,
-    /// Every bucket's micro-batch budget.
-    budgets: Vec<usize>,
+    /// Every bucket's packing (its micro-batch budget under the run's policy).
+    packings: Vec<Packing>,
     me: usize,
     /// Whether the strategies run on concurrent groups of the devices.
     concurrent: bool,
@@ -143,18 +143,18 @@ impl HotRank {
     /// `world.rank()`. `budgets` has one micro-batch budget per bucket of `plan`.
     pub fn new(
         plan: &Plan,
-        budgets: &[usize],
+        packings: &[Packing],
         setup: &HotSetup,
         world: &dyn Communicator,
     ) -> Result<Self> {
         let (cfg, devices_per_node) = (&setup.cfg, setup.devices_per_node);
         let me = world.rank().0;
-        if budgets.len() != plan.buckets.len() {
+        if packings.len() != plan.buckets.len() {
             return Err(TrainError::setting(
                 "micro_batch_tokens",
                 format!(
                     "{} budgets for {} buckets",
-                    budgets.len(),
+                    packings.len(),
                     plan.buckets.len()
                 ),
             ));
@@ -273,7 +273,7 @@ impl HotRank {
             members,
             member_of,
             inst,
-            budgets: budgets.to_vec(),
+            packings: packings.to_vec(),
             me,
             concurrent,
             plans,
@@ -361,7 +361,7 @@ impl HotRank {
         schedule: Schedule,
     ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
         let me = self.me;
-        let packing = TrainConfig::packing(self.budgets[b]);
+        let packing = self.packings[b];
         let m = &mut self.members[self.member_of[b]];
         let local = m.local(me).ok_or_else(|| TrainError::Rank {
             rank: me,

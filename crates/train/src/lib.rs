@@ -68,7 +68,7 @@ pub use checkpoints::CheckpointDir;
 pub use clocked::{clock_against_model, ClockedStep};
 pub use config::{
     AutoPlanning, Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule,
-    StrategySpec, Tokenizer, TrainConfig, KEEP_LAST,
+    PackingPolicy, StrategySpec, Tokenizer, TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
 pub use eval::evaluate;

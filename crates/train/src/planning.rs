@@ -11,7 +11,7 @@ use crate::error::{Result, TrainError};
 /// codec the user did not ask for).
 pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
     let mut cost = CostModel::new(cluster, cfg.model.clone());
-    cost.packing = TrainConfig::packing(cfg.budget(0));
+    cost.packing = cfg.packing_of(0);
     cost.exchange = cfg.exchange;
     cost.schedule = cfg.pipeline_schedule;
     cost

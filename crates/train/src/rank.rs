@@ -5,7 +5,7 @@ use comm::Communicator;
 use kernels::Backend;
 use model::{rank_exec, Held};
 
-use crate::config::{StrategySpec, TrainConfig};
+use crate::config::StrategySpec;
 use crate::error::Result;
 use crate::hot::{HotRank, HotSetup};
 use crate::job::Job;
@@ -19,7 +19,7 @@ impl Job {
     pub(crate) fn own_predicted(&self, batch: &[Vec<u32>], me: usize) -> usize {
         let (dp_rank, _) = self.inst.data_coords(me);
         let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-        let dealt = TrainConfig::packing(self.cfg.budget(0)).deal(&lens, self.inst.dp);
+        let dealt = self.cfg.packing_of(0).deal(&lens, self.inst.dp);
         dealt
             .get(dp_rank)
             .map(|mine| mine.iter().map(|&k| lens[k].saturating_sub(1)).sum())
@@ -58,18 +58,18 @@ impl Job {
         };
         Ok(match (&cfg.strategy, &self.planner) {
             (StrategySpec::Hot(plan), _) => {
-                let budgets: Vec<usize> = (0..plan.buckets.len()).map(|i| cfg.budget(i)).collect();
-                let rank = HotRank::new(plan, &budgets, &setup, world)?;
+                let packings: Vec<_> = (0..plan.buckets.len()).map(|i| cfg.packing_of(i)).collect();
+                let rank = HotRank::new(plan, &packings, &setup, world)?;
                 Box::new(HotRunner::new(rank, schedule))
             }
             (StrategySpec::Auto(_), Some(planner)) => Box::new(PlannedRunner::new(
                 planner.clone(),
                 self.inst.clone(),
-                cfg.budget(0),
+                cfg.packing_of(0),
                 setup,
                 PLAN_CACHE,
             )),
-            _ => Box::new(StaticRunner::new(exec, shared, cfg.budget(0), schedule)),
+            _ => Box::new(StaticRunner::new(exec, shared, cfg.packing_of(0), schedule)),
         })
     }
 }

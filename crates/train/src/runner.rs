@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use comm::Communicator;
+use data::Packing;
 use graph::{ExecGraph, Schedule, Strategy};
 use kernels::Backend;
 use planner::{Plan, Planner};
 use runtime::{pipeline_step, Optimizer, RankGroups};
 
-use crate::config::TrainConfig;
 use crate::error::Result;
 use crate::hot::{HotRank, HotSetup};
 use crate::metrics::{HotMetrics, PlanMetrics};
@@ -91,18 +91,18 @@ pub trait StepRunner<B: Backend> {
 pub struct StaticRunner {
     exec: ExecGraph,
     shared: Vec<bool>,
-    budget: usize,
+    packing: Packing,
     schedule: Schedule,
 }
 
 impl StaticRunner {
     /// Runs `exec` (this rank's exec graph of the optimizer's strategy) with micro-batches of
-    /// `budget` tokens under `schedule`; `shared` marks tied weights.
-    pub fn new(exec: ExecGraph, shared: Vec<bool>, budget: usize, schedule: Schedule) -> Self {
+    /// `packing` under `schedule`; `shared` marks tied weights.
+    pub fn new(exec: ExecGraph, shared: Vec<bool>, packing: Packing, schedule: Schedule) -> Self {
         Self {
             exec,
             shared,
-            budget,
+            packing,
             schedule,
         }
     }
@@ -111,7 +111,7 @@ impl StaticRunner {
 impl<B: Backend> StepRunner<B> for StaticRunner {
     fn gradients(&mut self, input: StepInput<'_, B>) -> Result<StepGradients<B>> {
         let s = &self.exec.strategy;
-        let packing = TrainConfig::packing(self.budget);
+        let packing = self.packing;
         let me = input.world.rank().0;
         let mbs = runtime::rank_micro_batches(input.batch, &packing, s, me, input.loss_scale)?;
         let out = pipeline_step(
@@ -157,7 +157,7 @@ impl<B: Backend> StepRunner<B> for HotRunner {
 pub struct PlannedRunner {
     planner: Arc<Planner>,
     inst: Strategy,
-    budget: usize,
+    packing: Packing,
     setup: HotSetup,
     /// Most recently used last.
     cache: VecDeque<(String, HotRank)>,
@@ -165,19 +165,19 @@ pub struct PlannedRunner {
 }
 
 impl PlannedRunner {
-    /// Plans every step with `planner` around `inst` (micro-batches of `budget` tokens); keeps
+    /// Plans every step with `planner` around `inst` (every bucket packed by `packing`); keeps
     /// the ranks of `capacity` plans.
     pub fn new(
         planner: Arc<Planner>,
         inst: Strategy,
-        budget: usize,
+        packing: Packing,
         setup: HotSetup,
         capacity: usize,
     ) -> Self {
         Self {
             planner,
             inst,
-            budget,
+            packing,
             setup,
             cache: VecDeque::new(),
             capacity: capacity.max(1),
@@ -201,7 +201,7 @@ impl PlannedRunner {
             Some(r) => r,
             None => HotRank::new(
                 plan,
-                &vec![self.budget; plan.buckets.len()],
+                &vec![self.packing; plan.buckets.len()],
                 &self.setup,
                 world,
             )?,

@@ -153,7 +153,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
                 StaticRunner::new(
                     rank_exec(model, &job.inst, me)?,
                     shared.clone(),
-                    cfg.budget(0),
+                    cfg.packing_of(0),
                     cfg.pipeline_schedule,
                 ),
                 cfg.eval.as_ref().and_then(|e| e.every).unwrap_or(cfg.steps),

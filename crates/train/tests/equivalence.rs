@@ -237,7 +237,8 @@ fn the_plan_cache_keeps_the_last_plans_only() {
             agreement: groups.agreement.clone(),
             schedule: graph::Schedule::OneFOneB,
         };
-        let mut runner = PlannedRunner::new(planner.clone(), inst.clone(), 32, setup, 2);
+        let packing = data::Packing::InOrder { budget: 32 };
+        let mut runner = PlannedRunner::new(planner.clone(), inst.clone(), packing, setup, 2);
         let mut seen = Vec::new();
         for batch in &batches {
             let predicted: usize = batch.iter().map(|s| s.len() - 1).sum();

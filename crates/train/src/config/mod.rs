@@ -72,6 +72,33 @@ pub enum StrategySpec {
     Auto(Box<AutoPlanning>),
 }
 
+/// How a strategy's sequences are dealt to its DP replicas and packed into micro-batches
+/// (`--packing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PackingPolicy {
+    /// In batch order, round-robin over the replicas, each replica's filled in order.
+    InOrder,
+    /// Longest first to the replica with the least work (`len + q·len²`: attention's share
+    /// by the model's FLOPs), then first-fit decreasing into micro-batches.
+    #[default]
+    Balanced,
+}
+
+impl std::str::FromStr for PackingPolicy {
+    type Err = TrainError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "in-order" => Ok(Self::InOrder),
+            "balanced" => Ok(Self::Balanced),
+            other => Err(TrainError::setting(
+                "packing",
+                format!("`{other}`: give in-order or balanced"),
+            )),
+        }
+    }
+}
+
 /// What automatic planning plans with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoPlanning {
@@ -191,6 +218,8 @@ pub struct TrainConfig {
     pub micro_batch_tokens: Vec<usize>,
     /// The pipeline schedule.
     pub pipeline_schedule: Schedule,
+    /// How each strategy deals its sequences to its DP replicas and packs micro-batches.
+    pub packing: PackingPolicy,
     /// Sequences per global batch.
     pub global_batch: usize,
     /// Optimizer steps of the whole run (a resumed run continues to this count).
@@ -264,6 +293,7 @@ impl TrainConfig {
             strategy: StrategySpec::Fixed(Strategy::single()),
             micro_batch_tokens: vec![4096],
             pipeline_schedule: Schedule::OneFOneB,
+            packing: PackingPolicy::Balanced,
             global_batch: 8,
             steps: 10,
             lr: LrSchedule {
@@ -308,11 +338,23 @@ impl TrainConfig {
         self.shuffle.then_some(self.seed)
     }
 
-    /// How a strategy's sequences are packed: in batch order, round-robin over its DP
-    /// replicas, micro-batches of at most `budget` tokens. The runtime packs and the cost model
-    /// estimates with this one policy.
-    pub fn packing(budget: usize) -> Packing {
-        Packing::InOrder { budget }
+    /// How bucket `i`'s strategy packs ([`TrainConfig::packing`] at that bucket's budget):
+    /// the runtime packs and the cost model estimates with this one policy.
+    pub fn packing_of(&self, i: usize) -> Packing {
+        self.packing_at(self.budget(i))
+    }
+
+    /// The run's packing policy at micro-batches of at most `budget` tokens: in batch order
+    /// round-robin, or balanced by each sequence's work (`len + q·len²`, `q` the model's
+    /// attention FLOPs per squared token over its GEMM FLOPs per token).
+    pub fn packing_at(&self, budget: usize) -> Packing {
+        match self.packing {
+            PackingPolicy::InOrder => Packing::InOrder { budget },
+            PackingPolicy::Balanced => Packing::Balanced {
+                budget,
+                quadratic: planner::quadratic_work(&self.model),
+            },
+        }
     }
 
     /// The budget of bucket `i`'s micro-batches.

@@ -14,7 +14,6 @@ use super::{
     push, unword, word, Layout, KIND_DONE, KIND_GRADIENT, KIND_LOST, NO_SHARE, PUSH_HEADER,
     REPLY_HEADER,
 };
-use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::job::{Collected, Job, Msg};
 use crate::metrics::WorkerStep;
@@ -50,7 +49,7 @@ impl Job {
         let layout = layout_of(&replica.exec, &params, k);
         let mut flat = params.concat();
         drop(params);
-        let packing = TrainConfig::packing(cfg.budget(0));
+        let packing = cfg.packing_of(0);
         // Pushes through the codec, with this worker's error-feedback residual per slice.
         let codec = cfg.exchange.codec;
         let payload: Vec<usize> = layout
