@@ -145,7 +145,7 @@ fn one(r: &Report) {
         r.dataset
     );
     println!(
-        "{:<8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7}  plan",
+        "{:<10} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7}  plan",
         "", "step s", "compute", "tp", "bubble", "pp", "dp", "switch", "tokens/s", "GiB"
     );
     let baseline = |b: sim::baselines::Baseline| {
@@ -167,13 +167,16 @@ fn one(r: &Report) {
             .iter()
             .flat_map(|c| [("static+cp", Some(&c.fixed)), ("auto+cp", Some(&c.auto))]),
     )
+    .chain([("concurrent", r.concurrent.as_ref().map(|c| &c.estimate))])
     .collect();
     for (name, e) in rows {
         let Some(e) = e else {
             println!(
-                "{name:<8} ({})",
+                "{name:<10} ({})",
                 if name == "paper" {
                     "no hand-picked plan for this setting, or it does not fit"
+                } else if name == "concurrent" {
+                    "no split of the devices into two groups holds the batch"
                 } else {
                     "no configuration holds a sample of the context length"
                 }
@@ -182,7 +185,7 @@ fn one(r: &Report) {
         };
         let b = &e.breakdown;
         println!(
-            "{:<8} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9.0} {:>7}  {}",
+            "{:<10} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9.0} {:>7}  {}",
             name,
             e.seconds,
             b.compute,
@@ -214,6 +217,15 @@ fn one(r: &Report) {
         println!(
             "with CP and recomputation searched: auto+cp {:.2}× static+cp, {:.2}× auto; planned in {:.2} s",
             c.speedup_over_static, c.speedup_over_plain, c.planning_seconds
+        );
+    }
+    if let Some(c) = &r.concurrent {
+        println!(
+            "concurrent (two groups of devices at once{}): {:.2}× the static strategy{}; planned in {:.2} s",
+            if r.context.is_some() { ", CP and recomputation in the groups" } else { "" },
+            c.speedup_over_static,
+            if r.context.is_some() { " with CP" } else { "" },
+            c.planning_seconds
         );
     }
     for b in [

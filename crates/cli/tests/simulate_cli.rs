@@ -41,9 +41,14 @@ fn one_setting_as_json_and_as_a_table() {
     assert!(auto > 0.0 && auto <= fixed);
     assert!(v["paper"]["seconds"].as_f64().unwrap() >= auto);
     assert!(v["auto"]["memory_bytes"].as_f64().unwrap() < 80.0 * (1u64 << 30) as f64);
+    // Two groups of devices at once: a plan with `|` whose groups take the 16 devices.
+    let c = &v["concurrent"]["estimate"];
+    let plan = c["plan"].as_str().unwrap();
+    assert!(plan.contains(" | "), "{plan}");
+    assert!(c["seconds"].as_f64().unwrap() > 0.0);
     let out = hotspa(&args);
     let text = String::from_utf8_lossy(&out.stdout);
-    for row in ["static", "paper", "auto", "× the static strategy"] {
+    for row in ["static", "paper", "auto", "× the static strategy", "concurrent"] {
         assert!(text.contains(row), "{text}");
     }
 }

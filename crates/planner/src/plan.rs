@@ -113,8 +113,7 @@ impl Plan {
     /// least model state per device among the groups' own ones widened to every device by DP.
     fn parse_concurrent(spec: &str, devices: usize) -> Result<Self> {
         let bad = |m: String| PlanError::Invalid(m);
-        let (mut buckets, mut offsets, mut wide) = (Vec::new(), Vec::new(), Vec::new());
-        let mut offset = 0;
+        let mut groups = Vec::new();
         for (g, group) in spec.split('|').map(str::trim).enumerate() {
             let first = group
                 .split(',')
@@ -132,24 +131,52 @@ impl Plan {
                 .devices();
             let sub = Plan::parse(group, n)
                 .map_err(|e| bad(format!("concurrent group {} (`{group}`): {e}", g + 1)))?;
-            for (e, s) in sub.buckets {
+            groups.push(sub.buckets);
+        }
+        Self::concurrent(groups, devices)
+    }
+
+    /// A concurrent plan of `groups` (each a list of `(upper edge, strategy)` on as many
+    /// devices as its strategies' degrees multiply to, the groups one after another from
+    /// device 0) on `devices`: the groups' devices must add up to `devices` and the bounds
+    /// increase across the whole list (a sequence goes to the first bucket that holds it). The
+    /// instantiation strategy is the least model state per device among the groups' own ones
+    /// widened to every device by DP (CP folded into DP: the optimizer needs no sequence
+    /// split), or DP over every device where no group's devices divide them.
+    pub fn concurrent(groups: Vec<Vec<(usize, Strategy)>>, devices: usize) -> Result<Self> {
+        let bad = |m: String| PlanError::Invalid(m);
+        let bound = |e: usize| {
+            if e == usize::MAX {
+                "max".to_string()
+            } else {
+                e.to_string()
+            }
+        };
+        let (mut buckets, mut offsets, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+        let mut offset = 0;
+        for (g, group) in groups.into_iter().enumerate() {
+            let n = group.first().map_or(0, |(_, s)| s.devices());
+            if n == 0 {
+                return Err(bad(format!("concurrent group {} is empty", g + 1)));
+            }
+            let all: Vec<&Strategy> = group.iter().map(|(_, s)| s).collect();
+            let own = all[instantiation(&all)].clone();
+            for (e, s) in group {
+                if s.devices() != n {
+                    return Err(bad(format!(
+                        "concurrent group {}: {s} runs on {} devices, the group's first strategy on {n}",
+                        g + 1,
+                        s.devices()
+                    )));
+                }
                 if let Some(&(prev, _)) = buckets.last() {
                     if e <= prev {
                         return Err(bad(format!(
-                            "concurrent group {} (`{group}`): length bounds must increase \
-                             across the groups ({} then {}): a sequence goes to the first \
-                             bucket that holds it",
+                            "concurrent group {}: length bounds must increase across the groups \
+                             ({} then {}): a sequence goes to the first bucket that holds it",
                             g + 1,
-                            if prev == usize::MAX {
-                                "max".to_string()
-                            } else {
-                                prev.to_string()
-                            },
-                            if e == usize::MAX {
-                                "max".to_string()
-                            } else {
-                                e.to_string()
-                            },
+                            bound(prev),
+                            bound(e),
                         )));
                     }
                 }
@@ -157,9 +184,7 @@ impl Plan {
                 offsets.push(offset);
             }
             if devices.is_multiple_of(n) {
-                // The group's own instantiation on every device: its DP (and CP, folded into
-                // DP: the optimizer needs no sequence split) widened.
-                let mut w = sub.inst;
+                let mut w = own;
                 w.dp *= w.cp * devices / n;
                 w.cp = 1;
                 w.cp_exchange = Default::default();
@@ -619,8 +644,12 @@ impl Planner {
     /// that, holding its own master weights, takes at least `min_tokens` per micro-batch: TP a power of two dividing the heads and at most one node
     /// (or two), PP dividing the layers, at most 8 stages.
     pub fn candidates(&self, min_tokens: usize) -> Vec<Strategy> {
+        self.candidates_on(self.cost.cluster.devices(), min_tokens)
+    }
+
+    /// [`Planner::candidates`] on `n` of the cluster's devices (a concurrent group's).
+    pub fn candidates_on(&self, n: usize, min_tokens: usize) -> Vec<Strategy> {
         let c = &self.cost.cfg;
-        let n = self.cost.cluster.devices();
         let heads = c.num_attention_heads;
         let mut out = Vec::new();
         let mut tp = 1;
@@ -708,6 +737,77 @@ impl Planner {
             };
             self.cost.capacity(&t, inst) >= top
         })
+    }
+
+    /// The best plan of two groups of devices running at the same time (per step, as
+    /// Hydraulis and FlexSP plan): the sequences up to an edge on the first `k` devices under
+    /// one strategy, the rest on the other `n − k` under another. Searched over `k` (n/2, n/4,
+    /// n/8, n/16 where they divide n), the edges (powers of two between the batch's lengths)
+    /// and every candidate strategy of each group on its own share; the few best by their
+    /// groups' compute are then estimated whole ([`Planner::evaluate`]: switches and the
+    /// instantiation included). `None` where no split holds the batch.
+    pub fn concurrent(&self, lens: &[usize]) -> Result<Option<(Plan, Estimate)>> {
+        let n = self.cost.cluster.devices();
+        let mut sorted = lens.to_vec();
+        sorted.sort_unstable();
+        let Some(&longest) = sorted.last() else {
+            return Ok(None);
+        };
+        let mut splits = Vec::new();
+        let mut k = n / 2;
+        while k >= 1 && splits.len() < 4 {
+            if n.is_multiple_of(k) {
+                splits.push(k);
+            }
+            k /= 2;
+        }
+        let mut edges = Vec::new();
+        let mut e = sorted[0].max(2).next_power_of_two();
+        while e < longest {
+            edges.push(e);
+            e *= 2;
+        }
+        // The fastest candidate on `m` devices for `group`, with its time.
+        let best_on = |m: usize, group: &[usize]| -> Option<(Strategy, f64)> {
+            let top = group.last().copied().unwrap_or(0);
+            self.candidates_on(m, top)
+                .into_iter()
+                .map(|s| {
+                    let cap = self.cost.capacity(&s, &s);
+                    let t = self.cost.strategy(&s, group, cap).total();
+                    (s, t)
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+        };
+        let mut shortlist: Vec<(f64, Plan)> = Vec::new();
+        for &k in &splits {
+            for &edge in &edges {
+                let cut = sorted.partition_point(|&l| l <= edge);
+                let (short, long) = sorted.split_at(cut);
+                if short.is_empty() || long.is_empty() {
+                    continue;
+                }
+                let (Some((a, ta)), Some((b, tb))) = (best_on(k, short), best_on(n - k, long))
+                else {
+                    continue;
+                };
+                if let Ok(plan) = Plan::concurrent(vec![vec![(edge, a)], vec![(usize::MAX, b)]], n)
+                {
+                    shortlist.push((ta.max(tb), plan));
+                }
+            }
+        }
+        shortlist.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut best: Option<(Plan, Estimate)> = None;
+        for (_, plan) in shortlist.into_iter().take(4) {
+            let Ok(est) = self.evaluate(&plan, lens) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(_, b)| est.seconds < b.seconds) {
+                best = Some((plan, est));
+            }
+        }
+        Ok(best)
     }
 
     /// The fastest single strategy for the batch (what a static system runs).
@@ -957,6 +1057,21 @@ mod tests {
         assert!(both.seconds >= long.seconds - 1e-12, "{both:?} vs {long:?}");
         assert!(both.breakdown.switch > 0.0);
         assert_eq!(both.sequences, [3, 2]);
+        // The search: two groups, the sequences up to its edge on the first; its estimate is
+        // the plan's.
+        let lens: Vec<usize> = (0..60)
+            .map(|i| 200 + (i * 37) % 900)
+            .chain([6000, 5000])
+            .collect();
+        let (plan, est) = p
+            .concurrent(&lens)
+            .unwrap()
+            .expect("some split holds the batch");
+        assert!(plan.is_concurrent() && plan.buckets.len() == 2, "{plan}");
+        assert_eq!(plan.offsets[0], 0);
+        assert_eq!(plan.offsets[1], plan.buckets[0].1.devices());
+        assert_eq!(p.evaluate(&plan, &lens).unwrap().seconds, est.seconds);
+        assert_eq!(est.sequences.iter().sum::<usize>(), lens.len());
     }
 
     fn planner(gpus: usize) -> Planner {

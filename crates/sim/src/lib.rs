@@ -101,6 +101,38 @@ pub struct Report {
     /// Megatron-LM and DeepSpeed as the paper ran them ([`baselines`]), when they hold a
     /// sample of the context length.
     pub baselines: Vec<baselines::BaselineEstimate>,
+    /// Two groups of devices training at the same time ([`Planner::concurrent`]; with CP and
+    /// recomputation in the groups' candidates when the context plans are asked for): `None`
+    /// in the paper's grid, or where no split holds the batch.
+    pub concurrent: Option<ConcurrentPlan>,
+}
+
+/// The best concurrent plan of a setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrentPlan {
+    /// Its estimate (the plan, e.g. `dp2tp4spzero1:2048 | tp8pp2sp:max`).
+    pub estimate: Estimate,
+    /// The search's time, seconds.
+    pub planning_seconds: f64,
+    /// The best static strategy of the same search space over this plan.
+    pub speedup_over_static: f64,
+}
+
+/// The best concurrent plan for `lens` by `planner`, against the static strategy's `fixed`
+/// seconds.
+fn concurrent_plan(
+    planner: &Planner,
+    lens: &[usize],
+    fixed: f64,
+) -> Result<Option<ConcurrentPlan>> {
+    let t0 = std::time::Instant::now();
+    Ok(planner
+        .concurrent(lens)?
+        .map(|(_, estimate)| ConcurrentPlan {
+            speedup_over_static: fixed / estimate.seconds,
+            planning_seconds: t0.elapsed().as_secs_f64(),
+            estimate,
+        }))
 }
 
 impl Report {
@@ -274,7 +306,11 @@ pub fn one_strategy(
 /// Runs one setting.
 pub fn simulate(s: &Scenario) -> Result<Report> {
     check_gpus(s)?;
-    report(&planner_of(s, model_of(s)?), s)
+    let planner = planner_of(s, model_of(s)?);
+    let mut r = report(&planner, s)?;
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    r.concurrent = concurrent_plan(&planner, &lens, r.fixed.seconds)?;
+    Ok(r)
 }
 
 fn check_gpus(s: &Scenario) -> Result<()> {
@@ -295,7 +331,14 @@ pub fn simulate_with_context(s: &Scenario) -> Result<Report> {
     let cfg = model_of(s)?;
     let mut ctx = planner_of(s, cfg.clone());
     ctx.context = true;
-    report_with_context(&planner_of(s, cfg), &ctx, s)
+    let mut r = report_with_context(&planner_of(s, cfg), &ctx, s)?;
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let fixed = r
+        .context
+        .as_ref()
+        .map_or(r.fixed.seconds, |c| c.fixed.seconds);
+    r.concurrent = concurrent_plan(&ctx, &lens, fixed)?;
+    Ok(r)
 }
 
 /// [`report`], adding the plans `ctx` (a planner with [`Planner::context`]) finds.
@@ -434,6 +477,7 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         auto,
         planning_seconds,
         context: None,
+        concurrent: None,
         baselines: [
             baselines::Baseline::MegatronLm,
             baselines::Baseline::DeepSpeed,
