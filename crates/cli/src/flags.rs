@@ -93,8 +93,10 @@ pub struct TrainFlags {
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
     /// matrix), qsgd:S (QSGD: a norm per 256 values, each value a sign and one of S levels,
-    /// rounded stochastically and unbiased). Lossy: the loss curve changes (see
-    /// --error-feedback).
+    /// rounded stochastically and unbiased), dgc:F (Deep Gradient Compression: local clipping
+    /// to --grad-clip/√N, a velocity with momentum 0.9 accumulated and its top F sent, sent
+    /// positions cleared, the fraction warmed up from 25%; run with --beta1 0). Lossy: the
+    /// loss curve changes (see --error-feedback).
     #[arg(long, default_value = "none")]
     pub grad_compression: String,
     /// on: every rank adds back what its codec left out the step before (EF-SGD; the residuals

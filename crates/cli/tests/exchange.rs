@@ -206,6 +206,7 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
         "powersgd:2",
         "fp16",
         "qsgd:4",
+        "dgc:0.05",
     ] {
         let r = train(d, codec, &["--grad-compression", codec]);
         assert!(r.weights != plain.weights, "{codec} changed nothing");
@@ -288,6 +289,11 @@ fn bad_exchange_settings_are_refused_by_name() {
         (vec!["--grad-compression", "topk:2"], "topk:2"),
         (vec!["--grad-compression", "int4"], "int4"),
         (vec!["--grad-compression", "qsgd:0"], "qsgd:0"),
+        (vec!["--grad-compression", "dgc:0"], "dgc:0"),
+        (
+            vec!["--grad-compression", "dgc:0.01", "--error-feedback", "off"],
+            "error_feedback",
+        ),
         (vec!["--allreduce", "fast"], "fast"),
         (vec!["--error-feedback", "maybe"], "--error-feedback maybe"),
         (

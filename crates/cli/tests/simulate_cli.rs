@@ -48,7 +48,13 @@ fn one_setting_as_json_and_as_a_table() {
     assert!(c["seconds"].as_f64().unwrap() > 0.0);
     let out = hotspa(&args);
     let text = String::from_utf8_lossy(&out.stdout);
-    for row in ["static", "paper", "auto", "× the static strategy", "concurrent"] {
+    for row in [
+        "static",
+        "paper",
+        "auto",
+        "× the static strategy",
+        "concurrent",
+    ] {
         assert!(text.contains(row), "{text}");
     }
 }

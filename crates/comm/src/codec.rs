@@ -55,6 +55,11 @@ pub enum Codec {
     /// each value as its sign and a level in `0..=s`, rounded stochastically so that the
     /// decoded value equals the original in expectation; `1 + ⌈log₂(s + 1)⌉` bits a value.
     Qsgd(u32),
+    /// Deep Gradient Compression (Lin et al. 2018) keeping a `fraction` of the values once
+    /// warmed up: local gradient clipping, momentum correction (a velocity accumulated before
+    /// the residual), momentum factor masking (sent positions cleared in both) and sparsity
+    /// warm-up ([`all_reduce_dgc`]); the kept values travel as (index, value) pairs.
+    Dgc(f64),
 }
 
 impl fmt::Display for Codec {
@@ -69,12 +74,13 @@ impl fmt::Display for Codec {
             Codec::RandK(x) => write!(f, "randk:{x}"),
             Codec::PowerSgd(r) => write!(f, "powersgd:{r}"),
             Codec::Qsgd(levels) => write!(f, "qsgd:{levels}"),
+            Codec::Dgc(x) => write!(f, "dgc:{x}"),
         }
     }
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, randk:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1) or qsgd:S (S levels, 1 to 255)";
+    "use none, bf16, fp16, int8, sign, topk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1) or qsgd:S (S levels, 1 to 255)";
 
 impl FromStr for Codec {
     type Err = CommError;
@@ -106,6 +112,7 @@ impl FromStr for Codec {
             },
             Some(("topk", v)) => Ok(Codec::TopK(fraction(v)?)),
             Some(("randk", v)) => Ok(Codec::RandK(fraction(v)?)),
+            Some(("dgc", v)) => Ok(Codec::Dgc(fraction(v)?)),
             Some(("powersgd", v)) => match v.trim().parse::<usize>() {
                 Ok(r) if r >= 1 => Ok(Codec::PowerSgd(r)),
                 _ => Err(bad()),
@@ -131,7 +138,7 @@ impl Codec {
     /// How many of `len` values a sparsifying codec keeps (at least one of a non-empty vector).
     pub fn keep(&self, len: usize) -> usize {
         match *self {
-            Codec::TopK(f) | Codec::RandK(f) => {
+            Codec::TopK(f) | Codec::RandK(f) | Codec::Dgc(f) => {
                 ((f * len as f64).ceil() as usize).clamp(len.min(1), len)
             }
             _ => len,
@@ -528,6 +535,111 @@ pub fn all_reduce_dense(
     Ok(())
 }
 
+/// The state DGC keeps per member and bucket between steps, and its settings.
+pub struct Dgc<'a> {
+    /// The velocity `u` (momentum correction).
+    pub velocity: &'a mut [f32],
+    /// The accumulated, not yet sent values `v`.
+    pub accumulated: &'a mut [f32],
+    /// The momentum of the velocity (the paper's `m`, 0.9).
+    pub momentum: f32,
+    /// The fraction of the values sent this step (the warm-up's, [`dgc_density`]).
+    pub density: f64,
+    /// The global clipping threshold, if any: each member clips its own gradient to
+    /// `clip / √members` first (local gradient clipping).
+    pub clip: Option<f32>,
+}
+
+/// DGC's sparsity warm-up (Lin et al. 2018, §3.3: 75 %, 93.75 %, 98.4375 %, 99.6 %, 99.9 % over
+/// the first epochs): the fraction sent at `step` (from 0) quarters every `stage` steps from
+/// a quarter down to `fraction`.
+pub fn dgc_density(fraction: f64, step: u64, stage: u64) -> f64 {
+    let quarterings = 1 + step / stage.max(1);
+    0.25f64.powi(quarterings.min(64) as i32).max(fraction)
+}
+
+/// Deep Gradient Compression's all-reduce (Lin et al. 2018, Algorithm 1 with §3.2's
+/// corrections): the member's gradient in `buf` is clipped to `clip / √members` (when a clip
+/// is given), accumulated into the velocity (`u ← m·u + g`) and the velocity into the unsent
+/// values (`v ← v + u`); the largest `density` of `v` by magnitude travel as (index, value)
+/// pairs, and where they were taken both `v` and `u` are cleared (momentum factor masking).
+/// `buf` ends as the sum of every member's sent values, added in rank order.
+pub fn all_reduce_dgc(c: &dyn Communicator, buf: &mut [f32], d: Dgc<'_>) -> Result<()> {
+    let len = buf.len();
+    for (what, got) in [
+        ("velocity", d.velocity.len()),
+        ("accumulated", d.accumulated.len()),
+    ] {
+        if got != len {
+            return Err(CommError::Length {
+                op: "dgc all_reduce",
+                what,
+                expected: len,
+                got,
+            });
+        }
+    }
+    if let Some(clip) = d.clip {
+        let norm = buf
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        let limit = f64::from(clip) / (c.size() as f64).sqrt();
+        if norm > limit {
+            let scale = (limit / norm) as f32;
+            buf.iter_mut().for_each(|x| *x *= scale);
+        }
+    }
+    for ((g, u), v) in buf
+        .iter()
+        .zip(d.velocity.iter_mut())
+        .zip(d.accumulated.iter_mut())
+    {
+        *u = d.momentum * *u + g;
+        *v += *u;
+    }
+    let k = Codec::Dgc(d.density).keep(len);
+    let idx = top_k(d.accumulated, k);
+    let values: Vec<f32> = idx.iter().map(|&i| d.accumulated[i as usize]).collect();
+    for &i in &idx {
+        d.accumulated[i as usize] = 0.0;
+        d.velocity[i as usize] = 0.0;
+    }
+    gather_pairs(c, buf, &idx, &values, "dgc all_reduce")
+}
+
+/// All-gathers every member's `(idx, values)` pairs (the same count on every member) and
+/// writes their sum, added in rank order, into `buf`.
+fn gather_pairs(
+    c: &dyn Communicator,
+    buf: &mut [f32],
+    idx: &[u32],
+    values: &[f32],
+    op: &'static str,
+) -> Result<()> {
+    let (n, len, k) = (c.size(), buf.len(), idx.len());
+    let mut payload: Vec<f32> = idx.iter().map(|&i| f32::from_bits(i)).collect();
+    payload.extend_from_slice(values);
+    let mut all = vec![0.0; 2 * k * n];
+    c.all_gather(&payload, &mut all, &vec![2 * k; n])?;
+    buf.fill(0.0);
+    for part in all.chunks(2 * k.max(1)).take(if k == 0 { 0 } else { n }) {
+        let (ix, vals) = part.split_at(k);
+        for (&i, &v) in ix.iter().zip(vals) {
+            let i = i.to_bits() as usize;
+            let slot = buf.get_mut(i).ok_or(CommError::Length {
+                op,
+                what: "index",
+                expected: len,
+                got: i,
+            })?;
+            *slot += v;
+        }
+    }
+    Ok(())
+}
+
 /// Top-k all-reduce: each member keeps its `codec.keep(len)` largest values (after adding its
 /// `residual`, which then holds everything else), all-gathers them as (index, value) pairs and
 /// adds every member's pairs in rank order.
@@ -537,7 +649,6 @@ pub fn all_reduce_top_k(
     codec: Codec,
     residual: Option<&mut [f32]>,
 ) -> Result<()> {
-    let n = c.size();
     let len = buf.len();
     let mut residual = residual;
     if let Some(r) = residual.as_deref_mut() {
@@ -545,29 +656,12 @@ pub fn all_reduce_top_k(
     }
     let k = codec.keep(len);
     let idx = top_k(buf, k);
-    let mut payload: Vec<f32> = idx.iter().map(|&i| f32::from_bits(i)).collect();
-    payload.extend(idx.iter().map(|&i| buf[i as usize]));
+    let values: Vec<f32> = idx.iter().map(|&i| buf[i as usize]).collect();
     if let Some(r) = residual {
         r.copy_from_slice(buf);
         idx.iter().for_each(|&i| r[i as usize] = 0.0);
     }
-    let mut all = vec![0.0; 2 * k * n];
-    c.all_gather(&payload, &mut all, &vec![2 * k; n])?;
-    buf.fill(0.0);
-    for part in all.chunks(2 * k.max(1)).take(if k == 0 { 0 } else { n }) {
-        let (ix, vals) = part.split_at(k);
-        for (&i, &v) in ix.iter().zip(vals) {
-            let i = i.to_bits() as usize;
-            let slot = buf.get_mut(i).ok_or(CommError::Length {
-                op: "top-k all_reduce",
-                what: "index",
-                expected: len,
-                got: i,
-            })?;
-            *slot += v;
-        }
-    }
-    Ok(())
+    gather_pairs(c, buf, &idx, &values, "top-k all_reduce")
 }
 
 /// Random-k all-reduce: every member keeps the same `codec.keep(len)` positions, drawn from
@@ -772,6 +866,122 @@ mod tests {
         assert_eq!(a.len(), 10);
         assert!(a.windows(2).all(|w| w[0] < w[1]) && a[9] < 1000);
         assert_eq!(random_k(5, 5, 1), vec![0, 1, 2, 3, 4]);
+    }
+
+    /// DGC against Lin et al.'s Algorithm 1 written out here for every member at once, step by
+    /// step (clip to thr/√N, u ← m·u + g, v ← v + u, send the top of v, clear both where
+    /// sent): the same sums on every member, and the same velocity and accumulation.
+    #[test]
+    fn dgc_is_algorithm_1_with_its_corrections() {
+        let (n, len, steps, m, clip) = (3usize, 40usize, 6usize, 0.9f32, 0.8f32);
+        // Distinct magnitudes: the selection has no ties to break.
+        let g = move |r: usize, t: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    let k = (i * 31 + r * 7 + t * 13) % 97;
+                    (k as f32 + 1.0 + i as f32 / 1000.0) / 200.0
+                        * if k.is_multiple_of(2) { 1.0 } else { -1.0 }
+                })
+                .collect()
+        };
+        let density = |t: usize| dgc_density(0.05, t as u64, 2);
+        // The reference, sequentially.
+        let mut u = vec![vec![0.0f32; len]; n];
+        let mut v = vec![vec![0.0f32; len]; n];
+        let mut want = Vec::new();
+        for t in 0..steps {
+            let mut sum = vec![0.0f32; len];
+            let mut sent: Vec<Vec<(usize, f32)>> = Vec::new();
+            for r in 0..n {
+                let mut x = g(r, t);
+                let norm = x
+                    .iter()
+                    .map(|&a| f64::from(a) * f64::from(a))
+                    .sum::<f64>()
+                    .sqrt();
+                let limit = f64::from(clip) / (n as f64).sqrt();
+                if norm > limit {
+                    let s = (limit / norm) as f32;
+                    x.iter_mut().for_each(|a| *a *= s);
+                }
+                for i in 0..len {
+                    u[r][i] = m * u[r][i] + x[i];
+                    v[r][i] += u[r][i];
+                }
+                let k = ((density(t) * len as f64).ceil() as usize).clamp(1, len);
+                let mut order: Vec<usize> = (0..len).collect();
+                order.sort_by(|&a, &b| v[r][b].abs().total_cmp(&v[r][a].abs()));
+                let mut mine: Vec<(usize, f32)> =
+                    order[..k].iter().map(|&i| (i, v[r][i])).collect();
+                mine.sort_by_key(|p| p.0);
+                for &(i, _) in &mine {
+                    v[r][i] = 0.0;
+                    u[r][i] = 0.0;
+                }
+                sent.push(mine);
+            }
+            for mine in &sent {
+                for &(i, x) in mine {
+                    sum[i] += x;
+                }
+            }
+            want.push(sum);
+        }
+        // Per member: the sums of every step, the velocity and the accumulation.
+        type Run = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        let got = ThreadComm::run(n, move |c| -> Result<Run> {
+            let me = c.rank().0;
+            let (mut vel, mut acc) = (vec![0.0; len], vec![0.0; len]);
+            let mut sums = Vec::new();
+            for t in 0..steps {
+                let mut buf = g(me, t);
+                all_reduce_dgc(
+                    &c,
+                    &mut buf,
+                    Dgc {
+                        velocity: &mut vel,
+                        accumulated: &mut acc,
+                        momentum: m,
+                        density: density(t),
+                        clip: Some(clip),
+                    },
+                )?;
+                sums.push(buf);
+            }
+            Ok((sums, vel, acc))
+        })
+        .unwrap();
+        for (r, (sums, vel, acc)) in got.iter().enumerate() {
+            for (t, (a, b)) in sums.iter().zip(&want).enumerate() {
+                // The same values, added in rank order.
+                assert_eq!(a, b, "member {r}, step {t}");
+            }
+            assert_eq!(vel, &u[r], "member {r}'s velocity");
+            assert_eq!(acc, &v[r], "member {r}'s accumulation");
+        }
+        // The warm-up: a quarter, then quartered every stage, down to the fraction.
+        assert_eq!(dgc_density(0.001, 0, 25), 0.25);
+        assert_eq!(dgc_density(0.001, 24, 25), 0.25);
+        assert_eq!(dgc_density(0.001, 25, 25), 0.0625);
+        assert_eq!(dgc_density(0.001, 100, 25), 0.001);
+        assert_eq!(dgc_density(0.5, 0, 25), 0.5);
+        // A wrong state length is an error, not a panic.
+        let err = ThreadComm::run(1, |c| {
+            all_reduce_dgc(
+                &c,
+                &mut [1.0, 2.0],
+                Dgc {
+                    velocity: &mut [0.0],
+                    accumulated: &mut [0.0, 0.0],
+                    momentum: 0.9,
+                    density: 0.5,
+                    clip: None,
+                },
+            )
+        });
+        assert!(err.is_err());
+        assert_eq!("dgc:0.1%".parse::<Codec>().unwrap(), Codec::Dgc(0.001));
+        assert_eq!(Codec::Dgc(0.001).to_string(), "dgc:0.001");
     }
 
     #[test]

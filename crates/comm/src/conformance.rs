@@ -550,12 +550,24 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
         Codec::Qsgd(8),
         Codec::TopK(0.05),
         Codec::RandK(0.05),
+        Codec::Dgc(0.05),
     ] {
         let mut buf = grad(me);
         let mut worker = vec![0.0; len];
         let mut server = vec![0.0; chunk_counts(len, p)[me]];
         match codec {
             Codec::TopK(_) => codec::all_reduce_top_k(c, &mut buf, codec, Some(&mut worker)),
+            Codec::Dgc(f) => codec::all_reduce_dgc(
+                c,
+                &mut buf,
+                codec::Dgc {
+                    velocity: &mut vec![0.0; len],
+                    accumulated: &mut worker,
+                    momentum: 0.9,
+                    density: f,
+                    clip: Some(1.0),
+                },
+            ),
             Codec::RandK(_) => codec::all_reduce_random_k(
                 c,
                 &mut buf,

@@ -62,6 +62,8 @@ fn codec_passes(codec: Codec) -> f64 {
         // Its norm is one more read, the draws are hashed from the values as they are read.
         Codec::Qsgd(_) => 8.0,
         Codec::TopK(_) => 8.0,
+        // The velocity and the accumulation (read and written) before the selection.
+        Codec::Dgc(_) => 12.0,
         Codec::RandK(_) => 3.0,
         Codec::PowerSgd(_) => 4.0,
     }
@@ -527,8 +529,9 @@ impl Exchange {
                 s.ring(wire / n as f64, n - 1);
                 s.cost
             }
-            Codec::TopK(_) => {
-                // Ring all-gather of every member's (index, value) pairs.
+            Codec::TopK(_) | Codec::Dgc(_) => {
+                // Ring all-gather of every member's (index, value) pairs (DGC's at its final
+                // fraction: the warm-up's first steps send more).
                 let k = self.codec.keep(values as usize) as f64;
                 s.ring(8.0 * k, n - 1);
                 s.cost

@@ -426,7 +426,7 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
             let algorithm = match e.codec {
                 _ if e.cross_node_only && e.codec != Codec::None => "2-level".to_string(),
                 Codec::None | Codec::RandK(_) | Codec::PowerSgd(_) => exact,
-                Codec::TopK(_) => "ag".to_string(),
+                Codec::TopK(_) | Codec::Dgc(_) => "ag".to_string(),
                 _ => "a2a+ag".to_string(),
             };
             ExchangeRow {

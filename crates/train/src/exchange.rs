@@ -93,8 +93,17 @@ pub struct Agreement {
     exchange: Exchange,
     cluster: Cluster,
     devices_per_node: usize,
+    /// The run's global clipping threshold, for DGC's local clipping (`None`: no clipping).
+    clip: Option<f32>,
     kept: Mutex<HashMap<usize, Kept>>,
 }
+
+/// DGC's velocity momentum (Lin et al. 2018 train with momentum SGD at 0.9).
+pub const DGC_MOMENTUM: f32 = 0.9;
+
+/// Steps per stage of DGC's sparsity warm-up (the paper quarters the density every epoch over
+/// its first four; a step count stands in for the epoch here).
+pub const DGC_WARMUP_STAGE: u64 = 25;
 
 impl Agreement {
     /// Agreement by `exchange`; `auto` weighs algorithms on `cluster` (default: the nominal
@@ -106,8 +115,16 @@ impl Agreement {
             exchange,
             cluster,
             devices_per_node: devices_per_node.max(1),
+            clip: None,
             kept: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same agreement, DGC clipping each member's gradient to `clip / √members` (the run's
+    /// global threshold; infinite or `None`: no clipping).
+    pub fn with_clip(mut self, clip: Option<f64>) -> Self {
+        self.clip = clip.filter(|c| c.is_finite()).map(|c| c as f32);
+        self
     }
 
     /// The exchange it carries.
@@ -199,6 +216,28 @@ impl Agreement {
                 }
             }
             Codec::TopK(_) => codec::all_reduce_top_k(c, buf, codec, worker.as_deref_mut())?,
+            Codec::Dgc(fraction) => {
+                // The unsent values are DGC's own residual (`--error-feedback` must be on).
+                let mut velocity = kept.take(&name("velocity"), len)?;
+                let mut accumulated = kept.take(&name("accumulated"), len)?;
+                let steps = name("steps");
+                let n = kept.take(&steps, 2)?;
+                let step = words::decode(&n)?.first().copied().unwrap_or(0);
+                codec::all_reduce_dgc(
+                    c,
+                    buf,
+                    codec::Dgc {
+                        velocity: &mut velocity,
+                        accumulated: &mut accumulated,
+                        momentum: DGC_MOMENTUM,
+                        density: codec::dgc_density(fraction, step, DGC_WARMUP_STAGE),
+                        clip: self.clip,
+                    },
+                )?;
+                kept.put(name("velocity"), velocity);
+                kept.put(name("accumulated"), accumulated);
+                kept.put(steps, words::encode(&[step + 1]));
+            }
             Codec::RandK(_) => {
                 let draws = name("draws");
                 let n = kept.take(&draws, 2)?;

@@ -293,11 +293,10 @@ fn agreement(p: &Prepared) -> Arc<dyn GradientAgreement> {
         crate::StrategySpec::Auto(a) => Some(a.cluster.clone()),
         _ => None,
     });
-    Arc::new(crate::exchange::Agreement::new(
-        p.cfg.exchange,
-        cluster,
-        p.devices_per_node,
-    ))
+    Arc::new(
+        crate::exchange::Agreement::new(p.cfg.exchange, cluster, p.devices_per_node)
+            .with_clip(Some(p.cfg.grad_clip)),
+    )
 }
 
 fn spawn_ranks(

@@ -51,12 +51,15 @@ impl Federated {
                     .into(),
             );
         }
-        if matches!(e.codec, Codec::PowerSgd(_)) {
+        if matches!(e.codec, Codec::PowerSgd(_) | Codec::Dgc(_)) {
             return bad(
                 "grad_compression",
-                "PowerSGD needs warm starts that federated clients do not keep; use bf16, fp16, \
-                 int8, sign, qsgd:S, topk:F or randk:F for the uplink"
-                    .into(),
+                format!(
+                    "{}: its state (PowerSGD's warm starts, DGC's velocity) lives with a DP \
+                     member, which federated clients are not; use bf16, fp16, int8, sign, \
+                     qsgd:S, topk:F or randk:F for the uplink",
+                    e.codec
+                ),
             );
         }
         check_whole_replicas(cfg, "sync", "federated clients", "--sync fedavg")
@@ -109,12 +112,22 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
                 .into(),
         );
     }
-    if matches!(e.codec, comm::codec::Codec::PowerSgd(_)) {
+    if matches!(
+        e.codec,
+        comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_)
+    ) {
         return refuse(
             "ps_servers",
-            "PowerSGD's factors need all-reduces between the workers; pushes to the parameter \
-             server take bf16, fp16, int8, sign, qsgd:S, topk:F or randk:F"
-                .into(),
+            format!(
+                "{}: {} between the workers; pushes to the parameter server take bf16, fp16, \
+                 int8, sign, qsgd:S, topk:F or randk:F",
+                e.codec,
+                if matches!(e.codec, comm::codec::Codec::Dgc(_)) {
+                    "DGC's velocities and sparse sums need all-gathers"
+                } else {
+                    "PowerSGD's factors need all-reduces"
+                }
+            ),
         );
     }
     Ok(())

@@ -387,6 +387,22 @@ impl TrainConfig {
             }
             Ok(())
         }
+        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) {
+            if !self.exchange.error_feedback {
+                return Err(TrainError::setting(
+                    "error_feedback",
+                    "dgc:F accumulates what it did not send (that is DGC); --error-feedback off \
+                     does not apply to it",
+                ));
+            }
+            if self.exchange.cross_node_only {
+                return Err(TrainError::setting(
+                    "compress_cross_node_only",
+                    "dgc:F keeps a velocity of the whole bucket per member; the exchange \
+                     across nodes carries one member's slice: not implemented together",
+                ));
+            }
+        }
         if self.exchange.cross_node_only
             && matches!(self.exchange.codec, comm::codec::Codec::PowerSgd(_))
         {
