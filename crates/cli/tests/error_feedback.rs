@@ -106,6 +106,23 @@ fn top_k_at_one_percent_trains_only_with_error_feedback() {
     );
 }
 
+/// AdamW at `lr` with `beta1`, ε 100 (SGD's step at a hundredth of `lr`, with momentum where
+/// `beta1` is not 0), no weight decay and no global clipping.
+fn unclipped<'a>(lr: &'a str, beta1: &'a str) -> [&'a str; 10] {
+    [
+        "--lr",
+        lr,
+        "--beta1",
+        beta1,
+        "--eps",
+        "100",
+        "--weight-decay",
+        "0",
+        "--grad-clip",
+        "inf",
+    ]
+}
+
 /// DGC (Lin et al. 2018) is top-k for momentum SGD: its velocity `u ← 0.9·u + g` is the
 /// momentum, so the optimizer adds none and is plain SGD here (AdamW with β1 = 0, ε = 100 and
 /// the lr × 100: `lr·g/(√v + ε)` is SGD's step to within |g|/100; DGC's sums of accumulated
@@ -118,36 +135,14 @@ fn top_k_at_one_percent_trains_only_with_error_feedback() {
 fn dgc_sending_everything_is_sgd_and_at_one_percent_beats_it() {
     let dir = common::Scratch::new(setup);
     let d = dir.path();
-    let sgd = [
-        "--lr",
-        "10",
-        "--beta1",
-        "0",
-        "--eps",
-        "100",
-        "--weight-decay",
-        "0",
-        "--grad-clip",
-        "inf",
-    ];
+    let sgd = unclipped("10", "0");
     let plain = final_loss(d, "sgd", &sgd, &[]);
     let all = final_loss(d, "dgc-1", &sgd, &["--grad-compression", "dgc:1"]);
     let dgc = final_loss(d, "dgc-0.01", &sgd, &["--grad-compression", "dgc:0.01"]);
     // For the record (docs/communication.md): momentum SGD itself, exact, in the same units
     // (an EMA of the gradient at 10× the rate is the heavy ball's momentum at this rate), and
     // top-k 1 % with error feedback under that momentum.
-    let momentum = [
-        "--lr",
-        "100",
-        "--beta1",
-        "0.9",
-        "--eps",
-        "100",
-        "--weight-decay",
-        "0",
-        "--grad-clip",
-        "inf",
-    ];
+    let momentum = unclipped("100", "0.9");
     let exact = final_loss(d, "momentum", &momentum, &[]);
     let topk = final_loss(
         d,

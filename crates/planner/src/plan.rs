@@ -294,6 +294,15 @@ impl Plan {
     }
 }
 
+/// The lengths of `lens` in each of `plan`'s buckets.
+fn bucket_lengths(plan: &Plan, lens: &[usize]) -> Result<Vec<Vec<usize>>> {
+    Ok(plan
+        .bucket(lens.iter().copied())?
+        .into_iter()
+        .map(|b| b.into_iter().map(|k| lens[k]).collect())
+        .collect())
+}
+
 /// A plan's estimate for one global batch.
 #[derive(Debug, Clone, Serialize)]
 pub struct Estimate {
@@ -481,16 +490,49 @@ impl Planner {
         }
     }
 
+    /// How many tokens a micro-batch of `s` holds beside `inst`'s state; an error when the
+    /// bucket `g` has a longer sequence.
+    fn holding(&self, s: &Strategy, inst: &Strategy, g: &[usize]) -> Result<usize> {
+        let cap = self.cost.capacity(s, inst);
+        let longest = g.iter().copied().max().unwrap_or(0);
+        if longest > cap {
+            return Err(PlanError::Invalid(format!(
+                "{s} holds at most {cap} tokens per micro-batch, the bucket has a sequence of {longest}"
+            )));
+        }
+        Ok(cap)
+    }
+
+    /// A plan's estimate from its step's breakdown (the update and the step's synchronisation
+    /// added here) and its largest memory per device.
+    fn finish(
+        &self,
+        plan: &Plan,
+        lens: &[usize],
+        groups: &[Vec<usize>],
+        mut total: Breakdown,
+        memory: f64,
+    ) -> Estimate {
+        total.optimizer = self.cost.optimizer(&plan.inst);
+        total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
+        let seconds = total.total();
+        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
+        Estimate {
+            plan: plan.to_string(),
+            breakdown: total,
+            seconds,
+            tokens_per_s: tokens / seconds,
+            memory_bytes: memory,
+            sequences: groups.iter().map(Vec::len).collect(),
+        }
+    }
+
     /// The estimate of `plan` on the global batch `lens`.
     pub fn evaluate(&self, plan: &Plan, lens: &[usize]) -> Result<Estimate> {
         if plan.is_concurrent() {
             return self.evaluate_concurrent(plan, lens);
         }
-        let groups: Vec<Vec<usize>> = plan
-            .bucket(lens.iter().copied())?
-            .into_iter()
-            .map(|b| b.into_iter().map(|k| lens[k]).collect())
-            .collect();
+        let groups = bucket_lengths(plan, lens)?;
         let mut total = Breakdown::default();
         let mut memory: f64 = 0.0;
         let mut used: Vec<&Strategy> = Vec::new();
@@ -498,13 +540,7 @@ impl Planner {
             if g.is_empty() {
                 continue;
             }
-            let cap = self.cost.capacity(s, &plan.inst);
-            let longest = g.iter().copied().max().unwrap_or(0);
-            if longest > cap {
-                return Err(PlanError::Invalid(format!(
-                    "{s} holds at most {cap} tokens per micro-batch, the bucket has a sequence of {longest}"
-                )));
-            }
+            let cap = self.holding(s, &plan.inst, g)?;
             total.add(&self.cost.strategy(s, g, cap));
             let tokens = cap.min(g.iter().sum());
             memory = memory.max(self.cost.memory(s, &plan.inst, tokens).total());
@@ -541,18 +577,7 @@ impl Planner {
         for (a, b) in r.switches {
             total.switch += self.switch_seconds(members[a], members[b])?;
         }
-        total.optimizer = self.cost.optimizer(&plan.inst);
-        total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
-        let seconds = total.total();
-        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
-        Ok(Estimate {
-            plan: plan.to_string(),
-            breakdown: total,
-            seconds,
-            tokens_per_s: tokens / seconds,
-            memory_bytes: memory,
-            sequences: groups.iter().map(Vec::len).collect(),
-        })
+        Ok(self.finish(plan, lens, &groups, total, memory))
     }
 
     /// The estimate of a concurrent plan, as the runtime runs its step: the parameters switch
@@ -565,11 +590,7 @@ impl Planner {
     /// strategy is priced as if its devices began a node (its links as on devices
     /// `0..n`): a group that straddles nodes is priced optimistically.
     fn evaluate_concurrent(&self, plan: &Plan, lens: &[usize]) -> Result<Estimate> {
-        let groups: Vec<Vec<usize>> = plan
-            .bucket(lens.iter().copied())?
-            .into_iter()
-            .map(|b| b.into_iter().map(|k| lens[k]).collect())
-            .collect();
+        let groups = bucket_lengths(plan, lens)?;
         let mut per_group: Vec<(usize, Breakdown)> = Vec::new();
         let mut memory: f64 = 0.0;
         let mut members: Vec<(&Strategy, usize)> = Vec::new();
@@ -579,13 +600,7 @@ impl Planner {
                 continue;
             }
             let offset = plan.offset(b);
-            let cap = self.cost.capacity(s, &plan.inst);
-            let longest = g.iter().copied().max().unwrap_or(0);
-            if longest > cap {
-                return Err(PlanError::Invalid(format!(
-                    "{s} holds at most {cap} tokens per micro-batch, the bucket has a sequence of {longest}"
-                )));
-            }
+            let cap = self.holding(s, &plan.inst, g)?;
             let time = self.cost.strategy(s, g, cap);
             match per_group.iter_mut().find(|(o, _)| *o == offset) {
                 Some((_, t)) => t.add(&time),
@@ -626,18 +641,7 @@ impl Planner {
             .unwrap_or_default();
         // The switches: what the step takes beyond the slowest group's own time.
         total.switch = (end - total.total()).max(0.0);
-        total.optimizer = self.cost.optimizer(&plan.inst);
-        total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
-        let seconds = total.total();
-        let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
-        Ok(Estimate {
-            plan: plan.to_string(),
-            breakdown: total,
-            seconds,
-            tokens_per_s: tokens / seconds,
-            memory_bytes: memory,
-            sequences: groups.iter().map(Vec::len).collect(),
-        })
+        Ok(self.finish(plan, lens, &groups, total, memory))
     }
 
     /// Every strategy (SP with TP, the optimizer distributed over DP: ZeRO-1) over the cluster's devices
