@@ -89,6 +89,13 @@ pub struct TrainFlags {
     /// decreasing) or in-order (batch order, round-robin). The cost model estimates the same.
     #[arg(long, default_value = "balanced")]
     pub packing: String,
+    /// Size of the buckets the DP gradient all-reduce sums while the backward runs, in MiB, or
+    /// auto: per strategy √(G·α·n·β) by the α–β model of its DP group's links (G its gradient
+    /// bytes, n its members; the --sim-cluster or planning cluster, else nominal links), the
+    /// size at which the buckets' latencies and the last bucket's unoverlapped transfer cost
+    /// least together.
+    #[arg(long, default_value = "4")]
+    pub bucket_mb: String,
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
@@ -519,6 +526,7 @@ impl TrainFlags {
             .unwrap_or("1f1b")
             .parse::<Schedule>()?;
         cfg.packing = self.packing.parse()?;
+        cfg.buckets = self.bucket_mb.parse()?;
         cfg.global_batch = self.global_batch;
         cfg.steps = self.steps;
         cfg.max_len = self.max_len;

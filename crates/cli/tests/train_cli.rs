@@ -464,6 +464,69 @@ fn packing_deals_by_work_or_in_order_and_both_train_the_same() {
     );
 }
 
+/// `--bucket-mb`: tiny buckets pay a latency each on the simulated cluster's clock, the
+/// weights stay the single run's (to f32 summation order); `auto` sizes them by the α–β model
+/// and says so; a bad size is refused by name.
+#[test]
+fn bucket_size_changes_the_clock_not_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let cfg = LlamaConfig::load(dir.path()).unwrap();
+    let mut clocked = Vec::new();
+    let mut weights = Vec::new();
+    for mb in ["0.001", "4", "auto"] {
+        let save = format!("{d}/b{mb}.safetensors");
+        let metrics = format!("{d}/b{mb}.jsonl");
+        let mut args = train_args(d, "4", "dp4", "2");
+        args.extend(
+            [
+                "--bucket-mb",
+                mb,
+                "--sim-cluster",
+                "a800x32",
+                "--save",
+                &save,
+                "--metrics",
+                &metrics,
+            ]
+            .map(String::from),
+        );
+        let o = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let out =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{mb}: {out}");
+        assert_eq!(
+            out.contains("gradient buckets (auto"),
+            mb == "auto",
+            "{mb}: {out}"
+        );
+        let t: f64 = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["simulated_seconds"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .sum();
+        clocked.push(t);
+        weights.push(Weights::load(&cfg, std::path::Path::new(&save)).unwrap());
+    }
+    assert!(
+        clocked[0] > 1.5 * clocked[1],
+        "1 KiB buckets {clocked:?} cost no more latency"
+    );
+    for w in &weights[1..] {
+        assert_weights_close(w, &weights[0], 1e-5, "bucket sizes");
+    }
+    let mut args = train_args(d, "4", "dp4", "2");
+    args.extend(["--bucket-mb".into(), "0".into()]);
+    let bad = hotspa(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("bucket_mb"), "{err}");
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -159,6 +159,9 @@ pub struct CostModel {
     /// Elements a DP gradient bucket reaches before the next begins (the runtime's 4 MiB of
     /// f32).
     pub bucket_elems: usize,
+    /// Buckets sized per strategy by [`CostModel::auto_bucket_bytes`] instead (`--bucket-mb
+    /// auto`).
+    pub auto_buckets: bool,
     /// Kernel calls of a micro-batch by `(tp, sp, recompute)`, counted once.
     kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
@@ -192,6 +195,7 @@ impl CostModel {
             exchange: Exchange::default(),
             schedule: Schedule::OneFOneB,
             bucket_elems: 1 << 20,
+            auto_buckets: false,
             kernels: Default::default(),
         };
         out.packing = Packing::Balanced {
@@ -373,6 +377,28 @@ impl CostModel {
                 groups_per_node: per,
             }
         }
+    }
+
+    /// The bucket size (bytes of `f32` gradients) that `s`'s DP all-reduce should use, by the
+    /// α–β model of a ring over the group's slowest link: a step's buckets cost
+    /// `(G/b)·2(n−1)·α` in latencies and the last one, which nothing overlaps, `2(n−1)/n·b/β`
+    /// in bandwidth; their sum is least at `b = √(G·α·n·β)` (`G` the rank's gradient bytes,
+    /// `n` the members, `α` the latency, `β` the bandwidth). Clamped to 64 KiB..G; 4 MiB where
+    /// there is no DP group.
+    pub fn auto_bucket_bytes(&self, s: &Strategy) -> usize {
+        let n = s.replicas();
+        let gradient = 4.0 * self.params() / (s.tp * s.pp) as f64;
+        if n <= 1 || gradient <= 0.0 {
+            return 4 << 20;
+        }
+        let shape = self.dp_shape(s);
+        let link = if shape.per_node >= n {
+            self.cluster.same_node
+        } else {
+            self.cluster.cross_node
+        };
+        let b = (gradient * link.latency_us * 1e-6 * n as f64 * link.gbps * 1e9).sqrt();
+        (b.clamp(65536.0, gradient.max(65536.0))) as usize
     }
 
     /// The weight matrices of one pipeline stage's TP piece, `(rows, cols)`, for codecs that
@@ -868,6 +894,11 @@ impl CostModel {
                     continue;
                 }
                 let shape = self.dp_shape(s);
+                let bucket_elems = if self.auto_buckets {
+                    (self.auto_bucket_bytes(s) / 4).max(1)
+                } else {
+                    self.bucket_elems
+                };
                 let total: f64 = tensors.iter().map(|t| t.len as f64).sum();
                 let mut ready = Vec::new();
                 let mut seconds = Vec::new();
@@ -893,7 +924,7 @@ impl CostModel {
                     mats.clear();
                 };
                 for t in &tensors {
-                    if size >= self.bucket_elems {
+                    if size >= bucket_elems {
                         flush(size, done, &mut mats, &mut ready, &mut seconds);
                         size = 0;
                     }

@@ -998,6 +998,24 @@ mod tests {
     use crate::cluster::{Cluster, Efficiency, Link};
 
     #[test]
+    fn auto_buckets_balance_latencies_against_the_last_buckets_transfer() {
+        let p = planner(8);
+        let c = &p.cost;
+        let dp8 = Strategy::parse("dp8", 8).unwrap();
+        // By hand: G = 4 bytes × parameters, one node of 8 (the same-node link), √(G·α·n·β).
+        let g = 4.0 * c.params();
+        let l = c.cluster.same_node;
+        let want = (g * l.latency_us * 1e-6 * 8.0 * l.gbps * 1e9).sqrt();
+        assert_eq!(c.auto_bucket_bytes(&dp8), want as usize);
+        // Cost at b: (G/b)·2(n−1)·α + 2(n−1)/n·b/β — least there, more at half and double.
+        let cost = |b: f64| (g / b) * 14.0 * l.latency_us * 1e-6 + 14.0 / 8.0 * b / (l.gbps * 1e9);
+        assert!(cost(want) < cost(want / 2.0) && cost(want) < cost(want * 2.0));
+        // No DP group: the default.
+        let tp8 = Strategy::parse("tp8", 8).unwrap();
+        assert_eq!(c.auto_bucket_bytes(&tp8), 4 << 20);
+    }
+
+    #[test]
     fn concurrent_plans_parse_into_groups_of_devices() {
         let p = Plan::parse("dp2:64 | tp2:max", 4).unwrap();
         assert_eq!(p.offsets, [0, 2]);

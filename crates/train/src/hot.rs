@@ -39,6 +39,8 @@ pub struct HotSetup {
     pub agreement: Arc<dyn GradientAgreement>,
     /// The pipeline schedule.
     pub schedule: Schedule,
+    /// Each strategy's gradient bucket bytes.
+    pub buckets: crate::planning::BucketSizer,
 }
 
 /// One distinct strategy of the schedule (with its first device), as this rank runs it.
@@ -173,16 +175,20 @@ impl HotRank {
                     if *s == plan.inst {
                         None
                     } else {
-                        Some(RankGroups::new(world, s)?.with_agreement(setup.agreement.clone()))
+                        let mut g =
+                            RankGroups::new(world, s)?.with_agreement(setup.agreement.clone());
+                        g.bucket_bytes = setup.buckets.bytes(s);
+                        Some(g)
                     }
                 }
                 Some(_) => {
                     // A concurrent group: its own communicator, made by its members only.
                     let ranks: Vec<comm::Rank> = (*offset..offset + n).map(comm::Rank).collect();
                     let group = world.sub_group(&ranks)?;
-                    Some(
-                        RankGroups::new(group.as_ref(), s)?.with_agreement(setup.agreement.clone()),
-                    )
+                    let mut g =
+                        RankGroups::new(group.as_ref(), s)?.with_agreement(setup.agreement.clone());
+                    g.bucket_bytes = setup.buckets.bytes(s);
+                    Some(g)
                 }
                 None => None,
             };

@@ -62,6 +62,8 @@ pub(crate) struct Job {
     pub planner: Option<Arc<Planner>>,
     pub devices_per_node: usize,
     pub agreement: Arc<dyn GradientAgreement>,
+    /// Each strategy's gradient bucket bytes.
+    pub buckets: crate::planning::BucketSizer,
     pub tx: Sender<Msg>,
     pub heartbeats: Arc<Heartbeats>,
     pub fault: Option<Fault>,

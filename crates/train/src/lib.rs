@@ -67,7 +67,7 @@ pub mod watchdog;
 pub use checkpoints::CheckpointDir;
 pub use clocked::{clock_against_model, ClockedStep};
 pub use config::{
-    AutoPlanning, Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule,
+    AutoPlanning, Buckets, Checkpointing, DataSource, Decay, Device, Evaluating, Init, LrSchedule,
     PackingPolicy, StrategySpec, Tokenizer, TrainConfig, KEEP_LAST,
 };
 pub use error::{Result, TrainError};
@@ -79,7 +79,7 @@ pub use metrics::{
     read_metrics, EvalMetrics, Fanout, FedMetrics, HotMetrics, JsonLines, NoSink, PlanMetrics,
     PsMetrics, SimulatedMetrics, SimulatedPhases, Sink, StepMetrics, WireMetrics, WorkerStep,
 };
-pub use planning::{batch_lengths, cost_model, plan_of, planner};
+pub use planning::{batch_lengths, cost_model, plan_of, planner, BucketSizer};
 pub use profile::{profile, Profile, CURVE_INPUT_DIM};
 pub use rank::PLAN_CACHE;
 pub use run::{run, TrainOutcome};

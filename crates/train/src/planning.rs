@@ -14,6 +14,10 @@ pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
     cost.packing = cfg.packing_of(0);
     cost.exchange = cfg.exchange;
     cost.schedule = cfg.pipeline_schedule;
+    match cfg.buckets {
+        crate::config::Buckets::Bytes(b) => cost.bucket_elems = (b / 4).max(1),
+        crate::config::Buckets::Auto => cost.auto_buckets = true,
+    }
     cost
 }
 
@@ -23,6 +27,46 @@ pub fn planner(cfg: &TrainConfig, cluster: Cluster) -> Planner {
     let mut planner = Planner::new(cost_model(cfg, cluster));
     planner.context = matches!(&cfg.strategy, StrategySpec::Auto(a) if a.context);
     planner
+}
+
+/// The bucket bytes each strategy's DP all-reduce uses.
+#[derive(Clone)]
+pub enum BucketSizer {
+    /// The same for every strategy.
+    Fixed(usize),
+    /// By the α–β model of each strategy's DP group ([`CostModel::auto_bucket_bytes`]).
+    Auto(std::sync::Arc<CostModel>),
+}
+
+impl BucketSizer {
+    /// `cfg`'s buckets: `--bucket-mb auto` weighs the links of the simulated cluster, else of
+    /// automatic planning's, else this machine's nominal ones (`devices_per_node` a node).
+    pub fn of(cfg: &TrainConfig, devices_per_node: usize) -> Self {
+        match cfg.buckets {
+            crate::config::Buckets::Bytes(b) => Self::Fixed(b),
+            crate::config::Buckets::Auto => {
+                let cluster = cfg
+                    .simulate
+                    .clone()
+                    .or_else(|| match &cfg.strategy {
+                        StrategySpec::Auto(a) => Some(a.cluster.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| {
+                        crate::exchange::nominal_cluster(cfg.devices, devices_per_node)
+                    });
+                Self::Auto(std::sync::Arc::new(cost_model(cfg, cluster)))
+            }
+        }
+    }
+
+    /// The bytes of `s`'s buckets.
+    pub fn bytes(&self, s: &graph::Strategy) -> usize {
+        match self {
+            Self::Fixed(b) => *b,
+            Self::Auto(cost) => cost.auto_bucket_bytes(s),
+        }
+    }
 }
 
 /// A planner's error as the run reports it: a sequence no searched strategy holds names the

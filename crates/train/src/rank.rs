@@ -55,6 +55,7 @@ impl Job {
             devices_per_node: self.devices_per_node,
             agreement: self.agreement.clone(),
             schedule,
+            buckets: self.buckets.clone(),
         };
         Ok(match (&cfg.strategy, &self.planner) {
             (StrategySpec::Hot(plan), _) => {

@@ -64,9 +64,18 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
     let fault = Fault::from_env()?;
     let p = prepare(cfg, sink)?;
     let root = p.root();
+    let buckets = crate::planning::BucketSizer::of(&p.cfg, p.devices_per_node);
     if root {
         crate::prepare::batch_notice(&p.cfg, &p.data, sink);
         sink.notice(&p.summary);
+        if let crate::planning::BucketSizer::Auto(cost) = &buckets {
+            sink.notice(&format!(
+                "gradient buckets (auto, by the α–β model of each DP group on {}): {:.3} MiB under {}",
+                cost.cluster.name,
+                buckets.bytes(&p.inst) as f64 / 1048576.0,
+                p.inst
+            ));
+        }
     }
     let mut file = match (&p.cfg.metrics, root) {
         (Some(path), true) if p.start_step > 0 => {
@@ -109,6 +118,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         planner: p.planner.clone(),
         devices_per_node: p.devices_per_node,
         agreement: agreement(&p),
+        buckets,
         tx: tx.clone(),
         heartbeats: heartbeats.clone(),
         fault,

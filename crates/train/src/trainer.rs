@@ -108,6 +108,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
         let (_, _, tp_rank) = job.inst.coords(me);
         let exec = rank_exec(model, &job.inst, me)?;
         let mut groups = RankGroups::new(&world, &job.inst)?.with_agreement(job.agreement.clone());
+        groups.bucket_bytes = job.buckets.bytes(&job.inst);
         let (mut opt, RankParams { shared, .. }) =
             crate::optim::start(cfg, be, &exec, &groups, &job.weights, tp_rank)?;
         let mut averaging = None;

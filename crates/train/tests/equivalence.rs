@@ -236,6 +236,7 @@ fn the_plan_cache_keeps_the_last_plans_only() {
             devices_per_node: 4,
             agreement: groups.agreement.clone(),
             schedule: graph::Schedule::OneFOneB,
+            buckets: train::BucketSizer::Fixed(4 << 20),
         };
         let packing = data::Packing::InOrder { budget: 32 };
         let mut runner = PlannedRunner::new(planner.clone(), inst.clone(), packing, setup, 2);

@@ -99,6 +99,37 @@ impl std::str::FromStr for PackingPolicy {
     }
 }
 
+/// The size of the buckets the DP gradient all-reduce sums, each on its own while the last
+/// backward runs (`--bucket-mb`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Buckets {
+    /// This many bytes of `f32` gradients (4 MiB unless asked).
+    Bytes(usize),
+    /// Per strategy, by the α–β model of its DP group's links
+    /// ([`planner::CostModel::auto_bucket_bytes`]) on the simulated or planning cluster, else
+    /// nominal links of this machine.
+    Auto,
+}
+
+impl std::str::FromStr for Buckets {
+    type Err = TrainError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<f64>() {
+            Ok(mb) if mb.is_finite() && mb * 1048576.0 >= 1024.0 => {
+                Ok(Self::Bytes((mb * 1048576.0) as usize))
+            }
+            _ => Err(TrainError::setting(
+                "bucket_mb",
+                format!("`{s}`: give auto or a size in MiB of at least 1 KiB (e.g. 4 or 0.25)"),
+            )),
+        }
+    }
+}
+
 /// What automatic planning plans with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoPlanning {
@@ -220,6 +251,8 @@ pub struct TrainConfig {
     pub pipeline_schedule: Schedule,
     /// How each strategy deals its sequences to its DP replicas and packs micro-batches.
     pub packing: PackingPolicy,
+    /// The size of the DP gradient all-reduce's buckets.
+    pub buckets: Buckets,
     /// Sequences per global batch.
     pub global_batch: usize,
     /// Optimizer steps of the whole run (a resumed run continues to this count).
@@ -294,6 +327,7 @@ impl TrainConfig {
             micro_batch_tokens: vec![4096],
             pipeline_schedule: Schedule::OneFOneB,
             packing: PackingPolicy::Balanced,
+            buckets: Buckets::Bytes(4 << 20),
             global_batch: 8,
             steps: 10,
             lr: LrSchedule {
