@@ -745,8 +745,8 @@ impl Planner {
 
     /// The best plan of two groups of devices running at the same time (per step, as
     /// Hydraulis and FlexSP plan): the sequences up to an edge on the first `k` devices under
-    /// one strategy, the rest on the other `n − k` under another. Searched over `k` (n/2, n/4,
-    /// n/8, n/16 where they divide n), the edges (powers of two between the batch's lengths)
+    /// one strategy, the rest on the other `n − k` under another. Searched over `k` (whole
+    /// nodes where there are several, else any share of the node), the edges (powers of two between the batch's lengths)
     /// and every candidate strategy of each group on its own share; the few best by their
     /// groups' compute are then estimated whole ([`Planner::evaluate`]: switches and the
     /// instantiation included). `None` where no split holds the batch.
@@ -757,14 +757,10 @@ impl Planner {
         let Some(&longest) = sorted.last() else {
             return Ok(None);
         };
-        let mut splits = Vec::new();
-        let mut k = n / 2;
-        while k >= 1 && splits.len() < 4 {
-            if n.is_multiple_of(k) {
-                splits.push(k);
-            }
-            k /= 2;
-        }
+        // Groups of whole nodes where there are several, else any split of the node.
+        let per = self.cost.cluster.devices_per_node.max(1);
+        let step = if n > per { per } else { 1 };
+        let splits: Vec<usize> = (1..n).filter(|k| k % step == 0).collect();
         let mut edges = Vec::new();
         let mut e = sorted[0].max(2).next_power_of_two();
         while e < longest {
