@@ -102,8 +102,10 @@ pub struct TrainFlags {
     /// matrix), qsgd:S (QSGD: a norm per 256 values, each value a sign and one of S levels,
     /// rounded stochastically and unbiased), dgc:F (Deep Gradient Compression: local clipping
     /// to --grad-clip/√N, a velocity with momentum 0.9 accumulated and its top F sent, sent
-    /// positions cleared, the fraction warmed up from 25%; run with --beta1 0). Lossy: the
-    /// loss curve changes (see --error-feedback).
+    /// positions cleared, the fraction warmed up from 25%; run with --beta1 0), sketch:RxC
+    /// (FetchSGD's federated uplink: a count sketch of each client's change, the server's
+    /// error accumulation, the C/4 largest coordinates applied; with --sync fedavg). Lossy:
+    /// the loss curve changes (see --error-feedback).
     #[arg(long, default_value = "none")]
     pub grad_compression: String,
     /// on: every rank adds back what its codec left out the step before (EF-SGD; the residuals

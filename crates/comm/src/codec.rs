@@ -60,6 +60,10 @@ pub enum Codec {
     /// the residual), momentum factor masking (sent positions cleared in both) and sparsity
     /// warm-up ([`all_reduce_dgc`]); the kept values travel as (index, value) pairs.
     Dgc(f64),
+    /// A count sketch of `rows × cols` (FetchSGD, Rothchild et al. 2020): a federated uplink
+    /// only — the clients send sketches of their changes, the server adds them into its error
+    /// accumulation and applies the largest coordinates it recovers ([`crate::sketch`]).
+    Sketch(u32, u32),
 }
 
 impl fmt::Display for Codec {
@@ -75,12 +79,13 @@ impl fmt::Display for Codec {
             Codec::PowerSgd(r) => write!(f, "powersgd:{r}"),
             Codec::Qsgd(levels) => write!(f, "qsgd:{levels}"),
             Codec::Dgc(x) => write!(f, "dgc:{x}"),
+            Codec::Sketch(r, c) => write!(f, "sketch:{r}x{c}"),
         }
     }
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1) or qsgd:S (S levels, 1 to 255)";
+    "use none, bf16, fp16, int8, sign, topk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads)";
 
 impl FromStr for Codec {
     type Err = CommError;
@@ -113,6 +118,13 @@ impl FromStr for Codec {
             Some(("topk", v)) => Ok(Codec::TopK(fraction(v)?)),
             Some(("randk", v)) => Ok(Codec::RandK(fraction(v)?)),
             Some(("dgc", v)) => Ok(Codec::Dgc(fraction(v)?)),
+            Some(("sketch", v)) => match v
+                .split_once('x')
+                .map(|(r, c)| (r.trim().parse::<u32>(), c.trim().parse::<u32>()))
+            {
+                Some((Ok(r), Ok(c))) if (1..=32).contains(&r) && c >= 4 => Ok(Codec::Sketch(r, c)),
+                _ => Err(bad()),
+            },
             Some(("powersgd", v)) => match v.trim().parse::<usize>() {
                 Ok(r) if r >= 1 => Ok(Codec::PowerSgd(r)),
                 _ => Err(bad()),

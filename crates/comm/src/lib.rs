@@ -26,6 +26,7 @@ mod error;
 mod layer;
 pub mod mpi;
 pub mod nccl;
+pub mod sketch;
 pub mod tags;
 mod thread;
 pub mod wire;

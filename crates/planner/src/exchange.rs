@@ -64,6 +64,8 @@ fn codec_passes(codec: Codec) -> f64 {
         Codec::TopK(_) => 8.0,
         // The velocity and the accumulation (read and written) before the selection.
         Codec::Dgc(_) => 12.0,
+        // Each value into every row, then the server's estimates of every coordinate.
+        Codec::Sketch(rows, _) => 2.0 * rows as f64,
         Codec::RandK(_) => 3.0,
         Codec::PowerSgd(_) => 4.0,
     }
@@ -528,6 +530,17 @@ impl Exchange {
                 // Ring all-gather of the compressed sums.
                 s.ring(wire / n as f64, n - 1);
                 s.cost
+            }
+            Codec::Sketch(rows, cols) => {
+                // Sketches add: an exact all-reduce of rows × cols values (a federated uplink
+                // in the runtime; priced here as a DP exchange would carry it).
+                let bytes = 4.0 * (rows as f64 * cols as f64).min(values);
+                exact(
+                    cluster,
+                    bytes,
+                    self.algorithm_for(cluster, bytes, shape),
+                    shape,
+                )
             }
             Codec::TopK(_) | Codec::Dgc(_) => {
                 // Ring all-gather of every member's (index, value) pairs (DGC's at its final

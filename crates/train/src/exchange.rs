@@ -216,6 +216,11 @@ impl Agreement {
                 }
             }
             Codec::TopK(_) => codec::all_reduce_top_k(c, buf, codec, worker.as_deref_mut())?,
+            Codec::Sketch(..) => {
+                return Err(RuntimeError::Agreement(format!(
+                    "{codec} is a federated uplink (--sync fedavg), not a DP exchange"
+                )))
+            }
             Codec::Dgc(fraction) => {
                 // The unsent values are DGC's own residual (`--error-feedback` must be on).
                 let mut velocity = kept.take(&name("velocity"), len)?;

@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use comm::codec::Codec;
+use comm::sketch::CountSketch;
 use comm::{Communicator, ReduceOp};
 use graph::ExecGraph;
 use kernels::Backend;
@@ -190,6 +191,16 @@ impl Job {
             .collect();
         let mut peak_all = 0u64;
         let mut last_loss = 0.0f32;
+        // FetchSGD's uplink: one count sketch of the whole model's change (the same hashes every
+        // round), and the server's error accumulation in sketch space.
+        let sketch = match cfg.exchange.codec {
+            Codec::Sketch(r, c) => {
+                Some(CountSketch::new(r as usize, c as usize, cfg.seed ^ 0x5E7C))
+            }
+            _ => None,
+        };
+        let table = sketch.map_or(0, |s| s.rows * s.cols);
+        let mut error = vec![0.0f32; table];
         for round in 0..cfg.steps {
             self.heartbeats.step(me, round + 1);
             let t0 = Instant::now();
@@ -202,6 +213,8 @@ impl Job {
             let mut weight: Vec<Vec<f32>> = zeros.clone();
             let mut stats = [0.0f64; 6];
             let mut peak = 0usize;
+            // Σ tokens · the clients' sketches, then Σ tokens.
+            let mut sketched = vec![0.0f32; table + usize::from(sketch.is_some())];
             for (slot, &c) in sampled.iter().enumerate() {
                 if slot % w != me || !reports[slot] {
                     continue;
@@ -285,6 +298,19 @@ impl Job {
                     FedWeighting::Size => sizes[c] as f32,
                     FedWeighting::Tokens => trained as f32,
                 };
+                if let Some(s) = &sketch {
+                    // The whole model's change, one vector, sketched (no sub-models: refused).
+                    let delta: Vec<f32> = model
+                        .iter()
+                        .zip(&start)
+                        .flat_map(|(p, q)| p.iter().zip(q).map(|(a, b)| a - b))
+                        .collect();
+                    s.add(&mut sketched[..table], &delta, n);
+                    sketched[table] += n;
+                    stats[3] += 4.0 * table as f64;
+                    stats[4] += 4.0 * delta.len() as f64;
+                    continue;
+                }
                 for (k, (p, start_p)) in model.iter().zip(&start).enumerate() {
                     let kept = |i: usize| masks[k].as_ref().is_none_or(|m| m[i / hidden]);
                     let sent = (0..p.len()).filter(|&i| kept(i)).count();
@@ -307,9 +333,14 @@ impl Job {
                 }
             }
             // The server's average: every rank's sums added.
-            for (a, wt) in acc.iter_mut().zip(weight.iter_mut()) {
-                world.all_reduce(a, ReduceOp::Sum)?;
-                world.all_reduce(wt, ReduceOp::Sum)?;
+            if let Some(s) = &sketch {
+                world.all_reduce(&mut sketched, ReduceOp::Sum)?;
+                fetch(s, &mut error, &sketched, &mut global);
+            } else {
+                for (a, wt) in acc.iter_mut().zip(weight.iter_mut()) {
+                    world.all_reduce(a, ReduceOp::Sum)?;
+                    world.all_reduce(wt, ReduceOp::Sum)?;
+                }
             }
             let mut s32: Vec<f32> = stats.iter().map(|&x| x as f32).collect();
             world.all_reduce(&mut s32, ReduceOp::Sum)?;
@@ -355,6 +386,37 @@ impl Job {
         }
         let peaks = peaks.into_iter().map(|p| p as usize).collect();
         Ok(Some(whole_model(global, &replica.held, w, peaks)))
+    }
+}
+
+/// FetchSGD's server step (Rothchild et al. 2020, Algorithm 1, no server momentum: FedAvg's
+/// server takes the average change as it is): the clients' weighted sketches over their
+/// weight (`sketched`: the table, then Σ weights) join the error accumulation; the largest
+/// `cols / 4` coordinates it recovers (by the rows' median) are applied to `global` and their
+/// sketch taken out of the accumulation, which keeps everything else for later rounds. A
+/// round nobody reported changes nothing.
+fn fetch(s: &CountSketch, error: &mut [f32], sketched: &[f32], global: &mut [Vec<f32>]) {
+    let (table, total) = sketched.split_at(error.len());
+    let total = total.first().copied().unwrap_or(0.0);
+    if total <= 0.0 {
+        return;
+    }
+    for (e, x) in error.iter_mut().zip(table) {
+        *e += x / total;
+    }
+    let len: usize = global.iter().map(Vec::len).sum();
+    let heavy = s.top_k(error, len, (s.cols / 4).max(1));
+    let mut update = vec![0.0f32; len];
+    for &(j, v) in &heavy {
+        update[j as usize] = v;
+    }
+    s.add(error, &update, -1.0);
+    let mut at = 0;
+    for p in global.iter_mut() {
+        for (x, u) in p.iter_mut().zip(&update[at..]) {
+            *x += u;
+        }
+        at += p.len();
     }
 }
 

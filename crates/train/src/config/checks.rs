@@ -62,6 +62,17 @@ impl Federated {
                 ),
             );
         }
+        if matches!(e.codec, Codec::Sketch(..)) && self.dropout > 0.0 {
+            return bad(
+                "fed_dropout",
+                format!(
+                    "{}: Federated Dropout's clients train different sub-models, whose changes \
+                     the server averages coordinate by coordinate; a sketch mixes every \
+                     coordinate: not implemented together",
+                    e.codec
+                ),
+            );
+        }
         check_whole_replicas(cfg, "sync", "federated clients", "--sync fedavg")
     }
 }

@@ -421,6 +421,19 @@ impl TrainConfig {
             }
             Ok(())
         }
+        if matches!(self.exchange.codec, comm::codec::Codec::Sketch(..))
+            && self.sync != crate::sync::SyncMode::FedAvg
+        {
+            return Err(TrainError::setting(
+                "grad_compression",
+                format!(
+                    "{}: a count sketch is FetchSGD's federated uplink (the server adds the \
+                     clients' sketches and recovers the largest coordinates); use it with --sync \
+                     fedavg",
+                    self.exchange.codec
+                ),
+            ));
+        }
         if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) {
             if !self.exchange.error_feedback {
                 return Err(TrainError::setting(
