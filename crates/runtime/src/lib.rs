@@ -41,6 +41,7 @@ pub mod profile;
 pub mod progress;
 mod reducer;
 mod tp;
+pub mod zero;
 
 pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};
 pub use batch::{micro_batches, rank_micro_batches, MicroBatch};

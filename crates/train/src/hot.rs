@@ -337,19 +337,9 @@ impl HotRank {
     /// Binds `moved` (member `i`'s whole local pieces) on the backend: under ZeRO-3 only this
     /// rank's flat chunk of every piece.
     fn upload<B: Backend>(&self, be: &B, i: usize, moved: &[Vec<f32>]) -> Result<Vec<B::Buffer>> {
-        let s = &self.members[i].strategy;
-        let local = self.members[i].local(self.me).unwrap_or(0);
-        let (_, d, _) = s.coords(local);
-        Ok(moved
-            .iter()
-            .map(|x| {
-                if s.zero >= Zero::Parameters {
-                    be.upload(&x[dstate::chunk(0..x.len(), s.replicas(), d)])
-                } else {
-                    be.upload(x)
-                }
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?)
+        let m = &self.members[i];
+        let local = m.local(self.me).unwrap_or(0);
+        Ok(runtime::zero::bind_params(be, &m.strategy, local, moved)?)
     }
 
     /// Bucket `b`'s forward and backward under its member on this rank, the parameters
@@ -390,20 +380,21 @@ impl HotRank {
             .collect::<std::result::Result<_, _>>()?;
         if m.strategy.zero >= Zero::Gradients {
             // Flat 1/dp chunks of the DP-summed pieces: gather the whole pieces to switch.
+            let lens = m
+                .spec_of
+                .iter()
+                .map(|&k| {
+                    let (shape, dist) = &m.placement[k];
+                    Ok(dist
+                        .piece_of(DeviceId(me), shape)?
+                        .map_or(0, |p| p.region.volume()))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let g = match m.groups.as_ref() {
                 Some(g) => g,
                 None => &*groups,
             };
-            for (j, gr) in grads.iter_mut().enumerate() {
-                let (shape, dist) = &m.placement[m.spec_of[j]];
-                let len = dist
-                    .piece_of(DeviceId(me), shape)?
-                    .map_or(0, |p| p.region.volume());
-                let counts = comm::chunk_counts(len, m.strategy.replicas());
-                let mut whole = vec![0.0; len];
-                g.dp.all_gather(gr, &mut whole, &counts)?;
-                *gr = whole;
-            }
+            runtime::zero::whole_grads(&m.strategy, g, &mut grads, &lens)?;
         }
         Ok((res.loss, res.peak_bytes, grads))
     }
@@ -412,16 +403,7 @@ impl HotRank {
     /// optimizer takes them: its flat chunks under ZeRO-2/3.
     fn to_optimizer<B: Backend>(&self, be: &B, a: Vec<Vec<f32>>) -> Result<Vec<B::Buffer>> {
         let s = &self.members[self.inst].strategy;
-        let (_, d, _) = s.coords(self.me);
-        a.into_iter()
-            .map(|g| {
-                if s.zero >= Zero::Gradients {
-                    Ok(be.upload(&g[dstate::chunk(0..g.len(), s.replicas(), d)])?)
-                } else {
-                    Ok(runtime::host::adopt(be, g)?)
-                }
-            })
-            .collect()
+        Ok(runtime::zero::optimizer_grads(be, s, self.me, a)?)
     }
 
     /// One step's gradients for the global `batch` (every rank passes the same batch), with the
