@@ -101,7 +101,7 @@ pub struct TrainFlags {
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
     /// matrix), qsgd:S (QSGD: a norm per 256 values, each value a sign and one of S levels,
     /// rounded stochastically and unbiased), dgc:F (Deep Gradient Compression: local clipping
-    /// to --grad-clip/√N, a velocity with momentum 0.9 accumulated and its top F sent, sent
+    /// to --grad-clip/√N instead of the global clipping, a velocity with momentum 0.9 accumulated and its top F sent, sent
     /// positions cleared, the fraction warmed up from 25%; run with --beta1 0), sketch:RxC
     /// (FetchSGD's federated uplink: a count sketch of each client's change, the server's
     /// error accumulation, the C/4 largest coordinates applied; with --sync fedavg). Lossy:

@@ -32,7 +32,7 @@ pub(crate) fn start<B: Backend>(
         params,
         &rp.shared,
         cfg.adamw,
-        cfg.grad_clip,
+        cfg.global_clip(),
     )?;
     Ok((opt, rp))
 }

@@ -391,6 +391,17 @@ impl TrainConfig {
         }
     }
 
+    /// The threshold of the global gradient norm's clipping: `grad_clip`, or none under DGC,
+    /// whose members clip their own gradients to `grad_clip / √N` instead (Lin et al. 2018,
+    /// §3.2: local gradient clipping replaces the global one).
+    pub fn global_clip(&self) -> f64 {
+        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) {
+            f64::INFINITY
+        } else {
+            self.grad_clip
+        }
+    }
+
     /// The budget of bucket `i`'s micro-batches.
     pub fn budget(&self, i: usize) -> usize {
         match self.micro_batch_tokens.as_slice() {
@@ -831,6 +842,21 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dgc_clips_locally_instead_of_globally() {
+        let model = model::LlamaConfig::from_json(
+            r#"{"vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let mut cfg = TrainConfig::new(model, DataSource::Sequences(vec![vec![1, 2, 3]]));
+        cfg.grad_clip = 0.5;
+        assert_eq!(cfg.global_clip(), 0.5);
+        cfg.exchange.codec = "dgc:0.01".parse().unwrap();
+        assert_eq!(cfg.global_clip(), f64::INFINITY);
+    }
 
     #[test]
     fn warm_up_then_cosine_to_the_floor() {
