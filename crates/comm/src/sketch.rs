@@ -18,6 +18,8 @@
 //! assert_eq!(s.top_k(&table, x.len(), 2), vec![(3, 5.0), (800, -2.0)]);
 //! ```
 
+use crate::codec::splitmix;
+
 /// A count sketch's shape and hashes: `rows × cols` sums, the hashes drawn from `seed` (the
 /// same on every member that sketches and every one that reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,14 +30,6 @@ pub struct CountSketch {
     pub cols: usize,
     /// The hashes' seed.
     pub seed: u64,
-}
-
-/// SplitMix64 of `z`: a stateless, well-mixed 64-bit hash.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl CountSketch {
@@ -50,7 +44,7 @@ impl CountSketch {
 
     /// Coordinate `j`'s column and sign in row `r`.
     fn slot(&self, r: usize, j: usize) -> (usize, f32) {
-        let h = mix(self.seed ^ mix(((r as u64) << 40) ^ j as u64));
+        let h = splitmix(self.seed ^ splitmix(((r as u64) << 40) ^ j as u64));
         let col = ((h >> 1) % self.cols as u64) as usize;
         (col, if h & 1 == 0 { 1.0 } else { -1.0 })
     }

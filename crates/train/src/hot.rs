@@ -64,8 +64,13 @@ struct Member {
 impl Member {
     /// This rank's index among the member's devices, if it is one of them.
     fn local(&self, me: usize) -> Option<usize> {
-        (me >= self.offset && me < self.offset + self.strategy.devices()).then(|| me - self.offset)
+        local_index(me, self.offset, self.strategy.devices())
     }
+}
+
+/// World rank `me`'s index among the `n` devices from `offset`, if it is one of them.
+fn local_index(me: usize, offset: usize, n: usize) -> Option<usize> {
+    (me >= offset && me < offset + n).then(|| me - offset)
 }
 
 /// What one step of hot switching gives the optimizer.
@@ -167,30 +172,28 @@ impl HotRank {
         let mut members = Vec::with_capacity(distinct.len());
         for (s, offset) in &distinct {
             let n = s.devices();
-            let local = (me >= *offset && me < offset + n).then(|| me - offset);
+            let local = local_index(me, *offset, n);
             let exec = local.map(|l| rank_exec(cfg, s, l)).transpose()?;
             let groups = match local {
-                Some(_) if !concurrent && *s == plan.inst => None,
-                Some(_) if *offset == 0 && n == world.size() => {
-                    if *s == plan.inst {
-                        None
-                    } else {
-                        let mut g =
-                            RankGroups::new(world, s)?.with_agreement(setup.agreement.clone());
-                        g.bucket_bytes = setup.buckets.bytes(s);
-                        Some(g)
-                    }
-                }
+                None => None,
+                // The instantiation strategy runs on the optimizer's groups.
+                Some(_) if *s == plan.inst && *offset == 0 => None,
                 Some(_) => {
-                    // A concurrent group: its own communicator, made by its members only.
-                    let ranks: Vec<comm::Rank> = (*offset..offset + n).map(comm::Rank).collect();
-                    let group = world.sub_group(&ranks)?;
-                    let mut g =
-                        RankGroups::new(group.as_ref(), s)?.with_agreement(setup.agreement.clone());
+                    // A concurrent group gets a communicator of its own, made by its members
+                    // only; a strategy over every device splits the world.
+                    let group;
+                    let on: &dyn Communicator = if n == world.size() {
+                        world
+                    } else {
+                        let ranks: Vec<comm::Rank> =
+                            (*offset..offset + n).map(comm::Rank).collect();
+                        group = world.sub_group(&ranks)?;
+                        group.as_ref()
+                    };
+                    let mut g = RankGroups::new(on, s)?.with_agreement(setup.agreement.clone());
                     g.bucket_bytes = setup.buckets.bytes(s);
                     Some(g)
                 }
-                None => None,
             };
             let placement = model::placements_at(cfg, s, *offset)?
                 .into_iter()
