@@ -223,9 +223,19 @@ pub struct TrainFlags {
     /// Decoupled weight decay (tensors of rank ≥ 2 only).
     #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     pub weight_decay: f64,
-    /// Clip the global gradient norm to this (inf: no clipping).
+    /// Clip the global gradient norm to this (inf: no clipping). Under dgc:F and onebit-adam
+    /// with DP replicas each member clips its own gradient to this / √N instead.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub grad_clip: f64,
+    /// adamw, or onebit-adam (1-bit Adam, Tang et al. 2021: --onebit-warmup steps of exact
+    /// AdamW, then the variance frozen and the DP replicas exchanging their momentum by a 1-bit
+    /// codec with error feedback on both sides).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// onebit-adam's exact warm-up steps before the variance freezes [default: a fifth of
+    /// --steps, at least 1].
+    #[arg(long)]
+    pub onebit_warmup: Option<u64>,
     /// Seed of the initialisation and of the shuffle.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -347,6 +357,12 @@ impl TrainFlags {
                 "--min-lr",
                 "--lr-schedule cosine",
                 self.lr_schedule == "cosine",
+            ),
+            (
+                self.onebit_warmup.is_some(),
+                "--onebit-warmup",
+                "--optimizer onebit-adam",
+                self.optimizer == "onebit-adam",
             ),
         ];
         for (given, flag, parent, present) in needs {
@@ -549,8 +565,16 @@ impl TrainFlags {
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
+            freeze_variance_after: None,
         };
         cfg.grad_clip = self.grad_clip;
+        cfg.optimizer = match self.optimizer.as_str() {
+            "adamw" => train::OptimizerKind::AdamW,
+            "onebit-adam" => train::OptimizerKind::OneBitAdam {
+                warmup: self.onebit_warmup.unwrap_or((self.steps as u64 / 5).max(1)),
+            },
+            other => bail!("--optimizer {other}: use adamw or onebit-adam"),
+        };
         cfg.seed = self.seed;
         cfg.shuffle = match self.shuffle.as_str() {
             "on" => true,

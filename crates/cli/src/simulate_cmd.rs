@@ -76,13 +76,15 @@ pub struct Args {
 }
 
 /// The codecs and algorithms the exchange table compares.
-const TABLE_CODECS: [&str; 8] = [
+const TABLE_CODECS: [&str; 10] = [
     "none",
     "bf16",
     "fp16",
     "int8",
     "sign",
+    "qsgd:15",
     "topk:0.01",
+    "dgc:0.01",
     "randk:0.01",
     "powersgd:4",
 ];
@@ -119,7 +121,9 @@ fn exchange_table(r: &sim::ExchangeReport, chosen: &str) {
     }
     println!(
         "(bytes: all members together; step: the static strategy with that exchange; a codec's \
-         effect on the loss is not modelled — see docs/communication.md's measured table)"
+         effect on the loss is not modelled — see docs/communication.md's measured table; \
+         dgc:F at its final density; --optimizer onebit-adam after its warm-up exchanges as \
+         `sign` over the whole group does)"
     );
 }
 
@@ -465,8 +469,11 @@ pub fn run(args: Args) -> Result<()> {
     });
     for c in TABLE_CODECS.iter().skip(1) {
         let codec: comm::codec::Codec = c.parse()?;
-        // PowerSGD across nodes only is not implemented (train refuses it).
-        let crosses: &[bool] = if matches!(codec, comm::codec::Codec::PowerSgd(_)) {
+        // PowerSGD and DGC across nodes only are not implemented (train refuses them).
+        let crosses: &[bool] = if matches!(
+            codec,
+            comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_)
+        ) {
             &[false]
         } else {
             &[false, true]

@@ -198,7 +198,13 @@ pub fn train(flags: &TrainFlags) -> Result<train::TrainOutcome> {
                     "pushes to and replies from {} parameter server(s), {}, {s}",
                     ps.servers, ps.placement
                 ),
-                (train::SyncMode::Bsp, None) => format!("gradient exchange: {}", cfg.exchange),
+                (train::SyncMode::Bsp, None) => match cfg.optimizer {
+                    train::OptimizerKind::AdamW => format!("gradient exchange: {}", cfg.exchange),
+                    o => format!(
+                        "{o}: gradients summed exactly, then the momentum by 1-bit sign with \
+                         error feedback; the per-step figures are in --metrics"
+                    ),
+                },
                 (s, None) => format!("no gradient exchange; weights synchronised by {s}"),
             }
         );

@@ -305,8 +305,106 @@ fn bad_exchange_settings_are_refused_by_name() {
             "compress_cross_node_only",
         ),
         (vec!["--devices-per-node", "3"], "devices_per_node"),
+        (vec!["--optimizer", "lion"], "--optimizer lion"),
+        (vec!["--onebit-warmup", "3"], "--optimizer onebit-adam"),
+        (
+            vec!["--optimizer", "onebit-adam", "--onebit-warmup", "0"],
+            "onebit_warmup",
+        ),
+        (
+            vec!["--optimizer", "onebit-adam", "--grad-compression", "int8"],
+            "grad_compression",
+        ),
+        (
+            vec!["--optimizer", "onebit-adam", "--error-feedback", "off"],
+            "error_feedback",
+        ),
+        (
+            vec![
+                "--optimizer",
+                "onebit-adam",
+                "--strategies",
+                "dp4:16,dp2tp2:max",
+            ],
+            "hot, concurrent or planned",
+        ),
+        (
+            vec!["--optimizer", "onebit-adam", "--sync", "local:2"],
+            "another synchronisation model",
+        ),
     ] {
         let e = refused(d, &flags);
         assert!(e.contains(says), "{flags:?}: {e}");
     }
+}
+
+#[test]
+fn onebit_adam_is_adamw_through_its_warm_up_then_sends_a_bit_a_value_and_resumes_bitwise() {
+    let dir = common::Scratch::new(setup);
+    let d = dir.path();
+    // No clipping, so that the warm-up is AdamW's step exactly (under 1-bit Adam each member
+    // clips its own gradient, not the sum).
+    let adamw = train(d, "adamw", &["--grad-clip", "inf"]);
+    let onebit = |warmup: &'static str| -> Vec<&'static str> {
+        vec![
+            "--grad-clip",
+            "inf",
+            "--optimizer",
+            "onebit-adam",
+            "--onebit-warmup",
+            warmup,
+        ]
+    };
+    let warm = train(d, "warm", &onebit("4"));
+    assert!(
+        warm.weights == adamw.weights,
+        "4 steps inside the warm-up are not AdamW's"
+    );
+    let one = train(d, "one", &onebit("2"));
+    assert!(
+        one.weights != adamw.weights,
+        "the 1-bit stage changed nothing"
+    );
+    let per_step = |r: &Run| -> Vec<(f64, u64)> {
+        r.metrics
+            .iter()
+            .map(|m| {
+                (
+                    m["loss"].as_f64().unwrap(),
+                    m["wire_intra_node_bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (exact, compressed) = (per_step(&adamw), per_step(&one));
+    // Steps 1-2 exact (the same losses and bytes); the loss of step 3 still comes from exact
+    // updates; steps 3-4 send the momentum at about a bit a value instead of 32.
+    assert_eq!(
+        exact[..3].iter().map(|e| e.0).collect::<Vec<_>>(),
+        compressed[..3].iter().map(|e| e.0).collect::<Vec<_>>()
+    );
+    assert_eq!(exact[0].1, compressed[0].1);
+    for step in 2..4 {
+        let ratio = compressed[step].1 as f64 / exact[step].1 as f64;
+        assert!(ratio < 0.1, "step {}: {ratio} of the exact bytes", step + 1);
+    }
+    assert!(
+        one.stderr.contains("onebit-adam (exact for 2 steps)"),
+        "{}",
+        one.stderr
+    );
+    // The momentum, the step count and both residuals go into the checkpoint.
+    let ck = d.join("onebit-ck");
+    let ck = ck.to_str().unwrap();
+    let mut first = onebit("2");
+    first.extend(["--checkpoint-dir", ck, "--checkpoint-every", "3"]);
+    train(d, "onebit-first", &first);
+    let step3 = format!("{ck}/step-00000003");
+    let mut resumed = onebit("2");
+    resumed.extend(["--resume", &step3]);
+    let second = train(d, "onebit-second", &resumed);
+    assert!(
+        second.weights == one.weights,
+        "resuming lost 1-bit Adam's state"
+    );
 }

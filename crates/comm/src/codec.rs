@@ -547,6 +547,21 @@ pub fn all_reduce_dense(
     Ok(())
 }
 
+/// Local gradient clipping (Lin et al. 2018, §3.2): scales `buf` down to the L2 norm
+/// `clip / √members` when it is longer, so that the members' sum stays within `clip`.
+pub fn clip_local(buf: &mut [f32], clip: f32, members: usize) {
+    let norm = buf
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    let limit = f64::from(clip) / (members.max(1) as f64).sqrt();
+    if norm > limit {
+        let scale = (limit / norm) as f32;
+        buf.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
 /// The state DGC keeps per member and bucket between steps, and its settings.
 pub struct Dgc<'a> {
     /// The velocity `u` (momentum correction).
@@ -592,16 +607,7 @@ pub fn all_reduce_dgc(c: &dyn Communicator, buf: &mut [f32], d: Dgc<'_>) -> Resu
         }
     }
     if let Some(clip) = d.clip {
-        let norm = buf
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
-        let limit = f64::from(clip) / (c.size() as f64).sqrt();
-        if norm > limit {
-            let scale = (limit / norm) as f32;
-            buf.iter_mut().for_each(|x| *x *= scale);
-        }
+        clip_local(buf, clip, c.size());
     }
     for ((g, u), v) in buf
         .iter()

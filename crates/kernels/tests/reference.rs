@@ -314,6 +314,7 @@ fn adamw_follows_pytorch_documentation() {
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
+        freeze_variance_after: None,
     };
     // First step: m̂ = g and v̂ = g², so the update is lr·g/(|g|+eps) after decay.
     let (mut p, mut m, mut v) = (vec![1.0f64, -2.0], vec![0.0; 2], vec![0.0; 2]);

@@ -67,6 +67,7 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
+        freeze_variance_after: None,
     };
     let (mut p, mut m, mut v) = (a.clone(), b.clone(), b.iter().map(|x| x * x).collect());
     be.adamw(&cfg, 3, &mut p, &out, &mut m, &mut v).unwrap();

@@ -41,6 +41,7 @@ fn peaks(spec: &str, devices: usize, sizes: &'static [&'static [usize]]) -> Vec<
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.0,
+                freeze_variance_after: None,
             };
             let opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 1.0)?;
             let mbs: Vec<MicroBatch> = sizes

@@ -50,6 +50,7 @@ fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.1,
+                freeze_variance_after: None,
             };
             let mut opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 0.3)?;
             let mut norms = Vec::new();

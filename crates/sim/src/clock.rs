@@ -473,6 +473,7 @@ mod tests {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.0,
+            freeze_variance_after: None,
         };
         sim.adamw(&cfg, 1, &mut p, &g, &mut m1, &mut m2).unwrap();
         assert!((clock.read().phase(Phase::Optimizer) - 1000.0 / 2e9).abs() < 1e-18);

@@ -84,5 +84,7 @@ pub use profile::{profile, Profile, CURVE_INPUT_DIM};
 pub use rank::PLAN_CACHE;
 pub use run::{run, TrainOutcome};
 pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};
-pub use settings::{FedWeighting, Federated, ParamServers, Placement, Sharding, SlowRank};
+pub use settings::{
+    FedWeighting, Federated, OptimizerKind, ParamServers, Placement, Sharding, SlowRank,
+};
 pub use sync::{SyncMode, OUTER_LR, OUTER_MOMENTUM};

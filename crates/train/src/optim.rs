@@ -31,7 +31,7 @@ pub(crate) fn start<B: Backend>(
         groups,
         params,
         &rp.shared,
-        cfg.adamw,
+        cfg.adamw(),
         cfg.global_clip(),
     )?;
     Ok((opt, rp))

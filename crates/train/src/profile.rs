@@ -84,6 +84,7 @@ fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
+        freeze_variance_after: None,
     };
     let mut opt = runtime::Optimizer::new(
         be,
@@ -364,6 +365,7 @@ fn measure(
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
+        freeze_variance_after: None,
     };
     let (mut p, g, mut m1, mut m2) = (
         vec![0.1f32; n],

@@ -305,7 +305,14 @@ fn agreement(p: &Prepared) -> Arc<dyn GradientAgreement> {
     });
     Arc::new(
         crate::exchange::Agreement::new(p.cfg.exchange, cluster, p.devices_per_node)
-            .with_clip(Some(p.cfg.grad_clip)),
+            .with_clip(Some(p.cfg.grad_clip))
+            .with_onebit(match p.cfg.optimizer {
+                crate::OptimizerKind::AdamW => None,
+                crate::OptimizerKind::OneBitAdam { warmup } => Some(crate::exchange::OneBit {
+                    warmup,
+                    beta1: p.cfg.adamw.beta1 as f32,
+                }),
+            }),
     )
 }
 

@@ -7,6 +7,33 @@ use std::fmt;
 
 use crate::error::{Result, TrainError};
 
+/// The run's optimizer (`--optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    /// AdamW (PyTorch semantics); the DP replicas exchange gradients as `--grad-compression`
+    /// says.
+    #[default]
+    AdamW,
+    /// 1-bit Adam (Tang et al. 2021): `warmup` steps of AdamW with the gradients summed exactly,
+    /// then the variance frozen and the DP replicas exchanging their momentum by the 1-bit
+    /// `sign` codec with error feedback on the worker and the server side.
+    OneBitAdam {
+        /// Steps of exact AdamW before the variance freezes (the paper's `T_w`).
+        warmup: u64,
+    },
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptimizerKind::AdamW => f.write_str("adamw"),
+            OptimizerKind::OneBitAdam { warmup } => {
+                write!(f, "onebit-adam (exact for {warmup} steps)")
+            }
+        }
+    }
+}
+
 /// How the data is split over the clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sharding {

@@ -227,6 +227,7 @@ fn the_plan_cache_keeps_the_last_plans_only() {
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.0,
+                freeze_variance_after: None,
             },
             1.0,
         )

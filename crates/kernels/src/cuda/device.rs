@@ -800,9 +800,10 @@ impl Backend for CudaBackend {
         // The scalars exactly as the CPU kernel forms them.
         let t = step.max(1) as i32;
         let bc1 = 1.0 - cfg.beta1.powi(t);
-        let bc2_sqrt = (1.0 - cfg.beta2.powi(t)).sqrt() as f32;
+        let (beta2, bc2_sqrt) = cfg.second_moment(step);
+        let bc2_sqrt = bc2_sqrt as f32;
         let decay = (1.0 - cfg.lr * cfg.weight_decay) as f32;
-        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+        let (b1, b2) = (cfg.beta1 as f32, beta2 as f32);
         let (omb1, omb2) = (1.0f32 - b1, 1.0f32 - b2);
         let step_size = (cfg.lr / bc1) as f32;
         let eps = cfg.eps as f32;

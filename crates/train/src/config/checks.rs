@@ -5,7 +5,7 @@ use comm::codec::Codec;
 
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::settings::Federated;
+use crate::settings::{Federated, OptimizerKind};
 use crate::sync::SyncMode;
 
 impl Federated {
@@ -139,6 +139,68 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
                     "PowerSGD's factors need all-reduces"
                 }
             ),
+        );
+    }
+    Ok(())
+}
+
+/// The checks of 1-bit Adam against the run: it brings its own exchange (exact for the
+/// warm-up, then the momentum by the 1-bit codec with error feedback), keeps one momentum per
+/// bucket of one strategy's gradients, and runs in the all-reduce model.
+pub(crate) fn check_optimizer(cfg: &TrainConfig) -> Result<()> {
+    let OptimizerKind::OneBitAdam { warmup } = cfg.optimizer else {
+        return Ok(());
+    };
+    let refuse = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+    if warmup == 0 {
+        return refuse(
+            "onebit_warmup",
+            "0 is out of range: 1-bit Adam freezes the variance its warm-up estimated, so it \
+             needs at least 1 exact step"
+                .into(),
+        );
+    }
+    let e = &cfg.exchange;
+    if e.codec != Codec::None || e.cross_node_only {
+        return refuse(
+            "grad_compression",
+            format!(
+                "onebit-adam exchanges the momentum by its own 1-bit codec after the warm-up; \
+                 --grad-compression {} / --compress-cross-node-only do not apply (drop them)",
+                e.codec
+            ),
+        );
+    }
+    if !e.error_feedback {
+        return refuse(
+            "error_feedback",
+            "onebit-adam compensates the 1-bit codec's error on both sides (that is 1-bit Adam); \
+             --error-feedback off does not apply to it"
+                .into(),
+        );
+    }
+    if cfg.sync != crate::sync::SyncMode::Bsp || cfg.ps.is_some() {
+        return refuse(
+            "optimizer",
+            format!(
+                "onebit-adam exchanges the momentum by all-reduce every step; --sync {}{} is \
+                 another synchronisation model",
+                cfg.sync,
+                if cfg.ps.is_some() {
+                    " with --ps-servers"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if !matches!(cfg.strategy, StrategySpec::Fixed(_)) {
+        return refuse(
+            "optimizer",
+            "onebit-adam keeps one momentum per bucket of one strategy's gradients; a hot, \
+             concurrent or planned schedule sums several strategies' partial gradients, whose \
+             momenta are not defined: use --strategy"
+                .into(),
         );
     }
     Ok(())

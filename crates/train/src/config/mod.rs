@@ -261,6 +261,8 @@ pub struct TrainConfig {
     pub lr: LrSchedule,
     /// AdamW's β1, β2, ε and weight decay (its `lr` is replaced by the schedule's).
     pub adamw: AdamW,
+    /// AdamW, or 1-bit Adam over the DP replicas.
+    pub optimizer: crate::settings::OptimizerKind,
     /// Clip the global gradient norm to this (`f64::INFINITY`: no clipping).
     pub grad_clip: f64,
     /// Seed of the initialisation and of the shuffle.
@@ -341,7 +343,9 @@ impl TrainConfig {
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.1,
+                freeze_variance_after: None,
             },
+            optimizer: crate::settings::OptimizerKind::AdamW,
             grad_clip: 1.0,
             seed: 0,
             shuffle: true,
@@ -391,14 +395,31 @@ impl TrainConfig {
         }
     }
 
-    /// The threshold of the global gradient norm's clipping: `grad_clip`, or none under DGC,
-    /// whose members clip their own gradients to `grad_clip / √N` instead (Lin et al. 2018,
-    /// §3.2: local gradient clipping replaces the global one).
+    /// The threshold of the global gradient norm's clipping: `grad_clip`, or none under DGC and
+    /// under 1-bit Adam with DP replicas, whose members clip their own gradients to
+    /// `grad_clip / √N` instead (Lin et al. 2018, §3.2: local gradient clipping replaces the
+    /// global one; 1-bit Adam's momentum is formed from the member's own gradient).
     pub fn global_clip(&self) -> f64 {
-        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) {
+        let onebit_dp = matches!(
+            (self.optimizer, &self.strategy),
+            (crate::settings::OptimizerKind::OneBitAdam { .. }, StrategySpec::Fixed(s)) if s.dp > 1
+        );
+        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) || onebit_dp {
             f64::INFINITY
         } else {
             self.grad_clip
+        }
+    }
+
+    /// AdamW's settings for the run's optimizer: 1-bit Adam freezes the variance after its
+    /// warm-up.
+    pub fn adamw(&self) -> AdamW {
+        AdamW {
+            freeze_variance_after: match self.optimizer {
+                crate::settings::OptimizerKind::AdamW => None,
+                crate::settings::OptimizerKind::OneBitAdam { warmup } => Some(warmup),
+            },
+            ..self.adamw
         }
     }
 
@@ -471,6 +492,7 @@ impl TrainConfig {
             ));
         }
         self.check_sync()?;
+        checks::check_optimizer(self)?;
         checks::check_ps(self)?;
         if self.sync == crate::sync::SyncMode::FedAvg {
             if self.ps.is_some() {
