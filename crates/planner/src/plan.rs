@@ -898,59 +898,77 @@ impl Planner {
         let mut best: Option<(Plan, Estimate)> = None;
         // Every strategy that fits at all when another holds the master weights.
         let all = self.candidates(0);
+        // A bucket's time under a strategy depends on the instantiation only through the
+        // micro-batch budget it leaves: kept across instantiations by (strategy, edges, budget).
+        let mut timed: HashMap<(usize, usize, usize, usize), f64> = HashMap::new();
         for inst in &cands {
-            let runnable: Vec<&Strategy> = all
+            let runnable: Vec<usize> = (0..all.len())
+                .filter(|&i| self.cost.capacity(&all[i], inst) > 0)
+                .collect();
+            let caps: Vec<usize> = runnable
                 .iter()
-                .filter(|s| self.cost.capacity(s, inst) > 0)
+                .map(|&i| self.cost.capacity(&all[i], inst))
                 .collect();
             // Bucket times: (a, b, strategy) -> seconds (None: does not fit).
-            let bucket: Vec<Vec<Vec<Option<f64>>>> = (0..ne)
-                .map(|a| {
-                    (0..ne)
-                        .map(|b| {
-                            let g = if b > a { range(a, b) } else { &[][..] };
-                            let top = g.last().copied().unwrap_or(0);
-                            runnable
-                                .iter()
-                                .map(|s| {
-                                    let cap = self.cost.capacity(s, inst);
-                                    if b <= a {
-                                        None
-                                    } else if g.is_empty() {
-                                        Some(0.0)
-                                    } else if self.lighter_fits(s, inst, top) {
-                                        // Recomputing only costs time where less of it holds
-                                        // the bucket.
-                                        None
-                                    } else if cap >= top {
-                                        Some(self.cost.strategy(s, g, cap).total())
-                                    } else {
-                                        None
-                                    }
-                                })
-                                .collect()
-                        })
-                        .collect()
-                })
-                .collect();
-            let cands = &runnable;
-            let sw: Vec<f64> = cands
-                .iter()
-                .map(|s| Ok(2.0 * self.switch_seconds(inst, s)?))
-                .collect::<Result<_>>()?;
+            let mut bucket = vec![vec![vec![None; runnable.len()]; ne]; ne];
+            for (a, from) in bucket.iter_mut().enumerate() {
+                for (b, times) in from.iter_mut().enumerate().skip(a + 1) {
+                    let g = range(a, b);
+                    let top = g.last().copied().unwrap_or(0);
+                    for (k, &i) in runnable.iter().enumerate() {
+                        let (s, cap) = (&all[i], caps[k]);
+                        times[k] = if g.is_empty() {
+                            Some(0.0)
+                        } else if cap < top || self.lighter_fits(s, inst, top) {
+                            // Recomputing only costs time where less of it holds the bucket.
+                            None
+                        } else {
+                            Some(
+                                *timed
+                                    .entry((i, a, b, cap))
+                                    .or_insert_with(|| self.cost.strategy(s, g, cap).total()),
+                            )
+                        };
+                    }
+                }
+            }
+            let cands: Vec<&Strategy> = runnable.iter().map(|&i| &all[i]).collect();
+            // Switch times on demand: a strategy's is only wanted where its bucket time alone
+            // could still improve on the best way found so far (switches cost ≥ 0), which
+            // spares most exact switch plans at cluster scale.
+            let mut sw: Vec<Option<f64>> = vec![None; cands.len()];
             // f[b] = (cost, previous edge, strategy) covering lengths up to edges[b].
             let mut f: Vec<Option<(f64, usize, usize)>> = vec![None; ne];
             f[0] = Some((0.0, 0, 0));
             for b in 1..ne {
+                // Every way to end a bucket at edge b, cheapest before its switch first: once
+                // that alone reaches the best so far, no later one can beat it.
+                let mut ways: Vec<(f64, usize, usize)> = Vec::new();
                 for a in 0..b {
                     let Some((base, _, _)) = f[a] else { continue };
-                    let empty = range(a, b).is_empty();
-                    for k in 0..cands.len() {
-                        let Some(t) = bucket[a][b][k] else { continue };
-                        let c = base + t + if empty { 0.0 } else { sw[k] };
-                        if f[b].is_none_or(|(x, _, _)| c < x) {
-                            f[b] = Some((c, a, k));
+                    for (k, t) in bucket[a][b].iter().enumerate() {
+                        if let Some(t) = t {
+                            ways.push((base + t, a, k));
                         }
+                    }
+                }
+                ways.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+                for (without, a, k) in ways {
+                    if f[b].is_some_and(|(x, _, _)| without >= x) {
+                        break;
+                    }
+                    let switch = if range(a, b).is_empty() {
+                        0.0
+                    } else if let Some(x) = sw[k] {
+                        x
+                    } else {
+                        let x = 2.0 * self.switch_seconds(inst, cands[k])?;
+                        sw[k] = Some(x);
+                        x
+                    };
+                    let c = without + switch;
+                    if f[b].is_none_or(|(x, _, _)| c < x) {
+                        f[b] = Some((c, a, k));
                     }
                 }
             }

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use dstate::{intersect, DeviceId, Distribution, Region};
 
@@ -100,8 +101,9 @@ struct Demand {
     region: Region,
     to: DeviceId,
     class: LinkClass,
-    /// Eligible senders, sorted.
-    owners: Vec<DeviceId>,
+    /// Eligible senders, sorted (shared by the demands of one slice: a replicated tensor on
+    /// many devices has as many needers as owners).
+    owners: Arc<[DeviceId]>,
 }
 
 fn demands(tensors: &[TensorSwitch], topo: &Topology) -> Result<(Vec<Demand>, Vec<LocalCopy>)> {
@@ -128,8 +130,17 @@ fn demands(tensors: &[TensorSwitch], topo: &Topology) -> Result<(Vec<Demand>, Ve
             let mut needers: Vec<DeviceId> = s.needers.iter().map(|h| h.device).collect();
             needers.sort();
             needers.dedup();
+            // The owners on each node (sorted, as `owners` is), and all of them, each shared
+            // by the demands that may take from them.
+            let mut by_node: BTreeMap<usize, Vec<DeviceId>> = BTreeMap::new();
+            for &o in &owners {
+                by_node.entry(topo.node(o)).or_default().push(o);
+            }
+            let by_node: BTreeMap<usize, Arc<[DeviceId]>> =
+                by_node.into_iter().map(|(n, v)| (n, v.into())).collect();
+            let all: Arc<[DeviceId]> = owners.as_slice().into();
             for to in needers {
-                if owners.contains(&to) {
+                if owners.binary_search(&to).is_ok() {
                     local.push(LocalCopy {
                         tensor: ti,
                         region: s.region.clone(),
@@ -137,15 +148,9 @@ fn demands(tensors: &[TensorSwitch], topo: &Topology) -> Result<(Vec<Demand>, Ve
                     });
                     continue;
                 }
-                let near: Vec<DeviceId> = owners
-                    .iter()
-                    .copied()
-                    .filter(|&o| topo.node(o) == topo.node(to))
-                    .collect();
-                let (class, eligible) = if near.is_empty() {
-                    (LinkClass::CrossNode, owners.clone())
-                } else {
-                    (LinkClass::SameNode, near)
+                let (class, eligible) = match by_node.get(&topo.node(to)) {
+                    Some(near) => (LinkClass::SameNode, near.clone()),
+                    None => (LinkClass::CrossNode, all.clone()),
                 };
                 out.push(Demand {
                     tensor: ti,
@@ -211,15 +216,15 @@ fn exact(demands: Vec<Demand>) -> Vec<Transfer> {
     let mut out = Vec::new();
     for class in LinkClass::ALL {
         // Demands with the same eligible senders are interchangeable: one flow node each.
-        let mut groups: BTreeMap<Vec<DeviceId>, Vec<&Demand>> = BTreeMap::new();
+        let mut groups: BTreeMap<Arc<[DeviceId]>, Vec<&Demand>> = BTreeMap::new();
         for d in demands.iter().filter(|d| d.class == class) {
             groups.entry(d.owners.clone()).or_default().push(d);
         }
-        let mut senders: Vec<DeviceId> = groups.keys().flatten().copied().collect();
+        let mut senders: Vec<DeviceId> = groups.keys().flat_map(|k| k.iter().copied()).collect();
         senders.sort();
         senders.dedup();
         let index = |d: DeviceId| senders.binary_search(&d).unwrap_or(0);
-        let keys: Vec<&Vec<DeviceId>> = groups.keys().collect();
+        let keys: Vec<&Arc<[DeviceId]>> = groups.keys().collect();
         let volumes: Vec<f64> = groups
             .values()
             .map(|ds| ds.iter().map(|d| d.region.volume() as f64).sum())
@@ -388,12 +393,12 @@ pub fn lower_bound(tensors: &[TensorSwitch], topology: Topology) -> Result<[(usi
     let mut out = [(0usize, 0f64); 2];
     for class in LinkClass::ALL {
         let mut recv: BTreeMap<DeviceId, usize> = BTreeMap::new();
-        let mut groups: BTreeMap<Vec<DeviceId>, f64> = BTreeMap::new();
+        let mut groups: BTreeMap<Arc<[DeviceId]>, f64> = BTreeMap::new();
         for d in ds.iter().filter(|d| d.class == class) {
             *recv.entry(d.to).or_default() += d.region.volume();
             *groups.entry(d.owners.clone()).or_default() += d.region.volume() as f64;
         }
-        let mut senders: Vec<DeviceId> = groups.keys().flatten().copied().collect();
+        let mut senders: Vec<DeviceId> = groups.keys().flat_map(|k| k.iter().copied()).collect();
         senders.sort();
         senders.dedup();
         let eligible: Vec<Vec<usize>> = groups
