@@ -76,7 +76,7 @@ pub struct Args {
 }
 
 /// The codecs and algorithms the exchange table compares.
-const TABLE_CODECS: [&str; 10] = [
+const TABLE_CODECS: [&str; 11] = [
     "none",
     "bf16",
     "fp16",
@@ -84,6 +84,7 @@ const TABLE_CODECS: [&str; 10] = [
     "sign",
     "qsgd:15",
     "topk:0.01",
+    "oktopk:0.01",
     "dgc:0.01",
     "randk:0.01",
     "powersgd:4",

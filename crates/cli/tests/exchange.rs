@@ -199,9 +199,11 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
         wire(&qsgd, "wire_intra_node_bytes"),
         wire(&int8, "wire_intra_node_bytes")
     );
+    let mut sparse = Vec::new();
     for codec in [
         "sign",
         "topk:0.05",
+        "oktopk:0.05",
         "randk:0.1",
         "powersgd:2",
         "fp16",
@@ -214,7 +216,20 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
             .metrics
             .iter()
             .all(|m| m["loss"].as_f64().unwrap().is_finite()));
+        if codec.contains("topk") {
+            sparse.push(r);
+        }
     }
+    // Ok-Topk's balanced exchange: another selection (the top of the sums) than top-k's
+    // gather, in fewer bytes (about 2k pairs a member against (N − 1)·k = 3k at 4).
+    let (topk, oktopk) = (&sparse[0], &sparse[1]);
+    assert!(oktopk.weights != topk.weights, "oktopk ran top-k's gather");
+    assert!(
+        wire(oktopk, "wire_intra_node_bytes") < wire(topk, "wire_intra_node_bytes"),
+        "oktopk sent {} bytes, topk {}",
+        wire(oktopk, "wire_intra_node_bytes"),
+        wire(topk, "wire_intra_node_bytes")
+    );
     // Only across nodes: two nodes of two, exact inside; fewer bytes cross than flat int8.
     let flat = train(
         d,
@@ -289,6 +304,7 @@ fn bad_exchange_settings_are_refused_by_name() {
         (vec!["--grad-compression", "topk:2"], "topk:2"),
         (vec!["--grad-compression", "int4"], "int4"),
         (vec!["--grad-compression", "qsgd:0"], "qsgd:0"),
+        (vec!["--grad-compression", "oktopk:0"], "oktopk:0"),
         (vec!["--grad-compression", "dgc:0"], "dgc:0"),
         (
             vec!["--grad-compression", "dgc:0.01", "--error-feedback", "off"],

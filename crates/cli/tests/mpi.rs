@@ -119,6 +119,25 @@ fn four_processes_train_bitwise_like_four_threads() {
             "--grad-compression",
             "topk:0.1",
         ],
+        // Ok-Topk's all-to-alls of uneven counts; 1-bit Adam's momentum after its warm-up.
+        vec![
+            "--strategy",
+            "dp4",
+            "--steps",
+            "3",
+            "--grad-compression",
+            "oktopk:0.1",
+        ],
+        vec![
+            "--strategy",
+            "dp4",
+            "--steps",
+            "4",
+            "--optimizer",
+            "onebit-adam",
+            "--onebit-warmup",
+            "2",
+        ],
         // Context parallelism: the ring's blocks and Ulysses' all-to-alls between processes.
         vec!["--strategy", "dp2cp2", "--steps", "3"],
         vec!["--strategies", "dp4:64,cp2tp2ulysses:max", "--steps", "3"],

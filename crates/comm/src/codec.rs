@@ -47,6 +47,10 @@ pub enum Codec {
     Sign,
     /// The largest `fraction` of the values by magnitude, as (index, value) pairs.
     TopK(f64),
+    /// Top-k by Ok-Topk's balanced sparse all-reduce ([`crate::sparse`]): each member's top
+    /// `fraction` goes to the owners of its regions, which keep the largest of their sums; a
+    /// member's bytes do not grow with the members (the all-gather of [`Codec::TopK`]'s do).
+    OkTopK(f64),
     /// A `fraction` of the values at positions every member draws from the same seed.
     RandK(f64),
     /// PowerSGD: each gradient matrix by a rank-`r` product `P Qᵀ` (vectors exact).
@@ -75,6 +79,7 @@ impl fmt::Display for Codec {
             Codec::Int8 => f.write_str("int8"),
             Codec::Sign => f.write_str("sign"),
             Codec::TopK(x) => write!(f, "topk:{x}"),
+            Codec::OkTopK(x) => write!(f, "oktopk:{x}"),
             Codec::RandK(x) => write!(f, "randk:{x}"),
             Codec::PowerSgd(r) => write!(f, "powersgd:{r}"),
             Codec::Qsgd(levels) => write!(f, "qsgd:{levels}"),
@@ -85,7 +90,7 @@ impl fmt::Display for Codec {
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads)";
+    "use none, bf16, fp16, int8, sign, topk:F, oktopk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads)";
 
 impl FromStr for Codec {
     type Err = CommError;
@@ -116,6 +121,7 @@ impl FromStr for Codec {
                 _ => Err(bad()),
             },
             Some(("topk", v)) => Ok(Codec::TopK(fraction(v)?)),
+            Some(("oktopk", v)) => Ok(Codec::OkTopK(fraction(v)?)),
             Some(("randk", v)) => Ok(Codec::RandK(fraction(v)?)),
             Some(("dgc", v)) => Ok(Codec::Dgc(fraction(v)?)),
             Some(("sketch", v)) => match v
@@ -150,7 +156,7 @@ impl Codec {
     /// How many of `len` values a sparsifying codec keeps (at least one of a non-empty vector).
     pub fn keep(&self, len: usize) -> usize {
         match *self {
-            Codec::TopK(f) | Codec::RandK(f) | Codec::Dgc(f) => {
+            Codec::TopK(f) | Codec::OkTopK(f) | Codec::RandK(f) | Codec::Dgc(f) => {
                 ((f * len as f64).ceil() as usize).clamp(len.min(1), len)
             }
             _ => len,
@@ -431,7 +437,8 @@ fn salt(me: usize, j: usize) -> u64 {
     ((me as u64) << 32) | j as u64
 }
 
-fn add_residual(buf: &mut [f32], residual: Option<&mut [f32]>) -> Result<()> {
+/// Adds `residual` (error feedback's, when there is one) to `buf`.
+pub(crate) fn add_residual(buf: &mut [f32], residual: Option<&mut [f32]>) -> Result<()> {
     if let Some(r) = residual {
         crate::error::check_len("compressed all_reduce", "residual", buf.len(), r.len())?;
         buf.iter_mut().zip(r.iter()).for_each(|(b, r)| *b += r);

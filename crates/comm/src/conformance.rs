@@ -549,6 +549,7 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
         Codec::Sign,
         Codec::Qsgd(8),
         Codec::TopK(0.05),
+        Codec::OkTopK(0.05),
         Codec::RandK(0.05),
         Codec::Dgc(0.05),
     ] {
@@ -557,6 +558,9 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
         let mut server = vec![0.0; chunk_counts(len, p)[me]];
         match codec {
             Codec::TopK(_) => codec::all_reduce_top_k(c, &mut buf, codec, Some(&mut worker)),
+            Codec::OkTopK(_) => {
+                crate::sparse::all_reduce_top_k_balanced(c, &mut buf, codec, Some(&mut worker))
+            }
             Codec::Dgc(f) => codec::all_reduce_dgc(
                 c,
                 &mut buf,

@@ -27,6 +27,7 @@ mod layer;
 pub mod mpi;
 pub mod nccl;
 pub mod sketch;
+pub mod sparse;
 pub mod tags;
 mod thread;
 pub mod wire;

@@ -62,6 +62,8 @@ fn codec_passes(codec: Codec) -> f64 {
         // Its norm is one more read, the draws are hashed from the values as they are read.
         Codec::Qsgd(_) => 8.0,
         Codec::TopK(_) => 8.0,
+        // The owner's sums and its own selection among them.
+        Codec::OkTopK(_) => 10.0,
         // The velocity and the accumulation (read and written) before the selection.
         Codec::Dgc(_) => 12.0,
         // Each value into every row, then the server's estimates of every coordinate.
@@ -241,6 +243,25 @@ impl<'a> Steps<'a> {
         }
         self.cost.seconds += worst;
         worst
+    }
+
+    /// An all-to-all of `chunk` bytes to every peer: to the `g − 1` on the member's node over
+    /// the node's links and to the others over its share of the node's NIC, at once; a message
+    /// (and a latency) per peer.
+    fn all_to_all(&mut self, chunk: f64, g: usize) {
+        let (cluster, shape) = (self.cluster, self.shape);
+        let n = shape.members;
+        let (intra, cross) = ((g - 1) as f64 * chunk, (n - g) as f64 * chunk);
+        let out = nic(cluster, g * shape.groups_per_node);
+        let latency = if n > g {
+            cluster.cross_node.latency_us
+        } else {
+            cluster.same_node.latency_us
+        };
+        self.cost.seconds += (intra / (cluster.same_node.gbps * 1e9)).max(cross / (out.gbps * 1e9))
+            + (n - 1) as f64 * latency * 1e-6;
+        self.cost.intra_bytes += n as f64 * intra;
+        self.cost.inter_bytes += n as f64 * cross;
     }
 
     /// `steps` ring steps of `chunk` bytes: every step is the same, so one is priced and
@@ -519,24 +540,19 @@ impl Exchange {
             Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign | Codec::Qsgd(_) => {
                 let per_value = self.codec.encoded_words(CHUNK) as f64 * 4.0 / CHUNK as f64;
                 let wire = values * per_value.min(elem);
-                // All-to-all: every member sends each of the n − 1 others its chunk, those for
-                // its own node over the node's links and those for other nodes over its share
-                // of the node's NIC, at once; a message (and a latency) per peer.
-                let chunk = wire / n as f64;
-                let (intra, cross) = ((g - 1) as f64 * chunk, (n - g) as f64 * chunk);
-                let out = nic(cluster, g * shape.groups_per_node);
-                let latency = if n > g {
-                    cluster.cross_node.latency_us
-                } else {
-                    cluster.same_node.latency_us
-                };
-                s.cost.seconds += (intra / (cluster.same_node.gbps * 1e9))
-                    .max(cross / (out.gbps * 1e9))
-                    + (n - 1) as f64 * latency * 1e-6;
-                s.cost.intra_bytes += n as f64 * intra;
-                s.cost.inter_bytes += n as f64 * cross;
+                s.all_to_all(wire / n as f64, g);
                 // Ring all-gather of the compressed sums.
                 s.ring(wire / n as f64, n - 1);
+                s.cost
+            }
+            Codec::OkTopK(_) => {
+                // The pair counts to each owner, the pairs (a share of the k pairs to each),
+                // the counts of the kept sums and the kept sums (k pairs in all) gathered.
+                let k = self.codec.keep(values as usize) as f64;
+                s.all_to_all(8.0, g);
+                s.all_to_all(8.0 * k / n as f64, g);
+                s.ring(8.0, n - 1);
+                s.ring(8.0 * k / n as f64, n - 1);
                 s.cost
             }
             Codec::Sketch(rows, cols) => {

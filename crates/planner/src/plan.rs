@@ -746,7 +746,8 @@ impl Planner {
     /// The best plan of two groups of devices running at the same time (per step, as
     /// Hydraulis and FlexSP plan): the sequences up to an edge on the first `k` devices under
     /// one strategy, the rest on the other `n − k` under another. Searched over `k` (whole
-    /// nodes where there are several, else any share of the node), the edges (powers of two between the batch's lengths)
+    /// nodes where there are several, in steps of a sixteenth of the nodes beyond 16 of them,
+    /// else any share of the node), the edges (powers of two between the batch's lengths)
     /// and every candidate strategy of each group on its own share; the few best by their
     /// groups' compute are then estimated whole ([`Planner::evaluate`]: switches and the
     /// instantiation included). `None` where no split holds the batch.
@@ -757,9 +758,12 @@ impl Planner {
         let Some(&longest) = sorted.last() else {
             return Ok(None);
         };
-        // Groups of whole nodes where there are several, else any split of the node.
+        // Groups of whole nodes where there are several, else any split of the node; beyond
+        // 16 nodes, of whole sixteenths of the nodes (at most 15 splits: the search at 1,024
+        // GPUs would otherwise weigh 127).
         let per = self.cost.cluster.devices_per_node.max(1);
-        let step = if n > per { per } else { 1 };
+        let nodes = n.div_ceil(per);
+        let step = if n > per { per * nodes.div_ceil(16) } else { 1 };
         let splits: Vec<usize> = (1..n).filter(|k| k % step == 0).collect();
         let mut edges = Vec::new();
         let mut e = sorted[0].max(2).next_power_of_two();

@@ -296,6 +296,9 @@ impl Agreement {
                 }
             }
             Codec::TopK(_) => codec::all_reduce_top_k(c, buf, codec, worker.as_deref_mut())?,
+            Codec::OkTopK(_) => {
+                comm::sparse::all_reduce_top_k_balanced(c, buf, codec, worker.as_deref_mut())?
+            }
             Codec::Sketch(..) => {
                 return Err(RuntimeError::Agreement(format!(
                     "{codec} is a federated uplink (--sync fedavg), not a DP exchange"

@@ -120,7 +120,7 @@ fn variant(label: &str) -> TrainConfig {
 /// 2 nodes × 4; a few with
 /// bf16's two-byte elements, as the GPU presets count activations, messages and elementwise
 /// kernels.
-const GRID: [&str; 47] = [
+const GRID: [&str; 48] = [
     "dp8",
     "dp4tp2",
     "dp2tp4",
@@ -149,6 +149,7 @@ const GRID: [&str; 47] = [
     "dp8 codec=int8",
     "dp8 codec=sign",
     "dp8 codec=topk:0.01",
+    "dp8 codec=oktopk:0.01",
     "dp8 codec=randk:0.05",
     "dp8 codec=powersgd:2",
     "dp4tp2 codec=int8",

@@ -51,14 +51,23 @@ impl Federated {
                     .into(),
             );
         }
-        if matches!(e.codec, Codec::PowerSgd(_) | Codec::Dgc(_)) {
+        if matches!(
+            e.codec,
+            Codec::PowerSgd(_) | Codec::Dgc(_) | Codec::OkTopK(_)
+        ) {
             return bad(
                 "grad_compression",
                 format!(
-                    "{}: its state (PowerSGD's warm starts, DGC's velocity) lives with a DP \
-                     member, which federated clients are not; use bf16, fp16, int8, sign, \
-                     qsgd:S, topk:F or randk:F for the uplink",
-                    e.codec
+                    "{}: {}; use bf16, fp16, int8, sign, qsgd:S, topk:F or randk:F for the \
+                     uplink",
+                    e.codec,
+                    if matches!(e.codec, Codec::OkTopK(_)) {
+                        "its sums are made by the members themselves, region by region; a \
+                         client's upload goes to the server whole"
+                    } else {
+                        "its state (PowerSGD's warm starts, DGC's velocity) lives with a DP \
+                         member, which federated clients are not"
+                    }
                 ),
             );
         }
@@ -125,7 +134,7 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
     }
     if matches!(
         e.codec,
-        comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_)
+        comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_) | Codec::OkTopK(_)
     ) {
         return refuse(
             "ps_servers",
@@ -133,7 +142,9 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
                 "{}: {} between the workers; pushes to the parameter server take bf16, fp16, \
                  int8, sign, qsgd:S, topk:F or randk:F",
                 e.codec,
-                if matches!(e.codec, comm::codec::Codec::Dgc(_)) {
+                if matches!(e.codec, Codec::OkTopK(_)) {
+                    "its sums are made region by region by the members"
+                } else if matches!(e.codec, comm::codec::Codec::Dgc(_)) {
                     "DGC's velocities and sparse sums need all-gathers"
                 } else {
                     "PowerSGD's factors need all-reduces"
