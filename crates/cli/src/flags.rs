@@ -485,11 +485,11 @@ impl TrainFlags {
                 );
             }
         }
+        let (codec, adaptive) =
+            planner::exchange::compression(&self.grad_compression).context("--grad-compression")?;
         cfg.exchange = planner::exchange::Exchange {
-            codec: self
-                .grad_compression
-                .parse()
-                .context("--grad-compression")?,
+            codec,
+            adaptive,
             error_feedback: match self.error_feedback.as_str() {
                 "on" => true,
                 "off" => false,

@@ -113,7 +113,7 @@ fn exchange_table(r: &sim::ExchangeReport, chosen: &str) {
             row.cost.intra_bytes / 1e9,
             row.cost.inter_bytes / 1e9,
             base / row.step_seconds,
-            if row.exchange == chosen {
+            if row.exchange == chosen || (chosen == "auto:" && row.exchange.starts_with("auto:")) {
                 "  ← chosen"
             } else {
                 ""
@@ -400,11 +400,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let cluster = sim::presets::cluster_or_file(&args.cluster)
         .with_context(|| format!("--cluster {}", args.cluster))?;
+    let (codec, adaptive) =
+        planner::exchange::compression(&args.grad_compression).context("--grad-compression")?;
     let exchange = Exchange {
-        codec: args
-            .grad_compression
-            .parse()
-            .context("--grad-compression")?,
+        codec,
+        adaptive,
         error_feedback: match args.error_feedback.as_str() {
             "on" => true,
             "off" => false,
@@ -413,6 +413,12 @@ pub fn run(args: Args) -> Result<()> {
         cross_node_only: args.compress_cross_node_only,
         algorithm: args.allreduce.parse().context("--allreduce")?,
     };
+    if exchange.adaptive && exchange.cross_node_only {
+        anyhow::bail!(
+            "--grad-compression auto chooses per bucket whether to compress across nodes only; \
+             drop --compress-cross-node-only"
+        );
+    }
     if exchange.cross_node_only && matches!(exchange.codec, comm::codec::Codec::PowerSgd(_)) {
         anyhow::bail!(
             "--compress-cross-node-only with PowerSGD is not implemented (train refuses it too)"
@@ -483,6 +489,7 @@ pub fn run(args: Args) -> Result<()> {
             candidates.push(Exchange {
                 codec,
                 cross_node_only: cross,
+                adaptive: false,
                 ..exchange
             });
         }
@@ -501,7 +508,12 @@ pub fn run(args: Args) -> Result<()> {
         report: &r,
         exchanges: &table,
     };
-    let chosen = exchange.to_string();
+    // `auto`'s row is named by what it chose.
+    let chosen = if exchange.adaptive {
+        "auto:".to_string()
+    } else {
+        exchange.to_string()
+    };
     crate::output::emit(args.json, &both, |b| {
         one(b.report);
         exchange_table(b.exchanges, &chosen);

@@ -305,6 +305,10 @@ fn bad_exchange_settings_are_refused_by_name() {
         (vec!["--grad-compression", "int4"], "int4"),
         (vec!["--grad-compression", "qsgd:0"], "qsgd:0"),
         (vec!["--grad-compression", "oktopk:0"], "oktopk:0"),
+        (
+            vec!["--grad-compression", "auto", "--compress-cross-node-only"],
+            "compress_cross_node_only",
+        ),
         (vec!["--grad-compression", "dgc:0"], "dgc:0"),
         (
             vec!["--grad-compression", "dgc:0.01", "--error-feedback", "off"],
@@ -422,5 +426,83 @@ fn onebit_adam_is_adamw_through_its_warm_up_then_sends_a_bit_a_value_and_resumes
     assert!(
         second.weights == one.weights,
         "resuming lost 1-bit Adam's state"
+    );
+}
+
+/// `--grad-compression auto` as a user meets it: on fast links every bucket stays exact (the
+/// weights are bitwise the default's), on a slow link between nodes the large buckets are
+/// compressed across nodes only, fewer bytes cross, and each step's metrics say what was chosen.
+#[test]
+fn auto_compresses_only_where_the_links_are_slow_and_says_what_it_chose() {
+    let dir = common::Scratch::new(setup);
+    let d = dir.path();
+    let cluster = |name: &str, cross_gbps: f64| -> String {
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nnodes = 2\ndevices_per_node = 2\npeak_tflops = 1.0\n\
+                 memory_gib = 80.0\nmemory_gbps = 100.0\n[efficiency]\nmax = 0.5\n\
+                 half_tokens = 0.0\nhalf_width = 0.0\nattention = 0.3\n[same_node]\ngbps = 100.0\n\
+                 latency_us = 5.0\n[cross_node]\ngbps = {cross_gbps}\nlatency_us = 10.0\n"
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let (fast, slow) = (cluster("fast", 100.0), cluster("slow", 0.001));
+    let plain = train(d, "plain-2n", &["--devices-per-node", "2"]);
+    let auto = |name: &str, file: &str| {
+        train(
+            d,
+            name,
+            &[
+                "--devices-per-node",
+                "2",
+                "--grad-compression",
+                "auto",
+                "--sim-cluster",
+                file,
+            ],
+        )
+    };
+    let choices = |r: &Run| -> Vec<String> {
+        r.metrics
+            .iter()
+            .map(|m| {
+                m["exchange_choices"]
+                    .as_str()
+                    .unwrap_or("missing")
+                    .to_string()
+            })
+            .collect()
+    };
+    let on_fast = auto("auto-fast", &fast);
+    assert!(on_fast.weights == plain.weights, "fast links: not exact");
+    assert!(
+        choices(&on_fast).iter().all(|c| c.starts_with("none ×")),
+        "{:?}",
+        choices(&on_fast)
+    );
+    let on_slow = auto("auto-slow", &slow);
+    assert!(
+        on_slow.weights != plain.weights,
+        "slow links: nothing compressed"
+    );
+    assert!(
+        choices(&on_slow).iter().all(|c| c.contains("across nodes")),
+        "{:?}",
+        choices(&on_slow)
+    );
+    assert!(
+        wire(&on_slow, "wire_inter_node_bytes") < wire(&plain, "wire_inter_node_bytes"),
+        "auto sent {} bytes across nodes, exact {}",
+        wire(&on_slow, "wire_inter_node_bytes"),
+        wire(&plain, "wire_inter_node_bytes")
+    );
+    assert!(
+        on_slow.stderr.contains("auto (per bucket"),
+        "{}",
+        on_slow.stderr
     );
 }

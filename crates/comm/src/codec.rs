@@ -90,7 +90,7 @@ impl fmt::Display for Codec {
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, oktopk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads)";
+    "use none, bf16, fp16, int8, sign, topk:F, oktopk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads); --grad-compression also takes auto (per bucket)";
 
 impl FromStr for Codec {
     type Err = CommError;

@@ -415,10 +415,12 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
     let shape = planner.cost.dp_shape(&strategy);
     let rows = exchanges
         .iter()
-        .map(|e| {
+        .map(|given| {
             let mut cost = planner.cost.clone();
-            cost.exchange = *e;
+            cost.exchange = *given;
             let c = cost.dp_exchange(&strategy);
+            // `auto`'s choice for the whole gradient, as one bucket.
+            let e = &given.adapt(&cost.cluster, values, shape);
             use comm::codec::Codec;
             let exact = e
                 .algorithm_for(&cost.cluster, values * cost.cluster.elem_bytes, shape)
@@ -430,7 +432,14 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
                 _ => "a2a+ag".to_string(),
             };
             ExchangeRow {
-                exchange: e.to_string(),
+                exchange: if given.adaptive {
+                    format!(
+                        "auto: {}",
+                        e.to_string().split(", ").next().unwrap_or_default()
+                    )
+                } else {
+                    e.to_string()
+                },
                 algorithm,
                 cost: c,
                 step_seconds: base + c.seconds,

@@ -97,6 +97,8 @@ pub struct Agreement {
     clip: Option<f32>,
     /// 1-bit Adam's exchange of the momentum instead of the gradients.
     onebit: Option<OneBit>,
+    /// `auto`'s choice per bucket (`strategy/bucket/`).
+    chosen: Mutex<BTreeMap<String, Exchange>>,
     kept: Mutex<HashMap<usize, Kept>>,
 }
 
@@ -134,6 +136,7 @@ impl Agreement {
             devices_per_node: devices_per_node.max(1),
             clip: None,
             onebit: None,
+            chosen: Mutex::new(BTreeMap::new()),
             kept: Mutex::new(HashMap::new()),
         }
     }
@@ -154,6 +157,46 @@ impl Agreement {
     /// The exchange it carries.
     pub fn exchange(&self) -> &Exchange {
         &self.exchange
+    }
+
+    /// What `--grad-compression auto` chose for each bucket so far (`strategy/bucket/` and the
+    /// exchange), in name order; empty unless adaptive.
+    pub fn choices(&self) -> Vec<(String, Exchange)> {
+        let chosen = self.chosen.lock().unwrap_or_else(|p| p.into_inner());
+        chosen.iter().map(|(k, e)| (k.clone(), *e)).collect()
+    }
+
+    /// [`Agreement::choices`] counted by exchange, e.g. `none ×3, int8 across nodes ×2` (`None`
+    /// unless adaptive or before the first exchange).
+    pub fn choice_summary(&self) -> Option<String> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, e) in self.choices() {
+            let name = e.to_string();
+            let name = name.split(", ").next().unwrap_or_default().to_string();
+            *counts.entry(name).or_default() += 1;
+        }
+        (!counts.is_empty()).then(|| {
+            counts
+                .iter()
+                .map(|(e, n)| format!("{e} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    /// The exchange of bucket `prefix` of `len` values over members on `nodes`: the run's, or
+    /// [`Exchange::adapt`]'s choice (recorded for [`Agreement::choices`]).
+    fn chosen(&self, prefix: &str, len: usize, nodes: &[usize]) -> Exchange {
+        let ex = self
+            .exchange
+            .adapt(&self.cluster, len as f64, self.shape(nodes));
+        if self.exchange.adaptive {
+            self.chosen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(prefix.to_string(), ex);
+        }
+        ex
     }
 
     fn shape(&self, nodes: &[usize]) -> GroupShape {
@@ -255,15 +298,16 @@ impl Agreement {
     /// The codec's all-reduce of `buf` over `c`; `prefix` names the state (`strategy/bucket/`).
     fn compressed(
         &self,
+        ex: &Exchange,
         c: &dyn Communicator,
         buf: &mut [f32],
         shapes: &[Vec<usize>],
         prefix: &str,
         kept: &mut Kept,
     ) -> Result<()> {
-        let feedback = self.exchange.error_feedback;
+        let feedback = ex.error_feedback;
         let len = buf.len();
-        let codec = self.exchange.codec;
+        let codec = ex.codec;
         let name = |kind: &str| format!("{prefix}{kind}");
         let mut worker = if feedback {
             Some(kept.take(&name("worker"), len)?)
@@ -271,10 +315,7 @@ impl Agreement {
             None
         };
         let nodes = c.member_nodes();
-        let algo = |bytes: usize| {
-            self.exchange
-                .algorithm_for(&self.cluster, bytes as f64, self.shape(&nodes))
-        };
+        let algo = |bytes: usize| ex.algorithm_for(&self.cluster, bytes as f64, self.shape(&nodes));
         match codec {
             Codec::None => self.exact(c, buf, &nodes)?,
             Codec::Bf16 | Codec::Fp16 | Codec::Int8 | Codec::Sign | Codec::Qsgd(_) => {
@@ -395,12 +436,13 @@ impl GradientAgreement for Agreement {
         if let Some(ob) = self.onebit {
             return self.with_kept(me, |k| self.onebit(dp, flat, &prefix, k, ob));
         }
-        if self.exchange.codec == Codec::None {
+        let ex = self.chosen(&prefix, flat.len(), &nodes);
+        if ex.codec == Codec::None {
             return self.exact(dp, flat, &nodes);
         }
         let per_node = self.shape(&nodes).per_node;
         let spans_nodes = nodes.iter().any(|&n| n != nodes[0]);
-        if self.exchange.cross_node_only && (!spans_nodes || per_node > 1) {
+        if ex.cross_node_only && (!spans_nodes || per_node > 1) {
             if !spans_nodes {
                 return self.exact(dp, flat, &nodes);
             }
@@ -412,12 +454,14 @@ impl GradientAgreement for Agreement {
                 .reduce_scatter(flat, &mut chunk, &counts, ReduceOp::Sum)?;
             let prefix = format!("{prefix}across/");
             self.with_kept(me, |k| {
-                self.compressed(h.inter.as_ref(), &mut chunk, &[], &prefix, k)
+                self.compressed(&ex, h.inter.as_ref(), &mut chunk, &[], &prefix, k)
             })?;
             h.intra.all_gather(&chunk, flat, &counts)?;
             return Ok(());
         }
-        self.with_kept(me, |k| self.compressed(dp, flat, key.shapes, &prefix, k))
+        self.with_kept(me, |k| {
+            self.compressed(&ex, dp, flat, key.shapes, &prefix, k)
+        })
     }
 
     fn reduce_scatter(
@@ -433,15 +477,17 @@ impl GradientAgreement for Agreement {
             out.copy_from_slice(grad);
             return Ok(());
         }
-        let codec = self.exchange.codec;
+        let prefix = format!("{}/{}/", key.strategy, key.index);
+        let ex = self.chosen(&prefix, grad.len(), &dp.member_nodes());
+        let codec = ex.codec;
         if codec == Codec::None && self.onebit.is_none() {
             return Ok(dp.reduce_scatter(grad, out, counts, ReduceOp::Sum)?);
         }
         let mut work = grad.to_vec();
-        if codec.is_dense() && !self.exchange.cross_node_only && self.onebit.is_none() {
+        if codec.is_dense() && !ex.cross_node_only && self.onebit.is_none() {
             let world = dp.world_ranks()[me].0;
-            let name = format!("{}/{}/worker", key.strategy, key.index);
-            let feedback = self.exchange.error_feedback;
+            let name = format!("{prefix}worker");
+            let feedback = ex.error_feedback;
             let sum = self.with_kept(world, |k| {
                 let mut worker = if feedback {
                     Some(k.take(&name, work.len())?)

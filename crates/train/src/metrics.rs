@@ -50,6 +50,10 @@ pub struct StepMetrics {
     /// Under federated averaging: the round's clients and bytes up and down.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub fed: Option<FedMetrics>,
+    /// Under `--grad-compression auto`: what each bucket's exchange was, counted (e.g. `none
+    /// ×3, int8 across nodes ×2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange_choices: Option<String>,
 }
 
 /// A step under the parameter server (under ASP and SSP: `W` updates, one per worker share).

@@ -10,7 +10,6 @@ use comm::{Communicator, ThreadComm};
 use graph::Strategy;
 use kernels::{CpuBackend, CudaBackend};
 use model::{gather_weights, Checkpoint, Weights};
-use runtime::GradientAgreement;
 
 use crate::config::{Device, TrainConfig};
 use crate::error::{Result, TrainError};
@@ -108,6 +107,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         p.cfg.world_size()
     };
     let heartbeats = Heartbeats::new(first_rank, ranks_here);
+    let exchange = agreement(&p);
     let job = Arc::new(Job {
         cfg: p.cfg.clone(),
         inst: p.inst.clone(),
@@ -117,7 +117,7 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         start_step: p.start_step,
         planner: p.planner.clone(),
         devices_per_node: p.devices_per_node,
-        agreement: agreement(&p),
+        agreement: exchange.clone(),
         buckets,
         tx: tx.clone(),
         heartbeats: heartbeats.clone(),
@@ -164,8 +164,9 @@ pub fn run(cfg: &TrainConfig, sink: &mut dyn Sink) -> Result<TrainOutcome> {
         }
         match got {
             Ok(Msg::Finished(r)) => break r,
-            Ok(Msg::Step(m)) => {
+            Ok(Msg::Step(mut m)) => {
                 longest_step = longest_step.max(m.seconds);
+                m.exchange_choices = exchange.choice_summary();
                 if failure.is_none() {
                     if let Err(e) = sink.step(&m) {
                         failure = Some(e);
@@ -298,7 +299,7 @@ fn blame_the_stuck(e: TrainError, heartbeats: &Heartbeats) -> TrainError {
 /// when they are done (or when the communicator gave up on a failed or stuck one).
 /// The gradient agreement of the run: its exchange, `auto` weighing algorithms on the simulated
 /// cluster, else the planner's, else nominal links of this machine.
-fn agreement(p: &Prepared) -> Arc<dyn GradientAgreement> {
+fn agreement(p: &Prepared) -> Arc<crate::exchange::Agreement> {
     let cluster = p.cfg.simulate.clone().or_else(|| match &p.cfg.strategy {
         crate::StrategySpec::Auto(a) => Some(a.cluster.clone()),
         _ => None,

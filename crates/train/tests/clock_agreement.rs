@@ -104,6 +104,7 @@ fn variant(label: &str) -> TrainConfig {
     let mut cfg = config(strategy);
     for e in extra.split_whitespace() {
         match e.split_once('=') {
+            Some(("codec", "auto")) => cfg.exchange.adaptive = true,
             Some(("codec", c)) => cfg.exchange.codec = c.parse().unwrap(),
             Some(("allreduce", a)) => cfg.exchange.algorithm = a.parse().unwrap(),
             Some(("schedule", x)) => cfg.pipeline_schedule = x.parse().unwrap(),
@@ -120,7 +121,7 @@ fn variant(label: &str) -> TrainConfig {
 /// 2 nodes × 4; a few with
 /// bf16's two-byte elements, as the GPU presets count activations, messages and elementwise
 /// kernels.
-const GRID: [&str; 48] = [
+const GRID: [&str; 49] = [
     "dp8",
     "dp4tp2",
     "dp2tp4",
@@ -150,6 +151,7 @@ const GRID: [&str; 48] = [
     "dp8 codec=sign",
     "dp8 codec=topk:0.01",
     "dp8 codec=oktopk:0.01",
+    "dp8 codec=auto",
     "dp8 codec=randk:0.05",
     "dp8 codec=powersgd:2",
     "dp4tp2 codec=int8",

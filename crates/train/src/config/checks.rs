@@ -43,6 +43,14 @@ impl Federated {
             );
         }
         let e = &cfg.exchange;
+        if e.adaptive {
+            return bad(
+                "grad_compression",
+                "auto chooses a codec per bucket of a DP exchange by its links; a client's \
+                 upload goes to the server: name the codec"
+                    .into(),
+            );
+        }
         if e.algorithm != planner::exchange::Exchange::default().algorithm || e.cross_node_only {
             return bad(
                 "allreduce",
@@ -124,6 +132,14 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
     )?;
     let e = &cfg.exchange;
     let exact = planner::exchange::Exchange::default();
+    if e.adaptive {
+        return refuse(
+            "grad_compression",
+            "auto chooses a codec per bucket of a DP exchange by its links; pushes go to the \
+             parameter servers: name the codec"
+                .into(),
+        );
+    }
     if e.algorithm != exact.algorithm || e.cross_node_only {
         return refuse(
             "ps_servers",
@@ -172,13 +188,17 @@ pub(crate) fn check_optimizer(cfg: &TrainConfig) -> Result<()> {
         );
     }
     let e = &cfg.exchange;
-    if e.codec != Codec::None || e.cross_node_only {
+    if e.codec != Codec::None || e.cross_node_only || e.adaptive {
         return refuse(
             "grad_compression",
             format!(
                 "onebit-adam exchanges the momentum by its own 1-bit codec after the warm-up; \
                  --grad-compression {} / --compress-cross-node-only do not apply (drop them)",
-                e.codec
+                if e.adaptive {
+                    "auto".to_string()
+                } else {
+                    e.codec.to_string()
+                }
             ),
         );
     }

@@ -482,6 +482,13 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.exchange.adaptive && self.exchange.cross_node_only {
+            return Err(TrainError::setting(
+                "compress_cross_node_only",
+                "--grad-compression auto chooses per bucket whether to compress across nodes \
+                 only; drop --compress-cross-node-only",
+            ));
+        }
         if self.exchange.cross_node_only
             && matches!(self.exchange.codec, comm::codec::Codec::PowerSgd(_))
         {
