@@ -73,6 +73,11 @@ pub struct Args {
     /// and one NVLink node, over TCP, RDMA and NVLink (the survey's Table 4 by the α–β model).
     #[arg(long)]
     sync_table: bool,
+    /// Instead: N jobs like this one (its best static strategy) whose DP exchanges share the
+    /// links between nodes (one NIC per node, or one oversubscribed switch): each job's step
+    /// alone, with the link shared fairly, and by priority in job order.
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 /// The codecs and algorithms the exchange table compares.
@@ -248,6 +253,50 @@ fn one(r: &Report) {
 }
 
 /// `--sync-table`: the survey's comparison for one model's gradients.
+/// `--jobs K`: K copies of the scenario's best static strategy sharing the links between nodes.
+fn jobs(scenario: &Scenario, k: usize, json: bool) -> Result<()> {
+    if k == 0 {
+        anyhow::bail!("--jobs 0 is out of range: must be at least 1");
+    }
+    let (strategy, load) = sim::job_load(scenario)?;
+    let loads = vec![load; k];
+    let steps = 200;
+    #[derive(Serialize)]
+    struct Sharing {
+        strategy: String,
+        load: sim::sharing::JobLoad,
+        alone: f64,
+        fair: Vec<f64>,
+        priority: Vec<f64>,
+    }
+    let out = Sharing {
+        strategy,
+        load,
+        alone: load.alone(),
+        fair: sim::sharing::share(&loads, sim::sharing::Policy::Fair, steps),
+        priority: sim::sharing::share(&loads, sim::sharing::Policy::Priority, steps),
+    };
+    crate::output::emit(json, &out, |o| {
+        println!(
+            "{k} jobs of {} sharing the links between nodes: a step computes {:.3} s, its DP \
+             exchange takes {:.3} s alone of which {:.3} s hide under the backward",
+            o.strategy, o.load.compute, o.load.exchange, o.load.overlap
+        );
+        println!("alone: {:.3} s a step", o.alone);
+        for (name, t) in [("fair", &o.fair), ("priority", &o.priority)] {
+            let each: Vec<String> = t
+                .iter()
+                .map(|s| format!("{s:.3} s ({:.2}×)", s / o.alone))
+                .collect();
+            println!("{name:<9} {}", each.join(", "));
+        }
+        println!(
+            "(mean over each job's first {steps} steps; fair: equal shares of the link while \
+             several exchange; priority: job 1 first, then 2, …; crates/sim/src/sharing.rs)"
+        );
+    })
+}
+
 fn sync_table(args: &Args) -> Result<()> {
     let cfg = model::LlamaConfig::preset_or_load(&args.model)
         .with_context(|| format!("--model {}", args.model))?;
@@ -434,6 +483,9 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         exchange,
     };
+    if let Some(k) = args.jobs {
+        return jobs(&scenario, k, args.json);
+    }
     if let Some(spec) = &args.strategy {
         let e = sim::one_strategy(&scenario, spec, args.micro_batch_tokens)?;
         return crate::output::emit(args.json, &e, |e| {

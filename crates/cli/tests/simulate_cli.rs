@@ -483,3 +483,62 @@ fn one_strategy_reports_throughput_and_mfu() {
     let out = hotspa(&[&base[..], &["--micro-batch-tokens", "4096"]].concat());
     assert!(!out.status.success());
 }
+
+/// `--jobs K`: K copies of the best static strategy sharing the links between nodes; fairly
+/// every job slows by what its exchange no longer hides, by priority the first runs as alone.
+#[test]
+fn jobs_sharing_the_links_between_nodes() {
+    let out = hotspa(&[
+        "simulate",
+        "--cluster",
+        "eth8x8",
+        "--gpus",
+        "64",
+        "--jobs",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alone = v["alone"].as_f64().unwrap();
+    let each = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (fair, prio) = (each("fair"), each("priority"));
+    assert_eq!((fair.len(), prio.len()), (2, 2));
+    // The exchange shows beyond its overlap once it runs at half the link.
+    let load = &v["load"];
+    let (x, o) = (
+        load["exchange"].as_f64().unwrap(),
+        load["overlap"].as_f64().unwrap(),
+    );
+    let want = load["compute"].as_f64().unwrap() + (2.0 * x - o).max(0.0);
+    assert!(
+        fair.iter().all(|t| (t - want).abs() < 1e-6 * want),
+        "{fair:?} vs {want}"
+    );
+    assert!(fair[0] > alone, "sharing cost nothing: {fair:?} vs {alone}");
+    assert!(
+        (prio[0] - alone).abs() < 1e-9 * alone,
+        "{prio:?} vs {alone}"
+    );
+    let e = hotspa(&[
+        "simulate",
+        "--cluster",
+        "eth8x8",
+        "--gpus",
+        "64",
+        "--jobs",
+        "0",
+    ]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--jobs 0"));
+}

@@ -34,6 +34,7 @@ mod clock;
 mod error;
 mod network;
 pub mod presets;
+pub mod sharing;
 pub mod topology;
 
 use graph::{Strategy, Zero};
@@ -401,6 +402,25 @@ pub struct ExchangeReport {
     pub per_node: usize,
     /// One row per exchange, in the order given.
     pub rows: Vec<ExchangeRow>,
+}
+
+/// The best static strategy of `s` as a job sharing the links between nodes with others
+/// ([`sharing`]): its step's compute, its DP exchange's seconds alone, and how much of the
+/// exchange the backward hides (the exchange's seconds less what shows in the step).
+pub fn job_load(s: &Scenario) -> Result<(String, sharing::JobLoad)> {
+    let planner = planner_of(s, model_of(s)?);
+    let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
+    let (plan, est) = planner.best_static(&lens)?;
+    let exchange = planner.cost.dp_exchange(&plan.inst).seconds;
+    let shows = est.breakdown.dp_reduce.min(exchange);
+    Ok((
+        plan.inst.to_string(),
+        sharing::JobLoad {
+            compute: est.seconds - shows,
+            exchange,
+            overlap: exchange - shows,
+        },
+    ))
 }
 
 /// Each of `exchanges` for the gradients of the best static strategy of `s` (chosen under
