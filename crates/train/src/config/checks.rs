@@ -1,5 +1,6 @@
-//! The checks of the synchronisation models' settings against the whole run: the parameter
-//! server, federated averaging, and the whole replicas both train.
+//! The checks of the synchronisation models' and the gradient exchange's settings against the
+//! whole run: the exchange's codecs (`auto`, DGC, the sketch), 1-bit Adam, periodic averaging,
+//! the parameter server, federated averaging, and the whole replicas the last two train.
 
 use comm::codec::Codec;
 
@@ -280,6 +281,108 @@ pub(crate) fn check_whole_replicas(
                     "{what} under {under} is not built; drop it (evaluate the saved model with \
                      `hotspa eval`)"
                 ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The gradient exchange's settings against each other and the run: the sketch is a federated
+/// uplink, DGC its own residual, `auto` its own choice of where to compress.
+pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
+    if matches!(cfg.exchange.codec, comm::codec::Codec::Sketch(..))
+        && cfg.sync != crate::sync::SyncMode::FedAvg
+    {
+        return Err(TrainError::setting(
+            "grad_compression",
+            format!(
+                "{}: a count sketch is FetchSGD's federated uplink (the server adds the \
+                     clients' sketches and recovers the largest coordinates); use it with --sync \
+                     fedavg",
+                cfg.exchange.codec
+            ),
+        ));
+    }
+    if matches!(cfg.exchange.codec, comm::codec::Codec::Dgc(_)) {
+        if !cfg.exchange.error_feedback {
+            return Err(TrainError::setting(
+                "error_feedback",
+                "dgc:F accumulates what it did not send (that is DGC); --error-feedback off \
+                     does not apply to it",
+            ));
+        }
+        if cfg.exchange.cross_node_only {
+            return Err(TrainError::setting(
+                "compress_cross_node_only",
+                "dgc:F keeps a velocity of the whole bucket per member; the exchange \
+                     across nodes carries one member's slice: not implemented together",
+            ));
+        }
+    }
+    if cfg.exchange.adaptive && cfg.exchange.cross_node_only {
+        return Err(TrainError::setting(
+            "compress_cross_node_only",
+            "--grad-compression auto chooses per bucket whether to compress across nodes \
+                 only; drop --compress-cross-node-only",
+        ));
+    }
+    if cfg.exchange.cross_node_only && matches!(cfg.exchange.codec, comm::codec::Codec::PowerSgd(_))
+    {
+        return Err(TrainError::setting(
+            "compress_cross_node_only",
+            "PowerSGD compresses whole matrices, and the exchange across nodes carries one \
+                 member's slice of the bucket: not implemented together; drop one of them",
+        ));
+    }
+    Ok(())
+}
+
+/// Periodic averaging runs one strategy with DP replicas that hold whole optimizer states,
+/// exchanges no gradients, and checkpoints and evaluates where the replicas are one.
+pub(crate) fn check_sync(cfg: &TrainConfig) -> Result<()> {
+    let Some(h) = cfg.sync.every() else {
+        return Ok(());
+    };
+    let refuse = |why: String| Err(TrainError::setting("sync", format!("{}: {why}", cfg.sync)));
+    let s = match &cfg.strategy {
+        StrategySpec::Fixed(s) => s,
+        _ => {
+            return refuse(
+                "periodic averaging runs one strategy (--strategy), not a hot-switching or \
+                 planned schedule"
+                    .into(),
+            )
+        }
+    };
+    if s.dp < 2 {
+        return refuse(format!("{s} has no DP replicas to average"));
+    }
+    if s.zero != graph::Zero::Off {
+        return refuse(format!(
+            "{s} shards the optimizer over the DP replicas, which differ between \
+             synchronisations; drop the zero suffix"
+        ));
+    }
+    if cfg.exchange != planner::exchange::Exchange::default() {
+        return refuse(format!(
+            "no gradients are exchanged between synchronisations, so --grad-compression {} / \
+             --allreduce {} would do nothing",
+            cfg.exchange.codec, cfg.exchange.algorithm
+        ));
+    }
+    if let Some(e) = cfg.checkpoint.as_ref().and_then(|c| c.every) {
+        if !e.is_multiple_of(h) {
+            return refuse(format!(
+                "checkpoints are written where the replicas are one: --checkpoint-every {e} \
+                 must be a multiple of {h}"
+            ));
+        }
+    }
+    if let Some(e) = cfg.eval.as_ref().and_then(|c| c.every) {
+        if !e.is_multiple_of(h) {
+            return refuse(format!(
+                "evaluation runs where the replicas are one: --eval-every {e} must be a \
+                 multiple of {h}"
             ));
         }
     }

@@ -453,52 +453,8 @@ impl TrainConfig {
             }
             Ok(())
         }
-        if matches!(self.exchange.codec, comm::codec::Codec::Sketch(..))
-            && self.sync != crate::sync::SyncMode::FedAvg
-        {
-            return Err(TrainError::setting(
-                "grad_compression",
-                format!(
-                    "{}: a count sketch is FetchSGD's federated uplink (the server adds the \
-                     clients' sketches and recovers the largest coordinates); use it with --sync \
-                     fedavg",
-                    self.exchange.codec
-                ),
-            ));
-        }
-        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) {
-            if !self.exchange.error_feedback {
-                return Err(TrainError::setting(
-                    "error_feedback",
-                    "dgc:F accumulates what it did not send (that is DGC); --error-feedback off \
-                     does not apply to it",
-                ));
-            }
-            if self.exchange.cross_node_only {
-                return Err(TrainError::setting(
-                    "compress_cross_node_only",
-                    "dgc:F keeps a velocity of the whole bucket per member; the exchange \
-                     across nodes carries one member's slice: not implemented together",
-                ));
-            }
-        }
-        if self.exchange.adaptive && self.exchange.cross_node_only {
-            return Err(TrainError::setting(
-                "compress_cross_node_only",
-                "--grad-compression auto chooses per bucket whether to compress across nodes \
-                 only; drop --compress-cross-node-only",
-            ));
-        }
-        if self.exchange.cross_node_only
-            && matches!(self.exchange.codec, comm::codec::Codec::PowerSgd(_))
-        {
-            return Err(TrainError::setting(
-                "compress_cross_node_only",
-                "PowerSGD compresses whole matrices, and the exchange across nodes carries one \
-                 member's slice of the bucket: not implemented together; drop one of them",
-            ));
-        }
-        self.check_sync()?;
+        checks::check_exchange(self)?;
+        checks::check_sync(self)?;
         checks::check_optimizer(self)?;
         checks::check_ps(self)?;
         if self.sync == crate::sync::SyncMode::FedAvg {
@@ -784,58 +740,6 @@ impl TrainConfig {
     /// Every rank of the run: the devices, and the parameter servers after them.
     pub fn world_size(&self) -> usize {
         self.devices + self.ps.map_or(0, |p| p.servers)
-    }
-
-    /// Periodic averaging runs one strategy with DP replicas that hold whole optimizer states,
-    /// exchanges no gradients, and checkpoints and evaluates where the replicas are one.
-    fn check_sync(&self) -> Result<()> {
-        let Some(h) = self.sync.every() else {
-            return Ok(());
-        };
-        let refuse =
-            |why: String| Err(TrainError::setting("sync", format!("{}: {why}", self.sync)));
-        let s =
-            match &self.strategy {
-                StrategySpec::Fixed(s) => s,
-                _ => return refuse(
-                    "periodic averaging runs one strategy (--strategy), not a hot-switching or \
-                     planned schedule"
-                        .into(),
-                ),
-            };
-        if s.dp < 2 {
-            return refuse(format!("{s} has no DP replicas to average"));
-        }
-        if s.zero != graph::Zero::Off {
-            return refuse(format!(
-                "{s} shards the optimizer over the DP replicas, which differ between \
-                 synchronisations; drop the zero suffix"
-            ));
-        }
-        if self.exchange != Exchange::default() {
-            return refuse(format!(
-                "no gradients are exchanged between synchronisations, so --grad-compression {} / \
-                 --allreduce {} would do nothing",
-                self.exchange.codec, self.exchange.algorithm
-            ));
-        }
-        if let Some(e) = self.checkpoint.as_ref().and_then(|c| c.every) {
-            if !e.is_multiple_of(h) {
-                return refuse(format!(
-                    "checkpoints are written where the replicas are one: --checkpoint-every {e} \
-                     must be a multiple of {h}"
-                ));
-            }
-        }
-        if let Some(e) = self.eval.as_ref().and_then(|c| c.every) {
-            if !e.is_multiple_of(h) {
-                return refuse(format!(
-                    "evaluation runs where the replicas are one: --eval-every {e} must be a \
-                     multiple of {h}"
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
