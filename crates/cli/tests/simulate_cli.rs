@@ -9,6 +9,17 @@ fn hotspa(args: &[&str]) -> std::process::Output {
         .expect("run hotspa")
 }
 
+/// `hotspa args`, which must succeed, its standard output read as JSON.
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = hotspa(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn one_setting_as_json_and_as_a_table() {
     let args = [
@@ -26,13 +37,7 @@ fn one_setting_as_json_and_as_a_table() {
         "--global-batch",
         "64",
     ];
-    let out = hotspa(&[&args[..], &["--json"]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&[&args[..], &["--json"]].concat());
     assert_eq!(v["setting"], "llama2-13b/16");
     let (fixed, auto) = (
         v["fixed"]["seconds"].as_f64().unwrap(),
@@ -77,13 +82,7 @@ fn context_adds_the_cp_and_recomputation_plans() {
     let out = hotspa(&[&args[..], &["--json"]].concat());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["context"].is_null(), "{v}");
-    let out = hotspa(&[&args[..], &["--json", "--context"]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&[&args[..], &["--json", "--context"]].concat());
     let (auto, cp) = (
         v["auto"]["seconds"].as_f64().unwrap(),
         v["context"]["auto"]["seconds"].as_f64().unwrap(),
@@ -155,19 +154,13 @@ fn the_exchange_table_says_when_compression_pays() {
         exact.get("exchanges").is_none(),
         "no table without an exchange flag"
     );
-    let out = hotspa(
+    let v = json(
         &[
             &args[..],
             &["--grad-compression", "sign", "--allreduce", "auto"],
         ]
         .concat(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let fixed = |v: &serde_json::Value| v["fixed"]["seconds"].as_f64().unwrap();
     assert!(
         fixed(&v) < fixed(&exact),
@@ -277,13 +270,7 @@ fn profile_then_plan_a_training_run_and_compare() {
         ]
         .map(String::from),
     );
-    let out = hotspa(&plan.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&plan.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert!(v["rows"][1]["predicted_s"].as_f64().unwrap() > 0.0);
     assert!(v["rows"][1]["measured_s"].as_f64().unwrap() > 0.0);
@@ -298,13 +285,7 @@ fn profile_then_plan_a_training_run_and_compare() {
 
 #[test]
 fn the_sync_table_compares_architectures_on_topologies() {
-    let out = hotspa(&["simulate", "--sync-table", "--model", "llama2-7b", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&["simulate", "--sync-table", "--model", "llama2-7b", "--json"]);
     let tables = v.as_array().unwrap();
     assert_eq!(tables.len(), 2);
     // llama2-7b: 6.74 G parameters, fp32.
@@ -359,7 +340,7 @@ fn the_sync_table_compares_architectures_on_topologies() {
 #[test]
 fn plan_sets_the_cost_model_beside_the_clock() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let out = hotspa(&[
+    let rows: Vec<serde_json::Value> = serde_json::from_value(json(&[
         "plan",
         "--model",
         &format!("{root}/examples/tiny-llama"),
@@ -378,13 +359,8 @@ fn plan_sets_the_cost_model_beside_the_clock() {
         "--sim-cluster",
         "a800x32",
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    ]))
+    .unwrap();
     assert_eq!(rows.len(), 2);
     for r in rows {
         let ratio = r["predicted_s"].as_f64().unwrap() / r["clocked_s"].as_f64().unwrap();
@@ -418,15 +394,7 @@ fn one_strategy_reports_throughput_and_mfu() {
         "32",
         "--json",
     ];
-    let run = |extra: &[&str]| -> serde_json::Value {
-        let out = hotspa(&[&base[..], extra].concat());
-        assert!(
-            out.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |extra: &[&str]| json(&[&base[..], extra].concat());
     let v = run(&["--strategy", "dp8zero1"]);
     let seconds = v["estimate"]["seconds"].as_f64().unwrap();
     let tps = v["tokens_per_s_per_gpu"].as_f64().unwrap();
@@ -488,7 +456,7 @@ fn one_strategy_reports_throughput_and_mfu() {
 /// every job slows by what its exchange no longer hides, by priority the first runs as alone.
 #[test]
 fn jobs_sharing_the_links_between_nodes() {
-    let out = hotspa(&[
+    let v = json(&[
         "simulate",
         "--cluster",
         "eth8x8",
@@ -498,12 +466,6 @@ fn jobs_sharing_the_links_between_nodes() {
         "2",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let alone = v["alone"].as_f64().unwrap();
     let each = |k: &str| -> Vec<f64> {
         v[k].as_array()

@@ -12,9 +12,7 @@
 //! to time by where the large values fall, which this does not.
 //!
 //! ```
-//! use comm::{codec::Codec, sparse, ThreadComm};
-//!
-//! use comm::Communicator;
+//! use comm::{codec::Codec, sparse, Communicator, ThreadComm};
 //!
 //! let out = ThreadComm::run(4, |c| -> comm::Result<Vec<f32>> {
 //!     let r = c.rank().0 as f32;

@@ -167,23 +167,27 @@ impl Default for Exchange {
 
 impl fmt::Display for Exchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}, {}", self.codec_label(), self.algorithm)
+    }
+}
+
+impl Exchange {
+    /// What it does to the values, without the algorithm: `int8 across nodes`, `none`, `auto
+    /// (…)`.
+    pub fn codec_label(&self) -> String {
         if self.adaptive {
-            return write!(
-                f,
-                "auto (per bucket: exact, bf16 or int8, across nodes only or not), {}",
-                self.algorithm
-            );
+            return "auto (per bucket: exact, bf16 or int8, across nodes only or not)".into();
         }
-        write!(f, "{}", self.codec)?;
+        let mut out = self.codec.to_string();
         if self.codec != Codec::None {
             if !self.error_feedback {
-                f.write_str(" (no feedback)")?;
+                out.push_str(" (no feedback)");
             }
             if self.cross_node_only {
-                f.write_str(" across nodes")?;
+                out.push_str(" across nodes");
             }
         }
-        write!(f, ", {}", self.algorithm)
+        out
     }
 }
 
@@ -500,8 +504,9 @@ impl Exchange {
     /// The exchange a bucket of `values` on `shape` takes: itself, or under
     /// [`Exchange::adaptive`] the most faithful option of [`ADAPTIVE_MENU`] whose modelled time
     /// (the bytes over the links and the codec passes; latencies left out) is within
-    /// [`ADAPTIVE_SLACK`] of the fastest option's, or within one message latency of it. A small bucket stays exact; a large one
-    /// compresses where the links are slow, across nodes only where only those are.
+    /// [`ADAPTIVE_SLACK`] of the fastest option's, or within one message latency of it. A small
+    /// bucket stays exact; a large one compresses where the links are slow, across nodes only
+    /// where only those are.
     pub fn adapt(&self, cluster: &Cluster, values: f64, shape: GroupShape) -> Exchange {
         if !self.adaptive {
             return *self;

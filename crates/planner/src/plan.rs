@@ -906,13 +906,11 @@ impl Planner {
         // micro-batch budget it leaves: kept across instantiations by (strategy, edges, budget).
         let mut timed: HashMap<(usize, usize, usize, usize), f64> = HashMap::new();
         for inst in &cands {
-            let runnable: Vec<usize> = (0..all.len())
-                .filter(|&i| self.cost.capacity(&all[i], inst) > 0)
-                .collect();
-            let caps: Vec<usize> = runnable
-                .iter()
-                .map(|&i| self.cost.capacity(&all[i], inst))
-                .collect();
+            // (index into `all`, micro-batch budget) of each strategy that fits at all.
+            let (runnable, caps): (Vec<usize>, Vec<usize>) = (0..all.len())
+                .map(|i| (i, self.cost.capacity(&all[i], inst)))
+                .filter(|&(_, cap)| cap > 0)
+                .unzip();
             // Bucket times: (a, b, strategy) -> seconds (None: does not fit).
             let mut bucket = vec![vec![vec![None; runnable.len()]; ne]; ne];
             for (a, from) in bucket.iter_mut().enumerate() {

@@ -453,10 +453,7 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
             };
             ExchangeRow {
                 exchange: if given.adaptive {
-                    format!(
-                        "auto: {}",
-                        e.to_string().split(", ").next().unwrap_or_default()
-                    )
+                    format!("auto: {}", e.codec_label())
                 } else {
                     e.to_string()
                 },

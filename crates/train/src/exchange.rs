@@ -86,6 +86,16 @@ impl Kept {
     fn put(&mut self, name: String, v: Vec<f32>) {
         self.0.insert(name, v);
     }
+
+    /// The counter `name` (0 the first time), kept one higher for next time.
+    fn next_count(&mut self, name: &str) -> Result<u64> {
+        let n = words::decode(&self.take(name, 2)?)?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        self.put(name.to_string(), words::encode(&[n + 1]));
+        Ok(n)
+    }
 }
 
 /// Gradient agreement by an [`Exchange`]; one for all ranks of a process.
@@ -171,9 +181,7 @@ impl Agreement {
     pub fn choice_summary(&self) -> Option<String> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for (_, e) in self.choices() {
-            let name = e.to_string();
-            let name = name.split(", ").next().unwrap_or_default().to_string();
-            *counts.entry(name).or_default() += 1;
+            *counts.entry(e.codec_label()).or_default() += 1;
         }
         (!counts.is_empty()).then(|| {
             counts
@@ -186,17 +194,17 @@ impl Agreement {
 
     /// The exchange of bucket `prefix` of `len` values over members on `nodes`: the run's, or
     /// [`Exchange::adapt`]'s choice (recorded for [`Agreement::choices`]).
+    /// A bucket's choice depends only on its length and its members' nodes, which stay with its
+    /// name: it is weighed once and kept.
     fn chosen(&self, prefix: &str, len: usize, nodes: &[usize]) -> Exchange {
-        let ex = self
-            .exchange
-            .adapt(&self.cluster, len as f64, self.shape(nodes));
-        if self.exchange.adaptive {
-            self.chosen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(prefix.to_string(), ex);
+        if !self.exchange.adaptive {
+            return self.exchange;
         }
-        ex
+        let mut chosen = self.chosen.lock().unwrap_or_else(|p| p.into_inner());
+        *chosen.entry(prefix.to_string()).or_insert_with(|| {
+            self.exchange
+                .adapt(&self.cluster, len as f64, self.shape(nodes))
+        })
     }
 
     fn shape(&self, nodes: &[usize]) -> GroupShape {
@@ -256,9 +264,7 @@ impl Agreement {
             codec::clip_local(buf, clip, c.size());
         }
         let mut m = kept.take(&name("momentum"), len)?;
-        let steps = name("steps");
-        let n = kept.take(&steps, 2)?;
-        let step = words::decode(&n)?.first().copied().unwrap_or(0);
+        let step = kept.next_count(&name("steps"))?;
         let (b1, omb1) = (ob.beta1, 1.0 - ob.beta1);
         if step < ob.warmup {
             // Exact: the optimizer's AdamW forms this same momentum from this same sum.
@@ -273,25 +279,21 @@ impl Agreement {
                 .zip(&m)
                 .map(|(&g, &m)| b1 * m / members + omb1 * g)
                 .collect();
-            let chunk = chunk_counts(len, c.size())[c.rank().0];
-            let mut worker = kept.take(&name("worker"), len)?;
-            let mut server = kept.take(&name("server"), chunk)?;
-            codec::all_reduce_dense(
-                c,
-                &mut mine,
-                Codec::Sign,
-                Some(&mut worker),
-                Some(&mut server),
-            )?;
-            kept.put(name("worker"), worker);
-            kept.put(name("server"), server);
+            // The 1-bit codec with error feedback on both sides, as `sign` runs.
+            let sign = Exchange {
+                codec: Codec::Sign,
+                error_feedback: true,
+                cross_node_only: false,
+                adaptive: false,
+                ..self.exchange
+            };
+            self.compressed(&sign, c, &mut mine, &[], prefix, kept)?;
             for ((g, m), &agreed) in buf.iter_mut().zip(m.iter_mut()).zip(&mine) {
                 *g = (agreed - b1 * *m) / omb1;
                 *m = agreed;
             }
         }
         kept.put(name("momentum"), m);
-        kept.put(steps, words::encode(&[step + 1]));
         Ok(())
     }
 
@@ -349,9 +351,7 @@ impl Agreement {
                 // The unsent values are DGC's own residual (`--error-feedback` must be on).
                 let mut velocity = kept.take(&name("velocity"), len)?;
                 let mut accumulated = kept.take(&name("accumulated"), len)?;
-                let steps = name("steps");
-                let n = kept.take(&steps, 2)?;
-                let step = words::decode(&n)?.first().copied().unwrap_or(0);
+                let step = kept.next_count(&name("steps"))?;
                 codec::all_reduce_dgc(
                     c,
                     buf,
@@ -365,12 +365,10 @@ impl Agreement {
                 )?;
                 kept.put(name("velocity"), velocity);
                 kept.put(name("accumulated"), accumulated);
-                kept.put(steps, words::encode(&[step + 1]));
             }
             Codec::RandK(_) => {
                 let draws = name("draws");
-                let n = kept.take(&draws, 2)?;
-                let count = words::decode(&n)?.first().copied().unwrap_or(0);
+                let count = kept.next_count(&draws)?;
                 let seed = fnv(&draws) ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let k = codec.keep(len);
                 codec::all_reduce_random_k(
@@ -381,7 +379,6 @@ impl Agreement {
                     worker.as_deref_mut(),
                     algo(4 * k),
                 )?;
-                kept.put(draws, words::encode(&[count + 1]));
             }
             Codec::PowerSgd(r) => {
                 let qname = name("q");

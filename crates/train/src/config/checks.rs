@@ -195,11 +195,7 @@ pub(crate) fn check_optimizer(cfg: &TrainConfig) -> Result<()> {
             format!(
                 "onebit-adam exchanges the momentum by its own 1-bit codec after the warm-up; \
                  --grad-compression {} / --compress-cross-node-only do not apply (drop them)",
-                if e.adaptive {
-                    "auto".to_string()
-                } else {
-                    e.codec.to_string()
-                }
+                compression_flag(e)
             ),
         );
     }
@@ -297,8 +293,8 @@ pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
             "grad_compression",
             format!(
                 "{}: a count sketch is FetchSGD's federated uplink (the server adds the \
-                     clients' sketches and recovers the largest coordinates); use it with --sync \
-                     fedavg",
+                 clients' sketches and recovers the largest coordinates); use it with --sync \
+                 fedavg",
                 cfg.exchange.codec
             ),
         ));
@@ -308,14 +304,14 @@ pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
             return Err(TrainError::setting(
                 "error_feedback",
                 "dgc:F accumulates what it did not send (that is DGC); --error-feedback off \
-                     does not apply to it",
+                 does not apply to it",
             ));
         }
         if cfg.exchange.cross_node_only {
             return Err(TrainError::setting(
                 "compress_cross_node_only",
                 "dgc:F keeps a velocity of the whole bucket per member; the exchange \
-                     across nodes carries one member's slice: not implemented together",
+                 across nodes carries one member's slice: not implemented together",
             ));
         }
     }
@@ -323,7 +319,7 @@ pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
         return Err(TrainError::setting(
             "compress_cross_node_only",
             "--grad-compression auto chooses per bucket whether to compress across nodes \
-                 only; drop --compress-cross-node-only",
+             only; drop --compress-cross-node-only",
         ));
     }
     if cfg.exchange.cross_node_only && matches!(cfg.exchange.codec, comm::codec::Codec::PowerSgd(_))
@@ -331,7 +327,7 @@ pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
         return Err(TrainError::setting(
             "compress_cross_node_only",
             "PowerSGD compresses whole matrices, and the exchange across nodes carries one \
-                 member's slice of the bucket: not implemented together; drop one of them",
+             member's slice of the bucket: not implemented together; drop one of them",
         ));
     }
     Ok(())
@@ -367,7 +363,8 @@ pub(crate) fn check_sync(cfg: &TrainConfig) -> Result<()> {
         return refuse(format!(
             "no gradients are exchanged between synchronisations, so --grad-compression {} / \
              --allreduce {} would do nothing",
-            cfg.exchange.codec, cfg.exchange.algorithm
+            compression_flag(&cfg.exchange),
+            cfg.exchange.algorithm
         ));
     }
     if let Some(e) = cfg.checkpoint.as_ref().and_then(|c| c.every) {
@@ -387,4 +384,13 @@ pub(crate) fn check_sync(cfg: &TrainConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--grad-compression`'s value as the user gave it: `auto`, or the codec.
+fn compression_flag(e: &planner::exchange::Exchange) -> String {
+    if e.adaptive {
+        "auto".into()
+    } else {
+        e.codec.to_string()
+    }
 }
