@@ -456,16 +456,18 @@ fn one_strategy_reports_throughput_and_mfu() {
 /// every job slows by what its exchange no longer hides, by priority the first runs as alone.
 #[test]
 fn jobs_sharing_the_links_between_nodes() {
-    let v = json(&[
-        "simulate",
-        "--cluster",
-        "eth8x8",
-        "--gpus",
-        "64",
-        "--jobs",
-        "2",
-        "--json",
-    ]);
+    let jobs = |k: &'static str| {
+        [
+            "simulate",
+            "--cluster",
+            "eth8x8",
+            "--gpus",
+            "64",
+            "--jobs",
+            k,
+        ]
+    };
+    let v = json(&[&jobs("2")[..], &["--json"]].concat());
     let alone = v["alone"].as_f64().unwrap();
     let each = |k: &str| -> Vec<f64> {
         v[k].as_array()
@@ -492,15 +494,7 @@ fn jobs_sharing_the_links_between_nodes() {
         (prio[0] - alone).abs() < 1e-9 * alone,
         "{prio:?} vs {alone}"
     );
-    let e = hotspa(&[
-        "simulate",
-        "--cluster",
-        "eth8x8",
-        "--gpus",
-        "64",
-        "--jobs",
-        "0",
-    ]);
+    let e = hotspa(&jobs("0"));
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("--jobs 0"));
 }
