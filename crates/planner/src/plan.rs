@@ -7,8 +7,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use graph::{Strategy, Zero};
+use rayon::prelude::*;
 use serde::Serialize;
-use switch::{plan, Method, Topology};
+use switch::{traffic, Method, Topology};
 
 use crate::cost::{instantiation, Breakdown, CostModel};
 use crate::error::{PlanError, Result};
@@ -392,24 +393,18 @@ impl Planner {
         let tensors = model::switch_tensors_at(&self.cost.cfg, (a, oa), (b, ob))
             .map_err(|e| err(e.to_string()))?;
         let c = &self.cost.cluster;
-        let p = plan(&tensors, Topology::new(c.devices_per_node), Method::Exact)
+        let p = traffic(&tensors, Topology::new(c.devices_per_node), Method::Exact)
             .map_err(|e| err(e.to_string()))?;
-        let load = p.load();
-        let per_device = p.messages() as f64 / a.devices().max(1) as f64;
-        let mut pairs: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
-        for t in &p.transfers {
-            *pairs.entry((t.from.0, t.to.0)).or_default() += t.region.volume();
-        }
-        let messages = pairs
-            .into_iter()
-            .map(|((f, t), n)| {
-                let node = |d: usize| d / c.devices_per_node.max(1);
-                (f, t, n, node(f) != node(t))
-            })
+        let per_device = p.pairs.len() as f64 / a.devices().max(1) as f64;
+        let node = |d: usize| d / c.devices_per_node.max(1);
+        let messages = p
+            .pairs
+            .iter()
+            .map(|&(f, t, n)| (f.0, t.0, n, node(f.0) != node(t.0)))
             .collect();
         let out = Arc::new(SwitchCost {
-            seconds: self.load_seconds(&load, per_device),
-            moved: p.moved(),
+            seconds: self.load_seconds(&p.load, per_device),
+            moved: p.moved,
             messages,
         });
         self.switches
@@ -783,30 +778,33 @@ impl Planner {
                 })
                 .min_by(|a, b| a.1.total_cmp(&b.1))
         };
-        let mut shortlist: Vec<(f64, Plan)> = Vec::new();
-        for &k in &splits {
-            for &edge in &edges {
-                let cut = sorted.partition_point(|&l| l <= edge);
-                let (short, long) = sorted.split_at(cut);
-                if short.is_empty() || long.is_empty() {
-                    continue;
-                }
-                let (Some((a, ta)), Some((b, tb))) = (best_on(k, short), best_on(n - k, long))
-                else {
-                    continue;
-                };
-                if let Ok(plan) = Plan::concurrent(vec![vec![(edge, a)], vec![(usize::MAX, b)]], n)
-                {
-                    shortlist.push((ta.max(tb), plan));
-                }
-            }
-        }
+        // Every (split, edge) weighed on every core; collected in their order.
+        let mut shortlist: Vec<(f64, Plan)> = splits
+            .par_iter()
+            .flat_map_iter(|&k| {
+                let best_on = &best_on;
+                let sorted = &sorted;
+                edges.iter().filter_map(move |&edge| {
+                    let cut = sorted.partition_point(|&l| l <= edge);
+                    let (short, long) = sorted.split_at(cut);
+                    if short.is_empty() || long.is_empty() {
+                        return None;
+                    }
+                    let ((a, ta), (b, tb)) = (best_on(k, short)?, best_on(n - k, long)?);
+                    let plan =
+                        Plan::concurrent(vec![vec![(edge, a)], vec![(usize::MAX, b)]], n).ok()?;
+                    Some((ta.max(tb), plan))
+                })
+            })
+            .collect();
         shortlist.sort_by(|a, b| a.0.total_cmp(&b.0));
+        shortlist.truncate(4);
+        let estimates: Vec<_> = shortlist
+            .into_par_iter()
+            .map(|(_, plan)| self.evaluate(&plan, lens).map(|est| (plan, est)))
+            .collect();
         let mut best: Option<(Plan, Estimate)> = None;
-        for (_, plan) in shortlist.into_iter().take(4) {
-            let Ok(est) = self.evaluate(&plan, lens) else {
-                continue;
-            };
+        for (plan, est) in estimates.into_iter().flatten() {
             if best.as_ref().is_none_or(|(_, b)| est.seconds < b.seconds) {
                 best = Some((plan, est));
             }
@@ -899,13 +897,16 @@ impl Planner {
             &sorted[lo..hi]
         };
         let ne = edges.len();
-        let mut best: Option<(Plan, Estimate)> = None;
         // Every strategy that fits at all when another holds the master weights.
         let all = self.candidates(0);
         // A bucket's time under a strategy depends on the instantiation only through the
         // micro-batch budget it leaves: kept across instantiations by (strategy, edges, budget).
-        let mut timed: HashMap<(usize, usize, usize, usize), f64> = HashMap::new();
-        for inst in &cands {
+        let timed: Mutex<HashMap<(usize, usize, usize, usize), f64>> = Mutex::new(HashMap::new());
+        // The instantiations are independent but for the caches they share: planned on every
+        // core (their exact switch plans are most of the time at cluster scale), the best
+        // taken in their order, so the result does not depend on the threads.
+        let per_inst = |inst: &Strategy| -> Result<Option<(Plan, Estimate)>> {
+            let mut best: Option<(Plan, Estimate)> = None;
             // (index into `all`, micro-batch budget) of each strategy that fits at all.
             let (runnable, caps): (Vec<usize>, Vec<usize>) = (0..all.len())
                 .map(|i| (i, self.cost.capacity(&all[i], inst)))
@@ -925,11 +926,20 @@ impl Planner {
                             // Recomputing only costs time where less of it holds the bucket.
                             None
                         } else {
-                            Some(
-                                *timed
-                                    .entry((i, a, b, cap))
-                                    .or_insert_with(|| self.cost.strategy(s, g, cap).total()),
-                            )
+                            let key = (i, a, b, cap);
+                            let known = timed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(&key)
+                                .copied();
+                            Some(known.unwrap_or_else(|| {
+                                let t = self.cost.strategy(s, g, cap).total();
+                                timed
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(key, t);
+                                t
+                            }))
                         };
                     }
                 }
@@ -995,6 +1005,16 @@ impl Planner {
                 let Ok(est) = self.evaluate(&p, lens) else {
                     continue;
                 };
+                if best.as_ref().is_none_or(|(_, b)| est.seconds < b.seconds) {
+                    best = Some((p, est));
+                }
+            }
+            Ok(best)
+        };
+        let found: Vec<Result<Option<(Plan, Estimate)>>> = cands.par_iter().map(per_inst).collect();
+        let mut best: Option<(Plan, Estimate)> = None;
+        for r in found {
+            if let Some((p, est)) = r? {
                 if best.as_ref().is_none_or(|(_, b)| est.seconds < b.seconds) {
                     best = Some((p, est));
                 }

@@ -48,7 +48,9 @@ pub use cache::PlanCache;
 pub use error::{Result, SwitchError};
 pub use exec::{destination_pieces, execute, execute_into, source_pieces, Pieces};
 pub use flow::{min_max_assignment, Assignment};
-pub use plan::{lower_bound, plan, Load, LocalCopy, Method, Plan, TensorSwitch, Transfer};
+pub use plan::{
+    lower_bound, plan, traffic, Load, LocalCopy, Method, Plan, TensorSwitch, Traffic, Transfer,
+};
 pub use topology::{LinkClass, Topology};
 
 impl std::fmt::Display for Plan {

@@ -216,9 +216,21 @@ fn exact(demands: Vec<Demand>) -> Vec<Transfer> {
     let mut out = Vec::new();
     for class in LinkClass::ALL {
         // Demands with the same eligible senders are interchangeable: one flow node each.
-        let mut groups: BTreeMap<Arc<[DeviceId]>, Vec<&Demand>> = BTreeMap::new();
+        // First by the sharing `Arc` (cheap: a replicated tensor's owner list may span every
+        // device), then by content. Each slice's demands share one list per class and come
+        // one slice after another, so a content's demands keep their order.
+        let mut shared: Vec<(&Arc<[DeviceId]>, Vec<&Demand>)> = Vec::new();
+        let mut at: std::collections::HashMap<*const DeviceId, usize> = Default::default();
         for d in demands.iter().filter(|d| d.class == class) {
-            groups.entry(d.owners.clone()).or_default().push(d);
+            let i = *at.entry(d.owners.as_ptr()).or_insert_with(|| {
+                shared.push((&d.owners, Vec::new()));
+                shared.len() - 1
+            });
+            shared[i].1.push(d);
+        }
+        let mut groups: BTreeMap<Arc<[DeviceId]>, Vec<&Demand>> = BTreeMap::new();
+        for (owners, ds) in shared {
+            groups.entry(owners.clone()).or_default().extend(ds);
         }
         let mut senders: Vec<DeviceId> = groups.keys().flat_map(|k| k.iter().copied()).collect();
         senders.sort();
@@ -309,6 +321,62 @@ pub fn plan(tensors: &[TensorSwitch], topology: Topology, method: Method) -> Res
     })
 }
 
+/// What a switch moves, without its transfers in order: the planner's cost model needs only
+/// this, and skips ordering and keeping every transfer's region (at 1,024 devices most of a
+/// plan's time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traffic {
+    /// What every device sends and receives per link class.
+    pub load: Load,
+    /// Elements that cross a link (as [`Plan::moved`]).
+    pub moved: usize,
+    /// One entry per fused message, `(sender, receiver, elements)`, sorted by sender then
+    /// receiver (as [`Plan::messages`] counts them).
+    pub pairs: Vec<(DeviceId, DeviceId, usize)>,
+}
+
+impl Traffic {
+    fn of(
+        transfers: impl Iterator<Item = (DeviceId, DeviceId, usize)>,
+        topo: &Topology,
+    ) -> Self {
+        let mut by_pair: std::collections::HashMap<(DeviceId, DeviceId), usize> =
+            std::collections::HashMap::new();
+        let mut moved = 0;
+        for (from, to, n) in transfers {
+            *by_pair.entry((from, to)).or_default() += n;
+            moved += n;
+        }
+        let mut pairs: Vec<(DeviceId, DeviceId, usize)> =
+            by_pair.into_iter().map(|((f, t), n)| (f, t, n)).collect();
+        pairs.sort_unstable();
+        let mut load = Load {
+            send: [BTreeMap::new(), BTreeMap::new()],
+            recv: [BTreeMap::new(), BTreeMap::new()],
+        };
+        for &(from, to, n) in &pairs {
+            let c = topo.class(from, to).index();
+            *load.send[c].entry(from).or_default() += n;
+            *load.recv[c].entry(to).or_default() += n;
+        }
+        Traffic { load, moved, pairs }
+    }
+}
+
+/// What [`plan`] with the same arguments would move ([`Plan::traffic`] of it), without
+/// ordering or keeping its transfers.
+pub fn traffic(tensors: &[TensorSwitch], topology: Topology, method: Method) -> Result<Traffic> {
+    let (ds, _) = demands(tensors, &topology)?;
+    let transfers = match method {
+        Method::Greedy => greedy(ds),
+        Method::Exact => exact(ds),
+    };
+    Ok(Traffic::of(
+        transfers.iter().map(|t| (t.from, t.to, t.region.volume())),
+        &topology,
+    ))
+}
+
 /// Per link class, what every device sends and receives (elements).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Load {
@@ -383,6 +451,16 @@ impl Plan {
     /// Elements that cross a link (not counting local copies).
     pub fn moved(&self) -> usize {
         self.transfers.iter().map(|t| t.region.volume()).sum()
+    }
+
+    /// Its load, moved elements and fused messages in one pass.
+    pub fn traffic(&self) -> Traffic {
+        Traffic::of(
+            self.transfers
+                .iter()
+                .map(|t| (t.from, t.to, t.region.volume())),
+            &self.topology,
+        )
     }
 }
 

@@ -86,6 +86,12 @@ proptest! {
         for method in [Method::Greedy, Method::Exact] {
             let p = Arc::new(plan(&tensors, topo, method).unwrap());
             let load = p.load();
+            // The planner's cost-only path moves what the ordered plan moves.
+            let t = switch::traffic(&tensors, topo, method).unwrap();
+            prop_assert_eq!(&t.load, &load);
+            prop_assert_eq!(t.moved, p.moved());
+            prop_assert_eq!(t.pairs.len(), p.messages());
+            prop_assert_eq!(&t, &p.traffic());
             for c in LinkClass::ALL {
                 let (recv, send) = lb[c.index()];
                 prop_assert!(load.max_recv(c) >= recv);
