@@ -1,34 +1,13 @@
 //! The benchmarks run as a user would call them, with tiny sizes, and print one JSON object.
 
-use std::process::Command;
+mod common;
 
-fn hotspa(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .output()
-        .expect("run hotspa")
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = hotspa(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
+use common::{json_out as json, run as hotspa};
 
 #[test]
 fn bench_gemm_json() {
-    let v = json(&[
-        "bench",
-        "gemm",
-        "--shapes",
-        "33x17x65",
-        "--seconds",
-        "0.01",
-        "--json",
+    let v = json(&common::cmd![
+        "bench gemm --shapes 33x17x65 --seconds 0.01 --json"
     ]);
     assert_eq!(v["bench"], "gemm");
     let row = &v["rows"][0];
@@ -39,18 +18,9 @@ fn bench_gemm_json() {
 
 #[test]
 fn bench_attention_json() {
-    let v = json(&[
-        "bench",
-        "attention",
-        "--tokens",
-        "100",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seconds",
-        "0.01",
-        "--json",
+    let v = json(&common::cmd![
+        "bench attention --tokens 100 --heads 4 --kv-heads 2",
+        "--seconds 0.01 --json"
     ]);
     assert_eq!(v["rows"][0]["tokens"], 100);
     assert!(v["rows"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -84,14 +54,8 @@ fn bench_attention_cp_times_ring_and_ulysses() {
     assert!(v["rows"][0]["ring_ms"].as_f64().unwrap() > 0.0);
     assert!(v["rows"][0]["ulysses_ms"].is_null(), "{v}");
     // Without --cp, no context-parallel timing.
-    let v = json(&[
-        "bench",
-        "attention",
-        "--tokens",
-        "64",
-        "--seconds",
-        "0.01",
-        "--json",
+    let v = json(&common::cmd![
+        "bench attention --tokens 64 --seconds 0.01 --json"
     ]);
     assert!(
         v["cp"].is_null() && v["rows"][0]["ring_ms"].is_null(),
@@ -101,15 +65,7 @@ fn bench_attention_cp_times_ring_and_ulysses() {
 
 #[test]
 fn bench_comm_json_and_unknown_backend() {
-    let v = json(&[
-        "bench",
-        "comm",
-        "--devices",
-        "3",
-        "--sizes-mib",
-        "1",
-        "--json",
-    ]);
+    let v = json(&common::cmd!["bench comm --devices 3 --sizes-mib 1 --json"]);
     assert_eq!(v["devices"], 3);
     assert_eq!(v["rows"].as_array().unwrap().len(), 5);
     let out = hotspa(&["bench", "comm", "--backend", "gloo"]);

@@ -112,25 +112,12 @@ fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
     // `hotspa plan --context` sets the same search's plan beside a given strategy's; without
     // it the automatic plan finds no strategy for the batches.
     let plan = |extra: &[&str]| {
-        let mut args = vec![
-            "plan",
-            "--model",
-            ".",
-            "--data",
-            "data.jsonl",
-            "--devices",
-            "4",
-            "--global-batch",
-            "8",
-            "--steps",
-            "3",
-            "--strategy",
-            "tp4+full",
-            "--profile",
-            "tight.toml",
-            "--json",
+        let mut args = common::cmd![
+            "plan --model . --data data.jsonl --devices 4",
+            "--global-batch 8 --steps 3 --strategy tp4+full --profile",
+            "tight.toml --json"
         ];
-        args.extend(extra);
+        args.extend(extra.iter().map(std::ffi::OsString::from));
         hotspa(d, &args)
     };
     let o = plan(&[]);
@@ -226,29 +213,13 @@ fn graph_prints_the_exchange() {
     // Recomputation shows as the forward ops cloned into the backward.
     let o = hotspa(
         d,
-        &[
-            "graph",
-            "--model",
-            ".",
-            "--strategy",
-            "tp2+full",
-            "--devices",
-            "2",
-        ],
+        &common::cmd!["graph --model . --strategy tp2+full --devices 2"],
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("recompute(model.layers.1.mlp.act)"), "{out}");
     let o = hotspa(
         d,
-        &[
-            "graph",
-            "--model",
-            ".",
-            "--strategy",
-            "tp2+full,tp2",
-            "--devices",
-            "2",
-        ],
+        &common::cmd!["graph --model . --strategy tp2+full,tp2 --devices 2"],
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -364,13 +364,8 @@ fn a_signal_ends_a_run_whose_rank_is_stuck() {
     let mut child = hotspa()
         .args(["train", "--model", d.to_str().unwrap(), "--data"])
         .arg(d.join("data.jsonl"))
-        .args([
-            "--steps",
-            "100000",
-            "--devices",
-            "2",
-            "--checkpoint-every",
-            "1",
+        .args(common::cmd![
+            "--steps 100000 --devices 2 --checkpoint-every 1"
         ])
         .arg("--checkpoint-dir")
         .arg(d.join("ck"))
@@ -827,13 +822,8 @@ fn inputs_are_read_as_what_they_are() {
     let o = hotspa()
         .args(["train", "--model", d.to_str().unwrap(), "--data"])
         .arg(d.join("data.txt"))
-        .args([
-            "--global-batch",
-            "8",
-            "--micro-batch-tokens",
-            "32",
-            "--steps",
-            "1",
+        .args(common::cmd![
+            "--global-batch 8 --micro-batch-tokens 32 --steps 1"
         ])
         .output()
         .unwrap();

@@ -4,19 +4,15 @@
 //! a run, and every flag changing what runs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/golden")
 }
 
-fn hotspa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
+use common::run as hotspa;
 
 fn ok(o: Output) -> (String, String) {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -93,13 +89,7 @@ fn eval_gives_transformers_loss_under_any_strategy() {
     let bare = d.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
     std::fs::copy(golden().join("tiny/config.json"), bare.join("config.json")).unwrap();
-    let o = hotspa(&[
-        "eval",
-        "--model",
-        bare.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let o = hotspa(&common::cmd!["eval --model", &bare, "--data", &data]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds no weights"));
 }
@@ -112,26 +102,18 @@ fn a_model_folder_brings_its_weights_and_tokenizer_and_a_run_saves_one() {
     let out = d.path().join("out");
     let m = d.path().join("m.jsonl");
     let held = batch_jsonl(d.path());
-    let (_, err) = ok(hotspa(&[
-        "train",
-        "--model",
-        tiny.to_str().unwrap(),
+    let (_, err) = ok(hotspa(&common::cmd![
+        "train --model",
+        &tiny,
         "--data",
-        data.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--global-batch",
-        "2",
-        "--save",
-        out.to_str().unwrap(),
-        "--save-dtype",
-        "bf16",
-        "--metrics",
-        m.to_str().unwrap(),
+        &data,
+        "--steps 4 --global-batch 2 --save",
+        &out,
+        "--save-dtype bf16 --metrics",
+        &m,
         "--eval-data",
-        held.to_str().unwrap(),
-        "--eval-every",
-        "2",
+        &held,
+        "--eval-every 2"
     ]));
     assert!(
         err.contains(&format!(
@@ -166,24 +148,22 @@ fn a_model_folder_brings_its_weights_and_tokenizer_and_a_run_saves_one() {
         .collect();
     assert_eq!(evals, vec![2, 4]);
     // The saved folder is a model folder: eval reads it (bf16 weights, its tokenizer).
-    let (o, _) = ok(hotspa(&[
-        "eval",
-        "--model",
-        out.to_str().unwrap(),
+    let (o, _) = ok(hotspa(&common::cmd![
+        "eval --model",
+        &out,
         "--data",
-        data.to_str().unwrap(),
-        "--json",
+        &data,
+        "--json"
     ]));
     assert!(json(&o)["loss"].as_f64().unwrap().is_finite());
     // Saving into it again is refused before training, and so is a too-small vocabulary.
-    let o = hotspa(&[
-        "train",
-        "--model",
-        tiny.to_str().unwrap(),
+    let o = hotspa(&common::cmd![
+        "train --model",
+        &tiny,
         "--data",
-        data.to_str().unwrap(),
+        &data,
         "--save",
-        out.to_str().unwrap(),
+        &out
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -200,22 +180,15 @@ fn first_step(d: &Path, extra: &[&str]) -> (u64, f64, String) {
         "m{}.jsonl",
         extra.join("_").replace(['-', '/', '.'], "")
     ));
-    let mut args = vec![
-        "train",
-        "--model",
-        tiny.to_str().unwrap(),
+    let mut args = common::cmd![
+        "train --model",
+        &tiny,
         "--data",
-        data.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--global-batch",
-        "4",
-        "--shuffle",
-        "off",
-        "--metrics",
-        m.to_str().unwrap(),
+        &data,
+        "--steps 1 --global-batch 4 --shuffle off --metrics",
+        &m
     ];
-    args.extend(extra);
+    args.extend(extra.iter().map(std::ffi::OsString::from));
     let (_, err) = ok(hotspa(&args));
     let v = json(&std::fs::read_to_string(&m).unwrap());
     (
@@ -442,22 +415,16 @@ fn a_saved_folder_keeps_the_generation_config_and_a_checkpoint_reads_as_its_late
         r#"{"bos_token_id": 1, "do_sample": true, "eos_token_id": [2, 5], "temperature": 0.7}"#;
     std::fs::write(src.join("generation_config.json"), gen).unwrap();
     let (out, ck) = (d.path().join("out"), d.path().join("ck"));
-    ok(hotspa(&[
-        "train",
-        "--model",
-        src.to_str().unwrap(),
+    ok(hotspa(&common::cmd![
+        "train --model",
+        &src,
         "--data",
-        data.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--global-batch",
-        "2",
-        "--save",
-        out.to_str().unwrap(),
+        &data,
+        "--steps 2 --global-batch 2 --save",
+        &out,
         "--checkpoint-dir",
-        ck.to_str().unwrap(),
-        "--checkpoint-every",
-        "2",
+        &ck,
+        "--checkpoint-every 2"
     ]));
     for dir in [out, ck.join("step-00000002")] {
         let kept = std::fs::read_to_string(dir.join("generation_config.json")).unwrap();
@@ -466,13 +433,12 @@ fn a_saved_folder_keeps_the_generation_config_and_a_checkpoint_reads_as_its_late
     // The checkpoint directory, or its `latest`, stands for its latest step folder.
     let step = ck.join("step-00000002");
     let eval = |model: &Path| {
-        ok(hotspa(&[
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
+        ok(hotspa(&common::cmd![
+            "eval --model",
+            &model,
             "--data",
-            data.to_str().unwrap(),
-            "--json",
+            &data,
+            "--json"
         ]))
     };
     let (want, _) = eval(&step);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-fn hotspa(dir: &Path, args: &[&str]) -> Output {
+fn hotspa<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> Output {
     common::hotspa(dir, args)
 }
 
@@ -35,20 +35,15 @@ fn setup(d: &Path) {
 }
 
 /// `train --model config.json --data x/d.jsonl` (2 steps unless `extra` says) and `extra`, in `d`.
-fn train(d: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "train",
-        "--model",
-        "config.json",
-        "--data",
-        "x/d.jsonl",
-        "--global-batch",
-        "4",
+fn train<S: AsRef<std::ffi::OsStr>>(d: &Path, extra: &[S]) -> Output {
+    let mut args = common::cmd![
+        "train --model config.json --data x/d.jsonl",
+        "--global-batch 4"
     ];
-    if !extra.contains(&"--steps") {
-        args.extend(["--steps", "2"]);
+    if !extra.iter().any(|a| a.as_ref() == "--steps") {
+        args.extend(common::cmd!["--steps 2"]);
     }
-    args.extend(extra);
+    args.extend(extra.iter().map(|a| a.as_ref().to_os_string()));
     hotspa(d, &args)
 }
 
@@ -95,16 +90,9 @@ fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
     refused(
         &train(
             d,
-            &[
-                "--steps",
-                "4",
-                "--resume",
-                "ck",
-                "--checkpoint-dir",
-                "ck",
-                "--save",
-                "ck",
-                "--force",
+            &common::cmd![
+                "--steps 4 --resume ck --checkpoint-dir ck --save ck",
+                "--force"
             ],
         ),
         "overlap",
@@ -113,18 +101,9 @@ fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
     // Resumed in place (and its model config taken from the checkpoint): allowed.
     ok(&hotspa(
         d,
-        &[
-            "train",
-            "--data",
-            "x/d.jsonl",
-            "--steps",
-            "3",
-            "--global-batch",
-            "4",
-            "--resume",
-            "ck",
-            "--checkpoint-dir",
-            "ck",
+        &common::cmd![
+            "train --data x/d.jsonl --steps 3 --global-batch 4",
+            "--resume ck --checkpoint-dir ck"
         ],
     ));
     assert!(d.join("ck/step-00000003/state.json").is_file());
@@ -138,14 +117,9 @@ fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
     refused(
         &hotspa(
             d,
-            &[
-                "train",
-                "--model",
-                "config.json",
-                "--data",
-                "texts",
-                "--metrics",
-                "texts/m.jsonl",
+            &common::cmd![
+                "train --model config.json --data texts --metrics",
+                "texts/m.jsonl"
             ],
         ),
         "is inside the input --data texts",
@@ -177,15 +151,7 @@ fn force_replaces_only_hotspas_own_outputs() {
     refused(&train(d, &["--save", "out"]), "pass --force");
     ok(&train(
         d,
-        &[
-            "--metrics",
-            "m.jsonl",
-            "--save",
-            "out",
-            "--force",
-            "--steps",
-            "3",
-        ],
+        &common::cmd!["--metrics m.jsonl --save out --force --steps 3"],
     ));
     let lines = std::fs::read_to_string(d.join("m.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 3, "{lines}");
@@ -210,20 +176,9 @@ fn an_output_in_use_by_another_run_is_refused() {
     let dir = common::Scratch::new(setup);
     let d = dir.path();
     let mut long = Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args([
-            "train",
-            "--model",
-            "config.json",
-            "--data",
-            "x/d.jsonl",
-            "--steps",
-            "100000",
-            "--global-batch",
-            "4",
-            "--metrics",
-            "busy.jsonl",
-            "--save",
-            "busy",
+        .args(common::cmd![
+            "train --model config.json --data x/d.jsonl --steps",
+            "100000 --global-batch 4 --metrics busy.jsonl --save busy"
         ])
         .current_dir(d)
         .stderr(Stdio::null())
@@ -258,16 +213,9 @@ fn every_load_of_a_checkpoint_is_verified() {
     // Intact: every command says what it verified.
     let o = hotspa(
         d,
-        &[
-            "generate",
-            "--model",
-            "ck",
-            "--prompt",
-            "ab",
-            "--max-new-tokens",
-            "2",
-            "--tokenizer",
-            "bytes",
+        &common::cmd![
+            "generate --model ck --prompt ab --max-new-tokens 2",
+            "--tokenizer bytes"
         ],
     );
     // (The byte tokenizer's 256 ids exceed this model's 64: refused, after the checks.)
@@ -301,13 +249,7 @@ fn every_load_of_a_checkpoint_is_verified() {
     );
     let o = hotspa(
         d,
-        &[
-            "train",
-            "--model",
-            "ck/step-00000002",
-            "--data",
-            "x/d.jsonl",
-        ],
+        &common::cmd!["train --model ck/step-00000002 --data x/d.jsonl"],
     );
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
     // A plain folder says it has nothing to verify against.

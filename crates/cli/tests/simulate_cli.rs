@@ -1,24 +1,8 @@
 //! `hotspa simulate` as a user calls it.
 
-use std::process::Command;
+mod common;
 
-fn hotspa(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .output()
-        .expect("run hotspa")
-}
-
-/// `hotspa args`, which must succeed, its standard output read as JSON.
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = hotspa(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::{json_out as json, run as hotspa};
 
 #[test]
 fn one_setting_as_json_and_as_a_table() {
@@ -427,22 +411,11 @@ fn one_strategy_reports_throughput_and_mfu() {
     // A 64 K-token sequence of LLaMA-2 7B does not fit one A800's memory under DP.
     let long = dir.path().join("long.txt");
     std::fs::write(&long, "65536\n").unwrap();
-    let out = hotspa(&[
-        "simulate",
-        "--cluster",
-        "a800x32",
-        "--gpus",
-        "8",
-        "--model",
-        "llama2-7b",
+    let out = hotspa(&common::cmd![
+        "simulate --cluster a800x32 --gpus 8 --model llama2-7b",
         "--dataset",
-        long.to_str().unwrap(),
-        "--max-len",
-        "65536",
-        "--global-batch",
-        "8",
-        "--strategy",
-        "dp8zero1",
+        &long,
+        "--max-len 65536 --global-batch 8 --strategy dp8zero1"
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

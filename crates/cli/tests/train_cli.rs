@@ -8,12 +8,7 @@ use model::{LlamaConfig, Weights};
 
 mod common;
 
-fn hotspa(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hotspa"))
-        .args(args)
-        .output()
-        .expect("run hotspa")
-}
+use common::run as hotspa;
 
 const CONFIG: &str = r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
@@ -690,42 +685,17 @@ fn plot_draws_svg_and_png() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("pass --force"));
     let mine = dir.path().join("mine.svg");
     std::fs::write(&mine, "<svg>the user's drawing</svg>").unwrap();
-    let o = hotspa(&[
-        "plot",
-        m.to_str().unwrap(),
-        "-o",
-        mine.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = hotspa(&common::cmd!["plot", &m, "-o", &mine, "--force"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a plot hotspa drew"));
     assert_eq!(
         std::fs::read_to_string(&mine).unwrap(),
         "<svg>the user's drawing</svg>"
     );
-    let o = hotspa(&[
-        "plot",
-        m.to_str().unwrap(),
-        "-o",
-        m.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = hotspa(&common::cmd!["plot", &m, "-o", &m, "--force"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("is the metrics file"));
-    let o = hotspa(&[
-        "plot",
-        m.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = hotspa(&common::cmd!["plot", &m, "-o", &png, "--force"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = hotspa(&[
-        "plot",
-        m.to_str().unwrap(),
-        m2.to_str().unwrap(),
-        "-o",
-        svg.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = hotspa(&common::cmd!["plot", &m, &m2, "-o", &svg, "--force"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
     for want in [
@@ -747,13 +717,7 @@ fn plot_draws_svg_and_png() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("write a .svg or .png file"));
     std::fs::write(&m, "{\"step\": 1}\n").unwrap();
-    let o = hotspa(&[
-        "plot",
-        m.to_str().unwrap(),
-        "-o",
-        svg.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = hotspa(&common::cmd!["plot", &m, "-o", &svg, "--force"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("m.jsonl:1: no numeric \"loss\""));
 }
 

@@ -336,10 +336,7 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    fn of(
-        transfers: impl Iterator<Item = (DeviceId, DeviceId, usize)>,
-        topo: &Topology,
-    ) -> Self {
+    fn of(transfers: impl Iterator<Item = (DeviceId, DeviceId, usize)>, topo: &Topology) -> Self {
         let mut by_pair: std::collections::HashMap<(DeviceId, DeviceId), usize> =
             std::collections::HashMap::new();
         let mut moved = 0;

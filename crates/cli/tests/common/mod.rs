@@ -6,13 +6,33 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs `hotspa ARGS` in `dir` (backtraces off, so errors read as a user sees them).
-pub fn hotspa(dir: &Path, args: &[&str]) -> Output {
+pub fn hotspa<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(args)
         .current_dir(dir)
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap()
+}
+
+/// `hotspa ARGS` in the current folder (backtraces off).
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run hotspa")
+}
+
+/// `hotspa ARGS`, which must succeed: its standard output read as one JSON value.
+pub fn json_out<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> serde_json::Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON value on stdout")
 }
 
 /// A 2-layer LLaMA of width 32 over 64 token ids (GQA, untied embeddings).
@@ -98,3 +118,52 @@ pub fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(extra);
     args
 }
+
+/// Command-line words as tests write them (`common::cmd!["train --steps 4 --save", &out]`): a
+/// `&str` stands for its words separated by white space, a path for one word whatever it holds.
+pub trait Words {
+    /// Appends the words to `into`.
+    fn put(self, into: &mut Vec<std::ffi::OsString>);
+}
+
+impl Words for &str {
+    fn put(self, into: &mut Vec<std::ffi::OsString>) {
+        into.extend(self.split_whitespace().map(Into::into));
+    }
+}
+
+impl Words for &String {
+    fn put(self, into: &mut Vec<std::ffi::OsString>) {
+        self.as_str().put(into)
+    }
+}
+
+impl Words for &Path {
+    fn put(self, into: &mut Vec<std::ffi::OsString>) {
+        into.push(self.into());
+    }
+}
+
+impl Words for &&Path {
+    fn put(self, into: &mut Vec<std::ffi::OsString>) {
+        into.push((*self).into());
+    }
+}
+
+impl Words for &std::path::PathBuf {
+    fn put(self, into: &mut Vec<std::ffi::OsString>) {
+        into.push(self.into());
+    }
+}
+
+/// A command line from [`Words`]: `cmd!["eval --model", &dir, "--json"]`.
+#[allow(unused_macros)] // each test file uses its part
+macro_rules! cmd {
+    ($($w:expr),* $(,)?) => {{
+        let mut words: Vec<std::ffi::OsString> = Vec::new();
+        $( $crate::common::Words::put($w, &mut words); )*
+        words
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use cmd;
