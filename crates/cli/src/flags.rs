@@ -102,7 +102,10 @@ pub struct TrainFlags {
     /// matrix), qsgd:S (QSGD: a norm per 256 values, each value a sign and one of S levels,
     /// rounded stochastically and unbiased), dgc:F (Deep Gradient Compression: local clipping
     /// to --grad-clip/√N instead of the global clipping, a velocity with momentum 0.9 accumulated and its top F sent, sent
-    /// positions cleared, the fraction warmed up from 25%; run with --beta1 0), sketch:RxC
+    /// positions cleared, the fraction warmed up from 25%; run with --beta1 0), oktopk:F and
+    /// okdgc:F (top-k's and DGC's selections summed by Ok-Topk's balanced sparse all-reduce:
+    /// a member's bytes do not grow with the members; the owners keep the largest sums and the
+    /// rest stays with the senders), sketch:RxC
     /// (FetchSGD's federated uplink: a count sketch of each client's change, the server's
     /// error accumulation, the C/4 largest coordinates applied; with --sync fedavg). Lossy:
     /// the loss curve changes (see --error-feedback).
@@ -223,7 +226,7 @@ pub struct TrainFlags {
     /// Decoupled weight decay (tensors of rank ≥ 2 only).
     #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     pub weight_decay: f64,
-    /// Clip the global gradient norm to this (inf: no clipping). Under dgc:F and onebit-adam
+    /// Clip the global gradient norm to this (inf: no clipping). Under dgc:F, okdgc:F and onebit-adam
     /// with DP replicas each member clips its own gradient to this / √N instead.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub grad_clip: f64,

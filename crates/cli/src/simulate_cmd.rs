@@ -81,7 +81,7 @@ pub struct Args {
 }
 
 /// The codecs and algorithms the exchange table compares.
-const TABLE_CODECS: [&str; 11] = [
+const TABLE_CODECS: [&str; 12] = [
     "none",
     "bf16",
     "fp16",
@@ -91,6 +91,7 @@ const TABLE_CODECS: [&str; 11] = [
     "topk:0.01",
     "oktopk:0.01",
     "dgc:0.01",
+    "okdgc:0.01",
     "randk:0.01",
     "powersgd:4",
 ];
@@ -531,7 +532,9 @@ pub fn run(args: Args) -> Result<()> {
         // PowerSGD and DGC across nodes only are not implemented (train refuses them).
         let crosses: &[bool] = if matches!(
             codec,
-            comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_)
+            comm::codec::Codec::PowerSgd(_)
+                | comm::codec::Codec::Dgc(_)
+                | comm::codec::Codec::OkDgc(_)
         ) {
             &[false]
         } else {

@@ -209,6 +209,7 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
         "fp16",
         "qsgd:4",
         "dgc:0.05",
+        "okdgc:0.05",
     ] {
         let r = train(d, codec, &["--grad-compression", codec]);
         assert!(r.weights != plain.weights, "{codec} changed nothing");
@@ -216,20 +217,25 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
             .metrics
             .iter()
             .all(|m| m["loss"].as_f64().unwrap().is_finite()));
-        if codec.contains("topk") {
+        if codec.contains("topk") || codec.contains("dgc") {
             sparse.push(r);
         }
     }
     // Ok-Topk's balanced exchange: another selection (the top of the sums) than top-k's
     // gather, in fewer bytes (about 2k pairs a member against (N − 1)·k = 3k at 4).
-    let (topk, oktopk) = (&sparse[0], &sparse[1]);
-    assert!(oktopk.weights != topk.weights, "oktopk ran top-k's gather");
-    assert!(
-        wire(oktopk, "wire_intra_node_bytes") < wire(topk, "wire_intra_node_bytes"),
-        "oktopk sent {} bytes, topk {}",
-        wire(oktopk, "wire_intra_node_bytes"),
-        wire(topk, "wire_intra_node_bytes")
-    );
+    // DGC's selection by the same exchange likewise.
+    for (gather, balanced) in [(&sparse[0], &sparse[1]), (&sparse[2], &sparse[3])] {
+        assert!(
+            balanced.weights != gather.weights,
+            "the balanced exchange ran the gather"
+        );
+        assert!(
+            wire(balanced, "wire_intra_node_bytes") < wire(gather, "wire_intra_node_bytes"),
+            "balanced sent {} bytes, gathered {}",
+            wire(balanced, "wire_intra_node_bytes"),
+            wire(gather, "wire_intra_node_bytes")
+        );
+    }
     // Only across nodes: two nodes of two, exact inside; fewer bytes cross than flat int8.
     let flat = train(
         d,
@@ -310,6 +316,16 @@ fn bad_exchange_settings_are_refused_by_name() {
             "compress_cross_node_only",
         ),
         (vec!["--grad-compression", "dgc:0"], "dgc:0"),
+        (vec!["--grad-compression", "okdgc:0"], "okdgc:0"),
+        (
+            vec![
+                "--grad-compression",
+                "okdgc:0.01",
+                "--error-feedback",
+                "off",
+            ],
+            "error_feedback",
+        ),
         (
             vec!["--grad-compression", "dgc:0.01", "--error-feedback", "off"],
             "error_feedback",

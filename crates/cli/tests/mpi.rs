@@ -119,7 +119,8 @@ fn four_processes_train_bitwise_like_four_threads() {
             "--grad-compression",
             "topk:0.1",
         ],
-        // Ok-Topk's all-to-alls of uneven counts; 1-bit Adam's momentum after its warm-up.
+        // Ok-Topk's all-to-alls of uneven counts (top-k's and DGC's selections); 1-bit Adam's
+        // momentum after its warm-up.
         vec![
             "--strategy",
             "dp4",
@@ -127,6 +128,14 @@ fn four_processes_train_bitwise_like_four_threads() {
             "3",
             "--grad-compression",
             "oktopk:0.1",
+        ],
+        vec![
+            "--strategy",
+            "dp4",
+            "--steps",
+            "3",
+            "--grad-compression",
+            "okdgc:0.1",
         ],
         vec![
             "--strategy",

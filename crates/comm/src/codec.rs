@@ -64,6 +64,11 @@ pub enum Codec {
     /// the residual), momentum factor masking (sent positions cleared in both) and sparsity
     /// warm-up ([`all_reduce_dgc`]); the kept values travel as (index, value) pairs.
     Dgc(f64),
+    /// DGC's sparsification exchanged by Ok-Topk's balanced sparse all-reduce (as
+    /// [`Codec::OkTopK`]): a member's bytes do not grow with the members; what it sent that the
+    /// owners' selection drops stays in its accumulation, and only what the result carries
+    /// clears its velocity.
+    OkDgc(f64),
     /// A count sketch of `rows × cols` (FetchSGD, Rothchild et al. 2020): a federated uplink
     /// only — the clients send sketches of their changes, the server adds them into its error
     /// accumulation and applies the largest coordinates it recovers ([`crate::sketch`]).
@@ -84,13 +89,14 @@ impl fmt::Display for Codec {
             Codec::PowerSgd(r) => write!(f, "powersgd:{r}"),
             Codec::Qsgd(levels) => write!(f, "qsgd:{levels}"),
             Codec::Dgc(x) => write!(f, "dgc:{x}"),
+            Codec::OkDgc(x) => write!(f, "okdgc:{x}"),
             Codec::Sketch(r, c) => write!(f, "sketch:{r}x{c}"),
         }
     }
 }
 
 const EXPECTED: &str =
-    "use none, bf16, fp16, int8, sign, topk:F, oktopk:F, randk:F, dgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads); --grad-compression also takes auto (per bucket)";
+    "use none, bf16, fp16, int8, sign, topk:F, oktopk:F, randk:F, dgc:F, okdgc:F (F a fraction in (0, 1], e.g. 0.01 or 1%), powersgd:R (R ≥ 1), qsgd:S (S levels, 1 to 255) or sketch:RxC (a count sketch of 1 to 32 rows of C ≥ 4 columns, federated uploads); --grad-compression also takes auto (per bucket)";
 
 impl FromStr for Codec {
     type Err = CommError;
@@ -124,6 +130,7 @@ impl FromStr for Codec {
             Some(("oktopk", v)) => Ok(Codec::OkTopK(fraction(v)?)),
             Some(("randk", v)) => Ok(Codec::RandK(fraction(v)?)),
             Some(("dgc", v)) => Ok(Codec::Dgc(fraction(v)?)),
+            Some(("okdgc", v)) => Ok(Codec::OkDgc(fraction(v)?)),
             Some(("sketch", v)) => match v
                 .split_once('x')
                 .map(|(r, c)| (r.trim().parse::<u32>(), c.trim().parse::<u32>()))
@@ -153,12 +160,19 @@ impl Codec {
         )
     }
 
+    /// Deep Gradient Compression, by either exchange ([`Codec::Dgc`], [`Codec::OkDgc`]).
+    pub fn is_dgc(&self) -> bool {
+        matches!(self, Codec::Dgc(_) | Codec::OkDgc(_))
+    }
+
     /// How many of `len` values a sparsifying codec keeps (at least one of a non-empty vector).
     pub fn keep(&self, len: usize) -> usize {
         match *self {
-            Codec::TopK(f) | Codec::OkTopK(f) | Codec::RandK(f) | Codec::Dgc(f) => {
-                ((f * len as f64).ceil() as usize).clamp(len.min(1), len)
-            }
+            Codec::TopK(f)
+            | Codec::OkTopK(f)
+            | Codec::RandK(f)
+            | Codec::Dgc(f)
+            | Codec::OkDgc(f) => ((f * len as f64).ceil() as usize).clamp(len.min(1), len),
             _ => len,
         }
     }
@@ -582,6 +596,9 @@ pub struct Dgc<'a> {
     /// The global clipping threshold, if any: each member clips its own gradient to
     /// `clip / √members` first (local gradient clipping).
     pub clip: Option<f32>,
+    /// Exchanged by the balanced sparse all-reduce ([`Codec::OkDgc`]) instead of an
+    /// all-gather of every member's pairs.
+    pub balanced: bool,
 }
 
 /// DGC's sparsity warm-up (Lin et al. 2018, §3.3: 75 %, 93.75 %, 98.4375 %, 99.6 %, 99.9 % over
@@ -625,6 +642,15 @@ pub fn all_reduce_dgc(c: &dyn Communicator, buf: &mut [f32], d: Dgc<'_>) -> Resu
         *v += *u;
     }
     let k = Codec::Dgc(d.density).keep(len);
+    if d.balanced {
+        // The accumulation competes as a whole; what the result does not carry stays in it.
+        buf.copy_from_slice(d.accumulated);
+        let carried = crate::sparse::balanced_top_k(c, buf, k, Some(&mut *d.accumulated))?;
+        for i in carried {
+            d.velocity[i as usize] = 0.0;
+        }
+        return Ok(());
+    }
     let idx = top_k(d.accumulated, k);
     let values: Vec<f32> = idx.iter().map(|&i| d.accumulated[i as usize]).collect();
     for &i in &idx {
@@ -969,6 +995,7 @@ mod tests {
                         momentum: m,
                         density: density(t),
                         clip: Some(clip),
+                        balanced: false,
                     },
                 )?;
                 sums.push(buf);
@@ -1001,12 +1028,70 @@ mod tests {
                     momentum: 0.9,
                     density: 0.5,
                     clip: None,
+                    balanced: false,
                 },
             )
         });
         assert!(err.is_err());
         assert_eq!("dgc:0.1%".parse::<Codec>().unwrap(), Codec::Dgc(0.001));
         assert_eq!(Codec::Dgc(0.001).to_string(), "dgc:0.001");
+        assert_eq!("okdgc:1%".parse::<Codec>().unwrap(), Codec::OkDgc(0.01));
+    }
+
+    /// DGC by the balanced exchange loses nothing: every accumulated value is either in the
+    /// result or still with its sender, and a velocity is cleared exactly where its value left
+    /// (its bytes are the balanced all-reduce's, tested in [`crate::sparse`]).
+    #[test]
+    fn balanced_dgc_keeps_what_the_result_does_not_carry() {
+        let len = 997;
+        for n in [2, 4, 8] {
+            let out = ThreadComm::run(n, move |c| -> Result<_> {
+                let me = c.rank().0;
+                let g = grad(me, len);
+                let (mut velocity, mut accumulated) = (vec![0.0; len], vec![0.0; len]);
+                // A first step builds an accumulation; the second is checked.
+                for _ in 0..2 {
+                    let before: Vec<f32> = accumulated
+                        .iter()
+                        .zip(&velocity)
+                        .zip(&g)
+                        .map(|((v, u), g)| v + (0.9 * u + g))
+                        .collect();
+                    let mut buf = g.clone();
+                    all_reduce_dgc(
+                        &c,
+                        &mut buf,
+                        Dgc {
+                            velocity: &mut velocity,
+                            accumulated: &mut accumulated,
+                            momentum: 0.9,
+                            density: 0.05,
+                            clip: None,
+                            balanced: true,
+                        },
+                    )?;
+                    if accumulated.iter().all(|&v| v == 0.0) {
+                        continue;
+                    }
+                    return Ok((before, buf, accumulated.clone(), velocity.clone()));
+                }
+                unreachable!("an accumulation of 997 values sent at 5 % is never empty")
+            })
+            .unwrap();
+            for i in 0..len {
+                let total: f64 = out.iter().map(|o| f64::from(o.0[i])).sum();
+                let kept: f64 = out.iter().map(|o| f64::from(o.2[i])).sum();
+                let carried = f64::from(out[0].1[i]);
+                assert!(
+                    (carried + kept - total).abs() < 1e-5,
+                    "{n} members, value {i}: {carried} carried + {kept} kept != {total}"
+                );
+                for o in &out {
+                    let left = o.0[i] != 0.0 && o.2[i] == 0.0;
+                    assert_eq!(o.3[i] == 0.0, left, "velocity {i}");
+                }
+            }
+        }
     }
 
     #[test]

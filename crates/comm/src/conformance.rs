@@ -552,6 +552,7 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
         Codec::OkTopK(0.05),
         Codec::RandK(0.05),
         Codec::Dgc(0.05),
+        Codec::OkDgc(0.05),
     ] {
         let mut buf = grad(me);
         let mut worker = vec![0.0; len];
@@ -561,7 +562,7 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
             Codec::OkTopK(_) => {
                 crate::sparse::all_reduce_top_k_balanced(c, &mut buf, codec, Some(&mut worker))
             }
-            Codec::Dgc(f) => codec::all_reduce_dgc(
+            Codec::Dgc(f) | Codec::OkDgc(f) => codec::all_reduce_dgc(
                 c,
                 &mut buf,
                 codec::Dgc {
@@ -570,6 +571,7 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
                     momentum: 0.9,
                     density: f,
                     clip: Some(1.0),
+                    balanced: matches!(codec, Codec::OkDgc(_)),
                 },
             ),
             Codec::RandK(_) => codec::all_reduce_random_k(

@@ -41,10 +41,32 @@ pub fn all_reduce_top_k_balanced(
     codec: Codec,
     residual: Option<&mut [f32]>,
 ) -> Result<()> {
-    let (n, len) = (c.size(), buf.len());
     let mut residual = residual;
     add_residual(buf, residual.as_deref_mut())?;
-    let k = codec.keep(len);
+    let k = codec.keep(buf.len());
+    balanced_top_k(c, buf, k, residual).map(|_| ())
+}
+
+/// [`all_reduce_top_k_balanced`] of `buf` as it is (any residual already added), keeping `k`
+/// values: `residual` is overwritten with `buf`'s values but those this member sent that the
+/// result carries; returns those positions.
+pub(crate) fn balanced_top_k(
+    c: &dyn Communicator,
+    buf: &mut [f32],
+    k: usize,
+    residual: Option<&mut [f32]>,
+) -> Result<Vec<u32>> {
+    let (n, len) = (c.size(), buf.len());
+    if let Some(r) = &residual {
+        if r.len() != len {
+            return Err(CommError::Length {
+                op: "balanced top-k all_reduce",
+                what: "residual",
+                expected: len,
+                got: r.len(),
+            });
+        }
+    }
     let regions = chunk_counts(len, n);
     // n + 1 bounds: region j is starts[j]..starts[j + 1].
     let starts = offsets(&regions);
@@ -141,15 +163,14 @@ pub fn all_reduce_top_k_balanced(
         at += s;
     }
     // What this member sent and the result carries leaves its residual; everything else stays.
+    let carried: Vec<u32> = mine.into_iter().filter(|&i| kept[i as usize]).collect();
     if let Some(r) = residual {
         r.copy_from_slice(&before);
-        for &i in &mine {
-            if kept[i as usize] {
-                r[i as usize] = 0.0;
-            }
+        for &i in &carried {
+            r[i as usize] = 0.0;
         }
     }
-    Ok(())
+    Ok(carried)
 }
 
 #[cfg(test)]

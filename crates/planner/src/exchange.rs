@@ -66,6 +66,8 @@ fn codec_passes(codec: Codec) -> f64 {
         Codec::OkTopK(_) => 10.0,
         // The velocity and the accumulation (read and written) before the selection.
         Codec::Dgc(_) => 12.0,
+        // DGC's passes and the owners' selection.
+        Codec::OkDgc(_) => 14.0,
         // Each value into every row, then the server's estimates of every coordinate.
         Codec::Sketch(rows, _) => 2.0 * rows as f64,
         Codec::RandK(_) => 3.0,
@@ -637,7 +639,7 @@ impl Exchange {
                 s.ring(wire / n as f64, n - 1);
                 s.cost
             }
-            Codec::OkTopK(_) => {
+            Codec::OkTopK(_) | Codec::OkDgc(_) => {
                 // The pair counts to each owner, the pairs (a share of the k pairs to each),
                 // the counts of the kept sums and the kept sums (k pairs in all) gathered.
                 let k = self.codec.keep(values as usize) as f64;

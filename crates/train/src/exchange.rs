@@ -347,7 +347,7 @@ impl Agreement {
                     "{codec} is a federated uplink (--sync fedavg), not a DP exchange"
                 )))
             }
-            Codec::Dgc(fraction) => {
+            Codec::Dgc(fraction) | Codec::OkDgc(fraction) => {
                 // The unsent values are DGC's own residual (`--error-feedback` must be on).
                 let mut velocity = kept.take(&name("velocity"), len)?;
                 let mut accumulated = kept.take(&name("accumulated"), len)?;
@@ -361,6 +361,7 @@ impl Agreement {
                         momentum: DGC_MOMENTUM,
                         density: codec::dgc_density(fraction, step, DGC_WARMUP_STAGE),
                         clip: self.clip,
+                        balanced: matches!(codec, Codec::OkDgc(_)),
                     },
                 )?;
                 kept.put(name("velocity"), velocity);

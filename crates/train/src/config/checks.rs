@@ -62,7 +62,7 @@ impl Federated {
         }
         if matches!(
             e.codec,
-            Codec::PowerSgd(_) | Codec::Dgc(_) | Codec::OkTopK(_)
+            Codec::PowerSgd(_) | Codec::Dgc(_) | Codec::OkDgc(_) | Codec::OkTopK(_)
         ) {
             return bad(
                 "grad_compression",
@@ -151,7 +151,7 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
     }
     if matches!(
         e.codec,
-        comm::codec::Codec::PowerSgd(_) | comm::codec::Codec::Dgc(_) | Codec::OkTopK(_)
+        Codec::PowerSgd(_) | Codec::Dgc(_) | Codec::OkDgc(_) | Codec::OkTopK(_)
     ) {
         return refuse(
             "ps_servers",
@@ -161,7 +161,7 @@ pub(crate) fn check_ps(cfg: &TrainConfig) -> Result<()> {
                 e.codec,
                 if matches!(e.codec, Codec::OkTopK(_)) {
                     "its sums are made region by region by the members"
-                } else if matches!(e.codec, comm::codec::Codec::Dgc(_)) {
+                } else if e.codec.is_dgc() {
                     "DGC's velocities and sparse sums need all-gathers"
                 } else {
                     "PowerSGD's factors need all-reduces"
@@ -299,18 +299,18 @@ pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
             ),
         ));
     }
-    if matches!(cfg.exchange.codec, comm::codec::Codec::Dgc(_)) {
+    if cfg.exchange.codec.is_dgc() {
         if !cfg.exchange.error_feedback {
             return Err(TrainError::setting(
                 "error_feedback",
-                "dgc:F accumulates what it did not send (that is DGC); --error-feedback off \
-                 does not apply to it",
+                "dgc:F and okdgc:F accumulate what they did not send (that is DGC); \
+                 --error-feedback off does not apply to them",
             ));
         }
         if cfg.exchange.cross_node_only {
             return Err(TrainError::setting(
                 "compress_cross_node_only",
-                "dgc:F keeps a velocity of the whole bucket per member; the exchange \
+                "DGC keeps a velocity of the whole bucket per member; the exchange \
                  across nodes carries one member's slice: not implemented together",
             ));
         }

@@ -404,7 +404,7 @@ impl TrainConfig {
             (self.optimizer, &self.strategy),
             (crate::settings::OptimizerKind::OneBitAdam { .. }, StrategySpec::Fixed(s)) if s.dp > 1
         );
-        if matches!(self.exchange.codec, comm::codec::Codec::Dgc(_)) || onebit_dp {
+        if self.exchange.codec.is_dgc() || onebit_dp {
             f64::INFINITY
         } else {
             self.grad_clip
