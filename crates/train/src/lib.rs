@@ -85,6 +85,6 @@ pub use rank::PLAN_CACHE;
 pub use run::{run, TrainOutcome};
 pub use runner::{HotRunner, PlannedRunner, StaticRunner, StepGradients, StepInput, StepRunner};
 pub use settings::{
-    FedWeighting, Federated, OptimizerKind, ParamServers, Placement, Sharding, SlowRank,
+    FedWeighting, Federated, OptimizerKind, ParamServers, Placement, Sharding, SlowRank, SyncMode,
+    OUTER_LR, OUTER_MOMENTUM,
 };
-pub use sync::{SyncMode, OUTER_LR, OUTER_MOMENTUM};

@@ -1,7 +1,7 @@
-//! The synchronisation models' settings, as the configuration holds them: the parameter
-//! servers (`--ps-servers`, `--ps-placement`), stragglers (`--slow-rank`) and federated
-//! averaging (`--fed-…`). Plain values: the checks against a whole run live with the
-//! configuration, the behaviour in `ps` and `fed`.
+//! The synchronisation models' settings, as the configuration holds them: the consistency
+//! model (`--sync`), the parameter servers (`--ps-servers`, `--ps-placement`), stragglers
+//! (`--slow-rank`) and federated averaging (`--fed-…`). Plain values: the checks against a whole run live with the
+//! configuration, the behaviour in `sync`, `ps` and `fed`.
 
 use std::fmt;
 
@@ -181,6 +181,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sync_modes_parse_and_refuse_by_name() {
+        assert_eq!(SyncMode::parse("bsp", None, None).unwrap(), SyncMode::Bsp);
+        assert_eq!(
+            SyncMode::parse("ssp:0", None, None).unwrap(),
+            SyncMode::Ssp { staleness: 0 }
+        );
+        assert_eq!(SyncMode::parse("asp", None, None).unwrap(), SyncMode::Asp);
+        assert_eq!(
+            SyncMode::parse("local:5", None, None).unwrap(),
+            SyncMode::Local { every: 5 }
+        );
+        assert_eq!(
+            SyncMode::parse("diloco:20", None, Some(0.5)).unwrap(),
+            SyncMode::DiLoCo {
+                every: 20,
+                outer_lr: OUTER_LR,
+                outer_momentum: 0.5
+            }
+        );
+        for (s, lr, mu, says) in [
+            ("ssp", None, None, "staleness bound"),
+            ("asp:2", None, None, "use bsp, ssp:S, asp"),
+            ("fedavg:2", None, None, "use bsp, ssp:S, asp"),
+            ("local:0", None, None, "at least 1"),
+            ("local", None, None, "at least 1"),
+            ("gossip", None, None, "at least 1"),
+            ("local:4", Some(0.7), None, "outer_lr"),
+            ("bsp", None, Some(0.9), "outer_momentum"),
+            ("diloco:4", Some(-1.0), None, "outer_lr"),
+            ("diloco:4", None, Some(1.0), "outer_momentum"),
+        ] {
+            let e = SyncMode::parse(s, lr, mu).unwrap_err().to_string();
+            assert!(e.contains(says), "{s}: {e}");
+        }
+    }
+
+    /// Against PyTorch's SGD with Nesterov momentum written out in f64 (torch.optim.SGD:
+    /// `buf = g` on the first step, then `buf = μ buf + g`; `g ← g + μ buf`; `p ← p − lr g`).
+
+    #[test]
     fn slow_ranks_parse_and_refuse() {
         assert_eq!(
             SlowRank::parse("3:4").unwrap(),
@@ -194,5 +234,150 @@ mod tests {
         }
         assert_eq!(Placement::parse("colocated").unwrap(), Placement::CoLocated);
         assert!(Placement::parse("remote").is_err());
+    }
+}
+
+/// The consistency model of the DP replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum SyncMode {
+    /// Every step, the gradient exchange (bulk-synchronous).
+    #[default]
+    Bsp,
+    /// Local SGD: the weights averaged every `every` steps.
+    Local {
+        /// Steps between averagings.
+        every: usize,
+    },
+    /// Stale-synchronous on the parameter server: no worker more than `staleness` steps ahead
+    /// of the slowest.
+    Ssp {
+        /// The bound `s`.
+        staleness: usize,
+    },
+    /// Asynchronous on the parameter server: every push applied on arrival, no barrier.
+    Asp,
+    /// Federated averaging over client shards ([`crate::Federated`] says how).
+    FedAvg,
+    /// Gossip: every `every` steps each replica averages its weights with its two neighbours
+    /// on a ring of the DP group (and with everyone at the end, at checkpoints and evaluations).
+    Gossip {
+        /// Steps between gossip rounds.
+        every: usize,
+    },
+    /// DiLoCo: every `every` steps an outer SGD step with Nesterov momentum on the averaged
+    /// change of the weights.
+    DiLoCo {
+        /// Inner steps between outer steps.
+        every: usize,
+        /// The outer learning rate (the paper's 0.7).
+        outer_lr: f64,
+        /// The outer Nesterov momentum (the paper's 0.9).
+        outer_momentum: f64,
+    },
+}
+
+/// DiLoCo's outer learning rate by default (Douillard et al. 2023).
+pub const OUTER_LR: f64 = 0.7;
+/// DiLoCo's outer Nesterov momentum by default.
+pub const OUTER_MOMENTUM: f64 = 0.9;
+
+impl SyncMode {
+    /// `bsp`, `ssp:S`, `asp`, `local:H`, `diloco:H` or `fedavg`, with DiLoCo's outer learning
+    /// rate and momentum (which only DiLoCo takes).
+    pub fn parse(s: &str, outer_lr: Option<f64>, outer_momentum: Option<f64>) -> Result<Self> {
+        let bad = |why: String| TrainError::setting("sync", format!("{s:?}: {why}"));
+        let every = |h: &str| -> Result<usize> {
+            match h.parse::<usize>() {
+                Ok(h) if h >= 1 => Ok(h),
+                _ => Err(bad(format!("{h:?} is not a step count of at least 1"))),
+            }
+        };
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        let mode = match (kind, arg) {
+            ("bsp", "") => SyncMode::Bsp,
+            ("local", h) => SyncMode::Local { every: every(h)? },
+            ("gossip", h) => SyncMode::Gossip { every: every(h)? },
+            ("diloco", h) => SyncMode::DiLoCo {
+                every: every(h)?,
+                outer_lr: outer_lr.unwrap_or(OUTER_LR),
+                outer_momentum: outer_momentum.unwrap_or(OUTER_MOMENTUM),
+            },
+            ("ssp", h) => SyncMode::Ssp {
+                staleness: h.parse::<usize>().map_err(|_| {
+                    bad(format!("{h:?} is not a staleness bound (a step count ≥ 0)"))
+                })?,
+            },
+            ("asp", "") => SyncMode::Asp,
+            ("fedavg", "") => SyncMode::FedAvg,
+            _ => {
+                return Err(bad(
+                    "use bsp, ssp:S, asp, local:H, gossip:H, diloco:H or fedavg".into(),
+                ))
+            }
+        };
+        if !matches!(mode, SyncMode::DiLoCo { .. }) {
+            for (flag, given) in [
+                ("outer_lr", outer_lr.is_some()),
+                ("outer_momentum", outer_momentum.is_some()),
+            ] {
+                if given {
+                    return Err(TrainError::setting(
+                        flag,
+                        format!("only DiLoCo has an outer step; --sync is {s}"),
+                    ));
+                }
+            }
+        }
+        if let SyncMode::DiLoCo {
+            outer_lr,
+            outer_momentum,
+            ..
+        } = mode
+        {
+            if !(outer_lr.is_finite() && outer_lr > 0.0) {
+                return Err(TrainError::setting(
+                    "outer_lr",
+                    format!("{outer_lr} is out of range: must be finite and > 0"),
+                ));
+            }
+            if !(0.0..1.0).contains(&outer_momentum) {
+                return Err(TrainError::setting(
+                    "outer_momentum",
+                    format!("{outer_momentum} is out of range: must be in [0, 1)"),
+                ));
+            }
+        }
+        Ok(mode)
+    }
+
+    /// Steps between synchronisations (`None`: every step by the gradient exchange).
+    pub fn every(&self) -> Option<usize> {
+        match *self {
+            SyncMode::Bsp | SyncMode::Ssp { .. } | SyncMode::Asp | SyncMode::FedAvg => None,
+            SyncMode::Local { every }
+            | SyncMode::Gossip { every }
+            | SyncMode::DiLoCo { every, .. } => Some(every),
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            SyncMode::Bsp => f.write_str("bsp"),
+            SyncMode::Ssp { staleness } => write!(f, "ssp:{staleness}"),
+            SyncMode::Asp => f.write_str("asp"),
+            SyncMode::FedAvg => f.write_str("fedavg"),
+            SyncMode::Local { every } => write!(f, "local:{every}"),
+            SyncMode::Gossip { every } => write!(f, "gossip:{every}"),
+            SyncMode::DiLoCo {
+                every,
+                outer_lr,
+                outer_momentum,
+            } => write!(
+                f,
+                "diloco:{every} (outer lr {outer_lr}, Nesterov momentum {outer_momentum})"
+            ),
+        }
     }
 }

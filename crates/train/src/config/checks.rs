@@ -6,8 +6,8 @@ use comm::codec::Codec;
 
 use crate::config::{StrategySpec, TrainConfig};
 use crate::error::{Result, TrainError};
+use crate::settings::SyncMode;
 use crate::settings::{Federated, OptimizerKind};
-use crate::sync::SyncMode;
 
 impl Federated {
     /// Checks the settings against the run (`clients` 0 means one per device).
@@ -207,7 +207,7 @@ pub(crate) fn check_optimizer(cfg: &TrainConfig) -> Result<()> {
                 .into(),
         );
     }
-    if cfg.sync != crate::sync::SyncMode::Bsp || cfg.ps.is_some() {
+    if cfg.sync != crate::settings::SyncMode::Bsp || cfg.ps.is_some() {
         return refuse(
             "optimizer",
             format!(
@@ -287,7 +287,7 @@ pub(crate) fn check_whole_replicas(
 /// uplink, DGC its own residual, `auto` its own choice of where to compress.
 pub(crate) fn check_exchange(cfg: &TrainConfig) -> Result<()> {
     if matches!(cfg.exchange.codec, comm::codec::Codec::Sketch(..))
-        && cfg.sync != crate::sync::SyncMode::FedAvg
+        && cfg.sync != crate::settings::SyncMode::FedAvg
     {
         return Err(TrainError::setting(
             "grad_compression",

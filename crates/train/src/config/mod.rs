@@ -290,7 +290,7 @@ pub struct TrainConfig {
     pub exchange: Exchange,
     /// How the DP replicas stay in step: the gradient exchange every step (BSP), or periodic
     /// averaging of the weights (local SGD, DiLoCo).
-    pub sync: crate::sync::SyncMode,
+    pub sync: crate::settings::SyncMode,
     /// Parameter servers (`None`: the replicas exchange gradients by all-reduce). The world is
     /// then `devices` workers followed by the servers.
     pub ps: Option<crate::settings::ParamServers>,
@@ -357,7 +357,7 @@ impl TrainConfig {
             resume: None,
             simulate: None,
             exchange: Exchange::default(),
-            sync: crate::sync::SyncMode::Bsp,
+            sync: crate::settings::SyncMode::Bsp,
             ps: None,
             slow_ranks: Vec::new(),
             fed: crate::settings::Federated::default(),
@@ -457,7 +457,7 @@ impl TrainConfig {
         checks::check_sync(self)?;
         checks::check_optimizer(self)?;
         checks::check_ps(self)?;
-        if self.sync == crate::sync::SyncMode::FedAvg {
+        if self.sync == crate::settings::SyncMode::FedAvg {
             if self.ps.is_some() {
                 return Err(TrainError::setting(
                     "ps_servers",
@@ -731,7 +731,7 @@ impl TrainConfig {
             "allreduce": self.exchange.algorithm.to_string(),
             "sync": self.sync.to_string(),
             "ps_servers": self.ps.map(|p| p.servers),
-            "fed": (self.sync == crate::sync::SyncMode::FedAvg).then(|| format!("{:?}", self.fed)),
+            "fed": (self.sync == crate::settings::SyncMode::FedAvg).then(|| format!("{:?}", self.fed)),
         })
     }
 }

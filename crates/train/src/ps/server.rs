@@ -17,7 +17,7 @@ use crate::job::{Collected, Job, Msg};
 use crate::metrics::{PsMetrics, StepMetrics, WireMetrics};
 use crate::replica::{split, whole_model};
 use crate::settings::Placement;
-use crate::sync::SyncMode;
+use crate::settings::SyncMode;
 
 /// One server's shard and its optimizer state.
 struct Shard {

@@ -19,7 +19,7 @@ use crate::job::{Collected, Job, Msg};
 use crate::metrics::WorkerStep;
 use crate::replica::{split, Replica};
 use crate::settings::SlowRank;
-use crate::sync::SyncMode;
+use crate::settings::SyncMode;
 
 /// The servers' layout of `exec`'s parameters (`params`, in its order) over `servers`.
 pub(crate) fn layout_of(exec: &ExecGraph, params: &[Vec<f32>], servers: usize) -> Layout {
