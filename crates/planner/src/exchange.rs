@@ -579,14 +579,17 @@ impl Exchange {
                 .cost(cluster, values, matrices, shape);
         }
         let elem = cluster.elem_bytes;
-        if self.codec == Codec::None {
-            let bytes = values * elem;
-            return exact(
+        // An exact all-reduce of `bytes` by the algorithm chosen for them.
+        let exact_of = |bytes: f64| {
+            exact(
                 cluster,
                 bytes,
                 self.algorithm_for(cluster, bytes, shape),
                 shape,
-            );
+            )
+        };
+        if self.codec == Codec::None {
+            return exact_of(values * elem);
         }
         let g = shape.per_node.min(shape.members);
         if self.cross_node_only && g > 1 {
@@ -653,12 +656,7 @@ impl Exchange {
                 // Sketches add: an exact all-reduce of rows × cols values (a federated uplink
                 // in the runtime; priced here as a DP exchange would carry it).
                 let bytes = 4.0 * (rows as f64 * cols as f64).min(values);
-                exact(
-                    cluster,
-                    bytes,
-                    self.algorithm_for(cluster, bytes, shape),
-                    shape,
-                )
+                exact_of(bytes)
             }
             Codec::TopK(_) | Codec::Dgc(_) => {
                 // Ring all-gather of every member's (index, value) pairs (DGC's at its final
@@ -670,12 +668,7 @@ impl Exchange {
             Codec::RandK(_) => {
                 let k = self.codec.keep(values as usize) as f64;
                 let bytes = 4.0 * k;
-                exact(
-                    cluster,
-                    bytes,
-                    self.algorithm_for(cluster, bytes, shape),
-                    shape,
-                )
+                exact_of(bytes)
             }
             Codec::PowerSgd(r) => {
                 let r = r as f64;
@@ -695,18 +688,7 @@ impl Exchange {
                 }
                 let first = 4.0 * (p + plain.max(0.0));
                 let second = 4.0 * q;
-                exact(
-                    cluster,
-                    first,
-                    self.algorithm_for(cluster, first, shape),
-                    shape,
-                )
-                .then(exact(
-                    cluster,
-                    second,
-                    self.algorithm_for(cluster, second, shape),
-                    shape,
-                ))
+                exact_of(first).then(exact_of(second))
             }
             Codec::None => ExchangeCost::default(),
         };
