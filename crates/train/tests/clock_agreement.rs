@@ -121,7 +121,7 @@ fn variant(label: &str) -> TrainConfig {
 /// 2 nodes × 4; a few with
 /// bf16's two-byte elements, as the GPU presets count activations, messages and elementwise
 /// kernels.
-const GRID: [&str; 49] = [
+const GRID: [&str; 52] = [
     "dp8",
     "dp4tp2",
     "dp2tp4",
@@ -151,6 +151,11 @@ const GRID: [&str; 49] = [
     "dp8 codec=sign",
     "dp8 codec=topk:0.01",
     "dp8 codec=oktopk:0.01",
+    "dp8 codec=qsgd:15",
+    // DGC at 0.25, the fraction of its warm-up's first stage, which a one-step run is in (the
+    // model prices a run at its final fraction).
+    "dp8 codec=dgc:0.25",
+    "dp8 codec=okdgc:0.25",
     "dp8 codec=auto",
     "dp8 codec=randk:0.05",
     "dp8 codec=powersgd:2",
