@@ -96,6 +96,13 @@ pub struct TrainFlags {
     /// least together.
     #[arg(long, default_value = "4")]
     pub bucket_mb: String,
+    /// When the DP gradients are summed: fifo (in buckets as the last backward finishes them,
+    /// overlapping it) or priority (P3 / ByteScheduler: during the next step, in pieces of
+    /// --bucket-mb in the order its forward needs the parameters, each parameter updated as
+    /// soon as it is summed and the forward waiting per parameter; the same update; pure data
+    /// parallelism without ZeRO, with --grad-clip inf).
+    #[arg(long, default_value = "fifo")]
+    pub comm_schedule: String,
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256
     /// values), sign (1 bit and a scale), topk:F or randk:F (a fraction F, e.g. 0.01 or 1%, as
     /// index–value pairs or at shared random positions), powersgd:R (rank-R factors of every
@@ -548,6 +555,7 @@ impl TrainFlags {
             .parse::<Schedule>()?;
         cfg.packing = self.packing.parse()?;
         cfg.buckets = self.bucket_mb.parse()?;
+        cfg.comm_schedule = self.comm_schedule.parse().context("--comm-schedule")?;
         cfg.global_batch = self.global_batch;
         cfg.steps = self.steps;
         cfg.max_len = self.max_len;

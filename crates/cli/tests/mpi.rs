@@ -137,6 +137,17 @@ fn four_processes_train_bitwise_like_four_threads() {
             "--grad-compression",
             "okdgc:0.1",
         ],
+        // Priority scheduling: the update summed during the next step, on a thread of its own.
+        vec![
+            "--strategy",
+            "dp4",
+            "--steps",
+            "3",
+            "--comm-schedule",
+            "priority",
+            "--grad-clip",
+            "inf",
+        ],
         vec![
             "--strategy",
             "dp4",

@@ -10,6 +10,7 @@ use kernels::{Backend, GemmSpec};
 
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
+use crate::stream::ParamView;
 use crate::tp::TpGroup;
 
 /// What one forward+backward run returns.
@@ -75,7 +76,7 @@ pub struct Pass<'a, B: Backend> {
     backend: &'a B,
     graph: &'a Graph,
     states: Option<&'a [DState]>,
-    params: &'a [B::Buffer],
+    params: ParamView<'a, B>,
     batch: &'a MicroBatch,
     tp_rank: Option<usize>,
     dp_pos: (usize, usize),
@@ -99,16 +100,18 @@ struct Local {
 
 impl<'a, B: Backend> Pass<'a, B> {
     /// Binds `params` (this rank's pieces, `graph.params` order; under ZeRO-3 its flat DP
-    /// chunks of them) and `inputs` (`graph.inputs` order) for one micro-batch. `exec` gives the
-    /// DStates, this rank's TP rank and its `(DP rank, DP size)` (None on one device).
+    /// chunks of them; behind a [`crate::Gate`], each read when an op first needs it) and
+    /// `inputs` (`graph.inputs` order) for one micro-batch. `exec` gives the DStates, this
+    /// rank's TP rank and its `(DP rank, DP size)` (None on one device).
     pub fn new(
         backend: &'a B,
         graph: &'a Graph,
         exec: Option<(&'a [DState], usize, (usize, usize))>,
-        params: &'a [B::Buffer],
+        params: impl Into<ParamView<'a, B>>,
         batch: &'a MicroBatch,
         inputs: Vec<B::Buffer>,
     ) -> Result<Self> {
+        let params = params.into();
         let n = graph.tensors.len();
         let mut pass = Pass {
             backend,
@@ -153,13 +156,16 @@ impl<'a, B: Backend> Pass<'a, B> {
             if sharded[p.0] {
                 want = dstate::chunk(0..want, pass.dp_pos.1, pass.dp_pos.0).len();
             }
-            if backend.len(&params[i]) != want {
-                return Err(RuntimeError::Binding(format!(
-                    "{} has {} values, this rank's piece of {:?} needs {want}",
-                    graph.info(p).name,
-                    backend.len(&params[i]),
-                    pass.global(p)
-                )));
+            // Behind a gate, a parameter is published by the update that made it.
+            if let ParamView::Ready(bound) = params {
+                if backend.len(&bound[i]) != want {
+                    return Err(RuntimeError::Binding(format!(
+                        "{} has {} values, this rank's piece of {:?} needs {want}",
+                        graph.info(p).name,
+                        backend.len(&bound[i]),
+                        pass.global(p)
+                    )));
+                }
             }
             pass.slots[p.0] = Slot::Param(i);
         }
@@ -368,7 +374,7 @@ impl<'a, B: Backend> Pass<'a, B> {
                 let mut ins: Vec<&B::Buffer> = Vec::with_capacity(op.inputs.len());
                 for &t in &op.inputs {
                     ins.push(match &self.slots[t.0] {
-                        Slot::Param(k) => &self.params[*k],
+                        Slot::Param(k) => self.params.get(*k)?,
                         Slot::Owned(b, _) => b,
                         Slot::Empty => {
                             return Err(RuntimeError::Binding(format!(

@@ -40,6 +40,7 @@ mod pipeline;
 pub mod profile;
 pub mod progress;
 mod reducer;
+pub mod stream;
 mod tp;
 pub mod zero;
 
@@ -47,7 +48,8 @@ pub use agreement::{BucketKey, ExactAllReduce, GradientAgreement};
 pub use batch::{micro_batches, rank_micro_batches, MicroBatch};
 pub use error::{Result, RuntimeError};
 pub use executor::{run, run_exec, Pass, StepOutput};
-pub use optimizer::{Moments, Optimizer};
+pub use optimizer::{Lent, Moments, Optimizer};
 pub use parallel::{RankGroups, StepGradients};
 pub use pipeline::{pipeline_step, step_gradients};
+pub use stream::{CommSchedule, Gate, ParamView};
 pub use tp::TpGroup;

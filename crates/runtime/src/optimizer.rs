@@ -118,6 +118,36 @@ impl<B: Backend> Optimizer<B> {
         Ok(s)
     }
 
+    /// Lends the moments and the parameters to a priority update
+    /// ([`crate::stream::update_by_priority`]) for one step, which counts it; the optimizer
+    /// holds none until [`Optimizer::take_back`]. Needs whole pieces (no ZeRO) and no clipping:
+    /// each parameter is updated as soon as its own gradient is summed.
+    pub fn lend(&mut self) -> Result<Lent<B>> {
+        if self.zero != Zero::Off || self.max_grad_norm.is_finite() {
+            return Err(RuntimeError::Binding(format!(
+                "a priority update needs whole pieces and no clipping (ZeRO {:?}, clip {})",
+                self.zero, self.max_grad_norm
+            )));
+        }
+        self.step += 1;
+        Ok(Lent {
+            cfg: self.cfg,
+            step: self.step,
+            decay: self.decay.clone(),
+            weight: self.weight.clone(),
+            m: std::mem::take(&mut self.m),
+            v: std::mem::take(&mut self.v),
+            params: std::mem::take(&mut self.params),
+        })
+    }
+
+    /// Takes back what [`Optimizer::lend`] lent, with the parameters after the step.
+    pub fn take_back(&mut self, lent: Lent<B>, params: Vec<B::Buffer>) {
+        self.m = lent.m;
+        self.v = lent.v;
+        self.params = params;
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
@@ -328,5 +358,61 @@ impl<B: Backend> Optimizer<B> {
             })?;
         }
         Ok(norm)
+    }
+}
+
+/// The optimizer's state during a priority update: the parameters before the step and the
+/// moments, updated parameter by parameter.
+pub struct Lent<B: Backend> {
+    cfg: AdamW,
+    step: u64,
+    decay: Vec<bool>,
+    weight: Vec<f64>,
+    m: Vec<B::Buffer>,
+    v: Vec<B::Buffer>,
+    params: Vec<B::Buffer>,
+}
+
+impl<B: Backend> Lent<B> {
+    /// How much parameter `k`'s squares count in the gradient norm (`1 / replicas`).
+    pub fn weight(&self, k: usize) -> f64 {
+        self.weight.get(k).copied().unwrap_or(0.0)
+    }
+
+    /// Parameter `k` after this step's AdamW update by the summed gradient `grad` (a new
+    /// buffer: the old one may still be read), its moments updated in place.
+    pub fn updated(
+        &mut self,
+        backend: &B,
+        k: usize,
+        grad: &B::Buffer,
+        lr: f64,
+    ) -> Result<B::Buffer> {
+        let (Some(old), Some(m), Some(v)) =
+            (self.params.get(k), self.m.get_mut(k), self.v.get_mut(k))
+        else {
+            return Err(RuntimeError::Binding(format!(
+                "parameter {k} updated, none lent"
+            )));
+        };
+        if backend.len(grad) != backend.len(old) {
+            return Err(RuntimeError::Binding(format!(
+                "gradient {k} has {} values, expected {}",
+                backend.len(grad),
+                backend.len(old)
+            )));
+        }
+        let cfg = AdamW {
+            lr,
+            weight_decay: if self.decay[k] {
+                self.cfg.weight_decay
+            } else {
+                0.0
+            },
+            ..self.cfg
+        };
+        let mut new = backend.upload(&crate::host::view(backend, old)?)?;
+        backend.adamw(&cfg, self.step, &mut new, grad, m, v)?;
+        Ok(new)
     }
 }

@@ -9,6 +9,7 @@ use kernels::Backend;
 
 use crate::agreement::{ExactAllReduce, GradientAgreement};
 use crate::error::{Result, RuntimeError};
+use crate::stream::CommSchedule;
 use crate::tp::TpGroup;
 
 /// A rank's communicators under a strategy.
@@ -27,6 +28,9 @@ pub struct RankGroups {
     pub bucket_bytes: usize,
     /// How the DP replicas agree on gradients (default [`ExactAllReduce`]).
     pub agreement: Arc<dyn GradientAgreement>,
+    /// When the DP gradients are summed: during this step's backward (the default) or, by
+    /// priority, during the next step (then [`crate::pipeline_step`] leaves them unsummed).
+    pub comm_schedule: CommSchedule,
 }
 
 impl RankGroups {
@@ -60,6 +64,7 @@ impl RankGroups {
             dp_grads,
             bucket_bytes: 4 << 20,
             agreement: Arc::new(ExactAllReduce),
+            comm_schedule: CommSchedule::Fifo,
         })
     }
 

@@ -15,6 +15,7 @@ use crate::reducer::{
     param_shapes, plan_buckets, reduce_buckets, reduce_scatter_over_dp, sum_tied,
     unflatten_buckets, BucketFeeder,
 };
+use crate::stream::{CommSchedule, ParamView};
 
 /// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
 /// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.
@@ -43,15 +44,16 @@ pub fn step_gradients<B: Backend>(
 /// the gradients of `shared` parameters (a tied embedding held by the first and the last stage)
 /// across those two stages and all-reduces every gradient over DP. `exec` is this stage's exec
 /// graph; every stage of a pipeline must get the same micro-batches.
-pub fn pipeline_step<B: Backend>(
+pub fn pipeline_step<'p, B: Backend + 'p>(
     backend: &B,
     exec: &ExecGraph,
     groups: &mut RankGroups,
-    params: &[B::Buffer],
+    params: impl Into<ParamView<'p, B>>,
     shared: &[bool],
     micro_batches: &[MicroBatch],
     schedule: Schedule,
 ) -> Result<StepGradients<B>> {
+    let params: ParamView<'p, B> = params.into();
     let stages = groups.pp.size();
     let stage = groups.pp.rank().0;
     let g = &exec.graph;
@@ -92,19 +94,23 @@ pub fn pipeline_step<B: Backend>(
         Slot::B(i) => Some(*i),
         Slot::F(_) => None,
     });
+    let shapes = param_shapes(exec, tp_rank)?;
+    // Each parameter's length: bound, or (behind a gate) this rank's piece of it.
+    let lens: Vec<usize> = match params {
+        ParamView::Ready(p) => p.iter().map(|b| backend.len(b)).collect(),
+        ParamView::Gated(_) => shapes.iter().map(|s| s.iter().product()).collect(),
+    };
     // DP reduction in buckets, started while the last backward still runs (ZeRO-2/3 reduce-
-    // scatter per tensor after the step instead).
-    let bucketed = groups.dp.size() > 1 && exec.strategy.zero < Zero::Gradients;
+    // scatter per tensor after the step instead; under the priority schedule, during the next
+    // step, by the caller).
+    let bucketed = groups.dp.size() > 1
+        && exec.strategy.zero < Zero::Gradients
+        && groups.comm_schedule == CommSchedule::Fifo;
     let buckets = if bucketed {
-        plan_buckets(
-            exec,
-            params.iter().map(|p| backend.len(p)).collect(),
-            groups.bucket_bytes,
-        )
+        plan_buckets(exec, lens.clone(), groups.bucket_bytes)
     } else {
         Vec::new()
     };
-    let shapes = param_shapes(exec, tp_rank)?;
     let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets
         .iter()
         .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
@@ -237,7 +243,7 @@ pub fn pipeline_step<B: Backend>(
             if bucketed && last_backward.is_none() {
                 // No data on this replica: it still contributes zeros, bucket by bucket.
                 for k in buckets.iter().flatten() {
-                    feeder.ready(*k, vec![0.0; backend.len(&params[*k])], &tx)?;
+                    feeder.ready(*k, vec![0.0; lens[*k]], &tx)?;
                 }
             }
             Ok(())
@@ -270,9 +276,9 @@ pub fn pipeline_step<B: Backend>(
     })?;
     let mut grads = match grads {
         Some(g) => g,
-        None => params
+        None => lens
             .iter()
-            .map(|p| backend.zeros(backend.len(p)))
+            .map(|&n| backend.zeros(n))
             .collect::<std::result::Result<_, _>>()?,
     };
     if bucketed {

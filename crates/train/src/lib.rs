@@ -51,6 +51,7 @@ pub mod outputs;
 mod planning;
 mod powersgd;
 mod prepare;
+mod priority;
 mod profile;
 mod ps;
 mod rank;

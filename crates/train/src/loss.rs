@@ -58,6 +58,7 @@ pub(crate) fn loss_sum<B: Backend>(
             groups,
             batch: chunk,
             loss_scale: 1.0,
+            gate: None,
         })?;
         sum += f64::from(out.loss);
         predicted += chunk.iter().map(|s| s.len() as u64 - 1).sum::<u64>();

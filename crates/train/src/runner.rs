@@ -33,6 +33,9 @@ pub struct StepInput<'a, B: Backend> {
     pub batch: &'a [Vec<u32>],
     /// `1 / predicted tokens of the global batch` (DESIGN §3).
     pub loss_scale: f32,
+    /// Under `--comm-schedule priority`, the weights being updated while this step runs (the
+    /// optimizer has lent its own): a pass reads each when it is published.
+    pub gate: Option<&'a runtime::Gate<B>>,
 }
 
 /// A step's gradients and what the runner reports of it.
@@ -114,11 +117,15 @@ impl<B: Backend> StepRunner<B> for StaticRunner {
         let packing = self.packing;
         let me = input.world.rank().0;
         let mbs = runtime::rank_micro_batches(input.batch, &packing, s, me, input.loss_scale)?;
+        let params: runtime::ParamView<'_, B> = match input.gate {
+            Some(gate) => gate.into(),
+            None => input.optimizer.params().into(),
+        };
         let out = pipeline_step(
             input.backend,
             &self.exec,
             input.groups,
-            input.optimizer.params(),
+            params,
             &self.shared,
             &mbs,
             self.schedule,

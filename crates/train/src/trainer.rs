@@ -15,6 +15,7 @@ use runtime::{Optimizer, RankGroups};
 use crate::error::{Result, TrainError};
 use crate::job::{Collected, Job, Msg};
 use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics, WireMetrics};
+use crate::priority::{Priority, Summing};
 use crate::rank_state::RankState;
 use crate::runner::{StaticRunner, StepInput, StepRunner};
 use crate::sync::Replicas;
@@ -80,6 +81,8 @@ pub(crate) struct Trainer<'j, B: Backend> {
     eval: Option<(StaticRunner, usize)>,
     checkpoint_every: Option<usize>,
     peak: usize,
+    /// `--comm-schedule priority`: the update that runs during the next step.
+    priority: Option<Priority<B>>,
 }
 
 impl<'j, B: Backend> Trainer<'j, B> {
@@ -109,6 +112,16 @@ impl<'j, B: Backend> Trainer<'j, B> {
         let exec = rank_exec(model, &job.inst, me)?;
         let mut groups = RankGroups::new(&world, &job.inst)?.with_agreement(job.agreement.clone());
         groups.bucket_bytes = job.buckets.bytes(&job.inst);
+        groups.comm_schedule = cfg.comm_schedule;
+        let priority = match cfg.comm_schedule {
+            runtime::CommSchedule::Priority => Some(Priority::start(
+                &world,
+                &job.inst,
+                &exec,
+                groups.bucket_bytes,
+            )?),
+            runtime::CommSchedule::Fifo => None,
+        };
         let (mut opt, RankParams { shared, .. }) =
             crate::optim::start(cfg, be, &exec, &groups, &job.weights, tp_rank)?;
         let mut averaging = None;
@@ -180,6 +193,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
                 .as_ref()
                 .map(|c| c.every.unwrap_or(cfg.steps)),
             peak: 0,
+            priority,
         })
     }
 
@@ -203,14 +217,33 @@ impl<'j, B: Backend> Trainer<'j, B> {
             None => predicted,
         };
         let t_grads = Instant::now();
-        let mut out = self.runner.gradients(StepInput {
-            backend: be,
-            world: &self.world,
-            optimizer: &self.opt,
-            groups: &mut self.groups,
-            batch: &batch,
-            loss_scale: 1.0 / own.max(1) as f32,
-        })?;
+        let loss_scale = 1.0 / own.max(1) as f32;
+        let agreement = self.groups.agreement.clone();
+        let summing = Summing {
+            agreement: agreement.as_ref(),
+            strategy: &job.inst,
+            timeout: self.world.timeout(),
+        };
+        let (runner, groups, world) = (&mut self.runner, &mut self.groups, &self.world);
+        let mut compute = |gate: Option<&runtime::Gate<B>>, optimizer: &Optimizer<B>| {
+            runner.gradients(StepInput {
+                backend: be,
+                world,
+                optimizer,
+                groups,
+                batch: &batch,
+                loss_scale,
+                gate,
+            })
+        };
+        let (mut out, previous) = match &mut self.priority {
+            // The last step's update is summed and applied while this one computes.
+            Some(p) => p.overlap(be, &mut self.opt, &summing, compute)?,
+            None => (compute(None, &self.opt)?, None),
+        };
+        if let Some(norm) = previous {
+            self.release(norm);
+        }
         crate::settings::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
         if let Some(a) = &self.averaging {
             // The loss of the global batch: the replicas' means weighted by their tokens.
@@ -224,7 +257,23 @@ impl<'j, B: Backend> Trainer<'j, B> {
         }
         let lr = cfg.lr.at(step, cfg.steps);
         let t_opt = runtime::profile::enabled().then(Instant::now);
-        let norm = self.opt.update(be, &mut self.groups, out.grads, lr)?;
+        let norm = match &mut self.priority {
+            Some(p) => {
+                p.defer(std::mem::take(&mut out.grads), lr);
+                // A hook after this step reads the weights: its update cannot wait.
+                let eval_every = self.eval.as_ref().map(|e| e.1);
+                if step + 1 == cfg.steps
+                    || due(self.checkpoint_every, step, cfg.steps)
+                    || due(eval_every, step, cfg.steps)
+                {
+                    p.settle(be, &mut self.opt, &summing)?.unwrap_or(f64::NAN)
+                } else {
+                    // Known once the next step has applied the update (see `report`).
+                    f64::NAN
+                }
+            }
+            None => self.opt.update(be, &mut self.groups, out.grads, lr)?,
+        };
         let mut synced = true;
         if let Some(a) = &mut self.averaging {
             synced = false;
@@ -319,11 +368,44 @@ impl<'j, B: Backend> Trainer<'j, B> {
         Ok(())
     }
 
-    /// Hook: the step's metrics to the reporting thread (from world rank 0).
-    pub fn report(&self, done: &StepDone) {
-        if self.me == 0 {
-            let _ = self.job.tx.send(Msg::Step(Box::new(done.metrics.clone())));
+    /// Hook: the step's metrics to the reporting thread (from world rank 0); under the
+    /// priority schedule, once its update (and so its gradient norm) is done.
+    pub fn report(&mut self, done: &StepDone) {
+        if let Some(p) = self.priority.as_mut().filter(|p| p.pending()) {
+            p.hold(done.metrics.clone());
+            return;
         }
+        self.send(done.metrics.clone());
+    }
+
+    fn send(&self, metrics: StepMetrics) {
+        if self.me == 0 {
+            let _ = self.job.tx.send(Msg::Step(Box::new(metrics)));
+        }
+    }
+
+    /// The held metrics of the step whose update just finished, with its norm.
+    fn release(&mut self, norm: f64) {
+        if let Some(m) = self.priority.as_mut().and_then(|p| p.release(norm)) {
+            self.send(m);
+        }
+    }
+
+    /// Applies a pending priority update now (a stop, the end of the run) and reports its step.
+    fn settle(&mut self) -> Result<()> {
+        let Some(p) = self.priority.as_mut() else {
+            return Ok(());
+        };
+        let agreement = self.groups.agreement.clone();
+        let summing = Summing {
+            agreement: agreement.as_ref(),
+            strategy: &self.job.inst,
+            timeout: self.world.timeout(),
+        };
+        if let Some(norm) = p.settle(self.be, &mut self.opt, &summing)? {
+            self.release(norm);
+        }
+        Ok(())
     }
 
     /// Hook: whether the run stops after this step, asked by a signal: every rank agrees,
@@ -350,6 +432,9 @@ impl<'j, B: Backend> Trainer<'j, B> {
     /// Hook: a checkpoint when `--checkpoint-every` says so, or when stopping early with a
     /// checkpoint directory.
     pub fn checkpoint(&mut self, done: &StepDone, stopping: bool) -> Result<()> {
+        if stopping {
+            self.settle()?;
+        }
         let every = self.checkpoint_every;
         if !(due(every, done.step, self.job.cfg.steps) || (stopping && every.is_some())) {
             return Ok(());
@@ -394,7 +479,8 @@ impl<'j, B: Backend> Trainer<'j, B> {
     }
 
     /// After the last step: on world rank 0, every rank's final pieces and peak bytes.
-    pub fn finish(self) -> Result<Option<Collected>> {
+    pub fn finish(mut self) -> Result<Option<Collected>> {
+        self.settle()?;
         self.job.heartbeats.beat(self.me, "collecting the weights");
         // Every rank's peak, exactly: an all-gather of integers.
         let peaks = words::all_gather(&self.world, self.peak as u64)?;

@@ -253,6 +253,7 @@ fn the_plan_cache_keeps_the_last_plans_only() {
                     groups: &mut groups,
                     batch,
                     loss_scale: 1.0 / predicted as f32,
+                    gate: None,
                 },
             )
             .map_err(fail)?;

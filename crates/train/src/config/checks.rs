@@ -234,6 +234,86 @@ pub(crate) fn check_optimizer(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// The checks of `--comm-schedule priority` against the run: each parameter is updated as
+/// soon as its own gradient is summed, during the next step, so every DP member must hold
+/// whole parameters (pure data parallelism, no ZeRO) and nothing may need every gradient
+/// before any update (a global norm clip, a compressed or periodic exchange).
+pub(crate) fn check_comm_schedule(cfg: &TrainConfig) -> Result<()> {
+    if cfg.comm_schedule != runtime::CommSchedule::Priority {
+        return Ok(());
+    }
+    let refuse = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+    let StrategySpec::Fixed(s) = &cfg.strategy else {
+        return refuse(
+            "comm_schedule",
+            "priority sums one strategy's gradients during the next step; a hot, concurrent or \
+             planned schedule switches strategies between steps: use --strategy"
+                .into(),
+        );
+    };
+    if s.dp < 2 || s.tp * s.pp * s.cp > 1 || s.zero != graph::Zero::Off {
+        return refuse(
+            "comm_schedule",
+            format!(
+                "priority needs pure data parallelism with whole parameters on every member \
+             (dpN, N ≥ 2, no ZeRO); {s} is not"
+            ),
+        );
+    }
+    if cfg.grad_clip.is_finite() {
+        return refuse(
+            "grad_clip",
+            format!(
+                "priority updates each parameter as soon as its gradient is summed, and a \
+             global norm clip ({}) needs every gradient first: pass --grad-clip inf",
+                cfg.grad_clip
+            ),
+        );
+    }
+    let e = &cfg.exchange;
+    if e.codec != Codec::None || e.adaptive || e.cross_node_only {
+        return refuse(
+            "grad_compression",
+            format!(
+                "priority sums exact pieces; --grad-compression {} is not implemented with it",
+                compression_flag(e)
+            ),
+        );
+    }
+    if cfg.sync != crate::settings::SyncMode::Bsp || cfg.ps.is_some() {
+        return refuse(
+            "comm_schedule",
+            format!(
+                "priority schedules the every-step exchange; --sync {} has none",
+                cfg.sync
+            ),
+        );
+    }
+    if cfg.optimizer != OptimizerKind::AdamW {
+        return refuse(
+            "optimizer",
+            "priority updates AdamW parameter by parameter; onebit-adam exchanges momenta".into(),
+        );
+    }
+    if cfg.simulate.is_some() {
+        return refuse(
+            "sim_cluster",
+            "the simulator's clock does not time the update thread of --comm-schedule priority \
+             yet; run it without --sim-cluster"
+                .into(),
+        );
+    }
+    if cfg.device != crate::config::Device::Cpu {
+        return refuse(
+            "comm_schedule",
+            "priority updates parameters on a second thread, which the CUDA backend does not \
+             share its stream with yet: use --device cpu"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// What a run of whole replicas needs (the parameter server's workers, federated clients):
 /// one strategy of pure data parallelism over the devices, and none of what is not built for
 /// them. `setting` names the refusing setting, `who` the replicas, `under` the mode.

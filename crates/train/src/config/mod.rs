@@ -253,6 +253,9 @@ pub struct TrainConfig {
     pub packing: PackingPolicy,
     /// The size of the DP gradient all-reduce's buckets.
     pub buckets: Buckets,
+    /// When the DP gradients are summed: in buckets during the backward (`fifo`), or in
+    /// pieces during the next step, the first layers first (`priority`).
+    pub comm_schedule: runtime::CommSchedule,
     /// Sequences per global batch.
     pub global_batch: usize,
     /// Optimizer steps of the whole run (a resumed run continues to this count).
@@ -330,6 +333,7 @@ impl TrainConfig {
             pipeline_schedule: Schedule::OneFOneB,
             packing: PackingPolicy::Balanced,
             buckets: Buckets::Bytes(4 << 20),
+            comm_schedule: runtime::CommSchedule::Fifo,
             global_batch: 8,
             steps: 10,
             lr: LrSchedule {
@@ -457,6 +461,7 @@ impl TrainConfig {
         checks::check_sync(self)?;
         checks::check_optimizer(self)?;
         checks::check_ps(self)?;
+        checks::check_comm_schedule(self)?;
         if self.sync == crate::settings::SyncMode::FedAvg {
             if self.ps.is_some() {
                 return Err(TrainError::setting(
