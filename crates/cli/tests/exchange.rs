@@ -568,56 +568,20 @@ fn priority_scheduling_trains_like_fifo_and_refuses_what_it_cannot() {
             .fold(0f32, f32::max);
         assert!(worst <= 1e-5, "tensor {k} differs by {worst:e}");
     }
+    // Priority's own settings, then what each case adds.
+    let prio = ["--comm-schedule", "priority", "--grad-clip", "inf"];
+    let with = |rest: &[&'static str]| -> Vec<&'static str> { [&prio[..], rest].concat() };
     for (flags, says) in [
         (vec!["--comm-schedule", "lifo"], "--comm-schedule"),
+        (prio[..2].to_vec(), "--grad-clip inf"),
+        (with(&["--strategy", "dp2tp2"]), "pure data parallelism"),
+        (with(&["--strategy", "dp4zero1"]), "no ZeRO"),
         (
-            vec!["--comm-schedule", "priority", "--strategy", "dp4"],
-            "--grad-clip inf",
-        ),
-        (
-            vec![
-                "--comm-schedule",
-                "priority",
-                "--grad-clip",
-                "inf",
-                "--strategy",
-                "dp2tp2",
-            ],
-            "pure data parallelism",
-        ),
-        (
-            vec![
-                "--comm-schedule",
-                "priority",
-                "--grad-clip",
-                "inf",
-                "--strategy",
-                "dp4zero1",
-            ],
-            "no ZeRO",
-        ),
-        (
-            vec![
-                "--comm-schedule",
-                "priority",
-                "--grad-clip",
-                "inf",
-                "--strategies",
-                "dp4:8,dp2tp2:max",
-            ],
+            with(&["--strategies", "dp4:8,dp2tp2:max"]),
             "use --strategy",
         ),
         (
-            vec![
-                "--comm-schedule",
-                "priority",
-                "--grad-clip",
-                "inf",
-                "--strategy",
-                "dp4",
-                "--grad-compression",
-                "int8",
-            ],
+            with(&["--grad-compression", "int8"]),
             "not implemented with it",
         ),
     ] {

@@ -138,16 +138,9 @@ fn four_processes_train_bitwise_like_four_threads() {
             "okdgc:0.1",
         ],
         // Priority scheduling: the update summed during the next step, on a thread of its own.
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "3",
-            "--comm-schedule",
-            "priority",
-            "--grad-clip",
-            "inf",
-        ],
+        "--strategy dp4 --steps 3 --comm-schedule priority --grad-clip inf"
+            .split(' ')
+            .collect(),
         vec![
             "--strategy",
             "dp4",

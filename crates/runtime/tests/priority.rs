@@ -20,16 +20,26 @@ const STEPS: usize = 3;
 fn adamw() -> AdamW {
     AdamW {
         lr: 1e-2,
-        beta1: 0.9,
         beta2: 0.95,
-        eps: 1e-8,
         weight_decay: 0.1,
-        freeze_variance_after: None,
+        ..AdamW::default()
     }
 }
 
 fn batch(s: usize) -> Vec<Vec<u32>> {
     common::sequences(&[19, 5, 2, 40, 9, 3, 13, 7], s)
+}
+
+/// One step's passes of `mbs` reading `params`.
+fn pass<'p>(
+    cpu: &CpuBackend,
+    exec: &graph::ExecGraph,
+    groups: &mut RankGroups,
+    params: impl Into<runtime::ParamView<'p, CpuBackend>>,
+    shared: &[bool],
+    mbs: &[runtime::MicroBatch],
+) -> runtime::Result<runtime::StepGradients<CpuBackend>> {
+    pipeline_step(cpu, exec, groups, params, shared, mbs, Schedule::OneFOneB)
 }
 
 type Run = (Vec<Vec<f32>>, model::Held, Vec<f64>, Vec<usize>, Vec<usize>);
@@ -87,29 +97,13 @@ fn train(
                 };
                 if !priority {
                     if s < STEPS {
-                        let out = pipeline_step(
-                            &cpu,
-                            &exec,
-                            &mut groups,
-                            opt.params(),
-                            &shared,
-                            &mbs,
-                            Schedule::OneFOneB,
-                        )?;
+                        let out = pass(&cpu, &exec, &mut groups, opt.params(), &shared, &mbs)?;
                         norms.push(opt.update(&cpu, &mut groups, out.grads, 1e-2)?);
                     }
                     continue;
                 }
                 let Some(grads) = pending.take() else {
-                    let out = pipeline_step(
-                        &cpu,
-                        &exec,
-                        &mut groups,
-                        opt.params(),
-                        &shared,
-                        &mbs,
-                        Schedule::OneFOneB,
-                    )?;
+                    let out = pass(&cpu, &exec, &mut groups, opt.params(), &shared, &mbs)?;
                     pending = Some(out.grads);
                     continue;
                 };
@@ -135,17 +129,8 @@ fn train(
                     let (gate, lent, be) = (&gate, &mut lent, &cpu);
                     let h = scope.spawn(move || update_by_priority(be, lent, grads, gate, update));
                     // This step's passes read each weight as soon as it is published.
-                    let out = (s < STEPS).then(|| {
-                        pipeline_step(
-                            &cpu,
-                            &exec,
-                            &mut groups,
-                            gate,
-                            &shared,
-                            &mbs,
-                            Schedule::OneFOneB,
-                        )
-                    });
+                    let out =
+                        (s < STEPS).then(|| pass(&cpu, &exec, &mut groups, gate, &shared, &mbs));
                     (h.join().expect("the update thread"), out)
                 });
                 norms.push(norm?);
