@@ -248,6 +248,20 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
         "{t:?}: {e}"
     );
     assert!(e.contains("Error: rank 3: made no progress"), "{e}");
+    // Under the priority schedule the next step's forward waits for the frozen rank's share of
+    // the update: the exchange's timeout names it, not the wait for the weights.
+    let env = [
+        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
+        ("HOTSPA_FAULT", "freeze:2:3"),
+    ];
+    let prio = "--devices 4 --strategy dp4 --steps 5 --grad-clip inf --comm-schedule priority";
+    let (t, o) = timed(d, &prio.split(' ').collect::<Vec<_>>(), &env);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && t < Duration::from_secs(12),
+        "{t:?}: {e}"
+    );
+    assert!(e.contains("Error: rank 2: made no progress"), "{e}");
     // Alone (nobody to time out waiting for it): the watchdog names it after the timeout plus
     // a margin (2 + 10 s).
     let env = [

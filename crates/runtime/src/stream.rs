@@ -119,13 +119,13 @@ impl<B: Backend> Gate<B> {
                 return Ok(b);
             }
             if let Some(why) = failed.as_ref() {
-                return Err(RuntimeError::Binding(format!(
+                return Err(RuntimeError::Agreement(format!(
                     "parameter {k} was never updated: {why}"
                 )));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(RuntimeError::Binding(format!(
+                return Err(RuntimeError::Agreement(format!(
                     "parameter {k} was not updated within {:?} (the gradient exchange of the \
                      step before is stuck)",
                     self.timeout

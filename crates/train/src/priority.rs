@@ -34,7 +34,8 @@ pub(crate) struct Priority<B: Backend> {
 pub(crate) struct Summing<'a> {
     pub agreement: &'a dyn GradientAgreement,
     pub strategy: &'a Strategy,
-    /// How long a read of a parameter waits (the communicator's timeout).
+    /// How long a read of a parameter waits: longer than the communicator's timeout, so
+    /// that a stuck exchange fails (naming who is missing) before the read gives up.
     pub timeout: Duration,
 }
 
@@ -102,7 +103,9 @@ impl<B: Backend> Priority<B> {
             });
             (out, norm)
         });
-        let (out, norm) = (out?, norm?);
+        // The exchange's own error first: a timeout there names the member that never came.
+        let norm = norm?;
+        let out = out?;
         opt.take_back(lent, gate.into_buffers()?);
         Ok((out, Some(norm)))
     }

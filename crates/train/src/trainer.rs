@@ -222,7 +222,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
         let summing = Summing {
             agreement: agreement.as_ref(),
             strategy: &job.inst,
-            timeout: self.world.timeout(),
+            timeout: self.world.timeout() + crate::watchdog::MARGIN,
         };
         let (runner, groups, world) = (&mut self.runner, &mut self.groups, &self.world);
         let mut compute = |gate: Option<&runtime::Gate<B>>, optimizer: &Optimizer<B>| {
@@ -400,7 +400,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
         let summing = Summing {
             agreement: agreement.as_ref(),
             strategy: &self.job.inst,
-            timeout: self.world.timeout(),
+            timeout: self.world.timeout() + crate::watchdog::MARGIN,
         };
         if let Some(norm) = p.settle(self.be, &mut self.opt, &summing)? {
             self.release(norm);
