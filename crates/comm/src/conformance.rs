@@ -562,10 +562,10 @@ fn compressed_all_reduce(c: &mut dyn Communicator) -> Result<(), String> {
             Codec::OkTopK(_) => {
                 crate::sparse::all_reduce_top_k_balanced(c, &mut buf, codec, Some(&mut worker))
             }
-            Codec::Dgc(f) | Codec::OkDgc(f) => codec::all_reduce_dgc(
+            Codec::Dgc(f) | Codec::OkDgc(f) => crate::dgc::all_reduce_dgc(
                 c,
                 &mut buf,
-                codec::Dgc {
+                crate::dgc::Dgc {
                     velocity: &mut vec![0.0; len],
                     accumulated: &mut worker,
                     momentum: 0.9,

@@ -22,6 +22,7 @@ pub mod codec;
 mod communicator;
 pub mod conformance;
 mod counting;
+pub mod dgc;
 mod error;
 mod layer;
 pub mod mpi;

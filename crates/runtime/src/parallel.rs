@@ -9,8 +9,40 @@ use kernels::Backend;
 
 use crate::agreement::{ExactAllReduce, GradientAgreement};
 use crate::error::{Result, RuntimeError};
-use crate::stream::CommSchedule;
 use crate::tp::TpGroup;
+
+/// When the DP gradients are summed (`--comm-schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommSchedule {
+    /// In buckets in the order the backward finishes them, overlapping the last backward
+    /// (PyTorch DDP's scheme).
+    #[default]
+    Fifo,
+    /// In pieces in the order the next forward needs them, overlapping the next step.
+    Priority,
+}
+
+impl std::str::FromStr for CommSchedule {
+    type Err = RuntimeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fifo" => Ok(CommSchedule::Fifo),
+            "priority" => Ok(CommSchedule::Priority),
+            _ => Err(RuntimeError::Binding(format!(
+                "comm schedule {s:?}: use fifo or priority"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for CommSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommSchedule::Fifo => "fifo",
+            CommSchedule::Priority => "priority",
+        })
+    }
+}
 
 /// A rank's communicators under a strategy.
 pub struct RankGroups {

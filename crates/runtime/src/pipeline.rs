@@ -10,12 +10,12 @@ use kernels::Backend;
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::executor::Pass;
-use crate::parallel::{RankGroups, StepGradients};
+use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::reducer::{
     param_shapes, plan_buckets, reduce_buckets, reduce_scatter_over_dp, sum_tied,
     unflatten_buckets, BucketFeeder,
 };
-use crate::stream::{CommSchedule, ParamView};
+use crate::stream::ParamView;
 
 /// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
 /// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.

@@ -96,11 +96,7 @@ fn check(spec: &str, devices: usize) {
         "clipping never engaged: {want_norms:?}"
     );
     for (k, s) in param_specs(&config()).iter().enumerate() {
-        let worst = got[k]
-            .iter()
-            .zip(&want[k])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let (worst, _) = common::worst(&got[k], &want[k]);
         assert!(
             worst <= 1e-5,
             "{spec}: {} differs by {worst:e} after {STEPS} steps",

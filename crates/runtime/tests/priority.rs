@@ -172,11 +172,7 @@ fn dp4_by_priority_trains_like_one_device_and_sums_in_forward_order() {
         .iter()
         .enumerate()
     {
-        let worst = got[k]
-            .iter()
-            .zip(&want[k])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let (worst, _) = common::worst(&got[k], &want[k]);
         assert!(
             worst <= 1e-5,
             "{} differs by {worst:e} after {STEPS} steps",

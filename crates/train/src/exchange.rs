@@ -352,14 +352,14 @@ impl Agreement {
                 let mut velocity = kept.take(&name("velocity"), len)?;
                 let mut accumulated = kept.take(&name("accumulated"), len)?;
                 let step = kept.next_count(&name("steps"))?;
-                codec::all_reduce_dgc(
+                comm::dgc::all_reduce_dgc(
                     c,
                     buf,
-                    codec::Dgc {
+                    comm::dgc::Dgc {
                         velocity: &mut velocity,
                         accumulated: &mut accumulated,
                         momentum: DGC_MOMENTUM,
-                        density: codec::dgc_density(fraction, step, DGC_WARMUP_STAGE),
+                        density: comm::dgc::dgc_density(fraction, step, DGC_WARMUP_STAGE),
                         clip: self.clip,
                         balanced: matches!(codec, Codec::OkDgc(_)),
                     },

@@ -127,14 +127,7 @@ impl<B: Backend> Priority<B> {
         opt: &mut Optimizer<B>,
         s: &Summing<'_>,
     ) -> Result<Option<f64>> {
-        let Some((grads, lr)) = self.pending.take() else {
-            return Ok(None);
-        };
-        let mut lent = opt.lend()?;
-        let gate = Gate::new(grads.len(), s.timeout);
-        let norm = update_by_priority(be, &mut lent, grads, &gate, self.update(lr, s))?;
-        opt.take_back(lent, gate.into_buffers()?);
-        Ok(Some(norm))
+        Ok(self.overlap(be, opt, s, |_, _| Ok(()))?.1)
     }
 
     /// Holds a step's metrics until its update's norm is known.
