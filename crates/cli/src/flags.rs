@@ -79,8 +79,13 @@ pub struct TrainFlags {
     /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
     #[arg(long)]
     pub sim_cluster: Option<String>,
-    /// Pipeline schedule: 1f1b or gpipe [default: 1f1b]. Only where a strategy has pipeline
-    /// stages (or the planner may choose them).
+    /// Pipeline schedule: 1f1b, gpipe or pipedream-2bw [default: 1f1b]. Only where a strategy
+    /// has pipeline stages (or the planner may choose them). pipedream-2bw (Narayanan et al.
+    /// 2021) does not flush between steps: a step's micro-batches enter while the last step's
+    /// finish, each reads the weights stashed when its step began (two versions kept), and the
+    /// update is one step late, W(t+1) = W(t) − lr·∇f(W(t−1)); metrics add `weight_staleness`.
+    /// Checkpoints, evaluations and the end flush it. One --strategy with pp ≥ 2, no ZeRO-3,
+    /// BSP, AdamW, fifo.
     #[arg(long)]
     pub pipeline_schedule: Option<String>,
     /// How each strategy deals its sequences to its DP replicas and packs its micro-batches:

@@ -151,6 +151,10 @@ fn four_processes_train_bitwise_like_four_threads() {
             "--onebit-warmup",
             "2",
         ],
+        // PipeDream-2BW: micro-batches in flight from one step into the next.
+        "--strategy tp2pp2 --steps 3 --pipeline-schedule pipedream-2bw"
+            .split(' ')
+            .collect(),
         // Context parallelism: the ring's blocks and Ulysses' all-to-alls between processes.
         vec!["--strategy", "dp2cp2", "--steps", "3"],
         vec!["--strategies", "dp4:64,cp2tp2ulysses:max", "--steps", "3"],

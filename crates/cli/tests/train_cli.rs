@@ -583,6 +583,131 @@ fn resume_reproduces_the_uninterrupted_run() {
     );
 }
 
+/// The metrics of a finished run: one JSON object per step.
+fn metrics_of(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `--pipeline-schedule pipedream-2bw` on tp2pp2: the first step trains like 1F1B and the next
+/// ones on one-step-old weights (`weight_staleness` 1; the runtime's own test checks the update
+/// rule against one device); a checkpoint flushes the pipeline, so resuming from it is bitwise
+/// the uninterrupted run that checkpointed there; what it cannot run is refused by name.
+#[test]
+fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let p = |f: &str| format!("{d}/{f}");
+    let run = |name: &str, steps: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut a = train_args(d, "4", "tp2pp2", steps);
+        a.extend(["--metrics".into(), p(&format!("{name}.jsonl"))]);
+        a.extend(["--save".into(), p(&format!("{name}.safetensors"))]);
+        match extra.iter().position(|&e| e == "--resume") {
+            Some(k) => {
+                a.extend(extra[..k].iter().map(|s| s.to_string()));
+                a = resumed(a, extra[k + 1]);
+            }
+            None => a.extend(extra.iter().map(|s| s.to_string())),
+        }
+        run_ok(&a);
+        metrics_of(Path::new(&p(&format!("{name}.jsonl"))))
+    };
+    let two_bw = ["--pipeline-schedule", "pipedream-2bw"];
+    let flushed = run("flushed", "6", &[]);
+    let late = run("late", "6", &two_bw);
+    let stale: Vec<u64> = late
+        .iter()
+        .map(|m| m["weight_staleness"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stale, [0, 1, 1, 1, 1, 1]);
+    assert!(flushed[0].get("weight_staleness").is_none());
+    let loss = |m: &serde_json::Value| m["loss"].as_f64().unwrap();
+    assert!(
+        (loss(&flushed[0]) - loss(&late[0])).abs() < 1e-6,
+        "the first step reads W(0) in both"
+    );
+    assert!(
+        (loss(&flushed[1]) - loss(&late[1])).abs() > 1e-6,
+        "the second reads W(0), not W(1)"
+    );
+    let (a, b) = (
+        std::fs::read(p("flushed.safetensors")).unwrap(),
+        std::fs::read(p("late.safetensors")).unwrap(),
+    );
+    assert!(a != b, "2BW trained the weights of the flushed schedule");
+    // Flushed after every step (a checkpoint each), nothing is late: the 1F1B run, bitwise.
+    let each = run(
+        "each",
+        "6",
+        &[
+            &two_bw[..],
+            &["--checkpoint-every", "1", "--checkpoint-dir", &p("ck1")],
+        ]
+        .concat(),
+    );
+    assert!(each.iter().all(|m| m["weight_staleness"] == 0));
+    assert!(
+        std::fs::read(p("each.safetensors")).unwrap() == a,
+        "2BW flushed every step is not the 1F1B run"
+    );
+    // A checkpoint every 3 steps flushes at step 3; resuming there continues the same run.
+    let every = run(
+        "every",
+        "6",
+        &[
+            &two_bw[..],
+            &["--checkpoint-every", "3", "--checkpoint-dir", &p("ck")],
+        ]
+        .concat(),
+    );
+    let stale: Vec<u64> = every
+        .iter()
+        .map(|m| m["weight_staleness"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stale, [0, 1, 1, 0, 1, 1]);
+    run(
+        "first",
+        "3",
+        &[&two_bw[..], &["--checkpoint-dir", &p("ck3")]].concat(),
+    );
+    run(
+        "rest",
+        "6",
+        &[&two_bw[..], &["--resume", &p("ck3")]].concat(),
+    );
+    assert!(
+        std::fs::read(p("every.safetensors")).unwrap()
+            == std::fs::read(p("rest.safetensors")).unwrap(),
+        "resuming a 2BW run is not bitwise the run that flushed there"
+    );
+    // Refused by name.
+    for (strategy, extra, says) in [
+        (
+            "dp4",
+            vec![],
+            "applies only to strategies with pipeline stages",
+        ),
+        ("dp4:8,tp2pp2:max", vec![], "use --strategy"),
+        ("dp2pp2zero3", vec![], "ZeRO-3"),
+        ("dp2pp2", vec!["--sync", "local:2"], "--sync local:2"),
+        ("tp2pp2", vec!["--optimizer", "onebit-adam"], "onebit-adam"),
+    ] {
+        let mut a = train_args(d, "4", strategy, "2");
+        a.extend(two_bw.iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let o = hotspa(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{strategy} {extra:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn corrupt_checkpoints_are_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

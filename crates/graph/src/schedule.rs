@@ -16,6 +16,13 @@ pub enum Schedule {
     /// flight on a stage.
     #[default]
     OneFOneB,
+    /// PipeDream-2BW (Narayanan et al., ICML 2021): 1F1B with no flush between steps. A step's
+    /// micro-batches enter while the last step's finish their backward, every micro-batch runs
+    /// forward and backward on the weights stashed when its step began, and each stage keeps
+    /// two weight versions, so the update is `W(t+1) = W(t) - lr * grad f(W(t-1))` (a one-step
+    /// delay). Within one step its slots are 1F1B's; the runtime's `Stashing` runs it across
+    /// steps.
+    TwoBw,
 }
 
 impl fmt::Display for Schedule {
@@ -23,6 +30,7 @@ impl fmt::Display for Schedule {
         f.write_str(match self {
             Schedule::GPipe => "gpipe",
             Schedule::OneFOneB => "1f1b",
+            Schedule::TwoBw => "pipedream-2bw",
         })
     }
 }
@@ -33,9 +41,10 @@ impl FromStr for Schedule {
         match s.to_ascii_lowercase().as_str() {
             "gpipe" => Ok(Schedule::GPipe),
             "1f1b" => Ok(Schedule::OneFOneB),
+            "pipedream-2bw" | "2bw" => Ok(Schedule::TwoBw),
             _ => Err(GraphError::Strategy {
                 spec: s.to_string(),
-                reason: "unknown pipeline schedule (gpipe or 1f1b)".into(),
+                reason: "unknown pipeline schedule (gpipe, 1f1b or pipedream-2bw)".into(),
             }),
         }
     }
@@ -51,11 +60,17 @@ pub enum Slot {
 }
 
 impl Schedule {
+    /// Whether the pipeline runs on without a flush between steps (and so trains on weights
+    /// one step old).
+    pub fn flushless(self) -> bool {
+        self == Schedule::TwoBw
+    }
+
     /// The slots stage `stage` of `stages` runs for `m` micro-batches.
     pub fn slots(self, stage: usize, stages: usize, m: usize) -> Vec<Slot> {
         match self {
             Schedule::GPipe => (0..m).map(Slot::F).chain((0..m).map(Slot::B)).collect(),
-            Schedule::OneFOneB => {
+            Schedule::OneFOneB | Schedule::TwoBw => {
                 let warmup = (stages - stage - 1).min(m);
                 let mut out: Vec<Slot> = (0..warmup).map(Slot::F).collect();
                 for i in 0..m - warmup {
@@ -87,5 +102,10 @@ mod tests {
         assert_eq!(Schedule::GPipe.slots(0, 2, 2), vec![F(0), F(1), B(0), B(1)]);
         assert_eq!("GPipe".parse::<Schedule>().unwrap(), Schedule::GPipe);
         assert!("zigzag".parse::<Schedule>().is_err());
+        assert_eq!(
+            "pipedream-2bw".parse::<Schedule>().unwrap(),
+            Schedule::TwoBw
+        );
+        assert_eq!(Schedule::TwoBw.to_string(), "pipedream-2bw");
     }
 }

@@ -305,9 +305,16 @@ impl CostModel {
     }
 
     /// Model-state bytes per device while `s` runs and `inst` holds the master weights
-    /// ([`state_bytes_per_param`] with the cluster's element size).
+    /// ([`state_bytes_per_param`] with the cluster's element size), and under PipeDream-2BW
+    /// the stashed second version of `s`'s weights.
     pub fn state_bytes(&self, s: &Strategy, inst: &Strategy) -> f64 {
-        self.params() * state_bytes_per_param(self.cluster.elem_bytes, s, inst)
+        // PipeDream-2BW stashes a second version of the weights a step's micro-batches read.
+        let stashed = if self.schedule.flushless() && s.pp > 1 {
+            self.cluster.elem_bytes / (s.tp * s.pp) as f64
+        } else {
+            0.0
+        };
+        self.params() * (state_bytes_per_param(self.cluster.elem_bytes, s, inst) + stashed)
     }
 
     /// Activation bytes per token of a micro-batch on the busiest device (the first stage under
@@ -867,15 +874,30 @@ impl CostModel {
         }
         let mut runs = Vec::with_capacity(replicas.len());
         let mut idle = Vec::with_capacity(replicas.len());
+        // PipeDream-2BW: a step costs the pipeline's period, and its gradients are summed over
+        // DP once the step's last backward is done (in the next step), not during it.
+        let flushless = self.schedule.flushless() && p > 1;
+        let mut periods = Vec::with_capacity(replicas.len());
         for ((fwd, bwd), hop) in passes.iter().zip(&hops) {
             let no_hop: Vec<Vec<timeline::Hop>> = hop
                 .iter()
                 .map(|h| vec![timeline::Hop::default(); h.len()])
                 .collect();
-            idle.push(timeline::pipeline(self.schedule, fwd, bwd, &no_hop).makespan());
-            runs.push(timeline::pipeline(self.schedule, fwd, bwd, hop));
+            if flushless {
+                idle.push(timeline::steady(fwd, bwd, &no_hop).0);
+                let (period, run) = timeline::steady(fwd, bwd, hop);
+                periods.push(period);
+                runs.push(run);
+            } else {
+                idle.push(timeline::pipeline(self.schedule, fwd, bwd, &no_hop).makespan());
+                runs.push(timeline::pipeline(self.schedule, fwd, bwd, hop));
+            }
         }
-        let pipe_end = runs.iter().map(|r| r.makespan()).fold(0.0, f64::max);
+        let pipe_end = if flushless {
+            periods.iter().copied().fold(0.0, f64::max)
+        } else {
+            runs.iter().map(|r| r.makespan()).fold(0.0, f64::max)
+        };
         // The DP reduction of every stage's gradients.
         let n = s.replicas();
         let mut side_end = 0.0f64;
@@ -910,11 +932,14 @@ impl CostModel {
                              ready: &mut Vec<f64>,
                              seconds: &mut Vec<f64>| {
                     let frac = done / total.max(1.0);
-                    let at = runs
-                        .iter()
-                        .filter_map(|r| r.last_backward[k])
-                        .map(|(a, b)| a + frac * (b - a))
-                        .fold(0.0, f64::max);
+                    let at = if flushless {
+                        pipe_end
+                    } else {
+                        runs.iter()
+                            .filter_map(|r| r.last_backward[k])
+                            .map(|(a, b)| a + frac * (b - a))
+                            .fold(0.0, f64::max)
+                    };
                     ready.push(at);
                     seconds.push(
                         self.exchange
@@ -963,7 +988,11 @@ impl CostModel {
         let devices = c.devices() as f64;
         if s.pp > 1 && c.shared_cores > 0.0 && devices > c.shared_cores {
             let m = replicas[crit].len() as f64;
-            let busy = m / (m + p as f64 - 1.0);
+            let busy = if flushless {
+                1.0
+            } else {
+                m / (m + p as f64 - 1.0)
+            };
             let speedup = (1.0 / busy).min(devices / c.shared_cores).max(1.0);
             out.compute /= speedup;
             out.tp_comm /= speedup;

@@ -101,7 +101,8 @@ pub fn pass_memory(exec: &ExecGraph, tp_rank: usize, tokens: usize) -> Result<Pa
 
 /// The peak bytes of pipeline stage `stage` of `stages` running micro-batches of `tokens`
 /// under `schedule`: the passes between their forward and backward hold their saved bytes while
-/// another runs a phase, in the schedule's order (one stage: one pass at a time).
+/// another runs a phase, in the schedule's order (one stage: one pass at a time; under
+/// PipeDream-2BW the last step's passes still in flight count too).
 pub fn stage_peak(
     exec: &ExecGraph,
     tp_rank: usize,
@@ -110,7 +111,11 @@ pub fn stage_peak(
     stage: usize,
     stages: usize,
 ) -> Result<usize> {
+    // PipeDream-2BW carries the last step's micro-batches into this one: two steps back to
+    // back under 1F1B cover the crossing.
+    let steps = if schedule.flushless() { 2 } else { 1 };
     let per: Vec<PassMemory> = tokens
+        .repeat(steps)
         .iter()
         .map(|&t| pass_memory(exec, tp_rank, t))
         .collect::<Result<_>>()?;

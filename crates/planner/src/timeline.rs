@@ -149,6 +149,19 @@ pub fn pipeline(
     }
 }
 
+/// PipeDream-2BW's step: steps of the same micro-batches follow each other with no flush (1F1B
+/// over their micro-batches back to back, as the runtime's `Stashing` runs them), so a step
+/// adds the pipeline's period, not its fill and drain. Returns the makespan one more step adds
+/// (three steps' less one step's, halved) and the one step's run (its work and order).
+pub fn steady(fwd: &[Vec<Pass>], bwd: &[Vec<Pass>], hop: &[Vec<Hop>]) -> (f64, PipelineRun) {
+    fn thrice<T: Copy>(v: &[Vec<T>]) -> Vec<Vec<T>> {
+        v.iter().map(|s| s.repeat(3)).collect()
+    }
+    let one = pipeline(Schedule::OneFOneB, fwd, bwd, hop);
+    let three = pipeline(Schedule::OneFOneB, &thrice(fwd), &thrice(bwd), &thrice(hop));
+    ((three.makespan() - one.makespan()) / 2.0, one)
+}
+
 /// The DP reduction's buckets on their own thread: bucket `j` (in the order gradients become
 /// final) is handed over when the last replica has it (`ready[j]`, each replica's time) and
 /// runs after the bucket before it for `seconds[j]`. Returns when the last one ends.
@@ -169,6 +182,20 @@ mod tests {
             compute: t,
             ..Pass::default()
         }
+    }
+
+    #[test]
+    fn without_a_flush_a_step_costs_the_busiest_stage_not_the_fill() {
+        // Four stages of 1 s forwards and 2 s backwards, eight micro-batches: 1F1B pays
+        // (m + p - 1) * 3 s; a step of 2BW only m * 3 s, the busiest stage's work.
+        let f = vec![vec![pass(1.0); 8]; 4];
+        let b = vec![vec![pass(2.0); 8]; 4];
+        let hops = vec![vec![Hop::default(); 8]; 3];
+        let flushed = pipeline(Schedule::OneFOneB, &f, &b, &hops).makespan();
+        assert!((flushed - 33.0).abs() < 1e-9, "{flushed}");
+        let (period, one) = steady(&f, &b, &hops);
+        assert!((period - 24.0).abs() < 1e-9, "{period}");
+        assert_eq!(one.makespan(), flushed);
     }
 
     #[test]

@@ -78,11 +78,18 @@ pub struct Pass<'a, B: Backend> {
     states: Option<&'a [DState]>,
     params: ParamView<'a, B>,
     batch: &'a MicroBatch,
+    /// Everything the pass owns (what it keeps when suspended).
+    owned: Suspended<B>,
+}
+
+/// A [`Pass`] between its forward and its backward with nothing borrowed: what a stage keeps
+/// of a micro-batch in flight across the end of a step (PipeDream-2BW). [`Suspended::resume`]
+/// binds the same graph, weights and micro-batch again.
+pub struct Suspended<B: Backend> {
     tp_rank: Option<usize>,
     dp_pos: (usize, usize),
     slots: Vec<Slot<B>>,
     last_use: Vec<Option<usize>>,
-    /// For every tensor that is a parameter's final gradient, that parameter's index.
     grad_of: Vec<Option<usize>>,
     keep: Vec<bool>,
     live: usize,
@@ -90,6 +97,42 @@ pub struct Pass<'a, B: Backend> {
     phase_peak: usize,
     next: usize,
     captured: Option<Vec<Option<Vec<f32>>>>,
+}
+
+impl<B: Backend> Suspended<B> {
+    /// The pass again, on `graph` with `states`, `params` and `batch` — the ones it was
+    /// created with (the caller keeps them; only their lengths can be checked here).
+    pub fn resume<'a>(
+        self,
+        backend: &'a B,
+        graph: &'a Graph,
+        states: Option<&'a [DState]>,
+        params: impl Into<ParamView<'a, B>>,
+        batch: &'a MicroBatch,
+    ) -> Result<Pass<'a, B>> {
+        let params = params.into();
+        if self.slots.len() != graph.tensors.len() || params.len() != graph.params.len() {
+            return Err(RuntimeError::Binding(format!(
+                "a pass of {} tensors resumed on a graph of {} with {} parameters",
+                self.slots.len(),
+                graph.tensors.len(),
+                params.len()
+            )));
+        }
+        Ok(Pass {
+            backend,
+            graph,
+            states,
+            params,
+            batch,
+            owned: self,
+        })
+    }
+
+    /// Bytes it holds.
+    pub fn live_bytes(&self) -> usize {
+        self.live
+    }
 }
 
 /// This rank's piece of a tensor: local shape and global offset.
@@ -117,25 +160,27 @@ impl<'a, B: Backend> Pass<'a, B> {
             backend,
             graph,
             states: exec.map(|e| e.0),
-            tp_rank: exec.map(|e| e.1),
-            dp_pos: exec.map_or((0, 1), |e| e.2),
             params,
             batch,
-            slots: (0..n).map(|_| Slot::Empty).collect(),
-            last_use: vec![None; n],
-            grad_of: {
-                let mut v = vec![None; n];
-                for (k, &(_, g)) in graph.grads.iter().enumerate() {
-                    v[g.0] = Some(k);
-                }
-                v
+            owned: Suspended {
+                tp_rank: exec.map(|e| e.1),
+                dp_pos: exec.map_or((0, 1), |e| e.2),
+                slots: (0..n).map(|_| Slot::Empty).collect(),
+                last_use: vec![None; n],
+                grad_of: {
+                    let mut v = vec![None; n];
+                    for (k, &(_, g)) in graph.grads.iter().enumerate() {
+                        v[g.0] = Some(k);
+                    }
+                    v
+                },
+                keep: vec![false; n],
+                live: 0,
+                peak: 0,
+                phase_peak: 0,
+                next: 0,
+                captured: None,
             },
-            keep: vec![false; n],
-            live: 0,
-            peak: 0,
-            phase_peak: 0,
-            next: 0,
-            captured: None,
         };
         if params.len() != graph.params.len() {
             return Err(RuntimeError::Binding(format!(
@@ -154,7 +199,7 @@ impl<'a, B: Backend> Pass<'a, B> {
         for (i, &p) in graph.params.iter().enumerate() {
             let mut want = pass.local_numel(p)?;
             if sharded[p.0] {
-                want = dstate::chunk(0..want, pass.dp_pos.1, pass.dp_pos.0).len();
+                want = dstate::chunk(0..want, pass.owned.dp_pos.1, pass.owned.dp_pos.0).len();
             }
             // Behind a gate, a parameter is published by the update that made it.
             if let ParamView::Ready(bound) = params {
@@ -167,7 +212,7 @@ impl<'a, B: Backend> Pass<'a, B> {
                     )));
                 }
             }
-            pass.slots[p.0] = Slot::Param(i);
+            pass.owned.slots[p.0] = Slot::Param(i);
         }
         if let Some(op) = graph.ops.iter().find(|o| o.kind == OpKind::Embedding) {
             batch.validate(pass.global(op.inputs[0])[0])?;
@@ -186,17 +231,17 @@ impl<'a, B: Backend> Pass<'a, B> {
         }
         for (i, op) in graph.ops.iter().enumerate() {
             for &t in &op.inputs {
-                pass.last_use[t.0] = Some(i);
+                pass.owned.last_use[t.0] = Some(i);
             }
         }
         if let Some(l) = graph.loss {
-            pass.keep[l.0] = true;
+            pass.owned.keep[l.0] = true;
         }
         for &(_, g) in graph.grads.iter().chain(&graph.input_grads) {
-            pass.keep[g.0] = true;
+            pass.owned.keep[g.0] = true;
         }
         for &o in &graph.outputs {
-            pass.keep[o.0] = true;
+            pass.owned.keep[o.0] = true;
         }
         Ok(pass)
     }
@@ -204,7 +249,7 @@ impl<'a, B: Backend> Pass<'a, B> {
     /// Keeps a host copy of every tensor produced from now on (for validators and debugging;
     /// costs a download per op).
     pub fn capture(&mut self) {
-        self.captured = Some(vec![None; self.graph.tensors.len()]);
+        self.owned.captured = Some(vec![None; self.graph.tensors.len()]);
     }
 
     fn bind(&mut self, t: TensorId, buf: B::Buffer) -> Result<()> {
@@ -217,9 +262,9 @@ impl<'a, B: Backend> Pass<'a, B> {
             )));
         }
         let bytes = want * std::mem::size_of::<f32>();
-        self.live += bytes;
-        self.peak = self.peak.max(self.live);
-        self.slots[t.0] = Slot::Owned(buf, bytes);
+        self.owned.live += bytes;
+        self.owned.peak = self.owned.peak.max(self.owned.live);
+        self.owned.slots[t.0] = Slot::Owned(buf, bytes);
         Ok(())
     }
 
@@ -228,7 +273,7 @@ impl<'a, B: Backend> Pass<'a, B> {
     }
 
     fn local_with(&self, t: TensorId) -> Result<Local> {
-        local_piece(self.graph, self.states, self.tp_rank, self.batch, t)
+        local_piece(self.graph, self.states, self.owned.tp_rank, self.batch, t)
     }
 
     /// Number of values of this rank's piece of `t`.
@@ -238,12 +283,17 @@ impl<'a, B: Backend> Pass<'a, B> {
 
     /// Bytes of activations and gradients this pass holds now.
     pub fn live_bytes(&self) -> usize {
-        self.live
+        self.owned.live
+    }
+
+    /// Lets go of what the pass borrows, keeping its values (see [`Suspended`]).
+    pub fn suspend(self) -> Suspended<B> {
+        self.owned
     }
 
     /// The most bytes this pass held during its latest phase (forward or backward).
     pub fn phase_peak_bytes(&self) -> usize {
-        self.phase_peak
+        self.owned.phase_peak
     }
 
     /// Runs the forward ops.
@@ -257,7 +307,7 @@ impl<'a, B: Backend> Pass<'a, B> {
         self.graph
             .outputs
             .iter()
-            .map(|&o| match &self.slots[o.0] {
+            .map(|&o| match &self.owned.slots[o.0] {
                 Slot::Owned(b, _) => crate::host::view(self.backend, b),
                 _ => Err(RuntimeError::Binding(format!(
                     "output {} was not computed",
@@ -302,7 +352,7 @@ impl<'a, B: Backend> Pass<'a, B> {
     pub fn finish(mut self) -> Result<StepOutput<B>> {
         let be = self.backend;
         let loss = match self.graph.loss {
-            Some(l) => match &self.slots[l.0] {
+            Some(l) => match &self.owned.slots[l.0] {
                 Slot::Owned(b, _) => be.download(b)?.first().copied().unwrap_or(0.0),
                 _ => return Err(RuntimeError::Binding("the loss was not computed".into())),
             },
@@ -312,7 +362,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             pairs
                 .iter()
                 .map(
-                    |&(p, g)| match std::mem::replace(&mut self.slots[g.0], Slot::Empty) {
+                    |&(p, g)| match std::mem::replace(&mut self.owned.slots[g.0], Slot::Empty) {
                         Slot::Owned(b, _) => Ok(b),
                         _ => Err(RuntimeError::Binding(format!(
                             "the gradient of {} was not computed",
@@ -328,8 +378,8 @@ impl<'a, B: Backend> Pass<'a, B> {
             loss,
             grads,
             input_grads,
-            peak_bytes: self.peak,
-            captured: self.captured.take().unwrap_or_default(),
+            peak_bytes: self.owned.peak,
+            captured: self.owned.captured.take().unwrap_or_default(),
         })
     }
 
@@ -345,7 +395,7 @@ impl<'a, B: Backend> Pass<'a, B> {
     ) -> Result<()> {
         let graph = self.graph;
         let be = self.backend;
-        if let (Some(t), Some(r)) = (tp.as_ref(), self.tp_rank) {
+        if let (Some(t), Some(r)) = (tp.as_ref(), self.owned.tp_rank) {
             if t.rank() != r {
                 return Err(RuntimeError::Binding(format!(
                     "pass bound for TP rank {r} run on TP rank {}",
@@ -353,10 +403,10 @@ impl<'a, B: Backend> Pass<'a, B> {
                 )));
             }
         }
-        let tp_rank = self.tp_rank;
-        self.phase_peak = self.live;
-        while self.next < end {
-            let i = self.next;
+        let tp_rank = self.owned.tp_rank;
+        self.owned.phase_peak = self.owned.live;
+        while self.owned.next < end {
+            let i = self.owned.next;
             let op = &graph.ops[i];
             crate::progress::beat(op.kind.name());
             let mut outs: Vec<B::Buffer> = Vec::with_capacity(op.outputs.len());
@@ -373,7 +423,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             {
                 let mut ins: Vec<&B::Buffer> = Vec::with_capacity(op.inputs.len());
                 for &t in &op.inputs {
-                    ins.push(match &self.slots[t.0] {
+                    ins.push(match &self.owned.slots[t.0] {
                         Slot::Param(k) => self.params.get(*k)?,
                         Slot::Owned(b, _) => b,
                         Slot::Empty => {
@@ -408,34 +458,34 @@ impl<'a, B: Backend> Pass<'a, B> {
                 }
             }
             for ((&t, buf), bytes) in op.outputs.iter().zip(outs).zip(sizes) {
-                if let Some(c) = self.captured.as_mut() {
+                if let Some(c) = self.owned.captured.as_mut() {
                     c[t.0] = Some(be.download(&buf)?);
                 }
-                if let Some(k) = self.grad_of[t.0] {
+                if let Some(k) = self.owned.grad_of[t.0] {
                     on_grad(k, &buf)?;
                 }
-                self.live += bytes;
-                self.slots[t.0] = Slot::Owned(buf, bytes);
+                self.owned.live += bytes;
+                self.owned.slots[t.0] = Slot::Owned(buf, bytes);
             }
-            self.peak = self.peak.max(self.live);
-            self.phase_peak = self.phase_peak.max(self.live);
+            self.owned.peak = self.owned.peak.max(self.owned.live);
+            self.owned.phase_peak = self.owned.phase_peak.max(self.owned.live);
             for &t in op.inputs.iter().chain(&op.outputs) {
-                let dead = match self.last_use[t.0] {
+                let dead = match self.owned.last_use[t.0] {
                     Some(l) => l == i,
                     None => op.outputs.contains(&t),
                 };
-                if dead && !self.keep[t.0] {
-                    if let Slot::Owned(_, bytes) = self.slots[t.0] {
-                        self.live -= bytes;
+                if dead && !self.owned.keep[t.0] {
+                    if let Slot::Owned(_, bytes) = self.owned.slots[t.0] {
+                        self.owned.live -= bytes;
                         if let Slot::Owned(buf, _) =
-                            std::mem::replace(&mut self.slots[t.0], Slot::Empty)
+                            std::mem::replace(&mut self.owned.slots[t.0], Slot::Empty)
                         {
                             be.recycle(buf);
                         }
                     }
                 }
             }
-            self.next += 1;
+            self.owned.next += 1;
         }
         Ok(())
     }

@@ -9,13 +9,14 @@ use kernels::Backend;
 
 use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
-use crate::executor::Pass;
+use crate::executor::{Pass, StepOutput};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::reducer::{
     param_shapes, plan_buckets, reduce_buckets, reduce_scatter_over_dp, sum_tied,
     unflatten_buckets, BucketFeeder,
 };
 use crate::stream::ParamView;
+use crate::tp::TpGroup;
 
 /// Runs this rank's micro-batches (those of its DP replica; every TP rank of the replica runs
 /// the same ones), sums their gradients, then all-reduces the gradients and the loss over DP.
@@ -165,78 +166,64 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                 });
                 match slot {
                     Slot::F(i) => {
-                        let mb = &micro_batches[i];
-                        let mut inputs = Vec::with_capacity(g.inputs.len());
-                        for (k, &x) in g.inputs.iter().enumerate() {
-                            let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
-                            pp.recv(&mut buf, Rank(stage - 1), tags::pipeline(i, false, k))?;
-                            inputs.push(crate::host::adopt(backend, buf)?);
-                        }
-                        let mut pass = Pass::new(
+                        let stage_of = StageOf {
+                            exec,
+                            stage,
+                            tp_rank,
+                        };
+                        let pass = stage_of.forward(
                             backend,
-                            g,
-                            Some((&exec.states, tp_rank, tp.dp_position())),
+                            tp,
+                            pp.as_ref(),
                             params,
-                            mb,
-                            inputs,
+                            &micro_batches[i],
+                            i,
                         )?;
-                        pass.forward(Some(&mut *tp))?;
                         let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
                         peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
-                        for (k, out) in pass.outputs()?.iter().enumerate() {
-                            pp.send(out, Rank(stage + 1), tags::pipeline(i, false, k))?;
-                        }
                         passes[i] = Some(pass);
                     }
                     Slot::B(i) => {
-                        let mb = &micro_batches[i];
-                        let mut pass = passes[i].take().ok_or_else(|| {
+                        let pass = passes[i].take().ok_or_else(|| {
                             RuntimeError::Binding(format!(
                                 "backward of micro-batch {i} before its forward"
                             ))
                         })?;
-                        let mut seeds = Vec::with_capacity(g.output_grads.len());
-                        for (k, &x) in g.output_grads.iter().enumerate() {
-                            let mut buf = vec![0.0; local_len(exec, x, tp_rank, mb)?];
-                            pp.recv(&mut buf, Rank(stage + 1), tags::pipeline(i, true, k))?;
-                            seeds.push(crate::host::adopt(backend, buf)?);
-                        }
-                        if bucketed && Some(i) == last_backward {
-                            let acc = grads.as_ref();
-                            pass.backward_with(Some(&mut *tp), seeds, &mut |k, gbuf| {
-                                let mut host = backend.download(gbuf)?;
-                                if let Some(acc) = acc {
-                                    for (h, a) in host
-                                        .iter_mut()
-                                        .zip(crate::host::view(backend, &acc[k])?.iter())
-                                    {
-                                        *h += a;
-                                    }
-                                }
-                                feeder.ready(k, host, &tx)
-                            })?;
-                        } else {
-                            pass.backward(Some(&mut *tp), seeds)?;
-                        }
                         let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
-                        peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
-                        let out = pass.finish()?;
-                        for (k, gx) in out.input_grads.iter().enumerate() {
-                            pp.send(
-                                &crate::host::view(backend, gx)?,
-                                Rank(stage - 1),
-                                tags::pipeline(i, true, k),
-                            )?;
-                        }
-                        loss += out.loss;
-                        match grads.as_mut() {
-                            None => grads = Some(out.grads),
-                            Some(acc) => {
-                                for (a, gr) in acc.iter_mut().zip(&out.grads) {
-                                    backend.axpy(1.0, gr, a)?;
+                        let stage_of = StageOf {
+                            exec,
+                            stage,
+                            tp_rank,
+                        };
+                        // The last backward hands each final gradient (with the earlier
+                        // micro-batches' sum) to the bucket thread as it is done.
+                        let acc = grads.as_ref();
+                        let mut feed = |k: usize, gbuf: &B::Buffer| {
+                            let mut host = backend.download(gbuf)?;
+                            if let Some(acc) = acc {
+                                for (h, a) in host
+                                    .iter_mut()
+                                    .zip(crate::host::view(backend, &acc[k])?.iter())
+                                {
+                                    *h += a;
                                 }
                             }
-                        }
+                            feeder.ready(k, host, &tx)
+                        };
+                        let hook: Option<&mut GradHook<'_, B>> =
+                            (bucketed && Some(i) == last_backward).then_some(&mut feed);
+                        let (out, peak) = stage_of.backward(
+                            backend,
+                            tp,
+                            pp.as_ref(),
+                            pass,
+                            &micro_batches[i],
+                            i,
+                            hook,
+                        )?;
+                        peak_bytes = peak_bytes.max(others + peak);
+                        loss += out.loss;
+                        accumulate(backend, &mut grads, out.grads)?;
                     }
                 }
             }
@@ -284,22 +271,143 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
     if bucketed {
         unflatten_buckets(backend, &buckets, &reduced, &mut grads)?;
     }
-    sum_tied(backend, groups, shared, &mut grads)?;
+    let loss = end_of_step(backend, groups, exec, shared, &mut grads, loss)?;
+    Ok(StepGradients {
+        loss,
+        grads,
+        peak_bytes,
+    })
+}
+
+/// What every schedule does once a step's gradients are summed over its micro-batches (and,
+/// below ZeRO-2, over DP): the tied copies' halves summed, the gradients reduce-scattered
+/// over DP under ZeRO-2/3, and the loss summed over stages and replicas; the step's loss.
+pub(crate) fn end_of_step<B: Backend>(
+    backend: &B,
+    groups: &RankGroups,
+    exec: &ExecGraph,
+    shared: &[bool],
+    grads: &mut [B::Buffer],
+    loss: f32,
+) -> Result<f32> {
+    sum_tied(backend, groups, shared, grads)?;
     let mut l = [loss];
-    if stages > 1 {
+    if groups.pp.size() > 1 {
         groups.pp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
     if exec.strategy.zero >= Zero::Gradients {
-        reduce_scatter_over_dp(backend, groups, exec, &mut grads)?;
+        reduce_scatter_over_dp(backend, groups, exec, grads)?;
     }
     if groups.dp.size() > 1 {
         groups.dp.all_reduce(&mut l, ReduceOp::Sum)?;
     }
-    Ok(StepGradients {
-        loss: l[0],
-        grads,
-        peak_bytes,
-    })
+    Ok(l[0])
+}
+
+/// Told of each parameter gradient of a backward as it becomes final (its index, its value).
+pub(crate) type GradHook<'h, B> = dyn FnMut(usize, &<B as Backend>::Buffer) -> Result<()> + 'h;
+
+/// One pipeline stage of a rank: its exec graph, its index, its TP rank.
+#[derive(Clone, Copy)]
+pub(crate) struct StageOf<'g> {
+    pub exec: &'g ExecGraph,
+    pub stage: usize,
+    pub tp_rank: usize,
+}
+
+impl<'g> StageOf<'g> {
+    /// Receives micro-batch `mb`'s inputs from the stage before (messages of micro-batch
+    /// number `tag`), runs its forward and sends its outputs to the stage after.
+    #[allow(clippy::too_many_arguments)] // a pass and where its messages go
+    pub fn forward<'a, B: Backend>(
+        self,
+        backend: &'a B,
+        tp: &mut TpGroup,
+        pp: &dyn Communicator,
+        params: ParamView<'a, B>,
+        mb: &'a MicroBatch,
+        tag: usize,
+    ) -> Result<Pass<'a, B>>
+    where
+        'g: 'a,
+    {
+        let (exec, stage) = (self.exec, self.stage);
+        let g = &exec.graph;
+        let mut inputs = Vec::with_capacity(g.inputs.len());
+        for (k, &x) in g.inputs.iter().enumerate() {
+            let mut buf = vec![0.0; local_len(exec, x, self.tp_rank, mb)?];
+            pp.recv(&mut buf, Rank(stage - 1), tags::pipeline(tag, false, k))?;
+            inputs.push(crate::host::adopt(backend, buf)?);
+        }
+        let mut pass = Pass::new(
+            backend,
+            g,
+            Some((&exec.states, self.tp_rank, tp.dp_position())),
+            params,
+            mb,
+            inputs,
+        )?;
+        pass.forward(Some(&mut *tp))?;
+        for (k, out) in pass.outputs()?.iter().enumerate() {
+            pp.send(out, Rank(stage + 1), tags::pipeline(tag, false, k))?;
+        }
+        Ok(pass)
+    }
+
+    /// Receives `pass`'s output gradients from the stage after, runs its backward (telling
+    /// `on_grad` of each parameter gradient as it becomes final) and sends its input
+    /// gradients to the stage before; its output and the most bytes it held meanwhile.
+    #[allow(clippy::too_many_arguments)] // a pass and where its messages go
+    pub fn backward<B: Backend>(
+        self,
+        backend: &B,
+        tp: &mut TpGroup,
+        pp: &dyn Communicator,
+        mut pass: Pass<'_, B>,
+        mb: &MicroBatch,
+        tag: usize,
+        on_grad: Option<&mut GradHook<'_, B>>,
+    ) -> Result<(StepOutput<B>, usize)> {
+        let (exec, stage) = (self.exec, self.stage);
+        let g = &exec.graph;
+        let mut seeds = Vec::with_capacity(g.output_grads.len());
+        for (k, &x) in g.output_grads.iter().enumerate() {
+            let mut buf = vec![0.0; local_len(exec, x, self.tp_rank, mb)?];
+            pp.recv(&mut buf, Rank(stage + 1), tags::pipeline(tag, true, k))?;
+            seeds.push(crate::host::adopt(backend, buf)?);
+        }
+        match on_grad {
+            Some(hook) => pass.backward_with(Some(&mut *tp), seeds, hook)?,
+            None => pass.backward(Some(&mut *tp), seeds)?,
+        }
+        let peak = pass.phase_peak_bytes();
+        let out = pass.finish()?;
+        for (k, gx) in out.input_grads.iter().enumerate() {
+            pp.send(
+                &crate::host::view(backend, gx)?,
+                Rank(stage - 1),
+                tags::pipeline(tag, true, k),
+            )?;
+        }
+        Ok((out, peak))
+    }
+}
+
+/// Adds a micro-batch's gradients to the step's sum (the first ones become it).
+pub(crate) fn accumulate<B: Backend>(
+    backend: &B,
+    sum: &mut Option<Vec<B::Buffer>>,
+    grads: Vec<B::Buffer>,
+) -> Result<()> {
+    match sum.as_mut() {
+        None => *sum = Some(grads),
+        Some(acc) => {
+            for (a, gr) in acc.iter_mut().zip(&grads) {
+                backend.axpy(1.0, gr, a)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn local_len(

@@ -59,6 +59,41 @@ pub(crate) fn reduce_scatter_over_dp<B: Backend>(
     Ok(())
 }
 
+/// Sums every gradient over DP at once (below ZeRO-2; ZeRO-2/3 reduce-scatter in
+/// [`reduce_scatter_over_dp`]), in the buckets and under the keys the DDP scheme sends while the
+/// backward runs, so a codec with state per bucket sees the same buckets either way.
+pub(crate) fn reduce_over_dp_now<B: Backend>(
+    backend: &B,
+    groups: &RankGroups,
+    exec: &ExecGraph,
+    grads: &mut [B::Buffer],
+) -> Result<()> {
+    if groups.dp.size() == 1 || exec.strategy.zero >= graph::Zero::Gradients {
+        return Ok(());
+    }
+    let lens = grads.iter().map(|g| backend.len(g)).collect();
+    let buckets = plan_buckets(exec, lens, groups.bucket_bytes);
+    let shapes = param_shapes(exec, groups.tp.rank())?;
+    let mut reduced = Vec::with_capacity(buckets.len());
+    for (index, bucket) in buckets.iter().enumerate() {
+        let mut flat = Vec::new();
+        for &k in bucket {
+            flat.extend_from_slice(&crate::host::view(backend, &grads[k])?);
+        }
+        let bucket_shapes: Vec<Vec<usize>> = bucket.iter().map(|&k| shapes[k].clone()).collect();
+        let key = BucketKey {
+            strategy: &exec.strategy,
+            index,
+            shapes: &bucket_shapes,
+        };
+        groups
+            .agreement
+            .all_reduce(groups.dp_grads.as_ref(), key, &mut flat)?;
+        reduced.push(flat);
+    }
+    unflatten_buckets(backend, &buckets, &reduced, grads)
+}
+
 /// The reduction thread's loop: every flat bucket from `rx` agreed over `comm` by `agreement`,
 /// each result sent back on `rtx`; it ends when `rx` closes or a reduction fails.
 pub(crate) fn reduce_buckets(

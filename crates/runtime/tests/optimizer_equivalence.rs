@@ -4,13 +4,10 @@
 
 use std::sync::Arc;
 
-use comm::{Communicator, ThreadComm};
+use comm::ThreadComm;
 use graph::{lower, Schedule, Strategy};
-use kernels::{AdamW, CpuBackend};
-use model::{
-    gather_weights, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights,
-};
-use runtime::{pipeline_step, Optimizer, RankGroups};
+use model::{gather_weights, param_specs, LlamaConfig, Weights};
+use runtime::pipeline_step;
 
 const STEPS: usize = 3;
 
@@ -34,42 +31,25 @@ fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
     let results = ThreadComm::run(
         devices,
         move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let me = world.rank().0;
-            let (_, dp_rank, tp_rank) = s2.coords(me);
-            let exec = rank_exec(&cfg, &s2, me)?;
-            let mut groups = RankGroups::new(&world, &s2)?;
-            let cpu = CpuBackend::new(1)?;
-            let RankParams {
-                params,
-                shared,
-                held,
-            } = rank_params(&cfg, &exec, &weights, tp_rank)?;
-            let adamw = AdamW {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                freeze_variance_after: None,
-            };
-            let mut opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 0.3)?;
+            let mut r = common::rank_setup(&world, &cfg, &s2, &weights)?;
+            let mut opt = r.optimizer(0.3)?;
             let mut norms = Vec::new();
             for s in 0..STEPS {
                 let seqs = batch(s);
                 let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                let mbs = common::micro_batches(&seqs, s2.dp, dp_rank, 1.0 / predicted as f32);
+                let mbs = common::micro_batches(&seqs, s2.dp, r.dp_rank, 1.0 / predicted as f32);
                 let out = pipeline_step(
-                    &cpu,
-                    &exec,
-                    &mut groups,
+                    &r.cpu,
+                    &r.exec,
+                    &mut r.groups,
                     opt.params(),
-                    &shared,
+                    &r.shared,
                     &mbs,
                     Schedule::OneFOneB,
                 )?;
-                norms.push(opt.update(&cpu, &mut groups, out.grads, 1e-2)?);
+                norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
             }
-            Ok((opt.params_host(&cpu, &groups)?, held, norms))
+            Ok((opt.params_host(&r.cpu, &r.groups)?, r.held, norms))
         },
     )
     .unwrap_or_else(|e| panic!("{spec}: {e}"));

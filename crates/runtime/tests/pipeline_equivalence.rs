@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use comm::{Communicator, ThreadComm};
+use comm::ThreadComm;
 use graph::Schedule;
 use graph::Strategy;
 use kernels::CpuBackend;
-use model::{build_graph, param_specs, rank_exec, rank_params, LlamaConfig, RankParams, Weights};
-use runtime::{pipeline_step, run, MicroBatch, RankGroups};
+use model::{build_graph, param_specs, LlamaConfig, Weights};
+use runtime::{pipeline_step, run, MicroBatch};
 
 mod common;
 
@@ -46,26 +46,18 @@ fn check(spec: &str, devices: usize, tied: bool, schedule: Schedule) -> Vec<usiz
     let results = ThreadComm::run(
         devices,
         move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let me = world.rank().0;
-            let (_, dp_rank, tp_rank) = s2.coords(me);
-            let exec = rank_exec(&c2, &s2, me)?;
-            let mut groups = RankGroups::new(&world, &s2)?;
-            let RankParams {
-                params,
-                shared,
-                held,
-            } = rank_params(&c2, &exec, &w2, tp_rank)?;
-            let mbs = micro_batches(s2.dp, dp_rank, scale);
+            let mut r = common::rank_setup(&world, &c2, &s2, &w2)?;
+            let mbs = micro_batches(s2.dp, r.dp_rank, scale);
             let out = pipeline_step(
-                &CpuBackend::new(1)?,
-                &exec,
-                &mut groups,
-                &params,
-                &shared,
+                &r.cpu,
+                &r.exec,
+                &mut r.groups,
+                &r.params,
+                &r.shared,
                 &mbs,
                 schedule,
             )?;
-            Ok((out.loss, out.grads, held, out.peak_bytes))
+            Ok((out.loss, out.grads, r.held, out.peak_bytes))
         },
     )
     .unwrap_or_else(|e| panic!("{spec} {schedule}: {e}"));

@@ -8,23 +8,14 @@ use std::time::Duration;
 
 use comm::{CommKind, Communicator, Counting, ThreadComm};
 use graph::{Schedule, Strategy};
-use kernels::{AdamW, CpuBackend};
-use model::{gather_weights, param_specs, rank_exec, rank_params, RankParams, Weights};
+use kernels::CpuBackend;
+use model::{gather_weights, param_specs, Weights};
 use runtime::stream::{forward_order, pieces, update_by_priority, PriorityUpdate};
-use runtime::{pipeline_step, CommSchedule, ExactAllReduce, Gate, Optimizer, RankGroups};
+use runtime::{pipeline_step, CommSchedule, ExactAllReduce, Gate, RankGroups};
 
 mod common;
 
 const STEPS: usize = 3;
-
-fn adamw() -> AdamW {
-    AdamW {
-        lr: 1e-2,
-        beta2: 0.95,
-        weight_decay: 0.1,
-        ..AdamW::default()
-    }
-}
 
 fn batch(s: usize) -> Vec<Vec<u32>> {
     common::sequences(&[19, 5, 2, 40, 9, 3, 13, 7], s)
@@ -60,50 +51,47 @@ fn train(
     let results: Vec<Run> = ThreadComm::run(
         devices,
         move |world| -> Result<Run, Box<dyn std::error::Error + Send + Sync>> {
-            let me = world.rank().0;
-            let (_, dp_rank, tp_rank) = s2.coords(me);
-            let exec = rank_exec(&c2, &s2, me)?;
-            let mut groups = RankGroups::new(&world, &s2)?;
+            let mut r = common::rank_setup(&world, &c2, &s2, &weights)?;
             let all: Vec<comm::Rank> = (0..s2.dp).map(comm::Rank).collect();
             let mut own = Counting::new(world.sub_group(&all)?);
             if priority {
-                groups.comm_schedule = CommSchedule::Priority;
+                r.groups.comm_schedule = CommSchedule::Priority;
             }
-            let cpu = CpuBackend::new(1)?;
-            let RankParams {
-                params,
-                shared,
-                held,
-            } = rank_params(&c2, &exec, &weights, tp_rank)?;
-            let mut opt = Optimizer::new(
-                &cpu,
-                &exec,
-                &groups,
-                params,
-                &shared,
-                adamw(),
-                f64::INFINITY,
-            )?;
-            let order = forward_order(&exec);
+            let mut opt = r.optimizer(f64::INFINITY)?;
+            let order = forward_order(&r.exec);
             let (mut norms, mut sent, mut want) = (Vec::new(), Vec::new(), Vec::new());
             let mut pending: Option<Vec<Vec<f32>>> = None;
             for s in 0..=STEPS {
                 let mbs = if s < STEPS {
                     let seqs = batch(s);
                     let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                    common::micro_batches(&seqs, s2.dp, dp_rank, 1.0 / predicted as f32)
+                    common::micro_batches(&seqs, s2.dp, r.dp_rank, 1.0 / predicted as f32)
                 } else {
                     Vec::new()
                 };
                 if !priority {
                     if s < STEPS {
-                        let out = pass(&cpu, &exec, &mut groups, opt.params(), &shared, &mbs)?;
-                        norms.push(opt.update(&cpu, &mut groups, out.grads, 1e-2)?);
+                        let out = pass(
+                            &r.cpu,
+                            &r.exec,
+                            &mut r.groups,
+                            opt.params(),
+                            &r.shared,
+                            &mbs,
+                        )?;
+                        norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
                     }
                     continue;
                 }
                 let Some(grads) = pending.take() else {
-                    let out = pass(&cpu, &exec, &mut groups, opt.params(), &shared, &mbs)?;
+                    let out = pass(
+                        &r.cpu,
+                        &r.exec,
+                        &mut r.groups,
+                        opt.params(),
+                        &r.shared,
+                        &mbs,
+                    )?;
                     pending = Some(out.grads);
                     continue;
                 };
@@ -126,11 +114,11 @@ fn train(
                     lr: 1e-2,
                 };
                 let (norm, out) = std::thread::scope(|scope| {
-                    let (gate, lent, be) = (&gate, &mut lent, &cpu);
+                    let (gate, lent, be) = (&gate, &mut lent, &r.cpu);
                     let h = scope.spawn(move || update_by_priority(be, lent, grads, gate, update));
                     // This step's passes read each weight as soon as it is published.
-                    let out =
-                        (s < STEPS).then(|| pass(&cpu, &exec, &mut groups, gate, &shared, &mbs));
+                    let out = (s < STEPS)
+                        .then(|| pass(&r.cpu, &r.exec, &mut r.groups, gate, &r.shared, &mbs));
                     (h.join().expect("the update thread"), out)
                 });
                 norms.push(norm?);
@@ -147,7 +135,13 @@ fn train(
                     pending = Some(out?.grads);
                 }
             }
-            Ok((opt.params_host(&cpu, &groups)?, held, norms, sent, want))
+            Ok((
+                opt.params_host(&r.cpu, &r.groups)?,
+                r.held,
+                norms,
+                sent,
+                want,
+            ))
         },
     )
     .unwrap_or_else(|e| panic!("{spec}: {e}"));

@@ -61,6 +61,7 @@ pub mod resources;
 mod run;
 mod runner;
 mod settings;
+mod stashing;
 mod sync;
 mod trainer;
 pub mod watchdog;

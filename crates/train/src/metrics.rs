@@ -54,6 +54,10 @@ pub struct StepMetrics {
     /// ×3, int8 across nodes ×2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exchange_choices: Option<String>,
+    /// Under `--pipeline-schedule pipedream-2bw`: updates applied between the weights this
+    /// step's gradient was computed on and the weights it updated (1, or 0 after a flush).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_staleness: Option<u64>,
 }
 
 /// A step under the parameter server (under ASP and SSP: `W` updates, one per worker share).

@@ -18,6 +18,7 @@ use crate::metrics::{EvalMetrics, SimulatedMetrics, SimulatedPhases, StepMetrics
 use crate::priority::{Priority, Summing};
 use crate::rank_state::RankState;
 use crate::runner::{StaticRunner, StepInput, StepRunner};
+use crate::stashing::{Applied, TwoBw};
 use crate::sync::Replicas;
 
 /// Periodic averaging (local SGD, DiLoCo, gossip): between synchronisations a data replica's
@@ -83,6 +84,8 @@ pub(crate) struct Trainer<'j, B: Backend> {
     peak: usize,
     /// `--comm-schedule priority`: the update that runs during the next step.
     priority: Option<Priority<B>>,
+    /// `--pipeline-schedule pipedream-2bw`: the pipeline kept in flight from step to step.
+    two_bw: Option<TwoBw<B>>,
 }
 
 impl<'j, B: Backend> Trainer<'j, B> {
@@ -174,6 +177,15 @@ impl<'j, B: Backend> Trainer<'j, B> {
             )),
             None => None,
         };
+        let two_bw = match cfg.pipeline_schedule.flushless() {
+            true => Some(TwoBw::new(
+                rank_exec(model, &job.inst, me)?,
+                shared.clone(),
+                cfg.packing_of(0),
+                job.start_step,
+            )),
+            false => None,
+        };
         let runner = job.runner::<B>(&world, exec, shared)?;
         Ok(Trainer {
             job,
@@ -194,6 +206,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
                 .map(|c| c.every.unwrap_or(cfg.steps)),
             peak: 0,
             priority,
+            two_bw,
         })
     }
 
@@ -218,61 +231,79 @@ impl<'j, B: Backend> Trainer<'j, B> {
         };
         let t_grads = Instant::now();
         let loss_scale = 1.0 / own.max(1) as f32;
-        let agreement = self.groups.agreement.clone();
-        let summing = Summing {
-            agreement: agreement.as_ref(),
-            strategy: &job.inst,
-            timeout: self.world.timeout() + crate::watchdog::MARGIN,
-        };
-        let (runner, groups, world) = (&mut self.runner, &mut self.groups, &self.world);
-        let mut compute = |gate: Option<&runtime::Gate<B>>, optimizer: &Optimizer<B>| {
-            runner.gradients(StepInput {
-                backend: be,
-                world,
-                optimizer,
-                groups,
-                batch: &batch,
-                loss_scale,
-                gate,
-            })
-        };
-        let (mut out, previous) = match &mut self.priority {
-            // The last step's update is summed and applied while this one computes.
-            Some(p) => p.overlap(be, &mut self.opt, &summing, compute)?,
-            None => (compute(None, &self.opt)?, None),
-        };
-        if let Some(norm) = previous {
-            self.release(norm);
-        }
-        crate::settings::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
-        if let Some(a) = &self.averaging {
-            // The loss of the global batch: the replicas' means weighted by their tokens.
-            out.loss = a.replicas.weighted_loss(out.loss, own, predicted)?;
-        }
-        if !out.loss.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step: step + 1,
-                loss: out.loss,
-            });
-        }
         let lr = cfg.lr.at(step, cfg.steps);
-        let t_opt = runtime::profile::enabled().then(Instant::now);
-        let norm = match &mut self.priority {
-            Some(p) => {
-                p.defer(std::mem::take(&mut out.grads), lr);
-                // A hook after this step reads the weights: its update cannot wait.
-                let eval_every = self.eval.as_ref().map(|e| e.1);
-                if step + 1 == cfg.steps
-                    || due(self.checkpoint_every, step, cfg.steps)
-                    || due(eval_every, step, cfg.steps)
-                {
-                    p.settle(be, &mut self.opt, &summing)?.unwrap_or(f64::NAN)
-                } else {
-                    // Known once the next step has applied the update (see `report`).
-                    f64::NAN
-                }
+        let t_opt;
+        let (out, norm, staleness) = if self.two_bw.is_some() {
+            t_opt = None;
+            let (loss, norm, peak_bytes, staleness) = self.step_two_bw(step, &batch, loss_scale)?;
+            let out = crate::runner::StepGradients::<B> {
+                loss,
+                grads: Vec::new(),
+                peak_bytes,
+                hot: None,
+                plan: None,
+            };
+            (out, norm, staleness)
+        } else {
+            let agreement = self.groups.agreement.clone();
+            let summing = Summing {
+                agreement: agreement.as_ref(),
+                strategy: &job.inst,
+                timeout: self.world.timeout() + crate::watchdog::MARGIN,
+            };
+            let (runner, groups, world) = (&mut self.runner, &mut self.groups, &self.world);
+            let mut compute = |gate: Option<&runtime::Gate<B>>, optimizer: &Optimizer<B>| {
+                runner.gradients(StepInput {
+                    backend: be,
+                    world,
+                    optimizer,
+                    groups,
+                    batch: &batch,
+                    loss_scale,
+                    gate,
+                })
+            };
+            let (mut out, previous) = match &mut self.priority {
+                // The last step's update is summed and applied while this one computes.
+                Some(p) => p.overlap(be, &mut self.opt, &summing, compute)?,
+                None => (compute(None, &self.opt)?, None),
+            };
+            if let Some(norm) = previous {
+                self.release(norm);
             }
-            None => self.opt.update(be, &mut self.groups, out.grads, lr)?,
+            crate::settings::SlowRank::delay(&cfg.slow_ranks, me, t_grads.elapsed());
+            if let Some(a) = &self.averaging {
+                // The loss of the global batch: the replicas' means weighted by their tokens.
+                out.loss = a.replicas.weighted_loss(out.loss, own, predicted)?;
+            }
+            if !out.loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: step + 1,
+                    loss: out.loss,
+                });
+            }
+            t_opt = runtime::profile::enabled().then(Instant::now);
+            let norm = match &mut self.priority {
+                Some(p) => {
+                    p.defer(std::mem::take(&mut out.grads), lr);
+                    // A hook after this step reads the weights: its update cannot wait.
+                    let eval_every = self.eval.as_ref().map(|e| e.1);
+                    if step + 1 == cfg.steps
+                        || due(self.checkpoint_every, step, cfg.steps)
+                        || due(eval_every, step, cfg.steps)
+                    {
+                        p.settle(be, &mut self.opt, &summing)?.unwrap_or(f64::NAN)
+                    } else {
+                        // Known once the next step has applied the update (see `report`).
+                        f64::NAN
+                    }
+                }
+                None => {
+                    self.opt
+                        .update(be, &mut self.groups, std::mem::take(&mut out.grads), lr)?
+                }
+            };
+            (out, norm, None)
         };
         let mut synced = true;
         if let Some(a) = &mut self.averaging {
@@ -334,6 +365,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
                     wire_intra_node_bytes: wire[0],
                     wire_inter_node_bytes: wire[1],
                 }),
+                weight_staleness: staleness,
                 ..Default::default()
             },
             synced,
@@ -375,6 +407,10 @@ impl<'j, B: Backend> Trainer<'j, B> {
             p.hold(done.metrics.clone());
             return;
         }
+        if let Some(t) = self.two_bw.as_mut().filter(|t| t.pending()) {
+            t.hold(done.metrics.clone());
+            return;
+        }
         self.send(done.metrics.clone());
     }
 
@@ -393,6 +429,9 @@ impl<'j, B: Backend> Trainer<'j, B> {
 
     /// Applies a pending priority update now (a stop, the end of the run) and reports its step.
     fn settle(&mut self) -> Result<()> {
+        if self.two_bw.is_some() {
+            return self.drain_two_bw().map(|_| ());
+        }
         let Some(p) = self.priority.as_mut() else {
             return Ok(());
         };
@@ -406,6 +445,61 @@ impl<'j, B: Backend> Trainer<'j, B> {
             self.release(norm);
         }
         Ok(())
+    }
+
+    /// Step `step` under PipeDream-2BW: its micro-batches enter the pipeline while the last
+    /// step's finish, whose gradients are applied now (and their metrics sent). Before a hook
+    /// that reads the weights the pipeline drains, so this step's loss, norm and staleness are
+    /// known; otherwise they are NaN until the next step. Also returns the step's peak bytes.
+    fn step_two_bw(
+        &mut self,
+        step: usize,
+        batch: &[Vec<u32>],
+        loss_scale: f32,
+    ) -> Result<(f32, f64, usize, Option<u64>)> {
+        let (be, me, cfg) = (self.be, self.me, &self.job.cfg);
+        let lr = |s: u64| cfg.lr.at(s as usize, cfg.steps);
+        let Some(t) = self.two_bw.as_mut() else {
+            return Ok((f32::NAN, f64::NAN, 0, None));
+        };
+        let (last, peak) = t.step(
+            be,
+            &mut self.opt,
+            &mut self.groups,
+            batch,
+            me,
+            loss_scale,
+            &lr,
+        )?;
+        let released = last.as_ref().and_then(|a| t.release(a));
+        if let Some(m) = released {
+            self.send(m);
+        }
+        let eval_every = self.eval.as_ref().map(|e| e.1);
+        let flush = step + 1 == cfg.steps
+            || due(self.checkpoint_every, step, cfg.steps)
+            || due(eval_every, step, cfg.steps);
+        let now = if flush { self.drain_two_bw()? } else { None };
+        Ok(match now {
+            Some(a) => (a.loss, a.norm, peak, Some(a.staleness)),
+            None => (f32::NAN, f64::NAN, peak, None),
+        })
+    }
+
+    /// Drains the 2BW pipeline (a flush) and applies the step in flight; sends its held
+    /// metrics, if any (a stop or the end), and returns what was applied.
+    fn drain_two_bw(&mut self) -> Result<Option<Applied>> {
+        let (be, cfg) = (self.be, &self.job.cfg);
+        let lr = |s: u64| cfg.lr.at(s as usize, cfg.steps);
+        let Some(t) = self.two_bw.as_mut() else {
+            return Ok(None);
+        };
+        let applied = t.drain(be, &mut self.opt, &mut self.groups, &lr)?;
+        let released = applied.as_ref().and_then(|a| t.release(a));
+        if let Some(m) = released {
+            self.send(m);
+        }
+        Ok(applied)
     }
 
     /// Hook: whether the run stops after this step, asked by a signal: every rank agrees,

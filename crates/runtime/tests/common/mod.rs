@@ -5,8 +5,12 @@
 
 use std::path::Path;
 
-use model::LlamaConfig;
+use comm::Communicator;
+use graph::{ExecGraph, Strategy};
+use kernels::{AdamW, CpuBackend};
+use model::{rank_exec, rank_params, Held, LlamaConfig, RankParams, Weights};
 use runtime::MicroBatch;
+use runtime::{Optimizer, RankGroups};
 
 /// The tiny LLaMA with `layers` layers, `kv` KV heads, tied embeddings or not, and RMSNorm's
 /// epsilon (`None`: HF's default).
@@ -49,4 +53,77 @@ pub fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     (worst, scale)
+}
+
+/// The AdamW the optimizer tests train with: lr 1e-2, β2 0.95, weight decay 0.1, the rest
+/// AdamW's defaults (β1 0.9, ε 1e-8).
+pub fn adamw() -> AdamW {
+    AdamW {
+        lr: 1e-2,
+        beta2: 0.95,
+        weight_decay: 0.1,
+        ..AdamW::default()
+    }
+}
+
+/// What a thread rank's closure returns.
+pub type RankResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One thread rank of a test run: where it sits in the strategy, its exec graph, groups and
+/// backend, and its pieces of the weights.
+pub struct RankSetup {
+    pub me: usize,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    pub exec: ExecGraph,
+    pub groups: RankGroups,
+    pub cpu: CpuBackend,
+    pub params: Vec<Vec<f32>>,
+    pub shared: Vec<bool>,
+    pub held: Held,
+}
+
+/// Rank `world.rank()` of `strategy` on `cfg`, holding its pieces of `weights`.
+pub fn rank_setup(
+    world: &dyn Communicator,
+    cfg: &LlamaConfig,
+    strategy: &Strategy,
+    weights: &Weights,
+) -> RankResult<RankSetup> {
+    let me = world.rank().0;
+    let (_, dp_rank, tp_rank) = strategy.coords(me);
+    let exec = rank_exec(cfg, strategy, me)?;
+    let groups = RankGroups::new(world, strategy)?;
+    let RankParams {
+        params,
+        shared,
+        held,
+    } = rank_params(cfg, &exec, weights, tp_rank)?;
+    Ok(RankSetup {
+        me,
+        dp_rank,
+        tp_rank,
+        exec,
+        groups,
+        cpu: CpuBackend::new(1)?,
+        params,
+        shared,
+        held,
+    })
+}
+
+impl RankSetup {
+    /// [`adamw`] over this rank's pieces (moved out of `params`), clipping at `clip`.
+    pub fn optimizer(&mut self, clip: f64) -> RankResult<Optimizer<CpuBackend>> {
+        let params = std::mem::take(&mut self.params);
+        Ok(Optimizer::new(
+            &self.cpu,
+            &self.exec,
+            &self.groups,
+            params,
+            &self.shared,
+            adamw(),
+            clip,
+        )?)
+    }
 }

@@ -314,6 +314,66 @@ pub(crate) fn check_comm_schedule(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// `--pipeline-schedule pipedream-2bw` carries a step's last backwards into the next step and
+/// updates with a one-step-old gradient: it needs one static strategy with pipeline stages,
+/// the every-step exchange and an update it can apply late (AdamW); the rest is refused by
+/// name.
+pub(crate) fn check_pipeline_schedule(cfg: &TrainConfig) -> Result<()> {
+    if !cfg.pipeline_schedule.flushless() {
+        return Ok(());
+    }
+    let refuse = |setting: &'static str, why: String| Err(TrainError::setting(setting, why));
+    let StrategySpec::Fixed(s) = &cfg.strategy else {
+        return refuse(
+            "pipeline_schedule",
+            "pipedream-2bw keeps one strategy's micro-batches in flight from step to step; a \
+             hot, concurrent or planned schedule switches strategies between steps: use \
+             --strategy"
+                .into(),
+        );
+    };
+    if s.pp < 2 {
+        return refuse(
+            "pipeline_schedule",
+            format!("pipedream-2bw needs pipeline stages (ppN, N ≥ 2); {s} has none"),
+        );
+    }
+    if s.zero >= graph::Zero::Parameters {
+        return refuse(
+            "pipeline_schedule",
+            format!(
+                "pipedream-2bw keeps two versions of every weight and ZeRO-3 shards them per \
+                 step (not built); {s}: use zero1 or zero2"
+            ),
+        );
+    }
+    if cfg.comm_schedule != runtime::CommSchedule::Fifo {
+        return refuse(
+            "comm_schedule",
+            "pipedream-2bw sums a step's gradients once its last backward is done; \
+             --comm-schedule priority is not built with it"
+                .into(),
+        );
+    }
+    if cfg.sync != crate::settings::SyncMode::Bsp || cfg.ps.is_some() {
+        return refuse(
+            "pipeline_schedule",
+            format!(
+                "pipedream-2bw applies one update per step from the every-step exchange; --sync \
+                 {} is not built with it",
+                cfg.sync
+            ),
+        );
+    }
+    if cfg.optimizer != OptimizerKind::AdamW {
+        return refuse(
+            "optimizer",
+            "pipedream-2bw applies AdamW one step late; onebit-adam with it is not built".into(),
+        );
+    }
+    Ok(())
+}
+
 /// What a run of whole replicas needs (the parameter server's workers, federated clients):
 /// one strategy of pure data parallelism over the devices, and none of what is not built for
 /// them. `setting` names the refusing setting, `who` the replicas, `under` the mode.

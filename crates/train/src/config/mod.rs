@@ -462,6 +462,7 @@ impl TrainConfig {
         checks::check_optimizer(self)?;
         checks::check_ps(self)?;
         checks::check_comm_schedule(self)?;
+        checks::check_pipeline_schedule(self)?;
         if self.sync == crate::settings::SyncMode::FedAvg {
             if self.ps.is_some() {
                 return Err(TrainError::setting(
