@@ -57,6 +57,16 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
             v[k].as_f64()
                 .with_context(|| format!("{}:{}: no numeric \"{k}\"", path.display(), i + 1))
         };
+        if v.get("loss").is_some_and(serde_json::Value::is_null) && v["step"].is_u64() {
+            // A run that failed while this step's gradients were pending (PipeDream-2BW).
+            eprintln!(
+                "warning: {}:{}: step {} has no loss (its run failed before it came); not plotted",
+                path.display(),
+                i + 1,
+                v["step"]
+            );
+            continue;
+        }
         let (step, loss) = (get("step")?, get("loss")?);
         let tokens_per_s = match v.get("tokens_per_s").and_then(|x| x.as_f64()) {
             Some(t) => t,

@@ -287,6 +287,44 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
     assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
 }
 
+/// A rank that fails while a step's update (priority) or gradients (PipeDream-2BW) are still
+/// pending: the step keeps its line with what was known (`null` for the rest), and the file is
+/// still hotspa's own (`--force` replaces it).
+#[test]
+fn a_failure_keeps_the_pending_steps_line() {
+    let dir = common::Scratch::new(setup);
+    let d = dir.path();
+    let metrics = d.join("m.jsonl");
+    let m = metrics.to_str().unwrap();
+    for (flags, unknown) in [
+        (
+            "--strategy dp2 --comm-schedule priority --grad-clip inf",
+            "grad_norm",
+        ),
+        ("--strategy pp2 --pipeline-schedule pipedream-2bw", "loss"),
+    ] {
+        let mut args: Vec<&str> = flags.split(' ').collect();
+        args.extend(["--devices", "2", "--steps", "5", "--metrics", m, "--force"]);
+        let (_, o) = timed(d, &args, &[("HOTSPA_FAULT", "panic:1:3")]);
+        assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{flags}: {lines:?}");
+        assert!(lines[1][unknown].is_null(), "{flags}: {}", lines[1]);
+        assert!(lines[1]["tokens"].as_u64().unwrap() > 0);
+        // `hotspa plot` draws what is known and says what it leaves out.
+        let svg = d.join("m.svg");
+        let o = hotspa()
+            .args(["plot", m, "--force", "-o", svg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_after_the_step_and_keeps_the_work() {

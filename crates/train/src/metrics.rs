@@ -15,9 +15,13 @@ use crate::error::{Result, TrainError};
 pub struct StepMetrics {
     /// 1-based step.
     pub step: u64,
-    /// Loss of the global batch (mean over its predicted tokens).
+    /// Loss of the global batch (mean over its predicted tokens); NaN (`null` in JSON) for a
+    /// step whose gradients never came back (a run that failed under PipeDream-2BW).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f32,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping; NaN (`null`) where the step's update never ran
+    /// (a run that failed with it pending).
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// The step's learning rate.
     pub lr: f64,
@@ -58,6 +62,32 @@ pub struct StepMetrics {
     /// step's gradient was computed on and the weights it updated (1, or 0 after a flush).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_staleness: Option<u64>,
+}
+
+/// A number, or NaN where JSON has `null` (which is how serde_json writes NaN).
+fn nan_if_null<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + num_nan::Nan,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_else(T::nan))
+}
+
+/// The floats that have a NaN.
+mod num_nan {
+    pub trait Nan {
+        fn nan() -> Self;
+    }
+    impl Nan for f32 {
+        fn nan() -> Self {
+            f32::NAN
+        }
+    }
+    impl Nan for f64 {
+        fn nan() -> Self {
+            f64::NAN
+        }
+    }
 }
 
 /// A step under the parameter server (under ASP and SSP: `W` updates, one per worker share).
@@ -293,6 +323,20 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_loss_or_norm_is_written_null_and_read_back_nan() {
+        let m = StepMetrics {
+            step: 2,
+            loss: f32::NAN,
+            grad_norm: f64::NAN,
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(line.contains(r#""loss":null,"grad_norm":null"#), "{line}");
+        let back: StepMetrics = serde_json::from_str(&line).unwrap();
+        assert!(back.loss.is_nan() && back.grad_norm.is_nan() && back.step == 2);
+    }
 
     #[test]
     fn a_line_round_trips_with_its_optional_parts_flat() {

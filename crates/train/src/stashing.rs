@@ -93,6 +93,11 @@ impl<B: Backend> TwoBw<B> {
         self.unreported = Some(metrics);
     }
 
+    /// The held metrics as they are (their loss and norm never came).
+    pub fn abandon(&mut self) -> Option<StepMetrics> {
+        self.unreported.take()
+    }
+
     /// The held metrics completed by `applied` (whose step they must be).
     pub fn release(&mut self, applied: &Applied) -> Option<StepMetrics> {
         let m = self.unreported.take_if(|m| m.step == applied.step + 1)?;

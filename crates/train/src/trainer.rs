@@ -420,6 +420,19 @@ impl<'j, B: Backend> Trainer<'j, B> {
         }
     }
 
+    /// A run that fails: the held metrics of the step whose update (priority) or gradients
+    /// (PipeDream-2BW) never came, as far as they are known (the rest NaN, `null` in JSON).
+    fn report_unfinished(&mut self) {
+        let held = match (&mut self.priority, &mut self.two_bw) {
+            (Some(p), _) => p.release(f64::NAN),
+            (_, Some(t)) => t.abandon(),
+            _ => None,
+        };
+        if let Some(m) = held {
+            self.send(m);
+        }
+    }
+
     /// The held metrics of the step whose update just finished, with its norm.
     fn release(&mut self, norm: f64) {
         if let Some(m) = self.priority.as_mut().and_then(|p| p.release(norm)) {
@@ -606,7 +619,15 @@ impl Job {
     ) -> Result<Option<Collected>> {
         let mut trainer = Trainer::start(self, be, world, clock)?;
         for step in self.start_step..self.cfg.steps {
-            let mut done = trainer.step(step)?;
+            let mut done = match trainer.step(step) {
+                Ok(done) => done,
+                Err(e) => {
+                    // The step before, whose update or gradients were still pending, keeps its
+                    // line with what was known of it.
+                    trainer.report_unfinished();
+                    return Err(e);
+                }
+            };
             trainer.evaluate(&mut done)?;
             trainer.report(&done);
             let stop = trainer.agree_to_stop(&mut done)?;
