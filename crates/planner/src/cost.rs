@@ -162,6 +162,11 @@ pub struct CostModel {
     /// Buckets sized per strategy by [`CostModel::auto_bucket_bytes`] instead (`--bucket-mb
     /// auto`).
     pub auto_buckets: bool,
+    /// `--comm-schedule priority` (pure DP): a step's gradients are summed during the next
+    /// step, in pieces of a bucket's size in the order the forward reads the parameters, each
+    /// parameter updated on the same thread once summed; the forward waits per parameter
+    /// ([`CostModel::priority_end`]).
+    pub priority: bool,
     /// Kernel calls of a micro-batch by `(tp, sp, recompute)`, counted once.
     kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
@@ -196,6 +201,7 @@ impl CostModel {
             schedule: Schedule::OneFOneB,
             bucket_elems: 1 << 20,
             auto_buckets: false,
+            priority: false,
             kernels: Default::default(),
         };
         out.packing = Packing::Balanced {
@@ -921,6 +927,18 @@ impl CostModel {
                 } else {
                     self.bucket_elems
                 };
+                if self.by_priority(s) {
+                    // The replica whose first forward is shortest waits first.
+                    let first = passes
+                        .iter()
+                        .filter_map(|r| r.0[k].first())
+                        .map(Pass::total)
+                        .fold(f64::INFINITY, f64::min);
+                    let first = if first.is_finite() { first } else { 0.0 };
+                    let end = self.priority_end(s, &tensors, shape, bucket_elems, first, pipe_end);
+                    side_end = side_end.max(end);
+                    continue;
+                }
                 let total: f64 = tensors.iter().map(|t| t.len as f64).sum();
                 let mut ready = Vec::new();
                 let mut seconds = Vec::new();
@@ -1000,6 +1018,76 @@ impl CostModel {
             out.bubble /= speedup;
         }
         out
+    }
+
+    /// Whether `s`'s DP reduction runs by priority: the schedule asks for it and `s` is what
+    /// it runs under (pure DP without ZeRO; the configuration refuses the rest).
+    pub fn by_priority(&self, s: &Strategy) -> bool {
+        self.priority && s.tp * s.pp * s.cp == 1 && s.zero == Zero::Off && s.replicas() > 1
+    }
+
+    /// When a step ends under `--comm-schedule priority`: the last step's gradients (`tensors`,
+    /// in the order they become final, so the forward reads them reversed) are summed on a
+    /// thread of their own from the step's start, in pieces of `piece` elements of the forward's
+    /// order (small tensors fused, large ones cut), each parameter updated on that thread once
+    /// its last piece is summed; the step's first forward (`first_forward` seconds, its
+    /// parameters read in proportion to their elements after the embedding's lookup) waits for
+    /// each parameter it reaches before it is published. The step ends when both the compute
+    /// (`compute_end`, plus what it waited) and the thread are done.
+    fn priority_end(
+        &self,
+        s: &Strategy,
+        tensors: &[Tensor],
+        shape: GroupShape,
+        piece: usize,
+        first_forward: f64,
+        compute_end: f64,
+    ) -> f64 {
+        let piece = piece.max(1) as f64;
+        let forward: Vec<&Tensor> = tensors.iter().rev().collect();
+        let total: f64 = forward.iter().map(|t| t.len as f64).sum();
+        let update_per_elem = self.optimizer(s) / total.max(1.0);
+        // The compute the forward has done when it first reads a parameter: the embedding's
+        // lookup costs nothing, the rest in proportion to the elements before.
+        let read = forward
+            .iter()
+            .skip(1)
+            .map(|t| t.len as f64)
+            .sum::<f64>()
+            .max(1.0);
+        let (mut thread, mut cut, mut done, mut before) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let mut waited = 0.0f64;
+        let piece_seconds =
+            |elems: f64| self.exchange.cost(&self.cluster, elems, &[], shape).seconds;
+        for (k, t) in forward.iter().enumerate() {
+            done += t.len as f64;
+            // Every piece that ends at or before this tensor's last element is summed.
+            while cut + piece <= done {
+                thread += piece_seconds(piece);
+                cut += piece;
+            }
+            if cut < done && k + 1 == forward.len() {
+                thread += piece_seconds(done - cut);
+                cut = done;
+            } else if cut < done {
+                // The piece holding this tensor's end also holds the next tensor's start: it
+                // is summed before this tensor is published.
+                let rest = (piece - (done - cut)).min(total - done);
+                thread += piece_seconds(done - cut + rest);
+                cut = done + rest;
+            }
+            thread += update_per_elem * t.len as f64;
+            let need = if k == 0 {
+                0.0
+            } else {
+                first_forward * before / read
+            };
+            waited = waited.max(thread - need);
+            if k > 0 {
+                before += t.len as f64;
+            }
+        }
+        (compute_end + waited.max(0.0)).max(thread)
     }
 
     /// What a step adds once, whatever its strategies, on the optimizer's `inst` over `world`

@@ -508,7 +508,12 @@ impl Planner {
         mut total: Breakdown,
         memory: f64,
     ) -> Estimate {
-        total.optimizer = self.cost.optimizer(&plan.inst);
+        // By priority the update runs on the summing thread, inside `dp_reduce`.
+        total.optimizer = if self.cost.by_priority(&plan.inst) {
+            0.0
+        } else {
+            self.cost.optimizer(&plan.inst)
+        };
         total.sync = self.cost.step_sync(&plan.inst, plan.inst.devices());
         let seconds = total.total();
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
@@ -1247,6 +1252,50 @@ mod tests {
         // Each device receives 7/8 of 6.74 B bf16 parameters at 400 GB/s: ~29 ms.
         assert!(t > 0.02 && t < 0.05, "{t}");
         assert_eq!(p.switch_seconds(&s("dp8", 8), &s("dp8", 8)).unwrap(), 0.0);
+    }
+
+    /// `--comm-schedule priority`: the reduction runs during the next step, whose first forward
+    /// waits for each parameter it reaches. With fast links only the wait for the first pieces
+    /// shows; with slow ones the forward waits for the last parameter it reads (the head), so
+    /// the step is the exchange plus the compute after the first forward's last read: fifo,
+    /// which overlaps the last backward, hides more than priority, which overlaps the first
+    /// forward.
+    #[test]
+    fn priority_overlaps_the_next_forward_and_waits_for_its_last_read() {
+        let lens = vec![2048; 16];
+        let tp = s("dp8tp2", 16);
+        for cross in [200.0, 2.0] {
+            let mut p = planner(16);
+            // Pieces of 32 M values (64 MiB in bf16): at 4 MiB a 7B model's 6,400 pieces
+            // would each pay the ring's latency (the model says so: about 2 s here).
+            p.cost.bucket_elems = 32 << 20;
+            p.cost.cluster.cross_node = Link {
+                gbps: cross,
+                latency_us: 10.0,
+            };
+            let dp = s("dp16", 16);
+            let fifo = p.cost.strategy(&dp, &lens, 65536);
+            p.cost.priority = true;
+            assert!(p.cost.by_priority(&dp) && !p.cost.by_priority(&tp));
+            let prio = p.cost.strategy(&dp, &lens, 65536);
+            let work = prio.compute + prio.elementwise;
+            let exchange = p
+                .cost
+                .exchange
+                .cost(&p.cost.cluster, p.cost.params(), &[], p.cost.dp_shape(&dp))
+                .seconds;
+            if cross > 100.0 {
+                assert!(prio.dp_reduce < 0.05 * work, "{prio:?}");
+            } else {
+                // The forward's share before the head overlaps; the rest of the step follows.
+                let step = work + prio.dp_reduce;
+                assert!(
+                    step > exchange && step < exchange + work,
+                    "{step} vs {exchange}"
+                );
+                assert!(prio.dp_reduce > fifo.dp_reduce, "{prio:?} vs {fifo:?}");
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub fn cost_model(cfg: &TrainConfig, cluster: Cluster) -> CostModel {
     cost.packing = cfg.packing_of(0);
     cost.exchange = cfg.exchange;
     cost.schedule = cfg.pipeline_schedule;
+    cost.priority = cfg.comm_schedule == runtime::CommSchedule::Priority;
     match cfg.buckets {
         crate::config::Buckets::Bytes(b) => cost.bucket_elems = (b / 4).max(1),
         crate::config::Buckets::Auto => cost.auto_buckets = true,
