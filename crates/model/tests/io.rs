@@ -240,64 +240,41 @@ fn bad_files_are_refused_naming_file_and_fault() {
         Err(ModelError::Corrupt { .. })
     ));
 
+    // Each case: every tensor as the config wants it, one thing broken, the message naming it.
     let specs = param_specs(&c);
-    let mut tensors: Vec<_> = specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                "F32",
-                s.shape.clone(),
-                vec![0u8; 4 * s.numel()],
-            )
-        })
-        .collect();
-    tensors.remove(3);
-    std::fs::write(&path, handmade(&tensors)).unwrap();
-    let e = Weights::load(&c, &path).unwrap_err();
-    assert!(
-        e.to_string()
-            .ends_with("missing tensor(s): model.layers.0.self_attn.v_proj.weight"),
-        "{e}"
-    );
-
-    let mut tensors: Vec<_> = specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                "F32",
-                s.shape.clone(),
-                vec![0u8; 4 * s.numel()],
-            )
-        })
-        .collect();
-    tensors[1].2 = vec![4, 16];
-    std::fs::write(&path, handmade(&tensors)).unwrap();
-    let e = Weights::load(&c, &path).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("q_proj.weight: shape [4, 16], the config needs [8, 8]"),
-        "{e}"
-    );
-
-    let mut tensors: Vec<_> = specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                "F32",
-                s.shape.clone(),
-                vec![0u8; 4 * s.numel()],
-            )
-        })
-        .collect();
-    tensors[2].3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    std::fs::write(&path, handmade(&tensors)).unwrap();
-    let e = Weights::load(&c, &path).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("k_proj.weight: value NaN at index 0 is not finite"),
-        "{e}"
-    );
+    type Handmade = Vec<(String, &'static str, Vec<usize>, Vec<u8>)>;
+    type Break<'a> = &'a dyn Fn(&mut Handmade);
+    let cases: [(Break, &str); 3] = [
+        (
+            &|t| {
+                t.remove(3);
+            },
+            "missing tensor(s): model.layers.0.self_attn.v_proj.weight",
+        ),
+        (
+            &|t| t[1].2 = vec![4, 16],
+            "q_proj.weight: shape [4, 16], the config needs [8, 8]",
+        ),
+        (
+            &|t| t[2].3[..4].copy_from_slice(&f32::NAN.to_le_bytes()),
+            "k_proj.weight: value NaN at index 0 is not finite",
+        ),
+    ];
+    for (break_it, says) in cases {
+        let mut tensors: Handmade = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    "F32",
+                    s.shape.clone(),
+                    vec![0u8; 4 * s.numel()],
+                )
+            })
+            .collect();
+        break_it(&mut tensors);
+        std::fs::write(&path, handmade(&tensors)).unwrap();
+        let e = Weights::load(&c, &path).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
 }

@@ -321,6 +321,48 @@ impl NcclComm {
         Ok(())
     }
 
+    /// A collective of one chunk per member (`counts`: all-gather, reduce-scatter): `send`
+    /// and a zeroed `recv` staged to the device, one call `whole(send, recv)` where every chunk
+    /// has the same size, else one call `per_chunk(send, recv, member, count, offset)` for each
+    /// non-empty chunk inside one NCCL group; `recv` staged back.
+    #[allow(clippy::too_many_arguments)] // the buffers, the counts and the two ways to call
+    fn chunked(
+        &self,
+        op: &str,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        whole: impl FnOnce(&Nccl, Comm, Stream, (*mut c_void, *mut c_void)) -> Result<()>,
+        per_chunk: impl Fn(
+            &Nccl,
+            Comm,
+            Stream,
+            (*mut c_void, *mut c_void),
+            usize,
+            usize,
+            usize,
+        ) -> Result<()>,
+    ) -> Result<()> {
+        let (ds, dr) = (self.up(send)?, self.up(&vec![0.0; recv.len()])?);
+        let s = self.inner.stream.clone();
+        let even = counts.iter().all(|&c| c == counts[0]);
+        let off = offsets(counts);
+        self.run(op, !even, |lib, comm, st| {
+            let bufs = (ptr(&ds, &s, 0), ptr(&dr, &s, 0));
+            if even {
+                return match counts[0] {
+                    0 => Ok(()),
+                    _ => whole(lib, comm, st, bufs),
+                };
+            }
+            for (r, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+                per_chunk(lib, comm, st, bufs, r, c, off[r])?;
+            }
+            Ok(())
+        })?;
+        self.down(&dr, recv)
+    }
+
     /// Queues NCCL calls with `f` (inside one NCCL group when `group`) and waits for them, or
     /// aborts the communicator after the timeout.
     fn run(
@@ -388,6 +430,11 @@ impl NcclComm {
 fn ptr(s: &CudaSlice<f32>, stream: &CudaStream, offset: usize) -> *mut c_void {
     let (p, _sync) = s.device_ptr(stream);
     (p + (offset * 4) as u64) as *mut c_void
+}
+
+/// The device address `offset` floats past `base`.
+fn at(base: *mut c_void, offset: usize) -> *mut c_void {
+    base.cast::<f32>().wrapping_add(offset).cast()
 }
 
 fn redop(op: ReduceOp) -> c_int {
@@ -475,45 +522,25 @@ impl Communicator for NcclComm {
     fn all_gather(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) -> Result<()> {
         check_len("all_gather", "counts", self.size, counts.len())?;
         check_len("all_gather", "send", counts[self.rank], send.len())?;
-        let off = offsets(counts);
-        check_len("all_gather", "recv", off[self.size], recv.len())?;
-        let (ds, dr) = (self.up(send)?, self.up(&vec![0.0; recv.len()])?);
-        let s = self.inner.stream.clone();
-        let even = counts.iter().all(|&c| c == counts[0]);
-        self.run("all_gather", !even, |lib, comm, st| {
-            if even {
-                if counts[0] == 0 {
-                    return Ok(());
-                }
+        check_len("all_gather", "recv", offsets(counts)[self.size], recv.len())?;
+        self.chunked(
+            "all_gather",
+            send,
+            recv,
+            counts,
+            |lib, comm, st, (send, recv)| {
                 // SAFETY: send holds counts[0] floats, recv size × counts[0].
-                return check(lib, "ncclAllGather", unsafe {
-                    (lib.all_gather)(
-                        ptr(&ds, &s, 0),
-                        ptr(&dr, &s, 0),
-                        counts[0],
-                        FLOAT32,
-                        comm,
-                        st,
-                    )
-                });
-            }
-            for (r, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-                // SAFETY: root r's send buffer has c floats; recv has room at off[r].
+                check(lib, "ncclAllGather", unsafe {
+                    (lib.all_gather)(send, recv, counts[0], FLOAT32, comm, st)
+                })
+            },
+            |lib, comm, st, (send, recv), r, c, off| {
+                // SAFETY: root r's send buffer has c floats; recv has room at off.
                 check(lib, "ncclBroadcast", unsafe {
-                    (lib.broadcast)(
-                        ptr(&ds, &s, 0),
-                        ptr(&dr, &s, off[r]),
-                        c,
-                        FLOAT32,
-                        r as c_int,
-                        comm,
-                        st,
-                    )
-                })?;
-            }
-            Ok(())
-        })?;
-        self.down(&dr, recv)
+                    (lib.broadcast)(send, at(recv, off), c, FLOAT32, r as c_int, comm, st)
+                })
+            },
+        )
     }
 
     fn reduce_scatter(
@@ -524,36 +551,30 @@ impl Communicator for NcclComm {
         op: ReduceOp,
     ) -> Result<()> {
         check_len("reduce_scatter", "counts", self.size, counts.len())?;
-        let off = offsets(counts);
-        check_len("reduce_scatter", "send", off[self.size], send.len())?;
+        check_len(
+            "reduce_scatter",
+            "send",
+            offsets(counts)[self.size],
+            send.len(),
+        )?;
         check_len("reduce_scatter", "recv", counts[self.rank], recv.len())?;
-        let (ds, dr) = (self.up(send)?, self.up(&vec![0.0; recv.len()])?);
-        let s = self.inner.stream.clone();
-        let even = counts.iter().all(|&c| c == counts[0]);
-        self.run("reduce_scatter", !even, |lib, comm, st| {
-            if even {
-                if counts[0] == 0 {
-                    return Ok(());
-                }
+        self.chunked(
+            "reduce_scatter",
+            send,
+            recv,
+            counts,
+            |lib, comm, st, (send, recv)| {
                 // SAFETY: send holds size × counts[0] floats, recv counts[0].
-                return check(lib, "ncclReduceScatter", unsafe {
-                    (lib.reduce_scatter)(
-                        ptr(&ds, &s, 0),
-                        ptr(&dr, &s, 0),
-                        counts[0],
-                        FLOAT32,
-                        redop(op),
-                        comm,
-                        st,
-                    )
-                });
-            }
-            for (r, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-                // SAFETY: every rank's send has c floats at off[r]; only root r writes recv.
+                check(lib, "ncclReduceScatter", unsafe {
+                    (lib.reduce_scatter)(send, recv, counts[0], FLOAT32, redop(op), comm, st)
+                })
+            },
+            |lib, comm, st, (send, recv), r, c, off| {
+                // SAFETY: every rank's send has c floats at off; only root r writes recv.
                 check(lib, "ncclReduce", unsafe {
                     (lib.reduce)(
-                        ptr(&ds, &s, off[r]),
-                        ptr(&dr, &s, 0),
+                        at(send, off),
+                        recv,
                         c,
                         FLOAT32,
                         redop(op),
@@ -561,11 +582,9 @@ impl Communicator for NcclComm {
                         comm,
                         st,
                     )
-                })?;
-            }
-            Ok(())
-        })?;
-        self.down(&dr, recv)
+                })
+            },
+        )
     }
 
     fn all_to_all(
