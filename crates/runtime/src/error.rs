@@ -27,6 +27,10 @@ pub enum RuntimeError {
     /// buffers that do not fit the split).
     #[error("context parallelism: {0}")]
     Context(String),
+    /// A pipeline or communication schedule cannot run this: an unknown name, a setting it
+    /// is not built for, or a step it cannot finish in time.
+    #[error("schedule: {0}")]
+    Schedule(String),
     /// The gradient agreement's state does not fit the gradients (e.g. an error-feedback
     /// residual restored for another model).
     #[error("gradient agreement: {0}")]

@@ -28,8 +28,8 @@ impl std::str::FromStr for CommSchedule {
         match s {
             "fifo" => Ok(CommSchedule::Fifo),
             "priority" => Ok(CommSchedule::Priority),
-            _ => Err(RuntimeError::Binding(format!(
-                "comm schedule {s:?}: use fifo or priority"
+            _ => Err(RuntimeError::Schedule(format!(
+                "{s:?} is not a comm schedule: use fifo or priority"
             ))),
         }
     }

@@ -150,7 +150,7 @@ impl<B: Backend> Stashing<B> {
         let fewest =
             u64::MAX - words::all_max(groups.dp.as_ref(), u64::MAX - micro_batches.len() as u64)?;
         if fewest + 1 < stages as u64 {
-            return Err(RuntimeError::Batch(format!(
+            return Err(RuntimeError::Schedule(format!(
                 "pipedream-2bw needs at least {} micro-batches per step on every replica (one \
                  fewer than the {stages} stages) to finish the last step's backwards within the \
                  next step; a replica got {fewest} — lower --micro-batch-tokens or raise \
@@ -207,7 +207,7 @@ impl<B: Backend> Stashing<B> {
             return Ok(None);
         };
         if o.remaining > 0 {
-            return Err(RuntimeError::Binding(format!(
+            return Err(RuntimeError::Schedule(format!(
                 "step {} still has {} backwards to run when it should be done",
                 o.step, o.remaining
             )));
@@ -343,14 +343,14 @@ impl<B: Backend> Stashing<B> {
 /// What the schedule cannot run, refused before anything is sent.
 fn check(exec: &ExecGraph, groups: &RankGroups) -> Result<()> {
     if exec.strategy.zero >= Zero::Parameters {
-        return Err(RuntimeError::Binding(
+        return Err(RuntimeError::Schedule(
             "pipedream-2bw keeps two versions of every weight; ZeRO-3 shards them per step \
              (not built): use ZeRO-1 or -2"
                 .into(),
         ));
     }
     if groups.comm_schedule != CommSchedule::Fifo {
-        return Err(RuntimeError::Binding(
+        return Err(RuntimeError::Schedule(
             "pipedream-2bw sums gradients as each step ends, not by priority".into(),
         ));
     }
