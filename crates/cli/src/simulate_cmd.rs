@@ -132,6 +132,27 @@ fn exchange_table(r: &sim::ExchangeReport, chosen: &str) {
          dgc:F at its final density; --optimizer onebit-adam after its warm-up exchanges as \
          `sign` over the whole group does)"
     );
+    println!("\nschedules of the static strategy {}:", r.strategy);
+    println!("{:<36} {:>9} {:>11}", "schedule", "step s", "vs default");
+    let base = r.schedules.first().and_then(|x| x.step_seconds);
+    for row in &r.schedules {
+        match (row.step_seconds, base) {
+            (Some(t), Some(b)) => println!(
+                "{:<36} {t:>9.3} {:>10.3}×{}",
+                row.schedule,
+                b / t,
+                if row.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", row.note)
+                }
+            ),
+            _ => println!(
+                "{:<36} {:>9} {:>11}  ({})",
+                row.schedule, "—", "—", row.note
+            ),
+        }
+    }
 }
 
 #[derive(Serialize)]

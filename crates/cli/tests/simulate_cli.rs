@@ -165,6 +165,29 @@ fn the_exchange_table_says_when_compression_pays() {
     assert!(across("sign, auto") < 0.2 * across("none, ring"));
     assert!(across("sign across nodes, auto") < 0.2 * across("none, ring"));
     assert!(across("powersgd:4, auto") < 0.02 * across("none, ring"));
+    // The schedules of the same strategy: fifo is the plans' own step; priority is priced
+    // where the strategy is pure DP, refused with its reason otherwise; pipeline schedules
+    // where it has stages.
+    let scheds = v["exchanges"]["schedules"].as_array().unwrap();
+    let strategy = v["exchanges"]["strategy"].as_str().unwrap();
+    assert_eq!(scheds[0]["schedule"], "--comm-schedule fifo");
+    let fifo = scheds[0]["step_seconds"].as_f64().unwrap();
+    assert!(
+        (fifo - fixed(&v)).abs() <= 1e-9 * fifo,
+        "{fifo} vs {}",
+        fixed(&v)
+    );
+    let pure_dp =
+        !strategy.contains("tp") && !strategy.contains("pp") && !strategy.contains("zero");
+    assert_eq!(
+        scheds[1]["step_seconds"].is_null(),
+        !pure_dp,
+        "{strategy}: {scheds:?}"
+    );
+    let staged = scheds
+        .iter()
+        .any(|r| r["schedule"] == "--pipeline-schedule pipedream-2bw");
+    assert_eq!(staged, strategy.contains("pp"), "{strategy}: {scheds:?}");
     // The table as text.
     let text = hotspa(
         &args[..args.len() - 1]
@@ -175,7 +198,9 @@ fn the_exchange_table_says_when_compression_pays() {
     );
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains("gradient exchange of the static strategy") && text.contains("← chosen"),
+        text.contains("gradient exchange of the static strategy")
+            && text.contains("← chosen")
+            && text.contains("schedules of the static strategy"),
         "{text}"
     );
 }

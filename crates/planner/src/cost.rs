@@ -880,8 +880,8 @@ impl CostModel {
         }
         let mut runs = Vec::with_capacity(replicas.len());
         let mut idle = Vec::with_capacity(replicas.len());
-        // PipeDream-2BW: a step costs the pipeline's period, and its gradients are summed over
-        // DP once the step's last backward is done (in the next step), not during it.
+        // PipeDream-2BW: a step costs the pipeline's period; a step's gradients are summed over
+        // DP in buckets while its last backward runs, as under 1F1B.
         let flushless = self.schedule.flushless() && p > 1;
         let mut periods = Vec::with_capacity(replicas.len());
         for ((fwd, bwd), hop) in passes.iter().zip(&hops) {
@@ -950,14 +950,20 @@ impl CostModel {
                              ready: &mut Vec<f64>,
                              seconds: &mut Vec<f64>| {
                     let frac = done / total.max(1.0);
-                    let at = if flushless {
-                        pipe_end
-                    } else {
-                        runs.iter()
-                            .filter_map(|r| r.last_backward[k])
-                            .map(|(a, b)| a + frac * (b - a))
-                            .fold(0.0, f64::max)
-                    };
+                    // Under PipeDream-2BW a step's last backward on a stage is the last slot
+                    // of the step that finishes it, whose end is the period's.
+                    let at = runs
+                        .iter()
+                        .filter_map(|r| r.last_backward[k].map(|lb| (lb, r.end[k])))
+                        .map(|((a, b), end)| {
+                            let t = a + frac * (b - a);
+                            if flushless {
+                                pipe_end - (end - t)
+                            } else {
+                                t
+                            }
+                        })
+                        .fold(0.0, f64::max);
                     ready.push(at);
                     seconds.push(
                         self.exchange

@@ -1,8 +1,6 @@
 //! Pipeline parallelism: one stage's exec graph run over the micro-batches of a step under a
 //! GPipe or 1F1B schedule, activations and their gradients sent between neighbouring stages.
 
-use std::sync::mpsc;
-
 use comm::{tags, Communicator, Rank, ReduceOp};
 use graph::{ExecGraph, Schedule, Slot, Zero};
 use kernels::Backend;
@@ -12,8 +10,8 @@ use crate::error::{Result, RuntimeError};
 use crate::executor::{Pass, StepOutput};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::reducer::{
-    param_shapes, plan_buckets, reduce_buckets, reduce_scatter_over_dp, sum_tied,
-    unflatten_buckets, BucketFeeder,
+    overlapped, param_shapes, plan_buckets, reduce_scatter_over_dp, sum_tied, unflatten_buckets,
+    BucketFeeder,
 };
 use crate::stream::ParamView;
 use crate::tp::TpGroup;
@@ -134,31 +132,15 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
     let strategy = &exec.strategy;
     let (mut loss, mut peak_bytes) = (0.0f32, 0usize);
     let mut grads: Option<Vec<B::Buffer>> = None;
-    let mut reduced: Vec<Vec<f32>> = Vec::new();
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = mpsc::channel::<Vec<f32>>();
-        let (rtx, rrx) = mpsc::channel::<Result<Vec<f32>>>();
-        let worker = if bucketed {
-            let comm: &mut Box<dyn Communicator> = dp_grads;
-            let agreement = agreement.clone();
-            let bucket_shapes = &bucket_shapes;
-            Some(scope.spawn(move || {
-                reduce_buckets(
-                    comm.as_ref(),
-                    agreement.as_ref(),
-                    strategy,
-                    bucket_shapes,
-                    rx,
-                    rtx,
-                )
-            }))
-        } else {
-            drop((rx, rtx));
-            None
-        };
-        let mut feeder = BucketFeeder::new(&buckets, params.len());
-        let mut passes: Vec<Option<Pass<'_, B>>> = (0..micro_batches.len()).map(|_| None).collect();
-        let run = (|| -> Result<()> {
+    let ((), reduced) = overlapped(
+        dp_grads.as_mut(),
+        agreement.as_ref(),
+        strategy,
+        &bucket_shapes,
+        |tx| -> Result<()> {
+            let mut feeder = BucketFeeder::new(&buckets, params.len());
+            let mut passes: Vec<Option<Pass<'_, B>>> =
+                (0..micro_batches.len()).map(|_| None).collect();
             for &slot in &slots {
                 crate::progress::beat(match slot {
                     Slot::F(_) => "pipeline forward",
@@ -198,18 +180,8 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                         // The last backward hands each final gradient (with the earlier
                         // micro-batches' sum) to the bucket thread as it is done.
                         let acc = grads.as_ref();
-                        let mut feed = |k: usize, gbuf: &B::Buffer| {
-                            let mut host = backend.download(gbuf)?;
-                            if let Some(acc) = acc {
-                                for (h, a) in host
-                                    .iter_mut()
-                                    .zip(crate::host::view(backend, &acc[k])?.iter())
-                                {
-                                    *h += a;
-                                }
-                            }
-                            feeder.ready(k, host, &tx)
-                        };
+                        let mut feed =
+                            |k: usize, g: &B::Buffer| feeder.last(backend, acc, k, g, tx);
                         let hook: Option<&mut GradHook<'_, B>> =
                             (bucketed && Some(i) == last_backward).then_some(&mut feed);
                         let (out, peak) = stage_of.backward(
@@ -230,37 +202,14 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
             if bucketed && last_backward.is_none() {
                 // No data on this replica: it still contributes zeros, bucket by bucket.
                 for k in buckets.iter().flatten() {
-                    feeder.ready(*k, vec![0.0; lens[*k]], &tx)?;
+                    let tx =
+                        tx.ok_or_else(|| RuntimeError::Binding("no reduction thread".into()))?;
+                    feeder.ready(*k, vec![0.0; lens[*k]], tx)?;
                 }
             }
             Ok(())
-        })();
-        drop(tx);
-        if let Some(w) = worker {
-            // The worker ends when the channel closes or a reduction fails.
-            let mut out = Vec::with_capacity(buckets.len());
-            for r in rrx.iter() {
-                out.push(r?);
-            }
-            run?;
-            if w.join().is_err() {
-                return Err(RuntimeError::Binding(
-                    "the gradient-reduction thread panicked".into(),
-                ));
-            }
-            if out.len() != buckets.len() {
-                return Err(RuntimeError::Binding(format!(
-                    "{} of {} gradient buckets were reduced",
-                    out.len(),
-                    buckets.len()
-                )));
-            }
-            reduced = out;
-        } else {
-            run?;
-        }
-        Ok(())
-    })?;
+        },
+    )?;
     let mut grads = match grads {
         Some(g) => g,
         None => lens

@@ -118,6 +118,49 @@ pub(crate) fn reduce_buckets(
     }
 }
 
+/// Runs `work` (a step's slots) beside a thread that agrees on each flat bucket `work` sends
+/// (in `bucket_shapes`' order, under the agreement's keys) over `dp_grads` as soon as it is
+/// complete; `work`'s result and the reduced buckets in order. With no buckets, `work` alone
+/// (it gets no sender).
+pub(crate) fn overlapped<R>(
+    dp_grads: &mut dyn Communicator,
+    agreement: &dyn GradientAgreement,
+    strategy: &Strategy,
+    bucket_shapes: &[Vec<Vec<usize>>],
+    work: impl FnOnce(Option<&mpsc::Sender<Vec<f32>>>) -> Result<R>,
+) -> Result<(R, Vec<Vec<f32>>)> {
+    if bucket_shapes.is_empty() {
+        return Ok((work(None)?, Vec::new()));
+    }
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<Vec<f32>>();
+        let (rtx, rrx) = mpsc::channel::<Result<Vec<f32>>>();
+        let worker = scope
+            .spawn(move || reduce_buckets(&*dp_grads, agreement, strategy, bucket_shapes, rx, rtx));
+        let done = work(Some(&tx));
+        drop(tx);
+        // The worker ends when the channel closes or a reduction fails.
+        let mut out = Vec::with_capacity(bucket_shapes.len());
+        for r in rrx.iter() {
+            out.push(r?);
+        }
+        let done = done?;
+        if worker.join().is_err() {
+            return Err(RuntimeError::Binding(
+                "the gradient-reduction thread panicked".into(),
+            ));
+        }
+        if out.len() != bucket_shapes.len() {
+            return Err(RuntimeError::Binding(format!(
+                "{} of {} gradient buckets were reduced",
+                out.len(),
+                bucket_shapes.len()
+            )));
+        }
+        Ok((done, out))
+    })
+}
+
 /// Every reduced flat bucket cut back into the gradients of its members.
 pub(crate) fn unflatten_buckets<B: Backend>(
     backend: &B,
@@ -208,6 +251,31 @@ impl<'a> BucketFeeder<'a> {
             pending: vec![None; params],
             next: 0,
         }
+    }
+
+    /// Parameter `k`'s gradient of the step's last micro-batch, `grad`, is final: with the
+    /// earlier micro-batches' sum `acc` (none for the first) it is the step's.
+    pub fn last<B: Backend>(
+        &mut self,
+        backend: &B,
+        acc: Option<&Vec<B::Buffer>>,
+        k: usize,
+        grad: &B::Buffer,
+        tx: Option<&mpsc::Sender<Vec<f32>>>,
+    ) -> Result<()> {
+        let mut host = backend.download(grad)?;
+        if let Some(acc) = acc {
+            for (h, a) in host
+                .iter_mut()
+                .zip(crate::host::view(backend, &acc[k])?.iter())
+            {
+                *h += a;
+            }
+        }
+        let tx = tx.ok_or_else(|| {
+            RuntimeError::Binding("a gradient bucket with no reduction thread".into())
+        })?;
+        self.ready(k, host, tx)
     }
 
     pub fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {

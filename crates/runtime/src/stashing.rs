@@ -31,8 +31,10 @@ use crate::batch::MicroBatch;
 use crate::error::{Result, RuntimeError};
 use crate::executor::{Pass, Suspended};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
-use crate::pipeline::{accumulate, end_of_step, StageOf};
-use crate::reducer::reduce_over_dp_now;
+use crate::pipeline::{accumulate, end_of_step, GradHook, StageOf};
+use crate::reducer::{
+    overlapped, param_shapes, plan_buckets, reduce_over_dp_now, unflatten_buckets, BucketFeeder,
+};
 
 /// One version of this rank's weights, shared by the micro-batches that read it.
 pub type Weights<B> = Arc<Vec<<B as Backend>::Buffer>>;
@@ -71,6 +73,16 @@ struct Open<B: Backend> {
     grads: Option<Vec<B::Buffer>>,
     /// Updates applied between the weights it read and the ones it will update.
     staleness: u64,
+    /// Its DP sums, where they were taken in buckets while its last backward ran.
+    reduced: Option<Reduced>,
+}
+
+/// A step's gradients summed over DP in buckets.
+struct Reduced {
+    /// Parameter indices, bucket by bucket.
+    buckets: Vec<Vec<usize>>,
+    /// Each bucket's sum, flat.
+    sums: Vec<Vec<f32>>,
 }
 
 /// A step's gradients, returned one step late.
@@ -168,6 +180,7 @@ impl<B: Backend> Stashing<B> {
             loss: 0.0,
             grads: None,
             staleness,
+            reduced: None,
         });
         let batches: Vec<Arc<MicroBatch>> = micro_batches.into_iter().map(Arc::new).collect();
         let peak = self.run(backend, exec, groups, Some((&weights, &batches)))?;
@@ -219,7 +232,10 @@ impl<B: Backend> Stashing<B> {
                 .map(|s| backend.zeros(s.iter().product()))
                 .collect::<std::result::Result<_, _>>()?,
         };
-        reduce_over_dp_now(backend, groups, exec, &mut grads)?;
+        match o.reduced {
+            Some(r) => unflatten_buckets(backend, &r.buckets, &r.sums, &mut grads)?,
+            None => reduce_over_dp_now(backend, groups, exec, &mut grads)?,
+        }
         let loss = end_of_step(backend, groups, exec, shared, &mut grads, o.loss)?;
         Ok(Some(Stashed {
             step: o.step,
@@ -250,7 +266,7 @@ impl<B: Backend> Stashing<B> {
             stage,
             tp_rank: groups.tp.rank(),
         };
-        let RankGroups { tp, pp, .. } = groups;
+        let tp_rank = groups.tp.rank();
         let step = self.steps.saturating_sub(1);
         // What every pass reads lives here for the whole call, the passes borrowing it: the
         // micro-batches in flight, then the new ones.
@@ -272,56 +288,116 @@ impl<B: Backend> Stashing<B> {
             let pass = s.resume(backend, &exec.graph, Some(&exec.states), &w[..], b)?;
             passes.push_back((pass, k));
         }
-        // The order: each new forward, then the oldest backward once more than the stages
-        // behind are in flight; draining, every backward left.
+        // The order: each new forward, then the oldest backward (the passes run their
+        // backwards in `reads` order) once more than the stages behind are in flight;
+        // draining, every backward left.
         let mut order = Vec::new();
-        let mut flying = resumed;
+        let (mut flying, mut backwards) = (resumed, 0);
         for k in resumed..reads.len() {
             order.push(Slot::F(k));
             flying += 1;
             if flying > behind {
-                order.push(Slot::B(0));
+                order.push(Slot::B(backwards));
+                backwards += 1;
                 flying -= 1;
             }
         }
         if new.is_none() {
-            order.extend((0..flying).map(Slot::B));
+            order.extend((backwards..backwards + flying).map(Slot::B));
         }
-        let mut peak = 0usize;
-        for slot in order {
-            match slot {
-                Slot::F(k) => {
-                    let (mb, w, _, number) = &reads[k];
-                    crate::progress::beat("pipeline forward");
-                    let pass =
-                        at.forward(backend, tp, pp.as_ref(), (&w[..]).into(), mb, *number)?;
-                    let others: usize = passes.iter().map(|(p, _)| p.live_bytes()).sum();
-                    peak = peak.max(others + pass.phase_peak_bytes());
-                    passes.push_back((pass, k));
+        // The step whose last backward on this stage runs in this call: its DP reduction
+        // starts in buckets while that backward runs, as under 1F1B.
+        let last: Option<(u64, usize)> = {
+            let mut left: Vec<(u64, usize)> =
+                self.open.iter().map(|o| (o.step, o.remaining)).collect();
+            order.iter().find_map(|slot| match *slot {
+                Slot::B(k) => {
+                    let of = reads[k].2;
+                    let l = left.iter_mut().find(|l| l.0 == of)?;
+                    l.1 = l.1.saturating_sub(1);
+                    (l.1 == 0).then_some((of, k))
                 }
-                Slot::B(_) => {
-                    let Some((pass, k)) = passes.pop_front() else {
-                        continue;
-                    };
-                    let (mb, _, of, number) = &reads[k];
-                    crate::progress::beat("pipeline backward");
-                    let others: usize = passes.iter().map(|(p, _)| p.live_bytes()).sum();
-                    let (out, p) =
-                        at.backward(backend, tp, pp.as_ref(), pass, mb, *number, None)?;
-                    peak = peak.max(others + p);
-                    let o = self
-                        .open
-                        .iter_mut()
-                        .find(|o| o.step == *of)
-                        .ok_or_else(|| {
-                            RuntimeError::Binding(format!(
-                                "a backward of step {of}, which is not open"
-                            ))
-                        })?;
-                    o.loss += out.loss;
-                    o.remaining = o.remaining.saturating_sub(1);
-                    accumulate(backend, &mut o.grads, out.grads)?;
+                Slot::F(_) => None,
+            })
+        };
+        let bucketed =
+            last.is_some() && groups.dp.size() > 1 && exec.strategy.zero < Zero::Gradients;
+        let buckets = if bucketed {
+            let lens = param_shapes(exec, tp_rank)?
+                .iter()
+                .map(|s| s.iter().product())
+                .collect();
+            plan_buckets(exec, lens, groups.bucket_bytes)
+        } else {
+            Vec::new()
+        };
+        let shapes = param_shapes(exec, tp_rank)?;
+        let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets
+            .iter()
+            .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
+            .collect();
+        let RankGroups {
+            tp,
+            pp,
+            dp_grads,
+            agreement,
+            ..
+        } = groups;
+        let open = &mut self.open;
+        let (peak, reduced) = overlapped(
+            dp_grads.as_mut(),
+            agreement.as_ref(),
+            &exec.strategy,
+            &bucket_shapes,
+            |tx| -> Result<usize> {
+                let mut feeder = BucketFeeder::new(&buckets, shapes.len());
+                let mut peak = 0usize;
+                for slot in order {
+                    match slot {
+                        Slot::F(k) => {
+                            let (mb, w, _, number) = &reads[k];
+                            crate::progress::beat("pipeline forward");
+                            let pass =
+                                at.forward(backend, tp, pp.as_ref(), (&w[..]).into(), mb, *number)?;
+                            let others: usize = passes.iter().map(|(p, _)| p.live_bytes()).sum();
+                            peak = peak.max(others + pass.phase_peak_bytes());
+                            passes.push_back((pass, k));
+                        }
+                        Slot::B(_) => {
+                            let Some((pass, k)) = passes.pop_front() else {
+                                continue;
+                            };
+                            let (mb, _, of, number) = &reads[k];
+                            crate::progress::beat("pipeline backward");
+                            let others: usize = passes.iter().map(|(p, _)| p.live_bytes()).sum();
+                            let o = open.iter_mut().find(|o| o.step == *of).ok_or_else(|| {
+                                RuntimeError::Schedule(format!(
+                                    "a backward of step {of}, which is not open"
+                                ))
+                            })?;
+                            let acc = o.grads.as_ref();
+                            let mut feed =
+                                |j: usize, g: &B::Buffer| feeder.last(backend, acc, j, g, tx);
+                            let hook: Option<&mut GradHook<'_, B>> =
+                                (bucketed && last == Some((*of, k))).then_some(&mut feed);
+                            let (out, p) =
+                                at.backward(backend, tp, pp.as_ref(), pass, mb, *number, hook)?;
+                            peak = peak.max(others + p);
+                            o.loss += out.loss;
+                            o.remaining = o.remaining.saturating_sub(1);
+                            accumulate(backend, &mut o.grads, out.grads)?;
+                        }
+                    }
                 }
+                Ok(peak)
+            },
+        )?;
+        if let (true, Some((of, _))) = (bucketed, last) {
+            if let Some(o) = self.open.iter_mut().find(|o| o.step == of) {
+                o.reduced = Some(Reduced {
+                    buckets,
+                    sums: reduced,
+                });
             }
         }
         self.numbered += reads.len() - resumed;

@@ -402,6 +402,78 @@ pub struct ExchangeReport {
     pub per_node: usize,
     /// One row per exchange, in the order given.
     pub rows: Vec<ExchangeRow>,
+    /// The same strategy under each communication and pipeline schedule.
+    pub schedules: Vec<ScheduleRow>,
+}
+
+/// The static strategy's step under one schedule (the exchange as the scenario gives it).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleRow {
+    /// The flag and its value, e.g. `--comm-schedule priority`.
+    pub schedule: String,
+    /// The step, seconds; `None` where the strategy cannot run under it (see `note`).
+    pub step_seconds: Option<f64>,
+    /// Why not, or what else changes (PipeDream-2BW's one-step-old weights).
+    pub note: String,
+}
+
+/// The static `plan` on `lens` under every schedule: the gradient reduction by fifo or by
+/// priority (pure DP without ZeRO only), and with pipeline stages 1F1B, GPipe and
+/// PipeDream-2BW.
+fn schedules(planner: &Planner, plan: &planner::Plan, lens: &[usize]) -> Vec<ScheduleRow> {
+    use graph::Schedule;
+    let s = &plan.inst;
+    let under = |f: &dyn Fn(&mut CostModel)| -> Option<f64> {
+        let mut cost = planner.cost.clone();
+        f(&mut cost);
+        Planner::new(cost)
+            .evaluate(plan, lens)
+            .ok()
+            .map(|e| e.seconds)
+    };
+    let mut rows = vec![ScheduleRow {
+        schedule: "--comm-schedule fifo".into(),
+        step_seconds: under(&|_| {}),
+        note: String::new(),
+    }];
+    let mut prio = planner.cost.clone();
+    prio.priority = true;
+    rows.push(if prio.by_priority(s) {
+        ScheduleRow {
+            schedule: "--comm-schedule priority".into(),
+            step_seconds: under(&|c| c.priority = true),
+            note: String::new(),
+        }
+    } else {
+        ScheduleRow {
+            schedule: "--comm-schedule priority".into(),
+            step_seconds: None,
+            note: "pure DP without ZeRO only".into(),
+        }
+    });
+    if s.pp > 1 {
+        for (sched, note) in [
+            (Schedule::OneFOneB, ""),
+            (Schedule::GPipe, ""),
+            (Schedule::TwoBw, "one-step-old weights"),
+        ] {
+            let ok = sched != Schedule::TwoBw || s.zero < graph::Zero::Parameters;
+            rows.push(ScheduleRow {
+                schedule: format!("--pipeline-schedule {sched}"),
+                step_seconds: if ok {
+                    under(&|c| c.schedule = sched)
+                } else {
+                    None
+                },
+                note: if ok {
+                    note.into()
+                } else {
+                    "not with ZeRO-3".into()
+                },
+            });
+        }
+    }
+    rows
 }
 
 /// The best static strategy of `s` as a job sharing the links between nodes with others
@@ -429,7 +501,7 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
     let planner = planner_of(s, model_of(s)?);
     let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
     let (plan, fixed) = planner.best_static(&lens)?;
-    let strategy = plan.inst;
+    let strategy = plan.inst.clone();
     let base = fixed.seconds - fixed.breakdown.dp_reduce;
     let values = planner.cost.params() / (strategy.tp * strategy.pp) as f64;
     let shape = planner.cost.dp_shape(&strategy);
@@ -469,6 +541,7 @@ pub fn exchanges(s: &Scenario, exchanges: &[Exchange]) -> Result<ExchangeReport>
         members: shape.members,
         per_node: shape.per_node,
         rows,
+        schedules: schedules(&planner, &plan, &lens),
     })
 }
 
