@@ -102,10 +102,11 @@ pub struct TrainFlags {
     #[arg(long, default_value = "4")]
     pub bucket_mb: String,
     /// When the DP gradients are summed: fifo (in buckets as the last backward finishes them,
-    /// overlapping it) or priority (P3 / ByteScheduler: during the next step, in pieces of
-    /// --bucket-mb in the order its forward needs the parameters, each parameter updated as
-    /// soon as it is summed and the forward waiting per parameter; the same update; pure data
-    /// parallelism without ZeRO, with --grad-clip inf).
+    /// overlapping it) or priority (P3 / ByteScheduler: in pieces of --bucket-mb in the order
+    /// the next forward reads the parameters; the last two thirds during the last backward,
+    /// the first third during the next step, each parameter updated as soon as it is summed
+    /// and the forward waiting per parameter; the same update; pure data parallelism without
+    /// ZeRO, with --grad-clip inf).
     #[arg(long, default_value = "fifo")]
     pub comm_schedule: String,
     /// How DP replicas exchange gradients: none (exact f32), bf16, fp16, int8 (a scale per 256

@@ -162,11 +162,15 @@ pub struct CostModel {
     /// Buckets sized per strategy by [`CostModel::auto_bucket_bytes`] instead (`--bucket-mb
     /// auto`).
     pub auto_buckets: bool,
-    /// `--comm-schedule priority` (pure DP): a step's gradients are summed during the next
-    /// step, in pieces of a bucket's size in the order the forward reads the parameters, each
-    /// parameter updated on the same thread once summed; the forward waits per parameter
-    /// ([`CostModel::priority_end`]).
+    /// `--comm-schedule priority` (pure DP): a step's gradients are summed in pieces of a
+    /// bucket's size, the ones the next forward reads first during the next step (each
+    /// parameter updated on that thread once summed, the forward waiting per parameter), the
+    /// rest during the last backward ([`CostModel::priority_end`]).
     pub priority: bool,
+    /// Under priority: the share of the values whose pieces wait for the next step (the
+    /// runtime's `RankGroups::priority_defer`, 1/3); the rest are summed during the last
+    /// backward.
+    pub priority_defer: f64,
     /// Kernel calls of a micro-batch by `(tp, sp, recompute)`, counted once.
     kernels: Arc<Mutex<HashMap<KernelKey, f64>>>,
 }
@@ -202,6 +206,7 @@ impl CostModel {
             bucket_elems: 1 << 20,
             auto_buckets: false,
             priority: false,
+            priority_defer: 1.0 / 3.0,
             kernels: Default::default(),
         };
         out.packing = Packing::Balanced {
@@ -935,7 +940,12 @@ impl CostModel {
                         .map(Pass::total)
                         .fold(f64::INFINITY, f64::min);
                     let first = if first.is_finite() { first } else { 0.0 };
-                    let end = self.priority_end(s, &tensors, shape, bucket_elems, first, pipe_end);
+                    let last = runs
+                        .iter()
+                        .filter_map(|r| r.last_backward[k])
+                        .fold((0.0f64, 0.0f64), |m, lb| (m.0.max(lb.0), m.1.max(lb.1)));
+                    let end =
+                        self.priority_end(s, &tensors, shape, bucket_elems, first, last, pipe_end);
                     side_end = side_end.max(end);
                     continue;
                 }
@@ -1032,14 +1042,18 @@ impl CostModel {
         self.priority && s.tp * s.pp * s.cp == 1 && s.zero == Zero::Off && s.replicas() > 1
     }
 
-    /// When a step ends under `--comm-schedule priority`: the last step's gradients (`tensors`,
-    /// in the order they become final, so the forward reads them reversed) are summed on a
-    /// thread of their own from the step's start, in pieces of `piece` elements of the forward's
-    /// order (small tensors fused, large ones cut), each parameter updated on that thread once
-    /// its last piece is summed; the step's first forward (`first_forward` seconds, its
-    /// parameters read in proportion to their elements after the embedding's lookup) waits for
-    /// each parameter it reaches before it is published. The step ends when both the compute
-    /// (`compute_end`, plus what it waited) and the thread are done.
+    /// When a step ends under `--comm-schedule priority`, as the runtime runs it: the values
+    /// are cut into pieces of `piece` in the order the forward reads them (`tensors` is the
+    /// order their gradients become final, so reversed); the pieces holding the first
+    /// [`CostModel::priority_defer`] of the values wait for the next step, where a thread of
+    /// their own sums them in order from the step's start and updates every parameter in the
+    /// forward's order once its values are summed; the step's first forward (`first_forward`
+    /// seconds, reading the parameters in proportion to their values after the embedding's
+    /// lookup) waits for each one it reaches before it is published. The other pieces are
+    /// summed during the step's last backward (`last_backward`: its start and end), last
+    /// first, each once the backward has finished it, after the thread. The step ends when
+    /// the compute (`compute_end`, plus what it waited) and both sums are done.
+    #[allow(clippy::too_many_arguments)] // the step's parts, as `strategy` has them
     fn priority_end(
         &self,
         s: &Strategy,
@@ -1047,40 +1061,39 @@ impl CostModel {
         shape: GroupShape,
         piece: usize,
         first_forward: f64,
+        last_backward: (f64, f64),
         compute_end: f64,
     ) -> f64 {
         let piece = piece.max(1) as f64;
         let forward: Vec<&Tensor> = tensors.iter().rev().collect();
         let total: f64 = forward.iter().map(|t| t.len as f64).sum();
-        let update_per_elem = self.optimizer(s) / total.max(1.0);
-        // The compute the forward has done when it first reads a parameter: the embedding's
-        // lookup costs nothing, the rest in proportion to the elements before.
+        if total <= 0.0 {
+            return compute_end;
+        }
+        let pieces = (total / piece).ceil() as usize;
+        let size = |j: usize| (total - j as f64 * piece).min(piece);
+        let keep = (self.priority_defer.clamp(0.0, 1.0) * total).ceil();
+        let deferred = ((keep / piece).ceil() as usize).min(pieces);
+        let seconds = |elems: f64| self.exchange.cost(&self.cluster, elems, &[], shape).seconds;
+        let update_per_elem = self.optimizer(s) / total;
+        // The compute the forward has done when it first reads a parameter.
         let read = forward
             .iter()
             .skip(1)
             .map(|t| t.len as f64)
             .sum::<f64>()
             .max(1.0);
-        let (mut thread, mut cut, mut done, mut before) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        let mut waited = 0.0f64;
-        let piece_seconds =
-            |elems: f64| self.exchange.cost(&self.cluster, elems, &[], shape).seconds;
+        let (mut thread, mut summed, mut done, mut before, mut waited) =
+            (0.0f64, 0usize, 0.0f64, 0.0f64, 0.0f64);
         for (k, t) in forward.iter().enumerate() {
             done += t.len as f64;
-            // Every piece that ends at or before this tensor's last element is summed.
-            while cut + piece <= done {
-                thread += piece_seconds(piece);
-                cut += piece;
-            }
-            if cut < done && k + 1 == forward.len() {
-                thread += piece_seconds(done - cut);
-                cut = done;
-            } else if cut < done {
-                // The piece holding this tensor's end also holds the next tensor's start: it
-                // is summed before this tensor is published.
-                let rest = (piece - (done - cut)).min(total - done);
-                thread += piece_seconds(done - cut + rest);
-                cut = done + rest;
+            // Every piece up to the one holding this parameter's last value.
+            let last = ((done / piece).ceil() as usize).clamp(1, pieces) - 1;
+            while summed <= last {
+                if summed < deferred {
+                    thread += seconds(size(summed));
+                }
+                summed += 1;
             }
             thread += update_per_elem * t.len as f64;
             let need = if k == 0 {
@@ -1093,7 +1106,20 @@ impl CostModel {
                 before += t.len as f64;
             }
         }
-        (compute_end + waited.max(0.0)).max(thread)
+        let waited = waited.max(0.0);
+        // The backward's pieces, last first: piece j is final once the backward has produced
+        // every value from its first on (in the forward's order, the backward goes back).
+        let (a, b) = last_backward;
+        let (ready, secs): (Vec<f64>, Vec<f64>) = (deferred..pieces)
+            .rev()
+            .map(|j| {
+                let frac = (total - j as f64 * piece) / total;
+                let at = a + frac * (b - a) + waited;
+                (at.max(thread), seconds(size(j)))
+            })
+            .unzip();
+        let backward_end = timeline::buckets(&ready, &secs);
+        (compute_end + waited).max(thread).max(backward_end)
     }
 
     /// What a step adds once, whatever its strategies, on the optimizer's `inst` over `world`

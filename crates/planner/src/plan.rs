@@ -1254,14 +1254,14 @@ mod tests {
         assert_eq!(p.switch_seconds(&s("dp8", 8), &s("dp8", 8)).unwrap(), 0.0);
     }
 
-    /// `--comm-schedule priority`: the reduction runs during the next step, whose first forward
-    /// waits for each parameter it reaches. With fast links only the wait for the first pieces
-    /// shows; with slow ones the forward waits for the last parameter it reads (the head), so
-    /// the step is the exchange plus the compute after the first forward's last read: fifo,
-    /// which overlaps the last backward, hides more than priority, which overlaps the first
-    /// forward.
+    /// `--comm-schedule priority`: the pieces the next forward reads first (a third of the
+    /// values) are summed during the next step, which waits for each parameter it reaches; the
+    /// rest during the last backward. With fast links only the wait for the first pieces shows;
+    /// with slow ones it hides both the last backward and the first forward, so less shows
+    /// than under fifo (which hides the backward only) — and more when every piece waits for
+    /// the next step (the forward's reads then wait for the whole exchange).
     #[test]
-    fn priority_overlaps_the_next_forward_and_waits_for_its_last_read() {
+    fn priority_overlaps_the_last_backward_and_the_next_forward() {
         let lens = vec![2048; 16];
         let tp = s("dp8tp2", 16);
         for cross in [200.0, 2.0] {
@@ -1278,6 +1278,8 @@ mod tests {
             p.cost.priority = true;
             assert!(p.cost.by_priority(&dp) && !p.cost.by_priority(&tp));
             let prio = p.cost.strategy(&dp, &lens, 65536);
+            p.cost.priority_defer = 1.0;
+            let all_late = p.cost.strategy(&dp, &lens, 65536);
             let work = prio.compute + prio.elementwise;
             let exchange = p
                 .cost
@@ -1287,13 +1289,16 @@ mod tests {
             if cross > 100.0 {
                 assert!(prio.dp_reduce < 0.05 * work, "{prio:?}");
             } else {
-                // The forward's share before the head overlaps; the rest of the step follows.
                 let step = work + prio.dp_reduce;
                 assert!(
                     step > exchange && step < exchange + work,
                     "{step} vs {exchange}"
                 );
-                assert!(prio.dp_reduce > fifo.dp_reduce, "{prio:?} vs {fifo:?}");
+                assert!(prio.dp_reduce < fifo.dp_reduce, "{prio:?} vs {fifo:?}");
+                assert!(
+                    all_late.dp_reduce > fifo.dp_reduce,
+                    "{all_late:?} vs {fifo:?}"
+                );
             }
         }
     }

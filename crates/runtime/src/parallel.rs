@@ -61,8 +61,14 @@ pub struct RankGroups {
     /// How the DP replicas agree on gradients (default [`ExactAllReduce`]).
     pub agreement: Arc<dyn GradientAgreement>,
     /// When the DP gradients are summed: during this step's backward (the default) or, by
-    /// priority, during the next step (then [`crate::pipeline_step`] leaves them unsummed).
+    /// priority, the pieces the next forward reads first during the next step and the rest
+    /// during this step's last backward.
     pub comm_schedule: CommSchedule,
+    /// Under priority: the share of the parameters (by values, in the order the forward reads
+    /// them) whose pieces wait for the next step; the others are summed while the last
+    /// backward runs, the last layers' first ([`crate::stream::deferred`]). Default 1/3, the
+    /// forward's share of a step's compute (a backward costs two forwards).
+    pub priority_defer: f64,
 }
 
 impl RankGroups {
@@ -97,6 +103,7 @@ impl RankGroups {
             bucket_bytes: 4 << 20,
             agreement: Arc::new(ExactAllReduce),
             comm_schedule: CommSchedule::Fifo,
+            priority_defer: 1.0 / 3.0,
         })
     }
 
@@ -116,4 +123,7 @@ pub struct StepGradients<B: Backend> {
     /// The most activation and gradient bytes alive at once on this rank, over every micro-batch
     /// in flight (a pipeline schedule keeps several); accumulated gradients not counted.
     pub peak_bytes: usize,
+    /// Under priority: the first piece ([`crate::stream::pieces`] of the forward's order) that
+    /// is summed already; the ones before it are this member's alone. `None` otherwise.
+    pub presummed: Option<usize>,
 }

@@ -11,7 +11,7 @@ use crate::executor::{Pass, StepOutput};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::reducer::{
     overlapped, param_shapes, plan_buckets, reduce_scatter_over_dp, sum_tied, unflatten_buckets,
-    BucketFeeder,
+    BucketFeeder, Feeder, GradFeed, PieceFeeder,
 };
 use crate::stream::ParamView;
 use crate::tp::TpGroup;
@@ -110,10 +110,30 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
     } else {
         Vec::new()
     };
-    let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets
-        .iter()
-        .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
-        .collect();
+    // Under priority, the pieces the next forward reads last are summed during the last
+    // backward (in the order it finishes them); the first `priority_defer` wait for the next
+    // step.
+    let by_priority = groups.dp.size() > 1
+        && exec.strategy.zero == Zero::Off
+        && groups.comm_schedule == CommSchedule::Priority;
+    let pieces = if by_priority {
+        let piece = (groups.bucket_bytes / std::mem::size_of::<f32>()).max(1);
+        crate::stream::pieces(&crate::stream::forward_order(exec), &lens, piece)
+    } else {
+        Vec::new()
+    };
+    let presummed = crate::stream::deferred(&pieces, groups.priority_defer);
+    // The reduction thread's items: buckets, or the pieces from `presummed` on, each keyed by
+    // its shapes (pieces: none; the priority schedule is exact).
+    let bucket_shapes: Vec<Vec<Vec<usize>>> = if by_priority {
+        vec![Vec::new(); pieces.len() - presummed]
+    } else {
+        buckets
+            .iter()
+            .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
+            .collect()
+    };
+    let overlap = !bucket_shapes.is_empty();
     if g.inputs.len() > tags::PIPELINE_INPUTS || g.output_grads.len() > tags::PIPELINE_INPUTS {
         return Err(RuntimeError::Binding(format!(
             "a stage exchanges {} inputs and {} output gradients per micro-batch, at most {} each",
@@ -138,7 +158,11 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
         strategy,
         &bucket_shapes,
         |tx| -> Result<()> {
-            let mut feeder = BucketFeeder::new(&buckets, params.len());
+            let mut feeder = if by_priority {
+                Feeder::Pieces(PieceFeeder::new(&pieces, presummed, params.len()))
+            } else {
+                Feeder::Buckets(BucketFeeder::new(&buckets, params.len()))
+            };
             let mut passes: Vec<Option<Pass<'_, B>>> =
                 (0..micro_batches.len()).map(|_| None).collect();
             for &slot in &slots {
@@ -183,7 +207,7 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                         let mut feed =
                             |k: usize, g: &B::Buffer| feeder.last(backend, acc, k, g, tx);
                         let hook: Option<&mut GradHook<'_, B>> =
-                            (bucketed && Some(i) == last_backward).then_some(&mut feed);
+                            (overlap && Some(i) == last_backward).then_some(&mut feed);
                         let (out, peak) = stage_of.backward(
                             backend,
                             tp,
@@ -199,12 +223,11 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                     }
                 }
             }
-            if bucketed && last_backward.is_none() {
+            if overlap && last_backward.is_none() {
                 // No data on this replica: it still contributes zeros, bucket by bucket.
-                for k in buckets.iter().flatten() {
-                    let tx =
-                        tx.ok_or_else(|| RuntimeError::Binding("no reduction thread".into()))?;
-                    feeder.ready(*k, vec![0.0; lens[*k]], tx)?;
+                let tx = tx.ok_or_else(|| RuntimeError::Binding("no reduction thread".into()))?;
+                for (k, &n) in lens.iter().enumerate() {
+                    feeder.ready(k, vec![0.0; n], tx)?;
                 }
             }
             Ok(())
@@ -220,11 +243,27 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
     if bucketed {
         unflatten_buckets(backend, &buckets, &reduced, &mut grads)?;
     }
+    if by_priority {
+        // The summed pieces, last first, back into the gradients.
+        let summed = pieces[presummed..].iter().rev().zip(&reduced);
+        for (piece, flat) in summed {
+            let mut at = 0;
+            for (k, r) in piece {
+                let n = r.len();
+                crate::host::in_place(backend, &mut grads[*k], |h| {
+                    h[r.clone()].copy_from_slice(&flat[at..at + n]);
+                    Ok(())
+                })?;
+                at += n;
+            }
+        }
+    }
     let loss = end_of_step(backend, groups, exec, shared, &mut grads, loss)?;
     Ok(StepGradients {
         loss,
         grads,
         peak_bytes,
+        presummed: by_priority.then_some(presummed),
     })
 }
 

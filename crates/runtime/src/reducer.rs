@@ -252,17 +252,27 @@ impl<'a> BucketFeeder<'a> {
             next: 0,
         }
     }
+}
+
+/// What hands a step's final gradients to the reduction thread: the DDP buckets, or the
+/// priority schedule's pieces summed during the backward.
+pub(crate) trait GradFeed {
+    /// Parameter `k`'s final gradient (host values); sends what became complete.
+    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()>;
 
     /// Parameter `k`'s gradient of the step's last micro-batch, `grad`, is final: with the
     /// earlier micro-batches' sum `acc` (none for the first) it is the step's.
-    pub fn last<B: Backend>(
+    fn last<B: Backend>(
         &mut self,
         backend: &B,
         acc: Option<&Vec<B::Buffer>>,
         k: usize,
         grad: &B::Buffer,
         tx: Option<&mpsc::Sender<Vec<f32>>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        Self: Sized,
+    {
         let mut host = backend.download(grad)?;
         if let Some(acc) = acc {
             for (h, a) in host
@@ -277,8 +287,56 @@ impl<'a> BucketFeeder<'a> {
         })?;
         self.ready(k, host, tx)
     }
+}
 
-    pub fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
+/// The priority schedule's pieces from `from` on ([`crate::stream::pieces`] of the forward's
+/// order), sent last first — the order the backward finishes them — each once every value of it
+/// is final.
+pub(crate) struct PieceFeeder<'a> {
+    pieces: &'a [Vec<(usize, std::ops::Range<usize>)>],
+    from: usize,
+    sent: usize,
+    host: Vec<Option<Vec<f32>>>,
+}
+
+impl<'a> PieceFeeder<'a> {
+    pub fn new(
+        pieces: &'a [Vec<(usize, std::ops::Range<usize>)>],
+        from: usize,
+        params: usize,
+    ) -> Self {
+        Self {
+            pieces,
+            from,
+            sent: 0,
+            host: vec![None; params],
+        }
+    }
+}
+
+impl GradFeed for PieceFeeder<'_> {
+    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
+        self.host[k] = Some(grad);
+        while self.from + self.sent < self.pieces.len() {
+            let piece = &self.pieces[self.pieces.len() - 1 - self.sent];
+            if !piece.iter().all(|(k, _)| self.host[*k].is_some()) {
+                break;
+            }
+            let mut flat = Vec::with_capacity(piece.iter().map(|(_, r)| r.len()).sum());
+            for (k, r) in piece {
+                flat.extend_from_slice(&self.host[*k].as_deref().unwrap_or_default()[r.clone()]);
+            }
+            tx.send(flat).map_err(|_| {
+                RuntimeError::Binding("the gradient-reduction thread stopped early".into())
+            })?;
+            self.sent += 1;
+        }
+        Ok(())
+    }
+}
+
+impl GradFeed for BucketFeeder<'_> {
+    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
         self.pending[k] = Some(grad);
         while let Some(b) = self.buckets.get(self.next) {
             if !b.iter().all(|&m| self.pending[m].is_some()) {
@@ -302,5 +360,22 @@ impl<'a> BucketFeeder<'a> {
             self.next += 1;
         }
         Ok(())
+    }
+}
+
+/// Whichever feed a step's last backward hands its gradients to.
+pub(crate) enum Feeder<'a> {
+    /// The DDP buckets (fifo).
+    Buckets(BucketFeeder<'a>),
+    /// The pieces summed during the backward (priority).
+    Pieces(PieceFeeder<'a>),
+}
+
+impl GradFeed for Feeder<'_> {
+    fn ready(&mut self, k: usize, grad: Vec<f32>, tx: &mpsc::Sender<Vec<f32>>) -> Result<()> {
+        match self {
+            Feeder::Buckets(b) => b.ready(k, grad, tx),
+            Feeder::Pieces(p) => p.ready(k, grad, tx),
+        }
     }
 }

@@ -34,6 +34,7 @@ use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::pipeline::{accumulate, end_of_step, GradHook, StageOf};
 use crate::reducer::{
     overlapped, param_shapes, plan_buckets, reduce_over_dp_now, unflatten_buckets, BucketFeeder,
+    GradFeed,
 };
 
 /// One version of this rank's weights, shared by the micro-batches that read it.
@@ -243,6 +244,7 @@ impl<B: Backend> Stashing<B> {
                 loss,
                 grads,
                 peak_bytes,
+                presummed: None,
             },
             staleness: o.staleness,
         }))

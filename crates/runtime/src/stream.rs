@@ -224,6 +224,21 @@ pub fn pieces(order: &[usize], lens: &[usize], piece: usize) -> Vec<Vec<(usize, 
     out
 }
 
+/// The first piece summed during the backward: the pieces before it hold the first `share`
+/// of the values (in the forward's order) and wait for the next step.
+pub fn deferred(pieces: &[Vec<(usize, Range<usize>)>], share: f64) -> usize {
+    let total: usize = pieces.iter().flatten().map(|(_, r)| r.len()).sum();
+    let keep = (share.clamp(0.0, 1.0) * total as f64).ceil() as usize;
+    let mut seen = 0;
+    for (j, p) in pieces.iter().enumerate() {
+        if seen >= keep {
+            return j;
+        }
+        seen += p.iter().map(|(_, r)| r.len()).sum::<usize>();
+    }
+    pieces.len()
+}
+
 /// What the update of one step by priority needs besides the optimizer.
 pub struct PriorityUpdate<'a> {
     /// A DP communicator of its own (the step that runs meanwhile uses the others).
@@ -238,9 +253,13 @@ pub struct PriorityUpdate<'a> {
     pub piece: usize,
     /// The learning rate of the step.
     pub lr: f64,
+    /// The first piece that is summed already (during the step's last backward); the pieces
+    /// before it are summed here.
+    pub presummed: usize,
 }
 
-/// Sums `grads` (this member's, unreduced) over DP piece by piece in priority order and
+/// Sums `grads` (this member's, unreduced before piece `u.presummed`) over DP piece by piece
+/// in priority order and
 /// publishes each parameter into `gate` as soon as its AdamW update is done; `lent` holds the
 /// optimizer's state and the parameters before the step ([`crate::Optimizer::lend`]).
 /// Returns the summed gradient's norm (every member holds the whole of it). On an error, the gate is told, so that no reader waits for it.
@@ -283,12 +302,14 @@ fn run_update<B: Backend>(
         for (k, r) in &piece {
             flat.extend_from_slice(&host[*k][r.clone()]);
         }
-        let key = BucketKey {
-            strategy: u.strategy,
-            index,
-            shapes: &[],
-        };
-        u.agreement.all_reduce(&*u.comm, key, &mut flat)?;
+        if index < u.presummed {
+            let key = BucketKey {
+                strategy: u.strategy,
+                index,
+                shapes: &[],
+            };
+            u.agreement.all_reduce(&*u.comm, key, &mut flat)?;
+        }
         let mut at = 0;
         for (k, r) in piece {
             let n = r.len();
@@ -329,6 +350,16 @@ mod tests {
         // Every value once.
         let covered: usize = p.iter().flatten().map(|(_, r)| r.len()).sum();
         assert_eq!(covered, 8);
+    }
+
+    #[test]
+    fn the_deferred_share_is_the_first_pieces() {
+        let p = pieces(&[0, 1, 2], &[4, 4, 4], 2);
+        assert_eq!(p.len(), 6);
+        assert_eq!(deferred(&p, 1.0 / 3.0), 2);
+        assert_eq!(deferred(&p, 0.5), 3);
+        assert_eq!(deferred(&p, 1.0), 6);
+        assert_eq!(deferred(&p, 0.0), 0);
     }
 
     #[test]

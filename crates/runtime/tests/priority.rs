@@ -42,7 +42,7 @@ type Run = (Vec<Vec<f32>>, model::Held, Vec<f64>, Vec<usize>, Vec<usize>);
 fn train(
     spec: &str,
     devices: usize,
-    priority: bool,
+    priority: Option<f64>,
 ) -> (Vec<Vec<f32>>, Vec<f64>, Vec<usize>, Vec<usize>) {
     let cfg = Arc::new(common::config(2, 2, true, None));
     let weights = Arc::new(Weights::random(&cfg, 9));
@@ -54,13 +54,16 @@ fn train(
             let mut r = common::rank_setup(&world, &c2, &s2, &weights)?;
             let all: Vec<comm::Rank> = (0..s2.dp).map(comm::Rank).collect();
             let mut own = Counting::new(world.sub_group(&all)?);
-            if priority {
+            if let Some(defer) = priority {
                 r.groups.comm_schedule = CommSchedule::Priority;
+                r.groups.priority_defer = defer;
+                r.groups.bucket_bytes = 700 * 4;
             }
             let mut opt = r.optimizer(f64::INFINITY)?;
             let order = forward_order(&r.exec);
             let (mut norms, mut sent, mut want) = (Vec::new(), Vec::new(), Vec::new());
-            let mut pending: Option<Vec<Vec<f32>>> = None;
+            // A step's gradients and the first piece of them summed during its backward.
+            let mut pending: Option<(Vec<Vec<f32>>, usize)> = None;
             for s in 0..=STEPS {
                 let mbs = if s < STEPS {
                     let seqs = batch(s);
@@ -69,7 +72,7 @@ fn train(
                 } else {
                     Vec::new()
                 };
-                if !priority {
+                if priority.is_none() {
                     if s < STEPS {
                         let out = pass(
                             &r.cpu,
@@ -83,7 +86,7 @@ fn train(
                     }
                     continue;
                 }
-                let Some(grads) = pending.take() else {
+                let Some((grads, presummed)) = pending.take() else {
                     let out = pass(
                         &r.cpu,
                         &r.exec,
@@ -92,15 +95,18 @@ fn train(
                         &r.shared,
                         &mbs,
                     )?;
-                    pending = Some(out.grads);
+                    pending = Some((out.grads, out.presummed.expect("priority")));
                     continue;
                 };
                 if s == 1 {
                     let lens: Vec<usize> = grads.iter().map(Vec::len).collect();
+                    // The update thread sums the pieces before `presummed` (the backward the
+                    // rest): the lengths of all, then where they split.
                     want = pieces(&order, &lens, 700)
                         .iter()
                         .map(|p| p.iter().map(|(_, r)| r.len()).sum())
                         .collect();
+                    want.push(presummed);
                     own.clear();
                 }
                 let mut lent = opt.lend()?;
@@ -112,6 +118,7 @@ fn train(
                     order: &order,
                     piece: 700,
                     lr: 1e-2,
+                    presummed,
                 };
                 let (norm, out) = std::thread::scope(|scope| {
                     let (gate, lent, be) = (&gate, &mut lent, &r.cpu);
@@ -132,7 +139,8 @@ fn train(
                         .collect();
                 }
                 if let Some(out) = out {
-                    pending = Some(out?.grads);
+                    let out = out?;
+                    pending = Some((out.grads, out.presummed.expect("priority")));
                 }
             }
             Ok((
@@ -156,24 +164,37 @@ fn train(
 
 #[test]
 fn dp4_by_priority_trains_like_one_device_and_sums_in_forward_order() {
-    let (want, want_norms, _, _) = train("dp1", 1, false);
-    let (got, norms, sent, order) = train("dp4", 4, true);
-    assert_eq!(norms.len(), STEPS);
-    for (a, b) in norms.iter().zip(&want_norms) {
-        assert!((a - b).abs() <= 1e-5 * b, "gradient norm {a} vs {b}");
-    }
-    for (k, s) in param_specs(&common::config(2, 2, true, None))
-        .iter()
-        .enumerate()
-    {
-        let (worst, _) = common::worst(&got[k], &want[k]);
-        assert!(
-            worst <= 1e-5,
-            "{} differs by {worst:e} after {STEPS} steps",
-            s.name
+    let (want, want_norms, _, _) = train("dp1", 1, None);
+    // The first third of the values summed during the next step, the rest during the last
+    // backward; and everything during the next step.
+    for (defer, split) in [(1.0 / 3.0, true), (1.0, false)] {
+        let (got, norms, sent, mut order) = train("dp4", 4, Some(defer));
+        assert_eq!(norms.len(), STEPS);
+        for (a, b) in norms.iter().zip(&want_norms) {
+            assert!((a - b).abs() <= 1e-5 * b, "gradient norm {a} vs {b}");
+        }
+        for (k, s) in param_specs(&common::config(2, 2, true, None))
+            .iter()
+            .enumerate()
+        {
+            let (worst, _) = common::worst(&got[k], &want[k]);
+            assert!(
+                worst <= 1e-5,
+                "defer {defer}: {} differs by {worst:e} after {STEPS} steps",
+                s.name
+            );
+        }
+        // The update thread's pieces went out as the forward order cuts them, the
+        // embedding's first, up to where the backward's began.
+        let presummed = order.pop().unwrap();
+        assert!(order.len() > 2, "{order:?}");
+        assert_eq!(
+            presummed < order.len(),
+            split,
+            "{presummed} of {}",
+            order.len()
         );
+        assert!(presummed > 0);
+        assert_eq!(sent, order[..presummed], "defer {defer}");
     }
-    // The pieces went out as the forward order cuts them: the embedding's first.
-    assert!(sent.len() > 2, "{sent:?}");
-    assert_eq!(sent, order);
 }

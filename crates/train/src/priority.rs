@@ -24,8 +24,9 @@ pub(crate) struct Priority<B: Backend> {
     order: Vec<usize>,
     /// Values a summed piece holds at most.
     piece: usize,
-    /// The last step's unsummed gradients and learning rate.
-    pending: Option<(Vec<B::Buffer>, f64)>,
+    /// The last step's gradients (summed from the piece `presummed` on), learning rate and
+    /// that piece.
+    pending: Option<(Vec<B::Buffer>, f64, usize)>,
     /// The metrics of the step whose update is pending.
     unreported: Option<StepMetrics>,
 }
@@ -62,7 +63,7 @@ impl<B: Backend> Priority<B> {
         })
     }
 
-    fn update<'s>(&'s mut self, lr: f64, s: &Summing<'s>) -> PriorityUpdate<'s> {
+    fn update<'s>(&'s mut self, lr: f64, presummed: usize, s: &Summing<'s>) -> PriorityUpdate<'s> {
         PriorityUpdate {
             comm: self.comm.as_mut(),
             agreement: s.agreement,
@@ -70,6 +71,7 @@ impl<B: Backend> Priority<B> {
             order: &self.order,
             piece: self.piece,
             lr,
+            presummed,
         }
     }
 
@@ -83,12 +85,12 @@ impl<B: Backend> Priority<B> {
         s: &Summing<'_>,
         compute: impl FnOnce(Option<&Gate<B>>, &Optimizer<B>) -> Result<R>,
     ) -> Result<(R, Option<f64>)> {
-        let Some((grads, lr)) = self.pending.take() else {
+        let Some((grads, lr, presummed)) = self.pending.take() else {
             return Ok((compute(None, opt)?, None));
         };
         let mut lent = opt.lend()?;
         let gate = Gate::new(grads.len(), s.timeout);
-        let u = self.update(lr, s);
+        let u = self.update(lr, presummed, s);
         let (out, norm) = std::thread::scope(|scope| {
             let (gate, lent) = (&gate, &mut lent);
             let summing = scope.spawn(move || update_by_priority(be, lent, grads, gate, u));
@@ -110,9 +112,10 @@ impl<B: Backend> Priority<B> {
         Ok((out, Some(norm)))
     }
 
-    /// Keeps a step's unsummed gradients for the next step.
-    pub fn defer(&mut self, grads: Vec<B::Buffer>, lr: f64) {
-        self.pending = Some((grads, lr));
+    /// Keeps a step's gradients for the next step: summed from piece `presummed` on (during
+    /// its backward), this member's alone before it (all of them without `presummed`).
+    pub fn defer(&mut self, grads: Vec<B::Buffer>, lr: f64, presummed: Option<usize>) {
+        self.pending = Some((grads, lr, presummed.unwrap_or(usize::MAX)));
     }
 
     /// Whether an update is pending.

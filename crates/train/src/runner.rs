@@ -51,6 +51,9 @@ pub struct StepGradients<B: Backend> {
     pub hot: Option<HotMetrics>,
     /// Automatic planning: the plan.
     pub plan: Option<PlanMetrics>,
+    /// Under `--comm-schedule priority`: the first piece summed during the backward (the
+    /// ones before it wait for the next step).
+    pub presummed: Option<usize>,
 }
 
 impl<B: Backend> From<crate::hot::HotStep<B>> for StepGradients<B> {
@@ -61,6 +64,7 @@ impl<B: Backend> From<crate::hot::HotStep<B>> for StepGradients<B> {
             peak_bytes: r.peak_bytes,
             hot: Some(r.metrics),
             plan: None,
+            presummed: None,
         }
     }
 }
@@ -136,6 +140,7 @@ impl<B: Backend> StepRunner<B> for StaticRunner {
             peak_bytes: out.peak_bytes,
             hot: None,
             plan: None,
+            presummed: out.presummed,
         })
     }
 }

@@ -242,6 +242,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
                 peak_bytes,
                 hot: None,
                 plan: None,
+                presummed: None,
             };
             (out, norm, staleness)
         } else {
@@ -285,7 +286,7 @@ impl<'j, B: Backend> Trainer<'j, B> {
             t_opt = runtime::profile::enabled().then(Instant::now);
             let norm = match &mut self.priority {
                 Some(p) => {
-                    p.defer(std::mem::take(&mut out.grads), lr);
+                    p.defer(std::mem::take(&mut out.grads), lr, out.presummed);
                     // A hook after this step reads the weights: its update cannot wait.
                     let eval_every = self.eval.as_ref().map(|e| e.1);
                     if step + 1 == cfg.steps
