@@ -513,6 +513,7 @@ impl TrainFlags {
             },
             cross_node_only: self.compress_cross_node_only,
             algorithm: self.allreduce.parse().context("--allreduce")?,
+            step: None,
         };
         cfg.sync = train::SyncMode::parse(&self.sync, self.outer_lr, self.outer_momentum)?;
         let placement = train::Placement::parse(&self.ps_placement)?;

@@ -483,6 +483,7 @@ pub fn run(args: Args) -> Result<()> {
         },
         cross_node_only: args.compress_cross_node_only,
         algorithm: args.allreduce.parse().context("--allreduce")?,
+        step: None,
     };
     if exchange.adaptive && exchange.cross_node_only {
         anyhow::bail!(

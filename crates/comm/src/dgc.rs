@@ -25,6 +25,9 @@ pub struct Dgc<'a> {
     pub balanced: bool,
 }
 
+/// Steps per stage of DGC's warm-up as hotspa runs it (the paper's stages are epochs).
+pub const WARMUP_STAGE: u64 = 25;
+
 /// DGC's sparsity warm-up (Lin et al. 2018, §3.3: 75 %, 93.75 %, 98.4375 %, 99.6 %, 99.9 % over
 /// the first epochs): the fraction sent at `step` (from 0) quarters every `stage` steps from
 /// a quarter down to `fraction`.

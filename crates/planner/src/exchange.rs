@@ -126,6 +126,10 @@ pub struct Exchange {
     /// `--grad-compression auto`: each bucket takes [`Exchange::adapt`]'s choice from
     /// [`ADAPTIVE_MENU`] (then `codec` and `cross_node_only` are not used).
     pub adaptive: bool,
+    /// The step being priced (from 0), for DGC's sparsity warm-up: its fraction at that step
+    /// ([`comm::dgc::dgc_density`], stages of [`comm::dgc::WARMUP_STAGE`] steps). `None`:
+    /// the final fraction, as a long run spends almost all its steps.
+    pub step: Option<u64>,
 }
 
 /// What `--grad-compression auto` chooses among, most faithful first: exact; bf16 or int8 (with
@@ -163,6 +167,21 @@ impl Default for Exchange {
             cross_node_only: false,
             algorithm: AlgorithmChoice::Fixed(Algorithm::Ring),
             adaptive: false,
+            step: None,
+        }
+    }
+}
+
+impl Exchange {
+    /// The values a sparse codec keeps of `values`: top-k's and Ok-Topk's fraction, DGC's at
+    /// the warm-up's fraction of [`Exchange::step`].
+    fn kept(&self, values: f64) -> f64 {
+        match (self.codec, self.step) {
+            (Codec::Dgc(f) | Codec::OkDgc(f), Some(step)) => {
+                let d = comm::dgc::dgc_density(f, step, comm::dgc::WARMUP_STAGE);
+                (d * values).ceil().clamp(1.0, values.max(1.0))
+            }
+            _ => self.codec.keep(values as usize) as f64,
         }
     }
 }
@@ -645,7 +664,7 @@ impl Exchange {
             Codec::OkTopK(_) | Codec::OkDgc(_) => {
                 // The pair counts to each owner, the pairs (a share of the k pairs to each),
                 // the counts of the kept sums and the kept sums (k pairs in all) gathered.
-                let k = self.codec.keep(values as usize) as f64;
+                let k = self.kept(values);
                 s.all_to_all(8.0, g);
                 s.all_to_all(8.0 * k / n as f64, g);
                 s.ring(8.0, n - 1);
@@ -659,9 +678,9 @@ impl Exchange {
                 exact_of(bytes)
             }
             Codec::TopK(_) | Codec::Dgc(_) => {
-                // Ring all-gather of every member's (index, value) pairs (DGC's at its final
-                // fraction: the warm-up's first steps send more).
-                let k = self.codec.keep(values as usize) as f64;
+                // Ring all-gather of every member's (index, value) pairs (DGC's at the
+                // warm-up's fraction of the step priced).
+                let k = self.kept(values);
                 s.ring(8.0 * k, n - 1);
                 s.cost
             }
@@ -720,6 +739,28 @@ mod tests {
                 latency_us: 20.0,
             },
         )
+    }
+
+    #[test]
+    fn dgc_is_priced_at_the_warm_up_fraction_of_the_step() {
+        let at = |step| Exchange {
+            codec: Codec::Dgc(0.01),
+            step,
+            ..Exchange::default()
+        };
+        // Stages of 25 steps: a quarter, a sixteenth, …, down to the final fraction.
+        assert_eq!(at(Some(0)).kept(1000.0), 250.0);
+        assert_eq!(at(Some(25)).kept(1000.0), 63.0);
+        assert_eq!(at(Some(1000)).kept(1000.0), 10.0);
+        assert_eq!(at(None).kept(1000.0), 10.0);
+        let shape = GroupShape {
+            members: 8,
+            per_node: 4,
+            groups_per_node: 1,
+        };
+        let c = cluster(1.0);
+        let secs = |e: Exchange| e.cost(&c, 1e6, &[], shape).seconds;
+        assert!(secs(at(Some(0))) > 10.0 * secs(at(None)));
     }
 
     fn fixed(a: Algorithm) -> Exchange {

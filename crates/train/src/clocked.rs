@@ -39,13 +39,16 @@ pub fn clock_against_model(cfg: &TrainConfig, cluster: &Cluster) -> Result<Vec<C
     run.simulate = Some(cluster.clone());
     let out = crate::run::run(&run, &mut crate::metrics::NoSink)?;
     let steps = batch_lengths(cfg)?;
-    let planner = Planner::new(cost_model(cfg, cluster));
+    let cost = cost_model(cfg, cluster);
     out.steps
         .iter()
         .map(|m| {
             let k = m.step as usize;
             let lens = steps.get(k - 1).cloned().unwrap_or_default();
-            let e = planner.evaluate(&plan, &lens)?;
+            // The step's own DGC warm-up fraction, as the run sends it.
+            let mut at = cost.clone();
+            at.exchange.step = Some(k as u64 - 1);
+            let e = Planner::new(at).evaluate(&plan, &lens)?;
             let sim = m.simulated.clone().unwrap_or_default();
             Ok(ClockedStep {
                 step: k,

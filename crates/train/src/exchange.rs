@@ -130,9 +130,8 @@ pub struct OneBit {
 /// DGC's velocity momentum (Lin et al. 2018 train with momentum SGD at 0.9).
 pub const DGC_MOMENTUM: f32 = 0.9;
 
-/// Steps per stage of DGC's sparsity warm-up (the paper quarters the density every epoch over
-/// its first four; a step count stands in for the epoch here).
-pub const DGC_WARMUP_STAGE: u64 = 25;
+/// Steps per stage of DGC's sparsity warm-up ([`comm::dgc::WARMUP_STAGE`]).
+pub const DGC_WARMUP_STAGE: u64 = comm::dgc::WARMUP_STAGE;
 
 impl Agreement {
     /// Agreement by `exchange`; `auto` weighs algorithms on `cluster` (default: the nominal

@@ -157,10 +157,10 @@ const GRID: [&str; 55] = [
     "dp8 codec=topk:0.01",
     "dp8 codec=oktopk:0.01",
     "dp8 codec=qsgd:15",
-    // DGC at 0.25, the fraction of its warm-up's first stage, which a one-step run is in (the
-    // model prices a run at its final fraction).
-    "dp8 codec=dgc:0.25",
-    "dp8 codec=okdgc:0.25",
+    // DGC at its final 1 %: a one-step run is in its warm-up's first stage (25 %), which the
+    // model prices at the step's own fraction.
+    "dp8 codec=dgc:0.01",
+    "dp8 codec=okdgc:0.01",
     "dp8 codec=auto",
     "dp8 codec=randk:0.05",
     "dp8 codec=powersgd:2",
