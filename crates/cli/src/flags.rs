@@ -501,20 +501,12 @@ impl TrainFlags {
                 );
             }
         }
-        let (codec, adaptive) =
-            planner::exchange::compression(&self.grad_compression).context("--grad-compression")?;
-        cfg.exchange = planner::exchange::Exchange {
-            codec,
-            adaptive,
-            error_feedback: match self.error_feedback.as_str() {
-                "on" => true,
-                "off" => false,
-                other => bail!("--error-feedback {other}: use on or off"),
-            },
-            cross_node_only: self.compress_cross_node_only,
-            algorithm: self.allreduce.parse().context("--allreduce")?,
-            step: None,
-        };
+        cfg.exchange = exchange_of(
+            &self.grad_compression,
+            &self.error_feedback,
+            self.compress_cross_node_only,
+            &self.allreduce,
+        )?;
         cfg.sync = train::SyncMode::parse(&self.sync, self.outer_lr, self.outer_momentum)?;
         let placement = train::Placement::parse(&self.ps_placement)?;
         let servers = match (self.ps_servers, cfg.sync) {
@@ -661,4 +653,28 @@ impl TrainFlags {
         };
         Ok(cfg)
     }
+}
+
+/// The gradient exchange the flags `--grad-compression`, `--error-feedback`,
+/// `--compress-cross-node-only` and `--allreduce` name (`train` and `simulate` share them).
+pub(crate) fn exchange_of(
+    compression: &str,
+    error_feedback: &str,
+    cross_node_only: bool,
+    allreduce: &str,
+) -> Result<planner::exchange::Exchange> {
+    let (codec, adaptive) =
+        planner::exchange::compression(compression).context("--grad-compression")?;
+    Ok(planner::exchange::Exchange {
+        codec,
+        adaptive,
+        error_feedback: match error_feedback {
+            "on" => true,
+            "off" => false,
+            other => bail!("--error-feedback {other}: use on or off"),
+        },
+        cross_node_only,
+        algorithm: allreduce.parse().context("--allreduce")?,
+        step: None,
+    })
 }

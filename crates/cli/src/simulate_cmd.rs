@@ -471,20 +471,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let cluster = sim::presets::cluster_or_file(&args.cluster)
         .with_context(|| format!("--cluster {}", args.cluster))?;
-    let (codec, adaptive) =
-        planner::exchange::compression(&args.grad_compression).context("--grad-compression")?;
-    let exchange = Exchange {
-        codec,
-        adaptive,
-        error_feedback: match args.error_feedback.as_str() {
-            "on" => true,
-            "off" => false,
-            other => anyhow::bail!("--error-feedback {other}: use on or off"),
-        },
-        cross_node_only: args.compress_cross_node_only,
-        algorithm: args.allreduce.parse().context("--allreduce")?,
-        step: None,
-    };
+    let exchange = crate::flags::exchange_of(
+        &args.grad_compression,
+        &args.error_feedback,
+        args.compress_cross_node_only,
+        &args.allreduce,
+    )?;
     if exchange.adaptive && exchange.cross_node_only {
         anyhow::bail!(
             "--grad-compression auto chooses per bucket whether to compress across nodes only; \

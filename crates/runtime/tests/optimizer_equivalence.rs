@@ -35,9 +35,7 @@ fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
             let mut opt = r.optimizer(0.3)?;
             let mut norms = Vec::new();
             for s in 0..STEPS {
-                let seqs = batch(s);
-                let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                let mbs = common::micro_batches(&seqs, s2.dp, r.dp_rank, 1.0 / predicted as f32);
+                let mbs = common::replica_batches(&batch(s), s2.dp, r.dp_rank);
                 let out = pipeline_step(
                     &r.cpu,
                     &r.exec,

@@ -66,9 +66,7 @@ fn train(
             let mut pending: Option<(Vec<Vec<f32>>, usize)> = None;
             for s in 0..=STEPS {
                 let mbs = if s < STEPS {
-                    let seqs = batch(s);
-                    let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                    common::micro_batches(&seqs, s2.dp, r.dp_rank, 1.0 / predicted as f32)
+                    common::replica_batches(&batch(s), s2.dp, r.dp_rank)
                 } else {
                     Vec::new()
                 };

@@ -42,9 +42,7 @@ fn train(spec: &str, devices: usize, delayed: bool, flushless: bool) -> Trained 
             // The hand-applied rule's W(t-1).
             let mut previous = stash(&r.cpu, opt.params())?;
             for s in 0..STEPS {
-                let seqs = batch(s);
-                let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
-                let mbs = common::micro_batches(&seqs, s2.dp, r.dp_rank, 1.0 / predicted as f32);
+                let mbs = common::replica_batches(&batch(s), s2.dp, r.dp_rank);
                 if flushless {
                     let w = stash(&r.cpu, opt.params())?;
                     let done = pipe.step(&r.cpu, &r.exec, &mut r.groups, w, &r.shared, mbs)?;

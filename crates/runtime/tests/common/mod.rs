@@ -44,6 +44,13 @@ pub fn micro_batches(seqs: &[Vec<u32>], dp: usize, d: usize, scale: f32) -> Vec<
         .collect()
 }
 
+/// [`micro_batches`] of the global batch `seqs`, each loss scaled by the batch's predicted
+/// tokens (DESIGN §3).
+pub fn replica_batches(seqs: &[Vec<u32>], dp: usize, d: usize) -> Vec<MicroBatch> {
+    let predicted: usize = seqs.iter().map(|q| q.len() - 1).sum();
+    micro_batches(seqs, dp, d, 1.0 / predicted as f32)
+}
+
 /// The largest absolute difference between `got` and `want`, and the largest `|want|`.
 pub fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
