@@ -706,6 +706,30 @@ fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
             "{strategy} {extra:?}: {err}"
         );
     }
+    // A replica with no micro-batch in some step, found before the first step.
+    let data = p("data.jsonl");
+    let o = hotspa(&[
+        "train",
+        "--model",
+        d,
+        "--data",
+        &data,
+        "--devices",
+        "4",
+        "--strategy",
+        "dp2pp2",
+        "--pipeline-schedule",
+        "pipedream-2bw",
+        "--global-batch",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("step 1 gives a replica 0")
+            && !err.contains("step     1/"),
+        "{err}"
+    );
 }
 
 #[test]

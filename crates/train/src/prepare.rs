@@ -245,6 +245,7 @@ fn checked(
         None => None,
     };
     let (inst, planner, strategies) = decide(&cfg, &data, sink)?;
+    check_two_bw_batches(&cfg, &data, &inst)?;
     exchange_notices(&cfg, &strategies, planner.is_some(), sink);
     let resumed = match &cfg.resume {
         Some(dir) => Some(Arc::new(resume(&cfg, dir, &inst, &data_sha256, sink)?)),
@@ -378,6 +379,43 @@ fn checked(
 
 /// Says where a gradient-exchange setting changes nothing in this run (no strategy with DP,
 /// every rank on one node, ...), so that no flag is taken silently.
+/// PipeDream-2BW finishes a step's last backwards inside the next step, which needs at least
+/// `pp − 1` micro-batches on every replica: every step's batch is dealt and packed (lengths
+/// only) before the first, so that a short batch deep in the run is refused now, naming it.
+fn check_two_bw_batches(cfg: &TrainConfig, data: &Dataset, s: &graph::Strategy) -> Result<()> {
+    if !cfg.pipeline_schedule.flushless() || s.pp < 2 {
+        return Ok(());
+    }
+    let packing = cfg.packing_of(0);
+    for step in 0..cfg.steps {
+        let lens: Vec<usize> = data
+            .batch(step, cfg.global_batch, cfg.shuffle_seed())
+            .iter()
+            .map(Vec::len)
+            .collect();
+        let fewest = packing
+            .deal(&lens, s.dp)
+            .iter()
+            .map(|mine| packing.micro_batches(&lens, mine, usize::MAX).len())
+            .min()
+            .unwrap_or(0);
+        if fewest + 1 < s.pp {
+            return Err(TrainError::setting(
+                "pipeline_schedule",
+                format!(
+                    "pipedream-2bw on {} stages needs at least {} micro-batch(es) per step on every \
+                     replica (the last step's backwards finish inside the next one); step {} \
+                     gives a replica {fewest}: lower --micro-batch-tokens or raise --global-batch",
+                    s.pp,
+                    s.pp - 1,
+                    step + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn exchange_notices(
     cfg: &TrainConfig,
     strategies: &[Strategy],
