@@ -286,13 +286,18 @@ impl Sink for Progress {
             self.bar.set_position(m.step);
             return Ok(());
         }
-        // Not a terminal (a log, CI): one line per step instead of the bar.
+        // Not a terminal (a log, CI): one line per step instead of the bar. A step whose loss
+        // or norm never came (the run failed while they were pending) says so, not NaN.
+        let known = |v: f64, digits: usize| match v.is_nan() {
+            true => "— (not reached)".to_string(),
+            false => format!("{v:.digits$}"),
+        };
         eprintln!(
-            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tokens/s{}",
+            "step {:>5}/{}  loss {}  grad_norm {}  lr {:.2e}  {:.0} tokens/s{}",
             m.step,
             self.steps,
-            m.loss,
-            m.grad_norm,
+            known(f64::from(m.loss), 4),
+            known(m.grad_norm, 3),
             m.lr,
             m.tokens_per_s,
             hot_note(m)

@@ -307,6 +307,8 @@ fn a_failure_keeps_the_pending_steps_line() {
         args.extend(["--devices", "2", "--steps", "5", "--metrics", m, "--force"]);
         let (_, o) = timed(d, &args, &[("HOTSPA_FAULT", "panic:1:3")]);
         assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
+        // The log says what never came, not NaN.
+        assert!(stderr(&o).contains("— (not reached)"), "{}", stderr(&o));
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
             .unwrap()
             .lines()
