@@ -128,11 +128,6 @@ impl<B: Backend> Suspended<B> {
             owned: self,
         })
     }
-
-    /// Bytes it holds.
-    pub fn live_bytes(&self) -> usize {
-        self.live
-    }
 }
 
 /// This rank's piece of a tensor: local shape and global offset.

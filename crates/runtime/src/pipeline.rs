@@ -10,8 +10,8 @@ use crate::error::{Result, RuntimeError};
 use crate::executor::{Pass, StepOutput};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::reducer::{
-    overlapped, param_shapes, plan_buckets, reduce_scatter_over_dp, sum_tied, unflatten_buckets,
-    BucketFeeder, Feeder, GradFeed, PieceFeeder,
+    bucket_shapes, overlapped, param_shapes, plan_buckets, reduce_scatter_over_dp, sum_tied,
+    unflatten_buckets, BucketFeeder, Feeder, GradFeed, PieceFeeder,
 };
 use crate::stream::ParamView;
 use crate::tp::TpGroup;
@@ -128,10 +128,7 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
     let bucket_shapes: Vec<Vec<Vec<usize>>> = if by_priority {
         vec![Vec::new(); pieces.len() - presummed]
     } else {
-        buckets
-            .iter()
-            .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
-            .collect()
+        bucket_shapes(&buckets, &shapes)
     };
     let overlap = !bucket_shapes.is_empty();
     if g.inputs.len() > tags::PIPELINE_INPUTS || g.output_grads.len() > tags::PIPELINE_INPUTS {
@@ -225,10 +222,7 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
             }
             if overlap && last_backward.is_none() {
                 // No data on this replica: it still contributes zeros, bucket by bucket.
-                let tx = tx.ok_or_else(|| RuntimeError::Binding("no reduction thread".into()))?;
-                for (k, &n) in lens.iter().enumerate() {
-                    feeder.ready(k, vec![0.0; n], tx)?;
-                }
+                feeder.nothing(&lens, tx)?;
             }
             Ok(())
         },

@@ -254,6 +254,21 @@ impl<'a> BucketFeeder<'a> {
     }
 }
 
+/// The reduction thread's sender, which a feed needs (an invariant: a feed exists exactly
+/// when the thread does).
+fn sender(tx: Option<&mpsc::Sender<Vec<f32>>>) -> Result<&mpsc::Sender<Vec<f32>>> {
+    tx.ok_or_else(|| RuntimeError::Binding("a gradient bucket with no reduction thread".into()))
+}
+
+/// Each bucket's parameters' shapes (`shapes`: every parameter's), as the agreement's keys
+/// name them.
+pub(crate) fn bucket_shapes(buckets: &[Vec<usize>], shapes: &[Vec<usize>]) -> Vec<Vec<Vec<usize>>> {
+    buckets
+        .iter()
+        .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
+        .collect()
+}
+
 /// What hands a step's final gradients to the reduction thread: the DDP buckets, or the
 /// priority schedule's pieces summed during the backward.
 pub(crate) trait GradFeed {
@@ -282,10 +297,19 @@ pub(crate) trait GradFeed {
                 *h += a;
             }
         }
-        let tx = tx.ok_or_else(|| {
-            RuntimeError::Binding("a gradient bucket with no reduction thread".into())
-        })?;
-        self.ready(k, host, tx)
+        self.ready(k, host, sender(tx)?)
+    }
+
+    /// A replica with no data this step: zeros for every parameter (of `lens` values).
+    fn nothing(&mut self, lens: &[usize], tx: Option<&mpsc::Sender<Vec<f32>>>) -> Result<()>
+    where
+        Self: Sized,
+    {
+        let tx = sender(tx)?;
+        for (k, &n) in lens.iter().enumerate() {
+            self.ready(k, vec![0.0; n], tx)?;
+        }
+        Ok(())
     }
 }
 

@@ -33,8 +33,8 @@ use crate::executor::{Pass, Suspended};
 use crate::parallel::{CommSchedule, RankGroups, StepGradients};
 use crate::pipeline::{accumulate, end_of_step, GradHook, StageOf};
 use crate::reducer::{
-    overlapped, param_shapes, plan_buckets, reduce_over_dp_now, unflatten_buckets, BucketFeeder,
-    GradFeed,
+    bucket_shapes, overlapped, param_shapes, plan_buckets, reduce_over_dp_now, unflatten_buckets,
+    BucketFeeder, GradFeed,
 };
 
 /// One version of this rank's weights, shared by the micro-batches that read it.
@@ -324,20 +324,14 @@ impl<B: Backend> Stashing<B> {
         };
         let bucketed =
             last.is_some() && groups.dp.size() > 1 && exec.strategy.zero < Zero::Gradients;
+        let shapes = param_shapes(exec, tp_rank)?;
         let buckets = if bucketed {
-            let lens = param_shapes(exec, tp_rank)?
-                .iter()
-                .map(|s| s.iter().product())
-                .collect();
+            let lens = shapes.iter().map(|s| s.iter().product()).collect();
             plan_buckets(exec, lens, groups.bucket_bytes)
         } else {
             Vec::new()
         };
-        let shapes = param_shapes(exec, tp_rank)?;
-        let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets
-            .iter()
-            .map(|b| b.iter().map(|&k| shapes[k].clone()).collect())
-            .collect();
+        let bucket_shapes = bucket_shapes(&buckets, &shapes);
         let RankGroups {
             tp,
             pp,

@@ -70,7 +70,8 @@ fn train(
                 } else {
                     Vec::new()
                 };
-                if priority.is_none() {
+                // Step by step, every step; by priority, the first step (no update pending).
+                let Some((grads, presummed)) = pending.take() else {
                     if s < STEPS {
                         let out = pass(
                             &r.cpu,
@@ -80,20 +81,15 @@ fn train(
                             &r.shared,
                             &mbs,
                         )?;
-                        norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
+                        match priority {
+                            Some(_) => {
+                                pending = Some((out.grads, out.presummed.expect("priority")))
+                            }
+                            None => {
+                                norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?)
+                            }
+                        }
                     }
-                    continue;
-                }
-                let Some((grads, presummed)) = pending.take() else {
-                    let out = pass(
-                        &r.cpu,
-                        &r.exec,
-                        &mut r.groups,
-                        opt.params(),
-                        &r.shared,
-                        &mbs,
-                    )?;
-                    pending = Some((out.grads, out.presummed.expect("priority")));
                     continue;
                 };
                 if s == 1 {

@@ -100,17 +100,12 @@ impl<B: Backend> TwoBw<B> {
 
     /// The held metrics completed by `applied` (whose step they must be).
     pub fn release(&mut self, applied: &Applied) -> Option<StepMetrics> {
-        let m = self.unreported.take_if(|m| m.step == applied.step + 1)?;
-        Some(complete(m, applied))
+        let mut m = self.unreported.take_if(|m| m.step == applied.step + 1)?;
+        m.loss = applied.loss;
+        m.grad_norm = applied.norm;
+        m.weight_staleness = Some(applied.staleness);
+        Some(m)
     }
-}
-
-/// `metrics` with the loss, norm and staleness of its step's update.
-pub(crate) fn complete(mut metrics: StepMetrics, applied: &Applied) -> StepMetrics {
-    metrics.loss = applied.loss;
-    metrics.grad_norm = applied.norm;
-    metrics.weight_staleness = Some(applied.staleness);
-    metrics
 }
 
 /// Checks the returned step's loss and applies its gradients (the pipeline's step `d.step`
