@@ -25,6 +25,16 @@ type Probe = ([f64; 2], f64, usize);
 /// 4096 tokens: 20 % under when fitted at 1024, 8 % at 4096).
 const TP_PROBE: usize = 4;
 
+/// The update the probes time (the default run's settings; the values do not change the time).
+const PROBE_ADAMW: kernels::AdamW = kernels::AdamW {
+    lr: 1e-4,
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 0.1,
+    freeze_variance_after: None,
+};
+
 /// Tokens of the small probe step (one sequence): almost all of its time is the kernels'
 /// overhead, communication and the update, so it pins the overhead per kernel down.
 const SMALL: usize = 16;
@@ -84,14 +94,7 @@ fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
     let (exec, rp, mb) = probe_inputs(cfg, n, world.rank().0, tokens, len)?;
     let numel: usize = rp.params.iter().map(Vec::len).sum();
     let mut groups = runtime::RankGroups::new(world, &strategy).map_err(|e| err(e.to_string()))?;
-    let adamw = kernels::AdamW {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        freeze_variance_after: None,
-    };
+    let adamw = PROBE_ADAMW;
     let mut opt = runtime::Optimizer::new(
         be,
         &exec,
@@ -411,14 +414,7 @@ fn measure(
     c.barrier()?;
     let t = time(|| be.axpy(0.5, &xs, &mut ys))?;
     let memory_gbps = 3.0 * 4.0 * n as f64 / t / 1e9;
-    let cfg = kernels::AdamW {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        freeze_variance_after: None,
-    };
+    let cfg = PROBE_ADAMW;
     let (mut p, g, mut m1, mut m2) = (
         vec![0.1f32; n],
         vec![0.01f32; n],
@@ -594,13 +590,15 @@ pub fn profile(
         let got = ThreadComm::run(n, move |c| -> Result<_, CommError> {
             let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
             let mut rows = [[0.0f64; 3]; 2];
-            for (row, &size) in rows.iter_mut().zip(&sizes) {
+            // Each size in the sequences [`probe`] measured it with (the small step is one
+            // sequence of SMALL tokens, not SMALL tokens of a `len`-token sequence).
+            for (row, (&size, seq)) in rows.iter_mut().zip(sizes.iter().zip([len, SMALL])) {
                 let clock = sim::Clock::new();
                 let sb = sim::SimBackend::with_scale(be.clone(), &cl, clock.clone(), 1.0)
                     .sharing(share.clone());
                 let sc = sim::SimComm::over(&c, &cl, clock.clone())?.sharing(share.clone());
                 let mut at = sim::ClockReading::default();
-                dp_steps(&sb, &sc, &cfg2, size, len, 1, |k| {
+                dp_steps(&sb, &sc, &cfg2, size, seq, 1, |k| {
                     if k == 1 {
                         at = clock.read();
                     }
