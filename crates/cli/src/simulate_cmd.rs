@@ -20,7 +20,8 @@ pub struct Args {
     /// A model preset (llama2-7b, llama2-13b, llama-32b) or an HF config.json.
     #[arg(long, default_value = "llama2-7b")]
     model: String,
-    /// A dataset preset (commoncrawl, github) or a file of whitespace-separated lengths.
+    /// A dataset preset (commoncrawl, github: the HotSPa paper's shapes; crates-io: a real
+    /// corpus with a tail past 1M tokens) or a file of whitespace-separated lengths.
     #[arg(long, default_value = "commoncrawl")]
     dataset: String,
     /// Documents are cut to this many tokens.
@@ -199,16 +200,23 @@ fn one(r: &Report) {
             .iter()
             .flat_map(|c| [("static+cp", Some(&c.fixed)), ("auto+cp", Some(&c.auto))]),
     )
-    .chain([("concurrent", r.concurrent.as_ref().map(|c| &c.estimate))])
+    .chain([
+        ("concurrent", r.concurrent.as_ref().map(|c| &c.estimate)),
+        ("groups", r.groups.as_ref().map(|c| &c.estimate)),
+    ])
     .collect();
     for (name, e) in rows {
+        if let (Some(why), "static" | "paper" | "auto") = (&r.without_context, name) {
+            println!("{name:<10} (without CP or recomputation: {why})");
+            continue;
+        }
         let Some(e) = e else {
             println!(
                 "{name:<10} ({})",
                 if name == "paper" {
                     "no hand-picked plan for this setting, or it does not fit"
-                } else if name == "concurrent" {
-                    "no split of the devices into two groups holds the batch"
+                } else if name == "concurrent" || name == "groups" {
+                    "no split of the devices into groups holds the batch"
                 } else {
                     "no configuration holds a sample of the context length"
                 }
@@ -231,14 +239,16 @@ fn one(r: &Report) {
             e.plan
         );
     }
-    println!(
-        "auto: {:.2}× the static strategy{}; planned in {:.2} s",
-        r.speedup_over_static,
-        r.speedup_over_paper
-            .map(|x| format!(", {x:.2}× the paper's plan"))
-            .unwrap_or_default(),
-        r.planning_seconds
-    );
+    if r.without_context.is_none() {
+        println!(
+            "auto: {:.2}× the static strategy{}; planned in {:.2} s",
+            r.speedup_over_static,
+            r.speedup_over_paper
+                .map(|x| format!(", {x:.2}× the paper's plan"))
+                .unwrap_or_default(),
+            r.planning_seconds
+        );
+    }
     if let Some(t) = r.paper_longest_switch {
         println!(
             "the paper's plan's longest single switch: {}",
@@ -247,14 +257,34 @@ fn one(r: &Report) {
     }
     if let Some(c) = &r.context {
         println!(
-            "with CP and recomputation searched: auto+cp {:.2}× static+cp, {:.2}× auto; planned in {:.2} s",
-            c.speedup_over_static, c.speedup_over_plain, c.planning_seconds
+            "with CP and recomputation searched: auto+cp {:.2}× static+cp{}; planned in {:.2} s",
+            c.speedup_over_static,
+            if r.without_context.is_none() {
+                format!(", {:.2}× auto", c.speedup_over_plain)
+            } else {
+                String::new()
+            },
+            c.planning_seconds
         );
     }
     if let Some(c) = &r.concurrent {
         println!(
             "concurrent (two groups of devices at once{}): {:.2}× the static strategy{}; planned in {:.2} s",
             if r.context.is_some() { ", CP and recomputation in the groups" } else { "" },
+            c.speedup_over_static,
+            if r.context.is_some() { " with CP" } else { "" },
+            c.planning_seconds
+        );
+    }
+    if let Some(c) = &r.groups {
+        println!(
+            "groups (up to {} groups of devices at once, each on a range of lengths{}): {:.2}× the static strategy{}; planned in {:.2} s",
+            planner::MAX_GROUPS,
+            if r.context.is_some() {
+                ", each sequence under its group's CP degree"
+            } else {
+                ""
+            },
             c.speedup_over_static,
             if r.context.is_some() { " with CP" } else { "" },
             c.planning_seconds

@@ -80,6 +80,61 @@ fn context_adds_the_cp_and_recomputation_plans() {
     );
 }
 
+/// A corpus past what any strategy holds without CP (`crates-io` at 256K on 8 GPUs): the
+/// plain rows say why they are missing instead of the command failing; the plans with CP, the
+/// concurrent plan and the search of up to four groups are there, the groups' plan holding
+/// every length and never slower than the two groups'.
+#[test]
+fn a_long_tailed_corpus_past_256k_is_planned_with_cp_and_groups() {
+    let args = [
+        "simulate",
+        "--cluster",
+        "h100x8",
+        "--gpus",
+        "8",
+        "--max-len",
+        "262144",
+        "--global-batch",
+        "64",
+        "--dataset",
+        "crates-io",
+        "--context",
+    ];
+    let v = json(&[&args[..], &["--json"]].concat());
+    assert!(
+        v["without_context"]
+            .as_str()
+            .is_some_and(|w| w.contains("fits no strategy")),
+        "{v}"
+    );
+    let groups = &v["groups"]["estimate"];
+    let plan = groups["plan"].as_str().unwrap();
+    assert!(plan.contains(" | "), "{plan}");
+    let (g, two) = (
+        groups["seconds"].as_f64().unwrap(),
+        v["concurrent"]["estimate"]["seconds"].as_f64().unwrap(),
+    );
+    assert!(g > 0.0 && g <= two, "{g} vs {two}");
+    // Without --context the same setting is refused, naming the length.
+    let out = hotspa(&args[..args.len() - 1]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("262144 tokens fits no strategy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&hotspa(&args).stdout).to_string();
+    for row in [
+        "static     (without CP",
+        "static+cp",
+        "concurrent",
+        "groups",
+        "up to 4 groups",
+    ] {
+        assert!(text.contains(row), "{row}: {text}");
+    }
+}
+
 #[test]
 fn bad_settings_are_clear_errors() {
     for (args, want) in [

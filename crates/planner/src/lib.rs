@@ -33,6 +33,7 @@ mod cluster;
 mod cost;
 mod error;
 pub mod exchange;
+mod groups;
 mod memory;
 mod plan;
 pub mod route;
@@ -44,5 +45,6 @@ pub use cost::{
     ACT_BYTES_PER_TOKEN_HIDDEN, USABLE_MEMORY,
 };
 pub use error::{PlanError, Result};
+pub use groups::MAX_GROUPS;
 pub use memory::{pass_memory, stage_peak, PassMemory};
 pub use plan::{Estimate, Plan, Planner};

@@ -106,6 +106,14 @@ pub struct Report {
     /// recomputation in the groups' candidates when the context plans are asked for): `None`
     /// in the paper's grid, or where no split holds the batch.
     pub concurrent: Option<ConcurrentPlan>,
+    /// Up to [`planner::MAX_GROUPS`] groups of devices training at the same time, each on the
+    /// sequences of a range of lengths under its own strategy (with CP in the candidates, each
+    /// sequence under its group's CP degree: [`Planner::concurrent_groups`]); `None` as
+    /// `concurrent`.
+    pub groups: Option<ConcurrentPlan>,
+    /// Why the plain plans (`fixed`, `auto`, `paper`) are the context search's: no strategy
+    /// without CP or recomputation holds the batch (`None` where they are the plain search's).
+    pub without_context: Option<String>,
 }
 
 /// The best concurrent plan of a setting.
@@ -119,8 +127,8 @@ pub struct ConcurrentPlan {
     pub speedup_over_static: f64,
 }
 
-/// The best concurrent plan for `lens` by `planner`, against the static strategy's `fixed`
-/// seconds.
+/// The best concurrent plan for `lens` by `planner` of two groups, against the static
+/// strategy's `fixed` seconds.
 fn concurrent_plan(
     planner: &Planner,
     lens: &[usize],
@@ -134,6 +142,35 @@ fn concurrent_plan(
             planning_seconds: t0.elapsed().as_secs_f64(),
             estimate,
         }))
+}
+
+/// The best plan of up to [`planner::MAX_GROUPS`] concurrent groups for `lens`, or `two` (the
+/// two-group search's) where that is faster; its planning time its own search's.
+fn groups_plan(
+    planner: &Planner,
+    lens: &[usize],
+    fixed: f64,
+    two: Option<&ConcurrentPlan>,
+) -> Result<Option<ConcurrentPlan>> {
+    let t0 = std::time::Instant::now();
+    let found = planner.concurrent_groups(lens, planner::MAX_GROUPS)?;
+    let planning_seconds = t0.elapsed().as_secs_f64();
+    let found = found.map(|(_, estimate)| ConcurrentPlan {
+        speedup_over_static: fixed / estimate.seconds,
+        planning_seconds,
+        estimate,
+    });
+    Ok(match (found, two) {
+        (Some(g), Some(t)) if t.estimate.seconds < g.estimate.seconds => Some(ConcurrentPlan {
+            planning_seconds,
+            ..t.clone()
+        }),
+        (Some(g), _) => Some(g),
+        (None, t) => t.map(|t| ConcurrentPlan {
+            planning_seconds,
+            ..t.clone()
+        }),
+    })
 }
 
 impl Report {
@@ -311,6 +348,7 @@ pub fn simulate(s: &Scenario) -> Result<Report> {
     let mut r = report(&planner, s)?;
     let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
     r.concurrent = concurrent_plan(&planner, &lens, r.fixed.seconds)?;
+    r.groups = groups_plan(&planner, &lens, r.fixed.seconds, r.concurrent.as_ref())?;
     Ok(r)
 }
 
@@ -339,12 +377,21 @@ pub fn simulate_with_context(s: &Scenario) -> Result<Report> {
         .as_ref()
         .map_or(r.fixed.seconds, |c| c.fixed.seconds);
     r.concurrent = concurrent_plan(&ctx, &lens, fixed)?;
+    r.groups = groups_plan(&ctx, &lens, fixed, r.concurrent.as_ref())?;
     Ok(r)
 }
 
 /// [`report`], adding the plans `ctx` (a planner with [`Planner::context`]) finds.
 pub fn report_with_context(planner: &Planner, ctx: &Planner, s: &Scenario) -> Result<Report> {
-    let mut r = report(planner, s)?;
+    // Contexts no strategy holds without CP or recomputation: the plain rows are the context
+    // search's own, and say so.
+    let mut r = match report(planner, s) {
+        Err(SimError::Plan(e @ planner::PlanError::TooLong { .. })) => Report {
+            without_context: Some(e.to_string()),
+            ..report(ctx, s)?
+        },
+        other => other?,
+    };
     let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
     let (_, fixed) = ctx.best_static(&lens)?;
     let t0 = std::time::Instant::now();
@@ -577,6 +624,8 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         planning_seconds,
         context: None,
         concurrent: None,
+        groups: None,
+        without_context: None,
         baselines: [
             baselines::Baseline::MegatronLm,
             baselines::Baseline::DeepSpeed,

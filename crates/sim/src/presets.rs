@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use planner::{Cluster, Link};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
 
 use crate::error::{Result, SimError};
@@ -12,7 +12,12 @@ use crate::error::{Result, SimError};
 pub const CLUSTERS: [&str; 5] = ["a800x32", "h100x8", "h100x128", "h100x1024", "eth8x8"];
 
 /// The dataset presets.
-pub const DATASETS: [&str; 2] = ["commoncrawl", "github"];
+pub const DATASETS: [&str; 3] = ["commoncrawl", "github", "crates-io"];
+
+/// The `crates-io` corpus: one document per `.rs` file of the crates.io packages in this
+/// workspace's Cargo.lock, its bytes (hotspa's byte-level tokens); written by
+/// `scripts/lengths-crates-io.sh`.
+const CRATES_IO: &str = include_str!("../data/crates-io.txt");
 
 /// The device figures the presets take from published component measurements
 /// (docs/cost-model.md §3 has each source): the dense BF16 peak (datasheet), the best GEMM rate
@@ -179,7 +184,13 @@ pub fn cluster_or_file(name: &str) -> Result<Cluster> {
 }
 
 /// `n` sequence lengths of `dataset` (a preset, or a file of whitespace-separated lengths used
-/// in turn), each cut to `max_len` as a data loader cuts documents, at least 2.
+/// in turn, lines starting with `#` comments), each cut to `max_len` as a data loader cuts
+/// documents, at least 2.
+///
+/// `crates-io` is a real corpus with a tail to two million tokens: the 8,900 `.rs` files of the
+/// 255 crates.io packages this workspace locks, one document each, in bytes (median 3,823, 1 %
+/// above 205K, 38 above 256K, 15 above 512K, 3 above 1M, the longest 2,233,085), drawn
+/// uniformly with replacement by `seed`.
 ///
 /// The presets are long-tailed log-normal shapes read off the length CDFs of CommonCrawl and
 /// GitHub in the HotSPa paper (Ge et al., SOSP 2024, Fig. 2), not the data itself:
@@ -190,27 +201,19 @@ pub fn lengths(dataset: &str, n: usize, max_len: usize, seed: u64) -> Result<Vec
     let (median, sigma): (f64, f64) = match dataset {
         "commoncrawl" => (1000.0, 1.0),
         "github" => (1500.0, 1.4),
+        "crates-io" => {
+            let all = parse_lengths(CRATES_IO, "crates-io")?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            return Ok((0..n)
+                .map(|_| cut(all[rng.random_range(0..all.len())] as f64))
+                .collect());
+        }
         path if Path::new(path).exists() => {
             let text = std::fs::read_to_string(path).map_err(|e| SimError::File {
                 path: path.into(),
                 reason: e.to_string(),
             })?;
-            let mut all = Vec::new();
-            for (i, line) in text.lines().enumerate() {
-                for w in line.split_whitespace() {
-                    let l: usize = w.parse().map_err(|_| SimError::File {
-                        path: path.into(),
-                        reason: format!("line {}: `{w}` is not a length", i + 1),
-                    })?;
-                    all.push(l);
-                }
-            }
-            if all.is_empty() {
-                return Err(SimError::File {
-                    path: path.into(),
-                    reason: "no lengths".into(),
-                });
-            }
+            let all = parse_lengths(&text, path)?;
             return Ok((0..n).map(|i| cut(all[i % all.len()] as f64)).collect());
         }
         other => {
@@ -227,9 +230,59 @@ pub fn lengths(dataset: &str, n: usize, max_len: usize, seed: u64) -> Result<Vec
     Ok((0..n).map(|_| cut(dist.sample(&mut rng))).collect())
 }
 
+/// The whitespace-separated lengths of `text` (from `path`), lines starting with `#` skipped.
+fn parse_lengths(text: &str, path: &str) -> Result<Vec<usize>> {
+    let mut all = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        for w in line.split_whitespace() {
+            let l: usize = w.parse().map_err(|_| SimError::File {
+                path: path.into(),
+                reason: format!("line {}: `{w}` is not a length", i + 1),
+            })?;
+            all.push(l);
+        }
+    }
+    if all.is_empty() {
+        return Err(SimError::File {
+            path: path.into(),
+            reason: "no lengths".into(),
+        });
+    }
+    Ok(all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bundled corpus is what its script wrote and what the docs say of it; drawn by seed,
+    /// cut at the context length.
+    #[test]
+    fn the_crates_io_corpus_reaches_past_a_million_tokens() {
+        let all = parse_lengths(CRATES_IO, "crates-io").unwrap();
+        assert_eq!(all.len(), 8900);
+        assert!(all.windows(2).all(|w| w[0] <= w[1]), "sorted");
+        assert_eq!(all[all.len() / 2], 3823);
+        assert_eq!(all.iter().filter(|&&l| l > 262_144).count(), 38);
+        assert_eq!(all.iter().filter(|&&l| l > 1 << 20).count(), 3);
+        assert_eq!(all.last(), Some(&2_233_085));
+        let a = lengths("crates-io", 4096, 1 << 20, 7).unwrap();
+        assert_eq!(a, lengths("crates-io", 4096, 1 << 20, 7).unwrap());
+        assert_ne!(a, lengths("crates-io", 4096, 1 << 20, 8).unwrap());
+        assert!(a.iter().all(|&l| (2..=1 << 20).contains(&l)));
+        // 4,096 draws from 8,900 documents of which 38 exceed 256K: about 17 of them.
+        let long = a.iter().filter(|&&l| l > 262_144).count();
+        assert!((5..=40).contains(&long), "{long}");
+        // A comment line is skipped; anything else that is not a length is refused by line.
+        assert_eq!(parse_lengths("# x\n3 4\n", "f").unwrap(), [3, 4]);
+        assert!(parse_lengths("3\nx\n", "f")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
+    }
 
     #[test]
     fn every_preset_is_known_by_name_and_the_h100_clusters_scale_by_nodes() {

@@ -116,6 +116,10 @@ fn concurrent_groups_end_with_the_single_device_weights() {
         ("dp2:3 | pp2:max", "dp2pp2"),
         ("dp1:3 | dp3:max", "dp4"),
         ("dp2zero3:9 | tp2:max", "dp4zero3"),
+        // Three groups, as the planner's search gives them: each sequence under its group's
+        // CP degree (none for the short ones).
+        ("dp1:3 | dp1:9 | cp2:max", "dp4"),
+        ("dp1:4 | tp2:12 | dp1:max", "dp2tp2"),
     ] {
         let plan = Plan::parse(schedule, 4).unwrap();
         assert_eq!(plan.inst.to_string(), inst, "{schedule}");
