@@ -2,12 +2,8 @@
 //! ZeRO stage, on thread ranks, against the same three steps on one device: the weights and the
 //! gradient norms agree to ~1e-5 (DESIGN §3).
 
-use std::sync::Arc;
-
-use comm::ThreadComm;
-use graph::{lower, Schedule, Strategy};
-use model::{gather_weights, param_specs, LlamaConfig, Weights};
-use runtime::pipeline_step;
+use graph::{lower, Strategy};
+use model::{param_specs, LlamaConfig};
 
 const STEPS: usize = 3;
 
@@ -24,40 +20,17 @@ fn batch(s: usize) -> Vec<Vec<u32>> {
 
 /// Runs `STEPS` steps under `spec`; returns the global weights (from DP replica 0) and the norms.
 fn train(spec: &str, devices: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
-    let cfg = Arc::new(config());
-    let weights = Arc::new(Weights::random(&cfg, 9));
-    let strategy = Strategy::parse(spec, devices).unwrap();
-    let s2 = strategy.clone();
-    let results = ThreadComm::run(
-        devices,
-        move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let mut r = common::rank_setup(&world, &cfg, &s2, &weights)?;
-            let mut opt = r.optimizer(0.3)?;
-            let mut norms = Vec::new();
-            for s in 0..STEPS {
-                let mbs = common::replica_batches(&batch(s), s2.dp, r.dp_rank);
-                let out = pipeline_step(
-                    &r.cpu,
-                    &r.exec,
-                    &mut r.groups,
-                    opt.params(),
-                    &r.shared,
-                    &mbs,
-                    Schedule::OneFOneB,
-                )?;
-                norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
-            }
-            Ok((opt.params_host(&r.cpu, &r.groups)?, r.held, norms))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{spec}: {e}"));
-
-    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
-    let out = gather_weights(&config(), &strategy, &per_rank)
-        .unwrap()
-        .tensors()
-        .to_vec();
-    (out, results[0].2.clone())
+    let (out, mut kept) = common::on_ranks(&config(), spec, devices, |_, s, mut r| {
+        let mut opt = r.optimizer(0.3)?;
+        let mut norms = Vec::new();
+        for step in 0..STEPS {
+            let mbs = common::replica_batches(&batch(step), s.dp, r.dp_rank);
+            let out = r.pass(opt.params(), &mbs)?;
+            norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
+        }
+        Ok((opt.params_host(&r.cpu, &r.groups)?, r.held, norms))
+    });
+    (out, kept.swap_remove(0))
 }
 
 fn check(spec: &str, devices: usize) {

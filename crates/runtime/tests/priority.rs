@@ -3,13 +3,12 @@
 //! reading the weights through the gate as they are published, against the same three steps
 //! on one device; and the pieces go out in the order the forward needs the parameters.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use comm::{CommKind, Communicator, Counting, ThreadComm};
-use graph::{Schedule, Strategy};
+use comm::{CommKind, Counting};
+use graph::Schedule;
 use kernels::CpuBackend;
-use model::{gather_weights, param_specs, Weights};
+use model::param_specs;
 use runtime::stream::{forward_order, pieces, update_by_priority, PriorityUpdate};
 use runtime::{pipeline_step, CommSchedule, ExactAllReduce, Gate, RankGroups};
 
@@ -33,8 +32,6 @@ fn pass<'p>(
     pipeline_step(cpu, exec, groups, params, shared, mbs, Schedule::OneFOneB)
 }
 
-type Run = (Vec<Vec<f32>>, model::Held, Vec<f64>, Vec<usize>, Vec<usize>);
-
 /// `STEPS` steps of `spec` on `devices` thread ranks; under `priority`, each step's update is
 /// summed and applied on a second thread while the next step's passes read the weights through
 /// the gate (the last one alone). The global weights, the gradient norms, and the lengths of
@@ -44,116 +41,90 @@ fn train(
     devices: usize,
     priority: Option<f64>,
 ) -> (Vec<Vec<f32>>, Vec<f64>, Vec<usize>, Vec<usize>) {
-    let cfg = Arc::new(common::config(2, 2, true, None));
-    let weights = Arc::new(Weights::random(&cfg, 9));
-    let strategy = Strategy::parse(spec, devices).unwrap();
-    let (s2, c2) = (strategy.clone(), cfg.clone());
-    let results: Vec<Run> = ThreadComm::run(
-        devices,
-        move |world| -> Result<Run, Box<dyn std::error::Error + Send + Sync>> {
-            let mut r = common::rank_setup(&world, &c2, &s2, &weights)?;
-            let all: Vec<comm::Rank> = (0..s2.dp).map(comm::Rank).collect();
-            let mut own = Counting::new(world.sub_group(&all)?);
-            if let Some(defer) = priority {
-                r.groups.comm_schedule = CommSchedule::Priority;
-                r.groups.priority_defer = defer;
-                r.groups.bucket_bytes = 700 * 4;
-            }
-            let mut opt = r.optimizer(f64::INFINITY)?;
-            let order = forward_order(&r.exec);
-            let (mut norms, mut sent, mut want) = (Vec::new(), Vec::new(), Vec::new());
-            // A step's gradients and the first piece of them summed during its backward.
-            let mut pending: Option<(Vec<Vec<f32>>, usize)> = None;
-            for s in 0..=STEPS {
-                let mbs = if s < STEPS {
-                    common::replica_batches(&batch(s), s2.dp, r.dp_rank)
-                } else {
-                    Vec::new()
-                };
-                // Step by step, every step; by priority, the first step (no update pending).
-                let Some((grads, presummed)) = pending.take() else {
-                    if s < STEPS {
-                        let out = pass(
-                            &r.cpu,
-                            &r.exec,
-                            &mut r.groups,
-                            opt.params(),
-                            &r.shared,
-                            &mbs,
-                        )?;
-                        match priority {
-                            Some(_) => {
-                                pending = Some((out.grads, out.presummed.expect("priority")))
-                            }
-                            None => {
-                                norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?)
-                            }
-                        }
+    let cfg = common::config(2, 2, true, None);
+    let (out, mut kept) = common::on_ranks(&cfg, spec, devices, move |world, s2, mut r| {
+        let all: Vec<comm::Rank> = (0..s2.dp).map(comm::Rank).collect();
+        let mut own = Counting::new(world.sub_group(&all)?);
+        if let Some(defer) = priority {
+            r.groups.comm_schedule = CommSchedule::Priority;
+            r.groups.priority_defer = defer;
+            r.groups.bucket_bytes = 700 * 4;
+        }
+        let mut opt = r.optimizer(f64::INFINITY)?;
+        let order = forward_order(&r.exec);
+        let (mut norms, mut sent, mut want) = (Vec::new(), Vec::new(), Vec::new());
+        // A step's gradients and the first piece of them summed during its backward.
+        let mut pending: Option<(Vec<Vec<f32>>, usize)> = None;
+        for s in 0..=STEPS {
+            let mbs = if s < STEPS {
+                common::replica_batches(&batch(s), s2.dp, r.dp_rank)
+            } else {
+                Vec::new()
+            };
+            // Step by step, every step; by priority, the first step (no update pending).
+            let Some((grads, presummed)) = pending.take() else {
+                if s < STEPS {
+                    let out = r.pass(opt.params(), &mbs)?;
+                    match priority {
+                        Some(_) => pending = Some((out.grads, out.presummed.expect("priority"))),
+                        None => norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?),
                     }
-                    continue;
-                };
-                if s == 1 {
-                    let lens: Vec<usize> = grads.iter().map(Vec::len).collect();
-                    // The update thread sums the pieces before `presummed` (the backward the
-                    // rest): the lengths of all, then where they split.
-                    want = pieces(&order, &lens, 700)
-                        .iter()
-                        .map(|p| p.iter().map(|(_, r)| r.len()).sum())
-                        .collect();
-                    want.push(presummed);
-                    own.clear();
                 }
-                let mut lent = opt.lend()?;
-                let gate = Gate::new(grads.len(), Duration::from_secs(60));
-                let update = PriorityUpdate {
-                    comm: &mut own,
-                    agreement: &ExactAllReduce,
-                    strategy: &s2,
-                    order: &order,
-                    piece: 700,
-                    lr: 1e-2,
-                    presummed,
-                };
-                let (norm, out) = std::thread::scope(|scope| {
-                    let (gate, lent, be) = (&gate, &mut lent, &r.cpu);
-                    let h = scope.spawn(move || update_by_priority(be, lent, grads, gate, update));
-                    // This step's passes read each weight as soon as it is published.
-                    let out = (s < STEPS)
-                        .then(|| pass(&r.cpu, &r.exec, &mut r.groups, gate, &r.shared, &mbs));
-                    (h.join().expect("the update thread"), out)
-                });
-                norms.push(norm?);
-                opt.take_back(lent, gate.into_buffers()?);
-                if s == 1 {
-                    sent = own
-                        .records()
-                        .iter()
-                        .filter(|r| r.kind == CommKind::AllReduce)
-                        .map(|r| r.bytes / 4)
-                        .collect();
-                }
-                if let Some(out) = out {
-                    let out = out?;
-                    pending = Some((out.grads, out.presummed.expect("priority")));
-                }
+                continue;
+            };
+            if s == 1 {
+                let lens: Vec<usize> = grads.iter().map(Vec::len).collect();
+                // The update thread sums the pieces before `presummed` (the backward the
+                // rest): the lengths of all, then where they split.
+                want = pieces(&order, &lens, 700)
+                    .iter()
+                    .map(|p| p.iter().map(|(_, r)| r.len()).sum())
+                    .collect();
+                want.push(presummed);
+                own.clear();
             }
-            Ok((
-                opt.params_host(&r.cpu, &r.groups)?,
-                r.held,
-                norms,
-                sent,
-                want,
-            ))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{spec}: {e}"));
-    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
-    let out = gather_weights(&cfg, &strategy, &per_rank)
-        .unwrap()
-        .tensors()
-        .to_vec();
-    let first = &results[0];
-    (out, first.2.clone(), first.3.clone(), first.4.clone())
+            let mut lent = opt.lend()?;
+            let gate = Gate::new(grads.len(), Duration::from_secs(60));
+            let update = PriorityUpdate {
+                comm: &mut own,
+                agreement: &ExactAllReduce,
+                strategy: s2,
+                order: &order,
+                piece: 700,
+                lr: 1e-2,
+                presummed,
+            };
+            let (norm, out) = std::thread::scope(|scope| {
+                let (gate, lent, be) = (&gate, &mut lent, &r.cpu);
+                let h = scope.spawn(move || update_by_priority(be, lent, grads, gate, update));
+                // This step's passes read each weight as soon as it is published.
+                let out = (s < STEPS)
+                    .then(|| pass(&r.cpu, &r.exec, &mut r.groups, gate, &r.shared, &mbs));
+                (h.join().expect("the update thread"), out)
+            });
+            norms.push(norm?);
+            opt.take_back(lent, gate.into_buffers()?);
+            if s == 1 {
+                sent = own
+                    .records()
+                    .iter()
+                    .filter(|r| r.kind == CommKind::AllReduce)
+                    .map(|r| r.bytes / 4)
+                    .collect();
+            }
+            if let Some(out) = out {
+                let out = out?;
+                pending = Some((out.grads, out.presummed.expect("priority")));
+            }
+        }
+        Ok((
+            opt.params_host(&r.cpu, &r.groups)?,
+            r.held,
+            (norms, sent, want),
+        ))
+    });
+    let (norms, sent, want) = kept.swap_remove(0);
+    (out, norms, sent, want)
 }
 
 #[test]

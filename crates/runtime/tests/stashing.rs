@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use comm::ThreadComm;
-use graph::{Schedule, Strategy};
-use model::{gather_weights, param_specs, LlamaConfig, Weights};
-use runtime::{pipeline_step, stash, Stashing};
+use graph::Strategy;
+use model::{param_specs, LlamaConfig, Weights};
+use runtime::{stash, Stashing};
 
 mod common;
 
@@ -28,68 +28,47 @@ type Trained = (Vec<Vec<f32>>, Vec<f64>, Vec<u64>);
 /// `STEPS` steps under `spec`: the global weights, the norms, the staleness of every update.
 /// `delayed` on one device applies the 2BW rule by hand; `flushless` runs the [`Stashing`].
 fn train(spec: &str, devices: usize, delayed: bool, flushless: bool) -> Trained {
-    let cfg = Arc::new(config());
-    let weights = Arc::new(Weights::random(&cfg, 9));
-    let strategy = Strategy::parse(spec, devices).unwrap();
-    let s2 = strategy.clone();
-    let results = ThreadComm::run(
-        devices,
-        move |world| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let mut r = common::rank_setup(&world, &cfg, &s2, &weights)?;
-            let mut opt = r.optimizer(0.3)?;
-            let (mut norms, mut stale) = (Vec::new(), Vec::new());
-            let mut pipe = Stashing::new();
-            // The hand-applied rule's W(t-1).
-            let mut previous = stash(&r.cpu, opt.params())?;
-            for s in 0..STEPS {
-                let mbs = common::replica_batches(&batch(s), s2.dp, r.dp_rank);
-                if flushless {
-                    let w = stash(&r.cpu, opt.params())?;
-                    let done = pipe.step(&r.cpu, &r.exec, &mut r.groups, w, &r.shared, mbs)?;
-                    if let Some(d) = done {
-                        assert_eq!(d.step as usize + 1, s, "the last step comes back");
-                        stale.push(d.staleness);
-                        norms.push(opt.update(&r.cpu, &mut r.groups, d.gradients.grads, 1e-2)?);
-                    }
-                    continue;
-                }
-                let read = if delayed {
-                    std::mem::replace(&mut previous, stash(&r.cpu, opt.params())?)
-                } else {
-                    stash(&r.cpu, opt.params())?
-                };
-                let out = pipeline_step(
-                    &r.cpu,
-                    &r.exec,
-                    &mut r.groups,
-                    &read[..],
-                    &r.shared,
-                    &mbs,
-                    Schedule::OneFOneB,
-                )?;
-                stale.push(u64::from(delayed && s > 0));
-                norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
-            }
+    let (out, mut kept) = common::on_ranks(&config(), spec, devices, move |_, s2, mut r| {
+        let mut opt = r.optimizer(0.3)?;
+        let (mut norms, mut stale) = (Vec::new(), Vec::new());
+        let mut pipe = Stashing::new();
+        // The hand-applied rule's W(t-1).
+        let mut previous = stash(&r.cpu, opt.params())?;
+        for s in 0..STEPS {
+            let mbs = common::replica_batches(&batch(s), s2.dp, r.dp_rank);
             if flushless {
-                assert!(pipe.pending(), "the last step is still in flight");
-                let d = pipe
-                    .drain(&r.cpu, &r.exec, &mut r.groups, &r.shared)?
-                    .expect("the drain finishes the last step");
-                assert_eq!(d.step as usize, STEPS - 1);
-                assert_eq!(pipe.in_flight(), 0);
-                stale.push(d.staleness);
-                norms.push(opt.update(&r.cpu, &mut r.groups, d.gradients.grads, 1e-2)?);
+                let w = stash(&r.cpu, opt.params())?;
+                let done = pipe.step(&r.cpu, &r.exec, &mut r.groups, w, &r.shared, mbs)?;
+                if let Some(d) = done {
+                    assert_eq!(d.step as usize + 1, s, "the last step comes back");
+                    stale.push(d.staleness);
+                    norms.push(opt.update(&r.cpu, &mut r.groups, d.gradients.grads, 1e-2)?);
+                }
+                continue;
             }
-            Ok((opt.params_host(&r.cpu, &r.groups)?, r.held, norms, stale))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{spec}: {e}"));
-    let per_rank: Vec<_> = results.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
-    let out = gather_weights(&config(), &strategy, &per_rank)
-        .unwrap()
-        .tensors()
-        .to_vec();
-    (out, results[0].2.clone(), results[0].3.clone())
+            let read = if delayed {
+                std::mem::replace(&mut previous, stash(&r.cpu, opt.params())?)
+            } else {
+                stash(&r.cpu, opt.params())?
+            };
+            let out = r.pass(&read[..], &mbs)?;
+            stale.push(u64::from(delayed && s > 0));
+            norms.push(opt.update(&r.cpu, &mut r.groups, out.grads, 1e-2)?);
+        }
+        if flushless {
+            assert!(pipe.pending(), "the last step is still in flight");
+            let d = pipe
+                .drain(&r.cpu, &r.exec, &mut r.groups, &r.shared)?
+                .expect("the drain finishes the last step");
+            assert_eq!(d.step as usize, STEPS - 1);
+            assert_eq!(pipe.in_flight(), 0);
+            stale.push(d.staleness);
+            norms.push(opt.update(&r.cpu, &mut r.groups, d.gradients.grads, 1e-2)?);
+        }
+        Ok((opt.params_host(&r.cpu, &r.groups)?, r.held, (norms, stale)))
+    });
+    let (norms, stale) = kept.swap_remove(0);
+    (out, norms, stale)
 }
 
 fn check(spec: &str, devices: usize) {

@@ -26,22 +26,7 @@ fn check(out: &TrainOutcome, reference: &TrainOutcome, what: &str) {
     );
     let (name, worst) = got.worst_difference(want);
     assert!(worst <= 1e-5, "{what}: {name} differs by {worst:e}");
-    assert_eq!(out.steps.len(), reference.steps.len());
-    for (a, b) in out.steps.iter().zip(&reference.steps) {
-        assert!(
-            (a.loss - b.loss).abs() < 1e-5,
-            "{what}: loss {} vs {}",
-            a.loss,
-            b.loss
-        );
-        assert!(
-            (a.grad_norm - b.grad_norm).abs() < 1e-5 * b.grad_norm.max(1.0),
-            "{what}: gradient norm {} vs {}",
-            a.grad_norm,
-            b.grad_norm
-        );
-        assert_eq!(a.tokens, b.tokens, "{what}");
-    }
+    common::same_steps(&out.steps, &reference.steps, what, 1e-5);
 }
 
 fn single() -> TrainOutcome {

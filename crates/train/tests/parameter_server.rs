@@ -47,16 +47,12 @@ fn bsp_on_the_parameter_server_is_the_all_reduce_run() {
             "{servers} servers: {name} differs by {worst:e}"
         );
         assert_eq!(out.steps.len(), 3);
-        for (a, b) in out.steps.iter().zip(&reference.steps) {
-            assert!(
-                (a.loss - b.loss).abs() < 1e-5,
-                "loss {} vs {}",
-                a.loss,
-                b.loss
-            );
-            assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * b.grad_norm.max(1.0));
-            assert_eq!(a.tokens, b.tokens);
-        }
+        common::same_steps(
+            &out.steps,
+            &reference.steps,
+            &format!("{servers} servers"),
+            1e-4,
+        );
         // Every worker took every step, each with the current parameters.
         assert_eq!(out.worker_steps.len(), 12);
         assert!(out.worker_steps.iter().all(|s| s.staleness == 0));

@@ -134,3 +134,61 @@ impl RankSetup {
         )?)
     }
 }
+
+/// What a rank hands back to [`on_ranks`]: its pieces of the weights, what it holds of them,
+/// and what else the test keeps.
+pub type RankOut<T> = (Vec<Vec<f32>>, Held, T);
+
+/// Runs `body` on every rank of `spec` over `devices` thread ranks, each with its
+/// [`RankSetup`] of `cfg` from the weights seed 9 draws; returns the global weights gathered
+/// from the ranks' pieces and what each rank kept, rank by rank.
+pub fn on_ranks<T, F>(
+    cfg: &LlamaConfig,
+    spec: &str,
+    devices: usize,
+    body: F,
+) -> (Vec<Vec<f32>>, Vec<T>)
+where
+    T: Send + 'static,
+    F: Fn(&dyn Communicator, &Strategy, RankSetup) -> RankResult<RankOut<T>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let weights = std::sync::Arc::new(Weights::random(cfg, 9));
+    let strategy = Strategy::parse(spec, devices).unwrap();
+    let (c2, s2) = (cfg.clone(), strategy.clone());
+    let results = comm::ThreadComm::run(devices, move |world| -> RankResult<RankOut<T>> {
+        let r = rank_setup(&world, &c2, &s2, &weights)?;
+        body(&world, &s2, r)
+    })
+    .unwrap_or_else(|e| panic!("{spec}: {e}"));
+    let (per_rank, kept): (Vec<_>, Vec<_>) = results
+        .into_iter()
+        .map(|(params, held, t)| ((params, held), t))
+        .unzip();
+    let out = model::gather_weights(cfg, &strategy, &per_rank)
+        .unwrap()
+        .tensors()
+        .to_vec();
+    (out, kept)
+}
+
+impl RankSetup {
+    /// One step's 1F1B passes of `mbs` over `params` (this rank's pieces, or a view of them).
+    pub fn pass<'p>(
+        &mut self,
+        params: impl Into<runtime::ParamView<'p, CpuBackend>>,
+        mbs: &[MicroBatch],
+    ) -> runtime::Result<runtime::StepGradients<CpuBackend>> {
+        runtime::pipeline_step(
+            &self.cpu,
+            &self.exec,
+            &mut self.groups,
+            params,
+            &self.shared,
+            mbs,
+            graph::Schedule::OneFOneB,
+        )
+    }
+}

@@ -44,3 +44,31 @@ pub fn config(
     cfg.shuffle = false;
     cfg
 }
+
+/// Step by step, `got` is `want`'s run: the same number of steps, the losses within 1e-5, the
+/// gradient norms within `norm_tol` of each other (relative, at least 1), the same tokens.
+pub fn same_steps(
+    got: &[train::StepMetrics],
+    want: &[train::StepMetrics],
+    what: &str,
+    norm_tol: f64,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: steps");
+    for (a, b) in got.iter().zip(want) {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5,
+            "{what}: step {} loss {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < norm_tol * b.grad_norm.max(1.0),
+            "{what}: step {} gradient norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+        assert_eq!(a.tokens, b.tokens, "{what}: step {} tokens", a.step);
+    }
+}
