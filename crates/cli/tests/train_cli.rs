@@ -882,6 +882,34 @@ fn the_default_run_needs_the_repository() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("run it from the repository root"));
 }
 
+/// A default run refused before its first step leaves no folder behind (it had written only
+/// the config it made); the refusal is the settings' own.
+#[test]
+fn a_refused_default_run_leaves_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("README.md"), "# a project\n").unwrap();
+    std::fs::create_dir_all(d.join("crates/a")).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            d.join(format!("crates/a/f{i}.rs")),
+            "fn main() {}\n".repeat(40),
+        )
+        .unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
+        .args(["train", "--default-run", "--steps", "8"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("10 steps of warm-up in a run of 8"), "{err}");
+    assert!(err.contains("nothing trained"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(d.join("runs")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// The embedded default run, as the README's quick start runs it (docs/training.md) (about 3 minutes):
 /// `cargo test --release -p hotspa --test train_cli -- --ignored default_run`.
 #[test]

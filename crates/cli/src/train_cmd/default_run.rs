@@ -154,7 +154,19 @@ pub(super) fn default_run(mut args: TrainFlags, given: &[String]) -> Result<()> 
         "default run: a small LLaMA trained on this project's own files, written to {}",
         dir.display()
     );
-    super::train(&args)?;
+    if let Err(e) = super::train(&args) {
+        // Refused before writing anything but the config it was given: the folder this run
+        // made goes again (it holds nothing else), so that refusals leave no litter.
+        let only_config = std::fs::read_dir(&dir).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .all(|e| e.file_name() == "config.json")
+        });
+        if only_config && std::fs::remove_file(dir.join("config.json")).is_ok() {
+            let _ = std::fs::remove_dir(&dir);
+            eprintln!("nothing trained: {} removed", dir.display());
+        }
+        return Err(e);
+    }
     if let Some(metrics) = &args.metrics {
         crate::chart::plot_file(metrics, &dir.join("plot.svg"))?;
     }
