@@ -673,7 +673,7 @@ pub fn paper_grid(global_batch: usize, seed: u64, context: bool) -> Result<Vec<R
         let mut ctx = Planner::new(CostModel::new(cluster.take(gpus), cfg));
         ctx.context = true;
         for max_len in [4096, 8192, 16384, 32768] {
-            for dataset in presets::DATASETS {
+            for dataset in presets::PAPER_DATASETS {
                 let scenario = Scenario {
                     cluster: cluster.clone(),
                     gpus,

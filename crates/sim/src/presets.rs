@@ -14,6 +14,9 @@ pub const CLUSTERS: [&str; 5] = ["a800x32", "h100x8", "h100x128", "h100x1024", "
 /// The dataset presets.
 pub const DATASETS: [&str; 3] = ["commoncrawl", "github", "crates-io"];
 
+/// The datasets of the HotSPa paper's grid (the first of [`DATASETS`]).
+pub const PAPER_DATASETS: [&str; 2] = ["commoncrawl", "github"];
+
 /// The `crates-io` corpus: one document per `.rs` file of the crates.io packages in this
 /// workspace's Cargo.lock, its bytes (hotspa's byte-level tokens); written by
 /// `scripts/lengths-crates-io.sh`.
@@ -28,9 +31,8 @@ const CRATES_IO: &str = include_str!("../data/crates-io.txt");
 /// and NCCL's bus bandwidth on NVLink: the line rate less NCCL's protocol overhead of about 20 %
 /// (S. Jeaugey, NVIDIA, nccl-tests issue 212: "450GB/s is the line rate. With the protocol
 /// overhead (~20%) NCCL can get an effective NVLink bandwidth of 370GB/s" on H100).
-/// Attention on H100 comes from FlashAttention-2's measured rate by sequence length
-/// ([`H100_FLASH_ATTENTION_2`]); on A100 it stays at the assumed 45 % of peak: no per-length
-/// measurement of it was at hand.
+/// Attention comes from FlashAttention-2's measured rate by sequence length: on H100
+/// [`H100_FLASH_ATTENTION_2`], on A100 (and A800, the same chip) [`A100_FLASH_ATTENTION_2`].
 pub struct Device {
     /// Dense BF16 peak, TFLOP/s.
     pub peak_tflops: f64,
@@ -64,6 +66,23 @@ pub const H100_FLASH_ATTENTION_2: [[f64; 3]; 6] = [
     [16384.0, 335.0, 322.0],
 ];
 
+/// FlashAttention-2 on A100 SXM4 80GB, FP16/BF16, head dimension 128, with the causal mask,
+/// forward and backward together (TFLOP/s as FlashAttention counts them: `3.5 × 2·L²·d` per
+/// head), by sequence length 512 … 16K: 99, 133, 155, 173, 182, 189 — read off the
+/// flash-attention repository's README, "A100" benchmark, `assets/flash2_a100_fwd_bwd_benchmark.png`
+/// panel (d) (the FlashAttention-2 paper's Fig. 4(d), Dao 2023, arXiv 2307.08691; hidden size
+/// 2048, batch 16K tokens / length). Only the sum is published per length, so it stands for
+/// both passes: [`attention_table`] gives `6 / (7/R) = 6R/7`, the sum's own rate in the cost
+/// model's FLOPs, whatever the split.
+pub const A100_FLASH_ATTENTION_2: [[f64; 3]; 6] = [
+    [512.0, 99.0, 99.0],
+    [1024.0, 133.0, 133.0],
+    [2048.0, 155.0, 155.0],
+    [4096.0, 173.0, 173.0],
+    [8192.0, 182.0, 182.0],
+    [16384.0, 189.0, 189.0],
+];
+
 /// `[length, TFLOP/s]` rows for [`Cluster::attention_table`] from `[length, forward, backward]`
 /// rows counted as FlashAttention's papers count them: the causal forward is `2·L²·d` FLOPs
 /// per head and its backward 2.5× that (`5·L²·d`, recomputing the scores), while the cost
@@ -84,7 +103,7 @@ pub const A100: Device = Device {
     hbm_gbps: 2039.0,
     memory_gib: 80.0,
     nvlink_gbps: 300.0,
-    attention: &[],
+    attention: &A100_FLASH_ATTENTION_2,
 };
 
 /// A800-SXM4-80GB: an A100 whose NVLink is cut to 400 GB/s bidirectional.
@@ -311,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn h100_attention_is_flash_attention_2_as_measured_and_the_cluster_files_agree() {
+    fn attention_is_flash_attention_2_as_measured_and_the_cluster_files_agree() {
         let t = attention_table(&H100_FLASH_ATTENTION_2);
         // By hand at 1K, where forward and backward both ran at 260 TFLOP/s: 7 of the paper's
         // FLOP units took the time the model's 6 take, so the model's rate is 6/7 of 260.
@@ -322,14 +341,27 @@ mod tests {
         let s = h100.attention_seconds(8192, 128);
         let by_hand = (2.0 / 333.0 + 5.0 / 318.0) * 8192f64.powi(2) * 128.0 / 1e12;
         assert!((s / by_hand - 1.0).abs() < 1e-12, "{s} vs {by_hand}");
-        // A100 has no measured curve: the assumed share of peak.
-        assert!(cluster("a800x32").unwrap().attention_table.is_empty());
-        // The H100/H200 cluster files carry the same table (to the printed 0.1 TFLOP/s).
+        // A100/A800: the forward and backward together, 173 TFLOP/s at 4K as FlashAttention
+        // counts (7·L²·d per head): 6/7 of it as the model counts.
+        let a800 = cluster("a800x32").unwrap();
+        assert_eq!(
+            a800.attention_table,
+            attention_table(&A100_FLASH_ATTENTION_2)
+        );
+        let s = a800.attention_seconds(4096, 128);
+        let by_hand = 7.0 * 4096f64.powi(2) * 128.0 / 173e12;
+        assert!((s / by_hand - 1.0).abs() < 1e-12, "{s} vs {by_hand}");
+        // The cluster files carry the same tables (to the printed 0.1 TFLOP/s).
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/validation/");
-        for file in ["h100-meta.toml", "h200x4.toml"] {
+        let a100 = attention_table(&A100_FLASH_ATTENTION_2);
+        for (file, t) in [
+            ("h100-meta.toml", &t),
+            ("h200x4.toml", &t),
+            ("a100-vela.toml", &a100),
+        ] {
             let c = cluster_or_file(&format!("{dir}{file}")).unwrap();
             assert_eq!(c.attention_table.len(), t.len(), "{file}");
-            for (a, b) in c.attention_table.iter().zip(&t) {
+            for (a, b) in c.attention_table.iter().zip(t) {
                 assert!(
                     a[0] == b[0] && (a[1] - b[1]).abs() < 0.05,
                     "{file}: {a:?} vs {b:?}"
