@@ -20,28 +20,16 @@ fn setup(dir: &Path) {
 
 /// The mean loss of the last 10 of 100 steps of DP4 with `extra` flags.
 fn final_loss(dir: &Path, name: &str, optimizer: &[&str], extra: &[&str]) -> f64 {
-    let d = dir.to_str().unwrap();
     let metrics = dir.join(format!("{name}.jsonl"));
-    let data = format!("{d}/data.jsonl");
-    let mut args = vec![
-        "train",
-        "--model",
-        d,
+    let mut args = common::cmd![
+        "train --model",
+        dir,
         "--data",
-        &data,
-        "--devices",
-        "4",
-        "--strategy",
-        "dp4",
-        "--global-batch",
-        "16",
-        "--steps",
-        "100",
-        "--metrics",
-        metrics.to_str().unwrap(),
+        &dir.join("data.jsonl"),
+        "--devices 4 --strategy dp4 --global-batch 16 --steps 100 --metrics",
+        &metrics,
     ];
-    args.extend(optimizer);
-    args.extend(extra);
+    args.extend(optimizer.iter().chain(extra).map(Into::into));
     let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(&args)
         .output()

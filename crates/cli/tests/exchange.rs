@@ -23,36 +23,21 @@ struct Run {
 
 /// Trains 4 steps of DP4 with `extra` flags; the saved weights and the metrics.
 fn train(dir: &Path, name: &str, extra: &[&str]) -> Run {
-    let d = dir.to_str().unwrap();
     let save = dir.join(format!("{name}.safetensors"));
     let metrics = dir.join(format!("{name}.jsonl"));
-    let mut args: Vec<String> = [
-        "train",
-        "--model",
-        d,
+    let mut args = common::cmd![
+        "train --model",
+        dir,
         "--init",
-        &format!("{d}/init.safetensors"),
+        &dir.join("init.safetensors"),
         "--data",
-        &format!("{d}/data.jsonl"),
-        "--devices",
-        "4",
-        "--strategy",
-        "dp4",
-        "--global-batch",
-        "8",
-        "--steps",
-        "4",
-        "--lr",
-        "1e-2",
-        "--save",
-        save.to_str().unwrap(),
+        &dir.join("data.jsonl"),
+        "--devices 4 --strategy dp4 --global-batch 8 --steps 4 --lr 1e-2 --save",
+        &save,
         "--metrics",
-        metrics.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+        &metrics,
+    ];
+    args.extend(extra.iter().map(Into::into));
     if extra.contains(&"--resume") {
         // A resumed run starts from the checkpoint's weights.
         args.drain(3..5);

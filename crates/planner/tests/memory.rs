@@ -37,11 +37,9 @@ fn peaks(spec: &str, devices: usize, sizes: &'static [&'static [usize]]) -> Vec<
             // The optimizer binds ZeRO-3's flat chunks.
             let adamw = AdamW {
                 lr: 1e-3,
-                beta1: 0.9,
                 beta2: 0.95,
-                eps: 1e-8,
                 weight_decay: 0.0,
-                freeze_variance_after: None,
+                ..Default::default()
             };
             let opt = Optimizer::new(&cpu, &exec, &groups, params, &shared, adamw, 1.0)?;
             let mbs: Vec<MicroBatch> = sizes

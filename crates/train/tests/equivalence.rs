@@ -212,11 +212,9 @@ fn the_plan_cache_keeps_the_last_plans_only() {
             &rp.shared,
             kernels::AdamW {
                 lr: 1e-3,
-                beta1: 0.9,
                 beta2: 0.95,
-                eps: 1e-8,
                 weight_decay: 0.0,
-                freeze_variance_after: None,
+                ..Default::default()
             },
             1.0,
         )
