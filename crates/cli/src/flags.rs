@@ -74,6 +74,11 @@ pub struct TrainFlags {
     /// `hotspa simulate --context` does; without it, DP × TP × PP only.
     #[arg(long)]
     pub plan_context: bool,
+    /// With `--strategies auto`: a step may also run as up to four concurrent groups of
+    /// devices, each on a range of lengths under its own strategy (with `--plan-context`, its
+    /// own CP degree), where the cost model says that is faster.
+    #[arg(long)]
+    pub plan_concurrent: bool,
     /// Also time the run as the simulator would on this cluster (a preset such as a800x32, or
     /// a cluster file such as a `hotspa profile` output): every kernel and message still runs
     /// here, and each step's metrics add `simulated_seconds`, the virtual clock's time.
@@ -455,6 +460,9 @@ impl TrainFlags {
         if self.plan_context && self.strategies.as_deref() != Some("auto") {
             bail!("--plan-context widens the search of --strategies auto; it does nothing to a given strategy");
         }
+        if self.plan_concurrent && self.strategies.as_deref() != Some("auto") {
+            bail!("--plan-concurrent widens the search of --strategies auto; it does nothing to a given strategy");
+        }
         cfg.strategy = match (self.strategies.as_deref(), &self.profile) {
             (Some("auto"), Some(p)) => {
                 let cluster = sim::presets::cluster_or_file(&p.display().to_string())
@@ -462,6 +470,7 @@ impl TrainFlags {
                 StrategySpec::Auto(Box::new(train::AutoPlanning {
                     cluster,
                     context: self.plan_context,
+                    concurrent: self.plan_concurrent,
                 }))
             }
             (Some("auto"), None) => bail!(

@@ -245,6 +245,10 @@ fn what_is_not_built_for_cp_is_refused_by_name() {
             "--plan-context widens the search of --strategies auto",
         ),
         (
+            vec!["--strategy", "dp4", "--plan-concurrent"],
+            "--plan-concurrent widens the search of --strategies auto",
+        ),
+        (
             vec!["--strategy", "dp4", "--profile", "a800x32"],
             "--profile is the planner's calibration for --strategies auto",
         ),

@@ -137,6 +137,27 @@ impl Planner {
         Ok(best)
     }
 
+    /// A step's plan around a run's instantiation strategy `inst`: [`Planner::auto_with`]'s
+    /// time-multiplexed plan, or the best of up to `max_groups` concurrent groups
+    /// ([`Planner::concurrent_groups`]) holding the weights in `inst` instead, where its
+    /// estimate is faster.
+    pub fn auto_or_groups(
+        &self,
+        lens: &[usize],
+        inst: &Strategy,
+        max_groups: usize,
+    ) -> Result<(Plan, Estimate)> {
+        let best = self.auto_with(lens, Some(inst))?;
+        let Some((mut plan, _)) = self.concurrent_groups(lens, max_groups)? else {
+            return Ok(best);
+        };
+        plan.inst = inst.clone();
+        Ok(match self.evaluate(&plan, lens) {
+            Ok(e) if e.seconds < best.1.seconds => (plan, e),
+            _ => best,
+        })
+    }
+
     /// The search's tables for `lens`: its cuts and every group's fastest strategy on every
     /// size it can have over every range of cuts. `None` for an empty batch.
     fn tables(&self, lens: &[usize]) -> Option<Search> {

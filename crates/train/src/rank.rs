@@ -63,13 +63,16 @@ impl Job {
                 let rank = HotRank::new(plan, &packings, &setup, world)?;
                 Box::new(HotRunner::new(rank, schedule))
             }
-            (StrategySpec::Auto(_), Some(planner)) => Box::new(PlannedRunner::new(
-                planner.clone(),
-                self.inst.clone(),
-                cfg.packing_of(0),
-                setup,
-                PLAN_CACHE,
-            )),
+            (StrategySpec::Auto(auto), Some(planner)) => Box::new(
+                PlannedRunner::new(
+                    planner.clone(),
+                    self.inst.clone(),
+                    cfg.packing_of(0),
+                    setup,
+                    PLAN_CACHE,
+                )
+                .with_concurrent(auto.concurrent),
+            ),
             _ => Box::new(StaticRunner::new(exec, shared, cfg.packing_of(0), schedule)),
         })
     }

@@ -174,6 +174,8 @@ pub struct PlannedRunner {
     /// Most recently used last.
     cache: VecDeque<(String, HotRank)>,
     capacity: usize,
+    /// Whether a step may run as concurrent groups ([`Planner::auto_or_groups`]).
+    concurrent: bool,
 }
 
 impl PlannedRunner {
@@ -193,7 +195,15 @@ impl PlannedRunner {
             setup,
             cache: VecDeque::new(),
             capacity: capacity.max(1),
+            concurrent: false,
         }
+    }
+
+    /// Lets a step run as concurrent groups of devices where the cost model says that is
+    /// faster ([`Planner::auto_or_groups`]).
+    pub fn with_concurrent(mut self, on: bool) -> Self {
+        self.concurrent = on;
+        self
     }
 
     /// The plans whose ranks are kept, least recently used first.
@@ -231,10 +241,13 @@ impl<B: Backend> StepRunner<B> for PlannedRunner {
     fn gradients(&mut self, input: StepInput<'_, B>) -> Result<StepGradients<B>> {
         let t = Instant::now();
         let lens: Vec<usize> = input.batch.iter().map(Vec::len).collect();
-        let (plan, est) = self
-            .planner
-            .auto_with(&lens, Some(&self.inst))
-            .map_err(crate::planning::plan_error)?;
+        let (plan, est) = if self.concurrent {
+            self.planner
+                .auto_or_groups(&lens, &self.inst, planner::MAX_GROUPS)
+        } else {
+            self.planner.auto_with(&lens, Some(&self.inst))
+        }
+        .map_err(crate::planning::plan_error)?;
         let planning_seconds = t.elapsed().as_secs_f64();
         let schedule = self.setup.schedule;
         let rank = self.rank_for(&plan, input.world)?;

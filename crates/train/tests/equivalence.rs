@@ -169,6 +169,61 @@ fn planned_steps_end_with_the_single_device_weights() {
     }
 }
 
+/// `--plan-concurrent`: where attention is slow and one replica would otherwise train a long
+/// sequence alone while the others wait, the planner runs the step as concurrent groups
+/// (`dp1:2 | dp3zero1:max`, `dp2zero1:16 | tp2sp:max`) with the run's instantiation strategy
+/// holding the weights; the update is still the single device's. Without the flag the same
+/// batches run time-multiplexed.
+#[test]
+fn planned_concurrent_groups_end_with_the_single_device_weights() {
+    let seqs = common::sequences(24, &[3, 9, 2, 5, 14, 3, 9, 2, 30, 5, 14, 3, 9, 2, 5, 3]);
+    let link = Link {
+        gbps: 5.0,
+        latency_us: 20.0,
+    };
+    let cluster = Cluster {
+        efficiency: Efficiency {
+            max: 1.0,
+            half_tokens: 32.0,
+            half_width: 32.0,
+            attention: 0.0005,
+        },
+        elem_bytes: 4.0,
+        memory_gbps: 10.0,
+        ..Cluster::new("test", 1, 4, 0.05, 0.001, link, link)
+    };
+    let cfg = |devices, concurrent| {
+        common::config(
+            devices,
+            if devices == 1 {
+                StrategySpec::Fixed(graph::Strategy::single())
+            } else {
+                StrategySpec::Auto(Box::new(AutoPlanning {
+                    cluster: cluster.clone(),
+                    context: false,
+                    concurrent,
+                }))
+            },
+            seqs.clone(),
+            64,
+        )
+    };
+    let reference = run(&cfg(1, false));
+    let plans = |out: &TrainOutcome| -> Vec<String> {
+        out.steps
+            .iter()
+            .map(|m| m.plan.as_ref().expect("planned").plan.clone())
+            .collect()
+    };
+    let out = run(&cfg(4, true));
+    assert_close(weights(&out), weights(&reference), 1e-5, "auto, concurrent");
+    common::same_steps(&out.steps, &reference.steps, "auto, concurrent", 1e-4);
+    let with = plans(&out);
+    assert!(with.iter().all(|p| p.contains(" | ")), "{with:?}");
+    let without = plans(&run(&cfg(4, false)));
+    assert!(without.iter().all(|p| !p.contains(" | ")), "{without:?}");
+}
+
 #[test]
 fn the_plan_cache_keeps_the_last_plans_only() {
     use comm::{CommError, ThreadComm};
@@ -302,6 +357,7 @@ fn planning_with_context_parallelism_trains_what_no_plain_strategy_holds() {
         StrategySpec::Auto(Box::new(AutoPlanning {
             cluster,
             context: true,
+            concurrent: false,
         })),
     ));
     assert_close(weights(&out), weights(&reference), 1e-5, "auto with CP");

@@ -139,6 +139,10 @@ pub struct AutoPlanning {
     /// activation recomputation per bucket ([`planner::Planner::context`]); otherwise it is
     /// HotSPa's DP × TP × PP space.
     pub context: bool,
+    /// Whether a step may also run as up to [`planner::MAX_GROUPS`] concurrent groups of
+    /// devices, each on a range of lengths ([`planner::Planner::auto_or_groups`]), where the
+    /// cost model says that is faster than the time-multiplexed plan.
+    pub concurrent: bool,
 }
 
 impl AutoPlanning {
@@ -147,6 +151,7 @@ impl AutoPlanning {
         Self {
             cluster,
             context: false,
+            concurrent: false,
         }
     }
 }
