@@ -143,7 +143,8 @@ impl Plan {
     /// increase across the whole list (a sequence goes to the first bucket that holds it). The
     /// instantiation strategy is the least model state per device among the groups' own ones
     /// widened to every device by DP (CP folded into DP: the optimizer needs no sequence
-    /// split), or DP over every device where no group's devices divide them.
+    /// split; recomputation dropped: the holder runs no pass), or DP over every device where
+    /// no group's devices divide them.
     pub fn concurrent(groups: Vec<Vec<(usize, Strategy)>>, devices: usize) -> Result<Self> {
         let bad = |m: String| PlanError::Invalid(m);
         let bound = |e: usize| {
@@ -189,6 +190,8 @@ impl Plan {
                 w.dp *= w.cp * devices / n;
                 w.cp = 1;
                 w.cp_exchange = Default::default();
+                // The weights' holder runs no pass: recomputation is the group's own.
+                w.recompute = graph::Recompute::None;
                 wide.push(w);
             }
             offset += n;
@@ -1084,6 +1087,9 @@ mod tests {
             p.to_string(),
             "dp2:64,tp2:512 | cp2:max (weights in dp2tp2)"
         );
+        // Recomputation is a group's, not the weights' holder's.
+        let p = Plan::parse("dp2:64 | tp2+full:max", 4).unwrap();
+        assert_eq!(p.to_string(), "dp2:64 | tp2+full:max (weights in dp2tp2)");
         let p = Plan::parse("dp4:100 | tp2pp2:max", 8).unwrap();
         assert_eq!(
             (p.offsets.clone(), p.inst.to_string()),
