@@ -708,20 +708,12 @@ fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
     }
     // A replica with no micro-batch in some step, found before the first step.
     let data = p("data.jsonl");
-    let o = hotspa(&[
-        "train",
-        "--model",
-        d,
+    let o = hotspa(&common::cmd![
+        "train --model",
+        Path::new(d),
         "--data",
-        &data,
-        "--devices",
-        "4",
-        "--strategy",
-        "dp2pp2",
-        "--pipeline-schedule",
-        "pipedream-2bw",
-        "--global-batch",
-        "1",
+        Path::new(&data),
+        "--devices 4 --strategy dp2pp2 --pipeline-schedule pipedream-2bw --global-batch 1",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

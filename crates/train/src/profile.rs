@@ -225,10 +225,7 @@ fn tp_probe(
 fn under_load(passes: &[[f64; 4]; 2]) -> (f64, f64) {
     let [[m1, c1, n1, t1], [m2, c2, n2, t2]] = *passes;
     let (e1, e2) = (m1 - c1, m2 - c2);
-    let det = n1 * t2 - n2 * t1;
-    if det.abs() > 1e-12 {
-        let x = (e1 * t2 - e2 * t1) / det;
-        let y = (n1 * e2 - n2 * e1) / det;
+    if let Some((x, y)) = cramer([n1, t1, e1], [n2, t2, e2]) {
         if x >= 0.0 && y >= 0.0 {
             return (x, y);
         }
@@ -274,15 +271,17 @@ fn solve(rows: &[[f64; 3]; 2], measured: &[f64; 2]) -> (f64, f64) {
     let [a1, r1, k1] = rows[0];
     let [a2, r2, k2] = rows[1];
     let (y1, y2) = (measured[0] - r1, measured[1] - r2);
-    let det = a1 * k2 - a2 * k1;
-    if det.abs() > 1e-12 {
-        let scale = (y1 * k2 - y2 * k1) / det;
-        let overhead = (a1 * y2 - a2 * y1) / det;
-        if scale > 0.1 && overhead >= 0.0 {
-            return (scale, overhead);
-        }
+    match cramer([a1, k1, y1], [a2, k2, y2]) {
+        Some((scale, overhead)) if scale > 0.1 && overhead >= 0.0 => (scale, overhead),
+        _ => ((y1 / a1.max(1e-12)).max(0.1), 0.0),
     }
-    ((y1 / a1.max(1e-12)).max(0.1), 0.0)
+}
+
+/// `(x, y)` with `a·x + b·y = c` for both rows `[a, b, c]`, or `None` where they are (nearly)
+/// dependent.
+fn cramer([a1, b1, c1]: [f64; 3], [a2, b2, c2]: [f64; 3]) -> Option<(f64, f64)> {
+    let det = a1 * b2 - a2 * b1;
+    (det.abs() > 1e-12).then(|| ((c1 * b2 - c2 * b1) / det, (a1 * c2 - a2 * c1) / det))
 }
 
 /// The dims of the GEMM grid: every ascending triple of them is timed as a linear layer of
