@@ -240,6 +240,33 @@ impl Cluster {
         e.max * saturate(tokens, e.half_tokens) * saturate(width, e.half_width)
     }
 
+    /// The fastest a GEMM runs here, FLOP/s: no [`Cluster::gemm_seconds`] is ever faster (the
+    /// table's best rate, its interpolation being a weighted geometric mean of its rates, or the
+    /// efficiency curve's ceiling).
+    pub fn fastest_gemm_flops(&self) -> f64 {
+        let best = self.gemm_table.iter().map(|r| r[3]).fold(0.0, f64::max);
+        1e12 * if self.gemm_table.is_empty() {
+            self.peak_tflops * self.efficiency.max
+        } else {
+            best
+        }
+    }
+
+    /// The fastest attention runs here, FLOP/s, as [`Cluster::fastest_gemm_flops`] for
+    /// [`Cluster::attention_seconds`].
+    pub fn fastest_attention_flops(&self) -> f64 {
+        let best = self
+            .attention_table
+            .iter()
+            .map(|r| r[1])
+            .fold(0.0, f64::max);
+        1e12 * if self.attention_table.is_empty() {
+            self.peak_tflops * self.efficiency.attention
+        } else {
+            best
+        }
+    }
+
     /// Seconds of `batch` GEMMs of `m × n × k` (2·m·n·k FLOPs each), unscaled: from the measured
     /// [`Cluster::gemm_table`] where there is one (by the dims in ascending order, interpolated
     /// in log space, clamped at its edges), else by the efficiency curve with the largest dim as
@@ -284,15 +311,14 @@ impl Cluster {
         let rate = if t.is_empty() {
             self.peak_tflops * self.efficiency.attention
         } else {
-            let x = (len as f64).ln();
-            let i = t.partition_point(|r| r[0].ln() <= x);
+            let i = t.partition_point(|r| r[0] <= len as f64);
             if i == 0 {
                 t[0][1]
             } else if i == t.len() {
                 t[t.len() - 1][1]
             } else {
                 let (a, b) = (t[i - 1], t[i]);
-                let w = (x - a[0].ln()) / (b[0].ln() - a[0].ln());
+                let w = ((len as f64).ln() - a[0].ln()) / (b[0].ln() - a[0].ln());
                 (a[1].ln() * (1.0 - w) + b[1].ln() * w).exp()
             }
         };

@@ -315,6 +315,22 @@ impl CostModel {
         (gemm, attn)
     }
 
+    /// Device-seconds that training one sequence of `len` tokens takes at the least under any
+    /// strategy: its model FLOPs ([`CostModel::flops`]) at the fastest rates the cluster's
+    /// kernels reach, scaled as compute is. [`CostModel::strategy`] on `m` devices is never
+    /// faster than the sum of this over its sequences divided by `m` (every stage of every
+    /// replica runs its passes one after another, and its devices share their work evenly at
+    /// best), except where idle stages lend their shared cores to busy ones
+    /// ([`Cluster::shared_cores`]): there this is 0.
+    pub fn least_device_seconds(&self, len: usize) -> f64 {
+        if self.cluster.shared_cores > 0.0 {
+            return 0.0;
+        }
+        let (gemm, attn) = self.flops(&[len]);
+        let c = &self.cluster;
+        c.compute_scale * (gemm / c.fastest_gemm_flops() + attn / c.fastest_attention_flops())
+    }
+
     /// Model-state bytes per device while `s` runs and `inst` holds the master weights
     /// ([`state_bytes_per_param`] with the cluster's element size), and under PipeDream-2BW
     /// the stashed second version of `s`'s weights.
@@ -825,6 +841,7 @@ impl CostModel {
         // Every replica's passes (stage × micro-batch) and stage boundaries.
         let mut passes = Vec::with_capacity(replicas.len());
         let mut hops = Vec::with_capacity(replicas.len());
+        let sums: Vec<f64> = (0..p).map(|k| self.accumulate(s, k)).collect();
         for (d, mbs) in replicas.iter().enumerate() {
             let mut mbs = mbs.clone();
             if zero3 {
@@ -832,7 +849,7 @@ impl CostModel {
             }
             let (mut fwd, mut bwd) = (vec![Vec::new(); p], vec![Vec::new(); p]);
             for (k, (f, b)) in fwd.iter_mut().zip(bwd.iter_mut()).enumerate() {
-                let sum = self.accumulate(s, k);
+                let sum = sums[k];
                 for (i, lens) in mbs.iter().enumerate() {
                     let (pf, mut pb) = self.stage_passes(s, lens, k);
                     if i > 0 {
@@ -884,26 +901,32 @@ impl CostModel {
             }
         }
         let mut runs = Vec::with_capacity(replicas.len());
-        let mut idle = Vec::with_capacity(replicas.len());
         // PipeDream-2BW: a step costs the pipeline's period; a step's gradients are summed over
         // DP in buckets while its last backward runs, as under 1F1B.
         let flushless = self.schedule.flushless() && p > 1;
         let mut periods = Vec::with_capacity(replicas.len());
         for ((fwd, bwd), hop) in passes.iter().zip(&hops) {
-            let no_hop: Vec<Vec<timeline::Hop>> = hop
-                .iter()
-                .map(|h| vec![timeline::Hop::default(); h.len()])
-                .collect();
             if flushless {
-                idle.push(timeline::steady(fwd, bwd, &no_hop).0);
                 let (period, run) = timeline::steady(fwd, bwd, hop);
                 periods.push(period);
                 runs.push(run);
             } else {
-                idle.push(timeline::pipeline(self.schedule, fwd, bwd, &no_hop).makespan());
                 runs.push(timeline::pipeline(self.schedule, fwd, bwd, hop));
             }
         }
+        // The critical replica's pipeline with free stage boundaries: what its hops cost.
+        let idle = |d: usize| -> f64 {
+            let (fwd, bwd) = &passes[d];
+            let no_hop: Vec<Vec<timeline::Hop>> = hops[d]
+                .iter()
+                .map(|h| vec![timeline::Hop::default(); h.len()])
+                .collect();
+            if flushless {
+                timeline::steady(fwd, bwd, &no_hop).0
+            } else {
+                timeline::pipeline(self.schedule, fwd, bwd, &no_hop).makespan()
+            }
+        };
         let pipe_end = if flushless {
             periods.iter().copied().fold(0.0, f64::max)
         } else {
@@ -1007,13 +1030,14 @@ impl CostModel {
             .max_by(|a, b| a.2.total_cmp(&b.2))
             .map_or((0, 0), |(d, k, _)| (d, k));
         let work = runs[crit].work[stage];
+        let idle = idle(crit);
         let mut out = Breakdown {
             compute: work.compute,
             tp_comm: work.tp_comm,
             elementwise: work.elementwise,
             dp_reduce: work.gathers + (side_end - pipe_end).max(0.0) + after,
-            pp_comm: (pipe_end - idle[crit]).max(0.0),
-            bubble: (idle[crit] - work.total()).max(0.0),
+            pp_comm: (pipe_end - idle).max(0.0),
+            bubble: (idle - work.total()).max(0.0),
             ..Breakdown::default()
         };
         // On shared cores the ranks of idle stages lend their cores to the busy ones: with

@@ -326,20 +326,38 @@ impl<'a> Steps<'a> {
         self.cost.inter_bytes += n as f64 * cross;
     }
 
-    /// `steps` ring steps of `chunk` bytes: every step is the same, so one is priced and
-    /// counted `steps` times (O(members), not O(members · steps)).
+    /// `steps` ring steps of `chunk` bytes, member `i` sending to `i + 1` (mod the members):
+    /// every step is the same, and its pairs are of two kinds only, so one step is priced in
+    /// O(1) from how many pairs cross a node boundary ([`ring_crossings`]) and counted `steps`
+    /// times.
     fn ring(&mut self, chunk: f64, steps: usize) {
         if steps == 0 {
             return;
         }
         let n = self.shape.members;
-        let pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, (i + 1) % n)).collect();
-        let before = self.cost;
-        let worst = self.step(&pairs, chunk, self.shape.groups_per_node);
-        let more = (steps - 1) as f64;
-        self.cost.seconds += more * worst;
-        self.cost.intra_bytes += more * (self.cost.intra_bytes - before.intra_bytes);
-        self.cost.inter_bytes += more * (self.cost.inter_bytes - before.inter_bytes);
+        let cross = ring_crossings(self.shape);
+        let mut worst = 0.0f64;
+        if cross > 0 {
+            worst = nic(self.cluster, self.shape.groups_per_node).seconds(chunk, 1.0);
+        }
+        if cross < n {
+            worst = worst.max(self.cluster.same_node.seconds(chunk, 1.0));
+        }
+        let steps = steps as f64;
+        self.cost.seconds += steps * worst;
+        self.cost.inter_bytes += steps * cross as f64 * chunk;
+        self.cost.intra_bytes += steps * (n - cross) as f64 * chunk;
+    }
+}
+
+/// How many of a ring's pairs `(i, i + 1 mod members)` join members on different nodes: each
+/// node boundary inside the order, and the pair closing the ring where it spans nodes.
+fn ring_crossings(shape: GroupShape) -> usize {
+    let (n, per) = (shape.members, shape.per_node.max(1));
+    if n > per {
+        (n - 1) / per + 1
+    } else {
+        0
     }
 }
 
@@ -761,6 +779,39 @@ mod tests {
         let c = cluster(1.0);
         let secs = |e: Exchange| e.cost(&c, 1e6, &[], shape).seconds;
         assert!(secs(at(Some(0))) > 10.0 * secs(at(None)));
+    }
+
+    #[test]
+    fn a_ring_priced_in_closed_form_equals_its_pairs_stepped_one_by_one() {
+        for cross in [0.5, 25.0, 400.0] {
+            let c = cluster(cross);
+            for members in 1..=40 {
+                for per_node in [1, 2, 3, 4, 8, 64] {
+                    for groups_per_node in [1, 2] {
+                        let shape = GroupShape {
+                            members,
+                            per_node,
+                            groups_per_node,
+                        };
+                        let mut fast = Steps::new(&c, shape);
+                        fast.ring(1e5, 7);
+                        let mut slow = Steps::new(&c, shape);
+                        let pairs: Vec<_> = (0..members).map(|i| (i, (i + 1) % members)).collect();
+                        for _ in 0..7 {
+                            slow.step(&pairs, 1e5, groups_per_node);
+                        }
+                        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+                        let (f, s) = (fast.cost, slow.cost);
+                        assert!(
+                            close(f.seconds, s.seconds)
+                                && close(f.intra_bytes, s.intra_bytes)
+                                && close(f.inter_bytes, s.inter_bytes),
+                            "{shape:?}: {f:?} vs {s:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn fixed(a: Algorithm) -> Exchange {
