@@ -143,8 +143,8 @@ impl Plan {
     /// increase across the whole list (a sequence goes to the first bucket that holds it). The
     /// instantiation strategy is the least model state per device among the groups' own ones
     /// widened to every device by DP (CP folded into DP: the optimizer needs no sequence
-    /// split; recomputation dropped: the holder runs no pass), or DP over every device where
-    /// no group's devices divide them.
+    /// split; recomputation dropped: the holder runs no pass), or DP over every device with
+    /// the optimizer's state sharded (ZeRO-1) where no group's devices divide them.
     pub fn concurrent(groups: Vec<Vec<(usize, Strategy)>>, devices: usize) -> Result<Self> {
         let bad = |m: String| PlanError::Invalid(m);
         let bound = |e: usize| {
@@ -202,10 +202,14 @@ impl Plan {
             )));
         }
         if wide.is_empty() {
-            wide.push(
-                Strategy::parse(&format!("dp{devices}"), devices)
-                    .map_err(|e| bad(e.to_string()))?,
-            );
+            // No group's strategy widens to the run: the weights are held over DP, the
+            // optimizer's state sharded (ZeRO-1) so that a large model still fits.
+            let spec = if devices > 1 {
+                format!("dp{devices}zero1")
+            } else {
+                "dp1".to_string()
+            };
+            wide.push(Strategy::parse(&spec, devices).map_err(|e| bad(e.to_string()))?);
         }
         let all: Vec<&Strategy> = wide.iter().collect();
         let inst = all[instantiation(&all)].clone();
@@ -1021,6 +1025,9 @@ mod tests {
             (p.offsets.clone(), p.inst.to_string()),
             (vec![0, 4], "dp2tp2pp2".into())
         );
+        // No group widens to 5 devices: DP over them holds the weights, ZeRO-1 the optimizer.
+        let p = Plan::parse("dp3:64 | tp2:max", 5).unwrap();
+        assert_eq!(p.inst.to_string(), "dp5zero1");
         // Plain plans are not concurrent.
         assert!(!Plan::parse("dp4:64,tp4:max", 4).unwrap().is_concurrent());
         for (spec, devices, says) in [
