@@ -290,6 +290,7 @@ fn one(r: &Report) {
             c.planning_seconds
         );
     }
+    floor(r);
     for b in [
         sim::baselines::Baseline::MegatronLm,
         sim::baselines::Baseline::DeepSpeed,
@@ -617,4 +618,29 @@ pub fn run(args: Args) -> Result<()> {
         one(b.report);
         exchange_table(b.exchanges, &chosen);
     })
+}
+
+/// The floor under every plan, and how far above it the static strategy and the fastest plan
+/// of the report run.
+fn floor(r: &sim::Report) {
+    if r.floor_seconds <= 0.0 {
+        return;
+    }
+    let fixed = r.context.as_ref().map_or(&r.fixed, |c| &c.fixed);
+    let best = [Some(&r.auto), r.context.as_ref().map(|c| &c.auto)]
+        .into_iter()
+        .chain([&r.concurrent, &r.groups].map(|c| c.as_ref().map(|c| &c.estimate)))
+        .flatten()
+        .map(|e| e.seconds)
+        .fold(fixed.seconds, f64::min);
+    println!(
+        "floor: no plan runs this batch in under {:.2} s on these devices (its model FLOPs at the \
+         fastest kernel rates, every device busy); the static strategy{} takes {:.2}× that (so no \
+         plan can be more than {:.2}× faster than it), the fastest plan above {:.2}×",
+        r.floor_seconds,
+        if r.context.is_some() { " with CP" } else { "" },
+        fixed.seconds / r.floor_seconds,
+        fixed.seconds / r.floor_seconds,
+        best / r.floor_seconds,
+    );
 }

@@ -72,10 +72,21 @@ fn context_adds_the_cp_and_recomputation_plans() {
         v["context"]["auto"]["seconds"].as_f64().unwrap(),
     );
     assert!(cp > 0.0 && cp <= auto + 1e-9, "{v}");
+    // The floor under every plan: in the JSON, and printed with the static strategy's
+    // distance from it.
+    let floor = v["floor_seconds"].as_f64().unwrap();
+    assert!(floor > 0.0 && floor <= cp, "{v}");
     let out = hotspa(&[&args[..], &["--context"]].concat());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("auto+cp") && text.contains("with CP and recomputation searched"),
+        "{text}"
+    );
+    let fixed = v["context"]["fixed"]["seconds"].as_f64().unwrap();
+    assert!(
+        text.contains(&format!(
+            "floor: no plan runs this batch in under {floor:.2} s"
+        )) && text.contains(&format!("takes {:.2}× that", fixed / floor)),
         "{text}"
     );
 }

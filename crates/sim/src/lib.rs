@@ -114,6 +114,11 @@ pub struct Report {
     /// Why the plain plans (`fixed`, `auto`, `paper`) are the context search's: no strategy
     /// without CP or recomputation holds the batch (`None` where they are the plain search's).
     pub without_context: Option<String>,
+    /// No plan runs the batch faster than this, seconds: its model FLOPs at the fastest rates
+    /// the cluster's kernels reach, every device busy all the time
+    /// ([`CostModel::least_device_seconds`] over the devices) — what the plans leave on the
+    /// table.
+    pub floor_seconds: f64,
 }
 
 /// The best concurrent plan of a setting.
@@ -626,6 +631,11 @@ pub fn report(planner: &Planner, s: &Scenario) -> Result<Report> {
         concurrent: None,
         groups: None,
         without_context: None,
+        floor_seconds: lens
+            .iter()
+            .map(|&l| planner.cost.least_device_seconds(l))
+            .sum::<f64>()
+            / s.gpus.max(1) as f64,
         baselines: [
             baselines::Baseline::MegatronLm,
             baselines::Baseline::DeepSpeed,
@@ -839,6 +849,19 @@ mod tests {
         assert!(c.fixed.seconds <= r.fixed.seconds + 1e-9, "{r:?}");
         assert!(c.auto.seconds <= r.auto.seconds + 1e-9, "{r:?}");
         assert!(c.auto.seconds <= c.fixed.seconds + 1e-9, "{r:?}");
+        // The floor is under every plan and not far under the best (a bound of nothing would
+        // be 0; one at a tenth of the plans would say little).
+        let all = [&r.fixed, &r.auto, &c.fixed, &c.auto];
+        assert!(r.floor_seconds > 0.0, "{r:?}");
+        for e in all {
+            assert!(
+                r.floor_seconds <= e.seconds,
+                "{} < {}",
+                e.seconds,
+                r.floor_seconds
+            );
+            assert!(e.seconds < 10.0 * r.floor_seconds, "{r:?}");
+        }
     }
 
     #[test]
