@@ -125,8 +125,10 @@ pub struct TrainFlags {
     /// a member's bytes do not grow with the members; the owners keep the largest sums and the
     /// rest stays with the senders), sketch:RxC
     /// (FetchSGD's federated uplink: a count sketch of each client's change, the server's
-    /// error accumulation, the C/4 largest coordinates applied; with --sync fedavg). Lossy:
-    /// the loss curve changes (see --error-feedback).
+    /// error accumulation, the C/4 largest coordinates applied; with --sync fedavg), or auto
+    /// (per bucket, the most faithful of exact, bf16 and int8, over the group or across nodes
+    /// only, whose modelled time is within 10 % of the fastest). Lossy: the loss curve changes
+    /// (see --error-feedback).
     #[arg(long, default_value = "none")]
     pub grad_compression: String,
     /// on: every rank adds back what its codec left out the step before (EF-SGD; the residuals
