@@ -257,6 +257,101 @@ fn four_processes_train_bitwise_like_four_threads() {
     }
 }
 
+/// `--strategies auto --plan-concurrent` under mpirun: where the planner's cluster makes
+/// attention slow (a file of the kind `hotspa profile` writes) and the documents are short but
+/// for a few, it runs steps as concurrent groups of processes, bitwise as on threads.
+#[test]
+fn planned_concurrent_groups_run_as_processes_like_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+ "hidden_size": 16, "intermediate_size": 22, "num_hidden_layers": 2, "num_attention_heads": 4,
+ "num_key_value_heads": 2, "tie_word_embeddings": false, "max_position_embeddings": 256}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("slow.toml"),
+        "name = \"slow-attention\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
+         memory_gib = 0.001\nmemory_gbps = 10.0\nelem_bytes = 4.0\n[efficiency]\nmax = 1.0\n\
+         half_tokens = 32.0\nhalf_width = 32.0\nattention = 0.0005\n[same_node]\ngbps = 5.0\n\
+         latency_us = 20.0\n[cross_node]\ngbps = 5.0\nlatency_us = 20.0\n",
+    )
+    .unwrap();
+    let lens = [3usize, 9, 2, 5, 14, 3, 9, 2, 30, 5, 14, 3, 9, 2, 5, 3];
+    let docs: String = (0..24)
+        .map(|i| {
+            let n = lens[i % lens.len()].saturating_sub(1).max(1);
+            let t: String = (0..n)
+                .map(|j| char::from(b'a' + ((i * 7 + j * j + 3 * j) % 26) as u8))
+                .collect();
+            format!("{{\"text\": \"{t}\"}}\n")
+        })
+        .collect();
+    std::fs::write(d.join("docs.jsonl"), docs).unwrap();
+    let args = |name: &str| -> Vec<String> {
+        let p = |f: &str| d.join(f).display().to_string();
+        [
+            "train",
+            "--model",
+            &p("config.json"),
+            "--data",
+            &p("docs.jsonl"),
+            "--global-batch",
+            "8",
+            "--micro-batch-tokens",
+            "64",
+            "--shuffle",
+            "off",
+            "--steps",
+            "3",
+            "--strategies",
+            "auto",
+            "--plan-concurrent",
+            "--profile",
+            &p("slow.toml"),
+            "--save",
+            &p(&format!("{name}.safetensors")),
+            "--metrics",
+            &p(&format!("{name}.jsonl")),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let o = Command::new(hotspa())
+        .args(args("threads"))
+        .args(["--devices", "4"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(4).arg(hotspa()).args(args("mpi")).output().unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("one MPI process each"), "{out}");
+    let plans = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(d.join(format!("{name}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["plan"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    };
+    let (t, m) = (plans("threads"), plans("mpi"));
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t.iter().all(|p| p.contains(" | ")), "{t:?}");
+    assert_eq!(t, m);
+    assert!(
+        std::fs::read(d.join("threads.safetensors")).unwrap()
+            == std::fs::read(d.join("mpi.safetensors")).unwrap(),
+        "MPI weights differ from the thread run"
+    );
+}
+
 /// The parameter server's ranks are processes too: BSP on 2 servers and 3 workers is bitwise
 /// the thread run (servers add the pushes in worker order), and ASP, whose servers take
 /// pushes from whichever worker comes first (`recv_any` over MPI), trains every step.
