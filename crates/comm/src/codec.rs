@@ -670,13 +670,8 @@ pub fn all_reduce_random_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::grad;
     use crate::ThreadComm;
-
-    fn grad(rank: usize, len: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 37 + rank * 11) % 101) as f32 * 0.013 - 0.6)
-            .collect()
-    }
 
     #[test]
     fn names_parse_and_print_back() {

@@ -90,13 +90,8 @@ pub fn all_reduce_dgc(c: &dyn Communicator, buf: &mut [f32], d: Dgc<'_>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::grad;
     use crate::ThreadComm;
-
-    fn grad(rank: usize, len: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 37 + rank * 11) % 101) as f32 * 0.013 - 0.6)
-            .collect()
-    }
 
     #[test]
     fn dgc_is_algorithm_1_with_its_corrections() {

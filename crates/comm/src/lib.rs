@@ -41,3 +41,14 @@ pub use layer::{CollectiveCall, Layer};
 pub use mpi::MpiComm;
 pub use nccl::NcclComm;
 pub use thread::{default_timeout, timeout_from_env, ThreadComm, AFTER_FAILURE, DEFAULT_TIMEOUT};
+
+/// What the unit tests of the codecs share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Rank `rank`'s made-up gradient of `len` values in [−0.6, 0.7].
+    pub fn grad(rank: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 + rank * 11) % 101) as f32 * 0.013 - 0.6)
+            .collect()
+    }
+}

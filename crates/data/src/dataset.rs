@@ -165,15 +165,7 @@ impl Dataset {
         let mut docs = Vec::new();
         let mut sources = Vec::new();
         for (file, f) in files.iter().enumerate() {
-            let bytes = std::fs::read(f).map_err(|source| DataError::Io {
-                path: f.clone(),
-                source,
-            })?;
-            let bad = |reason: String| DataError::Line {
-                path: f.to_path_buf(),
-                line: 0,
-                reason,
-            };
+            let bytes = read(f)?;
             for para in bytes
                 .split_inclusive(|&b| b == b'\n')
                 .collect::<Vec<_>>()
@@ -183,11 +175,7 @@ impl Dataset {
                 if text.is_empty() {
                     continue;
                 }
-                let ids = tokenizer.encode_bytes(&text).map_err(bad)?;
-                if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
-                    return Err(bad(out_of_vocab(tokenizer, id, vocab)));
-                }
-                docs.push(ids);
+                docs.push(encode(f, &text, vocab, tokenizer)?);
                 sources.push(file as u32);
             }
         }
@@ -471,16 +459,25 @@ fn json_by_name_or_content(path: &Path, text: &str) -> bool {
 }
 
 fn text_file(f: &Path, vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
-    let bytes = std::fs::read(f).map_err(|source| DataError::Io {
+    encode(f, &read(f)?, vocab, tokenizer)
+}
+
+/// The bytes of `f`, or an error naming it.
+fn read(f: &Path) -> Result<Vec<u8>> {
+    std::fs::read(f).map_err(|source| DataError::Io {
         path: f.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// `text` (from `f`) in tokens, every id inside the model's `vocab`; errors name `f`.
+fn encode(f: &Path, text: &[u8], vocab: usize, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
     let bad = |reason: String| DataError::Line {
         path: f.to_path_buf(),
         line: 0,
         reason,
     };
-    let ids = tokenizer.encode_bytes(&bytes).map_err(bad)?;
+    let ids = tokenizer.encode_bytes(text).map_err(bad)?;
     if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
         return Err(bad(out_of_vocab(tokenizer, id, vocab)));
     }
