@@ -635,11 +635,10 @@ fn floor(r: &sim::Report) {
         .fold(fixed.seconds, f64::min);
     println!(
         "floor: no plan runs this batch in under {:.2} s on these devices (its model FLOPs at the \
-         fastest kernel rates, every device busy); the static strategy{} takes {:.2}× that (so no \
-         plan can be more than {:.2}× faster than it), the fastest plan above {:.2}×",
+         fastest kernel rates, every device busy); the static strategy{} takes {:.2}× that (no plan \
+         can be faster than it by more), the fastest plan above {:.2}×",
         r.floor_seconds,
         if r.context.is_some() { " with CP" } else { "" },
-        fixed.seconds / r.floor_seconds,
         fixed.seconds / r.floor_seconds,
         best / r.floor_seconds,
     );

@@ -244,26 +244,23 @@ impl Cluster {
     /// table's best rate, its interpolation being a weighted geometric mean of its rates, or the
     /// efficiency curve's ceiling).
     pub fn fastest_gemm_flops(&self) -> f64 {
-        let best = self.gemm_table.iter().map(|r| r[3]).fold(0.0, f64::max);
         1e12 * if self.gemm_table.is_empty() {
             self.peak_tflops * self.efficiency.max
         } else {
-            best
+            self.gemm_table.iter().map(|r| r[3]).fold(0.0, f64::max)
         }
     }
 
     /// The fastest attention runs here, FLOP/s, as [`Cluster::fastest_gemm_flops`] for
     /// [`Cluster::attention_seconds`].
     pub fn fastest_attention_flops(&self) -> f64 {
-        let best = self
-            .attention_table
-            .iter()
-            .map(|r| r[1])
-            .fold(0.0, f64::max);
         1e12 * if self.attention_table.is_empty() {
             self.peak_tflops * self.efficiency.attention
         } else {
-            best
+            self.attention_table
+                .iter()
+                .map(|r| r[1])
+                .fold(0.0, f64::max)
         }
     }
 

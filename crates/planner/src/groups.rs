@@ -156,25 +156,13 @@ impl<'p> Search<'p> {
         }
         let last = self.cuts.len() - 1;
         let mut out: Option<Split> = self.seconds(r, a, last).map(|t| (t, vec![(last, r)]));
-        let beaten =
-            |bound: f64, out: &Option<Split>| out.as_ref().is_some_and(|(best, _)| bound >= *best);
         if g > 1 {
             for b in a + 1..last {
                 let mut m = self.unit;
                 while m < r {
-                    let bound = self.lower(m, a, b).max(self.lower(r - m, b, last));
-                    if !beaten(bound, &out) {
-                        if let Some(t) = self.seconds(m, a, b) {
-                            if !beaten(t, &out) {
-                                if let Some((rest, mut groups)) = self.split(b, r - m, g - 1) {
-                                    let worst = t.max(rest);
-                                    if !beaten(worst, &out) {
-                                        groups.insert(0, (b, m));
-                                        out = Some((worst, groups));
-                                    }
-                                }
-                            }
-                        }
+                    let best = out.as_ref().map(|(t, _)| *t);
+                    if let Some(better) = self.split_at(a, b, m, r, g, best) {
+                        out = Some(better);
                     }
                     m += self.unit;
                 }
@@ -184,6 +172,33 @@ impl<'p> Search<'p> {
         out
     }
 
+    /// The split of the ranges from cut `a` on over `r` devices into at most `g` groups whose
+    /// first group takes the ranges up to cut `b` on `m` devices, where it is faster than
+    /// `best`; not weighed where a lower bound already says it is not.
+    fn split_at(
+        &mut self,
+        a: usize,
+        b: usize,
+        m: usize,
+        r: usize,
+        g: usize,
+        best: Option<f64>,
+    ) -> Option<Split> {
+        let beaten = |t: f64| best.is_some_and(|best| t >= best);
+        let last = self.cuts.len() - 1;
+        if beaten(self.lower(m, a, b).max(self.lower(r - m, b, last))) {
+            return None;
+        }
+        let t = self.seconds(m, a, b).filter(|&t| !beaten(t))?;
+        let (rest, mut groups) = self.split(b, r - m, g - 1)?;
+        let worst = t.max(rest);
+        if beaten(worst) {
+            return None;
+        }
+        groups.insert(0, (b, m));
+        Some((worst, groups))
+    }
+
     /// The `keep` best splits of all the devices into two groups at one cut, by the slower
     /// group's own time (ties in the order of the first group's size, then the cut), pruned
     /// by the lower bounds as [`Search::split`] is: `(seconds, cut, first group's devices)`.
@@ -191,26 +206,23 @@ impl<'p> Search<'p> {
         let n = self.planner.cost.cluster.devices();
         let last = self.cuts.len() - 1;
         let mut out: Vec<(f64, usize, usize)> = Vec::new();
+        let worst = |out: &Vec<(f64, usize, usize)>| {
+            if out.len() < keep {
+                f64::INFINITY
+            } else {
+                out[out.len() - 1].0
+            }
+        };
         let mut m = self.unit;
         while m < n {
             for b in 1..last {
-                let worst = |out: &Vec<(f64, usize, usize)>| {
-                    if out.len() < keep {
-                        f64::INFINITY
-                    } else {
-                        out[out.len() - 1].0
-                    }
-                };
                 let bound = self.lower(m, 0, b).max(self.lower(n - m, b, last));
                 if bound >= worst(&out) {
                     continue;
                 }
-                let Some(t) = self.seconds(m, 0, b) else {
+                let Some(t) = self.seconds(m, 0, b).filter(|&t| t < worst(&out)) else {
                     continue;
                 };
-                if t >= worst(&out) {
-                    continue;
-                }
                 let Some(rest) = self.seconds(n - m, b, last) else {
                     continue;
                 };
@@ -224,6 +236,15 @@ impl<'p> Search<'p> {
             m += self.unit;
         }
         out
+    }
+
+    /// [`Search::two_groups`]' [`SHORTLIST`] as plans.
+    fn shortlist(&mut self) -> Vec<Plan> {
+        let n = self.planner.cost.cluster.devices();
+        self.two_groups(SHORTLIST)
+            .into_iter()
+            .filter_map(|(_, b, m)| self.plan(&[(b, m), (self.cuts.len() - 1, n - m)], n))
+            .collect()
     }
 
     /// The plan of `groups` (upper cut, devices), each under its fastest strategy.
@@ -253,7 +274,7 @@ impl Planner {
         let Some(mut search) = Search::new(self, lens) else {
             return Ok(None);
         };
-        Ok(self.best_of(search.shortlist(), lens))
+        Ok(self.fastest_of(search.shortlist(), lens))
     }
 
     /// The best concurrent plan of at most `max_groups` groups of devices for `lens`. Searched
@@ -290,11 +311,11 @@ impl Planner {
                 }
             }
         }
-        Ok(self.best_of(plans, lens))
+        Ok(self.fastest_of(plans, lens))
     }
 
     /// The fastest of `plans` estimated whole, on every core (the first of equally fast ones).
-    fn best_of(&self, plans: Vec<Plan>, lens: &[usize]) -> Option<(Plan, Estimate)> {
+    fn fastest_of(&self, plans: Vec<Plan>, lens: &[usize]) -> Option<(Plan, Estimate)> {
         let estimates: Vec<_> = plans
             .into_par_iter()
             .map(|plan| self.evaluate(&plan, lens).map(|est| (plan, est)))
@@ -327,17 +348,6 @@ impl Planner {
             Ok(e) if e.seconds < best.1.seconds => (plan, e),
             _ => best,
         })
-    }
-}
-
-impl Search<'_> {
-    /// [`Search::two_groups`]' [`SHORTLIST`] as plans.
-    fn shortlist(&mut self) -> Vec<Plan> {
-        let n = self.planner.cost.cluster.devices();
-        self.two_groups(SHORTLIST)
-            .into_iter()
-            .filter_map(|(_, b, m)| self.plan(&[(b, m), (self.cuts.len() - 1, n - m)], n))
-            .collect()
     }
 }
 

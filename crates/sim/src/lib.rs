@@ -149,33 +149,18 @@ fn concurrent_plan(
         }))
 }
 
-/// The best plan of up to [`planner::MAX_GROUPS`] concurrent groups for `lens`, or `two` (the
-/// two-group search's) where that is faster; its planning time its own search's.
-fn groups_plan(
-    planner: &Planner,
-    lens: &[usize],
-    fixed: f64,
-    two: Option<&ConcurrentPlan>,
-) -> Result<Option<ConcurrentPlan>> {
+/// The best plan of up to [`planner::MAX_GROUPS`] concurrent groups for `lens` (the two-group
+/// plans among them: never slower than [`concurrent_plan`]'s), against the static strategy's
+/// `fixed` seconds.
+fn groups_plan(planner: &Planner, lens: &[usize], fixed: f64) -> Result<Option<ConcurrentPlan>> {
     let t0 = std::time::Instant::now();
     let found = planner.concurrent_groups(lens, planner::MAX_GROUPS)?;
     let planning_seconds = t0.elapsed().as_secs_f64();
-    let found = found.map(|(_, estimate)| ConcurrentPlan {
+    Ok(found.map(|(_, estimate)| ConcurrentPlan {
         speedup_over_static: fixed / estimate.seconds,
         planning_seconds,
         estimate,
-    });
-    Ok(match (found, two) {
-        (Some(g), Some(t)) if t.estimate.seconds < g.estimate.seconds => Some(ConcurrentPlan {
-            planning_seconds,
-            ..t.clone()
-        }),
-        (Some(g), _) => Some(g),
-        (None, t) => t.map(|t| ConcurrentPlan {
-            planning_seconds,
-            ..t.clone()
-        }),
-    })
+    }))
 }
 
 impl Report {
@@ -353,7 +338,7 @@ pub fn simulate(s: &Scenario) -> Result<Report> {
     let mut r = report(&planner, s)?;
     let lens = presets::lengths(&s.dataset, s.global_batch, s.max_len, s.seed)?;
     r.concurrent = concurrent_plan(&planner, &lens, r.fixed.seconds)?;
-    r.groups = groups_plan(&planner, &lens, r.fixed.seconds, r.concurrent.as_ref())?;
+    r.groups = groups_plan(&planner, &lens, r.fixed.seconds)?;
     Ok(r)
 }
 
@@ -382,7 +367,7 @@ pub fn simulate_with_context(s: &Scenario) -> Result<Report> {
         .as_ref()
         .map_or(r.fixed.seconds, |c| c.fixed.seconds);
     r.concurrent = concurrent_plan(&ctx, &lens, fixed)?;
-    r.groups = groups_plan(&ctx, &lens, fixed, r.concurrent.as_ref())?;
+    r.groups = groups_plan(&ctx, &lens, fixed)?;
     Ok(r)
 }
 
