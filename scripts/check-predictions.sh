@@ -9,8 +9,8 @@
 # 0.86 s where the run before gave 0.58-0.54 s. A disturbance only adds time; the model
 # predicts the undisturbed machine. The range printed is that of the runs' means.
 #
-#   scripts/check-predictions.sh [DEVICES] [STEPS] [RUNS]    (PROFILES=3: profiles per model,
-#                                                          the median one used)
+#   scripts/check-predictions.sh [DEVICES] [STEPS] [RUNS]    (PROFILE_ROUNDS=3: rounds of
+#                                                          `hotspa profile --rounds`)
 #
 # Writes profiles and metrics under ${OUT:-/tmp/hotspa-check} and prints one table.
 set -euo pipefail
@@ -45,19 +45,9 @@ printf '| model | run | measured s (range) | planner s | error | simulator s | e
 for model in m256 tiny; do
     if [ $model = m256 ]; then cfg="$OUT/m256"; len=256; else cfg=examples/tiny-llama; len=512; fi
     # The profile's calibration moves with the machine's state (two profiles half an hour apart
-    # gave compute scales 26 % apart): the median of PROFILES profiles by compute scale.
-    for p in $(seq "${PROFILES:-3}"); do
-        "$BIN" profile --devices "$N" --model "$cfg" --out "$OUT/profile-$model-$p.toml" >/dev/null 2>&1
-    done
-    python3 - "$OUT" "$model" "${PROFILES:-3}" <<'PY'
-import re, shutil, sys
-out, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-files = [f"{out}/profile-{model}-{p}.toml" for p in range(1, n + 1)]
-scale = lambda f: float(re.search(r"^compute_scale = (\S+)", open(f).read(), re.M).group(1))
-files.sort(key=scale)
-shutil.copy(files[len(files) // 2], f"{out}/profile-{model}.toml")
-print(f"# {model}: compute scales " + ", ".join(f"{scale(f):.3f}" for f in files), file=sys.stderr)
-PY
+    # gave compute scales 26 % apart): every measurement the fastest of PROFILE_ROUNDS rounds.
+    "$BIN" profile --devices "$N" --model "$cfg" --rounds "${PROFILE_ROUNDS:-3}" \
+        --out "$OUT/profile-$model.toml" 2>&1 >/dev/null | sed -n 's/^/# /; /probe/p' >&2
     common=(--model "$cfg" --data crates/kernels/src --devices "$N" --steps "$STEPS"
         --global-batch 16 --max-len $len)
     while IFS= read -r run; do

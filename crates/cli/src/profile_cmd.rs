@@ -22,6 +22,11 @@ pub struct Args {
     /// Tokens of the probe's micro-batch (sequences of 512, or the model's longest if shorter).
     #[arg(long, default_value_t = 1024)]
     probe_tokens: usize,
+    /// Take every measurement this many times, one round after the other, and keep the
+    /// fastest of each (a slow spell of a virtual or shared machine then spoils a round, not
+    /// the profile; `scripts/check-predictions.sh` uses 3).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -30,7 +35,13 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
     let mut notes = crate::output::Notices;
-    let p = train::profile(args.devices, cfg.as_ref(), args.probe_tokens, &mut notes)?;
+    let p = train::profile(
+        args.devices,
+        cfg.as_ref(),
+        args.probe_tokens,
+        args.rounds,
+        &mut notes,
+    )?;
     let text = format!(
         "# hotspa profile --devices {}: this machine as a cluster (planner::Cluster)\n{}",
         args.devices,

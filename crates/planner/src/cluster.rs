@@ -73,6 +73,17 @@ pub struct Cluster {
     /// pipeline fills and drains, the idle ranks' cores speed up the busy ones.
     #[serde(default)]
     pub shared_cores: f64,
+    /// On shared cores, the share of the speed-up that ranks waiting in a receive give the
+    /// computing ones (1: a waiting rank frees its core at once; 0: it holds it, as a thread
+    /// that spins does); measured by `hotspa profile` with half the ranks waiting. 1 where not
+    /// measured.
+    #[serde(default = "one")]
+    pub lending: f64,
+    /// On shared cores (more devices than `shared_cores`), how long a pipeline stage's rank,
+    /// woken by its neighbour's message, waits for a core held by ranks that compute (µs per
+    /// stage-boundary message); from `hotspa profile`'s pipeline probe. 0 where not measured.
+    #[serde(default)]
+    pub handoff_us: f64,
     /// Measured over modelled time of a real forward and backward of the model being planned
     /// (`hotspa profile --model`): what the kernel rates above leave out (executor overhead,
     /// cold caches); multiplies compute and elementwise time. 1 where not measured.
@@ -148,6 +159,8 @@ impl Cluster {
             memory_gbps: 0.0,
             optimizer_gparams: 0.0,
             shared_cores: 0.0,
+            lending: 1.0,
+            handoff_us: 0.0,
             compute_scale: 1.0,
             clock_scale: 0.0,
             kernel_overhead_us: 0.0,
@@ -197,12 +210,17 @@ impl Cluster {
             ("nic_gbps", self.nic_gbps),
             ("optimizer_gparams", self.optimizer_gparams),
             ("shared_cores", self.shared_cores),
+            ("lending", self.lending),
+            ("handoff_us", self.handoff_us),
             ("clock_scale", self.clock_scale),
             ("kernel_overhead_us", self.kernel_overhead_us),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(field, v, "at least 0 and finite");
             }
+        }
+        if self.lending > 1.0 {
+            return bad("lending", self.lending, "between 0 and 1");
         }
         let rows = self.gemm_table.iter().map(|r| r.as_slice());
         for row in rows.chain(self.attention_table.iter().map(|r| r.as_slice())) {
@@ -407,6 +425,21 @@ mod tests {
             elem_bytes: 4.0,
             ..Cluster::new("t", 1, 1, 1.0, 1.0, link, link)
         }
+    }
+
+    #[test]
+    fn a_lending_beyond_one_is_refused_by_name() {
+        let mut c = cluster();
+        assert!(c.validate().is_ok());
+        c.lending = 1.5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("lending = 1.5") && e.contains("between 0 and 1"),
+            "{e}"
+        );
+        c.lending = 0.0;
+        c.handoff_us = f64::NAN;
+        assert!(c.validate().unwrap_err().to_string().contains("handoff_us"));
     }
 
     #[test]

@@ -859,7 +859,14 @@ impl CostModel {
                     b.push(pb);
                 }
             }
-            // A stage boundary's message: each TP (and CP) member's piece of the activations.
+            // A stage boundary's message: each TP (and CP) member's piece of the activations,
+            // and on shared cores the receiver's wait for a core.
+            let c = &self.cluster;
+            let handoff = if c.shared_cores > 0.0 && c.devices() as f64 > c.shared_cores {
+                c.handoff_us * 1e-6
+            } else {
+                0.0
+            };
             let hop: Vec<Vec<timeline::Hop>> = (0..p.saturating_sub(1))
                 .map(|k| {
                     let link = self.hop_link(s, d, k);
@@ -870,7 +877,7 @@ impl CostModel {
                             let piece = if s.sp { s.tp as f64 } else { 1.0 };
                             let bytes = tokens * self.cfg.hidden_size as f64 * eb / piece;
                             timeline::Hop {
-                                seconds: link.seconds(bytes, 1.0),
+                                seconds: link.seconds(bytes, 1.0) + handoff,
                                 busy: bytes / (link.gbps * 1e9),
                             }
                         })
@@ -1041,7 +1048,8 @@ impl CostModel {
             ..Breakdown::default()
         };
         // On shared cores the ranks of idle stages lend their cores to the busy ones: with
-        // `m` micro-batches a stage is busy `m / (m + pp − 1)` of the time.
+        // `m` micro-batches a stage is busy `m / (m + pp − 1)` of the time; the machine passes
+        // on the share `lending` of that speed-up (a waiting thread that spins keeps its core).
         let c = &self.cluster;
         let devices = c.devices() as f64;
         if s.pp > 1 && c.shared_cores > 0.0 && devices > c.shared_cores {
@@ -1051,7 +1059,8 @@ impl CostModel {
             } else {
                 m / (m + p as f64 - 1.0)
             };
-            let speedup = (1.0 / busy).min(devices / c.shared_cores).max(1.0);
+            let full = (1.0 / busy).min(devices / c.shared_cores).max(1.0);
+            let speedup = 1.0 + c.lending.clamp(0.0, 1.0) * (full - 1.0);
             out.compute /= speedup;
             out.tp_comm /= speedup;
             out.elementwise /= speedup;

@@ -1267,4 +1267,43 @@ mod tests {
             h.seconds
         );
     }
+
+    #[test]
+    fn shared_cores_lend_by_the_measured_share_and_pipeline_messages_wait_for_a_core() {
+        let base = planner(4).cost;
+        let seconds = |lending: f64, handoff_us: f64, shared: f64, s: &str| {
+            let cluster = Cluster {
+                shared_cores: shared,
+                lending,
+                handoff_us,
+                ..base.cluster.clone()
+            };
+            let cost = CostModel::new(cluster, base.cfg.clone());
+            let s = Strategy::parse(s, 4).unwrap();
+            cost.strategy(&s, &[4096; 8], 4096).total()
+        };
+        // 4 devices on 2 cores, pp4 over 8 micro-batches (busy 8/11 of the time): idle stages
+        // lend their cores in full, in part, or not at all.
+        let (full, part, none) = (
+            seconds(1.0, 0.0, 2.0, "pp4"),
+            seconds(0.5, 0.0, 2.0, "pp4"),
+            seconds(0.0, 0.0, 2.0, "pp4"),
+        );
+        assert!(full < part && part < none, "{full} {part} {none}");
+        assert!((none - seconds(1.0, 0.0, 0.0, "pp4")).abs() < 1e-12 * none);
+        // A wait for a core per stage-boundary message: at least the fill's and the drain's
+        // (3 boundaries each way) on the critical path, at most every message's (8
+        // micro-batches, 3 boundaries, forward and back).
+        let waited = seconds(1.0, 1000.0, 2.0, "pp4") - full;
+        assert!((6e-3 - 1e-9..=48e-3 + 1e-9).contains(&waited), "{waited}");
+        // Not without pipelines, nor on devices of their own.
+        assert_eq!(
+            seconds(1.0, 1000.0, 2.0, "dp4"),
+            seconds(1.0, 0.0, 2.0, "dp4")
+        );
+        assert_eq!(
+            seconds(1.0, 1000.0, 0.0, "pp4"),
+            seconds(1.0, 0.0, 0.0, "pp4")
+        );
+    }
 }

@@ -214,22 +214,30 @@ pub struct CoreShare {
     blocked: AtomicUsize,
     ranks: usize,
     cores: f64,
+    lending: f64,
 }
 
 impl CoreShare {
-    /// `ranks` ranks on `cores` cores.
+    /// `ranks` ranks on `cores` cores, a blocked rank freeing its core.
     pub fn new(ranks: usize, cores: f64) -> Arc<Self> {
+        Self::lending(ranks, cores, 1.0)
+    }
+
+    /// `ranks` ranks on `cores` cores, a blocked rank freeing the share `lending` of its core
+    /// ([`planner::Cluster::lending`]: a blocked rank counts as `1 − lending` of one that
+    /// computes).
+    pub fn lending(ranks: usize, cores: f64, lending: f64) -> Arc<Self> {
         Arc::new(Self {
             blocked: AtomicUsize::new(0),
             ranks: ranks.max(1),
             cores: cores.max(1.0),
+            lending: lending.clamp(0.0, 1.0),
         })
     }
 
     fn computing(&self) -> f64 {
-        self.ranks
-            .saturating_sub(self.blocked.load(Ordering::Relaxed))
-            .max(1) as f64
+        let blocked = self.blocked.load(Ordering::Relaxed).min(self.ranks) as f64;
+        (self.ranks as f64 - self.lending * blocked).max(1.0)
     }
 
     /// Runs `f` as a kernel of this rank; returns its result and the factor on its time.
@@ -427,6 +435,19 @@ mod tests {
         c.memory_gbps = 1000.0;
         c.optimizer_gparams = 2.0;
         c
+    }
+
+    #[test]
+    fn blocked_ranks_lend_their_share_of_a_core() {
+        // 4 ranks on 2 cores, 2 of them blocked: a kernel runs at 2/4 of its time where the
+        // blocked free their cores, 3/4 where they free half, all of it where they free none.
+        for (lending, want) in [(1.0, 0.5), (0.5, 0.75), (0.0, 1.0)] {
+            let share = CoreShare::lending(4, 2.0, lending);
+            let factor = share.blocked(|| share.blocked(|| share.kernel(|| ()).1));
+            assert_eq!(factor, want, "lending {lending}");
+            // Nobody blocked: every rank computes, as the rates were measured.
+            assert_eq!(share.kernel(|| ()).1, 1.0);
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use comm::{CommError, Communicator, ReduceOp, ThreadComm};
+use comm::{CommError, Communicator, Rank, ReduceOp, ThreadComm};
 use kernels::{AttnShape, Backend, CpuBackend, GemmSpec};
 use planner::{Cluster, Efficiency, Link};
 
@@ -15,9 +15,37 @@ use crate::error::TrainError;
 type Result<T, E = TrainError> = std::result::Result<T, E>;
 use crate::metrics::Sink;
 
-/// The probe's measurements: (step seconds with `--probe-tokens` and with one sequence per
-/// rank, optimizer seconds, parameters of a rank).
-type Probe = ([f64; 2], f64, usize);
+/// The probe's measurements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Probe {
+    /// DP training step seconds with `--probe-tokens` and with one sequence per rank.
+    steps: [f64; 2],
+    /// The same two sizes' forward and backward with every rank alone ([`Mode::PassAlone`]).
+    passes: [f64; 2],
+    /// Optimizer seconds.
+    update_s: f64,
+    /// Parameters of a rank.
+    numel: usize,
+    /// A pipeline pass over every rank ([`pp_probe`]), where the model has a layer per rank.
+    pipeline: Option<f64>,
+}
+
+impl Probe {
+    /// Each figure the smaller of `self`'s and `other`'s (two rounds of the same probe).
+    fn fastest(self, other: Probe) -> Probe {
+        let min2 = |a: [f64; 2], b: [f64; 2]| [a[0].min(b[0]), a[1].min(b[1])];
+        Probe {
+            steps: min2(self.steps, other.steps),
+            passes: min2(self.passes, other.passes),
+            update_s: self.update_s.min(other.update_s),
+            numel: self.numel,
+            pipeline: match (self.pipeline, other.pipeline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
 
 /// The larger TP probe's tokens, in micro-batches of the DP probe: moving bytes between ranks
 /// that compute slows down with the messages' size (they leave the caches), so the probe
@@ -76,12 +104,29 @@ fn probe_inputs(
     Ok((exec, rp, mb))
 }
 
+/// What [`dp_steps`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// DP training steps over the world: the pass, the gradient exchange and the update.
+    Training,
+    /// Every rank's forward and backward alone (a group of one; the ranks still start each
+    /// pass together, so that they share the cores as in a run): no message, no update. The
+    /// overhead per kernel is solved from these: the small step of [`Mode::Training`] is
+    /// mostly its gradient exchange and update, and a few per cent of error in their clocked
+    /// time moved the overhead solved from it threefold (25, 78 and 70 µs in three profiles
+    /// of one model, 106 µs in a fourth).
+    PassAlone,
+}
+
 /// `steps` training steps of `cfg` as DP replicas over `world` on `be` (one micro-batch of
-/// `tokens` in sequences of `len` each, the gradient all-reduce and the optimizer update), after one to warm up: the
-/// slowest rank's seconds per step, its optimizer seconds, and the rank's parameters.
+/// `tokens` in sequences of `len` each, the gradient all-reduce and the optimizer update), or
+/// (`mode`) passes of each rank alone, after one to warm up: the slowest rank's seconds per
+/// step, its optimizer seconds, and the rank's parameters.
+#[allow(clippy::too_many_arguments)] // the probe's shape and what to run
 fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
     be: &B,
     world: &dyn Communicator,
+    mode: Mode,
     cfg: &model::LlamaConfig,
     tokens: usize,
     len: usize,
@@ -89,11 +134,16 @@ fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
     mut each: impl FnMut(usize),
 ) -> Result<(Vec<f64>, Vec<f64>, usize), CommError> {
     let err = |e: String| CommError::Unavailable(format!("probe: {e}"));
-    let n = world.size();
+    let alone = match mode {
+        Mode::Training => None,
+        Mode::PassAlone => Some(world.sub_group(&[world.rank()])?),
+    };
+    let dp = alone.as_deref().unwrap_or(world);
+    let n = dp.size();
     let strategy = graph::Strategy::parse(&format!("dp{n}"), n).map_err(|e| err(e.to_string()))?;
-    let (exec, rp, mb) = probe_inputs(cfg, n, world.rank().0, tokens, len)?;
+    let (exec, rp, mb) = probe_inputs(cfg, n, dp.rank().0, tokens, len)?;
     let numel: usize = rp.params.iter().map(Vec::len).sum();
-    let mut groups = runtime::RankGroups::new(world, &strategy).map_err(|e| err(e.to_string()))?;
+    let mut groups = runtime::RankGroups::new(dp, &strategy).map_err(|e| err(e.to_string()))?;
     let adamw = PROBE_ADAMW;
     let mut opt = runtime::Optimizer::new(
         be,
@@ -127,8 +177,10 @@ fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
         )
         .map_err(|e| err(e.to_string()))?;
         let t1 = Instant::now();
-        opt.update(be, &mut groups, out.grads, 1e-4)
-            .map_err(|e| err(e.to_string()))?;
+        if mode == Mode::Training {
+            opt.update(be, &mut groups, out.grads, 1e-4)
+                .map_err(|e| err(e.to_string()))?;
+        }
         let (total, update) = (t0.elapsed().as_secs_f64(), t1.elapsed().as_secs_f64());
         if k > 0 {
             step_s.push(slowest(total)?);
@@ -248,9 +300,9 @@ fn under_load(passes: &[[f64; 4]; 2]) -> (f64, f64) {
     }
 }
 
-/// Times training steps of `cfg` with every rank a DP replica, with micro-batches of
-/// `tokens` and of [`SMALL`] tokens: (step seconds of each, optimizer seconds, parameters), the
-/// fastest of 5 (as [`tp_probe`]'s passes: a disturbance only ever adds time).
+/// Times training steps of `cfg` with every rank a DP replica, and passes of every rank alone,
+/// with micro-batches of `tokens` and of [`SMALL`] tokens; each the fastest of 5 (of 9 for
+/// the small passes; as [`tp_probe`]'s passes: a disturbance only ever adds time).
 fn probe(
     c: &dyn Communicator,
     be: &CpuBackend,
@@ -259,9 +311,101 @@ fn probe(
 ) -> Result<Probe, CommError> {
     let fastest = |v: Vec<f64>| v.into_iter().fold(f64::INFINITY, f64::min);
     let len = probe_len(cfg, tokens);
-    let (big, opt_s, numel) = dp_steps(be, c, cfg, tokens, len, 5, |_| {})?;
-    let (small, _, _) = dp_steps(be, c, cfg, SMALL, SMALL, 5, |_| {})?;
-    Ok(([fastest(big), fastest(small)], fastest(opt_s), numel))
+    let (big, opt_s, numel) = dp_steps(be, c, Mode::Training, cfg, tokens, len, 5, |_| {})?;
+    let (small, _, _) = dp_steps(be, c, Mode::Training, cfg, SMALL, SMALL, 5, |_| {})?;
+    let (pass_big, _, _) = dp_steps(be, c, Mode::PassAlone, cfg, tokens, len, 5, |_| {})?;
+    let (pass_small, _, _) = dp_steps(be, c, Mode::PassAlone, cfg, SMALL, SMALL, 9, |_| {})?;
+    Ok(Probe {
+        steps: [fastest(big), fastest(small)],
+        passes: [fastest(pass_big), fastest(pass_small)],
+        update_s: fastest(opt_s),
+        numel,
+        pipeline: pp_probe(c, be, cfg, len)?,
+    })
+}
+
+/// Micro-batches of [`pp_probe`] per stage.
+const PP_PROBE_MICRO_BATCHES: usize = 2;
+
+/// `cfg`'s forward and backward as a pipeline over every rank (`pp{n}`, 1F1B), in
+/// `2n` micro-batches of one `len`-token sequence each: the slowest rank's seconds, the
+/// fastest of 3 passes; `None` for one rank or fewer layers than ranks.
+fn pp_probe(
+    c: &dyn Communicator,
+    be: &CpuBackend,
+    cfg: &model::LlamaConfig,
+    len: usize,
+) -> Result<Option<f64>, CommError> {
+    let n = c.size();
+    if n < 2 || cfg.num_hidden_layers < n {
+        return Ok(None);
+    }
+    let err = |e: String| CommError::Unavailable(format!("pipeline probe: {e}"));
+    let strategy = graph::Strategy::parse(&format!("pp{n}"), n).map_err(|e| err(e.to_string()))?;
+    let exec = model::rank_exec(cfg, &strategy, c.rank().0).map_err(|e| err(e.to_string()))?;
+    let weights = model::Weights::random(cfg, 1);
+    let rp = model::rank_params(cfg, &exec, &weights, 0).map_err(|e| err(e.to_string()))?;
+    let (_, _, mb) = probe_inputs(cfg, n, 0, len, len)?;
+    let mbs = vec![mb; PP_PROBE_MICRO_BATCHES * n];
+    let mut best = f64::INFINITY;
+    for k in 0..4 {
+        c.barrier()?;
+        let t0 = Instant::now();
+        let mut groups = runtime::RankGroups::new(c, &strategy).map_err(|e| err(e.to_string()))?;
+        let schedule = graph::Schedule::OneFOneB;
+        runtime::pipeline_step(
+            be,
+            &exec,
+            &mut groups,
+            &rp.params,
+            &rp.shared,
+            &mbs,
+            schedule,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let mut v = [t0.elapsed().as_secs_f64() as f32];
+        c.all_reduce(&mut v, ReduceOp::Max)?;
+        // The first pass warms up.
+        if k > 0 {
+            best = best.min(f64::from(v[0]));
+        }
+    }
+    Ok(Some(best))
+}
+
+/// The wait for a core per stage-boundary message (µs) with which the cost model on `cluster`
+/// gives [`pp_probe`]'s pass its `measured` seconds, and the cost model's seconds without it.
+/// The model grows with the wait, nearly linearly: two secant steps from 0 and 1 ms.
+fn handoff(
+    cluster: &Cluster,
+    cfg: &model::LlamaConfig,
+    n: usize,
+    len: usize,
+    measured: f64,
+) -> Result<(f64, f64)> {
+    let s = graph::Strategy::parse(&format!("pp{n}"), n)?;
+    let lens = vec![len; PP_PROBE_MICRO_BATCHES * n];
+    let predict = |us: f64| {
+        let cl = Cluster {
+            handoff_us: us,
+            ..cluster.clone()
+        };
+        planner::CostModel::new(cl, cfg.clone())
+            .strategy(&s, &lens, len)
+            .total()
+    };
+    let (mut a, mut pa) = (0.0, predict(0.0));
+    let bare = pa;
+    let (mut b, mut pb) = (1000.0, predict(1000.0));
+    for _ in 0..2 {
+        if (pb - pa).abs() < 1e-12 {
+            break;
+        }
+        let next = (b + (measured - pb) * (b - a) / (pb - pa)).max(0.0);
+        (a, pa) = (b, pb);
+        (b, pb) = (next, predict(next));
+    }
+    Ok((if measured > bare { b } else { 0.0 }, bare))
 }
 
 /// `(scale, overhead per kernel)` with `measured[i] = rest + scale·scaled + overhead·kernels`
@@ -319,6 +463,37 @@ struct Rates {
     adamw: f64,
     /// All-reduce seconds of 1 Ki and 1 Mi floats.
     all_reduce: (f64, f64),
+    /// How much faster half the ranks compute while the others wait ([`lending`]).
+    lending: f64,
+}
+
+impl Rates {
+    /// Each rate the higher, each time the lower of `self`'s and `other`'s (two rounds of
+    /// [`measure`], the same shapes in the same order).
+    fn fastest(self, other: Rates) -> Rates {
+        let zip_max = |a: Vec<(usize, f64)>, b: Vec<(usize, f64)>| {
+            a.into_iter()
+                .zip(b)
+                .map(|((k, x), (_, y))| (k, x.max(y)))
+                .collect()
+        };
+        Rates {
+            gemm: self
+                .gemm
+                .into_iter()
+                .zip(other.gemm)
+                .map(|((d, x), (_, y))| (d, x.max(y)))
+                .collect(),
+            attention: zip_max(self.attention, other.attention),
+            memory_gbps: self.memory_gbps.max(other.memory_gbps),
+            adamw: self.adamw.max(other.adamw),
+            all_reduce: (
+                self.all_reduce.0.min(other.all_reduce.0),
+                self.all_reduce.1.min(other.all_reduce.1),
+            ),
+            lending: self.lending.max(other.lending),
+        }
+    }
 }
 
 fn measure(
@@ -445,7 +620,60 @@ fn measure(
         memory_gbps,
         adamw,
         all_reduce: (ar[0], ar[1]),
+        lending: lending(c, be)?,
     })
+}
+
+/// How much faster the first half of the ranks compute (the same GEMMs; the slowest rank,
+/// the fastest of 3 tries) while the others wait in a receive than while every rank
+/// computes; 1 for one rank.
+fn lending(c: &dyn Communicator, be: &CpuBackend) -> Result<f64, CommError> {
+    let (n, me) = (c.size(), c.rank().0);
+    let half = n / 2;
+    if half == 0 {
+        return Ok(1.0);
+    }
+    let err = |e: kernels::KernelError| CommError::Unavailable(e.to_string());
+    // A linear layer's forward of 1024 tokens, 256 × 256, 32 times: about 50 ms for a rank
+    // alone on a core of this machine, long beside the scheduler's time slices (with 8 the
+    // first ranks to get a core finished before the others started).
+    let (m, w, k) = (1024, 256, 256);
+    let (x, wt, mut y) = (
+        vec![0.5f32; m * k],
+        vec![0.25f32; w * k],
+        vec![0.0f32; m * w],
+    );
+    let spec = GemmSpec::new(m, w, k).trans(false, true);
+    let mut work = || -> Result<f64, CommError> {
+        let t0 = Instant::now();
+        for _ in 0..32 {
+            be.gemm(&spec, &x, &wt, &mut y).map_err(err)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let slowest = |t: f64| -> Result<f64, CommError> {
+        let mut v = [t as f32];
+        c.all_reduce(&mut v, ReduceOp::Max)?;
+        Ok(f64::from(v[0]))
+    };
+    let (mut all, mut lent) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        c.barrier()?;
+        all = all.min(slowest(work()?)?);
+        c.barrier()?;
+        let t = if me < half {
+            let t = work()?;
+            for waiter in (half..n).filter(|w| w % half == me) {
+                c.send(&[0.0], Rank(waiter), comm::tags::SCRATCH)?;
+            }
+            t
+        } else {
+            c.recv(&mut [0.0], Rank(me % half), comm::tags::SCRATCH)?;
+            0.0
+        };
+        lent = lent.min(slowest(t)?);
+    }
+    Ok(all / lent.max(1e-12))
 }
 
 /// Least squares in log space of `rate = peak · max · t/(t+ht) · w/(w+hw)` over a grid of
@@ -484,16 +712,23 @@ pub const CURVE_INPUT_DIM: usize = K;
 
 /// Calibrates the cost model on this machine's CPU backend with `devices` thread ranks running
 /// at once; with a model, also times its training steps (micro-batches of `probe_tokens`) and
-/// its TP pass, and scales the model to them. Progress goes to `sink`.
+/// its TP pass, and scales the model to them. Every measurement is taken `rounds` times, one
+/// round of all of them after the other, and the fastest of each kept: on a machine whose
+/// speed drifts over seconds (a virtual one, or a shared one), a slow spell then spoils one
+/// round of a measurement, not the profile. Progress goes to `sink`.
 pub fn profile(
     devices: usize,
     cfg: Option<&model::LlamaConfig>,
     probe_tokens: usize,
+    rounds: usize,
     sink: &mut dyn Sink,
 ) -> Result<Profile> {
     let n = devices;
     if n == 0 {
         return Err(TrainError::setting("devices", "must be at least 1"));
+    }
+    if rounds == 0 {
+        return Err(TrainError::setting("rounds", "must be at least 1"));
     }
     sink.notice(&format!(
         "profiling the CPU backend with {n} thread ranks at once…"
@@ -501,17 +736,46 @@ pub fn profile(
     let cfg = cfg.cloned();
     let tokens = probe_tokens.max(2);
     let cfg2 = cfg.clone();
-    let mut rates = ThreadComm::run(n, move |c| -> Result<(Rates, Option<Probe>), CommError> {
-        let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
-        let rates = measure(&c, &be, cfg2.as_ref())?;
-        let probed = match &cfg2 {
-            Some(cfg) => Some(probe(&c, &be, cfg, tokens)?),
-            None => None,
-        };
-        Ok((rates, probed))
-    })?;
+    let mut rates = ThreadComm::run(
+        n,
+        move |c| -> Result<(Rates, Option<Probe>, Vec<f64>), CommError> {
+            let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
+            let (mut best, mut spread): (Option<(Rates, Option<Probe>)>, Vec<f64>) = (None, vec![]);
+            for _ in 0..rounds {
+                let rates = measure(&c, &be, cfg2.as_ref())?;
+                let probed = match &cfg2 {
+                    Some(cfg) => Some(probe(&c, &be, cfg, tokens)?),
+                    None => None,
+                };
+                spread.push(probed.map_or(rates.all_reduce.1, |p| p.steps[0]));
+                best = Some(match best {
+                    None => (rates, probed),
+                    Some((r, p)) => (r.fastest(rates), p.zip(probed).map(|(a, b)| a.fastest(b))),
+                });
+            }
+            // `rounds` ≥ 1 (checked above).
+            let (r, p) =
+                best.ok_or_else(|| CommError::Unavailable("profile: no round ran".into()))?;
+            Ok((r, p, spread))
+        },
+    )?;
     // Rank 0 reports (every rank measured at once; the slowest is in the collective timings).
-    let (r, probed) = rates.swap_remove(0);
+    let (r, probed, spread) = rates.swap_remove(0);
+    if rounds > 1 {
+        let what = if probed.is_some() {
+            "the DP step"
+        } else {
+            "the all-reduce of 1 Mi floats"
+        };
+        sink.notice(&format!(
+            "the fastest of {rounds} rounds of every measurement kept ({what} took {} s)",
+            spread
+                .iter()
+                .map(|t| format!("{t:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let r = &r;
     let peak = r.gemm.iter().map(|g| g.1).fold(0.0, f64::max);
     // The curve (tokens × width at input dim K) for reading; the table is what is used.
@@ -552,6 +816,21 @@ pub fn profile(
         link,
         link,
     );
+    // With half the ranks waiting the others could compute `ideal` times faster (the rates
+    // were measured with every rank busy); the share of that they got is the lending.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+    let ideal = n as f64 / ((n / 2) as f64).max(cores);
+    let lending = if ideal > 1.0 + 1e-9 {
+        ((r.lending - 1.0) / (ideal - 1.0)).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    if ideal > 1.0 + 1e-9 {
+        sink.notice(&format!(
+            "with half the ranks waiting in a receive the others computed {:.2}× as fast, of {ideal:.2}× if the waiting ranks freed their cores: lending {lending:.2}",
+            r.lending
+        ));
+    }
     let cluster = Cluster {
         efficiency: Efficiency {
             max: 1.0,
@@ -562,7 +841,8 @@ pub fn profile(
         elem_bytes: 4.0,
         memory_gbps: r.memory_gbps,
         optimizer_gparams: r.adamw / 1e9,
-        shared_cores: std::thread::available_parallelism().map_or(1, |c| c.get()) as f64,
+        shared_cores: cores,
+        lending,
         gemm_table: r
             .gemm
             .iter()
@@ -576,8 +856,9 @@ pub fn profile(
         ..base
     };
     let mut cluster = cluster;
-    if let (Some(cfg), Some((steps, opt_s, numel))) = (&cfg, probed) {
-        cluster.optimizer_gparams = numel as f64 / opt_s / 1e9;
+    if let (Some(cfg), Some(probed)) = (&cfg, probed) {
+        let (steps, passes) = (probed.steps, probed.passes);
+        cluster.optimizer_gparams = probed.numel as f64 / probed.update_s / 1e9;
         let len = probe_len(cfg, tokens);
         let sizes = [tokens.div_ceil(len) * len, SMALL];
         // The simulator's clock: the same steps clocked at scale 1 and no overhead per kernel;
@@ -585,19 +866,19 @@ pub fn profile(
         // `scale × clocked compute + overhead × kernels`, solved over the two sizes. Then the
         // TP probe, with them.
         let (cl, cfg2) = (cluster.clone(), cfg.clone());
-        let share = sim::CoreShare::new(n, cluster.shared_cores);
+        let share = sim::CoreShare::lending(n, cluster.shared_cores, cluster.lending);
         let got = ThreadComm::run(n, move |c| -> Result<_, CommError> {
             let be = CpuBackend::for_ranks(n).map_err(|e| CommError::Unavailable(e.to_string()))?;
-            let mut rows = [[0.0f64; 3]; 2];
-            // Each size in the sequences [`probe`] measured it with (the small step is one
-            // sequence of SMALL tokens, not SMALL tokens of a `len`-token sequence).
-            for (row, (&size, seq)) in rows.iter_mut().zip(sizes.iter().zip([len, SMALL])) {
+            // `[scaled, rest, kernels]` of `mode` at `size` tokens in sequences of `seq` on
+            // the clock (the small size is one sequence of SMALL tokens, as [`probe`]
+            // measured it).
+            let clocked = |mode: Mode, size: usize, seq: usize| -> Result<[f64; 3], CommError> {
                 let clock = sim::Clock::new();
                 let sb = sim::SimBackend::with_scale(be.clone(), &cl, clock.clone(), 1.0)
                     .sharing(share.clone());
                 let sc = sim::SimComm::over(&c, &cl, clock.clone())?.sharing(share.clone());
                 let mut at = sim::ClockReading::default();
-                dp_steps(&sb, &sc, &cfg2, size, seq, 1, |k| {
+                dp_steps(&sb, &sc, mode, &cfg2, size, seq, 1, |k| {
                     if k == 1 {
                         at = clock.read();
                     }
@@ -606,17 +887,39 @@ pub fn profile(
                 let scaled = d.phase(sim::Phase::Compute) + d.phase(sim::Phase::Elementwise);
                 let mut v = [scaled as f32, (d.now - scaled) as f32, d.kernels as f32];
                 c.all_reduce(&mut v, ReduceOp::Max)?;
-                *row = v.map(f64::from);
-            }
-            let (scale, overhead) = solve(&rows, &steps);
+                Ok(v.map(f64::from))
+            };
+            let alone = [
+                clocked(Mode::PassAlone, sizes[0], len)?,
+                clocked(Mode::PassAlone, SMALL, SMALL)?,
+            ];
+            // The overhead from the passes alone; the clock's scale then from the DP step of
+            // `--probe-tokens` (what runs pay: the exchange overlapped, the update).
+            let (_, overhead) = solve(&alone, &passes);
+            let [scaled, rest, kernels] = clocked(Mode::Training, sizes[0], len)?;
+            let scale = ((steps[0] - rest - overhead * kernels) / scaled.max(1e-12)).max(0.1);
             let mut cl = cl.clone();
             cl.clock_scale = scale;
             cl.kernel_overhead_us = overhead * 1e6;
             let tp = if n >= 2 {
-                Some(
-                    tp_probe(&c, &be, &share, &cl, &cfg2, TP_PROBE * tokens)
-                        .and_then(|big| Ok([big, tp_probe(&c, &be, &share, &cl, &cfg2, SMALL)?])),
-                )
+                // Each size's fastest round (the clock's figures of that round with it).
+                let mut passes: Option<[[f64; 4]; 2]> = None;
+                let mut round = || -> Result<(), CommError> {
+                    let got = [
+                        tp_probe(&c, &be, &share, &cl, &cfg2, TP_PROBE * tokens)?,
+                        tp_probe(&c, &be, &share, &cl, &cfg2, SMALL)?,
+                    ];
+                    let best = passes.get_or_insert(got);
+                    for (b, g) in best.iter_mut().zip(got) {
+                        if g[0] < b[0] {
+                            *b = g;
+                        }
+                    }
+                    Ok(())
+                };
+                Some((0..rounds).try_for_each(|_| round()).and_then(|()| {
+                    passes.ok_or_else(|| CommError::Unavailable("TP probe: no round ran".into()))
+                }))
             } else {
                 None
             };
@@ -640,11 +943,15 @@ pub fn profile(
         let rest = b.dp_reduce + cost.optimizer(&s) + overhead;
         cluster.compute_scale = ((steps[0] - rest) / (b.compute + b.elementwise)).max(0.1);
         sink.notice(&format!(
-            "probe: DP steps of {} and {} tokens per rank {:.4} s and {:.4} s, of which the update {opt_s:.4} s for {numel} parameters: overhead {:.1} µs per kernel, compute scale {:.3} (the simulator's clock {:.3})",
+            "probe: DP steps of {} and {} tokens per rank {:.4} s and {:.4} s, of which the update {:.4} s for {} parameters; passes alone {:.4} s and {:.4} s: overhead {:.1} µs per kernel, compute scale {:.3} (the simulator's clock {:.3})",
             sizes[0],
             sizes[1],
             steps[0],
             steps[1],
+            probed.update_s,
+            probed.numel,
+            passes[0],
+            passes[1],
             cluster.kernel_overhead_us,
             cluster.compute_scale,
             cluster.clock_scale
@@ -676,6 +983,14 @@ pub fn profile(
             Some(Err(e)) => sink.notice(&format!("TP probe skipped: {e}")),
             None => {}
         }
+        if let (Some(measured), true) = (probed.pipeline, n as f64 > cluster.shared_cores) {
+            let (h, predicted) = handoff(&cluster, cfg, n, len, measured)?;
+            cluster.handoff_us = h;
+            sink.notice(&format!(
+                "pipeline probe (pp{n}, {} micro-batches of {len} tokens): {measured:.4} s measured, {predicted:.4} s by the cost model without a wait for a core: each stage-boundary message waits {h:.0} µs for one",
+                PP_PROBE_MICRO_BATCHES * n
+            ));
+        }
     }
     Ok(Profile {
         cluster,
@@ -685,7 +1000,84 @@ pub fn profile(
 
 #[cfg(test)]
 mod tests {
-    use super::under_load;
+    use super::{handoff, under_load, Probe, Rates, PP_PROBE_MICRO_BATCHES};
+    use planner::{Cluster, Link};
+
+    #[test]
+    fn the_wait_for_a_core_is_the_one_that_gives_the_pipeline_probe_its_time() {
+        let link = Link {
+            gbps: 1.0,
+            latency_us: 20.0,
+        };
+        let cluster = Cluster {
+            shared_cores: 2.0,
+            ..Cluster::new("t", 1, 4, 0.05, 4.0, link, link)
+        };
+        let mut cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+        ) = (4, 256, 688);
+        (cfg.num_attention_heads, cfg.num_key_value_heads) = (8, Some(8));
+        let pass = |us: f64| {
+            let s = graph::Strategy::parse("pp4", 4).unwrap();
+            let cl = Cluster {
+                handoff_us: us,
+                ..cluster.clone()
+            };
+            planner::CostModel::new(cl, cfg.clone())
+                .strategy(&s, &[256; PP_PROBE_MICRO_BATCHES * 4], 256)
+                .total()
+        };
+        let (h, bare) = handoff(&cluster, &cfg, 4, 256, pass(2500.0)).unwrap();
+        assert!((h - 2500.0).abs() < 1.0, "{h}");
+        assert_eq!(bare, pass(0.0));
+        // A pass the model already reaches: no wait.
+        assert_eq!(handoff(&cluster, &cfg, 4, 256, 0.5 * bare).unwrap().0, 0.0);
+    }
+
+    #[test]
+    fn rounds_keep_the_fastest_of_every_measurement() {
+        let rates = |g: f64, t: f64| Rates {
+            gemm: vec![([16, 16, 16], g), ([16, 16, 64], 2.0 * g)],
+            attention: vec![(64, g)],
+            memory_gbps: g,
+            adamw: g,
+            all_reduce: (t, 2.0 * t),
+            lending: g,
+        };
+        let r = rates(1.0, 0.5).fastest(rates(0.5, 0.25));
+        assert_eq!(r.gemm, vec![([16, 16, 16], 1.0), ([16, 16, 64], 2.0)]);
+        assert_eq!(r.attention, vec![(64, 1.0)]);
+        assert_eq!(
+            (r.memory_gbps, r.adamw, r.all_reduce),
+            (1.0, 1.0, (0.25, 0.5))
+        );
+        let probe = |a: f64, b: f64| Probe {
+            steps: [a, b],
+            passes: [b, a],
+            update_s: b,
+            numel: 7,
+            pipeline: Some(a),
+        };
+        assert_eq!(
+            probe(1.0, 0.1).fastest(probe(0.5, 0.2)),
+            Probe {
+                steps: [0.5, 0.1],
+                passes: [0.1, 0.5],
+                update_s: 0.1,
+                numel: 7,
+                pipeline: Some(0.5),
+            }
+        );
+        // A round without the pipeline probe leaves the other's.
+        let none = Probe {
+            pipeline: None,
+            ..probe(0.2, 0.2)
+        };
+        assert_eq!(none.fastest(probe(0.5, 0.2)).pipeline, Some(0.5));
+    }
 
     /// A pass `[measured, clocked, messages, transfer]` costing `x` more per message and
     /// `1 + y` times its transfer seconds.

@@ -331,7 +331,7 @@ fn spawn_ranks(
         // Thread ranks share this process's cores: the clock counts how many compute at once.
         let share = match (&simulate, &mpi) {
             (Some(c), None) if c.shared_cores > 0.0 => {
-                Some(sim::CoreShare::new(devices, c.shared_cores))
+                Some(sim::CoreShare::lending(devices, c.shared_cores, c.lending))
             }
             _ => None,
         };
