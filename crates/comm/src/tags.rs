@@ -49,3 +49,8 @@ pub fn pipeline(micro_batch: usize, backward: bool, input: usize) -> u32 {
         + input % PIPELINE_INPUTS;
     PIPELINE_BASE + slot as u32
 }
+
+/// Whether `tag` is one of [`pipeline`]'s.
+pub fn is_pipeline(tag: u32) -> bool {
+    tag >= PIPELINE_BASE
+}

@@ -267,12 +267,23 @@ impl Layer for SimComm {
         })?;
         let link = self.peer_link(peer);
         let secs = link.seconds(self.bytes(buf.len()), 1.0);
-        // Messages arriving together come in one after another through this member's link.
+        // Messages arriving together come in one after another through this member's link;
+        // a pipeline stage woken by its neighbour's on shared cores then waits for a core
+        // (`Cluster::handoff_us`, as the cost model charges each stage boundary).
+        let c = &self.cluster;
+        let handoff = if comm::tags::is_pipeline(tag)
+            && c.shared_cores > 0.0
+            && c.devices() as f64 > c.shared_cores
+        {
+            c.handoff_us * 1e-6
+        } else {
+            0.0
+        };
         let arrived = self.clock.ingress(
             self.crosses(peer),
             join(&sent) + secs,
             self.bytes(buf.len()) / (link.gbps * 1e9),
-        );
+        ) + handoff;
         let end = t0.max(arrived);
         self.finish(main, t0, end, secs);
         Ok(())
@@ -400,6 +411,33 @@ mod tests {
         // Rank 0 waited 3 ms for rank 3; rank 3 did not wait.
         assert!((got[0].2.phase(Phase::Wait) - 3e-3).abs() < 1e-12);
         assert_eq!(got[3].2.phase(Phase::Wait), 0.0);
+    }
+
+    #[test]
+    fn a_pipeline_message_on_shared_cores_waits_for_a_core() {
+        // 4 devices on 2 shared cores, 500 µs for a woken stage to get one: a pipeline tag
+        // pays it, another tag does not; on cores of their own neither does.
+        for (shared, tag, want) in [
+            (2.0, comm::tags::pipeline(3, false, 0), 500e-6),
+            (2.0, 7, 0.0),
+            (0.0, comm::tags::pipeline(3, false, 0), 0.0),
+        ] {
+            let got = ThreadComm::run(2, move |w| {
+                let mut c = cluster();
+                (c.shared_cores, c.handoff_us) = (shared, 500.0);
+                let clock = Clock::new();
+                let sim = SimComm::over(&w, &c, clock.clone())?;
+                if w.rank().0 == 0 {
+                    sim.send(&[1.0; 250], Rank(1), tag)?;
+                } else {
+                    sim.recv(&mut [0.0; 250], Rank(0), tag)?;
+                }
+                Ok::<_, comm::CommError>(clock.now())
+            })
+            .unwrap();
+            // Same node: 1000 B at 1 GB/s + 1 µs, then the wait.
+            assert!((got[1] - (2e-6 + want)).abs() < 1e-12, "{tag}: {}", got[1]);
+        }
     }
 
     #[test]
