@@ -240,6 +240,22 @@ impl Cluster {
         self.nodes * self.devices_per_node
     }
 
+    /// Whether the devices outnumber the cores they share (thread ranks on fewer cores):
+    /// there idle pipeline stages lend their cores and a woken stage may wait for one.
+    pub fn oversubscribed(&self) -> bool {
+        self.shared_cores > 0.0 && self.devices() as f64 > self.shared_cores
+    }
+
+    /// Seconds a pipeline stage woken by its neighbour's message waits for a core:
+    /// [`Cluster::handoff_us`] where [`Cluster::oversubscribed`], else none.
+    pub fn handoff_seconds(&self) -> f64 {
+        if self.oversubscribed() {
+            self.handoff_us * 1e-6
+        } else {
+            0.0
+        }
+    }
+
     /// The first `n` devices as a cluster of their own (whole nodes first).
     pub fn take(&self, n: usize) -> Cluster {
         let per = self.devices_per_node.min(n).max(1);

@@ -861,12 +861,7 @@ impl CostModel {
             }
             // A stage boundary's message: each TP (and CP) member's piece of the activations,
             // and on shared cores the receiver's wait for a core.
-            let c = &self.cluster;
-            let handoff = if c.shared_cores > 0.0 && c.devices() as f64 > c.shared_cores {
-                c.handoff_us * 1e-6
-            } else {
-                0.0
-            };
+            let handoff = self.cluster.handoff_seconds();
             let hop: Vec<Vec<timeline::Hop>> = (0..p.saturating_sub(1))
                 .map(|k| {
                     let link = self.hop_link(s, d, k);
@@ -1052,7 +1047,7 @@ impl CostModel {
         // on the share `lending` of that speed-up (a waiting thread that spins keeps its core).
         let c = &self.cluster;
         let devices = c.devices() as f64;
-        if s.pp > 1 && c.shared_cores > 0.0 && devices > c.shared_cores {
+        if s.pp > 1 && c.oversubscribed() {
             let m = replicas[crit].len() as f64;
             let busy = if flushless {
                 1.0

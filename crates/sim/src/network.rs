@@ -270,12 +270,8 @@ impl Layer for SimComm {
         // Messages arriving together come in one after another through this member's link;
         // a pipeline stage woken by its neighbour's on shared cores then waits for a core
         // (`Cluster::handoff_us`, as the cost model charges each stage boundary).
-        let c = &self.cluster;
-        let handoff = if comm::tags::is_pipeline(tag)
-            && c.shared_cores > 0.0
-            && c.devices() as f64 > c.shared_cores
-        {
-            c.handoff_us * 1e-6
+        let handoff = if comm::tags::is_pipeline(tag) {
+            self.cluster.handoff_seconds()
         } else {
             0.0
         };

@@ -17,7 +17,9 @@ use crate::metrics::Sink;
 
 mod probe;
 
-use probe::{dp_steps, handoff, probe, probe_len, solve, tp_probe, under_load, Mode, Probe};
+use probe::{
+    dp_steps, handoff, probe, probe_len, slowest, solve, tp_probe, under_load, Mode, Probe,
+};
 use probe::{PP_PROBE_MICRO_BATCHES, PROBE_ADAMW, SMALL, TP_PROBE};
 
 /// The dims of the GEMM grid: every ascending triple of them is timed as a linear layer of
@@ -202,9 +204,7 @@ fn measure(
         for _ in 0..reps {
             c.all_reduce(&mut buf, ReduceOp::Sum)?;
         }
-        let mut dt = [(t0.elapsed().as_secs_f64() / f64::from(reps)) as f32];
-        c.all_reduce(&mut dt, ReduceOp::Max)?;
-        ar[k] = f64::from(dt[0]);
+        ar[k] = slowest(c, t0.elapsed().as_secs_f64() / f64::from(reps))?;
     }
     Ok(Rates {
         gemm,
@@ -243,15 +243,10 @@ fn lending(c: &dyn Communicator, be: &CpuBackend) -> Result<f64, CommError> {
         }
         Ok(t0.elapsed().as_secs_f64())
     };
-    let slowest = |t: f64| -> Result<f64, CommError> {
-        let mut v = [t as f32];
-        c.all_reduce(&mut v, ReduceOp::Max)?;
-        Ok(f64::from(v[0]))
-    };
     let (mut all, mut lent) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..3 {
         c.barrier()?;
-        all = all.min(slowest(work()?)?);
+        all = all.min(slowest(c, work()?)?);
         c.barrier()?;
         let t = if me < half {
             let t = work()?;
@@ -263,7 +258,7 @@ fn lending(c: &dyn Communicator, be: &CpuBackend) -> Result<f64, CommError> {
             c.recv(&mut [0.0], Rank(me % half), comm::tags::SCRATCH)?;
             0.0
         };
-        lent = lent.min(slowest(t)?);
+        lent = lent.min(slowest(c, t)?);
     }
     Ok(all / lent.max(1e-12))
 }
@@ -575,7 +570,7 @@ pub fn profile(
             Some(Err(e)) => sink.notice(&format!("TP probe skipped: {e}")),
             None => {}
         }
-        if let (Some(measured), true) = (probed.pipeline, n as f64 > cluster.shared_cores) {
+        if let (Some(measured), true) = (probed.pipeline, cluster.oversubscribed()) {
             let (h, predicted) = handoff(&cluster, cfg, n, len, measured)?;
             cluster.handoff_us = h;
             sink.notice(&format!(

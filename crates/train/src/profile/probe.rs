@@ -153,11 +153,6 @@ pub(super) fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
         1.0,
     )
     .map_err(|e| err(e.to_string()))?;
-    let slowest = |t: f64| -> Result<f64, CommError> {
-        let mut v = [t as f32];
-        world.all_reduce(&mut v, ReduceOp::Max)?;
-        Ok(f64::from(v[0]))
-    };
     let mbs = [mb];
     let (mut step_s, mut opt_s) = (Vec::new(), Vec::new());
     for k in 0..=steps {
@@ -181,11 +176,34 @@ pub(super) fn dp_steps<B: kernels::Backend<Buffer = Vec<f32>>>(
         }
         let (total, update) = (t0.elapsed().as_secs_f64(), t1.elapsed().as_secs_f64());
         if k > 0 {
-            step_s.push(slowest(total)?);
-            opt_s.push(slowest(update)?);
+            step_s.push(slowest(world, total)?);
+            opt_s.push(slowest(world, update)?);
         }
     }
     Ok((step_s, opt_s, numel))
+}
+
+/// One forward and backward of `mbs` on `be` under `strategy` over `world` (1F1B).
+fn pass<B: kernels::Backend<Buffer = Vec<f32>>>(
+    be: &B,
+    world: &dyn Communicator,
+    strategy: &graph::Strategy,
+    exec: &graph::ExecGraph,
+    rp: &model::RankParams,
+    mbs: &[runtime::MicroBatch],
+) -> Result<(), String> {
+    let mut groups = runtime::RankGroups::new(world, strategy).map_err(|e| e.to_string())?;
+    let schedule = graph::Schedule::OneFOneB;
+    runtime::pipeline_step(be, exec, &mut groups, &rp.params, &rp.shared, mbs, schedule)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The slowest member's `t` (seconds) over `c`.
+pub(super) fn slowest(c: &dyn Communicator, t: f64) -> Result<f64, CommError> {
+    let mut v = [t as f32];
+    c.all_reduce(&mut v, ReduceOp::Max)?;
+    Ok(f64::from(v[0]))
 }
 
 /// `cfg`'s forward and backward under TP over every rank (one micro-batch of `tokens`, as
@@ -211,33 +229,13 @@ pub(super) fn tp_probe(
     let rp = model::rank_params(cfg, &exec, &weights, tp_rank).map_err(|e| err(e.to_string()))?;
     let (_, _, mb) = probe_inputs(cfg, n, 0, tokens, probe_len(cfg, tokens))?;
     let mbs = [mb];
-    // One pass on `be` over `world`'s TP group.
-    fn pass<B: kernels::Backend<Buffer = Vec<f32>>>(
-        be: &B,
-        world: &dyn Communicator,
-        strategy: &graph::Strategy,
-        exec: &graph::ExecGraph,
-        rp: &model::RankParams,
-        mbs: &[runtime::MicroBatch],
-    ) -> Result<(), String> {
-        let mut groups = runtime::RankGroups::new(world, strategy).map_err(|e| e.to_string())?;
-        let schedule = graph::Schedule::OneFOneB;
-        runtime::pipeline_step(be, exec, &mut groups, &rp.params, &rp.shared, mbs, schedule)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-    let slowest = |t: f64| -> Result<f64, CommError> {
-        let mut v = [t as f32];
-        c.all_reduce(&mut v, ReduceOp::Max)?;
-        Ok(f64::from(v[0]))
-    };
     pass(be, c, &strategy, &exec, &rp, &mbs).map_err(err)?;
     let mut measured = Vec::new();
     for _ in 0..5 {
         c.barrier()?;
         let t0 = Instant::now();
         pass(be, c, &strategy, &exec, &rp, &mbs).map_err(err)?;
-        measured.push(slowest(t0.elapsed().as_secs_f64())?);
+        measured.push(slowest(c, t0.elapsed().as_secs_f64())?);
     }
     // The fastest pass: this machine's hypervisor deschedules a virtual CPU now and then,
     // invisibly to the guest (no steal time), which only ever adds time; the model predicts
@@ -257,7 +255,7 @@ pub(super) fn tp_probe(
         let sb = sim::SimBackend::new(be.clone(), &cl, clock.clone()).sharing(share.clone());
         let sc = sim::SimComm::over(c, &cl, clock.clone())?.sharing(share.clone());
         pass(&sb, &sc, &strategy, &exec, &rp, &mbs).map_err(err)?;
-        clocked[i] = slowest(clock.now())?;
+        clocked[i] = slowest(c, clock.now())?;
     }
     Ok([
         fastest,
@@ -349,23 +347,11 @@ fn pp_probe(
     for k in 0..4 {
         c.barrier()?;
         let t0 = Instant::now();
-        let mut groups = runtime::RankGroups::new(c, &strategy).map_err(|e| err(e.to_string()))?;
-        let schedule = graph::Schedule::OneFOneB;
-        runtime::pipeline_step(
-            be,
-            &exec,
-            &mut groups,
-            &rp.params,
-            &rp.shared,
-            &mbs,
-            schedule,
-        )
-        .map_err(|e| err(e.to_string()))?;
-        let mut v = [t0.elapsed().as_secs_f64() as f32];
-        c.all_reduce(&mut v, ReduceOp::Max)?;
+        pass(be, c, &strategy, &exec, &rp, &mbs).map_err(err)?;
+        let t = slowest(c, t0.elapsed().as_secs_f64())?;
         // The first pass warms up.
         if k > 0 {
-            best = best.min(f64::from(v[0]));
+            best = best.min(t);
         }
     }
     Ok(Some(best))
