@@ -44,8 +44,7 @@ fn train(dir: &Path, name: &str, devices: &str, how: &[&str]) -> (Weights, Strin
 
 #[test]
 fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     for (name, how) in [
         ("dp2cp2", ["--strategy", "dp2cp2"]),
@@ -60,16 +59,14 @@ fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
 
 /// A calibration of 4 devices so short of memory that no DP × TP × PP strategy holds the
 /// 120-token documents (the roomiest about 98 tokens), while recomputing or CP ones do.
-const TIGHT_PROFILE: &str = "name = \"tight\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
-    memory_gib = 0.00017\nelem_bytes = 4\nmemory_gbps = 10.0\n[efficiency]\nmax = 1.0\n\
-    half_tokens = 32\nhalf_width = 32\nattention = 0.2\n[same_node]\ngbps = 5.0\nlatency_us = 20.0\n\
-    [cross_node]\ngbps = 5.0\nlatency_us = 20.0\n";
+fn tight_profile() -> String {
+    common::small_profile("tight", 0.00017, 0.2)
+}
 
 #[test]
 fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    std::fs::write(d.join("tight.toml"), TIGHT_PROFILE).unwrap();
+    let d = &common::Scratch::new(setup);
+    std::fs::write(d.join("tight.toml"), tight_profile()).unwrap();
     let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     let auto = ["--strategies", "auto", "--profile", "tight.toml"];
     // Without the flag: refused before the first step, naming the way out.
@@ -136,9 +133,8 @@ fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
 /// step could account for; the weights are the unclocked run's, bit for bit.
 #[test]
 fn the_simulated_clock_times_cp_attention() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    let fast = TIGHT_PROFILE.replace("memory_gib = 0.00017", "memory_gib = 1.0");
+    let d = &common::Scratch::new(setup);
+    let fast = common::small_profile("tight", 1.0, 0.2);
     std::fs::write(d.join("fast.toml"), &fast).unwrap();
     std::fs::write(
         d.join("slow.toml"),
@@ -187,8 +183,7 @@ fn the_simulated_clock_times_cp_attention() {
 
 #[test]
 fn graph_prints_the_exchange() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     for (spec, devices, needle) in [
         ("dp2cp2", "4", "K,V -> ring (1 hop(s)"),
         ("cp4ulysses", "4", "all-to-all -> heads [S(1)×4]@cp"),
@@ -230,30 +225,19 @@ fn graph_prints_the_exchange() {
 
 #[test]
 fn what_is_not_built_for_cp_is_refused_by_name() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let base = common::train_args(&["--devices", "4", "--global-batch", "8", "--steps", "1"]);
-    for (extra, needle) in [
-        (
-            vec!["--strategy", "cp2"],
-            "dp1 × cp2 × tp1 × pp1 = 2 devices, but there are 4",
-        ),
-        (vec!["--strategy", "cp4ulysses5"], "takes no degree"),
-        (vec!["--strategy", "dp4ring"], "need cp > 1"),
-        (
-            vec!["--strategy", "dp4", "--plan-context"],
-            "--plan-context widens the search of --strategies auto",
-        ),
-        (
-            vec!["--strategy", "dp4", "--plan-concurrent"],
-            "--plan-concurrent widens the search of --strategies auto",
-        ),
-        (
-            vec!["--strategy", "dp4", "--profile", "a800x32"],
-            "--profile is the planner's calibration for --strategies auto",
-        ),
-        (vec!["--strategy", "cp2tp2ulysses"], ""),
-    ] {
+    for (extra, needle) in common::cases(
+        "
+        --strategy cp2 => dp1 × cp2 × tp1 × pp1 = 2 devices, but there are 4
+        --strategy cp4ulysses5 => takes no degree
+        --strategy dp4ring => need cp > 1
+        --strategy dp4 --plan-context => --plan-context widens the search of --strategies auto
+        --strategy dp4 --plan-concurrent => --plan-concurrent widens the search of --strategies auto
+        --strategy dp4 --profile a800x32 => --profile is the planner's calibration for --strategies auto
+        --strategy cp2tp2ulysses =>
+        ",
+    ) {
         let mut args: Vec<&str> = base.to_vec();
         args.extend(&extra);
         let o = hotspa(d, &args);
@@ -280,8 +264,7 @@ fn peaks(stderr: &str) -> Vec<usize> {
 
 #[test]
 fn recompute_lowers_the_peak_and_keeps_the_weights() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let run = |name: &str, how: &[&str]| {
         let (w, e) = train(d, name, "2", how);
         (peaks(&e), w, e)
@@ -306,20 +289,13 @@ fn recompute_lowers_the_peak_and_keeps_the_weights() {
         ],
     );
     assert!(e.contains("dp2+full") && e.contains("cp2+selective"), "{e}");
-    for (extra, needle) in [
-        (
-            vec!["--strategy", "dp2", "--recompute", "half"],
-            "--recompute half: use none",
-        ),
-        (
-            vec!["--strategy", "dp2+partial"],
-            "`+partial`: recomputation is",
-        ),
-        (
-            vec!["--strategies", "auto", "--recompute", "full"],
-            "the planner chooses recomputation itself",
-        ),
-    ] {
+    for (extra, needle) in common::cases(
+        "
+        --strategy dp2 --recompute half => --recompute half: use none
+        --strategy dp2+partial => `+partial`: recomputation is
+        --strategies auto --recompute full => the planner chooses recomputation itself
+        ",
+    ) {
         let mut args = common::train_args(&["--devices", "2"]);
         args.extend(&extra);
         let o = hotspa(d, &args);

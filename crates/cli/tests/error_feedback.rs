@@ -39,14 +39,7 @@ fn final_loss(dir: &Path, name: &str, optimizer: &[&str], extra: &[&str]) -> f64
         "{name}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let losses: Vec<f64> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["loss"].as_f64().unwrap()
-        })
-        .collect();
+    let losses = common::losses(&metrics);
     assert_eq!(losses.len(), 100, "{name}");
     let loss = losses[90..].iter().sum::<f64>() / 10.0;
     eprintln!("{name}: mean loss of steps 91-100 = {loss:.4}");
@@ -67,8 +60,7 @@ const SGD: [&str; 8] = [
 
 #[test]
 fn top_k_at_one_percent_trains_only_with_error_feedback() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let exact = final_loss(d, "exact", &SGD, &[]);
     let with = final_loss(d, "topk-ef", &SGD, &["--grad-compression", "topk:0.01"]);
     let without = final_loss(
@@ -121,8 +113,7 @@ fn unclipped<'a>(lr: &'a str, beta1: &'a str) -> [&'a str; 10] {
 /// accumulation carries momentum, and trains clearly better than SGD at the same rate.
 #[test]
 fn dgc_sending_everything_is_sgd_and_at_one_percent_beats_it() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let sgd = unclipped("10", "0");
     let plain = final_loss(d, "sgd", &sgd, &[]);
     let all = final_loss(d, "dgc-1", &sgd, &["--grad-compression", "dgc:1"]);
@@ -152,8 +143,7 @@ fn dgc_sending_everything_is_sgd_and_at_one_percent_beats_it() {
 
 #[test]
 fn bf16_with_error_feedback_stays_within_rounding_distance_of_the_exact_run() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let adamw = ["--lr", "1e-2"];
     let exact = final_loss(d, "exact", &adamw, &[]);
     let reordered = final_loss(d, "rhd", &adamw, &["--allreduce", "rhd"]);
@@ -198,15 +188,7 @@ fn default_run_loss(name: &str, extra: &[&str]) -> f64 {
     {
         std::fs::remove_dir_all(root.join(dir)).ok();
     }
-    let losses: Vec<f64> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let losses = common::losses(&metrics);
     assert_eq!(losses.len(), 300, "{name}");
     let loss = losses[280..].iter().sum::<f64>() / 20.0;
     eprintln!("{name}: mean loss of steps 281-300 = {loss:.4}");

@@ -92,8 +92,7 @@ fn refused(dir: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let plain = train(d, "plain", &[]);
     let none = train(
         d,
@@ -259,8 +258,7 @@ fn none_is_bitwise_the_default_and_every_setting_changes_what_runs() {
 
 #[test]
 fn residuals_survive_a_checkpoint_and_resume_is_bitwise() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let codec = ["--grad-compression", "int8"];
     let whole = train(d, "whole", &codec);
     let ck = d.join("ck");
@@ -289,71 +287,31 @@ fn residuals_survive_a_checkpoint_and_resume_is_bitwise() {
 
 #[test]
 fn bad_exchange_settings_are_refused_by_name() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    for (flags, says) in [
-        (vec!["--grad-compression", "topk:2"], "topk:2"),
-        (vec!["--grad-compression", "int4"], "int4"),
-        (vec!["--grad-compression", "qsgd:0"], "qsgd:0"),
-        (vec!["--grad-compression", "oktopk:0"], "oktopk:0"),
-        (
-            vec!["--grad-compression", "auto", "--compress-cross-node-only"],
-            "compress_cross_node_only",
-        ),
-        (vec!["--grad-compression", "dgc:0"], "dgc:0"),
-        (vec!["--grad-compression", "okdgc:0"], "okdgc:0"),
-        (
-            vec![
-                "--grad-compression",
-                "okdgc:0.01",
-                "--error-feedback",
-                "off",
-            ],
-            "error_feedback",
-        ),
-        (
-            vec!["--grad-compression", "dgc:0.01", "--error-feedback", "off"],
-            "error_feedback",
-        ),
-        (vec!["--allreduce", "fast"], "fast"),
-        (vec!["--error-feedback", "maybe"], "--error-feedback maybe"),
-        (
-            vec![
-                "--grad-compression",
-                "powersgd:2",
-                "--compress-cross-node-only",
-            ],
-            "compress_cross_node_only",
-        ),
-        (vec!["--devices-per-node", "3"], "devices_per_node"),
-        (vec!["--optimizer", "lion"], "--optimizer lion"),
-        (vec!["--onebit-warmup", "3"], "--optimizer onebit-adam"),
-        (
-            vec!["--optimizer", "onebit-adam", "--onebit-warmup", "0"],
-            "onebit_warmup",
-        ),
-        (
-            vec!["--optimizer", "onebit-adam", "--grad-compression", "int8"],
-            "grad_compression",
-        ),
-        (
-            vec!["--optimizer", "onebit-adam", "--error-feedback", "off"],
-            "error_feedback",
-        ),
-        (
-            vec![
-                "--optimizer",
-                "onebit-adam",
-                "--strategies",
-                "dp4:16,dp2tp2:max",
-            ],
-            "hot, concurrent or planned",
-        ),
-        (
-            vec!["--optimizer", "onebit-adam", "--sync", "local:2"],
-            "another synchronisation model",
-        ),
-    ] {
+    let d = &common::Scratch::new(setup);
+    for (flags, says) in common::cases(
+        "
+        --grad-compression topk:2 => topk:2
+        --grad-compression int4 => int4
+        --grad-compression qsgd:0 => qsgd:0
+        --grad-compression oktopk:0 => oktopk:0
+        --grad-compression auto --compress-cross-node-only => compress_cross_node_only
+        --grad-compression dgc:0 => dgc:0
+        --grad-compression okdgc:0 => okdgc:0
+        --grad-compression okdgc:0.01 --error-feedback off => error_feedback
+        --grad-compression dgc:0.01 --error-feedback off => error_feedback
+        --allreduce fast => fast
+        --error-feedback maybe => --error-feedback maybe
+        --grad-compression powersgd:2 --compress-cross-node-only => compress_cross_node_only
+        --devices-per-node 3 => devices_per_node
+        --optimizer lion => --optimizer lion
+        --onebit-warmup 3 => --optimizer onebit-adam
+        --optimizer onebit-adam --onebit-warmup 0 => onebit_warmup
+        --optimizer onebit-adam --grad-compression int8 => grad_compression
+        --optimizer onebit-adam --error-feedback off => error_feedback
+        --optimizer onebit-adam --strategies dp4:16,dp2tp2:max => hot, concurrent or planned
+        --optimizer onebit-adam --sync local:2 => another synchronisation model
+        ",
+    ) {
         let e = refused(d, &flags);
         assert!(e.contains(says), "{flags:?}: {e}");
     }
@@ -361,8 +319,7 @@ fn bad_exchange_settings_are_refused_by_name() {
 
 #[test]
 fn onebit_adam_is_adamw_through_its_warm_up_then_sends_a_bit_a_value_and_resumes_bitwise() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     // No clipping, so that the warm-up is AdamW's step exactly (under 1-bit Adam each member
     // clips its own gradient, not the sum).
     let adamw = train(d, "adamw", &["--grad-clip", "inf"]);
@@ -435,8 +392,7 @@ fn onebit_adam_is_adamw_through_its_warm_up_then_sends_a_bit_a_value_and_resumes
 /// compressed across nodes only, fewer bytes cross, and each step's metrics say what was chosen.
 #[test]
 fn auto_compresses_only_where_the_links_are_slow_and_says_what_it_chose() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let cluster = |name: &str, cross_gbps: f64| -> String {
         let path = d.join(format!("{name}.toml"));
         std::fs::write(
@@ -514,8 +470,7 @@ fn auto_compresses_only_where_the_links_are_slow_and_says_what_it_chose() {
 /// what it cannot do is refused by name.
 #[test]
 fn priority_scheduling_trains_like_fifo_and_refuses_what_it_cannot() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let fifo = train(d, "fifo", &["--grad-clip", "inf"]);
     let prio = train(
         d,

@@ -18,11 +18,7 @@ fn ok(o: std::process::Output, what: &str) -> String {
 }
 
 fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join(name))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::records(&dir.join(name))
 }
 
 fn load(dir: &Path, name: &str) -> Weights {
@@ -70,27 +66,28 @@ const COMMON: [&str; 10] = [
     "--lr",
 ];
 
-/// The predicted tokens of `data` cut to 32 tokens, as `hotspa eval` counts them.
-fn predicted_tokens(d: &Path, data: &str) -> f64 {
+/// `hotspa eval --model . --init WEIGHTS --data DATA --json` and `extra`, in `d`: its report.
+fn eval(d: &Path, weights: &str, data: &str, extra: &str) -> serde_json::Value {
     let o = hotspa(
         d,
-        &[
-            "eval",
-            "--model",
-            ".",
-            "--init",
-            "init.safetensors",
+        &common::cmd![
+            "eval --model . --json --init",
+            weights,
             "--data",
             data,
-            "--max-len",
-            "32",
-            "--json",
+            extra
         ],
     );
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     ok(o, "eval");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["predicted_tokens"].as_f64().unwrap()
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The predicted tokens of `data` cut to 32 tokens, as `hotspa eval` counts them.
+fn predicted_tokens(d: &Path, data: &str) -> f64 {
+    eval(d, "init.safetensors", data, "--max-len 32")["predicted_tokens"]
+        .as_f64()
+        .unwrap()
 }
 
 /// One round of two clients (one per file, `--fed-shards by-source`), three local steps of two
@@ -205,33 +202,7 @@ fn a_round_is_the_weighted_mean_of_the_clients_own_training() {
 }
 
 fn eval_loss(d: &Path, weights: &str) -> f64 {
-    let o = hotspa(
-        d,
-        &[
-            "eval",
-            "--model",
-            ".",
-            "--init",
-            weights,
-            "--data",
-            "data.jsonl",
-        ],
-    );
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "eval: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    // "data.jsonl: loss 4.151091, perplexity …"
-    let at = out.find("loss ").unwrap_or_else(|| panic!("{out}"));
-    out[at + 5..]
-        .split(',')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    eval(d, weights, "data.jsonl", "")["loss"].as_f64().unwrap()
 }
 
 /// Non-IID shards (each client owns a block of documents whose recurrence multiplier is its
@@ -397,76 +368,25 @@ fn non_iid_clients_converge_and_every_flag_counts() {
     );
     // Refused by name.
     let base = common::train_args(&["--devices", "2", "--steps", "2"]);
-    for (extra, says) in [
-        (vec!["--fed-clients", "4"], "apply to --sync fedavg only"),
-        (
-            vec!["--sync", "fedavg", "--strategy", "tp2"],
-            "whole replicas",
-        ),
-        (
-            vec!["--sync", "fedavg", "--grad-compression", "powersgd:2"],
-            "PowerSGD",
-        ),
-        (
-            vec!["--sync", "fedavg", "--fed-fraction", "0"],
-            "fed_fraction",
-        ),
-        (
-            vec!["--sync", "fedavg", "--fed-dropout", "1"],
-            "fed_dropout",
-        ),
-        (
-            vec!["--sync", "fedavg", "--fed-shards", "zipf"],
-            "iid or by-source",
-        ),
-        (
-            vec![
-                "--sync",
-                "fedavg",
-                "--grad-compression",
-                "sketch:5x100",
-                "--fed-dropout",
-                "0.5",
-            ],
-            "not implemented together",
-        ),
-        (
-            vec!["--grad-compression", "sketch:5x100"],
-            "use it with --sync fedavg",
-        ),
-        (vec!["--sync", "fedavg", "--fed-epochs", "0"], "fed_epochs"),
-        (
-            vec!["--sync", "fedavg", "--fed-dropout-clients", "1"],
-            "fed_dropout_clients",
-        ),
-        (
-            vec!["--sync", "fedavg", "--fed-weighting", "equal"],
-            "size or tokens",
-        ),
-        (
-            vec![
-                "--sync",
-                "fedavg",
-                "--fed-epochs",
-                "1",
-                "--fed-local-steps",
-                "2",
-            ],
-            "give one",
-        ),
-        (
-            vec!["--sync", "fedavg", "--fed-clients", "500"],
-            "gets no data",
-        ),
-        (
-            vec!["--sync", "fedavg", "--ps-servers", "1"],
-            "drop --ps-servers",
-        ),
-        (
-            vec!["--sync", "fedavg", "--allreduce", "rhd"],
-            "do not apply",
-        ),
-    ] {
+    for (extra, says) in common::cases(
+        "
+        --fed-clients 4 => apply to --sync fedavg only
+        --sync fedavg --strategy tp2 => whole replicas
+        --sync fedavg --grad-compression powersgd:2 => PowerSGD
+        --sync fedavg --fed-fraction 0 => fed_fraction
+        --sync fedavg --fed-dropout 1 => fed_dropout
+        --sync fedavg --fed-shards zipf => iid or by-source
+        --sync fedavg --grad-compression sketch:5x100 --fed-dropout 0.5 => not implemented together
+        --grad-compression sketch:5x100 => use it with --sync fedavg
+        --sync fedavg --fed-epochs 0 => fed_epochs
+        --sync fedavg --fed-dropout-clients 1 => fed_dropout_clients
+        --sync fedavg --fed-weighting equal => size or tokens
+        --sync fedavg --fed-epochs 1 --fed-local-steps 2 => give one
+        --sync fedavg --fed-clients 500 => gets no data
+        --sync fedavg --ps-servers 1 => drop --ps-servers
+        --sync fedavg --allreduce rhd => do not apply
+        ",
+    ) {
         let mut args: Vec<&str> = base.to_vec();
         args.extend(&extra);
         let o = hotspa(d, &args);

@@ -1,6 +1,7 @@
 //! `hotspa train` against the mistakes and faults of a hostile but realistic user: nothing is
 //! lost, nothing hangs, nothing is silently accepted. One test per class of mistake.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -15,22 +16,41 @@ fn hotspa() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hotspa"))
 }
 
+/// `hotspa train --model MODEL --data DATA` (folders or files).
+fn train_cmd(model: &Path, data: &Path) -> Command {
+    let mut c = hotspa();
+    c.args(common::cmd!["train --model", model, "--data", data]);
+    c
+}
+
+/// Starts `c` with its standard error piped and reads it until a line starts with `until`:
+/// the child and the rest of its lines.
+fn started(
+    c: &mut Command,
+    until: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+) {
+    let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with(until) {
+            break;
+        }
+    }
+    (child, lines)
+}
+
 fn setup(dir: &Path) {
     common::mixed_docs(dir, CONFIG, 24, &[3, 9, 2, 30, 5, 14], 40);
 }
 
-/// `train --model D --data D/data.jsonl --global-batch 8` and `extra`.
-fn train(d: &Path, extra: &[&str]) -> Output {
-    let ds = d.to_str().unwrap();
-    let mut c = hotspa();
-    c.args([
-        "train",
-        "--model",
-        ds,
-        "--data",
-        &format!("{ds}/data.jsonl"),
-    ]);
-    if !extra.contains(&"--global-batch") {
+/// `train --model D --data D/data.jsonl --global-batch 8 --micro-batch-tokens 32` (unless
+/// `extra` gives a global batch) and `extra`.
+fn train<S: AsRef<std::ffi::OsStr>>(d: &Path, extra: &[S]) -> Output {
+    let mut c = train_cmd(d, &d.join("data.jsonl"));
+    if !extra.iter().any(|a| a.as_ref() == "--global-batch") {
         c.args(["--global-batch", "8", "--micro-batch-tokens", "32"]);
     }
     c.args(extra).output().unwrap()
@@ -38,6 +58,13 @@ fn train(d: &Path, extra: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `hotspa plot METRICS -o OUT` and `extra`.
+fn plot(metrics: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut c = hotspa();
+    c.args(common::cmd!["plot", metrics, "-o", out]);
+    c.args(extra).output().unwrap()
 }
 
 /// The run failed before its first step, with `needle` in the message.
@@ -54,8 +81,7 @@ fn refused(o: &Output, needle: &str) {
 
 #[test]
 fn outputs_are_checked_before_the_first_step() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let file = d.join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let p = |x: &Path| x.to_str().unwrap().to_string();
@@ -75,29 +101,19 @@ fn outputs_are_checked_before_the_first_step() {
 
 #[test]
 fn checkpoint_directories_are_owned() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let ck = d.join("ck");
     let cks = ck.to_str().unwrap();
     let m = d.join("m.jsonl");
     let ms = m.to_str().unwrap();
     // Retention: every step checkpointed, the last two kept.
-    let o = train(
-        d,
-        &[
-            "--steps",
-            "4",
-            "--checkpoint-dir",
-            cks,
-            "--checkpoint-every",
-            "1",
-            "--keep-last",
-            "2",
-            "--metrics",
-            ms,
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let retain = common::cmd![
+        "--steps 4 --checkpoint-every 1 --keep-last 2 --checkpoint-dir",
+        cks,
+        "--metrics",
+        ms
+    ];
+    common::stderr_ok(&train(d, &retain));
     let mut steps: Vec<String> = std::fs::read_dir(&ck)
         .unwrap()
         .flatten()
@@ -115,28 +131,18 @@ fn checkpoint_directories_are_owned() {
     let mut text = std::fs::read_to_string(&m).unwrap();
     text.push_str("{\"step\": 5, \"lo");
     std::fs::write(&m, text).unwrap();
-    let o = train(
-        d,
-        &[
-            "--steps",
-            "6",
-            "--resume",
-            cks,
-            "--checkpoint-dir",
-            cks,
-            "--metrics",
-            ms,
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let steps: Vec<u64> = std::fs::read_to_string(&m)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
+    let resume = common::cmd![
+        "--steps 6 --resume",
+        cks,
+        "--checkpoint-dir",
+        cks,
+        "--metrics",
+        ms
+    ];
+    common::stderr_ok(&train(d, &resume));
+    let steps: Vec<u64> = common::records(&m)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     // Settings that move the data position are refused on resume (unless forced); changed
@@ -145,146 +151,93 @@ fn checkpoint_directories_are_owned() {
     refused(&o, "seed: 0 → 9");
     let o = train(d, &["--steps", "8", "--resume", cks, "--global-batch", "4"]);
     refused(&o, "global_batch: 8 → 4");
-    let o = train(d, &["--steps", "8", "--resume", cks, "--lr", "1e-3"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("resuming with changed settings: steps: 6 → 8; lr: 0.0003 → 0.001"),
-        "{}",
-        stderr(&o)
-    );
-    let o = train(
+    let e = common::stderr_ok(&train(
         d,
-        &["--steps", "8", "--resume", cks, "--seed", "9", "--force"],
+        &["--steps", "8", "--resume", cks, "--lr", "1e-3"],
+    ));
+    assert!(
+        e.contains("resuming with changed settings: steps: 6 → 8; lr: 0.0003 → 0.001"),
+        "{e}"
     );
-    assert!(o.status.success(), "{}", stderr(&o));
+    common::stderr_ok(&train(
+        d,
+        &common::cmd!["--steps 8 --seed 9 --force --resume", cks],
+    ));
     refused(
         &train(d, &["--steps", "8", "--resume", cks, "--init", ms]),
         "drop --init",
     );
     // Two runs on one directory: the second is refused while the first lives.
-    let mut first = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .args(["--steps", "100000", "--checkpoint-dir"])
-        .arg(d.join("ck2"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.starts_with("step ") {
-            break;
-        }
-    }
-    let o = train(
-        d,
-        &[
-            "--steps",
-            "2",
-            "--checkpoint-dir",
-            d.join("ck2").to_str().unwrap(),
-            "--force",
-        ],
+    let ck2 = d.join("ck2");
+    // (Its standard error stays open: a closed pipe would end it at its next line.)
+    let (mut first, _stderr) = started(
+        train_cmd(d, &d.join("data.jsonl"))
+            .args(common::cmd!["--steps 100000 --checkpoint-dir", &ck2]),
+        "step ",
     );
+    let o = train(d, &common::cmd!["--steps 2 --force --checkpoint-dir", &ck2]);
     refused(&o, "is in use by another run");
     first.kill().unwrap();
     first.wait().unwrap();
 }
 
-/// Spawns `train` with `extra` and `env`, returns (seconds to exit, output).
-fn timed(d: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Duration, Output) {
+/// Runs `train` with `args` (`common::cmd!`) and `env`: (seconds to exit, output).
+fn timed(d: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> (Duration, Output) {
     let t = Instant::now();
-    let ds = d.to_str().unwrap();
-    let mut c = hotspa();
-    c.args([
-        "train",
-        "--model",
-        ds,
-        "--data",
-        &format!("{ds}/data.jsonl"),
-    ])
-    .args(["--global-batch", "8", "--micro-batch-tokens", "32"])
-    .args(extra);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
+    let mut c = train_cmd(d, &d.join("data.jsonl"));
+    c.args(common::cmd!["--global-batch 8 --micro-batch-tokens 32"])
+        .args(args);
+    let o = c.envs(env.iter().copied()).output().unwrap();
     (t.elapsed(), o)
+}
+
+/// [`timed`] with `HOTSPA_FAULT=fault` (and a 2 s communication timeout unless the fault is a
+/// panic), which must fail within `limit`: its standard error.
+fn fails_within(d: &Path, args: Vec<OsString>, fault: &str, limit: Duration) -> String {
+    let mut env = vec![("HOTSPA_FAULT", fault)];
+    if !fault.starts_with("panic") {
+        env.push(("HOTSPA_COMM_TIMEOUT_SECS", "2"));
+    }
+    let (t, o) = timed(d, args, &env);
+    let e = stderr(&o);
+    assert!(!o.status.success() && t < limit, "{fault}: took {t:?}: {e}");
+    e
 }
 
 #[test]
 fn a_frozen_rank_ends_the_run_in_bounded_time() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    // Rank 2 of 4 freezes at step 2: the others time out (2 s) and the process ends.
-    let env = [
-        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
-        ("HOTSPA_FAULT", "freeze:2:2"),
-    ];
-    let (t, o) = timed(
-        d,
-        &["--devices", "4", "--strategy", "dp2tp2", "--steps", "5"],
-        &env,
-    );
-    let e = stderr(&o);
-    assert!(!o.status.success(), "{e}");
-    // Named at the timeout, ended a few seconds later (not at twice the timeout).
-    assert!(t < Duration::from_secs(12), "took {t:?}: {e}");
+    let d = &common::Scratch::new(setup);
+    // Rank 2 of 4 freezes at step 2: the others time out (2 s) and the process ends, named
+    // at the timeout, ended a few seconds later (not at twice the timeout).
+    let secs = Duration::from_secs;
+    let line = "--devices 4 --strategy dp2tp2 --steps 5";
+    let e = fails_within(d, common::cmd![line], "freeze:2:2", secs(12));
     assert!(e.contains("rank 2"), "{e}");
     // Down a pipeline the first to give up waits on a rank that itself waits: the frozen one
     // (the last stage) is the one named, in world ranks.
-    let env = [
-        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
-        ("HOTSPA_FAULT", "freeze:3:2"),
-    ];
-    let (t, o) = timed(
-        d,
-        &["--devices", "4", "--strategy", "pp2dp2", "--steps", "5"],
-        &env,
-    );
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && t < Duration::from_secs(12),
-        "{t:?}: {e}"
-    );
+    let line = "--devices 4 --strategy pp2dp2 --steps 5";
+    let e = fails_within(d, common::cmd![line], "freeze:3:2", secs(12));
     assert!(e.contains("Error: rank 3: made no progress"), "{e}");
     // Under the priority schedule the next step's forward waits for the frozen rank's share of
     // the update: the exchange's timeout names it, not the wait for the weights.
-    let env = [
-        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
-        ("HOTSPA_FAULT", "freeze:2:3"),
-    ];
     let prio = "--devices 4 --strategy dp4 --steps 5 --grad-clip inf --comm-schedule priority";
-    let (t, o) = timed(d, &prio.split(' ').collect::<Vec<_>>(), &env);
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && t < Duration::from_secs(12),
-        "{t:?}: {e}"
-    );
+    let e = fails_within(d, common::cmd![prio], "freeze:2:3", secs(12));
     assert!(e.contains("Error: rank 2: made no progress"), "{e}");
     // Alone (nobody to time out waiting for it): the watchdog names it after the timeout plus
     // a margin (2 + 10 s).
-    let env = [
-        ("HOTSPA_COMM_TIMEOUT_SECS", "2"),
-        ("HOTSPA_FAULT", "freeze:0:2"),
-    ];
-    let (t, o) = timed(d, &["--steps", "5"], &env);
-    let e = stderr(&o);
-    assert!(!o.status.success(), "{e}");
-    assert!(t < Duration::from_secs(30), "took {t:?}: {e}");
+    let e = fails_within(d, common::cmd!["--steps 5"], "freeze:0:2", secs(30));
     assert!(
         e.contains("rank 0: made no progress for") && e.contains("step 2"),
         "{e}"
     );
     // A panicking rank ends it at once.
-    let env = [("HOTSPA_FAULT", "panic:1:2")];
-    let (t, o) = timed(d, &["--devices", "2", "--steps", "5"], &env);
-    assert!(
-        !o.status.success() && t < Duration::from_secs(20),
-        "{}",
-        stderr(&o)
+    let e = fails_within(
+        d,
+        common::cmd!["--devices 2 --steps 5"],
+        "panic:1:2",
+        secs(20),
     );
-    assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
+    assert!(e.contains("rank 1 panicked"), "{e}");
 }
 
 /// A rank that fails while a step's update (priority) or gradients (PipeDream-2BW) are still
@@ -292,8 +245,7 @@ fn a_frozen_rank_ends_the_run_in_bounded_time() {
 /// still hotspa's own (`--force` replaces it).
 #[test]
 fn a_failure_keeps_the_pending_steps_line() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let metrics = d.join("m.jsonl");
     let m = metrics.to_str().unwrap();
     for (flags, unknown) in [
@@ -303,53 +255,37 @@ fn a_failure_keeps_the_pending_steps_line() {
         ),
         ("--strategy pp2 --pipeline-schedule pipedream-2bw", "loss"),
     ] {
-        let mut args: Vec<&str> = flags.split(' ').collect();
-        args.extend(["--devices", "2", "--steps", "5", "--metrics", m, "--force"]);
-        let (_, o) = timed(d, &args, &[("HOTSPA_FAULT", "panic:1:3")]);
-        assert!(stderr(&o).contains("rank 1 panicked"), "{}", stderr(&o));
+        let line = common::cmd![flags, "--devices 2 --steps 5 --force --metrics", m];
+        let e = fails_within(d, line, "panic:1:3", Duration::from_secs(60));
+        assert!(e.contains("rank 1 panicked"), "{e}");
         // The log says what never came, not NaN.
-        assert!(stderr(&o).contains("— (not reached)"), "{}", stderr(&o));
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        assert!(e.contains("— (not reached)"), "{e}");
+        let lines = common::records(&metrics);
         assert_eq!(lines.len(), 2, "{flags}: {lines:?}");
         assert!(lines[1][unknown].is_null(), "{flags}: {}", lines[1]);
         assert!(lines[1]["tokens"].as_u64().unwrap() > 0);
         // `hotspa plot` draws what is known and says what it leaves out.
         let svg = d.join("m.svg");
-        let o = hotspa()
-            .args(["plot", m, "--force", "-o", svg.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
+        common::stderr_ok(&plot(&metrics, &svg, &["--force"]));
     }
 }
 
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_after_the_step_and_keeps_the_work() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let ck = d.join("ck");
     let save = d.join("w.safetensors");
-    let mut child = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .args(["--steps", "100000", "--devices", "2", "--checkpoint-dir"])
-        .arg(&ck)
-        .arg("--save")
-        .arg(&save)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.starts_with("step     3/") {
-            break;
-        }
-    }
+    let data = d.join("data.jsonl");
+    let (mut child, lines) = started(
+        train_cmd(d, &data).args(common::cmd![
+            "--steps 100000 --devices 2 --checkpoint-dir",
+            &ck,
+            "--save",
+            &save
+        ]),
+        "step     3/",
+    );
     let t = Instant::now();
     assert!(common::signal(child.id(), libc::SIGINT));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -371,21 +307,10 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
     assert!(leftovers.is_empty());
     // A second signal ends the run at once, whatever it was doing (here: waiting for a rank
     // frozen at step 3, so the first cannot finish the step).
-    let mut child = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .args(["--steps", "100000", "--devices", "2"])
-        .env("HOTSPA_FAULT", "freeze:1:3")
-        .env("HOTSPA_COMM_TIMEOUT_SECS", "600")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.starts_with("step     2/") {
-            break;
-        }
-    }
+    let (mut child, mut lines) = started(
+        stuck(train_cmd(d, &data).args(common::cmd!["--steps 100000 --devices 2"])),
+        "step     2/",
+    );
     let t = Instant::now();
     // (Two signals sent before the first is delivered are one: the second follows the first's
     // message.)
@@ -407,33 +332,27 @@ fn a_signal_stops_after_the_step_and_keeps_the_work() {
     );
 }
 
+/// `c` with rank 1 frozen at step 3 and the communication timeout far away (600 s).
+fn stuck(c: &mut Command) -> &mut Command {
+    c.env("HOTSPA_FAULT", "freeze:1:3")
+        .env("HOTSPA_COMM_TIMEOUT_SECS", "600")
+}
+
 /// A signal while a rank is stuck (frozen at step 3, the communication timeout far away): the
 /// run still ends within the stop's grace (three times the longest step and 10 s), says which
 /// rank kept it from saving and what was saved before, and exits with 130.
 #[cfg(unix)]
 #[test]
 fn a_signal_ends_a_run_whose_rank_is_stuck() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    let mut child = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .args(common::cmd![
-            "--steps 100000 --devices 2 --checkpoint-every 1"
-        ])
-        .arg("--checkpoint-dir")
-        .arg(d.join("ck"))
-        .env("HOTSPA_FAULT", "freeze:1:3")
-        .env("HOTSPA_COMM_TIMEOUT_SECS", "600")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.starts_with("step     2/") {
-            break;
-        }
-    }
+    let d = &common::Scratch::new(setup);
+    let line = common::cmd![
+        "--steps 100000 --devices 2 --checkpoint-every 1 --checkpoint-dir",
+        &d.join("ck")
+    ];
+    let (mut child, lines) = started(
+        stuck(train_cmd(d, &d.join("data.jsonl")).args(line)),
+        "step     2/",
+    );
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     assert!(common::signal(child.id(), libc::SIGTERM));
@@ -456,8 +375,7 @@ fn a_signal_ends_a_run_whose_rank_is_stuck() {
 
 #[test]
 fn resources_are_checked_before_allocating() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let big = d.join("7b");
     std::fs::create_dir_all(&big).unwrap();
     std::fs::write(
@@ -466,11 +384,7 @@ fn resources_are_checked_before_allocating() {
             "num_hidden_layers": 32, "num_attention_heads": 32}"#,
     )
     .unwrap();
-    let o = hotspa()
-        .args(["train", "--model", big.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .output()
-        .unwrap();
+    let o = train_cmd(&big, &d.join("data.jsonl")).output().unwrap();
     refused(&o, "is available by the machine's available memory");
     refused(&train(d, &["--devices", "1000"]), "1000 thread ranks");
     refused(
@@ -505,8 +419,7 @@ fn resources_are_checked_before_allocating() {
 /// and skips otherwise.
 #[test]
 fn a_memory_cgroups_limit_is_honoured() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     std::fs::write(
         d.join("134m.json"),
         r#"{"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
@@ -556,8 +469,7 @@ fn a_memory_cgroups_limit_is_honoured() {
 /// the figures. Needs to mount a 1 MiB tmpfs (root); says so and skips otherwise.
 #[test]
 fn a_disk_too_small_for_the_outputs_is_refused_up_front() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let small = d.join("small");
     std::fs::create_dir_all(&small).unwrap();
     let mounted = Command::new("mount")
@@ -576,144 +488,76 @@ fn a_disk_too_small_for_the_outputs_is_refused_up_front() {
             "num_hidden_layers": 4, "num_attention_heads": 4}"#,
     )
     .unwrap();
-    let run = |extra: &[&str]| {
-        hotspa()
-            .arg("train")
-            .arg("--model")
-            .arg(d.join("half-m.json"))
-            .arg("--data")
-            .arg(d.join("data.jsonl"))
+    let run = |extra: Vec<OsString>| {
+        train_cmd(&d.join("half-m.json"), &d.join("data.jsonl"))
             .args(["--steps", "1"])
             .args(extra)
             .output()
             .unwrap()
     };
-    let save = small.join("w.safetensors");
-    let o = run(&["--save", save.to_str().unwrap()]);
-    let ck = small.join("ck");
-    let o2 = run(&["--checkpoint-dir", ck.to_str().unwrap()]);
+    let o = run(common::cmd!["--save", &small.join("w.safetensors")]);
+    let o2 = run(common::cmd!["--checkpoint-dir", &small.join("ck")]);
     let _ = Command::new("umount").arg(&small).status();
     refused(&o, "save: the disk holding it has 1.00 MiB free");
     refused(&o2, "checkpoint_dir: the disk holding it has");
 }
 
+/// Each line of `table` (`FLAGS => MESSAGE`): `train` with those flags is [`refused`] with
+/// that message.
+fn refused_each(d: &Path, table: &str) {
+    for (flags, needle) in common::cases(table) {
+        refused(&train(d, &flags), needle);
+    }
+}
+
 #[test]
 fn numbers_are_refused_by_range() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    for (args, needle) in [
-        (
-            &["--grad-clip=-1"][..],
-            "grad_clip: -1 is out of range: must be positive",
-        ),
-        (&["--grad-clip", "0"], "grad_clip: 0 is out of range"),
-        (
-            &["--lr=-3e-3"],
-            "lr: -0.003 is out of range: must be positive and finite",
-        ),
-        (&["--lr", "-1"], "lr: -1 is out of range"),
-        (&["--lr", "nan"], "lr: NaN is out of range"),
-        (
-            &["--beta1", "2"],
-            "beta1: 2 is out of range: must be in [0, 1)",
-        ),
-        (&["--eps", "0"], "eps: 0 is out of range"),
-        (
-            &["--max-len", "0"],
-            "max_len: 0 is out of range: must be at least 2",
-        ),
-        (&["--devices", "0"], "--devices 0 is out of range"),
-        (
-            &["--micro-batch-tokens", "0"],
-            "micro_batch_tokens: 0 is out of range",
-        ),
-        (
-            &["--lr-schedule", "cosine", "--min-lr", "1"],
-            "min_lr: 1 is out of range",
-        ),
-    ] {
-        refused(&train(d, args), needle);
-    }
+    let d = &common::Scratch::new(setup);
+    refused_each(
+        d,
+        "
+        --grad-clip=-1 => grad_clip: -1 is out of range: must be positive
+        --grad-clip 0 => grad_clip: 0 is out of range
+        --lr=-3e-3 => lr: -0.003 is out of range: must be positive and finite
+        --lr -1 => lr: -1 is out of range
+        --lr nan => lr: NaN is out of range
+        --beta1 2 => beta1: 2 is out of range: must be in [0, 1)
+        --eps 0 => eps: 0 is out of range
+        --max-len 0 => max_len: 0 is out of range: must be at least 2
+        --devices 0 => --devices 0 is out of range
+        --micro-batch-tokens 0 => micro_batch_tokens: 0 is out of range
+        --lr-schedule cosine --min-lr 1 => min_lr: 1 is out of range
+        ",
+    );
 }
 
 /// Settings that parse and are in range but cannot train, or change nothing, each refused by
 /// name before the first step.
 #[test]
 fn settings_that_cannot_train_are_refused() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
-    for (args, needle) in [
-        (
-            &["--weight-decay", "1e9"][..],
-            "weight_decay: 1000000000 × --lr 0.0003 = 300000 ≥ 1",
-        ),
-        (
-            &["--lr", "1e30"],
-            "is out of range: AdamW moves every weight",
-        ),
-        (&["--lr", "2"], "lr: 2 is out of range"),
-        // A negative number after a space is a number.
-        (&["--lr", "-1e-3"], "lr: -0.001 is out of range"),
-        (
-            &["--weight-decay", "-1e-2"],
-            "weight_decay: -0.01 is out of range",
-        ),
-        (
-            &["--min-lr", "-1"],
-            "--min-lr applies only with --lr-schedule cosine",
-        ),
-        (
-            &["--lr-schedule", "cosine", "--min-lr", "-1"],
-            "min_lr: -1 is out of range",
-        ),
-        (
-            &["--warmup", "1000", "--steps", "2"],
-            "warmup: 1000 steps of warm-up in a run of 2",
-        ),
-        (
-            &["--devices", "2", "--sync", "fedavg", "--fed-clients", "0"],
-            "--fed-clients 0 is out of range",
-        ),
-        (
-            &["--devices", "2", "--sync", "fedavg", "--fed-batch", "0"],
-            "fed_batch: 0 is out of range",
-        ),
-        (
-            &[
-                "--devices",
-                "2",
-                "--ps-servers",
-                "1",
-                "--slow-rank",
-                "1:2",
-                "--slow-rank",
-                "1:3",
-            ],
-            "slow_rank: rank 1 is given twice",
-        ),
-        (
-            &["--keep-last", "2"],
-            "--keep-last applies only with --checkpoint-dir",
-        ),
-        (
-            &["--save-dtype", "bf16"],
-            "--save-dtype applies only with --save",
-        ),
-        (
-            &["--gemm-precision", "f32"],
-            "--gemm-precision applies only with --device cuda",
-        ),
-        (
-            &["--devices", "2", "--pipeline-schedule", "gpipe"],
-            "--pipeline-schedule gpipe applies only to strategies with pipeline stages",
-        ),
-        (
-            &["--devices", "2", "--strategies", "dp2:0,tp2:max"],
-            "`dp2:0`: a bucket of sequences up to 0 tokens stays empty",
-        ),
-    ] {
-        refused(&train(d, args), needle);
-    }
+    let d = &common::Scratch::new(setup);
+    // (`--lr -1e-3`: a negative number after a space is a number.)
+    refused_each(
+        d,
+        "
+        --weight-decay 1e9 => weight_decay: 1000000000 × --lr 0.0003 = 300000 ≥ 1
+        --lr 1e30 => is out of range: AdamW moves every weight
+        --lr 2 => lr: 2 is out of range
+        --lr -1e-3 => lr: -0.001 is out of range
+        --weight-decay -1e-2 => weight_decay: -0.01 is out of range
+        --min-lr -1 => --min-lr applies only with --lr-schedule cosine
+        --lr-schedule cosine --min-lr -1 => min_lr: -1 is out of range
+        --warmup 1000 --steps 2 => warmup: 1000 steps of warm-up in a run of 2
+        --devices 2 --sync fedavg --fed-clients 0 => --fed-clients 0 is out of range
+        --devices 2 --sync fedavg --fed-batch 0 => fed_batch: 0 is out of range
+        --devices 2 --ps-servers 1 --slow-rank 1:2 --slow-rank 1:3 => slow_rank: rank 1 is given twice
+        --keep-last 2 => --keep-last applies only with --checkpoint-dir
+        --save-dtype bf16 => --save-dtype applies only with --save
+        --gemm-precision f32 => --gemm-precision applies only with --device cuda
+        --devices 2 --pipeline-schedule gpipe => --pipeline-schedule gpipe applies only to strategies with pipeline stages
+        --devices 2 --strategies dp2:0,tp2:max => `dp2:0`: a bucket of sequences up to 0 tokens stays empty
+        ",
+    );
     // The flag a refusal names works where it applies.
     let o = train(
         d,
@@ -746,11 +590,7 @@ fn settings_that_cannot_train_are_refused() {
     ] {
         let bad = CONFIG.replacen('{', &format!("{{{field}, "), 1);
         std::fs::write(d.join("bad.json"), bad).unwrap();
-        let o = hotspa()
-            .args(["train", "--model"])
-            .arg(d.join("bad.json"))
-            .arg("--data")
-            .arg(d.join("data.jsonl"))
+        let o = train_cmd(&d.join("bad.json"), &d.join("data.jsonl"))
             .output()
             .unwrap();
         refused(&o, needle);
@@ -759,8 +599,7 @@ fn settings_that_cannot_train_are_refused() {
 
 #[test]
 fn cluster_files_and_timeouts_are_refused_by_name() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     // A cluster file with a negative bandwidth is refused by name.
     let bad = toml_cluster().replace("gbps = 400.0", "gbps = -400.0");
     std::fs::write(d.join("bad.toml"), bad).unwrap();
@@ -777,13 +616,21 @@ fn cluster_files_and_timeouts_are_refused_by_name() {
     );
     // The communication timeout is checked, not quietly replaced by the default.
     for bad in ["0", "-1", "abc", "inf"] {
-        let (_, o) = timed(d, &["--steps", "1"], &[("HOTSPA_COMM_TIMEOUT_SECS", bad)]);
+        let (_, o) = timed(
+            d,
+            common::cmd!["--steps 1"],
+            &[("HOTSPA_COMM_TIMEOUT_SECS", bad)],
+        );
         refused(
             &o,
             &format!("HOTSPA_COMM_TIMEOUT_SECS `{bad}`: give a positive"),
         );
     }
-    let (_, o) = timed(d, &["--steps", "1"], &[("HOTSPA_COMM_TIMEOUT_SECS", "0.5")]);
+    let (_, o) = timed(
+        d,
+        common::cmd!["--steps 1"],
+        &[("HOTSPA_COMM_TIMEOUT_SECS", "0.5")],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -796,8 +643,7 @@ fn toml_cluster() -> String {
 
 #[test]
 fn inputs_that_mean_something_else_are_refused() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     for (field, needle) in [
         (
             r#""architectures": ["MistralForCausalLM"]"#,
@@ -821,12 +667,10 @@ fn inputs_that_mean_something_else_are_refused() {
             CONFIG.replace("\"vocab_size\"", &format!("{field}, \"vocab_size\"")),
         )
         .unwrap();
-        let o = hotspa()
-            .args(["train", "--model", other.to_str().unwrap(), "--data"])
-            .arg(d.join("data.jsonl"))
-            .output()
-            .unwrap();
-        refused(&o, needle);
+        refused(
+            &train_cmd(&other, &d.join("data.jsonl")).output().unwrap(),
+            needle,
+        );
     }
     // A GPT-2 config (none of LLaMA's fields) is named as another model first, not as fields
     // missing.
@@ -838,11 +682,7 @@ fn inputs_that_mean_something_else_are_refused() {
             "n_layer": 12, "n_head": 12, "vocab_size": 50257}"#,
     )
     .unwrap();
-    let o = hotspa()
-        .args(["train", "--model", gpt2.to_str().unwrap(), "--data"])
-        .arg(d.join("data.jsonl"))
-        .output()
-        .unwrap();
+    let o = train_cmd(&gpt2, &d.join("data.jsonl")).output().unwrap();
     refused(&o, "model_type \"gpt2\": not a LLaMA-family model");
 }
 
@@ -851,37 +691,30 @@ fn inputs_that_mean_something_else_are_refused() {
 /// checkpoint `state.json` is a JSON fault.
 #[test]
 fn inputs_are_read_as_what_they_are() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     std::fs::write(
         d.join("notes.txt"),
         "a plain text file, trained on as one document ".repeat(20),
     )
     .unwrap();
     std::fs::write(d.join("bytes.json"), CONFIG.replace("40", "256")).unwrap();
-    let o = hotspa()
-        .args(["train", "--model"])
-        .arg(d.join("bytes.json"))
-        .arg("--data")
-        .arg(d.join("notes.txt"))
+    let o = train_cmd(&d.join("bytes.json"), &d.join("notes.txt"))
         .args(["--steps", "1", "--max-len", "64"])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("15 sequences"), "{}", stderr(&o));
+    let e = common::stderr_ok(&o);
+    assert!(e.contains("15 sequences"), "{e}");
     // JSON Lines under another name is still JSON Lines.
     std::fs::copy(d.join("data.jsonl"), d.join("data.txt")).unwrap();
     let o = train(d, &["--steps", "1"]);
     let by_name = stderr(&o);
-    let o = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("data.txt"))
+    let o = train_cmd(d, &d.join("data.txt"))
         .args(common::cmd![
             "--global-batch 8 --micro-batch-tokens 32 --steps 1"
         ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    common::stderr_ok(&o);
     let line = |e: &str| {
         e.lines()
             .find(|l| l.starts_with("step     1/"))
@@ -890,11 +723,7 @@ fn inputs_are_read_as_what_they_are() {
     assert_eq!(line(&stderr(&o)), line(&by_name));
     // Half a Megatron dataset.
     std::fs::write(d.join("corpus.idx"), b"MMIDIDX\x00\x00").unwrap();
-    let o = hotspa()
-        .args(["train", "--model", d.to_str().unwrap(), "--data"])
-        .arg(d.join("corpus.idx"))
-        .output()
-        .unwrap();
+    let o = train_cmd(d, &d.join("corpus.idx")).output().unwrap();
     refused(&o, "its other half");
     assert!(
         stderr(&o).contains("corpus.bin, is missing"),
@@ -930,28 +759,11 @@ fn a_metrics_file_cut_short_plots_with_a_warning() {
          {\"step\": 2, \"loss\": 4.0, \"tokens\": 10, \"seconds\": 1.0}\n{\"step\": 3, \"lo",
     )
     .unwrap();
-    let o = hotspa()
-        .arg("plot")
-        .arg(&m)
-        .arg("-o")
-        .arg(d.join("p.svg"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("the last line is cut short"),
-        "{}",
-        stderr(&o)
-    );
+    let e = common::stderr_ok(&plot(&m, &d.join("p.svg"), &[]));
+    assert!(e.contains("the last line is cut short"), "{e}");
     // Garbage in the middle is an error naming the line.
     std::fs::write(&m, "{\"step\": 1, \"loss\": 5.0, \"tokens_per_s\": 1}\nxx\n{\"step\": 2, \"loss\": 5.0, \"tokens_per_s\": 1}\n").unwrap();
-    let o = hotspa()
-        .arg("plot")
-        .arg(&m)
-        .arg("-o")
-        .arg(d.join("p.svg"))
-        .output()
-        .unwrap();
+    let o = plot(&m, &d.join("p.svg"), &[]);
     assert!(
         !o.status.success() && stderr(&o).contains("m.jsonl:2: not a metrics line"),
         "{}",

@@ -38,8 +38,35 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `hotspa ARGS` on `devices` thread ranks in the repository's root, which must succeed: its
+/// output.
+fn on_threads<S: AsRef<std::ffi::OsStr>>(devices: usize, args: &[S]) -> String {
+    let o = Command::new(hotspa())
+        .args(args)
+        .args(["--devices", &devices.to_string()])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    out
+}
+
+/// `hotspa ARGS` on `np` processes under mpirun, which must succeed: its output.
+fn on_mpi<S: AsRef<std::ffi::OsStr>>(np: usize, args: &[S]) -> String {
+    let o = mpirun(np).arg(hotspa()).args(args).output().unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    out
+}
+
+/// Whether the files `a` and `b` in `dir` hold the same bytes.
+fn same_bytes(dir: &Path, a: &str, b: &str) -> bool {
+    std::fs::read(dir.join(a)).unwrap() == std::fs::read(dir.join(b)).unwrap()
+}
+
 /// The training flags shared by the thread and the MPI runs.
-fn train_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+fn train_args<S: AsRef<str>>(dir: &Path, name: &str, extra: &[S]) -> Vec<String> {
     let mut v: Vec<String> = [
         "train",
         "--model",
@@ -56,7 +83,7 @@ fn train_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
+    v.extend(extra.iter().map(|s| s.as_ref().to_string()));
     v.push("--save".into());
     v.push(dir.join(name).display().to_string());
     v
@@ -84,73 +111,34 @@ fn four_processes_train_bitwise_like_four_threads() {
     let dir = tempfile::tempdir().unwrap();
     for (k, schedule) in [
         vec!["--strategy", "dp2tp2", "--steps", "3"],
-        vec![
-            "--strategies",
-            "dp4:64,dp2tp2zero2:128,tp2pp2:max",
-            "--steps",
-            "4",
-        ],
+        "--strategies dp4:64,dp2tp2zero2:128,tp2pp2:max --steps 4"
+            .split(' ')
+            .collect(),
         // The gradient exchange: codecs with their residuals, the other algorithms.
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "3",
-            "--grad-compression",
-            "int8",
-            "--allreduce",
-            "rhd",
-        ],
-        vec![
-            "--strategies",
-            "dp4:64,dp2tp2:max",
-            "--steps",
-            "3",
-            "--grad-compression",
-            "powersgd:2",
-            "--allreduce",
-            "tree",
-        ],
-        vec![
-            "--strategy",
-            "dp4zero2",
-            "--steps",
-            "3",
-            "--grad-compression",
-            "topk:0.1",
-        ],
+        "--strategy dp4 --steps 3 --grad-compression int8 --allreduce rhd"
+            .split(' ')
+            .collect(),
+        "--strategies dp4:64,dp2tp2:max --steps 3 --grad-compression powersgd:2 --allreduce tree"
+            .split(' ')
+            .collect(),
+        "--strategy dp4zero2 --steps 3 --grad-compression topk:0.1"
+            .split(' ')
+            .collect(),
         // Ok-Topk's all-to-alls of uneven counts (top-k's and DGC's selections); 1-bit Adam's
         // momentum after its warm-up.
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "3",
-            "--grad-compression",
-            "oktopk:0.1",
-        ],
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "3",
-            "--grad-compression",
-            "okdgc:0.1",
-        ],
+        "--strategy dp4 --steps 3 --grad-compression oktopk:0.1"
+            .split(' ')
+            .collect(),
+        "--strategy dp4 --steps 3 --grad-compression okdgc:0.1"
+            .split(' ')
+            .collect(),
         // Priority scheduling: the update summed during the next step, on a thread of its own.
         "--strategy dp4 --steps 3 --comm-schedule priority --grad-clip inf"
             .split(' ')
             .collect(),
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "4",
-            "--optimizer",
-            "onebit-adam",
-            "--onebit-warmup",
-            "2",
-        ],
+        "--strategy dp4 --steps 4 --optimizer onebit-adam --onebit-warmup 2"
+            .split(' ')
+            .collect(),
         // PipeDream-2BW: micro-batches in flight from one step into the next.
         "--strategy tp2pp2 --steps 3 --pipeline-schedule pipedream-2bw"
             .split(' ')
@@ -164,22 +152,9 @@ fn four_processes_train_bitwise_like_four_threads() {
         // Periodic averaging: DiLoCo's replicas across TP groups.
         vec!["--strategy", "dp2tp2", "--steps", "5", "--sync", "diloco:2"],
         // Federated averaging: sampled clients with sub-models, their average an all-reduce.
-        vec![
-            "--strategy",
-            "dp4",
-            "--steps",
-            "2",
-            "--sync",
-            "fedavg",
-            "--fed-clients",
-            "6",
-            "--fed-fraction",
-            "0.5",
-            "--fed-dropout",
-            "0.25",
-            "--fed-local-steps",
-            "2",
-        ],
+        "--strategy dp4 --steps 2 --sync fedavg --fed-clients 6 --fed-fraction 0.5 --fed-dropout 0.25 --fed-local-steps 2"
+            .split(' ')
+            .collect(),
     ]
     .iter()
     .enumerate()
@@ -202,47 +177,24 @@ fn four_processes_train_bitwise_like_four_threads() {
             }
             v
         };
-        let threads = format!("threads{k}.safetensors");
-        let extra = timed("threads");
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let mut args = train_args(dir.path(), &threads, &extra);
-        args.extend(["--devices".into(), "4".into()]);
-        let o = Command::new(hotspa())
-            .args(&args)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        let mpi = format!("mpi{k}.safetensors");
-        let extra = timed("mpi");
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let o = mpirun(4)
-            .arg(hotspa())
-            .args(train_args(dir.path(), &mpi, &extra))
-            .output()
-            .unwrap();
-        let out = text(&o);
-        assert!(o.status.success(), "{out}");
-        assert!(out.contains("one MPI process each"), "{out}");
-        let (a, b) = (
-            std::fs::read(dir.path().join(&threads)).unwrap(),
-            std::fs::read(dir.path().join(&mpi)).unwrap(),
+        let (threads, mpi) = (
+            format!("threads{k}.safetensors"),
+            format!("mpi{k}.safetensors"),
         );
+        on_threads(4, &train_args(dir.path(), &threads, &timed("threads")));
+        let out = on_mpi(4, &train_args(dir.path(), &mpi, &timed("mpi")));
+        assert!(out.contains("one MPI process each"), "{out}");
         assert!(
-            a == b,
+            same_bytes(dir.path(), &threads, &mpi),
             "{schedule:?}: MPI weights differ from the thread run"
         );
         if k == 1 {
             // The clock's time matches too, but for where the overlapped gradient reduction's
             // side timeline starts (when its thread picks the bucket up).
             let sim = |name: &str| -> Vec<f64> {
-                std::fs::read_to_string(dir.path().join(format!("{name}.jsonl")))
-                    .unwrap()
-                    .lines()
-                    .map(|l| {
-                        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                        v["simulated_seconds"].as_f64().unwrap()
-                    })
+                common::records(&dir.path().join(format!("{name}.jsonl")))
+                    .iter()
+                    .map(|v| v["simulated_seconds"].as_f64().unwrap())
                     .collect()
             };
             let (t, m) = (sim("threads"), sim("mpi"));
@@ -273,10 +225,7 @@ fn planned_concurrent_groups_run_as_processes_like_threads() {
     .unwrap();
     std::fs::write(
         d.join("slow.toml"),
-        "name = \"slow-attention\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
-         memory_gib = 0.001\nmemory_gbps = 10.0\nelem_bytes = 4.0\n[efficiency]\nmax = 1.0\n\
-         half_tokens = 32.0\nhalf_width = 32.0\nattention = 0.0005\n[same_node]\ngbps = 5.0\n\
-         latency_us = 20.0\n[cross_node]\ngbps = 5.0\nlatency_us = 20.0\n",
+        common::small_profile("slow-attention", 0.001, 0.0005),
     )
     .unwrap();
     let lens = [3usize, 9, 2, 5, 14, 3, 9, 2, 30, 5, 14, 3, 9, 2, 5, 3];
@@ -320,25 +269,13 @@ fn planned_concurrent_groups_run_as_processes_like_threads() {
         .map(|s| s.to_string())
         .collect()
     };
-    let o = Command::new(hotspa())
-        .args(args("threads"))
-        .args(["--devices", "4"])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let o = mpirun(4).arg(hotspa()).args(args("mpi")).output().unwrap();
-    let out = text(&o);
-    assert!(o.status.success(), "{out}");
+    on_threads(4, &args("threads"));
+    let out = on_mpi(4, &args("mpi"));
     assert!(out.contains("one MPI process each"), "{out}");
     let plans = |name: &str| -> Vec<String> {
-        std::fs::read_to_string(d.join(format!("{name}.jsonl")))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["plan"].as_str().unwrap_or_default().to_string()
-            })
+        common::records(&d.join(format!("{name}.jsonl")))
+            .iter()
+            .map(|v| v["plan"].as_str().unwrap_or_default().to_string())
             .collect()
     };
     let (t, m) = (plans("threads"), plans("mpi"));
@@ -346,8 +283,7 @@ fn planned_concurrent_groups_run_as_processes_like_threads() {
     assert!(t.iter().all(|p| p.contains(" | ")), "{t:?}");
     assert_eq!(t, m);
     assert!(
-        std::fs::read(d.join("threads.safetensors")).unwrap()
-            == std::fs::read(d.join("mpi.safetensors")).unwrap(),
+        same_bytes(d, "threads.safetensors", "mpi.safetensors"),
         "MPI weights differ from the thread run"
     );
 }
@@ -359,51 +295,18 @@ fn planned_concurrent_groups_run_as_processes_like_threads() {
 fn the_parameter_server_runs_as_processes() {
     let dir = tempfile::tempdir().unwrap();
     let ps = ["--strategy", "dp3", "--steps", "3", "--ps-servers", "2"];
-    let mut args = train_args(dir.path(), "threads.safetensors", &ps);
-    args.extend(["--devices".into(), "3".into()]);
-    let o = Command::new(hotspa())
-        .args(&args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let o = mpirun(5)
-        .arg(hotspa())
-        .args(train_args(dir.path(), "mpi.safetensors", &ps))
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert!(o.status.success(), "{out}");
+    on_threads(3, &train_args(dir.path(), "threads.safetensors", &ps));
+    let out = on_mpi(5, &train_args(dir.path(), "mpi.safetensors", &ps));
     assert!(out.contains("2 parameter server(s)"), "{out}");
-    let (a, b) = (
-        std::fs::read(dir.path().join("threads.safetensors")).unwrap(),
-        std::fs::read(dir.path().join("mpi.safetensors")).unwrap(),
-    );
     assert!(
-        a == b,
+        same_bytes(dir.path(), "threads.safetensors", "mpi.safetensors"),
         "BSP on the parameter server: MPI weights differ from threads"
     );
     let metrics = dir.path().join("asp.jsonl");
     let m = metrics.display().to_string();
-    let asp = [
-        "--strategy",
-        "dp3",
-        "--steps",
-        "4",
-        "--sync",
-        "asp",
-        "--ps-servers",
-        "2",
-        "--metrics",
-        &m,
-    ];
-    let o = mpirun(5)
-        .arg(hotspa())
-        .args(train_args(dir.path(), "asp.safetensors", &asp))
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert!(o.status.success(), "{out}");
+    let asp = "--strategy dp3 --steps 4 --sync asp --ps-servers 2 --metrics";
+    let asp: Vec<&str> = asp.split(' ').chain([m.as_str()]).collect();
+    on_mpi(5, &train_args(dir.path(), "asp.safetensors", &asp));
     let lines = std::fs::read_to_string(&metrics).unwrap();
     assert_eq!(lines.lines().count(), 4, "{lines}");
     assert!(
@@ -454,58 +357,75 @@ fn pid_of_rank(marker: &str, rank: usize) -> Option<u32> {
     None
 }
 
-/// Starts a long 4-process run, sends `signal` to rank 2 once training is under way, and
-/// returns how long the job took to end after that and its output.
-fn fault(signal: i32) -> (Duration, Output) {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.jsonl");
-    let mut args = train_args(dir.path(), "never.safetensors", &["--strategy", "dp2tp2"]);
-    args.extend([
-        "--steps".into(),
-        "100000".into(),
-        "--metrics".into(),
-        metrics.display().to_string(),
-    ]);
-    let child = mpirun(4)
-        .env("HOTSPA_COMM_TIMEOUT_SECS", "5")
+/// Starts `hotspa train` (the shared flags, `strategy`, 100,000 steps and `flag path`) on `np`
+/// processes, `mpirun_args` given to mpirun, and waits until `ready` holds and rank `rank` is
+/// running (found by `path` in its command line; at most 120 s): the job and that rank's pid.
+fn start_long_run(
+    mpirun: &mut Command,
+    dir: &Path,
+    strategy: &str,
+    (flag, path): (&str, &Path),
+    rank: usize,
+    ready: impl Fn() -> bool,
+) -> (std::process::Child, u32) {
+    let mut args = train_args(dir, "never.safetensors", &["--strategy", strategy]);
+    args.extend(["--steps", "100000", flag].map(String::from));
+    args.push(path.display().to_string());
+    let mut child = mpirun
         .arg(hotspa())
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let marker = metrics.display().to_string();
+    let marker = path.display().to_string();
     let start = Instant::now();
-    let pid = loop {
-        let steps = std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().count())
-            .unwrap_or(0);
-        if steps >= 2 {
-            if let Some(p) = pid_of_rank(&marker, 2) {
-                break p;
+    while start.elapsed() < Duration::from_secs(120) {
+        if ready() {
+            if let Some(pid) = pid_of_rank(&marker, rank) {
+                return (child, pid);
             }
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the run did not get going"
-        );
         std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!("the run did not get going:\n{}", text(&out));
+}
+
+/// Starts a long 4-process run, sends `signal` to rank 2 once training is under way, and
+/// checks that the job failed within 60 s of it: its output.
+fn fault(signal: i32) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let steps = || {
+        std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
     };
+    let (child, pid) = start_long_run(
+        mpirun(4).env("HOTSPA_COMM_TIMEOUT_SECS", "5"),
+        dir.path(),
+        "dp2tp2",
+        ("--metrics", &metrics),
+        2,
+        || steps() >= 2,
+    );
     assert!(common::signal(pid, signal));
     let t0 = Instant::now();
     let out = child.wait_with_output().unwrap();
     let took = t0.elapsed();
     // A stopped process is killed by mpirun's abort; make sure nothing is left either way.
     let _ = common::signal(pid, libc::SIGKILL);
-    (took, out)
+    let text = text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    text
 }
 
 #[test]
 fn a_killed_process_ends_the_job_naming_its_rank() {
-    let (took, out) = fault(libc::SIGKILL);
-    let text = text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    let text = fault(libc::SIGKILL);
     assert!(
         text.contains("process rank 2") || text.contains("rank 2 never arrived"),
         "{text}"
@@ -514,10 +434,7 @@ fn a_killed_process_ends_the_job_naming_its_rank() {
 
 #[test]
 fn a_stopped_process_is_named_by_the_others_within_the_timeout() {
-    let (took, out) = fault(libc::SIGSTOP);
-    let text = text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    let text = fault(libc::SIGSTOP);
     assert!(
         text.contains("the process of rank 2 does not answer at all"),
         "{text}"
@@ -530,22 +447,10 @@ fn checkpoints_move_between_mpi_and_threads() {
     let d = dir.path();
     let hot = ["--strategies", "dp4:64,dp2tp2:max"];
     let threads = |extra: &[&str], save: &str| {
-        let mut args = train_args(d, save, &[&hot[..], extra].concat());
-        args.extend(["--devices".into(), "4".into()]);
-        let o = Command::new(hotspa())
-            .args(&args)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
+        on_threads(4, &train_args(d, save, &[&hot[..], extra].concat()));
     };
     let mpi = |extra: &[&str], save: &str| {
-        let o = mpirun(4)
-            .arg(hotspa())
-            .args(train_args(d, save, &[&hot[..], extra].concat()))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
+        on_mpi(4, &train_args(d, save, &[&hot[..], extra].concat()));
     };
     let (ck1, ck2) = (
         d.join("ck1").display().to_string(),
@@ -562,10 +467,9 @@ fn checkpoints_move_between_mpi_and_threads() {
         "half2.safetensors",
     );
     mpi(&["--steps", "4", "--resume", &ck2], "b.safetensors");
-    let full = std::fs::read(d.join("full.safetensors")).unwrap();
     for name in ["a.safetensors", "b.safetensors"] {
         assert!(
-            std::fs::read(d.join(name)).unwrap() == full,
+            same_bytes(d, name, "full.safetensors"),
             "{name}: resumed across backends differs from the uninterrupted run"
         );
     }
@@ -628,31 +532,16 @@ fn ranks_with_different_settings_stop_naming_the_setting() {
 fn a_signal_through_mpirun_leaves_a_checkpoint_within_the_kill_window() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
-    let mut args = train_args(dir.path(), "w.safetensors", &["--strategy", "dp2"]);
-    args.extend([
-        "--steps".into(),
-        "100000".into(),
-        "--checkpoint-dir".into(),
-        ck.display().to_string(),
-    ]);
-    let child = mpirun(2)
-        .args(["--mca", "odls_base_sigkill_timeout", "10"])
-        .arg(hotspa())
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let marker = ck.display().to_string();
     let start = Instant::now();
-    while pid_of_rank(&marker, 1).is_none() || start.elapsed() < Duration::from_secs(3) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (child, _) = start_long_run(
+        mpirun(2).args(["--mca", "odls_base_sigkill_timeout", "10"]),
+        dir.path(),
+        "dp2",
+        ("--checkpoint-dir", &ck),
+        1,
+        || start.elapsed() >= Duration::from_secs(3),
+    );
+    let pid = child.id();
     assert!(common::signal(pid, libc::SIGTERM));
     let o = child.wait_with_output().unwrap();
     let out = text(&o);

@@ -53,8 +53,7 @@ fn ok(o: &Output) {
 
 #[test]
 fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let data = std::fs::read(d.join("x/d.jsonl")).unwrap();
     // The folder holding the training data, forced: the data stays.
     refused(
@@ -128,8 +127,7 @@ fn outputs_over_inputs_or_each_other_are_refused_and_nothing_is_lost() {
 
 #[test]
 fn force_replaces_only_hotspas_own_outputs() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     // A file of the user's is never overwritten, forced or not.
     std::fs::write(d.join("notes.jsonl"), "my notes\n").unwrap();
     refused(
@@ -173,8 +171,7 @@ fn force_replaces_only_hotspas_own_outputs() {
 
 #[test]
 fn an_output_in_use_by_another_run_is_refused() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let mut long = Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(common::cmd![
             "train --model config.json --data x/d.jsonl --steps",
@@ -206,8 +203,7 @@ fn an_output_in_use_by_another_run_is_refused() {
 
 #[test]
 fn every_load_of_a_checkpoint_is_verified() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     ok(&train(d, &["--checkpoint-dir", "ck", "--save", "out"]));
     let step = d.join("ck/step-00000002");
     // Intact: every command says what it verified.

@@ -148,25 +148,17 @@ fn a_long_tailed_corpus_past_256k_is_planned_with_cp_and_groups() {
 
 #[test]
 fn bad_settings_are_clear_errors() {
-    for (args, want) in [
-        (vec!["--cluster", "tpu-pod"], "unknown cluster `tpu-pod`"),
-        (
-            vec!["--gpus", "64"],
-            "--gpus 64: the cluster a800x32 has 32 devices",
-        ),
-        (vec!["--dataset", "wiki"], "unknown dataset `wiki`"),
-        (vec!["--model", "gpt-5"], "unknown model `gpt-5`"),
-        (vec!["--grad-compression", "zip"], "gradient codec `zip`"),
-        (vec!["--allreduce", "star"], "all-reduce algorithm `star`"),
-        (
-            vec![
-                "--grad-compression",
-                "powersgd:2",
-                "--compress-cross-node-only",
-            ],
-            "not implemented",
-        ),
-    ] {
+    for (args, want) in common::cases(
+        "
+        --cluster tpu-pod => unknown cluster `tpu-pod`
+        --gpus 64 => --gpus 64: the cluster a800x32 has 32 devices
+        --dataset wiki => unknown dataset `wiki`
+        --model gpt-5 => unknown model `gpt-5`
+        --grad-compression zip => gradient codec `zip`
+        --allreduce star => all-reduce algorithm `star`
+        --grad-compression powersgd:2 --compress-cross-node-only => not implemented
+        ",
+    ) {
         let out = hotspa(&[&["simulate"][..], &args].concat());
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);

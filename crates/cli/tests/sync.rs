@@ -112,8 +112,7 @@ fn with<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn local_sgd_every_step_is_bsp_and_less_often_is_not() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let init = Weights::load(&LlamaConfig::load(d).unwrap(), &d.join("init.safetensors")).unwrap();
     let bsp = train(d, "bsp", 3, &SGD);
     let local1 = train(d, "local1", 3, &with(&SGD, &["--sync", "local:1"]));
@@ -136,8 +135,7 @@ fn local_sgd_every_step_is_bsp_and_less_often_is_not() {
 
 #[test]
 fn averaging_every_h_steps_sends_h_times_fewer_bytes() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let bsp = train(d, "bsp", 10, &[]);
     let local = train(d, "local", 10, &["--sync", "local:5"]);
     let (b, l) = (wire(&bsp), wire(&local));
@@ -160,8 +158,7 @@ fn averaging_every_h_steps_sends_h_times_fewer_bytes() {
 
 #[test]
 fn diloco_takes_an_outer_step() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let local = train(d, "local", 6, &["--sync", "local:3"]);
     let plain = train(
         d,
@@ -203,8 +200,7 @@ fn diloco_takes_an_outer_step() {
 
 #[test]
 fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     for mode in ["local:2", "diloco:2"] {
         let whole = train(d, "whole", 6, &["--sync", mode]);
         train(
@@ -233,25 +229,8 @@ fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
     // A BSP checkpoint continues under DiLoCo (its outer momentum starts at zero); the changed
     // setting is reported.
     train(d, "bsp", 2, &["--checkpoint-dir", "ck"]);
-    let o = hotspa(
-        d,
-        &common::train_args(&[
-            "--devices",
-            "4",
-            "--strategy",
-            "dp4",
-            "--global-batch",
-            "16",
-            "--steps",
-            "4",
-            "--sync",
-            "diloco:2",
-            "--resume",
-            "ck",
-        ]),
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{e}");
+    let line = "--devices 4 --strategy dp4 --global-batch 16 --steps 4 --sync diloco:2 --resume ck";
+    let e = common::stderr_ok(&hotspa(d, &common::train_args(&common::words(line))));
     assert!(e.contains("sync"), "{e}");
 }
 
@@ -264,8 +243,7 @@ fn resume_keeps_every_replicas_moments_and_the_outer_momentum() {
 /// near-zero gradient entries, summed in another order over the CP ranks, into ~1e-5.)
 #[test]
 fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let run = |name: &str, devices: &str, strategy: &str, sync: &str| {
         train_on(
             d,
@@ -305,58 +283,28 @@ fn periodic_averaging_over_cp_is_that_of_the_data_replicas() {
 
 #[test]
 fn what_periodic_averaging_cannot_do_is_refused_by_name() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let base = common::train_args(&["--devices", "4", "--steps", "4"]);
-    for (extra, says) in [
-        (
-            vec!["--sync", "ring:2"],
-            "use bsp, ssp:S, asp, local:H, gossip:H, diloco:H or fedavg",
-        ),
-        (
-            vec!["--sync", "asp", "--strategy", "dp2tp2"],
-            "whole replicas",
-        ),
-        (vec!["--ps-servers", "1", "--sync", "local:2"], "averages"),
-        (vec!["--ps-servers", "0"], "at least 1"),
-        (
-            vec!["--ps-servers", "1", "--checkpoint-dir", "ck"],
-            "checkpointing under the parameter server is not built",
-        ),
-        (
-            vec!["--ps-servers", "1", "--grad-compression", "powersgd:2"],
-            "PowerSGD's factors need all-reduces",
-        ),
-        (vec!["--ps-placement", "colocated"], "no parameter servers"),
-        (vec!["--slow-rank", "9:2"], "not a worker"),
-        (vec!["--slow-rank", "1:0.5"], "at least 1"),
-        (vec!["--sync", "local:0"], "at least 1"),
-        (vec!["--sync", "local:2", "--outer-lr", "0.5"], "outer_lr"),
-        (vec!["--sync", "local:2", "--strategy", "dp4zero1"], "zero"),
-        (
-            vec!["--sync", "local:2", "--strategy", "tp4"],
-            "no DP replicas",
-        ),
-        (
-            vec!["--sync", "local:2", "--strategies", "dp4:8,dp2tp2:max"],
-            "one strategy",
-        ),
-        (
-            vec!["--sync", "local:2", "--grad-compression", "int8"],
-            "--grad-compression int8",
-        ),
-        (
-            vec![
-                "--sync",
-                "local:2",
-                "--checkpoint-dir",
-                "ck",
-                "--checkpoint-every",
-                "3",
-            ],
-            "multiple of 2",
-        ),
-    ] {
+    for (extra, says) in common::cases(
+        "
+        --sync ring:2 => use bsp, ssp:S, asp, local:H, gossip:H, diloco:H or fedavg
+        --sync asp --strategy dp2tp2 => whole replicas
+        --ps-servers 1 --sync local:2 => averages
+        --ps-servers 0 => at least 1
+        --ps-servers 1 --checkpoint-dir ck => checkpointing under the parameter server is not built
+        --ps-servers 1 --grad-compression powersgd:2 => PowerSGD's factors need all-reduces
+        --ps-placement colocated => no parameter servers
+        --slow-rank 9:2 => not a worker
+        --slow-rank 1:0.5 => at least 1
+        --sync local:0 => at least 1
+        --sync local:2 --outer-lr 0.5 => outer_lr
+        --sync local:2 --strategy dp4zero1 => zero
+        --sync local:2 --strategy tp4 => no DP replicas
+        --sync local:2 --strategies dp4:8,dp2tp2:max => one strategy
+        --sync local:2 --grad-compression int8 => --grad-compression int8
+        --sync local:2 --checkpoint-dir ck --checkpoint-every 3 => multiple of 2
+        ",
+    ) {
         let o = hotspa(d, &with(&base, &extra));
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{extra:?} was accepted");
@@ -369,8 +317,7 @@ fn what_periodic_averaging_cannot_do_is_refused_by_name() {
 /// `--slow-rank` makes a straggler whose pushes land on parameters many updates newer.
 #[test]
 fn parameter_server_flags_change_what_runs() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let nodes = ["--devices-per-node", "2"];
     let all_reduce = train(d, "allreduce", 3, &nodes);
     let dedicated = train(d, "ps", 3, &with(&nodes, &["--ps-servers", "2"]));
@@ -423,29 +370,9 @@ fn parameter_server_flags_change_what_runs() {
     );
     // A 20× straggler under ASP trains far fewer shares than the others, and its pushes meet
     // parameters that moved on.
-    let o = hotspa(
-        d,
-        &common::train_args(&[
-            "--devices",
-            "4",
-            "--steps",
-            "8",
-            "--global-batch",
-            "16",
-            "--sync",
-            "asp",
-            "--slow-rank",
-            "3:20",
-        ]),
-    );
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{e}");
-    let line = e
-        .lines()
-        .find(|l| l.starts_with("parameter server: shares trained per worker"))
-        .unwrap_or_else(|| panic!("{e}"));
-    let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
-    let shares: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+    let line = "--devices 4 --steps 8 --global-batch 16 --sync asp --slow-rank 3:20";
+    let e = common::stderr_ok(&hotspa(d, &common::train_args(&common::words(line))));
+    let (line, shares) = shares_per_worker(&e);
     assert_eq!(shares.iter().sum::<usize>(), 32, "{line}");
     // (Threads on two busy cores do not share the work evenly among the fast workers either:
     // one of them may be starved, so only the busiest is the measure.)
@@ -455,13 +382,23 @@ fn parameter_server_flags_change_what_runs() {
     );
 }
 
+/// The parameter server's line "shares trained per worker: [a, b, …]" of a run's output, and
+/// its numbers.
+fn shares_per_worker(e: &str) -> (&str, Vec<usize>) {
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("parameter server: shares trained per worker"))
+        .unwrap_or_else(|| panic!("{e}"));
+    let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
+    (line, list.split(", ").map(|x| x.parse().unwrap()).collect())
+}
+
 /// A worker whose step fails (`HOTSPA_FAULT=panic:RANK:STEP`) under ASP leaves: the servers
 /// keep the parameters, another worker trains its share, and the run ends well and says so;
 /// under BSP on the parameter server the same fault ends the run, naming the rank.
 #[test]
 fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let run = |sync: &str| {
         Command::new(env!("CARGO_BIN_EXE_hotspa"))
             .args(common::train_args(&[
@@ -494,13 +431,8 @@ fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
             e.contains("worker 1 (rank 2) left the run at its step 1"),
             "{sync}: {e}"
         );
-        let line = e
-            .lines()
-            .find(|l| l.starts_with("parameter server: shares trained per worker"))
-            .unwrap_or_else(|| panic!("{e}"));
         // Every share was trained, worker 1's after it left by the others.
-        let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
-        let shares: Vec<usize> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+        let (line, shares) = shares_per_worker(&e);
         assert_eq!(shares.iter().sum::<usize>(), 24, "{sync}: {line}");
         assert_eq!(shares[1], 0, "{sync}: {line}");
         assert!(d.join(format!("{sync}.safetensors")).exists());
@@ -516,8 +448,7 @@ fn a_failed_worker_leaves_an_asynchronous_run_and_ends_a_synchronous_one() {
 /// (the run differs) — and the saved model is every replica's average all the same.
 #[test]
 fn gossip_averages_with_the_ring_neighbours() {
-    let dir = common::Scratch::new(setup);
-    let d = dir.path();
+    let d = &common::Scratch::new(setup);
     let two = |sync: &str| -> Weights {
         let save = format!("two_{sync}.safetensors").replace(':', "_");
         let o = hotspa(

@@ -115,17 +115,16 @@ fn a_strategy_and_a_hot_schedule_save_the_single_device_weights() {
 
 /// A calibration under which the planner must switch: so little memory that DP4 holds only
 /// ~20 tokens per micro-batch (the data has sequences of 30), TP4 ~120.
-const SMALL_PROFILE: &str = "name = \"test\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
-    memory_gib = 0.0000654\nelem_bytes = 4\nmemory_gbps = 10.0\n[efficiency]\nmax = 1.0\n\
-    half_tokens = 32\nhalf_width = 32\nattention = 0.2\n[same_node]\ngbps = 5.0\nlatency_us = 20.0\n\
-    [cross_node]\ngbps = 5.0\nlatency_us = 20.0\n";
+fn small_profile() -> String {
+    common::small_profile("test", 0.0000654, 0.2)
+}
 
 #[test]
 fn automatic_planning_saves_the_single_device_weights() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
     let d = dir.path();
-    std::fs::write(d.join("profile.toml"), SMALL_PROFILE).unwrap();
+    std::fs::write(d.join("profile.toml"), small_profile()).unwrap();
     let reference = train(d, "1", "dp1", "single.safetensors");
     let mut args = base_args(d.to_str().unwrap(), "4", "auto");
     args[9] = "--strategies".into();
@@ -207,7 +206,7 @@ fn the_simulators_clock_times_a_real_run_without_changing_it() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
     let d = dir.path();
-    std::fs::write(d.join("profile.toml"), SMALL_PROFILE).unwrap();
+    std::fs::write(d.join("profile.toml"), small_profile()).unwrap();
     let profile = d.join("profile.toml");
     for schedule in ["dp4:5,dp2tp2:8,tp2pp2:max", "tp2pp2"] {
         let args = train_args(d.to_str().unwrap(), "4", schedule, "3");
@@ -239,7 +238,7 @@ fn the_simulators_clock_times_a_real_run_without_changing_it() {
     // A cluster with fewer devices than the run, and an unknown name, are refused.
     std::fs::write(
         d.join("two.toml"),
-        SMALL_PROFILE.replace("devices_per_node = 4", "devices_per_node = 2"),
+        small_profile().replace("devices_per_node = 4", "devices_per_node = 2"),
     )
     .unwrap();
     for (cluster, want) in [
@@ -583,15 +582,6 @@ fn resume_reproduces_the_uninterrupted_run() {
     );
 }
 
-/// The metrics of a finished run: one JSON object per step.
-fn metrics_of(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// `--pipeline-schedule pipedream-2bw` on tp2pp2: the first step trains like 1F1B and the next
 /// ones on one-step-old weights (`weight_staleness` 1; the runtime's own test checks the update
 /// rule against one device); a checkpoint flushes the pipeline, so resuming from it is bitwise
@@ -614,7 +604,7 @@ fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
             None => a.extend(extra.iter().map(|s| s.to_string())),
         }
         run_ok(&a);
-        metrics_of(Path::new(&p(&format!("{name}.jsonl"))))
+        common::records(Path::new(&p(&format!("{name}.jsonl"))))
     };
     let two_bw = ["--pipeline-schedule", "pipedream-2bw"];
     let flushed = run("flushed", "6", &[]);
@@ -924,15 +914,7 @@ fn default_run_trains_on_the_project_with_a_falling_loss() {
         .unwrap()
         .to_string();
     let dir = root.join(dir);
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let losses = common::losses(&dir.join("metrics.jsonl"));
     assert!(
         losses.last().unwrap() < &(losses[0] - 2.0),
         "loss {} -> {}",

@@ -145,19 +145,7 @@ fn ring_reduce_scatter<T: Transport + ?Sized>(
     op: ReduceOp,
     name: &'static str,
 ) -> Result<()> {
-    let (p, me) = (t.members().len(), t.me());
-    let (ch, seq) = t.enter();
-    let off = offsets(counts);
-    let what = || t.describe(name, seq);
-    for s in 0..p.saturating_sub(1) {
-        let send = (me + 2 * p - s - 1) % p;
-        let recv = (me + 2 * p - s - 2) % p;
-        let (out, dst) = read_and_write(buf, off[send]..off[send + 1], off[recv]..off[recv + 1]);
-        ring_step(t, ch, out, dst.len(), name, &what, |r, m| {
-            op.apply(&mut dst[r], m)
-        })?;
-    }
-    Ok(())
+    ring_pass(t, buf, counts, name, 1, |dst, m| op.apply(dst, m))
 }
 
 /// Ring all-gather: chunk `me` of `buf` is this rank's; on return every chunk is filled.
@@ -167,16 +155,30 @@ fn ring_all_gather<T: Transport + ?Sized>(
     counts: &[usize],
     name: &'static str,
 ) -> Result<()> {
+    ring_pass(t, buf, counts, name, 0, |dst, m| dst.copy_from_slice(m))
+}
+
+/// The `p − 1` steps of a ring over `buf`'s chunks (`counts`): at step `s` this rank sends
+/// chunk `me − s − lag` to the next rank and `merge`s what the previous one sends into chunk
+/// `me − s − lag − 1` (indices mod `p`).
+fn ring_pass<T: Transport + ?Sized>(
+    t: &T,
+    buf: &mut [f32],
+    counts: &[usize],
+    name: &'static str,
+    lag: usize,
+    mut merge: impl FnMut(&mut [f32], &[f32]),
+) -> Result<()> {
     let (p, me) = (t.members().len(), t.me());
     let (ch, seq) = t.enter();
     let off = offsets(counts);
     let what = || t.describe(name, seq);
     for s in 0..p.saturating_sub(1) {
-        let send = (me + p - s) % p;
-        let recv = (me + 2 * p - s - 1) % p;
+        let send = (me + 2 * p - s - lag) % p;
+        let recv = (send + p - 1) % p;
         let (out, dst) = read_and_write(buf, off[send]..off[send + 1], off[recv]..off[recv + 1]);
         ring_step(t, ch, out, dst.len(), name, &what, |r, m| {
-            dst[r].copy_from_slice(m)
+            merge(&mut dst[r], m)
         })?;
     }
     Ok(())

@@ -307,12 +307,26 @@ fn qsgd_per_word(levels: u32) -> usize {
     (32 / qsgd_bits(levels)) as usize
 }
 
+/// SplitMix64's increment (2⁶⁴ / φ).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: a stateless, well-mixed 64-bit hash.
 pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(GOLDEN);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// SplitMix64's stream from `seed` (Steele, Lea and Flood 2014): the same values on every
+/// machine and member, for draws all members must agree on.
+pub fn splitmix_stream(seed: u64) -> impl Iterator<Item = u64> {
+    let mut state = seed;
+    std::iter::repeat_with(move || {
+        let z = splitmix(state);
+        state = state.wrapping_add(GOLDEN);
+        z
+    })
 }
 
 fn qsgd_encode(levels: u32, x: &[f32], out: &mut Vec<f32>, salt: u64) {
@@ -426,17 +440,10 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<u32> {
 /// SplitMix64: the same on every machine).
 pub fn random_k(n: usize, k: usize, seed: u64) -> Vec<u32> {
     let k = k.min(n);
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut draws = splitmix_stream(seed);
     let mut chosen = std::collections::BTreeSet::new();
     for j in n - k..n {
-        let t = (next() % (j as u64 + 1)) as u32;
+        let t = (draws.next().unwrap_or(0) % (j as u64 + 1)) as u32;
         if !chosen.insert(t) {
             chosen.insert(j as u32);
         }

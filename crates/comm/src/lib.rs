@@ -40,7 +40,9 @@ pub use error::{CommError, Result};
 pub use layer::{CollectiveCall, Layer};
 pub use mpi::MpiComm;
 pub use nccl::NcclComm;
-pub use thread::{default_timeout, timeout_from_env, ThreadComm, AFTER_FAILURE, DEFAULT_TIMEOUT};
+pub use thread::{
+    default_timeout, panic_message, timeout_from_env, ThreadComm, AFTER_FAILURE, DEFAULT_TIMEOUT,
+};
 
 /// What the unit tests of the codecs share.
 #[cfg(test)]

@@ -20,6 +20,16 @@ pub const AFTER_FAILURE: Duration = Duration::from_secs(3);
 /// The timeout of every blocking call when `HOTSPA_COMM_TIMEOUT_SECS` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What a caught panic says: its message when it carries a string (as `panic!` does), else
+/// "non-string panic".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
 /// The timeout of every blocking call: `HOTSPA_COMM_TIMEOUT_SECS` (seconds, positive and
 /// finite, fractions allowed), else [`DEFAULT_TIMEOUT`]. An invalid value is an error naming
 /// it (see [`timeout_from_env`]); here, where no error can be returned, it falls back to the
@@ -248,17 +258,10 @@ impl ThreadComm {
                     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
                     let out = match out {
                         Ok(r) => r,
-                        Err(p) => {
-                            let message = p
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "non-string panic".into());
-                            Err(E::from(CommError::Panicked {
-                                rank: Rank(rank),
-                                message,
-                            }))
-                        }
+                        Err(p) => Err(E::from(CommError::Panicked {
+                            rank: Rank(rank),
+                            message: panic_message(p.as_ref()),
+                        })),
                     };
                     if let Err(e) = &out {
                         world.fail(rank, e.to_string());

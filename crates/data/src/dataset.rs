@@ -133,7 +133,12 @@ impl Dataset {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    docs.push(parse_line(path, i + 1, line, vocab, tokenizer)?);
+                    let v = serde_json::from_str(line).map_err(|e| DataError::Line {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        reason: format!("malformed JSON: {e}"),
+                    })?;
+                    docs.push(parse_record(path, i + 1, "", v, vocab, tokenizer)?);
                 }
             }
         }
@@ -290,23 +295,6 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
         rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     order.shuffle(&mut rng);
     order
-}
-
-fn parse_line(
-    path: &Path,
-    line: usize,
-    text: &str,
-    vocab: usize,
-    tokenizer: &TextTokenizer,
-) -> Result<Vec<u32>> {
-    let bad = |reason: String| DataError::Line {
-        path: path.to_path_buf(),
-        line,
-        reason,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-    parse_record(path, line, "", v, vocab, tokenizer)
 }
 
 /// The extension of a file that holds records or weights rather than a text document.

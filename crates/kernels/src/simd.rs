@@ -85,14 +85,7 @@ pub fn exp1(x: f32) -> f32 {
     // 2ⁿ in two halves, so that neither overflows nor underflows on its own. (A NaN makes
     // garbage of n, and NaN of `p`.)
     let n1 = n >> 1;
-    let y = p * pow2(n1) * pow2(n - n1);
-    if x > HI {
-        f32::INFINITY
-    } else if x < LO {
-        0.0
-    } else {
-        y
-    }
+    limits(x, LO, HI, p * pow2(n1) * pow2(n - n1))
 }
 
 /// `eˣ` for a softmax's arguments (`x − max ≤ 0`): [`exp1`]'s value wherever that is a normal
@@ -103,10 +96,16 @@ pub fn exp1(x: f32) -> f32 {
 pub fn exp_softmax1(x: f32) -> f32 {
     const TOP: f32 = 88.37;
     let (p, n) = reduced(x.clamp(NORMAL, TOP));
-    let y = p * pow2(n);
-    if x > TOP {
+    limits(x, NORMAL, TOP, p * pow2(n))
+}
+
+/// `y` (`eˣ` computed for `x` clamped to `[lo, hi]`), or `eˣ`'s limits outside: infinity above
+/// `hi`, 0 below `lo` (a NaN `x` keeps `y`, itself NaN).
+#[inline(always)]
+fn limits(x: f32, lo: f32, hi: f32, y: f32) -> f32 {
+    if x > hi {
         f32::INFINITY
-    } else if x < NORMAL {
+    } else if x < lo {
         0.0
     } else {
         y

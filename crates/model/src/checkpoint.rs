@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::config::LlamaConfig;
-use crate::error::{io, ModelError, Result};
+use crate::error::{io, read_json, ModelError, Result};
 use crate::files::write_atomic;
 use crate::folder::CarriedFile;
 use crate::manifest::{remove_owned, remove_temporary_dir, sha256_file, Removal};
@@ -207,13 +207,9 @@ impl Checkpoint {
     pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
         let step_dir = Self::step_dir(dir)?;
         let state_path = step_dir.join("state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let corrupt = |reason: String| ModelError::CheckpointState {
-            path: state_path.clone(),
-            reason,
-        };
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(format!("malformed JSON: {e}")))?;
+        let (state, corrupt) = read_json(&state_path, |path, reason| {
+            ModelError::CheckpointState { path, reason }
+        })?;
         let step = state["step"]
             .as_u64()
             .ok_or_else(|| corrupt("no \"step\"".into()))?;

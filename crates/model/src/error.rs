@@ -158,6 +158,19 @@ pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Model
     }
 }
 
+/// The JSON value of the file `path` and the error for what is wrong inside it: a file that
+/// cannot be read is [`ModelError::Io`]; one that is not JSON, `fault(path, "malformed JSON:
+/// …")`, and so is what the caller finds missing, through the returned closure.
+pub(crate) fn read_json(
+    path: &std::path::Path,
+    fault: fn(std::path::PathBuf, String) -> ModelError,
+) -> Result<(serde_json::Value, impl Fn(String) -> ModelError + '_)> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let bad = move |reason: String| fault(path.to_path_buf(), reason);
+    let v = serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    Ok((v, bad))
+}
+
 /// Why `dir`'s weights cannot be read, for a folder holding [`crate::folder::foreign_weights`] `file`.
 pub fn foreign_weights_reason(dir: &std::path::Path, file: &std::path::Path) -> String {
     format!(

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 
@@ -45,18 +45,25 @@ pub(crate) fn serialize(views: Vec<(String, TensorView<'_>)>, path: &Path) -> Re
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
-/// the directory. A crash leaves either the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A hidden file in `path`'s folder (`.` for a bare name), named by `name` from `path`'s file
+/// name: where a temporary copy or a lock of `path` lives.
+pub fn beside(path: &Path, name: impl FnOnce(&str) -> String) -> PathBuf {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
+    let file = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    dir.join(name(&file))
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
+/// the directory. A crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = beside(path, |name| format!(".{name}.tmp-{}", std::process::id()));
+    let dir = tmp.parent().unwrap_or(Path::new("."));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;

@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::config::LlamaConfig;
-use crate::error::{io, ModelError, Result};
+use crate::error::{io, read_json, ModelError, Result};
 use crate::files::write_atomic;
 use crate::params::param_specs;
 use crate::weights::Weights;
@@ -265,13 +265,8 @@ pub fn load_weights_checked(
     let plan: Vec<(PathBuf, BTreeSet<String>)> = if path.is_dir() {
         if path.join(INDEX).is_file() {
             let ipath = path.join(INDEX);
-            let text = std::fs::read_to_string(&ipath).map_err(io(&ipath))?;
-            let corrupt = |reason: String| ModelError::Corrupt {
-                path: ipath.clone(),
-                reason,
-            };
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| corrupt(format!("malformed JSON: {e}")))?;
+            let (v, corrupt) =
+                read_json(&ipath, |path, reason| ModelError::Corrupt { path, reason })?;
             let map = v["weight_map"]
                 .as_object()
                 .ok_or_else(|| corrupt("no \"weight_map\" object".into()))?;
@@ -283,7 +278,7 @@ pub fn load_weights_checked(
             if !unexpected.is_empty() {
                 unexpected.sort();
                 return Err(ModelError::UnexpectedTensors {
-                    path: ipath,
+                    path: ipath.clone(),
                     names: unexpected,
                 });
             }

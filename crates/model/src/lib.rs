@@ -40,7 +40,7 @@ pub use checkpoint::{remove_interrupted, Checkpoint};
 pub use config::{LlamaConfig, RopeScalingConfig, TokenIds, HARMLESS, PRESETS};
 pub use decoder::{build_graph, build_stage_graph};
 pub use error::{ModelError, Result};
-pub use files::write_atomic;
+pub use files::{beside, write_atomic};
 pub use folder::{
     has_weights, load_weights, load_weights_checked, save_folder, CarriedFile, Dtype, SaveOptions,
 };

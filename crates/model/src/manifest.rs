@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{io, ModelError, Result};
+use crate::error::{io, read_json, ModelError, Result};
 use crate::files::write_atomic;
 
 /// The manifest file of a model folder hotspa wrote.
@@ -112,13 +112,7 @@ impl Manifest {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-            let bad = |reason: String| ModelError::Manifest {
-                path: path.clone(),
-                reason,
-            };
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+            let (v, bad) = read_json(&path, |path, reason| ModelError::Manifest { path, reason })?;
             let map = v
                 .get(key)
                 .and_then(|m| m.as_object())
@@ -140,7 +134,7 @@ impl Manifest {
             }
             return Ok(Some(Self {
                 files,
-                source: path,
+                source: path.clone(),
             }));
         }
         Ok(None)

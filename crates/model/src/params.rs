@@ -151,63 +151,23 @@ pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
         Role::Embedding,
         None,
     )];
+    // One layer's parameters: name under `model.layers.{l}.`, shape, role.
+    let per_layer = [
+        ("self_attn.q_proj", vec![q, h], Role::QProj),
+        ("self_attn.k_proj", vec![kv, h], Role::KProj),
+        ("self_attn.v_proj", vec![kv, h], Role::VProj),
+        ("self_attn.o_proj", vec![h, q], Role::OProj),
+        ("mlp.gate_proj", vec![i, h], Role::GateProj),
+        ("mlp.up_proj", vec![i, h], Role::UpProj),
+        ("mlp.down_proj", vec![h, i], Role::DownProj),
+        ("input_layernorm", vec![h], Role::InputNorm),
+        ("post_attention_layernorm", vec![h], Role::PostAttentionNorm),
+    ];
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let layer = Some(l);
-        out.push(spec(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![q, h],
-            Role::QProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, h],
-            Role::KProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![kv, h],
-            Role::VProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, q],
-            Role::OProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![i, h],
-            Role::GateProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.mlp.up_proj.weight"),
-            vec![i, h],
-            Role::UpProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![h, i],
-            Role::DownProj,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            Role::InputNorm,
-            layer,
-        ));
-        out.push(spec(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            Role::PostAttentionNorm,
-            layer,
-        ));
+        for (name, shape, role) in &per_layer {
+            let name = format!("model.layers.{l}.{name}.weight");
+            out.push(spec(name, shape.clone(), *role, Some(l)));
+        }
     }
     out.push(spec(
         "model.norm.weight".into(),

@@ -12,6 +12,11 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link of `gbps` GB/s and `latency_us` µs per message.
+    pub const fn new(gbps: f64, latency_us: f64) -> Self {
+        Link { gbps, latency_us }
+    }
+
     /// Seconds to move `bytes` as `messages` messages.
     pub fn seconds(&self, bytes: f64, messages: f64) -> f64 {
         bytes / (self.gbps * 1e9) + messages * self.latency_us * 1e-6
@@ -31,6 +36,19 @@ pub struct Efficiency {
     pub half_width: f64,
     /// Fraction of peak of the attention kernels.
     pub attention: f64,
+}
+
+impl Efficiency {
+    /// GEMMs at up to `max` of peak, half of it at `half_tokens` tokens and at `half_width`
+    /// columns per device; attention at `attention` of peak.
+    pub const fn new(max: f64, half_tokens: f64, half_width: f64, attention: f64) -> Self {
+        Efficiency {
+            max,
+            half_tokens,
+            half_width,
+            attention,
+        }
+    }
 }
 
 /// A cluster: identical nodes of identical devices.
@@ -123,12 +141,7 @@ fn bf16_bytes() -> f64 {
 impl Efficiency {
     /// What GPUs reach with Megatron-class kernels: GEMMs up to ~60 % of peak on large shapes,
     /// half of that at 256 tokens or 256 columns per device; FlashAttention-2 ~45 %.
-    pub const GPU: Efficiency = Efficiency {
-        max: 0.6,
-        half_tokens: 256.0,
-        half_width: 256.0,
-        attention: 0.45,
-    };
+    pub const GPU: Efficiency = Efficiency::new(0.6, 256.0, 256.0, 0.45);
 }
 
 impl Cluster {
@@ -427,17 +440,9 @@ mod tests {
     use super::*;
 
     fn cluster() -> Cluster {
-        let link = Link {
-            gbps: 1.0,
-            latency_us: 1.0,
-        };
+        let link = Link::new(1.0, 1.0);
         Cluster {
-            efficiency: Efficiency {
-                max: 0.5,
-                half_tokens: 64.0,
-                half_width: 64.0,
-                attention: 0.25,
-            },
+            efficiency: Efficiency::new(0.5, 64.0, 64.0, 0.25),
             elem_bytes: 4.0,
             ..Cluster::new("t", 1, 1, 1.0, 1.0, link, link)
         }

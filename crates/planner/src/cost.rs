@@ -538,6 +538,22 @@ impl CostModel {
         (c * k, t, e * k + overhead)
     }
 
+    /// A CP rank's share of a micro-batch of `lens` (`tokens` in all) under `s`, by the kernel
+    /// rates: one layer's attention, every layer's linear parts, and the head's. A CP rank
+    /// computes its 1/cp of the tokens, and (balanced) of attention's pairs.
+    fn layer_parts(&self, s: &Strategy, lens: &[usize], tokens: f64) -> (f64, f64, f64) {
+        let c = &self.cfg;
+        let cp = s.cp as f64;
+        let width = c.num_attention_heads * c.head_dim() / s.tp;
+        let attention = lens
+            .iter()
+            .map(|&l| self.cluster.attention_seconds(l, width))
+            .sum::<f64>()
+            / cp;
+        let (layer_linear, head) = self.linear_parts(s, (tokens / cp).ceil() as usize);
+        (attention, layer_linear, head)
+    }
+
     /// [`CostModel::micro_batch`] by the kernel rates alone, without the kernels' overhead.
     pub fn micro_batch_unscaled(&self, s: &Strategy, lens: &[usize]) -> (f64, f64, f64) {
         let tokens: f64 = lens.iter().map(|&l| l as f64).sum();
@@ -549,14 +565,8 @@ impl CostModel {
         let layers = c.num_hidden_layers as f64;
         // A CP rank computes its 1/cp of the tokens, and (balanced) of attention's pairs.
         let cp = s.cp as f64;
-        let width = c.num_attention_heads * c.head_dim() / s.tp;
-        let attention: f64 = layers
-            * lens
-                .iter()
-                .map(|&l| self.cluster.attention_seconds(l, width))
-                .sum::<f64>()
-            / cp;
-        let (layer_linear, head) = self.linear_parts(s, (tokens / cp).ceil() as usize);
+        let (attention, layer_linear, head) = self.layer_parts(s, lens, tokens);
+        let attention = layers * attention;
         // Recomputation runs the forward again (a third of a GEMM's or attention's forward and
         // backward): full every layer's, selective attention's.
         let (again, forward_comm) = match s.recompute {
@@ -622,13 +632,7 @@ impl CostModel {
         let mut bwd = Pass::default();
         if tokens > 0.0 {
             let cp = s.cp as f64;
-            let width = c.num_attention_heads * c.head_dim() / s.tp;
-            let attention: f64 = lens
-                .iter()
-                .map(|&l| self.cluster.attention_seconds(l, width))
-                .sum::<f64>()
-                / cp;
-            let (layer_linear, head) = self.linear_parts(s, (tokens / cp).ceil() as usize);
+            let (attention, layer_linear, head) = self.layer_parts(s, lens, tokens);
             let per_layer_linear = layer_linear / layers_all as f64;
             let layer = per_layer_linear + attention;
             let again = match s.recompute {

@@ -266,10 +266,10 @@ fn nic(cluster: &Cluster, streams: usize) -> Link {
     } else {
         cluster.cross_node.gbps
     };
-    Link {
-        gbps: (total / streams.max(1) as f64).min(stream),
-        latency_us: cluster.cross_node.latency_us,
-    }
+    Link::new(
+        (total / streams.max(1) as f64).min(stream),
+        cluster.cross_node.latency_us,
+    )
 }
 
 /// One step in which every listed sender moves `bytes` to a peer: the slowest link's time.
@@ -748,14 +748,8 @@ mod tests {
             8,
             100.0,
             80.0,
-            Link {
-                gbps: 200.0,
-                latency_us: 5.0,
-            },
-            Link {
-                gbps: cross_gbps,
-                latency_us: 20.0,
-            },
+            Link::new(200.0, 5.0),
+            Link::new(cross_gbps, 20.0),
         )
     }
 

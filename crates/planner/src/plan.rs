@@ -753,10 +753,24 @@ impl Planner {
     /// The fastest single strategy for the batch (what a static system runs).
     pub fn best_static(&self, lens: &[usize]) -> Result<(Plan, Estimate)> {
         let longest = lens.iter().copied().max().unwrap_or(1);
-        let mut best: Option<(Plan, Estimate)> = None;
+        let mut found = Vec::new();
         for s in self.candidates(longest) {
             let p = Plan::new(vec![(longest, s.clone())], s);
             let e = self.evaluate(&p, lens)?;
+            found.push((p, e));
+        }
+        self.fastest(found, longest)
+    }
+
+    /// The fastest of `found` (the first of equals), or where there is none, the refusal of a
+    /// batch whose longest sequence (`longest` tokens) no strategy holds.
+    fn fastest(
+        &self,
+        found: impl IntoIterator<Item = (Plan, Estimate)>,
+        longest: usize,
+    ) -> Result<(Plan, Estimate)> {
+        let mut best: Option<(Plan, Estimate)> = None;
+        for (p, e) in found {
             if best.as_ref().is_none_or(|(_, b)| e.seconds < b.seconds) {
                 best = Some((p, e));
             }
@@ -949,20 +963,8 @@ impl Planner {
             }
             Ok(best)
         };
-        let found: Vec<Result<Option<(Plan, Estimate)>>> = cands.par_iter().map(per_inst).collect();
-        let mut best: Option<(Plan, Estimate)> = None;
-        for r in found {
-            if let Some((p, est)) = r? {
-                if best.as_ref().is_none_or(|(_, b)| est.seconds < b.seconds) {
-                    best = Some((p, est));
-                }
-            }
-        }
-        best.ok_or_else(|| PlanError::TooLong {
-            len: longest,
-            longest: self.longest_any(),
-            context: self.context,
-        })
+        let found: Result<Vec<Option<(Plan, Estimate)>>> = cands.par_iter().map(per_inst).collect();
+        self.fastest(found?.into_iter().flatten(), longest)
     }
 }
 
@@ -1088,14 +1090,8 @@ mod tests {
                 gpus.min(8),
                 312.0,
                 80.0,
-                Link {
-                    gbps: 400.0,
-                    latency_us: 5.0,
-                },
-                Link {
-                    gbps: 200.0,
-                    latency_us: 10.0,
-                },
+                Link::new(400.0, 5.0),
+                Link::new(200.0, 10.0),
             )
         };
         let cfg = model::LlamaConfig::preset("llama2-7b").unwrap();
@@ -1208,10 +1204,7 @@ mod tests {
             // Pieces of 32 M values (64 MiB in bf16): at 4 MiB a 7B model's 6,400 pieces
             // would each pay the ring's latency (the model says so: about 2 s here).
             p.cost.bucket_elems = 32 << 20;
-            p.cost.cluster.cross_node = Link {
-                gbps: cross,
-                latency_us: 10.0,
-            };
+            p.cost.cluster.cross_node = Link::new(cross, 10.0);
             let dp = s("dp16", 16);
             let fifo = p.cost.strategy(&dp, &lens, 65536);
             p.cost.priority = true;

@@ -516,7 +516,13 @@ impl CpAttention<'_> {
 /// Who holds which heads under Ulysses: query heads `r·hc..(r+1)·hc` and kv heads
 /// `kv[r].0..kv[r].1` on rank `r`.
 struct HeadSplit {
+    /// Query heads per rank.
     hc: usize,
+    /// Query and key/value heads in all.
+    h: usize,
+    g: usize,
+    /// The query and key/value heads of each rank.
+    q: Vec<(usize, usize)>,
     kv: Vec<(usize, usize)>,
 }
 
@@ -534,7 +540,26 @@ impl HeadSplit {
         let kv = (0..cp)
             .map(|r| (r * hc / rep, ((r + 1) * hc - 1) / rep + 1))
             .collect();
-        Ok(Self { hc, kv })
+        let q = (0..cp).map(|r| (r * hc, (r + 1) * hc)).collect();
+        Ok(Self { hc, h, g, q, kv })
+    }
+
+    /// The layout of a tensor of every query head (`d` values each).
+    fn queries(&self, d: usize) -> Heads<'_> {
+        Heads {
+            heads: self.h,
+            d,
+            ranges: &self.q,
+        }
+    }
+
+    /// The layout of a tensor of every key/value head.
+    fn keys(&self, d: usize) -> Heads<'_> {
+        Heads {
+            heads: self.g,
+            d,
+            ranges: &self.kv,
+        }
     }
 
     fn shape(&self, r: usize, head_dim: usize) -> AttnShape {
@@ -546,83 +571,89 @@ impl HeadSplit {
     }
 }
 
-/// All-to-all from this rank's tokens × every head to every token × the heads `ranges[me]`:
-/// `local` is `[local tokens, heads, d]`; the result `[tokens, ranges[me] heads, d]` in packed
-/// batch order.
-fn to_heads(
-    comm: &dyn Communicator,
-    split: &CpSplit,
+/// Ulysses' exchange between this rank's tokens and its heads over the CP group.
+struct Ulysses<'a> {
+    comm: &'a dyn Communicator,
+    split: &'a CpSplit,
     me: usize,
-    local: &[f32],
-    heads: usize,
-    d: usize,
-    ranges: &[(usize, usize)],
-) -> Result<Vec<f32>> {
-    let cp = split.cp();
-    let n = split.local_tokens(me);
-    let mut send = Vec::new();
-    let mut send_counts = Vec::with_capacity(cp);
-    for &(a, b) in ranges {
-        for t in 0..n {
-            send.extend_from_slice(&local[(t * heads + a) * d..(t * heads + b) * d]);
-        }
-        send_counts.push(n * (b - a) * d);
-    }
-    let (a, b) = ranges[me];
-    let w = (b - a) * d;
-    let recv_counts: Vec<usize> = (0..cp).map(|r| split.local_tokens(r) * w).collect();
-    let mut recv = vec![0.0; recv_counts.iter().sum()];
-    comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
-    let mut full = vec![0.0; split.tokens() * w];
-    let mut off = 0;
-    for (r, count) in recv_counts.iter().enumerate() {
-        split.put(r, &recv[off..off + count], w, &mut full);
-        off += count;
-    }
-    Ok(full)
 }
 
-/// The way back: `full` is `[tokens, ranges[me] heads, d]`; returns this rank's
-/// `[local tokens, heads, d]`, adding what several ranks send for the same head.
-fn to_tokens(
-    comm: &dyn Communicator,
-    split: &CpSplit,
-    me: usize,
-    full: &[f32],
+/// How a tensor's rows are laid out for [`Ulysses`]: `heads` heads of `d` values each, rank
+/// `r` taking heads `ranges[r]`.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
     heads: usize,
     d: usize,
-    ranges: &[(usize, usize)],
-) -> Result<Vec<f32>> {
-    let cp = split.cp();
-    let (a, b) = ranges[me];
-    let w = (b - a) * d;
-    let mut send = Vec::with_capacity(full.len());
-    let mut send_counts = Vec::with_capacity(cp);
-    for r in 0..cp {
-        let part = split.take(r, full, w);
-        send_counts.push(part.len());
-        send.extend(part);
-    }
-    let n = split.local_tokens(me);
-    let recv_counts: Vec<usize> = ranges.iter().map(|&(a, b)| n * (b - a) * d).collect();
-    let mut recv = vec![0.0; recv_counts.iter().sum()];
-    comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
-    let mut local = vec![0.0; n * heads * d];
-    let mut off = 0;
-    for &(a, b) in ranges {
-        let w = (b - a) * d;
-        for t in 0..n {
-            let src = &recv[off + t * w..off + (t + 1) * w];
-            for (x, y) in local[(t * heads + a) * d..(t * heads + b) * d]
-                .iter_mut()
-                .zip(src)
-            {
-                *x += y;
+    ranges: &'a [(usize, usize)],
+}
+
+impl Ulysses<'_> {
+    /// All-to-all from this rank's tokens × every head to every token × the heads `ranges[me]`:
+    /// `local` is `[local tokens, heads, d]`; the result `[tokens, ranges[me] heads, d]` in packed
+    /// batch order.
+    fn to_heads(&self, local: &[f32], layout: Heads<'_>) -> Result<Vec<f32>> {
+        let (comm, split, me) = (self.comm, self.split, self.me);
+        let Heads { heads, d, ranges } = layout;
+        let cp = split.cp();
+        let n = split.local_tokens(me);
+        let mut send = Vec::new();
+        let mut send_counts = Vec::with_capacity(cp);
+        for &(a, b) in ranges {
+            for t in 0..n {
+                send.extend_from_slice(&local[(t * heads + a) * d..(t * heads + b) * d]);
             }
+            send_counts.push(n * (b - a) * d);
         }
-        off += n * w;
+        let (a, b) = ranges[me];
+        let w = (b - a) * d;
+        let recv_counts: Vec<usize> = (0..cp).map(|r| split.local_tokens(r) * w).collect();
+        let mut recv = vec![0.0; recv_counts.iter().sum()];
+        comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
+        let mut full = vec![0.0; split.tokens() * w];
+        let mut off = 0;
+        for (r, count) in recv_counts.iter().enumerate() {
+            split.put(r, &recv[off..off + count], w, &mut full);
+            off += count;
+        }
+        Ok(full)
     }
-    Ok(local)
+
+    /// The way back: `full` is `[tokens, ranges[me] heads, d]`; returns this rank's
+    /// `[local tokens, heads, d]`, adding what several ranks send for the same head.
+    fn to_tokens(&self, full: &[f32], layout: Heads<'_>) -> Result<Vec<f32>> {
+        let (comm, split, me) = (self.comm, self.split, self.me);
+        let Heads { heads, d, ranges } = layout;
+        let cp = split.cp();
+        let (a, b) = ranges[me];
+        let w = (b - a) * d;
+        let mut send = Vec::with_capacity(full.len());
+        let mut send_counts = Vec::with_capacity(cp);
+        for r in 0..cp {
+            let part = split.take(r, full, w);
+            send_counts.push(part.len());
+            send.extend(part);
+        }
+        let n = split.local_tokens(me);
+        let recv_counts: Vec<usize> = ranges.iter().map(|&(a, b)| n * (b - a) * d).collect();
+        let mut recv = vec![0.0; recv_counts.iter().sum()];
+        comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
+        let mut local = vec![0.0; n * heads * d];
+        let mut off = 0;
+        for &(a, b) in ranges {
+            let w = (b - a) * d;
+            for t in 0..n {
+                let src = &recv[off + t * w..off + (t + 1) * w];
+                for (x, y) in local[(t * heads + a) * d..(t * heads + b) * d]
+                    .iter_mut()
+                    .zip(src)
+                {
+                    *x += y;
+                }
+            }
+            off += n * w;
+        }
+        Ok(local)
+    }
 }
 
 /// `[heads, tokens]` ↔ `[tokens, heads]`.
@@ -643,12 +674,9 @@ impl CpAttention<'_> {
         let (q, k, v) = (x.q, x.k, x.v);
         let hs = HeadSplit::new(shape, split.cp())?;
         let d = shape.head_dim;
-        let qr: Vec<(usize, usize)> = (0..split.cp())
-            .map(|r| (r * hs.hc, (r + 1) * hs.hc))
-            .collect();
-        let fq = to_heads(comm, split, me, q, shape.heads, d, &qr)?;
-        let fk = to_heads(comm, split, me, k, shape.kv_heads, d, &hs.kv)?;
-        let fv = to_heads(comm, split, me, v, shape.kv_heads, d, &hs.kv)?;
+        let u = Ulysses { comm, split, me };
+        let (qh, kvh) = (hs.queries(d), hs.keys(d));
+        let (fq, fk, fv) = (u.to_heads(q, qh)?, u.to_heads(k, kvh)?, u.to_heads(v, kvh)?);
         let mine = hs.shape(me, d);
         let t = split.tokens();
         let (mut fo, mut fl) = (vec![0.0; fq.len()], vec![0.0; hs.hc * t]);
@@ -664,16 +692,8 @@ impl CpAttention<'_> {
                 &mut fl,
             )
         })?;
-        let out = to_tokens(comm, split, me, &fo, shape.heads, d, &qr)?;
-        let lse = to_tokens(
-            comm,
-            split,
-            me,
-            &transpose(&fl, hs.hc, t),
-            shape.heads,
-            1,
-            &qr,
-        )?;
+        let out = u.to_tokens(&fo, qh)?;
+        let lse = u.to_tokens(&transpose(&fl, hs.hc, t), hs.queries(1))?;
         let n = split.local_tokens(me);
         Ok((out, transpose(&lse, n, shape.heads)))
     }
@@ -685,17 +705,17 @@ impl CpAttention<'_> {
             (self.host, self.comm, self.split, self.shape, self.scale);
         let hs = HeadSplit::new(shape, split.cp())?;
         let d = shape.head_dim;
-        let (h, g) = (shape.heads, shape.kv_heads);
-        let qr: Vec<(usize, usize)> = (0..split.cp())
-            .map(|r| (r * hs.hc, (r + 1) * hs.hc))
-            .collect();
+        let h = shape.heads;
         let n = split.local_tokens(me);
-        let fdo = to_heads(comm, split, me, x.dout, h, d, &qr)?;
-        let fq = to_heads(comm, split, me, x.q, h, d, &qr)?;
-        let fo = to_heads(comm, split, me, x.out, h, d, &qr)?;
-        let fl = to_heads(comm, split, me, &transpose(x.lse, h, n), h, 1, &qr)?;
-        let fk = to_heads(comm, split, me, x.k, g, d, &hs.kv)?;
-        let fv = to_heads(comm, split, me, x.v, g, d, &hs.kv)?;
+        let u = Ulysses { comm, split, me };
+        let (qh, kvh) = (hs.queries(d), hs.keys(d));
+        let (fdo, fq, fo) = (
+            u.to_heads(x.dout, qh)?,
+            u.to_heads(x.q, qh)?,
+            u.to_heads(x.out, qh)?,
+        );
+        let fl = u.to_heads(&transpose(x.lse, h, n), hs.queries(1))?;
+        let (fk, fv) = (u.to_heads(x.k, kvh)?, u.to_heads(x.v, kvh)?);
         let t = split.tokens();
         let (mut dq, mut dk, mut dv) = (
             vec![0.0; fq.len()],
@@ -720,9 +740,9 @@ impl CpAttention<'_> {
             )
         })?;
         Ok((
-            to_tokens(comm, split, me, &dq, h, d, &qr)?,
-            to_tokens(comm, split, me, &dk, g, d, &hs.kv)?,
-            to_tokens(comm, split, me, &dv, g, d, &hs.kv)?,
+            u.to_tokens(&dq, qh)?,
+            u.to_tokens(&dk, kvh)?,
+            u.to_tokens(&dv, kvh)?,
         ))
     }
 }

@@ -139,22 +139,14 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
             tags::PIPELINE_INPUTS
         )));
     }
-    let RankGroups {
-        tp,
-        pp,
-        dp_grads,
-        agreement,
-        ..
-    } = groups;
     let strategy = &exec.strategy;
     let (mut loss, mut peak_bytes) = (0.0f32, 0usize);
     let mut grads: Option<Vec<B::Buffer>> = None;
     let ((), reduced) = overlapped(
-        dp_grads.as_mut(),
-        agreement.as_ref(),
+        groups,
         strategy,
         &bucket_shapes,
-        |tx| -> Result<()> {
+        |tx, tp, pp| -> Result<()> {
             let mut feeder = if by_priority {
                 Feeder::Pieces(PieceFeeder::new(&pieces, presummed, params.len()))
             } else {
@@ -174,14 +166,8 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                             stage,
                             tp_rank,
                         };
-                        let pass = stage_of.forward(
-                            backend,
-                            tp,
-                            pp.as_ref(),
-                            params,
-                            &micro_batches[i],
-                            i,
-                        )?;
+                        let pass =
+                            stage_of.forward(backend, tp, pp, params, &micro_batches[i], i)?;
                         let others: usize = passes.iter().flatten().map(|p| p.live_bytes()).sum();
                         peak_bytes = peak_bytes.max(others + pass.phase_peak_bytes());
                         passes[i] = Some(pass);
@@ -205,15 +191,8 @@ pub fn pipeline_step<'p, B: Backend + 'p>(
                             |k: usize, g: &B::Buffer| feeder.last(backend, acc, k, g, tx);
                         let hook: Option<&mut GradHook<'_, B>> =
                             (overlap && Some(i) == last_backward).then_some(&mut feed);
-                        let (out, peak) = stage_of.backward(
-                            backend,
-                            tp,
-                            pp.as_ref(),
-                            pass,
-                            &micro_batches[i],
-                            i,
-                            hook,
-                        )?;
+                        let (out, peak) =
+                            stage_of.backward(backend, tp, pp, pass, &micro_batches[i], i, hook)?;
                         peak_bytes = peak_bytes.max(others + peak);
                         loss += out.loss;
                         accumulate(backend, &mut grads, out.grads)?;

@@ -12,6 +12,7 @@ use kernels::Backend;
 use crate::agreement::{BucketKey, GradientAgreement};
 use crate::error::{Result, RuntimeError};
 use crate::parallel::RankGroups;
+use crate::tp::TpGroup;
 
 /// The shape of this TP rank's piece of every parameter, in binding order.
 pub(crate) fn param_shapes(exec: &ExecGraph, tp_rank: usize) -> Result<Vec<Vec<usize>>> {
@@ -118,26 +119,36 @@ pub(crate) fn reduce_buckets(
     }
 }
 
-/// Runs `work` (a step's slots) beside a thread that agrees on each flat bucket `work` sends
-/// (in `bucket_shapes`' order, under the agreement's keys) over `dp_grads` as soon as it is
-/// complete; `work`'s result and the reduced buckets in order. With no buckets, `work` alone
-/// (it gets no sender).
+/// The sender of a step's buckets to [`overlapped`]'s reducing thread.
+pub(crate) type BucketSender = mpsc::Sender<Vec<f32>>;
+
+/// Runs `work` (a step's slots, given the TP and pipeline groups) beside a thread that agrees
+/// on each flat bucket `work` sends (in `bucket_shapes`' order, under the groups' agreement and
+/// keys) over the groups' `dp_grads` as soon as it is complete; `work`'s result and the reduced
+/// buckets in order. With no buckets, `work` alone (it gets no sender).
 pub(crate) fn overlapped<R>(
-    dp_grads: &mut dyn Communicator,
-    agreement: &dyn GradientAgreement,
+    groups: &mut RankGroups,
     strategy: &Strategy,
     bucket_shapes: &[Vec<Vec<usize>>],
-    work: impl FnOnce(Option<&mpsc::Sender<Vec<f32>>>) -> Result<R>,
+    work: impl FnOnce(Option<&BucketSender>, &mut TpGroup, &dyn Communicator) -> Result<R>,
 ) -> Result<(R, Vec<Vec<f32>>)> {
+    let RankGroups {
+        tp,
+        pp,
+        dp_grads,
+        agreement,
+        ..
+    } = groups;
+    let (dp_grads, agreement, pp) = (dp_grads.as_mut(), agreement.as_ref(), pp.as_ref());
     if bucket_shapes.is_empty() {
-        return Ok((work(None)?, Vec::new()));
+        return Ok((work(None, tp, pp)?, Vec::new()));
     }
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Vec<f32>>();
         let (rtx, rrx) = mpsc::channel::<Result<Vec<f32>>>();
         let worker = scope
             .spawn(move || reduce_buckets(&*dp_grads, agreement, strategy, bucket_shapes, rx, rtx));
-        let done = work(Some(&tx));
+        let done = work(Some(&tx), tp, pp);
         drop(tx);
         // The worker ends when the channel closes or a reduction fails.
         let mut out = Vec::with_capacity(bucket_shapes.len());

@@ -332,20 +332,12 @@ impl<B: Backend> Stashing<B> {
             Vec::new()
         };
         let bucket_shapes = bucket_shapes(&buckets, &shapes);
-        let RankGroups {
-            tp,
-            pp,
-            dp_grads,
-            agreement,
-            ..
-        } = groups;
         let open = &mut self.open;
         let (peak, reduced) = overlapped(
-            dp_grads.as_mut(),
-            agreement.as_ref(),
+            groups,
             &exec.strategy,
             &bucket_shapes,
-            |tx| -> Result<usize> {
+            |tx, tp, pp| -> Result<usize> {
                 let mut feeder = BucketFeeder::new(&buckets, shapes.len());
                 let mut peak = 0usize;
                 for slot in order {
@@ -353,8 +345,7 @@ impl<B: Backend> Stashing<B> {
                         Slot::F(k) => {
                             let (mb, w, _, number) = &reads[k];
                             crate::progress::beat("pipeline forward");
-                            let pass =
-                                at.forward(backend, tp, pp.as_ref(), (&w[..]).into(), mb, *number)?;
+                            let pass = at.forward(backend, tp, pp, (&w[..]).into(), mb, *number)?;
                             let others: usize = passes.iter().map(|(p, _)| p.live_bytes()).sum();
                             peak = peak.max(others + pass.phase_peak_bytes());
                             passes.push_back((pass, k));
@@ -376,8 +367,7 @@ impl<B: Backend> Stashing<B> {
                                 |j: usize, g: &B::Buffer| feeder.last(backend, acc, j, g, tx);
                             let hook: Option<&mut GradHook<'_, B>> =
                                 (bucketed && last == Some((*of, k))).then_some(&mut feed);
-                            let (out, p) =
-                                at.backward(backend, tp, pp.as_ref(), pass, mb, *number, hook)?;
+                            let (out, p) = at.backward(backend, tp, pp, pass, mb, *number, hook)?;
                             peak = peak.max(others + p);
                             o.loss += out.loss;
                             o.remaining = o.remaining.saturating_sub(1);

@@ -78,18 +78,26 @@ impl Case {
         w
     }
 
+    /// Rank `me`'s queries, keys, values and output gradient under `split`.
+    fn rank_share(&self, split: &CpSplit, me: usize) -> [Vec<f32>; 4] {
+        let sh = self.shape;
+        let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+        [
+            (&self.q, qrow),
+            (&self.k, krow),
+            (&self.v, krow),
+            (&self.dout, qrow),
+        ]
+        .map(|(x, row)| split.take(me, x, row))
+    }
+
     /// Every rank's forward and backward; the results put back in packed-batch order.
     fn split_run(self: &Arc<Self>, cp: usize, exchange: CpExchange) -> Result<Whole, RuntimeError> {
         let case = self.clone();
         let per_rank = ThreadComm::run(cp, move |c| {
             let me = c.rank().0;
-            let split = CpSplit::balanced(&case.cu, cp)?;
-            let sh = case.shape;
-            let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
-            let q = split.take(me, &case.q, qrow);
-            let k = split.take(me, &case.k, krow);
-            let v = split.take(me, &case.v, krow);
-            let dout = split.take(me, &case.dout, qrow);
+            let (split, sh) = (CpSplit::balanced(&case.cu, cp)?, case.shape);
+            let [q, k, v, dout] = case.rank_share(&split, me);
             let tally = Tally::default();
             let attn = CpAttention::new(&c, exchange, &split, sh, SCALE).through(&tally);
             let (out, lse) = attn.forward(&q, &k, &v)?;
@@ -210,13 +218,8 @@ fn the_exchanges_send_the_bytes_the_strategy_model_says() {
             let sent = ThreadComm::run(cp, move |c| {
                 let me = c.rank().0;
                 let counting = Counting::new(Box::new(c));
-                let split = CpSplit::balanced(&case.cu, cp)?;
-                let sh = case.shape;
-                let (qrow, krow) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
-                let q = split.take(me, &case.q, qrow);
-                let k = split.take(me, &case.k, krow);
-                let v = split.take(me, &case.v, krow);
-                let dout = split.take(me, &case.dout, qrow);
+                let (split, sh) = (CpSplit::balanced(&case.cu, cp)?, case.shape);
+                let [q, k, v, dout] = case.rank_share(&split, me);
                 let bytes = |log: &[comm::CommRecord]| -> usize {
                     log.iter()
                         .map(|r| match r.kind {

@@ -365,14 +365,8 @@ mod tests {
         let mut c = crate::presets::cluster("h100x8").unwrap();
         c.devices_per_node = 2;
         c.nodes = 2;
-        c.same_node = Link {
-            gbps: 1.0,
-            latency_us: 1.0,
-        };
-        c.cross_node = Link {
-            gbps: 0.5,
-            latency_us: 10.0,
-        };
+        c.same_node = Link::new(1.0, 1.0);
+        c.cross_node = Link::new(0.5, 10.0);
         c.elem_bytes = 4.0;
         c
     }

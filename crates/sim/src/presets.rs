@@ -128,12 +128,12 @@ impl Device {
     /// attention at its measured rates where there are some.
     pub fn cluster(&self, name: &str, nodes: usize, per_node: usize, cross: Link) -> Cluster {
         Cluster {
-            efficiency: planner::Efficiency {
-                max: self.gemm_max,
-                half_tokens: 0.0,
-                half_width: 0.0,
-                attention: planner::Efficiency::GPU.attention,
-            },
+            efficiency: planner::Efficiency::new(
+                self.gemm_max,
+                0.0,
+                0.0,
+                planner::Efficiency::GPU.attention,
+            ),
             memory_gbps: self.hbm_gbps,
             attention_table: attention_table(self.attention),
             ..Cluster::new(
@@ -142,10 +142,7 @@ impl Device {
                 per_node,
                 self.peak_tflops,
                 self.memory_gib,
-                Link {
-                    gbps: self.nvlink_gbps * NCCL_NVLINK_SHARE,
-                    latency_us: 5.0,
-                },
+                Link::new(self.nvlink_gbps * NCCL_NVLINK_SHARE, 5.0),
                 cross,
             )
         }

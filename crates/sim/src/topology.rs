@@ -188,16 +188,8 @@ pub fn sync_cost(arch: Architecture, topo: Topology, t: Transport, bytes: f64) -
                     }
                 }
                 Architecture::ParameterServer { servers, colocated } => {
-                    let k = servers as f64;
-                    // Pushes and pulls pipelined by chunks (BytePS), links full duplex. A NIC's
-                    // egress: a co-located one pushes its gradient to the other shards and
-                    // serves its shard to the other workers; a worker on its own pushes all of
-                    // it, a dedicated server serves its shard to every worker.
-                    let (nic, server) = if colocated {
-                        (bytes * (1.0 - 1.0 / k) + (w - 1.0) * bytes / k, 0.0)
-                    } else {
-                        (bytes, w * bytes / k)
-                    };
+                    // Pushes and pulls pipelined by chunks (BytePS), links full duplex.
+                    let (nic, server) = ps_egress(bytes, w, servers, colocated);
                     // A rack's uplink: what its NICs send away (dedicated servers have racks of
                     // their own, so all of it).
                     let rack_up = p * nic * if colocated { away } else { 1.0 };
@@ -237,14 +229,9 @@ pub fn sync_cost(arch: Architecture, topo: Topology, t: Transport, bytes: f64) -
                     cost(2.0 * levels * (n - 1.0), link, b)
                 }
                 Architecture::ParameterServer { servers, colocated } => {
-                    let kk = servers as f64;
                     // As on the fat-tree, but every byte crosses `hops` links on average,
                     // relayed by servers, spread over a server's `levels` NICs.
-                    let (nic, server) = if colocated {
-                        (bytes * (1.0 - 1.0 / kk) + (w - 1.0) * bytes / kk, 0.0)
-                    } else {
-                        (bytes, w * bytes / kk)
-                    };
+                    let (nic, server) = ps_egress(bytes, w, servers, colocated);
                     SyncCost {
                         seconds: 2.0 * hops * t.alpha + (nic * hops).max(server) / levels / b,
                         latency: 2.0 * hops * t.alpha,
@@ -347,6 +334,19 @@ pub fn sync_table(bytes: f64) -> SyncTable {
             .collect(),
         workers: columns.iter().map(|(topo, _)| topo.servers()).collect(),
         rows,
+    }
+}
+
+/// The bytes a worker's NIC and a dedicated server's NIC send in one push and pull of `bytes`
+/// by `w` workers over `servers` shards: a co-located NIC pushes its gradient to the other
+/// shards and serves its shard to the other workers (no dedicated server); a worker on its own
+/// pushes all of it, and a dedicated server serves its shard to every worker.
+fn ps_egress(bytes: f64, w: f64, servers: usize, colocated: bool) -> (f64, f64) {
+    let k = servers as f64;
+    if colocated {
+        (bytes * (1.0 - 1.0 / k) + (w - 1.0) * bytes / k, 0.0)
+    } else {
+        (bytes, w * bytes / k)
     }
 }
 

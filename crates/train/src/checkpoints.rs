@@ -75,29 +75,16 @@ impl CheckpointDir {
             return Err(TrainError::setting("keep_last", "must be at least 1"));
         }
         let path = dir.join(LOCK);
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(TrainError::io(&path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                return Err(TrainError::setting(
-                    "checkpoint_dir",
-                    format!(
-                        "{} is in use by another run ({}); wait for it to end or choose another directory",
-                        dir.display(),
-                        holder.trim()
-                    ),
-                ));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(TrainError::io(&path)(e)),
-        }
-        // Who holds it, for the message above (the lock itself is what counts).
-        let _ = std::fs::write(&path, format!("process {}\n", std::process::id()));
+        let lock = crate::outputs::lock_file(&path)?.map_err(|holder| {
+            TrainError::setting(
+                "checkpoint_dir",
+                format!(
+                    "{} is in use by another run ({holder}); wait for it to end or choose another directory",
+                    dir.display(),
+                ),
+            )
+        })?;
+        crate::outputs::say_holder(&path);
         // Leftovers of interrupted writes are never pointed at.
         model::remove_interrupted(dir);
         let existing = steps(dir);

@@ -54,14 +54,8 @@ pub fn nominal_cluster(devices: usize, devices_per_node: usize) -> Cluster {
         per,
         1.0,
         1.0,
-        Link {
-            gbps: 10.0,
-            latency_us: 5.0,
-        },
-        Link {
-            gbps: 1.0,
-            latency_us: 50.0,
-        },
+        Link::new(10.0, 5.0),
+        Link::new(1.0, 50.0),
     )
 }
 

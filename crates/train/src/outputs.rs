@@ -313,6 +313,33 @@ pub fn check_layout(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// Opens (creating) the lock file `path` and takes its advisory lock: the open file (the lock
+/// lasts as long as it does), or, where another process holds the lock already, what the file
+/// says of it ([`say_holder`]).
+pub(crate) fn lock_file(path: &Path) -> Result<std::result::Result<File, String>> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(TrainError::io(path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Ok(file)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            Ok(Err(holder.trim().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(TrainError::io(path)(e)),
+    }
+}
+
+/// Writes who holds the lock of `path` into it, for the message of a run refused by it (the
+/// lock itself is what counts).
+pub(crate) fn say_holder(path: &Path) {
+    let _ = std::fs::write(path, format!("process {}\n", std::process::id()));
+}
+
 /// An output locked for the run's life: an advisory lock on `.NAME.hotspa-lock` beside it,
 /// which the OS releases when the process dies; the file is removed when the run ends.
 #[derive(Debug)]
@@ -324,42 +351,21 @@ pub struct OutputLock {
 impl OutputLock {
     /// Locks output `target` (resolved) of `setting`, or says which process holds it.
     pub fn take(setting: &'static str, target: &Path) -> Result<Self> {
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".into());
-        let path = parent.join(format!(".{name}.hotspa-lock"));
+        let path = model::beside(target, |name| format!(".{name}.hotspa-lock"));
         // A lock file that another run removed between our open and our lock is retried.
         for _ in 0..8 {
-            let file = File::options()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(TrainError::io(&path))?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    return Err(TrainError::setting(
-                        setting,
-                        format!(
-                            "{} is being written by another run ({}); wait for it to end or \
-                             choose another place",
-                            target.display(),
-                            holder.trim()
-                        ),
-                    ));
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(TrainError::io(&path)(e)),
-            }
+            let file = lock_file(&path)?.map_err(|holder| {
+                TrainError::setting(
+                    setting,
+                    format!(
+                        "{} is being written by another run ({holder}); wait for it to end or \
+                         choose another place",
+                        target.display(),
+                    ),
+                )
+            })?;
             if same_open_file(&file, &path) {
-                let _ = std::fs::write(&path, format!("process {}\n", std::process::id()));
+                say_holder(&path);
                 return Ok(Self {
                     path,
                     file: Some(file),

@@ -51,14 +51,8 @@ fn pieces(shapes: &[Vec<usize>], len: usize, r: usize) -> Result<Vec<Piece>> {
 
 /// Standard normal values from `seed` (SplitMix64 and Box–Muller: the same on every member).
 fn normals(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut uniform = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut draws = comm::codec::splitmix_stream(seed);
+    let mut uniform = || (draws.next().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64;
     (0..n)
         .map(|_| {
             let (u, v) = (uniform().max(1e-300), uniform());

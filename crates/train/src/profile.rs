@@ -380,10 +380,7 @@ pub fn profile(
     let per_byte =
         ((t_big - t_small) / (bytes((1 << 20) as f64) - bytes((1 << 10) as f64))).max(1e-12);
     let alpha = ((t_small - per_byte * bytes((1 << 10) as f64)) / k).max(0.0);
-    let link = Link {
-        gbps: 1.0 / per_byte / 1e9,
-        latency_us: alpha * 1e6,
-    };
+    let link = Link::new(1.0 / per_byte / 1e9, alpha * 1e6);
     let mem_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {

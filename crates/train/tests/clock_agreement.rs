@@ -20,12 +20,7 @@ const CONFIG: &str = r#"{"vocab_size": 256, "hidden_size": 128, "intermediate_si
 /// model comparable), the cross-node link `cross_gbps`.
 fn cluster(cross_gbps: f64) -> Cluster {
     Cluster {
-        efficiency: Efficiency {
-            max: 0.5,
-            half_tokens: 64.0,
-            half_width: 64.0,
-            attention: 0.3,
-        },
+        efficiency: Efficiency::new(0.5, 64.0, 64.0, 0.3),
         memory_gbps: 50.0,
         optimizer_gparams: 1.0,
         kernel_overhead_us: 2.0,
@@ -36,14 +31,8 @@ fn cluster(cross_gbps: f64) -> Cluster {
             4,
             1.0,
             16.0,
-            Link {
-                gbps: 50.0,
-                latency_us: 2.0,
-            },
-            Link {
-                gbps: cross_gbps,
-                latency_us: 5.0,
-            },
+            Link::new(50.0, 2.0),
+            Link::new(cross_gbps, 5.0),
         )
     }
 }

@@ -139,17 +139,9 @@ fn concurrent_groups_end_with_the_single_device_weights() {
 /// A calibration under which the planner must switch: so little memory that DP4 holds only
 /// ~20 tokens per micro-batch (the data has sequences of 30), TP4 ~120.
 fn small_cluster() -> Cluster {
-    let link = Link {
-        gbps: 5.0,
-        latency_us: 20.0,
-    };
+    let link = Link::new(5.0, 20.0);
     Cluster {
-        efficiency: Efficiency {
-            max: 1.0,
-            half_tokens: 32.0,
-            half_width: 32.0,
-            attention: 0.2,
-        },
+        efficiency: Efficiency::new(1.0, 32.0, 32.0, 0.2),
         elem_bytes: 4.0,
         memory_gbps: 10.0,
         ..Cluster::new("test", 1, 4, 0.05, 0.0000654, link, link)
@@ -181,17 +173,9 @@ fn planned_steps_end_with_the_single_device_weights() {
 #[test]
 fn planned_concurrent_groups_end_with_the_single_device_weights() {
     let seqs = common::sequences(24, &[3, 9, 2, 5, 14, 3, 9, 2, 30, 5, 14, 3, 9, 2, 5, 3]);
-    let link = Link {
-        gbps: 5.0,
-        latency_us: 20.0,
-    };
+    let link = Link::new(5.0, 20.0);
     let cluster = Cluster {
-        efficiency: Efficiency {
-            max: 1.0,
-            half_tokens: 32.0,
-            half_width: 32.0,
-            attention: 0.0005,
-        },
+        efficiency: Efficiency::new(1.0, 32.0, 32.0, 0.0005),
         elem_bytes: 4.0,
         memory_gbps: 10.0,
         ..Cluster::new("test", 1, 4, 0.05, 0.001, link, link)

@@ -81,6 +81,13 @@ struct Report {
     rows: Vec<Row>,
 }
 
+/// One sequence of `t` tokens' queries, keys, values and output gradient (uniform in ±1).
+pub(super) fn inputs(shape: AttnShape, t: usize) -> [Vec<f32>; 4] {
+    let (qn, kn) = (t * shape.heads, t * shape.kv_heads);
+    let u = |rows: usize, seed| kernels::conformance::uniform(rows * shape.head_dim, seed);
+    [u(qn, 3), u(kn, 5), u(kn, 7), u(qn, 11)]
+}
+
 pub fn run(args: Args) -> Result<()> {
     if let Some(cp) = args.cp {
         anyhow::ensure!(cp >= 1, "--cp {cp}: give at least one rank");
@@ -92,14 +99,8 @@ pub fn run(args: Args) -> Result<()> {
     let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
-        let qn = t * shape.heads * shape.head_dim;
-        let kn = t * shape.kv_heads * shape.head_dim;
-        let init = |n: usize, s: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i * s) % 97) as f32 - 48.0) / 48.0)
-                .collect()
-        };
-        let (q, k, v, dout) = (init(qn, 3), init(kn, 5), init(kn, 7), init(qn, 11));
+        let [q, k, v, dout] = inputs(shape, t);
+        let (qn, kn) = (q.len(), k.len());
         let cu = [0, t];
         let (mut o, mut lse) = (vec![0f32; qn], vec![0f32; shape.heads * t]);
         let fwd = time_median(budget, 1, || {

@@ -15,12 +15,15 @@ use super::emit;
 
 const TORCH_GEMM: &str = include_str!("torch/gemm.py");
 const TORCH_ATTENTION: &str = include_str!("torch/attention.py");
+/// The timing helper the scripts import (`from timing import timed`).
+const TORCH_TIMING: &str = include_str!("torch/timing.py");
 
 /// Runs one of the PyTorch scripts with a JSON argument and parses its last stdout line.
 pub(super) fn torch(name: &str, script: &str, arg: &Value) -> Result<Value> {
     let dir = tempfile_dir()?;
     let path = dir.join(name);
     std::fs::write(&path, script)?;
+    std::fs::write(dir.join("timing.py"), TORCH_TIMING)?;
     let python = std::env::var("HOTSPA_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
         .arg(&path)
@@ -93,21 +96,7 @@ struct GemmRow {
 pub fn gemm(args: &super::gemm::Args) -> Result<()> {
     let bf = CudaBackend::new(0, GemmPrecision::Bf16)?;
     let f32b = CudaBackend::new(0, GemmPrecision::F32)?;
-    let mut shapes: Vec<(usize, usize, usize, bool)> = Vec::new();
-    if args.shapes.is_empty() {
-        for s in [2048, 4096, 8192] {
-            shapes.push((s, s, s, false));
-        }
-        // A 1B model's projections on 16K tokens (x · Wᵀ, weights stored out×in).
-        shapes.push((16384, 2048, 2048, true));
-        shapes.push((16384, 5632, 2048, true));
-        shapes.push((16384, 2048, 5632, true));
-    } else {
-        for s in &args.shapes {
-            let (m, n, k) = super::gemm::parse(s)?;
-            shapes.push((m, n, k, false));
-        }
-    }
+    let shapes = super::gemm::shapes(args, &[2048, 4096, 8192], 16384)?;
     let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &(m, n, k, tb) in &shapes {
@@ -200,12 +189,10 @@ pub fn attention(args: &super::attention::Args) -> Result<()> {
     let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for &t in &args.tokens {
-        let qn = t * shape.heads * shape.head_dim;
-        let kn = t * shape.kv_heads * shape.head_dim;
-        let q = gpu.upload(&rand_vec(qn, 3))?;
-        let k = gpu.upload(&rand_vec(kn, 5))?;
-        let v = gpu.upload(&rand_vec(kn, 7))?;
-        let dout = gpu.upload(&rand_vec(qn, 11))?;
+        let [q, k, v, dout] = super::attention::inputs(shape, t);
+        let (qn, kn) = (q.len(), k.len());
+        let (q, k) = (gpu.upload(&q)?, gpu.upload(&k)?);
+        let (v, dout) = (gpu.upload(&v)?, gpu.upload(&dout)?);
         let cu = [0, t];
         let (mut o, mut lse) = (gpu.zeros(qn)?, gpu.zeros(shape.heads * t)?);
         let (mut dq, mut dk, mut dv) = (gpu.zeros(qn)?, gpu.zeros(kn)?, gpu.zeros(kn)?);

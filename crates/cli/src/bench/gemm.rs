@@ -54,25 +54,31 @@ pub(super) fn parse(shape: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// The `m × n × k` products to time (`trans_b`: B stored n×k): `--shapes`, or by default the
+/// squares `squares` and a 1B-class model's projections on `tokens` tokens (x · Wᵀ, weights
+/// stored out×in).
+pub(super) fn shapes(
+    args: &Args,
+    squares: &[usize],
+    tokens: usize,
+) -> Result<Vec<(usize, usize, usize, bool)>> {
+    if !args.shapes.is_empty() {
+        return args
+            .shapes
+            .iter()
+            .map(|s| parse(s).map(|(m, n, k)| (m, n, k, false)))
+            .collect();
+    }
+    let mut shapes: Vec<_> = squares.iter().map(|&s| (s, s, s, false)).collect();
+    shapes.extend([(2048, 2048), (5632, 2048), (2048, 5632)].map(|(n, k)| (tokens, n, k, true)));
+    Ok(shapes)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let machine = Machine::detect(args.ghz);
     let threads = args.measure.threads.unwrap_or(machine.cores).max(1);
     let cpu = CpuBackend::new(threads)?;
-    let mut shapes: Vec<(usize, usize, usize, bool)> = Vec::new();
-    if args.shapes.is_empty() {
-        for s in [256, 512, 1024, 2048] {
-            shapes.push((s, s, s, false));
-        }
-        // tokens × out × in of a 1B-class model's projections (x · Wᵀ, weights stored out×in).
-        shapes.push((2048, 2048, 2048, true));
-        shapes.push((2048, 5632, 2048, true));
-        shapes.push((2048, 2048, 5632, true));
-    } else {
-        for s in &args.shapes {
-            let (m, n, k) = parse(s)?;
-            shapes.push((m, n, k, false));
-        }
-    }
+    let shapes = shapes(&args, &[256, 512, 1024, 2048], 2048)?;
     let budget = Duration::from_secs_f64(args.measure.seconds);
     let mut rows = Vec::new();
     for (m, n, k, tb) in shapes {

@@ -51,6 +51,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 /// Runs `f` once to warm up, then repeatedly until `budget` has passed (at least `min_iters`
 /// times); returns the median time of one run.
+/// A LLaMA `config.json` of the benchmarks' models: `[vocab, hidden, intermediate, layers,
+/// heads, kv_heads]`, SwiGLU, RMSNorm ε 1e-5, RoPE θ 10,000, 2,048 positions, untied.
+pub(super) fn llama_config(
+    [vocab, hidden, inter, layers, heads, kv]: [usize; 6],
+) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": false
+    })
+}
+
 pub fn time_median(
     budget: Duration,
     min_iters: usize,

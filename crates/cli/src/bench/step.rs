@@ -53,16 +53,11 @@ pub struct StepArgs {
     json: bool,
 }
 
-const LLAMA_1B: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
- "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
- "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
- "max_position_embeddings": 2048, "tie_word_embeddings": false}"#;
+/// A 1.1 B LLaMA (TinyLlama's shape) for the GPU.
+const LLAMA_1B: [usize; 6] = [32000, 2048, 5632, 22, 32, 4];
 
 /// The CPU backend's benchmark model (issue 19's): 3.4 M parameters.
-const LLAMA_CPU: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
- "vocab_size": 512, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
- "num_attention_heads": 8, "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
- "max_position_embeddings": 2048, "tie_word_embeddings": false}"#;
+const LLAMA_CPU: [usize; 6] = [512, 256, 688, 4, 8, 8];
 
 pub fn step(args: StepArgs) -> Result<()> {
     let cpu = match args.backend.as_str() {
@@ -78,7 +73,7 @@ pub fn step(args: StepArgs) -> Result<()> {
     let cfg_path = match &args.model {
         Some(p) => p.clone(),
         None => {
-            let mut v: Value = serde_json::from_str(if cpu { LLAMA_CPU } else { LLAMA_1B })?;
+            let mut v = super::llama_config(if cpu { LLAMA_CPU } else { LLAMA_1B });
             v["max_position_embeddings"] = seq_len.max(2048).into();
             let p = dir.join("config.json");
             std::fs::write(&p, v.to_string())?;

@@ -35,10 +35,8 @@ pub struct Args {
     json: bool,
 }
 
-const DEFAULT_MODEL: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
- "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
- "num_attention_heads": 12, "num_key_value_heads": 12, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
- "max_position_embeddings": 2048, "tie_word_embeddings": false}"#;
+/// A 110 M LLaMA: 12 layers of width 768.
+const DEFAULT_MODEL: [usize; 6] = [32000, 768, 2048, 12, 12, 12];
 
 #[derive(Serialize)]
 struct Row {
@@ -63,7 +61,10 @@ struct Row {
 pub fn run(args: Args) -> Result<()> {
     let cfg = match &args.model {
         Some(m) => LlamaConfig::preset_or_load(m)?,
-        None => LlamaConfig::from_json(DEFAULT_MODEL, std::path::Path::new("default"))?,
+        None => LlamaConfig::from_json(
+            &super::llama_config(DEFAULT_MODEL).to_string(),
+            std::path::Path::new("default"),
+        )?,
     };
     let gbps = memcpy_gbps(64 << 20);
     let all_cores_gbps = memcpy_all_cores_gbps(128 << 20);

@@ -35,6 +35,35 @@ pub fn json_out<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> serd
     serde_json::from_slice(&out.stdout).expect("one JSON value on stdout")
 }
 
+/// The records of a metrics file: one JSON object per step.
+pub fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The loss of every step in a metrics file.
+pub fn losses(path: &Path) -> Vec<f64> {
+    records(path)
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// A cluster file of the kind `hotspa profile` writes: one node of 4 slow devices (0.05
+/// TFLOP/s, 10 GB/s memory, 5 GB/s links) holding `memory_gib` each, attention at `attention`
+/// of the GEMMs' efficiency.
+pub fn small_profile(name: &str, memory_gib: f64, attention: f64) -> String {
+    format!(
+        "name = \"{name}\"\nnodes = 1\ndevices_per_node = 4\npeak_tflops = 0.05\n\
+         memory_gib = {memory_gib}\nelem_bytes = 4\nmemory_gbps = 10.0\n[efficiency]\nmax = 1.0\n\
+         half_tokens = 32\nhalf_width = 32\nattention = {attention}\n[same_node]\ngbps = 5.0\n\
+         latency_us = 20.0\n[cross_node]\ngbps = 5.0\nlatency_us = 20.0\n"
+    )
+}
+
 /// A 2-layer LLaMA of width 32 over 64 token ids (GQA, untied embeddings).
 pub const SMALL_CONFIG: &str = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
@@ -111,12 +140,52 @@ impl Scratch {
     }
 }
 
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// A scratch folder reads as its path (`let d = &Scratch::new(setup); d.join("x")`).
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
 /// `train --model . --data data.jsonl` (run in the folder `mixed_docs` or `affine_docs` wrote)
 /// followed by `extra`.
 pub fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train", "--model", ".", "--data", "data.jsonl"];
     args.extend_from_slice(extra);
     args
+}
+
+/// The words of `line`, split at white space (`train_args(&words("--steps 4 --sync asp"))`).
+pub fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// The cases of a table written one per line as `FLAGS => MESSAGE` (blank lines skipped; the
+/// message may be empty): the flags split at white space, and the message.
+pub fn cases(table: &str) -> Vec<(Vec<&str>, &str)> {
+    table
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (flags, says) = l.split_once("=>").expect("FLAGS => MESSAGE");
+            (words(flags), says.trim())
+        })
+        .collect()
+}
+
+/// The standard error of a run that must have succeeded (it is the message otherwise).
+pub fn stderr_ok(o: &Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{e}");
+    e
 }
 
 /// Command-line words as tests write them (`common::cmd!["train --steps 4 --save", &out]`): a

@@ -43,167 +43,45 @@ impl CudaBackend {
     }
 }
 
+/// The [`Backend`] methods of a backend that cannot exist: each `fn NAME(ARG TYPES) -> R;`
+/// becomes a method taking `&self` and those arguments whose body is unreachable.
+macro_rules! unreachable_methods {
+    ($(fn $name:ident($($arg:ty),*) -> $ret:ty;)*) => {
+        $(
+            #[allow(clippy::too_many_arguments)]
+            fn $name(&self, $(_: $arg),*) -> $ret {
+                match *self.0 {}
+            }
+        )*
+    };
+}
+
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
-    fn name(&self) -> String {
-        match *self.0 {}
-    }
-    fn zeros(&self, _: usize) -> Result<CudaBuffer> {
-        match *self.0 {}
-    }
-    fn upload(&self, _: &[f32]) -> Result<CudaBuffer> {
-        match *self.0 {}
-    }
-    fn download(&self, _: &CudaBuffer) -> Result<Vec<f32>> {
-        match *self.0 {}
-    }
-    fn len(&self, _: &CudaBuffer) -> usize {
-        match *self.0 {}
-    }
-    fn gemm(&self, _: &GemmSpec, _: &CudaBuffer, _: &CudaBuffer, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn embedding_forward(
-        &self,
-        _: &CudaBuffer,
-        _: usize,
-        _: usize,
-        _: &[u32],
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn embedding_backward(
-        &self,
-        _: &CudaBuffer,
-        _: usize,
-        _: usize,
-        _: &[u32],
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn rms_norm_forward(
-        &self,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: f64,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn rms_norm_backward(
-        &self,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn rope(
-        &self,
-        _: &mut CudaBuffer,
-        _: &[u32],
-        _: usize,
-        _: usize,
-        _: &crate::Rope,
-        _: bool,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn attention_forward(
-        &self,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &[usize],
-        _: AttnShape,
-        _: f32,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn attention_backward(
-        &self,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &[usize],
-        _: AttnShape,
-        _: f32,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn swiglu_forward(&self, _: &CudaBuffer, _: &CudaBuffer, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn swiglu_backward(
-        &self,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &CudaBuffer,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn cross_entropy_forward(
-        &self,
-        _: &CudaBuffer,
-        _: usize,
-        _: &[u32],
-        _: &[bool],
-        _: &mut CudaBuffer,
-    ) -> Result<f32> {
-        match *self.0 {}
-    }
-    fn cross_entropy_backward(
-        &self,
-        _: &CudaBuffer,
-        _: usize,
-        _: &[u32],
-        _: &[bool],
-        _: &CudaBuffer,
-        _: f32,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
-    }
-    fn add(&self, _: &CudaBuffer, _: &CudaBuffer, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn axpy(&self, _: f32, _: &CudaBuffer, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn scale(&self, _: f32, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn sum_squares(&self, _: &CudaBuffer) -> Result<f64> {
-        match *self.0 {}
-    }
-    fn round_bf16(&self, _: &mut CudaBuffer) -> Result<()> {
-        match *self.0 {}
-    }
-    fn adamw(
-        &self,
-        _: &AdamW,
-        _: u64,
-        _: &mut CudaBuffer,
-        _: &CudaBuffer,
-        _: &mut CudaBuffer,
-        _: &mut CudaBuffer,
-    ) -> Result<()> {
-        match *self.0 {}
+    #[rustfmt::skip]
+    unreachable_methods! {
+        fn name() -> String;
+        fn zeros(usize) -> Result<CudaBuffer>;
+        fn upload(&[f32]) -> Result<CudaBuffer>;
+        fn download(&CudaBuffer) -> Result<Vec<f32>>;
+        fn len(&CudaBuffer) -> usize;
+        fn gemm(&GemmSpec, &CudaBuffer, &CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn embedding_forward(&CudaBuffer, usize, usize, &[u32], &mut CudaBuffer) -> Result<()>;
+        fn embedding_backward(&CudaBuffer, usize, usize, &[u32], &mut CudaBuffer) -> Result<()>;
+        fn rms_norm_forward(&CudaBuffer, &CudaBuffer, f64, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn rms_norm_backward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn rope(&mut CudaBuffer, &[u32], usize, usize, &crate::Rope, bool) -> Result<()>;
+        fn attention_forward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &[usize], AttnShape, f32, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn attention_backward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &[usize], AttnShape, f32, &mut CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn swiglu_forward(&CudaBuffer, &CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn swiglu_backward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn cross_entropy_forward(&CudaBuffer, usize, &[u32], &[bool], &mut CudaBuffer) -> Result<f32>;
+        fn cross_entropy_backward(&CudaBuffer, usize, &[u32], &[bool], &CudaBuffer, f32, &mut CudaBuffer) -> Result<()>;
+        fn add(&CudaBuffer, &CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn axpy(f32, &CudaBuffer, &mut CudaBuffer) -> Result<()>;
+        fn scale(f32, &mut CudaBuffer) -> Result<()>;
+        fn sum_squares(&CudaBuffer) -> Result<f64>;
+        fn round_bf16(&mut CudaBuffer) -> Result<()>;
+        fn adamw(&AdamW, u64, &mut CudaBuffer, &CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
     }
 }

@@ -419,10 +419,7 @@ mod tests {
 
     #[test]
     fn the_wait_for_a_core_is_the_one_that_gives_the_pipeline_probe_its_time() {
-        let link = Link {
-            gbps: 1.0,
-            latency_us: 20.0,
-        };
+        let link = Link::new(1.0, 20.0);
         let cluster = Cluster {
             shared_cores: 2.0,
             ..Cluster::new("t", 1, 4, 0.05, 4.0, link, link)

@@ -121,11 +121,7 @@ impl Job {
                     Ok(Ok(x)) => x,
                     Ok(Err(e)) => return self.leave(world, &layout, i, local, j, e.to_string()),
                     Err(p) => {
-                        let why = p
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic".into());
+                        let why = comm::panic_message(p.as_ref());
                         return self.leave(world, &layout, i, local, j, format!("panicked: {why}"));
                     }
                 }

@@ -4,17 +4,11 @@
 import json, sys, torch
 import torch.nn.functional as F
 
-def timed(fn, iters=10, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+from timing import timed as timed_median
+
+
+def timed(fn):
+    return timed_median(fn, iters=10, warm=3)
 
 cfg = json.loads(sys.argv[1])
 h, kv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]

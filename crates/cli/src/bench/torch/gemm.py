@@ -2,17 +2,11 @@
 # [m, n, k, trans_b]; prints one JSON list of {ms_bf16, ms_cast_bf16, ms_tf32_off_f32}.
 import json, sys, torch
 
-def timed(fn, iters=20, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+from timing import timed as timed_median
+
+
+def timed(fn):
+    return timed_median(fn, iters=20, warm=5)
 
 torch.backends.cuda.matmul.allow_tf32 = False
 out = []
