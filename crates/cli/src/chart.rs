@@ -133,6 +133,17 @@ struct Series {
     color: RGBColor,
 }
 
+/// Adds the series (`name`, `points`, `color`) to `panel` where it has points.
+fn add(panel: &mut Vec<Series>, name: String, points: Vec<(f64, f64)>, color: RGBColor) {
+    if !points.is_empty() {
+        panel.push(Series {
+            name,
+            points,
+            color,
+        });
+    }
+}
+
 const COLORS: [RGBColor; 6] = [
     RGBColor(200, 30, 30),
     RGBColor(30, 80, 200),
@@ -199,66 +210,39 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<Panel> {
                 .collect()
         };
         let wall = against(cumulative(rows, |r| r.seconds));
-        if !wall.is_empty() {
-            loss_wall.push(Series {
-                name: label(name, "loss"),
-                points: wall,
-                color: base,
-            });
-        }
+        add(&mut loss_wall, label(name, "loss"), wall, base);
         let sim_clock = against(cumulative(rows, |r| r.simulated_seconds));
-        if !sim_clock.is_empty() {
-            loss_sim.push(Series {
-                name: label(name, "loss"),
-                points: sim_clock,
-                color: base,
-            });
-        }
+        add(&mut loss_sim, label(name, "loss"), sim_clock, base);
         for (k, (what, part)) in [("MB inside nodes", 0usize), ("MB across nodes", 1)]
             .into_iter()
             .enumerate()
         {
             let pts = pick(&|x| x.wire.map(|w| [w.0, w.1][part] / 1e6));
-            if !pts.is_empty() {
-                wire.push(Series {
-                    name: label(name, what),
-                    points: pts,
-                    color: other(k),
-                });
-            }
+            add(&mut wire, label(name, what), pts, other(k));
         }
         let eval = pick(&|x| x.eval_loss);
-        if !eval.is_empty() {
-            loss.push(Series {
-                name: label(name, "held-out loss"),
-                points: eval,
-                color: other(1),
-            });
-        }
+        add(&mut loss, label(name, "held-out loss"), eval, other(1));
         speed.push(Series {
             name: label(name, "tokens/s"),
             points: pick(&|x| Some(x.tokens_per_s)),
             color: base,
         });
-        let mut add_time = |what: String, points: Vec<(f64, f64)>, k: usize| {
-            if !points.is_empty() {
-                time.push(Series {
-                    name: label(name, &what),
-                    points,
-                    color: other(k),
-                });
-            }
-        };
-        add_time("step (measured)".into(), pick(&|x| x.seconds), 0);
-        add_time("switches".into(), pick(&|x| x.switch_seconds), 1);
+        let measured = pick(&|x| x.seconds);
+        add(
+            &mut time,
+            label(name, "step (measured)"),
+            measured,
+            other(0),
+        );
+        add(
+            &mut time,
+            label(name, "switches"),
+            pick(&|x| x.switch_seconds),
+            other(1),
+        );
         let sim = pick(&|x| x.simulated_seconds);
-        if !sim.is_empty() {
-            simulated.push(Series {
-                name: label(name, "step on the simulated cluster"),
-                points: sim,
-                color: base,
-            });
-        }
+        let what = "step on the simulated cluster";
+        add(&mut simulated, label(name, what), sim, base);
         let mut strategies: Vec<String> = rows
             .iter()
             .flat_map(|x| x.strategy_seconds.iter().map(|(s, _)| s.clone()))
@@ -272,38 +256,38 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<Panel> {
                     .find(|(n, _)| *n == s)
                     .map(|(_, v)| *v)
             });
-            add_time(format!("under {s}"), pts, 3 + k);
+            add(
+                &mut time,
+                label(name, &format!("under {s}")),
+                pts,
+                other(3 + k),
+            );
         }
     }
-    let panel = |title, x, series| Panel { title, x, series };
-    let mut out = vec![panel("loss", "step", loss)];
-    if !loss_wall.is_empty() {
-        out.push(panel("loss against time", "measured seconds", loss_wall));
-    }
-    if !loss_sim.is_empty() {
-        out.push(panel(
+    let panels = [
+        ("loss", "step", loss),
+        ("loss against time", "measured seconds", loss_wall),
+        (
             "loss against time on the simulated cluster",
             "simulated seconds",
             loss_sim,
-        ));
-    }
-    out.push(panel("tokens/s", "step", speed));
-    out.push(panel("seconds per step", "step", time));
-    if !simulated.is_empty() {
-        out.push(panel(
+        ),
+        ("tokens/s", "step", speed),
+        ("seconds per step", "step", time),
+        (
             "seconds per step on the simulated cluster",
             "step",
             simulated,
-        ));
-    }
-    if !wire.is_empty() {
-        out.push(panel(
-            "bytes on the wire per step (all ranks)",
-            "step",
-            wire,
-        ));
-    }
-    out
+        ),
+        ("bytes on the wire per step (all ranks)", "step", wire),
+    ];
+    // Loss, speed and time always; the others where the runs have such points.
+    panels
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (_, _, series))| [0, 3, 4].contains(i) || !series.is_empty())
+        .map(|(_, (title, x, series))| Panel { title, x, series })
+        .collect()
 }
 
 /// Draws the runs (name, rows) into `out`, an .svg or .png file.

@@ -59,14 +59,16 @@ fn cp_strategies_and_a_cp_schedule_save_the_single_device_weights() {
 
 /// A calibration of 4 devices so short of memory that no DP × TP × PP strategy holds the
 /// 120-token documents (the roomiest about 98 tokens), while recomputing or CP ones do.
-fn tight_profile() -> String {
-    common::small_profile("tight", 0.00017, 0.2)
-}
+const TIGHT_GIB: f64 = 0.00017;
 
 #[test]
 fn plan_context_lets_the_planner_choose_cp_and_recomputation() {
     let d = &common::Scratch::new(setup);
-    std::fs::write(d.join("tight.toml"), tight_profile()).unwrap();
+    std::fs::write(
+        d.join("tight.toml"),
+        common::small_profile("tight", TIGHT_GIB, 0.2),
+    )
+    .unwrap();
     let (one, _) = train(d, "one", "1", &["--strategy", "dp1"]);
     let auto = ["--strategies", "auto", "--profile", "tight.toml"];
     // Without the flag: refused before the first step, naming the way out.

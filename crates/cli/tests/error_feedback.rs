@@ -21,14 +21,11 @@ fn setup(dir: &Path) {
 /// The mean loss of the last 10 of 100 steps of DP4 with `extra` flags.
 fn final_loss(dir: &Path, name: &str, optimizer: &[&str], extra: &[&str]) -> f64 {
     let metrics = dir.join(format!("{name}.jsonl"));
-    let mut args = common::cmd![
-        "train --model",
-        dir,
-        "--data",
-        &dir.join("data.jsonl"),
+    let mut args = common::train_on(dir);
+    args.extend(common::cmd![
         "--devices 4 --strategy dp4 --global-batch 16 --steps 100 --metrics",
-        &metrics,
-    ];
+        &metrics
+    ]);
     args.extend(optimizer.iter().chain(extra).map(Into::into));
     let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(&args)

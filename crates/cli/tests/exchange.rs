@@ -25,23 +25,18 @@ struct Run {
 fn train(dir: &Path, name: &str, extra: &[&str]) -> Run {
     let save = dir.join(format!("{name}.safetensors"));
     let metrics = dir.join(format!("{name}.jsonl"));
-    let mut args = common::cmd![
-        "train --model",
-        dir,
-        "--init",
-        &dir.join("init.safetensors"),
-        "--data",
-        &dir.join("data.jsonl"),
+    let mut args = common::train_on(dir);
+    if !extra.contains(&"--resume") {
+        // (A resumed run starts from the checkpoint's weights.)
+        args.extend(common::cmd!["--init", &dir.join("init.safetensors")]);
+    }
+    args.extend(common::cmd![
         "--devices 4 --strategy dp4 --global-batch 8 --steps 4 --lr 1e-2 --save",
         &save,
         "--metrics",
-        &metrics,
-    ];
+        &metrics
+    ]);
     args.extend(extra.iter().map(Into::into));
-    if extra.contains(&"--resume") {
-        // A resumed run starts from the checkpoint's weights.
-        args.drain(3..5);
-    }
     let o = Command::new(env!("CARGO_BIN_EXE_hotspa"))
         .args(&args)
         .output()

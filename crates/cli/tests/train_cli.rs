@@ -83,8 +83,7 @@ fn assert_weights_close(got: &Weights, want: &Weights, tol: f32, what: &str) {
 
 #[test]
 fn a_strategy_and_a_hot_schedule_save_the_single_device_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let reference = train(dir.path(), "1", "dp1", "single.safetensors");
     let init = Weights::load(
         &LlamaConfig::load(dir.path()).unwrap(),
@@ -115,16 +114,16 @@ fn a_strategy_and_a_hot_schedule_save_the_single_device_weights() {
 
 /// A calibration under which the planner must switch: so little memory that DP4 holds only
 /// ~20 tokens per micro-batch (the data has sequences of 30), TP4 ~120.
-fn small_profile() -> String {
-    common::small_profile("test", 0.0000654, 0.2)
-}
+const SMALL_GIB: f64 = 0.0000654;
 
 #[test]
 fn automatic_planning_saves_the_single_device_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
-    let d = dir.path();
-    std::fs::write(d.join("profile.toml"), small_profile()).unwrap();
+    let d = &common::Scratch::new(setup);
+    std::fs::write(
+        d.join("profile.toml"),
+        common::small_profile("test", SMALL_GIB, 0.2),
+    )
+    .unwrap();
     let reference = train(d, "1", "dp1", "single.safetensors");
     let mut args = base_args(d.to_str().unwrap(), "4", "auto");
     args[9] = "--strategies".into();
@@ -203,10 +202,12 @@ fn train_with(
 
 #[test]
 fn the_simulators_clock_times_a_real_run_without_changing_it() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
-    let d = dir.path();
-    std::fs::write(d.join("profile.toml"), small_profile()).unwrap();
+    let d = &common::Scratch::new(setup);
+    std::fs::write(
+        d.join("profile.toml"),
+        common::small_profile("test", SMALL_GIB, 0.2),
+    )
+    .unwrap();
     let profile = d.join("profile.toml");
     for schedule in ["dp4:5,dp2tp2:8,tp2pp2:max", "tp2pp2"] {
         let args = train_args(d.to_str().unwrap(), "4", schedule, "3");
@@ -238,7 +239,8 @@ fn the_simulators_clock_times_a_real_run_without_changing_it() {
     // A cluster with fewer devices than the run, and an unknown name, are refused.
     std::fs::write(
         d.join("two.toml"),
-        small_profile().replace("devices_per_node = 4", "devices_per_node = 2"),
+        common::small_profile("test", SMALL_GIB, 0.2)
+            .replace("devices_per_node = 4", "devices_per_node = 2"),
     )
     .unwrap();
     for (cluster, want) in [
@@ -259,8 +261,7 @@ fn the_simulators_clock_times_a_real_run_without_changing_it() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let data = format!("{d}/data.jsonl");
     let err = |args: &[&str]| {
@@ -409,8 +410,7 @@ fn run_ok(args: &[String]) {
 /// round-robin in batch order; both train the same weights, but the replicas' shares differ.
 #[test]
 fn packing_deals_by_work_or_in_order_and_both_train_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let cfg = LlamaConfig::load(dir.path()).unwrap();
     let mut peaks = Vec::new();
@@ -463,8 +463,7 @@ fn packing_deals_by_work_or_in_order_and_both_train_the_same() {
 /// and says so; a bad size is refused by name.
 #[test]
 fn bucket_size_changes_the_clock_not_the_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let cfg = LlamaConfig::load(dir.path()).unwrap();
     let mut clocked = Vec::new();
@@ -523,8 +522,7 @@ fn bucket_size_changes_the_clock_not_the_weights() {
 
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let cfg = LlamaConfig::load(dir.path()).unwrap();
     // Uninterrupted: 6 steps.
@@ -588,8 +586,7 @@ fn resume_reproduces_the_uninterrupted_run() {
 /// the uninterrupted run that checkpointed there; what it cannot run is refused by name.
 #[test]
 fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let p = |f: &str| format!("{d}/{f}");
     let run = |name: &str, steps: &str, extra: &[&str]| -> Vec<serde_json::Value> {
@@ -716,8 +713,7 @@ fn pipedream_2bw_trains_one_step_late_and_resumes_from_its_flushes() {
 
 #[test]
 fn corrupt_checkpoints_are_refused_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let mut b = train_args(d, "1", "dp1", "2");
     b.extend(["--checkpoint-dir".into(), format!("{d}/ck")]);
@@ -740,8 +736,7 @@ fn corrupt_checkpoints_are_refused_naming_the_file() {
 
 #[test]
 fn kill_9_during_checkpoint_writes_leaves_the_previous_one_loadable() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let cfg = LlamaConfig::load(dir.path()).unwrap();
     let mut args = train_args(d, "2", "dp2", "100000");
@@ -939,8 +934,7 @@ fn default_run_trains_on_the_project_with_a_falling_loss() {
 /// Needs python3 with numpy, autograd and safetensors, which `scripts/test.sh` installs.
 #[test]
 fn matches_an_independent_autograd_implementation() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
+    let dir = common::Scratch::new(setup);
     let d = dir.path().to_str().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_autograd.py");
     let reference = dir.path().join("reference.safetensors");

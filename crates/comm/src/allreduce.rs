@@ -189,8 +189,9 @@ fn halving_doubling(c: &dyn Communicator, buf: &mut [f32], op: ReduceOp) -> Resu
     Ok(())
 }
 
-/// In-order binary tree over `n` positions: parent and children of position `i`.
-fn tree_links(i: usize, n: usize) -> (Option<usize>, Vec<usize>) {
+/// In-order binary tree over `n` positions: parent and children of position `i` (the double
+/// binary tree's, here and in the planner's model of it).
+pub fn tree_links(i: usize, n: usize) -> (Option<usize>, Vec<usize>) {
     let parent = (i > 0).then(|| (i - 1) / 2);
     let children = [2 * i + 1, 2 * i + 2]
         .into_iter()

@@ -64,6 +64,19 @@ impl Region {
         }
     }
 
+    /// This region (global indices) in the coordinates of `within`, a region that contains it
+    /// (a piece's own indices).
+    pub fn relative_to(&self, within: &Region) -> Region {
+        Region {
+            ranges: self
+                .ranges
+                .iter()
+                .zip(&within.ranges)
+                .map(|(r, w)| r.start - w.start..r.end - w.start)
+                .collect(),
+        }
+    }
+
     /// True when `other` lies entirely inside `self`.
     pub fn contains(&self, other: &Region) -> bool {
         other.is_empty()

@@ -8,7 +8,7 @@ use crate::error::{check_len, KernelError, Result};
 use crate::matmul::{self, GemmSpec};
 pub use crate::ops::adamw::AdamW;
 pub use crate::ops::attention::AttnShape;
-pub use crate::ops::rope::{Rope, RopeScaling};
+pub use crate::ops::rope::{Rope, RopeScaling, Rotation};
 use crate::ops::{adamw, attention, elementwise, embedding, loss, norm, rope, swiglu};
 use crate::pool::Shelf;
 
@@ -119,15 +119,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// See [`rope::apply`] (in place; `inverse` for backward).
-    fn rope(
-        &self,
-        x: &mut Self::Buffer,
-        positions: &[u32],
-        heads: usize,
-        head_dim: usize,
-        rope: &Rope,
-        inverse: bool,
-    ) -> Result<()>;
+    fn rope(&self, x: &mut Self::Buffer, r: &Rotation<'_>) -> Result<()>;
 
     /// See [`attention::forward`].
     #[allow(clippy::too_many_arguments)]
@@ -445,29 +437,22 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
-    fn rope(
-        &self,
-        x: &mut Vec<f32>,
-        positions: &[u32],
-        heads: usize,
-        head_dim: usize,
-        rope: &Rope,
-        inverse: bool,
-    ) -> Result<()> {
-        let row = heads * head_dim;
+    fn rope(&self, x: &mut Vec<f32>, r: &Rotation<'_>) -> Result<()> {
+        let row = r.heads * r.head_dim;
         match self.piece_rows(x.len(), row) {
-            Some(r) if positions.len() * row == x.len() => {
+            Some(rows) if r.positions.len() * row == x.len() => {
                 // One table of angles for every piece.
-                let table = rope::Angles::dense(positions, head_dim, rope, inverse);
+                let table = rope::Angles::dense(r.positions, r.head_dim, r.rope, r.inverse);
                 self.run(|| {
-                    x.par_chunks_mut(r * row)
-                        .zip(positions.par_chunks(r))
-                        .try_for_each(|(x, p)| {
-                            rope::apply_with(x, p, heads, head_dim, rope, inverse, table.as_ref())
+                    x.par_chunks_mut(rows * row)
+                        .zip(r.positions.par_chunks(rows))
+                        .try_for_each(|(x, positions)| {
+                            let piece = Rotation { positions, ..*r };
+                            rope::apply_with(x, &piece, table.as_ref())
                         })
                 })
             }
-            _ => rope::apply(x, positions, heads, head_dim, rope, inverse),
+            _ => rope::apply(x, r),
         }
     }
     fn attention_forward(

@@ -4,7 +4,7 @@
 //! `hotspa conformance --backend cuda`; the default test suite runs it CPU against CPU so that
 //! the suite itself is exercised on every machine.
 
-use crate::{AdamW, AttnShape, Backend, CpuBackend, GemmSpec, KernelError};
+use crate::{AdamW, AttnShape, Backend, CpuBackend, GemmSpec, KernelError, Rotation};
 
 /// One comparison.
 #[derive(Debug, Clone)]
@@ -318,9 +318,16 @@ fn norms_and_rope<B: Backend>(
         };
         for inverse in [false, true] {
             let mut want = x.clone();
-            s.cpu.rope(&mut want, &pos, heads, hd, &rope, inverse)?;
+            let r = Rotation {
+                positions: &pos,
+                heads,
+                head_dim: hd,
+                rope: &rope,
+                inverse,
+            };
+            s.cpu.rope(&mut want, &r)?;
             let mut got = s.up(&x)?;
-            s.dev.rope(&mut got, &pos, heads, hd, &rope, inverse)?;
+            s.dev.rope(&mut got, &r)?;
             // cos/sin of angles up to 4096 rad: f32 argument reduction differs by an ulp or two.
             s.check(
                 format!("rope {tokens}x{heads}x{hd} inverse={inverse}"),

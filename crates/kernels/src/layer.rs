@@ -29,7 +29,7 @@
 //! # Ok::<(), kernels::KernelError>(())
 //! ```
 
-use crate::backend::{AdamW, AttnShape, Backend, HostSpan, Rope};
+use crate::backend::{AdamW, AttnShape, Backend, HostSpan, Rotation};
 use crate::error::Result;
 use crate::matmul::GemmSpec;
 
@@ -190,19 +190,9 @@ impl<L: Layer> Backend for L {
             i.rms_norm_backward(dy, x, weight, rstd, dx, dweight)
         })
     }
-    fn rope(
-        &self,
-        x: &mut Self::Buffer,
-        positions: &[u32],
-        heads: usize,
-        head_dim: usize,
-        rope: &Rope,
-        inverse: bool,
-    ) -> Result<()> {
+    fn rope(&self, x: &mut Self::Buffer, r: &Rotation<'_>) -> Result<()> {
         let elems = 2 * self.len(x);
-        self.kernel(Kernel::Elementwise { elems }, |i| {
-            i.rope(x, positions, heads, head_dim, rope, inverse)
-        })
+        self.kernel(Kernel::Elementwise { elems }, |i| i.rope(x, r))
     }
     fn attention_forward(
         &self,

@@ -30,7 +30,7 @@ mod real;
 pub mod simd;
 
 pub use backend::{
-    available_cores, AdamW, AttnShape, Backend, CpuBackend, HostSpan, Rope, RopeScaling,
+    available_cores, AdamW, AttnShape, Backend, CpuBackend, HostSpan, Rope, RopeScaling, Rotation,
 };
 pub use cuda::{CudaBackend, CudaBuffer, GemmPrecision};
 pub use error::{try_zeros, KernelError, Result};

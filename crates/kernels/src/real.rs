@@ -11,6 +11,46 @@ mod sealed {
     impl Sealed for f64 {}
 }
 
+/// A tile of attention scores: rows of `bc`, row `r` visible up to `visible[r]` (one row per
+/// entry of `visible`).
+pub struct ScoreTile<'a, T> {
+    /// The scores, row-major.
+    pub scores: &'a mut [T],
+    /// Scores per row.
+    pub bc: usize,
+    /// Each row's visible prefix.
+    pub visible: &'a [usize],
+}
+
+impl<'a, T> ScoreTile<'a, T> {
+    /// Each row: its index, its scores and how many of them are visible.
+    pub fn rows(self) -> impl Iterator<Item = (usize, &'a mut [T], usize)> {
+        let ScoreTile {
+            scores,
+            bc,
+            visible,
+        } = self;
+        scores
+            .chunks_exact_mut(bc)
+            .zip(visible)
+            .enumerate()
+            .map(|(r, (row, &v))| (r, row, v))
+    }
+}
+
+/// The online softmax's running state of the tile's query rows: the maximum `m` and sum `l`
+/// of each row's exponentials so far, and its unnormalised output `o` (rows of `d`).
+pub struct Running<'a, T> {
+    /// Running maxima.
+    pub m: &'a mut [T],
+    /// Running sums.
+    pub l: &'a mut [T],
+    /// Unnormalised outputs.
+    pub o: &'a mut [T],
+    /// Values per output row.
+    pub d: usize,
+}
+
 /// A floating-point element the CPU kernels (and the `gemm` crate) support. Sealed: `f32`, `f64`.
 pub trait Real:
     num_traits::Float
@@ -51,22 +91,14 @@ pub trait Real:
         }
         sum
     }
-    /// One tile of attention's online softmax: for every row `r` of `tile` (`visible.len()`
-    /// rows of `bc` scores, at least one visible), masks the scores from `visible[r]` on,
-    /// folds the row into the running maximum `m[r]` and sum `l[r]`, rescales row `r` of the
-    /// unnormalised output `o` (rows of `d`), and leaves the row's exponentials in `tile`.
-    #[allow(clippy::too_many_arguments)]
-    fn online_softmax(
-        tile: &mut [Self],
-        bc: usize,
-        visible: &[usize],
-        m: &mut [Self],
-        l: &mut [Self],
-        o: &mut [Self],
-        d: usize,
-    ) {
-        for (r, row) in tile.chunks_exact_mut(bc).take(visible.len()).enumerate() {
-            row[visible[r]..].fill(Self::neg_infinity());
+    /// One tile of attention's online softmax: for every row `r` of the tile (at least one
+    /// score visible), masks the scores from `visible[r]` on, folds the row into the running
+    /// maximum `m[r]` and sum `l[r]`, rescales row `r` of the unnormalised output, and leaves
+    /// the row's exponentials in the tile.
+    fn online_softmax(tile: ScoreTile<'_, Self>, run: Running<'_, Self>) {
+        let Running { m, l, o, d } = run;
+        for (r, row, visible) in tile.rows() {
+            row[visible..].fill(Self::neg_infinity());
             let m_new = m[r].max(Self::max_of(row));
             let alpha = (m[r] - m_new).exp();
             l[r] = l[r] * alpha + Self::exp_sum(row, m_new);
@@ -141,16 +173,8 @@ impl Real for f32 {
     fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
         crate::simd::swiglu(gate, up, out)
     }
-    fn online_softmax(
-        tile: &mut [Self],
-        bc: usize,
-        visible: &[usize],
-        m: &mut [Self],
-        l: &mut [Self],
-        o: &mut [Self],
-        d: usize,
-    ) {
-        crate::simd::online_softmax(tile, bc, visible, m, l, o, d)
+    fn online_softmax(tile: ScoreTile<'_, Self>, run: Running<'_, Self>) {
+        crate::simd::online_softmax(tile, run)
     }
     fn softmax_probs(p: &mut [Self], bc: usize, visible: &[usize], lse: &[Self]) {
         crate::simd::softmax_probs(p, bc, visible, lse)

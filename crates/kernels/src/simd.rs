@@ -10,6 +10,8 @@
 //! (subnormals on the way), above ≈ 88.72 infinity. The softmax's version ([`exp_sum`]) scales
 //! by 2ⁿ once instead of twice and gives 0 where `exp` would be subnormal.
 
+use crate::real::{Running, ScoreTile};
+
 /// Runs `$body` (an `#[inline(always)]` function call) compiled with AVX-512F+FMA, AVX2+FMA or
 /// nothing extra, whichever the CPU has.
 macro_rules! widest {
@@ -205,18 +207,11 @@ fn whole_lanes(visible: usize, bc: usize) -> usize {
 }
 
 #[inline(always)]
-fn online_softmax_body(
-    tile: &mut [f32],
-    bc: usize,
-    visible: &[usize],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
-) {
-    for (r, row) in tile.chunks_exact_mut(bc).take(visible.len()).enumerate() {
-        let (live, dead) = row.split_at_mut(whole_lanes(visible[r], bc));
-        live[visible[r]..].fill(f32::NEG_INFINITY);
+fn online_softmax_body(tile: ScoreTile<'_, f32>, run: Running<'_, f32>) {
+    let (bc, Running { m, l, o, d }) = (tile.bc, run);
+    for (r, row, visible) in tile.rows() {
+        let (live, dead) = row.split_at_mut(whole_lanes(visible, bc));
+        live[visible..].fill(f32::NEG_INFINITY);
         dead.fill(0.0);
         let m_new = larger(m[r], max_body(live));
         let alpha = if m_new == m[r] {
@@ -237,18 +232,10 @@ fn online_softmax_body(
 
 /// [`crate::Real::online_softmax`] for `f32`: the row's maximum, exponentials and sum as in
 /// [`max`] and [`exp_sum`], the rescaling factor by [`exp_softmax1`].
-pub fn online_softmax(
-    tile: &mut [f32],
-    bc: usize,
-    visible: &[usize],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
-) {
+pub fn online_softmax(tile: ScoreTile<'_, f32>, run: Running<'_, f32>) {
     widest!(
-        (tile: &mut [f32], bc: usize, visible: &[usize], m: &mut [f32], l: &mut [f32], o: &mut [f32], d: usize),
-        online_softmax_body(tile, bc, visible, m, l, o, d)
+        (tile: ScoreTile<'_, f32>, run: Running<'_, f32>),
+        online_softmax_body(tile, run)
     )
 }
 
@@ -330,6 +317,18 @@ pub fn swiglu_grad(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], du
 mod tests {
     use super::*;
 
+    fn tile_of<'a, T>(scores: &'a mut [T], bc: usize, visible: &'a [usize]) -> ScoreTile<'a, T> {
+        ScoreTile {
+            scores,
+            bc,
+            visible,
+        }
+    }
+
+    fn running<'a, T>(m: &'a mut [T], l: &'a mut [T], o: &'a mut [T], d: usize) -> Running<'a, T> {
+        Running { m, l, o, d }
+    }
+
     /// Distance in units in the last place between two finite f32s of the same sign.
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
@@ -397,12 +396,21 @@ mod tests {
                 .all(|(&x, &y)| (x as f64 - y).abs() <= 1e-6 * y.abs().max(1.0))
         };
         let (mut t, mut m, mut l, mut oo) = (tile.clone(), m0.clone(), l0.clone(), o.clone());
-        online_softmax(&mut t, bc, &visible, &mut m, &mut l, &mut oo, d);
+        online_softmax(
+            tile_of(&mut t, bc, &visible),
+            running(&mut m, &mut l, &mut oo, d),
+        );
         let (mut t2, mut m2, mut l2, mut o2) = (tile.clone(), m0.clone(), l0.clone(), o.clone());
-        online_softmax_body(&mut t2, bc, &visible, &mut m2, &mut l2, &mut o2, d);
+        online_softmax_body(
+            tile_of(&mut t2, bc, &visible),
+            running(&mut m2, &mut l2, &mut o2, d),
+        );
         assert_eq!((&t, &m, &l, &oo), (&t2, &m2, &l2, &o2));
         let (mut t3, mut m3, mut l3, mut o3) = (f64s(&tile), f64s(&m0), f64s(&l0), f64s(&o));
-        f64::online_softmax(&mut t3, bc, &visible, &mut m3, &mut l3, &mut o3, d);
+        f64::online_softmax(
+            tile_of(&mut t3, bc, &visible),
+            running(&mut m3, &mut l3, &mut o3, d),
+        );
         assert!(close(&t, &t3) && close(&m, &m3) && close(&l, &l3) && close(&oo, &o3));
         // Masked scores' exponentials are 0.
         assert!(t[bc + 3..2 * bc].iter().all(|&x| x == 0.0));
@@ -416,7 +424,10 @@ mod tests {
             .collect();
         let (mut t, mut m, mut l) = (tile.clone(), [0.5f32; 6], [1.0f32; 6]);
         let mut oo = vec![1.0f32; 6 * d];
-        online_softmax(&mut t, bc, &visible, &mut m, &mut l, &mut oo, d);
+        online_softmax(
+            tile_of(&mut t, bc, &visible),
+            running(&mut m, &mut l, &mut oo, d),
+        );
         let mut p = tile.clone();
         softmax_probs(&mut p, bc, &visible, &[2.0; 6]);
         for (r, &v) in visible.iter().enumerate() {

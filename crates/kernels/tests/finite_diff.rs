@@ -85,13 +85,15 @@ proptest! {
         let x = randn(&mut rng, tokens * heads * d);
         let pos: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..5000)).collect();
         let w = randn(&mut rng, x.len());
+        let plain = rope::Rope::plain(10000.0);
+        let rotation = rope::Rotation::new(&pos, heads, d, &plain);
         let f = |x: &[f64]| {
             let mut y = x.to_vec();
-            rope::apply(&mut y, &pos, heads, d, &rope::Rope::plain(10000.0), false).unwrap();
+            rope::apply(&mut y, &rotation).unwrap();
             dot(&y, &w)
         };
         let mut g = w.clone();
-        rope::apply(&mut g, &pos, heads, d, &rope::Rope::plain(10000.0), true).unwrap();
+        rope::apply(&mut g, &rotation.inverted(true)).unwrap();
         check("rope.x", &x, &g, 200, f);
     }
 

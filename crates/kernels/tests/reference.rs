@@ -237,15 +237,9 @@ fn rope_is_hf_rotate_half() {
         rope_matches_hf(&x, &pos, heads, d, theta);
     }
     let mut y = x.clone();
-    assert!(rope::apply(
-        &mut y,
-        &[0u32, 1, 7, 0, 4095],
-        heads * 2,
-        d / 2 + 1,
-        &rope::Rope::plain(theta),
-        false
-    )
-    .is_err());
+    let plain = rope::Rope::plain(theta);
+    let odd = rope::Rotation::new(&[0u32, 1, 7, 0, 4095], heads * 2, d / 2 + 1, &plain);
+    assert!(rope::apply(&mut y, &odd).is_err());
 }
 
 /// HF: emb = cat(freqs, freqs); out = x*cos(emb) + rotate_half(x)*sin(emb),
@@ -253,7 +247,8 @@ fn rope_is_hf_rotate_half() {
 fn rope_matches_hf(x: &[f64], pos: &[u32], heads: usize, d: usize, theta: f64) {
     let tokens = pos.len();
     let mut y = x.to_vec();
-    rope::apply(&mut y, pos, heads, d, &rope::Rope::plain(theta), false).unwrap();
+    let plain = rope::Rope::plain(theta);
+    rope::apply(&mut y, &rope::Rotation::new(pos, heads, d, &plain)).unwrap();
     for t in 0..tokens {
         for h in 0..heads {
             let v = &x[(t * heads + h) * d..(t * heads + h + 1) * d];

@@ -1,7 +1,7 @@
 //! The CPU backend's row-wise ops split over its pool's threads give, bit for bit, what one
 //! thread gives (inputs large enough to be split, odd row widths, ragged last pieces).
 
-use kernels::{AdamW, Backend, CpuBackend, Rope};
+use kernels::{AdamW, Backend, CpuBackend, Rope, Rotation};
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
     kernels::conformance::xorshift(seed)
@@ -33,20 +33,14 @@ fn outputs(be: &CpuBackend) -> Vec<Vec<f32>> {
         .unwrap();
     let positions: Vec<u32> = (0..rows as u32).map(|t| t % 300).collect();
     let mut roped = a.clone();
-    be.rope(&mut roped, &positions, 3, 32, &Rope::plain(10000.0), false)
+    let plain = Rope::plain(10000.0);
+    be.rope(&mut roped, &Rotation::new(&positions, 3, 32, &plain))
         .unwrap();
     // Positions too sparse for a table of angles: each token's are computed on its own.
     let sparse: Vec<u32> = (0..rows as u32).map(|t| t * 37).collect();
     let mut roped_sparse = a.clone();
-    be.rope(
-        &mut roped_sparse,
-        &sparse,
-        3,
-        32,
-        &Rope::plain(10000.0),
-        true,
-    )
-    .unwrap();
+    let backward = Rotation::new(&sparse, 3, 32, &plain).inverted(true);
+    be.rope(&mut roped_sparse, &backward).unwrap();
     let mut copied = b.clone();
     be.copy(&a, &mut copied).unwrap();
     let (mut ndx, mut ndw) = (vec![0.0; n], w.clone());

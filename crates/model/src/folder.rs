@@ -138,6 +138,29 @@ impl Weights {
 /// Tensors by name, as f32.
 type Tensors = HashMap<String, Vec<f32>>;
 
+/// Refuses the tensors among `names` (those of `path`) that the model does not have (not in
+/// `shapes`, not `ignorable`), naming them in order.
+fn no_unexpected<'a>(
+    path: &Path,
+    names: impl IntoIterator<Item = &'a str>,
+    shapes: &HashMap<String, Vec<usize>>,
+    ignorable: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let mut unexpected: Vec<String> = names
+        .into_iter()
+        .filter(|n| !shapes.contains_key(*n) && !ignorable(n))
+        .map(str::to_string)
+        .collect();
+    if unexpected.is_empty() {
+        return Ok(());
+    }
+    unexpected.sort();
+    Err(ModelError::UnexpectedTensors {
+        path: path.to_path_buf(),
+        names: unexpected,
+    })
+}
+
 /// The tensors `names` of one safetensors file, as f32, with the file's dtype; a missing one is
 /// refused, and so is a name the model does not know unless `ignorable` says it may be there.
 fn read_file(
@@ -151,19 +174,7 @@ fn read_file(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let mut unexpected: Vec<String> = st
-        .names()
-        .into_iter()
-        .filter(|n| !shapes.contains_key(*n) && !ignorable(n))
-        .map(str::to_string)
-        .collect();
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        return Err(ModelError::UnexpectedTensors {
-            path: path.to_path_buf(),
-            names: unexpected,
-        });
-    }
+    no_unexpected(path, st.names(), shapes, ignorable)?;
     let present: BTreeSet<&str> = st.names().into_iter().collect();
     let missing: Vec<String> = names
         .iter()
@@ -270,18 +281,7 @@ pub fn load_weights_checked(
             let map = v["weight_map"]
                 .as_object()
                 .ok_or_else(|| corrupt("no \"weight_map\" object".into()))?;
-            let mut unexpected: Vec<String> = map
-                .keys()
-                .filter(|n| !shapes.contains_key(*n) && !ignorable(n))
-                .cloned()
-                .collect();
-            if !unexpected.is_empty() {
-                unexpected.sort();
-                return Err(ModelError::UnexpectedTensors {
-                    path: ipath.clone(),
-                    names: unexpected,
-                });
-            }
+            no_unexpected(&ipath, map.keys().map(String::as_str), &shapes, &ignorable)?;
             let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for (name, file) in map {
                 let file = file

@@ -234,7 +234,7 @@ impl<'a> Generator<'a> {
     /// the keys and values kept in the cache; returns the logits of the token after the last.
     /// With tokens already in the cache it feeds them one at a time instead.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        use kernels::{AttnShape, Backend, GemmSpec};
+        use kernels::{AttnShape, Backend, GemmSpec, Rotation};
         if self.len > 0 || tokens.len() < 2 {
             let mut logits = Vec::new();
             for &t in tokens {
@@ -291,9 +291,9 @@ impl<'a> Generator<'a> {
             let mut q = linear(&n1, w.q, heads * hd)?;
             let mut k = linear(&n1, w.k, kv * hd)?;
             let v = linear(&n1, w.v, kv * hd)?;
-            be.rope(&mut q, &positions, heads, hd, &rope, false)
+            be.rope(&mut q, &Rotation::new(&positions, heads, hd, &rope))
                 .map_err(k_err)?;
-            be.rope(&mut k, &positions, kv, hd, &rope, false)
+            be.rope(&mut k, &Rotation::new(&positions, kv, hd, &rope))
                 .map_err(k_err)?;
             let (mut attn, mut lse) = (vec![0.0f32; n * heads * hd], vec![0.0f32; heads * n]);
             let scale = 1.0 / (hd as f32).sqrt();

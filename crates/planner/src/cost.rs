@@ -606,6 +606,15 @@ impl CostModel {
         (compute, tp_comm, elementwise)
     }
 
+    /// The layers pipeline stage `stage` of `s` holds (every layer where the split fails).
+    fn stage_range(&self, s: &Strategy, stage: usize) -> std::ops::Range<usize> {
+        let layers = self.cfg.num_hidden_layers.max(1);
+        s.stage_layers(layers)
+            .ok()
+            .and_then(|r| r.get(stage).cloned())
+            .unwrap_or(0..layers)
+    }
+
     /// The passes of one micro-batch of `lens` on pipeline stage `stage` of `s`: (forward,
     /// backward), each with its compute (GEMMs a third forward and two thirds backward, the
     /// same for attention; what recomputation runs again in the backward), TP/SP collectives
@@ -617,12 +626,7 @@ impl CostModel {
     pub fn stage_passes(&self, s: &Strategy, lens: &[usize], stage: usize) -> (Pass, Pass) {
         let c = &self.cfg;
         let layers_all = c.num_hidden_layers.max(1);
-        let range = s
-            .stage_layers(layers_all)
-            .ok()
-            .and_then(|r| r.get(stage).cloned())
-            .unwrap_or(0..layers_all);
-        let mine = range.len() as f64;
+        let mine = self.stage_range(s, stage).len() as f64;
         let share = mine / layers_all as f64;
         let first = stage == 0;
         let last = stage + 1 == s.pp.max(1);
@@ -789,12 +793,7 @@ impl CostModel {
             len: n,
             matrix: None,
         };
-        let layers = c.num_hidden_layers.max(1);
-        let range = s
-            .stage_layers(layers)
-            .ok()
-            .and_then(|r| r.get(stage).cloned())
-            .unwrap_or(0..layers);
+        let range = self.stage_range(s, stage);
         let last = stage + 1 == s.pp.max(1);
         let mut out = Vec::new();
         if last {

@@ -376,14 +376,7 @@ fn double_tree(cluster: &Cluster, bytes: f64, shape: GroupShape) -> (f64, f64, f
     let n = shape.members;
     let half = bytes / 2.0;
     let rank_of = |tree: usize, pos: usize| if tree == 0 { pos } else { n - 1 - pos };
-    let links = |pos: usize| -> (Option<usize>, Vec<usize>) {
-        let parent = (pos > 0).then(|| (pos - 1) / 2);
-        let children = [2 * pos + 1, 2 * pos + 2]
-            .into_iter()
-            .filter(|&c| c < n)
-            .collect();
-        (parent, children)
-    };
+    let links = |pos: usize| comm::allreduce::tree_links(pos, n);
     // Each member's program: up on both trees, then down on both.
     let programs: Vec<Vec<Op>> = (0..n)
         .map(|me| {

@@ -218,24 +218,12 @@ pub(crate) fn plan_buckets(
     bucket_bytes: usize,
 ) -> Vec<Vec<usize>> {
     let g = &exec.graph;
-    let mut order: Vec<(usize, usize)> = g
-        .grads
-        .iter()
-        .enumerate()
-        .map(|(k, &(_, gt))| {
-            let at = g
-                .ops
-                .iter()
-                .position(|o| o.outputs.contains(&gt))
-                .unwrap_or(usize::MAX);
-            (at, k)
-        })
-        .collect();
-    order.sort();
+    let order =
+        crate::stream::by_first_op(g, g.grads.len(), |o, k| o.outputs.contains(&g.grads[k].1));
     let limit = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     let mut size = 0;
-    for (_, k) in order {
+    for k in order {
         if buckets.is_empty() || size >= limit {
             buckets.push(Vec::new());
             size = 0;

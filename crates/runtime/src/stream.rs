@@ -182,21 +182,27 @@ impl<'a, B: Backend> ParamView<'a, B> {
 /// The parameters in the order the forward first reads them (index into `graph.params`).
 pub fn forward_order(exec: &ExecGraph) -> Vec<usize> {
     let g = &exec.graph;
-    let mut order: Vec<(usize, usize)> = g
-        .params
-        .iter()
-        .enumerate()
-        .map(|(k, &p)| {
-            let at = g
-                .ops
+    by_first_op(g, g.params.len(), |o, k| o.inputs.contains(&g.params[k]))
+}
+
+/// `0..n` ordered by the first op of `g` for which `touches(op, k)` holds (ties, and those no
+/// op touches, last, in index order).
+pub(crate) fn by_first_op(
+    g: &graph::Graph,
+    n: usize,
+    touches: impl Fn(&graph::Op, usize) -> bool,
+) -> Vec<usize> {
+    let at: Vec<usize> = (0..n)
+        .map(|k| {
+            g.ops
                 .iter()
-                .position(|o| o.inputs.contains(&p))
-                .unwrap_or(usize::MAX);
-            (at, k)
+                .position(|o| touches(o, k))
+                .unwrap_or(usize::MAX)
         })
         .collect();
-    order.sort();
-    order.into_iter().map(|(_, k)| k).collect()
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&k| at[k]);
+    order
 }
 
 /// Pieces of about `piece` values in `order`: small parameters fused, large ones cut; each a

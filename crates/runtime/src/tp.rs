@@ -114,15 +114,6 @@ impl TpGroup {
         let pos = members.iter().position(|&m| m == me).unwrap_or(0);
         let mine_from = from.piece(me, shape)?.region;
         let mine_to = to.piece(me, shape)?.region;
-        // A member's region relative to a containing region.
-        let relative = |r: &Region, base: &Region| Region {
-            ranges: r
-                .ranges
-                .iter()
-                .zip(&base.ranges)
-                .map(|(a, b)| a.start - b.start..a.end - b.start)
-                .collect(),
-        };
         let want = mine_to.volume();
         if out.len() != want {
             return Err(RuntimeError::Binding(format!(
@@ -142,11 +133,7 @@ impl TpGroup {
                 Ok(self.sub(&members)?.all_reduce(out, ReduceOp::Sum)?)
             }
             Collective::AllGather { .. } => {
-                let regions: Vec<Region> = members
-                    .iter()
-                    .map(|&m| from.piece(m, shape).map(|p| p.region))
-                    .collect::<std::result::Result<_, _>>()?;
-                let counts: Vec<usize> = regions.iter().map(|r| r.volume()).collect();
+                let (regions, counts) = pieces_of(from, &members, shape)?;
                 // Pieces along the leading dim land where they belong: gathered straight into
                 // the output; others are gathered, then placed.
                 let contiguous = stacked(&regions, &mine_to);
@@ -162,7 +149,7 @@ impl TpGroup {
                     insert(
                         out,
                         &out_shape,
-                        &relative(r, &mine_to),
+                        &r.relative_to(&mine_to),
                         &gathered[off..off + n],
                     )?;
                     off += n;
@@ -170,11 +157,7 @@ impl TpGroup {
                 Ok(())
             }
             Collective::ReduceScatter { .. } => {
-                let regions: Vec<Region> = members
-                    .iter()
-                    .map(|&m| to.piece(m, shape).map(|p| p.region))
-                    .collect::<std::result::Result<_, _>>()?;
-                let counts: Vec<usize> = regions.iter().map(|r| r.volume()).collect();
+                let (regions, counts) = pieces_of(to, &members, shape)?;
                 // Pieces along the leading dim are sent as they lie; others are laid out in
                 // member order first.
                 let laid_out;
@@ -184,7 +167,7 @@ impl TpGroup {
                     let in_shape = mine_from.shape();
                     let mut v = Vec::with_capacity(local.len());
                     for r in &regions {
-                        v.extend(extract(local, &in_shape, &relative(r, &mine_from))?);
+                        v.extend(extract(local, &in_shape, &r.relative_to(&mine_from))?);
                     }
                     laid_out = v;
                     &laid_out
@@ -201,7 +184,7 @@ impl TpGroup {
                     .reduce_scatter(send, out, &counts, ReduceOp::Sum)?)
             }
             Collective::LocalSlice { .. } => {
-                let part = extract(local, &mine_from.shape(), &relative(&mine_to, &mine_from))?;
+                let part = extract(local, &mine_from.shape(), &mine_to.relative_to(&mine_from))?;
                 out.copy_from_slice(&part);
                 Ok(())
             }
@@ -218,6 +201,20 @@ impl TpGroup {
             )),
         }
     }
+}
+
+/// The regions of `members`' pieces of a tensor of `shape` under `state`, and their sizes.
+fn pieces_of(
+    state: &DState,
+    members: &[usize],
+    shape: &[usize],
+) -> Result<(Vec<Region>, Vec<usize>)> {
+    let regions: Vec<Region> = members
+        .iter()
+        .map(|&m| state.piece(m, shape).map(|p| p.region))
+        .collect::<std::result::Result<_, _>>()?;
+    let counts = regions.iter().map(|r| r.volume()).collect();
+    Ok((regions, counts))
 }
 
 /// Whether `regions`, in order, tile `whole` along its leading dim (each spanning every other

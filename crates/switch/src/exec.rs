@@ -9,18 +9,6 @@ use dstate::{copy_region_with, extract, extract_into, insert, DeviceId, Distribu
 use crate::error::{Result, SwitchError};
 use crate::plan::{Plan, TensorSwitch};
 
-/// `region` (global indices) relative to the piece `within`.
-fn relative(region: &Region, within: &Region) -> Region {
-    Region {
-        ranges: region
-            .ranges
-            .iter()
-            .zip(&within.ranges)
-            .map(|(r, w)| r.start - w.start..r.end - w.start)
-            .collect(),
-    }
-}
-
 /// What one rank holds of each tensor: its piece's region and values (row-major).
 pub type Pieces = Vec<Option<(Region, Vec<f32>)>>;
 
@@ -110,7 +98,7 @@ pub fn execute_into(
             ))
         })?;
         let shape = want.shape();
-        insert(data, &shape, &relative(region, want), values).map_err(|e| SwitchError::State {
+        insert(data, &shape, &region.relative_to(want), values).map_err(|e| SwitchError::State {
             tensor: plan.tensors[tensor].name.clone(),
             source: e,
         })
@@ -128,10 +116,10 @@ pub fn execute_into(
         copy_region_with(
             data,
             &hs,
-            &relative(&c.region, have),
+            &c.region.relative_to(have),
             dst,
             &ws,
-            &relative(&c.region, want),
+            &c.region.relative_to(want),
             crate::stream::copy,
         )
         .map_err(|e| SwitchError::State {
@@ -165,7 +153,7 @@ pub fn execute_into(
                 ))
             })?;
             let buf = sends.entry(t.to.0).or_default();
-            extract_into(data, &have.shape(), &relative(&t.region, have), buf).map_err(|e| {
+            extract_into(data, &have.shape(), &t.region.relative_to(have), buf).map_err(|e| {
                 SwitchError::State {
                     tensor: plan.tensors[t.tensor].name.clone(),
                     source: e,
@@ -247,10 +235,10 @@ fn copy_from_peers(plan: &Plan, me: DeviceId, peers: &Exposed<'_>, out: &mut Pie
         copy_region_with(
             data,
             &have.shape(),
-            &relative(&t.region, &have),
+            &t.region.relative_to(&have),
             dst,
             &ws,
-            &relative(&t.region, want),
+            &t.region.relative_to(want),
             crate::stream::copy,
         )
         .map_err(state)?;

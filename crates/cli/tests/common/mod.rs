@@ -188,6 +188,17 @@ pub fn stderr_ok(o: &Output) -> String {
     e
 }
 
+/// `train --model DIR --data DIR/data.jsonl` (the folder `mixed_docs` or `affine_docs` wrote)
+/// as command-line words, for [`cmd!`] lists to extend.
+pub fn train_on(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut words = Vec::new();
+    "train --model".put(&mut words);
+    dir.put(&mut words);
+    "--data".put(&mut words);
+    dir.join("data.jsonl").as_path().put(&mut words);
+    words
+}
+
 /// Command-line words as tests write them (`common::cmd!["train --steps 4 --save", &out]`): a
 /// `&str` stands for its words separated by white space, a path for one word whatever it holds.
 pub trait Words {

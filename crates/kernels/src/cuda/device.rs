@@ -460,28 +460,21 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn rope(
-        &self,
-        x: &mut CudaBuffer,
-        positions: &[u32],
-        heads: usize,
-        head_dim: usize,
-        rope: &crate::Rope,
-        inverse: bool,
-    ) -> Result<()> {
+    fn rope(&self, x: &mut CudaBuffer, r: &crate::Rotation<'_>) -> Result<()> {
+        let (positions, head_dim) = (r.positions, r.head_dim);
         if !head_dim.is_multiple_of(2) {
             return Err(invalid("rope", format!("head_dim {head_dim} must be even")));
         }
-        check_len("rope", "x", positions.len() * heads * head_dim, x.len)?;
+        check_len("rope", "x", positions.len() * r.heads * head_dim, x.len)?;
         if x.len == 0 {
             return Ok(());
         }
         self.bind()?;
-        let freqs = rope.inv_freq::<f32>(head_dim);
+        let freqs = r.rope.inv_freq::<f32>(head_dim);
         let d_pos = self.htod("rope", positions)?;
         let d_freq = self.htod("rope", &freqs)?;
-        let (t, h, hd) = (positions.len() as i64, heads as i64, head_dim as i64);
-        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let (t, h, hd) = (positions.len() as i64, r.heads as i64, head_dim as i64);
+        let sign: f32 = if r.inverse { -1.0 } else { 1.0 };
         launch!(
             self,
             "rope",

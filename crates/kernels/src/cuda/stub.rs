@@ -70,7 +70,7 @@ impl Backend for CudaBackend {
         fn embedding_backward(&CudaBuffer, usize, usize, &[u32], &mut CudaBuffer) -> Result<()>;
         fn rms_norm_forward(&CudaBuffer, &CudaBuffer, f64, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
         fn rms_norm_backward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
-        fn rope(&mut CudaBuffer, &[u32], usize, usize, &crate::Rope, bool) -> Result<()>;
+        fn rope(&mut CudaBuffer, &crate::Rotation<'_>) -> Result<()>;
         fn attention_forward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &[usize], AttnShape, f32, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
         fn attention_backward(&CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &CudaBuffer, &[usize], AttnShape, f32, &mut CudaBuffer, &mut CudaBuffer, &mut CudaBuffer) -> Result<()>;
         fn swiglu_forward(&CudaBuffer, &CudaBuffer, &mut CudaBuffer) -> Result<()>;

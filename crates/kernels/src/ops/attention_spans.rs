@@ -24,7 +24,7 @@ const Q_BLOCK: usize = 4 * BLOCK;
 const FWD_KEYS: usize = 2 * BLOCK;
 use crate::error::{check_len, invalid, Result};
 use crate::matmul::{matmul, MatMut, MatRef};
-use crate::real::Real;
+use crate::real::{Real, Running, ScoreTile};
 
 /// Query rows `q_start..q_start + q_len` of the query buffer (positions `q_pos..`) against key
 /// rows `k_start..k_start + k_len` of the key buffer (positions `k_pos..`), of one sequence.
@@ -223,13 +223,17 @@ fn forward_task<T: Real>(
             }
             let a = first - i0;
             T::online_softmax(
-                &mut tile,
-                bc,
-                &visible[..rows],
-                &mut m[a..a + rows],
-                &mut l[a..a + rows],
-                &mut o[first * d..(first + rows) * d],
-                d,
+                ScoreTile {
+                    scores: &mut tile,
+                    bc,
+                    visible: &visible[..rows],
+                },
+                Running {
+                    m: &mut m[a..a + rows],
+                    l: &mut l[a..a + rows],
+                    o: &mut o[first * d..(first + rows) * d],
+                    d,
+                },
             );
             matmul(
                 rows,

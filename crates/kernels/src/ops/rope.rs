@@ -125,33 +125,60 @@ fn angles<T: Real>(freqs: &[T], p: u32, inverse: bool, cos: &mut [T], sin: &mut 
     }
 }
 
-/// Applies the rotation to `x` of shape `[tokens, heads, head_dim]` in place: for `j < half`,
-/// `x[j] ← x[j]·cos − x[j+half]·sin` and `x[j+half] ← x[j+half]·cos + x[j]·sin`, with angle
-/// `positions[t] · inv_freq[j]`. `inverse` applies the transpose (the backward pass).
-pub fn apply<T: Real>(
-    x: &mut [T],
-    positions: &[u32],
-    heads: usize,
-    head_dim: usize,
-    rope: &Rope,
-    inverse: bool,
-) -> Result<()> {
-    let table = Angles::dense(positions, head_dim, rope, inverse);
-    apply_with(x, positions, heads, head_dim, rope, inverse, table.as_ref())
+/// One application of RoPE: a tensor `[tokens, heads, head_dim]` whose token `t` sits at
+/// `positions[t]`, rotated by `rope`'s angles, or by their inverse (the backward pass).
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation<'a> {
+    /// Each token's position.
+    pub positions: &'a [u32],
+    /// Heads per token.
+    pub heads: usize,
+    /// Values per head (even).
+    pub head_dim: usize,
+    /// The frequencies.
+    pub rope: &'a Rope,
+    /// The transpose (the backward pass).
+    pub inverse: bool,
+}
+
+impl<'a> Rotation<'a> {
+    /// The forward rotation of `heads` heads of `head_dim` values per token at `positions`.
+    pub fn new(positions: &'a [u32], heads: usize, head_dim: usize, rope: &'a Rope) -> Self {
+        Rotation {
+            positions,
+            heads,
+            head_dim,
+            rope,
+            inverse: false,
+        }
+    }
+
+    /// The same rotation run backwards (the transpose), or forwards again.
+    pub fn inverted(self, inverse: bool) -> Self {
+        Rotation { inverse, ..self }
+    }
+}
+
+/// Applies the rotation `r` to `x` of shape `[tokens, heads, head_dim]` in place: for
+/// `j < half`, `x[j] ← x[j]·cos − x[j+half]·sin` and `x[j+half] ← x[j+half]·cos + x[j]·sin`,
+/// with angle `positions[t] · inv_freq[j]`. `inverse` applies the transpose (the backward
+/// pass).
+pub fn apply<T: Real>(x: &mut [T], r: &Rotation<'_>) -> Result<()> {
+    let table = Angles::dense(r.positions, r.head_dim, r.rope, r.inverse);
+    apply_with(x, r, table.as_ref())
 }
 
 /// [`apply`] with the angles taken from `table` (made by [`Angles::dense`] for the same
 /// `head_dim`, `rope` and `inverse`, for positions that include these) where given; the same
 /// values either way.
-pub fn apply_with<T: Real>(
-    x: &mut [T],
-    positions: &[u32],
-    heads: usize,
-    head_dim: usize,
-    rope: &Rope,
-    inverse: bool,
-    table: Option<&Angles<T>>,
-) -> Result<()> {
+pub fn apply_with<T: Real>(x: &mut [T], r: &Rotation<'_>, table: Option<&Angles<T>>) -> Result<()> {
+    let Rotation {
+        positions,
+        heads,
+        head_dim,
+        rope,
+        inverse,
+    } = *r;
     if !head_dim.is_multiple_of(2) {
         return Err(invalid("rope", format!("head_dim {head_dim} must be even")));
     }
