@@ -19,6 +19,33 @@ impl From<CommError> for Failed {
     }
 }
 
+/// Runs `job` (a run of thread ranks that must fail) and checks that it ended within `limit`:
+/// its error's message.
+fn fails_within<T: std::fmt::Debug>(
+    limit: Duration,
+    job: impl FnOnce() -> Result<T, CommError>,
+) -> String {
+    let start = Instant::now();
+    let err = job().unwrap_err();
+    let took = start.elapsed();
+    assert!(took < limit, "took {took:?}: {err}");
+    err.to_string()
+}
+
+/// `n` ranks with a 500 ms timeout, the last of which hangs (sleeps 30 s, never communicates)
+/// while the others run `op`: what the run fails with, within 5 s.
+fn one_rank_hangs(n: usize, op: fn(&ThreadComm) -> Result<(), CommError>) -> String {
+    fails_within(Duration::from_secs(5), || {
+        ThreadComm::run_with_timeout(n, Duration::from_millis(500), move |c| {
+            if c.rank() == Rank(n - 1) {
+                std::thread::sleep(Duration::from_secs(30));
+                return Ok(());
+            }
+            op(&c)
+        })
+    })
+}
+
 #[test]
 fn conformance_on_1_to_8_thread_ranks() {
     for n in 1..=8 {
@@ -29,24 +56,16 @@ fn conformance_on_1_to_8_thread_ranks() {
 
 #[test]
 fn a_failing_rank_stops_the_others_promptly_and_is_reported() {
-    let start = Instant::now();
-    let err = ThreadComm::run(4, |c| -> Result<(), CommError> {
-        if c.rank() == Rank(2) {
-            return Err(CommError::Unavailable("rank 2 hit a bad batch".into()));
-        }
-        let mut buf = vec![1.0; 8];
-        c.all_reduce(&mut buf, ReduceOp::Sum) // would wait 120 s for rank 2
-    })
-    .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "communicator unavailable: rank 2 hit a bad batch"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        start.elapsed()
-    );
+    let msg = fails_within(Duration::from_secs(10), || {
+        ThreadComm::run(4, |c| -> Result<(), CommError> {
+            if c.rank() == Rank(2) {
+                return Err(CommError::Unavailable("rank 2 hit a bad batch".into()));
+            }
+            let mut buf = vec![1.0; 8];
+            c.all_reduce(&mut buf, ReduceOp::Sum) // would wait 120 s for rank 2
+        })
+    });
+    assert_eq!(msg, "communicator unavailable: rank 2 hit a bad batch");
 }
 
 #[test]
@@ -63,29 +82,9 @@ fn a_panicking_rank_is_reported_with_its_message() {
 
 #[test]
 fn a_hung_rank_cannot_hang_the_caller() {
-    let start = Instant::now();
-    let err = ThreadComm::run_with_timeout(
-        2,
-        Duration::from_millis(500),
-        |c| -> Result<(), CommError> {
-            if c.rank() == Rank(1) {
-                std::thread::sleep(Duration::from_secs(30)); // hangs, never communicates
-                return Ok(());
-            }
-            c.barrier()
-        },
-    )
-    .unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains("barrier") && msg.contains("rank 1 never arrived"),
-        "{msg}"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        start.elapsed()
-    );
+    let msg = one_rank_hangs(2, |c| c.barrier());
+    assert!(msg.contains("barrier"), "{msg}");
+    assert!(msg.contains("rank 1 never arrived"), "{msg}");
 }
 
 #[test]
@@ -128,53 +127,27 @@ fn length_mismatches_are_clear_errors() {
 
 #[test]
 fn a_window_a_rank_never_enters_times_out_naming_it() {
-    let start = Instant::now();
-    let err = ThreadComm::run_with_timeout(
-        3,
-        Duration::from_millis(500),
-        |c| -> Result<(), CommError> {
-            if c.rank() == Rank(2) {
-                std::thread::sleep(Duration::from_secs(30));
-                return Ok(());
-            }
-            let mine = vec![c.rank().0 as f32; 4];
-            c.window(&[&mine], &mut |_| {})?;
-            Ok(())
-        },
-    )
-    .unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains("window") && msg.contains("rank(s) 2 did not expose"),
-        "{msg}"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        start.elapsed()
-    );
+    let msg = one_rank_hangs(3, |c| {
+        let mine = vec![c.rank().0 as f32; 4];
+        c.window(&[&mine], &mut |_| {})?;
+        Ok(())
+    });
+    assert!(msg.contains("window"), "{msg}");
+    assert!(msg.contains("rank(s) 2 did not expose"), "{msg}");
 }
 
 #[test]
 fn a_panic_while_reading_a_window_is_reported_and_frees_the_others() {
-    let start = Instant::now();
-    let err = ThreadComm::run(3, |c| -> Result<(), CommError> {
-        let mine = vec![c.rank().0 as f32; 1 << 16];
-        let me = c.rank();
-        c.window(&[&mine], &mut |exposed| {
-            let peer = exposed.get(Rank((me.0 + 1) % 3), 0).unwrap_or(&[]);
-            assert!(me != Rank(1), "rank 1 cannot read {} values", peer.len());
-        })?;
-        c.barrier()
-    })
-    .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "rank 1 panicked: rank 1 cannot read 65536 values"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
-    );
+    let msg = fails_within(Duration::from_secs(10), || {
+        ThreadComm::run(3, |c| -> Result<(), CommError> {
+            let mine = vec![c.rank().0 as f32; 1 << 16];
+            let me = c.rank();
+            c.window(&[&mine], &mut |exposed| {
+                let peer = exposed.get(Rank((me.0 + 1) % 3), 0).unwrap_or(&[]);
+                assert!(me != Rank(1), "rank 1 cannot read {} values", peer.len());
+            })?;
+            c.barrier()
+        })
+    });
+    assert_eq!(msg, "rank 1 panicked: rank 1 cannot read 65536 values");
 }

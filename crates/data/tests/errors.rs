@@ -9,35 +9,44 @@ fn load(content: &str) -> Result<Dataset, DataError> {
     Dataset::load(&path, 50, 8)
 }
 
+/// `d.jsonl` holding `content` is refused with `says` in the message.
+fn refused(content: &str, says: &str) {
+    match load(content) {
+        Ok(_) => panic!("{content:?} was accepted"),
+        Err(e) => assert!(e.to_string().contains(says), "{e}"),
+    }
+}
+
+/// What loading `path` (vocabulary `vocab`, sequences up to `max_len`) fails with.
+fn load_error(path: &std::path::Path, vocab: usize, max_len: usize) -> String {
+    match Dataset::load(path, vocab, max_len) {
+        Ok(_) => panic!("{} was accepted", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn faults_name_file_and_line() {
-    let e = load("{\"input_ids\": [1, 2]}\n{oops\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("d.jsonl:2: malformed JSON"), "{e}");
-    let e = load("{\"input_ids\": [1, 2.5]}\n").unwrap_err().to_string();
-    assert!(
-        e.contains("d.jsonl:1: input_ids[1] = 2.5 is not a non-negative integer"),
-        "{e}"
+    refused(
+        "{\"input_ids\": [1, 2]}\n{oops\n",
+        "d.jsonl:2: malformed JSON",
     );
-    let e = load("{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [1, 50]}\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("d.jsonl:3: input_ids[1] = 50 is outside the vocabulary of 50"),
-        "{e}"
+    refused(
+        "{\"input_ids\": [1, 2.5]}\n",
+        "d.jsonl:1: input_ids[1] = 2.5 is not a non-negative integer",
     );
-    let e = load("{\"text\": \"abc\"}\n").unwrap_err().to_string();
-    assert!(
-        e.contains("byte-tokenized (256 ids) but the model's vocabulary is 50"),
-        "{e}"
+    refused(
+        "{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [1, 50]}\n",
+        "d.jsonl:3: input_ids[1] = 50 is outside the vocabulary of 50",
     );
-    let e = load("{\"tokens\": [1]}\n").unwrap_err().to_string();
-    assert!(e.contains("neither \"input_ids\" nor \"text\""), "{e}");
-    let e = load("{\"input_ids\": [1]}\n").unwrap_err().to_string();
-    assert!(
-        e.contains("no sequence of at least 2 tokens (1 too short)"),
-        "{e}"
+    refused(
+        "{\"text\": \"abc\"}\n",
+        "byte-tokenized (256 ids) but the model's vocabulary is 50",
+    );
+    refused("{\"tokens\": [1]}\n", "neither \"input_ids\" nor \"text\"");
+    refused(
+        "{\"input_ids\": [1]}\n",
+        "no sequence of at least 2 tokens (1 too short)",
     );
 }
 
@@ -69,8 +78,9 @@ fn long_documents_are_cut_and_shuffling_is_reproducible() {
 #[test]
 fn a_directory_of_text_files_is_one_document_each() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("b.txt"), "xyz").unwrap();
-    std::fs::write(dir.path().join("a.md"), "hello").unwrap();
+    for (name, text) in [("b.txt", "xyz"), ("a.md", "hello")] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let ds = Dataset::load(dir.path(), 256, 100).unwrap();
     assert_eq!(
         ds.sequences(),
@@ -105,14 +115,14 @@ fn an_hf_tokenizer_json_tokenizes_text_records() {
         "{e}"
     );
     std::fs::write(&tok, "{not a tokenizer").unwrap();
-    let e = data::TextTokenizer::from_path(&tok)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("not a usable tokenizer.json"),
-        "{e}"
-    );
+    match data::TextTokenizer::from_path(&tok) {
+        Ok(_) => panic!("a broken tokenizer.json was read"),
+        Err(e) => assert!(
+            e.to_string()
+                .contains("tokenizer.json: tokenizer: not a usable tokenizer.json"),
+            "{e}"
+        ),
+    }
 }
 
 /// A JSONL file as a Windows editor saves it (a byte-order mark, CRLF line ends) reads as the
@@ -132,24 +142,18 @@ fn compressed_files_and_records_that_are_not_objects_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let gz = dir.path().join("d.jsonl.gz");
     std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0, 0, 0]).unwrap();
-    let e = Dataset::load(&gz, 50, 8).unwrap_err().to_string();
+    let e = load_error(&gz, 50, 8);
     assert!(
         e.contains("d.jsonl.gz: not a valid JSON Lines file: it is gzip-compressed"),
         "{e}"
     );
-    let e = load("{\"input_ids\": [1, 2]}\n[1, 2, 3]\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("d.jsonl:2: a record must be a JSON object"),
-        "{e}"
+    refused(
+        "{\"input_ids\": [1, 2]}\n[1, 2, 3]\n",
+        "d.jsonl:2: a record must be a JSON object",
     );
-    let e = load("[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 70]}]")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("d.jsonl:1: record 2 of the array: input_ids[1] = 70 is outside"),
-        "{e}"
+    refused(
+        "[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 70]}]",
+        "d.jsonl:1: record 2 of the array: input_ids[1] = 70 is outside",
     );
 }
 
@@ -163,7 +167,7 @@ fn a_folder_refuses_record_files_and_skips_hidden_ones() {
     let d = Dataset::load(dir.path(), 256, 64).unwrap();
     assert_eq!(d.sequences(), &[data::byte_tokens("hello there")]);
     std::fs::write(dir.path().join("train.jsonl"), "{\"input_ids\": [1, 2]}\n").unwrap();
-    let e = Dataset::load(dir.path(), 256, 64).unwrap_err().to_string();
+    let e = load_error(dir.path(), 256, 64);
     assert!(
         e.contains("train.jsonl: not a valid text document: a --data folder is read as text files"),
         "{e}"

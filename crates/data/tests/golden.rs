@@ -49,25 +49,36 @@ fn a_tokenizers_tokenizer_gives_hfs_ids_with_special_tokens() {
     );
 }
 
+/// The golden text file `name` through the golden tokenizer, EOS (id 2) appended to each
+/// document (what Megatron's `--append-eod` does), loads as the sequences `want`.
+fn text_reads_as(name: &str, want: &[Vec<u32>]) {
+    let t = TextTokenizer::from_path(&model_golden().join("tokenizer"))
+        .unwrap()
+        .with_eos(2);
+    let ds = Dataset::load_with(&here().join(name), 96, 1000, &t).unwrap();
+    assert_eq!(ds.sequences(), want, "{name}");
+}
+
+/// Each of the golden files `names` loads (vocabulary 96) as the sequences `want`.
+fn each_reads_as(names: &[&str], want: &[Vec<u32>]) {
+    for name in names {
+        let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
+        assert_eq!(ds.sequences(), want, "{name}");
+    }
+}
+
 #[test]
 fn megatron_indexed_datasets_read_as_megatron_reads_them() {
     let want: Vec<Vec<u32>> =
         serde_json::from_value(json(&here().join("expected.json"))["megatron"].clone()).unwrap();
-    for name in [
-        "megatron/docs_text_document",
-        "megatron/docs_text_document.idx",
-        "megatron/docs_text_document.bin",
-    ] {
-        let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
-        assert_eq!(ds.sequences(), want.as_slice(), "{name}");
-    }
+    let prefix = "megatron/docs_text_document";
+    each_reads_as(
+        &[prefix, &format!("{prefix}.idx"), &format!("{prefix}.bin")],
+        &want,
+    );
     // The same documents as JSONL text through the same tokenizer, EOS appended (what
     // --append-eod did there).
-    let t = TextTokenizer::from_path(&model_golden().join("tokenizer"))
-        .unwrap()
-        .with_eos(2);
-    let ds = Dataset::load_with(&here().join("docs.jsonl"), 96, 1000, &t).unwrap();
-    assert_eq!(ds.sequences(), want.as_slice());
+    text_reads_as("docs.jsonl", &want);
     // A vocabulary too small, and a truncated index, are refused naming the file.
     let e = Dataset::load(&here().join("megatron/docs_text_document"), 50, 1000).unwrap_err();
     assert!(
@@ -98,11 +109,7 @@ fn parquet_files_read_by_column() {
     let want: Vec<Vec<u32>> = serde_json::from_value(g["megatron"].clone()).unwrap();
     let ds = Dataset::load(&here().join("ids.parquet"), 96, 1000).unwrap();
     assert_eq!(ds.sequences(), want.as_slice());
-    let t = TextTokenizer::from_path(&model_golden().join("tokenizer"))
-        .unwrap()
-        .with_eos(2);
-    let ds = Dataset::load_with(&here().join("docs.parquet"), 96, 1000, &t).unwrap();
-    assert_eq!(ds.sequences(), want.as_slice());
+    text_reads_as("docs.parquet", &want);
     let e = Dataset::load(&here().join("docs.jsonl"), 96, 1000).unwrap_err();
     assert!(e.to_string().contains("text is byte-tokenized"), "{e}");
 }
@@ -117,14 +124,11 @@ fn hf_tokenized_datasets_train_as_they_are_and_padding_or_masked_labels_are_refu
         serde_json::from_value(json(&here().join("expected.json"))["texts"].clone()).unwrap();
     let want: Vec<Vec<u32>> = texts.iter().map(|s| t.encode(s).unwrap()).collect();
     // text, input_ids, attention_mask of ones, labels copied by the LM collator.
-    for name in [
-        "hf_tokenized.jsonl",
-        "hf_tokenized.parquet",
-        "hf_tokenized_array.json",
-    ] {
-        let ds = Dataset::load(&here().join(name), 96, 1000).unwrap();
-        assert_eq!(ds.sequences(), want.as_slice(), "{name}");
-    }
+    let tokenized = ["jsonl", "parquet"].map(|ext| format!("hf_tokenized.{ext}"));
+    each_reads_as(
+        &[&tokenized[0], &tokenized[1], "hf_tokenized_array.json"],
+        &want,
+    );
     for name in ["hf_padded.jsonl", "hf_padded.parquet"] {
         let e = Dataset::load(&here().join(name), 96, 1000)
             .unwrap_err()

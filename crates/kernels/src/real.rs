@@ -154,6 +154,18 @@ pub trait Real:
     }
 }
 
+/// `f32`'s vectorised methods: each `fn NAME(ARGS) [-> RET] = SIMD;` calls
+/// `crate::simd::SIMD` with the same arguments.
+macro_rules! vectorised {
+    ($(fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $simd:ident;)*) => {
+        $(
+            fn $name($($arg: $ty),*) $(-> $ret)? {
+                crate::simd::$simd($($arg),*)
+            }
+        )*
+    };
+}
+
 impl Real for f32 {
     fn of(x: f64) -> Self {
         x as f32
@@ -161,35 +173,16 @@ impl Real for f32 {
     fn to_f64_(self) -> f64 {
         self as f64
     }
-    fn exp_in_place(xs: &mut [Self]) {
-        crate::simd::exp_in_place(xs)
-    }
-    fn max_of(xs: &[Self]) -> Self {
-        crate::simd::max(xs)
-    }
-    fn exp_sum(xs: &mut [Self], shift: Self) -> Self {
-        crate::simd::exp_sum(xs, shift)
-    }
-    fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) {
-        crate::simd::swiglu(gate, up, out)
-    }
-    fn online_softmax(tile: ScoreTile<'_, Self>, run: Running<'_, Self>) {
-        crate::simd::online_softmax(tile, run)
-    }
-    fn softmax_probs(p: &mut [Self], bc: usize, visible: &[usize], lse: &[Self]) {
-        crate::simd::softmax_probs(p, bc, visible, lse)
-    }
-    fn softmax_grad(ds: &mut [Self], p: &[Self], bc: usize, delta: &[Self]) {
-        crate::simd::softmax_grad(ds, p, bc, delta)
-    }
-    fn swiglu_grad(
-        dout: &[Self],
-        gate: &[Self],
-        up: &[Self],
-        dgate: &mut [Self],
-        dup: &mut [Self],
-    ) {
-        crate::simd::swiglu_grad(dout, gate, up, dgate, dup)
+    #[rustfmt::skip]
+    vectorised! {
+        fn exp_in_place(xs: &mut [Self]) = exp_in_place;
+        fn max_of(xs: &[Self]) -> Self = max;
+        fn exp_sum(xs: &mut [Self], shift: Self) -> Self = exp_sum;
+        fn swiglu(gate: &[Self], up: &[Self], out: &mut [Self]) = swiglu;
+        fn online_softmax(tile: ScoreTile<'_, Self>, run: Running<'_, Self>) = online_softmax;
+        fn softmax_probs(p: &mut [Self], bc: usize, visible: &[usize], lse: &[Self]) = softmax_probs;
+        fn softmax_grad(ds: &mut [Self], p: &[Self], bc: usize, delta: &[Self]) = softmax_grad;
+        fn swiglu_grad(dout: &[Self], gate: &[Self], up: &[Self], dgate: &mut [Self], dup: &mut [Self]) = swiglu_grad;
     }
 }
 
