@@ -28,6 +28,7 @@ pub mod ops;
 mod pool;
 mod real;
 pub mod simd;
+mod tile;
 
 pub use backend::{
     available_cores, AdamW, AttnShape, Backend, CpuBackend, HostSpan, Rope, RopeScaling, Rotation,
@@ -37,3 +38,4 @@ pub use error::{try_zeros, KernelError, Result};
 pub use layer::{Kernel, Layer};
 pub use matmul::GemmSpec;
 pub use real::Real;
+pub use tile::{Running, ScoreTile};

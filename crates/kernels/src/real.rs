@@ -5,50 +5,12 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{AddAssign, MulAssign, SubAssign};
 
+use crate::tile::{Running, ScoreTile};
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
-}
-
-/// A tile of attention scores: rows of `bc`, row `r` visible up to `visible[r]` (one row per
-/// entry of `visible`).
-pub struct ScoreTile<'a, T> {
-    /// The scores, row-major.
-    pub scores: &'a mut [T],
-    /// Scores per row.
-    pub bc: usize,
-    /// Each row's visible prefix.
-    pub visible: &'a [usize],
-}
-
-impl<'a, T> ScoreTile<'a, T> {
-    /// Each row: its index, its scores and how many of them are visible.
-    pub fn rows(self) -> impl Iterator<Item = (usize, &'a mut [T], usize)> {
-        let ScoreTile {
-            scores,
-            bc,
-            visible,
-        } = self;
-        scores
-            .chunks_exact_mut(bc)
-            .zip(visible)
-            .enumerate()
-            .map(|(r, (row, &v))| (r, row, v))
-    }
-}
-
-/// The online softmax's running state of the tile's query rows: the maximum `m` and sum `l`
-/// of each row's exponentials so far, and its unnormalised output `o` (rows of `d`).
-pub struct Running<'a, T> {
-    /// Running maxima.
-    pub m: &'a mut [T],
-    /// Running sums.
-    pub l: &'a mut [T],
-    /// Unnormalised outputs.
-    pub o: &'a mut [T],
-    /// Values per output row.
-    pub d: usize,
 }
 
 /// A floating-point element the CPU kernels (and the `gemm` crate) support. Sealed: `f32`, `f64`.

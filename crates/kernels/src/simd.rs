@@ -10,7 +10,7 @@
 //! (subnormals on the way), above ≈ 88.72 infinity. The softmax's version ([`exp_sum`]) scales
 //! by 2ⁿ once instead of twice and gives 0 where `exp` would be subnormal.
 
-use crate::real::{Running, ScoreTile};
+use crate::tile::{Running, ScoreTile};
 
 /// Runs `$body` (an `#[inline(always)]` function call) compiled with AVX-512F+FMA, AVX2+FMA or
 /// nothing extra, whichever the CPU has.

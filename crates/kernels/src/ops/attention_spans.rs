@@ -24,7 +24,8 @@ const Q_BLOCK: usize = 4 * BLOCK;
 const FWD_KEYS: usize = 2 * BLOCK;
 use crate::error::{check_len, invalid, Result};
 use crate::matmul::{matmul, MatMut, MatRef};
-use crate::real::{Real, Running, ScoreTile};
+use crate::real::Real;
+use crate::tile::{Running, ScoreTile};
 
 /// Query rows `q_start..q_start + q_len` of the query buffer (positions `q_pos..`) against key
 /// rows `k_start..k_start + k_len` of the key buffer (positions `k_pos..`), of one sequence.
