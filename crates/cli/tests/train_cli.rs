@@ -918,7 +918,8 @@ fn default_run_trains_on_the_project_with_a_falling_loss() {
     );
     for f in [
         "config.json",
-        "model.safetensors",
+        "model/model.safetensors",
+        "model/hotspa-manifest.json",
         "plot.svg",
         "checkpoints/latest",
     ] {

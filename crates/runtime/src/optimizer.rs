@@ -41,8 +41,15 @@ pub struct Optimizer<B: Backend> {
     chunks: Vec<Range<usize>>,
     /// Per parameter: element count of the whole local piece.
     lens: Vec<usize>,
+    /// What [`Optimizer::lend`] lends.
+    state: State<B>,
+}
+
+/// AdamW's state of a rank's parameters, per parameter.
+struct State<B: Backend> {
+    /// Whether weight decay applies (matrices).
     decay: Vec<bool>,
-    /// Per parameter: how many ranks of a DP replica hold each element (TP replicas, tied copy).
+    /// How many ranks of a DP replica hold each element (TP replicas, tied copy).
     weight: Vec<f64>,
     /// AdamW moments on the device (this rank's chunk of each local piece).
     m: Vec<B::Buffer>,
@@ -50,6 +57,29 @@ pub struct Optimizer<B: Backend> {
     /// The parameters as the exec graph binds them: whole local pieces, or under ZeRO-3 this
     /// rank's chunks of them.
     params: Vec<B::Buffer>,
+}
+
+impl<B: Backend> State<B> {
+    /// AdamW's settings for parameter `k` at learning rate `lr`: `base`'s, without weight
+    /// decay where none applies.
+    fn adamw(&self, base: &AdamW, k: usize, lr: f64) -> AdamW {
+        let decay = self.decay.get(k).copied().unwrap_or(false);
+        AdamW {
+            lr,
+            weight_decay: if decay { base.weight_decay } else { 0.0 },
+            ..*base
+        }
+    }
+
+    fn empty() -> Self {
+        State {
+            decay: Vec::new(),
+            weight: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            params: Vec::new(),
+        }
+    }
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -66,13 +96,10 @@ impl<B: Backend> Optimizer<B> {
         max_grad_norm: f64,
     ) -> Result<Self> {
         let g = &exec.graph;
-        if params.len() != g.params.len() || shared.len() != g.params.len() {
-            return Err(RuntimeError::Binding(format!(
-                "{} parameters and {} shared flags for a graph of {}",
-                params.len(),
-                shared.len(),
-                g.params.len()
-            )));
+        let (n, given, flags) = (g.params.len(), params.len(), shared.len());
+        if given != n || flags != n {
+            let what = format!("{given} parameters and {flags} shared flags for a graph of {n}");
+            return Err(RuntimeError::Binding(what));
         }
         let (dp, dp_rank) = (groups.dp.size(), groups.dp.rank().0);
         let zero = exec.strategy.zero;
@@ -84,11 +111,7 @@ impl<B: Backend> Optimizer<B> {
             step: 0,
             chunks: Vec::new(),
             lens: Vec::new(),
-            decay: Vec::new(),
-            weight: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
-            params: Vec::new(),
+            state: State::empty(),
         };
         for (k, &p) in g.params.iter().enumerate() {
             let len = backend.len(&params[k]);
@@ -97,23 +120,25 @@ impl<B: Backend> Optimizer<B> {
             } else {
                 0..len
             };
-            s.m.push(backend.zeros(chunk.len())?);
-            s.v.push(backend.zeros(chunk.len())?);
-            s.decay.push(g.info(p).shape.len() >= 2);
+            s.state.m.push(backend.zeros(chunk.len())?);
+            s.state.v.push(backend.zeros(chunk.len())?);
+            s.state.decay.push(g.info(p).shape.len() >= 2);
             let replicas = exec.states[p.0].num_replicas() as f64;
             // The last stage's copy of a tied weight is not counted: stage 0 counts it.
             let counted = !(shared[k] && stage != 0);
-            s.weight.push(if counted { 1.0 / replicas } else { 0.0 });
+            s.state
+                .weight
+                .push(if counted { 1.0 / replicas } else { 0.0 });
             s.lens.push(len);
             s.chunks.push(chunk);
         }
         if zero >= Zero::Parameters {
             for (k, p) in params.iter().enumerate() {
                 let chunk = &backend.download(p)?[s.chunks[k].clone()];
-                s.params.push(backend.upload(chunk)?);
+                s.state.params.push(backend.upload(chunk)?);
             }
         } else {
-            s.params = params;
+            s.state.params = params;
         }
         Ok(s)
     }
@@ -133,19 +158,16 @@ impl<B: Backend> Optimizer<B> {
         Ok(Lent {
             cfg: self.cfg,
             step: self.step,
-            decay: self.decay.clone(),
-            weight: self.weight.clone(),
-            m: std::mem::take(&mut self.m),
-            v: std::mem::take(&mut self.v),
-            params: std::mem::take(&mut self.params),
+            state: std::mem::replace(&mut self.state, State::empty()),
         })
     }
 
     /// Takes back what [`Optimizer::lend`] lent, with the parameters after the step.
     pub fn take_back(&mut self, lent: Lent<B>, params: Vec<B::Buffer>) {
-        self.m = lent.m;
-        self.v = lent.v;
-        self.params = params;
+        self.state = State {
+            params,
+            ..lent.state
+        };
     }
 
     /// Steps taken so far.
@@ -155,14 +177,14 @@ impl<B: Backend> Optimizer<B> {
 
     /// The parameters to bind for a step (under ZeRO-3, this rank's chunks).
     pub fn params(&self) -> &[B::Buffer] {
-        &self.params
+        &self.state.params
     }
 
     /// The whole local pieces copied to the host (a checkpoint or a test reads them; ZeRO-3
     /// all-gathers them over DP).
     pub fn params_host(&self, backend: &B, groups: &RankGroups) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(self.params.len());
-        for (k, p) in self.params.iter().enumerate() {
+        let mut out = Vec::with_capacity(self.state.params.len());
+        for (k, p) in self.state.params.iter().enumerate() {
             let host = backend.download(p)?;
             if self.zero >= Zero::Parameters {
                 let counts = chunk_counts(self.lens[k], groups.dp.size());
@@ -200,7 +222,7 @@ impl<B: Backend> Optimizer<B> {
                     self.lens[k]
                 )));
             }
-            self.params[k] = backend.upload(h)?;
+            self.state.params[k] = backend.upload(h)?;
         }
         Ok(())
     }
@@ -226,8 +248,8 @@ impl<B: Backend> Optimizer<B> {
                 .collect()
         };
         Ok(Moments {
-            exp_avg: whole(&self.m)?,
-            exp_avg_sq: whole(&self.v)?,
+            exp_avg: whole(&self.state.m)?,
+            exp_avg_sq: whole(&self.state.v)?,
             step: self.step,
         })
     }
@@ -241,13 +263,11 @@ impl<B: Backend> Optimizer<B> {
         v: &[Vec<f32>],
         step: u64,
     ) -> Result<()> {
-        if m.len() != self.lens.len() || v.len() != self.lens.len() {
-            return Err(RuntimeError::Binding(format!(
-                "{} and {} moments restored for {} parameters",
-                m.len(),
-                v.len(),
-                self.lens.len()
-            )));
+        let n = self.lens.len();
+        if m.len() != n || v.len() != n {
+            let (a, b) = (m.len(), v.len());
+            let what = format!("{a} and {b} moments restored for {n} parameters");
+            return Err(RuntimeError::Binding(what));
         }
         for k in 0..self.lens.len() {
             if m[k].len() != self.lens[k] || v[k].len() != self.lens[k] {
@@ -258,8 +278,8 @@ impl<B: Backend> Optimizer<B> {
                     self.lens[k]
                 )));
             }
-            self.m[k] = backend.upload(&m[k][self.chunks[k].clone()])?;
-            self.v[k] = backend.upload(&v[k][self.chunks[k].clone()])?;
+            self.state.m[k] = backend.upload(&m[k][self.chunks[k].clone()])?;
+            self.state.v[k] = backend.upload(&v[k][self.chunks[k].clone()])?;
         }
         self.step = step;
         Ok(())
@@ -296,7 +316,7 @@ impl<B: Backend> Optimizer<B> {
         let mut total = 0.0f64;
         if dp_counts {
             for (k, gbuf) in grads.iter().enumerate() {
-                total += self.weight[k] * backend.sum_squares(gbuf)?;
+                total += self.state.weight[k] * backend.sum_squares(gbuf)?;
             }
         }
         // Summed in f64 on every rank and over the groups (exact words, added in rank order),
@@ -314,15 +334,7 @@ impl<B: Backend> Optimizer<B> {
         self.step += 1;
         let dp = groups.dp.size();
         for (k, g) in grads.iter_mut().enumerate() {
-            let cfg = AdamW {
-                lr,
-                weight_decay: if self.decay[k] {
-                    self.cfg.weight_decay
-                } else {
-                    0.0
-                },
-                ..self.cfg
-            };
+            let cfg = self.state.adamw(&self.cfg, k, lr);
             if coef != 1.0 {
                 backend.scale(coef as f32, g)?;
             }
@@ -331,18 +343,18 @@ impl<B: Backend> Optimizer<B> {
                 backend.adamw(
                     &cfg,
                     self.step,
-                    &mut self.params[k],
+                    &mut self.state.params[k],
                     g,
-                    &mut self.m[k],
-                    &mut self.v[k],
+                    &mut self.state.m[k],
+                    &mut self.state.v[k],
                 )?;
                 continue;
             }
             // ZeRO-1/2: update this rank's chunk on the device (its moments are chunk-sized),
             // then all-gather the piece over DP into the parameter.
             let range = self.chunks[k].clone();
-            let mut pc =
-                backend.upload(&crate::host::view(backend, &self.params[k])?[range.clone()])?;
+            let mut pc = backend
+                .upload(&crate::host::view(backend, &self.state.params[k])?[range.clone()])?;
             let whole_grad;
             let gc: &B::Buffer = if sharded {
                 g
@@ -350,10 +362,17 @@ impl<B: Backend> Optimizer<B> {
                 whole_grad = backend.upload(&crate::host::view(backend, g)?[range])?;
                 &whole_grad
             };
-            backend.adamw(&cfg, self.step, &mut pc, gc, &mut self.m[k], &mut self.v[k])?;
+            backend.adamw(
+                &cfg,
+                self.step,
+                &mut pc,
+                gc,
+                &mut self.state.m[k],
+                &mut self.state.v[k],
+            )?;
             let counts = chunk_counts(self.lens[k], dp);
             let mine = crate::host::view(backend, &pc)?;
-            crate::host::in_place(backend, &mut self.params[k], |p| {
+            crate::host::in_place(backend, &mut self.state.params[k], |p| {
                 Ok(groups.dp.all_gather(&mine, p, &counts)?)
             })?;
         }
@@ -366,17 +385,13 @@ impl<B: Backend> Optimizer<B> {
 pub struct Lent<B: Backend> {
     cfg: AdamW,
     step: u64,
-    decay: Vec<bool>,
-    weight: Vec<f64>,
-    m: Vec<B::Buffer>,
-    v: Vec<B::Buffer>,
-    params: Vec<B::Buffer>,
+    state: State<B>,
 }
 
 impl<B: Backend> Lent<B> {
     /// How much parameter `k`'s squares count in the gradient norm (`1 / replicas`).
     pub fn weight(&self, k: usize) -> f64 {
-        self.weight.get(k).copied().unwrap_or(0.0)
+        self.state.weight.get(k).copied().unwrap_or(0.0)
     }
 
     /// Parameter `k` after this step's AdamW update by the summed gradient `grad` (a new
@@ -388,9 +403,12 @@ impl<B: Backend> Lent<B> {
         grad: &B::Buffer,
         lr: f64,
     ) -> Result<B::Buffer> {
-        let (Some(old), Some(m), Some(v)) =
-            (self.params.get(k), self.m.get_mut(k), self.v.get_mut(k))
-        else {
+        let cfg = self.state.adamw(&self.cfg, k, lr);
+        let (Some(old), Some(m), Some(v)) = (
+            self.state.params.get(k),
+            self.state.m.get_mut(k),
+            self.state.v.get_mut(k),
+        ) else {
             return Err(RuntimeError::Binding(format!(
                 "parameter {k} updated, none lent"
             )));
@@ -402,15 +420,6 @@ impl<B: Backend> Lent<B> {
                 backend.len(old)
             )));
         }
-        let cfg = AdamW {
-            lr,
-            weight_decay: if self.decay[k] {
-                self.cfg.weight_decay
-            } else {
-                0.0
-            },
-            ..self.cfg
-        };
         let mut new = backend.upload(&crate::host::view(backend, old)?)?;
         backend.adamw(&cfg, self.step, &mut new, grad, m, v)?;
         Ok(new)

@@ -33,6 +33,19 @@ struct Whole {
 
 const SCALE: f32 = 0.35;
 
+/// The backward's inputs: a rank's `[q, k, v, dout]` and the forward's `out` and `lse`.
+fn saved<'a>(x: &'a [Vec<f32>; 4], out: &'a [f32], lse: &'a [f32]) -> Saved<'a> {
+    let [q, k, v, dout] = x;
+    Saved {
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+    }
+}
+
 impl Case {
     fn new(lengths: &[usize], heads: usize, kv_heads: usize) -> Self {
         let mut cu = vec![0];
@@ -97,18 +110,12 @@ impl Case {
         let per_rank = ThreadComm::run(cp, move |c| {
             let me = c.rank().0;
             let (split, sh) = (CpSplit::balanced(&case.cu, cp)?, case.shape);
-            let [q, k, v, dout] = case.rank_share(&split, me);
+            let x = case.rank_share(&split, me);
+            let [q, k, v, _] = &x;
             let tally = Tally::default();
             let attn = CpAttention::new(&c, exchange, &split, sh, SCALE).through(&tally);
-            let (out, lse) = attn.forward(&q, &k, &v)?;
-            let (dq, dk, dv) = attn.backward(&Saved {
-                dout: &dout,
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &out,
-                lse: &lse,
-            })?;
+            let (out, lse) = attn.forward(q, k, v)?;
+            let (dq, dk, dv) = attn.backward(&saved(&x, &out, &lse))?;
             let counted = *tally
                 .0
                 .lock()
@@ -219,7 +226,8 @@ fn the_exchanges_send_the_bytes_the_strategy_model_says() {
                 let me = c.rank().0;
                 let counting = Counting::new(Box::new(c));
                 let (split, sh) = (CpSplit::balanced(&case.cu, cp)?, case.shape);
-                let [q, k, v, dout] = case.rank_share(&split, me);
+                let x = case.rank_share(&split, me);
+                let [q, k, v, _] = &x;
                 let bytes = |log: &[comm::CommRecord]| -> usize {
                     log.iter()
                         .map(|r| match r.kind {
@@ -229,16 +237,9 @@ fn the_exchanges_send_the_bytes_the_strategy_model_says() {
                         .sum()
                 };
                 let attn = CpAttention::new(&counting, exchange, &split, sh, SCALE);
-                let (out, lse) = attn.forward(&q, &k, &v)?;
+                let (out, lse) = attn.forward(q, k, v)?;
                 let fwd = bytes(&counting.records());
-                attn.backward(&Saved {
-                    dout: &dout,
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    out: &out,
-                    lse: &lse,
-                })?;
+                attn.backward(&saved(&x, &out, &lse))?;
                 let both = bytes(&counting.records());
                 Ok::<_, RuntimeError>((fwd, both - fwd))
             })
