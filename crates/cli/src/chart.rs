@@ -264,30 +264,36 @@ fn panels(runs: &[(String, Vec<Row>)]) -> Vec<Panel> {
             );
         }
     }
-    let panels = [
-        ("loss", "step", loss),
-        ("loss against time", "measured seconds", loss_wall),
-        (
-            "loss against time on the simulated cluster",
-            "simulated seconds",
-            loss_sim,
-        ),
-        ("tokens/s", "step", speed),
-        ("seconds per step", "step", time),
-        (
-            "seconds per step on the simulated cluster",
-            "step",
-            simulated,
-        ),
-        ("bytes on the wire per step (all ranks)", "step", wire),
-    ];
     // Loss, speed and time always; the others where the runs have such points.
-    panels
-        .into_iter()
-        .enumerate()
-        .filter(|(i, (_, _, series))| [0, 3, 4].contains(i) || !series.is_empty())
-        .map(|(_, (title, x, series))| Panel { title, x, series })
-        .collect()
+    let mut out = Vec::new();
+    let mut panel = |title, x, series: Vec<Series>, always: bool| {
+        if always || !series.is_empty() {
+            out.push(Panel { title, x, series });
+        }
+    };
+    panel("loss", "step", loss, true);
+    panel("loss against time", "measured seconds", loss_wall, false);
+    panel(
+        "loss against time on the simulated cluster",
+        "simulated seconds",
+        loss_sim,
+        false,
+    );
+    panel("tokens/s", "step", speed, true);
+    panel("seconds per step", "step", time, true);
+    panel(
+        "seconds per step on the simulated cluster",
+        "step",
+        simulated,
+        false,
+    );
+    panel(
+        "bytes on the wire per step (all ranks)",
+        "step",
+        wire,
+        false,
+    );
+    out
 }
 
 /// Draws the runs (name, rows) into `out`, an .svg or .png file.

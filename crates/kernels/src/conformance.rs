@@ -318,13 +318,7 @@ fn norms_and_rope<B: Backend>(
         };
         for inverse in [false, true] {
             let mut want = x.clone();
-            let r = Rotation {
-                positions: &pos,
-                heads,
-                head_dim: hd,
-                rope: &rope,
-                inverse,
-            };
+            let r = Rotation::new(&pos, heads, hd, &rope).inverted(inverse);
             s.cpu.rope(&mut want, &r)?;
             let mut got = s.up(&x)?;
             s.dev.rope(&mut got, &r)?;

@@ -643,14 +643,8 @@ impl<B: Backend> Ctx<'_, B> {
                 let x = dims(self, 0)?;
                 be.copy(ins[0], &mut outs[0])?;
                 let inverse = matches!(kind, OpKind::RopeGrad { .. });
-                let r = kernels::Rotation {
-                    positions: &batch.positions,
-                    heads: x[1] / head_dim,
-                    head_dim,
-                    rope: &rope,
-                    inverse,
-                };
-                be.rope(&mut outs[0], &r)?;
+                let r = kernels::Rotation::new(&batch.positions, x[1] / head_dim, head_dim, &rope);
+                be.rope(&mut outs[0], &r.inverted(inverse))?;
             }
             OpKind::Attention { shape, scale } => {
                 let local = kernels::AttnShape {
